@@ -1,0 +1,70 @@
+"""Settings: every problem in one message, secrets never shown."""
+import pytest
+
+from config import ConfigError, load_config
+
+GOOD = {
+    "FB_VERIFY_TOKEN": "verify-token-value",
+    "FB_APP_SECRET": "app-secret-value-123",
+    "FB_PAGE_ACCESS_TOKEN": "EAApage-token-value",
+    "FB_PAGE_ID": "1234567890",
+    "OPENAI_API_KEY": "sk-key-value-123456",
+}
+
+
+def test_defaults():
+    config = load_config(GOOD, env_file=None)
+    assert config.fb_api_url == "https://graph.facebook.com/v26.0/"
+    assert (config.openai_temperature, config.openai_top_p, config.openai_max_tokens) == (0.2, 0.2, 512)
+    assert (config.openai_timeout, config.openai_max_retries) == (20.0, 2)
+    assert config.message_count == 10
+    assert config.politeness_prefix == "Answer polite and concisely in a single sentence : "
+    assert config.fallback_reply == "please try again later"
+    assert config.error_log_file == "openai_api_errors.log"
+    assert config.port == 8000
+    assert config.openai_base_url is None
+
+
+def test_every_problem_in_one_message():
+    env = {"FB_PAGE_ID": "my-page", "MESSAGE_COUNT": "25", "OPENAI_TEMPERATURE": "hot",
+           "FB_API_URL": "graph.facebook.com", "PORT": "99999"}
+    with pytest.raises(ConfigError) as error:
+        load_config(env, env_file=None)
+    message = str(error.value)
+    for expected in ["FB_VERIFY_TOKEN is required", "FB_APP_SECRET is required", "FB_PAGE_ACCESS_TOKEN is required",
+                     "OPENAI_API_KEY is required", "FB_PAGE_ID must be digits only",
+                     "MESSAGE_COUNT must be between 1 and 20, got 25 (Meta returns message details for the 20 newest",
+                     "OPENAI_TEMPERATURE must be a number", "FB_API_URL must be an http(s) URL", "PORT must be between"]:
+        assert expected in message
+    assert len(error.value.problems) == 9
+
+
+def test_empty_sampling_values_are_not_sent():
+    config = load_config({**GOOD, "OPENAI_TEMPERATURE": "", "OPENAI_TOP_P": "", "OPENAI_MAX_TOKENS": ""}, env_file=None)
+    assert (config.openai_temperature, config.openai_top_p, config.openai_max_tokens) == (None, None, None)
+
+
+def test_urls_get_a_trailing_slash():
+    config = load_config({**GOOD, "FB_API_URL": "http://127.0.0.1:9/v26.0", "OPENAI_BASE_URL": "http://x/v1"},
+                         env_file=None)
+    assert config.fb_api_url == "http://127.0.0.1:9/v26.0/"
+
+
+def test_secrets_not_in_repr_or_errors():
+    config = load_config(GOOD, env_file=None)
+    text = repr(config)
+    for name in ("FB_VERIFY_TOKEN", "FB_APP_SECRET", "FB_PAGE_ACCESS_TOKEN", "OPENAI_API_KEY"):
+        assert GOOD[name] not in text
+    assert "1234567890" in text
+    with pytest.raises(ConfigError) as error:
+        load_config({**GOOD, "FB_PAGE_ID": "EAAsecret-looking"}, env_file=None)
+    assert "EAAsecret-looking" not in str(error.value)
+
+
+def test_dotenv_file_read_and_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in GOOD.items()) + "MESSAGE_COUNT=5\nOPENAI_MODEL=from-file\n")
+    config = load_config({"OPENAI_MODEL": "from-env"}, env_file=str(env_file))
+    assert config.message_count == 5
+    assert config.openai_model == "from-env"
+    assert config.fb_page_id == "1234567890"
