@@ -1,0 +1,1 @@
+"""Everything that speaks Messenger: verification, signatures, events, Graph API."""

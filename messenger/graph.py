@@ -1,0 +1,129 @@
+"""A thin client for the two Graph API calls the bot makes: history and send.
+
+The token travels in the Authorization header, never in a URL, so no access
+log or urllib3 debug line can ever contain it; `appsecret_proof` goes with
+every call. https://developers.facebook.com/docs/graph-api/securing-requests
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+logger = logging.getLogger(__name__)
+
+MAX_TEXT_LENGTH = 2000  # Send API: "(#100) Length of param message[text] must be ... <= 2000"
+HISTORY_FIELDS = "messages.limit({limit}){{message,from,created_time}}"
+
+
+class GraphAPIError(Exception):
+    """A failed Graph call: Meta's error answer, or no answer at all (status None)."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: int | None = None,
+                 subcode: int | None = None, fbtrace_id: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.subcode = subcode
+        self.fbtrace_id = fbtrace_id
+
+    def __str__(self) -> str:
+        return (f"{self.args[0]} (status={self.status} code={self.code} "
+                f"subcode={self.subcode} fbtrace_id={self.fbtrace_id})")
+
+
+@dataclass(frozen=True)
+class HistoryMessage:
+    """One message of a conversation as the Conversations API returns it."""
+
+    mid: str
+    text: str
+    from_id: str
+    created_time: str = ""
+
+
+def appsecret_proof(token: str, app_secret: str) -> str:
+    """hex(HMAC-SHA256(key=app secret, message=access token))."""
+    return hmac.new(app_secret.encode(), token.encode(), hashlib.sha256).hexdigest()
+
+
+class GraphClient:
+    """History reads and Send API calls for one Page over one pooled Session."""
+
+    def __init__(self, base_url: str, page_id: str, token: str, app_secret: str,
+                 timeout: float = 10.0, session: requests.Session | None = None):
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self.page_id = page_id
+        self.timeout = (min(3.05, timeout), timeout)  # (connect, read)
+        self._proof = appsecret_proof(token, app_secret)
+        self._session = session or requests.Session()
+        self._session.headers["Authorization"] = f"Bearer {token}"
+
+    def __repr__(self) -> str:
+        return f"GraphClient(base_url={self.base_url!r}, page_id={self.page_id!r})"
+
+    def fetch_history(self, psid: str, limit: int) -> list[HistoryMessage]:
+        """The newest `limit` messages with this user, newest first, in ONE request."""
+        data = self._request("GET", f"{self.page_id}/conversations", params={
+            "platform": "messenger",
+            "user_id": psid,
+            "fields": HISTORY_FIELDS.format(limit=limit),
+        })
+        threads = data.get("data") or []
+        if not threads:
+            return []  # no conversation yet
+        return [to_history_message(item) for item in threads[0].get("messages", {}).get("data", [])]
+
+    def send_text(self, psid: str, text: str) -> str | None:
+        """Send one text (already under MAX_TEXT_LENGTH) and return its message id."""
+        data = self._request("POST", "me/messages", json={
+            "recipient": {"id": psid},
+            "messaging_type": "RESPONSE",
+            "message": {"text": text},
+        })
+        return data.get("message_id")
+
+    def send_action(self, psid: str, action: str) -> None:
+        """A sender action: mark_seen, typing_on or typing_off (never with a message)."""
+        self._request("POST", "me/messages", json={"recipient": {"id": psid}, "sender_action": action})
+
+    def _request(self, method: str, path: str, *, params: dict | None = None, json: Any = None) -> dict:
+        params = {**(params or {}), "appsecret_proof": self._proof}
+        try:
+            response = self._session.request(method, self.base_url + path, params=params,
+                                             json=json, timeout=self.timeout)
+        except requests.RequestException as exc:
+            # The exception text can hold the URL; the class name is enough to diagnose.
+            raise GraphAPIError(f"{method} {path} failed: {type(exc).__name__}") from None
+        return _to_result(method, path, response)
+
+
+def _to_result(method: str, path: str, response: requests.Response) -> dict:
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if response.ok and isinstance(data, dict):
+        return data
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        raise GraphAPIError(f"{method} {path}: HTTP {response.status_code}, no Graph error body",
+                            status=response.status_code)
+    raise GraphAPIError(
+        f"{method} {path}: {str(error.get('message', 'unknown error'))[:200]}",
+        status=response.status_code, code=error.get("code"),
+        subcode=error.get("error_subcode"), fbtrace_id=error.get("fbtrace_id"),
+    )
+
+
+def to_history_message(item: dict) -> HistoryMessage:
+    """One Conversations API message; attachment-only messages have text ''."""
+    sender = item.get("from") or {}
+    return HistoryMessage(
+        mid=str(item.get("id", "")), text=str(item.get("message") or ""),
+        from_id=str(sender.get("id", "")), created_time=str(item.get("created_time", "")),
+    )
