@@ -1,0 +1,1 @@
+"""Everything that speaks to the model: prompt building, reply generation, plain text."""

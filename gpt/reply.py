@@ -1,0 +1,91 @@
+"""Generate a reply with an OpenAI-compatible chat model, never raising.
+
+Any failure becomes the fallback reply plus one ERROR line in the error log
+file naming the error class, HTTP status and request id - never the key,
+never the user's text.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import openai
+
+from gpt.plaintext import to_plain_text
+
+logger = logging.getLogger(__name__)
+
+LENGTH_MARK = "..."
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The text to send and whether it came from the model or the fallback."""
+
+    text: str
+    is_fallback: bool = False
+
+
+class EmptyCompletion(Exception):
+    """The server answered 200 but without a usable message."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+
+    def to_params(self) -> dict[str, Any]:
+        """Only the parameters that are set: some reasoning models reject the others."""
+        optional = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
+        return {"model": self.model, **{k: v for k, v in optional.items() if v is not None}}
+
+
+class ReplyGenerator:
+    """One OpenAI client, built once, shared by every reply."""
+
+    def __init__(self, client: openai.OpenAI, settings: ModelSettings, fallback: str, error_log_file: str):
+        self.client = client
+        self.settings = settings
+        self.fallback = fallback
+        self.error_log_file = error_log_file
+
+    def generate_reply(self, messages: Sequence[dict[str, str]]) -> Reply:
+        """The model's answer as plain text, `...` when cut for length, or the fallback."""
+        try:
+            completion = self.client.chat.completions.create(messages=list(messages), **self.settings.to_params())
+            return Reply(to_reply_text(completion))
+        except Exception as exc:  # noqa: BLE001 - every failure must end in the fallback
+            self._log_failure(exc)
+            return Reply(self.fallback, is_fallback=True)
+
+    def _log_failure(self, exc: Exception) -> None:
+        status = getattr(exc, "status_code", None)
+        request_id = getattr(exc, "request_id", None)
+        line = f"model call failed: {type(exc).__name__} status={status} request_id={request_id}"
+        logger.error(line)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        try:
+            with open(self.error_log_file, "a", encoding="utf-8") as log:
+                log.write(f"{stamp} ERROR {line}\n")
+        except OSError as write_error:
+            logger.error("cannot write %s: %s", self.error_log_file, type(write_error).__name__)
+
+
+def to_reply_text(completion: Any) -> str:
+    """The first choice's text, markdown flattened, with `...` when it stopped for length."""
+    try:
+        choice = completion.choices[0]
+        content = choice.message.content
+    except (AttributeError, IndexError, TypeError):
+        raise EmptyCompletion("no choices in the completion") from None
+    if not isinstance(content, str) or not content.strip():
+        raise EmptyCompletion(f"empty content (finish_reason={getattr(choice, 'finish_reason', None)})")
+    text = to_plain_text(content)
+    if choice.finish_reason == "length":
+        text += LENGTH_MARK
+    return text
