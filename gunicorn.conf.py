@@ -1,0 +1,38 @@
+"""gunicorn settings, read by `gunicorn server:app` from this folder.
+
+The settings are validated here, in the master, so a bad `.env` stops start-up
+with one message instead of every worker failing to boot in a loop.
+"""
+import os
+import sys
+
+from config import ConfigError, load_config
+
+try:
+    _config = load_config()
+except ConfigError as error:
+    print(error, file=sys.stderr)
+    sys.exit(1)
+
+bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_config.port}"
+
+# Threads keep each worker answering webhooks while replies are generated;
+# the replies themselves run on the app's own reply threads.
+worker_class = "gthread"
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = 8
+
+# The slowest honest reply: history read, every model attempt with the openai
+# client's backoff (at most 8 s between tries), and a send, plus a margin.
+_graph_call = min(3.05, _config.graph_timeout) + _config.graph_timeout
+_model = _config.openai_timeout * (_config.openai_max_retries + 1) + 8 * _config.openai_max_retries
+timeout = int(2 * _graph_call + _model + 5)
+# On SIGTERM, replies already accepted get the same budget to finish.
+graceful_timeout = timeout
+
+# Tunnels (cloudflared, ngrok) connect from this host and set X-Forwarded-*.
+forwarded_allow_ips = "127.0.0.1,::1"
+
+accesslog = "-"
+# %(U)s is the path without the query string: hub.verify_token never reaches a log.
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'

@@ -1,0 +1,100 @@
+"""The bot as it runs in production: `gunicorn server:app` in a real process."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from messenger.signature import sign
+from tests.conftest import PSID, ROOT, VERIFY_TOKEN, base_env, fixture_bytes
+from tests.fakes import APP_SECRET, PAGE_TOKEN, FakeOpenAI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gunicorn(env: dict, cwd) -> subprocess.Popen:
+    """Exactly the README's run command, from a folder with no .env of the developer's."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "server:app"],
+        cwd=cwd, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_until(predicate, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def is_up(url):
+    try:
+        return requests.get(url + "/healthz", timeout=0.5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture
+def bot(graph, model, tmp_path):
+    port = free_port()
+    env = {**base_env(graph, model, tmp_path), "PORT": str(port), "HOST": "127.0.0.1", "LOG_LEVEL": "DEBUG"}
+    process = start_gunicorn(env, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    assert wait_until(lambda: is_up(url) or process.poll() is not None), "gunicorn did not start"
+    yield url, process
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_answers_a_signed_webhook_after_acknowledging_it(bot, graph, model):
+    url, _ = bot
+    model.delay = 1.0
+    body = fixture_bytes("text")
+    started = time.monotonic()
+    response = requests.post(url + "/webhook", data=body, timeout=5, headers={
+        "Content-Type": "application/json", "X-Hub-Signature-256": sign(body, APP_SECRET)})
+    acknowledged = time.monotonic() - started
+    assert response.status_code == 200
+    assert acknowledged < 0.5, "the 200 must not wait for the model"
+    assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."])
+
+
+def test_verification_and_logs_hold_no_secret(bot, graph):
+    url, process = bot
+    query = {"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "4242"}
+    assert requests.get(url + "/webhook", params=query, timeout=5).text == "4242"
+    body = fixture_bytes("non_ascii")
+    requests.post(url + "/webhook", data=body, timeout=5, headers={
+        "X-Hub-Signature-256": sign(body, APP_SECRET), "X-Forwarded-For": "198.51.100.4"})
+    requests.post(url + "/webhook", data=b"{}", timeout=5, headers={"X-Hub-Signature-256": "sha256=00"})
+    assert wait_until(lambda: len(graph.sent_texts(PSID)) == 1)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=30)[0]
+    assert "GET /webhook " in output and "POST /webhook " in output  # the access log is on
+    for secret in (VERIFY_TOKEN, APP_SECRET, PAGE_TOKEN, FakeOpenAI.API_KEY):
+        assert secret not in output
+    assert "Bonjour" not in output  # no message body either
+
+
+def test_bad_settings_stop_start_up_with_one_message(tmp_path):
+    env = {"FB_PAGE_ID": "not-a-number", "MESSAGE_COUNT": "50", "PORT": str(free_port())}
+    process = start_gunicorn(env, tmp_path)
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode != 0
+    assert "Traceback" not in output
+    assert output.count("Invalid configuration") == 1
+    for problem in ("FB_VERIFY_TOKEN is required", "FB_APP_SECRET is required", "FB_PAGE_ACCESS_TOKEN is required",
+                    "OPENAI_API_KEY is required", "FB_PAGE_ID must be digits only", "MESSAGE_COUNT must be between"):
+        assert problem in output

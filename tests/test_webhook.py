@@ -1,0 +1,137 @@
+"""The /webhook route: verification, signatures, bad bodies, replayed fixtures."""
+import json
+import logging
+
+import pytest
+
+from tests.conftest import PSID, VERIFY_TOKEN, fixture_bytes, post_signed, replay
+from tests.fakes import APP_SECRET
+
+
+# -- GET: the dashboard's verification handshake ---------------------------------------------
+@pytest.mark.parametrize("challenge", ["1158201444", "not-a-number_ünï"])
+def test_verify_returns_challenge(client, challenge):
+    response = client.get("/webhook", query_string={
+        "hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": challenge})
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
+    assert response.get_data(as_text=True) == challenge
+
+
+@pytest.mark.parametrize("query", [
+    {"hub.mode": "subscribe", "hub.verify_token": "wrong", "hub.challenge": "1"},
+    {"hub.mode": "unsubscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "1"},
+    {"hub.challenge": "1"},
+    {},
+], ids=["wrong-token", "wrong-mode", "no-token", "nothing"])
+def test_verify_refused(client, query):
+    response = client.get("/webhook", query_string=query)
+    assert response.status_code == 403
+    assert "1" not in response.get_data(as_text=True)
+
+
+# -- POST: signatures ----------------------------------------------------------------------------
+def test_missing_signature_is_403_and_nothing_happens(client, graph, model):
+    response = client.post("/webhook", data=fixture_bytes("text"), content_type="application/json")
+    assert response.status_code == 403
+    assert graph.calls == [] and model.requests == []
+
+
+def test_wrong_secret_is_403(client, graph, model):
+    response = post_signed(client, fixture_bytes("text"), secret="not-the-app-secret")
+    assert response.status_code == 403
+    assert graph.calls == [] and model.requests == []
+
+
+def test_signature_of_reserialised_body_is_403(client, graph):
+    """A proxy that re-encodes the JSON breaks the signature, as it would at Meta."""
+    body = fixture_bytes("non_ascii")
+    reencoded = json.dumps(json.loads(body), ensure_ascii=False).encode()
+    from messenger.signature import sign
+    response = client.post("/webhook", data=reencoded, content_type="application/json",
+                           headers={"X-Hub-Signature-256": sign(body, APP_SECRET)})
+    assert response.status_code == 403
+    assert graph.sent_texts() == []
+
+
+def test_legacy_sha1_accepted_when_sha256_absent(client, graph):
+    response = post_signed(client, fixture_bytes("text"), header="X-Hub-Signature")
+    assert response.status_code == 200
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+
+
+def test_refusal_logs_forwarded_client_address(client, caplog):
+    """Behind a tunnel the real client is in X-Forwarded-For (ProxyFix)."""
+    with caplog.at_level(logging.WARNING):
+        client.post("/webhook", data=b"{}", headers={"X-Forwarded-For": "203.0.113.7"})
+    assert "203.0.113.7" in caplog.text
+
+
+# -- POST: bad bodies never give a 5xx -------------------------------------------------------
+@pytest.mark.parametrize("body, reason", [
+    (b"", "not valid JSON"),
+    (b"not json at all", "not valid JSON"),
+    (b"\xff\xfe\x00garbage", "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+    (b'"a string"', "JSON object"),
+    (b'{"object":"user","entry":[]}', "object must be 'page'"),
+    (b'{"object":"page"}', "entry must be a list"),
+    (b'{"object":"page","entry":[{"messaging":[{"message":{"mid":"m","text":"hi"}}]}]}', "sender.id"),
+], ids=["empty", "text", "invalid-utf8", "deeply-nested", "string", "object-user", "no-entry", "no-sender"])
+def test_bad_bodies_are_400_and_app_keeps_serving(client, graph, body, reason):
+    response = post_signed(client, body)
+    assert response.status_code == 400
+    assert reason in response.get_data(as_text=True)
+    assert graph.sent_texts() == []
+    assert replay(client, "text").status_code == 200
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+
+
+def test_wrong_method_is_405(client):
+    assert client.put("/webhook").status_code == 405
+
+
+def test_healthz(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+
+
+# -- replayed fixtures through the whole pipeline ---------------------------------------------
+@pytest.mark.parametrize("name, user_text", [
+    ("text", "What are your opening hours?"),
+    ("quick_reply", "Opening hours"),
+    ("postback", "Get Started"),
+    ("non_ascii", "Bonjour à tous 👋 ça va? 1/2 你好"),
+])
+def test_answered_events(client, graph, model, name, user_text):
+    assert replay(client, name).status_code == 200
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+    [request] = model.requests
+    last = request["json"]["messages"][-1]
+    assert last == {"role": "user", "content": "Answer polite and concisely in a single sentence : " + user_text}
+
+
+@pytest.mark.parametrize("name", ["image", "sticker"])
+def test_attachment_only_gets_unsupported_reply_without_model(client, graph, model, name):
+    assert replay(client, name).status_code == 200
+    assert graph.sent_texts(PSID) == [
+        "Sorry, I can only read text messages for now. Could you type your question?"]
+    assert model.requests == []
+
+
+@pytest.mark.parametrize("name", ["echo", "delivery", "read", "reaction", "standby"])
+def test_watched_events_are_not_answered(client, graph, model, name):
+    assert replay(client, name).status_code == 200
+    assert model.requests == []
+    assert graph.sent_texts() == [] and graph.history_calls() == []
+
+
+def test_batch_answers_every_message(client, graph, model):
+    assert replay(client, "batch").status_code == 200
+    assert graph.sent_texts("2000000000000001") == ["Hello from the model."]
+    assert graph.sent_texts("2000000000000002") == ["Hello from the model."]
+    assert graph.sent_texts("2000000000000003") == ["Hello from the model."]
+    assert len(model.requests) == 3
+    asked = sorted(r["json"]["messages"][-1]["content"].split(" : ", 1)[1] for r in model.requests)
+    assert asked == ["First question", "Second user here", "Talk to us"]
