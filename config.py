@@ -61,9 +61,17 @@ class Config:
     unsupported_reply: str = DEFAULT_UNSUPPORTED_REPLY
     error_log_file: str = "openai_api_errors.log"
     graph_timeout: float = 10.0
-    reply_threads: int = 16
+    reply_threads: int = 32
+    data_dir: str = "data"
+    max_attempts: int = 5
+    retry_base_seconds: float = 1.0
+    lease_seconds: float = 30.0
     port: int = 8000
     log_level: str = "INFO"
+
+    @property
+    def database_path(self) -> str:
+        return os.path.join(self.data_dir, "bot.sqlite3")
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -107,7 +115,11 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         unsupported_reply=reader.text("UNSUPPORTED_REPLY", DEFAULT_UNSUPPORTED_REPLY, allow_empty=False),
         error_log_file=reader.text("ERROR_LOG_FILE", "openai_api_errors.log", allow_empty=False),
         graph_timeout=reader.number("GRAPH_TIMEOUT", 10.0, float, 0.1, 120),
-        reply_threads=reader.number("REPLY_THREADS", 16, int, 1, 256),
+        reply_threads=reader.number("REPLY_THREADS", 32, int, 1, 256),
+        data_dir=reader.text("DATA_DIR", "data", allow_empty=False),
+        max_attempts=reader.number("MAX_ATTEMPTS", 5, int, 1, 100),
+        retry_base_seconds=reader.number("RETRY_BASE_SECONDS", 1.0, float, 0.01, 600),
+        lease_seconds=reader.number("LEASE_SECONDS", 30.0, float, 1, 3600),
         port=reader.number("PORT", 8000, int, 1, 65535),
         log_level=reader.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
     )

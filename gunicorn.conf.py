@@ -4,6 +4,7 @@ The settings are validated here, in the master, so a bad `.env` stops start-up
 with one message instead of every worker failing to boot in a loop.
 """
 import os
+import shutil
 import sys
 
 from config import ConfigError, load_config
@@ -32,6 +33,26 @@ graceful_timeout = timeout
 
 # Tunnels (cloudflared, ngrok) connect from this host and set X-Forwarded-*.
 forwarded_allow_ips = "127.0.0.1,::1"
+
+# /metrics sums every worker: prometheus-client's multiprocess mode, one folder per run.
+_metrics_dir = os.path.join(_config.data_dir, "metrics")
+shutil.rmtree(_metrics_dir, ignore_errors=True)
+os.makedirs(_metrics_dir)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+
+def worker_exit(server, worker):
+    """On SIGTERM: stop claiming, finish replies in flight, give back the rest."""
+    dispatcher = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("dispatcher")
+    if dispatcher is not None:
+        dispatcher.stop(timeout=max(1, graceful_timeout - 5))
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
 
 accesslog = "-"
 # %(U)s is the path without the query string: hub.verify_token never reaches a log.

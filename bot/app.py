@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import sqlite3
 
 import openai
 from flask import Flask, Response, jsonify, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from bot import metrics
+from bot.dispatcher import Dispatcher
 from bot.responder import PromptSettings, Responder
-from bot.runner import Runner, ThreadRunner
+from bot.store import SQLiteStore
 from config import Config, load_config
 from gpt.reply import ModelSettings, ReplyGenerator
 from messenger.events import BadPayload, parse_delivery
@@ -23,25 +25,32 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 5 * 1024 * 1024
 
 
-def create_app(config: Config | None = None, *, runner: Runner | None = None) -> Flask:
-    """Build the clients and the app; tests pass a Config pointing at fake servers."""
+def create_app(config: Config | None = None, *, start_workers: bool = True) -> Flask:
+    """Build the clients, the queue and the app; tests pass a Config aimed at fake servers.
+
+    With start_workers=False no reply thread runs: callers answer the queue with
+    `app.extensions["dispatcher"].run_pending()`.
+    """
     config = config or load_config()
-    responder = build_responder(config)
-    runner = runner or ThreadRunner(config.reply_threads)
+    store = SQLiteStore(config.database_path, max_attempts=config.max_attempts)
+    dispatcher = Dispatcher(store, build_responder(config), threads=config.reply_threads,
+                            lease_seconds=config.lease_seconds, retry_base=config.retry_base_seconds)
+    if start_workers:
+        dispatcher.start()
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     # Behind a tunnel (cloudflared, ngrok) the client address and scheme arrive in X-Forwarded-*.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
-    app.extensions["runner"] = runner
-    _add_routes(app, config, responder, runner)
+    app.extensions["dispatcher"] = dispatcher
+    _add_routes(app, config, store, dispatcher)
     return app
 
 
 def build_responder(config: Config) -> Responder:
     """The reply pipeline with its two API clients, each built once."""
     graph = GraphClient(config.fb_api_url, config.fb_page_id, config.fb_page_access_token,
-                        config.fb_app_secret, timeout=config.graph_timeout)
+                        config.fb_app_secret, timeout=config.graph_timeout, pool_size=config.reply_threads + 8)
     client = openai.OpenAI(api_key=config.openai_api_key, base_url=config.openai_base_url,
                            timeout=config.openai_timeout, max_retries=config.openai_max_retries)
     model = ModelSettings(config.openai_model, config.openai_temperature, config.openai_top_p,
@@ -49,11 +58,10 @@ def build_responder(config: Config) -> Responder:
     generator = ReplyGenerator(client, model, config.fallback_reply, config.error_log_file)
     prompt = PromptSettings(config.fb_page_id, config.politeness_prefix, config.message_count,
                             config.system_prompt, config.unsupported_reply)
-    actions = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sender-action")
-    return Responder(graph, generator, prompt, actions)
+    return Responder(graph, generator, prompt)
 
 
-def _add_routes(app: Flask, config: Config, responder: Responder, runner: Runner) -> None:
+def _add_routes(app: Flask, config: Config, store: SQLiteStore, dispatcher: Dispatcher) -> None:
     @app.get("/webhook")
     def verify() -> Response:
         if is_verify_request(request.args, config.fb_verify_token):
@@ -65,22 +73,45 @@ def _add_routes(app: Flask, config: Config, responder: Responder, runner: Runner
     def receive() -> Response:
         body = request.get_data(cache=False)
         if not is_valid_signature(body, request.headers, config.fb_app_secret):
-            logger.warning("webhook refused for %s: missing or wrong signature", request.remote_addr)
-            return _text("invalid signature", 403)
+            return _refuse("forbidden", 403, "missing or wrong signature")
         try:
             delivery = parse_delivery(json.loads(body))
         except (ValueError, RecursionError) as exc:  # BadPayload and JSON errors alike
-            reason = str(exc) if isinstance(exc, BadPayload) else "body is not valid JSON"
-            logger.warning("webhook refused for %s: %s", request.remote_addr, reason)
-            return _text(reason, 400)
-        for message in delivery.messages:
-            runner.submit(responder.handle, message)
-        logger.info("webhook accepted: %d to answer, %d ignored", len(delivery.messages), delivery.ignored)
+            return _refuse("bad_request", 400, str(exc) if isinstance(exc, BadPayload) else "body is not valid JSON")
+        try:
+            added = store.add(delivery.messages)
+        except sqlite3.Error as exc:
+            # Not stored means not acknowledged: Meta delivers it again.
+            logger.error("could not store the delivery, asking Meta to retry: %s", exc)
+            return _refuse("unavailable", 503, "temporarily unavailable")
+        new = sum(added)
+        if new:
+            dispatcher.notify()
+        _count(new, len(added) - new, delivery.ignored)
         return _text("EVENT_RECEIVED", 200)
 
     @app.get("/healthz")
     def healthz() -> Response:
-        return jsonify(status="ok")
+        return jsonify(status="ok", **store.stats(), reply_threads_busy=dispatcher.in_flight)
+
+    @app.get("/metrics")
+    def metrics_page() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, content_type=content_type)
+
+
+def _refuse(result: str, status: int, reason: str) -> Response:
+    metrics.WEBHOOKS.labels(result).inc()
+    logger.warning("webhook refused for %s: %s", request.remote_addr, reason)
+    return _text(reason, status)
+
+
+def _count(accepted: int, duplicates: int, ignored: int) -> None:
+    metrics.WEBHOOKS.labels("accepted").inc()
+    for outcome, number in (("accepted", accepted), ("duplicate", duplicates), ("ignored", ignored)):
+        if number:
+            metrics.EVENTS.labels(outcome).inc(number)
+    logger.info("webhook accepted: %d new, %d duplicate, %d ignored", accepted, duplicates, ignored)
 
 
 def _text(body: str, status: int) -> Response:

@@ -14,9 +14,8 @@ class HistoryItem(Protocol):
 
 def to_chat_messages(
     history: Sequence[HistoryItem],
-    text: str,
+    new: Sequence[tuple[str | None, str]],
     *,
-    mid: str | None,
     page_id: str,
     prefix: str,
     max_turns: int,
@@ -24,29 +23,32 @@ def to_chat_messages(
 ) -> list[ChatMessage]:
     """Role-tagged turns, oldest first, ending with the prefixed user turn.
 
-    `history` is newest first, as the Conversations API returns it. When it
-    already holds the message being answered (same mid), that message and
-    anything newer are left out, so the question is never asked twice; when
-    Messenger has not indexed it yet, the whole history is kept - including
-    the Page's last reply, which the source guide's `messages[-1] = ...` dropped.
+    `history` is newest first, as the Conversations API returns it; `new` is
+    the (mid, text) of the message(s) being answered, oldest first - several
+    when a user wrote again before the bot could answer. When history already
+    holds them (same mid), they and anything newer are left out, so nothing is
+    asked twice; when Messenger has not indexed them yet, the whole history is
+    kept - including the Page's last reply, which the source guide's
+    `messages[-1] = ...` dropped.
     """
-    older = _before(history, mid)
+    older = _before(history, {mid for mid, _ in new if mid})
     turns = [
         {"role": "assistant" if item.from_id == page_id else "user", "content": item.text}
         for item in reversed(older)
         if item.text.strip()
     ]
+    *earlier, (_, last) = new
+    turns += [{"role": "user", "content": text} for _, text in earlier if text.strip()]
     turns = turns[-(max_turns - 1):] if max_turns > 1 else []
-    turns.append({"role": "user", "content": prefix + text})
+    turns.append({"role": "user", "content": prefix + last})
     if system_prompt.strip():
         turns.insert(0, {"role": "system", "content": system_prompt})
     return turns
 
 
-def _before(history: Sequence[HistoryItem], mid: str | None) -> Sequence[HistoryItem]:
-    """The messages older than `mid` (all of them when `mid` is not there yet)."""
-    if mid:
-        for index, item in enumerate(history):
-            if item.mid == mid:
-                return history[index + 1:]
+def _before(history: Sequence[HistoryItem], mids: set[str]) -> Sequence[HistoryItem]:
+    """The messages older than the oldest of `mids` (all of them when none is there yet)."""
+    for index in range(len(history) - 1, -1, -1):
+        if history[index].mid in mids:
+            return history[index + 1:]
     return history

@@ -22,10 +22,10 @@ LENGTH_MARK = "..."
 
 @dataclass(frozen=True)
 class Reply:
-    """The text to send and whether it came from the model or the fallback."""
+    """The text to send; `error_class` names the failure when it is the fallback."""
 
     text: str
-    is_fallback: bool = False
+    error_class: str | None = None
 
 
 class EmptyCompletion(Exception):
@@ -61,7 +61,7 @@ class ReplyGenerator:
             return Reply(to_reply_text(completion))
         except Exception as exc:  # noqa: BLE001 - every failure must end in the fallback
             self._log_failure(exc)
-            return Reply(self.fallback, is_fallback=True)
+            return Reply(self.fallback, error_class=type(exc).__name__)
 
     def _log_failure(self, exc: Exception) -> None:
         status = getattr(exc, "status_code", None)

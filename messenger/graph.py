@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+import requests.adapters
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,26 @@ class GraphAPIError(Exception):
                 f"subcode={self.subcode} fbtrace_id={self.fbtrace_id})")
 
 
+# Meta's error codes that a later try can fix: temporary failures and rate limits.
+# https://developers.facebook.com/docs/messenger-platform/error-codes
+RETRYABLE_CODES = frozenset({1, 2, 4, 17, 32, 613, 1200, 80001, 80006})
+# Code 1 with this subcode: "received invalid JSON reply" - the message may have gone out.
+MAYBE_DELIVERED_SUBCODES = frozenset({1357046})
+
+
+def is_retryable(error: GraphAPIError) -> bool:
+    """True for timeouts, connection failures, 5xx and Meta's temporary codes.
+
+    Token (190), 24-hour window (10), bad parameter (100), permissions (200, 230)
+    and unavailable user (551) need a person or never succeed: no retry.
+    """
+    if error.subcode in MAYBE_DELIVERED_SUBCODES:
+        return False  # a retry could send the reply twice
+    if error.code is not None:
+        return error.code in RETRYABLE_CODES
+    return error.status is None or error.status >= 500 or error.status == 429
+
+
 @dataclass(frozen=True)
 class HistoryMessage:
     """One message of a conversation as the Conversations API returns it."""
@@ -55,12 +76,16 @@ class GraphClient:
     """History reads and Send API calls for one Page over one pooled Session."""
 
     def __init__(self, base_url: str, page_id: str, token: str, app_secret: str,
-                 timeout: float = 10.0, session: requests.Session | None = None):
+                 timeout: float = 10.0, pool_size: int = 10):
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.page_id = page_id
         self.timeout = (min(3.05, timeout), timeout)  # (connect, read)
         self._proof = appsecret_proof(token, app_secret)
-        self._session = session or requests.Session()
+        self._session = requests.Session()
+        # One pooled connection per reply thread, so none waits for or discards a socket.
+        adapter = requests.adapters.HTTPAdapter(pool_connections=2, pool_maxsize=pool_size)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
         self._session.headers["Authorization"] = f"Bearer {token}"
 
     def __repr__(self) -> str:

@@ -10,7 +10,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bot.app import create_app  # noqa: E402
-from bot.runner import InlineRunner  # noqa: E402
 from config import load_config  # noqa: E402
 from messenger.signature import sign  # noqa: E402
 from tests.fakes import APP_SECRET, PAGE_ID, PAGE_TOKEN, FakeGraph, FakeOpenAI  # noqa: E402
@@ -38,6 +37,7 @@ def base_env(graph: FakeGraph, model: FakeOpenAI, tmp_path: Path) -> dict[str, s
         "OPENAI_MAX_RETRIES": "0",
         "GRAPH_TIMEOUT": "2",
         "ERROR_LOG_FILE": str(tmp_path / "openai_api_errors.log"),
+        "DATA_DIR": str(tmp_path / "data"),
     }
 
 
@@ -63,10 +63,10 @@ def env(graph, model, tmp_path) -> dict[str, str]:
 
 @pytest.fixture
 def make_client(env):
-    """Build the real app (replies inline, so assertions follow the request)."""
+    """Build the real app without reply threads: `replay` answers the queue in the test's thread."""
     def build(**overrides: str):
         config = load_config({**env, **overrides}, env_file=None)
-        return create_app(config, runner=InlineRunner()).test_client()
+        return create_app(config, start_workers=False).test_client()
     return build
 
 
@@ -82,5 +82,13 @@ def post_signed(client, body: bytes, secret: str = APP_SECRET, header: str = "X-
                        headers={header: sign(body, secret, algorithm), **headers})
 
 
+def answer_queue(client) -> int:
+    """Answer what the webhook stored, as the reply threads would."""
+    return client.application.extensions["dispatcher"].run_pending()
+
+
 def replay(client, name: str):
-    return post_signed(client, fixture_bytes(name))
+    """Post a recorded fixture, then let the bot answer it."""
+    response = post_signed(client, fixture_bytes(name))
+    answer_queue(client)
+    return response

@@ -184,9 +184,10 @@ class FakeOpenAI(FakeServer):
 
     API_KEY = "sk-test-0123456789abcdefghijklmnopqrstuv"
 
-    def __init__(self, reply: str = "Hello from the model."):
+    def __init__(self, reply: str = "Hello from the model.", echo: bool = False):
         super().__init__()
         self.reply = reply
+        self.echo = echo  # answer "re: <last user turn>", to see which prompt a reply came from
         self.requests: list[dict] = []
         self.scripted: list[Response] = []
         self.delay = 0.0
@@ -206,4 +207,7 @@ class FakeOpenAI(FakeServer):
                                             "code": "invalid_api_key"}}, 401, {"x-request-id": "req_auth"})
         if self.scripted:
             return self.scripted.pop(0)
-        return json_response(completion(self.reply), headers={"x-request-id": "req_ok"})
+        reply = self.reply
+        if self.echo:
+            reply = "re: " + request.get_json()["messages"][-1]["content"].rsplit(" : ", 1)[-1]
+        return json_response(completion(reply), headers={"x-request-id": "req_ok"})

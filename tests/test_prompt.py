@@ -13,8 +13,8 @@ def h(mid, text, from_id):
     return HistoryMessage(mid=mid, text=text, from_id=from_id)
 
 
-def convert(history, text="new?", mid="m_new", max_turns=10, system_prompt=""):
-    return to_chat_messages(history, text, mid=mid, page_id=PAGE, prefix=P,
+def convert(history, text="new?", mid="m_new", max_turns=10, system_prompt="", earlier=()):
+    return to_chat_messages(history, [*earlier, (mid, text)], page_id=PAGE, prefix=P,
                             max_turns=max_turns, system_prompt=system_prompt)
 
 
@@ -44,6 +44,14 @@ CASES = [
     ("one-turn-only", [h("m1", "hi", USER)], {"max_turns": 1}, [u(P + "new?")]),
     ("no-mid-postback", [h("m1", "hi", USER)], {"mid": None, "text": "Get Started"},
      [u("hi"), u(P + "Get Started")]),
+    ("several-new-messages", [h("m1", "hi", USER)], {"earlier": [("m_a", "first"), ("m_b", "second")]},
+     [u("hi"), u("first"), u("second"), u(P + "new?")]),
+    ("several-new-indexed-not-repeated",
+     [h("m_new", "new?", USER), h("m_b", "second", USER), h("m_a", "first", USER), h("m2", "Sure.", PAGE)],
+     {"earlier": [("m_a", "first"), ("m_b", "second")]},
+     [a("Sure."), u("first"), u("second"), u(P + "new?")]),
+    ("several-new-capped-newest-kept", [h("m1", "hi", USER)],
+     {"earlier": [("m_a", "first"), ("m_b", "second")], "max_turns": 2}, [u("second"), u(P + "new?")]),
     ("system-prompt-first", [h("m1", "hi", USER)], {"system_prompt": "You are Bob's Bakery."},
      [{"role": "system", "content": "You are Bob's Bakery."}, u("hi"), u(P + "new?")]),
 ]

@@ -1,0 +1,174 @@
+"""Reply threads inside each gunicorn worker, fed by the durable queue.
+
+The webhook stores messages and wakes the local dispatcher; every worker also
+polls, so work left by a dead process (its lease expired) or accepted by a
+busy sibling is picked up anyway.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from bot import metrics
+from bot.responder import Responder
+from bot.store import Batch, SQLiteStore
+from messenger.graph import GraphAPIError, is_retryable
+from messenger.split import split_text
+
+logger = logging.getLogger(__name__)
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**(attempt-1)))."""
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+class Dispatcher:
+    """Claims batches while it has free reply threads; answers each exactly once if it can."""
+
+    def __init__(self, store: SQLiteStore, responder: Responder, *, threads: int, lease_seconds: float = 30.0,
+                 retry_base: float = 1.0, retry_cap: float = 60.0, poll_interval: float = 0.2):
+        self.store = store
+        self.responder = responder
+        self.lease_seconds = lease_seconds
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self.poll_interval = poll_interval
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._slots = threading.BoundedSemaphore(threads)
+        self._threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reply")
+        self._actions = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sender-action")
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self._loops: list[threading.Thread] = []
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        for target, name in ((self._claim_loop, "dispatcher"), (self._renew_loop, "lease-renewal")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._loops.append(thread)
+
+    def notify(self) -> None:
+        """New work was stored: claim it now rather than at the next poll."""
+        self._wake.set()
+
+    def stop(self, timeout: float) -> None:
+        """Stop claiming, let replies in flight finish for `timeout` s, give back the rest."""
+        self._stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        released = self.store.release(self.owner) if self.in_flight else 0
+        logger.info("dispatcher stopped: %d message(s) released for the next start", released)
+
+    @property
+    def in_flight(self) -> int:
+        with self._busy_lock:
+            return self._busy
+
+    def run_pending(self) -> int:
+        """Answer everything claimable now, in this thread (tests and one-off scripts)."""
+        done = 0
+        while (batch := self.store.claim(self.owner, self.lease_seconds)) is not None:
+            self.process(batch)
+            done += 1
+        return done
+
+    # -- loops ---------------------------------------------------------------------------------------
+    def _claim_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._slots.acquire()
+            batch = None
+            if not self._stopping.is_set():
+                batch = self._try_claim()
+            if batch is None:
+                self._slots.release()
+                if self._wake.wait(self.poll_interval):
+                    self._wake.clear()
+                continue
+            with self._busy_lock:
+                self._busy += 1
+            self._pool.submit(self._run, batch)
+
+    def _try_claim(self) -> Batch | None:
+        try:
+            return self.store.claim(self.owner, self.lease_seconds)
+        except sqlite3.Error as exc:
+            logger.error("claim failed, will poll again: %s", exc)
+            return None
+
+    def _run(self, batch: Batch) -> None:
+        try:
+            self.process(batch)
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+            self._slots.release()
+
+    def _renew_loop(self) -> None:
+        while not self._stopping.wait(self.lease_seconds / 3):
+            if self.in_flight:
+                try:
+                    self.store.renew(self.owner, self.lease_seconds)
+                except sqlite3.Error as exc:
+                    logger.error("lease renewal failed: %s", exc)
+
+    # -- one batch ---------------------------------------------------------------------------------
+    def process(self, batch: Batch) -> None:
+        """Compose (or reuse) the reply, send the parts not sent yet, record each step."""
+        replied = threading.Event()
+        self._actions.submit(self.responder.show_activity, batch.psid, replied)
+        try:
+            self._answer(batch)
+        except GraphAPIError as exc:
+            self._on_graph_error(batch, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one message, not the thread
+            logger.exception("unexpected error answering batch=%s psid=%s", batch.batch_id, batch.psid)
+            self._retry_or_fail(batch, f"{type(exc).__name__}")
+        finally:
+            replied.set()
+
+    def _answer(self, batch: Batch) -> None:
+        reply = batch.reply
+        if reply is None:
+            reply = self.responder.compose(batch.messages).text
+            self.store.save_reply(batch, reply)
+        parts = split_text(reply)
+        for index in range(batch.sent_parts, len(parts)):
+            self.responder.send_part(batch.psid, parts[index])
+            if index + 1 < len(parts):
+                self.store.mark_sent(batch, index + 1)
+        # Marked done right after the last send: a crash now repeats nothing.
+        self.store.complete(batch)
+        metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)
+        logger.info("answered psid=%s mids=%s in %d part(s)", batch.psid, [m.mid for m in batch.messages], len(parts))
+
+    def _on_graph_error(self, batch: Batch, exc: GraphAPIError) -> None:
+        metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
+        if is_retryable(exc):
+            self._retry_or_fail(batch, str(exc))
+            return
+        self.store.fail(batch, str(exc))
+        metrics.FAILED.labels(f"graph_{exc.code}").inc()
+        logger.error("send failed for good psid=%s mids=%s: %s", batch.psid, [m.mid for m in batch.messages], exc)
+
+    def _retry_or_fail(self, batch: Batch, error: str) -> None:
+        delay = backoff_delay(batch.attempts, self.retry_base, self.retry_cap)
+        if self.store.retry(batch, delay, error):
+            logger.warning("retrying psid=%s in %.1fs (attempt %d): %s", batch.psid, delay, batch.attempts, error)
+            return
+        metrics.FAILED.labels("attempts_exhausted").inc()
+        logger.error("gave up on psid=%s mids=%s after %d attempts: %s",
+                     batch.psid, [m.mid for m in batch.messages], batch.attempts, error)

@@ -1,0 +1,31 @@
+"""Prometheus metrics, shared across gunicorn workers through multiprocess mode.
+
+gunicorn.conf.py points PROMETHEUS_MULTIPROC_DIR at a folder under DATA_DIR
+before any worker imports prometheus_client, so /metrics sums every worker.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+WEBHOOKS = Counter("messenger_webhooks_received_total", "Webhook POSTs, by result.", ["result"])
+EVENTS = Counter("messenger_events_total", "Webhook events, by outcome.", ["outcome"])
+REPLIES = Counter("messenger_replies_sent_total", "Reply messages the Send API accepted.")
+FAILED = Counter("messenger_replies_failed_total", "Messages given up on, by reason.", ["reason"])
+MODEL_ERRORS = Counter("openai_errors_total", "Model calls that ended in the fallback, by error class.", ["error_class"])
+GRAPH_ERRORS = Counter("graph_errors_total", "Graph API errors, by Meta error code.", ["code"])
+REPLY_LATENCY = Histogram(
+    "messenger_reply_latency_seconds", "From webhook received to the reply's last part sent.",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120),
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: every worker's samples when running under gunicorn."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

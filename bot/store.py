@@ -1,0 +1,238 @@
+"""The durable queue of messages to answer: SQLite in WAL mode, shared by processes.
+
+Why hand-written: the queues that run on SQLite (Huey, for one) delete a task
+when a worker takes it, so a crash mid-task loses it; none orders work per
+user or merges a user's waiting messages. This one keeps a row per message
+from the webhook's 200 until the reply is sent:
+
+  pending --claim--> working --complete--> done
+     ^                  |  \\--fail / too many attempts--> failed
+     +--retry/release---+   (an expired lease, e.g. after kill -9, is pending again)
+
+A claim takes every waiting message of ONE user whose older messages are all
+answered, so replies go out in order and a burst gets one reply.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from messenger.events import IncomingMessage
+
+SCHEMA = [
+    # version 1: the delivery queue
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        dedupe_key TEXT NOT NULL UNIQUE,
+        psid TEXT NOT NULL,
+        message TEXT NOT NULL,
+        timestamp_ms INTEGER NOT NULL,
+        received_at REAL NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        available_at REAL NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        batch_id INTEGER,
+        owner TEXT,
+        lease_until REAL,
+        reply TEXT,
+        sent_parts INTEGER NOT NULL DEFAULT 0,
+        finished_at REAL,
+        error TEXT
+    );
+    CREATE INDEX events_open ON events (state, psid, timestamp_ms, id);
+    CREATE INDEX events_batch ON events (batch_id);
+    """,
+]
+MAX_BATCH = 20  # messages of one user answered together, at most
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Waiting messages of one user, claimed together and answered with one reply."""
+
+    batch_id: int
+    psid: str
+    ids: tuple[int, ...]
+    messages: tuple[IncomingMessage, ...]
+    attempts: int
+    received_at: float
+    reply: str | None = None
+    sent_parts: int = 0
+
+
+def dedupe_key(message: IncomingMessage) -> str:
+    """Meta's mid; a postback without one is keyed by who, when and what."""
+    return message.mid or f"postback:{message.psid}:{message.timestamp_ms}:{message.text}"
+
+
+class SQLiteStore:
+    """The queue in one SQLite file, safe for several processes on one host."""
+
+    def __init__(self, path: str, max_attempts: int = 5):
+        self.path = path
+        self.max_attempts = max_attempts
+        self._local = threading.local()
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        self._migrate()
+
+    # -- connections ---------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process; only power loss can drop the last commits.
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taking the lock up front so concurrent claims never deadlock."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(SCHEMA[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={number}")
+
+    # -- the webhook's side --------------------------------------------------------------------
+    def add(self, messages: Sequence[IncomingMessage]) -> list[bool]:
+        """Store messages to answer; False for each one already stored (a redelivery)."""
+        now = time.time()
+        added = []
+        with self._write() as db:
+            for message in messages:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO events (dedupe_key, psid, message, timestamp_ms, received_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (dedupe_key(message), message.psid, _to_json(message), message.timestamp_ms, now))
+                added.append(cursor.rowcount == 1)
+        return added
+
+    # -- the workers' side ------------------------------------------------------------------------
+    def claim(self, owner: str, lease_seconds: float) -> Batch | None:
+        """The oldest answerable user's waiting messages, leased to `owner`; None when idle."""
+        now = time.time()
+        with self._write() as db:
+            self._expire_leases(db, now)
+            head = db.execute(
+                """SELECT e.psid, e.batch_id FROM events e
+                   WHERE e.state = 'pending' AND e.available_at <= ?
+                     AND NOT EXISTS (SELECT 1 FROM events w WHERE w.state = 'working' AND w.psid = e.psid)
+                     AND NOT EXISTS (SELECT 1 FROM events o WHERE o.state = 'pending' AND o.psid = e.psid
+                                     AND (o.timestamp_ms, o.id) < (e.timestamp_ms, e.id))
+                   ORDER BY e.received_at, e.id LIMIT 1""", (now,)).fetchone()
+            if head is None:
+                return None
+            rows = self._batch_rows(db, head["psid"], head["batch_id"])
+            batch_id = head["batch_id"] or rows[0]["id"]
+            ids = [row["id"] for row in rows]
+            db.execute(
+                f"UPDATE events SET state = 'working', owner = ?, lease_until = ?, batch_id = ?,"
+                f" attempts = attempts + 1 WHERE id IN ({','.join('?' * len(ids))})",
+                (owner, now + lease_seconds, batch_id, *ids))
+        first = rows[0]
+        return Batch(
+            batch_id=batch_id, psid=head["psid"], ids=tuple(ids),
+            messages=tuple(_from_json(row["message"]) for row in rows),
+            attempts=first["attempts"] + 1, received_at=min(row["received_at"] for row in rows),
+            reply=first["reply"], sent_parts=first["sent_parts"],
+        )
+
+    def _batch_rows(self, db: sqlite3.Connection, psid: str, batch_id: int | None) -> list[sqlite3.Row]:
+        if batch_id is not None:  # a retried batch keeps its members and its reply
+            return db.execute("SELECT * FROM events WHERE batch_id = ? AND state = 'pending' ORDER BY timestamp_ms, id",
+                              (batch_id,)).fetchall()
+        return db.execute(
+            "SELECT * FROM events WHERE psid = ? AND state = 'pending' AND batch_id IS NULL"
+            " ORDER BY timestamp_ms, id LIMIT ?", (psid, MAX_BATCH)).fetchall()
+
+    def _expire_leases(self, db: sqlite3.Connection, now: float) -> None:
+        """Work whose owner died (kill -9) or stalled: back in the queue, or failed after the bound."""
+        db.execute("UPDATE events SET state = 'failed', finished_at = ?, error = 'lease expired too often'"
+                   " WHERE state = 'working' AND lease_until < ? AND attempts >= ?", (now, now, self.max_attempts))
+        db.execute("UPDATE events SET state = 'pending', owner = NULL WHERE state = 'working' AND lease_until < ?",
+                   (now,))
+
+    def renew(self, owner: str, lease_seconds: float) -> None:
+        """Keep this owner's leases alive while it works."""
+        with self._write() as db:
+            db.execute("UPDATE events SET lease_until = ? WHERE state = 'working' AND owner = ?",
+                       (time.time() + lease_seconds, owner))
+
+    def save_reply(self, batch: Batch, reply: str) -> None:
+        """Keep the reply, so a retry resends it instead of asking the model again."""
+        self._update(batch, "reply = ?", reply)
+
+    def mark_sent(self, batch: Batch, parts: int) -> None:
+        self._update(batch, "sent_parts = ?", parts)
+
+    def complete(self, batch: Batch) -> None:
+        self._update(batch, "state = 'done', finished_at = ?, owner = NULL", time.time())
+
+    def retry(self, batch: Batch, delay: float, error: str) -> bool:
+        """Back in the queue after `delay`; False when the attempts are spent (then failed)."""
+        if batch.attempts >= self.max_attempts:
+            self.fail(batch, error)
+            return False
+        self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?", time.time() + delay, error)
+        return True
+
+    def fail(self, batch: Batch, error: str) -> None:
+        self._update(batch, "state = 'failed', finished_at = ?, owner = NULL, error = ?", time.time(), error)
+
+    def release(self, owner: str) -> int:
+        """Give back everything `owner` holds (graceful shutdown); the attempt is not counted."""
+        with self._write() as db:
+            return db.execute("UPDATE events SET state = 'pending', owner = NULL, attempts = MAX(attempts - 1, 0)"
+                              " WHERE state = 'working' AND owner = ?", (owner,)).rowcount
+
+    def _update(self, batch: Batch, assignments: str, *values: object) -> None:
+        with self._write() as db:
+            db.execute(f"UPDATE events SET {assignments} WHERE id IN ({','.join('?' * len(batch.ids))})",
+                       (*values, *batch.ids))
+
+    # -- observation ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, float | int]:
+        """Queue depth, in-flight count and the age of the oldest pending message."""
+        row = self._db().execute(
+            "SELECT SUM(state = 'pending'), SUM(state = 'working'), MIN(CASE WHEN state = 'pending'"
+            " THEN received_at END), SUM(state = 'failed') FROM events WHERE state IN ('pending', 'working', 'failed')"
+        ).fetchone()
+        oldest = row[2]
+        return {"queue_depth": row[0] or 0, "in_flight": row[1] or 0, "failed": row[3] or 0,
+                "oldest_pending_age_s": round(time.time() - oldest, 3) if oldest else 0.0}
+
+    def states(self) -> dict[str, str]:
+        """dedupe key -> state, for tests and diagnostics."""
+        return {row[0]: row[1] for row in self._db().execute("SELECT dedupe_key, state FROM events")}
+
+
+def _to_json(message: IncomingMessage) -> str:
+    return json.dumps({**message.__dict__, "attachment_types": list(message.attachment_types)})
+
+
+def _from_json(text: str) -> IncomingMessage:
+    data = json.loads(text)
+    return IncomingMessage(**{**data, "attachment_types": tuple(data["attachment_types"])})

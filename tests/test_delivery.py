@@ -1,0 +1,247 @@
+"""The durable queue in one process: once only, in order, retries, poison, observability."""
+import json
+import time
+
+import pytest
+
+from bot.dispatcher import backoff_delay
+from messenger.graph import GraphAPIError, is_retryable
+from messenger.signature import sign
+from tests.conftest import PSID, answer_queue, fixture_bytes, post_signed, replay
+from tests.fakes import APP_SECRET, completion, graph_error, json_response
+
+
+def text_body(mid: str, text: str, psid: str = PSID, timestamp: int = 1763893200001) -> bytes:
+    """A webhook body in Meta's shape for one text message."""
+    event = {"sender": {"id": psid}, "recipient": {"id": "1000000000000001"}, "timestamp": timestamp,
+             "message": {"mid": mid, "text": text}}
+    return json.dumps({"object": "page", "entry": [{"id": "1000000000000001", "time": timestamp,
+                                                    "messaging": [event]}]}).encode()
+
+
+def store_states(client):
+    return client.application.extensions["dispatcher"].store.states()
+
+
+# -- the webhook only stores -------------------------------------------------------------------
+def test_webhook_stores_and_acknowledges_without_calling_anything(client, graph, model):
+    response = post_signed(client, fixture_bytes("text"))
+    assert response.status_code == 200
+    assert store_states(client) == {"m_text_0001": "pending"}
+    assert graph.calls == [] and model.requests == []
+    answer_queue(client)
+    assert store_states(client) == {"m_text_0001": "done"}
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+
+
+# -- once only ----------------------------------------------------------------------------------
+def test_redelivery_before_the_reply_is_answered_once(client, graph):
+    for _ in range(3):
+        assert post_signed(client, fixture_bytes("text")).status_code == 200
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+
+
+def test_redelivery_after_the_reply_is_not_answered_again(client, graph, model):
+    replay(client, "text")
+    replay(client, "text")
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+    assert len(model.requests) == 1
+
+
+def test_postback_redelivery_deduped_by_its_mid(client, graph):
+    replay(client, "postback")
+    replay(client, "postback")
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+
+
+# -- in order, several messages answered together -------------------------------------------------
+def test_waiting_messages_of_one_user_get_one_reply_in_order(client, graph, model):
+    model.echo = True
+    for i, text in enumerate(["first", "second", "third"]):
+        post_signed(client, text_body(f"m_{i}", text, timestamp=1763893200000 + i))
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == ["re: third"]
+    prompt = model.requests[0]["json"]["messages"]
+    assert [m["content"] for m in prompt] == [
+        "first", "second", "Answer polite and concisely in a single sentence : third"]
+    assert set(store_states(client).values()) == {"done"}
+
+
+def test_out_of_order_delivery_is_answered_by_timestamp(client, graph, model):
+    model.echo = True
+    post_signed(client, text_body("m_late", "written second", timestamp=1763893200500))
+    post_signed(client, text_body("m_early", "written first", timestamp=1763893200100))
+    answer_queue(client)
+    contents = [m["content"] for m in model.requests[0]["json"]["messages"]]
+    assert contents[0] == "written first" and contents[-1].endswith("written second")
+
+
+def test_users_are_answered_independently(client, graph, model):
+    replay(client, "batch")
+    assert len(model.requests) == 3
+    assert len(graph.sent_texts()) == 3
+
+
+# -- retries ----------------------------------------------------------------------------------------
+TRANSIENT = {
+    "temporary-1200": graph_error(1200, "Temporary send message failure", status=500),
+    "rate-limit-613": graph_error(613, "Calls to this api have exceeded the rate limit."),
+    "app-limit-4": graph_error(4, "Application request limit reached", status=403),
+    "unknown-2": graph_error(2, "An unexpected error has occurred. Please retry your request later.", status=500),
+    "5xx-no-body": json_response({"unexpected": True}, 502),
+}
+PERMANENT = {
+    "token-190": graph_error(190, "Error validating access token", subcode=463),
+    "window-10": graph_error(10, "outside of allowed window", subcode=2018278),
+    "param-100": graph_error(100, "No matching user found", subcode=2018001),
+    "unavailable-551": graph_error(551, "This person isn't available right now.", subcode=1545041),
+    "permission-200": graph_error(200, "Permissions error"),
+    "maybe-delivered-1": graph_error(1, "received invalid JSON reply", subcode=1357046),
+}
+
+
+@pytest.fixture
+def fast_retry_client(make_client):
+    return make_client(RETRY_BASE_SECONDS="0.01", MAX_ATTEMPTS="3")
+
+
+def answer_with_retries(client, rounds=10):
+    for _ in range(rounds):
+        answer_queue(client)
+        time.sleep(0.03)
+
+
+@pytest.mark.parametrize("error", TRANSIENT.values(), ids=TRANSIENT.keys())
+def test_transient_send_errors_are_retried_and_delivered_once(fast_retry_client, graph, model, error):
+    graph.fail_next("send", error)
+    post_signed(fast_retry_client, fixture_bytes("text"))
+    answer_with_retries(fast_retry_client)
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+    assert len(model.requests) == 1, "a retry resends the stored reply, it does not ask the model again"
+    assert store_states(fast_retry_client) == {"m_text_0001": "done"}
+
+
+def test_send_timeout_is_retried(make_client, graph):
+    client = make_client(RETRY_BASE_SECONDS="0.01", GRAPH_TIMEOUT="0.3")
+    graph.delays["send"] = 0.6
+    post_signed(client, fixture_bytes("text"))
+    answer_queue(client)
+    graph.delays["send"] = 0
+    assert store_states(client) == {"m_text_0001": "pending"}
+    answer_with_retries(client)
+    assert store_states(client) == {"m_text_0001": "done"}
+
+
+@pytest.mark.parametrize("error", PERMANENT.values(), ids=PERMANENT.keys())
+def test_permanent_send_errors_fail_at_once_and_log_once(fast_retry_client, graph, caplog, error):
+    graph.fail_next("send", error)
+    post_signed(fast_retry_client, fixture_bytes("text"))
+    answer_with_retries(fast_retry_client)
+    sends = [c for c in graph.calls if c.body and "message" in c.body]
+    assert len(sends) == 1
+    assert store_states(fast_retry_client) == {"m_text_0001": "failed"}
+    failures = [r for r in caplog.records if r.levelname == "ERROR" and "send failed for good" in r.getMessage()]
+    assert len(failures) == 1
+    code = json.loads(error.get_data())["error"]["code"]
+    assert f"code={code}" in failures[0].getMessage() and f"fbtrace_id=trace-{code}" in failures[0].getMessage()
+
+
+def test_poison_message_fails_after_the_bound_and_never_blocks_later_ones(fast_retry_client, graph, model):
+    for _ in range(3):
+        graph.fail_next("send", graph_error(1200, "Temporary send message failure", status=500))
+    post_signed(fast_retry_client, text_body("m_poison", "first"))
+    answer_with_retries(fast_retry_client)
+    assert store_states(fast_retry_client) == {"m_poison": "failed"}
+    replay(fast_retry_client, "text")
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+
+
+def test_partly_sent_reply_resumes_at_the_missing_part(fast_retry_client, graph, model):
+    paragraphs = [f"Part {i}. " + "bread " * 300 for i in range(3)]
+    model.scripted.append(json_response(completion("\n\n".join(paragraphs))))
+    original = graph._send
+    calls = {"n": 0}  # the first part goes through, the second fails once
+
+    def flaky_send(body):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            return graph_error(1200, "Temporary send message failure", status=500)
+        return original(body)
+    graph._send = flaky_send
+    post_signed(fast_retry_client, fixture_bytes("text"))
+    answer_with_retries(fast_retry_client)
+    sent = graph.sent_texts(PSID)
+    assert len(sent) == 3 and [p.split(".")[0] for p in sent] == ["Part 0", "Part 1", "Part 2"]
+
+
+@pytest.mark.parametrize("error, retry", [
+    (GraphAPIError("timeout"), True),
+    (GraphAPIError("x", status=500), True),
+    (GraphAPIError("x", status=429), True),
+    (GraphAPIError("x", status=400), False),
+    *[(GraphAPIError("x", status=400, code=c), True) for c in (1, 2, 4, 17, 32, 613, 1200, 80001, 80006)],
+    *[(GraphAPIError("x", status=400, code=c), False) for c in (190, 10, 100, 200, 230, 551)],
+    (GraphAPIError("x", status=500, code=1, subcode=1357046), False),
+    (GraphAPIError("x", status=500, code=100), False),
+])
+def test_retry_classification(error, retry):
+    assert is_retryable(error) is retry
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap():
+    samples = {attempt: [backoff_delay(attempt, 1.0, 60.0) for _ in range(300)] for attempt in (1, 3, 10)}
+    assert max(samples[1]) <= 1.0 and max(samples[3]) <= 4.0 and max(samples[10]) <= 60.0
+    assert max(samples[3]) > 2.0 and max(samples[10]) > 30.0
+    assert len(set(samples[3])) > 250  # jittered, not a fixed schedule
+
+
+# -- observability -------------------------------------------------------------------------------
+def test_healthz_reports_the_queue(client):
+    post_signed(client, fixture_bytes("text"))
+    time.sleep(0.05)
+    health = client.get("/healthz").get_json()
+    assert health["status"] == "ok"
+    assert health["queue_depth"] == 1 and health["in_flight"] == 0
+    assert health["oldest_pending_age_s"] >= 0.05
+    answer_queue(client)
+    health = client.get("/healthz").get_json()
+    assert (health["queue_depth"], health["oldest_pending_age_s"]) == (0, 0.0)
+
+
+def sample(text: str, name: str) -> float:
+    """One sample's value in Prometheus text format (0 when absent)."""
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return float(values.get(name, 0.0))
+
+
+def test_metrics_count_what_happened(client, graph, model):
+    before = client.get("/metrics").get_data(as_text=True)
+    model.scripted.append(json_response({"error": {"message": "x", "code": "rate_limit_exceeded"}}, 429))
+    graph.fail_next("action", graph_error(613, "limit"))
+    replay(client, "text")
+    post_signed(client, fixture_bytes("text"))
+    replay(client, "delivery")
+    client.post("/webhook", data=b"{}")
+    response = client.get("/metrics")
+    assert response.content_type.startswith("text/plain")
+    after = response.get_data(as_text=True)
+    for name, delta in [
+        ('messenger_events_total{outcome="accepted"}', 1),
+        ('messenger_events_total{outcome="duplicate"}', 1),
+        ('messenger_events_total{outcome="ignored"}', 1),
+        ('messenger_webhooks_received_total{result="forbidden"}', 1),
+        ("messenger_replies_sent_total", 1),
+        ('openai_errors_total{error_class="RateLimitError"}', 1),
+        ('graph_errors_total{code="613"}', 1),
+        ("messenger_reply_latency_seconds_count", 1),
+    ]:
+        assert sample(after, name) - sample(before, name) == delta, name
+
+
+def test_signed_sha256_required_even_for_the_queue(client):
+    body = fixture_bytes("text")
+    response = client.post("/webhook", data=body, headers={"X-Hub-Signature-256": sign(body, "wrong")})
+    assert response.status_code == 403
+    assert store_states(client) == {}
+    assert APP_SECRET not in response.get_data(as_text=True)
