@@ -31,6 +31,10 @@ timeout = int(2 * _graph_call + _model + 5)
 # On SIGTERM, replies already accepted get the same budget to finish.
 graceful_timeout = timeout
 
+# gunicorn's control socket sits at one path per user: several bots on one host
+# (or the tests and the benchmark) would fight over it, and nothing here uses it.
+control_socket_disable = True
+
 # Tunnels (cloudflared, ngrok) connect from this host and set X-Forwarded-*.
 forwarded_allow_ips = "127.0.0.1,::1"
 

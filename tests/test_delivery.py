@@ -5,6 +5,8 @@ import time
 import pytest
 
 from bot.dispatcher import backoff_delay
+from bot.store import SQLiteStore
+from messenger.events import TEXT, IncomingMessage
 from messenger.graph import GraphAPIError, is_retryable
 from messenger.signature import sign
 from tests.conftest import PSID, answer_queue, fixture_bytes, post_signed, replay
@@ -245,3 +247,38 @@ def test_signed_sha256_required_even_for_the_queue(client):
     assert response.status_code == 403
     assert store_states(client) == {}
     assert APP_SECRET not in response.get_data(as_text=True)
+
+
+# -- the store's leases --------------------------------------------------------------------------
+def incoming(mid, psid=PSID, timestamp=1):
+    return IncomingMessage(psid=psid, page_id="1", mid=mid, kind=TEXT, text=mid, timestamp_ms=timestamp)
+
+
+def test_release_gives_work_back_without_counting_an_attempt(tmp_path):
+    store = SQLiteStore(str(tmp_path / "q.sqlite3"))
+    store.add([incoming("m1")])
+    batch = store.claim("worker-a", 30)
+    assert store.claim("worker-b", 30) is None  # one user, one batch at a time
+    assert store.release("worker-a") == 1
+    again = store.claim("worker-b", 30)
+    assert again.ids == batch.ids and again.attempts == 1
+
+
+def test_expired_lease_is_claimed_again_and_bounded(tmp_path):
+    store = SQLiteStore(str(tmp_path / "q.sqlite3"), max_attempts=2)
+    store.add([incoming("m1")])
+    assert store.claim("dead-worker", 0.01).attempts == 1
+    time.sleep(0.02)
+    assert store.claim("live-worker", 0.01).attempts == 2
+    time.sleep(0.02)
+    assert store.claim("third-worker", 30) is None  # crashed twice: failed, not retried forever
+    assert store.states() == {"m1": "failed"}
+
+
+def test_renewed_lease_is_not_taken(tmp_path):
+    store = SQLiteStore(str(tmp_path / "q.sqlite3"))
+    store.add([incoming("m1")])
+    store.claim("worker-a", 0.05)
+    store.renew("worker-a", 30)
+    time.sleep(0.1)
+    assert store.claim("worker-b", 30) is None

@@ -20,12 +20,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gunicorn(env: dict, cwd) -> subprocess.Popen:
-    """Exactly the README's run command, from a folder with no .env of the developer's."""
+def start_gunicorn(env: dict, cwd, output=subprocess.PIPE) -> subprocess.Popen:
+    """Exactly the README's run command, from a folder with no .env of the developer's.
+
+    Its own session, so a test can kill -9 the master and every worker at once.
+    """
     return subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "server:app"],
         cwd=cwd, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
 
 

@@ -1,0 +1,135 @@
+"""Guarantees about processes, checked on real gunicorn processes: several
+workers, kill -9 after the 200, a restart, SIGTERM."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+from bot.store import SQLiteStore
+from messenger.signature import sign
+from tests.conftest import PSID, base_env
+from tests.fakes import APP_SECRET
+from tests.test_delivery import text_body
+from tests.test_gunicorn import free_port, is_up, start_gunicorn, wait_until
+
+
+class Bot:
+    """One `gunicorn server:app` run; start again with the same DATA_DIR to restart."""
+
+    def __init__(self, graph, model, tmp_path, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**base_env(graph, model, tmp_path), "PORT": str(self.port), "HOST": "127.0.0.1",
+                    "LEASE_SECONDS": "2", **settings}
+        self.tmp_path = tmp_path
+        self.log = open(tmp_path / "gunicorn.log", "a")
+        self.process = None
+
+    def start(self):
+        self.process = start_gunicorn(self.env, self.tmp_path, output=self.log)
+        assert wait_until(lambda: is_up(self.url), 15), "gunicorn did not start"
+        return self
+
+    def post(self, body: bytes) -> requests.Response:
+        return requests.post(self.url + "/webhook", data=body, timeout=5,
+                             headers={"X-Hub-Signature-256": sign(body, APP_SECRET)})
+
+    def kill_9(self):
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+    def states(self):
+        return SQLiteStore(os.path.join(self.env["DATA_DIR"], "bot.sqlite3")).states()
+
+
+@pytest.fixture
+def make_bot(graph, model, tmp_path):
+    bots = []
+
+    def make(**settings):
+        bots.append(Bot(graph, model, tmp_path, **settings))
+        return bots[-1]
+    yield make
+    for bot in bots:
+        bot.stop()
+
+
+def test_redeliveries_landing_on_different_workers_are_answered_once(make_bot, graph, model):
+    bot = make_bot(WEB_CONCURRENCY="3").start()
+    model.delay = 0.3
+    body = text_body("m_redelivered", "Are you open today?")
+    statuses = []
+    threads = [threading.Thread(target=lambda: statuses.append(bot.post(body).status_code)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * 8
+    assert wait_until(lambda: bot.states() == {"m_redelivered": "done"})
+    time.sleep(1.0)  # room for a wrong second reply to show up
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+    assert len(model.requests) == 1
+
+
+def test_kill_9_right_after_the_200_loses_nothing(make_bot, graph, model):
+    bot = make_bot().start()
+    model.delay = 3.0  # the reply is still being prepared when the bot dies
+    assert bot.post(text_body("m_survivor", "Do you deliver?")).status_code == 200
+    bot.kill_9()
+    assert graph.sent_texts(PSID) == []
+    assert bot.states()["m_survivor"] in ("pending", "working")  # stored, not answered
+
+    model.delay = 0
+    bot.start()  # the next start picks the message up once its lease has expired
+    assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 15)
+    assert wait_until(lambda: bot.states() == {"m_survivor": "done"})
+    time.sleep(1.0)
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+
+
+def test_kill_9_mid_burst_then_restart_answers_every_message_exactly_once(make_bot, graph, model):
+    bot = make_bot(WEB_CONCURRENCY="2").start()
+    model.delay = 0.4
+    users = [f"30000000000{i:05d}" for i in range(30)]
+    for i, psid in enumerate(users):
+        assert bot.post(text_body(f"m_burst_{i}", f"question {i}", psid=psid)).status_code == 200
+    time.sleep(0.5)  # some replies are out, some in flight, some waiting
+    bot.kill_9()
+    answered_before = len(graph.sent_texts())
+    model.delay = 0
+    bot.start()
+    assert wait_until(lambda: set(bot.states().values()) == {"done"}, 20)
+    sent_to = [psid for psid, _ in graph.delivered]
+    assert sorted(sent_to) == sorted(users), f"{answered_before} answered before the kill"
+
+
+def test_sigterm_finishes_the_reply_in_flight(make_bot, graph, model):
+    bot = make_bot().start()
+    model.delay = 1.5
+    assert bot.post(text_body("m_graceful", "Last question")).status_code == 200
+    assert wait_until(lambda: len(model.requests) == 1)
+    bot.process.send_signal(signal.SIGTERM)
+    assert bot.process.wait(timeout=30) == 0
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+    assert bot.states() == {"m_graceful": "done"}
+
+
+def test_replies_to_one_user_go_out_in_order_across_workers(make_bot, graph, model):
+    bot = make_bot(WEB_CONCURRENCY="2").start()
+    model.echo = True
+    model.delay = 0.3
+    for i in range(6):
+        bot.post(text_body(f"m_order_{i}", f"message {i}", timestamp=1763893200000 + i))
+        time.sleep(0.1)
+    assert wait_until(lambda: set(bot.states().values()) == {"done"} and len(bot.states()) == 6, 15)
+    answered = [int(text.rsplit(" ", 1)[1]) for text in graph.sent_texts(PSID)]
+    assert answered == sorted(answered) and answered[-1] == 5
+    assert len(answered) < 6, "messages written while a reply was prepared are answered together"
