@@ -1,11 +1,17 @@
 """gunicorn settings, read by `gunicorn server:app` from this folder.
 
 The settings are validated here, in the master, so a bad `.env` stops start-up
-with one message instead of every worker failing to boot in a loop.
+with one message instead of every worker failing to boot in a loop. The
+master also starts the reply process (bot/worker.py) and restarts it if it
+dies, so this one command runs the whole bot.
 """
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import threading
+import time
 
 from config import ConfigError, load_config
 
@@ -17,18 +23,19 @@ except ConfigError as error:
 
 bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_config.port}"
 
-# Threads keep each worker answering webhooks while replies are generated;
-# the replies themselves run on the app's own reply threads.
+# The webhook workers only verify, store and acknowledge; threads let each one
+# serve several deliveries at once.
 worker_class = "gthread"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 threads = 8
+# One listening socket per worker (SO_REUSEPORT): the kernel spreads connections
+# over the workers, so a few busy keep-alive connections cannot pile onto one.
+reuse_port = True
 
-# The slowest honest reply: history read, every model attempt with the openai
-# client's backoff (at most 8 s between tries), and a send, plus a margin.
-_graph_call = min(3.05, _config.graph_timeout) + _config.graph_timeout
-_model = _config.openai_timeout * (_config.openai_max_retries + 1) + 8 * _config.openai_max_retries
-timeout = int(2 * _graph_call + _model + 5)
-# On SIGTERM, replies already accepted get the same budget to finish.
+# Nothing slow runs in a request any more, but keep the budget of the slowest
+# honest reply (history + every model attempt + send) as the worker and
+# shutdown timeouts.
+timeout = _config.worst_reply_seconds
 graceful_timeout = timeout
 
 # gunicorn's control socket sits at one path per user: several bots on one host
@@ -38,26 +45,55 @@ control_socket_disable = True
 # Tunnels (cloudflared, ngrok) connect from this host and set X-Forwarded-*.
 forwarded_allow_ips = "127.0.0.1,::1"
 
-# /metrics sums every worker: prometheus-client's multiprocess mode, one folder per run.
+accesslog = "-"
+# %(U)s is the path without the query string: hub.verify_token never reaches a log.
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+
+# /metrics sums every process: prometheus-client's multiprocess mode, one folder per run.
 _metrics_dir = os.path.join(_config.data_dir, "metrics")
 shutil.rmtree(_metrics_dir, ignore_errors=True)
 os.makedirs(_metrics_dir)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+# Tells server.py not to start reply threads in the webhook workers.
+os.environ["BOT_REPLY_PROCESS"] = "1"
+
+_reply = {"process": None, "stopping": False}
 
 
-def worker_exit(server, worker):
-    """On SIGTERM: stop claiming, finish replies in flight, give back the rest."""
-    dispatcher = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("dispatcher")
-    if dispatcher is not None:
-        dispatcher.stop(timeout=max(1, graceful_timeout - 5))
+def _run_reply_process(server):
+    """Keep one reply process alive until the master stops."""
+    while not _reply["stopping"]:
+        process = subprocess.Popen([sys.executable, "-m", "bot.worker"])
+        _reply["process"] = process
+        code = process.wait()
+        _mark_dead(process.pid)
+        if not _reply["stopping"]:
+            server.log.error("reply process exited with code %s; starting a new one", code)
+            time.sleep(1)
+
+
+def _mark_dead(pid):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)
+
+
+def when_ready(server):
+    threading.Thread(target=_run_reply_process, args=(server,), name="reply-supervisor", daemon=True).start()
+
+
+def on_exit(server):
+    """Let the reply process finish what is in flight (it releases the rest), then exit."""
+    _reply["stopping"] = True
+    process = _reply["process"]
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=graceful_timeout + 5)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def child_exit(server, worker):
-    from prometheus_client import multiprocess
-
-    multiprocess.mark_process_dead(worker.pid)
-
-
-accesslog = "-"
-# %(U)s is the path without the query string: hub.verify_token never reaches a log.
-access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+    _mark_dead(worker.pid)

@@ -1,7 +1,11 @@
 """The WSGI entry point: `gunicorn server:app` (settings in gunicorn.conf.py)."""
+import os
+
 from bot.app import create_app
 from bot.logs import configure_logging
 from config import ConfigError, load_config
+
+REPLY_PROCESS_MARKER = "BOT_REPLY_PROCESS"
 
 
 def build_app():
@@ -11,7 +15,9 @@ def build_app():
     except ConfigError as error:
         raise SystemExit(str(error)) from None
     configure_logging(config.log_level, config.secrets)
-    return create_app(config)
+    # gunicorn.conf.py runs the replies in a process of their own; any other
+    # server gets reply threads inside the app.
+    return create_app(config, start_workers=os.environ.get(REPLY_PROCESS_MARKER) != "1")
 
 
 app = build_app()

@@ -11,6 +11,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from bot import metrics
 from bot.dispatcher import Dispatcher
+from bot.doorbell import Doorbell
 from bot.responder import PromptSettings, Responder
 from bot.store import SQLiteStore
 from config import Config, load_config
@@ -28,13 +29,12 @@ MAX_BODY_BYTES = 5 * 1024 * 1024
 def create_app(config: Config | None = None, *, start_workers: bool = True) -> Flask:
     """Build the clients, the queue and the app; tests pass a Config aimed at fake servers.
 
-    With start_workers=False no reply thread runs: callers answer the queue with
+    With start_workers=False no reply thread runs here: the reply process
+    (bot/worker.py) answers the queue, or a test calls
     `app.extensions["dispatcher"].run_pending()`.
     """
     config = config or load_config()
-    store = SQLiteStore(config.database_path, max_attempts=config.max_attempts)
-    dispatcher = Dispatcher(store, build_responder(config), threads=config.reply_threads,
-                            lease_seconds=config.lease_seconds, retry_base=config.retry_base_seconds)
+    dispatcher = build_dispatcher(config)
     if start_workers:
         dispatcher.start()
 
@@ -43,8 +43,16 @@ def create_app(config: Config | None = None, *, start_workers: bool = True) -> F
     # Behind a tunnel (cloudflared, ngrok) the client address and scheme arrive in X-Forwarded-*.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
     app.extensions["dispatcher"] = dispatcher
-    _add_routes(app, config, store, dispatcher)
+    _add_routes(app, config, dispatcher.store, dispatcher.doorbell)
     return app
+
+
+def build_dispatcher(config: Config) -> Dispatcher:
+    """The queue, the reply pipeline and the doorbell between them."""
+    store = SQLiteStore(config.database_path, max_attempts=config.max_attempts)
+    return Dispatcher(store, build_responder(config), Doorbell(config.database_path),
+                      threads=config.reply_threads, lease_seconds=config.lease_seconds,
+                      retry_base=config.retry_base_seconds)
 
 
 def build_responder(config: Config) -> Responder:
@@ -61,7 +69,7 @@ def build_responder(config: Config) -> Responder:
     return Responder(graph, generator, prompt)
 
 
-def _add_routes(app: Flask, config: Config, store: SQLiteStore, dispatcher: Dispatcher) -> None:
+def _add_routes(app: Flask, config: Config, store: SQLiteStore, doorbell: Doorbell) -> None:
     @app.get("/webhook")
     def verify() -> Response:
         if is_verify_request(request.args, config.fb_verify_token):
@@ -86,13 +94,13 @@ def _add_routes(app: Flask, config: Config, store: SQLiteStore, dispatcher: Disp
             return _refuse("unavailable", 503, "temporarily unavailable")
         new = sum(added)
         if new:
-            dispatcher.notify()
+            doorbell.ring()
         _count(new, len(added) - new, delivery.ignored)
         return _text("EVENT_RECEIVED", 200)
 
     @app.get("/healthz")
     def healthz() -> Response:
-        return jsonify(status="ok", **store.stats(), reply_threads_busy=dispatcher.in_flight)
+        return jsonify(status="ok", **store.stats())
 
     @app.get("/metrics")
     def metrics_page() -> Response:

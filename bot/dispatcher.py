@@ -1,8 +1,10 @@
-"""Reply threads inside each gunicorn worker, fed by the durable queue.
+"""Reply threads fed by the durable queue.
 
-The webhook stores messages and wakes the local dispatcher; every worker also
-polls, so work left by a dead process (its lease expired) or accepted by a
-busy sibling is picked up anyway.
+Under gunicorn they run in one reply process beside the webhook workers
+(bot/worker.py), so generating replies never takes the interpreter from a
+webhook waiting for its 200. The webhook rings the doorbell when it stores
+work; the dispatcher also polls, so work left by a dead process (its lease
+expired) is picked up anyway.
 """
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
 
 from bot import metrics
+from bot.doorbell import Doorbell
 from bot.responder import Responder
 from bot.store import Batch, SQLiteStore
 from messenger.graph import GraphAPIError, is_retryable
@@ -30,13 +35,23 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
+@dataclass
+class Progress:
+    """How far one batch got: the reply (once composed) and how many parts went out."""
+
+    reply: str | None
+    sent: int
+
+
 class Dispatcher:
     """Claims batches while it has free reply threads; answers each exactly once if it can."""
 
-    def __init__(self, store: SQLiteStore, responder: Responder, *, threads: int, lease_seconds: float = 30.0,
-                 retry_base: float = 1.0, retry_cap: float = 60.0, poll_interval: float = 0.2):
+    def __init__(self, store: SQLiteStore, responder: Responder, doorbell: Doorbell, *, threads: int,
+                 lease_seconds: float = 30.0, retry_base: float = 1.0, retry_cap: float = 60.0,
+                 poll_interval: float = 0.2):
         self.store = store
         self.responder = responder
+        self.doorbell = doorbell
         self.lease_seconds = lease_seconds
         self.retry_base = retry_base
         self.retry_cap = retry_cap
@@ -46,7 +61,6 @@ class Dispatcher:
         self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reply")
         self._actions = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sender-action")
-        self._wake = threading.Event()
         self._stopping = threading.Event()
         self._busy = 0
         self._busy_lock = threading.Lock()
@@ -54,19 +68,16 @@ class Dispatcher:
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        for target, name in ((self._claim_loop, "dispatcher"), (self._renew_loop, "lease-renewal")):
+        self.doorbell.listen()
+        for target, name in ((self._claim_loop, "dispatcher"), (self._upkeep_loop, "upkeep")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._loops.append(thread)
 
-    def notify(self) -> None:
-        """New work was stored: claim it now rather than at the next poll."""
-        self._wake.set()
-
     def stop(self, timeout: float) -> None:
         """Stop claiming, let replies in flight finish for `timeout` s, give back the rest."""
         self._stopping.set()
-        self._wake.set()
+        self.doorbell.ring()
         deadline = time.monotonic() + timeout
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -95,8 +106,7 @@ class Dispatcher:
                 batch = self._try_claim()
             if batch is None:
                 self._slots.release()
-                if self._wake.wait(self.poll_interval):
-                    self._wake.clear()
+                self.doorbell.wait(self.poll_interval)
                 continue
             with self._busy_lock:
                 self._busy += 1
@@ -117,56 +127,60 @@ class Dispatcher:
                 self._busy -= 1
             self._slots.release()
 
-    def _renew_loop(self) -> None:
-        while not self._stopping.wait(self.lease_seconds / 3):
-            if self.in_flight:
-                try:
+    def _upkeep_loop(self) -> None:
+        """Every second: renew this process's leases while it works, and checkpoint the WAL."""
+        last_renewal = time.monotonic()
+        while not self._stopping.wait(min(1.0, self.lease_seconds / 3)):
+            try:
+                if self.in_flight and time.monotonic() - last_renewal >= self.lease_seconds / 3:
                     self.store.renew(self.owner, self.lease_seconds)
-                except sqlite3.Error as exc:
-                    logger.error("lease renewal failed: %s", exc)
+                    last_renewal = time.monotonic()
+                self.store.checkpoint()
+            except sqlite3.Error as exc:
+                logger.error("queue upkeep failed: %s", exc)
 
     # -- one batch ---------------------------------------------------------------------------------
     def process(self, batch: Batch) -> None:
-        """Compose (or reuse) the reply, send the parts not sent yet, record each step."""
+        """Compose (or reuse) the reply, send the parts not sent yet, record the outcome."""
         replied = threading.Event()
-        self._actions.submit(self.responder.show_activity, batch.psid, replied)
+        progress = Progress(batch.reply, batch.sent_parts)
         try:
-            self._answer(batch)
+            self._answer(batch, progress, lambda: self._actions.submit(self.responder.show_activity, batch.psid, replied))
         except GraphAPIError as exc:
-            self._on_graph_error(batch, exc)
+            self._on_graph_error(batch, exc, progress)
         except Exception as exc:  # noqa: BLE001 - a bug must cost one message, not the thread
             logger.exception("unexpected error answering batch=%s psid=%s", batch.batch_id, batch.psid)
-            self._retry_or_fail(batch, f"{type(exc).__name__}")
+            self._retry_or_fail(batch, type(exc).__name__, progress)
         finally:
             replied.set()
 
-    def _answer(self, batch: Batch) -> None:
-        reply = batch.reply
-        if reply is None:
-            reply = self.responder.compose(batch.messages).text
-            self.store.save_reply(batch, reply)
-        parts = split_text(reply)
-        for index in range(batch.sent_parts, len(parts)):
-            self.responder.send_part(batch.psid, parts[index])
-            if index + 1 < len(parts):
-                self.store.mark_sent(batch, index + 1)
+    def _answer(self, batch: Batch, progress: Progress, thinking: Callable[[], object]) -> None:
+        if progress.reply is None:
+            # Not written down before the first send: a crash before it asks the model again.
+            progress.reply = self.responder.compose(batch.messages, thinking).text
+        parts = split_text(progress.reply)
+        while progress.sent < len(parts):
+            self.responder.send_part(batch.psid, parts[progress.sent])
+            progress.sent += 1
+            if progress.sent < len(parts):
+                self.store.mark_sent(batch, progress.reply, progress.sent)
         # Marked done right after the last send: a crash now repeats nothing.
         self.store.complete(batch)
         metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)
         logger.info("answered psid=%s mids=%s in %d part(s)", batch.psid, [m.mid for m in batch.messages], len(parts))
 
-    def _on_graph_error(self, batch: Batch, exc: GraphAPIError) -> None:
+    def _on_graph_error(self, batch: Batch, exc: GraphAPIError, progress: Progress) -> None:
         metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
         if is_retryable(exc):
-            self._retry_or_fail(batch, str(exc))
+            self._retry_or_fail(batch, str(exc), progress)
             return
         self.store.fail(batch, str(exc))
         metrics.FAILED.labels(f"graph_{exc.code}").inc()
         logger.error("send failed for good psid=%s mids=%s: %s", batch.psid, [m.mid for m in batch.messages], exc)
 
-    def _retry_or_fail(self, batch: Batch, error: str) -> None:
+    def _retry_or_fail(self, batch: Batch, error: str, progress: Progress) -> None:
         delay = backoff_delay(batch.attempts, self.retry_base, self.retry_cap)
-        if self.store.retry(batch, delay, error):
+        if self.store.retry(batch, delay, error, progress.reply, progress.sent):
             logger.warning("retrying psid=%s in %.1fs (attempt %d): %s", batch.psid, delay, batch.attempts, error)
             return
         metrics.FAILED.labels("attempts_exhausted").inc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from bot import metrics
 from gpt.prompt import to_chat_messages
@@ -13,6 +13,8 @@ from messenger.events import IncomingMessage
 from messenger.graph import GraphAPIError, GraphClient, HistoryMessage
 
 logger = logging.getLogger(__name__)
+
+ACTIVITY_PAUSE_S = 0.015
 
 
 @dataclass(frozen=True)
@@ -32,14 +34,20 @@ class Responder:
         self.generator = generator
         self.prompt = prompt
 
-    def compose(self, messages: Sequence[IncomingMessage]) -> Reply:
-        """One reply to everything the user wrote since the last one (oldest first)."""
+    def compose(self, messages: Sequence[IncomingMessage], thinking: Callable[[], object] = lambda: None) -> Reply:
+        """One reply to everything the user wrote since the last one (oldest first).
+
+        `thinking` is called once the history is in, as the model starts: the
+        moment to show "seen" and the typing indicator without slowing the read.
+        """
         texts = [m for m in messages if not m.is_attachment_only]
         if not texts:
             logger.info("attachment-only message(s) psid=%s mids=%s", messages[0].psid, [m.mid for m in messages])
             return Reply(self.prompt.unsupported_reply)
+        history = self._history(texts[0].psid)
+        thinking()
         chat = to_chat_messages(
-            self._history(texts[0].psid), [(m.mid, m.text) for m in texts],
+            history, [(m.mid, m.text) for m in texts],
             page_id=self.prompt.page_id, prefix=self.prompt.prefix,
             max_turns=self.prompt.message_count, system_prompt=self.prompt.system_prompt,
         )
@@ -54,7 +62,12 @@ class Responder:
         metrics.REPLIES.inc()
 
     def show_activity(self, psid: str, replied: threading.Event) -> None:
-        """mark_seen then typing_on, unless the reply already went out (typing would linger 20 s)."""
+        """mark_seen then typing_on, unless the reply already went out (typing would linger 20 s).
+
+        Called as the model call starts; the short pause lets that request leave
+        first, so these calls never compete with it for the interpreter.
+        """
+        replied.wait(ACTIVITY_PAUSE_S)
         for action in ("mark_seen", "typing_on"):
             if action == "typing_on" and replied.is_set():
                 return

@@ -25,6 +25,8 @@ VERSION = "v26.0"
 
 
 class _QuietHandler(WSGIRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the real APIs offer
+
     def log_request(self, *args, **kwargs) -> None:
         pass  # tests assert on recorded calls; per-request lines are noise
 
@@ -87,10 +89,12 @@ class FakeGraph(FakeServer):
         self.calls: list[GraphCall] = []
         self.conversations: dict[str, list[dict]] = {}  # psid -> messages, oldest first
         self.delivered: list[tuple[str, str]] = []  # (psid, text) the Send API accepted
+        self.delivered_at: list[float] = []  # time.monotonic() of each, after the injected latency
         self.failures: dict[str, list[Response]] = {"history": [], "send": [], "action": []}
         self.delays: dict[str, float] = {"history": 0.0, "send": 0.0, "action": 0.0}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._delivery = threading.Condition(self._lock)
 
     @property
     def api_url(self) -> str:
@@ -106,6 +110,11 @@ class FakeGraph(FakeServer):
                 "created_time": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()),
             })
         return mid
+
+    def wait_for_deliveries(self, count: int, timeout: float) -> bool:
+        """Block until the Send API has accepted `count` texts in all (no polling)."""
+        with self._delivery:
+            return self._delivery.wait_for(lambda: len(self.delivered) >= count, timeout)
 
     def fail_next(self, kind: str, response: Response) -> None:
         self.failures[kind].append(response)
@@ -164,8 +173,10 @@ class FakeGraph(FakeServer):
         if not text or len(text.encode("utf-16-le")) // 2 > 2000:
             return graph_error(100, "(#100) Length of param message[text] must be less than or equal to 2000")
         mid = self.add_message(psid, text, from_page=True)
-        with self._lock:
+        with self._delivery:
             self.delivered.append((psid, text))
+            self.delivered_at.append(time.monotonic())
+            self._delivery.notify_all()
         return json_response({"recipient_id": psid, "message_id": mid})
 
 

@@ -1,0 +1,244 @@
+"""Delivery benchmark: the bot as the README runs it, against local fakes with latency.
+
+    .venv/bin/python bench/run.py [--graph-ms 50] [--model-ms 1000] [--only burst,overhead]
+
+Prints one JSON line per scenario (floor, sustained, burst, overhead). Every
+request goes to 127.0.0.1; every loop is bounded in count and time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from messenger.signature import sign  # noqa: E402
+from tests.fakes import APP_SECRET, PAGE_ID, PAGE_TOKEN, FakeGraph, FakeOpenAI  # noqa: E402
+
+CONNECTIONS = 16
+
+
+def text_body(n: int, psid: str) -> bytes:
+    """A webhook body shaped like Meta's, for message number n."""
+    now = int(time.time() * 1000)
+    event = {"sender": {"id": psid}, "recipient": {"id": PAGE_ID}, "timestamp": now + n,
+             "message": {"mid": f"m_bench_{n}_{now}", "text": f"Question number {n}, are you open?"}}
+    return json.dumps({"object": "page", "entry": [{"id": PAGE_ID, "time": now, "messaging": [event]}]}).encode()
+
+
+class Gunicorn:
+    """`gunicorn -c gunicorn.conf.py APP` in its own session, from a scratch folder."""
+
+    extra_env: dict[str, str] = {}  # --bot-env KEY=VALUE settings, for experiments
+
+    def __init__(self, app: str, graph: FakeGraph, model: FakeOpenAI, port: int):
+        self.work = Path(tempfile.mkdtemp(prefix="bench-"))
+        self.url = f"http://127.0.0.1:{port}"
+        env = {
+            "PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "HOST": "127.0.0.1", "PORT": str(port),
+            "FB_VERIFY_TOKEN": "bench-verify-token", "FB_APP_SECRET": APP_SECRET,
+            "FB_PAGE_ACCESS_TOKEN": PAGE_TOKEN, "FB_PAGE_ID": PAGE_ID, "FB_API_URL": graph.api_url,
+            "OPENAI_API_KEY": FakeOpenAI.API_KEY, "OPENAI_BASE_URL": model.base_url,
+            "DATA_DIR": str(self.work / "data"), "ERROR_LOG_FILE": str(self.work / "errors.log"),
+            "LOG_LEVEL": "WARNING", **self.extra_env,
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), app],
+            cwd=self.work, env=env, stdout=subprocess.DEVNULL, stderr=open(self.work / "gunicorn.log", "w"),
+            start_new_session=True)
+        self._wait_up()
+
+    def _wait_up(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                requests.get(self.url + "/healthz", timeout=0.5)
+                time.sleep(0.3)  # let every worker finish booting
+                return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise RuntimeError(f"gunicorn did not start; see {self.work / 'gunicorn.log'}")
+
+    def rss_mb(self) -> float:
+        """Resident memory of the master and all its workers."""
+        pids = [self.process.pid] + _children(self.process.pid)
+        total_kb = 0
+        for pid in pids:
+            try:
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("VmRSS:"):
+                        total_kb += int(line.split()[1])
+            except OSError:
+                pass
+        return total_kb / 1024
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the backlog is not the benchmark's business
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_wrk(url: str, seconds: float, bodies: int) -> dict:
+    """wrk with pre-signed bodies, CONNECTIONS connections, 2 threads."""
+    with tempfile.NamedTemporaryFile("w", suffix=".tsv", delete=False) as file:
+        for n in range(bodies):
+            body = text_body(n, f"4{n:015d}")
+            file.write(f"{sign(body, APP_SECRET)}\t{body.decode()}\n")
+    try:
+        output = subprocess.run(
+            ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "5s", "-s", str(ROOT / "bench" / "post.lua"),
+             url + "/webhook", "--", file.name, "2"], capture_output=True, text=True, timeout=seconds + 60, check=True)
+    finally:
+        os.unlink(file.name)
+    result = json.loads(output.stdout.strip().splitlines()[-1])
+    return {"rps": round(result["requests"] / (result["duration_us"] / 1e6), 1),
+            "ack_p50_ms": round(result["p50_us"] / 1000, 2), "ack_p99_ms": round(result["p99_us"] / 1000, 2),
+            "non_2xx": result["non_2xx"], "socket_errors": result["socket_errors"]}
+
+
+def scenario_floor(graph, model, args) -> dict:
+    server = Gunicorn("bench.floor_app:app", graph, model, free_port())
+    try:
+        return {"scenario": "floor", **run_wrk(server.url, args.seconds, 20000)}
+    finally:
+        server.stop()
+
+
+def scenario_sustained(graph, model, args) -> dict:
+    server = Gunicorn("server:app", graph, model, free_port())
+    try:
+        before = len(graph.delivered)
+        result = run_wrk(server.url, args.seconds, 60000)
+        return {"scenario": "sustained", **result, "replies_during": len(graph.delivered) - before}
+    finally:
+        server.stop()
+
+
+def scenario_burst(graph, model, args) -> dict:
+    server = Gunicorn("server:app", graph, model, free_port())
+    users = [f"5{n:015d}" for n in range(200)]
+    bodies = [text_body(n, psid) for n, psid in enumerate(users)]
+    peak = [server.rss_mb()]
+    sampling = threading.Event()
+
+    def sample():
+        while not sampling.wait(0.05):
+            peak.append(server.rss_mb())
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start_index = len(graph.delivered)
+    sessions = threading.local()
+
+    def post(body):
+        session = getattr(sessions, "s", None) or requests.Session()
+        sessions.s = session
+        return session.post(server.url + "/webhook", data=body, timeout=10,
+                            headers={"X-Hub-Signature-256": sign(body, APP_SECRET)}).status_code
+    try:
+        started = time.monotonic()
+        with ThreadPoolExecutor(CONNECTIONS) as pool:
+            statuses = list(pool.map(post, bodies))
+        graph.wait_for_deliveries(start_index + len(users), timeout=180)
+        done = graph.delivered_at[start_index + len(users) - 1] if len(graph.delivered) - start_index >= len(users) else None
+        time.sleep(1.0)  # room for duplicates to show
+        sampling.set()
+        delivered = [psid for psid, _ in graph.delivered[start_index:]]
+        return {"scenario": "burst", "drain_s": round(done - started, 2) if done else None,
+                "replies": len(set(delivered) & set(users)), "duplicates": len(delivered) - len(set(delivered)),
+                "non_2xx": sum(s != 200 for s in statuses), "peak_rss_mb": round(max(peak), 1)}
+    finally:
+        server.stop()
+
+
+def scenario_overhead(graph, model, args) -> dict:
+    server = Gunicorn("server:app", graph, model, free_port())
+    psid = "6000000000000001"
+    for n in range(10):
+        graph.add_message(psid, f"earlier message {n}", from_page=bool(n % 2))
+    history_before = len(graph.history_calls())
+    overheads = []
+    try:
+        for n in range(args.overhead_messages):
+            count = len(graph.delivered)
+            body = text_body(10_000 + n, psid)
+            posted = time.monotonic()
+            requests.post(server.url + "/webhook", data=body, timeout=10,
+                          headers={"X-Hub-Signature-256": sign(body, APP_SECRET)})
+            graph.wait_for_deliveries(count + 1, timeout=30)
+            overheads.append((graph.delivered_at[count] - posted - args.model_ms / 1000) * 1000)
+            time.sleep(0.2)  # one user at a time: let the sender actions settle too
+        reads = len(graph.history_calls()) - history_before
+        return {"scenario": "overhead", "overhead_p50_ms": round(statistics.median(overheads), 1),
+                "overhead_max_ms": round(max(overheads), 1), "messages": len(overheads),
+                "graph_calls_per_reply": round(reads / len(overheads), 2)}
+    finally:
+        server.stop()
+
+
+SCENARIOS = {"floor": scenario_floor, "sustained": scenario_sustained, "burst": scenario_burst,
+             "overhead": scenario_overhead}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--graph-ms", type=float, default=50)
+    parser.add_argument("--model-ms", type=float, default=1000)
+    parser.add_argument("--seconds", type=int, default=5, help="wrk duration for floor and sustained")
+    parser.add_argument("--overhead-messages", type=int, default=20)
+    parser.add_argument("--only", default=",".join(SCENARIOS))
+    parser.add_argument("--bot-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra setting for the bot (repeatable), e.g. REPLY_THREADS=8")
+    args = parser.parse_args()
+    Gunicorn.extra_env = dict(item.split("=", 1) for item in args.bot_env)
+    if shutil.which("wrk") is None and {"floor", "sustained"} & set(args.only.split(",")):
+        sys.exit("wrk is needed for floor and sustained: apt-get install wrk")
+    for name in args.only.split(","):
+        graph, model = FakeGraph().start(), FakeOpenAI().start()
+        graph.delays.update(history=args.graph_ms / 1000, send=args.graph_ms / 1000, action=args.graph_ms / 1000)
+        model.delay = args.model_ms / 1000
+        try:
+            print(json.dumps(SCENARIOS[name](graph, model, args)), flush=True)
+        finally:
+            graph.stop()
+            model.stop()
+
+
+if __name__ == "__main__":
+    main()
