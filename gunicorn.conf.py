@@ -8,7 +8,6 @@ dies, so this one command runs the whole bot.
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -57,19 +56,39 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 # Tells server.py not to start reply threads in the webhook workers.
 os.environ["BOT_REPLY_PROCESS"] = "1"
 
-_reply = {"process": None, "stopping": False}
+_reply = {"pid": None, "stopping": False}
 
 
 def _run_reply_process(server):
     """Keep one reply process alive until the master stops."""
     while not _reply["stopping"]:
-        process = subprocess.Popen([sys.executable, "-m", "bot.worker"])
-        _reply["process"] = process
-        code = process.wait()
-        _mark_dead(process.pid)
+        try:
+            # posix_spawn, not subprocess: Popen waits on a pipe that a gunicorn worker
+            # forked at the same moment would inherit and hold open, forever.
+            pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "bot.worker"], os.environ)
+            _reply["pid"] = pid
+            code = _wait(pid)
+            _mark_dead(pid)
+        except Exception:  # noqa: BLE001 - the supervisor must outlive any one failure
+            server.log.exception("reply process supervisor")
+            code = None
         if not _reply["stopping"]:
-            server.log.error("reply process exited with code %s; starting a new one", code)
+            server.log.error("reply process exited (%s); starting a new one", code)
             time.sleep(1)
+
+
+def _wait(pid, timeout=None):
+    """Wait for the reply process to end; the arbiter may reap it first (waitpid(-1))."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return "reaped by gunicorn"
+        if done:
+            return f"status {os.waitstatus_to_exitcode(status)}"
+        time.sleep(0.2)
+    raise TimeoutError
 
 
 def _mark_dead(pid):
@@ -85,14 +104,16 @@ def when_ready(server):
 def on_exit(server):
     """Let the reply process finish what is in flight (it releases the rest), then exit."""
     _reply["stopping"] = True
-    process = _reply["process"]
-    if process is None or process.poll() is not None:
+    pid = _reply["pid"]
+    if pid is None:
         return
-    process.send_signal(signal.SIGTERM)
     try:
-        process.wait(timeout=graceful_timeout + 5)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        os.kill(pid, signal.SIGTERM)
+        _wait(pid, timeout=graceful_timeout + 5)
+    except ProcessLookupError:
+        pass
+    except TimeoutError:
+        os.kill(pid, signal.SIGKILL)
 
 
 def child_exit(server, worker):

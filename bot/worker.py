@@ -14,7 +14,7 @@ from bot.app import build_dispatcher
 from bot.logs import configure_logging
 from config import ConfigError, load_config
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("bot.worker")  # not "__main__" under python -m
 
 REPLY_PROCESS_NICENESS = 10
 

@@ -46,6 +46,10 @@ class Bot:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(timeout=60)
 
+    def log_text(self) -> str:
+        self.log.flush()
+        return (self.tmp_path / "gunicorn.log").read_text()[-3000:]
+
     def states(self):
         return SQLiteStore(os.path.join(self.env["DATA_DIR"], "bot.sqlite3")).states()
 
@@ -163,7 +167,7 @@ def test_a_dead_reply_process_is_replaced_and_its_work_resumed(make_bot, graph, 
     first = reply_process_pid(bot)
     os.kill(first, signal.SIGKILL)
     model.delay = 0
-    assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 15)
+    assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 15), bot.log_text()
     assert reply_process_pid(bot) not in (None, first)
     assert bot.states() == {"m_orphaned": "done"}
 
