@@ -17,7 +17,7 @@ def build_app():
     configure_logging(config.log_level, config.secrets)
     # gunicorn.conf.py runs the replies in a process of their own; any other
     # server gets reply threads inside the app.
-    return create_app(config, start_workers=os.environ.get(REPLY_PROCESS_MARKER) != "1")
+    return create_app(config, replies="process" if os.environ.get(REPLY_PROCESS_MARKER) == "1" else "threads")
 
 
 app = build_app()

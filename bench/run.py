@@ -46,6 +46,7 @@ class Gunicorn:
     extra_env: dict[str, str] = {}  # --bot-env KEY=VALUE settings, for experiments
 
     def __init__(self, app: str, graph: FakeGraph, model: FakeOpenAI, port: int):
+        self.app = app
         self.work = Path(tempfile.mkdtemp(prefix="bench-"))
         self.url = f"http://127.0.0.1:{port}"
         env = {
@@ -66,11 +67,14 @@ class Gunicorn:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
-                requests.get(self.url + "/healthz", timeout=0.5)
-                time.sleep(0.3)  # let every worker finish booting
-                return
-            except requests.RequestException:
-                time.sleep(0.1)
+                response = requests.get(self.url + "/healthz", timeout=0.5)
+                # The bot is ready when its reply process has started working the queue.
+                if self.app != "server:app" or response.json()["dispatcher_seen_s_ago"] is not None:
+                    time.sleep(0.3)  # let every webhook worker finish booting too
+                    return
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.1)
         raise RuntimeError(f"gunicorn did not start; see {self.work / 'gunicorn.log'}")
 
     def rss_mb(self) -> float:

@@ -5,19 +5,14 @@ import json
 import logging
 import sqlite3
 
-import openai
 from flask import Flask, Response, jsonify, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from bot import metrics
-from bot.dispatcher import Dispatcher
 from bot.doorbell import Doorbell
-from bot.responder import PromptSettings, Responder
 from bot.store import SQLiteStore
 from config import Config, load_config
-from gpt.reply import ModelSettings, ReplyGenerator
 from messenger.events import BadPayload, parse_delivery
-from messenger.graph import GraphClient
 from messenger.signature import is_valid_signature, is_verify_request
 
 logger = logging.getLogger(__name__)
@@ -26,47 +21,32 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 5 * 1024 * 1024
 
 
-def create_app(config: Config | None = None, *, start_workers: bool = True) -> Flask:
-    """Build the clients, the queue and the app; tests pass a Config aimed at fake servers.
+def create_app(config: Config | None = None, *, replies: str = "threads") -> Flask:
+    """Build the queue and the app; tests pass a Config aimed at fake servers.
 
-    With start_workers=False no reply thread runs here: the reply process
-    (bot/worker.py) answers the queue, or a test calls
+    replies: "threads" answers the queue on reply threads inside this process;
+    "process" leaves it to the reply process (bot/worker.py, started by
+    gunicorn.conf.py), so a webhook worker never even imports the model client;
+    "manual" builds the dispatcher without starting it, for tests that call
     `app.extensions["dispatcher"].run_pending()`.
     """
+    if replies not in ("threads", "process", "manual"):
+        raise ValueError(f"replies must be threads, process or manual, not {replies!r}")
     config = config or load_config()
-    dispatcher = build_dispatcher(config)
-    if start_workers:
-        dispatcher.start()
-
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     # Behind a tunnel (cloudflared, ngrok) the client address and scheme arrive in X-Forwarded-*.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
-    app.extensions["dispatcher"] = dispatcher
-    _add_routes(app, config, dispatcher.store, dispatcher.doorbell)
-    return app
-
-
-def build_dispatcher(config: Config) -> Dispatcher:
-    """The queue, the reply pipeline and the doorbell between them."""
     store = SQLiteStore(config.database_path, max_attempts=config.max_attempts)
-    return Dispatcher(store, build_responder(config), Doorbell(config.database_path),
-                      threads=config.reply_threads, lease_seconds=config.lease_seconds,
-                      retry_base=config.retry_base_seconds)
+    if replies != "process":
+        from bot.replies import build_dispatcher  # the model client loads only where replies are made
 
-
-def build_responder(config: Config) -> Responder:
-    """The reply pipeline with its two API clients, each built once."""
-    graph = GraphClient(config.fb_api_url, config.fb_page_id, config.fb_page_access_token,
-                        config.fb_app_secret, timeout=config.graph_timeout, pool_size=config.reply_threads + 8)
-    client = openai.OpenAI(api_key=config.openai_api_key, base_url=config.openai_base_url,
-                           timeout=config.openai_timeout, max_retries=config.openai_max_retries)
-    model = ModelSettings(config.openai_model, config.openai_temperature, config.openai_top_p,
-                          config.openai_max_tokens)
-    generator = ReplyGenerator(client, model, config.fallback_reply, config.error_log_file)
-    prompt = PromptSettings(config.fb_page_id, config.politeness_prefix, config.message_count,
-                            config.system_prompt, config.unsupported_reply)
-    return Responder(graph, generator, prompt)
+        dispatcher = build_dispatcher(config, store)
+        app.extensions["dispatcher"] = dispatcher
+        if replies == "threads":
+            dispatcher.start()
+    _add_routes(app, config, store, Doorbell(config.database_path))
+    return app
 
 
 def _add_routes(app: Flask, config: Config, store: SQLiteStore, doorbell: Doorbell) -> None:

@@ -69,6 +69,7 @@ class Dispatcher:
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.doorbell.listen()
+        self.store.heartbeat(self.owner)
         for target, name in ((self._claim_loop, "dispatcher"), (self._upkeep_loop, "upkeep")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -128,13 +129,14 @@ class Dispatcher:
             self._slots.release()
 
     def _upkeep_loop(self) -> None:
-        """Every second: renew this process's leases while it works, and checkpoint the WAL."""
+        """Every second: say it is alive, renew its leases while it works, checkpoint the WAL."""
         last_renewal = time.monotonic()
         while not self._stopping.wait(min(1.0, self.lease_seconds / 3)):
             try:
                 if self.in_flight and time.monotonic() - last_renewal >= self.lease_seconds / 3:
                     self.store.renew(self.owner, self.lease_seconds)
                     last_renewal = time.monotonic()
+                self.store.heartbeat(self.owner)
                 self.store.checkpoint()
             except sqlite3.Error as exc:
                 logger.error("queue upkeep failed: %s", exc)

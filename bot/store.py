@@ -51,6 +51,10 @@ SCHEMA = [
     CREATE INDEX events_queue ON events (state, id);
     CREATE INDEX events_batch ON events (batch_id);
     """,
+    # version 2: dispatchers say they are alive, for /healthz
+    """
+    CREATE TABLE dispatchers (owner TEXT PRIMARY KEY, seen_at REAL NOT NULL);
+    """,
 ]
 MAX_BATCH = 20  # messages of one user answered together, at most
 LOCK_WAIT_SECONDS = 30.0
@@ -246,6 +250,12 @@ class SQLiteStore:
         db.execute("UPDATE events SET state = 'pending', owner = NULL WHERE state = 'working' AND lease_until < ?",
                    (now,))
 
+    def heartbeat(self, owner: str) -> None:
+        """Note that `owner` is alive and working the queue."""
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO dispatchers (owner, seen_at) VALUES (?, ?)", (owner, time.time()))
+            db.execute("DELETE FROM dispatchers WHERE seen_at < ?", (time.time() - 3600,))
+
     def checkpoint(self) -> None:
         """Fold the WAL back into the database without waiting for readers (reply process, once a second)."""
         self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -294,8 +304,10 @@ class SQLiteStore:
             " THEN received_at END), SUM(state = 'failed') FROM events WHERE state IN ('pending', 'working', 'failed')"
         ).fetchone()
         oldest = row[2]
+        seen = self._db().execute("SELECT MAX(seen_at) FROM dispatchers").fetchone()[0]
         return {"queue_depth": row[0] or 0, "in_flight": row[1] or 0, "failed": row[3] or 0,
-                "oldest_pending_age_s": round(time.time() - oldest, 3) if oldest else 0.0}
+                "oldest_pending_age_s": round(time.time() - oldest, 3) if oldest else 0.0,
+                "dispatcher_seen_s_ago": round(time.time() - seen, 1) if seen else None}
 
     def states(self) -> dict[str, str]:
         """dedupe key -> state, for tests and diagnostics."""

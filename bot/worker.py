@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 
-from bot.app import build_dispatcher
+from bot.replies import build_dispatcher
 from bot.logs import configure_logging
 from config import ConfigError, load_config
 

@@ -66,7 +66,7 @@ def make_client(env):
     """Build the real app without reply threads: `replay` answers the queue in the test's thread."""
     def build(**overrides: str):
         config = load_config({**env, **overrides}, env_file=None)
-        return create_app(config, start_workers=False).test_client()
+        return create_app(config, replies="manual").test_client()
     return build
 
 

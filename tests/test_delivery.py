@@ -206,6 +206,7 @@ def test_healthz_reports_the_queue(client):
     assert health["status"] == "ok"
     assert health["queue_depth"] == 1 and health["in_flight"] == 0
     assert health["oldest_pending_age_s"] >= 0.05
+    assert health["dispatcher_seen_s_ago"] is None  # no reply threads started in this app
     answer_queue(client)
     health = client.get("/healthz").get_json()
     assert (health["queue_depth"], health["oldest_pending_age_s"]) == (0, 0.0)

@@ -189,3 +189,4 @@ def test_metrics_and_health_sum_every_process(make_bot, graph, model):
     assert float(values["messenger_reply_latency_seconds_count"]) == 3
     health = requests.get(bot.url + "/healthz", timeout=5).json()
     assert (health["queue_depth"], health["in_flight"]) == (0, 0)
+    assert 0 <= health["dispatcher_seen_s_ago"] < 5  # the reply process is alive

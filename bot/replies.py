@@ -1,0 +1,34 @@
+"""Assembling the reply side: model client, Graph client, pipeline, dispatcher."""
+from __future__ import annotations
+
+import openai
+
+from bot.dispatcher import Dispatcher
+from bot.doorbell import Doorbell
+from bot.responder import PromptSettings, Responder
+from bot.store import SQLiteStore
+from config import Config
+from gpt.reply import ModelSettings, ReplyGenerator
+from messenger.graph import GraphClient
+
+
+def build_dispatcher(config: Config, store: SQLiteStore | None = None) -> Dispatcher:
+    """The queue, the reply pipeline and the doorbell between them."""
+    store = store or SQLiteStore(config.database_path, max_attempts=config.max_attempts)
+    return Dispatcher(store, build_responder(config), Doorbell(config.database_path),
+                      threads=config.reply_threads, lease_seconds=config.lease_seconds,
+                      retry_base=config.retry_base_seconds)
+
+
+def build_responder(config: Config) -> Responder:
+    """The reply pipeline with its two API clients, each built once."""
+    graph = GraphClient(config.fb_api_url, config.fb_page_id, config.fb_page_access_token,
+                        config.fb_app_secret, timeout=config.graph_timeout, pool_size=config.reply_threads + 8)
+    client = openai.OpenAI(api_key=config.openai_api_key, base_url=config.openai_base_url,
+                           timeout=config.openai_timeout, max_retries=config.openai_max_retries)
+    model = ModelSettings(config.openai_model, config.openai_temperature, config.openai_top_p,
+                          config.openai_max_tokens)
+    generator = ReplyGenerator(client, model, config.fallback_reply, config.error_log_file)
+    prompt = PromptSettings(config.fb_page_id, config.politeness_prefix, config.message_count,
+                            config.system_prompt, config.unsupported_reply)
+    return Responder(graph, generator, prompt)
