@@ -15,15 +15,13 @@ answered, so replies go out in order and a burst gets one reply.
 from __future__ import annotations
 
 import json
-import os
-import random
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
+from bot.sqlite import Database
 from messenger.events import IncomingMessage
 
 SCHEMA = [
@@ -57,7 +55,6 @@ SCHEMA = [
     """,
 ]
 MAX_BATCH = 20  # messages of one user answered together, at most
-LOCK_WAIT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -95,75 +92,11 @@ class SQLiteStore:
     def __init__(self, path: str, max_attempts: int = 5):
         self.path = path
         self.max_attempts = max_attempts
-        self._local = threading.local()
-        self._writer = threading.Lock()
+        self._database = Database(path, SCHEMA)
+        self._write = self._database.write
+        self._db = self._database.connection
         self._pending: list[_PendingAdd] = []
         self._pending_lock = threading.Lock()
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        self._migrate()
-
-    # -- connections ---------------------------------------------------------------------
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            # Still under sqlite3's 30 s busy timeout here: a first start may race another process.
-            db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a killed process; only power loss can drop the last commits.
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=0")  # _begin waits, in finer steps
-            # No connection checkpoints on commit (a checkpoint syncs the files and would
-            # stall whichever webhook happened to commit); checkpoint() does it off that path.
-            db.execute("PRAGMA wal_autocheckpoint=0")
-            self._local.db = db
-        return db
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; threads of a process queue on a Python lock first.
-
-        SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries, so
-        letting every thread fight for the file lock turns 50 us writes into a
-        long tail for the webhook's 200.
-        """
-        with self._writer, self._transaction() as db:
-            yield db
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE takes SQLite's write lock up front, so concurrent claims never deadlock."""
-        db = self._db()
-        self._begin(db)
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-
-    @staticmethod
-    def _begin(db: sqlite3.Connection) -> None:
-        """Wait for the write lock in short steps: SQLite's busy handler sleeps 1, 2, 5, 10...
-        ms between tries, far longer than another process holds the lock (~0.1 ms)."""
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
-        while True:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(random.uniform(0.0001, 0.0005))
-
-    def _migrate(self) -> None:
-        with self._write() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(SCHEMA[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version={number}")
 
     # -- the webhook's side --------------------------------------------------------------------
     def add(self, messages: Sequence[IncomingMessage]) -> list[bool]:
@@ -176,7 +109,7 @@ class SQLiteStore:
         entry = _PendingAdd(list(messages))
         with self._pending_lock:
             self._pending.append(entry)
-        with self._writer:
+        with self._database.writer:
             if not entry.done:
                 with self._pending_lock:
                     group, self._pending = self._pending, []
@@ -188,7 +121,7 @@ class SQLiteStore:
     def _insert(self, group: list[_PendingAdd]) -> None:
         now = time.time()
         try:
-            with self._transaction() as db:
+            with self._database.transaction() as db:
                 for entry in group:
                     entry.added = [self._insert_one(db, message, now) for message in entry.messages]
         except sqlite3.Error as exc:
@@ -257,8 +190,8 @@ class SQLiteStore:
             db.execute("DELETE FROM dispatchers WHERE seen_at < ?", (time.time() - 3600,))
 
     def checkpoint(self) -> None:
-        """Fold the WAL back into the database without waiting for readers (reply process, once a second)."""
-        self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
+        """Fold the WAL back into the database (the reply process, once a second)."""
+        self._database.checkpoint()
 
     def renew(self, owner: str, lease_seconds: float) -> None:
         """Keep this owner's leases alive while it works."""

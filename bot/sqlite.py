@@ -1,0 +1,88 @@
+"""SQLite as a multi-process store: one connection per thread, short write
+transactions that queue fairly, migrations at start-up."""
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+LOCK_WAIT_SECONDS = 30.0
+
+
+class Database:
+    """One SQLite file in WAL mode, shared by the threads and processes of one host."""
+
+    def __init__(self, path: str, schema: Sequence[str]):
+        self.path = path
+        self._local = threading.local()
+        # Threads of a process queue here for the write lock, in order.
+        self.writer = threading.Lock()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._migrate(schema)
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (sqlite3 connections are not shared between threads)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            # Still under sqlite3's 30 s busy timeout here: a first start may race another process.
+            db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process; only power loss can drop the last commits.
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=0")  # _begin waits, in finer steps
+            # No checkpoint on commit (it syncs the files and would stall whichever webhook
+            # happened to commit): checkpoint() does it, off that path.
+            db.execute("PRAGMA wal_autocheckpoint=0")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, after this process's other writers."""
+        with self.writer, self.transaction() as db:
+            yield db
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE takes the write lock up front, so concurrent claims never deadlock.
+        The caller holds `writer` already."""
+        db = self.connection()
+        _begin(db)
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the database without waiting for readers."""
+        self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _migrate(self, schema: Sequence[str]) -> None:
+        """Run the scripts this file has not seen yet; PRAGMA user_version counts them."""
+        with self.write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(schema[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={number}")
+
+
+def _begin(db: sqlite3.Connection) -> None:
+    """Wait for the write lock in short steps: SQLite's busy handler sleeps 1, 2, 5, 10...
+    ms between tries, far longer than another process holds the lock (~0.1 ms)."""
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.0001, 0.0005))
