@@ -61,7 +61,7 @@ class Config:
     unsupported_reply: str = DEFAULT_UNSUPPORTED_REPLY
     error_log_file: str = "openai_api_errors.log"
     graph_timeout: float = 10.0
-    reply_threads: int = 64
+    reply_threads: int = 100
     data_dir: str = "data"
     max_attempts: int = 5
     retry_base_seconds: float = 1.0
@@ -123,7 +123,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         unsupported_reply=reader.text("UNSUPPORTED_REPLY", DEFAULT_UNSUPPORTED_REPLY, allow_empty=False),
         error_log_file=reader.text("ERROR_LOG_FILE", "openai_api_errors.log", allow_empty=False),
         graph_timeout=reader.number("GRAPH_TIMEOUT", 10.0, float, 0.1, 120),
-        reply_threads=reader.number("REPLY_THREADS", 64, int, 1, 256),
+        reply_threads=reader.number("REPLY_THREADS", 100, int, 1, 256),
         data_dir=reader.text("DATA_DIR", "data", allow_empty=False),
         max_attempts=reader.number("MAX_ATTEMPTS", 5, int, 1, 100),
         retry_base_seconds=reader.number("RETRY_BASE_SECONDS", 1.0, float, 0.01, 600),
