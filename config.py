@@ -23,7 +23,8 @@ DEFAULT_UNSUPPORTED_REPLY = (
 # Meta gives message details for the 20 newest messages of a conversation only.
 MAX_MESSAGE_COUNT = 20
 
-REQUIRED = ("FB_VERIFY_TOKEN", "FB_APP_SECRET", "FB_PAGE_ACCESS_TOKEN", "FB_PAGE_ID", "OPENAI_API_KEY")
+# Set by gunicorn.conf.py for the webhook workers: replies run in their own process.
+REPLY_PROCESS_ENV = "BOT_REPLY_PROCESS"
 
 
 class ConfigError(ValueError):

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from config import ConfigError, load_config
+from config import REPLY_PROCESS_ENV, ConfigError, load_config
 
 try:
     _config = load_config()
@@ -54,7 +54,7 @@ shutil.rmtree(_metrics_dir, ignore_errors=True)
 os.makedirs(_metrics_dir)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 # Tells server.py not to start reply threads in the webhook workers.
-os.environ["BOT_REPLY_PROCESS"] = "1"
+os.environ[REPLY_PROCESS_ENV] = "1"
 
 _reply = {"pid": None, "stopping": False}
 

@@ -3,9 +3,7 @@ import os
 
 from bot.app import create_app
 from bot.logs import configure_logging
-from config import ConfigError, load_config
-
-REPLY_PROCESS_MARKER = "BOT_REPLY_PROCESS"
+from config import REPLY_PROCESS_ENV, ConfigError, load_config
 
 
 def build_app():
@@ -17,7 +15,7 @@ def build_app():
     configure_logging(config.log_level, config.secrets)
     # gunicorn.conf.py runs the replies in a process of their own; any other
     # server gets reply threads inside the app.
-    return create_app(config, replies="process" if os.environ.get(REPLY_PROCESS_MARKER) == "1" else "threads")
+    return create_app(config, replies="process" if os.environ.get(REPLY_PROCESS_ENV) == "1" else "threads")
 
 
 app = build_app()
