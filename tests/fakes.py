@@ -193,7 +193,7 @@ def completion(content: str | None, finish_reason: str = "stop") -> dict:
 class FakeOpenAI(FakeServer):
     """`POST /v1/chat/completions`, answering with a default reply or scripted responses."""
 
-    API_KEY = "sk-test-0123456789abcdefghijklmnopqrstuv"
+    API_KEY = "sk-test-fake-openai-key"  # not a real key, and not shaped like one
 
     def __init__(self, reply: str = "Hello from the model.", echo: bool = False):
         super().__init__()
