@@ -42,6 +42,7 @@ class Responder:
         """
         texts = [m for m in messages if not m.is_attachment_only]
         if not texts:
+            thinking()  # "seen"; the typing indicator is skipped once the reply is out
             logger.info("attachment-only message(s) psid=%s mids=%s", messages[0].psid, [m.mid for m in messages])
             return Reply(self.prompt.unsupported_reply)
         history = self._history(texts[0].psid)

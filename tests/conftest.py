@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,16 @@ def post_signed(client, body: bytes, secret: str = APP_SECRET, header: str = "X-
     algorithm = "sha1" if header == "X-Hub-Signature" else "sha256"
     return client.post("/webhook", data=body, content_type="application/json",
                        headers={header: sign(body, secret, algorithm), **headers})
+
+
+def wait_for(predicate, seconds: float = 5.0) -> bool:
+    """Poll `predicate` until it holds (work that runs beside the reply, e.g. sender actions)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
 
 
 def answer_queue(client) -> int:

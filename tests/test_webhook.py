@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from tests.conftest import PSID, VERIFY_TOKEN, answer_queue, fixture_bytes, post_signed, replay
+from tests.conftest import PSID, VERIFY_TOKEN, answer_queue, fixture_bytes, post_signed, replay, wait_for
 from tests.fakes import APP_SECRET
 
 
@@ -121,6 +121,7 @@ def test_attachment_only_gets_unsupported_reply_without_model(client, graph, mod
     assert graph.sent_texts(PSID) == [
         "Sorry, I can only read text messages for now. Could you type your question?"]
     assert model.requests == []
+    assert wait_for(lambda: "mark_seen" in graph.actions())  # the message is still marked seen
 
 
 @pytest.mark.parametrize("name", ["echo", "delivery", "read", "reaction", "standby"])
