@@ -58,22 +58,19 @@ class Dispatcher:
         self.poll_interval = poll_interval
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._slots = threading.BoundedSemaphore(threads)
-        self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reply")
-        self._actions = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sender-action")
+        # One sender-action thread per reply thread: in a burst, "seen" must not queue behind others.
+        self._actions = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sender-action")
         self._stopping = threading.Event()
         self._busy = 0
         self._busy_lock = threading.Lock()
-        self._loops: list[threading.Thread] = []
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.doorbell.listen()
         self.store.heartbeat(self.owner)
         for target, name in ((self._claim_loop, "dispatcher"), (self._upkeep_loop, "upkeep")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._loops.append(thread)
+            threading.Thread(target=target, name=name, daemon=True).start()
 
     def stop(self, timeout: float) -> None:
         """Stop claiming, let replies in flight finish for `timeout` s, give back the rest."""
@@ -146,8 +143,11 @@ class Dispatcher:
         """Compose (or reuse) the reply, send the parts not sent yet, record the outcome."""
         replied = threading.Event()
         progress = Progress(batch.reply, batch.sent_parts)
+
+        def thinking() -> None:
+            self._actions.submit(self.responder.show_activity, batch.psid, replied)
         try:
-            self._answer(batch, progress, lambda: self._actions.submit(self.responder.show_activity, batch.psid, replied))
+            self._answer(batch, progress, thinking)
         except GraphAPIError as exc:
             self._on_graph_error(batch, exc, progress)
         except Exception as exc:  # noqa: BLE001 - a bug must cost one message, not the thread

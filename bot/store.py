@@ -18,7 +18,7 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from bot.sqlite import Database
@@ -248,7 +248,7 @@ class SQLiteStore:
 
 
 def _to_json(message: IncomingMessage) -> str:
-    return json.dumps({**message.__dict__, "attachment_types": list(message.attachment_types)})
+    return json.dumps(asdict(message))
 
 
 def _from_json(text: str) -> IncomingMessage:

@@ -9,7 +9,7 @@ from bot.store import SQLiteStore
 from messenger.events import TEXT, IncomingMessage
 from messenger.graph import GraphAPIError, is_retryable
 from messenger.signature import sign
-from tests.conftest import PSID, answer_queue, fixture_bytes, post_signed, replay
+from tests.conftest import PSID, answer_queue, fixture_bytes, post_signed, replay, wait_for
 from tests.fakes import APP_SECRET, completion, graph_error, json_response
 
 
@@ -226,6 +226,9 @@ def test_metrics_count_what_happened(client, graph, model):
     post_signed(client, fixture_bytes("text"))
     replay(client, "delivery")
     client.post("/webhook", data=b"{}")
+    # the failed sender action runs beside the reply: wait for it to be counted
+    assert wait_for(lambda: sample(client.get("/metrics").get_data(as_text=True), 'graph_errors_total{code="613"}')
+                    > sample(before, 'graph_errors_total{code="613"}'))
     response = client.get("/metrics")
     assert response.content_type.startswith("text/plain")
     after = response.get_data(as_text=True)
