@@ -26,8 +26,12 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from messenger.emulator import GraphEmulator, ModelStandIn  # noqa: E402
 from messenger.signature import sign  # noqa: E402
-from tests.fakes import APP_SECRET, PAGE_ID, PAGE_TOKEN, FakeGraph, FakeOpenAI  # noqa: E402
+
+PAGE_ID = "1000000000000001"
+PAGE_TOKEN = "EAAbench-page-token"
+APP_SECRET = "bench-app-secret"
 
 CONNECTIONS = 16
 
@@ -45,7 +49,7 @@ class Gunicorn:
 
     extra_env: dict[str, str] = {}  # --bot-env KEY=VALUE settings, for experiments
 
-    def __init__(self, app: str, graph: FakeGraph, model: FakeOpenAI, port: int):
+    def __init__(self, app: str, graph: GraphEmulator, model: ModelStandIn, port: int):
         self.app = app
         self.work = Path(tempfile.mkdtemp(prefix="bench-"))
         self.url = f"http://127.0.0.1:{port}"
@@ -53,7 +57,7 @@ class Gunicorn:
             "PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "HOST": "127.0.0.1", "PORT": str(port),
             "FB_VERIFY_TOKEN": "bench-verify-token", "FB_APP_SECRET": APP_SECRET,
             "FB_PAGE_ACCESS_TOKEN": PAGE_TOKEN, "FB_PAGE_ID": PAGE_ID, "FB_API_URL": graph.api_url,
-            "OPENAI_API_KEY": FakeOpenAI.API_KEY, "OPENAI_BASE_URL": model.base_url,
+            "OPENAI_API_KEY": ModelStandIn.API_KEY, "OPENAI_BASE_URL": model.base_url,
             "DATA_DIR": str(self.work / "data"), "ERROR_LOG_FILE": str(self.work / "errors.log"),
             "LOG_LEVEL": "WARNING", **self.extra_env,
         }
@@ -234,7 +238,7 @@ def main() -> None:
     if shutil.which("wrk") is None and {"floor", "sustained"} & set(args.only.split(",")):
         sys.exit("wrk is needed for floor and sustained: apt-get install wrk")
     for name in args.only.split(","):
-        graph, model = FakeGraph().start(), FakeOpenAI().start()
+        graph, model = GraphEmulator(PAGE_ID, PAGE_TOKEN, APP_SECRET).start(), ModelStandIn().start()
         graph.delays.update(history=args.graph_ms / 1000, send=args.graph_ms / 1000, action=args.graph_ms / 1000)
         model.delay = args.model_ms / 1000
         try:

@@ -13,10 +13,13 @@ sys.path.insert(0, str(ROOT))
 from bot.app import create_app  # noqa: E402
 from config import load_config  # noqa: E402
 from messenger.signature import sign  # noqa: E402
-from tests.fakes import APP_SECRET, PAGE_ID, PAGE_TOKEN, FakeGraph, FakeOpenAI  # noqa: E402
+from messenger.emulator import GraphEmulator, ModelStandIn  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 VERIFY_TOKEN = "verify-token-for-tests"
+PAGE_ID = "1000000000000001"
+PAGE_TOKEN = "EAAtest-page-token-0123456789"
+APP_SECRET = "test-app-secret-0123456789abcdef"
 PSID = "2000000000000001"
 
 
@@ -25,14 +28,14 @@ def fixture_bytes(name: str) -> bytes:
     return (FIXTURES / f"{name}.json").read_bytes()
 
 
-def base_env(graph: FakeGraph, model: FakeOpenAI, tmp_path: Path) -> dict[str, str]:
+def base_env(graph: GraphEmulator, model: ModelStandIn, tmp_path: Path) -> dict[str, str]:
     return {
         "FB_VERIFY_TOKEN": VERIFY_TOKEN,
         "FB_APP_SECRET": APP_SECRET,
         "FB_PAGE_ACCESS_TOKEN": PAGE_TOKEN,
         "FB_PAGE_ID": PAGE_ID,
         "FB_API_URL": graph.api_url,
-        "OPENAI_API_KEY": FakeOpenAI.API_KEY,
+        "OPENAI_API_KEY": ModelStandIn.API_KEY,
         "OPENAI_BASE_URL": model.base_url,
         "OPENAI_TIMEOUT": "2",
         "OPENAI_MAX_RETRIES": "0",
@@ -44,14 +47,14 @@ def base_env(graph: FakeGraph, model: FakeOpenAI, tmp_path: Path) -> dict[str, s
 
 @pytest.fixture
 def graph():
-    server = FakeGraph().start()
+    server = GraphEmulator(PAGE_ID, PAGE_TOKEN, APP_SECRET).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
 def model():
-    server = FakeOpenAI().start()
+    server = ModelStandIn().start()
     yield server
     server.stop()
 

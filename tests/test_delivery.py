@@ -9,8 +9,8 @@ from bot.store import SQLiteStore
 from messenger.events import TEXT, IncomingMessage
 from messenger.graph import GraphAPIError, is_retryable
 from messenger.signature import sign
-from tests.conftest import PSID, answer_queue, fixture_bytes, post_signed, replay, wait_for
-from tests.fakes import APP_SECRET, completion, graph_error, json_response
+from tests.conftest import APP_SECRET, PSID, answer_queue, fixture_bytes, post_signed, replay, wait_for
+from messenger.emulator import completion, graph_error, json_response
 
 
 def text_body(mid: str, text: str, psid: str = PSID, timestamp: int = 1763893200001) -> bytes:

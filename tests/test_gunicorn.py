@@ -10,8 +10,8 @@ import pytest
 import requests
 
 from messenger.signature import sign
-from tests.conftest import PSID, ROOT, VERIFY_TOKEN, base_env, fixture_bytes
-from tests.fakes import APP_SECRET, PAGE_TOKEN, FakeOpenAI
+from tests.conftest import APP_SECRET, PAGE_TOKEN, PSID, ROOT, VERIFY_TOKEN, base_env, fixture_bytes
+from messenger.emulator import ModelStandIn
 
 
 def free_port() -> int:
@@ -86,7 +86,7 @@ def test_verification_and_logs_hold_no_secret(bot, graph):
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=30)[0]
     assert "GET /webhook " in output and "POST /webhook " in output  # the access log is on
-    for secret in (VERIFY_TOKEN, APP_SECRET, PAGE_TOKEN, FakeOpenAI.API_KEY):
+    for secret in (VERIFY_TOKEN, APP_SECRET, PAGE_TOKEN, ModelStandIn.API_KEY):
         assert secret not in output
     assert "Bonjour" not in output  # no message body either
 

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from tests.conftest import PSID, replay
-from tests.fakes import APP_SECRET, PAGE_ID, PAGE_TOKEN, FakeOpenAI, completion, graph_error, json_response
+from tests.conftest import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, replay
+from messenger.emulator import ModelStandIn, completion, graph_error, json_response
 
 P = "Answer polite and concisely in a single sentence : "
 QUESTION = "What are your opening hours?"
@@ -191,7 +191,7 @@ def assert_one_error_line(tmp_path, error_class, status):
     [line] = read_error_log(tmp_path)
     assert " ERROR " in line
     assert f"{error_class} status={status}" in line
-    for secret in (FakeOpenAI.API_KEY, PAGE_TOKEN, APP_SECRET, QUESTION, "opening hours"):
+    for secret in (ModelStandIn.API_KEY, PAGE_TOKEN, APP_SECRET, QUESTION, "opening hours"):
         assert secret not in line
     return line
 

@@ -10,8 +10,7 @@ import requests
 
 from bot.store import SQLiteStore
 from messenger.signature import sign
-from tests.conftest import PSID, base_env
-from tests.fakes import APP_SECRET
+from tests.conftest import APP_SECRET, PSID, base_env
 from tests.test_delivery import text_body
 from tests.test_gunicorn import free_port, is_up, start_gunicorn, wait_until
 

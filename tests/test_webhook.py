@@ -4,8 +4,7 @@ import logging
 
 import pytest
 
-from tests.conftest import PSID, VERIFY_TOKEN, answer_queue, fixture_bytes, post_signed, replay, wait_for
-from tests.fakes import APP_SECRET
+from tests.conftest import APP_SECRET, PSID, VERIFY_TOKEN, answer_queue, fixture_bytes, post_signed, replay, wait_for
 
 
 # -- GET: the dashboard's verification handshake ---------------------------------------------

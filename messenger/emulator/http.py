@@ -1,0 +1,48 @@
+"""A WSGI callable served on a loopback port in a daemon thread."""
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.wrappers import Request, Response
+
+
+class _QuietHandler(WSGIRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the real APIs offer
+
+    def log_request(self, *args, **kwargs) -> None:
+        pass  # what matters is recorded on the timeline; per-request lines are noise
+
+
+class LocalServer:
+    """Subclasses answer `handle(request)`; `port=0` takes a free port."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self._server = make_server(host, port, self.wsgi, threaded=True, request_handler=_QuietHandler)
+        self.host = host
+        self.port = self._server.server_port
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def wsgi(self, environ, start_response):
+        return self.handle(Request(environ))(environ, start_response)
+
+    def handle(self, request: Request) -> Response:
+        raise NotImplementedError
+
+
+def json_response(data: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(json.dumps(data), status=status, mimetype="application/json", headers=headers)

@@ -1,0 +1,129 @@
+"""The model side: an offline stand-in for OpenAI, or a recording proxy to the real one.
+
+Either way the exact messages the bot sent land on the timeline, which is how
+the sandbox shows why the bot answered what it did.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import requests
+from werkzeug.wrappers import Request, Response
+
+from messenger.emulator.http import LocalServer, json_response
+from messenger.emulator.timeline import Timeline
+
+Reply = str | Callable[[list[dict]], str]
+
+
+def completion(content: str | None, finish_reason: str = "stop", model: str = "test-model") -> dict:
+    """A Chat Completions answer in OpenAI's shape."""
+    return {
+        "id": "chatcmpl-standin", "object": "chat.completion", "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "finish_reason": finish_reason,
+                     "message": {"role": "assistant", "content": content}}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
+
+
+def offline_reply(messages: list[dict]) -> str:
+    """What the offline stand-in says: proof that it got the turn and the history."""
+    last = str(messages[-1].get("content", "")) if messages else ""
+    said = last.rsplit(" : ", 1)[-1].strip()  # the politeness prefix ends with " : "
+    earlier = sum(1 for m in messages[:-1] if m.get("role") in ("user", "assistant"))
+    return (f"[offline stand-in] You said \u201c{said}\u201d. I can see {earlier} earlier "
+            f"message{'s' if earlier != 1 else ''} of this conversation. "
+            "Set OPENAI_API_KEY to talk to a real model.")
+
+
+class _ModelServer(LocalServer):
+    """`POST /v1/chat/completions`; records each request and puts it on the timeline."""
+
+    mode = "model"
+
+    def __init__(self, timeline: Timeline | None, port: int = 0):
+        super().__init__(port=port)
+        self.timeline = timeline or Timeline()
+        self.requests: list[dict] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def handle(self, request: Request) -> Response:
+        if request.method != "POST" or request.path != "/v1/chat/completions":
+            return json_response({"error": {"message": "not found"}}, 404)
+        body = request.get_json(silent=True)
+        self.requests.append({"headers": dict(request.headers), "json": body})
+        started = time.monotonic()
+        response = self.answer(request, body)
+        answer = response.get_json(silent=True) or {}
+        choices = answer.get("choices") or [{}]
+        self.timeline.add(
+            "model", None, mode=self.mode, status=response.status_code,
+            ms=round((time.monotonic() - started) * 1000),
+            messages=(body or {}).get("messages") if isinstance(body, dict) else None,
+            reply=((choices[0] or {}).get("message") or {}).get("content"),
+            finish_reason=(choices[0] or {}).get("finish_reason"), error=answer.get("error"),
+        )
+        return response
+
+    def answer(self, request: Request, body) -> Response:
+        raise NotImplementedError
+
+
+class ModelStandIn(_ModelServer):
+    """Answers without any account: a fixed text, a function of the messages, or scripted responses."""
+
+    API_KEY = "sk-test-fake-openai-key"  # not a real key, and not shaped like one
+    mode = "offline"
+
+    def __init__(self, reply: Reply = "Hello from the model.", echo: bool = False, *,
+                 api_key: str = API_KEY, timeline: Timeline | None = None, port: int = 0):
+        super().__init__(timeline, port)
+        self.reply = reply
+        self.echo = echo  # answer "re: <last user turn>", to see which prompt a reply came from
+        self.api_key = api_key
+        self.scripted: list[Response] = []
+        self.delay = 0.0
+
+    def answer(self, request: Request, body) -> Response:
+        if self.delay:
+            time.sleep(self.delay)
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return json_response({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                                            "code": "invalid_api_key"}}, 401, {"x-request-id": "req_auth"})
+        if self.scripted:
+            return self.scripted.pop(0)
+        messages = (body or {}).get("messages") or []
+        if self.echo:
+            reply = "re: " + messages[-1]["content"].rsplit(" : ", 1)[-1]
+        else:
+            reply = self.reply(messages) if callable(self.reply) else self.reply
+        return json_response(completion(reply), headers={"x-request-id": "req_ok"})
+
+
+class ModelProxy(_ModelServer):
+    """Forwards to a real OpenAI-compatible server unchanged, so the sandbox can show the call."""
+
+    mode = "real"
+
+    def __init__(self, upstream: str, timeout: float = 120.0, *, timeline: Timeline | None = None, port: int = 0):
+        super().__init__(timeline, port)
+        self.upstream = upstream.rstrip("/")
+        self._session = requests.Session()
+        self._timeout = timeout
+
+    def answer(self, request: Request, body) -> Response:
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "content-type", "openai-organization", "openai-project")}
+        try:
+            upstream = self._session.post(f"{self.upstream}/chat/completions", data=request.get_data(),
+                                          headers=headers, timeout=self._timeout)
+        except requests.RequestException as exc:
+            return json_response({"error": {"message": f"sandbox proxy: {type(exc).__name__}"}}, 502)
+        passed = {k: v for k, v in upstream.headers.items() if k.lower().startswith(("x-request-id", "retry-after"))}
+        return Response(upstream.content, status=upstream.status_code,
+                        mimetype=upstream.headers.get("Content-Type", "application/json"), headers=passed)
