@@ -106,3 +106,43 @@ def replay(client, name: str):
     response = post_signed(client, fixture_bytes(name))
     answer_queue(client)
     return response
+
+
+class SandboxProcess:
+    """`python -m messenger.sandbox --port 0` as a newcomer runs it, read from what it prints."""
+
+    def __init__(self, cwd: Path, extra_env: dict[str, str] | None = None):
+        import os
+        import re
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FB_"))}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "messenger.sandbox", "--port", "0"], cwd=cwd, text=True,
+            env={**env, "PYTHONPATH": str(ROOT), **(extra_env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        banner = "".join(self.process.stdout.readline() for _ in range(5))
+        found = re.search(r"open (\S+)/\n.*webhook: (\S+)\n.*FB_APP_SECRET=(\S+)", banner, re.S)
+        if not found:
+            self.stop()
+            raise RuntimeError(f"the sandbox did not start: {banner!r}")
+        self.url, self.webhook, self.app_secret = found.groups()
+
+    def state(self, after: int = 0) -> dict:
+        import requests
+        return requests.get(f"{self.url}/api/state", params={"after": after}, timeout=5).json()
+
+    def events(self, kind: str, psid: str | None = None) -> list[dict]:
+        return [e for e in self.state()["events"] if e["kind"] == kind and (psid is None or e["psid"] == psid)]
+
+    def stop(self) -> int:
+        self.process.terminate()
+        return self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    running = SandboxProcess(tmp_path_factory.mktemp("sandbox"))
+    yield running
+    running.stop()

@@ -101,3 +101,17 @@ def test_bad_settings_stop_start_up_with_one_message(tmp_path):
     for problem in ("FB_VERIFY_TOKEN is required", "FB_APP_SECRET is required", "FB_PAGE_ACCESS_TOKEN is required",
                     "OPENAI_API_KEY is required", "FB_PAGE_ID must be digits only", "MESSAGE_COUNT must be between"):
         assert problem in output
+
+
+def test_replay_command_against_plain_gunicorn_with_secrets_from_dotenv(bot, graph, tmp_path):
+    url, _ = bot
+    (tmp_path / "replay").mkdir()
+    (tmp_path / "replay" / ".env").write_text(f"FB_APP_SECRET={APP_SECRET}\nFB_VERIFY_TOKEN={VERIFY_TOKEN}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FB_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "messenger.replay", str(ROOT / "tests/fixtures/text.json"), "--url", url + "/webhook",
+         "--verify"], cwd=tmp_path / "replay", env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("verify: 200, challenge echoed\ntext.json")
+    assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."])

@@ -69,6 +69,7 @@ class GraphEmulator(LocalServer):
         self.failures: dict[str, list[Response]] = {"history": [], "send": [], "action": []}
         self.delays: dict[str, float] = {"history": 0.0, "send": 0.0, "action": 0.0}
         self._ids = itertools.count(1)
+        self._order = itertools.count(1)
         self._recent_reads: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
         self._delivery = threading.Condition(self._lock)
@@ -92,9 +93,19 @@ class GraphEmulator(LocalServer):
             sender = {"id": self.page_id, "name": "Page"} if from_page else {"id": psid, "name": name}
             self.conversations.setdefault(psid, []).append({
                 "id": mid, "message": text, "from": sender,
-                "created_time": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()), **extra,
+                "created_time": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()),
+                "_order": next(self._order), **extra,
             })
         return mid
+
+    def psid_for_prompt(self, messages: list[dict]) -> str | None:
+        """Whose turn a model request answers: the user whose newest words end its last message."""
+        last = str(messages[-1].get("content", "")) if messages else ""
+        with self._lock:
+            candidates = [(m["_order"], psid) for psid, conversation in self.conversations.items()
+                          for m in conversation
+                          if m["from"]["id"] == psid and m["message"] and m["message"] in last]
+        return max(candidates)[1] if candidates else None
 
     def user_writes(self, psid: str, *, text: str = "", quick_reply: str | None = None,
                     postback: str | None = None, image_url: str | None = None) -> str:
@@ -103,7 +114,7 @@ class GraphEmulator(LocalServer):
         event = webhooks.user_event(self.page_id, psid, mid, text=text, quick_reply=quick_reply,
                                     postback=postback, image_url=image_url)
         kind = "postback" if postback else "image" if image_url else "quick_reply" if quick_reply else "text"
-        self.timeline.add("message", psid, mid=mid, sender="user", text=text, type=kind)
+        self.timeline.add("message", psid, mid=mid, sender="user", text=text, type=kind, image_url=image_url)
         if self.webhooks:
             self.webhooks.deliver(self.page_id, [event], psid)
         return mid

@@ -9,7 +9,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 
-class _QuietHandler(WSGIRequestHandler):
+class QuietHandler(WSGIRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the real APIs offer
 
     def log_request(self, *args, **kwargs) -> None:
@@ -20,7 +20,7 @@ class LocalServer:
     """Subclasses answer `handle(request)`; `port=0` takes a free port."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
-        self._server = make_server(host, port, self.wsgi, threaded=True, request_handler=_QuietHandler)
+        self._server = make_server(host, port, self.wsgi, threaded=True, request_handler=QuietHandler)
         self.host = host
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)

@@ -47,6 +47,7 @@ class _ModelServer(LocalServer):
         super().__init__(port=port)
         self.timeline = timeline or Timeline()
         self.requests: list[dict] = []
+        self.psid_of: Callable[[list[dict]], str | None] = lambda messages: None
 
     @property
     def base_url(self) -> str:
@@ -61,10 +62,11 @@ class _ModelServer(LocalServer):
         response = self.answer(request, body)
         answer = response.get_json(silent=True) or {}
         choices = answer.get("choices") or [{}]
+        messages = body.get("messages") if isinstance(body, dict) else None
         self.timeline.add(
-            "model", None, mode=self.mode, status=response.status_code,
+            "model", self.psid_of(messages) if isinstance(messages, list) else None, mode=self.mode, status=response.status_code,
             ms=round((time.monotonic() - started) * 1000),
-            messages=(body or {}).get("messages") if isinstance(body, dict) else None,
+            messages=messages,
             reply=((choices[0] or {}).get("message") or {}).get("content"),
             finish_reason=(choices[0] or {}).get("finish_reason"), error=answer.get("error"),
         )

@@ -1,0 +1,33 @@
+"""Takes docs/sandbox.png from the real sandbox page: `.venv/bin/python docs/screenshot.py`."""
+import sys
+from pathlib import Path
+
+from playwright.sync_api import expect, sync_playwright
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import SandboxProcess  # noqa: E402
+from tests.test_browser import CHROMIUM, FLAGS  # noqa: E402
+
+
+def main() -> None:
+    sandbox = SandboxProcess(ROOT)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            page.goto(sandbox.url + "/")
+            for text, replies in (("Hi! Are you open on Sunday?", 1), ("And do you deliver?", 2)):
+                page.fill("#text", text)
+                page.press("#text", "Enter")
+                expect(page.locator(".bubble.page")).to_have_count(replies, timeout=10_000)
+            page.locator("#steps").evaluate("e => e.parentElement.scrollTop = e.parentElement.scrollHeight")
+            page.screenshot(path=str(ROOT / "docs" / "sandbox.png"))
+            browser.close()
+    finally:
+        sandbox.stop()
+
+
+if __name__ == "__main__":
+    main()

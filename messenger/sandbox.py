@@ -1,0 +1,146 @@
+"""`python -m messenger.sandbox`: chat with the bot in a browser, no Facebook account needed.
+
+Starts a local Messenger emulator (Graph API, signed webhooks, a chat page),
+the model (the real one when OPENAI_API_KEY is set, through a recording
+proxy; an offline stand-in otherwise) and the bot itself, wired together on
+127.0.0.1 with made-up page id, tokens and app secret.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import signal
+import socket
+import sys
+import tempfile
+import threading
+
+from werkzeug.serving import make_server
+
+from bot.app import create_app
+from bot.logs import configure_logging
+from config import ConfigError, load_config, read_environment
+from messenger.emulator import GraphEmulator, ModelProxy, ModelStandIn, Timeline, WebhookSender
+from messenger.emulator.http import QuietHandler
+from messenger.emulator.model import offline_reply
+from messenger.emulator.page import SandboxPage
+
+logger = logging.getLogger("messenger.sandbox")
+
+DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
+USERS = {"2000000000000101": "Ana", "2000000000000102": "Ben", "2000000000000103": "Chlo\u00e9"}
+OFFLINE_KEY = "sandbox-offline-model"
+SANDBOX_APP_ID = "900000000000001"
+
+
+class Sandbox:
+    """Every part, started in order and stopped together."""
+
+    def __init__(self, environ: dict[str, str], host: str = "127.0.0.1", port: int = 8080,
+                 model_delay: float = 0.8):
+        self.timeline = Timeline()
+        page_id = "1" + "".join(secrets.choice("0123456789") for _ in range(14))
+        token, app_secret = "EAAsandbox" + secrets.token_hex(24), secrets.token_hex(16)
+        verify_token = secrets.token_urlsafe(12)
+        self.app_secret = app_secret
+        self.graph = GraphEmulator(page_id, token, app_secret, app_id=SANDBOX_APP_ID,
+                                   conversations_per_second=2, timeline=self.timeline)
+        for psid, name in USERS.items():
+            self.graph.add_user(psid, name)
+        real_key = environ.get("OPENAI_API_KEY", "").strip()
+        if real_key:
+            upstream = environ.get("OPENAI_BASE_URL", "").strip() or DEFAULT_OPENAI_URL
+            self.model = ModelProxy(upstream, timeline=self.timeline)
+            label = f"real model: {environ.get('OPENAI_MODEL') or 'default'} via {upstream}"
+        else:
+            self.model = ModelStandIn(offline_reply, api_key=OFFLINE_KEY, timeline=self.timeline)
+            self.model.delay = model_delay  # long enough to see the typing indicator
+            label = "offline stand-in model (set OPENAI_API_KEY for a real one)"
+        self.model.psid_of = self.graph.psid_for_prompt
+        self.data_dir = tempfile.TemporaryDirectory(prefix="messenger-sandbox-")
+        self.config = load_config({
+            **environ,
+            "FB_VERIFY_TOKEN": verify_token, "FB_APP_SECRET": app_secret, "FB_PAGE_ACCESS_TOKEN": token,
+            "FB_PAGE_ID": page_id, "FB_API_URL": self.graph.api_url,
+            "OPENAI_API_KEY": real_key or OFFLINE_KEY, "OPENAI_BASE_URL": self.model.base_url,
+            "DATA_DIR": self.data_dir.name, "REPLY_THREADS": "8",
+        }, env_file=None)
+        self.app = create_app(self.config, replies="threads")
+        self.bot = make_server("127.0.0.1", 0, self.app, threaded=True, request_handler=QuietHandler)
+        self.bot_url = f"http://127.0.0.1:{self.bot.server_port}/webhook"
+        self.webhooks = WebhookSender(self.bot_url, app_secret, self.timeline)
+        self.graph.webhooks = self.webhooks
+        self.page = SandboxPage(self.graph, {
+            "page": {"id": page_id, "name": "Sandbox Page"}, "model": {"mode": self.model.mode, "label": label},
+            "webhook": self.bot_url,
+        }, host, port)
+
+    @property
+    def url(self) -> str:
+        return self.page.url + "/"
+
+    def start(self) -> "Sandbox":
+        self.graph.start()
+        self.model.start()
+        threading.Thread(target=self.bot.serve_forever, args=(0.05,), daemon=True).start()
+        # As the dashboard does on "Verify and save", before any message is delivered.
+        if not self.webhooks.verify(self.config.fb_verify_token):
+            raise RuntimeError("the bot did not answer the webhook verification")
+        self.page.start()
+        return self
+
+    def stop(self) -> None:
+        self.page.stop()
+        self.webhooks.close()
+        self.app.extensions["dispatcher"].stop(timeout=5)
+        self.bot.shutdown()
+        self.model.stop()
+        self.graph.stop()
+        self.data_dir.cleanup()
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Werkzeug exits the process on a taken port; say it plainly first."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.strerror
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m messenger.sandbox", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address of the chat page (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port of the chat page (default 8080; 0 = any free)")
+    args = parser.parse_args(argv)
+    problem = _port_problem(args.host, args.port)
+    if problem:
+        print(f"cannot open the sandbox on {args.host}:{args.port}: {problem} (choose another with --port)",
+              file=sys.stderr)
+        return 2
+    try:
+        sandbox = Sandbox(read_environment(), args.host, args.port)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    configure_logging(sandbox.config.log_level, sandbox.config.secrets)
+    sandbox.start()
+    print(f"Messenger sandbox: open {sandbox.url}\n"
+          f"  bot webhook: {sandbox.bot_url}\n"
+          f"  model: {sandbox.page.info['model']['label']}\n"
+          f"  replay fixtures here: FB_APP_SECRET={sandbox.app_secret} python -m messenger.replay "
+          f"tests/fixtures --url {sandbox.bot_url}\n"
+          "Ctrl-C stops it.", flush=True)
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
+    stopped.wait()
+    sandbox.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

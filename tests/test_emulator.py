@@ -1,0 +1,226 @@
+"""The emulator plays Meta's side over real HTTP: plain requests against it, nothing in-process."""
+import json
+import threading
+import time
+
+import pytest
+import requests
+from werkzeug.wrappers import Response
+
+from messenger.emulator import GraphEmulator, LocalServer, ModelProxy, ModelStandIn, Timeline, WebhookSender
+from messenger.emulator.graph import PAGE_INBOX_APP_ID
+from messenger.events import parse_delivery
+from messenger.signature import is_valid_signature
+from tests.conftest import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, wait_for
+
+AUTH = {"Authorization": f"Bearer {PAGE_TOKEN}"}
+
+
+class Receiver(LocalServer):
+    """A bot stand-in: checks Meta's signature, answers scripted statuses, records bodies."""
+
+    def __init__(self, statuses=(), sleep=0.0):
+        super().__init__()
+        self.statuses = list(statuses)
+        self.sleep = sleep
+        self.bodies: list[bytes] = []
+        self.signed: list[bool] = []
+
+    def handle(self, request):
+        if request.method == "GET":
+            ok = request.args.get("hub.verify_token") == "right"
+            return Response(request.args["hub.challenge"] if ok else "no", 200 if ok else 403)
+        body = request.get_data()
+        self.bodies.append(body)
+        self.signed.append(is_valid_signature(body, request.headers, APP_SECRET)
+                           and is_valid_signature(body, {"X-Hub-Signature": request.headers["X-Hub-Signature"]},
+                                                  APP_SECRET))
+        time.sleep(self.sleep)
+        return Response("EVENT_RECEIVED", self.statuses.pop(0) if self.statuses else 200)
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver().start()
+    yield server
+    server.stop()
+
+
+def connected(graph, receiver, **options):
+    graph.webhooks = WebhookSender(receiver.url + "/webhook", APP_SECRET, graph.timeline, **options)
+    return graph.webhooks
+
+
+def history(graph, psid=PSID, fields="messages.limit(10){message,from,created_time}"):
+    params = {"platform": "messenger", "user_id": psid, "appsecret_proof": graph.proof}
+    if fields:
+        params["fields"] = fields
+    return requests.get(f"{graph.api_url}{PAGE_ID}/conversations", params=params, headers=AUTH, timeout=5)
+
+
+def send(graph, body):
+    return requests.post(f"{graph.api_url}me/messages", params={"appsecret_proof": graph.proof}, json=body,
+                         headers=AUTH, timeout=5)
+
+
+def text_message(text, psid=PSID, **message):
+    return {"recipient": {"id": psid}, "messaging_type": "RESPONSE", "message": {"text": text, **message}}
+
+
+def test_history_is_newest_first_with_details_for_the_20_newest(graph):
+    assert history(graph).json() == {"data": []}
+    for i in range(25):
+        graph.add_message(PSID, f"message {i}", from_page=i % 2 == 1)
+    data = history(graph, fields="messages.limit(25){message,from,created_time}").json()["data"]
+    messages = data[0]["messages"]["data"]
+    assert data[0]["id"] == f"t_{PSID}" and len(messages) == 25
+    assert [m["message"] for m in messages[:3]] == ["message 24", "message 23", "message 22"]
+    assert messages[1]["from"]["id"] == PAGE_ID and messages[0]["from"]["id"] == PSID
+    assert all("message" in m for m in messages[:20]) and not any("message" in m for m in messages[20:])
+    assert len(history(graph).json()["data"][0]["messages"]["data"]) == 10
+    assert history(graph, fields=None).json() == {"data": [{"id": f"t_{PSID}"}]}  # no expansion, no messages
+
+
+def test_send_api_stores_the_reply_and_enforces_meta_limits(graph):
+    answer = send(graph, text_message("Hi there"))
+    assert answer.status_code == 200 and answer.json()["message_id"].startswith("m_")
+    assert history(graph).json()["data"][0]["messages"]["data"][0]["message"] == "Hi there"
+    too_long = send(graph, text_message("x" * 2001))
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == 100
+    assert "2000" in too_long.json()["error"]["message"]
+    assert send(graph, text_message("\U0001F600" * 1001)).status_code == 400  # 2002 UTF-16 units
+    chips = [{"content_type": "text", "title": f"t{i}", "payload": "p"} for i in range(14)]
+    assert send(graph, text_message("pick", quick_replies=chips)).json()["error"]["code"] == 100
+    both = {"recipient": {"id": PSID}, "sender_action": "typing_on", "message": {"text": "x"}}
+    assert send(graph, both).status_code == 400
+    assert send(graph, {"recipient": {"id": PSID}, "sender_action": "dance"}).status_code == 400
+    assert send(graph, {"recipient": {"id": PSID}, "sender_action": "mark_seen"}).json() == {"recipient_id": PSID}
+    assert graph.sent_texts() == ["Hi there"]
+
+
+def test_every_call_needs_the_token_and_the_proof(graph):
+    no_token = requests.post(f"{graph.api_url}me/messages", params={"appsecret_proof": graph.proof},
+                             json=text_message("x"), timeout=5)
+    assert no_token.json()["error"]["code"] == 190
+    wrong_proof = requests.post(f"{graph.api_url}me/messages", params={"appsecret_proof": "0" * 64},
+                                json=text_message("x"), headers=AUTH, timeout=5)
+    assert wrong_proof.json()["error"]["code"] == 100 and "appsecret_proof" in wrong_proof.json()["error"]["message"]
+    assert graph.sent_texts() == []
+
+
+def test_conversations_rate_limit_refuses_a_third_call_within_a_second():
+    graph = GraphEmulator(PAGE_ID, PAGE_TOKEN, APP_SECRET, conversations_per_second=2).start()
+    try:
+        statuses = [history(graph).status_code for _ in range(3)]
+        refused = history(graph).json()["error"]
+        time.sleep(1.05)
+        assert statuses == [200, 200, 400] and refused["code"] == 613
+        assert history(graph).status_code == 200 and graph.rate_limited == 2
+    finally:
+        graph.stop()
+
+
+def test_users_messages_are_delivered_signed_in_metas_bytes(graph, receiver):
+    connected(graph, receiver)
+    graph.add_user(PSID, "Ana")
+    mid = graph.user_writes(PSID, text="caf\u00e9 / tea?")
+    assert wait_for(lambda: receiver.bodies)
+    body = receiver.bodies[0]
+    assert b"caf\\u00e9 \\/ tea?" in body and body.isascii()  # as Meta writes it
+    assert receiver.signed == [True]
+    delivery = parse_delivery(json.loads(body))
+    assert [(m.psid, m.mid, m.text) for m in delivery.messages] == [(PSID, mid, "caf\u00e9 / tea?")]
+    assert history(graph).json()["data"][0]["messages"]["data"][0]["id"] == mid  # and it is in the history
+
+
+def test_postback_quick_reply_and_image_are_shaped_as_meta_sends_them(graph, receiver):
+    connected(graph, receiver)
+    graph.user_writes(PSID, text="Get Started", postback="GET_STARTED")
+    graph.user_writes(PSID, text="Thanks!", quick_reply="THANKS")
+    graph.user_writes(PSID, image_url="http://127.0.0.1/static/sample.svg")
+    assert wait_for(lambda: len(receiver.bodies) == 3)
+    events = sorted((json.loads(b)["entry"][0]["messaging"][0] for b in receiver.bodies),
+                    key=lambda e: int((e.get("message") or e.get("postback"))["mid"][2:]))
+    assert events[0]["postback"]["payload"] == "GET_STARTED" and events[0]["postback"]["title"] == "Get Started"
+    assert events[1]["message"]["quick_reply"] == {"payload": "THANKS"}
+    assert events[2]["message"]["attachments"][0]["type"] == "image"
+    kinds = [parse_delivery({"object": "page", "entry": [{"id": PAGE_ID, "messaging": [e]}]}).messages[0].kind
+             for e in events]
+    assert kinds == ["postback", "text", "attachment"]
+
+
+def test_a_refused_delivery_is_retried_like_meta_until_200(graph, receiver):
+    receiver.statuses = [500, 403]
+    webhooks = connected(graph, receiver, retry_delays=(0, 0, 0.05, 0.05))
+    graph.user_writes(PSID, text="hello")
+    assert wait_for(lambda: len(graph.timeline.of_kind("webhook")) == 3)
+    attempts = graph.timeline.of_kind("webhook")
+    assert [(a["attempt"], a["status"]) for a in attempts] == [(1, 500), (2, 403), (3, 200)]
+    assert len(set(receiver.bodies)) == 1 and len(receiver.bodies) == 3  # the same bytes each time
+    webhooks.close()
+
+
+def test_a_slow_answer_counts_as_a_failure_and_delivery_gives_up_after_the_last_try(graph):
+    slow = Receiver(sleep=0.4).start()
+    try:
+        connected(graph, slow, retry_delays=(0, 0), timeout=0.2)
+        graph.user_writes(PSID, text="hello")
+        assert wait_for(lambda: graph.timeline.of_kind("webhook_failed"))
+        assert [a["status"] for a in graph.timeline.of_kind("webhook")] == ["timeout", "timeout"]
+    finally:
+        slow.stop()
+
+
+def test_unreachable_bot_is_recorded_not_raised(graph):
+    webhooks = WebhookSender("http://127.0.0.1:9/webhook", APP_SECRET, graph.timeline, retry_delays=(0,))
+    assert webhooks.deliver(PAGE_ID, [{"sender": {"id": PSID}}], PSID).result(timeout=5) is False
+    assert graph.timeline.of_kind("webhook")[0]["status"] == "unreachable"
+
+
+def test_echoes_carry_the_senders_app_id(receiver):
+    graph = GraphEmulator(PAGE_ID, PAGE_TOKEN, APP_SECRET, app_id="4242").start()
+    try:
+        connected(graph, receiver)
+        send(graph, text_message("from the bot"))
+        graph.inbox_reply(PSID, "from a person")
+        assert wait_for(lambda: len(receiver.bodies) == 2)
+        echoes = {m["text"]: m for m in (json.loads(b)["entry"][0]["messaging"][0]["message"] for b in receiver.bodies)}
+        assert echoes["from the bot"]["is_echo"] is True and echoes["from the bot"]["app_id"] == 4242
+        assert echoes["from a person"]["app_id"] == int(PAGE_INBOX_APP_ID)
+    finally:
+        graph.stop()
+
+
+def test_verification_handshake(graph, receiver):
+    assert connected(graph, receiver).verify("right") is True
+    assert graph.webhooks.verify("wrong") is False
+    assert [v["ok"] for v in graph.timeline.of_kind("verify")] == [True, False]
+
+
+def test_model_proxy_forwards_and_records_the_exact_messages():
+    timeline = Timeline()
+    upstream = ModelStandIn("real answer").start()
+    proxy = ModelProxy(upstream.base_url, timeline=timeline).start()
+    try:
+        messages = [{"role": "user", "content": "Answer politely : hi"}]
+        answer = requests.post(f"{proxy.base_url}/chat/completions", json={"model": "m", "messages": messages},
+                               headers={"Authorization": f"Bearer {ModelStandIn.API_KEY}"}, timeout=5)
+        assert answer.json()["choices"][0]["message"]["content"] == "real answer"
+        assert upstream.requests[0]["json"]["messages"] == messages  # forwarded unchanged, key included
+        event = timeline.of_kind("model")[0]
+        assert (event["mode"], event["messages"], event["reply"]) == ("real", messages, "real answer")
+        upstream.stop()
+        down = requests.post(f"{proxy.base_url}/chat/completions", json={"messages": messages}, timeout=5)
+        assert down.status_code == 502
+    finally:
+        proxy.stop()
+
+
+def test_timeline_hands_out_only_what_is_new():
+    timeline = Timeline(keep=3)
+    threads = [threading.Thread(target=timeline.add, args=("x",)) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [e["seq"] for e in timeline.after(0)] == [3, 4, 5] and timeline.after(5) == []

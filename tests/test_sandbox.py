@@ -1,0 +1,91 @@
+"""`python -m messenger.sandbox`: the bot and the emulator wired together, no account, no settings."""
+import subprocess
+import sys
+
+import requests
+
+from messenger.emulator import ModelStandIn
+from messenger.sandbox import USERS, Sandbox
+from tests.conftest import ROOT, wait_for
+
+ANA, BEN = list(USERS)[:2]
+
+
+def say(sandbox, psid, text, action="messages", **extra):
+    return requests.post(f"{sandbox.url}/api/users/{psid}/{action}", json={"text": text, **extra}, timeout=5)
+
+
+def bot_replies(sandbox, psid):
+    return [e["text"] for e in sandbox.events("message", psid) if e["sender"] == "page" and e["by"] == "bot"]
+
+
+def test_a_message_typed_in_the_page_is_answered_by_the_bot_with_every_step_shown(sandbox):
+    assert say(sandbox, ANA, "Are you open on Sunday?").status_code == 202
+    assert wait_for(lambda: bot_replies(sandbox, ANA), 10)
+    assert "Are you open on Sunday?" in bot_replies(sandbox, ANA)[0]
+    assert "offline stand-in" in sandbox.state()["model"]["label"]
+    webhook = sandbox.events("webhook", ANA)[0]
+    assert webhook["status"] == 200 and webhook["body"]["entry"][0]["messaging"][0]["message"]["text"] == \
+        "Are you open on Sunday?"
+    graph = sandbox.events("graph", ANA)
+    assert any(g["path"].endswith("/conversations") for g in graph)
+    assert {g["request"]["body"].get("sender_action") for g in graph if "body" in g["request"]} >= {"mark_seen",
+                                                                                                   "typing_on"}
+    model = sandbox.events("model", ANA)[0]
+    assert model["messages"][-1]["content"].endswith(": Are you open on Sunday?")  # the politeness prefix
+    assert not any("access_token" in g["request"]["query"] or "appsecret_proof" in g["request"]["query"]
+                   for g in graph)
+
+
+def test_history_reaches_the_model_on_the_next_turn(sandbox):
+    say(sandbox, BEN, "My name is Ben.")
+    assert wait_for(lambda: len(bot_replies(sandbox, BEN)) == 1, 10)
+    say(sandbox, BEN, "What is my name?")
+    assert wait_for(lambda: len(bot_replies(sandbox, BEN)) == 2, 10)
+    turns = sandbox.events("model", BEN)[-1]["messages"]
+    assert [m["role"] for m in turns] == ["user", "assistant", "user"]
+    assert turns[0]["content"] == "My name is Ben."
+
+
+def test_postback_and_image(sandbox):
+    chloe = list(USERS)[2]
+    assert say(sandbox, chloe, "Get Started", "postback", payload="GET_STARTED").status_code == 202
+    assert wait_for(lambda: len(bot_replies(sandbox, chloe)) == 1, 10)
+    assert "Get Started" in bot_replies(sandbox, chloe)[0]  # a postback's title is the user's turn
+    assert requests.post(f"{sandbox.url}/api/users/{chloe}/image", json={}, timeout=5).status_code == 202
+    assert wait_for(lambda: len(bot_replies(sandbox, chloe)) == 2, 10)
+    assert bot_replies(sandbox, chloe)[1].startswith("Sorry, I can only read text")
+
+
+def test_bad_requests_to_the_page_get_a_4xx(sandbox):
+    assert requests.get(f"{sandbox.url}/api/state", params={"after": "x"}, timeout=5).status_code == 400
+    assert say(sandbox, "999", "hi").status_code == 404
+    assert say(sandbox, ANA, "").status_code == 400
+    assert say(sandbox, ANA, "x" * 2001).status_code == 400
+    assert requests.post(f"{sandbox.url}/api/users/{ANA}/messages", data="[", timeout=5).status_code == 400
+    assert requests.get(f"{sandbox.url}/static/../graph.py", timeout=5).status_code == 404
+    assert requests.get(sandbox.url + "/", timeout=5).text.startswith("<!doctype html>")
+
+
+def test_with_a_key_the_real_model_is_used_through_the_recording_proxy():
+    upstream = ModelStandIn("an answer from the real model").start()
+    sandbox = Sandbox({"OPENAI_API_KEY": ModelStandIn.API_KEY, "OPENAI_BASE_URL": upstream.base_url},
+                      port=0).start()
+    try:
+        sandbox.graph.user_writes(ANA, text="hello")
+        assert sandbox.graph.wait_for_deliveries(1, 10)
+        assert sandbox.graph.sent_texts(ANA) == ["an answer from the real model"]
+        model = sandbox.timeline.of_kind("model")[0]
+        assert model["mode"] == "real" and model["psid"] == ANA
+        assert upstream.requests[0]["headers"]["Authorization"] == f"Bearer {ModelStandIn.API_KEY}"
+    finally:
+        sandbox.stop()
+        upstream.stop()
+
+
+def test_a_taken_port_is_a_clear_error(sandbox):
+    port = sandbox.url.rsplit(":", 1)[1]
+    result = subprocess.run([sys.executable, "-m", "messenger.sandbox", "--port", port], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and f"cannot open the sandbox on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
