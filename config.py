@@ -6,6 +6,7 @@ fixes their `.env` in one go instead of meeting one KeyError per start.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 from urllib.parse import urlparse
@@ -20,8 +21,14 @@ DEFAULT_FALLBACK_REPLY = "please try again later"
 DEFAULT_UNSUPPORTED_REPLY = (
     "Sorry, I can only read text messages for now. Could you type your question?"
 )
+DEFAULT_RATE_LIMIT_REPLY = "You are writing faster than I can answer. Please wait a minute before your next message."
+DEFAULT_BUDGET_REPLY = "We have talked a lot today! I will be glad to answer again tomorrow."
+DEFAULT_RESET_REPLY = "Done, I have forgotten our earlier conversation. What can I do for you?"
 # Meta gives message details for the 20 newest messages of a conversation only.
 MAX_MESSAGE_COUNT = 20
+UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600,
+         "d": 86400, "day": 86400}
+DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)?\s*([a-z]*)\s*")
 
 # Set by gunicorn.conf.py for the webhook workers: replies run in their own process.
 REPLY_PROCESS_ENV = "BOT_REPLY_PROCESS"
@@ -69,6 +76,18 @@ class Config:
     lease_seconds: float = 30.0
     port: int = 8000
     log_level: str = "INFO"
+    fb_app_id: str = ""
+    rate_limit: tuple[int, float] | None = (5, 60.0)  # (messages, per seconds); None = off
+    rate_limit_reply: str = DEFAULT_RATE_LIMIT_REPLY
+    daily_token_budget: int = 0  # tokens per user per UTC day; 0 = off
+    budget_reply: str = DEFAULT_BUDGET_REPLY
+    human_pause_seconds: float = 1800.0  # 0 = never pause for a human
+    reset_word: str = "reset"  # "" = off
+    reset_reply: str = DEFAULT_RESET_REPLY
+    mirror_max_age_seconds: float = 86400.0
+    graph_reads_per_second: float = 2.0
+    retention_days: int = 90  # 0 = keep forever
+    tracking_url: str | None = None
 
     @property
     def worst_reply_seconds(self) -> int:
@@ -131,7 +150,21 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         lease_seconds=reader.number("LEASE_SECONDS", 30.0, float, 1, 3600),
         port=reader.number("PORT", 8000, int, 1, 65535),
         log_level=reader.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        fb_app_id=reader.text("FB_APP_ID", "").strip(),
+        rate_limit=reader.rate("RATE_LIMIT", (5, 60.0)),
+        rate_limit_reply=reader.text("RATE_LIMIT_REPLY", DEFAULT_RATE_LIMIT_REPLY, allow_empty=False),
+        daily_token_budget=reader.number("DAILY_TOKEN_BUDGET", 0, int, 0, 10**10, off=True),
+        budget_reply=reader.text("BUDGET_REPLY", DEFAULT_BUDGET_REPLY, allow_empty=False),
+        human_pause_seconds=reader.duration("HUMAN_PAUSE", 1800.0, bare_unit="m"),
+        reset_word=reader.text("RESET_WORD", "reset").strip(),
+        reset_reply=reader.text("RESET_REPLY", DEFAULT_RESET_REPLY, allow_empty=False),
+        mirror_max_age_seconds=reader.duration("MIRROR_MAX_AGE", 86400.0, bare_unit="h"),
+        graph_reads_per_second=reader.number("GRAPH_READS_PER_SECOND", 2.0, float, 0.01, 1000),
+        retention_days=reader.number("RETENTION_DAYS", 90, int, 0, 36500),
+        tracking_url=reader.url("TRACKING_URL", None, trailing_slash=False),
     )
+    if values["fb_app_id"] and not values["fb_app_id"].isdigit():
+        problems.append("FB_APP_ID must be digits only (the app's numeric id)")
     if problems:
         raise ConfigError(problems)
     return Config(**values)
@@ -165,7 +198,7 @@ class _Reader:
             self.problems.append(f"{name} must not be empty")
         return value
 
-    def url(self, name: str, default: str | None) -> str | None:
+    def url(self, name: str, default: str | None, trailing_slash: bool = True) -> str | None:
         value = self._raw(name)
         if not value:
             return default
@@ -173,12 +206,41 @@ class _Reader:
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             self.problems.append(f"{name} must be an http(s) URL, got {value!r}")
             return default
-        return value if value.endswith("/") else value + "/"
+        return value if value.endswith("/") or not trailing_slash else value + "/"
 
-    def number(self, name, default, kind, low, high, optional: bool = False, hint: str = ""):
+    def rate(self, name: str, default: tuple[int, float]) -> tuple[int, float] | None:
+        """`5/minute` (also 30/hour, 1/s, 2/30s...) or `off`."""
+        value = self._raw(name)
+        if not value:
+            return default
+        if value.lower() == "off":
+            return None
+        count, _, per = value.partition("/")
+        window = parse_seconds(per, bare_unit=None) if count.strip().isdigit() else None
+        if not window or int(count) < 1:
+            self.problems.append(f"{name} must look like 5/minute, 30/hour or off, got {value!r}")
+            return default
+        return int(count), window
+
+    def duration(self, name: str, default: float, bare_unit: str) -> float:
+        """`30m`, `2h`, `90s`, `1d`, or a bare number in `bare_unit`; 0 or off = 0."""
+        value = self._raw(name)
+        if not value:
+            return default
+        if value.lower() == "off":
+            return 0.0
+        seconds = parse_seconds(value, bare_unit)
+        if seconds is None:
+            self.problems.append(f"{name} must be a duration such as 30m, 2h or 90s, got {value!r}")
+            return default
+        return seconds
+
+    def number(self, name, default, kind, low, high, optional: bool = False, hint: str = "", off: bool = False):
         value = self._raw(name)
         if value is None:
             return default
+        if off and value.lower() in ("off", ""):
+            return 0
         if value == "" and optional:
             return None  # empty = do not send the parameter at all
         try:
@@ -196,3 +258,16 @@ class _Reader:
         if value not in options:
             self.problems.append(f"{name} must be one of {', '.join(options)}, got {value!r}")
         return value
+
+
+def parse_seconds(text: str, bare_unit: str | None) -> float | None:
+    """`30s`, `5m`, `minute`, `2 hours`... in seconds; None when it is not a duration."""
+    match = DURATION.fullmatch(text.lower())
+    if not match or not (match.group(1) or match.group(2)):
+        return None
+    unit = match.group(2) or bare_unit or ""
+    if len(unit) > 3 and unit.endswith("s"):
+        unit = unit[:-1]  # hours, minutes
+    if unit not in UNITS:
+        return None
+    return float(match.group(1) or 1) * UNITS[unit]

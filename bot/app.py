@@ -4,15 +4,17 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import time
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from bot import metrics
 from bot.doorbell import Doorbell
-from bot.store import SQLiteStore
+from bot.store import SQLiteStore, open_store
 from config import Config, load_config
-from messenger.events import BadPayload, parse_delivery
+from messenger.events import BadPayload, Echo, parse_delivery
+from messenger.graph import REPLY_METADATA
 from messenger.signature import is_valid_signature, is_verify_request
 
 logger = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ def create_app(config: Config | None = None, *, replies: str = "threads") -> Fla
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     # Behind a tunnel (cloudflared, ngrok) the client address and scheme arrive in X-Forwarded-*.
     app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
-    store = SQLiteStore(config.database_path, max_attempts=config.max_attempts)
+    store = open_store(config)
     if replies != "process":
         from bot.replies import build_dispatcher  # the model client loads only where replies are made
 
@@ -66,8 +68,9 @@ def _add_routes(app: Flask, config: Config, store: SQLiteStore, doorbell: Doorbe
             delivery = parse_delivery(json.loads(body))
         except (ValueError, RecursionError) as exc:  # BadPayload and JSON errors alike
             return _refuse("bad_request", 400, str(exc) if isinstance(exc, BadPayload) else "body is not valid JSON")
+        echoes = [_classify(echo, config) for echo in delivery.echoes]
         try:
-            added = store.add(delivery.messages)
+            added = store.add(delivery.messages, echoes) if delivery.messages or echoes else []
         except sqlite3.Error as exc:
             # Not stored means not acknowledged: Meta delivers it again.
             logger.error("could not store the delivery, asking Meta to retry: %s", exc)
@@ -86,6 +89,17 @@ def _add_routes(app: Flask, config: Config, store: SQLiteStore, doorbell: Doorbe
     def metrics_page() -> Response:
         body, content_type = metrics.render()
         return Response(body, content_type=content_type)
+
+
+def _classify(echo: Echo, config: Config) -> tuple[Echo, bool, float]:
+    """(echo, by a human, pause until): an echo is the bot's own when it carries the bot's
+    metadata or app id; any other (the Page inbox, another app) means a person took over."""
+    own = echo.metadata == REPLY_METADATA or bool(config.fb_app_id and echo.app_id == config.fb_app_id)
+    if own:
+        return echo, False, 0.0
+    if config.human_pause_seconds:
+        logger.info("a human answered psid=%s: the bot pauses for %.0f s", echo.psid, config.human_pause_seconds)
+    return echo, True, time.time() + config.human_pause_seconds if config.human_pause_seconds else 0.0
 
 
 def _refuse(result: str, status: int, reason: str) -> Response:

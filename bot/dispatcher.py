@@ -17,12 +17,13 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from bot import metrics
+from bot.conversations import Exchange
 from bot.doorbell import Doorbell
-from bot.responder import Responder
+from bot.responder import Answer, Responder
 from bot.store import Batch, SQLiteStore
 from messenger.graph import GraphAPIError, is_retryable
 from messenger.split import split_text
@@ -35,12 +36,16 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
+PRUNE_EVERY_S = 600.0
+
+
 @dataclass
 class Progress:
-    """How far one batch got: the reply (once composed) and how many parts went out."""
+    """How far one batch got: the answer (once composed), how many parts went out, (id, text) of each."""
 
-    reply: str | None
+    answer: Answer | None
     sent: int
+    parts: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Dispatcher:
@@ -48,7 +53,7 @@ class Dispatcher:
 
     def __init__(self, store: SQLiteStore, responder: Responder, doorbell: Doorbell, *, threads: int,
                  lease_seconds: float = 30.0, retry_base: float = 1.0, retry_cap: float = 60.0,
-                 poll_interval: float = 0.2):
+                 poll_interval: float = 0.2, retention_days: int = 0, tracker=None):
         self.store = store
         self.responder = responder
         self.doorbell = doorbell
@@ -56,6 +61,8 @@ class Dispatcher:
         self.retry_base = retry_base
         self.retry_cap = retry_cap
         self.poll_interval = poll_interval
+        self.retention_days = retention_days
+        self.tracker = tracker  # bot.tracking.Tracker, when TRACKING_URL is set
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._slots = threading.BoundedSemaphore(threads)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reply")
@@ -71,6 +78,8 @@ class Dispatcher:
         self.store.heartbeat(self.owner)
         for target, name in ((self._claim_loop, "dispatcher"), (self._upkeep_loop, "upkeep")):
             threading.Thread(target=target, name=name, daemon=True).start()
+        if self.tracker:
+            self.tracker.start(self._stopping)
 
     def stop(self, timeout: float) -> None:
         """Stop claiming, let replies in flight finish for `timeout` s, give back the rest."""
@@ -127,7 +136,7 @@ class Dispatcher:
 
     def _upkeep_loop(self) -> None:
         """Every second: say it is alive, renew its leases while it works, checkpoint the WAL."""
-        last_renewal = time.monotonic()
+        last_renewal = last_prune = time.monotonic()
         while not self._stopping.wait(min(1.0, self.lease_seconds / 3)):
             try:
                 if self.in_flight and time.monotonic() - last_renewal >= self.lease_seconds / 3:
@@ -135,14 +144,23 @@ class Dispatcher:
                     last_renewal = time.monotonic()
                 self.store.heartbeat(self.owner)
                 self.store.checkpoint()
+                if self.retention_days and time.monotonic() - last_prune >= PRUNE_EVERY_S:
+                    last_prune = time.monotonic()
+                    self.prune()
             except sqlite3.Error as exc:
                 logger.error("queue upkeep failed: %s", exc)
+
+    def prune(self) -> None:
+        """RETENTION_DAYS: older exchanges, mirror rows and finished queue rows are deleted."""
+        deleted = self.store.conversations.prune(self.retention_days)
+        if deleted:
+            logger.info("retention: deleted %d exchange record(s) older than %d days", deleted, self.retention_days)
 
     # -- one batch ---------------------------------------------------------------------------------
     def process(self, batch: Batch) -> None:
         """Compose (or reuse) the reply, send the parts not sent yet, record the outcome."""
         replied = threading.Event()
-        progress = Progress(batch.reply, batch.sent_parts)
+        progress = Progress(Answer.from_json(batch.reply) if batch.reply else None, batch.sent_parts)
 
         def thinking() -> None:
             self._actions.submit(self.responder.show_activity, batch.psid, replied)
@@ -157,32 +175,52 @@ class Dispatcher:
             replied.set()
 
     def _answer(self, batch: Batch, progress: Progress, thinking: Callable[[], object]) -> None:
-        if progress.reply is None:
+        if progress.answer is None:
             # Not written down before the first send: a crash before it asks the model again.
-            progress.reply = self.responder.compose(batch.messages, thinking).text
-        parts = split_text(progress.reply)
+            progress.answer = self.responder.compose(batch.messages, thinking)
+        answer = progress.answer
+        parts = split_text(answer.text) if answer.text else []
         while progress.sent < len(parts):
-            self.responder.send_part(batch.psid, parts[progress.sent])
+            mid = self.responder.send_part(batch.psid, parts[progress.sent])
+            if mid:
+                progress.parts.append((mid, parts[progress.sent]))
             progress.sent += 1
             if progress.sent < len(parts):
-                self.store.mark_sent(batch, progress.reply, progress.sent)
-        # Marked done right after the last send: a crash now repeats nothing.
-        self.store.complete(batch)
-        metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)
-        logger.info("answered psid=%s mids=%s in %d part(s)", batch.psid, [m.mid for m in batch.messages], len(parts))
+                self.store.mark_sent(batch, answer.to_json(), progress.sent)
+        # Marked done (and logged) right after the last send: a crash now repeats nothing.
+        self.store.complete(batch, self._exchange(batch, progress))
+        metrics.EXCHANGES.labels(answer.outcome).inc()
+        if parts:
+            metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)
+        logger.info("%s psid=%s mids=%s in %d part(s)", answer.outcome, batch.psid,
+                    [m.mid for m in batch.messages], len(parts))
+
+    @staticmethod
+    def _exchange(batch: Batch, progress: Progress, outcome: str | None = None) -> Exchange:
+        """The exchange-log record of this batch, as it ends."""
+        answer = progress.answer or Answer(None, "failed")
+        now = time.time()
+        sent = progress.sent > 0
+        return Exchange(
+            psid=batch.psid, messages=batch.messages, outcome=outcome or answer.outcome,
+            bot_message=answer.text if sent else None, sent_parts=progress.parts,
+            bot_timestamp_ms=int(now * 1000) if sent else None, model=answer.model, usage=answer.usage,
+            latency_ms=int((now - batch.received_at) * 1000),
+        )
 
     def _on_graph_error(self, batch: Batch, exc: GraphAPIError, progress: Progress) -> None:
         metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
         if is_retryable(exc):
             self._retry_or_fail(batch, str(exc), progress)
             return
-        self.store.fail(batch, str(exc))
+        self.store.fail(batch, str(exc), self._exchange(batch, progress, "failed"))
         metrics.FAILED.labels(f"graph_{exc.code}").inc()
         logger.error("send failed for good psid=%s mids=%s: %s", batch.psid, [m.mid for m in batch.messages], exc)
 
     def _retry_or_fail(self, batch: Batch, error: str, progress: Progress) -> None:
         delay = backoff_delay(batch.attempts, self.retry_base, self.retry_cap)
-        if self.store.retry(batch, delay, error, progress.reply, progress.sent):
+        stored = progress.answer.to_json() if progress.answer else None
+        if self.store.retry(batch, delay, error, stored, progress.sent, self._exchange(batch, progress, "failed")):
             logger.warning("retrying psid=%s in %.1fs (attempt %d): %s", batch.psid, delay, batch.attempts, error)
             return
         metrics.FAILED.labels("attempts_exhausted").inc()

@@ -5,8 +5,9 @@ import openai
 
 from bot.dispatcher import Dispatcher
 from bot.doorbell import Doorbell
-from bot.responder import PromptSettings, Responder
-from bot.store import SQLiteStore
+from bot.responder import Policy, PromptSettings, Responder
+from bot.store import SQLiteStore, open_store
+from bot.tracking import Tracker
 from config import Config
 from gpt.reply import ModelSettings, ReplyGenerator
 from messenger.graph import GraphClient
@@ -14,13 +15,14 @@ from messenger.graph import GraphClient
 
 def build_dispatcher(config: Config, store: SQLiteStore | None = None) -> Dispatcher:
     """The queue, the reply pipeline and the doorbell between them."""
-    store = store or SQLiteStore(config.database_path, max_attempts=config.max_attempts)
-    return Dispatcher(store, build_responder(config), Doorbell(config.database_path),
+    store = store or open_store(config)
+    tracker = Tracker(store.conversations, config.tracking_url) if config.tracking_url else None
+    return Dispatcher(store, build_responder(config, store), Doorbell(config.database_path),
                       threads=config.reply_threads, lease_seconds=config.lease_seconds,
-                      retry_base=config.retry_base_seconds)
+                      retry_base=config.retry_base_seconds, retention_days=config.retention_days, tracker=tracker)
 
 
-def build_responder(config: Config) -> Responder:
+def build_responder(config: Config, store: SQLiteStore) -> Responder:
     """The reply pipeline with its two API clients, each built once."""
     graph = GraphClient(config.fb_api_url, config.fb_page_id, config.fb_page_access_token,
                         config.fb_app_secret, timeout=config.graph_timeout, pool_size=config.reply_threads + 8)
@@ -31,4 +33,7 @@ def build_responder(config: Config) -> Responder:
     generator = ReplyGenerator(client, model, config.fallback_reply, config.error_log_file)
     prompt = PromptSettings(config.fb_page_id, config.politeness_prefix, config.message_count,
                             config.system_prompt, config.unsupported_reply)
-    return Responder(graph, generator, prompt)
+    policy = Policy(config.rate_limit, config.rate_limit_reply, config.daily_token_budget, config.budget_reply,
+                    config.reset_word, config.reset_reply, config.mirror_max_age_seconds,
+                    config.graph_reads_per_second)
+    return Responder(graph, generator, prompt, store.conversations, policy)

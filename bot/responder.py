@@ -1,14 +1,18 @@
-"""What a reply is made of: history, prompt and model in; Send API and sender actions out."""
+"""What a reply is made of: the user's limits and state, history, prompt and model in;
+Send API and sender actions out."""
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from bot import metrics
+from bot.conversations import Conversations, UserState, utc_day, utc_day_start_ms
 from gpt.prompt import to_chat_messages
-from gpt.reply import Reply, ReplyGenerator
+from gpt.reply import ReplyGenerator
 from messenger.events import IncomingMessage
 from messenger.graph import GraphAPIError, GraphClient, HistoryMessage
 
@@ -26,26 +30,75 @@ class PromptSettings:
     unsupported_reply: str
 
 
-class Responder:
-    """Composes one reply for a user's waiting messages and sends its parts."""
+@dataclass(frozen=True)
+class Policy:
+    """Per-user limits, the reset word and where history comes from (see config.py)."""
 
-    def __init__(self, graph: GraphClient, generator: ReplyGenerator, prompt: PromptSettings):
+    rate_limit: tuple[int, float] | None = None
+    rate_limit_reply: str = ""
+    daily_token_budget: int = 0
+    budget_reply: str = ""
+    reset_word: str = ""
+    reset_reply: str = ""
+    mirror_max_age: float = 86400.0
+    graph_reads_per_second: float = 2.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to send for a batch (None: nothing) and what the exchange log says of it."""
+
+    text: str | None
+    outcome: str
+    model: str | None = None
+    usage: tuple[int | None, int | None, int | None] = (None, None, None)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, stored: str) -> "Answer":
+        try:
+            data = json.loads(stored)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):  # a reply stored as plain text by schema version 2
+            return cls(stored, "answered")
+        return cls(data["text"], data["outcome"], data.get("model"), tuple(data.get("usage") or (None,) * 3))
+
+
+class Responder:
+    """Composes one answer for a user's waiting messages and sends its parts."""
+
+    def __init__(self, graph: GraphClient, generator: ReplyGenerator, prompt: PromptSettings,
+                 conversations: Conversations, policy: Policy = Policy()):
         self.graph = graph
         self.generator = generator
         self.prompt = prompt
+        self.conversations = conversations
+        self.policy = policy
 
-    def compose(self, messages: Sequence[IncomingMessage], thinking: Callable[[], object] = lambda: None) -> Reply:
-        """One reply to everything the user wrote since the last one (oldest first).
+    def compose(self, messages: Sequence[IncomingMessage], thinking: Callable[[], object] = lambda: None) -> Answer:
+        """One answer to everything the user wrote since the last one (oldest first).
 
         `thinking` is called once the history is in, as the model starts: the
         moment to show "seen" and the typing indicator without slowing the read.
         """
+        psid = messages[0].psid
+        user = self.conversations.user(psid)
+        now = time.time()
+        if user.paused_until and user.paused_until > now:
+            logger.info("a human is answering psid=%s: %d message(s) logged, not answered", psid, len(messages))
+            return Answer(None, "paused")
+        gate = self._gate(psid, messages, user, now)
+        if gate is not None:
+            return gate
         texts = [m for m in messages if not m.is_attachment_only]
         if not texts:
             thinking()  # "seen"; the typing indicator is skipped once the reply is out
-            logger.info("attachment-only message(s) psid=%s mids=%s", messages[0].psid, [m.mid for m in messages])
-            return Reply(self.prompt.unsupported_reply)
-        history = self._history(texts[0].psid)
+            logger.info("attachment-only message(s) psid=%s mids=%s", psid, [m.mid for m in messages])
+            return Answer(self.prompt.unsupported_reply, "unsupported")
+        history = self._history(psid, user, now)
         thinking()
         chat = to_chat_messages(
             history, [(m.mid, m.text) for m in texts],
@@ -55,12 +108,41 @@ class Responder:
         reply = self.generator.generate_reply(chat)
         if reply.error_class:
             metrics.MODEL_ERRORS.labels(reply.error_class).inc()
-        return reply
+        return Answer(reply.text, "fallback" if reply.error_class else "answered", reply.model, reply.usage)
 
-    def send_part(self, psid: str, text: str) -> None:
-        """One Send API call; GraphAPIError is the caller's to classify."""
-        self.graph.send_text(psid, text)
+    def _gate(self, psid: str, messages: Sequence[IncomingMessage], user: UserState, now: float) -> Answer | None:
+        """Reset, the per-user rate limit and the daily token budget, before any model call."""
+        policy = self.policy
+        word = policy.reset_word.lower()
+        if word and any(m.text.strip().lower() == word for m in messages):
+            reset_at = max(int(now * 1000), max(m.timestamp_ms for m in messages) + 1)
+            self.conversations.update_user(psid, reset_at_ms=reset_at)
+            logger.info("context reset psid=%s", psid)
+            return Answer(policy.reset_reply, "reset")
+        if policy.rate_limit:
+            count, window = policy.rate_limit
+            first = messages[0].timestamp_ms
+            if self.conversations.messages_between(psid, first - int(window * 1000), first) > count:
+                notice = not user.rate_notice_at or now - user.rate_notice_at >= window
+                if notice:
+                    self.conversations.update_user(psid, rate_notice_at=now)
+                logger.info("rate limit psid=%s: %d message(s) not answered", psid, len(messages))
+                return Answer(policy.rate_limit_reply if notice else None, "rate-limited")
+        if policy.daily_token_budget:
+            today = utc_day(now)
+            if self.conversations.tokens_since(psid, utc_day_start_ms(now)) >= policy.daily_token_budget:
+                notice = user.budget_notice_day != today
+                if notice:
+                    self.conversations.update_user(psid, budget_notice_day=today)
+                logger.info("daily token budget spent psid=%s", psid)
+                return Answer(policy.budget_reply if notice else None, "over-budget")
+        return None
+
+    def send_part(self, psid: str, text: str) -> str | None:
+        """One Send API call, returning Meta's message id; GraphAPIError is the caller's to classify."""
+        mid = self.graph.send_text(psid, text)
         metrics.REPLIES.inc()
+        return mid
 
     def show_activity(self, psid: str, replied: threading.Event) -> None:
         """mark_seen then typing_on, unless the reply already went out (typing would linger 20 s).
@@ -78,11 +160,20 @@ class Responder:
                 metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
                 logger.info("sender action %s failed for psid=%s: %s", action, psid, exc)
 
-    def _history(self, psid: str) -> list[HistoryMessage]:
-        try:
-            return self.graph.fetch_history(psid, self.prompt.message_count)
-        except GraphAPIError as exc:
-            metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
-            # Answering without context beats not answering at all.
-            logger.warning("history unavailable for psid=%s, answering without it: %s", psid, exc)
-            return []
+    def _history(self, psid: str, user: UserState, now: float) -> list[HistoryMessage]:
+        """From the mirror when it covers this user; else ONE Graph read, if the Page's budget allows."""
+        limit = self.prompt.message_count
+        fresh = user.synced_at is not None and now - user.synced_at < self.policy.mirror_max_age
+        if not fresh and self.conversations.take_graph_read(self.policy.graph_reads_per_second):
+            try:
+                history = self.graph.fetch_history(psid, limit)
+            except GraphAPIError as exc:
+                metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
+                # Answering from what the mirror has beats not answering at all.
+                logger.warning("history unavailable for psid=%s, answering from the mirror: %s", psid, exc)
+            else:
+                metrics.HISTORY_READS.labels("graph").inc()
+                self.conversations.import_history(psid, history, self.prompt.page_id)
+        else:
+            metrics.HISTORY_READS.labels("mirror").inc()
+        return self.conversations.history(psid, self.prompt.page_id, limit, user.reset_at_ms)

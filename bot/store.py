@@ -21,39 +21,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+from bot.conversations import Conversations, Exchange
+from bot.schema import SCHEMA
 from bot.sqlite import Database
-from messenger.events import IncomingMessage
+from config import Config
+from messenger.events import Echo, IncomingMessage
 
-SCHEMA = [
-    # version 1: the delivery queue
-    """
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        dedupe_key TEXT NOT NULL UNIQUE,
-        psid TEXT NOT NULL,
-        message TEXT NOT NULL,
-        timestamp_ms INTEGER NOT NULL,
-        received_at REAL NOT NULL,
-        state TEXT NOT NULL DEFAULT 'pending',
-        available_at REAL NOT NULL DEFAULT 0,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        batch_id INTEGER,
-        owner TEXT,
-        lease_until REAL,
-        reply TEXT,
-        sent_parts INTEGER NOT NULL DEFAULT 0,
-        finished_at REAL,
-        error TEXT
-    );
-    CREATE INDEX events_open ON events (state, psid, timestamp_ms, id);
-    CREATE INDEX events_queue ON events (state, id);
-    CREATE INDEX events_batch ON events (batch_id);
-    """,
-    # version 2: dispatchers say they are alive, for /healthz
-    """
-    CREATE TABLE dispatchers (owner TEXT PRIMARY KEY, seen_at REAL NOT NULL);
-    """,
-]
 MAX_BATCH = 20  # messages of one user answered together, at most
 
 
@@ -76,6 +49,7 @@ class _PendingAdd:
     """One webhook's messages waiting for the next group commit."""
 
     messages: list[IncomingMessage]
+    echoes: list[tuple[Echo, bool, float]]
     added: list[bool] = field(default_factory=list)
     done: bool = False
     error: sqlite3.Error | None = None
@@ -89,24 +63,26 @@ def dedupe_key(message: IncomingMessage) -> str:
 class SQLiteStore:
     """The queue in one SQLite file, safe for several processes on one host."""
 
-    def __init__(self, path: str, max_attempts: int = 5):
+    def __init__(self, path: str, max_attempts: int = 5, tracking: bool = False):
         self.path = path
         self.max_attempts = max_attempts
         self._database = Database(path, SCHEMA)
+        self.conversations = Conversations(self._database, tracking)
         self._write = self._database.write
         self._db = self._database.connection
         self._pending: list[_PendingAdd] = []
         self._pending_lock = threading.Lock()
 
     # -- the webhook's side --------------------------------------------------------------------
-    def add(self, messages: Sequence[IncomingMessage]) -> list[bool]:
+    def add(self, messages: Sequence[IncomingMessage], echoes: Sequence[tuple[Echo, bool, float]] = ()) -> list[bool]:
         """Store messages to answer; False for each one already stored (a redelivery).
+        Echoes (echo, by_a_human, pause_until) go to the mirror in the same commit.
 
         Group commit: concurrent webhook threads queue their messages, and the
         first to get the writer lock commits everyone's in one transaction.
         Each caller returns only once its own rows are committed.
         """
-        entry = _PendingAdd(list(messages))
+        entry = _PendingAdd(list(messages), list(echoes))
         with self._pending_lock:
             self._pending.append(entry)
         with self._database.writer:
@@ -124,6 +100,8 @@ class SQLiteStore:
             with self._database.transaction() as db:
                 for entry in group:
                     entry.added = [self._insert_one(db, message, now) for message in entry.messages]
+                    if entry.echoes:
+                        Conversations.record_echoes(db, entry.echoes)
         except sqlite3.Error as exc:
             for entry in group:
                 entry.error = exc
@@ -203,20 +181,24 @@ class SQLiteStore:
         """Progress of a reply in several parts: a crash resumes after the last part sent."""
         self._update(batch, "reply = ?, sent_parts = ?", reply, parts)
 
-    def complete(self, batch: Batch) -> None:
-        self._update(batch, "state = 'done', finished_at = ?, owner = NULL", time.time())
+    def complete(self, batch: Batch, exchange: Exchange | None = None) -> None:
+        """Done, with the exchange logged and mirrored in the same transaction."""
+        self._update(batch, "state = 'done', finished_at = ?, owner = NULL", time.time(), exchange=exchange)
 
-    def retry(self, batch: Batch, delay: float, error: str, reply: str | None = None, sent_parts: int = 0) -> bool:
-        """Back in the queue after `delay`, keeping the reply so far; False when the attempts are spent."""
+    def retry(self, batch: Batch, delay: float, error: str, reply: str | None = None, sent_parts: int = 0,
+              exchange: Exchange | None = None) -> bool:
+        """Back in the queue after `delay`, keeping the reply so far; False when the attempts are spent
+        (then failed, with `exchange` logged)."""
         if batch.attempts >= self.max_attempts:
-            self.fail(batch, error)
+            self.fail(batch, error, exchange)
             return False
         self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?, reply = ?, sent_parts = ?",
                      time.time() + delay, error, reply, sent_parts)
         return True
 
-    def fail(self, batch: Batch, error: str) -> None:
-        self._update(batch, "state = 'failed', finished_at = ?, owner = NULL, error = ?", time.time(), error)
+    def fail(self, batch: Batch, error: str, exchange: Exchange | None = None) -> None:
+        self._update(batch, "state = 'failed', finished_at = ?, owner = NULL, error = ?", time.time(), error,
+                     exchange=exchange)
 
     def release(self, owner: str) -> int:
         """Give back everything `owner` holds (graceful shutdown); the attempt is not counted."""
@@ -224,10 +206,12 @@ class SQLiteStore:
             return db.execute("UPDATE events SET state = 'pending', owner = NULL, attempts = MAX(attempts - 1, 0)"
                               " WHERE state = 'working' AND owner = ?", (owner,)).rowcount
 
-    def _update(self, batch: Batch, assignments: str, *values: object) -> None:
+    def _update(self, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None) -> None:
         with self._write() as db:
             db.execute(f"UPDATE events SET {assignments} WHERE id IN ({','.join('?' * len(batch.ids))})",
                        (*values, *batch.ids))
+            if exchange is not None:
+                self.conversations.finish(db, exchange)
 
     # -- observation ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, float | int]:
@@ -254,3 +238,8 @@ def _to_json(message: IncomingMessage) -> str:
 def _from_json(text: str) -> IncomingMessage:
     data = json.loads(text)
     return IncomingMessage(**{**data, "attachment_types": tuple(data["attachment_types"])})
+
+
+def open_store(config: Config) -> SQLiteStore:
+    """The store as the settings describe it (path, attempts, tracking)."""
+    return SQLiteStore(config.database_path, max_attempts=config.max_attempts, tracking=bool(config.tracking_url))

@@ -28,10 +28,15 @@ CHAT_COMPLETIONS = "/chat/completions"
 
 @dataclass(frozen=True)
 class Reply:
-    """The text to send; `error_class` names the failure when it is the fallback."""
+    """The text to send; `error_class` names the failure when it is the fallback.
+
+    `usage` is (prompt, completion, total) tokens as the server counted them.
+    """
 
     text: str
     error_class: str | None = None
+    model: str | None = None
+    usage: tuple[int | None, int | None, int | None] = (None, None, None)
 
 
 class EmptyCompletion(Exception):
@@ -65,7 +70,8 @@ class ReplyGenerator:
         try:
             completion = self.client.post(CHAT_COMPLETIONS, cast_to=ChatCompletion,
                                           body={"messages": list(messages), **self.settings.to_params()})
-            return Reply(to_reply_text(completion))
+            return Reply(to_reply_text(completion), model=getattr(completion, "model", None) or self.settings.model,
+                         usage=_usage(completion))
         except Exception as exc:  # noqa: BLE001 - every failure must end in the fallback
             self._log_failure(exc)
             return Reply(self.fallback, error_class=type(exc).__name__)
@@ -81,6 +87,12 @@ class ReplyGenerator:
                 log.write(f"{stamp} ERROR {line}\n")
         except OSError as write_error:
             logger.error("cannot write %s: %s", self.error_log_file, type(write_error).__name__)
+
+
+def _usage(completion: Any) -> tuple[int | None, int | None, int | None]:
+    usage = getattr(completion, "usage", None)
+    return (getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None),
+            getattr(usage, "total_tokens", None))
 
 
 def to_reply_text(completion: Any) -> str:

@@ -36,11 +36,24 @@ class IncomingMessage:
 
 
 @dataclass(frozen=True)
+class Echo:
+    """A message the Page sent (message_echoes): the bot's own reply, or a person in the inbox."""
+
+    psid: str  # the user it went to
+    mid: str
+    text: str
+    timestamp_ms: int
+    app_id: str | None  # the app that sent it; absent for some inbox tools
+    metadata: str | None  # what the sender put in `message.metadata`
+
+
+@dataclass(frozen=True)
 class Delivery:
-    """One parsed POST: the messages to answer and how many events were ignored."""
+    """One parsed POST: the messages to answer, the Page's echoes, how many events were ignored."""
 
     messages: tuple[IncomingMessage, ...]
     ignored: int
+    echoes: tuple[Echo, ...] = ()
 
 
 def parse_delivery(payload: Any) -> Delivery:
@@ -51,17 +64,34 @@ def parse_delivery(payload: Any) -> Delivery:
         raise BadPayload("object must be 'page'")
     entries = _list_of_objects(payload.get("entry"), "entry")
     messages: list[IncomingMessage] = []
+    echoes: list[Echo] = []
     ignored = 0
     for entry in entries:
         # `standby` events belong to a thread another app owns: watch, never answer.
         ignored += len(_list_of_objects(entry.get("standby", []), "standby"))
         for event in _list_of_objects(entry.get("messaging", []), "messaging"):
             message = to_incoming_message(event)
-            if message is None:
-                ignored += 1
-            else:
+            if message is not None:
                 messages.append(message)
-    return Delivery(tuple(messages), ignored)
+                continue
+            ignored += 1  # not to answer; an echo is still worth knowing about
+            echo = to_echo(event)
+            if echo is not None:
+                echoes.append(echo)
+    return Delivery(tuple(messages), ignored, tuple(echoes))
+
+
+def to_echo(event: dict) -> Echo | None:
+    """The Page's own message in an echo event, or None for any other event."""
+    body = event.get("message")
+    if not isinstance(body, dict) or not is_echo(body):
+        return None
+    app_id, metadata = body.get("app_id"), body.get("metadata")
+    return Echo(
+        psid=_recipient(event), mid=_mid(body, required=True), text=str(body.get("text") or ""),
+        timestamp_ms=to_timestamp_ms(event.get("timestamp")),
+        app_id=None if app_id is None else str(app_id), metadata=metadata if isinstance(metadata, str) else None,
+    )
 
 
 def to_incoming_message(event: dict) -> IncomingMessage | None:

@@ -17,6 +17,9 @@ import requests.adapters
 
 logger = logging.getLogger(__name__)
 
+# Put on every reply: Meta returns it in the echo, so the bot knows its own messages
+# from a person's in the Page inbox (human takeover).
+REPLY_METADATA = "messenger-gpt-bot"
 MAX_TEXT_LENGTH = 2000  # Send API: "(#100) Length of param message[text] must be ... <= 2000"
 HISTORY_FIELDS = "messages.limit({limit}){{message,from,created_time}}"
 
@@ -108,7 +111,7 @@ class GraphClient:
         data = self._request("POST", "me/messages", json={
             "recipient": {"id": psid},
             "messaging_type": "RESPONSE",
-            "message": {"text": text},
+            "message": {"text": text, "metadata": REPLY_METADATA},
         })
         return data.get("message_id")
 

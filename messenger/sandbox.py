@@ -29,7 +29,8 @@ from messenger.emulator.page import SandboxPage
 logger = logging.getLogger("messenger.sandbox")
 
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
-USERS = {"2000000000000101": "Ana", "2000000000000102": "Ben", "2000000000000103": "Chlo\u00e9"}
+USERS = {"2000000000000101": "Ana", "2000000000000102": "Ben", "2000000000000103": "Chlo\u00e9",
+         "2000000000000104": "Dev"}
 OFFLINE_KEY = "sandbox-offline-model"
 SANDBOX_APP_ID = "900000000000001"
 

@@ -1,6 +1,7 @@
 """Shared fixtures: fake Graph and OpenAI servers, a Config aimed at them, the real app."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,25 @@ def post_signed(client, body: bytes, secret: str = APP_SECRET, header: str = "X-
     algorithm = "sha1" if header == "X-Hub-Signature" else "sha256"
     return client.post("/webhook", data=body, content_type="application/json",
                        headers={header: sign(body, secret, algorithm), **headers})
+
+
+def text_body(mid: str, text: str, psid: str = PSID, timestamp: int = 1763893200001) -> bytes:
+    """A webhook body in Meta's shape for one text message."""
+    event = {"sender": {"id": psid}, "recipient": {"id": PAGE_ID}, "timestamp": timestamp,
+             "message": {"mid": mid, "text": text}}
+    return json.dumps({"object": "page", "entry": [{"id": PAGE_ID, "time": timestamp, "messaging": [event]}]}).encode()
+
+
+def echo_body(mid: str, text: str, psid: str = PSID, app_id: int | None = None, metadata: str | None = None,
+              timestamp: int = 1763893200001) -> bytes:
+    """What Meta sends (message_echoes) for a message the Page sent to `psid`."""
+    message = {"mid": mid, "is_echo": True, "text": text}
+    if app_id is not None:
+        message["app_id"] = app_id
+    if metadata is not None:
+        message["metadata"] = metadata
+    event = {"sender": {"id": PAGE_ID}, "recipient": {"id": psid}, "timestamp": timestamp, "message": message}
+    return json.dumps({"object": "page", "entry": [{"id": PAGE_ID, "time": timestamp, "messaging": [event]}]}).encode()
 
 
 def wait_for(predicate, seconds: float = 5.0) -> bool:

@@ -9,16 +9,8 @@ from bot.store import SQLiteStore
 from messenger.events import TEXT, IncomingMessage
 from messenger.graph import GraphAPIError, is_retryable
 from messenger.signature import sign
-from tests.conftest import APP_SECRET, PSID, answer_queue, fixture_bytes, post_signed, replay, wait_for
+from tests.conftest import APP_SECRET, PSID, answer_queue, fixture_bytes, post_signed, replay, text_body, wait_for
 from messenger.emulator import completion, graph_error, json_response
-
-
-def text_body(mid: str, text: str, psid: str = PSID, timestamp: int = 1763893200001) -> bytes:
-    """A webhook body in Meta's shape for one text message."""
-    event = {"sender": {"id": psid}, "recipient": {"id": "1000000000000001"}, "timestamp": timestamp,
-             "message": {"mid": mid, "text": text}}
-    return json.dumps({"object": "page", "entry": [{"id": "1000000000000001", "time": timestamp,
-                                                    "messaging": [event]}]}).encode()
 
 
 def store_states(client):

@@ -202,7 +202,7 @@ def test_send_request_shape(client, graph):
     [send] = [c for c in graph.calls if c.body and "message" in c.body]
     assert send.method == "POST" and send.path == "/v26.0/me/messages"
     assert send.body == {"recipient": {"id": PSID}, "messaging_type": "RESPONSE",
-                         "message": {"text": "Hello from the model."}}
+                         "message": {"text": "Hello from the model.", "metadata": "messenger-gpt-bot"}}
 
 
 def test_graph_error_carries_diagnostics(client, graph, caplog):

@@ -10,8 +10,7 @@ import requests
 
 from bot.store import SQLiteStore
 from messenger.signature import sign
-from tests.conftest import APP_SECRET, PSID, base_env
-from tests.test_delivery import text_body
+from tests.conftest import APP_SECRET, PSID, base_env, echo_body, text_body
 from tests.test_gunicorn import free_port, is_up, start_gunicorn, wait_until
 
 
@@ -189,3 +188,19 @@ def test_metrics_and_health_sum_every_process(make_bot, graph, model):
     health = requests.get(bot.url + "/healthz", timeout=5).json()
     assert (health["queue_depth"], health["in_flight"]) == (0, 0)
     assert 0 <= health["dispatcher_seen_s_ago"] < 5  # the reply process is alive
+
+
+def test_rate_limit_and_takeover_hold_across_workers(make_bot, graph, model):
+    bot = make_bot(WEB_CONCURRENCY="2", RATE_LIMIT="2/minute").start()
+    now = int(time.time() * 1000)
+    for n, replies in ((1, 1), (2, 2), (3, 3)):  # each POST on a new connection: any worker takes it
+        assert bot.post(text_body(f"m_limit_{n}", f"question {n}", PSID, now + n)).status_code == 200
+        assert wait_until(lambda: len(graph.sent_texts(PSID)) == replies), bot.log_text()
+    assert bot.post(text_body("m_limit_4", "question 4", PSID, now + 4)).status_code == 200
+    other = "2000000000000002"
+    assert bot.post(echo_body("m_person", "A person answers", other, app_id=1, timestamp=now)).status_code == 200
+    assert bot.post(text_body("m_other", "Thanks!", other, now + 5)).status_code == 200
+    assert wait_until(lambda: bot.states().get("m_limit_4") == "done" and bot.states().get("m_other") == "done")
+    assert len(model.requests) == 2  # two answers; the notice, the 4th and the paused user cost no model call
+    assert graph.sent_texts(PSID)[2].startswith("You are writing faster")
+    assert graph.sent_texts(other) == [] and len(graph.sent_texts()) == 3

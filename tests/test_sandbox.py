@@ -1,6 +1,7 @@
 """`python -m messenger.sandbox`: the bot and the emulator wired together, no account, no settings."""
 import subprocess
 import sys
+import time
 
 import requests
 
@@ -55,6 +56,17 @@ def test_postback_and_image(sandbox):
     assert requests.post(f"{sandbox.url}/api/users/{chloe}/image", json={}, timeout=5).status_code == 202
     assert wait_for(lambda: len(bot_replies(sandbox, chloe)) == 2, 10)
     assert bot_replies(sandbox, chloe)[1].startswith("Sorry, I can only read text")
+
+
+def test_a_reply_from_the_page_inbox_pauses_the_bot(sandbox):
+    dev = list(USERS)[3]
+    assert say(sandbox, dev, "A person will answer you", "inbox").status_code == 202
+    assert wait_for(lambda: any(e["body"]["entry"][0]["messaging"][0]["message"].get("is_echo")
+                                for e in sandbox.events("webhook", dev)), 5)
+    say(sandbox, dev, "Thank you, person!")
+    assert wait_for(lambda: len([e for e in sandbox.events("webhook", dev) if e["status"] == 200]) == 2, 5)
+    time.sleep(1.5)  # the offline model answers in 0.8 s: a reply would be here by now
+    assert bot_replies(sandbox, dev) == [] and sandbox.events("model", dev) == []
 
 
 def test_bad_requests_to_the_page_get_a_4xx(sandbox):

@@ -1,0 +1,71 @@
+"""`python -m bot export --since 2026-11-01 --format csv`: the exchange log, to stdout or a file.
+
+One record per answered batch (a burst answered with one reply is one record,
+its messages one per line in user_message); timestamps in ISO 8601 UTC.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+from bot.conversations import EXPORT_COLUMNS
+from bot.store import SQLiteStore
+from config import parse_seconds, read_environment
+
+
+def parse_moment(text: str) -> int:
+    """`2026-11-01`, `2026-11-01T08:00:00Z` (naive = UTC) or an age such as `7d` / `24h`, in ms."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        age = parse_seconds(text, bare_unit=None)
+        if age is None:
+            raise argparse.ArgumentTypeError(f"not a date, a time or an age: {text!r} (e.g. 2026-11-01 or 7d)") from None
+        return int((time.time() - age) * 1000)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+def export(args: argparse.Namespace) -> int:
+    data_dir = args.data_dir or read_environment().get("DATA_DIR", "data")
+    path = os.path.join(data_dir, "bot.sqlite3")
+    if not os.path.isfile(path):
+        print(f"no database at {path}: set DATA_DIR (or --data-dir) to the bot's data folder", file=sys.stderr)
+        return 2
+    records = SQLiteStore(path).conversations.export(args.since or 0, args.until)
+    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    try:
+        if args.format == "csv":
+            writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(records)
+        else:
+            for record in records:
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bot")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("export", help="write the exchange log as JSON lines or CSV")
+    command.add_argument("--since", type=parse_moment, help="from this date/time (UTC) or age (7d, 24h)")
+    command.add_argument("--until", type=parse_moment, help="up to (not including) this date/time or age")
+    command.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    command.add_argument("--output", help="a file to write (default: standard output)")
+    command.add_argument("--data-dir", help="the bot's DATA_DIR (default: from the environment or .env)")
+    args = parser.parse_args(argv)
+    return export(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The one schema of the bot's SQLite file, as migrations: version N is SCHEMA[N-1].
+
+Never edit a shipped version; append a new one (Database runs what a file lacks).
+Columns of note:
+  events.state        pending / working / done / failed (see bot/store.py)
+  mirror.author       user, bot (its own replies), human (a person or another app on the Page's side)
+  users.synced_at     when Graph history was last imported into the mirror
+  users.reset_at_ms   history up to this moment is left out of prompts (the user wrote RESET_WORD)
+  users.paused_until  a human answered from the Page: the bot stays silent until then
+  interactions.tracking  NULL: not sent anywhere; 'waiting' for TRACKING_URL; 'sent'
+  graph_budget.next_at   the earliest moment of the next Conversations API read (all processes)
+"""
+
+SCHEMA = [
+    # version 1: the delivery queue
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        dedupe_key TEXT NOT NULL UNIQUE,
+        psid TEXT NOT NULL,
+        message TEXT NOT NULL,
+        timestamp_ms INTEGER NOT NULL,
+        received_at REAL NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        available_at REAL NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        batch_id INTEGER,
+        owner TEXT,
+        lease_until REAL,
+        reply TEXT,
+        sent_parts INTEGER NOT NULL DEFAULT 0,
+        finished_at REAL,
+        error TEXT
+    );
+    CREATE INDEX events_open ON events (state, psid, timestamp_ms, id);
+    CREATE INDEX events_queue ON events (state, id);
+    CREATE INDEX events_batch ON events (batch_id);
+    """,
+    # version 2: dispatchers say they are alive, for /healthz
+    """
+    CREATE TABLE dispatchers (owner TEXT PRIMARY KEY, seen_at REAL NOT NULL);
+    """,
+    # version 3: the conversation store - the mirror of every message, what the bot
+    # knows of each user, one record per exchange, the shared Graph read budget
+    """
+    CREATE INDEX events_user ON events (psid, timestamp_ms);
+    CREATE TABLE mirror (
+        mid TEXT PRIMARY KEY,
+        psid TEXT NOT NULL,
+        author TEXT NOT NULL,
+        text TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX mirror_user ON mirror (psid, at_ms);
+    CREATE TABLE users (
+        psid TEXT PRIMARY KEY,
+        synced_at REAL,
+        reset_at_ms INTEGER,
+        paused_until REAL,
+        rate_notice_at REAL,
+        budget_notice_day TEXT
+    );
+    CREATE TABLE interactions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        psid TEXT NOT NULL,
+        user_message TEXT NOT NULL,
+        user_timestamp INTEGER NOT NULL,
+        bot_message TEXT,
+        bot_timestamp INTEGER,
+        model TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        total_tokens INTEGER,
+        latency_ms INTEGER,
+        outcome TEXT NOT NULL,
+        tracking TEXT,
+        track_attempts INTEGER NOT NULL DEFAULT 0,
+        track_after REAL NOT NULL DEFAULT 0
+    );
+    CREATE INDEX interactions_time ON interactions (user_timestamp);
+    CREATE INDEX interactions_user ON interactions (psid, user_timestamp);
+    CREATE INDEX interactions_tracking ON interactions (tracking, track_after);
+    CREATE TABLE graph_budget (id INTEGER PRIMARY KEY CHECK (id = 1), next_at REAL NOT NULL);
+    """,
+]

@@ -1,0 +1,66 @@
+"""TRACKING_URL: each exchange record POSTed as JSON, in the background, with retries.
+
+The records wait in the store (interactions.tracking = 'waiting') until the
+endpoint answers 2xx, so a slow or failing endpoint never delays a reply and
+loses nothing; a record is sent again only if the endpoint's 2xx never arrived.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+
+import requests
+
+from bot import metrics
+from bot.conversations import Conversations
+
+logger = logging.getLogger(__name__)
+
+RETRY_CAP_S = 300.0
+
+
+class Tracker:
+    def __init__(self, conversations: Conversations, url: str, timeout: float = 5.0, interval: float = 1.0,
+                 retry_base: float = 1.0):
+        self.conversations = conversations
+        self.url = url
+        self.timeout = timeout
+        self.interval = interval
+        self.retry_base = retry_base
+        self._session = requests.Session()
+        self._failing = False  # log the first failure of an outage, and its end
+
+    def start(self, stopping: threading.Event) -> None:
+        threading.Thread(target=self._loop, args=(stopping,), name="tracking", daemon=True).start()
+
+    def _loop(self, stopping: threading.Event) -> None:
+        while not stopping.wait(self.interval):
+            try:
+                self.send_waiting()
+            except sqlite3.Error as exc:
+                logger.error("tracking: cannot read the exchange log: %s", exc)
+
+    def send_waiting(self) -> int:
+        """POST what is due, oldest first; stop at the first failure and retry later."""
+        sent = 0
+        for record_id, record in self.conversations.waiting_for_tracking():
+            try:
+                response = self._session.post(self.url, json=record, timeout=self.timeout)
+                ok, why = response.ok, f"HTTP {response.status_code}"
+            except requests.RequestException as exc:
+                ok, why = False, type(exc).__name__
+            if not ok:
+                metrics.TRACKING.labels("failed").inc()
+                self.conversations.tracking_failed(record_id, self.retry_base, RETRY_CAP_S)
+                if not self._failing:
+                    logger.warning("tracking endpoint failed (%s); records wait in the store and are retried", why)
+                self._failing = True
+                return sent
+            metrics.TRACKING.labels("sent").inc()
+            self.conversations.tracked(record_id)
+            if self._failing:
+                logger.info("tracking endpoint answers again")
+            self._failing = False
+            sent += 1
+        return sent

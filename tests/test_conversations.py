@@ -1,0 +1,333 @@
+"""The conversation store: mirror, Graph budget, exchange log, export, tracking, limits, takeover, reset."""
+import csv
+import io
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from werkzeug.wrappers import Response
+
+from bot.app import create_app
+from bot.conversations import EXPORT_COLUMNS
+from bot.schema import SCHEMA
+from bot.sqlite import Database
+from bot.store import SQLiteStore
+from bot.tracking import Tracker
+from config import ConfigError, load_config
+from messenger.emulator import LocalServer, completion, graph_error, json_response
+from messenger.graph import REPLY_METADATA
+from tests.conftest import PSID, ROOT, answer_queue, echo_body, post_signed, text_body, wait_for
+
+OTHER = "2000000000000002"
+
+
+def say(client, n, text=None, psid=PSID, at=None):
+    """User `psid` writes message number n (stamped just now, as Meta does), and the bot answers."""
+    at = at or int(time.time() * 1000) - 100 + n
+    post_signed(client, text_body(f"m_{psid[-3:]}_{n}", text or f"question {n}", psid, at))
+    answer_queue(client)
+
+
+def conversations(client):
+    return client.application.extensions["dispatcher"].store.conversations
+
+
+def log(client):
+    return list(conversations(client).export())
+
+
+# -- 1. the mirror ------------------------------------------------------------------------------
+def test_the_mirror_answers_after_the_first_graph_read(client, graph, model):
+    graph.add_message(PSID, "Do you deliver?")
+    graph.add_message(PSID, "Yes, within 5 km.", from_page=True)
+    say(client, 1, "And on Sunday?")
+    say(client, 2, "What about Monday?")
+    assert len(graph.history_calls()) == 1  # the second prompt came from the mirror
+    assert model.requests[1]["json"]["messages"][:-1] == [
+        {"role": "user", "content": "Do you deliver?"},
+        {"role": "assistant", "content": "Yes, within 5 km."},
+        {"role": "user", "content": "And on Sunday?"},
+        {"role": "assistant", "content": "Hello from the model."},
+    ]
+    assert model.requests[1]["json"]["messages"][-1]["content"].endswith(": What about Monday?")
+
+
+def test_a_mirror_older_than_the_max_age_is_read_again(make_client, graph):
+    client = make_client(MIRROR_MAX_AGE="0s", GRAPH_READS_PER_SECOND="1000")
+    say(client, 1)
+    say(client, 2)
+    assert len(graph.history_calls()) == 2
+
+
+def test_the_graph_budget_is_shared_and_spent_reads_fall_back_to_the_mirror(make_client, graph, model):
+    client = make_client(GRAPH_READS_PER_SECOND="2")
+    users = [f"20000000000001{i:02d}" for i in range(6)]
+    for i, psid in enumerate(users):
+        post_signed(client, text_body(f"m_burst_{i}", f"hello {i}", psid, int(time.time() * 1000) + i))
+    answer_queue(client)
+    assert len(graph.history_calls()) == 1  # one read within the budget; five answered from the mirror
+    assert sorted(to for to, _ in graph.delivered) == sorted(users)
+    time.sleep(0.6)
+    post_signed(client, text_body("m_burst_later", "again", users[1], int(time.time() * 1000) + 10))
+    answer_queue(client)
+    assert [c.args["user_id"] for c in graph.history_calls()] == [users[0], users[1]]
+
+
+def test_a_graph_rate_limit_error_answers_from_the_mirror(client, graph, model):
+    graph.fail_next("history", graph_error(613, "Calls to this api have exceeded the rate limit."))
+    say(client, 1)
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+    assert log(client)[0]["outcome"] == "answered"
+
+
+def test_the_pages_echoes_enter_the_mirror(client, graph, model):
+    say(client, 1)
+    post_signed(client, echo_body("m_inbox_1", "A person wrote this.", app_id=263902037430900))
+    post_signed(client, echo_body("m_own_1", "An echo of the bot.", metadata=REPLY_METADATA))
+    history = conversations(client).history(PSID, "1000000000000001", 10, None)
+    assert {h.mid: h.from_id for h in history}.get("m_inbox_1") == "1000000000000001"
+    assert "m_own_1" in {h.mid for h in history}
+
+
+# -- 2. the exchange log and its export ------------------------------------------------------------
+def test_one_record_per_exchange_with_usage_latency_and_outcome(client, graph, model):
+    say(client, 1, "Hi")
+    model.scripted.append(json_response({"error": {"message": "boom"}}, 500))
+    say(client, 2, "Still there?")
+    image = {"attachments": [{"type": "image", "payload": {"url": "https://example.com/y.png"}}]}
+    body = text_body("m_image", "", PSID, int(time.time() * 1000) - 100 + 3)
+    post_signed(client, body.replace(b'"text": ""', json.dumps(image)[1:-1].encode()))
+    answer_queue(client)
+    graph.fail_next("send", graph_error(551, "This person isn't available right now.", subcode=1545041))
+    say(client, 4, "Hello?")
+    records = log(client)
+    assert [r["outcome"] for r in records] == ["answered", "fallback", "unsupported", "failed"]
+    first = records[0]
+    assert (first["psid"], first["user_message"], first["bot_message"], first["model"]) == \
+        (PSID, "Hi", "Hello from the model.", "test-model")
+    assert (first["prompt_tokens"], first["completion_tokens"], first["total_tokens"]) == (10, 5, 15)
+    assert first["user_timestamp"].endswith("Z") and first["bot_timestamp"] >= first["user_timestamp"]
+    assert first["latency_ms"] >= 0
+    assert records[1]["bot_message"] == "please try again later"
+    assert records[2]["user_message"] == "[image]"
+    assert records[3]["bot_message"] is None and records[3]["bot_timestamp"] is None
+
+
+def run_export(data_dir, *args):
+    return subprocess.run([sys.executable, "-m", "bot", "export", "--data-dir", str(data_dir), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_export_writes_jsonl_and_csv_with_the_documented_columns(client, env):
+    say(client, 1, "Bonjour, \u00e7a va ?")
+    say(client, 2, "Line one, \"quoted\"")
+    as_csv = run_export(env["DATA_DIR"], "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert as_csv.returncode == 0 and tuple(rows[0]) == EXPORT_COLUMNS
+    assert [r["user_message"] for r in rows] == ["Bonjour, \u00e7a va ?", "Line one, \"quoted\""]
+    as_jsonl = run_export(env["DATA_DIR"], "--since", "7d")
+    assert [json.loads(line)["outcome"] for line in as_jsonl.stdout.splitlines()] == ["answered", "answered"]
+    assert run_export(env["DATA_DIR"], "--since", "2999-01-01").stdout == ""
+    bad = run_export(env["DATA_DIR"], "--since", "yesterday-ish")
+    assert bad.returncode == 2 and "not a date, a time or an age" in bad.stderr
+    missing = run_export(os.path.join(env["DATA_DIR"], "nope"))
+    assert missing.returncode == 2 and "no database at" in missing.stderr
+
+
+def test_retention_deletes_old_records_but_keeps_those_waiting_for_tracking(make_client, tmp_path):
+    client = make_client(RETENTION_DAYS="30")
+    old = int(time.time() * 1000) - 40 * 86400 * 1000
+    say(client, 1, "old question", at=old)
+    say(client, 2, "new question")
+    client.application.extensions["dispatcher"].prune()
+    assert [r["user_message"] for r in log(client)] == ["new question"]
+    db = sqlite3.connect(tmp_path / "data" / "bot.sqlite3")
+    assert db.execute("SELECT COUNT(*) FROM mirror WHERE text = 'old question'").fetchone()[0] == 0
+    tracked = make_client(RETENTION_DAYS="30", TRACKING_URL="http://127.0.0.1:9/track")
+    say(tracked, 3, "old but not yet tracked", at=old)
+    tracked.application.extensions["dispatcher"].prune()
+    assert "old but not yet tracked" in [r["user_message"] for r in log(tracked)]
+
+
+# -- 3. the tracking endpoint ----------------------------------------------------------------------
+class Endpoint(LocalServer):
+    def __init__(self, statuses=(), sleep=0.0):
+        super().__init__()
+        self.statuses, self.sleep = list(statuses), sleep
+        self.received: list[tuple[int, dict]] = []
+
+    def handle(self, request):
+        time.sleep(self.sleep)
+        status = self.statuses.pop(0) if self.statuses else 200
+        self.received.append((status, request.get_json()))
+        return Response("", status)
+
+
+@pytest.fixture
+def endpoint():
+    server = Endpoint().start()
+    yield server
+    server.stop()
+
+
+def test_tracking_is_retried_while_the_endpoint_is_down_then_delivered_once(make_client, endpoint, caplog):
+    endpoint.statuses = [503, 503]
+    client = make_client(TRACKING_URL=endpoint.url + "/track")
+    say(client, 1, "Hi")
+    tracker = Tracker(conversations(client), endpoint.url + "/track", retry_base=0.05)
+    with caplog.at_level(logging.WARNING):
+        assert wait_for(lambda: tracker.send_waiting() or any(s == 200 for s, _ in endpoint.received), 5)
+    assert [s for s, _ in endpoint.received] == [503, 503, 200]
+    record = endpoint.received[-1][1]
+    assert {k: record[k] for k in ("session_id", "user_message", "bot_message", "engine")} == \
+        {"session_id": PSID, "user_message": "Hi", "bot_message": "Hello from the model.", "engine": "test-model"}
+    assert record["user_timestamp"].endswith("Z") and record["bot_timestamp"].endswith("Z")
+    assert tracker.send_waiting() == 0 and len(endpoint.received) == 3  # delivered once, never again
+    assert sum("tracking endpoint failed (HTTP 503)" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_slow_tracking_endpoint_never_delays_replies(env, graph, endpoint):
+    endpoint.sleep = 3.0
+    config = load_config({**env, "TRACKING_URL": endpoint.url + "/track"}, env_file=None)
+    app = create_app(config, replies="threads")
+    try:
+        client = app.test_client()
+        post_signed(client, text_body("m_slow_1", "one", PSID, int(time.time() * 1000)))
+        time.sleep(1.2)  # the tracker is now stuck on the first record
+        started = time.monotonic()
+        post_signed(client, text_body("m_slow_2", "two", OTHER, int(time.time() * 1000)))
+        assert graph.wait_for_deliveries(2, 2.0)
+        assert time.monotonic() - started < 1.0
+    finally:
+        app.extensions["dispatcher"].stop(timeout=5)
+
+
+def test_an_unreachable_tracking_endpoint_is_a_warning(make_client, caplog):
+    client = make_client(TRACKING_URL="http://127.0.0.1:9/track")
+    say(client, 1)
+    with caplog.at_level(logging.WARNING):
+        assert Tracker(conversations(client), "http://127.0.0.1:9/track").send_waiting() == 0
+    assert "tracking endpoint failed (ConnectionError)" in caplog.text
+    assert log(client)[0]["outcome"] == "answered"
+
+
+# -- 4. per-user limits ------------------------------------------------------------------------------
+def test_rate_limit_sends_one_notice_per_window_and_skips_the_model(make_client, graph, model):
+    client = make_client(RATE_LIMIT="2/minute")
+    for n in range(1, 5):
+        say(client, n)
+    say(client, 1, psid=OTHER)  # another user has a budget of their own
+    assert len(model.requests) == 3
+    assert graph.sent_texts(PSID) == ["Hello from the model."] * 2 + [load_config_default("rate_limit_reply")]
+    assert [r["outcome"] for r in log(client) if r["psid"] == PSID] == \
+        ["answered", "answered", "rate-limited", "rate-limited"]
+    say(client, 5, "a minute later", at=int(time.time() * 1000) + 61_000)  # the window has passed
+    assert len(model.requests) == 4
+
+
+def test_daily_token_budget_stops_model_calls_with_one_notice(make_client, graph, model):
+    client = make_client(DAILY_TOKEN_BUDGET="20", RATE_LIMIT="off")
+    for n in range(1, 5):
+        say(client, n)
+    assert len(model.requests) == 2  # 15 tokens, then 30 >= 20
+    assert graph.sent_texts(PSID)[2:] == [load_config_default("budget_reply")]
+    assert [r["outcome"] for r in log(client)][2:] == ["over-budget", "over-budget"]
+
+
+def load_config_default(name):
+    from config import Config
+    return Config.__dataclass_fields__[name].default
+
+
+# -- 5. human takeover -------------------------------------------------------------------------------
+def test_a_human_echo_pauses_the_bot_and_its_own_echo_does_not(make_client, graph, model):
+    client = make_client(FB_APP_ID="4242")
+    post_signed(client, echo_body("m_own", "bot reply", metadata=REPLY_METADATA))
+    post_signed(client, echo_body("m_own_app", "bot reply", app_id=4242))
+    say(client, 1)
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+    post_signed(client, echo_body("m_person", "A person here", app_id=263902037430900))
+    say(client, 2, "Thanks, person!")
+    post_signed(client, echo_body("m_other_tool", "no app id at all", psid=OTHER))
+    say(client, 1, psid=OTHER)
+    assert graph.sent_texts() == ["Hello from the model."] and len(model.requests) == 1
+    assert [r["outcome"] for r in log(client)] == ["answered", "paused", "paused"]
+
+
+def test_the_pause_ends_and_each_human_message_extends_it(make_client, graph):
+    client = make_client(HUMAN_PAUSE="1s")
+    post_signed(client, echo_body("m_p1", "person", app_id=1))
+    time.sleep(0.6)
+    post_signed(client, echo_body("m_p2", "person again", app_id=1))
+    time.sleep(0.6)
+    say(client, 1)  # 1.2 s after the first, 0.6 s after the second: still paused
+    assert graph.sent_texts() == []
+    time.sleep(0.5)
+    say(client, 2)
+    assert graph.sent_texts() == ["Hello from the model."]
+
+
+def test_human_pause_off_never_pauses(make_client, graph):
+    client = make_client(HUMAN_PAUSE="off")
+    post_signed(client, echo_body("m_p1", "person", app_id=1))
+    say(client, 1)
+    assert graph.sent_texts() == ["Hello from the model."]
+
+
+# -- 6. reset ------------------------------------------------------------------------------------------
+def test_reset_starts_a_fresh_context(client, graph, model):
+    graph.add_message(PSID, "My name is Ana.")
+    graph.add_message(PSID, "Nice to meet you, Ana.", from_page=True)
+    say(client, 1, "What is my name?")
+    say(client, 2, "  RESET ")
+    assert graph.sent_texts(PSID)[-1] == load_config_default("reset_reply")
+    assert len(model.requests) == 1  # the confirmation needs no model
+    say(client, 3, "What is my name now?")
+    contents = [m["content"] for m in model.requests[-1]["json"]["messages"]]
+    assert not any("Ana" in c or "What is my name?" in c for c in contents)
+    assert contents[-1].endswith(": What is my name now?")
+    assert [r["outcome"] for r in log(client)] == ["answered", "reset", "answered"]
+
+
+# -- settings and schema -------------------------------------------------------------------------------
+def test_limit_settings_parse_and_bad_ones_are_named(env):
+    config = load_config({**env, "RATE_LIMIT": "10/hour", "HUMAN_PAUSE": "45", "MIRROR_MAX_AGE": "2h",
+                          "DAILY_TOKEN_BUDGET": "5000", "TRACKING_URL": "https://example.com/t"}, env_file=None)
+    assert (config.rate_limit, config.human_pause_seconds, config.mirror_max_age_seconds) == ((10, 3600.0), 2700.0,
+                                                                                                7200.0)
+    assert load_config({**env, "RATE_LIMIT": "off"}, env_file=None).rate_limit is None
+    with pytest.raises(ConfigError) as error:
+        load_config({**env, "RATE_LIMIT": "five a minute", "HUMAN_PAUSE": "soon", "TRACKING_URL": "ftp://x",
+                     "DAILY_TOKEN_BUDGET": "lots", "FB_APP_ID": "app"}, env_file=None)
+    message = str(error.value)
+    for problem in ("RATE_LIMIT must look like 5/minute", "HUMAN_PAUSE must be a duration",
+                    "TRACKING_URL must be an http(s) URL", "DAILY_TOKEN_BUDGET must be an integer",
+                    "FB_APP_ID must be digits only"):
+        assert problem in message
+
+
+def test_a_version_2_database_is_migrated_in_place(tmp_path):
+    path = str(tmp_path / "bot.sqlite3")
+    with Database(path, SCHEMA[:2]).write() as db:
+        db.execute("INSERT INTO events (dedupe_key, psid, message, timestamp_ms, received_at, state, reply)"
+                   " VALUES ('m_old', 'p', '{}', 1, 1, 'done', 'a plain-text reply')")
+    store = SQLiteStore(path)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 3
+    assert store.states() == {"m_old": "done"}
+    assert db.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 0
+
+
+def test_a_reply_in_parts_is_mirrored_part_by_part(client, graph, model):
+    paragraphs = [f"Part {i}. " + "bread " * 300 for i in range(3)]
+    model.scripted.append(json_response(completion("\n\n".join(paragraphs))))
+    say(client, 1)
+    say(client, 2)
+    history = [m["content"] for m in model.requests[-1]["json"]["messages"]]
+    assert [h.split(".")[0] for h in history[1:4]] == ["Part 0", "Part 1", "Part 2"]
+    assert log(client)[0]["bot_message"].count("Part") == 3  # the log keeps the whole reply
