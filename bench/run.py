@@ -8,6 +8,7 @@ request goes to 127.0.0.1; every loop is bounded in count and time.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bot.store import SQLiteStore  # noqa: E402
 from messenger.emulator import GraphEmulator, ModelStandIn  # noqa: E402
 from messenger.signature import sign  # noqa: E402
 
@@ -59,7 +61,8 @@ class Gunicorn:
             "FB_PAGE_ACCESS_TOKEN": PAGE_TOKEN, "FB_PAGE_ID": PAGE_ID, "FB_API_URL": graph.api_url,
             "OPENAI_API_KEY": ModelStandIn.API_KEY, "OPENAI_BASE_URL": model.base_url,
             "DATA_DIR": str(self.work / "data"), "ERROR_LOG_FILE": str(self.work / "errors.log"),
-            "LOG_LEVEL": "WARNING", **self.extra_env,
+            # The pipeline is measured, not the per-user limit (one user writes 20 times in overhead).
+            "LOG_LEVEL": "WARNING", "RATE_LIMIT": "off", **self.extra_env,
         }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), app],
@@ -141,6 +144,18 @@ def run_wrk(url: str, seconds: float, bodies: int) -> dict:
             "non_2xx": result["non_2xx"], "socket_errors": result["socket_errors"]}
 
 
+def signed_poster(url: str):
+    """post(body) -> status, signed as Meta signs, one keep-alive session per thread."""
+    sessions = threading.local()
+
+    def post(body: bytes) -> int:
+        session = getattr(sessions, "s", None) or requests.Session()
+        sessions.s = session
+        return session.post(url + "/webhook", data=body, timeout=10,
+                            headers={"X-Hub-Signature-256": sign(body, APP_SECRET)}).status_code
+    return post
+
+
 def scenario_floor(graph, model, args) -> dict:
     server = Gunicorn("bench.floor_app:app", graph, model, free_port())
     try:
@@ -172,13 +187,7 @@ def scenario_burst(graph, model, args) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     start_index = len(graph.delivered)
-    sessions = threading.local()
-
-    def post(body):
-        session = getattr(sessions, "s", None) or requests.Session()
-        sessions.s = session
-        return session.post(server.url + "/webhook", data=body, timeout=10,
-                            headers={"X-Hub-Signature-256": sign(body, APP_SECRET)}).status_code
+    post = signed_poster(server.url)
     try:
         started = time.monotonic()
         with ThreadPoolExecutor(CONNECTIONS) as pool:
@@ -220,8 +229,42 @@ def scenario_overhead(graph, model, args) -> dict:
         server.stop()
 
 
+def scenario_graph_rate_limit(graph, model, args) -> dict:
+    """Meta's ~2 Conversations calls/s per Page, enforced by the emulator; 200 users write 3 messages each."""
+    graph.conversations_per_second = 2
+    server = Gunicorn("server:app", graph, model, free_port())
+    users = [f"7{n:015d}" for n in range(200)]
+    rounds = [[text_body(r * 1000 + n, psid) for n, psid in enumerate(users)] for r in range(3)]
+    post = signed_poster(server.url)
+    try:
+        started = time.monotonic()
+        statuses = []
+        with ThreadPoolExecutor(CONNECTIONS) as pool:
+            for bodies in rounds:  # three messages per user, about a second apart
+                statuses += pool.map(post, bodies)
+                time.sleep(1.0)
+        store = SQLiteStore(str(server.work / "data" / "bot.sqlite3"))
+        total = sum(len(r) for r in rounds)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            states = list(store.states().values())
+            if len(states) == total and all(s in ("done", "failed") for s in states):
+                break
+            time.sleep(0.1)
+        drained = time.monotonic() - started
+        reads = graph.history_calls()
+        return {"scenario": "graph_rate_limit", "messages": total,
+                "answered": sum(s == "done" for s in store.states().values()), "replies": len(graph.delivered),
+                "users_answered": len({psid for psid, _ in graph.delivered}), "graph_reads": len(reads),
+                "graph_rate_limited": graph.rate_limited,
+                "max_reads_per_user": max(collections.Counter(c.args["user_id"] for c in reads).values(), default=0),
+                "drain_s": round(drained, 2), "non_2xx": sum(s != 200 for s in statuses)}
+    finally:
+        server.stop()
+
+
 SCENARIOS = {"floor": scenario_floor, "sustained": scenario_sustained, "burst": scenario_burst,
-             "overhead": scenario_overhead}
+             "overhead": scenario_overhead, "graph_rate_limit": scenario_graph_rate_limit}
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from bot.conversations import Conversations, UserState, utc_day, utc_day_start_m
 from gpt.prompt import to_chat_messages
 from gpt.reply import ReplyGenerator
 from messenger.events import IncomingMessage
-from messenger.graph import GraphAPIError, GraphClient, HistoryMessage
+from messenger.graph import RATE_LIMIT_CODES, GraphAPIError, GraphClient, HistoryMessage
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,8 @@ class Responder:
                 history = self.graph.fetch_history(psid, limit)
             except GraphAPIError as exc:
                 metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
+                if exc.code in RATE_LIMIT_CODES:
+                    self.conversations.hold_graph_reads()
                 # Answering from what the mirror has beats not answering at all.
                 logger.warning("history unavailable for psid=%s, answering from the mirror: %s", psid, exc)
             else:

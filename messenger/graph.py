@@ -43,6 +43,7 @@ class GraphAPIError(Exception):
 # Meta's error codes that a later try can fix: temporary failures and rate limits.
 # https://developers.facebook.com/docs/messenger-platform/error-codes
 RETRYABLE_CODES = frozenset({1, 2, 4, 17, 32, 613, 1200, 80001, 80006})
+RATE_LIMIT_CODES = frozenset({4, 17, 32, 613, 80001, 80006})
 # Code 1 with this subcode: "received invalid JSON reply" - the message may have gone out.
 MAYBE_DELIVERED_SUBCODES = frozenset({1357046})
 

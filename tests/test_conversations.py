@@ -28,7 +28,7 @@ OTHER = "2000000000000002"
 
 def say(client, n, text=None, psid=PSID, at=None):
     """User `psid` writes message number n (stamped just now, as Meta does), and the bot answers."""
-    at = at or int(time.time() * 1000) - 100 + n
+    at = at or int(time.time() * 1000) + n
     post_signed(client, text_body(f"m_{psid[-3:]}_{n}", text or f"question {n}", psid, at))
     answer_queue(client)
 
@@ -72,7 +72,7 @@ def test_the_graph_budget_is_shared_and_spent_reads_fall_back_to_the_mirror(make
     answer_queue(client)
     assert len(graph.history_calls()) == 1  # one read within the budget; five answered from the mirror
     assert sorted(to for to, _ in graph.delivered) == sorted(users)
-    time.sleep(0.6)
+    time.sleep(0.8)  # 2 reads/s, spaced 1.5 / 2 = 0.75 s apart
     post_signed(client, text_body("m_burst_later", "again", users[1], int(time.time() * 1000) + 10))
     answer_queue(client)
     assert [c.args["user_id"] for c in graph.history_calls()] == [users[0], users[1]]
@@ -100,7 +100,7 @@ def test_one_record_per_exchange_with_usage_latency_and_outcome(client, graph, m
     model.scripted.append(json_response({"error": {"message": "boom"}}, 500))
     say(client, 2, "Still there?")
     image = {"attachments": [{"type": "image", "payload": {"url": "https://example.com/y.png"}}]}
-    body = text_body("m_image", "", PSID, int(time.time() * 1000) - 100 + 3)
+    body = text_body("m_image", "", PSID, int(time.time() * 1000) + 3)
     post_signed(client, body.replace(b'"text": ""', json.dumps(image)[1:-1].encode()))
     answer_queue(client)
     graph.fail_next("send", graph_error(551, "This person isn't available right now.", subcode=1545041))
@@ -331,3 +331,12 @@ def test_a_reply_in_parts_is_mirrored_part_by_part(client, graph, model):
     history = [m["content"] for m in model.requests[-1]["json"]["messages"]]
     assert [h.split(".")[0] for h in history[1:4]] == ["Part 0", "Part 1", "Part 2"]
     assert log(client)[0]["bot_message"].count("Part") == 3  # the log keeps the whole reply
+
+
+def test_a_graph_rate_limit_error_holds_further_reads(make_client, graph):
+    client = make_client(GRAPH_READS_PER_SECOND="100")
+    graph.fail_next("history", graph_error(613, "Calls to this api have exceeded the rate limit."))
+    say(client, 1)
+    time.sleep(0.2)  # the normal spacing (15 ms) has passed; the hold has not
+    say(client, 1, psid=OTHER)
+    assert len(graph.history_calls()) == 1 and len(graph.sent_texts()) == 2

@@ -162,7 +162,8 @@ class GraphEmulator(LocalServer):
         if request.args.get("appsecret_proof") != self.proof:
             return graph_error(100, "Invalid appsecret_proof provided in the API argument")
         if request.method == "GET" and request.path == f"/{VERSION}/{self.page_id}/conversations":
-            return self._scripted("history") or self._rate_limit() or self._conversations(request)
+            # Meta counts a call when it arrives, before any of its own latency.
+            return self._rate_limit() or self._scripted("history") or self._conversations(request)
         if request.method == "POST" and request.path in (f"/{VERSION}/me/messages", f"/{VERSION}/{self.page_id}/messages"):
             kind = "action" if isinstance(body, dict) and "sender_action" in body else "send"
             return self._scripted(kind) or self._send(body)
