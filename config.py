@@ -102,6 +102,10 @@ class Config:
         return os.path.join(self.data_dir, "bot.sqlite3")
 
     @property
+    def inbox_dir(self) -> str:
+        return os.path.join(self.data_dir, "inbox")
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """The values that must never be written anywhere."""
         return (self.fb_verify_token, self.fb_app_secret, self.fb_page_access_token, self.openai_api_key)

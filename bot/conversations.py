@@ -136,6 +136,9 @@ class Conversations:
     def take_graph_read(self, per_second: float) -> bool:
         """One Conversations API read from the Page's budget, or False when it is spent for now."""
         now = time.time()
+        row = self._db().execute("SELECT next_at FROM graph_budget WHERE id = 1").fetchone()
+        if row and row[0] > now:
+            return False  # spent: no write lock taken (a burst of new users asks many times a second)
         with self._database.write() as db:
             row = db.execute("SELECT next_at FROM graph_budget WHERE id = 1").fetchone()
             if row and row[0] > now:

@@ -53,7 +53,7 @@ class Dispatcher:
 
     def __init__(self, store: SQLiteStore, responder: Responder, doorbell: Doorbell, *, threads: int,
                  lease_seconds: float = 30.0, retry_base: float = 1.0, retry_cap: float = 60.0,
-                 poll_interval: float = 0.2, retention_days: int = 0, tracker=None):
+                 poll_interval: float = 0.2, retention_days: int = 0, tracker=None, inbox_dir: str | None = None):
         self.store = store
         self.responder = responder
         self.doorbell = doorbell
@@ -63,6 +63,7 @@ class Dispatcher:
         self.poll_interval = poll_interval
         self.retention_days = retention_days
         self.tracker = tracker  # bot.tracking.Tracker, when TRACKING_URL is set
+        self.inbox_dir = inbox_dir  # the webhook processes' inbox files (bot/inbox.py)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._slots = threading.BoundedSemaphore(threads)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reply")
@@ -99,6 +100,7 @@ class Dispatcher:
     def run_pending(self) -> int:
         """Answer everything claimable now, in this thread (tests and one-off scripts)."""
         done = 0
+        self.drain()
         while (batch := self.store.claim(self.owner, self.lease_seconds)) is not None:
             self.process(batch)
             done += 1
@@ -121,10 +123,22 @@ class Dispatcher:
 
     def _try_claim(self) -> Batch | None:
         try:
+            self.drain()
             return self.store.claim(self.owner, self.lease_seconds)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             logger.error("claim failed, will poll again: %s", exc)
             return None
+
+    def drain(self) -> None:
+        """What the webhooks acknowledged, into the queue (redeliveries dropped here)."""
+        if not self.inbox_dir:
+            return
+        new, duplicates = self.store.drain(self.inbox_dir)
+        if new:
+            metrics.EVENTS.labels("accepted").inc(new)
+        if duplicates:
+            metrics.EVENTS.labels("duplicate").inc(duplicates)
+            logger.info("%d redelivered message(s) dropped", duplicates)
 
     def _run(self, batch: Batch) -> None:
         try:

@@ -19,7 +19,8 @@ def build_dispatcher(config: Config, store: SQLiteStore | None = None) -> Dispat
     tracker = Tracker(store.conversations, config.tracking_url) if config.tracking_url else None
     return Dispatcher(store, build_responder(config, store), Doorbell(config.database_path),
                       threads=config.reply_threads, lease_seconds=config.lease_seconds,
-                      retry_base=config.retry_base_seconds, retention_days=config.retention_days, tracker=tracker)
+                      retry_base=config.retry_base_seconds, retention_days=config.retention_days, tracker=tracker,
+                      inbox_dir=config.inbox_dir)
 
 
 def build_responder(config: Config, store: SQLiteStore) -> Responder:

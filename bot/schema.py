@@ -9,6 +9,7 @@ Columns of note:
   users.paused_until  a human answered from the Page: the bot stays silent until then
   interactions.tracking  NULL: not sent anywhere; 'waiting' for TRACKING_URL; 'sent'
   graph_budget.next_at   the earliest moment of the next Conversations API read (all processes)
+  inbox_offsets       bytes of each inbox file already in `events` (bot/inbox.py)
 """
 
 SCHEMA = [
@@ -81,5 +82,9 @@ SCHEMA = [
     CREATE INDEX interactions_user ON interactions (psid, user_timestamp);
     CREATE INDEX interactions_tracking ON interactions (tracking, track_after);
     CREATE TABLE graph_budget (id INTEGER PRIMARY KEY CHECK (id = 1), next_at REAL NOT NULL);
+    """,
+    # version 4: how far the reply process has read each webhook process's inbox file
+    """
+    CREATE TABLE inbox_offsets (source TEXT PRIMARY KEY, offset INTEGER NOT NULL);
     """,
 ]

@@ -3,7 +3,8 @@
 Why hand-written: the queues that run on SQLite (Huey, for one) delete a task
 when a worker takes it, so a crash mid-task loses it; none orders work per
 user or merges a user's waiting messages. This one keeps a row per message
-from the webhook's 200 until the reply is sent:
+from the moment the reply process drains it from the webhooks' inbox files
+(bot/inbox.py) until the reply is sent:
 
   pending --claim--> working --complete--> done
      ^                  |  \\--fail / too many attempts--> failed
@@ -15,12 +16,13 @@ answered, so replies go out in order and a burst gets one reply.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from bot import inbox
 from bot.conversations import Conversations, Exchange
 from bot.schema import SCHEMA
 from bot.sqlite import Database
@@ -44,17 +46,6 @@ class Batch:
     sent_parts: int = 0
 
 
-@dataclass
-class _PendingAdd:
-    """One webhook's messages waiting for the next group commit."""
-
-    messages: list[IncomingMessage]
-    echoes: list[tuple[Echo, bool, float]]
-    added: list[bool] = field(default_factory=list)
-    done: bool = False
-    error: sqlite3.Error | None = None
-
-
 def dedupe_key(message: IncomingMessage) -> str:
     """Meta's mid; a postback without one is keyed by who, when and what."""
     return message.mid or f"postback:{message.psid}:{message.timestamp_ms}:{message.text}"
@@ -70,43 +61,64 @@ class SQLiteStore:
         self.conversations = Conversations(self._database, tracking)
         self._write = self._database.write
         self._db = self._database.connection
-        self._pending: list[_PendingAdd] = []
-        self._pending_lock = threading.Lock()
 
     # -- the webhook's side --------------------------------------------------------------------
     def add(self, messages: Sequence[IncomingMessage], echoes: Sequence[tuple[Echo, bool, float]] = ()) -> list[bool]:
-        """Store messages to answer; False for each one already stored (a redelivery).
-        Echoes (echo, by_a_human, pause_until) go to the mirror in the same commit.
-
-        Group commit: concurrent webhook threads queue their messages, and the
-        first to get the writer lock commits everyone's in one transaction.
-        Each caller returns only once its own rows are committed.
-        """
-        entry = _PendingAdd(list(messages), list(echoes))
-        with self._pending_lock:
-            self._pending.append(entry)
-        with self._database.writer:
-            if not entry.done:
-                with self._pending_lock:
-                    group, self._pending = self._pending, []
-                self._insert(group)
-        if entry.error is not None:
-            raise entry.error
-        return entry.added
-
-    def _insert(self, group: list[_PendingAdd]) -> None:
+        """Store messages to answer (directly, without the inbox); False for each one already stored."""
         now = time.time()
-        try:
-            with self._database.transaction() as db:
-                for entry in group:
-                    entry.added = [self._insert_one(db, message, now) for message in entry.messages]
-                    if entry.echoes:
-                        Conversations.record_echoes(db, entry.echoes)
-        except sqlite3.Error as exc:
-            for entry in group:
-                entry.error = exc
-        for entry in group:
-            entry.done = True
+        with self._write() as db:
+            added = [self._insert_one(db, message, now) for message in messages]
+            if echoes:
+                Conversations.record_echoes(db, echoes)
+        return added
+
+    def drain(self, directory: str) -> tuple[int, int]:
+        """Move what the webhook processes appended to their inbox files into the queue.
+
+        Returns (new, duplicate) message counts. A file whose writer is gone is
+        deleted once read to its end (a torn last record was never acknowledged).
+        """
+        offsets = dict(self._db().execute("SELECT source, offset FROM inbox_offsets").fetchall())
+        new = duplicates = 0
+        for name in inbox.inbox_files(directory):
+            path = os.path.join(directory, name)
+            gone = inbox.writer_gone(path)  # checked first: a gone writer appends nothing more
+            start = offsets.get(name, 0)
+            records, used = inbox.read_records(inbox.read_from(path, start))
+            if records:
+                added = self._ingest(name, start + used, [inbox.decode(r) for r in records])
+                new, duplicates = new + sum(added), duplicates + len(added) - sum(added)
+            if gone:
+                with self._write() as db:
+                    db.execute("DELETE FROM inbox_offsets WHERE source = ?", (name,))
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        return new, duplicates
+
+    def inbox_backlog(self, directory: str) -> tuple[int, float | None]:
+        """Records not yet in the queue, and when the oldest of them was acknowledged."""
+        offsets = dict(self._db().execute("SELECT source, offset FROM inbox_offsets").fetchall())
+        count, oldest = 0, None
+        for name in inbox.inbox_files(directory):
+            records, _ = inbox.read_records(inbox.read_from(os.path.join(directory, name), offsets.get(name, 0)))
+            for record in records:
+                at = inbox.decode(record)[0]
+                count, oldest = count + 1, at if oldest is None else min(oldest, at)
+        return count, oldest
+
+    def _ingest(self, source: str, offset: int, records) -> list[bool]:
+        """Records from one inbox file and the new offset, in one transaction: each enters once."""
+        added: list[bool] = []
+        with self._write() as db:
+            for received_at, messages, echoes in records:
+                added += [self._insert_one(db, message, received_at) for message in messages]
+                if echoes:
+                    Conversations.record_echoes(db, echoes)
+            db.execute("INSERT INTO inbox_offsets (source, offset) VALUES (?, ?) ON CONFLICT (source)"
+                       " DO UPDATE SET offset = MAX(offset, excluded.offset)", (source, offset))
+        return added
 
     @staticmethod
     def _insert_one(db: sqlite3.Connection, message: IncomingMessage, now: float) -> bool:
@@ -214,15 +226,17 @@ class SQLiteStore:
                 self.conversations.finish(db, exchange)
 
     # -- observation ----------------------------------------------------------------------------------
-    def stats(self) -> dict[str, float | int]:
-        """Queue depth, in-flight count and the age of the oldest pending message."""
+    def stats(self, inbox_dir: str | None = None) -> dict[str, float | int]:
+        """Queue depth (inbox records not drained yet included), in-flight count and the age
+        of the oldest pending message."""
         row = self._db().execute(
             "SELECT SUM(state = 'pending'), SUM(state = 'working'), MIN(CASE WHEN state = 'pending'"
             " THEN received_at END), SUM(state = 'failed') FROM events WHERE state IN ('pending', 'working', 'failed')"
         ).fetchone()
-        oldest = row[2]
+        waiting, oldest = self.inbox_backlog(inbox_dir) if inbox_dir else (0, None)
+        oldest = min(filter(None, (row[2], oldest)), default=None)
         seen = self._db().execute("SELECT MAX(seen_at) FROM dispatchers").fetchone()[0]
-        return {"queue_depth": row[0] or 0, "in_flight": row[1] or 0, "failed": row[3] or 0,
+        return {"queue_depth": (row[0] or 0) + waiting, "in_flight": row[1] or 0, "failed": row[3] or 0,
                 "oldest_pending_age_s": round(time.time() - oldest, 3) if oldest else 0.0,
                 "dispatcher_seen_s_ago": round(time.time() - seen, 1) if seen else None}
 

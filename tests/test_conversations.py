@@ -89,6 +89,7 @@ def test_the_pages_echoes_enter_the_mirror(client, graph, model):
     say(client, 1)
     post_signed(client, echo_body("m_inbox_1", "A person wrote this.", app_id=263902037430900))
     post_signed(client, echo_body("m_own_1", "An echo of the bot.", metadata=REPLY_METADATA))
+    answer_queue(client)  # the reply side drains the webhooks' inbox
     history = conversations(client).history(PSID, "1000000000000001", 10, None)
     assert {h.mid: h.from_id for h in history}.get("m_inbox_1") == "1000000000000001"
     assert "m_own_1" in {h.mid for h in history}
@@ -318,7 +319,7 @@ def test_a_version_2_database_is_migrated_in_place(tmp_path):
                    " VALUES ('m_old', 'p', '{}', 1, 1, 'done', 'a plain-text reply')")
     store = SQLiteStore(path)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 4
     assert store.states() == {"m_old": "done"}
     assert db.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 0
 

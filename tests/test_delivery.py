@@ -21,8 +21,10 @@ def store_states(client):
 def test_webhook_stores_and_acknowledges_without_calling_anything(client, graph, model):
     response = post_signed(client, fixture_bytes("text"))
     assert response.status_code == 200
-    assert store_states(client) == {"m_text_0001": "pending"}
+    assert client.get("/healthz").get_json()["queue_depth"] == 1  # in the webhook's inbox file
     assert graph.calls == [] and model.requests == []
+    client.application.extensions["dispatcher"].drain()
+    assert store_states(client) == {"m_text_0001": "pending"}
     answer_queue(client)
     assert store_states(client) == {"m_text_0001": "done"}
     assert graph.sent_texts(PSID) == ["Hello from the model."]

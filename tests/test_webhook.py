@@ -89,6 +89,16 @@ def test_bad_bodies_are_400_and_app_keeps_serving(client, graph, body, reason):
     assert graph.sent_texts(PSID) == ["Hello from the model."]
 
 
+def test_body_over_5_mb_is_413_and_a_large_one_is_fine(client, graph):
+    huge = b'{"object": "page", "entry": [], "pad": "' + b"x" * (5 * 1024 * 1024) + b'"}'
+    assert post_signed(client, huge).status_code == 413
+    body = fixture_bytes("text")
+    large = body[:-1] + b', "pad": "' + b"x" * 400_000 + b'"}'  # Meta's bodies can exceed 300 KB
+    assert post_signed(client, large).status_code == 200
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+
+
 def test_wrong_method_is_405(client):
     assert client.put("/webhook").status_code == 405
 

@@ -148,6 +148,8 @@ class GraphEmulator(LocalServer):
         body = request.get_json(silent=True)
         self.calls.append(GraphCall(request.method, request.path, dict(request.args), body))
         response = self._route(request, body)
+        if not self.timeline.enabled:
+            return response
         psid = request.args.get("user_id")
         if psid is None and isinstance(body, dict) and isinstance(body.get("recipient"), dict):
             psid = body["recipient"].get("id")

@@ -60,6 +60,8 @@ class _ModelServer(LocalServer):
         self.requests.append({"headers": dict(request.headers), "json": body})
         started = time.monotonic()
         response = self.answer(request, body)
+        if not self.timeline.enabled:
+            return response
         answer = response.get_json(silent=True) or {}
         choices = answer.get("choices") or [{}]
         messages = body.get("messages") if isinstance(body, dict) else None

@@ -10,12 +10,15 @@ from collections import deque
 class Timeline:
     """A bounded, thread-safe list of events, each numbered so a reader asks for what is new."""
 
-    def __init__(self, keep: int = 5000):
+    def __init__(self, keep: int = 5000, enabled: bool = True):
+        self.enabled = enabled  # off for the benchmark: recording costs the emulator CPU
         self._events: deque[dict] = deque(maxlen=keep)
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
 
-    def add(self, kind: str, psid: str | None = None, **details) -> dict:
+    def add(self, kind: str, psid: str | None = None, **details) -> dict | None:
+        if not self.enabled:
+            return None
         with self._lock:
             event = {"seq": next(self._numbers), "at": round(time.time() * 1000), "kind": kind,
                      "psid": psid, **details}
