@@ -274,9 +274,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration for floor and sustained")
     parser.add_argument("--overhead-messages", type=int, default=20)
     parser.add_argument("--only", default=",".join(SCENARIOS))
-    parser.add_argument("--nice", type=int, default=0,
-                        help="lower the fake servers' CPU priority: they stand for other machines, "
-                             "yet share this one's 2 cores with the bot")
     parser.add_argument("--bot-env", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra setting for the bot (repeatable), e.g. REPLY_THREADS=8")
     args = parser.parse_args()
@@ -285,8 +282,8 @@ def main() -> None:
         sys.exit("wrk is needed for floor and sustained: apt-get install wrk")
     for name in args.only.split(","):
         quiet = Timeline(enabled=False)  # the sandbox's record of every call is CPU the benchmark needs
-        graph = GraphEmulator(PAGE_ID, PAGE_TOKEN, APP_SECRET, timeline=quiet).start(nice=args.nice)
-        model = ModelStandIn(timeline=quiet).start(nice=args.nice)
+        graph = GraphEmulator(PAGE_ID, PAGE_TOKEN, APP_SECRET, timeline=quiet).start()
+        model = ModelStandIn(timeline=quiet).start()
         graph.delays.update(history=args.graph_ms / 1000, send=args.graph_ms / 1000, action=args.graph_ms / 1000)
         model.delay = args.model_ms / 1000
         try:

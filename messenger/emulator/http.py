@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from typing import Any
 
@@ -30,13 +29,7 @@ class LocalServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, nice: int = 0):
-        """Serve in the background; `nice` > 0 lowers the priority of the serving threads
-        (Linux: per thread, inherited by each request's thread), e.g. when the emulator
-        stands for remote servers but shares a small machine with what it measures."""
-        if nice:
-            serve = self._thread.run
-            self._thread.run = lambda: (os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice), serve())
+    def start(self):
         self._thread.start()
         return self
 
