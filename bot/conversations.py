@@ -19,6 +19,7 @@ from messenger.events import Echo, IncomingMessage
 from messenger.graph import HistoryMessage
 
 USER, BOT, HUMAN = "user", "bot", "human"
+MirrorRow = tuple[str, str, str, int]  # mid, author, text, at_ms
 # Columns of the exchange log, in export order; timestamps are exported as ISO 8601 UTC.
 EXPORT_COLUMNS = ("psid", "user_message", "user_timestamp", "bot_message", "bot_timestamp", "model",
                   "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "outcome")
@@ -52,6 +53,7 @@ class Exchange:
     model: str | None = None
     usage: tuple[int | None, int | None, int | None] = (None, None, None)
     latency_ms: int | None = None
+    synced: Sequence[MirrorRow] | None = None  # Graph history read for it: the mirror now covers the user
 
 
 def iso(ms: int | None) -> str | None:
@@ -123,16 +125,6 @@ class Conversations:
         return [HistoryMessage(mid, text, psid if author == USER else page_id, iso(at_ms) or "")
                 for mid, text, author, at_ms in rows]
 
-    def import_history(self, psid: str, items: Sequence[HistoryMessage], page_id: str) -> None:
-        """What Graph returned goes into the mirror; from now on the mirror covers this user."""
-        with self._database.write() as db:
-            for item in reversed(items):  # oldest first: rowid breaks ties of Graph's whole seconds
-                author = BOT if item.from_id == page_id else USER
-                db.execute("INSERT OR IGNORE INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
-                           (item.mid, psid, author, item.text, created_ms(item.created_time)))
-            db.execute("INSERT INTO users (psid, synced_at) VALUES (?, ?)"
-                       " ON CONFLICT (psid) DO UPDATE SET synced_at = excluded.synced_at", (psid, time.time()))
-
     def take_graph_read(self, per_second: float) -> bool:
         """One Conversations API read from the Page's budget, or False when it is spent for now."""
         now = time.time()
@@ -164,6 +156,12 @@ class Conversations:
     def finish(self, db: sqlite3.Connection, exchange: Exchange) -> None:
         """Inside the transaction that completes the batch: log, mirror, user state - all or nothing."""
         messages = exchange.messages
+        if exchange.synced is not None:  # what Graph returned; from now on the mirror covers this user
+            for mid, author, text, at_ms in exchange.synced:
+                db.execute("INSERT OR IGNORE INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
+                           (mid, exchange.psid, author, text, at_ms))
+            db.execute("INSERT INTO users (psid, synced_at) VALUES (?, ?)"
+                       " ON CONFLICT (psid) DO UPDATE SET synced_at = excluded.synced_at", (exchange.psid, time.time()))
         for message in messages:
             if message.mid:
                 db.execute("INSERT OR IGNORE INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",

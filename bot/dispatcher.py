@@ -219,7 +219,7 @@ class Dispatcher:
             psid=batch.psid, messages=batch.messages, outcome=outcome or answer.outcome,
             bot_message=answer.text if sent else None, sent_parts=progress.parts,
             bot_timestamp_ms=int(now * 1000) if sent else None, model=answer.model, usage=answer.usage,
-            latency_ms=int((now - batch.received_at) * 1000),
+            latency_ms=int((now - batch.received_at) * 1000), synced=answer.synced,
         )
 
     def _on_graph_error(self, batch: Batch, exc: GraphAPIError, progress: Progress) -> None:

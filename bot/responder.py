@@ -6,11 +6,11 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from bot import metrics
-from bot.conversations import Conversations, UserState, utc_day, utc_day_start_ms
+from bot.conversations import BOT, USER, Conversations, MirrorRow, UserState, created_ms, utc_day, utc_day_start_ms
 from gpt.prompt import to_chat_messages
 from gpt.reply import ReplyGenerator
 from messenger.events import IncomingMessage
@@ -52,9 +52,12 @@ class Answer:
     outcome: str
     model: str | None = None
     usage: tuple[int | None, int | None, int | None] = (None, None, None)
+    # Graph history read for this answer, as mirror rows: written with the exchange, so the
+    # read costs no write of its own on the way to the reply. Not kept across a retry.
+    synced: tuple[MirrorRow, ...] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps({"text": self.text, "outcome": self.outcome, "model": self.model, "usage": self.usage})
 
     @classmethod
     def from_json(cls, stored: str) -> "Answer":
@@ -98,7 +101,7 @@ class Responder:
             thinking()  # "seen"; the typing indicator is skipped once the reply is out
             logger.info("attachment-only message(s) psid=%s mids=%s", psid, [m.mid for m in messages])
             return Answer(self.prompt.unsupported_reply, "unsupported")
-        history = self._history(psid, user, now)
+        history, synced = self._history(psid, user, now)
         thinking()
         chat = to_chat_messages(
             history, [(m.mid, m.text) for m in texts],
@@ -108,7 +111,7 @@ class Responder:
         reply = self.generator.generate_reply(chat)
         if reply.error_class:
             metrics.MODEL_ERRORS.labels(reply.error_class).inc()
-        return Answer(reply.text, "fallback" if reply.error_class else "answered", reply.model, reply.usage)
+        return Answer(reply.text, "fallback" if reply.error_class else "answered", reply.model, reply.usage, synced)
 
     def _gate(self, psid: str, messages: Sequence[IncomingMessage], user: UserState, now: float) -> Answer | None:
         """Reset, the per-user rate limit and the daily token budget, before any model call."""
@@ -160,8 +163,10 @@ class Responder:
                 metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
                 logger.info("sender action %s failed for psid=%s: %s", action, psid, exc)
 
-    def _history(self, psid: str, user: UserState, now: float) -> list[HistoryMessage]:
-        """From the mirror when it covers this user; else ONE Graph read, if the Page's budget allows."""
+    def _history(self, psid: str, user: UserState, now: float
+                 ) -> tuple[list[HistoryMessage], tuple[MirrorRow, ...] | None]:
+        """From the mirror when it covers this user; else ONE Graph read, if the Page's budget
+        allows (returned as mirror rows too, for the exchange to write)."""
         limit = self.prompt.message_count
         fresh = user.synced_at is not None and now - user.synced_at < self.policy.mirror_max_age
         if not fresh and self.conversations.take_graph_read(self.policy.graph_reads_per_second):
@@ -175,7 +180,10 @@ class Responder:
                 logger.warning("history unavailable for psid=%s, answering from the mirror: %s", psid, exc)
             else:
                 metrics.HISTORY_READS.labels("graph").inc()
-                self.conversations.import_history(psid, history, self.prompt.page_id)
+                page_id, after = self.prompt.page_id, user.reset_at_ms or 0
+                synced = tuple((h.mid, BOT if h.from_id == page_id else USER, h.text, created_ms(h.created_time))
+                               for h in reversed(history))  # oldest first: rowid breaks ties of whole seconds
+                return [h for h in history if created_ms(h.created_time) > after], synced
         else:
             metrics.HISTORY_READS.labels("mirror").inc()
-        return self.conversations.history(psid, self.prompt.page_id, limit, user.reset_at_ms)
+        return self.conversations.history(psid, self.prompt.page_id, limit, user.reset_at_ms), None
