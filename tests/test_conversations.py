@@ -193,7 +193,7 @@ def test_tracking_is_retried_while_the_endpoint_is_down_then_delivered_once(make
 
 
 def test_a_slow_tracking_endpoint_never_delays_replies(env, graph, endpoint):
-    endpoint.sleep = 3.0
+    endpoint.sleep = 4.0  # under the tracker's 5 s timeout: it waits the whole time
     config = load_config({**env, "TRACKING_URL": endpoint.url + "/track"}, env_file=None)
     app = create_app(config, replies="threads")
     try:
@@ -202,8 +202,8 @@ def test_a_slow_tracking_endpoint_never_delays_replies(env, graph, endpoint):
         time.sleep(1.2)  # the tracker is now stuck on the first record
         started = time.monotonic()
         post_signed(client, text_body("m_slow_2", "two", OTHER, int(time.time() * 1000)))
-        assert graph.wait_for_deliveries(2, 2.0)
-        assert time.monotonic() - started < 1.0
+        assert graph.wait_for_deliveries(2, 3.0)
+        assert time.monotonic() - started < 2.0  # the tracker is still waiting on the endpoint
     finally:
         app.extensions["dispatcher"].stop(timeout=5)
 
@@ -268,7 +268,7 @@ def test_the_pause_ends_and_each_human_message_extends_it(make_client, graph):
     time.sleep(0.6)
     say(client, 1)  # 1.2 s after the first, 0.6 s after the second: still paused
     assert graph.sent_texts() == []
-    time.sleep(0.5)
+    time.sleep(0.9)  # now well past the second one's second
     say(client, 2)
     assert graph.sent_texts() == ["Hello from the model."]
 
