@@ -3,7 +3,7 @@
 Why not commit to SQLite before the 200: one write lock for every process is
 what limited acknowledgements (measured: a bare WSGI app that only committed
 each message to SQLite reached 0.44x the throughput of one that only checked
-signatures, p99 5x; appending to a file of its own, 0.97x and 1.2x).
+signatures, p99 5x; appending to a file of its own, 0.97-1.05x and 1.2-1.3x).
 
 Durability is the same as the queue's (WAL, synchronous=NORMAL): a record is
 in the kernel's page cache when os.write returns, so it survives a kill -9 of
