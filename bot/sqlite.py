@@ -43,22 +43,17 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, after this process's other writers."""
-        with self.writer, self.transaction() as db:
-            yield db
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE takes the write lock up front, so concurrent claims never deadlock.
-        The caller holds `writer` already."""
-        db = self.connection()
-        _begin(db)
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        """One write transaction, after this process's other writers. BEGIN IMMEDIATE takes
+        the write lock up front, so concurrent claims never deadlock."""
+        with self.writer:
+            db = self.connection()
+            _begin(db)
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the database without waiting for readers."""

@@ -24,7 +24,7 @@ from messenger.events import BadPayload, Echo, parse_delivery
 from messenger.graph import REPLY_METADATA
 from messenger.signature import LEGACY_SIGNATURE_HEADER, SIGNATURE_256_HEADER, is_valid_signature
 
-logger = logging.getLogger("bot.app")
+logger = logging.getLogger(__name__)
 
 # Meta's bodies can exceed 300 KB; anything past this is not Meta.
 MAX_BODY_BYTES = 5 * 1024 * 1024
