@@ -1,5 +1,4 @@
 """History -> prompt -> model -> Send API, through real clients and fake servers."""
-import json
 import time
 
 import pytest

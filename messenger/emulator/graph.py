@@ -84,8 +84,7 @@ class GraphEmulator(LocalServer):
             self.users[psid] = name
             self.conversations.setdefault(psid, [])
 
-    def add_message(self, psid: str, text: str, from_page: bool = False, mid: str | None = None,
-                    **extra: Any) -> str:
+    def add_message(self, psid: str, text: str, from_page: bool = False, mid: str | None = None) -> str:
         """Put a message in the conversation (as history); nothing is delivered."""
         mid = mid or f"m_{next(self._ids)}"
         with self._lock:
@@ -94,7 +93,7 @@ class GraphEmulator(LocalServer):
             self.conversations.setdefault(psid, []).append({
                 "id": mid, "message": text, "from": sender,
                 "created_time": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()),
-                "_order": next(self._order), **extra,
+                "_order": next(self._order),
             })
         return mid
 
