@@ -3,19 +3,45 @@
 Meta documents one event per `messaging` array and one entry per POST, but
 real deliveries batch both, so every entry and every event is read.
 https://developers.facebook.com/docs/messenger-platform/webhooks
+
+Everything here is validated at the edge: a body that is not a delivery is
+BadPayload (the webhook answers 400); an event whose ids could not be stored
+or logged safely is skipped and counted, so one bad event never costs the batch.
 """
 from __future__ import annotations
 
+import json
+import logging
+import math
+import re
+import time
 from dataclasses import dataclass
 from typing import Any
+
+from messenger.text import clean_text, preview
+
+logger = logging.getLogger(__name__)
 
 TEXT = "text"
 POSTBACK = "postback"
 ATTACHMENT = "attachment"
 
+MAX_ID_CHARS = 64  # PSIDs, Page and app ids: about 15-20 digits
+# Messenger mids run to ~90 characters, Instagram's to ~170: room to spare, still bounded.
+MAX_MID_CHARS = 512
+# Control characters (Unicode category Cc) and surrogates: an id holding one would
+# forge log lines or break every later UTF-8 write.
+UNSAFE_ID_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+EARLIEST_MS = 1_072_915_200_000  # 2004-01-01T00:00:00Z: older than Facebook itself
+MAX_CLOCK_SKEW_MS = 24 * 3600 * 1000
+
 
 class BadPayload(ValueError):
-    """The body is not a Messenger delivery; the message says why, briefly."""
+    """The body is not a Messenger delivery; the message says why, briefly (it is sent back and logged)."""
+
+
+class InvalidEvent(Exception):
+    """One event or entry has an id we must not keep; it is skipped, not the whole batch."""
 
 
 @dataclass(frozen=True)
@@ -54,55 +80,70 @@ class Delivery:
     messages: tuple[IncomingMessage, ...]
     ignored: int
     echoes: tuple[Echo, ...] = ()
+    foreign_pages: tuple[str, ...] = ()  # other Pages' ids whose entries were skipped
 
 
-def parse_delivery(payload: Any) -> Delivery:
-    """Turn a decoded webhook body into a Delivery, or raise BadPayload."""
+def parse_body(body: bytes, *, now_ms: int | None = None, page_id: str | None = None) -> Delivery:
+    """Decode and parse a raw webhook body: anything unreadable is BadPayload (a 400), never a crash."""
+    return parse_delivery(_decode_json(body), now_ms=now_ms, page_id=page_id)
+
+
+def parse_delivery(payload: Any, *, now_ms: int | None = None, page_id: str | None = None) -> Delivery:
+    """Turn a decoded webhook body into a Delivery, or raise BadPayload.
+
+    Events with an unusable id, and the entries of any Page but `page_id`, are
+    skipped and counted in `ignored`; `now_ms` stands in for implausible event times.
+    """
     if not isinstance(payload, dict):
         raise BadPayload("body must be a JSON object")
     if payload.get("object") != "page":
         raise BadPayload("object must be 'page'")
-    entries = _list_of_objects(payload.get("entry"), "entry")
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     messages: list[IncomingMessage] = []
     echoes: list[Echo] = []
+    foreign: list[str] = []
     ignored = 0
-    for entry in entries:
+    for entry in _list_of_objects(payload.get("entry"), "entry"):
         # `standby` events belong to a thread another app owns: watch, never answer.
         ignored += len(_list_of_objects(entry.get("standby", []), "standby"))
-        for event in _list_of_objects(entry.get("messaging", []), "messaging"):
-            message = to_incoming_message(event)
-            if message is not None:
-                messages.append(message)
+        events = _list_of_objects(entry.get("messaging", []), "messaging")
+        if not _is_for_page(entry, page_id, foreign):
+            ignored += len(events)
+            continue
+        for event in events:
+            record = _parse_event(event, now_ms)
+            if isinstance(record, IncomingMessage):
+                messages.append(record)
                 continue
             ignored += 1  # not to answer; an echo is still worth knowing about
-            echo = to_echo(event)
-            if echo is not None:
-                echoes.append(echo)
-    return Delivery(tuple(messages), ignored, tuple(echoes))
+            if isinstance(record, Echo):
+                echoes.append(record)
+    return Delivery(tuple(messages), ignored, tuple(echoes), tuple(foreign))
 
 
-def to_echo(event: dict) -> Echo | None:
+def to_echo(event: dict, now_ms: int) -> Echo | None:
     """The Page's own message in an echo event, or None for any other event."""
     body = event.get("message")
     if not isinstance(body, dict) or not is_echo(body):
         return None
-    app_id, metadata = body.get("app_id"), body.get("metadata")
+    text, metadata = body.get("text"), body.get("metadata")
     return Echo(
-        psid=_recipient(event), mid=_mid(body, required=True), text=str(body.get("text") or ""),
-        timestamp_ms=to_timestamp_ms(event.get("timestamp")),
-        app_id=None if app_id is None else str(app_id), metadata=metadata if isinstance(metadata, str) else None,
+        psid=_recipient(event), mid=_mid(body, required=True), text=_clean(text),
+        timestamp_ms=to_timestamp_ms(event.get("timestamp"), now_ms),
+        app_id=_to_id(body.get("app_id"), "message.app_id"),
+        metadata=clean_text(metadata) if isinstance(metadata, str) else None,
     )
 
 
-def to_incoming_message(event: dict) -> IncomingMessage | None:
+def to_incoming_message(event: dict, now_ms: int) -> IncomingMessage | None:
     """The message to answer in one `messaging` event, or None for events we only watch."""
     if "message" in event:
         body = _object(event["message"], "message")
         if is_echo(body):
             return None
-        return _from_message(event, body)
+        return _from_message(event, body, now_ms)
     if "postback" in event:
-        return _from_postback(event, _object(event["postback"], "postback"))
+        return _from_postback(event, _object(event["postback"], "postback"), now_ms)
     return None  # delivery, read, reaction, referral, optin, handover...
 
 
@@ -111,12 +152,51 @@ def is_echo(message: dict) -> bool:
     return bool(message.get("is_echo"))
 
 
-def _from_message(event: dict, body: dict) -> IncomingMessage | None:
+def to_timestamp_ms(value: Any, now_ms: int) -> int:
+    """Event time in ms; `now_ms` (the receive time) when it is missing, not a number or implausible.
+
+    Some deliveries carry seconds (values below 1e12). A made-up time such as 1e20
+    would overflow storage or sort the message before all others.
+    """
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 16:
+        value = int(value)  # digit strings occur in real deliveries
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return now_ms
+    if isinstance(value, float) and not math.isfinite(value):
+        return now_ms  # only reachable from a dict built in Python: parse_body refuses these
+    ms = value * 1000 if value < 1e12 else value
+    return int(ms) if EARLIEST_MS <= ms <= now_ms + MAX_CLOCK_SKEW_MS else now_ms
+
+
+def _parse_event(event: dict, now_ms: int) -> IncomingMessage | Echo | None:
+    try:
+        return to_incoming_message(event, now_ms) or to_echo(event, now_ms)
+    except InvalidEvent as exc:
+        logger.warning("ignoring a messaging event: %s", exc)
+        return None
+
+
+def _is_for_page(entry: dict, page_id: str | None, foreign: list[str]) -> bool:
+    """False for an entry with an unusable id, or another Page's (its id goes to `foreign`)."""
+    try:
+        entry_id = _to_id(entry.get("id"), "entry.id")
+    except InvalidEvent as exc:
+        logger.warning("ignoring an entry: %s", exc)
+        return False
+    # Meta always sends the id; hand-made test bodies sometimes leave it out.
+    if page_id is None or entry_id is None or entry_id == page_id:
+        return True
+    if entry_id not in foreign:
+        foreign.append(entry_id)
+    return False
+
+
+def _from_message(event: dict, body: dict, now_ms: int) -> IncomingMessage | None:
     text = body.get("text")
     attachments = body.get("attachments", [])
     if not isinstance(attachments, list):
         raise BadPayload("message.attachments must be a list")
-    types = tuple(str(a.get("type", "unknown")) for a in attachments if isinstance(a, dict))
+    types = tuple(_attachment_type(a) for a in attachments if isinstance(a, dict))
     if isinstance(text, str) and text.strip():
         kind = TEXT  # quick replies too: their text is the button's title
     elif types:
@@ -125,49 +205,92 @@ def _from_message(event: dict, body: dict) -> IncomingMessage | None:
         return None  # nothing we can answer (e.g. an empty or unknown message)
     return IncomingMessage(
         psid=_sender(event), page_id=_recipient(event), mid=_mid(body, required=True),
-        kind=kind, text=text, timestamp_ms=to_timestamp_ms(event.get("timestamp")),
+        kind=kind, text=clean_text(text), timestamp_ms=to_timestamp_ms(event.get("timestamp"), now_ms),
         attachment_types=types,
     )
 
 
-def _from_postback(event: dict, body: dict) -> IncomingMessage | None:
+def _from_postback(event: dict, body: dict, now_ms: int) -> IncomingMessage | None:
     title = body.get("title")
     if not isinstance(title, str) or not title.strip():
         return None
     return IncomingMessage(
         psid=_sender(event), page_id=_recipient(event), mid=_mid(body, required=False),
-        kind=POSTBACK, text=title, timestamp_ms=to_timestamp_ms(event.get("timestamp")),
+        kind=POSTBACK, text=clean_text(title), timestamp_ms=to_timestamp_ms(event.get("timestamp"), now_ms),
     )
 
 
-def to_timestamp_ms(value: Any) -> int:
-    """Event time in ms; some deliveries carry seconds (values below 1e12)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return 0
-    return int(value * 1000) if value < 1e12 else int(value)
+def _attachment_type(attachment: dict) -> str:
+    kind = attachment.get("type")
+    return clean_text(kind) if isinstance(kind, str) else "unknown"
+
+
+def _clean(text: Any) -> str:
+    return clean_text(text) if isinstance(text, str) else ""
 
 
 def _mid(body: dict, required: bool) -> str | None:
-    mid = body.get("mid")
-    if isinstance(mid, str) and mid:
-        return mid
-    if required:
+    mid = _to_id(body.get("mid"), "mid", MAX_MID_CHARS)
+    if mid is None and required:
         raise BadPayload("message.mid is missing")
-    return None
+    return mid
 
 
 def _sender(event: dict) -> str:
-    return _id_of(event.get("sender"), "sender")
+    return _party_id(event.get("sender"), "sender")
 
 
 def _recipient(event: dict) -> str:
-    return _id_of(event.get("recipient"), "recipient")
+    return _party_id(event.get("recipient"), "recipient")
 
 
-def _id_of(party: Any, name: str) -> str:
-    if not isinstance(party, dict) or not isinstance(party.get("id"), (str, int)) or party.get("id") == "":
+def _party_id(party: Any, name: str) -> str:
+    # Absent is a wrong shape (400, as ever); present but unsafe skips just this event.
+    party_id = _to_id(party.get("id"), f"{name}.id") if isinstance(party, dict) else None
+    if party_id is None:
         raise BadPayload(f"{name}.id is missing")
-    return str(party["id"])
+    return party_id
+
+
+def _to_id(value: Any, name: str, max_chars: int = MAX_ID_CHARS) -> str | None:
+    """An id as str, None when absent; InvalidEvent for one that is unsafe to store or log.
+
+    Ids come as strings or numbers (one app id above 2**53); nothing else is an id.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidEvent(f"{name} is not a string or integer: {preview(value)}")
+    if isinstance(value, int) and value.bit_length() > 4 * max_chars:
+        raise InvalidEvent(f"{name} is too long: {preview(value)}")  # checked before str(): huge ints raise
+    text = str(value)
+    if len(text) > max_chars:
+        raise InvalidEvent(f"{name} is too long: {preview(value)}")
+    if UNSAFE_ID_CHARS.search(text):
+        raise InvalidEvent(f"{name} holds a control character or a surrogate: {preview(value)}")
+    return text
+
+
+def _decode_json(body: bytes) -> Any:
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except BadPayload:
+        raise
+    except RecursionError:
+        raise BadPayload("body is not valid JSON: nested too deeply") from None
+    except ValueError:  # bad UTF-8, bad JSON, an integer over Python's 4300 digits
+        raise BadPayload("body is not valid JSON") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise BadPayload(f"body is not valid JSON: {name} is not a number")  # NaN, Infinity, -Infinity
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadPayload("body is not valid JSON: a number too large for a float")  # 1e400
+    return value
 
 
 def _object(value: Any, name: str) -> dict:

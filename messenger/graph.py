@@ -15,6 +15,8 @@ from typing import Any
 import requests
 import requests.adapters
 
+from messenger.text import clean_text
+
 logger = logging.getLogger(__name__)
 
 # Put on every reply: Meta returns it in the echo, so the bot knows its own messages
@@ -150,9 +152,13 @@ def _to_result(method: str, path: str, response: requests.Response) -> dict:
 
 
 def to_history_message(item: dict) -> HistoryMessage:
-    """One Conversations API message; attachment-only messages have text ''."""
+    """One Conversations API message; attachment-only messages have text ''.
+
+    clean_text: Graph's JSON can spell a lone surrogate too, which no storage could encode.
+    """
     sender = item.get("from") or {}
     return HistoryMessage(
-        mid=str(item.get("id", "")), text=str(item.get("message") or ""),
-        from_id=str(sender.get("id", "")), created_time=str(item.get("created_time", "")),
+        mid=clean_text(str(item.get("id", ""))), text=clean_text(str(item.get("message") or "")),
+        from_id=clean_text(str(sender.get("id", ""))),
+        created_time=clean_text(str(item.get("created_time", ""))),
     )
