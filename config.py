@@ -5,6 +5,7 @@ fixes their `.env` in one go instead of meeting one KeyError per start.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -88,6 +89,10 @@ class Config:
     graph_reads_per_second: float = 2.0
     retention_days: int = 90  # 0 = keep forever
     tracking_url: str | None = None
+    # Peers whose X-Forwarded-For / -Proto are believed: the tunnel or proxy on this host.
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    # /readyz says "not ready" once a message has waited this long for its reply.
+    ready_max_wait_seconds: float = 300.0
 
     @property
     def worst_reply_seconds(self) -> int:
@@ -166,6 +171,8 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         graph_reads_per_second=reader.number("GRAPH_READS_PER_SECOND", 2.0, float, 0.01, 1000),
         retention_days=reader.number("RETENTION_DAYS", 90, int, 0, 36500),
         tracking_url=reader.url("TRACKING_URL", None, trailing_slash=False),
+        forwarded_allow_ips=reader.networks("FORWARDED_ALLOW_IPS", ("127.0.0.1", "::1")),
+        ready_max_wait_seconds=reader.duration("READY_MAX_WAIT", 300.0, bare_unit="s"),
     )
     if values["fb_app_id"] and not values["fb_app_id"].isdigit():
         problems.append("FB_APP_ID must be digits only (the app's numeric id)")
@@ -257,11 +264,30 @@ class _Reader:
             self.problems.append(f"{name} must be between {low} and {high}, got {value}{note}")
         return number
 
+    def networks(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """Comma-separated addresses or networks (10.0.0.0/8), or "*" for any peer."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        items = tuple(item.strip() for item in raw.split(",") if item.strip())
+        bad = [item for item in items if item != "*" and not _is_network(item)]
+        if bad:
+            self.problems.append(f"{name} must list IP addresses or networks (or *), not {', '.join(bad)}")
+        return items
+
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         value = (self._raw(name) or default).upper()
         if value not in options:
             self.problems.append(f"{name} must be one of {', '.join(options)}, got {value!r}")
         return value
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_seconds(text: str, bare_unit: str | None) -> float | None:

@@ -7,10 +7,7 @@ dies, so this one command runs the whole bot.
 """
 import os
 import shutil
-import signal
 import sys
-import threading
-import time
 
 from config import REPLY_PROCESS_ENV, ConfigError, load_config
 
@@ -20,101 +17,82 @@ except ConfigError as error:
     print(error, file=sys.stderr)
     sys.exit(1)
 
-bind = f"{os.environ.get('HOST', '0.0.0.0')}:{_config.port}"
+# DATA_DIR holds every user's messages: whatever the bot creates is for this user only.
+os.umask(0o077)
 
-# The webhook workers only verify, store and acknowledge; threads let each one
-# serve several deliveries at once.
-worker_class = "gthread"
+_host = os.environ.get("HOST", "0.0.0.0")
+bind = f"[{_host}]:{_config.port}" if ":" in _host else f"{_host}:{_config.port}"
+
+# The webhook workers only verify, store and acknowledge. gunicorn's asyncio worker
+# (bot/asgi.py) keeps a slow or idle connection from holding a thread: 200 of them
+# do not delay Meta (bench/run.py --only slow_clients).
+worker_class = "asgi"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = 8
 # One listening socket per worker (SO_REUSEPORT): the kernel spreads connections
-# over the workers, so a few busy keep-alive connections cannot pile onto one.
+# over the workers. bot/preflight.py makes sure no other bot already listens there.
 reuse_port = True
 
-# Nothing slow runs in a request any more, but keep the budget of the slowest
-# honest reply (history + every model attempt + send) as the worker and
-# shutdown timeouts.
-timeout = _config.worst_reply_seconds
-graceful_timeout = timeout
+# An event loop blocked this long is stuck: gunicorn replaces the worker.
+timeout = 30
+# On shutdown the reply process gets the budget of the slowest honest reply.
+graceful_timeout = _config.worst_reply_seconds
 
 # gunicorn's control socket sits at one path per user: several bots on one host
 # (or the tests and the benchmark) would fight over it, and nothing here uses it.
 control_socket_disable = True
 
-# Tunnels (cloudflared, ngrok) connect from this host and set X-Forwarded-*.
-forwarded_allow_ips = "127.0.0.1,::1"
+# The proxies whose X-Forwarded-Proto is believed (bot/proxy.py does the same for the app).
+forwarded_allow_ips = ",".join(_config.forwarded_allow_ips)
 
+# gunicorn's own lines pass the bot's scrubber too: no secret, no forged line.
+logger_class = "bot.gunicorn_logger.ScrubbingLogger"
 accesslog = "-"
 # %(U)s is the path without the query string: hub.verify_token never reaches a log.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
 
 # /metrics sums every process: prometheus-client's multiprocess mode, one folder per run.
 _metrics_dir = os.path.join(_config.data_dir, "metrics")
-shutil.rmtree(_metrics_dir, ignore_errors=True)
-os.makedirs(_metrics_dir)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 # Tells server.py not to start reply threads in the webhook workers.
 os.environ[REPLY_PROCESS_ENV] = "1"
 
-_reply = {"pid": None, "stopping": False}
+_state = {}
 
 
-def _run_reply_process(server):
-    """Keep one reply process alive until the master stops."""
-    while not _reply["stopping"]:
-        try:
-            # posix_spawn, not subprocess: Popen waits on a pipe that a gunicorn worker
-            # forked at the same moment would inherit and hold open, forever.
-            pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "bot.worker"], os.environ)
-            _reply["pid"] = pid
-            code = _wait(pid)
-            _mark_dead(pid)
-        except Exception:  # noqa: BLE001 - the supervisor must outlive any one failure
-            server.log.exception("reply process supervisor")
-            code = None
-        if not _reply["stopping"]:
-            server.log.error("reply process exited (%s); starting a new one", code)
-            time.sleep(1)
+def on_starting(server):
+    """Once, before binding: refuse to start on a bad DATA_DIR or next to a running bot."""
+    from bot.preflight import StartupProblem, check_port_free, lock_data_dir, prepare_data_dir
+
+    try:
+        prepare_data_dir(_config.data_dir)
+        _state["lock"] = lock_data_dir(_config.data_dir)  # held until the last process exits
+        check_port_free(_host, _config.port)
+    except StartupProblem as problem:
+        print(f"Cannot start: {problem}", file=sys.stderr)
+        sys.exit(1)
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    os.makedirs(_metrics_dir)
 
 
-def _wait(pid, timeout=None):
-    """Wait for the reply process to end; the arbiter may reap it first (waitpid(-1))."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while deadline is None or time.monotonic() < deadline:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return "reaped by gunicorn"
-        if done:
-            return f"status {os.waitstatus_to_exitcode(status)}"
-        time.sleep(0.2)
-    raise TimeoutError
+def when_ready(server):
+    from bot.supervisor import ReplySupervisor
+
+    scheme_host = f"[{_host}]" if ":" in _host else _host
+    server.log.info("bot listening on http://%s:%s (webhook: /webhook)", scheme_host, _config.port)
+    _state["replies"] = ReplySupervisor(server.log, on_exit=_mark_dead)
+    _state["replies"].start()
+
+
+def on_exit(server):
+    if "replies" in _state:
+        _state["replies"].stop(timeout=graceful_timeout + 5)
+
+
+def child_exit(server, worker):
+    _mark_dead(worker.pid)
 
 
 def _mark_dead(pid):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid)
-
-
-def when_ready(server):
-    threading.Thread(target=_run_reply_process, args=(server,), name="reply-supervisor", daemon=True).start()
-
-
-def on_exit(server):
-    """Let the reply process finish what is in flight (it releases the rest), then exit."""
-    _reply["stopping"] = True
-    pid = _reply["pid"]
-    if pid is None:
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-        _wait(pid, timeout=graceful_timeout + 5)
-    except ProcessLookupError:
-        pass
-    except TimeoutError:
-        os.kill(pid, signal.SIGKILL)
-
-
-def child_exit(server, worker):
-    _mark_dead(worker.pid)

@@ -1,12 +1,18 @@
-"""The WSGI entry point: `gunicorn server:app` (settings in gunicorn.conf.py)."""
+"""The entry point: `gunicorn server:app` (settings in gunicorn.conf.py).
+
+`app` is ASGI for gunicorn's asyncio worker (what gunicorn.conf.py runs) and plain
+WSGI for any other server.
+"""
 import os
 
 from bot.app import create_app
+from bot.asgi import ServerApp
 from bot.logs import configure_logging
+from bot.proxy import TrustedPeers
 from config import REPLY_PROCESS_ENV, ConfigError, load_config
 
 
-def build_app():
+def build_app() -> ServerApp:
     """Read the settings once, set up logging once, then build the app."""
     try:
         config = load_config()
@@ -15,7 +21,8 @@ def build_app():
     configure_logging(config.log_level, config.secrets)
     # gunicorn.conf.py runs the replies in a process of their own; any other
     # server gets reply threads inside the app.
-    return create_app(config, replies="process" if os.environ.get(REPLY_PROCESS_ENV) == "1" else "threads")
+    flask_app = create_app(config, replies="process" if os.environ.get(REPLY_PROCESS_ENV) == "1" else "threads")
+    return ServerApp(flask_app.wsgi_app, flask_app.extensions["webhook"], TrustedPeers(config.forwarded_allow_ips))
 
 
 app = build_app()

@@ -1,7 +1,7 @@
-"""The floor: a bare WSGI app that only checks the signature and answers 200.
+"""The floor: a bare ASGI app that only reads the body, checks the signature and answers 200.
 
-Run under the same gunicorn settings as the bot, it is the fastest any
-webhook can be acknowledged on this machine.
+Run under the same gunicorn settings (and worker class) as the bot, it is the
+fastest any webhook can be acknowledged on this machine.
 """
 import os
 
@@ -10,10 +10,16 @@ from messenger.signature import is_valid_signature
 SECRET = os.environ["FB_APP_SECRET"]
 
 
-def app(environ, start_response):
-    length = int(environ.get("CONTENT_LENGTH") or 0)
-    body = environ["wsgi.input"].read(length)
-    headers = {"X-Hub-Signature-256": environ.get("HTTP_X_HUB_SIGNATURE_256")}
-    ok = is_valid_signature(body, {k: v for k, v in headers.items() if v}, SECRET)
-    start_response("200 OK" if ok else "403 Forbidden", [("Content-Type", "text/plain")])
-    return [b"EVENT_RECEIVED" if ok else b"invalid signature"]
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    signature = dict(scope["headers"]).get(b"x-hub-signature-256", b"").decode()
+    ok = bool(signature) and is_valid_signature(body, {"X-Hub-Signature-256": signature}, SECRET)
+    await send({"type": "http.response.start", "status": 200 if ok else 403,
+                "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"EVENT_RECEIVED" if ok else b"invalid signature"})

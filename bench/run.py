@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/run.py [--graph-ms 50] [--model-ms 1000] [--only burst,overhead]
 
-Prints one JSON line per scenario (floor, sustained, burst, overhead). Every
+Prints one JSON line per scenario (floor, sustained, burst, overhead, graph_rate_limit,
+slow_clients). Every
 request goes to 127.0.0.1; every loop is bounded in count and time.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -263,8 +265,70 @@ def scenario_graph_rate_limit(graph, model, args) -> dict:
         server.stop()
 
 
+def scenario_slow_clients(graph, model, args) -> dict:
+    """Signed deliveries one after another, first alone, then while 200 connections
+    trickle headers, announce a body they never send, or sit idle (issue 9, F3)."""
+    server = Gunicorn("server:app", graph, model, free_port())
+    port = int(server.url.rsplit(":", 1)[1])
+    post = signed_poster(server.url)
+    try:
+        alone = _ack_times(post, args.slow_deliveries, offset=0)
+        slow = []
+        for i in range(args.slow_connections):
+            s = socket.create_connection(("127.0.0.1", port))
+            if i % 3 == 0:
+                s.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\n")
+            elif i % 3 == 1:
+                s.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+            slow.append(s)
+        stop = threading.Event()
+
+        def trickle():
+            while not stop.wait(1.0):
+                for s in slow[::3]:
+                    try:
+                        s.sendall(b"X-Trickle: 1\r\n")
+                    except OSError:
+                        pass
+        threading.Thread(target=trickle, daemon=True).start()
+        try:
+            crowded = _ack_times(post, args.slow_deliveries, offset=args.slow_deliveries)
+        finally:
+            stop.set()
+            for s in slow:
+                s.close()
+        return {"scenario": "slow_clients", "slow_connections": args.slow_connections,
+                "deliveries": len(crowded), "failed": sum(1 for t in crowded if t is None),
+                "alone_p50_ms": _pct(alone, 50), "alone_p99_ms": _pct(alone, 99),
+                "crowded_p50_ms": _pct(crowded, 50), "crowded_p99_ms": _pct(crowded, 99)}
+    finally:
+        server.stop()
+
+
+def _ack_times(post, count: int, offset: int) -> list[float | None]:
+    """Milliseconds to each 200 (None: an error or a timeout), one delivery at a time."""
+    times: list[float | None] = []
+    for n in range(count):
+        body = text_body(offset + n, f"psid-slow-{n % 50}")
+        started = time.perf_counter()
+        try:
+            ok = post(body) == 200
+        except requests.RequestException:
+            ok = False
+        times.append((time.perf_counter() - started) * 1000 if ok else None)
+    return times
+
+
+def _pct(times: list[float | None], q: int) -> float | None:
+    done = sorted(t for t in times if t is not None)
+    if not done:
+        return None
+    return round(done[min(len(done) - 1, int(len(done) * q / 100))], 2)
+
+
 SCENARIOS = {"floor": scenario_floor, "sustained": scenario_sustained, "burst": scenario_burst,
-             "overhead": scenario_overhead, "graph_rate_limit": scenario_graph_rate_limit}
+             "overhead": scenario_overhead, "graph_rate_limit": scenario_graph_rate_limit,
+             "slow_clients": scenario_slow_clients}
 
 
 def main() -> None:
@@ -273,6 +337,8 @@ def main() -> None:
     parser.add_argument("--model-ms", type=float, default=1000)
     parser.add_argument("--seconds", type=int, default=5, help="wrk duration for floor and sustained")
     parser.add_argument("--overhead-messages", type=int, default=20)
+    parser.add_argument("--slow-connections", type=int, default=200)
+    parser.add_argument("--slow-deliveries", type=int, default=500)
     parser.add_argument("--only", default=",".join(SCENARIOS))
     parser.add_argument("--bot-env", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra setting for the bot (repeatable), e.g. REPLY_THREADS=8")

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.middleware.proxy_fix import ProxyFix
-
 from bot import metrics
 from bot.doorbell import Doorbell
 from bot.inbox import InboxWriter
+from bot.proxy import TrustedPeers, TrustedProxyFix
+from bot.readiness import Readiness
 from bot.store import SQLiteStore, open_store
+from bot.webhook import WebhookReceiver, WebhookRoute
 from config import Config, load_config
-from bot.webhook import WebhookReceiver
 from messenger.signature import is_verify_request
 
 logger = logging.getLogger(__name__)
@@ -39,9 +40,10 @@ def create_app(config: Config | None = None, *, replies: str = "threads") -> Fla
         if replies == "threads":
             dispatcher.start()
     _add_routes(app, config, store)
-    receiver = WebhookReceiver(app.wsgi_app, config, InboxWriter(config.inbox_dir), Doorbell(config.database_path))
-    # Behind a tunnel (cloudflared, ngrok) the client address and scheme arrive in X-Forwarded-*.
-    app.wsgi_app = ProxyFix(receiver, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
+    receiver = WebhookReceiver(config, InboxWriter(config.inbox_dir), Doorbell(config.database_path))
+    app.extensions["webhook"] = receiver  # the ASGI front (bot/asgi.py) calls it directly
+    app.wsgi_app = TrustedProxyFix(WebhookRoute(app.wsgi_app, receiver),  # type: ignore[method-assign]
+                                   TrustedPeers(config.forwarded_allow_ips))
     return app
 
 
@@ -54,14 +56,35 @@ def _add_routes(app: Flask, config: Config, store: SQLiteStore) -> None:
         logger.warning("webhook verification refused for %s", request.remote_addr)
         return _text("verification failed", 403)
 
+    readiness = Readiness(config, store)
+    app.extensions["readiness"] = readiness
+
     @app.get("/healthz")
     def healthz() -> Response:
-        return jsonify(status="ok", **store.stats(config.inbox_dir))
+        """Liveness: this process answers. The queue figures come along when they can be read."""
+        try:
+            return jsonify(status="ok", **store.stats(config.inbox_dir))
+        except sqlite3.Error:
+            return jsonify(status="ok")
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        problems, stats = readiness.problems()
+        if problems:
+            logger.warning("not ready: %s", "; ".join(problems))
+            return _json(503, status="not ready", problems=problems, **stats)
+        return _json(200, status="ready", **stats)
 
     @app.get("/metrics")
     def metrics_page() -> Response:
         body, content_type = metrics.render()
         return Response(body, content_type=content_type)
+
+
+def _json(code: int, **fields) -> Response:
+    response = jsonify(**fields)
+    response.status_code = code
+    return response
 
 
 def _text(body: str, status: int) -> Response:

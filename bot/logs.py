@@ -1,15 +1,25 @@
-"""Logging set up once at start-up, with secrets scrubbed as a last line of defence."""
+"""Logging set up once at start-up: secrets scrubbed and control characters escaped
+as a last line of defence, for the bot's own lines and gunicorn's alike."""
 from __future__ import annotations
 
 import logging
+import re
 from typing import Iterable
 
 REDACTED = "[redacted]"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# A user's id or text holding "\n" must not be able to forge a log line, nor NULs
+# and terminal escapes reach an operator's terminal. Tabs are harmless.
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u2028\u2029]")
 
 
-class SecretFilter(logging.Filter):
-    """Replaces any configured secret that slipped into a record's final text."""
+def escape_controls(text: str) -> str:
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class LogScrubber(logging.Filter):
+    """Replaces any configured secret in a record's final text and escapes control
+    characters, so one line of the log is always one record."""
 
     def __init__(self, secrets: Iterable[str]):
         super().__init__()
@@ -18,10 +28,13 @@ class SecretFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if any(secret in message for secret in self.secrets):
+        clean = message
+        if any(secret in clean for secret in self.secrets):
             for secret in self.secrets:
-                message = message.replace(secret, REDACTED)
-            record.msg, record.args = message, None
+                clean = clean.replace(secret, REDACTED)
+        clean = escape_controls(clean)
+        if clean is not message and clean != message:
+            record.msg, record.args = clean, None
         return True
 
 
@@ -31,10 +44,10 @@ OWN_LOGGERS = ("bot", "messenger", "gpt", "config")
 
 
 def configure_logging(level: str, secrets: Iterable[str]) -> None:
-    """One stderr handler on the root logger; every line passes the secret filter."""
+    """One stderr handler on the root logger; every line passes the scrubber."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(FORMAT))
-    handler.addFilter(SecretFilter(secrets))
+    handler.addFilter(LogScrubber(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

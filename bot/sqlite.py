@@ -13,6 +13,19 @@ from typing import Iterator, Sequence
 LOCK_WAIT_SECONDS = 30.0
 
 
+def make_private(path: str) -> None:
+    """The database holds every user's messages: 0600, whatever the umask. SQLite gives
+    the -wal and -shm files the database file's mode, so creating it 0600 covers them;
+    files left 0644 by an older version are tightened."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            if os.stat(name).st_mode & 0o077 and os.stat(name).st_uid == os.getuid():
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 class Database:
     """One SQLite file in WAL mode, shared by the threads and processes of one host."""
 
@@ -21,7 +34,8 @@ class Database:
         self._local = threading.local()
         # Threads of a process queue here for the write lock, in order.
         self.writer = threading.Lock()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        make_private(path)
         self._migrate(schema)
 
     def connection(self) -> sqlite3.Connection:

@@ -2,11 +2,14 @@
 
 Each body is signed with FB_APP_SECRET exactly as Meta signs it, so a deployed
 bot (behind its tunnel) can be checked end to end without Meta. `--verify`
-first runs the dashboard's GET handshake with FB_VERIFY_TOKEN.
+first runs the dashboard's GET handshake with FB_VERIFY_TOKEN. With FB_PAGE_ID set,
+the recorded Page id is replaced by it before signing: the bot ignores events for
+any Page but its own.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import sys
 import time
@@ -78,8 +81,10 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
             if not token:
                 raise ReplayError("--verify needs FB_VERIFY_TOKEN (environment or .env)")
             print(verify(session, args.url, token, args.timeout))
+        page_id = environ.get("FB_PAGE_ID", "").strip()
         for file in files:
-            status, ms, note = post(session, args.url, file.read_bytes(), secret, args.timeout)
+            body = for_page(file.read_bytes(), page_id) if page_id.isdigit() else file.read_bytes()
+            status, ms, note = post(session, args.url, body, secret, args.timeout)
             failures += not 200 <= status < 300
             print(f"{file.name:<32} {status} {ms:8.1f} ms" + (f"  {note}" if note else ""), flush=True)
     except requests.ConnectionError as exc:
@@ -88,6 +93,19 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
         raise ReplayError(f"{args.url} did not answer within {args.timeout} s (Meta waits 5 s)") from None
     print(f"{len(files) - failures} of {len(files)} accepted")
     return 1 if failures else 0
+
+
+def for_page(body: bytes, page_id: str) -> bytes:
+    """The recording with its Page id (entry id, and the Page as sender or recipient)
+    replaced by `page_id`, byte for byte otherwise."""
+    try:
+        recorded = {str(entry["id"]) for entry in json.loads(body)["entry"]}
+    except (ValueError, KeyError, TypeError):
+        return body  # not a delivery: let the bot say so
+    for old in recorded:
+        if old.isdigit():
+            body = body.replace(f'"{old}"'.encode(), f'"{page_id}"'.encode())
+    return body
 
 
 def _reason(exc: requests.ConnectionError) -> str:

@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Messenger sandbox: open {sandbox.url}\n"
           f"  bot webhook: {sandbox.bot_url}\n"
           f"  model: {sandbox.page.info['model']['label']}\n"
-          f"  replay fixtures here: FB_APP_SECRET={sandbox.app_secret} python -m messenger.replay "
+          f"  replay fixtures here: FB_APP_SECRET={sandbox.app_secret} FB_PAGE_ID={sandbox.config.fb_page_id} "
+          "python -m messenger.replay "
           f"tests/fixtures --url {sandbox.bot_url}\n"
           "Ctrl-C stops it.", flush=True)
     stopped = threading.Event()

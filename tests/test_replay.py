@@ -15,7 +15,8 @@ def replay(*args, cwd, **env):
 
 
 def test_replays_every_fixture_against_the_sandbox(sandbox, tmp_path):
-    result = replay(str(FIXTURES), "--url", sandbox.webhook, cwd=tmp_path, FB_APP_SECRET=sandbox.app_secret)
+    result = replay(str(FIXTURES), "--url", sandbox.webhook, cwd=tmp_path, FB_APP_SECRET=sandbox.app_secret,
+                    FB_PAGE_ID=sandbox.state()["page"]["id"])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == FIXTURE_COUNT + 1 and lines[-1] == f"{FIXTURE_COUNT} of {FIXTURE_COUNT} accepted"

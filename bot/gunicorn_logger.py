@@ -1,0 +1,22 @@
+"""gunicorn's own log lines (request-line errors, "Error handling request", the access
+log) pass the same scrubber as the bot's: a verify token in a malformed URL or a
+forged newline must not reach the log through gunicorn either."""
+from __future__ import annotations
+
+from gunicorn import glogging
+
+from bot.logs import LogScrubber
+from config import ConfigError, load_config
+
+
+class ScrubbingLogger(glogging.Logger):
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        try:
+            secrets = load_config().secrets
+        except ConfigError:  # gunicorn.conf.py has already stopped start-up with the message
+            secrets = ()
+        scrubber = LogScrubber(secrets)
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                handler.addFilter(scrubber)

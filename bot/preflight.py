@@ -1,0 +1,71 @@
+"""Start-up checks run once by the gunicorn master, before it binds: each problem
+stops start-up with one line saying what to do, instead of a traceback or - worse -
+a second bot quietly sharing the port or the data with the first."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import tempfile
+
+LOCK_FILE = "bot.lock"
+
+
+class StartupProblem(Exception):
+    """One sentence for the operator: what is wrong and what to do."""
+
+
+def prepare_data_dir(path: str) -> None:
+    """DATA_DIR exists (created if missing), is a folder we can write, and is private (0700):
+    it holds every user's messages."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StartupProblem(f"DATA_DIR {path} is a file, not a folder: point DATA_DIR at a folder")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StartupProblem(f"cannot create DATA_DIR {path} ({exc.strerror}): create it or set DATA_DIR "
+                             "to a folder this user can write") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise StartupProblem(f"DATA_DIR {path} is not writable by this user ({exc.strerror}): fix its "
+                             "owner or permissions, or set DATA_DIR to another folder") from None
+    if os.stat(path).st_uid == os.getuid() and os.stat(path).st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def lock_data_dir(path: str) -> int:
+    """Hold DATA_DIR for this bot: a second one on the same data would answer twice.
+
+    An flock, so it is gone the moment every process of this bot is, even after a kill -9.
+    The returned descriptor must stay open for the life of the bot.
+    """
+    lock_path = os.path.join(path, LOCK_FILE)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StartupProblem(f"another bot (pid {holder}) is already running with DATA_DIR {path}: stop it "
+                             "or give this one its own DATA_DIR") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def check_port_free(host: str, port: int) -> None:
+    """gunicorn listens with SO_REUSEPORT, which would let a second bot share the port
+    silently; a plain bind first tells them apart."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupProblem(f"port {port} on {host} is already in use (another bot or server?): stop it "
+                                     "or set PORT to a free port") from None
+            raise StartupProblem(f"cannot listen on {host}:{port} ({exc.strerror}): check HOST and PORT") from None

@@ -1,0 +1,81 @@
+"""GET /readyz: can this instance take and answer messages right now?
+
+/healthz only says the process is alive (restart it if not). Readiness names what
+stops the bot from doing its job, so a load balancer stops sending it traffic and
+an operator sees why: storage it cannot write, a corrupt database, a reply process
+that is dead or stuck (its heartbeat stops: bot/dispatcher.py writes it only while
+its claim loop is turning), or messages waiting far too long.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from contextlib import closing
+from typing import Callable
+
+from bot.store import SQLiteStore
+from config import Config
+
+# Below this, the next deliveries may fail with ENOSPC: tell the balancer first.
+MIN_FREE_BYTES = 16 * 1024 * 1024
+# The reply process writes its heartbeat every second at most; 30 s of silence is not a hiccup.
+HEARTBEAT_STALE_SECONDS = 30.0
+# quick_check reads the whole file: run it at most this often.
+INTEGRITY_EVERY_SECONDS = 60.0
+
+
+class Readiness:
+    def __init__(self, config: Config, store: SQLiteStore, clock: Callable[[], float] = time.monotonic,
+                 min_free_bytes: int = MIN_FREE_BYTES, heartbeat_stale_seconds: float = HEARTBEAT_STALE_SECONDS):
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.min_free_bytes = min_free_bytes
+        self.heartbeat_stale_seconds = heartbeat_stale_seconds
+        self._integrity: tuple[float, str | None] | None = None  # (checked at, problem)
+
+    def problems(self) -> tuple[list[str], dict]:
+        """Every reason this instance is not ready (none = ready), and the queue figures."""
+        problems = self._storage_problems()
+        try:
+            stats = self.store.stats(self.config.inbox_dir)
+        except sqlite3.Error as exc:
+            return problems + [f"database unreadable: {exc}"], {}
+        if integrity := self._integrity_problem():
+            problems.append(integrity)
+        seen = stats.get("dispatcher_seen_s_ago")
+        if seen is None:
+            problems.append("the reply process has not started")
+        elif seen > self.heartbeat_stale_seconds:
+            problems.append(f"the reply process is dead or stuck (silent for {seen:.0f} s)")
+        waited = stats.get("oldest_pending_age_s") or 0.0
+        if waited > self.config.ready_max_wait_seconds:
+            problems.append(f"the oldest message has waited {waited:.0f} s for its reply")
+        return problems, stats
+
+    def _storage_problems(self) -> list[str]:
+        data_dir = self.config.data_dir
+        if not os.access(data_dir, os.W_OK | os.X_OK):
+            return [f"DATA_DIR {data_dir} is not writable"]
+        disk = os.statvfs(data_dir)
+        free = disk.f_bavail * disk.f_frsize
+        if free < self.min_free_bytes:
+            return [f"DATA_DIR {data_dir} is almost full ({free // 1024} KiB free)"]
+        return []
+
+    def _integrity_problem(self) -> str | None:
+        now = self.clock()
+        if self._integrity is None or now - self._integrity[0] >= INTEGRITY_EVERY_SECONDS:
+            self._integrity = (now, quick_check(self.config.database_path))
+        return self._integrity[1]
+
+
+def quick_check(path: str) -> str | None:
+    """SQLite's own consistency check, on a read-only connection of its own."""
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+            result = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+    except sqlite3.Error as exc:
+        return f"database unreadable: {exc}"
+    return None if result == "ok" else f"database is corrupt: {result}"

@@ -1,0 +1,80 @@
+"""The gunicorn master keeps one reply process (`python -m bot.worker`) alive.
+
+It lives here rather than in gunicorn.conf.py so it can be read and tested as code.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable
+
+
+class ReplySupervisor:
+    def __init__(self, log: logging.Logger | None = None, command: tuple[str, ...] = ("-m", "bot.worker"),
+                 on_exit: Callable[[int], None] = lambda pid: None, restart_pause: float = 1.0):
+        self.log = log or logging.getLogger(__name__)
+        self.argv = [sys.executable, *command]
+        self.on_exit = on_exit
+        self.restart_pause = restart_pause
+        self.pid: int | None = None
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="reply-supervisor", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                # posix_spawn, not subprocess: Popen waits on a pipe that a gunicorn worker
+                # forked at the same moment would inherit and hold open, forever. SIGINT is
+                # blocked in the child: Ctrl-C reaches the whole terminal group, but the
+                # reply process must stop the orderly way - SIGTERM from stop(), after the
+                # webhook workers - so it can finish the replies in flight.
+                pid = os.posix_spawn(self.argv[0], self.argv, os.environ, setsigmask={signal.SIGINT})
+                self.pid = pid
+                status = wait_for_exit(pid)
+                self.on_exit(pid)
+            except Exception:  # noqa: BLE001 - the supervisor must outlive any one failure
+                self.log.exception("reply process supervisor")
+                status = None
+            # A group-wide SIGTERM (systemd, docker) reaches the reply process before the
+            # master: give the master a moment to say it is stopping before calling this a crash.
+            if self.stopping.wait(self.restart_pause):
+                return
+            if status in (0, -signal.SIGTERM):
+                self.log.warning("reply process stopped (status %s); starting a new one", status)
+            else:
+                self.log.error("reply process exited (status %s); starting a new one", status)
+
+    def stop(self, timeout: float) -> None:
+        """Let the reply process finish what is in flight (it releases the rest), then return."""
+        self.stopping.set()
+        if self.pid is None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+            wait_for_exit(self.pid, timeout)
+        except ProcessLookupError:
+            pass
+        except TimeoutError:
+            self.log.error("reply process did not stop in %.0f s; killing it", timeout)
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def wait_for_exit(pid: int, timeout: float | None = None) -> int | str:
+    """The exit code (negative: killed by that signal). gunicorn's arbiter reaps every
+    child with waitpid(-1), so it may collect ours first: poll, and say so if it did."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while deadline is None or time.monotonic() < deadline:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return "reaped by gunicorn"
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.2)
+    raise TimeoutError

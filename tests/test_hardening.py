@@ -1,0 +1,353 @@
+"""Issue 9's hostile weather at the edge: the real gunicorn (asyncio worker) under slow
+clients, forged headers, bad bytes, a second instance; readiness that tells the truth."""
+import asyncio
+import http.client
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import stat
+import time
+
+import pytest
+import requests
+
+from bot.asgi import read_body
+from bot.logs import LogScrubber
+from bot.webhook import read_wsgi_body
+from messenger.signature import sign
+from tests.conftest import APP_SECRET, PAGE_ID, PSID, VERIFY_TOKEN, base_env, fixture_bytes, text_body
+from tests.test_gunicorn import free_port, is_up, start_gunicorn, wait_until
+
+
+def start_bot(graph, model, tmp_path, **extra):
+    port = free_port()
+    env = {**base_env(graph, model, tmp_path), "PORT": str(port), "HOST": "127.0.0.1", **extra}
+    process = start_gunicorn(env, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    assert wait_until(lambda: is_up(url) or process.poll() is not None, 15), "gunicorn did not start"
+    return url, port, process
+
+
+def stop(process, sig=signal.SIGTERM) -> str:
+    if process.poll() is None:
+        process.send_signal(sig)
+    return process.communicate(timeout=60)[0]
+
+
+@pytest.fixture
+def bot(graph, model, tmp_path):
+    url, port, process = start_bot(graph, model, tmp_path)
+    yield url, port, process
+    if process.poll() is None:
+        stop(process)
+
+
+def post_delivery(url, body, timeout=5.0):
+    return requests.post(url + "/webhook", data=body, timeout=timeout,
+                         headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(body, APP_SECRET)})
+
+
+# -- F3: slow and idle clients cannot starve Meta ----------------------------------------------------------
+def open_slow_clients(port, count):
+    """A third trickle one header line, a third announce a body they never send, a third sit idle."""
+    sockets = []
+    for i in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        if i % 3 == 0:
+            s.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\n")
+        elif i % 3 == 1:
+            s.sendall(b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        sockets.append(s)
+    return sockets
+
+
+def test_signed_deliveries_are_acknowledged_while_200_slow_clients_hang_on(bot, graph):
+    url, port, _ = bot
+    slow = open_slow_clients(port, 200)
+    try:
+        for s in slow[::3]:
+            s.sendall(b"X-Trickle: 1\r\n")
+        took = []
+        for i in range(10):
+            started = time.monotonic()
+            assert post_delivery(url, text_body(f"m_canary_{i}", f"canary {i}")).status_code == 200
+            took.append(time.monotonic() - started)
+        # Before the asyncio worker every one of these timed out at 5 s.
+        assert max(took) < 2.0, took
+    finally:
+        for s in slow:
+            s.close()
+    assert wait_until(lambda: len(graph.sent_texts(PSID)) >= 1, 15)
+
+
+def test_a_body_that_never_arrives_gets_408():
+    async def receive():
+        await asyncio.sleep(5)
+
+    scope = {"type": "http", "method": "POST", "path": "/webhook", "headers": [(b"content-length", b"50")]}
+    assert asyncio.run(read_body(scope, receive, 100, 0.2)) == 408
+
+
+def test_a_body_announced_over_the_cap_gets_413_before_it_is_read():
+    async def receive():
+        raise AssertionError("the body must not be read")
+
+    scope = {"type": "http", "method": "POST", "path": "/webhook", "headers": [(b"content-length", b"101")]}
+    assert asyncio.run(read_body(scope, receive, 100, 0.2)) == 413
+
+
+# -- F5, F9: bad bodies get 4xx, never 5xx ----------------------------------------------------------------
+@pytest.mark.parametrize("timestamp", [b"1e400", b"-Infinity", b"NaN"])
+def test_non_finite_timestamps_are_400(bot, timestamp):
+    url, _, _ = bot
+    body = text_body("m_hi", "hi").replace(b'"timestamp": 1763893200001', b'"timestamp": ' + timestamp)
+    assert timestamp in body
+    assert post_delivery(url, body).status_code == 400
+
+
+def test_a_chunked_body_over_5_mib_is_413_through_gunicorn(bot):
+    url, _, _ = bot
+    chunk = b"x" * (1024 * 1024)
+    body = b"".join(chunk for _ in range(6))
+    response = requests.post(url + "/webhook", data=(chunk for _ in range(6)), timeout=10,
+                             headers={"X-Hub-Signature-256": sign(body, APP_SECRET)})
+    assert response.status_code == 413
+    assert requests.get(url + "/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("size, expected", [(10, 10), (5 * 1024 * 1024, 5 * 1024 * 1024), (5 * 1024 * 1024 + 1, None)])
+def test_wsgi_chunked_body_is_read_whole_or_refused(size, expected):
+    environ = {"wsgi.input": io.BytesIO(b"a" * size), "wsgi.input_terminated": True}
+    body = read_wsgi_body(environ)
+    assert (None if body is None else len(body)) == expected
+
+
+def test_wsgi_announced_body_over_the_cap_is_refused_unread():
+    environ = {"wsgi.input": io.BytesIO(b""), "CONTENT_LENGTH": str(6 * 1024 * 1024)}
+    assert read_wsgi_body(environ) is None
+
+
+# -- F6: X-Forwarded-For believed only from trusted proxies ------------------------------------------------
+def post_from(address, port, headers):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(address, 0))
+    connection.request("POST", "/webhook", body=b"{}", headers=headers)
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+def test_forwarded_for_is_ignored_from_an_untrusted_peer(graph, model, tmp_path):
+    url, port, process = start_bot(graph, model, tmp_path, LOG_LEVEL="DEBUG")
+    assert post_from("127.0.0.2", port, {"X-Forwarded-For": "203.0.113.77"}) == 403
+    assert post_from("127.0.0.1", port, {"X-Forwarded-For": "198.51.100.9"}) == 403
+    output = stop(process)
+    assert "webhook refused for 127.0.0.2" in output
+    assert "203.0.113.77" not in output
+    assert "webhook refused for 198.51.100.9" in output  # loopback is a trusted proxy by default
+
+
+def test_forwarded_for_in_the_wsgi_app_follows_forwarded_allow_ips(make_client, caplog):
+    client = make_client(FORWARDED_ALLOW_IPS="10.0.0.0/8")
+    with caplog.at_level(logging.WARNING):
+        client.post("/webhook", data=b"{}", headers={"X-Forwarded-For": "203.0.113.7"})
+        client.post("/webhook", data=b"{}", headers={"X-Forwarded-For": "198.51.100.9"},
+                    environ_base={"REMOTE_ADDR": "10.1.2.3"})
+    assert "203.0.113.7" not in caplog.text and "refused for 127.0.0.1" in caplog.text
+    assert "refused for 198.51.100.9" in caplog.text
+
+
+# -- F7, F10: gunicorn's own lines are scrubbed; control characters never forge a line ---------------------
+def test_gunicorn_log_lines_hold_no_token_and_no_raw_control_characters(graph, model, tmp_path):
+    # At debug level gunicorn logs the whole bad request line.
+    url, port, process = start_bot(graph, model, tmp_path, GUNICORN_CMD_ARGS="--log-level debug")
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"GET /webhook?hub.verify_token={VERIFY_TOKEN}\x01&x=\n1 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.recv(1000)
+    assert requests.get(url + "/healthz", timeout=5).status_code == 200
+    output = stop(process)
+    assert VERIFY_TOKEN not in output
+    assert "GET /healthz" in output  # the log is there, without the token
+    assert "\x01" not in output
+
+
+def test_gunicorn_error_and_access_logs_pass_the_scrubber(env, monkeypatch, capsys):
+    from gunicorn.config import Config as GunicornConfig
+
+    from bot.gunicorn_logger import ScrubbingLogger
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cfg = GunicornConfig()
+    cfg.set("accesslog", "-")
+    log = ScrubbingLogger(cfg)
+    log.error("Error handling request /webhook?hub.verify_token=%s\nCRITICAL forged", VERIFY_TOKEN)
+    log.access_log.info("GET /webhook?hub.verify_token=%s", VERIFY_TOKEN)
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert output.count("[redacted]") == 2, output
+    assert VERIFY_TOKEN not in output and "\\nCRITICAL forged" in output
+
+
+def test_control_characters_and_secrets_are_escaped_in_log_records():
+    scrubber = LogScrubber(["supersecret-token"])
+    record = logging.LogRecord("bot", logging.INFO, __file__, 1, "psid=%s said %s", (
+        "1\n2026-12-03 CRITICAL forged", "supersecret-token\x00\x1b[31m"), None)
+    scrubber.filter(record)
+    message = record.getMessage()
+    assert "\n" not in message and "\x00" not in message and "\x1b" not in message
+    assert "\\n2026-12-03 CRITICAL forged" in message
+    assert "supersecret-token" not in message and "[redacted]" in message
+
+
+# -- F8: private files -------------------------------------------------------------------------------------
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_data_dir_is_0700_and_its_files_0600(bot, tmp_path):
+    url, _, process = bot
+    assert post_delivery(url, text_body("m_hello", "hello")).status_code == 200
+    data = tmp_path / "data"
+    assert mode(data) == 0o700
+    files = [p for p in data.rglob("*") if p.is_file()]
+    assert any(p.name == "bot.sqlite3-wal" for p in files) and any(p.suffix == ".inbox" for p in files)
+    assert {p.name: oct(mode(p)) for p in files if mode(p) & 0o077} == {}
+
+
+def test_an_old_world_readable_database_is_tightened(make_client, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    sqlite3.connect(data / "bot.sqlite3").close()
+    os.chmod(data / "bot.sqlite3", 0o644)
+    make_client()
+    assert mode(data / "bot.sqlite3") == 0o600
+
+
+# -- F11: another Page's events ------------------------------------------------------------------------------
+def test_events_for_another_page_are_ignored_and_logged_once(client, graph, caplog):
+    body = text_body("m_hi", "hi").replace(PAGE_ID.encode(), b"999")
+    assert b"999" in body
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            response = client.post("/webhook", data=body, headers={"X-Hub-Signature-256": sign(body, APP_SECRET)})
+            assert response.status_code == 200
+    assert caplog.text.count("ignoring events for Page '999'") == 1
+    assert client.get("/healthz").get_json()["queue_depth"] == 0
+
+
+# -- F12 and start-up: one line and out ----------------------------------------------------------------------
+def start_and_fail(graph, model, tmp_path, **extra):
+    env = {**base_env(graph, model, tmp_path), "PORT": str(free_port()), "HOST": "127.0.0.1", **extra}
+    process = start_gunicorn(env, tmp_path)
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode != 0
+    assert "Traceback" not in output
+    return output
+
+
+def test_data_dir_that_is_a_file_stops_start_up_with_one_line(graph, model, tmp_path):
+    (tmp_path / "plain").write_text("")
+    output = start_and_fail(graph, model, tmp_path, DATA_DIR=str(tmp_path / "plain"))
+    assert "Cannot start: DATA_DIR" in output and "is a file, not a folder" in output
+
+
+def test_data_dir_that_cannot_be_created_stops_start_up_with_one_line(graph, model, tmp_path):
+    (tmp_path / "plain").write_text("")
+    output = start_and_fail(graph, model, tmp_path, DATA_DIR=str(tmp_path / "plain" / "data"))
+    assert "Cannot start: cannot create DATA_DIR" in output
+
+
+def test_a_second_bot_on_the_same_port_or_data_dir_refuses_to_start(bot, graph, model, tmp_path):
+    url, port, process = bot
+    other = tmp_path / "other"
+    other.mkdir()
+    same_port = start_and_fail(graph, model, other, PORT=str(port), DATA_DIR=str(other / "data"))
+    assert f"port {port} on 127.0.0.1 is already in use" in same_port
+    same_data = start_and_fail(graph, model, other, DATA_DIR=str(tmp_path / "data"))
+    assert "already running with DATA_DIR" in same_data
+    assert requests.get(url + "/healthz", timeout=5).status_code == 200  # the first one is untouched
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_start_log_names_the_address_and_ctrl_c_or_sigterm_log_no_error(graph, model, tmp_path, sig):
+    url, port, process = start_bot(graph, model, tmp_path)
+    assert wait_until(lambda: requests.get(url + "/readyz", timeout=5).status_code == 200, 15)
+    if sig == signal.SIGINT:  # Ctrl-C reaches the whole process group
+        os.killpg(process.pid, sig)
+        output = process.communicate(timeout=60)[0]
+    else:
+        output = stop(process, sig)
+    assert f"listening on http://127.0.0.1:{port}" in output
+    assert "ERROR" not in output and "Traceback" not in output, output
+
+
+# -- readiness ------------------------------------------------------------------------------------------------
+def corrupt(db_path):
+    with open(db_path, "r+b") as f:  # random bytes in the middle of the file
+        f.seek(3 * 4096)
+        f.write(os.urandom(8192))
+
+
+def test_a_corrupt_database_makes_a_restarted_bot_not_ready_but_alive(graph, model, tmp_path):
+    url, _, process = start_bot(graph, model, tmp_path)
+    assert wait_until(lambda: requests.get(url + "/readyz", timeout=5).status_code == 200, 15)
+    stop(process)
+    corrupt(tmp_path / "data" / "bot.sqlite3")
+    url, _, process = start_bot(graph, model, tmp_path)
+    try:
+        response = requests.get(url + "/readyz", timeout=5)
+        assert response.status_code == 503
+        assert any("database" in p for p in response.json()["problems"]), response.json()
+        assert requests.get(url + "/healthz", timeout=5).status_code == 200  # alive all the same
+    finally:
+        stop(process)
+
+
+def test_readiness_rechecks_integrity_on_its_clock(client, tmp_path):
+    readiness = client.application.extensions["readiness"]
+    now = [1000.0]
+    readiness.clock = lambda: now[0]
+    db = tmp_path / "data" / "bot.sqlite3"
+    with sqlite3.connect(db) as connection:
+        connection.execute("INSERT INTO dispatchers (owner, seen_at) VALUES ('live', ?)", (time.time() + 3600,))
+        connection.commit()
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert client.get("/readyz").status_code == 200
+    corrupt(db)
+    now[0] += 59  # quick_check reads the whole file: not on every probe
+    assert client.get("/readyz").status_code in (200, 503)
+    now[0] += 2
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert any("database" in p for p in response.get_json()["problems"]), response.get_json()
+
+
+def test_readyz_names_a_reply_process_that_never_started_or_went_silent(client, tmp_path):
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert "the reply process has not started" in response.get_json()["problems"]
+    with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
+        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES ('gone', ?)", (time.time() - 120,))
+    problems = client.get("/readyz").get_json()["problems"]
+    assert any(p.startswith("the reply process is dead or stuck") for p in problems), problems
+    with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
+        db.execute("UPDATE dispatchers SET seen_at = ?", (time.time(),))
+    assert client.get("/readyz").status_code == 200
+
+
+def test_readyz_names_old_waiting_messages_and_a_full_disk(make_client, tmp_path):
+    client = make_client(READY_MAX_WAIT="1")
+    with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
+        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES ('live', ?)", (time.time() + 3600,))
+    body = text_body("m_hello", "hello")
+    assert client.post("/webhook", data=body, headers={"X-Hub-Signature-256": sign(body, APP_SECRET)}).status_code == 200
+    assert client.get("/readyz").status_code == 200
+    assert wait_until(lambda: client.get("/readyz").status_code == 503, 5)
+    assert any("has waited" in p for p in client.get("/readyz").get_json()["problems"])
+    readiness = client.application.extensions["readiness"]
+    readiness.min_free_bytes = 1 << 62
+    assert any("almost full" in p for p in readiness.problems()[0])
