@@ -9,7 +9,13 @@ Durability is the same as the queue's (WAL, synchronous=NORMAL): a record is
 in the kernel's page cache when os.write returns, so it survives a kill -9 of
 any process; only a power cut can drop the newest records.
 
-Record: 4-byte length, 4-byte CRC-32, then JSON of the messages and echoes.
+Record: a 4-byte marker, 4-byte length, 4-byte CRC-32, then JSON of the messages
+and echoes. The marker lets a reader find the next record after damaged bytes
+(a bad disk block, an editor, a bug) instead of stopping there for good: every
+later record is still answered, and the damage is reported, never dropped quietly.
+Files of the version before carry records without the marker; they are still read.
+A write that fails half-way (disk full) is cut back off the file before the 503, so
+it never hides the records appended after it.
 Each writer holds an exclusive flock on its file; when the lock is free, the
 writer is gone (exit, crash, or it moved to a new file) and a drained file
 can be deleted. The reader (the reply process) keeps its offset per file in
@@ -19,6 +25,7 @@ are dropped there by mid.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -31,18 +38,24 @@ from typing import Sequence
 
 from messenger.events import Echo, IncomingMessage
 
-HEADER = struct.Struct(">II")
+MARKER = b"\xf0IBX"  # never the start of a legacy record: that length would be over 4 GB
+HEADER = struct.Struct(">II")  # length, CRC-32 of the payload
+FULL_HEADER = len(MARKER) + HEADER.size
+# Far above the largest delivery (5 MiB): a larger length is damage, not a record.
+MAX_PAYLOAD = 64 * 1024 * 1024
 ROTATE_BYTES = 16 * 1024 * 1024
 SUFFIX = ".inbox"
 
 
-def encode(messages: Sequence[IncomingMessage], echoes: Sequence[tuple[Echo, bool, float]]) -> bytes:
+def encode(messages: Sequence[IncomingMessage], echoes: Sequence[tuple[Echo, bool, float]],
+           at: float | None = None) -> bytes:
+    """One record; `at` is when the delivery was acknowledged (now, unless a test says)."""
     # vars(), not dataclasses.asdict: these records are flat, and asdict's deep copy
     # was a tenth of the webhook's CPU.
-    payload = json.dumps({"at": time.time(), "m": [vars(m) for m in messages],
+    payload = json.dumps({"at": time.time() if at is None else at, "m": [vars(m) for m in messages],
                           "e": [[vars(e), human, until] for e, human, until in echoes]},
                          separators=(",", ":")).encode()
-    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    return MARKER + HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
 def decode(payload: bytes) -> tuple[float, list[IncomingMessage], list[tuple[Echo, bool, float]]]:
@@ -51,17 +64,57 @@ def decode(payload: bytes) -> tuple[float, list[IncomingMessage], list[tuple[Ech
     return data["at"], messages, [(Echo(**e), human, until) for e, human, until in data["e"]]
 
 
-def read_records(data: bytes) -> tuple[list[bytes], int]:
-    """The complete records at the start of `data`, and how many bytes they take."""
-    records, at = [], 0
-    while at + HEADER.size <= len(data):
-        length, crc = HEADER.unpack_from(data, at)
-        end = at + HEADER.size + length
-        if end > len(data) or zlib.crc32(data[at + HEADER.size:end]) != crc:
-            break  # still being written, or torn by a crash before its 200
-        records.append(data[at + HEADER.size:end])
-        at = end
-    return records, at
+def read_records(data: bytes, final: bool = False) -> tuple[list[bytes], int, list[tuple[int, int]]]:
+    """The records in `data`, the bytes they (and any damage) take, and the damaged
+    (offset, length) spans skipped.
+
+    An incomplete record at the end is being written: it is left for the next read,
+    unless `final` (the writer is gone), when it is damage too. Damaged bytes are
+    skipped only once a valid record follows them (or when `final`), so a record
+    still arriving is never mistaken for damage. The JSON payload is ASCII, so the
+    marker's first byte (0xF0) never occurs inside a record.
+    """
+    records, skipped, at = [], [], 0
+    while at < len(data):
+        end = _record_end(data, at)
+        if end is not None:
+            records.append(data[end - _payload_length(data, at):end])
+            at = end
+            continue
+        # Records are appended whole, one after another: a valid record further on means
+        # these bytes will never complete. Nothing valid after them: still being written.
+        following = _next_record(data, at + 1)
+        if following is None and not final:
+            break
+        stop = len(data) if following is None else following
+        skipped.append((at, stop - at))
+        at = stop
+    return records, at, skipped
+
+
+def _payload_length(data: bytes, at: int) -> int:
+    return HEADER.unpack_from(data, at + len(MARKER) if data.startswith(MARKER, at) else at)[0]
+
+
+def _record_end(data: bytes, at: int) -> int | None:
+    """Where the whole, CRC-checked record at `at` ends; None if there is none (yet)."""
+    start = at + len(MARKER) if data.startswith(MARKER, at) else at  # legacy records have no marker
+    if start + HEADER.size > len(data):
+        return None
+    length, crc = HEADER.unpack_from(data, start)
+    end = start + HEADER.size + length
+    if length > MAX_PAYLOAD or end > len(data) or zlib.crc32(data[start + HEADER.size:end]) != crc:
+        return None
+    return end
+
+
+def _next_record(data: bytes, at: int) -> int | None:
+    """The offset of the next whole, valid record after damage."""
+    while (at := data.find(MARKER, at)) != -1:
+        if _record_end(data, at) is not None:
+            return at
+        at += 1
+    return None
 
 
 class InboxWriter:
@@ -75,15 +128,30 @@ class InboxWriter:
         self._size = 0
 
     def append(self, messages: Sequence[IncomingMessage], echoes: Sequence[tuple[Echo, bool, float]]) -> None:
-        """Durable against any process crash when it returns; OSError (disk full...) otherwise."""
+        """Durable against any process crash when it returns; OSError (disk full...) otherwise,
+        with nothing of this record left in the file."""
         record = encode(messages, echoes)
         with self._lock:
             if self._fd is None or self._pid != os.getpid() or self._size > ROTATE_BYTES:
                 self._open()
-            written = os.write(self._fd, record)
+            try:
+                written = os.write(self._fd, record)
+                if written != len(record):
+                    raise OSError(errno.ENOSPC, f"short write to the inbox ({written} of {len(record)} bytes)")
+            except OSError:
+                self._cut_back()
+                raise
             self._size += written
-            if written != len(record):
-                raise OSError("short write to the inbox")
+
+    def _cut_back(self) -> None:
+        """Remove a partly written record, so the next one starts where it started. If even
+        that fails, leave the file: the next record goes to a new one (and the reader skips
+        the partial bytes when it meets them, reporting them)."""
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
 
     def _open(self) -> None:
         if self._fd is not None and self._pid == os.getpid():

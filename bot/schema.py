@@ -9,7 +9,9 @@ Columns of note:
   users.paused_until  a human answered from the Page: the bot stays silent until then
   interactions.tracking  NULL: not sent anywhere; 'waiting' for TRACKING_URL; 'sent'
   graph_budget.next_at   the earliest moment of the next Conversations API read (all processes)
-  inbox_offsets       bytes of each inbox file already in `events` (bot/inbox.py)
+  inbox_offsets       bytes of each inbox file already in `events` (bot/inbox.py);
+                      damaged: bytes skipped as damage (such a file is quarantined, not deleted)
+  dead_letters        records or messages that could not enter the queue, kept for a person
 """
 
 SCHEMA = [
@@ -86,5 +88,17 @@ SCHEMA = [
     # version 4: how far the reply process has read each webhook process's inbox file
     """
     CREATE TABLE inbox_offsets (source TEXT PRIMARY KEY, offset INTEGER NOT NULL);
+    """,
+    # version 5: nothing read from an inbox is dropped quietly
+    """
+    ALTER TABLE inbox_offsets ADD COLUMN damaged INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        offset INTEGER NOT NULL,
+        error TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        at REAL NOT NULL
+    );
     """,
 ]

@@ -16,6 +16,7 @@ answered, so replies go out in order and a burst gets one reply.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -29,6 +30,9 @@ from bot.sqlite import Database
 from config import Config
 from messenger.events import Echo, IncomingMessage
 
+logger = logging.getLogger(__name__)
+
+QUARANTINE = "quarantine"  # inbox files with damaged bytes, kept for a person
 MAX_BATCH = 20  # messages of one user answered together, at most
 
 
@@ -75,50 +79,108 @@ class SQLiteStore:
     def drain(self, directory: str) -> tuple[int, int]:
         """Move what the webhook processes appended to their inbox files into the queue.
 
-        Returns (new, duplicate) message counts. A file whose writer is gone is
-        deleted once read to its end (a torn last record was never acknowledged).
+        Returns (new, duplicate) message counts. Damaged bytes are skipped with an ERROR
+        and every record after them still enters; a record or message that cannot enter
+        goes to `dead_letters`. A file whose writer is gone is deleted once read to its
+        end - or moved to quarantine/ if any of it was damaged: bytes nobody could read
+        are kept for a person, never deleted.
         """
-        offsets = dict(self._db().execute("SELECT source, offset FROM inbox_offsets").fetchall())
+        known = {row[0]: (row[1], row[2]) for row in
+                 self._db().execute("SELECT source, offset, damaged FROM inbox_offsets")}
         new = duplicates = 0
         for name in inbox.inbox_files(directory):
             path = os.path.join(directory, name)
             gone = inbox.writer_gone(path)  # checked first: a gone writer appends nothing more
-            start = offsets.get(name, 0)
-            records, used = inbox.read_records(inbox.read_from(path, start))
-            if records:
-                added = self._ingest(name, start + used, [inbox.decode(r) for r in records])
+            start, damaged = known.get(name, (0, 0))
+            records, used, skipped = inbox.read_records(inbox.read_from(path, start), final=gone)
+            for offset, length in skipped:
+                logger.error("inbox %s: %d damaged byte(s) at offset %d skipped; the records after them "
+                             "are read", path, length, start + offset)
+            damaged += sum(length for _, length in skipped)
+            if used:
+                added = self._ingest(name, start, used, records, damaged)
                 new, duplicates = new + sum(added), duplicates + len(added) - sum(added)
             if gone:
-                with self._write() as db:
-                    db.execute("DELETE FROM inbox_offsets WHERE source = ?", (name,))
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+                self._retire(directory, name, damaged)
         return new, duplicates
+
+    def _retire(self, directory: str, name: str, damaged: int) -> None:
+        """A gone writer's file, read to its end: deleted, or quarantined if any of it was damaged."""
+        path = os.path.join(directory, name)
+        if damaged:
+            quarantine = os.path.join(directory, QUARANTINE)
+            os.makedirs(quarantine, mode=0o700, exist_ok=True)
+            os.replace(path, os.path.join(quarantine, name))
+            logger.error("inbox %s had %d damaged byte(s): moved to %s for a person to look at",
+                         path, damaged, quarantine)
+        with self._write() as db:
+            db.execute("DELETE FROM inbox_offsets WHERE source = ?", (name,))
+        if not damaged:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def quarantined(self, directory: str) -> int:
+        """Inbox files holding damaged bytes, kept in DATA_DIR/inbox/quarantine/."""
+        try:
+            return len(os.listdir(os.path.join(directory, QUARANTINE)))
+        except FileNotFoundError:
+            return 0
 
     def inbox_backlog(self, directory: str) -> tuple[int, float | None]:
         """Records not yet in the queue, and when the oldest of them was acknowledged."""
         offsets = dict(self._db().execute("SELECT source, offset FROM inbox_offsets").fetchall())
         count, oldest = 0, None
         for name in inbox.inbox_files(directory):
-            records, _ = inbox.read_records(inbox.read_from(os.path.join(directory, name), offsets.get(name, 0)))
+            records = inbox.read_records(inbox.read_from(os.path.join(directory, name), offsets.get(name, 0)))[0]
             for record in records:
-                at = inbox.decode(record)[0]
+                try:
+                    at = inbox.decode(record)[0]
+                except Exception:  # noqa: BLE001 - a dead letter to be, not a backlog figure
+                    continue
                 count, oldest = count + 1, at if oldest is None else min(oldest, at)
         return count, oldest
 
-    def _ingest(self, source: str, offset: int, records) -> list[bool]:
-        """Records from one inbox file and the new offset, in one transaction: each enters once."""
+    def _ingest(self, source: str, start: int, used: int, records: list[bytes], damaged: int) -> list[bool]:
+        """Records from one inbox file and the new offset, in one transaction: each enters once.
+
+        Anything but a busy or failing database (retried on the next drain, the offset
+        unmoved) is a poison record: it goes to dead_letters and the rest goes on.
+        """
         added: list[bool] = []
         with self._write() as db:
-            for received_at, messages, echoes in records:
-                added += [self._insert_one(db, message, received_at) for message in messages]
+            for record in records:
+                try:
+                    received_at, messages, echoes = inbox.decode(record)
+                except Exception as exc:  # noqa: BLE001 - whatever the bytes hold
+                    self._dead_letter(db, source, start, exc, record)
+                    continue
+                for message in messages:
+                    try:
+                        added.append(self._insert_one(db, message, received_at))
+                    except sqlite3.OperationalError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001
+                        self._dead_letter(db, source, start, exc, _to_json(message).encode())
                 if echoes:
-                    Conversations.record_echoes(db, echoes)
-            db.execute("INSERT INTO inbox_offsets (source, offset) VALUES (?, ?) ON CONFLICT (source)"
-                       " DO UPDATE SET offset = MAX(offset, excluded.offset)", (source, offset))
+                    try:
+                        Conversations.record_echoes(db, echoes)
+                    except sqlite3.OperationalError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001
+                        self._dead_letter(db, source, start, exc, record)
+            db.execute("INSERT INTO inbox_offsets (source, offset, damaged) VALUES (?, ?, ?) ON CONFLICT (source)"
+                       " DO UPDATE SET offset = MAX(offset, excluded.offset), damaged = excluded.damaged",
+                       (source, start + used, damaged))
         return added
+
+    @staticmethod
+    def _dead_letter(db: sqlite3.Connection, source: str, offset: int, error: Exception, payload: bytes) -> None:
+        logger.error("inbox %s near offset %d: a record could not enter the queue (%s: %s); kept in "
+                     "dead_letters", source, offset, type(error).__name__, str(error)[:200])
+        db.execute("INSERT INTO dead_letters (source, offset, error, payload, at) VALUES (?, ?, ?, ?, ?)",
+                   (source, offset, f"{type(error).__name__}: {error}"[:500], payload, time.time()))
 
     @staticmethod
     def _insert_one(db: sqlite3.Connection, message: IncomingMessage, now: float) -> bool:
@@ -236,9 +298,11 @@ class SQLiteStore:
         waiting, oldest = self.inbox_backlog(inbox_dir) if inbox_dir else (0, None)
         oldest = min(filter(None, (row[2], oldest)), default=None)
         seen = self._db().execute("SELECT MAX(seen_at) FROM dispatchers").fetchone()[0]
+        dead = self._db().execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
         return {"queue_depth": (row[0] or 0) + waiting, "in_flight": row[1] or 0, "failed": row[3] or 0,
                 "oldest_pending_age_s": round(time.time() - oldest, 3) if oldest else 0.0,
-                "dispatcher_seen_s_ago": round(time.time() - seen, 1) if seen else None}
+                "dispatcher_seen_s_ago": round(time.time() - seen, 1) if seen else None,
+                "dead_letters": dead, "quarantined": self.quarantined(inbox_dir) if inbox_dir else 0}
 
     def states(self) -> dict[str, str]:
         """dedupe key -> state, for tests and diagnostics."""

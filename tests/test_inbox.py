@@ -15,7 +15,7 @@ def message(mid, text="hi"):
 def test_a_torn_last_record_is_not_read():
     whole = inbox.encode([message("m1")], []) + inbox.encode([message("m2")], [])
     torn = whole + inbox.encode([message("m3")], [])[:-3]
-    records, used = read_records(torn)
+    records, used, _ = read_records(torn)
     assert [inbox.decode(r)[1][0].mid for r in records] == ["m1", "m2"] and used == len(whole)
     corrupt = bytearray(whole)
     corrupt[-2] ^= 0xFF  # a flipped byte fails the CRC
@@ -47,3 +47,108 @@ def test_a_failing_inbox_write_asks_meta_to_retry(make_client, env):
     response = post_signed(client, fixture_bytes("text"))
     assert response.status_code == 503
     assert client.application.extensions["dispatcher"].store.states() == {}
+
+
+# -- issue 9, F1: nothing acknowledged is lost to damage or a full disk ---------------------------------------
+def mids(records):
+    return [m.mid for r in records for m in inbox.decode(r)[1]]
+
+
+def test_a_damaged_record_is_skipped_and_every_later_one_is_still_read():
+    parts = [inbox.encode([message(f"m{n}")], []) for n in range(3)]
+    damaged = bytearray(b"".join(parts))
+    damaged[len(parts[0]) + 20] ^= 0xFF  # one byte in record 2 of 3
+    records, used, skipped = read_records(bytes(damaged))
+    assert mids(records) == ["m0", "m2"] and used == len(damaged)
+    assert skipped == [(len(parts[0]), len(parts[1]))]
+
+
+def test_a_record_still_being_written_is_not_damage_until_its_writer_is_gone():
+    whole = inbox.encode([message("m1")], [])
+    partial = whole + inbox.encode([message("m2")], [])[:-5]
+    assert read_records(partial) == ([whole[12:]], len(whole), [])
+    records, used, skipped = read_records(partial, final=True)
+    assert mids(records) == ["m1"] and used == len(partial) and skipped == [(len(whole), len(partial) - len(whole))]
+
+
+def test_records_of_the_previous_format_are_still_read():
+    payload = inbox.encode([message("old")], [])[len(inbox.MARKER):][inbox.HEADER.size:]
+    legacy = inbox.HEADER.pack(len(payload), __import__("zlib").crc32(payload)) + payload
+    assert mids(read_records(legacy + inbox.encode([message("new")], []))[0]) == ["old", "new"]
+
+
+def test_drain_logs_damage_answers_the_rest_and_quarantines_the_file(tmp_path, caplog):
+    directory = tmp_path / "inbox"
+    directory.mkdir()
+    parts = [inbox.encode([message(f"m{n}")], []) for n in range(3)]
+    damaged = bytearray(b"".join(parts))
+    damaged[len(parts[0]) + 20] ^= 0xFF
+    (directory / "1-gone.inbox").write_bytes(bytes(damaged))  # no lock held: its writer is gone
+    store = SQLiteStore(str(tmp_path / "bot.sqlite3"))
+    with caplog.at_level("ERROR"):
+        assert store.drain(str(directory)) == (2, 0)
+    assert set(store.states()) == {"m0", "m2"}
+    assert f"1-gone.inbox: {len(parts[1])} damaged byte(s) at offset {len(parts[0])}" in caplog.text
+    assert not (directory / "1-gone.inbox").exists()
+    assert (directory / "quarantine" / "1-gone.inbox").read_bytes() == bytes(damaged)
+    assert store.stats(str(directory))["quarantined"] == 1
+    assert store.drain(str(directory)) == (0, 0)  # the quarantine is not read again
+
+
+def test_poison_records_go_to_dead_letters_and_the_drain_goes_on(tmp_path, caplog):
+    directory = tmp_path / "inbox"
+    directory.mkdir()
+    surrogate = inbox.encode([message("m_\udfff")], [])  # JSON escapes it; SQLite cannot store it
+    not_a_delivery = b'{"nothing": 1}'
+    shaped_wrong = inbox.MARKER + inbox.HEADER.pack(len(not_a_delivery), __import__("zlib").crc32(not_a_delivery)) \
+        + not_a_delivery
+    (directory / "1-gone.inbox").write_bytes(surrogate + shaped_wrong + inbox.encode([message("m_after")], []))
+    store = SQLiteStore(str(tmp_path / "bot.sqlite3"))
+    with caplog.at_level("ERROR"):
+        assert store.drain(str(directory)) == (1, 0)
+    assert set(store.states()) == {"m_after"}
+    assert store.stats(str(directory))["dead_letters"] == 2
+    assert "could not enter the queue (UnicodeEncodeError" in caplog.text and "(KeyError" in caplog.text
+    assert not (directory / "1-gone.inbox").exists()  # read to its end, nothing damaged: deleted
+
+
+FULL_DISK_WRITER = """
+import json, resource, signal, sys
+sys.path.insert(0, sys.argv[2])
+from bot.inbox import InboxWriter
+from messenger.events import TEXT, IncomingMessage
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: a short write, then EFBIG
+writer = InboxWriter(sys.argv[1])
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+results = []
+for n in range(40):
+    if n == 5:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (writer._size + 700, hard))  # the disk fills up
+    if n == 30:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space is back
+    m = IncomingMessage(psid="2000000000000001", page_id="1", mid=f"m{n}", kind=TEXT, text="x" * 150, timestamp_ms=1)
+    try:
+        writer.append([m], [])
+        results.append(f"m{n}")
+    except OSError:
+        pass
+print(json.dumps(results))
+"""
+
+
+def test_a_full_disk_loses_nothing_acknowledged_and_hides_nothing_written_after(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    directory = tmp_path / "inbox"
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_WRITER, str(directory), str(ROOT)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    acknowledged = json.loads(done.stdout)
+    assert 5 < len(acknowledged) < 40 and "m39" in acknowledged  # some failed, later ones succeeded
+    store = SQLiteStore(str(tmp_path / "bot.sqlite3"))
+    store.drain(str(directory))
+    assert set(store.states()) == set(acknowledged)
+    assert store.stats(str(directory))["quarantined"] == 0  # every failed write was cut back off the file
