@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 from bot.sqlite import Database
 from messenger.events import Echo, IncomingMessage
 from messenger.graph import HistoryMessage
+from messenger.text import clean_text
 
 USER, BOT, HUMAN = "user", "bot", "human"
 MirrorRow = tuple[str, str, str, int]  # mid, author, text, at_ms
@@ -77,6 +78,10 @@ def utc_day(seconds: float) -> str:
 def utc_day_start_ms(seconds: float) -> int:
     day = datetime.fromtimestamp(seconds, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     return int(day.timestamp() * 1000)
+
+
+def _clean(text: str | None) -> str | None:
+    return None if text is None else clean_text(text)
 
 
 def user_text(message: IncomingMessage) -> str:
@@ -154,29 +159,31 @@ class Conversations:
                                   " WHERE psid = ? AND user_timestamp >= ?", (psid, since_ms)).fetchone()[0]
 
     def finish(self, db: sqlite3.Connection, exchange: Exchange) -> None:
-        """Inside the transaction that completes the batch: log, mirror, user state - all or nothing."""
+        """Inside the transaction that completes the batch: log, mirror, user state - all or nothing.
+        Text is cleaned once more here: a lone surrogate (from a model, a proxy, old data)
+        cannot be stored, and this record must be written whatever it holds."""
         messages = exchange.messages
         if exchange.synced is not None:  # what Graph returned; from now on the mirror covers this user
             for mid, author, text, at_ms in exchange.synced:
                 db.execute("INSERT OR IGNORE INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
-                           (mid, exchange.psid, author, text, at_ms))
+                           (mid, exchange.psid, author, _clean(text), at_ms))
             db.execute("INSERT INTO users (psid, synced_at) VALUES (?, ?)"
                        " ON CONFLICT (psid) DO UPDATE SET synced_at = excluded.synced_at", (exchange.psid, time.time()))
         for message in messages:
             if message.mid:
                 db.execute("INSERT OR IGNORE INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
-                           (message.mid, exchange.psid, USER, message.text, message.timestamp_ms))
+                           (message.mid, exchange.psid, USER, _clean(message.text), message.timestamp_ms))
         # After what it answers even if Meta's clock (user messages) runs ahead of ours.
         replied_at = max(exchange.bot_timestamp_ms or 0, max(m.timestamp_ms for m in messages) + 1)
         for mid, text in exchange.sent_parts:
             db.execute("INSERT OR IGNORE INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
-                       (mid, exchange.psid, BOT, text, replied_at))
+                       (mid, exchange.psid, BOT, clean_text(text), replied_at))
         db.execute(
             "INSERT INTO interactions (psid, user_message, user_timestamp, bot_message, bot_timestamp, model,"
             " prompt_tokens, completion_tokens, total_tokens, latency_ms, outcome, tracking)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (exchange.psid, "\n".join(user_text(m) for m in messages), min(m.timestamp_ms for m in messages),
-             exchange.bot_message, exchange.bot_timestamp_ms, exchange.model, *exchange.usage,
+            (exchange.psid, clean_text("\n".join(user_text(m) for m in messages)), min(m.timestamp_ms for m in messages),
+             _clean(exchange.bot_message), exchange.bot_timestamp_ms, exchange.model, *exchange.usage,
              exchange.latency_ms, exchange.outcome, "waiting" if self.tracking else None))
 
     # -- the log: export, tracking, retention ---------------------------------------------------

@@ -12,7 +12,6 @@ import logging
 import os
 import random
 import socket
-import sqlite3
 import threading
 import time
 import uuid
@@ -38,6 +37,29 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
 
 PRUNE_EVERY_S = 600.0
 DRAIN_EVERY_S = 0.02
+# The claim loop turns at least every second when idle: this long without a turn is stuck.
+STUCK_AFTER_S = 60.0
+# A failure that repeats (a corrupt database, a full disk) is logged once per this period.
+REPEAT_LOG_EVERY_S = 60.0
+
+
+class QuietRepeats:
+    """Logs an error the first time, then at most once per period while it repeats."""
+
+    def __init__(self, clock: Callable[[], float], period: float = REPEAT_LOG_EVERY_S):
+        self.clock = clock
+        self.period = period
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (logged at, repeats since)
+
+    def error(self, key: str, message: str, *args: object, exc_info: bool = False) -> None:
+        now = self.clock()
+        logged_at, repeats = self._last.get(key, (None, 0))
+        if logged_at is not None and now - logged_at < self.period:
+            self._last[key] = (logged_at, repeats + 1)
+            return
+        suffix = f" (and {repeats} more time(s) in the last {self.period:.0f} s)" if repeats else ""
+        logger.error(message + suffix, *args, exc_info=exc_info)
+        self._last[key] = (now, 0)
 
 
 @dataclass
@@ -54,7 +76,8 @@ class Dispatcher:
 
     def __init__(self, store: SQLiteStore, responder: Responder, doorbell: Doorbell, *, threads: int,
                  lease_seconds: float = 30.0, retry_base: float = 1.0, retry_cap: float = 60.0,
-                 poll_interval: float = 0.2, retention_days: int = 0, tracker=None, inbox_dir: str | None = None):
+                 poll_interval: float = 0.2, retention_days: int = 0, tracker=None, inbox_dir: str | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.responder = responder
         self.doorbell = doorbell
@@ -74,13 +97,20 @@ class Dispatcher:
         self._stopping = threading.Event()
         self._busy = 0
         self._busy_lock = threading.Lock()
+        self.clock = clock
+        self.last_turn = clock()  # the claim loop's last turn: readiness sees a stuck loop
+        self._threads: list[threading.Thread] = []
+        self._errors = QuietRepeats(clock)
 
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.doorbell.listen()
         self.store.heartbeat(self.owner)
-        for target, name in ((self._claim_loop, "dispatcher"), (self._upkeep_loop, "upkeep")):
-            threading.Thread(target=target, name=name, daemon=True).start()
+        self.last_turn = self.clock()
+        self._threads = [threading.Thread(target=target, name=name, daemon=True)
+                         for target, name in ((self._claim_loop, "dispatcher"), (self._upkeep_loop, "upkeep"))]
+        for thread in self._threads:
+            thread.start()
         if self.tracker:
             self.tracker.start(self._stopping)
 
@@ -93,6 +123,17 @@ class Dispatcher:
             time.sleep(0.05)
         released = self.store.release(self.owner) if self.in_flight else 0
         logger.info("dispatcher stopped: %d message(s) released for the next start", released)
+
+    def healthy(self, now: float) -> tuple[bool, str]:
+        """False, with the reason, when a loop thread died or the claim loop stopped turning.
+        The heartbeat is written only while healthy, so /readyz sees it; the reply process
+        exits on it, so the supervisor starts a fresh one."""
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        if dead and not self._stopping.is_set():
+            return False, f"thread(s) {', '.join(dead)} died"
+        if self._threads and now - self.last_turn > STUCK_AFTER_S:
+            return False, f"the claim loop has not turned for {now - self.last_turn:.0f} s"
+        return True, ""
 
     @property
     def in_flight(self) -> int:
@@ -111,18 +152,37 @@ class Dispatcher:
     # -- loops ---------------------------------------------------------------------------------------
     def _claim_loop(self) -> None:
         while not self._stopping.is_set():
-            self._slots.acquire()
-            batch = None
+            self.last_turn = self.clock()
+            try:
+                self._claim_once()
+            except Exception:  # noqa: BLE001 - this loop is every user's replies: it must go on
+                self._errors.error("claim-loop", "claim loop error, going on", exc_info=True)
+                self._stopping.wait(self.poll_interval)
+
+    def _claim_once(self) -> None:
+        # Bounded, so the loop keeps turning (and proving it is alive) while every thread is busy.
+        if not self._slots.acquire(timeout=1.0):
+            return
+        batch = None
+        try:
             if not self._stopping.is_set():
                 batch = self._try_claim()
+        finally:
             if batch is None:
                 self._slots.release()
-                self.doorbell.wait(self.poll_interval)
-                self._drained_at = 0.0  # woken by a webhook, or the poll: drain before the next claim
-                continue
-            with self._busy_lock:
-                self._busy += 1
+        if batch is None:
+            self.doorbell.wait(self.poll_interval)
+            self._drained_at = 0.0  # woken by a webhook, or the poll: drain before the next claim
+            return
+        with self._busy_lock:
+            self._busy += 1
+        try:
             self._pool.submit(self._run, batch)
+        except Exception:
+            with self._busy_lock:
+                self._busy -= 1
+            self._slots.release()
+            raise
 
     def _try_claim(self) -> Batch | None:
         try:
@@ -130,8 +190,9 @@ class Dispatcher:
             if time.monotonic() - self._drained_at >= DRAIN_EVERY_S:
                 self.drain()
             return self.store.claim(self.owner, self.lease_seconds)
-        except (sqlite3.Error, OSError) as exc:
-            logger.error("claim failed, will poll again: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - the drain quarantines bad input; anything else: poll again
+            self._errors.error(f"claim:{type(exc).__name__}", "claim failed, will poll again: %s: %s",
+                               type(exc).__name__, exc)
             return None
 
     def drain(self) -> None:
@@ -149,6 +210,9 @@ class Dispatcher:
     def _run(self, batch: Batch) -> None:
         try:
             self.process(batch)
+        except Exception:  # noqa: BLE001 - its lease expires and it is tried again
+            self._errors.error("process", "batch psid=%r left to its lease: its outcome could not be recorded",
+                               batch.psid, exc_info=True)
         finally:
             with self._busy_lock:
                 self._busy -= 1
@@ -162,13 +226,18 @@ class Dispatcher:
                 if self.in_flight and time.monotonic() - last_renewal >= self.lease_seconds / 3:
                     self.store.renew(self.owner, self.lease_seconds)
                     last_renewal = time.monotonic()
-                self.store.heartbeat(self.owner)
+                healthy, reason = self.healthy(self.clock())
+                if healthy:
+                    self.store.heartbeat(self.owner)
+                else:
+                    self._errors.error("unhealthy", "no heartbeat: %s", reason)
                 self.store.checkpoint()
                 if self.retention_days and time.monotonic() - last_prune >= PRUNE_EVERY_S:
                     last_prune = time.monotonic()
                     self.prune()
-            except sqlite3.Error as exc:
-                logger.error("queue upkeep failed: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - leases must keep being renewed
+                self._errors.error(f"upkeep:{type(exc).__name__}", "queue upkeep failed: %s: %s",
+                                   type(exc).__name__, exc)
 
     def prune(self) -> None:
         """RETENTION_DAYS: older exchanges, mirror rows and finished queue rows are deleted."""
@@ -187,12 +256,28 @@ class Dispatcher:
         try:
             self._answer(batch, progress, thinking)
         except GraphAPIError as exc:
-            self._on_graph_error(batch, exc, progress)
+            try:
+                self._on_graph_error(batch, exc, progress)
+            except Exception:  # noqa: BLE001 - recording the failure failed: record it bare
+                logger.exception("could not record a send failure for psid=%r", batch.psid)
+                self._settle(batch, str(exc)[:300], Progress(None, progress.sent))
         except Exception as exc:  # noqa: BLE001 - a bug must cost one message, not the thread
-            logger.exception("unexpected error answering batch=%s psid=%s", batch.batch_id, batch.psid)
-            self._retry_or_fail(batch, type(exc).__name__, progress)
+            logger.exception("unexpected error answering batch=%s psid=%r mids=%r", batch.batch_id, batch.psid,
+                             [m.mid for m in batch.messages])
+            self._settle(batch, f"{type(exc).__name__}: {exc}"[:300], progress)
         finally:
             replied.set()
+
+    def _settle(self, batch: Batch, error: str, progress: Progress) -> None:
+        """Retry or fail the batch; if even recording that fails (the exchange record cannot be
+        written), record it without the exchange details, so it never sits in 'working'."""
+        try:
+            self._retry_or_fail(batch, error, progress)
+        except Exception:  # noqa: BLE001
+            logger.exception("could not record the outcome of psid=%r mids=%r; recording it bare",
+                             batch.psid, [m.mid for m in batch.messages])
+            bare = Progress(None, progress.sent)
+            self._retry_or_fail(batch, error, bare)
 
     def _answer(self, batch: Batch, progress: Progress, thinking: Callable[[], object]) -> None:
         if progress.answer is None:
@@ -212,7 +297,7 @@ class Dispatcher:
         metrics.EXCHANGES.labels(answer.outcome).inc()
         if parts:
             metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)
-        logger.info("%s psid=%s mids=%s in %d part(s)", answer.outcome, batch.psid,
+        logger.info("%s psid=%r mids=%r in %d part(s)", answer.outcome, batch.psid,
                     [m.mid for m in batch.messages], len(parts))
 
     @staticmethod
@@ -235,14 +320,14 @@ class Dispatcher:
             return
         self.store.fail(batch, str(exc), self._exchange(batch, progress, "failed"))
         metrics.FAILED.labels(f"graph_{exc.code}").inc()
-        logger.error("send failed for good psid=%s mids=%s: %s", batch.psid, [m.mid for m in batch.messages], exc)
+        logger.error("send failed for good psid=%r mids=%r: %s", batch.psid, [m.mid for m in batch.messages], exc)
 
     def _retry_or_fail(self, batch: Batch, error: str, progress: Progress) -> None:
         delay = backoff_delay(batch.attempts, self.retry_base, self.retry_cap)
         stored = progress.answer.to_json() if progress.answer else None
         if self.store.retry(batch, delay, error, stored, progress.sent, self._exchange(batch, progress, "failed")):
-            logger.warning("retrying psid=%s in %.1fs (attempt %d): %s", batch.psid, delay, batch.attempts, error)
+            logger.warning("retrying psid=%r in %.1fs (attempt %d): %s", batch.psid, delay, batch.attempts, error)
             return
         metrics.FAILED.labels("attempts_exhausted").inc()
-        logger.error("gave up on psid=%s mids=%s after %d attempts: %s",
+        logger.error("gave up on psid=%r mids=%r after %d attempts: %s",
                      batch.psid, [m.mid for m in batch.messages], batch.attempts, error)

@@ -8,8 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+import time
+from typing import Callable
 
+from bot.dispatcher import Dispatcher
 from bot.replies import build_dispatcher
 from bot.logs import configure_logging
 from config import ConfigError, load_config
@@ -35,12 +39,25 @@ def main() -> None:
     parent = os.getppid()
     dispatcher.start()
     logger.info("reply process ready: %d reply threads", config.reply_threads)
-    # An orphan (the gunicorn master was killed) stops too: the next start spawns a new one.
-    while not stop.wait(1.0):
-        if os.getppid() != parent:
-            logger.warning("gunicorn master is gone: stopping")
-            break
+    code = watch(dispatcher, stop, lambda: os.getppid() != parent)
     dispatcher.stop(timeout=config.worst_reply_seconds)
+    sys.exit(code)
+
+
+def watch(dispatcher: Dispatcher, stop: threading.Event, orphaned: Callable[[], bool],
+          clock: Callable[[], float] = time.monotonic, every: float = 1.0) -> int:
+    """Until SIGTERM: 0. An orphan (the gunicorn master was killed) stops too: the next start
+    spawns a new one. A dispatcher that is no longer healthy: 1, so the supervisor starts a
+    fresh process instead of leaving a dead loop that still looks alive."""
+    while not stop.wait(every):
+        if orphaned():
+            logger.warning("gunicorn master is gone: stopping")
+            return 0
+        healthy, reason = dispatcher.healthy(clock())
+        if not healthy:
+            logger.error("reply process unhealthy (%s): exiting so a fresh one starts", reason)
+            return 1
+    return 0
 
 
 if __name__ == "__main__":

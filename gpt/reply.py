@@ -15,6 +15,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from gpt.plaintext import to_plain_text
+from messenger.text import clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ def to_reply_text(completion: Any) -> str:
         raise EmptyCompletion("no choices in the completion") from None
     if not isinstance(content, str) or not content.strip():
         raise EmptyCompletion(f"empty content (finish_reason={getattr(choice, 'finish_reason', None)})")
-    text = to_plain_text(content)
+    # A model or a proxy can return anything: a lone surrogate could be neither sent nor stored.
+    text = to_plain_text(clean_text(content))
     if choice.finish_reason == "length":
         text += LENGTH_MARK
     return text

@@ -136,7 +136,8 @@ def test_sigterm_finishes_the_reply_in_flight(make_bot, graph, model):
 
 
 def test_replies_to_one_user_go_out_in_order_across_workers(make_bot, graph, model):
-    bot = make_bot(WEB_CONCURRENCY="2").start()
+    # Six messages from one user: over the default RATE_LIMIT (5/minute), whose notice is no echo.
+    bot = make_bot(WEB_CONCURRENCY="2", RATE_LIMIT="off").start()
     model.echo = True
     model.delay = 0.3
     for i in range(6):
