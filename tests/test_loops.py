@@ -6,12 +6,15 @@ import time
 
 import pytest
 
+from bot.conversations import Conversations
 from bot.dispatcher import QuietRepeats
 from bot.replies import build_dispatcher
 from bot.store import SQLiteStore
 from bot.worker import watch
 from config import load_config
-from messenger.events import TEXT, IncomingMessage
+from messenger.emulator.http import json_response
+from messenger.emulator.model import completion
+from messenger.events import ATTACHMENT, TEXT, IncomingMessage
 from tests.conftest import PSID, text_body, post_signed, wait_for
 
 
@@ -155,3 +158,93 @@ def test_a_poisoned_delivery_does_not_stop_replies_to_anyone(client, graph, mode
     assert post_signed(client, text_body("m_canary", "hello", psid="2000000000000009")).status_code == 200
     client.application.extensions["dispatcher"].run_pending()
     assert graph.sent_texts("2000000000000009") == ["Hello from the model."]
+
+
+# -- a batch always ends: done, pending again, or failed - never left 'working' ----------------------
+def answer_until_settled(dispatcher, seconds: float = 10.0) -> None:
+    """Answer the queue, retries included, until no row is pending or working."""
+    deadline = time.monotonic() + seconds
+    while {"pending", "working"} & set(dispatcher.store.states().values()) and time.monotonic() < deadline:
+        dispatcher.run_pending()
+        time.sleep(0.02)
+
+
+def exchanges(path):
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT user_message, bot_message, model, prompt_tokens, completion_tokens,"
+                          " total_tokens, outcome FROM interactions ORDER BY id").fetchall()
+
+
+class BrokenLog(Conversations):
+    """An exchange log that cannot be written at all (a damaged index, say)."""
+
+    def finish(self, db, exchange):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+
+class BrokenLogStore(SQLiteStore):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conversations = BrokenLog(self._database)
+
+
+def test_a_batch_whose_outcome_cannot_be_logged_still_ends_failed(env, graph, model, caplog):
+    config = load_config({**env, "MAX_ATTEMPTS": "2", "RETRY_BASE_SECONDS": "0.01"}, env_file=None)
+    store = BrokenLogStore(config.database_path, max_attempts=config.max_attempts)
+    dispatcher = build_dispatcher(config, store)
+    store.add([incoming("m_lost_log", "hi")])
+    with caplog.at_level(logging.ERROR):
+        answer_until_settled(dispatcher)
+    assert store.states() == {"m_lost_log": "failed"}  # not 'working' until its lease runs out
+    assert graph.sent_texts(PSID) == ["Hello from the model."]  # sent once: the retry did not send it again
+    assert f"psid={PSID!r}" in caplog.text and "recorded without its exchange" in caplog.text
+
+
+def test_a_stored_reply_that_cannot_be_read_ends_failed_with_an_exchange_record(env, graph, model):
+    config = load_config({**env, "MAX_ATTEMPTS": "2", "RETRY_BASE_SECONDS": "0.01"}, env_file=None)
+    dispatcher = build_dispatcher(config)
+    store = dispatcher.store
+    store.add([incoming("m_odd_reply", "hi")])
+    store.retry(store.claim("earlier-owner", 30), 0, "timeout", '{"outcome": "answered"}')  # no "text"
+    answer_until_settled(dispatcher)
+    assert store.states() == {"m_odd_reply": "failed"}
+    assert exchanges(config.database_path) == [("hi", None, None, None, None, None, "failed")]
+
+
+def test_odd_model_name_and_token_counts_from_the_server_do_not_cost_the_exchange(env, graph, model):
+    """The openai client does not validate responses: a proxy's odd fields reach us as they are."""
+    odd = completion("Hello from the model.")
+    odd["model"] = {"not": "a name"}
+    odd["usage"] = {"prompt_tokens": 10 ** 30, "completion_tokens": "five", "total_tokens": -3}
+    model.scripted.append(json_response(odd))
+    config = load_config(env, env_file=None)
+    dispatcher = build_dispatcher(config)
+    dispatcher.store.add([incoming("m_odd_usage", "hi")])
+    dispatcher.run_pending()
+    assert dispatcher.store.states() == {"m_odd_usage": "done"}
+    assert exchanges(config.database_path) == [
+        ("hi", "Hello from the model.", config.openai_model, None, None, None, "answered")]
+
+
+def test_error_and_reply_text_with_a_lone_surrogate_can_be_stored(env):
+    store = SQLiteStore(load_config(env, env_file=None).database_path, max_attempts=2)
+    store.add([incoming("m_err", "hi")])
+    assert store.retry(store.claim("me", 30), 0, "ValueError: bad \udfff", "part \udfff")
+    store.fail(store.claim("me", 30), "ValueError: worse \udfff")
+    assert store.states() == {"m_err": "failed"}
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT error, reply FROM events").fetchone() == ("ValueError: worse \ufffd", "part \ufffd")
+
+
+def test_ids_are_logged_escaped_never_as_a_forged_line(env, graph, model, caplog):
+    """F10: a psid holding a newline (stored before the edge checked ids) cannot start a log line."""
+    config = load_config(env, env_file=None)
+    dispatcher = build_dispatcher(config)
+    forged = "2000000000000003\n2026-01-01 00:00:00 ERROR forged"
+    photo = IncomingMessage(psid=forged, page_id="1", mid="m_photo", kind=ATTACHMENT, text="",
+                            timestamp_ms=int(time.time() * 1000), attachment_types=("image",))
+    dispatcher.store.add([photo])
+    with caplog.at_level(logging.INFO):
+        dispatcher.run_pending()
+    assert "attachment-only" in caplog.text
+    assert "\n2026-01-01 00:00:00 ERROR forged" not in caplog.text
