@@ -102,7 +102,7 @@ class Conversations:
         """(echo, by_a_human, pause_until) each: mirror it; a human's pauses the bot for that user."""
         for echo, human, pause_until in echoes:
             db.execute("INSERT OR IGNORE INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
-                       (echo.mid, echo.psid, HUMAN if human else BOT, echo.text, echo.timestamp_ms))
+                       (_clean(echo.mid), echo.psid, HUMAN if human else BOT, _clean(echo.text), echo.timestamp_ms))
             if human and pause_until:
                 db.execute("INSERT INTO users (psid, paused_until) VALUES (?, ?) ON CONFLICT (psid) DO UPDATE"
                            " SET paused_until = MAX(COALESCE(paused_until, 0), excluded.paused_until)",
@@ -160,13 +160,13 @@ class Conversations:
 
     def finish(self, db: sqlite3.Connection, exchange: Exchange) -> None:
         """Inside the transaction that completes the batch: log, mirror, user state - all or nothing.
-        Text is cleaned once more here: a lone surrogate (from a model, a proxy, old data)
-        cannot be stored, and this record must be written whatever it holds."""
+        Text and Graph's ids are cleaned once more here: a lone surrogate (from a model, a
+        proxy, Graph, old data) cannot be stored, and this record must be written whatever it holds."""
         messages = exchange.messages
         if exchange.synced is not None:  # what Graph returned; from now on the mirror covers this user
             for mid, author, text, at_ms in exchange.synced:
                 db.execute("INSERT OR IGNORE INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
-                           (mid, exchange.psid, author, _clean(text), at_ms))
+                           (_clean(mid), exchange.psid, author, _clean(text), at_ms))
             db.execute("INSERT INTO users (psid, synced_at) VALUES (?, ?)"
                        " ON CONFLICT (psid) DO UPDATE SET synced_at = excluded.synced_at", (exchange.psid, time.time()))
         for message in messages:
@@ -177,13 +177,13 @@ class Conversations:
         replied_at = max(exchange.bot_timestamp_ms or 0, max(m.timestamp_ms for m in messages) + 1)
         for mid, text in exchange.sent_parts:
             db.execute("INSERT OR IGNORE INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
-                       (mid, exchange.psid, BOT, clean_text(text), replied_at))
+                       (_clean(mid), exchange.psid, BOT, _clean(text), replied_at))
         db.execute(
             "INSERT INTO interactions (psid, user_message, user_timestamp, bot_message, bot_timestamp, model,"
             " prompt_tokens, completion_tokens, total_tokens, latency_ms, outcome, tracking)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (exchange.psid, clean_text("\n".join(user_text(m) for m in messages)), min(m.timestamp_ms for m in messages),
-             _clean(exchange.bot_message), exchange.bot_timestamp_ms, exchange.model, *exchange.usage,
+             _clean(exchange.bot_message), exchange.bot_timestamp_ms, _clean(exchange.model), *exchange.usage,
              exchange.latency_ms, exchange.outcome, "waiting" if self.tracking else None))
 
     # -- the log: export, tracking, retention ---------------------------------------------------

@@ -44,22 +44,25 @@ REPEAT_LOG_EVERY_S = 60.0
 
 
 class QuietRepeats:
-    """Logs an error the first time, then at most once per period while it repeats."""
+    """Logs an error the first time, then at most once per period while it repeats.
+    Shared by the claim, upkeep and reply threads."""
 
     def __init__(self, clock: Callable[[], float], period: float = REPEAT_LOG_EVERY_S):
         self.clock = clock
         self.period = period
         self._last: dict[str, tuple[float, int]] = {}  # key -> (logged at, repeats since)
+        self._lock = threading.Lock()
 
     def error(self, key: str, message: str, *args: object, exc_info: bool = False) -> None:
         now = self.clock()
-        logged_at, repeats = self._last.get(key, (None, 0))
-        if logged_at is not None and now - logged_at < self.period:
-            self._last[key] = (logged_at, repeats + 1)
+        with self._lock:
+            logged_at, repeats = self._last.get(key, (None, 0))
+            quiet = logged_at is not None and now - logged_at < self.period
+            self._last[key] = (logged_at, repeats + 1) if quiet else (now, 0)
+        if quiet:
             return
-        suffix = f" (and {repeats} more time(s) in the last {self.period:.0f} s)" if repeats else ""
+        suffix = f" (and {repeats} more time(s) in the {now - logged_at:.0f} s before)" if repeats else ""
         logger.error(message + suffix, *args, exc_info=exc_info)
-        self._last[key] = (now, 0)
 
 
 @dataclass
@@ -210,9 +213,8 @@ class Dispatcher:
     def _run(self, batch: Batch) -> None:
         try:
             self.process(batch)
-        except Exception:  # noqa: BLE001 - its lease expires and it is tried again
-            self._errors.error("process", "batch psid=%r left to its lease: its outcome could not be recorded",
-                               batch.psid, exc_info=True)
+        except Exception:  # noqa: BLE001 - process() does not raise; should it, the lease brings the batch back
+            self._errors.error("process", "reply thread error psid=%r", batch.psid, exc_info=True)
         finally:
             with self._busy_lock:
                 self._busy -= 1
@@ -247,37 +249,27 @@ class Dispatcher:
 
     # -- one batch ---------------------------------------------------------------------------------
     def process(self, batch: Batch) -> None:
-        """Compose (or reuse) the reply, send the parts not sent yet, record the outcome."""
+        """Compose (or reuse) the reply, send the parts not sent yet, record the outcome.
+        Never raises: the batch ends done, pending again or failed - never left 'working',
+        where it would hold back the user's next messages until its lease ran out."""
         replied = threading.Event()
-        progress = Progress(Answer.from_json(batch.reply) if batch.reply else None, batch.sent_parts)
+        progress = Progress(None, batch.sent_parts)
 
         def thinking() -> None:
             self._actions.submit(self.responder.show_activity, batch.psid, replied)
         try:
+            if batch.reply:
+                progress.answer = Answer.from_json(batch.reply)
             self._answer(batch, progress, thinking)
         except GraphAPIError as exc:
-            try:
-                self._on_graph_error(batch, exc, progress)
-            except Exception:  # noqa: BLE001 - recording the failure failed: record it bare
-                logger.exception("could not record a send failure for psid=%r", batch.psid)
-                self._settle(batch, str(exc)[:300], Progress(None, progress.sent))
+            metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
+            self._record_failure(batch, str(exc), progress, None if is_retryable(exc) else f"graph_{exc.code}")
         except Exception as exc:  # noqa: BLE001 - a bug must cost one message, not the thread
             logger.exception("unexpected error answering batch=%s psid=%r mids=%r", batch.batch_id, batch.psid,
-                             [m.mid for m in batch.messages])
-            self._settle(batch, f"{type(exc).__name__}: {exc}"[:300], progress)
+                             _mids(batch))
+            self._record_failure(batch, f"{type(exc).__name__}: {exc}", progress)
         finally:
             replied.set()
-
-    def _settle(self, batch: Batch, error: str, progress: Progress) -> None:
-        """Retry or fail the batch; if even recording that fails (the exchange record cannot be
-        written), record it without the exchange details, so it never sits in 'working'."""
-        try:
-            self._retry_or_fail(batch, error, progress)
-        except Exception:  # noqa: BLE001
-            logger.exception("could not record the outcome of psid=%r mids=%r; recording it bare",
-                             batch.psid, [m.mid for m in batch.messages])
-            bare = Progress(None, progress.sent)
-            self._retry_or_fail(batch, error, bare)
 
     def _answer(self, batch: Batch, progress: Progress, thinking: Callable[[], object]) -> None:
         if progress.answer is None:
@@ -297,8 +289,7 @@ class Dispatcher:
         metrics.EXCHANGES.labels(answer.outcome).inc()
         if parts:
             metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)
-        logger.info("%s psid=%r mids=%r in %d part(s)", answer.outcome, batch.psid,
-                    [m.mid for m in batch.messages], len(parts))
+        logger.info("%s psid=%r mids=%r in %d part(s)", answer.outcome, batch.psid, _mids(batch), len(parts))
 
     @staticmethod
     def _exchange(batch: Batch, progress: Progress, outcome: str | None = None) -> Exchange:
@@ -313,21 +304,47 @@ class Dispatcher:
             latency_ms=int((now - batch.received_at) * 1000), synced=answer.synced,
         )
 
-    def _on_graph_error(self, batch: Batch, exc: GraphAPIError, progress: Progress) -> None:
-        metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
-        if is_retryable(exc):
-            self._retry_or_fail(batch, str(exc), progress)
-            return
-        self.store.fail(batch, str(exc), self._exchange(batch, progress, "failed"))
-        metrics.FAILED.labels(f"graph_{exc.code}").inc()
-        logger.error("send failed for good psid=%r mids=%r: %s", batch.psid, [m.mid for m in batch.messages], exc)
+    def _record_failure(self, batch: Batch, error: str, progress: Progress, final: str | None = None) -> None:
+        """Retry the batch, or fail it for good when `final` names why (a metric label).
 
-    def _retry_or_fail(self, batch: Batch, error: str, progress: Progress) -> None:
+        Its exchange record is written with it when it fails; if that record cannot be
+        written (what it holds cannot be stored), a bare one is, and if not even that,
+        none. Only a database that takes no writes at all leaves the batch to its lease.
+        """
+        error = error[:300]
+        records = (lambda: self._exchange(batch, progress, "failed"),
+                   lambda: Exchange(psid=batch.psid, messages=batch.messages, outcome="failed"),
+                   lambda: None)
+        for level, record in enumerate(records):
+            try:
+                self._retry_or_fail(batch, error, progress, record(), final)
+            except Exception:  # noqa: BLE001 - try again with less
+                logger.exception("could not record the outcome of psid=%r mids=%r (try %d of %d)",
+                                 batch.psid, _mids(batch), level + 1, len(records))
+                continue
+            if level == len(records) - 1:
+                logger.error("psid=%r mids=%r recorded without its exchange record: it could not be written",
+                             batch.psid, _mids(batch))
+            return
+        logger.error("psid=%r mids=%r left to its lease: its outcome could not be recorded", batch.psid, _mids(batch))
+
+    def _retry_or_fail(self, batch: Batch, error: str, progress: Progress, exchange: Exchange | None,
+                       final: str | None) -> None:
+        if final:
+            self.store.fail(batch, error, exchange)
+            metrics.FAILED.labels(final).inc()
+            logger.error("send failed for good psid=%r mids=%r: %s", batch.psid, _mids(batch), error)
+            return
         delay = backoff_delay(batch.attempts, self.retry_base, self.retry_cap)
         stored = progress.answer.to_json() if progress.answer else None
-        if self.store.retry(batch, delay, error, stored, progress.sent, self._exchange(batch, progress, "failed")):
+        if self.store.retry(batch, delay, error, stored, progress.sent, exchange):
             logger.warning("retrying psid=%r in %.1fs (attempt %d): %s", batch.psid, delay, batch.attempts, error)
             return
         metrics.FAILED.labels("attempts_exhausted").inc()
         logger.error("gave up on psid=%r mids=%r after %d attempts: %s",
-                     batch.psid, [m.mid for m in batch.messages], batch.attempts, error)
+                     batch.psid, _mids(batch), batch.attempts, error)
+
+
+def _mids(batch: Batch) -> list[str | None]:
+    """The batch's message ids, to log with %r (escaped: an id cannot forge a log line)."""
+    return [m.mid for m in batch.messages]

@@ -91,7 +91,7 @@ class Responder:
         user = self.conversations.user(psid)
         now = time.time()
         if user.paused_until and user.paused_until > now:
-            logger.info("a human is answering psid=%s: %d message(s) logged, not answered", psid, len(messages))
+            logger.info("a human is answering psid=%r: %d message(s) logged, not answered", psid, len(messages))
             return Answer(None, "paused")
         gate = self._gate(psid, messages, user, now)
         if gate is not None:
@@ -99,7 +99,7 @@ class Responder:
         texts = [m for m in messages if not m.is_attachment_only]
         if not texts:
             thinking()  # "seen"; the typing indicator is skipped once the reply is out
-            logger.info("attachment-only message(s) psid=%s mids=%s", psid, [m.mid for m in messages])
+            logger.info("attachment-only message(s) psid=%r mids=%r", psid, [m.mid for m in messages])
             return Answer(self.prompt.unsupported_reply, "unsupported")
         history, synced = self._history(psid, user, now)
         thinking()
@@ -120,7 +120,7 @@ class Responder:
         if word and any(m.text.strip().lower() == word for m in messages):
             reset_at = max(int(now * 1000), max(m.timestamp_ms for m in messages) + 1)
             self.conversations.update_user(psid, reset_at_ms=reset_at)
-            logger.info("context reset psid=%s", psid)
+            logger.info("context reset psid=%r", psid)
             return Answer(policy.reset_reply, "reset")
         if policy.rate_limit:
             count, window = policy.rate_limit
@@ -129,7 +129,7 @@ class Responder:
                 notice = not user.rate_notice_at or now - user.rate_notice_at >= window
                 if notice:
                     self.conversations.update_user(psid, rate_notice_at=now)
-                logger.info("rate limit psid=%s: %d message(s) not answered", psid, len(messages))
+                logger.info("rate limit psid=%r: %d message(s) not answered", psid, len(messages))
                 return Answer(policy.rate_limit_reply if notice else None, "rate-limited")
         if policy.daily_token_budget:
             today = utc_day(now)
@@ -137,7 +137,7 @@ class Responder:
                 notice = user.budget_notice_day != today
                 if notice:
                     self.conversations.update_user(psid, budget_notice_day=today)
-                logger.info("daily token budget spent psid=%s", psid)
+                logger.info("daily token budget spent psid=%r", psid)
                 return Answer(policy.budget_reply if notice else None, "over-budget")
         return None
 
@@ -161,7 +161,7 @@ class Responder:
                 self.graph.send_action(psid, action)
             except GraphAPIError as exc:
                 metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
-                logger.info("sender action %s failed for psid=%s: %s", action, psid, exc)
+                logger.info("sender action %s failed for psid=%r: %s", action, psid, exc)
 
     def _history(self, psid: str, user: UserState, now: float
                  ) -> tuple[list[HistoryMessage], tuple[MirrorRow, ...] | None]:
@@ -177,7 +177,7 @@ class Responder:
                 if exc.code in RATE_LIMIT_CODES:
                     self.conversations.hold_graph_reads()
                 # Answering from what the mirror has beats not answering at all.
-                logger.warning("history unavailable for psid=%s, answering from the mirror: %s", psid, exc)
+                logger.warning("history unavailable for psid=%r, answering from the mirror: %s", psid, exc)
             else:
                 metrics.HISTORY_READS.labels("graph").inc()
                 page_id, after = self.prompt.page_id, user.reset_at_ms or 0

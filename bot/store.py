@@ -29,6 +29,7 @@ from bot.schema import SCHEMA
 from bot.sqlite import Database
 from config import Config
 from messenger.events import Echo, IncomingMessage
+from messenger.text import clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +282,9 @@ class SQLiteStore:
                               " WHERE state = 'working' AND owner = ?", (owner,)).rowcount
 
     def _update(self, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None) -> None:
+        # Error and reply text may quote anything (an exception's message, a model's output):
+        # a lone surrogate in it would make this write - the batch's outcome - fail.
+        values = tuple(clean_text(value) if isinstance(value, str) else value for value in values)
         with self._write() as db:
             db.execute(f"UPDATE events SET {assignments} WHERE id IN ({','.join('?' * len(batch.ids))})",
                        (*values, *batch.ids))

@@ -40,7 +40,16 @@ def main() -> None:
     dispatcher.start()
     logger.info("reply process ready: %d reply threads", config.reply_threads)
     code = watch(dispatcher, stop, lambda: os.getppid() != parent)
-    dispatcher.stop(timeout=config.worst_reply_seconds)
+    try:
+        dispatcher.stop(timeout=config.worst_reply_seconds)
+    except Exception:  # noqa: BLE001 - the exit below must happen whatever stop() met
+        logger.exception("reply process: stopping the dispatcher failed")
+        code = code or 1
+    if code:
+        # The interpreter's exit joins the reply threads: one stuck for good would keep
+        # this unhealthy process alive. Leave now, so the supervisor starts a fresh one.
+        logging.shutdown()
+        os._exit(code)
     sys.exit(code)
 
 

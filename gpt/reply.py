@@ -20,6 +20,7 @@ from messenger.text import clean_text
 logger = logging.getLogger(__name__)
 
 LENGTH_MARK = "..."
+MAX_MODEL_CHARS = 200
 # The chat completions endpoint, called through the client's documented generic
 # `post` (same retries, timeout, errors and request ids as chat.completions.create).
 # create() first walks every message through the library's typed-params transform:
@@ -71,7 +72,7 @@ class ReplyGenerator:
         try:
             completion = self.client.post(CHAT_COMPLETIONS, cast_to=ChatCompletion,
                                           body={"messages": list(messages), **self.settings.to_params()})
-            return Reply(to_reply_text(completion), model=getattr(completion, "model", None) or self.settings.model,
+            return Reply(to_reply_text(completion), model=_model_name(completion) or self.settings.model,
                          usage=_usage(completion))
         except Exception as exc:  # noqa: BLE001 - every failure must end in the fallback
             self._log_failure(exc)
@@ -90,10 +91,24 @@ class ReplyGenerator:
             logger.error("cannot write %s: %s", self.error_log_file, type(write_error).__name__)
 
 
+# The client does not validate a response (a proxy can put anything in any field), and
+# these are stored with the exchange: a dict for a name or 10**30 tokens must not stop it.
+def _model_name(completion: Any) -> str | None:
+    name = getattr(completion, "model", None)
+    return clean_text(name)[:MAX_MODEL_CHARS] if isinstance(name, str) else None
+
+
 def _usage(completion: Any) -> tuple[int | None, int | None, int | None]:
     usage = getattr(completion, "usage", None)
-    return (getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None),
-            getattr(usage, "total_tokens", None))
+    return (_token_count(getattr(usage, "prompt_tokens", None)),
+            _token_count(getattr(usage, "completion_tokens", None)),
+            _token_count(getattr(usage, "total_tokens", None)))
+
+
+def _token_count(value: Any) -> int | None:
+    """A count SQLite can store, or None."""
+    is_count = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 63
+    return value if is_count else None
 
 
 def to_reply_text(completion: Any) -> str:
