@@ -58,6 +58,13 @@ class ModelSettings:
         return {"model": self.model, **{k: v for k, v in optional.items() if v is not None}}
 
 
+# Ids a server or a proxy gives each call, for finding it in their logs; the first present wins.
+REQUEST_ID_HEADERS = ("x-request-id", "x-litellm-call-id", "apim-request-id", "x-ms-request-id")
+# What a model may refuse that the bot can do without (None) or say another way.
+ADJUSTABLE = {"temperature": None, "top_p": None, "max_tokens": "max_completion_tokens"}
+SETTING_OF = {"temperature": "OPENAI_TEMPERATURE", "top_p": "OPENAI_TOP_P", "max_tokens": "OPENAI_MAX_TOKENS"}
+
+
 class ReplyGenerator:
     """One OpenAI client, built once, shared by every reply."""
 
@@ -66,22 +73,58 @@ class ReplyGenerator:
         self.settings = settings
         self.fallback = fallback
         self.error_log_file = error_log_file
+        # Parameters this model refused, and what replaces each (None: dropped), for the
+        # life of the process: reasoning models refuse temperature, top_p and max_tokens.
+        self.adjusted: dict[str, str | None] = {}
 
     def generate_reply(self, messages: Sequence[dict[str, str]]) -> Reply:
         """The model's answer as plain text, `...` when cut for length, or the fallback."""
         try:
-            completion = self.client.post(CHAT_COMPLETIONS, cast_to=ChatCompletion,
-                                          body={"messages": list(messages), **self.settings.to_params()})
+            completion = self._complete(messages)
             return Reply(to_reply_text(completion), model=_model_name(completion) or self.settings.model,
                          usage=_usage(completion))
         except Exception as exc:  # noqa: BLE001 - every failure must end in the fallback
             self._log_failure(exc)
             return Reply(self.fallback, error_class=type(exc).__name__)
 
+    def _complete(self, messages: Sequence[dict[str, str]]) -> ChatCompletion:
+        """One call; a parameter the model refuses is dropped (or renamed) and the call made
+        again at once, so a model/settings mismatch never reaches the user."""
+        for _ in range(len(ADJUSTABLE) + 1):
+            try:
+                return self.client.post(CHAT_COMPLETIONS, cast_to=ChatCompletion,
+                                        body={"messages": list(messages), **self._params()})
+            except openai.BadRequestError as exc:
+                if not self._adjust(exc):
+                    raise
+        raise RuntimeError("the model kept refusing parameters")  # unreachable: each is adjusted once
+
+    def _params(self) -> dict[str, Any]:
+        params = self.settings.to_params()
+        for name, replacement in self.adjusted.items():
+            value = params.pop(name, None)
+            if replacement and value is not None:
+                params[replacement] = value
+        return params
+
+    def _adjust(self, exc: openai.BadRequestError) -> bool:
+        param = getattr(exc, "param", None)
+        if getattr(exc, "code", None) not in ("unsupported_parameter", "unsupported_value") \
+                or param not in ADJUSTABLE or param in self.adjusted:
+            return False
+        replacement = ADJUSTABLE[param]
+        self.adjusted[param] = replacement
+        how = (f"sent as {replacement} from now on" if replacement else
+               f"left out from now on; set {SETTING_OF[param]}= (empty) in .env to stop this warning")
+        logger.warning("model %s refused %s (%s): %s", self.settings.model, param, exc.code, how)
+        return True
+
     def _log_failure(self, exc: Exception) -> None:
         status = getattr(exc, "status_code", None)
-        request_id = getattr(exc, "request_id", None)
-        line = f"model call failed: {type(exc).__name__} status={status} request_id={request_id}"
+        details = " ".join(f"{name}={value}" for name in ("type", "code", "param")
+                           if isinstance(value := getattr(exc, name, None), str))
+        line = (f"model call failed: {type(exc).__name__} status={status}{' ' + details if details else ''}"
+                f" request_id={_request_id(exc)}")
         logger.error(line)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         try:
@@ -89,6 +132,16 @@ class ReplyGenerator:
                 log.write(f"{stamp} ERROR {line}\n")
         except OSError as write_error:
             logger.error("cannot write %s: %s", self.error_log_file, type(write_error).__name__)
+
+
+def _request_id(exc: Exception) -> str | None:
+    """The server's id for the failed call, or the proxy's when it sends its own."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    for name in REQUEST_ID_HEADERS:
+        if value := headers.get(name):
+            return clean_text(value)[:100]
+    return None
 
 
 # The client does not validate a response (a proxy can put anything in any field), and

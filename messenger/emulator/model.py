@@ -92,6 +92,11 @@ class ModelStandIn(_ModelServer):
         self.api_key = api_key
         self.scripted: list[Response] = []
         self.delay = 0.0
+        # Parameters refused as OpenAI refuses them for reasoning models: name -> the
+        # replacement it names (or None). temperature is refused only when it is not 1.
+        self.refuses: dict[str, str | None] = {}
+        # The header carrying the request id: a proxy (LiteLLM...) sends its own instead.
+        self.request_id_header = "x-request-id"
 
     def answer(self, request: Request, body) -> Response:
         if self.delay:
@@ -101,12 +106,26 @@ class ModelStandIn(_ModelServer):
                                             "code": "invalid_api_key"}}, 401, {"x-request-id": "req_auth"})
         if self.scripted:
             return self.scripted.pop(0)
+        if refused := self.refusal(body or {}):
+            return refused
         messages = (body or {}).get("messages") or []
         if self.echo:
             reply = "re: " + messages[-1]["content"].rsplit(" : ", 1)[-1]
         else:
             reply = self.reply(messages) if callable(self.reply) else self.reply
-        return json_response(completion(reply), headers={"x-request-id": "req_ok"})
+        return json_response(completion(reply), headers={self.request_id_header: "req_ok"})
+
+    def refusal(self, body: dict) -> Response | None:
+        """A 400 shaped like OpenAI's for the first refused parameter in `body`, if any."""
+        for param, replacement in self.refuses.items():
+            if param not in body or (param == "temperature" and body[param] == 1):
+                continue
+            code = "unsupported_value" if param == "temperature" else "unsupported_parameter"
+            message = f"Unsupported parameter: '{param}' is not supported with this model." + (
+                f" Use '{replacement}' instead." if replacement else "")
+            return json_response({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                            "code": code}}, 400, {self.request_id_header: "req_refused"})
+        return None
 
 
 class ModelProxy(_ModelServer):
