@@ -40,17 +40,24 @@ def export(args: argparse.Namespace) -> int:
         return 2
     records = SQLiteStore(path).conversations.export(args.since or 0, args.until)
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    written = 0
     try:
-        if args.format == "csv":
-            writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS)
+        writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS) if args.format == "csv" else None
+        if writer:
             writer.writeheader()
-            writer.writerows(records)
-        else:
-            for record in records:
+        for record in records:
+            if writer:
+                writer.writerow(record)
+            else:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            written += 1
     finally:
         if args.output:
             out.close()
+    if not written:
+        # Replayed fixtures carry their recorded (old) times: say what the window is on.
+        print("no exchange records matched: --since and --until filter on the time of the user's message "
+              "(Meta's timestamp), not on when the bot answered", file=sys.stderr)
     return 0
 
 
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bot")
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("export", help="write the exchange log as JSON lines or CSV")
-    command.add_argument("--since", type=parse_moment, help="from this date/time (UTC) or age (7d, 24h)")
+    command.add_argument("--since", type=parse_moment, help="records whose user message is from this date/time (UTC) or age (7d, 24h) on")
     command.add_argument("--until", type=parse_moment, help="up to (not including) this date/time or age")
     command.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     command.add_argument("--output", help="a file to write (default: standard output)")

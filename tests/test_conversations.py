@@ -133,7 +133,9 @@ def test_export_writes_jsonl_and_csv_with_the_documented_columns(client, env):
     assert [r["user_message"] for r in rows] == ["Bonjour, \u00e7a va ?", "Line one, \"quoted\""]
     as_jsonl = run_export(env["DATA_DIR"], "--since", "7d")
     assert [json.loads(line)["outcome"] for line in as_jsonl.stdout.splitlines()] == ["answered", "answered"]
-    assert run_export(env["DATA_DIR"], "--since", "2999-01-01").stdout == ""
+    nothing = run_export(env["DATA_DIR"], "--since", "2999-01-01")
+    assert nothing.stdout == "" and "no exchange records matched" in nothing.stderr
+    assert "no exchange records matched" not in as_jsonl.stderr
     bad = run_export(env["DATA_DIR"], "--since", "yesterday-ish")
     assert bad.returncode == 2 and "not a date, a time or an age" in bad.stderr
     missing = run_export(os.path.join(env["DATA_DIR"], "nope"))
