@@ -92,7 +92,7 @@ def seen_at(path):
         return db.execute("SELECT MAX(seen_at) FROM dispatchers").fetchone()[0]
 
 
-def test_a_stuck_claim_loop_stops_the_heartbeat_and_fails_health(env):
+def test_a_stuck_claim_loop_stops_the_heartbeat_and_fails_health(env, caplog):
     config = load_config({**env, "LEASE_SECONDS": "3"}, env_file=None)
     clock = FakeClock()
     store = BlockingClaimStore(config.database_path)
@@ -106,7 +106,9 @@ def test_a_stuck_claim_loop_stops_the_heartbeat_and_fails_health(env):
         healthy, reason = dispatcher.healthy(clock())
         assert not healthy and "has not turned for 61 s" in reason
         before = seen_at(config.database_path)
-        time.sleep(1.5)  # the upkeep loop runs every second: it must not write the heartbeat now
+        # The upkeep loop (alive) decides on its next turn and says so: no heartbeat.
+        with caplog.at_level(logging.ERROR):
+            assert wait_for(lambda: "no heartbeat" in caplog.text, 5)
         assert seen_at(config.database_path) == before
         stop = threading.Event()
         assert watch(dispatcher, stop, lambda: False, clock, every=0.01) == 1  # the reply process exits
@@ -116,7 +118,7 @@ def test_a_stuck_claim_loop_stops_the_heartbeat_and_fails_health(env):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_dead_claim_thread_fails_health(env):
+def test_a_dead_claim_thread_fails_health(env, caplog):
     config = load_config(env, env_file=None)
     store = BlockingClaimStore(config.database_path)
     store.die = True
@@ -126,7 +128,9 @@ def test_a_dead_claim_thread_fails_health(env):
         assert wait_for(lambda: not dispatcher.healthy(time.monotonic())[0], 5)
         assert "dispatcher died" in dispatcher.healthy(time.monotonic())[1]
         before = seen_at(config.database_path)
-        time.sleep(1.5)  # a turn of the upkeep loop, which is alive: no heartbeat for a dead claim loop
+        # The upkeep loop (alive) decides on its next turn and says so: no heartbeat.
+        with caplog.at_level(logging.ERROR):
+            assert wait_for(lambda: "no heartbeat" in caplog.text, 5)
         assert seen_at(config.database_path) == before
     finally:
         dispatcher.stop(timeout=1)
