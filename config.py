@@ -63,13 +63,18 @@ class Config:
     openai_max_tokens: int | None = 512
     openai_timeout: float = 20.0
     openai_max_retries: int = 2
+    # Meta's 30-second rule: the model (retries included) has this long after the reply thread
+    # takes a message; history read before and the send after fit in the rest (README).
+    reply_deadline_seconds: float = 21.0
+    slow_reply_notice: str = ""  # "" = at the deadline send the fallback; else this, then the answer
+    slow_reply_limit_seconds: float = 120.0  # with a notice: how long the answer may still take
     system_prompt: str = ""
     message_count: int = 10
     politeness_prefix: str = DEFAULT_POLITENESS_PREFIX
     fallback_reply: str = DEFAULT_FALLBACK_REPLY
     unsupported_reply: str = DEFAULT_UNSUPPORTED_REPLY
     error_log_file: str = "openai_api_errors.log"
-    graph_timeout: float = 10.0
+    graph_timeout: float = 5.0
     reply_threads: int = 100
     data_dir: str = "data"
     max_attempts: int = 5
@@ -95,12 +100,16 @@ class Config:
     ready_max_wait_seconds: float = 300.0
 
     @property
+    def model_deadline_seconds(self) -> float:
+        """How long after a reply starts the model must have answered, retries included."""
+        return self.slow_reply_limit_seconds if self.slow_reply_notice else self.reply_deadline_seconds
+
+    @property
     def worst_reply_seconds(self) -> int:
-        """The slowest honest reply: history read, every model attempt with the openai
-        client's backoff (at most 8 s between tries), and a send, plus a margin."""
-        graph_call = min(3.05, self.graph_timeout) + self.graph_timeout
-        model = self.openai_timeout * (self.openai_max_retries + 1) + 8 * self.openai_max_retries
-        return int(2 * graph_call + model + 5)
+        """The slowest honest reply: history read and model within the model's deadline, then a
+        send (connect + read timeout), plus a margin. For the graceful stop."""
+        send = min(3.05, self.graph_timeout) + self.graph_timeout
+        return int(self.model_deadline_seconds + send + 5)
 
     @property
     def database_path(self) -> str:
@@ -142,6 +151,9 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         openai_max_tokens=reader.number("OPENAI_MAX_TOKENS", 512, int, 1, 1_000_000, optional=True),
         openai_timeout=reader.number("OPENAI_TIMEOUT", 20.0, float, 0.1, 600),
         openai_max_retries=reader.number("OPENAI_MAX_RETRIES", 2, int, 0, 10),
+        reply_deadline_seconds=reader.duration("REPLY_DEADLINE", 21.0, bare_unit="s", low=2),
+        slow_reply_notice=reader.text("SLOW_REPLY_NOTICE", "").strip(),
+        slow_reply_limit_seconds=reader.duration("SLOW_REPLY_LIMIT", 120.0, bare_unit="s", low=2),
         system_prompt=reader.text("SYSTEM_PROMPT", ""),
         message_count=reader.number(
             "MESSAGE_COUNT", 10, int, 1, MAX_MESSAGE_COUNT,
@@ -151,7 +163,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         fallback_reply=reader.text("FALLBACK_REPLY", DEFAULT_FALLBACK_REPLY, allow_empty=False),
         unsupported_reply=reader.text("UNSUPPORTED_REPLY", DEFAULT_UNSUPPORTED_REPLY, allow_empty=False),
         error_log_file=reader.text("ERROR_LOG_FILE", "openai_api_errors.log", allow_empty=False),
-        graph_timeout=reader.number("GRAPH_TIMEOUT", 10.0, float, 0.1, 120),
+        graph_timeout=reader.number("GRAPH_TIMEOUT", 5.0, float, 0.1, 120),
         reply_threads=reader.number("REPLY_THREADS", 100, int, 1, 256),
         data_dir=reader.text("DATA_DIR", "data", allow_empty=False),
         max_attempts=reader.number("MAX_ATTEMPTS", 5, int, 1, 100),
@@ -174,6 +186,9 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         forwarded_allow_ips=reader.networks("FORWARDED_ALLOW_IPS", ("127.0.0.1", "::1")),
         ready_max_wait_seconds=reader.duration("READY_MAX_WAIT", 300.0, bare_unit="s"),
     )
+    if values["slow_reply_notice"] and values["slow_reply_limit_seconds"] <= values["reply_deadline_seconds"]:
+        problems.append("SLOW_REPLY_LIMIT must be longer than REPLY_DEADLINE (the notice goes at the deadline, "
+                        "the answer may come until the limit)")
     if values["fb_app_id"] and not values["fb_app_id"].isdigit():
         problems.append("FB_APP_ID must be digits only (the app's numeric id)")
     if problems:
@@ -233,16 +248,20 @@ class _Reader:
             return default
         return int(count), window
 
-    def duration(self, name: str, default: float, bare_unit: str) -> float:
-        """`30m`, `2h`, `90s`, `1d`, or a bare number in `bare_unit`; 0 or off = 0."""
+    def duration(self, name: str, default: float, bare_unit: str, low: float | None = None) -> float:
+        """`30m`, `2h`, `90s`, `1d`, or a bare number in `bare_unit`; 0 or off = 0 (unless `low`
+        is given: then at least `low` seconds, and no off)."""
         value = self._raw(name)
         if not value:
             return default
-        if value.lower() == "off":
+        if value.lower() == "off" and low is None:
             return 0.0
         seconds = parse_seconds(value, bare_unit)
         if seconds is None:
             self.problems.append(f"{name} must be a duration such as 30m, 2h or 90s, got {value!r}")
+            return default
+        if low is not None and seconds < low:
+            self.problems.append(f"{name} must be at least {low:g} s, got {value!r}")
             return default
         return seconds
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from bot import metrics
+from bot.activity import Activity
 from bot.conversations import Exchange
 from bot.doorbell import Doorbell
 from bot.responder import Answer, Responder
@@ -252,15 +253,12 @@ class Dispatcher:
         """Compose (or reuse) the reply, send the parts not sent yet, record the outcome.
         Never raises: the batch ends done, pending again or failed - never left 'working',
         where it would hold back the user's next messages until its lease ran out."""
-        replied = threading.Event()
         progress = Progress(None, batch.sent_parts)
-
-        def thinking() -> None:
-            self._actions.submit(self.responder.show_activity, batch.psid, replied)
+        activity = self.responder.activity(batch.psid)
         try:
             if batch.reply:
                 progress.answer = Answer.from_json(batch.reply)
-            self._answer(batch, progress, thinking)
+            self._answer(batch, progress, activity)
         except GraphAPIError as exc:
             metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
             self._record_failure(batch, str(exc), progress, None if is_retryable(exc) else f"graph_{exc.code}")
@@ -269,12 +267,16 @@ class Dispatcher:
                              _mids(batch))
             self._record_failure(batch, f"{type(exc).__name__}: {exc}", progress)
         finally:
-            replied.set()
+            activity.finish()
 
-    def _answer(self, batch: Batch, progress: Progress, thinking: Callable[[], object]) -> None:
+    def _answer(self, batch: Batch, progress: Progress, activity: Activity) -> None:
         if progress.answer is None:
             # Not written down before the first send: a crash before it asks the model again.
-            progress.answer = self.responder.compose(batch.messages, thinking)
+            progress.answer = self.responder.compose(batch.messages, lambda: self._actions.submit(activity.run),
+                                                     self.responder.model_deadline(activity.started))
+        activity.finish()  # waits for a slow-reply notice in flight: it must arrive first
+        if activity.notice_sent:
+            progress.parts.append(activity.notice_sent)
         answer = progress.answer
         parts = split_text(answer.text) if answer.text else []
         while progress.sent < len(parts):

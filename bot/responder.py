@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from bot import metrics
+from bot.activity import TYPING_REFRESH_S, Activity
 from bot.conversations import BOT, USER, Conversations, MirrorRow, UserState, created_ms, utc_day, utc_day_start_ms
 from gpt.prompt import to_chat_messages
 from gpt.reply import ReplyGenerator
@@ -17,8 +17,6 @@ from messenger.events import IncomingMessage
 from messenger.graph import RATE_LIMIT_CODES, GraphAPIError, GraphClient, HistoryMessage
 
 logger = logging.getLogger(__name__)
-
-ACTIVITY_PAUSE_S = 0.015
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,18 @@ class Policy:
     reset_reply: str = ""
     mirror_max_age: float = 86400.0
     graph_reads_per_second: float = 2.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Meta's 30-second rule (see config.py): the model has until `reply_deadline` after the reply
+    thread took the message; with `slow_notice` set, the notice goes then and the model has
+    until `slow_limit`."""
+
+    reply_deadline: float = 21.0
+    slow_notice: str = ""
+    slow_limit: float = 120.0
+    typing_refresh: float = TYPING_REFRESH_S
 
 
 @dataclass(frozen=True)
@@ -74,18 +84,35 @@ class Responder:
     """Composes one answer for a user's waiting messages and sends its parts."""
 
     def __init__(self, graph: GraphClient, generator: ReplyGenerator, prompt: PromptSettings,
-                 conversations: Conversations, policy: Policy = Policy()):
+                 conversations: Conversations, policy: Policy = Policy(), timing: Timing = Timing(),
+                 clock: Callable[[], float] = time.monotonic):
         self.graph = graph
         self.generator = generator
         self.prompt = prompt
         self.conversations = conversations
         self.policy = policy
+        self.timing = timing
+        self.clock = clock
 
-    def compose(self, messages: Sequence[IncomingMessage], thinking: Callable[[], object] = lambda: None) -> Answer:
+    def activity(self, psid: str) -> Activity:
+        """The sender actions (and slow-reply notice) of a reply starting now."""
+        started = self.clock()
+        return Activity(self.graph, psid, started=started, notice=self.timing.slow_notice,
+                        notice_at=started + self.timing.reply_deadline, refresh_every=self.timing.typing_refresh,
+                        clock=self.clock)
+
+    def model_deadline(self, started: float) -> float:
+        """When the model must have answered, for a reply that started at `started`."""
+        timing = self.timing
+        return started + (timing.slow_limit if timing.slow_notice else timing.reply_deadline)
+
+    def compose(self, messages: Sequence[IncomingMessage], thinking: Callable[[], object] = lambda: None,
+                deadline: float | None = None) -> Answer:
         """One answer to everything the user wrote since the last one (oldest first).
 
         `thinking` is called once the history is in, as the model starts: the
         moment to show "seen" and the typing indicator without slowing the read.
+        The model call ends by `deadline` (on `clock`), retries included.
         """
         psid = messages[0].psid
         user = self.conversations.user(psid)
@@ -108,7 +135,7 @@ class Responder:
             page_id=self.prompt.page_id, prefix=self.prompt.prefix,
             max_turns=self.prompt.message_count, system_prompt=self.prompt.system_prompt,
         )
-        reply = self.generator.generate_reply(chat)
+        reply = self.generator.generate_reply(chat, deadline)
         if reply.error_class:
             metrics.MODEL_ERRORS.labels(reply.error_class).inc()
         return Answer(reply.text, "fallback" if reply.error_class else "answered", reply.model, reply.usage, synced)
@@ -146,22 +173,6 @@ class Responder:
         mid = self.graph.send_text(psid, text)
         metrics.REPLIES.inc()
         return mid
-
-    def show_activity(self, psid: str, replied: threading.Event) -> None:
-        """mark_seen then typing_on, unless the reply already went out (typing would linger 20 s).
-
-        Called as the model call starts; the short pause lets that request leave
-        first, so these calls never compete with it for the interpreter.
-        """
-        replied.wait(ACTIVITY_PAUSE_S)
-        for action in ("mark_seen", "typing_on"):
-            if action == "typing_on" and replied.is_set():
-                return
-            try:
-                self.graph.send_action(psid, action)
-            except GraphAPIError as exc:
-                metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
-                logger.info("sender action %s failed for psid=%r: %s", action, psid, exc)
 
     def _history(self, psid: str, user: UserState, now: float
                  ) -> tuple[list[HistoryMessage], tuple[MirrorRow, ...] | None]:

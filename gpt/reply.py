@@ -2,19 +2,22 @@
 
 Any failure becomes the fallback reply plus one ERROR line in the error log
 file naming the error class, HTTP status and request id - never the key,
-never the user's text.
+never the user's text. The call, its retries included, ends by a deadline:
+Meta wants an answer within 30 seconds of the user's message.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import openai
 from openai.types.chat import ChatCompletion
 
 from gpt.plaintext import to_plain_text
+from gpt.retries import retry_delay
 from messenger.text import clean_text
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,14 @@ class EmptyCompletion(Exception):
     """The server answered 200 but without a usable message."""
 
 
+class DeadlineExceeded(Exception):
+    """No time was left for (another) model attempt."""
+
+
+# An attempt with less time than this left is not started: no model answers that fast.
+MIN_ATTEMPT_S = 1.0
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     model: str
@@ -66,34 +77,65 @@ SETTING_OF = {"temperature": "OPENAI_TEMPERATURE", "top_p": "OPENAI_TOP_P", "max
 
 
 class ReplyGenerator:
-    """One OpenAI client, built once, shared by every reply."""
+    """One OpenAI client, built once (with its own retries off), shared by every reply."""
 
-    def __init__(self, client: openai.OpenAI, settings: ModelSettings, fallback: str, error_log_file: str):
+    def __init__(self, client: openai.OpenAI, settings: ModelSettings, fallback: str, error_log_file: str, *,
+                 attempt_timeout: float = 20.0, max_retries: int = 2,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], object] = time.sleep):
         self.client = client
         self.settings = settings
         self.fallback = fallback
         self.error_log_file = error_log_file
+        self.attempt_timeout = attempt_timeout  # OPENAI_TIMEOUT: one attempt, never past the deadline
+        self.max_retries = max_retries
+        self.clock = clock
+        self.sleep = sleep
         # Parameters this model refused, and what replaces each (None: dropped), for the
         # life of the process: reasoning models refuse temperature, top_p and max_tokens.
         self.adjusted: dict[str, str | None] = {}
 
-    def generate_reply(self, messages: Sequence[dict[str, str]]) -> Reply:
-        """The model's answer as plain text, `...` when cut for length, or the fallback."""
+    def generate_reply(self, messages: Sequence[dict[str, str]], deadline: float | None = None) -> Reply:
+        """The model's answer as plain text, `...` when cut for length, or the fallback.
+
+        `deadline` (on `clock`) bounds every attempt and retry; None: attempts and retries
+        as configured, however long they take.
+        """
+        started, tries = self.clock(), _Tries()
         try:
-            completion = self._complete(messages)
+            completion = self._complete(messages, deadline, tries)
             return Reply(to_reply_text(completion), model=_model_name(completion) or self.settings.model,
                          usage=_usage(completion))
         except Exception as exc:  # noqa: BLE001 - every failure must end in the fallback
-            self._log_failure(exc)
+            self._log_failure(exc, tries.count, self.clock() - started)
             return Reply(self.fallback, error_class=type(exc).__name__)
 
-    def _complete(self, messages: Sequence[dict[str, str]]) -> ChatCompletion:
+    def _complete(self, messages: Sequence[dict[str, str]], deadline: float | None, tries: "_Tries") -> ChatCompletion:
+        """Attempts until one answers, a failure no retry can fix, the retries run out or
+        the deadline would pass before another attempt could finish."""
+        while True:
+            remaining = math.inf if deadline is None else deadline - self.clock()
+            if remaining < MIN_ATTEMPT_S:
+                raise DeadlineExceeded(f"{remaining:.1f} s left of the reply's deadline")
+            tries.count += 1
+            try:
+                return self._attempt(messages, min(self.attempt_timeout, remaining))
+            except openai.APIError as exc:
+                delay = retry_delay(exc, tries.count)
+                if delay is None or tries.count > self.max_retries:
+                    raise
+                if deadline is not None and self.clock() + delay + MIN_ATTEMPT_S > deadline:
+                    raise
+                logger.info("model attempt %d failed (%s), retrying in %.1f s", tries.count, type(exc).__name__, delay)
+                self.sleep(delay)
+
+    def _attempt(self, messages: Sequence[dict[str, str]], timeout: float) -> ChatCompletion:
         """One call; a parameter the model refuses is dropped (or renamed) and the call made
         again at once, so a model/settings mismatch never reaches the user."""
         for _ in range(len(ADJUSTABLE) + 1):
             try:
                 return self.client.post(CHAT_COMPLETIONS, cast_to=ChatCompletion,
-                                        body={"messages": list(messages), **self._params()})
+                                        body={"messages": list(messages), **self._params()},
+                                        options={"timeout": timeout, "max_retries": 0})
             except openai.BadRequestError as exc:
                 if not self._adjust(exc):
                     raise
@@ -119,12 +161,12 @@ class ReplyGenerator:
         logger.warning("model %s refused %s (%s): %s", self.settings.model, param, exc.code, how)
         return True
 
-    def _log_failure(self, exc: Exception) -> None:
+    def _log_failure(self, exc: Exception, attempts: int, seconds: float) -> None:
         status = getattr(exc, "status_code", None)
         details = " ".join(f"{name}={value}" for name in ("type", "code", "param")
                            if isinstance(value := getattr(exc, name, None), str))
         line = (f"model call failed: {type(exc).__name__} status={status}{' ' + details if details else ''}"
-                f" request_id={_request_id(exc)}")
+                f" request_id={_request_id(exc)} attempts={attempts} after={seconds:.1f}s")
         logger.error(line)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         try:
@@ -132,6 +174,13 @@ class ReplyGenerator:
                 log.write(f"{stamp} ERROR {line}\n")
         except OSError as write_error:
             logger.error("cannot write %s: %s", self.error_log_file, type(write_error).__name__)
+
+
+@dataclass
+class _Tries:
+    """How many attempts a reply made, for its failure line."""
+
+    count: int = 0
 
 
 def _request_id(exc: Exception) -> str | None:

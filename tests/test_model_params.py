@@ -49,8 +49,8 @@ def test_other_bad_requests_fall_back_and_log_type_code_param_and_a_proxy_reques
         reply = generator(model, tmp_path).generate_reply([{"role": "user", "content": "hi"}])
     assert reply.text == "please try again later" and reply.error_class == "NotFoundError"
     line = next(r.getMessage() for r in caplog.records if "model call failed" in r.getMessage())
-    assert line == ("model call failed: NotFoundError status=404 type=invalid_request_error code=model_not_found "
-                    "param=model request_id=litellm-42")
+    assert line.startswith("model call failed: NotFoundError status=404 type=invalid_request_error "
+                           "code=model_not_found param=model request_id=litellm-42 attempts=1 after=")
     assert "does not exist" not in caplog.text  # the server's message text is not logged
     assert line in (tmp_path / "errors.log").read_text()
 
