@@ -2,7 +2,7 @@
 
 The settings are validated here, in the master, so a bad `.env` stops start-up
 with one message instead of every worker failing to boot in a loop. The
-master also starts the reply process (bot/worker.py) and restarts it if it
+master also starts the reply process (bot/runtime/reply_process.py) and restarts it if it
 dies, so this one command runs the whole bot.
 """
 import os
@@ -24,12 +24,12 @@ _host = os.environ.get("HOST", "0.0.0.0")
 bind = f"[{_host}]:{_config.port}" if ":" in _host else f"{_host}:{_config.port}"
 
 # The webhook workers only verify, store and acknowledge. gunicorn's asyncio worker
-# (bot/asgi.py) keeps a slow or idle connection from holding a thread: 200 of them
+# (bot/web/asgi.py) keeps a slow or idle connection from holding a thread: 200 of them
 # do not delay Meta (bench/run.py --only slow_clients).
 worker_class = "asgi"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # One listening socket per worker (SO_REUSEPORT): the kernel spreads connections
-# over the workers. bot/preflight.py makes sure no other bot already listens there.
+# over the workers. bot/runtime/preflight.py makes sure no other bot already listens there.
 reuse_port = True
 
 # An event loop blocked this long is stuck: gunicorn replaces the worker.
@@ -41,11 +41,11 @@ graceful_timeout = _config.worst_reply_seconds
 # (or the tests and the benchmark) would fight over it, and nothing here uses it.
 control_socket_disable = True
 
-# The proxies whose X-Forwarded-Proto is believed (bot/proxy.py does the same for the app).
+# The proxies whose X-Forwarded-Proto is believed (bot/web/proxy.py does the same for the app).
 forwarded_allow_ips = ",".join(_config.forwarded_allow_ips)
 
 # gunicorn's own lines pass the bot's scrubber too: no secret, no forged line.
-logger_class = "bot.gunicorn_logger.ScrubbingLogger"
+logger_class = "bot.telemetry.gunicorn_logger.ScrubbingLogger"
 accesslog = "-"
 # %(U)s is the path without the query string: hub.verify_token never reaches a log.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
@@ -61,7 +61,7 @@ _state = {}
 
 def on_starting(server):
     """Once, before binding: refuse to start on a bad DATA_DIR or next to a running bot."""
-    from bot.preflight import StartupProblem, check_port_free, lock_data_dir, prepare_data_dir
+    from bot.runtime.preflight import StartupProblem, check_port_free, lock_data_dir, prepare_data_dir
 
     try:
         prepare_data_dir(_config.data_dir)
@@ -75,7 +75,7 @@ def on_starting(server):
 
 
 def when_ready(server):
-    from bot.supervisor import ReplySupervisor
+    from bot.runtime.supervisor import ReplySupervisor
 
     scheme_host = f"[{_host}]" if ":" in _host else _host
     server.log.info("bot listening on http://%s:%s (webhook: /webhook)", scheme_host, _config.port)

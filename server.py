@@ -5,10 +5,10 @@ WSGI for any other server.
 """
 import os
 
-from bot.app import create_app
-from bot.asgi import ServerApp
-from bot.logs import configure_logging
-from bot.proxy import TrustedPeers
+from bot.web.app import create_app
+from bot.web.asgi import ServerApp
+from bot.telemetry.logs import configure_logging
+from bot.web.proxy import TrustedPeers
 from config import REPLY_PROCESS_ENV, ConfigError, load_config
 
 

@@ -29,8 +29,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bot.store import SQLiteStore  # noqa: E402
-from messenger.emulator import GraphEmulator, ModelStandIn, Timeline  # noqa: E402
+from bot.storage.queue import SQLiteStore  # noqa: E402
+from devtools.emulator import GraphEmulator, ModelStandIn, Timeline  # noqa: E402
 from messenger.signature import sign  # noqa: E402
 
 PAGE_ID = "1000000000000001"

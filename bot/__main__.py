@@ -13,8 +13,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from bot.conversations import EXPORT_COLUMNS
-from bot.store import SQLiteStore
+from bot.storage.conversations import EXPORT_COLUMNS
+from bot.storage.queue import SQLiteStore
 from config import parse_seconds, read_environment
 
 

@@ -11,10 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bot.app import create_app  # noqa: E402
+from bot.web.app import create_app  # noqa: E402
 from config import load_config  # noqa: E402
 from messenger.signature import sign  # noqa: E402
-from messenger.emulator import GraphEmulator, ModelStandIn  # noqa: E402
+from devtools.emulator import GraphEmulator, ModelStandIn  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 VERIFY_TOKEN = "verify-token-for-tests"
@@ -129,7 +129,7 @@ def replay(client, name: str):
 
 
 class SandboxProcess:
-    """`python -m messenger.sandbox --port 0` as a newcomer runs it, read from what it prints."""
+    """`python -m devtools.sandbox --port 0` as a newcomer runs it, read from what it prints."""
 
     def __init__(self, cwd: Path, extra_env: dict[str, str] | None = None):
         import os
@@ -138,7 +138,7 @@ class SandboxProcess:
 
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FB_"))}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "messenger.sandbox", "--port", "0"], cwd=cwd, text=True,
+            [sys.executable, "-m", "devtools.sandbox", "--port", "0"], cwd=cwd, text=True,
             env={**env, "PYTHONPATH": str(ROOT), **(extra_env or {})},
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )

@@ -32,7 +32,7 @@ def children(pid: int) -> list[int]:
 def is_reply_process(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"bot.worker" in f.read()
+            return b"bot.runtime.reply_process" in f.read()
     except FileNotFoundError:
         return False
 

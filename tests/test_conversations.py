@@ -12,14 +12,14 @@ import time
 import pytest
 from werkzeug.wrappers import Response
 
-from bot.app import create_app
-from bot.conversations import EXPORT_COLUMNS
-from bot.schema import SCHEMA
-from bot.sqlite import Database
-from bot.store import SQLiteStore
-from bot.tracking import Tracker
+from bot.web.app import create_app
+from bot.storage.conversations import EXPORT_COLUMNS
+from bot.storage.schema import SCHEMA
+from bot.storage.sqlite import Database
+from bot.storage.queue import SQLiteStore
+from bot.replies.tracking import Tracker
 from config import ConfigError, load_config
-from messenger.emulator import LocalServer, completion, graph_error, json_response
+from devtools.emulator import LocalServer, completion, graph_error, json_response
 from messenger.graph import REPLY_METADATA
 from tests.conftest import PSID, ROOT, answer_queue, echo_body, post_signed, text_body, wait_for
 

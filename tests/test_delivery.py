@@ -4,13 +4,13 @@ import time
 
 import pytest
 
-from bot.dispatcher import backoff_delay
-from bot.store import SQLiteStore
+from bot.replies.dispatcher import backoff_delay
+from bot.storage.queue import SQLiteStore
 from messenger.events import TEXT, IncomingMessage
 from messenger.graph import GraphAPIError, is_retryable
 from messenger.signature import sign
 from tests.conftest import APP_SECRET, PSID, answer_queue, fixture_bytes, post_signed, replay, text_body, wait_for
-from messenger.emulator import completion, graph_error, json_response
+from devtools.emulator import completion, graph_error, json_response
 
 
 def store_states(client):

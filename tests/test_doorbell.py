@@ -2,7 +2,7 @@
 import threading
 import time
 
-from bot.doorbell import Doorbell
+from bot.storage.doorbell import Doorbell
 
 
 def test_a_ring_wakes_the_listener_at_once(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import requests
 from werkzeug.wrappers import Response
 
-from messenger.emulator import GraphEmulator, LocalServer, ModelProxy, ModelStandIn, Timeline, WebhookSender
-from messenger.emulator.graph import PAGE_INBOX_APP_ID
+from devtools.emulator import GraphEmulator, LocalServer, ModelProxy, ModelStandIn, Timeline, WebhookSender
+from devtools.emulator.graph import PAGE_INBOX_APP_ID
 from messenger.events import parse_delivery
 from messenger.signature import is_valid_signature
 from tests.conftest import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, wait_for

@@ -11,7 +11,7 @@ import requests
 
 from messenger.signature import sign
 from tests.conftest import APP_SECRET, PAGE_TOKEN, PSID, ROOT, VERIFY_TOKEN, base_env, fixture_bytes
-from messenger.emulator import ModelStandIn
+from devtools.emulator import ModelStandIn
 
 
 def free_port() -> int:
@@ -109,7 +109,7 @@ def test_replay_command_against_plain_gunicorn_with_secrets_from_dotenv(bot, gra
     (tmp_path / "replay" / ".env").write_text(f"FB_APP_SECRET={APP_SECRET}\nFB_VERIFY_TOKEN={VERIFY_TOKEN}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FB_")}
     result = subprocess.run(
-        [sys.executable, "-m", "messenger.replay", str(ROOT / "tests/fixtures/text.json"), "--url", url + "/webhook",
+        [sys.executable, "-m", "devtools.replay", str(ROOT / "tests/fixtures/text.json"), "--url", url + "/webhook",
          "--verify"], cwd=tmp_path / "replay", env={**env, "PYTHONPATH": str(ROOT)},
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -15,9 +15,9 @@ import time
 import pytest
 import requests
 
-from bot.asgi import read_body
-from bot.logs import LogScrubber
-from bot.webhook import read_wsgi_body
+from bot.web.asgi import read_body
+from bot.telemetry.logs import LogScrubber
+from bot.web.webhook import read_wsgi_body
 from messenger.signature import sign
 from tests.conftest import APP_SECRET, PAGE_ID, PSID, VERIFY_TOKEN, base_env, fixture_bytes, text_body
 from tests.test_gunicorn import free_port, is_up, start_gunicorn, wait_until
@@ -177,7 +177,7 @@ def test_gunicorn_log_lines_hold_no_token_and_no_raw_control_characters(graph, m
 def test_gunicorn_error_and_access_logs_pass_the_scrubber(env, monkeypatch, capsys):
     from gunicorn.config import Config as GunicornConfig
 
-    from bot.gunicorn_logger import ScrubbingLogger
+    from bot.telemetry.gunicorn_logger import ScrubbingLogger
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -1,9 +1,9 @@
 """The webhook's inbox files: appended before the 200, drained once into the queue."""
 import os
 
-from bot import inbox
-from bot.inbox import InboxWriter, read_records
-from bot.store import SQLiteStore
+from bot.storage import inbox
+from bot.storage.inbox import InboxWriter, read_records
+from bot.storage.queue import SQLiteStore
 from messenger.events import TEXT, IncomingMessage
 from tests.conftest import PSID, fixture_bytes, post_signed
 
@@ -115,7 +115,7 @@ def test_poison_records_go_to_dead_letters_and_the_drain_goes_on(tmp_path, caplo
 FULL_DISK_WRITER = """
 import json, resource, signal, sys
 sys.path.insert(0, sys.argv[2])
-from bot.inbox import InboxWriter
+from bot.storage.inbox import InboxWriter
 from messenger.events import TEXT, IncomingMessage
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: a short write, then EFBIG
 writer = InboxWriter(sys.argv[1])

@@ -5,7 +5,7 @@ import zlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot import inbox
+from bot.storage import inbox
 from messenger.events import TEXT, IncomingMessage
 
 BOUNDED = settings(max_examples=300, deadline=None, derandomize=True)

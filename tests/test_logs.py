@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from bot.logs import configure_logging
+from bot.telemetry.logs import configure_logging
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def test_secret_in_a_log_line_is_redacted(capsys, restore_logging):
 
 def test_debug_applies_to_the_bot_not_libraries(capsys, restore_logging):
     configure_logging("DEBUG", [])
-    logging.getLogger("gpt.reply").debug("own debug line")
+    logging.getLogger("gpt.model").debug("own debug line")
     logging.getLogger("openai._base_client").debug("Request options: {'messages': ['user text']}")
     err = capsys.readouterr().err
     assert "own debug line" in err

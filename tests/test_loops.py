@@ -6,14 +6,14 @@ import time
 
 import pytest
 
-from bot.conversations import Conversations
-from bot.dispatcher import QuietRepeats
-from bot.replies import build_dispatcher
-from bot.store import SQLiteStore
-from bot.worker import watch
+from bot.storage.conversations import Conversations
+from bot.replies.dispatcher import QuietRepeats
+from bot.replies.wiring import build_dispatcher
+from bot.storage.queue import SQLiteStore
+from bot.runtime.reply_process import watch
 from config import load_config
-from messenger.emulator.http import json_response
-from messenger.emulator.model import completion
+from devtools.emulator.http import json_response
+from devtools.emulator.model import completion
 from messenger.events import ATTACHMENT, TEXT, IncomingMessage
 from tests.conftest import PSID, text_body, post_signed, wait_for
 

@@ -4,9 +4,9 @@ import logging
 
 import openai
 
-from gpt.reply import ModelSettings, ReplyGenerator
-from messenger.emulator import ModelStandIn
-from messenger.emulator.http import json_response
+from gpt.model import ModelSettings, ReplyGenerator
+from devtools.emulator import ModelStandIn
+from devtools.emulator.http import json_response
 
 
 def generator(model, tmp_path, **settings):

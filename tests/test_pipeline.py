@@ -4,7 +4,7 @@ import time
 import pytest
 
 from tests.conftest import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, replay
-from messenger.emulator import ModelStandIn, completion, graph_error, json_response
+from devtools.emulator import ModelStandIn, completion, graph_error, json_response
 
 P = "Answer polite and concisely in a single sentence : "
 QUESTION = "What are your opening hours?"

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from bot.store import SQLiteStore
+from bot.storage.queue import SQLiteStore
 from messenger.signature import sign
 from tests.conftest import APP_SECRET, PSID, base_env, echo_body, text_body
 from tests.test_gunicorn import free_port, is_up, start_gunicorn, wait_until
@@ -157,7 +157,7 @@ def reply_process_pid(bot) -> int | None:
                 stat = open(f"/proc/{entry}/stat").read()
             except OSError:
                 continue
-            if b"bot.worker" in cmdline and int(stat.rsplit(")", 1)[1].split()[1]) == bot.process.pid:
+            if b"bot.runtime.reply_process" in cmdline and int(stat.rsplit(")", 1)[1].split()[1]) == bot.process.pid:
                 return int(entry)
     return None
 

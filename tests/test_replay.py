@@ -1,4 +1,4 @@
-"""`python -m messenger.replay`: recorded webhooks, signed, posted to a running bot."""
+"""`python -m devtools.replay`: recorded webhooks, signed, posted to a running bot."""
 import os
 import subprocess
 import sys
@@ -10,7 +10,7 @@ FIXTURE_COUNT = len(list(FIXTURES.glob("*.json")))
 
 def replay(*args, cwd, **env):
     base = {k: v for k, v in os.environ.items() if not k.startswith("FB_")}
-    return subprocess.run([sys.executable, "-m", "messenger.replay", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "devtools.replay", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=60, env={**base, "PYTHONPATH": str(ROOT), **env})
 
 

@@ -1,12 +1,12 @@
-"""`python -m messenger.sandbox`: the bot and the emulator wired together, no account, no settings."""
+"""`python -m devtools.sandbox`: the bot and the emulator wired together, no account, no settings."""
 import subprocess
 import sys
 import time
 
 import requests
 
-from messenger.emulator import ModelStandIn
-from messenger.sandbox import USERS, Sandbox
+from devtools.emulator import ModelStandIn
+from devtools.sandbox import USERS, Sandbox
 from tests.conftest import ROOT, wait_for
 
 ANA, BEN = list(USERS)[:2]
@@ -97,7 +97,7 @@ def test_with_a_key_the_real_model_is_used_through_the_recording_proxy():
 
 def test_a_taken_port_is_a_clear_error(sandbox):
     port = sandbox.url.rsplit(":", 1)[1]
-    result = subprocess.run([sys.executable, "-m", "messenger.sandbox", "--port", port], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "devtools.sandbox", "--port", port], cwd=ROOT,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and f"cannot open the sandbox on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

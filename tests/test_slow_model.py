@@ -6,11 +6,11 @@ import time
 import openai
 import pytest
 
-from bot.responder import Timing
+from bot.replies.composer import Timing
 from config import ConfigError, load_config
-from gpt.reply import ModelSettings, ReplyGenerator
-from messenger.emulator import ModelStandIn
-from messenger.emulator.http import json_response
+from gpt.model import ModelSettings, ReplyGenerator
+from devtools.emulator import ModelStandIn
+from devtools.emulator.http import json_response
 from tests.conftest import PSID, answer_queue, base_env, fixture_bytes, post_signed, replay, wait_for
 
 

@@ -1,4 +1,4 @@
-"""The gunicorn master keeps one reply process (`python -m bot.worker`) alive.
+"""The gunicorn master keeps one reply process (`python -m bot.runtime.reply_process`) alive.
 
 It lives here rather than in gunicorn.conf.py so it can be read and tested as code.
 """
@@ -14,7 +14,7 @@ from typing import Callable
 
 
 class ReplySupervisor:
-    def __init__(self, log: logging.Logger | None = None, command: tuple[str, ...] = ("-m", "bot.worker"),
+    def __init__(self, log: logging.Logger | None = None, command: tuple[str, ...] = ("-m", "bot.runtime.reply_process"),
                  on_exit: Callable[[int], None] = lambda pid: None, restart_pause: float = 1.0):
         self.log = log or logging.getLogger(__name__)
         self.argv = [sys.executable, *command]

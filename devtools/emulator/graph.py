@@ -18,9 +18,9 @@ from typing import Any
 
 from werkzeug.wrappers import Request, Response
 
-from messenger.emulator import webhooks
-from messenger.emulator.http import LocalServer, json_response
-from messenger.emulator.timeline import Timeline
+from devtools.emulator import webhooks
+from devtools.emulator.http import LocalServer, json_response
+from devtools.emulator.timeline import Timeline
 from messenger.graph import appsecret_proof
 
 VERSION = "v26.0"

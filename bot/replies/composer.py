@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from bot import metrics
-from bot.activity import TYPING_REFRESH_S, Activity
-from bot.conversations import BOT, USER, Conversations, MirrorRow, UserState, created_ms, utc_day, utc_day_start_ms
+from bot.telemetry import metrics
+from bot.replies.activity import TYPING_REFRESH_S, Activity
+from bot.storage.conversations import BOT, USER, Conversations, MirrorRow, UserState, created_ms, utc_day, utc_day_start_ms
 from gpt.prompt import to_chat_messages
-from gpt.reply import ReplyGenerator
+from gpt.model import ReplyGenerator
 from messenger.events import IncomingMessage
 from messenger.graph import RATE_LIMIT_CODES, GraphAPIError, GraphClient, HistoryMessage
 

@@ -11,8 +11,8 @@ from typing import Callable
 import requests
 from werkzeug.wrappers import Request, Response
 
-from messenger.emulator.http import LocalServer, json_response
-from messenger.emulator.timeline import Timeline
+from devtools.emulator.http import LocalServer, json_response
+from devtools.emulator.timeline import Timeline
 
 Reply = str | Callable[[list[dict]], str]
 

@@ -1,17 +1,17 @@
-"""The app: POST /webhook answered by bot/webhook.py, the rest by a small Flask app."""
+"""The app: POST /webhook answered by bot/web/webhook.py, the rest by a small Flask app."""
 from __future__ import annotations
 
 import logging
 import sqlite3
 
 from flask import Flask, Response, jsonify, request
-from bot import metrics
-from bot.doorbell import Doorbell
-from bot.inbox import InboxWriter
-from bot.proxy import TrustedPeers, TrustedProxyFix
-from bot.readiness import Readiness
-from bot.store import SQLiteStore, open_store
-from bot.webhook import WebhookReceiver, WebhookRoute
+from bot.telemetry import metrics
+from bot.storage.doorbell import Doorbell
+from bot.storage.inbox import InboxWriter
+from bot.web.proxy import TrustedPeers, TrustedProxyFix
+from bot.web.readiness import Readiness
+from bot.storage.queue import SQLiteStore, open_store
+from bot.web.webhook import WebhookReceiver, WebhookRoute
 from config import Config, load_config
 from messenger.signature import is_verify_request
 
@@ -22,7 +22,7 @@ def create_app(config: Config | None = None, *, replies: str = "threads") -> Fla
     """Build the queue and the app; tests pass a Config aimed at fake servers.
 
     replies: "threads" answers the queue on reply threads inside this process;
-    "process" leaves it to the reply process (bot/worker.py, started by
+    "process" leaves it to the reply process (bot/runtime/reply_process.py, started by
     gunicorn.conf.py), so a webhook worker never even imports the model client;
     "manual" builds the dispatcher without starting it, for tests that call
     `app.extensions["dispatcher"].run_pending()`.
@@ -33,7 +33,7 @@ def create_app(config: Config | None = None, *, replies: str = "threads") -> Fla
     app = Flask(__name__)
     store = open_store(config)
     if replies != "process":
-        from bot.replies import build_dispatcher  # the model client loads only where replies are made
+        from bot.replies.wiring import build_dispatcher  # the model client loads only where replies are made
 
         dispatcher = build_dispatcher(config, store)
         app.extensions["dispatcher"] = dispatcher
@@ -41,14 +41,14 @@ def create_app(config: Config | None = None, *, replies: str = "threads") -> Fla
             dispatcher.start()
     _add_routes(app, config, store)
     receiver = WebhookReceiver(config, InboxWriter(config.inbox_dir), Doorbell(config.database_path))
-    app.extensions["webhook"] = receiver  # the ASGI front (bot/asgi.py) calls it directly
+    app.extensions["webhook"] = receiver  # the ASGI front (bot/web/asgi.py) calls it directly
     app.wsgi_app = TrustedProxyFix(WebhookRoute(app.wsgi_app, receiver),  # type: ignore[method-assign]
                                    TrustedPeers(config.forwarded_allow_ips))
     return app
 
 
 def _add_routes(app: Flask, config: Config, store: SQLiteStore) -> None:
-    """Everything but POST /webhook, which bot/webhook.py answers before Flask."""
+    """Everything but POST /webhook, which bot/web/webhook.py answers before Flask."""
     @app.get("/webhook")
     def verify() -> Response:
         if is_verify_request(request.args, config.fb_verify_token):

@@ -9,7 +9,7 @@ from typing import Iterable
 
 import requests
 
-from messenger.emulator.timeline import Timeline
+from devtools.emulator.timeline import Timeline
 from messenger.signature import LEGACY_SIGNATURE_HEADER, SIGNATURE_256_HEADER, sign
 
 logger = logging.getLogger(__name__)

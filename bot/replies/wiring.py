@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import openai
 
-from bot.dispatcher import Dispatcher
-from bot.doorbell import Doorbell
-from bot.responder import Policy, PromptSettings, Responder, Timing
-from bot.store import SQLiteStore, open_store
-from bot.tracking import Tracker
+from bot.replies.dispatcher import Dispatcher
+from bot.storage.doorbell import Doorbell
+from bot.replies.composer import Policy, PromptSettings, Responder, Timing
+from bot.storage.queue import SQLiteStore, open_store
+from bot.replies.tracking import Tracker
 from config import Config
-from gpt.reply import ModelSettings, ReplyGenerator
+from gpt.model import ModelSettings, ReplyGenerator
 from messenger.graph import GraphClient
 
 

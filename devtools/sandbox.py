@@ -1,4 +1,4 @@
-"""`python -m messenger.sandbox`: chat with the bot in a browser, no Facebook account needed.
+"""`python -m devtools.sandbox`: chat with the bot in a browser, no Facebook account needed.
 
 Starts a local Messenger emulator (Graph API, signed webhooks, a chat page),
 the model (the real one when OPENAI_API_KEY is set, through a recording
@@ -18,15 +18,15 @@ import threading
 
 from werkzeug.serving import make_server
 
-from bot.app import create_app
-from bot.logs import configure_logging
+from bot.web.app import create_app
+from bot.telemetry.logs import configure_logging
 from config import ConfigError, load_config, read_environment
-from messenger.emulator import GraphEmulator, ModelProxy, ModelStandIn, Timeline, WebhookSender
-from messenger.emulator.http import QuietHandler
-from messenger.emulator.model import offline_reply
-from messenger.emulator.page import SandboxPage
+from devtools.emulator import GraphEmulator, ModelProxy, ModelStandIn, Timeline, WebhookSender
+from devtools.emulator.http import QuietHandler
+from devtools.emulator.model import offline_reply
+from devtools.emulator.page import SandboxPage
 
-logger = logging.getLogger("messenger.sandbox")
+logger = logging.getLogger("devtools.sandbox")
 
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 USERS = {"2000000000000101": "Ana", "2000000000000102": "Ben", "2000000000000103": "Chlo\u00e9",
@@ -113,7 +113,7 @@ def _port_problem(host: str, port: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m messenger.sandbox", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.sandbox", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address of the chat page (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port of the chat page (default 8080; 0 = any free)")
     args = parser.parse_args(argv)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
           f"  bot webhook: {sandbox.bot_url}\n"
           f"  model: {sandbox.page.info['model']['label']}\n"
           f"  replay fixtures here: FB_APP_SECRET={sandbox.app_secret} FB_PAGE_ID={sandbox.config.fb_page_id} "
-          "python -m messenger.replay "
+          "python -m devtools.replay "
           f"tests/fixtures --url {sandbox.bot_url}\n"
           "Ctrl-C stops it.", flush=True)
     stopped = threading.Event()

@@ -12,8 +12,8 @@ import threading
 
 import requests
 
-from bot import metrics
-from bot.conversations import Conversations
+from bot.telemetry import metrics
+from bot.storage.conversations import Conversations
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Every delivery Meta sends comes through here, so it does only what the 200
 needs - verify the signature on the raw body, parse, append to this process's
 inbox, ring the doorbell - without Flask's request and app contexts (measured:
 0.29 ms of CPU per delivery through a Flask view, 0.14 ms here).
-`WebhookReceiver.handle` is that core; the ASGI front (bot/asgi.py, what gunicorn
+`WebhookReceiver.handle` is that core; the ASGI front (bot/web/asgi.py, what gunicorn
 runs) and `WebhookRoute` (plain WSGI, for tests, the sandbox and any WSGI server)
 only read the body and write the answer.
 """
@@ -14,9 +14,9 @@ import logging
 import time
 from typing import Callable, Iterable, Mapping
 
-from bot import metrics
-from bot.doorbell import Doorbell
-from bot.inbox import InboxWriter
+from bot.telemetry import metrics
+from bot.storage.doorbell import Doorbell
+from bot.storage.inbox import InboxWriter
 from config import Config
 from messenger.events import BadPayload, Echo, parse_body
 from messenger.graph import REPLY_METADATA

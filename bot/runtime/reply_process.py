@@ -1,4 +1,4 @@
-"""The reply process: `python -m bot.worker` answers the queue until SIGTERM.
+"""The reply process: `python -m bot.runtime.reply_process` answers the queue until SIGTERM.
 
 gunicorn.conf.py starts one beside the webhook workers, so `gunicorn server:app`
 is still the one command that runs the whole bot.
@@ -13,12 +13,12 @@ import threading
 import time
 from typing import Callable
 
-from bot.dispatcher import Dispatcher
-from bot.replies import build_dispatcher
-from bot.logs import configure_logging
+from bot.replies.dispatcher import Dispatcher
+from bot.replies.wiring import build_dispatcher
+from bot.telemetry.logs import configure_logging
 from config import ConfigError, load_config
 
-logger = logging.getLogger("bot.worker")  # not "__main__" under python -m
+logger = logging.getLogger("bot.runtime.reply_process")  # not "__main__" under python -m
 
 REPLY_PROCESS_NICENESS = 10
 

@@ -17,8 +17,8 @@ from typing import Awaitable, Callable
 
 from a2wsgi import WSGIMiddleware
 
-from bot.proxy import TrustedPeers, forwarded_scope
-from bot.webhook import MAX_BODY_BYTES, SIGNATURE_HEADERS, WebhookReceiver
+from bot.web.proxy import TrustedPeers, forwarded_scope
+from bot.web.webhook import MAX_BODY_BYTES, SIGNATURE_HEADERS, WebhookReceiver
 
 # Meta sends a delivery in one go; a body still arriving after this is not Meta.
 BODY_SECONDS = 10.0

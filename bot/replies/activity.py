@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Callable
 
-from bot import metrics
+from bot.telemetry import metrics
 from messenger.graph import GraphAPIError, GraphClient
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gunicorn import glogging
 
-from bot.logs import LogScrubber
+from bot.telemetry.logs import LogScrubber
 from config import ConfigError, load_config
 
 

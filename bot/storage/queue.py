@@ -4,7 +4,7 @@ Why hand-written: the queues that run on SQLite (Huey, for one) delete a task
 when a worker takes it, so a crash mid-task loses it; none orders work per
 user or merges a user's waiting messages. This one keeps a row per message
 from the moment the reply process drains it from the webhooks' inbox files
-(bot/inbox.py) until the reply is sent:
+(bot/storage/inbox.py) until the reply is sent:
 
   pending --claim--> working --complete--> done
      ^                  |  \\--fail / too many attempts--> failed
@@ -23,10 +23,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from bot import inbox
-from bot.conversations import Conversations, Exchange
-from bot.schema import SCHEMA
-from bot.sqlite import Database
+from bot.storage import inbox
+from bot.storage.conversations import Conversations, Exchange
+from bot.storage.schema import SCHEMA
+from bot.storage.sqlite import Database
 from config import Config
 from messenger.events import Echo, IncomingMessage
 from messenger.text import clean_text

@@ -1,6 +1,6 @@
 """The conversation store: a mirror of every message, per-user state, the exchange log.
 
-Same SQLite file and schema as the queue (bot/schema.py). The mirror lets the
+Same SQLite file and schema as the queue (bot/storage/schema.py). The mirror lets the
 bot build prompts without asking Graph, whose Conversations API allows about
 2 calls per second per Page; Graph is read once per user (and again only when
 the mirror is older than MIRROR_MAX_AGE), within a budget shared by every
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Iterator, Sequence
 
-from bot.sqlite import Database
+from bot.storage.sqlite import Database
 from messenger.events import Echo, IncomingMessage
 from messenger.graph import HistoryMessage
 from messenger.text import clean_text

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from werkzeug.wrappers import Request, Response
 
-from messenger.emulator.graph import GraphEmulator
-from messenger.emulator.http import LocalServer, json_response
+from devtools.emulator.graph import GraphEmulator
+from devtools.emulator.http import LocalServer, json_response
 
 STATIC = Path(__file__).parent / "static"
 MAX_TEXT = 2000  # what Messenger lets a user type in one message

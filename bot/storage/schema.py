@@ -2,14 +2,14 @@
 
 Never edit a shipped version; append a new one (Database runs what a file lacks).
 Columns of note:
-  events.state        pending / working / done / failed (see bot/store.py)
+  events.state        pending / working / done / failed (see bot/storage/queue.py)
   mirror.author       user, bot (its own replies), human (a person or another app on the Page's side)
   users.synced_at     when Graph history was last imported into the mirror
   users.reset_at_ms   history up to this moment is left out of prompts (the user wrote RESET_WORD)
   users.paused_until  a human answered from the Page: the bot stays silent until then
   interactions.tracking  NULL: not sent anywhere; 'waiting' for TRACKING_URL; 'sent'
   graph_budget.next_at   the earliest moment of the next Conversations API read (all processes)
-  inbox_offsets       bytes of each inbox file already in `events` (bot/inbox.py);
+  inbox_offsets       bytes of each inbox file already in `events` (bot/storage/inbox.py);
                       damaged: bytes skipped as damage (such a file is quarantined, not deleted)
   dead_letters        records or messages that could not enter the queue, kept for a person
 """

@@ -1,7 +1,7 @@
 """Reply threads fed by the durable queue.
 
 Under gunicorn they run in one reply process beside the webhook workers
-(bot/worker.py), so generating replies never takes the interpreter from a
+(bot/runtime/reply_process.py), so generating replies never takes the interpreter from a
 webhook waiting for its 200. The webhook rings the doorbell when it stores
 work; the dispatcher also polls, so work left by a dead process (its lease
 expired) is picked up anyway.
@@ -19,12 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from bot import metrics
-from bot.activity import Activity
-from bot.conversations import Exchange
-from bot.doorbell import Doorbell
-from bot.responder import Answer, Responder
-from bot.store import Batch, SQLiteStore
+from bot.telemetry import metrics
+from bot.replies.activity import Activity
+from bot.storage.conversations import Exchange
+from bot.storage.doorbell import Doorbell
+from bot.replies.composer import Answer, Responder
+from bot.storage.queue import Batch, SQLiteStore
 from messenger.graph import GraphAPIError, is_retryable
 from messenger.split import split_text
 
@@ -90,8 +90,8 @@ class Dispatcher:
         self.retry_cap = retry_cap
         self.poll_interval = poll_interval
         self.retention_days = retention_days
-        self.tracker = tracker  # bot.tracking.Tracker, when TRACKING_URL is set
-        self.inbox_dir = inbox_dir  # the webhook processes' inbox files (bot/inbox.py)
+        self.tracker = tracker  # bot.replies.tracking.Tracker, when TRACKING_URL is set
+        self.inbox_dir = inbox_dir  # the webhook processes' inbox files (bot/storage/inbox.py)
         self._drained_at = 0.0
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._slots = threading.BoundedSemaphore(threads)

@@ -3,7 +3,7 @@
 /healthz only says the process is alive (restart it if not). Readiness names what
 stops the bot from doing its job, so a load balancer stops sending it traffic and
 an operator sees why: storage it cannot write, a corrupt database, a reply process
-that is dead or stuck (its heartbeat stops: bot/dispatcher.py writes it only while
+that is dead or stuck (its heartbeat stops: bot/replies/dispatcher.py writes it only while
 its claim loop is turning), or messages waiting far too long.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from contextlib import closing
 from typing import Callable
 
-from bot.store import SQLiteStore
+from bot.storage.queue import SQLiteStore
 from config import Config
 
 # Below this, the next deliveries may fail with ENOSPC: tell the balancer first.

@@ -1,4 +1,4 @@
-"""`python -m messenger.replay FILE_OR_DIR… --url URL`: post recorded webhooks to a running bot.
+"""`python -m devtools.replay FILE_OR_DIR… --url URL`: post recorded webhooks to a running bot.
 
 Each body is signed with FB_APP_SECRET exactly as Meta signs it, so a deployed
 bot (behind its tunnel) can be checked end to end without Meta. `--verify`
@@ -118,7 +118,7 @@ def _reason(exc: requests.ConnectionError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m messenger.replay", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.replay", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", metavar="FILE_OR_DIR", help="webhook bodies (.json), or folders of them")
     parser.add_argument("--url", required=True, help="the bot's webhook, e.g. https://bot.example.com/webhook")
     parser.add_argument("--verify", action="store_true", help="run the GET handshake with FB_VERIFY_TOKEN first")

@@ -1,0 +1,1 @@
+"""Logs (secrets scrubbed, control characters escaped) and Prometheus metrics."""

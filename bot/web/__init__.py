@@ -1,0 +1,1 @@
+"""The HTTP edge: POST /webhook, verification, health and readiness."""
