@@ -31,6 +31,8 @@ UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3
          "d": 86400, "day": 86400}
 DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)?\s*([a-z]*)\s*")
 
+DATABASE_FILE = "bot.sqlite3"  # inside DATA_DIR: the queue, the mirror and the exchange log
+
 # Set by gunicorn.conf.py for the webhook workers: replies run in their own process.
 REPLY_PROCESS_ENV = "BOT_REPLY_PROCESS"
 
@@ -113,7 +115,7 @@ class Config:
 
     @property
     def database_path(self) -> str:
-        return os.path.join(self.data_dir, "bot.sqlite3")
+        return database_path(self.data_dir)
 
     @property
     def inbox_dir(self) -> str:
@@ -123,6 +125,18 @@ class Config:
     def secrets(self) -> tuple[str, ...]:
         """The values that must never be written anywhere."""
         return (self.fb_verify_token, self.fb_app_secret, self.fb_page_access_token, self.openai_api_key)
+
+
+def database_path(data_dir: str) -> str:
+    return os.path.join(data_dir, DATABASE_FILE)
+
+
+def load_config_or_exit(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> Config:
+    """load_config for a command's start-up: every problem in one message on stderr, exit status 1."""
+    try:
+        return load_config(environ, env_file)
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
 
 
 def read_environment(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> dict[str, str]:

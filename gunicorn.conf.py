@@ -9,13 +9,9 @@ import os
 import shutil
 import sys
 
-from config import REPLY_PROCESS_ENV, ConfigError, load_config
+from config import REPLY_PROCESS_ENV, load_config_or_exit
 
-try:
-    _config = load_config()
-except ConfigError as error:
-    print(error, file=sys.stderr)
-    sys.exit(1)
+_config = load_config_or_exit()
 
 # DATA_DIR holds every user's messages: whatever the bot creates is for this user only.
 os.umask(0o077)

@@ -9,15 +9,12 @@ from bot.web.app import create_app
 from bot.web.asgi import ServerApp
 from bot.telemetry.logs import configure_logging
 from bot.web.proxy import TrustedPeers
-from config import REPLY_PROCESS_ENV, ConfigError, load_config
+from config import REPLY_PROCESS_ENV, load_config_or_exit
 
 
 def build_app() -> ServerApp:
     """Read the settings once, set up logging once, then build the app."""
-    try:
-        config = load_config()
-    except ConfigError as error:
-        raise SystemExit(str(error)) from None
+    config = load_config_or_exit()
     configure_logging(config.log_level, config.secrets)
     # gunicorn.conf.py runs the replies in a process of their own; any other
     # server gets reply threads inside the app.

@@ -3,8 +3,7 @@
     .venv/bin/python bench/run.py [--graph-ms 50] [--model-ms 1000] [--only burst,overhead]
 
 Prints one JSON line per scenario (floor, sustained, burst, overhead, graph_rate_limit,
-slow_clients). Every
-request goes to 127.0.0.1; every loop is bounded in count and time.
+slow_clients). Every request goes to 127.0.0.1; every loop is bounded in count and time.
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bot.storage.queue import SQLiteStore  # noqa: E402
+from bot.storage.queue import SQLiteQueue  # noqa: E402
 from devtools.emulator import GraphEmulator, ModelStandIn, Timeline  # noqa: E402
 from messenger.signature import sign  # noqa: E402
 
@@ -245,7 +244,7 @@ def scenario_graph_rate_limit(graph, model, args) -> dict:
             for bodies in rounds:  # three messages per user, about a second apart
                 statuses += pool.map(post, bodies)
                 time.sleep(1.0)
-        store = SQLiteStore(str(server.work / "data" / "bot.sqlite3"))
+        store = SQLiteQueue(str(server.work / "data" / "bot.sqlite3"))
         total = sum(len(r) for r in rounds)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:

@@ -9,13 +9,14 @@ import argparse
 import csv
 import json
 import os
+import sqlite3
 import sys
 import time
 from datetime import datetime, timezone
 
 from bot.storage.conversations import EXPORT_COLUMNS
-from bot.storage.queue import SQLiteStore
-from config import parse_seconds, read_environment
+from bot.storage.queue import SQLiteQueue
+from config import database_path, parse_seconds, read_environment
 
 
 def parse_moment(text: str) -> int:
@@ -34,11 +35,15 @@ def parse_moment(text: str) -> int:
 
 def export(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or read_environment().get("DATA_DIR", "data")
-    path = os.path.join(data_dir, "bot.sqlite3")
+    path = database_path(data_dir)
     if not os.path.isfile(path):
         print(f"no database at {path}: set DATA_DIR (or --data-dir) to the bot's data folder", file=sys.stderr)
         return 2
-    records = SQLiteStore(path).conversations.export(args.since or 0, args.until)
+    try:
+        records = SQLiteQueue(path, read_only=True).conversations.export(args.since or 0, args.until)
+    except sqlite3.DatabaseError as error:
+        print(f"cannot read {path}: {error}", file=sys.stderr)
+        return 2
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
     written = 0
     try:

@@ -1,4 +1,4 @@
-"""Generate a reply with an OpenAI-compatible chat model, never raising.
+"""The chat model: one OpenAI-compatible chat completions call per reply, never raising.
 
 Any failure becomes the fallback reply plus one ERROR line in the error log
 file naming the error class, HTTP status and request id - never the key,
@@ -7,6 +7,7 @@ Meta wants an answer within 30 seconds of the user's message.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -32,7 +33,7 @@ CHAT_COMPLETIONS = "/chat/completions"
 
 
 @dataclass(frozen=True)
-class Reply:
+class ModelReply:
     """The text to send; `error_class` names the failure when it is the fallback.
 
     `usage` is (prompt, completion, total) tokens as the server counted them.
@@ -54,9 +55,15 @@ class DeadlineExceeded(Exception):
 
 # An attempt with less time than this left is not started: no model answers that fast.
 MIN_ATTEMPT_S = 1.0
+# What the server or the network can do to a call: the user gets the fallback. Anything else
+# is a bug here, and is left to raise, so it is logged with its traceback and retried by the
+# queue instead of hiding behind "please try again later".
+# (A body that is not JSON comes out of the client as JSONDecodeError; a text no codec can
+# send - a lone surrogate that got past the edge - as UnicodeError.)
+MODEL_FAILURES = (openai.OpenAIError, EmptyCompletion, DeadlineExceeded, json.JSONDecodeError, UnicodeError)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSettings:
     model: str
     temperature: float | None = None
@@ -76,10 +83,10 @@ ADJUSTABLE = {"temperature": None, "top_p": None, "max_tokens": "max_completion_
 SETTING_OF = {"temperature": "OPENAI_TEMPERATURE", "top_p": "OPENAI_TOP_P", "max_tokens": "OPENAI_MAX_TOKENS"}
 
 
-class ReplyGenerator:
+class ChatModel:
     """One OpenAI client, built once (with its own retries off), shared by every reply."""
 
-    def __init__(self, client: openai.OpenAI, settings: ModelSettings, fallback: str, error_log_file: str, *,
+    def __init__(self, client: openai.OpenAI, settings: ModelSettings, *, fallback: str, error_log_file: str,
                  attempt_timeout: float = 20.0, max_retries: int = 2,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], object] = time.sleep):
         self.client = client
@@ -94,7 +101,7 @@ class ReplyGenerator:
         # life of the process: reasoning models refuse temperature, top_p and max_tokens.
         self.adjusted: dict[str, str | None] = {}
 
-    def generate_reply(self, messages: Sequence[dict[str, str]], deadline: float | None = None) -> Reply:
+    def reply(self, messages: Sequence[dict[str, str]], deadline: float | None = None) -> ModelReply:
         """The model's answer as plain text, `...` when cut for length, or the fallback.
 
         `deadline` (on `clock`) bounds every attempt and retry; None: attempts and retries
@@ -103,11 +110,11 @@ class ReplyGenerator:
         started, tries = self.clock(), _Tries()
         try:
             completion = self._complete(messages, deadline, tries)
-            return Reply(to_reply_text(completion), model=_model_name(completion) or self.settings.model,
+            return ModelReply(to_reply_text(completion), model=_model_name(completion) or self.settings.model,
                          usage=_usage(completion))
-        except Exception as exc:  # noqa: BLE001 - every failure must end in the fallback
+        except MODEL_FAILURES as exc:
             self._log_failure(exc, tries.count, self.clock() - started)
-            return Reply(self.fallback, error_class=type(exc).__name__)
+            return ModelReply(self.fallback, error_class=type(exc).__name__)
 
     def _complete(self, messages: Sequence[dict[str, str]], deadline: float | None, tries: "_Tries") -> ChatCompletion:
         """Attempts until one answers, a failure no retry can fix, the retries run out or

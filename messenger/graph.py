@@ -81,8 +81,8 @@ def appsecret_proof(token: str, app_secret: str) -> str:
 class GraphClient:
     """History reads and Send API calls for one Page over one pooled Session."""
 
-    def __init__(self, base_url: str, page_id: str, token: str, app_secret: str,
-                 timeout: float = 10.0, pool_size: int = 10):
+    def __init__(self, *, base_url: str, page_id: str, token: str, app_secret: str,
+                 timeout: float = 5.0, pool_size: int = 10):
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.page_id = page_id
         self.timeout = (min(3.05, timeout), timeout)  # (connect, read)

@@ -9,9 +9,7 @@ import time
 
 import requests
 
-from tests.conftest import text_body
-from tests.test_gunicorn import wait_until
-from tests.test_processes import Bot
+from tests.support import Bot, text_body, wait_until
 
 MESSAGES = 300
 REPLY_THREADS = 8

@@ -16,12 +16,12 @@ from bot.web.app import create_app
 from bot.storage.conversations import EXPORT_COLUMNS
 from bot.storage.schema import SCHEMA
 from bot.storage.sqlite import Database
-from bot.storage.queue import SQLiteStore
+from bot.storage.queue import SQLiteQueue
 from bot.replies.tracking import Tracker
 from config import ConfigError, load_config
 from devtools.emulator import LocalServer, completion, graph_error, json_response
 from messenger.graph import REPLY_METADATA
-from tests.conftest import PSID, ROOT, answer_queue, echo_body, post_signed, text_body, wait_for
+from tests.support import PSID, ROOT, FakeClock, answer_queue, echo_body, post_signed, text_body, wait_for
 
 OTHER = "2000000000000002"
 
@@ -65,14 +65,15 @@ def test_a_mirror_older_than_the_max_age_is_read_again(make_client, graph):
 
 
 def test_the_graph_budget_is_shared_and_spent_reads_fall_back_to_the_mirror(make_client, graph, model):
-    client = make_client(GRAPH_READS_PER_SECOND="2")
+    clock = FakeClock()
+    client = make_client(clock, GRAPH_READS_PER_SECOND="2")
     users = [f"20000000000001{i:02d}" for i in range(6)]
     for i, psid in enumerate(users):
         post_signed(client, text_body(f"m_burst_{i}", f"hello {i}", psid, int(time.time() * 1000) + i))
     answer_queue(client)
     assert len(graph.history_calls()) == 1  # one read within the budget; five answered from the mirror
     assert sorted(to for to, _ in graph.delivered) == sorted(users)
-    time.sleep(0.8)  # 2 reads/s, spaced 1.5 / 2 = 0.75 s apart
+    clock.advance(0.75)  # 2 reads/s, spaced 1.5 / 2 = 0.75 s apart
     post_signed(client, text_body("m_burst_later", "again", users[1], int(time.time() * 1000) + 10))
     answer_queue(client)
     assert [c.args["user_id"] for c in graph.history_calls()] == [users[0], users[1]]
@@ -140,6 +141,22 @@ def test_export_writes_jsonl_and_csv_with_the_documented_columns(client, env):
     assert bad.returncode == 2 and "not a date, a time or an age" in bad.stderr
     missing = run_export(os.path.join(env["DATA_DIR"], "nope"))
     assert missing.returncode == 2 and "no database at" in missing.stderr
+
+
+def test_export_only_reads_the_database(client, env, tmp_path):
+    say(client, 1)
+    database = os.path.join(env["DATA_DIR"], "bot.sqlite3")
+    db = sqlite3.connect(database)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    before = (os.stat(database).st_mtime_ns, open(database, "rb").read())
+    assert run_export(env["DATA_DIR"]).returncode == 0
+    assert (os.stat(database).st_mtime_ns, open(database, "rb").read()) == before
+    db.execute(f"PRAGMA user_version={version - 1}")  # as an older bot left it
+    db.commit()
+    older = run_export(env["DATA_DIR"])
+    assert older.returncode == 2 and "start the bot once" in older.stderr
+    assert db.execute("PRAGMA user_version").fetchone()[0] == version - 1  # not migrated by a read
 
 
 def test_retention_deletes_old_records_but_keeps_those_waiting_for_tracking(make_client, tmp_path):
@@ -263,15 +280,16 @@ def test_a_human_echo_pauses_the_bot_and_its_own_echo_does_not(make_client, grap
 
 
 def test_the_pause_ends_and_each_human_message_extends_it(make_client, graph):
-    client = make_client(HUMAN_PAUSE="1s")
+    clock = FakeClock()
+    client = make_client(clock, HUMAN_PAUSE="60s")
     post_signed(client, echo_body("m_p1", "person", app_id=1))
-    time.sleep(0.6)
+    clock.advance(40)
     post_signed(client, echo_body("m_p2", "person again", app_id=1))
-    time.sleep(0.6)
-    say(client, 1)  # 1.2 s after the first, 0.6 s after the second: still paused
+    clock.advance(40)
+    say(client, 1, at=int(clock() * 1000))  # 80 s after the first, 40 s after the second: still paused
     assert graph.sent_texts() == []
-    time.sleep(0.9)  # now well past the second one's second
-    say(client, 2)
+    clock.advance(20.001)  # 60 s after the second
+    say(client, 2, at=int(clock() * 1000))
     assert graph.sent_texts() == ["Hello from the model."]
 
 
@@ -319,7 +337,7 @@ def test_a_version_2_database_is_migrated_in_place(tmp_path):
     with Database(path, SCHEMA[:2]).write() as db:
         db.execute("INSERT INTO events (dedupe_key, psid, message, timestamp_ms, received_at, state, reply)"
                    " VALUES ('m_old', 'p', '{}', 1, 1, 'done', 'a plain-text reply')")
-    store = SQLiteStore(path)
+    store = SQLiteQueue(path)
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 5
     assert store.states() == {"m_old": "done"}
@@ -337,9 +355,10 @@ def test_a_reply_in_parts_is_mirrored_part_by_part(client, graph, model):
 
 
 def test_a_graph_rate_limit_error_holds_further_reads(make_client, graph):
-    client = make_client(GRAPH_READS_PER_SECOND="100")
+    clock = FakeClock()
+    client = make_client(clock, GRAPH_READS_PER_SECOND="100")
     graph.fail_next("history", graph_error(613, "Calls to this api have exceeded the rate limit."))
     say(client, 1)
-    time.sleep(0.2)  # the normal spacing (15 ms) has passed; the hold has not
+    clock.advance(0.2)  # the normal spacing (15 ms) has passed; the hold (RATE_LIMIT_BACKOFF_S) has not
     say(client, 1, psid=OTHER)
     assert len(graph.history_calls()) == 1 and len(graph.sent_texts()) == 2

@@ -1,4 +1,6 @@
 """The emulator plays Meta's side over real HTTP: plain requests against it, nothing in-process."""
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -7,13 +9,18 @@ import pytest
 import requests
 from werkzeug.wrappers import Response
 
-from devtools.emulator import GraphEmulator, LocalServer, ModelProxy, ModelStandIn, Timeline, WebhookSender
-from devtools.emulator.graph import PAGE_INBOX_APP_ID
+from devtools.emulator import GraphEmulator, LocalServer, ModelProxy, ModelStandIn, Timeline, WebhookSender, graph_error
+from devtools.emulator.graph import PAGE_INBOX_APP_ID, expected_appsecret_proof
 from messenger.events import parse_delivery
+from messenger.graph import appsecret_proof
 from messenger.signature import is_valid_signature
-from tests.conftest import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, wait_for
+from tests.support import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, wait_for
 
 AUTH = {"Authorization": f"Bearer {PAGE_TOKEN}"}
+# A known answer computed once outside Python, so neither the emulator nor the bot grades itself:
+#   printf %s 'EAAkat-page-token-Zx9' | openssl dgst -sha256 -hmac 'kat-app-secret-42'
+KAT_TOKEN, KAT_SECRET = "EAAkat-page-token-Zx9", "kat-app-secret-42"
+KAT_PROOF = "4625335e892b4179cb9d2125f4002d6828afc27c1683086cea14e9d0ba1d69d8"
 
 
 class Receiver(LocalServer):
@@ -106,6 +113,41 @@ def test_every_call_needs_the_token_and_the_proof(graph):
                                 json=text_message("x"), headers=AUTH, timeout=5)
     assert wrong_proof.json()["error"]["code"] == 100 and "appsecret_proof" in wrong_proof.json()["error"]["message"]
     assert graph.sent_texts() == []
+
+
+def test_appsecret_proof_matches_a_known_answer():
+    assert expected_appsecret_proof(KAT_TOKEN, KAT_SECRET) == KAT_PROOF
+    assert appsecret_proof(KAT_TOKEN, KAT_SECRET) == KAT_PROOF  # the bot's own, against the same answer
+
+
+def test_a_well_formed_but_wrong_proof_is_refused_with_code_100():
+    graph = GraphEmulator(PAGE_ID, KAT_TOKEN, KAT_SECRET).start()
+    try:
+        def post(proof):
+            return requests.post(f"{graph.api_url}me/messages", params={"appsecret_proof": proof},
+                                 json=text_message("x"), headers={"Authorization": f"Bearer {KAT_TOKEN}"}, timeout=5)
+        # Key and message swapped: the likeliest slip, and as plausible-looking as the right one.
+        swapped = post(hmac.new(KAT_TOKEN.encode(), KAT_SECRET.encode(), hashlib.sha256).hexdigest())
+        assert swapped.status_code == 400 and swapped.json()["error"]["code"] == 100
+        assert "appsecret_proof" in swapped.json()["error"]["message"] and graph.sent_texts() == []
+        assert post(KAT_PROOF).status_code == 200 and graph.sent_texts() == ["x"]
+    finally:
+        graph.stop()
+
+
+def test_fail_call_fails_only_the_nth_call_of_its_kind(graph):
+    graph.fail_call("send", 2, graph_error(1200, "second", status=500))
+    graph.fail_next("send", graph_error(2, "first"))  # the next call not already scripted
+    assert send(graph, {"recipient": {"id": PSID}, "sender_action": "typing_on"}).status_code == 200  # an action
+    statuses = [send(graph, text_message(f"m{i}")).status_code for i in range(4)]
+    assert statuses == [400, 500, 200, 200] and graph.sent_texts() == ["m2", "m3"]
+    graph.fail_call("history", 3, graph_error(613, "limit"))
+    assert [history(graph).status_code for _ in range(4)] == [200, 200, 400, 200]
+    with pytest.raises(ValueError):
+        graph.fail_call("send", 0, graph_error(2, "x"))
+    graph.fail_call("send", 1, graph_error(2, "x"))
+    with pytest.raises(ValueError):
+        graph.fail_call("send", 1, graph_error(2, "y"))  # never silently replaces a scripted answer
 
 
 def test_conversations_rate_limit_refuses_a_third_call_within_a_second():

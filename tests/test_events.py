@@ -7,7 +7,7 @@ import pytest
 
 from messenger.events import (ATTACHMENT, POSTBACK, TEXT, BadPayload, parse_body, parse_delivery,
                               to_timestamp_ms)
-from tests.conftest import fixture_bytes
+from tests.support import fixture_bytes
 
 
 def parse(name):

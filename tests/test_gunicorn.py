@@ -1,7 +1,6 @@
 """The bot as it runs in production: `gunicorn server:app` in a real process."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,42 +9,9 @@ import pytest
 import requests
 
 from messenger.signature import sign
-from tests.conftest import APP_SECRET, PAGE_TOKEN, PSID, ROOT, VERIFY_TOKEN, base_env, fixture_bytes
+from tests.support import (APP_SECRET, PAGE_TOKEN, PSID, ROOT, VERIFY_TOKEN, base_env, fixture_bytes, free_port, is_up,
+                           start_gunicorn, wait_until)
 from devtools.emulator import ModelStandIn
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_gunicorn(env: dict, cwd, output=subprocess.PIPE) -> subprocess.Popen:
-    """Exactly the README's run command, from a folder with no .env of the developer's.
-
-    Its own session, so a test can kill -9 the master and every worker at once.
-    """
-    return subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "server:app"],
-        cwd=cwd, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env},
-        stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-
-
-def wait_until(predicate, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def is_up(url):
-    try:
-        return requests.get(url + "/healthz", timeout=0.5).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 @pytest.fixture

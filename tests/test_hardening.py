@@ -3,7 +3,6 @@ clients, forged headers, bad bytes, a second instance; readiness that tells the 
 import asyncio
 import http.client
 import io
-import json
 import logging
 import os
 import signal
@@ -19,8 +18,8 @@ from bot.web.asgi import read_body
 from bot.telemetry.logs import LogScrubber
 from bot.web.webhook import read_wsgi_body
 from messenger.signature import sign
-from tests.conftest import APP_SECRET, PAGE_ID, PSID, VERIFY_TOKEN, base_env, fixture_bytes, text_body
-from tests.test_gunicorn import free_port, is_up, start_gunicorn, wait_until
+from tests.support import (APP_SECRET, PAGE_ID, PSID, VERIFY_TOKEN, base_env, free_port, is_up, start_gunicorn,
+                           text_body, wait_until)
 
 
 def start_bot(graph, model, tmp_path, **extra):

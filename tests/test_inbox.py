@@ -3,9 +3,9 @@ import os
 
 from bot.storage import inbox
 from bot.storage.inbox import InboxWriter, read_records
-from bot.storage.queue import SQLiteStore
+from bot.storage.queue import SQLiteQueue
 from messenger.events import TEXT, IncomingMessage
-from tests.conftest import PSID, fixture_bytes, post_signed
+from tests.support import PSID, fixture_bytes, post_signed
 
 
 def message(mid, text="hi"):
@@ -25,7 +25,7 @@ def test_a_torn_last_record_is_not_read():
 def test_drained_once_duplicates_dropped_and_files_of_gone_writers_deleted(tmp_path, monkeypatch):
     monkeypatch.setattr(inbox, "ROTATE_BYTES", 200)  # a new file every couple of records
     directory = str(tmp_path / "inbox")
-    store = SQLiteStore(str(tmp_path / "bot.sqlite3"))
+    store = SQLiteQueue(str(tmp_path / "bot.sqlite3"))
     writer = InboxWriter(directory)
     for n in range(6):
         writer.append([message(f"m{n}")], [])
@@ -84,7 +84,7 @@ def test_drain_logs_damage_answers_the_rest_and_quarantines_the_file(tmp_path, c
     damaged = bytearray(b"".join(parts))
     damaged[len(parts[0]) + 20] ^= 0xFF
     (directory / "1-gone.inbox").write_bytes(bytes(damaged))  # no lock held: its writer is gone
-    store = SQLiteStore(str(tmp_path / "bot.sqlite3"))
+    store = SQLiteQueue(str(tmp_path / "bot.sqlite3"))
     with caplog.at_level("ERROR"):
         assert store.drain(str(directory)) == (2, 0)
     assert set(store.states()) == {"m0", "m2"}
@@ -103,7 +103,7 @@ def test_poison_records_go_to_dead_letters_and_the_drain_goes_on(tmp_path, caplo
     shaped_wrong = inbox.MARKER + inbox.HEADER.pack(len(not_a_delivery), __import__("zlib").crc32(not_a_delivery)) \
         + not_a_delivery
     (directory / "1-gone.inbox").write_bytes(surrogate + shaped_wrong + inbox.encode([message("m_after")], []))
-    store = SQLiteStore(str(tmp_path / "bot.sqlite3"))
+    store = SQLiteQueue(str(tmp_path / "bot.sqlite3"))
     with caplog.at_level("ERROR"):
         assert store.drain(str(directory)) == (1, 0)
     assert set(store.states()) == {"m_after"}
@@ -141,14 +141,14 @@ def test_a_full_disk_loses_nothing_acknowledged_and_hides_nothing_written_after(
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support import ROOT
 
     directory = tmp_path / "inbox"
     done = subprocess.run([sys.executable, "-c", FULL_DISK_WRITER, str(directory), str(ROOT)],
                           capture_output=True, text=True, timeout=60, check=True)
     acknowledged = json.loads(done.stdout)
     assert 5 < len(acknowledged) < 40 and "m39" in acknowledged  # some failed, later ones succeeded
-    store = SQLiteStore(str(tmp_path / "bot.sqlite3"))
+    store = SQLiteQueue(str(tmp_path / "bot.sqlite3"))
     store.drain(str(directory))
     assert set(store.states()) == set(acknowledged)
     assert store.stats(str(directory))["quarantined"] == 0  # every failed write was cut back off the file

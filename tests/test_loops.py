@@ -7,15 +7,15 @@ import time
 import pytest
 
 from bot.storage.conversations import Conversations
-from bot.replies.dispatcher import QuietRepeats
+from bot.telemetry.quiet import QuietRepeats
 from bot.replies.wiring import build_dispatcher
-from bot.storage.queue import SQLiteStore
+from bot.storage.queue import SQLiteQueue
 from bot.runtime.reply_process import watch
 from config import load_config
 from devtools.emulator.http import json_response
 from devtools.emulator.model import completion
 from messenger.events import ATTACHMENT, TEXT, IncomingMessage
-from tests.conftest import PSID, text_body, post_signed, wait_for
+from tests.support import PSID, text_body, post_signed, wait_for
 
 
 def incoming(mid, text, psid=PSID):
@@ -30,7 +30,7 @@ class FakeClock:
         return self.now
 
 
-class FlakyDrainStore(SQLiteStore):
+class FlakyDrainStore(SQLiteQueue):
     """Our own store whose drain raises what no one planned for, a few times."""
 
     failures = 3
@@ -71,7 +71,7 @@ def test_a_lone_surrogate_in_a_stored_text_ends_done_with_an_exchange_record(env
     assert rows[0] == (PSID, "broken \ufffd text") and len(rows) == 2
 
 
-class BlockingClaimStore(SQLiteStore):
+class BlockingClaimStore(SQLiteQueue):
     """claim() blocks until released: a claim loop stuck in a call that never returns."""
 
     def __init__(self, *args, **kwargs):
@@ -189,7 +189,7 @@ class BrokenLog(Conversations):
         raise sqlite3.DatabaseError("database disk image is malformed")
 
 
-class BrokenLogStore(SQLiteStore):
+class BrokenLogStore(SQLiteQueue):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.conversations = BrokenLog(self._database)
@@ -234,7 +234,7 @@ def test_odd_model_name_and_token_counts_from_the_server_do_not_cost_the_exchang
 
 
 def test_error_and_reply_text_with_a_lone_surrogate_can_be_stored(env):
-    store = SQLiteStore(load_config(env, env_file=None).database_path, max_attempts=2)
+    store = SQLiteQueue(load_config(env, env_file=None).database_path, max_attempts=2)
     store.add([incoming("m_err", "hi")])
     assert store.retry(store.claim("me", 30), 0, "ValueError: bad \udfff", "part \udfff")
     store.fail(store.claim("me", 30), "ValueError: worse \udfff")

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from tests.conftest import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, replay
+from tests.support import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, replay
 from devtools.emulator import ModelStandIn, completion, graph_error, json_response
 
 P = "Answer polite and concisely in a single sentence : "

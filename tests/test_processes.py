@@ -8,52 +8,7 @@ import time
 import pytest
 import requests
 
-from bot.storage.queue import SQLiteStore
-from messenger.signature import sign
-from tests.conftest import APP_SECRET, PSID, base_env, echo_body, text_body
-from tests.test_gunicorn import free_port, is_up, start_gunicorn, wait_until
-
-
-class Bot:
-    """One `gunicorn server:app` run; start again with the same DATA_DIR to restart."""
-
-    def __init__(self, graph, model, tmp_path, **settings):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**base_env(graph, model, tmp_path), "PORT": str(self.port), "HOST": "127.0.0.1",
-                    "LEASE_SECONDS": "2", **settings}
-        self.tmp_path = tmp_path
-        self.log = open(tmp_path / "gunicorn.log", "a")
-        self.process = None
-
-    def start(self):
-        self.process = start_gunicorn(self.env, self.tmp_path, output=self.log)
-        assert wait_until(lambda: is_up(self.url), 15), "gunicorn did not start"
-        return self
-
-    def post(self, body: bytes) -> requests.Response:
-        return requests.post(self.url + "/webhook", data=body, timeout=5,
-                             headers={"X-Hub-Signature-256": sign(body, APP_SECRET)})
-
-    def kill_9(self):
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=60)
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return (self.tmp_path / "gunicorn.log").read_text()[-3000:]
-
-    def states(self):
-        return SQLiteStore(os.path.join(self.env["DATA_DIR"], "bot.sqlite3")).states()
-
-    def backlog(self) -> int:
-        store = SQLiteStore(os.path.join(self.env["DATA_DIR"], "bot.sqlite3"))
-        return store.inbox_backlog(os.path.join(self.env["DATA_DIR"], "inbox"))[0]
+from tests.support import PSID, Bot, echo_body, text_body, wait_until
 
 
 @pytest.fixture

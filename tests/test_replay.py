@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import FIXTURES, PSID, ROOT, wait_for
+from tests.support import FIXTURES, PSID, ROOT, wait_for
 
 FIXTURE_COUNT = len(list(FIXTURES.glob("*.json")))
 

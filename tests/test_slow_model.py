@@ -8,14 +8,14 @@ import pytest
 
 from bot.replies.composer import Timing
 from config import ConfigError, load_config
-from gpt.model import ModelSettings, ReplyGenerator
+from gpt.model import ModelSettings, ChatModel
 from devtools.emulator import ModelStandIn
 from devtools.emulator.http import json_response
-from tests.conftest import PSID, answer_queue, base_env, fixture_bytes, post_signed, replay, wait_for
+from tests.support import PSID, base_env, replay
 
 
 class FakeClock:
-    """Time that moves only when the generator sleeps between attempts."""
+    """Time that moves only when the chat model sleeps between attempts."""
 
     def __init__(self):
         self.now = 1000.0
@@ -29,10 +29,11 @@ class FakeClock:
         self.now += seconds
 
 
-def generator(model, tmp_path, clock, max_retries=10):
+def chat_model(model, tmp_path, clock, max_retries=10):
     client = openai.OpenAI(api_key=ModelStandIn.API_KEY, base_url=model.base_url, max_retries=0, timeout=5)
-    return ReplyGenerator(client, ModelSettings("gpt-4.1-mini"), "please try again later", str(tmp_path / "e.log"),
-                          attempt_timeout=20, max_retries=max_retries, clock=clock, sleep=clock.sleep)
+    return ChatModel(client, ModelSettings(model="gpt-4.1-mini"), fallback="please try again later",
+                     error_log_file=str(tmp_path / "e.log"), attempt_timeout=20, max_retries=max_retries,
+                     clock=clock, sleep=clock.sleep)
 
 
 def failure(status, code=None, headers=None):
@@ -46,7 +47,7 @@ HI = [{"role": "user", "content": "hi"}]
 def test_retries_back_off_and_stop_before_the_deadline(model, tmp_path):
     clock = FakeClock()
     model.scripted.extend(failure(503) for _ in range(20))
-    reply = generator(model, tmp_path, clock).generate_reply(HI, deadline=clock() + 21)
+    reply = chat_model(model, tmp_path, clock).reply(HI, deadline=clock() + 21)
     assert reply.error_class == "InternalServerError"
     # 0.5 s, 1 s, 2 s, 4 s, then 8 s at most, each up to a quarter shorter (jitter) ...
     expected = (0.5, 1, 2, 4, 8, 8, 8)
@@ -60,14 +61,14 @@ def test_retries_back_off_and_stop_before_the_deadline(model, tmp_path):
 def test_a_retry_after_is_obeyed_and_an_answer_follows(model, tmp_path):
     clock = FakeClock()
     model.scripted.append(failure(429, "rate_limit_exceeded", {"retry-after": "3"}))
-    reply = generator(model, tmp_path, clock).generate_reply(HI, deadline=clock() + 21)
+    reply = chat_model(model, tmp_path, clock).reply(HI, deadline=clock() + 21)
     assert reply.text == "Hello from the model." and clock.sleeps == [3.0]
 
 
 def test_a_retry_after_past_the_deadline_is_not_waited_for(model, tmp_path):
     clock = FakeClock()
     model.scripted.append(failure(429, "rate_limit_exceeded", {"retry-after": "30"}))
-    reply = generator(model, tmp_path, clock).generate_reply(HI, deadline=clock() + 21)
+    reply = chat_model(model, tmp_path, clock).reply(HI, deadline=clock() + 21)
     assert reply.error_class == "RateLimitError" and clock.sleeps == [] and len(model.requests) == 1
 
 
@@ -79,13 +80,13 @@ def test_a_retry_after_past_the_deadline_is_not_waited_for(model, tmp_path):
 def test_failures_no_retry_can_fix_are_not_retried(model, tmp_path, response):
     clock = FakeClock()
     model.scripted.append(response)
-    reply = generator(model, tmp_path, clock).generate_reply(HI, deadline=clock() + 21)
+    reply = chat_model(model, tmp_path, clock).reply(HI, deadline=clock() + 21)
     assert reply.error_class is not None and len(model.requests) == 1 and clock.sleeps == []
 
 
 def test_no_attempt_starts_when_no_time_is_left(model, tmp_path):
     clock = FakeClock()
-    reply = generator(model, tmp_path, clock).generate_reply(HI, deadline=clock() + 0.5)
+    reply = chat_model(model, tmp_path, clock).reply(HI, deadline=clock() + 0.5)
     assert reply.error_class == "DeadlineExceeded" and model.requests == []
     assert "attempts=0" in (tmp_path / "e.log").read_text()
 
@@ -93,10 +94,10 @@ def test_no_attempt_starts_when_no_time_is_left(model, tmp_path):
 def test_one_slow_attempt_is_cut_at_the_deadline_not_at_its_own_timeout(model, tmp_path):
     model.delay = 4.0
     client = openai.OpenAI(api_key=ModelStandIn.API_KEY, base_url=model.base_url, max_retries=0)
-    replies = ReplyGenerator(client, ModelSettings("gpt-4.1-mini"), "fallback", str(tmp_path / "e.log"),
-                             attempt_timeout=20, max_retries=2)
+    replies = ChatModel(client, ModelSettings(model="gpt-4.1-mini"), fallback="fallback",
+                        error_log_file=str(tmp_path / "e.log"), attempt_timeout=20, max_retries=2)
     started = time.monotonic()
-    reply = replies.generate_reply(HI, deadline=started + 1.5)
+    reply = replies.reply(HI, deadline=started + 1.5)
     took = time.monotonic() - started
     assert reply.error_class == "APITimeoutError" and 1.4 <= took < 2.5, took
     assert len(model.requests) <= 1  # no retry: less than a second was left
@@ -117,7 +118,7 @@ def test_the_whole_reply_fits_the_deadline_with_history_and_model_both_slow(make
 
 
 def test_the_typing_indicator_is_kept_alive_and_never_follows_the_answer(client, graph, model):
-    client.application.extensions["dispatcher"].responder.timing = Timing(reply_deadline=10, typing_refresh=0.4)
+    client.application.extensions["dispatcher"].composer.timing = Timing(reply_deadline=10, typing_refresh=0.4)
     model.delay = 1.5
     replay(client, "text")
     assert graph.sent_texts(PSID) == ["Hello from the model."]

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from tests.conftest import APP_SECRET, PSID, VERIFY_TOKEN, answer_queue, fixture_bytes, post_signed, replay, wait_for
+from tests.support import APP_SECRET, PSID, VERIFY_TOKEN, answer_queue, fixture_bytes, post_signed, replay, wait_for
 
 
 # -- GET: the dashboard's verification handshake ---------------------------------------------

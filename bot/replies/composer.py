@@ -1,25 +1,27 @@
-"""What a reply is made of: the user's limits and state, history, prompt and model in;
-Send API and sender actions out."""
+"""Composing one answer: the gate (bot/replies/gate.py), then history from the mirror or
+Graph, the prompt and the model; and the Send API call for each part."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from bot.telemetry import metrics
+from bot.replies import gate
 from bot.replies.activity import TYPING_REFRESH_S, Activity
-from bot.storage.conversations import BOT, USER, Conversations, MirrorRow, UserState, created_ms, utc_day, utc_day_start_ms
+from bot.replies.answer import Answer, Outcome
+from bot.replies.gate import Policy
+from bot.storage.conversations import BOT, USER, Conversations, MirrorRow, UserState, created_ms
+from bot.telemetry import metrics
+from gpt.model import ChatModel
 from gpt.prompt import to_chat_messages
-from gpt.model import ReplyGenerator
 from messenger.events import IncomingMessage
 from messenger.graph import RATE_LIMIT_CODES, GraphAPIError, GraphClient, HistoryMessage
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PromptSettings:
     page_id: str
     prefix: str
@@ -28,21 +30,7 @@ class PromptSettings:
     unsupported_reply: str
 
 
-@dataclass(frozen=True)
-class Policy:
-    """Per-user limits, the reset word and where history comes from (see config.py)."""
-
-    rate_limit: tuple[int, float] | None = None
-    rate_limit_reply: str = ""
-    daily_token_budget: int = 0
-    budget_reply: str = ""
-    reset_word: str = ""
-    reset_reply: str = ""
-    mirror_max_age: float = 86400.0
-    graph_reads_per_second: float = 2.0
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Timing:
     """Meta's 30-second rule (see config.py): the model has until `reply_deadline` after the reply
     thread took the message; with `slow_notice` set, the notice goes then and the model has
@@ -54,45 +42,20 @@ class Timing:
     typing_refresh: float = TYPING_REFRESH_S
 
 
-@dataclass(frozen=True)
-class Answer:
-    """What to send for a batch (None: nothing) and what the exchange log says of it."""
-
-    text: str | None
-    outcome: str
-    model: str | None = None
-    usage: tuple[int | None, int | None, int | None] = (None, None, None)
-    # Graph history read for this answer, as mirror rows: written with the exchange, so the
-    # read costs no write of its own on the way to the reply. Not kept across a retry.
-    synced: tuple[MirrorRow, ...] | None = None
-
-    def to_json(self) -> str:
-        return json.dumps({"text": self.text, "outcome": self.outcome, "model": self.model, "usage": self.usage})
-
-    @classmethod
-    def from_json(cls, stored: str) -> "Answer":
-        try:
-            data = json.loads(stored)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):  # a reply stored as plain text by schema version 2
-            return cls(stored, "answered")
-        return cls(data["text"], data["outcome"], data.get("model"), tuple(data.get("usage") or (None,) * 3))
-
-
-class Responder:
+class Composer:
     """Composes one answer for a user's waiting messages and sends its parts."""
 
-    def __init__(self, graph: GraphClient, generator: ReplyGenerator, prompt: PromptSettings,
-                 conversations: Conversations, policy: Policy = Policy(), timing: Timing = Timing(),
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, graph: GraphClient, model: ChatModel, prompt: PromptSettings,
+                 conversations: Conversations, *, policy: Policy = Policy(), timing: Timing = Timing(),
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         self.graph = graph
-        self.generator = generator
+        self.model = model
         self.prompt = prompt
         self.conversations = conversations
         self.policy = policy
         self.timing = timing
-        self.clock = clock
+        self.clock = clock  # deadlines
+        self.wall_clock = wall_clock  # pauses, limits, the mirror's age: compared with stored times
 
     def activity(self, psid: str) -> Activity:
         """The sender actions (and slow-reply notice) of a reply starting now."""
@@ -115,19 +78,20 @@ class Responder:
         The model call ends by `deadline` (on `clock`), retries included.
         """
         psid = messages[0].psid
-        user = self.conversations.user(psid)
-        now = time.time()
-        if user.paused_until and user.paused_until > now:
-            logger.info("a human is answering psid=%r: %d message(s) logged, not answered", psid, len(messages))
-            return Answer(None, "paused")
-        gate = self._gate(psid, messages, user, now)
-        if gate is not None:
-            return gate
+        now = self.wall_clock()
+        facts = self._facts(psid, messages, now)
+        gated = gate.decide(messages, facts, self.policy, now)
+        if gated is not None:
+            if gated.updates:
+                self.conversations.update_user(psid, **gated.updates)
+            logger.info("%s psid=%r: %d message(s) not sent to the model", gated.why, psid, len(messages))
+            return gated.answer
+        user = facts.user
         texts = [m for m in messages if not m.is_attachment_only]
         if not texts:
             thinking()  # "seen"; the typing indicator is skipped once the reply is out
             logger.info("attachment-only message(s) psid=%r mids=%r", psid, [m.mid for m in messages])
-            return Answer(self.prompt.unsupported_reply, "unsupported")
+            return Answer(self.prompt.unsupported_reply, Outcome.UNSUPPORTED)
         history, synced = self._history(psid, user, now)
         thinking()
         chat = to_chat_messages(
@@ -135,38 +99,19 @@ class Responder:
             page_id=self.prompt.page_id, prefix=self.prompt.prefix,
             max_turns=self.prompt.message_count, system_prompt=self.prompt.system_prompt,
         )
-        reply = self.generator.generate_reply(chat, deadline)
+        reply = self.model.reply(chat, deadline)
         if reply.error_class:
             metrics.MODEL_ERRORS.labels(reply.error_class).inc()
-        return Answer(reply.text, "fallback" if reply.error_class else "answered", reply.model, reply.usage, synced)
+        outcome = Outcome.FALLBACK if reply.error_class else Outcome.ANSWERED
+        return Answer(reply.text, outcome, reply.model, reply.usage, synced)
 
-    def _gate(self, psid: str, messages: Sequence[IncomingMessage], user: UserState, now: float) -> Answer | None:
-        """Reset, the per-user rate limit and the daily token budget, before any model call."""
-        policy = self.policy
-        word = policy.reset_word.lower()
-        if word and any(m.text.strip().lower() == word for m in messages):
-            reset_at = max(int(now * 1000), max(m.timestamp_ms for m in messages) + 1)
-            self.conversations.update_user(psid, reset_at_ms=reset_at)
-            logger.info("context reset psid=%r", psid)
-            return Answer(policy.reset_reply, "reset")
-        if policy.rate_limit:
-            count, window = policy.rate_limit
-            first = messages[0].timestamp_ms
-            if self.conversations.messages_between(psid, first - int(window * 1000), first) > count:
-                notice = not user.rate_notice_at or now - user.rate_notice_at >= window
-                if notice:
-                    self.conversations.update_user(psid, rate_notice_at=now)
-                logger.info("rate limit psid=%r: %d message(s) not answered", psid, len(messages))
-                return Answer(policy.rate_limit_reply if notice else None, "rate-limited")
-        if policy.daily_token_budget:
-            today = utc_day(now)
-            if self.conversations.tokens_since(psid, utc_day_start_ms(now)) >= policy.daily_token_budget:
-                notice = user.budget_notice_day != today
-                if notice:
-                    self.conversations.update_user(psid, budget_notice_day=today)
-                logger.info("daily token budget spent psid=%r", psid)
-                return Answer(policy.budget_reply if notice else None, "over-budget")
-        return None
+    def _facts(self, psid: str, messages: Sequence[IncomingMessage], now: float) -> gate.Facts:
+        """What the gate decides on; the counts are read only when their limit is set."""
+        window = gate.rate_window_ms(messages, self.policy)
+        since = gate.budget_day_start_ms(self.policy, now)
+        return gate.Facts(self.conversations.user(psid),
+                          self.conversations.messages_between(psid, *window) if window else 0,
+                          self.conversations.tokens_since(psid, since) if since is not None else 0)
 
     def send_part(self, psid: str, text: str) -> str | None:
         """One Send API call, returning Meta's message id; GraphAPIError is the caller's to classify."""

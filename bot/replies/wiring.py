@@ -1,43 +1,55 @@
 """Assembling the reply side: model client, Graph client, pipeline, dispatcher."""
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import openai
 
+from bot.replies.composer import Composer, PromptSettings, Timing
+from bot.replies.gate import Policy
 from bot.replies.dispatcher import Dispatcher
-from bot.storage.doorbell import Doorbell
-from bot.replies.composer import Policy, PromptSettings, Responder, Timing
-from bot.storage.queue import SQLiteStore, open_store
 from bot.replies.tracking import Tracker
+from bot.storage.doorbell import Doorbell
+from bot.storage.queue import SQLiteQueue, open_queue
 from config import Config
-from gpt.model import ModelSettings, ReplyGenerator
+from gpt.model import ChatModel, ModelSettings
 from messenger.graph import GraphClient
 
 
-def build_dispatcher(config: Config, store: SQLiteStore | None = None) -> Dispatcher:
+def build_dispatcher(config: Config, store: SQLiteQueue | None = None, *,
+                     wall_clock: Callable[[], float] = time.time) -> Dispatcher:
     """The queue, the reply pipeline and the doorbell between them."""
-    store = store or open_store(config)
+    store = store or open_queue(config)
     tracker = Tracker(store.conversations, config.tracking_url) if config.tracking_url else None
-    return Dispatcher(store, build_responder(config, store), Doorbell(config.database_path),
+    return Dispatcher(store, build_composer(config, store, wall_clock=wall_clock), Doorbell(config.database_path),
                       threads=config.reply_threads, lease_seconds=config.lease_seconds,
                       retry_base=config.retry_base_seconds, retention_days=config.retention_days, tracker=tracker,
                       inbox_dir=config.inbox_dir)
 
 
-def build_responder(config: Config, store: SQLiteStore) -> Responder:
+def build_composer(config: Config, store: SQLiteQueue, *,
+                   wall_clock: Callable[[], float] = time.time) -> Composer:
     """The reply pipeline with its two API clients, each built once."""
-    graph = GraphClient(config.fb_api_url, config.fb_page_id, config.fb_page_access_token,
-                        config.fb_app_secret, timeout=config.graph_timeout, pool_size=config.reply_threads + 8)
-    # Retries are the generator's, within the reply's deadline (gpt/retries.py).
+    graph = GraphClient(base_url=config.fb_api_url, page_id=config.fb_page_id, token=config.fb_page_access_token,
+                        app_secret=config.fb_app_secret, timeout=config.graph_timeout,
+                        pool_size=config.reply_threads + 8)
+    # The client's own retries are off: ChatModel retries within the reply's deadline (gpt/retries.py).
     client = openai.OpenAI(api_key=config.openai_api_key, base_url=config.openai_base_url,
                            timeout=config.openai_timeout, max_retries=0)
-    model = ModelSettings(config.openai_model, config.openai_temperature, config.openai_top_p,
-                          config.openai_max_tokens)
-    generator = ReplyGenerator(client, model, config.fallback_reply, config.error_log_file,
-                               attempt_timeout=config.openai_timeout, max_retries=config.openai_max_retries)
-    prompt = PromptSettings(config.fb_page_id, config.politeness_prefix, config.message_count,
-                            config.system_prompt, config.unsupported_reply)
-    policy = Policy(config.rate_limit, config.rate_limit_reply, config.daily_token_budget, config.budget_reply,
-                    config.reset_word, config.reset_reply, config.mirror_max_age_seconds,
-                    config.graph_reads_per_second)
-    timing = Timing(config.reply_deadline_seconds, config.slow_reply_notice, config.slow_reply_limit_seconds)
-    return Responder(graph, generator, prompt, store.conversations, policy, timing)
+    settings = ModelSettings(model=config.openai_model, temperature=config.openai_temperature,
+                             top_p=config.openai_top_p, max_tokens=config.openai_max_tokens)
+    chat_model = ChatModel(client, settings, fallback=config.fallback_reply, error_log_file=config.error_log_file,
+                           attempt_timeout=config.openai_timeout, max_retries=config.openai_max_retries)
+    prompt = PromptSettings(page_id=config.fb_page_id, prefix=config.politeness_prefix,
+                            message_count=config.message_count, system_prompt=config.system_prompt,
+                            unsupported_reply=config.unsupported_reply)
+    policy = Policy(rate_limit=config.rate_limit, rate_limit_reply=config.rate_limit_reply,
+                    daily_token_budget=config.daily_token_budget, budget_reply=config.budget_reply,
+                    reset_word=config.reset_word, reset_reply=config.reset_reply,
+                    mirror_max_age=config.mirror_max_age_seconds,
+                    graph_reads_per_second=config.graph_reads_per_second)
+    timing = Timing(reply_deadline=config.reply_deadline_seconds, slow_notice=config.slow_reply_notice,
+                    slow_limit=config.slow_reply_limit_seconds)
+    return Composer(graph, chat_model, prompt, store.conversations, policy=policy, timing=timing,
+                    wall_clock=wall_clock)

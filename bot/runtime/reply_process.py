@@ -16,7 +16,7 @@ from typing import Callable
 from bot.replies.dispatcher import Dispatcher
 from bot.replies.wiring import build_dispatcher
 from bot.telemetry.logs import configure_logging
-from config import ConfigError, load_config
+from config import load_config_or_exit
 
 logger = logging.getLogger("bot.runtime.reply_process")  # not "__main__" under python -m
 
@@ -24,10 +24,7 @@ REPLY_PROCESS_NICENESS = 10
 
 
 def main() -> None:
-    try:
-        config = load_config()
-    except ConfigError as error:
-        raise SystemExit(str(error)) from None
+    config = load_config_or_exit()
     configure_logging(config.log_level, config.secrets)
     # Acknowledging Meta comes first: when the CPU is short, the webhook workers
     # get it and replies wait a little in the durable queue.

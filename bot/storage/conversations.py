@@ -12,10 +12,11 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
+from bot.storage.inbox import ClassifiedEcho
 from bot.storage.sqlite import Database
-from messenger.events import Echo, IncomingMessage
+from messenger.events import IncomingMessage
 from messenger.graph import HistoryMessage
 from messenger.text import clean_text
 
@@ -91,14 +92,15 @@ def user_text(message: IncomingMessage) -> str:
 class Conversations:
     """Mirror, user state, exchange log and Graph budget over the bot's Database."""
 
-    def __init__(self, database: Database, tracking: bool = False):
+    def __init__(self, database: Database, tracking: bool = False, clock: Callable[[], float] = time.time):
         self._database = database
+        self.clock = clock
         self._db = database.connection
         self.tracking = tracking  # new records wait for TRACKING_URL
 
-    # -- the webhook's side: inside the queue's group commit ----------------------------------
+    # -- echoes, written inside the drain's transaction (bot/storage/queue.py) -------------------
     @staticmethod
-    def record_echoes(db: sqlite3.Connection, echoes: Sequence[tuple[Echo, bool, float]]) -> None:
+    def record_echoes(db: sqlite3.Connection, echoes: Sequence[ClassifiedEcho]) -> None:
         """(echo, by_a_human, pause_until) each: mirror it; a human's pauses the bot for that user."""
         for echo, human, pause_until in echoes:
             db.execute("INSERT OR IGNORE INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
@@ -132,7 +134,7 @@ class Conversations:
 
     def take_graph_read(self, per_second: float) -> bool:
         """One Conversations API read from the Page's budget, or False when it is spent for now."""
-        now = time.time()
+        now = self.clock()
         row = self._db().execute("SELECT next_at FROM graph_budget WHERE id = 1").fetchone()
         if row and row[0] > now:
             return False  # spent: no write lock taken (a burst of new users asks many times a second)
@@ -147,7 +149,7 @@ class Conversations:
     def hold_graph_reads(self, seconds: float = RATE_LIMIT_BACKOFF_S) -> None:
         """Meta said "rate limited" (another tool may share the Page's quota): no reads for a while."""
         with self._database.write() as db:
-            db.execute("INSERT OR REPLACE INTO graph_budget (id, next_at) VALUES (1, ?)", (time.time() + seconds,))
+            db.execute("INSERT OR REPLACE INTO graph_budget (id, next_at) VALUES (1, ?)", (self.clock() + seconds,))
 
     def messages_between(self, psid: str, start_ms: int, end_ms: int) -> int:
         """How many messages this user sent in (start, end] - every one the webhook took in."""
@@ -168,7 +170,7 @@ class Conversations:
                 db.execute("INSERT OR IGNORE INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
                            (_clean(mid), exchange.psid, author, _clean(text), at_ms))
             db.execute("INSERT INTO users (psid, synced_at) VALUES (?, ?)"
-                       " ON CONFLICT (psid) DO UPDATE SET synced_at = excluded.synced_at", (exchange.psid, time.time()))
+                       " ON CONFLICT (psid) DO UPDATE SET synced_at = excluded.synced_at", (exchange.psid, self.clock()))
         for message in messages:
             if message.mid:
                 db.execute("INSERT OR IGNORE INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
@@ -199,7 +201,7 @@ class Conversations:
     def waiting_for_tracking(self, limit: int = 50) -> list[tuple[int, dict]]:
         rows = self._db().execute(
             f"SELECT id, {', '.join(EXPORT_COLUMNS)} FROM interactions WHERE tracking = 'waiting'"
-            " AND track_after <= ? ORDER BY id LIMIT ?", (time.time(), limit)).fetchall()
+            " AND track_after <= ? ORDER BY id LIMIT ?", (self.clock(), limit)).fetchall()
         return [(row[0], _tracking_record(dict(zip(EXPORT_COLUMNS, row[1:])))) for row in rows]
 
     def tracked(self, record_id: int) -> None:
@@ -212,13 +214,13 @@ class Conversations:
             attempts = db.execute("UPDATE interactions SET track_attempts = track_attempts + 1 WHERE id = ?"
                                   " RETURNING track_attempts", (record_id,)).fetchone()[0]
             db.execute("UPDATE interactions SET track_after = ? WHERE id = ?",
-                       (time.time() + min(cap, base_delay * 2 ** (attempts - 1)), record_id))
+                       (self.clock() + min(cap, base_delay * 2 ** (attempts - 1)), record_id))
         return attempts
 
     def prune(self, older_than_days: int) -> int:
         """Delete exchanges, mirror rows and finished queue rows older than the retention.
         Records still waiting for the tracking endpoint are kept until they are sent."""
-        cutoff_s = time.time() - older_than_days * 86400
+        cutoff_s = self.clock() - older_than_days * 86400
         with self._database.write() as db:
             deleted = db.execute("DELETE FROM interactions WHERE user_timestamp < ? AND tracking IS NOT 'waiting'",
                                  (int(cutoff_s * 1000),)).rowcount

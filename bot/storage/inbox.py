@@ -34,9 +34,18 @@ import threading
 import time
 import uuid
 import zlib
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from messenger.events import Echo, IncomingMessage
+
+
+class ClassifiedEcho(NamedTuple):
+    """An echo as the webhook judged it: whether a person sent it from the Page inbox, and
+    until when the bot then stays silent for that user (0: no pause)."""
+
+    echo: Echo
+    by_human: bool
+    paused_until: float
 
 MARKER = b"\xf0IBX"  # never the start of a legacy record: that length would be over 4 GB
 HEADER = struct.Struct(">II")  # length, CRC-32 of the payload
@@ -47,21 +56,21 @@ ROTATE_BYTES = 16 * 1024 * 1024
 SUFFIX = ".inbox"
 
 
-def encode(messages: Sequence[IncomingMessage], echoes: Sequence[tuple[Echo, bool, float]],
+def encode(messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho],
            at: float | None = None) -> bytes:
     """One record; `at` is when the delivery was acknowledged (now, unless a test says)."""
     # vars(), not dataclasses.asdict: these records are flat, and asdict's deep copy
     # was a tenth of the webhook's CPU.
-    payload = json.dumps({"at": time.time() if at is None else at, "m": [vars(m) for m in messages],
+    payload = json.dumps({"at": time.time() if at is None else at, "m": [m.to_dict() for m in messages],
                           "e": [[vars(e), human, until] for e, human, until in echoes]},
                          separators=(",", ":")).encode()
     return MARKER + HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def decode(payload: bytes) -> tuple[float, list[IncomingMessage], list[tuple[Echo, bool, float]]]:
+def decode(payload: bytes) -> tuple[float, list[IncomingMessage], list[ClassifiedEcho]]:
     data = json.loads(payload)
-    messages = [IncomingMessage(**{**m, "attachment_types": tuple(m["attachment_types"])}) for m in data["m"]]
-    return data["at"], messages, [(Echo(**e), human, until) for e, human, until in data["e"]]
+    messages = [IncomingMessage.from_dict(m) for m in data["m"]]
+    return data["at"], messages, [ClassifiedEcho(Echo(**e), human, until) for e, human, until in data["e"]]
 
 
 def read_records(data: bytes, final: bool = False) -> tuple[list[bytes], int, list[tuple[int, int]]]:
@@ -127,7 +136,7 @@ class InboxWriter:
         self._pid = 0
         self._size = 0
 
-    def append(self, messages: Sequence[IncomingMessage], echoes: Sequence[tuple[Echo, bool, float]]) -> None:
+    def append(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho]) -> None:
         """Durable against any process crash when it returns; OSError (disk full...) otherwise,
         with nothing of this record left in the file."""
         record = encode(messages, echoes)

@@ -20,15 +20,16 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from bot.storage import inbox
+from bot.storage.inbox import ClassifiedEcho
 from bot.storage.conversations import Conversations, Exchange
 from bot.storage.schema import SCHEMA
 from bot.storage.sqlite import Database
 from config import Config
-from messenger.events import Echo, IncomingMessage
+from messenger.events import IncomingMessage
 from messenger.text import clean_text
 
 logger = logging.getLogger(__name__)
@@ -56,21 +57,23 @@ def dedupe_key(message: IncomingMessage) -> str:
     return message.mid or f"postback:{message.psid}:{message.timestamp_ms}:{message.text}"
 
 
-class SQLiteStore:
+class SQLiteQueue:
     """The queue in one SQLite file, safe for several processes on one host."""
 
-    def __init__(self, path: str, max_attempts: int = 5, tracking: bool = False):
+    def __init__(self, path: str, max_attempts: int = 5, tracking: bool = False,
+                 clock: Callable[[], float] = time.time, *, read_only: bool = False):
         self.path = path
         self.max_attempts = max_attempts
-        self._database = Database(path, SCHEMA)
-        self.conversations = Conversations(self._database, tracking)
+        self.clock = clock  # wall time: leases, backoff and finish times are stored in it
+        self._database = Database(path, SCHEMA, read_only=read_only)
+        self.conversations = Conversations(self._database, tracking, clock)
         self._write = self._database.write
         self._db = self._database.connection
 
-    # -- the webhook's side --------------------------------------------------------------------
-    def add(self, messages: Sequence[IncomingMessage], echoes: Sequence[tuple[Echo, bool, float]] = ()) -> list[bool]:
+    # -- adding messages directly (tests, the sandbox); the webhooks write inbox files ---------
+    def add(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho] = ()) -> list[bool]:
         """Store messages to answer (directly, without the inbox); False for each one already stored."""
-        now = time.time()
+        now = self.clock()
         with self._write() as db:
             added = [self._insert_one(db, message, now) for message in messages]
             if echoes:
@@ -176,12 +179,11 @@ class SQLiteStore:
                        (source, start + used, damaged))
         return added
 
-    @staticmethod
-    def _dead_letter(db: sqlite3.Connection, source: str, offset: int, error: Exception, payload: bytes) -> None:
+    def _dead_letter(self, db: sqlite3.Connection, source: str, offset: int, error: Exception, payload: bytes) -> None:
         logger.error("inbox %s near offset %d: a record could not enter the queue (%s: %s); kept in "
                      "dead_letters", source, offset, type(error).__name__, str(error)[:200])
         db.execute("INSERT INTO dead_letters (source, offset, error, payload, at) VALUES (?, ?, ?, ?, ?)",
-                   (source, offset, f"{type(error).__name__}: {error}"[:500], payload, time.time()))
+                   (source, offset, f"{type(error).__name__}: {error}"[:500], payload, self.clock()))
 
     @staticmethod
     def _insert_one(db: sqlite3.Connection, message: IncomingMessage, now: float) -> bool:
@@ -194,7 +196,7 @@ class SQLiteStore:
     # -- the workers' side ------------------------------------------------------------------------
     def claim(self, owner: str, lease_seconds: float) -> Batch | None:
         """The oldest answerable user's waiting messages, leased to `owner`; None when idle."""
-        now = time.time()
+        now = self.clock()
         with self._write() as db:
             self._expire_leases(db, now)
             head = db.execute(
@@ -239,8 +241,8 @@ class SQLiteStore:
     def heartbeat(self, owner: str) -> None:
         """Note that `owner` is alive and working the queue."""
         with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO dispatchers (owner, seen_at) VALUES (?, ?)", (owner, time.time()))
-            db.execute("DELETE FROM dispatchers WHERE seen_at < ?", (time.time() - 3600,))
+            db.execute("INSERT OR REPLACE INTO dispatchers (owner, seen_at) VALUES (?, ?)", (owner, self.clock()))
+            db.execute("DELETE FROM dispatchers WHERE seen_at < ?", (self.clock() - 3600,))
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the database (the reply process, once a second)."""
@@ -250,7 +252,7 @@ class SQLiteStore:
         """Keep this owner's leases alive while it works."""
         with self._write() as db:
             db.execute("UPDATE events SET lease_until = ? WHERE state = 'working' AND owner = ?",
-                       (time.time() + lease_seconds, owner))
+                       (self.clock() + lease_seconds, owner))
 
     def mark_sent(self, batch: Batch, reply: str, parts: int) -> None:
         """Progress of a reply in several parts: a crash resumes after the last part sent."""
@@ -258,7 +260,7 @@ class SQLiteStore:
 
     def complete(self, batch: Batch, exchange: Exchange | None = None) -> None:
         """Done, with the exchange logged and mirrored in the same transaction."""
-        self._update(batch, "state = 'done', finished_at = ?, owner = NULL", time.time(), exchange=exchange)
+        self._update(batch, "state = 'done', finished_at = ?, owner = NULL", self.clock(), exchange=exchange)
 
     def retry(self, batch: Batch, delay: float, error: str, reply: str | None = None, sent_parts: int = 0,
               exchange: Exchange | None = None) -> bool:
@@ -268,11 +270,11 @@ class SQLiteStore:
             self.fail(batch, error, exchange)
             return False
         self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?, reply = ?, sent_parts = ?",
-                     time.time() + delay, error, reply, sent_parts)
+                     self.clock() + delay, error, reply, sent_parts)
         return True
 
     def fail(self, batch: Batch, error: str, exchange: Exchange | None = None) -> None:
-        self._update(batch, "state = 'failed', finished_at = ?, owner = NULL, error = ?", time.time(), error,
+        self._update(batch, "state = 'failed', finished_at = ?, owner = NULL, error = ?", self.clock(), error,
                      exchange=exchange)
 
     def release(self, owner: str) -> int:
@@ -304,8 +306,8 @@ class SQLiteStore:
         seen = self._db().execute("SELECT MAX(seen_at) FROM dispatchers").fetchone()[0]
         dead = self._db().execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
         return {"queue_depth": (row[0] or 0) + waiting, "in_flight": row[1] or 0, "failed": row[3] or 0,
-                "oldest_pending_age_s": round(time.time() - oldest, 3) if oldest else 0.0,
-                "dispatcher_seen_s_ago": round(time.time() - seen, 1) if seen else None,
+                "oldest_pending_age_s": round(self.clock() - oldest, 3) if oldest else 0.0,
+                "dispatcher_seen_s_ago": round(self.clock() - seen, 1) if seen else None,
                 "dead_letters": dead, "quarantined": self.quarantined(inbox_dir) if inbox_dir else 0}
 
     def states(self) -> dict[str, str]:
@@ -314,14 +316,14 @@ class SQLiteStore:
 
 
 def _to_json(message: IncomingMessage) -> str:
-    return json.dumps(asdict(message))
+    return json.dumps(message.to_dict())
 
 
 def _from_json(text: str) -> IncomingMessage:
-    data = json.loads(text)
-    return IncomingMessage(**{**data, "attachment_types": tuple(data["attachment_types"])})
+    return IncomingMessage.from_dict(json.loads(text))
 
 
-def open_store(config: Config) -> SQLiteStore:
+def open_queue(config: Config, clock: Callable[[], float] = time.time) -> SQLiteQueue:
     """The store as the settings describe it (path, attempts, tracking)."""
-    return SQLiteStore(config.database_path, max_attempts=config.max_attempts, tracking=bool(config.tracking_url))
+    return SQLiteQueue(config.database_path, max_attempts=config.max_attempts, tracking=bool(config.tracking_url),
+                       clock=clock)

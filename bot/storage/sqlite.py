@@ -29,11 +29,15 @@ def make_private(path: str) -> None:
 class Database:
     """One SQLite file in WAL mode, shared by the threads and processes of one host."""
 
-    def __init__(self, path: str, schema: Sequence[str]):
+    def __init__(self, path: str, schema: Sequence[str], *, read_only: bool = False):
         self.path = path
+        self.read_only = read_only
         self._local = threading.local()
-        # Threads of a process queue here for the write lock, in order.
+        # One write transaction per process at a time: its threads wait here, not in SQLite.
         self.writer = threading.Lock()
+        if read_only:  # a reader (the export) neither creates nor migrates: that is the bot's to do
+            self._check_version(len(schema))
+            return
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         make_private(path)
         self._migrate(schema)
@@ -41,6 +45,8 @@ class Database:
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 connections are not shared between threads)."""
         db = getattr(self._local, "db", None)
+        if db is None and self.read_only:
+            db = self._local.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             db.row_factory = sqlite3.Row
@@ -72,6 +78,12 @@ class Database:
     def checkpoint(self) -> None:
         """Fold the WAL back into the database without waiting for readers."""
         self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _check_version(self, expected: int) -> None:
+        version = self.connection().execute("PRAGMA user_version").fetchone()[0]
+        if version != expected:
+            raise sqlite3.DatabaseError(f"{self.path} is at schema version {version}, this code reads version "
+                                        f"{expected}: start the bot once to bring it up to date")
 
     def _migrate(self, schema: Sequence[str]) -> None:
         """Run the scripts this file has not seen yet; PRAGMA user_version counts them."""

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
+from typing import Callable
 
 from flask import Flask, Response, jsonify, request
-from bot.telemetry import metrics
+
 from bot.storage.doorbell import Doorbell
 from bot.storage.inbox import InboxWriter
+from bot.storage.queue import SQLiteQueue, open_queue
+from bot.telemetry import metrics
 from bot.web.proxy import TrustedPeers, TrustedProxyFix
 from bot.web.readiness import Readiness
-from bot.storage.queue import SQLiteStore, open_store
 from bot.web.webhook import WebhookReceiver, WebhookRoute
 from config import Config, load_config
 from messenger.signature import is_verify_request
@@ -18,7 +21,8 @@ from messenger.signature import is_verify_request
 logger = logging.getLogger(__name__)
 
 
-def create_app(config: Config | None = None, *, replies: str = "threads") -> Flask:
+def create_app(config: Config | None = None, *, replies: str = "threads",
+               clock: Callable[[], float] = time.time) -> Flask:
     """Build the queue and the app; tests pass a Config aimed at fake servers.
 
     replies: "threads" answers the queue on reply threads inside this process;
@@ -31,23 +35,23 @@ def create_app(config: Config | None = None, *, replies: str = "threads") -> Fla
         raise ValueError(f"replies must be threads, process or manual, not {replies!r}")
     config = config or load_config()
     app = Flask(__name__)
-    store = open_store(config)
+    store = open_queue(config, clock)
     if replies != "process":
         from bot.replies.wiring import build_dispatcher  # the model client loads only where replies are made
 
-        dispatcher = build_dispatcher(config, store)
+        dispatcher = build_dispatcher(config, store, wall_clock=clock)
         app.extensions["dispatcher"] = dispatcher
         if replies == "threads":
             dispatcher.start()
     _add_routes(app, config, store)
-    receiver = WebhookReceiver(config, InboxWriter(config.inbox_dir), Doorbell(config.database_path))
+    receiver = WebhookReceiver(config, InboxWriter(config.inbox_dir), Doorbell(config.database_path), clock=clock)
     app.extensions["webhook"] = receiver  # the ASGI front (bot/web/asgi.py) calls it directly
     app.wsgi_app = TrustedProxyFix(WebhookRoute(app.wsgi_app, receiver),  # type: ignore[method-assign]
                                    TrustedPeers(config.forwarded_allow_ips))
     return app
 
 
-def _add_routes(app: Flask, config: Config, store: SQLiteStore) -> None:
+def _add_routes(app: Flask, config: Config, store: SQLiteQueue) -> None:
     """Everything but POST /webhook, which bot/web/webhook.py answers before Flask."""
     @app.get("/webhook")
     def verify() -> Response:

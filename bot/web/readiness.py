@@ -14,7 +14,7 @@ import time
 from contextlib import closing
 from typing import Callable
 
-from bot.storage.queue import SQLiteStore
+from bot.storage.queue import SQLiteQueue
 from config import Config
 
 # Below this, the next deliveries may fail with ENOSPC: tell the balancer first.
@@ -26,7 +26,7 @@ INTEGRITY_EVERY_SECONDS = 60.0
 
 
 class Readiness:
-    def __init__(self, config: Config, store: SQLiteStore, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, config: Config, store: SQLiteQueue, clock: Callable[[], float] = time.monotonic,
                  min_free_bytes: int = MIN_FREE_BYTES, heartbeat_stale_seconds: float = HEARTBEAT_STALE_SECONDS):
         self.config = config
         self.store = store

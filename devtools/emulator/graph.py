@@ -4,11 +4,14 @@ Faithful where the bot depends on it (see MESSENGER.md): token and
 appsecret_proof on every call, newest-first history with details for the 20
 newest messages, the 2000-character limit, Meta's error shapes, an optional
 Conversations rate limit. It records every call, and takes scripted failures
-and latency, so tests drive every error path through real sockets.
+(`fail_next`, `fail_call`) and latency (`delays`), so tests drive every error
+path through real sockets and never replace its methods.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import itertools
 import re
 import threading
@@ -21,13 +24,20 @@ from werkzeug.wrappers import Request, Response
 from devtools.emulator import webhooks
 from devtools.emulator.http import LocalServer, json_response
 from devtools.emulator.timeline import Timeline
-from messenger.graph import appsecret_proof
 
 VERSION = "v26.0"
 DETAILED_MESSAGES = 20  # Meta gives message details for the 20 newest messages only
 MAX_QUICK_REPLIES, MAX_QUICK_REPLY_TITLE = 13, 20
 # The app id Meta puts on echoes of messages a person typed in the Page inbox.
 PAGE_INBOX_APP_ID = "263902037430900"
+
+
+def expected_appsecret_proof(token: str, app_secret: str) -> str:
+    """The proof Meta expects: hex HMAC-SHA256, key = the app secret, message = the access token.
+
+    Written out here rather than imported from the bot (messenger.graph), so a
+    wrong proof in the bot is refused instead of agreed with."""
+    return hmac.new(app_secret.encode(), token.encode(), hashlib.sha256).hexdigest()
 
 
 def graph_error(code: int, message: str = "error", status: int = 400, subcode: int | None = None) -> Response:
@@ -56,7 +66,7 @@ class GraphEmulator(LocalServer):
         self.page_id = page_id
         self.token = token
         self.app_id = app_id  # the bot's app: echoes of what it sends carry this id
-        self.proof = appsecret_proof(token, app_secret)
+        self.proof = expected_appsecret_proof(token, app_secret)
         self.conversations_per_second = conversations_per_second
         self.timeline = timeline or Timeline()
         self.webhooks = webhooks  # when set, users' messages and echoes are delivered to the bot
@@ -66,7 +76,8 @@ class GraphEmulator(LocalServer):
         self.delivered: list[tuple[str, str]] = []  # (psid, text) the Send API accepted
         self.delivered_at: list[float] = []  # time.monotonic() of each, after the injected latency
         self.rate_limited = 0  # Conversations calls refused for the rate limit
-        self.failures: dict[str, list[Response]] = {"history": [], "send": [], "action": []}
+        # Scripted answers per kind: entry i answers the (i+1)-th call from now; None lets that call through.
+        self.failures: dict[str, list[Response | None]] = {"history": [], "send": [], "action": []}
         self.delays: dict[str, float] = {"history": 0.0, "send": 0.0, "action": 0.0}
         self._ids = itertools.count(1)
         self._order = itertools.count(1)
@@ -129,7 +140,23 @@ class GraphEmulator(LocalServer):
             return self._delivery.wait_for(lambda: len(self.delivered) >= count, timeout)
 
     def fail_next(self, kind: str, response: Response) -> None:
-        self.failures[kind].append(response)
+        """The next call of `kind` not already scripted answers `response`: k calls fail the next k."""
+        with self._lock:
+            script = self.failures[kind]
+            _script(script, script.index(None) if None in script else len(script), response)
+
+    def fail_call(self, kind: str, n: int, response: Response) -> None:
+        """The n-th call of `kind` from now (1 is the next) answers `response`; the ones before go through.
+
+        Calls count as for `fail_next`: those past the token, proof and rate-limit
+        checks. "send" counts Send API messages only, sender actions are "action"."""
+        if n < 1:
+            raise ValueError(f"n counts from 1, not {n}")
+        with self._lock:
+            script = self.failures[kind]
+            if n <= len(script) and script[n - 1] is not None:
+                raise ValueError(f"{kind} call {n} is already scripted")
+            _script(script, n - 1, response)
 
     def sent_texts(self, psid: str | None = None) -> list[str]:
         """Texts the Send API accepted (failed attempts are in `calls` only)."""
@@ -246,6 +273,12 @@ class GraphEmulator(LocalServer):
             echo = webhooks.echo_event(self.page_id, psid, mid, text, app_id, metadata)
             self.webhooks.deliver(self.page_id, [echo], psid)
         return mid
+
+
+def _script(script: list[Response | None], index: int, response: Response) -> None:
+    """Put `response` at `index`, letting the calls in any gap before it through."""
+    script.extend([None] * (index + 1 - len(script)))
+    script[index] = response
 
 
 def _fields(message: dict, wanted: list[str]) -> dict:

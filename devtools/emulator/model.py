@@ -14,7 +14,7 @@ from werkzeug.wrappers import Request, Response
 from devtools.emulator.http import LocalServer, json_response
 from devtools.emulator.timeline import Timeline
 
-Reply = str | Callable[[list[dict]], str]
+CannedReply = str | Callable[[list[dict]], str]
 
 
 def completion(content: str | None, finish_reason: str = "stop", model: str = "test-model") -> dict:
@@ -84,7 +84,7 @@ class ModelStandIn(_ModelServer):
     API_KEY = "sk-test-fake-openai-key"  # not a real key, and not shaped like one
     mode = "offline"
 
-    def __init__(self, reply: Reply = "Hello from the model.", echo: bool = False, *,
+    def __init__(self, reply: CannedReply = "Hello from the model.", echo: bool = False, *,
                  api_key: str = API_KEY, timeline: Timeline | None = None, port: int = 0):
         super().__init__(timeline, port)
         self.reply = reply

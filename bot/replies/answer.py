@@ -1,0 +1,47 @@
+"""What a batch of messages ends with: the text sent (if any) and the outcome logged."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+
+from bot.storage.conversations import MirrorRow
+
+
+class Outcome(StrEnum):
+    """The exchange log's `outcome` (stored as its text, and a metric label)."""
+
+    ANSWERED = "answered"          # the model's answer
+    FALLBACK = "fallback"          # the model failed: FALLBACK_REPLY
+    UNSUPPORTED = "unsupported"    # attachments only: UNSUPPORTED_REPLY, no model call
+    PAUSED = "paused"              # a person answers from the Page inbox: nothing sent
+    RESET = "reset"                # RESET_WORD: the context starts afresh
+    RATE_LIMITED = "rate-limited"  # over RATE_LIMIT: one notice per window
+    OVER_BUDGET = "over-budget"    # DAILY_TOKEN_BUDGET spent: one notice per day
+    FAILED = "failed"              # could not be sent
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to send for a batch (None: nothing) and what the exchange log says of it."""
+
+    text: str | None
+    outcome: Outcome
+    model: str | None = None
+    usage: tuple[int | None, int | None, int | None] = (None, None, None)
+    # Graph history read for this answer, as mirror rows: written with the exchange, so the
+    # read costs no write of its own on the way to the reply. Not kept across a retry.
+    synced: tuple[MirrorRow, ...] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({"text": self.text, "outcome": self.outcome, "model": self.model, "usage": self.usage})
+
+    @classmethod
+    def from_json(cls, stored: str) -> "Answer":
+        try:
+            data = json.loads(stored)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):  # a reply stored as plain text by schema version 2
+            return cls(stored, Outcome.ANSWERED)
+        return cls(data["text"], Outcome(data["outcome"]), data.get("model"), tuple(data.get("usage") or (None,) * 3))

@@ -1,0 +1,154 @@
+"""One claimed batch, answered exactly once if it can be: compose the answer (or reuse the
+one stored by an earlier attempt), send the parts not sent yet, record the outcome.
+
+Nothing here raises: a batch ends done, pending again (with backoff) or failed, and
+never stays 'working', where it would hold back the user's next messages until its
+lease ran out.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from bot.replies.activity import Activity
+from bot.replies.answer import Answer, Outcome
+from bot.replies.composer import Composer
+from bot.storage.conversations import Exchange
+from bot.storage.queue import Batch, SQLiteQueue
+from bot.telemetry import metrics
+from messenger.graph import GraphAPIError, is_retryable
+from messenger.split import split_text
+
+logger = logging.getLogger(__name__)
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**(attempt-1)))."""
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+
+@dataclass
+class Progress:
+    """How far one batch got: the answer (once composed), how many parts went out, (id, text) of each."""
+
+    answer: Answer | None
+    sent: int
+    parts: list[tuple[str, str]] = field(default_factory=list)
+
+
+class BatchReplier:
+    """Answers the batches a dispatcher claims, in the dispatcher's reply threads."""
+
+    def __init__(self, store: SQLiteQueue, composer: Composer, actions: Executor, *,
+                 retry_base: float = 1.0, retry_cap: float = 60.0):
+        self.store = store
+        self.composer = composer
+        self._actions = actions  # sender actions (seen, typing) run beside the reply thread
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+
+    def process(self, batch: Batch) -> None:
+        """Compose (or reuse) the reply, send the parts not sent yet, record the outcome.
+        Never raises: the batch ends done, pending again or failed - never left 'working',
+        where it would hold back the user's next messages until its lease ran out."""
+        progress = Progress(None, batch.sent_parts)
+        activity = self.composer.activity(batch.psid)
+        try:
+            if batch.reply:
+                progress.answer = Answer.from_json(batch.reply)
+            self._answer(batch, progress, activity)
+        except GraphAPIError as exc:
+            metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
+            self._record_failure(batch, str(exc), progress, None if is_retryable(exc) else f"graph_{exc.code}")
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one message, not the thread
+            logger.exception("unexpected error answering batch=%s psid=%r mids=%r", batch.batch_id, batch.psid,
+                             _mids(batch))
+            self._record_failure(batch, f"{type(exc).__name__}: {exc}", progress)
+        finally:
+            activity.finish()
+
+    def _answer(self, batch: Batch, progress: Progress, activity: Activity) -> None:
+        if progress.answer is None:
+            # Not written down before the first send: a crash before it asks the model again.
+            progress.answer = self.composer.compose(batch.messages, lambda: self._actions.submit(activity.run),
+                                                     self.composer.model_deadline(activity.started))
+        activity.finish()  # waits for a slow-reply notice in flight: it must arrive first
+        if activity.notice_sent:
+            progress.parts.append(activity.notice_sent)
+        answer = progress.answer
+        parts = split_text(answer.text) if answer.text else []
+        while progress.sent < len(parts):
+            mid = self.composer.send_part(batch.psid, parts[progress.sent])
+            if mid:
+                progress.parts.append((mid, parts[progress.sent]))
+            progress.sent += 1
+            if progress.sent < len(parts):
+                self.store.mark_sent(batch, answer.to_json(), progress.sent)
+        # Marked done (and logged) right after the last send: a crash now repeats nothing.
+        self.store.complete(batch, self._exchange(batch, progress))
+        metrics.EXCHANGES.labels(answer.outcome).inc()
+        if parts:
+            metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)
+        logger.info("%s psid=%r mids=%r in %d part(s)", answer.outcome, batch.psid, _mids(batch), len(parts))
+
+    @staticmethod
+    def _exchange(batch: Batch, progress: Progress, outcome: str | None = None) -> Exchange:
+        """The exchange-log record of this batch, as it ends."""
+        answer = progress.answer or Answer(None, Outcome.FAILED)
+        now = time.time()
+        sent = progress.sent > 0
+        return Exchange(
+            psid=batch.psid, messages=batch.messages, outcome=outcome or answer.outcome,
+            bot_message=answer.text if sent else None, sent_parts=progress.parts,
+            bot_timestamp_ms=int(now * 1000) if sent else None, model=answer.model, usage=answer.usage,
+            latency_ms=int((now - batch.received_at) * 1000), synced=answer.synced,
+        )
+
+    def _record_failure(self, batch: Batch, error: str, progress: Progress, final: str | None = None) -> None:
+        """Retry the batch, or fail it for good when `final` names why (a metric label).
+
+        Its exchange record is written with it when it fails; if that record cannot be
+        written (what it holds cannot be stored), a bare one is, and if not even that,
+        none. Only a database that takes no writes at all leaves the batch to its lease.
+        """
+        error = error[:300]
+        records = (lambda: self._exchange(batch, progress, Outcome.FAILED),
+                   lambda: Exchange(psid=batch.psid, messages=batch.messages, outcome=Outcome.FAILED),
+                   lambda: None)
+        for level, record in enumerate(records):
+            try:
+                self._retry_or_fail(batch, error, progress, record(), final)
+            except Exception:  # noqa: BLE001 - try again with less
+                logger.exception("could not record the outcome of psid=%r mids=%r (try %d of %d)",
+                                 batch.psid, _mids(batch), level + 1, len(records))
+                continue
+            if level == len(records) - 1:
+                logger.error("psid=%r mids=%r recorded without its exchange record: it could not be written",
+                             batch.psid, _mids(batch))
+            return
+        logger.error("psid=%r mids=%r left to its lease: its outcome could not be recorded", batch.psid, _mids(batch))
+
+    def _retry_or_fail(self, batch: Batch, error: str, progress: Progress, exchange: Exchange | None,
+                       final: str | None) -> None:
+        if final:
+            self.store.fail(batch, error, exchange)
+            metrics.FAILED.labels(final).inc()
+            logger.error("send failed for good psid=%r mids=%r: %s", batch.psid, _mids(batch), error)
+            return
+        delay = backoff_delay(batch.attempts, self.retry_base, self.retry_cap)
+        stored = progress.answer.to_json() if progress.answer else None
+        if self.store.retry(batch, delay, error, stored, progress.sent, exchange):
+            logger.warning("retrying psid=%r in %.1fs (attempt %d): %s", batch.psid, delay, batch.attempts, error)
+            return
+        metrics.FAILED.labels("attempts_exhausted").inc()
+        logger.error("gave up on psid=%r mids=%r after %d attempts: %s",
+                     batch.psid, _mids(batch), batch.attempts, error)
+
+
+def _mids(batch: Batch) -> list[str | None]:
+    """The batch's message ids, to log with %r (escaped: an id cannot forge a log line)."""
+    return [m.mid for m in batch.messages]

@@ -1,0 +1,6 @@
+"""Helpers shared by the tests (and docs/screenshot.py): one home, so no test imports another."""
+from tests.support.messages import (  # noqa: F401
+    APP_SECRET, FIXTURES, FakeClock, PAGE_ID, PAGE_TOKEN, PSID, ROOT, VERIFY_TOKEN, answer_queue, base_env, echo_body,
+    fixture_bytes, post_signed, replay, text_body, wait_for,
+)
+from tests.support.processes import Bot, SandboxProcess, free_port, is_up, start_gunicorn, wait_until  # noqa: F401

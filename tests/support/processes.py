@@ -1,0 +1,121 @@
+"""The bot and the sandbox as real processes: `gunicorn server:app` as the README runs it."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from bot.storage.queue import SQLiteQueue
+from messenger.signature import sign
+from tests.support.messages import APP_SECRET, ROOT, base_env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_gunicorn(env: dict, cwd, output=subprocess.PIPE) -> subprocess.Popen:
+    """Exactly the README's run command, from a folder with no .env of the developer's.
+
+    Its own session, so a test can kill -9 the master and every worker at once.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "server:app"],
+        cwd=cwd, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env},
+        stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def wait_until(predicate, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def is_up(url):
+    try:
+        return requests.get(url + "/healthz", timeout=0.5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+class Bot:
+    """One `gunicorn server:app` run; start again with the same DATA_DIR to restart."""
+
+    def __init__(self, graph, model, tmp_path, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**base_env(graph, model, tmp_path), "PORT": str(self.port), "HOST": "127.0.0.1",
+                    "LEASE_SECONDS": "2", **settings}
+        self.tmp_path = tmp_path
+        self.log = open(tmp_path / "gunicorn.log", "a")
+        self.process = None
+
+    def start(self):
+        self.process = start_gunicorn(self.env, self.tmp_path, output=self.log)
+        assert wait_until(lambda: is_up(self.url), 15), "gunicorn did not start"
+        return self
+
+    def post(self, body: bytes) -> requests.Response:
+        return requests.post(self.url + "/webhook", data=body, timeout=5,
+                             headers={"X-Hub-Signature-256": sign(body, APP_SECRET)})
+
+    def kill_9(self):
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return (self.tmp_path / "gunicorn.log").read_text()[-3000:]
+
+    def states(self):
+        return SQLiteQueue(os.path.join(self.env["DATA_DIR"], "bot.sqlite3")).states()
+
+    def backlog(self) -> int:
+        store = SQLiteQueue(os.path.join(self.env["DATA_DIR"], "bot.sqlite3"))
+        return store.inbox_backlog(os.path.join(self.env["DATA_DIR"], "inbox"))[0]
+
+
+class SandboxProcess:
+    """`python -m devtools.sandbox --port 0` as a newcomer runs it, read from what it prints."""
+
+    def __init__(self, cwd: Path, extra_env: dict[str, str] | None = None):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FB_"))}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "devtools.sandbox", "--port", "0"], cwd=cwd, text=True,
+            env={**env, "PYTHONPATH": str(ROOT), **(extra_env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        banner = "".join(self.process.stdout.readline() for _ in range(5))
+        found = re.search(r"open (\S+)/\n.*webhook: (\S+)\n.*FB_APP_SECRET=(\S+)", banner, re.S)
+        if not found:
+            self.stop()
+            raise RuntimeError(f"the sandbox did not start: {banner!r}")
+        self.url, self.webhook, self.app_secret = found.groups()
+
+    def state(self, after: int = 0) -> dict:
+        return requests.get(f"{self.url}/api/state", params={"after": after}, timeout=5).json()
+
+    def events(self, kind: str, psid: str | None = None) -> list[dict]:
+        return [e for e in self.state()["events"] if e["kind"] == kind and (psid is None or e["psid"] == psid)]
+
+    def stop(self) -> int:
+        self.process.terminate()
+        return self.process.wait(timeout=10)
