@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
 import signal
 import socket
+import sqlite3
 import sys
 import tempfile
 import threading
+from collections import Counter
 
 from werkzeug.serving import make_server
 
@@ -25,6 +28,7 @@ from devtools.emulator import GraphEmulator, ModelProxy, ModelStandIn, Timeline,
 from devtools.emulator.http import QuietHandler
 from devtools.emulator.model import offline_reply
 from devtools.emulator.page import SandboxPage
+from devtools.replayed import ReplayedDeliveries
 
 logger = logging.getLogger("devtools.sandbox")
 
@@ -33,6 +37,7 @@ USERS = {"2000000000000101": "Ana", "2000000000000102": "Ben", "2000000000000103
          "2000000000000104": "Dev"}
 OFFLINE_KEY = "sandbox-offline-model"
 SANDBOX_APP_ID = "900000000000001"
+OUTCOMES_EVERY_S = 0.2  # how often the exchange log is read for outcomes to show
 
 
 class Sandbox:
@@ -44,7 +49,7 @@ class Sandbox:
         page_id = "1" + "".join(secrets.choice("0123456789") for _ in range(14))
         token, app_secret = "EAAsandbox" + secrets.token_hex(24), secrets.token_hex(16)
         verify_token = secrets.token_urlsafe(12)
-        self.app_secret = app_secret
+        self.app_secret, self.verify_token = app_secret, verify_token
         self.graph = GraphEmulator(page_id, token, app_secret, app_id=SANDBOX_APP_ID,
                                    conversations_per_second=2, timeline=self.timeline)
         for psid, name in USERS.items():
@@ -53,11 +58,9 @@ class Sandbox:
         if real_key:
             upstream = environ.get("OPENAI_BASE_URL", "").strip() or DEFAULT_OPENAI_URL
             self.model = ModelProxy(upstream, timeline=self.timeline)
-            label = f"real model: {environ.get('OPENAI_MODEL') or 'default'} via {upstream}"
         else:
             self.model = ModelStandIn(offline_reply, api_key=OFFLINE_KEY, timeline=self.timeline)
             self.model.delay = model_delay  # long enough to see the typing indicator
-            label = "offline stand-in model (set OPENAI_API_KEY for a real one)"
         self.model.psid_of = self.graph.psid_for_prompt
         self.data_dir = tempfile.TemporaryDirectory(prefix="messenger-sandbox-")
         self.config = load_config({
@@ -66,9 +69,15 @@ class Sandbox:
             "FB_PAGE_ID": page_id, "FB_API_URL": self.graph.api_url,
             "OPENAI_API_KEY": real_key or OFFLINE_KEY, "OPENAI_BASE_URL": self.model.base_url,
             "DATA_DIR": self.data_dir.name, "REPLY_THREADS": "8",
+            "ERROR_LOG_FILE": os.path.join(self.data_dir.name, "openai_api_errors.log"),  # forgotten with the rest
         }, env_file=None)
+        if real_key:
+            label = f"real model: {self.config.openai_model} via {upstream}"
+        else:
+            label = "offline stand-in model (set OPENAI_API_KEY for a real one)"
         self.app = create_app(self.config, replies="threads")
-        self.bot = make_server("127.0.0.1", 0, self.app, threaded=True, request_handler=QuietHandler)
+        self.bot = make_server("127.0.0.1", 0, ReplayedDeliveries(self.graph, self.timeline, app_secret).around(self.app), threaded=True,
+                               request_handler=QuietHandler)
         self.bot_url = f"http://127.0.0.1:{self.bot.server_port}/webhook"
         self.webhooks = WebhookSender(self.bot_url, app_secret, self.timeline)
         self.graph.webhooks = self.webhooks
@@ -76,6 +85,8 @@ class Sandbox:
             "page": {"id": page_id, "name": "Sandbox Page"}, "model": {"mode": self.model.mode, "label": label},
             "webhook": self.bot_url,
         }, host, port)
+        self._stopping = threading.Event()
+        self._outcomes = threading.Thread(target=self._watch_outcomes, name="sandbox-outcomes", daemon=True)
 
     @property
     def url(self) -> str:
@@ -89,9 +100,13 @@ class Sandbox:
         if not self.webhooks.verify(self.config.fb_verify_token):
             raise RuntimeError("the bot did not answer the webhook verification")
         self.page.start()
+        self._outcomes.start()
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._outcomes.is_alive():
+            self._outcomes.join(timeout=5)
         self.page.stop()
         self.webhooks.close()
         self.app.extensions["dispatcher"].stop(timeout=5)
@@ -99,6 +114,35 @@ class Sandbox:
         self.model.stop()
         self.graph.stop()
         self.data_dir.cleanup()
+
+    # -- what the page shows beyond Meta's side ------------------------------------------------
+    def _watch_outcomes(self) -> None:
+        """Each new exchange-log record on the timeline as an `outcome` event: the page shows a note
+        for the outcomes that leave the user without an ordinary answer (paused, rate-limited, reset...)."""
+        log = self.app.extensions["dispatcher"].store.conversations
+        shown: Counter = Counter()
+        while not self._stopping.wait(OUTCOMES_EVERY_S):
+            try:
+                records = list(log.export())
+            except sqlite3.Error as error:
+                logger.debug("exchange log not readable yet: %s", error)
+                continue
+            now = Counter()
+            for record in records:
+                key = tuple(record.values())
+                now[key] += 1
+                if now[key] > shown[key]:
+                    self.timeline.add("outcome", record["psid"], outcome=record["outcome"], model=record["model"],
+                                      latency_ms=record["latency_ms"], total_tokens=record["total_tokens"])
+            shown = now
+
+
+def replay_command(sandbox: Sandbox) -> str:
+    """The replay line of the banner: everything `devtools.replay --verify` needs, the sandbox's
+    throwaway secret and verify token included (they are forgotten on Ctrl-C)."""
+    return (f"replay fixtures here: FB_APP_SECRET={sandbox.app_secret} FB_PAGE_ID={sandbox.config.fb_page_id} "
+            f"FB_VERIFY_TOKEN={sandbox.verify_token} .venv/bin/python -m devtools.replay tests/fixtures "
+            f"--url {sandbox.bot_url} --verify")
 
 
 def _port_problem(host: str, port: int) -> str | None:
@@ -132,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Messenger sandbox: open {sandbox.url}\n"
           f"  bot webhook: {sandbox.bot_url}\n"
           f"  model: {sandbox.page.info['model']['label']}\n"
-          f"  replay fixtures here: FB_APP_SECRET={sandbox.app_secret} FB_PAGE_ID={sandbox.config.fb_page_id} "
-          "python -m devtools.replay "
-          f"tests/fixtures --url {sandbox.bot_url}\n"
+          f"  {replay_command(sandbox)}\n"
           "Ctrl-C stops it.", flush=True)
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

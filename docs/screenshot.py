@@ -7,8 +7,8 @@ from playwright.sync_api import expect, sync_playwright
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import SandboxProcess  # noqa: E402
-from tests.test_browser import CHROMIUM, FLAGS  # noqa: E402
+from tests.support import SandboxProcess  # noqa: E402
+from tests.support.browser import CHROMIUM, FLAGS  # noqa: E402
 
 
 def main() -> None:

@@ -1,13 +1,14 @@
 """The sandbox page in a real headless Chromium (Debian's `chromium`), driven by Playwright."""
 import shutil
+import time
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# As root in a container, with no network: no sandbox, no background connections.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+from devtools.emulator import json_response
+from devtools.sandbox import Sandbox
+from tests.support.browser import CHROMIUM, FLAGS
+
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def page(browser, sandbox):
 
 
 def select(page, name):
-    page.locator(".user", has_text=name).click()
+    page.locator("#users .user", has_text=name).click()
     expect(page.locator("#chat-title")).to_contain_text(name)
 
 
@@ -66,9 +67,12 @@ def test_switching_user_shows_their_own_conversation(page):
 
 def test_buttons_image_and_a_human_reply_from_the_inbox(page):
     select(page, "Chlo\u00e9")
+    expect(page.get_by_role("button", name="Thanks!")).to_be_hidden()  # the bot offers no quick replies
     page.get_by_role("button", name="Get Started").click()
     expect(page.locator(".bubble.user.postback").last).to_have_text("Get Started")
     expect(page.locator(".bubble.page").last).to_contain_text("You said \u201cGet Started\u201d")
+    expect(page.get_by_role("button", name="Get Started", exact=True)).to_be_hidden()  # only before the first message
+    page.locator("#more summary").click()  # the emulator's test chips
     page.get_by_role("button", name="Thanks!").click()
     expect(page.locator(".bubble.page").last).to_contain_text("You said \u201cThanks!\u201d")
     page.get_by_role("button", name="Send an image").click()
@@ -78,3 +82,80 @@ def test_buttons_image_and_a_human_reply_from_the_inbox(page):
     page.press("#inbox-text", "Enter")
     expect(page.locator(".bubble.page.inbox").last).to_have_text("Hello, a person here.")
     expect(page.locator("#steps .turn h3").last).to_contain_text("Page inbox (a person)")
+
+
+def send_image(page):
+    """An image from the selected user, sent without touching the page: the bot answers it at once."""
+    page.evaluate("psid => fetch(`/api/users/${psid}/image`, {method: 'POST', body: '{}',"
+                  " headers: {'Content-Type': 'application/json'}})",
+                  page.locator("#users .user.selected").get_attribute("data-psid"))
+
+
+def test_polling_never_rebuilds_what_the_user_is_reading(page):
+    select(page, "Ana")
+    replies = page.locator(".bubble.page")
+    count = replies.count()
+    send_image(page)
+    expect(replies).to_have_count(count + 1)
+    details = page.locator("#steps .turn").last.locator(".step[data-kind=webhook] details").first.element_handle()
+    details.query_selector("summary").click()
+    pre = details.query_selector("pre")
+    pre.evaluate("e => { e.scrollTop = 40; }")
+    replies.last.evaluate("e => { const range = document.createRange(); range.selectNodeContents(e);"
+                          " getSelection().removeAllRanges(); getSelection().addRange(range); }")
+    selected = page.evaluate("() => getSelection().toString()")
+    send_image(page)  # another turn of this user while they read: new bubbles and steps, nothing redrawn
+    expect(replies).to_have_count(count + 2)
+    time.sleep(1.0)  # and a few polls more
+    assert details.evaluate("e => e.open") and pre.evaluate("e => e.scrollTop") == 40
+    assert selected.startswith("Sorry") and page.evaluate("() => getSelection().toString()") == selected
+
+
+def test_a_bubble_is_as_wide_as_its_text(page):
+    select(page, "Ben")
+    for text in ("Hi", "A longer message, to see that a bubble grows with its text up to a maximum width. " * 2):
+        page.fill("#text", text)
+        page.press("#text", "Enter")
+    short, long = page.locator(".bubble.user").nth(-2), page.locator(".bubble.user").last
+    expect(long).to_contain_text("A longer message")
+    assert short.bounding_box()["width"] < long.bounding_box()["width"] / 3
+
+
+@pytest.mark.parametrize("width", [600, 480])
+def test_a_narrow_window_keeps_the_composer_on_screen(browser, sandbox, width):
+    tab = browser.new_page(viewport={"width": width, "height": 800})
+    try:
+        tab.goto(sandbox.url + "/")
+        expect(tab.locator("#users .user.selected")).to_have_count(1)
+        for button in ("#send", "#inbox button"):
+            box = tab.locator(button).bounding_box()
+            assert 0 <= box["x"] and box["x"] + box["width"] <= width and box["y"] + box["height"] <= 800, box
+        assert tab.evaluate("() => document.documentElement.scrollWidth") <= width  # no sideways scrolling
+    finally:
+        tab.close()
+
+
+def test_a_reset_shows_a_note_in_the_chat(page):
+    select(page, "Dev")
+    page.fill("#text", "reset")
+    page.press("#text", "Enter")
+    expect(page.locator(".note[data-outcome=reset]")).to_contain_text("Conversation reset")
+    expect(page.locator("#steps .turn").last.locator(".step[data-kind=outcome]")).to_contain_text("reset")
+
+
+def test_a_model_error_shows_its_type_and_code(browser):
+    sandbox = Sandbox({"OPENAI_MAX_RETRIES": "0"}, port=0, model_delay=0).start()
+    try:
+        error = {"message": "The server had an error", "type": "server_error", "code": "upstream_down"}
+        sandbox.model.scripted.append(json_response({"error": error}, 502))
+        tab = browser.new_page(viewport={"width": 1280, "height": 800})
+        tab.goto(sandbox.url)
+        tab.fill("#text", "Hello?")
+        tab.press("#text", "Enter")
+        model = tab.locator(".step[data-kind=model]").last
+        expect(model).to_contain_text("502")
+        expect(model.locator(".reason")).to_have_text("server_error / upstream_down: The server had an error")
+        expect(tab.locator(".note[data-outcome=fallback]")).to_be_visible()
+        tab.close()
+    finally:
+        sandbox.stop()

@@ -1,13 +1,16 @@
 """`python -m devtools.sandbox`: the bot and the emulator wired together, no account, no settings."""
+import os
+import re
 import subprocess
 import sys
 import time
 
 import requests
 
+from config import DEFAULT_OPENAI_MODEL
 from devtools.emulator import ModelStandIn
 from devtools.sandbox import USERS, Sandbox
-from tests.conftest import ROOT, wait_for
+from tests.support import ROOT, wait_for
 
 ANA, BEN = list(USERS)[:2]
 
@@ -67,6 +70,7 @@ def test_a_reply_from_the_page_inbox_pauses_the_bot(sandbox):
     assert wait_for(lambda: len([e for e in sandbox.events("webhook", dev) if e["status"] == 200]) == 2, 5)
     time.sleep(1.5)  # the offline model answers in 0.8 s: a reply would be here by now
     assert bot_replies(sandbox, dev) == [] and sandbox.events("model", dev) == []
+    assert [e["outcome"] for e in sandbox.events("outcome", dev)] == ["paused"]  # the page's note says why
 
 
 def test_bad_requests_to_the_page_get_a_4xx(sandbox):
@@ -79,6 +83,12 @@ def test_bad_requests_to_the_page_get_a_4xx(sandbox):
     assert requests.get(sandbox.url + "/", timeout=5).text.startswith("<!doctype html>")
 
 
+def test_the_page_has_a_favicon(sandbox):
+    icon = requests.get(f"{sandbox.url}/favicon.ico", timeout=5)
+    assert icon.status_code == 200 and icon.headers["Content-Type"] == "image/x-icon"
+    assert icon.content[:4] == b"\0\0\1\0"  # an .ico with one image
+
+
 def test_with_a_key_the_real_model_is_used_through_the_recording_proxy():
     upstream = ModelStandIn("an answer from the real model").start()
     sandbox = Sandbox({"OPENAI_API_KEY": ModelStandIn.API_KEY, "OPENAI_BASE_URL": upstream.base_url},
@@ -89,6 +99,7 @@ def test_with_a_key_the_real_model_is_used_through_the_recording_proxy():
         assert sandbox.graph.sent_texts(ANA) == ["an answer from the real model"]
         model = sandbox.timeline.of_kind("model")[0]
         assert model["mode"] == "real" and model["psid"] == ANA
+        assert sandbox.page.info["model"]["label"] == f"real model: {DEFAULT_OPENAI_MODEL} via {upstream.base_url}"
         assert upstream.requests[0]["headers"]["Authorization"] == f"Bearer {ModelStandIn.API_KEY}"
     finally:
         sandbox.stop()
@@ -101,3 +112,27 @@ def test_a_taken_port_is_a_clear_error(sandbox):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and f"cannot open the sandbox on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_printed_replay_command_works_as_printed_and_shows_the_users_messages(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FB_"))}
+    process = subprocess.Popen([sys.executable, "-m", "devtools.sandbox", "--port", "0"], cwd=tmp_path, text=True,
+                               env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL)
+    try:
+        banner = "".join(process.stdout.readline() for _ in range(5))
+        url = re.search(r"open (\S+)/\n", banner).group(1)
+        command = re.search(r"replay fixtures here: (.*)", banner).group(1)
+        assert ".venv/bin/python -m devtools.replay tests/fixtures --url " in command and "--verify" in command
+        assert re.search(r"FB_VERIFY_TOKEN=\S+", command)
+        if not (ROOT / ".venv" / "bin" / "python").exists():  # a checkout whose venv lives elsewhere
+            command = command.replace(".venv/bin/python", sys.executable)
+        result = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.startswith("verify: 200")
+        said = [e["text"] for e in requests.get(f"{url}/api/state", timeout=5).json()["events"]
+                if e["kind"] == "message" and e["sender"] == "user" and e["psid"] == "2000000000000001"]
+        assert "First question" in said and "What are your opening hours?" in said  # batch.json, text.json
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import mimetypes
+import struct
 from pathlib import Path
 
 from werkzeug.wrappers import Request, Response
@@ -11,6 +12,21 @@ from devtools.emulator.http import LocalServer, json_response
 
 STATIC = Path(__file__).parent / "static"
 MAX_TEXT = 2000  # what Messenger lets a user type in one message
+
+
+def _favicon(size: int = 16, rgb: tuple[int, int, int] = (0, 132, 255)) -> bytes:
+    """A Messenger-blue disc as a 32-bit .ico, drawn here rather than stored as a binary file."""
+    centre, radius = (size - 1) / 2, size / 2 - 0.5
+    pixels = b"".join(
+        bytes((rgb[2], rgb[1], rgb[0], 255 if (x - centre) ** 2 + (y - centre) ** 2 <= radius ** 2 else 0))
+        for y in range(size) for x in range(size))  # rows bottom-up, as BMP stores them (a disc is symmetric)
+    mask = bytes(((size + 31) // 32) * 4 * size)  # the AND mask: unused with an alpha channel
+    image = struct.pack("<IiiHHIIiiII", 40, size, size * 2, 1, 32, 0, len(pixels) + len(mask), 0, 0, 0, 0)
+    image += pixels + mask
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", size, size, 0, 0, 1, 32, len(image), 22) + image
+
+
+FAVICON = _favicon()
 
 
 class SandboxPage(LocalServer):
@@ -25,6 +41,8 @@ class SandboxPage(LocalServer):
         path = request.path
         if request.method == "GET" and path in ("/", "/index.html"):
             return self._static("index.html")
+        if request.method == "GET" and path == "/favicon.ico":
+            return Response(FAVICON, mimetype="image/x-icon", headers={"Cache-Control": "max-age=86400"})
         if request.method == "GET" and path.startswith("/static/"):
             return self._static(path.removeprefix("/static/"))
         if request.method == "GET" and path == "/api/state":

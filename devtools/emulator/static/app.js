@@ -1,9 +1,23 @@
 // The sandbox page: polls the emulator's timeline and draws the chat and the side panel from it.
+// Drawing is incremental: each event is added once, to its user's view, and nothing already on the
+// page is rebuilt, so a selection, an open "details" or a scroll position survives every poll.
 "use strict";
 
 const TYPING_SECONDS = 20;  // Messenger switches the indicator off by itself after about 20 s
-const state = { seq: 0, events: [], users: [], selected: null, info: null, open: new Set() };
+const POLL_MS = 300;
+// Exchange-log outcomes that leave the user without an ordinary answer, as a note in the chat.
+const NOTES = {
+  "paused": "The bot stays quiet: a person answered from the Page inbox (HUMAN_PAUSE).",
+  "rate-limited": "Rate limited: more messages than RATE_LIMIT allows. No model call.",
+  "reset": "Conversation reset: the bot forgets what came before (RESET_WORD).",
+  "over-budget": "Over DAILY_TOKEN_BUDGET for today. No model call.",
+  "fallback": "The model failed: the fallback reply was sent (see the Model step).",
+  "unsupported": "Not text: the unsupported-message reply was sent.",
+  "failed": "The reply failed: nothing more will be sent for this message.",
+};
+const state = { seq: 0, info: null, selected: null, views: new Map() };
 const $ = (id) => document.getElementById(id);
+const typing = el("div", { id: "typing", "aria-label": "typing" }, el("span"), el("span"), el("span"));
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -18,80 +32,123 @@ async function poll() {
   try {
     const response = await fetch(`/api/state?after=${state.seq}`);
     const data = await response.json();
-    const first = state.info === null;
+    if (state.info === null) renderHeader(data);
     state.info = data;
-    state.users = data.users;
-    if (state.selected === null && state.users.length) state.selected = state.users[0].psid;
-    if (data.events.length) {
-      state.events.push(...data.events);
-      state.seq = data.events[data.events.length - 1].seq;
+    for (const user of data.users) viewOf(user.psid, user.name);
+    const thread = $("thread"), panel = $("panel");
+    const stick = [thread, panel].map(atBottom);
+    for (const event of data.events) {
+      state.seq = Math.max(state.seq, event.seq);
+      if (event.psid) add(viewOf(event.psid), event);
     }
-    if (first) renderHeader();
-    render();
+    if (state.selected === null && data.users.length) select(data.users[0].psid);
+    refresh();
+    [thread, panel].forEach((box, i) => { if (stick[i]) box.scrollTop = box.scrollHeight; });
   } catch (error) {
     $("webhook").textContent = "sandbox not reachable: " + error;
   }
-  setTimeout(poll, 300);
+  setTimeout(poll, POLL_MS);
 }
 
-function renderHeader() {
-  const info = state.info;
+function atBottom(box) {
+  return box.scrollHeight - box.scrollTop - box.clientHeight < 40;
+}
+
+function renderHeader(info) {
   $("page-name").textContent = `${info.page.name} (page id ${info.page.id})`;
   $("model-label").textContent = info.model.label;
   $("model-label").classList.toggle("offline", info.model.mode === "offline");
   $("webhook").textContent = `bot webhook: ${info.webhook}`;
 }
 
-function eventsOf(psid) {
-  return state.events.filter((e) => e.psid === psid);
+// -- one view per user: their bubbles, their turns in the panel, their entry in the list --------
+function viewOf(psid, name) {
+  let view = state.views.get(psid);
+  if (view) return view;
+  name = name || `User ${psid.slice(-4)}`;
+  const preview = el("div", { class: "preview" });
+  const button = el("button", { class: "user", "data-psid": psid, type: "button" },
+    el("span", { class: "avatar" }, name[0]), el("span", { class: "who" }, el("div", {}, name), preview));
+  button.addEventListener("click", () => { select(psid); $("text").focus(); });
+  $("users").append(button);
+  view = { psid, name, button, preview, thread: el("div", { class: "messages" }), turns: el("div"),
+           seen: el("div", { class: "seen", id: "seen" }, "Seen"), turn: null, lastUser: null, last: null,
+           userMessages: 0, typingAt: null, quick: new Map() };
+  state.views.set(psid, view);
+  return view;
 }
 
-function render() {
-  renderUsers();
-  const mine = eventsOf(state.selected);
-  renderThread(mine);
-  renderPanel(mine);
+function select(psid) {
+  if (state.selected === psid) return;
+  state.selected = psid;
+  const view = state.views.get(psid);
+  for (const other of state.views.values()) other.button.classList.toggle("selected", other === view);
+  $("chat-title").textContent = `${view.name} \u2194 ${state.info.page.name}`;
+  $("thread").replaceChildren(view.thread);
+  $("steps").replaceChildren(view.turns);
+  refresh();
+  $("thread").scrollTop = $("thread").scrollHeight;
+  $("panel").scrollTop = $("panel").scrollHeight;
 }
 
-function renderUsers() {
-  const nav = $("users");
-  nav.replaceChildren(...state.users.map((user) => {
-    const messages = eventsOf(user.psid).filter((e) => e.kind === "message");
-    const last = messages[messages.length - 1];
-    const button = el("button", { class: "user" + (user.psid === state.selected ? " selected" : ""),
-                                  "data-psid": user.psid, type: "button" },
-      el("span", { class: "avatar" }, user.name[0]),
-      el("span", {}, el("div", {}, user.name), el("div", { class: "preview" }, last ? preview(last) : "")));
-    button.addEventListener("click", () => { state.selected = user.psid; render(); $("text").focus(); });
-    return button;
-  }));
-  const user = state.users.find((u) => u.psid === state.selected);
-  $("chat-title").textContent = user ? `${user.name} \u2194 ${state.info.page.name}` : "";
+function add(view, event) {
+  if (event.kind === "message") {
+    view.thread.append(bubble(event));
+    if (event.by === "inbox") view.thread.append(el("div", { class: "by" }, "a person, from the Page inbox"));
+    view.last = event;
+    view.preview.textContent = preview(event);
+    if (event.sender === "user") { view.lastUser = view.thread.lastChild; view.userMessages += 1; }
+    if (event.sender === "page") view.typingAt = null;
+    if (event.sender === "user" || event.by === "inbox") {
+      const who = event.sender === "user" ? view.name : "Page inbox (a person)";
+      view.turn = el("div", { class: "turn" }, el("h3", {}, `${who}: \u201c${said(event)}\u201d`));
+      view.turns.append(view.turn);
+    }
+  } else if (event.kind === "action") {
+    if (event.action === "typing_on") view.typingAt = event.at;
+    else if (event.action === "typing_off") view.typingAt = null;
+    else if (event.action === "mark_seen" && view.lastUser) view.lastUser.after(view.seen);
+  } else if (event.kind === "outcome" && NOTES[event.outcome]) {
+    view.thread.append(el("div", { class: "note", "data-outcome": event.outcome }, NOTES[event.outcome]));
+  }
+  if (event.kind === "graph") rememberQuickReplies(view, event);
+  if (view.turn && ["webhook", "webhook_failed", "graph", "model", "outcome"].includes(event.kind)) {
+    view.turn.append(step(event));
+  }
+}
+
+// What changes with time or with the selected user; each part is touched only when it changes.
+function refresh() {
+  const view = state.views.get(state.selected);
+  if (!view) return;
+  const typingOn = view.typingAt !== null && Date.now() - view.typingAt < TYPING_SECONDS * 1000;
+  if (typingOn && !typing.isConnected) $("thread").append(typing);
+  if (!typingOn && typing.isConnected) typing.remove();
+  $("get-started").hidden = view.userMessages > 0;
+  const offered = view.last && view.last.sender === "page" ? view.last.quick_replies || [] : [];
+  const key = view.psid + "\n" + offered.join("\n");
+  if ($("quick").dataset.key !== key) {
+    $("quick").dataset.key = key;
+    $("quick").replaceChildren(...offered.map((title) => {
+      const payload = (view.quick.get(view.last.mid) || {})[title];
+      return chip(title, () => act("messages", { text: title, quick_reply: payload || title }));
+    }));
+  }
+}
+
+function rememberQuickReplies(view, event) {
+  const message = event.request.body && event.request.body.message;
+  const mid = event.response && event.response.message_id;
+  if (!mid || !message || !message.quick_replies) return;
+  view.quick.set(mid, Object.fromEntries(message.quick_replies.map((q) => [q.title, q.payload])));
 }
 
 function preview(message) {
-  const who = message.sender === "user" ? "" : "Page: ";
-  return who + (message.text || (message.type === "image" ? "[image]" : ""));
+  return (message.sender === "user" ? "" : "Page: ") + said(message);
 }
 
-function renderThread(mine) {
-  const thread = $("thread");
-  const atBottom = thread.scrollHeight - thread.scrollTop - thread.clientHeight < 40;
-  const lastSeen = mine.filter((e) => e.kind === "action" && e.action === "mark_seen").pop();
-  const userMessages = mine.filter((e) => e.kind === "message" && e.sender === "user");
-  const seenAt = lastSeen ? userMessages.filter((m) => m.seq < lastSeen.seq).pop() : null;
-  const nodes = [];
-  for (const event of mine) {
-    if (event.kind !== "message") continue;
-    nodes.push(bubble(event));
-    if (event.by === "inbox") nodes.push(el("div", { class: "by" }, "a person, from the Page inbox"));
-    if (seenAt && event.seq === seenAt.seq) nodes.push(el("div", { class: "seen", id: "seen" }, "Seen"));
-  }
-  if (isTyping(mine)) {
-    nodes.push(el("div", { id: "typing", "aria-label": "typing" }, el("span"), el("span"), el("span")));
-  }
-  thread.replaceChildren(...nodes);
-  if (atBottom) thread.scrollTop = thread.scrollHeight;
+function said(message) {
+  return message.text || `[${message.type || "attachment"}]`;
 }
 
 function bubble(event) {
@@ -99,65 +156,43 @@ function bubble(event) {
   if (event.by === "inbox") classes.push("inbox");
   if (event.type === "postback") classes.push("postback");
   const node = el("div", { class: classes.join(" "), "data-mid": event.mid });
-  if (event.type === "image") node.append(el("img", { src: event.image_url, alt: "image attachment" }));
-  else node.append(event.text);
+  if (event.image_url) node.append(el("img", { src: event.image_url, alt: "image attachment" }));
+  else node.append(said(event));
   return node;
 }
 
-function isTyping(mine) {
-  let on = null;
-  for (const event of mine) {
-    if (event.kind === "action" && event.action === "typing_on") on = event;
-    else if ((event.kind === "action" && event.action === "typing_off") ||
-             (event.kind === "message" && event.sender === "page")) on = null;
-  }
-  return on !== null && Date.now() - on.at < TYPING_SECONDS * 1000;
-}
-
-function renderPanel(mine) {
-  const steps = $("steps");
-  const turns = [];
-  for (const event of mine) {
-    if (event.kind === "message" && (event.sender === "user" || event.by === "inbox")) {
-      const who = event.sender === "user" ? userName(event.psid) : "Page inbox (a person)";
-      const said = event.text || `[${event.type}]`;
-      turns.push(el("div", { class: "turn" }, el("h3", {}, `${who}: \u201c${said}\u201d`)));
-    } else if (turns.length && ["webhook", "webhook_failed", "graph", "model"].includes(event.kind)) {
-      turns[turns.length - 1].append(step(event));
-    }
-  }
-  const atBottom = steps.parentElement.scrollHeight - steps.parentElement.scrollTop
-                   - steps.parentElement.clientHeight < 40;
-  steps.replaceChildren(...turns);
-  if (atBottom) steps.parentElement.scrollTop = steps.parentElement.scrollHeight;
-}
-
-function userName(psid) {
-  const user = state.users.find((u) => u.psid === psid);
-  return user ? user.name : psid;
-}
-
 function step(event) {
-  const ok = event.status === 200 || event.status === "200";
-  const node = el("div", { class: "step " + event.kind + (ok ? "" : " error"), "data-kind": event.kind });
-  let title = "", detail = null;
+  const failed = event.kind === "webhook_failed" || ("status" in event && String(event.status) !== "200");
+  const node = el("div", { class: "step " + event.kind + (failed ? " error" : ""), "data-kind": event.kind });
+  let kind = "", title = "", detail = null;
   if (event.kind === "webhook") {
     const echo = JSON.stringify(event.body).includes('"is_echo":true');
-    title = `${echo ? "echo " : ""}POST /webhook \u2192 ${event.status} in ${event.ms} ms (attempt ${event.attempt})`;
+    const how = event.replayed ? "replayed " : echo ? "echo " : "";
+    kind = "Webhook";
+    title = `${how}POST /webhook \u2192 ${event.status} in ${event.ms} ms` +
+            (event.replayed ? "" : ` (attempt ${event.attempt})`);
     detail = event.body;
-    node.prepend(el("span", { class: "kind" }, "Webhook"));
   } else if (event.kind === "webhook_failed") {
+    kind = "Webhook";
     title = `gave up after ${event.attempts} attempts; Meta would disable the webhook`;
-    node.prepend(el("span", { class: "kind" }, "Webhook"));
   } else if (event.kind === "graph") {
     const action = event.request.body && event.request.body.sender_action;
     const what = event.path.endsWith("/conversations") ? "history" : action || "send";
+    kind = "Graph";
     title = `${event.method} ${event.path.replace(/^\/v[\d.]+/, "")} (${what}) \u2192 ${event.status} in ${event.ms} ms`;
     detail = { request: event.request, response: event.response };
-    node.prepend(el("span", { class: "kind" }, "Graph"));
+  } else if (event.kind === "outcome") {
+    const about = [event.model, event.total_tokens != null && `${event.total_tokens} tokens`].filter(Boolean);
+    kind = "Exchange log";
+    title = event.outcome + (about.length ? ` (${about.join(", ")})` : "") +
+            (event.latency_ms != null ? ` in ${event.latency_ms} ms` : "");
   } else if (event.kind === "model") {
+    kind = "Model";
     title = `${event.mode === "offline" ? "offline stand-in" : "model"} \u2192 ${event.status} in ${event.ms} ms`;
-    node.prepend(el("span", { class: "kind" }, "Model"));
+  }
+  node.append(el("span", { class: "kind" }, kind), title);
+  if (event.kind === "model") {
+    if (event.error) node.append(el("div", { class: "reason" }, errorText(event.error)));
     const list = el("ol", { class: "model-messages" });
     for (const message of event.messages || []) {
       list.append(el("li", { "data-role": message.role }, el("span", { class: "role" }, message.role), message.content));
@@ -165,20 +200,25 @@ function step(event) {
     if (event.reply != null) {
       list.append(el("li", { "data-role": "reply" }, el("span", { class: "role" }, "\u2192 reply"), event.reply));
     }
-    node.append(title, list);
-    return node;
+    node.append(list);
   }
-  node.append(title);
   if (detail) {
-    const details = el("details", {}, el("summary", {}, "details"),
-                       el("pre", {}, JSON.stringify(detail, null, 2)));
-    if (state.open.has(event.seq)) details.open = true;
-    details.addEventListener("toggle", () => {
-      if (details.open) state.open.add(event.seq); else state.open.delete(event.seq);
-    });
-    node.append(details);
+    node.append(el("details", {}, el("summary", {}, "details"), el("pre", {}, JSON.stringify(detail, null, 2))));
   }
   return node;
+}
+
+// OpenAI's error object (or a proxy's): type, code and param first, then the message.
+function errorText(error) {
+  if (typeof error !== "object") return String(error);
+  const named = [error.type, error.code, error.param && `param ${error.param}`].filter(Boolean).join(" / ");
+  return [named, error.message].filter(Boolean).join(": ") || JSON.stringify(error);
+}
+
+function chip(text, onClick) {
+  const button = el("button", { type: "button", class: "chip" }, text);
+  button.addEventListener("click", onClick);
+  return button;
 }
 
 async function act(action, body) {
@@ -202,10 +242,11 @@ function sendsText(formId, inputId, action) {
 sendsText("composer", "text", "messages");
 sendsText("inbox", "inbox-text", "inbox");
 $("image").addEventListener("click", () => act("image", {}));
-for (const chip of document.querySelectorAll("#shortcuts .chip")) {
-  chip.addEventListener("click", () => {
-    if (chip.dataset.postback) act("postback", { text: chip.textContent, payload: chip.dataset.postback });
-    else act("messages", { text: chip.textContent, quick_reply: chip.dataset.quick });
+for (const button of document.querySelectorAll("#shortcuts [data-postback], #shortcuts [data-quick]")) {
+  button.addEventListener("click", () => {
+    if (button.dataset.postback) act("postback", { text: button.textContent, payload: button.dataset.postback });
+    else act("messages", { text: button.textContent, quick_reply: button.dataset.quick });
   });
 }
+setInterval(refresh, 1000);  // the typing indicator times out by itself
 poll();
