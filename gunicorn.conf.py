@@ -1,9 +1,9 @@
-"""gunicorn settings, read by `gunicorn server:app` from this folder.
+"""gunicorn settings and hooks, read by `gunicorn server:app` from this folder.
 
 The settings are validated here, in the master, so a bad `.env` stops start-up
-with one message instead of every worker failing to boot in a loop. The
-master also starts the reply process (bot/runtime/reply_process.py) and restarts it if it
-dies, so this one command runs the whole bot.
+with one message instead of every worker failing to boot in a loop. Reading this
+file changes nothing else: the hooks below prepare DATA_DIR and the environment
+(on_starting) and keep the reply process running (bot/runtime/supervisor.py).
 """
 import os
 import shutil
@@ -12,9 +12,6 @@ import sys
 from config import REPLY_PROCESS_ENV, load_config_or_exit
 
 _config = load_config_or_exit()
-
-# DATA_DIR holds every user's messages: whatever the bot creates is for this user only.
-os.umask(0o077)
 
 _host = os.environ.get("HOST", "0.0.0.0")
 bind = f"[{_host}]:{_config.port}" if ":" in _host else f"{_host}:{_config.port}"
@@ -46,19 +43,17 @@ accesslog = "-"
 # %(U)s is the path without the query string: hub.verify_token never reaches a log.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
 
-# /metrics sums every process: prometheus-client's multiprocess mode, one folder per run.
 _metrics_dir = os.path.join(_config.data_dir, "metrics")
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
-# Tells server.py not to start reply threads in the webhook workers.
-os.environ[REPLY_PROCESS_ENV] = "1"
-
 _state = {}
 
 
 def on_starting(server):
-    """Once, before binding: refuse to start on a bad DATA_DIR or next to a running bot."""
+    """Once, in the master, before binding: refuse to start on a bad DATA_DIR or next to a
+    running bot, then set up what every process (workers, reply process) inherits."""
     from bot.runtime.preflight import StartupProblem, check_port_free, lock_data_dir, prepare_data_dir
 
+    # DATA_DIR holds every user's messages: whatever the bot creates is for this user only.
+    os.umask(0o077)
     try:
         prepare_data_dir(_config.data_dir)
         _state["lock"] = lock_data_dir(_config.data_dir)  # held until the last process exits
@@ -66,8 +61,12 @@ def on_starting(server):
     except StartupProblem as problem:
         print(f"Cannot start: {problem}", file=sys.stderr)
         sys.exit(1)
+    # /metrics sums every process: prometheus-client's multiprocess mode, one folder per run.
     shutil.rmtree(_metrics_dir, ignore_errors=True)
     os.makedirs(_metrics_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+    # Tells server.py not to start reply threads in the webhook workers.
+    os.environ[REPLY_PROCESS_ENV] = "1"
 
 
 def when_ready(server):

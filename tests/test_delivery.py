@@ -9,7 +9,7 @@ from bot.storage.queue import SQLiteQueue
 from messenger.events import TEXT, IncomingMessage
 from messenger.graph import GraphAPIError, is_retryable
 from messenger.signature import sign
-from tests.support import APP_SECRET, PSID, answer_queue, fixture_bytes, post_signed, replay, text_body, wait_for
+from tests.support import APP_SECRET, PSID, FakeClock, answer_queue, fixture_bytes, post_signed, replay, text_body, wait_for
 from devtools.emulator import completion, graph_error, json_response
 
 
@@ -258,20 +258,25 @@ def test_release_gives_work_back_without_counting_an_attempt(tmp_path):
 
 
 def test_expired_lease_is_claimed_again_and_bounded(tmp_path):
-    store = SQLiteQueue(str(tmp_path / "q.sqlite3"), max_attempts=2)
+    clock = FakeClock()
+    store = SQLiteQueue(str(tmp_path / "q.sqlite3"), max_attempts=2, clock=clock)
     store.add([incoming("m1")])
-    assert store.claim("dead-worker", 0.01).attempts == 1
-    time.sleep(0.02)
-    assert store.claim("live-worker", 0.01).attempts == 2
-    time.sleep(0.02)
+    assert store.claim("dead-worker", 30).attempts == 1
+    clock.advance(29.9)
+    assert store.claim("live-worker", 30) is None  # the lease still holds
+    clock.advance(0.2)
+    assert store.claim("live-worker", 30).attempts == 2
+    clock.advance(30.1)
     assert store.claim("third-worker", 30) is None  # crashed twice: failed, not retried forever
     assert store.states() == {"m1": "failed"}
 
 
 def test_renewed_lease_is_not_taken(tmp_path):
-    store = SQLiteQueue(str(tmp_path / "q.sqlite3"))
+    clock = FakeClock()
+    store = SQLiteQueue(str(tmp_path / "q.sqlite3"), clock=clock)
     store.add([incoming("m1")])
-    store.claim("worker-a", 0.05)
+    store.claim("worker-a", 30)
+    clock.advance(20)
     store.renew("worker-a", 30)
-    time.sleep(0.1)
+    clock.advance(20)  # past the first lease, within the renewed one
     assert store.claim("worker-b", 30) is None
