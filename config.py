@@ -79,6 +79,9 @@ class Config:
     graph_timeout: float = 5.0
     reply_threads: int = 100
     data_dir: str = "data"
+    # postgresql://user@host/db: every host sharing it acts as one bot; empty = SQLite in DATA_DIR.
+    database_url: str | None = field(default=None, repr=False)
+    database_pool_size: int = 10
     max_attempts: int = 5
     retry_base_seconds: float = 1.0
     lease_seconds: float = 30.0
@@ -118,13 +121,15 @@ class Config:
         return database_path(self.data_dir)
 
     @property
-    def inbox_dir(self) -> str:
-        return os.path.join(self.data_dir, "inbox")
+    def inbox_dir(self) -> str | None:
+        """The webhooks' inbox files (SQLite); None with PostgreSQL, where they write to the database."""
+        return None if self.database_url else os.path.join(self.data_dir, "inbox")
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """The values that must never be written anywhere."""
-        return (self.fb_verify_token, self.fb_app_secret, self.fb_page_access_token, self.openai_api_key)
+        return tuple(filter(None, (self.fb_verify_token, self.fb_app_secret, self.fb_page_access_token,
+                                   self.openai_api_key, _password(self.database_url))))
 
 
 def database_path(data_dir: str) -> str:
@@ -180,6 +185,8 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         graph_timeout=reader.number("GRAPH_TIMEOUT", 5.0, float, 0.1, 120),
         reply_threads=reader.number("REPLY_THREADS", 100, int, 1, 256),
         data_dir=reader.text("DATA_DIR", "data", allow_empty=False),
+        database_url=reader.database_url("DATABASE_URL"),
+        database_pool_size=reader.number("DATABASE_POOL_SIZE", 10, int, 2, 200),
         max_attempts=reader.number("MAX_ATTEMPTS", 5, int, 1, 100),
         retry_base_seconds=reader.number("RETRY_BASE_SECONDS", 1.0, float, 0.01, 600),
         lease_seconds=reader.number("LEASE_SECONDS", 30.0, float, 1, 3600),
@@ -297,6 +304,18 @@ class _Reader:
             self.problems.append(f"{name} must be between {low} and {high}, got {value}{note}")
         return number
 
+    def database_url(self, name: str) -> str | None:
+        """postgresql://user:password@host:port/database (postgres:// too); empty = SQLite."""
+        value = self._raw(name)
+        if not value:
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in ("postgresql", "postgres") or not (parsed.hostname or parsed.path.strip("/")):
+            # Never echo it: the URL may hold a password.
+            self.problems.append(f"{name} must look like postgresql://user@host:5432/database")
+            return None
+        return value
+
     def networks(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
         """Comma-separated addresses or networks (10.0.0.0/8), or "*" for any peer."""
         raw = self._raw(name)
@@ -313,6 +332,10 @@ class _Reader:
         if value not in options:
             self.problems.append(f"{name} must be one of {', '.join(options)}, got {value!r}")
         return value
+
+
+def _password(url: str | None) -> str | None:
+    return urlparse(url).password if url else None
 
 
 def _is_network(text: str) -> bool:

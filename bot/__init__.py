@@ -1,1 +1,2 @@
-"""The bot: the Flask edge, the reply pipeline and the runner behind it."""
+"""The bot: the web edge (web/), what it stores (storage/), the reply pipeline (replies/),
+the processes around them (runtime/) and their logs and metrics (telemetry/)."""

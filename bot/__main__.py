@@ -14,8 +14,9 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from bot.storage.conversations import EXPORT_COLUMNS
+from bot.storage.exchanges import EXPORT_COLUMNS
 from bot.storage.queue import SQLiteQueue
+from bot.storage.sql import SchemaTooNew
 from config import database_path, parse_seconds, read_environment
 
 
@@ -41,7 +42,7 @@ def export(args: argparse.Namespace) -> int:
         return 2
     try:
         records = SQLiteQueue(path, read_only=True).conversations.export(args.since or 0, args.until)
-    except sqlite3.DatabaseError as error:
+    except (sqlite3.DatabaseError, SchemaTooNew) as error:
         print(f"cannot read {path}: {error}", file=sys.stderr)
         return 2
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout

@@ -57,3 +57,24 @@ def sandbox(tmp_path_factory):
     running = SandboxProcess(tmp_path_factory.mktemp("sandbox"))
     yield running
     running.stop()
+
+
+@pytest.fixture
+def pg_url():
+    """A PostgreSQL database URL of this test's own (skipped without a server; see tests/support/postgres.py)."""
+    from tests.support.postgres import fresh_schema
+
+    with fresh_schema() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, tmp_path):
+    """Each storage backend in turn: (name, settings that select it)."""
+    if request.param == "sqlite":
+        yield "sqlite", {}
+    else:
+        from tests.support.postgres import fresh_schema
+
+        with fresh_schema() as url:
+            yield "postgres", {"DATABASE_URL": url}

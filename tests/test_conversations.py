@@ -13,7 +13,7 @@ import pytest
 from werkzeug.wrappers import Response
 
 from bot.web.app import create_app
-from bot.storage.conversations import EXPORT_COLUMNS
+from bot.storage.exchanges import EXPORT_COLUMNS
 from bot.storage.schema import SCHEMA
 from bot.storage.sqlite import Database
 from bot.storage.queue import SQLiteQueue

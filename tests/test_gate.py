@@ -1,7 +1,7 @@
 """The gate's decisions as pure functions of the facts and `now`: no database, no sleeping."""
 from bot.replies.answer import Outcome
 from bot.replies.gate import Facts, Policy, decide
-from bot.storage.conversations import UserState
+from bot.storage.users import UserState
 from messenger.events import TEXT, IncomingMessage
 
 NOW = 1_800_000_000.0

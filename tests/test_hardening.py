@@ -306,13 +306,22 @@ def test_a_corrupt_database_makes_a_restarted_bot_not_ready_but_alive(graph, mod
         stop(process)
 
 
+HERE = socket.gethostname() + ":"  # readiness looks at this host's reply process
+
+
+def test_another_hosts_reply_process_does_not_make_this_one_ready(client, tmp_path):
+    with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
+        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)", ("other-host:1:abc", time.time()))
+    assert "the reply process has not started" in client.get("/readyz").get_json()["problems"]
+
+
 def test_readiness_rechecks_integrity_on_its_clock(client, tmp_path):
     readiness = client.application.extensions["readiness"]
     now = [1000.0]
     readiness.clock = lambda: now[0]
     db = tmp_path / "data" / "bot.sqlite3"
     with sqlite3.connect(db) as connection:
-        connection.execute("INSERT INTO dispatchers (owner, seen_at) VALUES ('live', ?)", (time.time() + 3600,))
+        connection.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)", (HERE + "live", time.time() + 3600))
         connection.commit()
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert client.get("/readyz").status_code == 200
@@ -330,7 +339,7 @@ def test_readyz_names_a_reply_process_that_never_started_or_went_silent(client, 
     assert response.status_code == 503
     assert "the reply process has not started" in response.get_json()["problems"]
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
-        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES ('gone', ?)", (time.time() - 120,))
+        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)", (HERE + "gone", time.time() - 120))
     problems = client.get("/readyz").get_json()["problems"]
     assert any(p.startswith("the reply process is dead or stuck") for p in problems), problems
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
@@ -341,7 +350,7 @@ def test_readyz_names_a_reply_process_that_never_started_or_went_silent(client, 
 def test_readyz_names_old_waiting_messages_and_a_full_disk(make_client, tmp_path):
     client = make_client(READY_MAX_WAIT="1")
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
-        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES ('live', ?)", (time.time() + 3600,))
+        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)", (HERE + "live", time.time() + 3600))
     body = text_body("m_hello", "hello")
     assert client.post("/webhook", data=body, headers={"X-Hub-Signature-256": sign(body, APP_SECRET)}).status_code == 200
     assert client.get("/readyz").status_code == 200

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from enum import StrEnum
 
-from bot.storage.conversations import MirrorRow
+from bot.storage.mirror import MirrorRow
 
 
 class Outcome(StrEnum):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from bot.replies.activity import Activity
 from bot.replies.answer import Answer, Outcome
 from bot.replies.composer import Composer
-from bot.storage.conversations import Exchange
+from bot.storage.exchanges import Exchange
 from bot.storage.queue import Batch, SQLiteQueue
 from bot.telemetry import metrics
 from messenger.graph import GraphAPIError, is_retryable

@@ -11,7 +11,10 @@ from bot.replies import gate
 from bot.replies.activity import TYPING_REFRESH_S, Activity
 from bot.replies.answer import Answer, Outcome
 from bot.replies.gate import Policy
-from bot.storage.conversations import BOT, USER, Conversations, MirrorRow, UserState, created_ms
+from bot.storage.conversations import Conversations
+from bot.storage.mirror import BOT, USER, MirrorRow
+from bot.storage.times import created_ms
+from bot.storage.users import UserState
 from bot.telemetry import metrics
 from gpt.model import ChatModel
 from gpt.prompt import to_chat_messages

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from bot.replies.answer import Answer, Outcome
-from bot.storage.conversations import UserState, utc_day, utc_day_start_ms
+from bot.storage.times import utc_day, utc_day_start_ms
+from bot.storage.users import UserState
 from messenger.events import IncomingMessage
 
 

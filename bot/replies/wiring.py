@@ -10,7 +10,7 @@ from bot.replies.composer import Composer, PromptSettings, Timing
 from bot.replies.gate import Policy
 from bot.replies.dispatcher import Dispatcher
 from bot.replies.tracking import Tracker
-from bot.storage.doorbell import Doorbell
+from bot.storage.doorbell import open_doorbell
 from bot.storage.queue import SQLiteQueue, open_queue
 from config import Config
 from gpt.model import ChatModel, ModelSettings
@@ -22,7 +22,7 @@ def build_dispatcher(config: Config, store: SQLiteQueue | None = None, *,
     """The queue, the reply pipeline and the doorbell between them."""
     store = store or open_queue(config)
     tracker = Tracker(store.conversations, config.tracking_url) if config.tracking_url else None
-    return Dispatcher(store, build_composer(config, store, wall_clock=wall_clock), Doorbell(config.database_path),
+    return Dispatcher(store, build_composer(config, store, wall_clock=wall_clock), open_doorbell(config),
                       threads=config.reply_threads, lease_seconds=config.lease_seconds,
                       retry_base=config.retry_base_seconds, retention_days=config.retention_days, tracker=tracker,
                       inbox_dir=config.inbox_dir)

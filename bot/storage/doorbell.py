@@ -63,3 +63,12 @@ class Doorbell:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+
+
+def open_doorbell(config):
+    """This host's doorbell (SQLite), or LISTEN/NOTIFY between all hosts (PostgreSQL)."""
+    if config.database_url:
+        from bot.storage.postgres import PostgresDoorbell
+
+        return PostgresDoorbell(config.database_url)
+    return Doorbell(config.database_path)

@@ -1,4 +1,5 @@
-"""The durable queue of messages to answer: SQLite in WAL mode, shared by processes.
+"""The durable queue of messages to answer: SQLite for one host (WAL mode, shared by its
+processes) or PostgreSQL for several (DATABASE_URL), with the same SQL.
 
 Why hand-written: the queues that run on SQLite (Huey, for one) delete a task
 when a worker takes it, so a crash mid-task loses it; none orders work per
@@ -25,9 +26,11 @@ from typing import Callable, Sequence
 
 from bot.storage import inbox
 from bot.storage.inbox import ClassifiedEcho
-from bot.storage.conversations import Conversations, Exchange
+from bot.storage.conversations import Conversations, record_echoes
+from bot.storage.exchanges import Exchange
 from bot.storage.schema import SCHEMA
 from bot.storage.sqlite import Database
+from bot.storage.sql import StorageUnavailable
 from config import Config
 from messenger.events import IncomingMessage
 from messenger.text import clean_text
@@ -57,18 +60,21 @@ def dedupe_key(message: IncomingMessage) -> str:
     return message.mid or f"postback:{message.psid}:{message.timestamp_ms}:{message.text}"
 
 
-class SQLiteQueue:
-    """The queue in one SQLite file, safe for several processes on one host."""
+class Queue:
+    """The queue over one database; safe for several processes (SQLite) or hosts (PostgreSQL)."""
 
-    def __init__(self, path: str, max_attempts: int = 5, tracking: bool = False,
-                 clock: Callable[[], float] = time.time, *, read_only: bool = False):
-        self.path = path
+    def __init__(self, database, max_attempts: int = 5, tracking: bool = False,
+                 clock: Callable[[], float] = time.time):
         self.max_attempts = max_attempts
         self.clock = clock  # wall time: leases, backoff and finish times are stored in it
-        self._database = Database(path, SCHEMA, read_only=read_only)
+        self._database = database
+        self.backend = database.backend
         self.conversations = Conversations(self._database, tracking, clock)
         self._write = self._database.write
-        self._db = self._database.connection
+        self._read = self._database.read
+
+    def close(self) -> None:
+        self._database.close()
 
     # -- adding messages directly (tests, the sandbox); the webhooks write inbox files ---------
     def add(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho] = ()) -> list[bool]:
@@ -77,8 +83,18 @@ class SQLiteQueue:
         with self._write() as db:
             added = [self._insert_one(db, message, now) for message in messages]
             if echoes:
-                Conversations.record_echoes(db, echoes)
+                record_echoes(db, echoes)
+            if any(added):
+                self._database.notify(db)
         return added
+
+    def take_in(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho]) -> None:
+        """The webhook's write with PostgreSQL: the delivery is in the database before its 200.
+        A database that cannot take it raises StorageUnavailable (503: Meta delivers it again)."""
+        try:
+            self.add(messages, echoes)
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raised, it was not stored
+            raise StorageUnavailable(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
     def drain(self, directory: str) -> tuple[int, int]:
         """Move what the webhook processes appended to their inbox files into the queue.
@@ -89,8 +105,8 @@ class SQLiteQueue:
         end - or moved to quarantine/ if any of it was damaged: bytes nobody could read
         are kept for a person, never deleted.
         """
-        known = {row[0]: (row[1], row[2]) for row in
-                 self._db().execute("SELECT source, offset, damaged FROM inbox_offsets")}
+        with self._read() as db:
+            known = {row[0]: (row[1], row[2]) for row in db.execute("SELECT source, offset, damaged FROM inbox_offsets")}
         new = duplicates = 0
         for name in inbox.inbox_files(directory):
             path = os.path.join(directory, name)
@@ -134,7 +150,8 @@ class SQLiteQueue:
 
     def inbox_backlog(self, directory: str) -> tuple[int, float | None]:
         """Records not yet in the queue, and when the oldest of them was acknowledged."""
-        offsets = dict(self._db().execute("SELECT source, offset FROM inbox_offsets").fetchall())
+        with self._read() as db:
+            offsets = dict(db.execute("SELECT source, offset FROM inbox_offsets").fetchall())
         count, oldest = 0, None
         for name in inbox.inbox_files(directory):
             records = inbox.read_records(inbox.read_from(os.path.join(directory, name), offsets.get(name, 0)))[0]
@@ -169,7 +186,7 @@ class SQLiteQueue:
                         self._dead_letter(db, source, start, exc, _to_json(message).encode())
                 if echoes:
                     try:
-                        Conversations.record_echoes(db, echoes)
+                        record_echoes(db, echoes)
                     except sqlite3.OperationalError:
                         raise
                     except Exception as exc:  # noqa: BLE001
@@ -186,10 +203,10 @@ class SQLiteQueue:
                    (source, offset, f"{type(error).__name__}: {error}"[:500], payload, self.clock()))
 
     @staticmethod
-    def _insert_one(db: sqlite3.Connection, message: IncomingMessage, now: float) -> bool:
+    def _insert_one(db, message: IncomingMessage, now: float) -> bool:
         cursor = db.execute(
-            "INSERT OR IGNORE INTO events (dedupe_key, psid, message, timestamp_ms, received_at)"
-            " VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO events (dedupe_key, psid, message, timestamp_ms, received_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (dedupe_key) DO NOTHING",
             (dedupe_key(message), message.psid, _to_json(message), message.timestamp_ms, now))
         return cursor.rowcount == 1
 
@@ -198,6 +215,7 @@ class SQLiteQueue:
         """The oldest answerable user's waiting messages, leased to `owner`; None when idle."""
         now = self.clock()
         with self._write() as db:
+            self._database.lock_queue(db)
             self._expire_leases(db, now)
             head = db.execute(
                 """SELECT e.psid, e.batch_id FROM events e
@@ -223,7 +241,7 @@ class SQLiteQueue:
             reply=first["reply"], sent_parts=first["sent_parts"],
         )
 
-    def _batch_rows(self, db: sqlite3.Connection, psid: str, batch_id: int | None) -> list[sqlite3.Row]:
+    def _batch_rows(self, db, psid: str, batch_id: int | None) -> list:
         if batch_id is not None:  # a retried batch keeps its members and its reply
             return db.execute("SELECT * FROM events WHERE batch_id = ? AND state = 'pending' ORDER BY timestamp_ms, id",
                               (batch_id,)).fetchall()
@@ -231,7 +249,7 @@ class SQLiteQueue:
             "SELECT * FROM events WHERE psid = ? AND state = 'pending' AND batch_id IS NULL"
             " ORDER BY timestamp_ms, id LIMIT ?", (psid, MAX_BATCH)).fetchall()
 
-    def _expire_leases(self, db: sqlite3.Connection, now: float) -> None:
+    def _expire_leases(self, db, now: float) -> None:
         """Work whose owner died (kill -9) or stalled: back in the queue, or failed after the bound."""
         db.execute("UPDATE events SET state = 'failed', finished_at = ?, error = 'lease expired too often'"
                    " WHERE state = 'working' AND lease_until < ? AND attempts >= ?", (now, now, self.max_attempts))
@@ -241,7 +259,8 @@ class SQLiteQueue:
     def heartbeat(self, owner: str) -> None:
         """Note that `owner` is alive and working the queue."""
         with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO dispatchers (owner, seen_at) VALUES (?, ?)", (owner, self.clock()))
+            db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)"
+                       " ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at", (owner, self.clock()))
             db.execute("DELETE FROM dispatchers WHERE seen_at < ?", (self.clock() - 3600,))
 
     def checkpoint(self) -> None:
@@ -280,7 +299,8 @@ class SQLiteQueue:
     def release(self, owner: str) -> int:
         """Give back everything `owner` holds (graceful shutdown); the attempt is not counted."""
         with self._write() as db:
-            return db.execute("UPDATE events SET state = 'pending', owner = NULL, attempts = MAX(attempts - 1, 0)"
+            return db.execute("UPDATE events SET state = 'pending', owner = NULL,"
+                              " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
                               " WHERE state = 'working' AND owner = ?", (owner,)).rowcount
 
     def _update(self, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None) -> None:
@@ -294,17 +314,23 @@ class SQLiteQueue:
                 self.conversations.finish(db, exchange)
 
     # -- observation ----------------------------------------------------------------------------------
-    def stats(self, inbox_dir: str | None = None) -> dict[str, float | int]:
-        """Queue depth (inbox records not drained yet included), in-flight count and the age
-        of the oldest pending message."""
-        row = self._db().execute(
-            "SELECT SUM(state = 'pending'), SUM(state = 'working'), MIN(CASE WHEN state = 'pending'"
-            " THEN received_at END), SUM(state = 'failed') FROM events WHERE state IN ('pending', 'working', 'failed')"
-        ).fetchone()
+    def stats(self, inbox_dir: str | None = None, owner_prefix: str | None = None) -> dict[str, float | int]:
+        """Queue depth (inbox records not drained yet included), in-flight count, the age of the
+        oldest pending message, and how long ago a reply process (of `owner_prefix`'s host,
+        when given) said it was alive."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT SUM(CASE WHEN state = 'pending' THEN 1 ELSE 0 END),"
+                " SUM(CASE WHEN state = 'working' THEN 1 ELSE 0 END),"
+                " MIN(CASE WHEN state = 'pending' THEN received_at END),"
+                " SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END)"
+                " FROM events WHERE state IN ('pending', 'working', 'failed')").fetchone()
+            prefix = owner_prefix or ""
+            seen = db.execute("SELECT MAX(seen_at) FROM dispatchers WHERE substr(owner, 1, ?) = ?",
+                              (len(prefix), prefix)).fetchone()[0]
+            dead = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
         waiting, oldest = self.inbox_backlog(inbox_dir) if inbox_dir else (0, None)
         oldest = min(filter(None, (row[2], oldest)), default=None)
-        seen = self._db().execute("SELECT MAX(seen_at) FROM dispatchers").fetchone()[0]
-        dead = self._db().execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
         return {"queue_depth": (row[0] or 0) + waiting, "in_flight": row[1] or 0, "failed": row[3] or 0,
                 "oldest_pending_age_s": round(self.clock() - oldest, 3) if oldest else 0.0,
                 "dispatcher_seen_s_ago": round(self.clock() - seen, 1) if seen else None,
@@ -312,7 +338,8 @@ class SQLiteQueue:
 
     def states(self) -> dict[str, str]:
         """dedupe key -> state, for tests and diagnostics."""
-        return {row[0]: row[1] for row in self._db().execute("SELECT dedupe_key, state FROM events")}
+        with self._read() as db:
+            return {row[0]: row[1] for row in db.execute("SELECT dedupe_key, state FROM events")}
 
 
 def _to_json(message: IncomingMessage) -> str:
@@ -323,7 +350,52 @@ def _from_json(text: str) -> IncomingMessage:
     return IncomingMessage.from_dict(json.loads(text))
 
 
-def open_queue(config: Config, clock: Callable[[], float] = time.time) -> SQLiteQueue:
-    """The store as the settings describe it (path, attempts, tracking)."""
+class DatabaseIntake:
+    """The webhooks' intake with PostgreSQL: `append` writes the delivery to the database
+    (one transaction, with a NOTIFY for the reply processes) instead of an inbox file."""
+
+    blocking = True  # a network round trip: the asyncio front runs it off its event loop
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def append(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho]) -> None:
+        self.queue.take_in(messages, echoes)
+
+
+def open_intake(config: Config, queue: Queue):
+    """Where a webhook puts what it acknowledges: this process's inbox file, or the database."""
+    if config.database_url:
+        return DatabaseIntake(queue)
+    return inbox.InboxWriter(config.inbox_dir)
+
+
+class SQLiteQueue(Queue):
+    """The queue in one SQLite file (DATA_DIR/bot.sqlite3): one host, no setting."""
+
+    def __init__(self, path: str, max_attempts: int = 5, tracking: bool = False,
+                 clock: Callable[[], float] = time.time, *, read_only: bool = False):
+        self.path = path
+        super().__init__(Database(path, SCHEMA, read_only=read_only), max_attempts, tracking, clock)
+
+
+class PostgresQueue(Queue):
+    """The queue in PostgreSQL (DATABASE_URL): every host that shares it acts as one bot."""
+
+    def __init__(self, url: str, max_attempts: int = 5, tracking: bool = False,
+                 clock: Callable[[], float] = time.time, *, read_only: bool = False, pool_size: int = 10):
+        from bot.storage.postgres import PostgresDatabase  # psycopg loads only where it is used
+        from bot.storage.schema import POSTGRES_SCHEMA
+
+        self.url = url
+        super().__init__(PostgresDatabase(url, POSTGRES_SCHEMA, max_size=pool_size, read_only=read_only),
+                         max_attempts, tracking, clock)
+
+
+def open_queue(config: Config, clock: Callable[[], float] = time.time, pool_size: int = 10) -> Queue:
+    """The store as the settings describe it: PostgreSQL when DATABASE_URL is set, else SQLite."""
+    if config.database_url:
+        return PostgresQueue(config.database_url, max_attempts=config.max_attempts,
+                             tracking=bool(config.tracking_url), clock=clock, pool_size=pool_size)
     return SQLiteQueue(config.database_path, max_attempts=config.max_attempts, tracking=bool(config.tracking_url),
                        clock=clock)

@@ -102,3 +102,83 @@ SCHEMA = [
     );
     """,
 ]
+
+# The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
+# is POSTGRES_SCHEMA[N-1], kept in table schema_version. The mirror's `rowid` column
+# gives the insertion order SQLite's implicit rowid gives. inbox_offsets is SQLite's
+# alone: with PostgreSQL the webhooks write straight to `events`.
+POSTGRES_SCHEMA = [
+    # version 1: everything SQLite's versions 1-5 hold
+    """
+    CREATE TABLE events (
+        id BIGSERIAL PRIMARY KEY,
+        dedupe_key TEXT NOT NULL UNIQUE,
+        psid TEXT NOT NULL,
+        message TEXT NOT NULL,
+        timestamp_ms BIGINT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        available_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        batch_id BIGINT,
+        owner TEXT,
+        lease_until DOUBLE PRECISION,
+        reply TEXT,
+        sent_parts INTEGER NOT NULL DEFAULT 0,
+        finished_at DOUBLE PRECISION,
+        error TEXT
+    );
+    CREATE INDEX events_open ON events (state, psid, timestamp_ms, id);
+    CREATE INDEX events_queue ON events (state, id);
+    CREATE INDEX events_batch ON events (batch_id);
+    CREATE INDEX events_user ON events (psid, timestamp_ms);
+    CREATE TABLE dispatchers (owner TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL);
+    CREATE TABLE mirror (
+        rowid BIGSERIAL,
+        mid TEXT PRIMARY KEY,
+        psid TEXT NOT NULL,
+        author TEXT NOT NULL,
+        text TEXT NOT NULL,
+        at_ms BIGINT NOT NULL
+    );
+    CREATE INDEX mirror_user ON mirror (psid, at_ms);
+    CREATE TABLE users (
+        psid TEXT PRIMARY KEY,
+        synced_at DOUBLE PRECISION,
+        reset_at_ms BIGINT,
+        paused_until DOUBLE PRECISION,
+        rate_notice_at DOUBLE PRECISION,
+        budget_notice_day TEXT
+    );
+    CREATE TABLE interactions (
+        id BIGSERIAL PRIMARY KEY,
+        psid TEXT NOT NULL,
+        user_message TEXT NOT NULL,
+        user_timestamp BIGINT NOT NULL,
+        bot_message TEXT,
+        bot_timestamp BIGINT,
+        model TEXT,
+        prompt_tokens BIGINT,
+        completion_tokens BIGINT,
+        total_tokens BIGINT,
+        latency_ms BIGINT,
+        outcome TEXT NOT NULL,
+        tracking TEXT,
+        track_attempts INTEGER NOT NULL DEFAULT 0,
+        track_after DOUBLE PRECISION NOT NULL DEFAULT 0
+    );
+    CREATE INDEX interactions_time ON interactions (user_timestamp);
+    CREATE INDEX interactions_user ON interactions (psid, user_timestamp);
+    CREATE INDEX interactions_tracking ON interactions (tracking, track_after);
+    CREATE TABLE graph_budget (id INTEGER PRIMARY KEY CHECK (id = 1), next_at DOUBLE PRECISION NOT NULL);
+    CREATE TABLE inbox_offsets (source TEXT PRIMARY KEY, "offset" BIGINT NOT NULL, damaged BIGINT NOT NULL DEFAULT 0);
+    CREATE TABLE dead_letters (
+        id BIGSERIAL PRIMARY KEY,
+        source TEXT NOT NULL,
+        "offset" BIGINT NOT NULL,
+        error TEXT NOT NULL,
+        payload BYTEA NOT NULL,
+        at DOUBLE PRECISION NOT NULL
+    );
+    """,
+]

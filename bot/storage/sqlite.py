@@ -10,6 +10,8 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
+from bot.storage.sql import SchemaTooNew
+
 LOCK_WAIT_SECONDS = 30.0
 
 
@@ -28,6 +30,8 @@ def make_private(path: str) -> None:
 
 class Database:
     """One SQLite file in WAL mode, shared by the threads and processes of one host."""
+
+    backend = "sqlite"
 
     def __init__(self, path: str, schema: Sequence[str], *, read_only: bool = False):
         self.path = path
@@ -62,6 +66,20 @@ class Database:
         return db
 
     @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, for reads outside a write transaction."""
+        yield self.connection()
+
+    def lock_queue(self, db: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE already serialises claims on one host."""
+
+    def notify(self, db: sqlite3.Connection) -> None:
+        """The doorbell (bot/storage/doorbell.py) wakes this host's reply process."""
+
+    def close(self) -> None:
+        """Connections are per thread and closed with it."""
+
+    @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, after this process's other writers. BEGIN IMMEDIATE takes
         the write lock up front, so concurrent claims never deadlock."""
@@ -82,13 +100,16 @@ class Database:
     def _check_version(self, expected: int) -> None:
         version = self.connection().execute("PRAGMA user_version").fetchone()[0]
         if version != expected:
-            raise sqlite3.DatabaseError(f"{self.path} is at schema version {version}, this code reads version "
-                                        f"{expected}: start the bot once to bring it up to date")
+            raise SchemaTooNew(f"{self.path} is at schema version {version}, this code reads version "
+                               f"{expected}: start the bot once to bring it up to date")
 
     def _migrate(self, schema: Sequence[str]) -> None:
         """Run the scripts this file has not seen yet; PRAGMA user_version counts them."""
         with self.write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(schema):
+                raise SchemaTooNew(f"{self.path} is at schema version {version}, newer than this code "
+                                   f"({len(schema)}): run the newer version of the bot")
             for number, script in enumerate(schema[version:], start=version + 1):
                 for statement in filter(str.strip, script.split(";")):
                     db.execute(statement)

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from typing import Callable
 
 from flask import Flask, Response, jsonify, request
 
-from bot.storage.doorbell import Doorbell
-from bot.storage.inbox import InboxWriter
-from bot.storage.queue import SQLiteQueue, open_queue
+from bot.storage.doorbell import open_doorbell
+from bot.storage.queue import Queue, open_intake, open_queue
 from bot.telemetry import metrics
 from bot.web.proxy import TrustedPeers, TrustedProxyFix
 from bot.web.readiness import Readiness
@@ -35,7 +33,7 @@ def create_app(config: Config | None = None, *, replies: str = "threads",
         raise ValueError(f"replies must be threads, process or manual, not {replies!r}")
     config = config or load_config()
     app = Flask(__name__)
-    store = open_queue(config, clock)
+    store = open_queue(config, clock, pool_size=config.database_pool_size)
     if replies != "process":
         from bot.replies.wiring import build_dispatcher  # the model client loads only where replies are made
 
@@ -44,14 +42,14 @@ def create_app(config: Config | None = None, *, replies: str = "threads",
         if replies == "threads":
             dispatcher.start()
     _add_routes(app, config, store)
-    receiver = WebhookReceiver(config, InboxWriter(config.inbox_dir), Doorbell(config.database_path), clock=clock)
+    receiver = WebhookReceiver(config, open_intake(config, store), open_doorbell(config), clock=clock)
     app.extensions["webhook"] = receiver  # the ASGI front (bot/web/asgi.py) calls it directly
     app.wsgi_app = TrustedProxyFix(WebhookRoute(app.wsgi_app, receiver),  # type: ignore[method-assign]
                                    TrustedPeers(config.forwarded_allow_ips))
     return app
 
 
-def _add_routes(app: Flask, config: Config, store: SQLiteQueue) -> None:
+def _add_routes(app: Flask, config: Config, store: Queue) -> None:
     """Everything but POST /webhook, which bot/web/webhook.py answers before Flask."""
     @app.get("/webhook")
     def verify() -> Response:
@@ -68,7 +66,7 @@ def _add_routes(app: Flask, config: Config, store: SQLiteQueue) -> None:
         """Liveness: this process answers. The queue figures come along when they can be read."""
         try:
             return jsonify(status="ok", **store.stats(config.inbox_dir))
-        except sqlite3.Error:
+        except Exception:  # noqa: BLE001 - liveness does not depend on the database
             return jsonify(status="ok")
 
     @app.get("/readyz")

@@ -13,6 +13,7 @@ a2wsgi. Measured in bench/ (slow_clients): README, "Performance".
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable
 
 from a2wsgi import WSGIMiddleware
@@ -29,8 +30,10 @@ class ServerApp:
     """ASGI for gunicorn's asgi worker, WSGI (the Flask app as built) for anything else."""
 
     def __init__(self, wsgi_app: Callable, receiver: WebhookReceiver, peers: TrustedPeers,
-                 body_seconds: float = BODY_SECONDS, threads: int = 8):
+                 body_seconds: float = BODY_SECONDS, threads: int = 8, store_threads: int = 8):
         self.wsgi_app = wsgi_app
+        self.store_threads = store_threads
+        self._storing: ThreadPoolExecutor | None = None
         self.receiver = receiver
         self.peers = peers
         self.body_seconds = body_seconds
@@ -65,8 +68,19 @@ class ServerApp:
         else:
             signatures = {SIGNATURE_NAMES[name]: value.decode("latin-1")
                           for name, value in scope["headers"] if name in SIGNATURE_NAMES}
-            status, text = self.receiver.handle(body, signatures, peer)
+            status, text = await self._handle(body, signatures, peer)
         await respond(send, status, text, close=status in (408, 413))
+
+
+    async def _handle(self, body: bytes, signatures: dict, peer: str | None) -> tuple[int, str]:
+        """On the event loop when storing is a local append (inbox file); on a thread when it is a
+        round trip to PostgreSQL, so one slow commit never holds the other connections."""
+        if not getattr(self.receiver.inbox, "blocking", False):
+            return self.receiver.handle(body, signatures, peer)
+        if self._storing is None:
+            self._storing = ThreadPoolExecutor(max_workers=self.store_threads, thread_name_prefix="webhook-store")
+        return await asyncio.get_running_loop().run_in_executor(self._storing, self.receiver.handle, body,
+                                                                signatures, peer)
 
 
 async def read_body(scope: dict, receive: Callable, limit: int, seconds: float) -> bytes | int | None:

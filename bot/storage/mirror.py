@@ -1,0 +1,29 @@
+"""The conversation mirror: every message of every conversation the bot has seen - users',
+its own replies, a person's from the Page inbox - so history costs no Graph read."""
+from __future__ import annotations
+
+from typing import Iterable
+
+from bot.storage.times import iso
+from messenger.graph import HistoryMessage
+from messenger.text import clean_text
+
+USER, BOT, HUMAN = "user", "bot", "human"
+MirrorRow = tuple[str, str, str, int]  # mid, author, text, at_ms
+
+
+def add_rows(db, psid: str, rows: Iterable[MirrorRow]) -> None:
+    """Mirror these messages; one already mirrored (same mid) is left as it is.
+    Text and ids are cleaned: a lone surrogate (from a model, Graph, old data) cannot be stored."""
+    for mid, author, text, at_ms in rows:
+        db.execute("INSERT INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)"
+                   " ON CONFLICT (mid) DO NOTHING", (clean_text(mid), psid, author, clean_text(text or ""), at_ms))
+
+
+def history(db, psid: str, page_id: str, limit: int, after_ms: int | None) -> list[HistoryMessage]:
+    """The newest `limit` mirrored messages after `after_ms`, newest first, as Graph gives them
+    (`rowid` breaks ties of whole seconds: PostgreSQL's table has a column of that name)."""
+    rows = db.execute("SELECT mid, text, author, at_ms FROM mirror WHERE psid = ? AND at_ms > ?"
+                      " ORDER BY at_ms DESC, rowid DESC LIMIT ?", (psid, after_ms or 0, limit)).fetchall()
+    return [HistoryMessage(mid, text, psid if author == USER else page_id, iso(at_ms) or "")
+            for mid, text, author, at_ms in rows]

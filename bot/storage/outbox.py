@@ -1,0 +1,36 @@
+"""The tracking outbox: exchange records waiting to be POSTed to TRACKING_URL, with backoff."""
+from __future__ import annotations
+
+from bot.storage.exchanges import EXPORT_COLUMNS
+from bot.storage.times import iso
+
+
+def waiting(db, now: float, limit: int = 50) -> list[tuple[int, dict]]:
+    rows = db.execute(f"SELECT id, {', '.join(EXPORT_COLUMNS)} FROM interactions WHERE tracking = ?"
+                      " AND track_after <= ? ORDER BY id LIMIT ?", ("waiting", now, limit)).fetchall()
+    return [(row[0], _tracking_record(dict(zip(EXPORT_COLUMNS, row[1:])))) for row in rows]
+
+
+def sent(db, record_id: int) -> None:
+    db.execute("UPDATE interactions SET tracking = ? WHERE id = ?", ("sent", record_id))
+
+
+def failed(db, record_id: int, now: float, base_delay: float, cap: float) -> int:
+    """Count the failure; the record waits base * 2**attempts (at most `cap`) before the next try."""
+    attempts = db.execute("UPDATE interactions SET track_attempts = track_attempts + 1 WHERE id = ?"
+                          " RETURNING track_attempts", (record_id,)).fetchone()[0]
+    db.execute("UPDATE interactions SET track_after = ? WHERE id = ?",
+               (now + min(cap, base_delay * 2 ** (attempts - 1)), record_id))
+    return attempts
+
+
+def _tracking_record(record: dict) -> dict:
+    """The source documents' analytics contract (session_id ... engine), plus what else the log knows."""
+    return {
+        "session_id": record["psid"], "user_message": record["user_message"],
+        "user_timestamp": iso(record["user_timestamp"]), "bot_message": record["bot_message"],
+        "bot_timestamp": iso(record["bot_timestamp"]), "engine": record["model"],
+        "outcome": record["outcome"], "prompt_tokens": record["prompt_tokens"],
+        "completion_tokens": record["completion_tokens"], "total_tokens": record["total_tokens"],
+        "latency_ms": record["latency_ms"],
+    }

@@ -1,0 +1,148 @@
+"""PostgreSQL as the store of several hosts: a connection pool per process, the same SQL
+as SQLite (bot/storage/sql.py translates the placeholders), migrations applied once.
+
+Set DATABASE_URL=postgresql://... and every host that shares it acts as one bot: the
+webhooks write each message here before answering 200, so it survives the loss of the
+host that took it in; reply processes on any host claim work under one advisory lock.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from bot.storage.sql import Cursor, Row, SchemaTooNew
+
+logger = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock keys: one for migrations, one that serialises claims across hosts
+# (a claim is one short transaction, like SQLite's BEGIN IMMEDIATE on one host).
+MIGRATION_LOCK = 71_000_001
+CLAIM_LOCK = 71_000_002
+CHANNEL = "bot_queue"  # NOTIFY on new work, LISTENed to by every reply process
+CONNECT_TIMEOUT_S = 5
+
+
+def _row_factory(cursor: psycopg.Cursor):
+    names = {column.name: i for i, column in enumerate(cursor.description or ())}
+    return lambda values: Row(values, names)
+
+
+class PostgresDatabase:
+    """The pool and the schema of one PostgreSQL database."""
+
+    backend = "postgres"
+
+    def __init__(self, url: str, schema: Sequence[str], *, max_size: int = 10, read_only: bool = False):
+        self.url = url
+        self.read_only = read_only
+        self.pool = ConnectionPool(
+            url, min_size=1, max_size=max_size, open=False, name="bot", timeout=CONNECT_TIMEOUT_S,
+            kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S},
+            # A connection left broken by a restart of PostgreSQL is found and replaced here.
+            check=ConnectionPool.check_connection,
+        )
+        self.pool.open(wait=False)
+        if read_only:
+            self._check_version(len(schema))
+        else:
+            self._migrate(schema)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    @contextmanager
+    def write(self) -> Iterator[Cursor]:
+        """One transaction; committed when the block ends, rolled back if it raises."""
+        with self.pool.connection() as conn, conn.transaction():
+            yield Cursor(conn)
+
+    @contextmanager
+    def read(self) -> Iterator[Cursor]:
+        with self.pool.connection() as conn:
+            yield Cursor(conn)
+
+    def lock_queue(self, db: Cursor) -> None:
+        """Claims from every host take turns, so one user's messages go to one reply process."""
+        db.execute("SELECT pg_advisory_xact_lock(?)", (CLAIM_LOCK,))
+
+    def notify(self, db: Cursor) -> None:
+        """Wake the reply processes of every host, when this transaction commits."""
+        db.execute(f"NOTIFY {CHANNEL}")
+
+    def checkpoint(self) -> None:
+        """PostgreSQL checkpoints by itself."""
+
+    def _check_version(self, expected: int) -> None:
+        with self.read() as db:
+            version = _version(db)
+        if version != expected:
+            raise SchemaTooNew(f"the database is at schema version {version}, this code reads version {expected}")
+
+    def _migrate(self, schema: Sequence[str]) -> None:
+        """Missing versions, once, even when several hosts start at the same moment."""
+        with self.write() as db:
+            db.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            version = _version(db)
+            if version > len(schema):
+                raise SchemaTooNew(f"the database is at schema version {version}, newer than this code "
+                                   f"({len(schema)}): run the newer version of the bot, or upgrade this host")
+            for number, script in enumerate(schema[version:], start=version + 1):
+                db.script(script)
+                logger.info("database schema migrated to version %d", number)
+            if version < len(schema):
+                db.execute("DELETE FROM schema_version")
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (len(schema),))
+
+
+def _version(db: Cursor) -> int:
+    try:
+        row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    except psycopg.errors.UndefinedTable:
+        return 0
+    return row[0] or 0
+
+
+class PostgresDoorbell:
+    """LISTEN/NOTIFY between hosts: a commit that adds work wakes every reply process.
+    The dispatcher polls as well, so a missed notification costs one poll interval."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._rung = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def listen(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._listen, name="doorbell", daemon=True)
+            self._thread.start()
+
+    def ring(self) -> None:
+        """The webhook side notifies inside its own transaction (PostgresDatabase.notify)."""
+        self._rung.set()
+
+    def wait(self, timeout: float) -> bool:
+        rung = self._rung.wait(timeout)
+        self._rung.clear()
+        return rung
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            self._rung.set()
+            except psycopg.Error as exc:  # PostgreSQL restarting: poll meanwhile, listen again
+                logger.warning("doorbell: %s; listening again in 1 s", type(exc).__name__)
+                self._stop.wait(1.0)

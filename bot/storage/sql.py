@@ -1,0 +1,55 @@
+"""The little that differs between the two backends' drivers, hidden behind one cursor.
+
+The SQL of every storage module is written once, in the subset SQLite (3.35+) and
+PostgreSQL share: `?` placeholders, INSERT ... ON CONFLICT, RETURNING, CASE instead of
+two-argument MAX. PostgreSQL's driver wants `%s`: `translate` rewrites the placeholders.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by newer code than this host runs."""
+
+
+class StorageUnavailable(OSError):
+    """The database cannot take the write now (PostgreSQL down, say): answer 503, Meta retries."""
+
+
+@functools.lru_cache(maxsize=512)
+def translate(sql: str) -> str:
+    """`?` placeholders as psycopg's `%s` (no statement here holds a literal `?` or `%`)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class Row(tuple):
+    """A result row by position or by column name, like sqlite3.Row."""
+
+    def __new__(cls, values: Sequence[Any], names: dict[str, int]):
+        row = super().__new__(cls, values)
+        row._names = names
+        return row
+
+    def __getitem__(self, key):  # type: ignore[override]
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._names[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+
+class Cursor:
+    """What a storage module needs of a PostgreSQL connection: execute with `?` placeholders,
+    and a script of several statements (migrations)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()):
+        return self.conn.execute(translate(sql), params) if params else self.conn.execute(sql)
+
+    def script(self, sql: str) -> None:
+        self.conn.execute(sql)

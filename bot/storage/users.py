@@ -1,0 +1,38 @@
+"""What the bot knows of each user, shared by every process and host: the human pause, the
+reset point, when the mirror last took Graph's history, the notices already given."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+COLUMNS = ("synced_at", "reset_at_ms", "paused_until", "rate_notice_at", "budget_notice_day")
+
+
+@dataclass(frozen=True)
+class UserState:
+    synced_at: float | None = None
+    reset_at_ms: int | None = None
+    paused_until: float | None = None
+    rate_notice_at: float | None = None
+    budget_notice_day: str | None = None
+
+
+def get(db, psid: str) -> UserState:
+    row = db.execute(f"SELECT {', '.join(COLUMNS)} FROM users WHERE psid = ?", (psid,)).fetchone()
+    return UserState(*row) if row else UserState()
+
+
+def update(db, psid: str, **columns: object) -> None:
+    """Set these columns of the user's row, creating it if needed."""
+    names = [name for name in columns if name in COLUMNS]
+    if len(names) != len(columns):
+        raise ValueError(f"not a user column: {sorted(set(columns) - set(COLUMNS))}")
+    db.execute(f"INSERT INTO users (psid, {', '.join(names)}) VALUES (?{', ?' * len(names)})"
+               f" ON CONFLICT (psid) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in names)}",
+               (psid, *columns.values()))
+
+
+def pause(db, psid: str, until: float) -> None:
+    """A person answered from the Page: silent until `until`, never shortening a longer pause."""
+    db.execute("INSERT INTO users (psid, paused_until) VALUES (?, ?) ON CONFLICT (psid) DO UPDATE SET paused_until ="
+               " CASE WHEN users.paused_until > excluded.paused_until THEN users.paused_until"
+               " ELSE excluded.paused_until END", (psid, until))

@@ -1,0 +1,236 @@
+"""One contract, both backends: every test here runs against SQLite and PostgreSQL, through
+the same Queue and Conversations, so the two cannot drift. Time is a FakeClock."""
+import threading
+
+import pytest
+
+from bot.replies.answer import Outcome
+from bot.storage.exchanges import Exchange
+from bot.storage.inbox import ClassifiedEcho
+from bot.storage.queue import PostgresQueue, SQLiteQueue
+from messenger.events import TEXT, Echo, IncomingMessage
+from tests.support import FakeClock
+
+
+@pytest.fixture
+def clock():
+    return FakeClock(1_800_000_000.0)
+
+
+@pytest.fixture
+def open_store(backend, tmp_path, clock):
+    """Opens a queue on this test's database, as many times as a test wants (several processes or hosts)."""
+    name, settings = backend
+    opened = []
+
+    def open_one(**kwargs):
+        kwargs.setdefault("clock", clock)
+        queue = (PostgresQueue(settings["DATABASE_URL"], **kwargs) if name == "postgres"
+                 else SQLiteQueue(str(tmp_path / "bot.sqlite3"), **kwargs))
+        opened.append(queue)
+        return queue
+    yield open_one
+    for queue in opened:
+        queue.close()
+
+
+@pytest.fixture
+def store(open_store):
+    return open_store(max_attempts=3)
+
+
+def message(mid, psid="u1", at=1000, text="hi"):
+    return IncomingMessage(psid=psid, page_id="1", mid=mid, kind=TEXT, text=text, timestamp_ms=at)
+
+
+def exchange(batch, outcome=Outcome.ANSWERED, reply="ok", tokens=10, sent=("r",)):
+    return Exchange(psid=batch.psid, messages=batch.messages, outcome=outcome, bot_message=reply,
+                    sent_parts=[(f"{p}_{batch.batch_id}", reply) for p in sent], bot_timestamp_ms=5_000,
+                    model="m", usage=(1, tokens - 1, tokens), latency_ms=7)
+
+
+def test_a_message_is_stored_once_by_its_mid(store):
+    assert store.add([message("m1"), message("m2")]) == [True, True]
+    assert store.add([message("m1")]) == [False]
+    assert store.states() == {"m1": "pending", "m2": "pending"}
+
+
+def test_a_users_waiting_messages_are_one_batch_in_timestamp_order(store):
+    store.add([message("late", at=3000), message("early", at=1000), message("other", psid="u2", at=2000)])
+    batch = store.claim("a", 30)
+    assert batch.psid == "u1" and [m.mid for m in batch.messages] == ["early", "late"] and batch.attempts == 1
+    assert store.claim("b", 30).psid == "u2"
+    assert store.claim("c", 30) is None
+
+
+def test_a_user_in_work_is_not_claimed_again_until_done(store):
+    store.add([message("m1")])
+    batch = store.claim("a", 30)
+    store.add([message("m2", at=2000)])
+    assert store.claim("b", 30) is None  # m1's reply is in flight: m2 waits for it
+    store.complete(batch, exchange(batch))
+    assert [m.mid for m in store.claim("b", 30).messages] == ["m2"]
+
+
+def test_an_expired_lease_comes_back_and_is_bounded(store, clock):
+    store.add([message("m1")])
+    assert store.claim("dead", 30).attempts == 1
+    clock.advance(29)
+    assert store.claim("b", 30) is None
+    clock.advance(2)
+    assert store.claim("b", 30).attempts == 2
+    store.renew("b", 30)
+    clock.advance(20)
+    assert store.claim("c", 30) is None  # renewed
+    clock.advance(11)
+    assert store.claim("c", 30).attempts == 3
+    clock.advance(31)
+    assert store.claim("d", 30) is None and store.states() == {"m1": "failed"}
+
+
+def test_retry_keeps_the_reply_and_waits_for_its_delay(store, clock):
+    store.add([message("m1")])
+    batch = store.claim("a", 30)
+    assert store.retry(batch, 5.0, "boom", reply='{"text": "r"}', sent_parts=1)
+    assert store.claim("a", 30) is None
+    clock.advance(5)
+    again = store.claim("a", 30)
+    assert again.batch_id == batch.batch_id and again.reply == '{"text": "r"}' and again.sent_parts == 1
+
+
+def test_retries_run_out_into_failed_with_the_exchange_logged(store):
+    store.add([message("m1")])
+    for attempt in range(3):
+        batch = store.claim("a", 30)
+        done = store.retry(batch, 0, "boom", exchange=exchange(batch, Outcome.FAILED, reply=None, sent=()))
+    assert not done and store.states() == {"m1": "failed"}
+    assert [r["outcome"] for r in store.conversations.export()] == ["failed"]
+
+
+def test_release_gives_work_back_without_counting_the_attempt(store):
+    store.add([message("m1")])
+    store.claim("stopping", 30)
+    assert store.release("stopping") == 1
+    assert store.claim("next", 30).attempts == 1
+
+
+def test_complete_logs_and_mirrors_in_one_go(store):
+    store.add([message("m1", text="Do you deliver?")])
+    batch = store.claim("a", 30)
+    store.complete(batch, exchange(batch, reply="Yes."))
+    history = store.conversations.history("u1", "page", 10, None)
+    assert [(h.text, h.from_id) for h in history] == [("Yes.", "page"), ("Do you deliver?", "u1")]
+    [record] = store.conversations.export()
+    assert (record["user_message"], record["bot_message"], record["total_tokens"]) == ("Do you deliver?", "Yes.", 10)
+    assert store.conversations.tokens_since("u1", 0) == 10 and store.stats()["in_flight"] == 0
+
+
+def test_history_breaks_ties_of_the_same_millisecond_by_arrival(store):
+    store.add([message("m1", at=1000)])
+    batch = store.claim("a", 30)
+    store.complete(batch, exchange(batch, reply="part", sent=("p1", "p2", "p3")))
+    texts = [h.mid for h in store.conversations.history("u1", "page", 10, None)]
+    assert texts == [f"p3_{batch.batch_id}", f"p2_{batch.batch_id}", f"p1_{batch.batch_id}", "m1"]
+
+
+def test_a_persons_echo_pauses_the_user_and_never_shortens_a_pause(store):
+    echo = Echo(psid="u1", mid="e1", text="A person here", timestamp_ms=900, app_id=None, metadata=None)
+    store.add([], [ClassifiedEcho(echo, True, 2_000_000_000.0)])
+    later = Echo(psid="u1", mid="e2", text="again", timestamp_ms=950, app_id=None, metadata=None)
+    store.add([], [ClassifiedEcho(later, True, 1_900_000_000.0)])
+    assert store.conversations.user("u1").paused_until == 2_000_000_000.0
+    assert [h.mid for h in store.conversations.history("u1", "page", 10, None)] == ["e2", "e1"]
+
+
+def test_user_state_columns_are_set_and_kept(store):
+    store.conversations.update_user("u1", reset_at_ms=42)
+    store.conversations.update_user("u1", rate_notice_at=7.5, budget_notice_day="2027-01-15")
+    state = store.conversations.user("u1")
+    assert (state.reset_at_ms, state.rate_notice_at, state.budget_notice_day) == (42, 7.5, "2027-01-15")
+    assert store.conversations.user("nobody").paused_until is None
+
+
+def test_messages_between_counts_every_message_taken_in(store):
+    store.add([message(f"m{i}", at=1000 + i) for i in range(5)])
+    assert store.conversations.messages_between("u1", 1000, 1003) == 3  # (1000, 1003]
+
+
+def test_the_graph_budget_is_one_read_per_slot_for_everyone(open_store, clock):
+    a, b = open_store(), open_store()  # two processes (SQLite) or two hosts (PostgreSQL)
+    assert a.conversations.take_graph_read(2.0) is True
+    assert b.conversations.take_graph_read(2.0) is False
+    clock.advance(0.75)
+    assert b.conversations.take_graph_read(2.0) is True
+    a.conversations.hold_graph_reads(10)
+    clock.advance(5)
+    assert a.conversations.take_graph_read(2.0) is False
+
+
+def test_concurrent_budget_takers_get_one_slot(open_store):
+    stores = [open_store() for _ in range(4)]
+    results, start = [], threading.Barrier(len(stores))
+
+    def take(s):
+        start.wait()
+        results.append(s.conversations.take_graph_read(1.0))
+    threads = [threading.Thread(target=take, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False, False, False, True]
+
+
+def test_concurrent_claimers_never_share_a_user(open_store):
+    seed = open_store()
+    seed.add([message(f"m{u}_{i}", psid=f"u{u}", at=1000 + i) for u in range(20) for i in range(3)])
+    stores = [open_store() for _ in range(4)]
+    claimed, lock = [], threading.Lock()
+
+    def work(s, owner):
+        while (batch := s.claim(owner, 30)) is not None:
+            with lock:
+                claimed.append((batch.psid, [m.mid for m in batch.messages]))
+    threads = [threading.Thread(target=work, args=(s, f"w{i}")) for i, s in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(p for p, _ in claimed) == sorted(f"u{u}" for u in range(20))  # each user once
+    assert all(mids == [f"{mids[0][:-2]}_{i}" for i in range(3)] for _, mids in claimed)
+
+
+def test_retention_prunes_old_records_but_keeps_those_waiting_for_tracking(open_store, clock):
+    store = open_store(tracking=True)
+    store.add([message("old", at=1000)])
+    batch = store.claim("a", 30)
+    store.complete(batch, exchange(batch))
+    assert store.conversations.prune(1) == 0  # waiting for TRACKING_URL: kept
+    [(record_id, _)] = store.conversations.waiting_for_tracking()
+    store.conversations.tracked(record_id)
+    assert store.conversations.prune(1) == 1 and list(store.conversations.export()) == []
+
+
+def test_tracking_failures_back_off(open_store, clock):
+    store = open_store(tracking=True)
+    store.add([message("m1")])
+    batch = store.claim("a", 30)
+    store.complete(batch, exchange(batch))
+    [(record_id, record)] = store.conversations.waiting_for_tracking()
+    assert record["session_id"] == "u1" and record["engine"] == "m"
+    assert store.conversations.tracking_failed(record_id, base_delay=2.0) == 1
+    assert store.conversations.waiting_for_tracking() == []
+    clock.advance(2)
+    assert len(store.conversations.waiting_for_tracking()) == 1
+
+
+def test_stats_count_depth_flight_failures_and_age(store, clock):
+    store.add([message("m1"), message("m2", psid="u2")])
+    store.claim("a", 30)
+    clock.advance(3)
+    stats = store.stats()
+    assert (stats["queue_depth"], stats["in_flight"], stats["failed"]) == (1, 1, 0)
+    assert stats["oldest_pending_age_s"] == 3.0
+    store.heartbeat("myhost:1:x")
+    assert store.stats(owner_prefix="myhost:")["dispatcher_seen_s_ago"] == 0.0
+    assert store.stats(owner_prefix="otherhost:")["dispatcher_seen_s_ago"] is None
