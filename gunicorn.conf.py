@@ -50,7 +50,8 @@ _state = {}
 def on_starting(server):
     """Once, in the master, before binding: refuse to start on a bad DATA_DIR or next to a
     running bot, then set up what every process (workers, reply process) inherits."""
-    from bot.runtime.preflight import StartupProblem, check_port_free, lock_data_dir, prepare_data_dir
+    from bot.runtime.preflight import (StartupProblem, check_database, check_port_free, lock_data_dir,
+                                       prepare_data_dir)
 
     # DATA_DIR holds every user's messages: whatever the bot creates is for this user only.
     os.umask(0o077)
@@ -58,6 +59,7 @@ def on_starting(server):
         prepare_data_dir(_config.data_dir)
         _state["lock"] = lock_data_dir(_config.data_dir)  # held until the last process exits
         check_port_free(_host, _config.port)
+        check_database(_config.database_url)
     except StartupProblem as problem:
         print(f"Cannot start: {problem}", file=sys.stderr)
         sys.exit(1)

@@ -69,3 +69,23 @@ def check_port_free(host: str, port: int) -> None:
                 raise StartupProblem(f"port {port} on {host} is already in use (another bot or server?): stop it "
                                      "or set PORT to a free port") from None
             raise StartupProblem(f"cannot listen on {host}:{port} ({exc.strerror}): check HOST and PORT") from None
+
+
+def check_database(url: str | None) -> None:
+    """With DATABASE_URL: PostgreSQL answers, and its schema is this code's (migrated here, once,
+    before any worker starts)."""
+    if not url:
+        return
+    from urllib.parse import urlparse
+
+    from bot.storage.queue import PostgresQueue
+    from bot.storage.sql import SchemaTooNew
+
+    where = urlparse(url)
+    try:
+        PostgresQueue(url, pool_size=2).close()
+    except SchemaTooNew as exc:
+        raise StartupProblem(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - the driver's or the pool's: say which and where
+        raise StartupProblem(f"PostgreSQL at {where.hostname or 'localhost'}:{where.port or 5432} cannot be used "
+                             f"({type(exc).__name__}); check DATABASE_URL and that the server runs") from None

@@ -57,6 +57,8 @@ class Readiness:
         return problems, stats
 
     def _storage_problems(self) -> list[str]:
+        if self.config.database_url:
+            return []  # DATA_DIR holds only metrics files and the lock: PostgreSQL holds the messages
         data_dir = self.config.data_dir
         if not os.access(data_dir, os.W_OK | os.X_OK):
             return [f"DATA_DIR {data_dir} is not writable"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from bot.storage.queue import SQLiteQueue
+from bot.storage.queue import PostgresQueue, SQLiteQueue
 from messenger.signature import sign
 from tests.support.messages import APP_SECRET, ROOT, base_env
 
@@ -85,10 +85,23 @@ class Bot:
         self.log.flush()
         return (self.tmp_path / "gunicorn.log").read_text()[-3000:]
 
+    def queue(self):
+        """The bot's store, as another process opens it (SQLite in DATA_DIR, or DATABASE_URL)."""
+        if self.env.get("DATABASE_URL"):
+            return PostgresQueue(self.env["DATABASE_URL"], pool_size=2)
+        return SQLiteQueue(os.path.join(self.env["DATA_DIR"], "bot.sqlite3"))
+
     def states(self):
-        return SQLiteQueue(os.path.join(self.env["DATA_DIR"], "bot.sqlite3")).states()
+        queue = self.queue()
+        try:
+            return queue.states()
+        finally:
+            queue.close()
 
     def backlog(self) -> int:
+        """Acknowledged but not yet in the queue: records in the inbox files (none with PostgreSQL)."""
+        if self.env.get("DATABASE_URL"):
+            return 0
         store = SQLiteQueue(os.path.join(self.env["DATA_DIR"], "bot.sqlite3"))
         return store.inbox_backlog(os.path.join(self.env["DATA_DIR"], "inbox"))[0]
 

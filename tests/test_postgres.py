@@ -1,0 +1,64 @@
+"""The bot on PostgreSQL (DATABASE_URL), end to end: the Flask app in-process and real
+gunicorn processes. The storage contract itself is tests/test_storage_contract.py."""
+import os
+import time
+
+import psycopg
+
+from tests.support import PSID, Bot, fixture_bytes, post_signed, replay, text_body, wait_until
+
+
+def rows(url, sql, *params):
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def test_a_delivery_is_in_the_database_before_its_200_and_answered_once(make_client, graph, pg_url, env):
+    client = make_client(DATABASE_URL=pg_url)
+    response = post_signed(client, fixture_bytes("text"))
+    assert response.status_code == 200
+    # Nothing answered yet (no reply thread here), and already durable beyond this host.
+    assert rows(pg_url, "SELECT state FROM events") == [("pending",)]
+    assert not os.path.exists(os.path.join(env["DATA_DIR"], "inbox"))
+    replay(client, "text")  # Meta's redelivery, then the reply threads' turn
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+    assert rows(pg_url, "SELECT outcome FROM interactions") == [("answered",)]
+
+
+def test_health_and_readiness_read_postgres(make_client, pg_url):
+    client = make_client(DATABASE_URL=pg_url)
+    assert client.get("/healthz").get_json()["queue_depth"] == 0
+    problems = client.get("/readyz").get_json()["problems"]
+    assert problems == ["the reply process has not started"]
+
+
+def test_gunicorn_on_postgres_survives_kill_9_after_the_200(graph, model, tmp_path, pg_url):
+    bot = Bot(graph, model, tmp_path, DATABASE_URL=pg_url).start()
+    try:
+        model.delay = 3.0
+        assert bot.post(text_body("m_pg_survivor", "Do you deliver?")).status_code == 200
+        bot.kill_9()
+        assert bot.states() == {"m_pg_survivor": "pending"} or bot.states() == {"m_pg_survivor": "working"}
+        model.delay = 0
+        bot.start()
+        assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 15)
+        assert wait_until(lambda: bot.states() == {"m_pg_survivor": "done"})
+        time.sleep(0.5)
+        assert graph.sent_texts(PSID) == ["Hello from the model."]
+    finally:
+        bot.stop()
+
+
+def test_an_unreachable_postgres_stops_start_up_with_one_line(graph, model, tmp_path):
+    import subprocess
+
+    from tests.support import free_port, start_gunicorn
+    from tests.support.messages import base_env
+
+    env = {**base_env(graph, model, tmp_path), "PORT": str(free_port()), "HOST": "127.0.0.1",
+           "DATABASE_URL": f"postgresql://bot:s3cret-pw@127.0.0.1:{free_port()}/bot"}
+    process = start_gunicorn(env, tmp_path)
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode == 1
+    assert "Cannot start: PostgreSQL at 127.0.0.1:" in output and "check DATABASE_URL" in output
+    assert "s3cret-pw" not in output and "Traceback" not in output
