@@ -2,6 +2,9 @@
 
 One record per answered batch (a burst answered with one reply is one record,
 its messages one per line in user_message); timestamps in ISO 8601 UTC.
+
+`python -m bot move-to-postgres`: a SQLite DATA_DIR's store copied into PostgreSQL
+(bot/runtime/move.py).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
+from bot.runtime import move
 from bot.storage.exchanges import EXPORT_COLUMNS
 from bot.storage.queue import SQLiteQueue
 from bot.storage.sql import SchemaTooNew
@@ -76,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     command.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     command.add_argument("--output", help="a file to write (default: standard output)")
     command.add_argument("--data-dir", help="the bot's DATA_DIR (default: from the environment or .env)")
+    command = commands.add_parser("move-to-postgres", help=move.HELP, description=move.DESCRIPTION)
+    move.add_arguments(command)
     args = parser.parse_args(argv)
+    if args.command == "move-to-postgres":
+        return move.main(args)
     return export(args)
 
 

@@ -13,11 +13,15 @@ PREVIEW_CHARS = 32
 
 
 def clean_text(value: str) -> str:
-    """`value` with each lone surrogate replaced by U+FFFD, so it always encodes as UTF-8.
+    """`value` with each lone surrogate replaced by U+FFFD, so it always encodes as UTF-8,
+    and each NUL too: PostgreSQL's text cannot hold one (SQLite's can, but the two backends
+    must store the same).
 
     A high surrogate followed by a low one is a pair, not lone: it becomes the
     character it spells. Nothing else changes.
     """
+    if "\x00" in value:  # memchr: cheap
+        value = value.replace("\x00", REPLACEMENT)
     if value.isascii():  # O(1) in CPython: most ids and many texts stop here
         return value
     try:

@@ -43,7 +43,8 @@ def make_client(env):
     """Build the real app without reply threads: `replay` answers the queue in the test's thread."""
     def build(clock=None, **overrides: str):
         config = load_config({**env, **overrides}, env_file=None)
-        return create_app(config, replies="manual", **({"clock": clock} if clock else {})).test_client()
+        timing = {"clock": clock, "sleep": clock.sleep} if clock else {}
+        return create_app(config, replies="manual", **timing).test_client()
     return build
 
 

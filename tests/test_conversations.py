@@ -64,15 +64,43 @@ def test_a_mirror_older_than_the_max_age_is_read_again(make_client, graph):
     assert len(graph.history_calls()) == 2
 
 
-def test_the_graph_budget_is_shared_and_spent_reads_fall_back_to_the_mirror(make_client, graph, model):
+def test_new_users_wait_their_turn_for_history_instead_of_going_without(make_client, graph, model):
+    """Three users whose earlier conversation exists on the Page write at once: each gets a
+    Graph read, spaced by the Page's budget (2/s -> 0.75 s apart), none is answered blind."""
     clock = FakeClock()
     client = make_client(clock, GRAPH_READS_PER_SECOND="2")
+    users = [f"20000000000001{i:02d}" for i in range(3)]
+    for i, psid in enumerate(users):
+        graph.add_message(psid, f"My order number is 10{i}")
+        post_signed(client, text_body(f"m_wait_{i}", "Where is my order?", psid, int(clock() * 1000) + i))
+    started = clock()
+    answer_queue(client)
+    calls = graph.history_calls()
+    assert [c.args["user_id"] for c in calls] == users
+    assert clock() - started >= 2 * 0.75  # fake time: the second and third waited for their slots
+    assert all(f"10{i}" in str(model.requests[i]["json"]["messages"]) for i in range(3))
+    assert [r["history"] for r in log(client)] == ["graph"] * 3
+
+
+def test_a_graph_read_that_blinks_is_tried_once_more(client, graph, model):
+    graph.add_message(PSID, "My order number is 104")
+    graph.fail_next("history", graph_error(2, "Service temporarily unavailable", status=500))
+    say(client, 1, "Where is my order?")
+    assert len(graph.history_calls()) == 2 and "104" in str(model.requests[0]["json"]["messages"])
+    assert log(client)[0]["history"] == "graph"
+
+
+def test_the_graph_budget_is_shared_and_spent_reads_fall_back_to_the_mirror(make_client, graph, model):
+    clock = FakeClock()
+    client = make_client(clock, GRAPH_READS_PER_SECOND="2", HISTORY_WAIT="0")
     users = [f"20000000000001{i:02d}" for i in range(6)]
     for i, psid in enumerate(users):
         post_signed(client, text_body(f"m_burst_{i}", f"hello {i}", psid, int(time.time() * 1000) + i))
     answer_queue(client)
     assert len(graph.history_calls()) == 1  # one read within the budget; five answered from the mirror
     assert sorted(to for to, _ in graph.delivered) == sorted(users)
+    # ... and the exchange log says which answers had no Graph history
+    assert sorted(r["history"] for r in log(client)) == ["graph"] + ["mirror-only"] * 5
     clock.advance(0.75)  # 2 reads/s, spaced 1.5 / 2 = 0.75 s apart
     post_signed(client, text_body("m_burst_later", "again", users[1], int(time.time() * 1000) + 10))
     answer_queue(client)
@@ -339,7 +367,7 @@ def test_a_version_2_database_is_migrated_in_place(tmp_path):
                    " VALUES ('m_old', 'p', '{}', 1, 1, 'done', 'a plain-text reply')")
     store = SQLiteQueue(path)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 5
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 6
     assert store.states() == {"m_old": "done"}
     assert db.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 0
 
@@ -362,3 +390,20 @@ def test_a_graph_rate_limit_error_holds_further_reads(make_client, graph):
     clock.advance(0.2)  # the normal spacing (15 ms) has passed; the hold (RATE_LIMIT_BACKOFF_S) has not
     say(client, 1, psid=OTHER)
     assert len(graph.history_calls()) == 1 and len(graph.sent_texts()) == 2
+
+
+def test_the_answer_cache_answers_the_same_request_without_a_model_call(make_client, graph, model):
+    client = make_client(ANSWER_CACHE_TTL="1h")
+    say(client, 1, "What time do you open?", psid="2000000000000201")
+    say(client, 1, "What time do you open?", psid="2000000000000202")
+    say(client, 2, "And on Sunday?", psid="2000000000000202")  # another request: the model again
+    assert len(model.requests) == 2
+    assert graph.sent_texts("2000000000000202")[0] == graph.sent_texts("2000000000000201")[0]
+    assert [r["outcome"] for r in log(client)] == ["answered", "cached", "answered"]
+    assert log(client)[1]["total_tokens"] is None  # a cached answer spends no tokens of the user's budget
+
+
+def test_the_answer_cache_is_off_by_default(client, graph, model):
+    say(client, 1, "What time do you open?", psid="2000000000000201")
+    say(client, 1, "What time do you open?", psid="2000000000000202")
+    assert len(model.requests) == 2

@@ -234,3 +234,29 @@ def test_stats_count_depth_flight_failures_and_age(store, clock):
     store.heartbeat("myhost:1:x")
     assert store.stats(owner_prefix="myhost:")["dispatcher_seen_s_ago"] == 0.0
     assert store.stats(owner_prefix="otherhost:")["dispatcher_seen_s_ago"] is None
+
+
+def test_the_answer_cache_keeps_an_answer_for_its_ttl(open_store, clock):
+    a, b = open_store(), open_store()  # shared by every process and host
+    a.conversations.remember_answer("k1", "We open at 9.", "gpt-x", ttl=60)
+    assert b.conversations.cached_answer("k1") == ("We open at 9.", "gpt-x")
+    assert b.conversations.cached_answer("k2") is None
+    clock.advance(60)
+    assert b.conversations.cached_answer("k1") is None
+
+
+def test_a_graph_read_can_be_reserved_ahead_only_when_it_comes_in_time(open_store, clock):
+    a, b = open_store(), open_store()
+    assert a.conversations.reserve_graph_read(2.0, latest=clock()) == clock()  # free now
+    assert b.conversations.reserve_graph_read(2.0, latest=clock() + 0.5) is None  # next slot is in 0.75 s
+    assert b.conversations.reserve_graph_read(2.0, latest=clock() + 5) == clock() + 0.75
+    assert a.conversations.reserve_graph_read(2.0, latest=clock() + 5) == clock() + 1.5  # the one after
+
+
+def test_a_nul_in_a_users_text_is_stored_by_both_backends(store):
+    from messenger.text import clean_text
+
+    store.add([message("m1", text=clean_text("before\x00after"))])
+    batch = store.claim("a", 30)
+    store.complete(batch, exchange(batch, reply="ok"))
+    assert [r["user_message"] for r in store.conversations.export()] == ["before\ufffdafter"]

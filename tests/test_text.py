@@ -24,9 +24,11 @@ TEXTS = st.lists(CHARS, max_size=30).map("".join)
     ("\ud800a", "\ufffda"),
     ("\udc00\ud800", "\ufffd\ufffd"),  # low then high: two lone surrogates
     ("a\ud83d\ude00b", "a\U0001f600b"),  # a pair is not lone: it is the emoji it spells
-    ("tab\tand\nnewline\x00", "tab\tand\nnewline\x00"),  # control characters are text, not our business here
+    ("tab\tand\nnewline", "tab\tand\nnewline"),  # control characters are text, not our business here
+    ("nul\x00inside", "nul\ufffdinside"),  # but PostgreSQL's text cannot hold a NUL
+    ("é\x00\udfff", "é\ufffd\ufffd"),
 ], ids=["empty", "ascii", "non-ascii", "mid-attack", "lone-high", "trailing-high", "high-before-letter",
-        "reversed-pair", "pair", "controls"])
+        "reversed-pair", "pair", "controls", "nul", "nul-and-surrogate"])
 def test_clean_text(value, expected):
     assert clean_text(value) == expected
     clean_text(value).encode()
@@ -39,10 +41,11 @@ def test_clean_text_returns_the_same_object_when_nothing_to_do():
 
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(TEXTS)
-def test_clean_text_only_replaces_lone_surrogates(value):
+def test_clean_text_only_replaces_lone_surrogates_and_nul(value):
     cleaned = clean_text(value)
     cleaned.encode()
-    assert clean_text(cleaned) == cleaned
+    assert clean_text(cleaned) == cleaned and "\x00" not in cleaned
+    value = value.replace("\x00", "\ufffd")
     if not SURROGATE.search(value):
         assert cleaned == value
     elif not PAIR.search(value):

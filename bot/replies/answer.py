@@ -18,6 +18,7 @@ class Outcome(StrEnum):
     RESET = "reset"                # RESET_WORD: the context starts afresh
     RATE_LIMITED = "rate-limited"  # over RATE_LIMIT: one notice per window
     OVER_BUDGET = "over-budget"    # DAILY_TOKEN_BUDGET spent: one notice per day
+    CACHED = "cached"              # ANSWER_CACHE_TTL: the same request's answer, no model call
     FAILED = "failed"              # could not be sent
 
 
@@ -32,9 +33,11 @@ class Answer:
     # Graph history read for this answer, as mirror rows: written with the exchange, so the
     # read costs no write of its own on the way to the reply. Not kept across a retry.
     synced: tuple[MirrorRow, ...] | None = None
+    history: str | None = None  # mirror, graph or mirror-only (bot/replies/history.py)
 
     def to_json(self) -> str:
-        return json.dumps({"text": self.text, "outcome": self.outcome, "model": self.model, "usage": self.usage})
+        return json.dumps({"text": self.text, "outcome": self.outcome, "model": self.model, "usage": self.usage,
+                           "history": self.history})
 
     @classmethod
     def from_json(cls, stored: str) -> "Answer":
@@ -44,4 +47,5 @@ class Answer:
             data = None
         if not isinstance(data, dict):  # a reply stored as plain text by schema version 2
             return cls(stored, Outcome.ANSWERED)
-        return cls(data["text"], Outcome(data["outcome"]), data.get("model"), tuple(data.get("usage") or (None,) * 3))
+        return cls(data["text"], Outcome(data["outcome"]), data.get("model"), tuple(data.get("usage") or (None,) * 3),
+                   history=data.get("history"))

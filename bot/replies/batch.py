@@ -75,7 +75,8 @@ class BatchReplier:
         if progress.answer is None:
             # Not written down before the first send: a crash before it asks the model again.
             progress.answer = self.composer.compose(batch.messages, lambda: self._actions.submit(activity.run),
-                                                     self.composer.model_deadline(activity.started))
+                                                     self.composer.model_deadline(activity.started),
+                                                     patient=batch.attempts == 1)
         activity.finish()  # waits for a slow-reply notice in flight: it must arrive first
         if activity.notice_sent:
             progress.parts.append(activity.notice_sent)
@@ -105,7 +106,7 @@ class BatchReplier:
             psid=batch.psid, messages=batch.messages, outcome=outcome or answer.outcome,
             bot_message=answer.text if sent else None, sent_parts=progress.parts,
             bot_timestamp_ms=int(now * 1000) if sent else None, model=answer.model, usage=answer.usage,
-            latency_ms=int((now - batch.received_at) * 1000), synced=answer.synced,
+            latency_ms=int((now - batch.received_at) * 1000), synced=answer.synced, history=answer.history,
         )
 
     def _record_failure(self, batch: Batch, error: str, progress: Progress, final: str | None = None) -> None:

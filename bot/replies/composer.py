@@ -11,15 +11,14 @@ from bot.replies import gate
 from bot.replies.activity import TYPING_REFRESH_S, Activity
 from bot.replies.answer import Answer, Outcome
 from bot.replies.gate import Policy
+from bot.replies.history import History, HistoryReader
+from bot.storage import answer_cache
 from bot.storage.conversations import Conversations
-from bot.storage.mirror import BOT, USER, MirrorRow
-from bot.storage.times import created_ms
-from bot.storage.users import UserState
 from bot.telemetry import metrics
 from gpt.model import ChatModel
 from gpt.prompt import to_chat_messages
 from messenger.events import IncomingMessage
-from messenger.graph import RATE_LIMIT_CODES, GraphAPIError, GraphClient, HistoryMessage
+from messenger.graph import GraphClient
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,8 @@ class Composer:
 
     def __init__(self, graph: GraphClient, model: ChatModel, prompt: PromptSettings,
                  conversations: Conversations, *, policy: Policy = Policy(), timing: Timing = Timing(),
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
+                 answer_cache_ttl: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time, sleep: Callable[[float], object] = time.sleep):
         self.graph = graph
         self.model = model
         self.prompt = prompt
@@ -59,6 +59,11 @@ class Composer:
         self.timing = timing
         self.clock = clock  # deadlines
         self.wall_clock = wall_clock  # pauses, limits, the mirror's age: compared with stored times
+        self.answer_cache_ttl = answer_cache_ttl  # 0: off
+        self.history = HistoryReader(
+            graph, conversations, page_id=prompt.page_id, limit=prompt.message_count,
+            mirror_max_age=policy.mirror_max_age, reads_per_second=policy.graph_reads_per_second,
+            new_user_wait=policy.history_wait, clock=wall_clock, sleep=sleep)
 
     def activity(self, psid: str) -> Activity:
         """The sender actions (and slow-reply notice) of a reply starting now."""
@@ -73,12 +78,13 @@ class Composer:
         return started + (timing.slow_limit if timing.slow_notice else timing.reply_deadline)
 
     def compose(self, messages: Sequence[IncomingMessage], thinking: Callable[[], object] = lambda: None,
-                deadline: float | None = None) -> Answer:
+                deadline: float | None = None, patient: bool = True) -> Answer:
         """One answer to everything the user wrote since the last one (oldest first).
 
         `thinking` is called once the history is in, as the model starts: the
         moment to show "seen" and the typing indicator without slowing the read.
-        The model call ends by `deadline` (on `clock`), retries included.
+        The model call ends by `deadline` (on `clock`), retries included; `patient` is False
+        for a retried batch, which then waits for no Graph read slot.
         """
         psid = messages[0].psid
         now = self.wall_clock()
@@ -95,18 +101,31 @@ class Composer:
             thinking()  # "seen"; the typing indicator is skipped once the reply is out
             logger.info("attachment-only message(s) psid=%r mids=%r", psid, [m.mid for m in messages])
             return Answer(self.prompt.unsupported_reply, Outcome.UNSUPPORTED)
-        history, synced = self._history(psid, user, now)
+        # History may take half of what is left of the reply's time: the rest is the model's.
+        # A retried batch (its process died, say) waits for nothing: it is late already.
+        spend = (deadline - self.clock()) / 2 if deadline is not None else float("inf")
+        spend = spend if patient else 0.0
+        history = self.history.read(psid, user, spend)
         thinking()
         chat = to_chat_messages(
-            history, [(m.mid, m.text) for m in texts],
+            history.messages, [(m.mid, m.text) for m in texts],
             page_id=self.prompt.page_id, prefix=self.prompt.prefix,
             max_turns=self.prompt.message_count, system_prompt=self.prompt.system_prompt,
         )
+        return self._ask(chat, deadline, history)
+
+    def _ask(self, chat: list[dict[str, str]], deadline: float | None, history: History) -> Answer:
+        """The model's answer - or, with ANSWER_CACHE_TTL, the answer to the very same request."""
+        cache_key = answer_cache.key(self.model.settings.to_params(), chat) if self.answer_cache_ttl else None
+        if cache_key and (cached := self.conversations.cached_answer(cache_key)):
+            return Answer(cached[0], Outcome.CACHED, cached[1], synced=history.synced, history=history.source)
         reply = self.model.reply(chat, deadline)
         if reply.error_class:
             metrics.MODEL_ERRORS.labels(reply.error_class).inc()
+        elif cache_key:
+            self.conversations.remember_answer(cache_key, reply.text, reply.model, self.answer_cache_ttl)
         outcome = Outcome.FALLBACK if reply.error_class else Outcome.ANSWERED
-        return Answer(reply.text, outcome, reply.model, reply.usage, synced)
+        return Answer(reply.text, outcome, reply.model, reply.usage, history.synced, history.source)
 
     def _facts(self, psid: str, messages: Sequence[IncomingMessage], now: float) -> gate.Facts:
         """What the gate decides on; the counts are read only when their limit is set."""
@@ -121,28 +140,3 @@ class Composer:
         mid = self.graph.send_text(psid, text)
         metrics.REPLIES.inc()
         return mid
-
-    def _history(self, psid: str, user: UserState, now: float
-                 ) -> tuple[list[HistoryMessage], tuple[MirrorRow, ...] | None]:
-        """From the mirror when it covers this user; else ONE Graph read, if the Page's budget
-        allows (returned as mirror rows too, for the exchange to write)."""
-        limit = self.prompt.message_count
-        fresh = user.synced_at is not None and now - user.synced_at < self.policy.mirror_max_age
-        if not fresh and self.conversations.take_graph_read(self.policy.graph_reads_per_second):
-            try:
-                history = self.graph.fetch_history(psid, limit)
-            except GraphAPIError as exc:
-                metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
-                if exc.code in RATE_LIMIT_CODES:
-                    self.conversations.hold_graph_reads()
-                # Answering from what the mirror has beats not answering at all.
-                logger.warning("history unavailable for psid=%r, answering from the mirror: %s", psid, exc)
-            else:
-                metrics.HISTORY_READS.labels("graph").inc()
-                page_id, after = self.prompt.page_id, user.reset_at_ms or 0
-                synced = tuple((h.mid, BOT if h.from_id == page_id else USER, h.text, created_ms(h.created_time))
-                               for h in reversed(history))  # oldest first: rowid breaks ties of whole seconds
-                return [h for h in history if created_ms(h.created_time) > after], synced
-        else:
-            metrics.HISTORY_READS.labels("mirror").inc()
-        return self.conversations.history(psid, self.prompt.page_id, limit, user.reset_at_ms), None

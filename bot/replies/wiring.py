@@ -11,25 +11,26 @@ from bot.replies.gate import Policy
 from bot.replies.dispatcher import Dispatcher
 from bot.replies.tracking import Tracker
 from bot.storage.doorbell import open_doorbell
-from bot.storage.queue import SQLiteQueue, open_queue
+from bot.storage.queue import Queue, open_queue
 from config import Config
 from gpt.model import ChatModel, ModelSettings
 from messenger.graph import GraphClient
 
 
-def build_dispatcher(config: Config, store: SQLiteQueue | None = None, *,
-                     wall_clock: Callable[[], float] = time.time) -> Dispatcher:
+def build_dispatcher(config: Config, store: Queue | None = None, *,
+                     wall_clock: Callable[[], float] = time.time,
+                     sleep: Callable[[float], object] = time.sleep) -> Dispatcher:
     """The queue, the reply pipeline and the doorbell between them."""
     store = store or open_queue(config)
     tracker = Tracker(store.conversations, config.tracking_url) if config.tracking_url else None
-    return Dispatcher(store, build_composer(config, store, wall_clock=wall_clock), open_doorbell(config),
+    return Dispatcher(store, build_composer(config, store, wall_clock=wall_clock, sleep=sleep), open_doorbell(config),
                       threads=config.reply_threads, lease_seconds=config.lease_seconds,
                       retry_base=config.retry_base_seconds, retention_days=config.retention_days, tracker=tracker,
                       inbox_dir=config.inbox_dir)
 
 
-def build_composer(config: Config, store: SQLiteQueue, *,
-                   wall_clock: Callable[[], float] = time.time) -> Composer:
+def build_composer(config: Config, store: Queue, *, wall_clock: Callable[[], float] = time.time,
+                   sleep: Callable[[float], object] = time.sleep) -> Composer:
     """The reply pipeline with its two API clients, each built once."""
     graph = GraphClient(base_url=config.fb_api_url, page_id=config.fb_page_id, token=config.fb_page_access_token,
                         app_secret=config.fb_app_secret, timeout=config.graph_timeout,
@@ -48,8 +49,9 @@ def build_composer(config: Config, store: SQLiteQueue, *,
                     daily_token_budget=config.daily_token_budget, budget_reply=config.budget_reply,
                     reset_word=config.reset_word, reset_reply=config.reset_reply,
                     mirror_max_age=config.mirror_max_age_seconds,
-                    graph_reads_per_second=config.graph_reads_per_second)
+                    graph_reads_per_second=config.graph_reads_per_second,
+                    history_wait=config.history_wait_seconds)
     timing = Timing(reply_deadline=config.reply_deadline_seconds, slow_notice=config.slow_reply_notice,
                     slow_limit=config.slow_reply_limit_seconds)
     return Composer(graph, chat_model, prompt, store.conversations, policy=policy, timing=timing,
-                    wall_clock=wall_clock)
+                    answer_cache_ttl=config.answer_cache_ttl_seconds, wall_clock=wall_clock, sleep=sleep)

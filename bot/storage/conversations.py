@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator, Sequence
 
-from bot.storage import exchanges, graph_budget, mirror, outbox, users
+from bot.storage import answer_cache, exchanges, graph_budget, mirror, outbox, users
 from bot.storage.exchanges import Exchange
 from bot.storage.graph_budget import RATE_LIMIT_BACKOFF_S
 from bot.storage.inbox import ClassifiedEcho
@@ -55,17 +55,18 @@ class Conversations:
             return mirror.history(db, psid, page_id, limit, after_ms)
 
     def take_graph_read(self, per_second: float) -> bool:
-        """One Conversations API read from the Page's budget, or False when it is spent for now."""
-        now = self.clock()
-        with self._database.read() as db:
-            if graph_budget.next_read_at(db) > now:
-                return False  # spent: no write taken (a burst of new users asks many times a second)
-        with self._database.write() as db:
-            return graph_budget.take(db, now, per_second)
+        """One Conversations API read from the Page's budget now, or False when it is spent for now."""
+        return self.reserve_graph_read(per_second, latest=self.clock()) is not None
 
-    def next_graph_read_at(self) -> float:
+    def reserve_graph_read(self, per_second: float, latest: float) -> float | None:
+        """The moment of this caller's read (now or a little later), if a slot is free by `latest`."""
+        now = self.clock()
+        latest = max(latest, now)  # "now" for a caller that read the clock a moment ago
         with self._database.read() as db:
-            return graph_budget.next_read_at(db)
+            if graph_budget.next_read_at(db) > latest:
+                return None  # spent: no write taken (a burst of new users asks many times a second)
+        with self._database.write() as db:
+            return graph_budget.reserve(db, now, per_second, latest)
 
     def hold_graph_reads(self, seconds: float = RATE_LIMIT_BACKOFF_S) -> None:
         with self._database.write() as db:
@@ -93,6 +94,14 @@ class Conversations:
         mirror.add_rows(db, exchange.psid, [(mid, BOT, text, replied_at) for mid, text in exchange.sent_parts])
         exchanges.record(db, exchange, self.tracking)
 
+    def cached_answer(self, cache_key: str) -> tuple[str, str | None] | None:
+        with self._database.read() as db:
+            return answer_cache.get(db, cache_key, self.clock())
+
+    def remember_answer(self, cache_key: str, text: str, model: str | None, ttl: float) -> None:
+        with self._database.write() as db:
+            answer_cache.put(db, cache_key, text, model, self.clock() + ttl)
+
     # -- the log: export, tracking, retention ---------------------------------------------------
     def export(self, since_ms: int = 0, until_ms: int | None = None) -> Iterator[dict]:
         with self._database.read() as db:
@@ -118,4 +127,5 @@ class Conversations:
             deleted = exchanges.prune(db, cutoff_s)
             db.execute("DELETE FROM mirror WHERE at_ms < ?", (int(cutoff_s * 1000),))
             db.execute("DELETE FROM events WHERE state IN ('done', 'failed') AND finished_at < ?", (cutoff_s,))
+            answer_cache.prune(db, self.clock())
         return deleted

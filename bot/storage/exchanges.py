@@ -12,7 +12,7 @@ from messenger.text import clean_text
 
 # Columns of the exchange log, in export order; timestamps are exported as ISO 8601 UTC.
 EXPORT_COLUMNS = ("psid", "user_message", "user_timestamp", "bot_message", "bot_timestamp", "model",
-                  "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "outcome")
+                  "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "outcome", "history")
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Exchange:
     usage: tuple[int | None, int | None, int | None] = (None, None, None)
     latency_ms: int | None = None
     synced: Sequence[MirrorRow] | None = None  # Graph history read for it: the mirror now covers the user
+    history: str | None = None  # where the prompt's history came from (bot/replies/history.py)
 
 
 def user_text(message: IncomingMessage) -> str:
@@ -44,11 +45,11 @@ def record(db, exchange: Exchange, tracking: bool) -> None:
     messages = exchange.messages
     db.execute(
         "INSERT INTO interactions (psid, user_message, user_timestamp, bot_message, bot_timestamp, model,"
-        " prompt_tokens, completion_tokens, total_tokens, latency_ms, outcome, tracking)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " prompt_tokens, completion_tokens, total_tokens, latency_ms, outcome, history, tracking)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (exchange.psid, clean_text("\n".join(user_text(m) for m in messages)), min(m.timestamp_ms for m in messages),
          _clean(exchange.bot_message), exchange.bot_timestamp_ms, _clean(exchange.model), *exchange.usage,
-         exchange.latency_ms, str(exchange.outcome), "waiting" if tracking else None))
+         exchange.latency_ms, str(exchange.outcome), exchange.history, "waiting" if tracking else None))
 
 
 def export(db, since_ms: int = 0, until_ms: int | None = None) -> Iterator[dict]:

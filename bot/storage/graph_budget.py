@@ -15,14 +15,17 @@ def next_read_at(db) -> float:
     return row[0] if row else 0.0
 
 
-def take(db, now: float, per_second: float) -> bool:
-    """One read, or False when the budget is spent until a later moment. Atomic: two hosts
-    asking at once cannot both take the same slot."""
-    taken = db.execute(
-        "INSERT INTO graph_budget (id, next_at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE"
-        " SET next_at = excluded.next_at WHERE graph_budget.next_at <= ? RETURNING next_at",
-        (now + BUDGET_MARGIN / per_second, now)).fetchone()
-    return taken is not None
+def reserve(db, now: float, per_second: float, latest: float) -> float | None:
+    """The next free read slot (now, or a moment to wait for), if it comes by `latest`; None
+    otherwise. Atomic: two hosts asking at once get different slots, and a reservation is
+    only made when it can be kept - a burst of new users does not queue up behind the budget."""
+    spacing = BUDGET_MARGIN / per_second
+    db.execute("INSERT INTO graph_budget (id, next_at) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+    slot = db.execute(
+        "UPDATE graph_budget SET next_at = (CASE WHEN next_at > ? THEN next_at ELSE ? END) + ?"
+        " WHERE id = 1 AND (CASE WHEN next_at > ? THEN next_at ELSE ? END) <= ? RETURNING next_at",
+        (now, now, spacing, now, now, latest)).fetchone()
+    return None if slot is None else slot[0] - spacing
 
 
 def hold(db, until: float) -> None:

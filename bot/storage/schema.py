@@ -8,6 +8,8 @@ Columns of note:
   users.reset_at_ms   history up to this moment is left out of prompts (the user wrote RESET_WORD)
   users.paused_until  a human answered from the Page: the bot stays silent until then
   interactions.tracking  NULL: not sent anywhere; 'waiting' for TRACKING_URL; 'sent'
+  interactions.history   mirror, graph, or mirror-only (Graph could not be read in time)
+  answer_cache        ANSWER_CACHE_TTL: model answers by a hash of the whole request
   graph_budget.next_at   the earliest moment of the next Conversations API read (all processes)
   inbox_offsets       bytes of each inbox file already in `events` (bot/storage/inbox.py);
                       damaged: bytes skipped as damage (such a file is quarantined, not deleted)
@@ -101,6 +103,12 @@ SCHEMA = [
         at REAL NOT NULL
     );
     """,
+    # version 6: where each answer's history came from, and the shared answer cache
+    """
+    ALTER TABLE interactions ADD COLUMN history TEXT;
+    CREATE TABLE answer_cache (key TEXT PRIMARY KEY, text TEXT NOT NULL, model TEXT, expires_at REAL NOT NULL);
+    CREATE INDEX answer_cache_expiry ON answer_cache (expires_at);
+    """,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -180,5 +188,12 @@ POSTGRES_SCHEMA = [
         payload BYTEA NOT NULL,
         at DOUBLE PRECISION NOT NULL
     );
+    """,
+    # version 2: as SQLite's version 6
+    """
+    ALTER TABLE interactions ADD COLUMN history TEXT;
+    CREATE TABLE answer_cache (key TEXT PRIMARY KEY, text TEXT NOT NULL, model TEXT,
+                               expires_at DOUBLE PRECISION NOT NULL);
+    CREATE INDEX answer_cache_expiry ON answer_cache (expires_at);
     """,
 ]

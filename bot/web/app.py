@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(config: Config | None = None, *, replies: str = "threads",
-               clock: Callable[[], float] = time.time) -> Flask:
+               clock: Callable[[], float] = time.time, sleep: Callable[[float], object] = time.sleep) -> Flask:
     """Build the queue and the app; tests pass a Config aimed at fake servers.
 
     replies: "threads" answers the queue on reply threads inside this process;
@@ -37,7 +37,7 @@ def create_app(config: Config | None = None, *, replies: str = "threads",
     if replies != "process":
         from bot.replies.wiring import build_dispatcher  # the model client loads only where replies are made
 
-        dispatcher = build_dispatcher(config, store, wall_clock=clock)
+        dispatcher = build_dispatcher(config, store, wall_clock=clock, sleep=sleep)
         app.extensions["dispatcher"] = dispatcher
         if replies == "threads":
             dispatcher.start()

@@ -98,3 +98,7 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+    def sleep(self, seconds: float) -> None:
+        """A wait in the code under test passes fake time only."""
+        self.advance(seconds)

@@ -1,0 +1,312 @@
+"""`python -m bot move-to-postgres`: "moving in" - a SQLite DATA_DIR's store copied into
+PostgreSQL, so a Page owner moves to DATABASE_URL without losing the queue, the mirror
+or the exchange log.
+
+  1. DATA_DIR's lock is taken (bot/runtime/preflight.py): a bot still running on it would
+     take in messages after the copy, and they would be lost to PostgreSQL.
+  2. SQLite is opened read-only (an out-of-date file is refused: the bot migrates it).
+  3. PostgreSQL is opened (its schema created or migrated) and must hold no message, mirror
+     row, user or exchange record: merging two stores would clash on ids and on the mirror's
+     order, and replacing one would destroy a live store. Nothing is forced.
+  4. Inbox files (messages the webhooks acknowledged to Meta but the reply process had not
+     yet drained) are drained into SQLite first, as the bot does on start: Meta will not
+     deliver them again. Starting the bot to drain them instead would take in new ones.
+  5. events (every state, ids kept), mirror (SQLite's rowid kept as PostgreSQL's `rowid`,
+     so same-millisecond rows keep their order), users, interactions (ids kept),
+     graph_budget, dead_letters (payload bytes as they are) and answer_cache are copied
+     in ONE PostgreSQL transaction, sequences moved past the copied ids: a failure
+     leaves the target as it was. dispatchers (per process) and inbox_offsets (SQLite's
+     own) are not copied; a table this code does not know stops the move.
+
+The SQLite database stays (only the drain writes to it): a backup, and the way back.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+from urllib.parse import quote, unquote, urlparse
+
+from bot.runtime.preflight import LOCK_FILE, StartupProblem, lock_data_dir
+from bot.storage import inbox
+from bot.storage.queue import QUARANTINE, PostgresQueue, SQLiteQueue
+from bot.storage.sql import SchemaTooNew
+from config import database_path, read_environment
+
+HELP = "copy a SQLite DATA_DIR (queue, mirror, exchange log, users) into an empty PostgreSQL database"
+DESCRIPTION = (
+    "Moving in: copy the bot's SQLite store in DATA_DIR into PostgreSQL (DATABASE_URL), in one "
+    "transaction - a failure leaves PostgreSQL as it was. Stop the bot first: a bot running on DATA_DIR "
+    "is refused. Inbox files the bot acknowledged but had not yet queued are drained into SQLite first. "
+    "The target must hold no messages, mirror rows, users or exchange records; there is no --force: "
+    "merging two stores would clash on message and record ids and on the order of the mirror, and "
+    "overwriting would destroy a live store - point DATABASE_URL at a new, empty database (or empty it "
+    "yourself). The SQLite database stays in DATA_DIR as a backup. Then set DATABASE_URL and start the bot.")
+
+# Copied in this order (each one SQLite's file has); the mirror's `rowid` is SQLite's
+# implicit one (insertion order).
+TABLES = ("events", "mirror", "users", "interactions", "graph_budget", "dead_letters", "answer_cache")
+# Not copied: the reply processes' heartbeats (each process's own, renewed by the new ones)
+# and SQLite's inbox bookkeeping (PostgreSQL's webhooks write to events directly).
+SKIPPED = ("dispatchers", "inbox_offsets")
+# Rows in any of these mean the target is someone's store already.
+MUST_BE_EMPTY = ("events", "mirror", "users", "interactions", "dead_letters")
+SEQUENCES = {"events": "id", "mirror": "rowid", "interactions": "id", "dead_letters": "id"}
+CHUNK = 1000
+CONNECT_TIMEOUT = 5
+LOCK_TIMEOUT = "10s"  # a target busy with a live bot is refused, not waited for
+
+
+class Refused(Exception):
+    """One line for the owner: why nothing was moved, and what to do."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="the bot's DATA_DIR (default: DATA_DIR from the environment or .env)")
+    parser.add_argument("--database-url", help="the PostgreSQL to move into (default: DATABASE_URL from the "
+                        "environment or .env, which keeps the password out of the process list)")
+
+
+def main(args: argparse.Namespace) -> int:
+    env = read_environment()
+    data_dir = args.data_dir or env.get("DATA_DIR", "data")
+    url = args.database_url or env.get("DATABASE_URL") or ""
+    try:
+        report = move(data_dir, url)
+    except Refused as refusal:
+        print(f"not moved: {scrub(str(refusal), url)}", file=sys.stderr)
+        return 2
+    print(scrub(report, url))
+    return 0
+
+
+def move(data_dir: str, url: str) -> str:
+    """Copy DATA_DIR's store into PostgreSQL at `url`; the report to print, or Refused."""
+    if not url:
+        raise Refused("no PostgreSQL to move into: set DATABASE_URL (in the environment or .env) or pass "
+                      "--database-url")
+    where = describe(url)
+    path = database_path(data_dir)
+    if not os.path.isfile(path):
+        raise Refused(f"no database at {path}: set DATA_DIR (or --data-dir) to the bot's data folder")
+    lock = take_lock(data_dir)
+    try:
+        try:
+            source = SQLiteQueue(path, read_only=True)
+            with source._read() as sdb:
+                known_tables(sdb)  # before anything is touched
+        except (sqlite3.DatabaseError, SchemaTooNew) as error:
+            raise Refused(f"cannot read {path}: {error}") from None
+        target = open_target(url, where)
+        try:
+            with target._read() as db:
+                refuse_unless_empty(db, where)
+            notes = drain_inbox(data_dir, path)
+            counts, states, replaced = copy_all(source, target, where)
+        finally:
+            target.close()
+    finally:
+        os.close(lock)
+    lines = [f"moved {path} into {where}:"]
+    lines += [f"  {table:<13}{count:>9}" + (f"  ({states})" if table == "events" and states else "")
+              for table, count in counts.items()]
+    lines.append("  not copied: dispatchers (each process's own), inbox_offsets (SQLite's inbox bookkeeping)")
+    if replaced:
+        lines.append(f"  {replaced} row(s) held text with a NUL character, which PostgreSQL cannot store: "
+                     "each NUL became U+FFFD")
+    lines += notes
+    lines.append(f"Next: set DATABASE_URL (in .env) to this database and start the bot. {path} stays as a "
+                 "backup: do not run the bot on it again, or the two stores part ways.")
+    return "\n".join(lines)
+
+
+def take_lock(data_dir: str) -> int:
+    try:
+        return lock_data_dir(data_dir)
+    except StartupProblem:
+        raise Refused(f"a bot (pid {lock_holder(data_dir)}) is still running on DATA_DIR {data_dir}: stop it "
+                      "first, or messages it takes in after the copy would be lost to PostgreSQL") from None
+    except OSError as error:
+        raise Refused(f"cannot take DATA_DIR {data_dir}'s lock ({error.strerror}): run this as the bot's "
+                      "user") from None
+
+
+def lock_holder(data_dir: str) -> str:
+    try:
+        with open(os.path.join(data_dir, LOCK_FILE), encoding="utf-8", errors="replace") as file:
+            return file.read(32).strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def open_target(url: str, where: str) -> PostgresQueue:
+    import psycopg
+
+    # One plain connection first: it fails fast, with the server's own reason (refused,
+    # authentication, no such database), where the pool retries and says only "timeout".
+    try:
+        psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT).close()
+    except Exception as error:  # noqa: BLE001 - psycopg's, or a URL it cannot parse
+        raise Refused(f"{where} cannot be used ({type(error).__name__}: {one_line(error)}): check "
+                      "DATABASE_URL and that the server runs") from None
+    try:
+        return PostgresQueue(url, pool_size=2)
+    except SchemaTooNew as error:
+        raise Refused(f"{where}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - the driver's or the pool's: say which and where
+        raise Refused(f"{where} cannot be used ({type(error).__name__}: {one_line(error)}): check "
+                      "DATABASE_URL and that the server runs") from None
+
+
+def refuse_unless_empty(db, where: str) -> None:
+    held = {table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in MUST_BE_EMPTY}
+    if any(held.values()):
+        what = ", ".join(f"{count} {table}" for table, count in held.items() if count)
+        raise Refused(f"{where} already holds a store ({what} rows): move into a new, empty database; "
+                      "nothing was changed")
+
+
+def drain_inbox(data_dir: str, path: str) -> list[str]:
+    """Acknowledged messages still in inbox files enter SQLite first, as on the bot's start."""
+    directory = os.path.join(data_dir, "inbox")
+    notes = []
+    if inbox.inbox_files(directory):
+        try:
+            writable = SQLiteQueue(path)
+            try:
+                new, duplicates = writable.drain(directory)
+            finally:
+                writable.close()
+        except (sqlite3.DatabaseError, OSError) as error:
+            raise Refused(f"cannot drain {directory} into {path} ({type(error).__name__}: {one_line(error)}); "
+                          "nothing was moved") from None
+        notes.append(f"drained {directory} into {path} first: {new} acknowledged message(s) not yet queued"
+                     + (f", {duplicates} already there" if duplicates else ""))
+        left = inbox.inbox_files(directory)
+        if left:
+            raise Refused(f"{len(left)} inbox file(s) in {directory} are still being written (a webhook "
+                          "process outside this bot's lock?): stop it and run this again; nothing was moved")
+    try:
+        quarantined = len(os.listdir(os.path.join(directory, QUARANTINE)))
+    except OSError:
+        quarantined = 0
+    if quarantined:
+        notes.append(f"{quarantined} inbox file(s) with damaged bytes stay in {directory}/quarantine for a "
+                     "person to look at (as before the move)")
+    return notes
+
+
+def copy_all(source: SQLiteQueue, target: PostgresQueue, where: str) -> tuple[dict[str, int], str, int]:
+    """Every table in one PostgreSQL transaction (rolled back whole on any error)."""
+    import psycopg
+
+    counts: dict[str, int] = {}
+    replaced = 0
+    try:
+        with source._read() as sdb, target._write() as db:
+            sdb.execute("BEGIN")  # one snapshot of SQLite
+            try:
+                tables = known_tables(sdb)
+                db.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                # Writers wait until the commit (then get ids past ours); readers go on.
+                db.execute(f"LOCK TABLE {', '.join(tables)} IN EXCLUSIVE MODE")
+                refuse_unless_empty(db, where)  # again, now that nobody can add a row
+                for table in tables:
+                    counts[table], nul = copy_table(sdb, db.conn, table)
+                    replaced += nul
+                # Last: a sequence is not rolled back, so it moves only once every row is in.
+                for table, column in SEQUENCES.items():
+                    db.execute(f"SELECT setval(pg_get_serial_sequence(?, ?), MAX({column})) FROM {table}"
+                               f" HAVING MAX({column}) IS NOT NULL", (table, column))
+                states = ", ".join(f"{count} {state}" for state, count in sdb.execute(
+                    "SELECT state, COUNT(*) FROM events GROUP BY state ORDER BY state"))
+            finally:
+                sdb.execute("COMMIT")
+    except psycopg.errors.LockNotAvailable:
+        raise Refused(f"{where} is busy (another bot or session writes to it): stop it and run this again; "
+                      "nothing was changed") from None
+    except (psycopg.Error, sqlite3.DatabaseError, Mismatch) as error:
+        raise Refused(f"the copy failed and was rolled back, {where} is as it was "
+                      f"({type(error).__name__}: {one_line(error)})") from None
+    return counts, states, replaced
+
+
+def known_tables(sdb: sqlite3.Connection) -> list[str]:
+    """The tables to copy; a table this code does not know stops the move (it may hold data
+    that would otherwise stay behind unnoticed)."""
+    present = {row[0] for row in sdb.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                             " AND name NOT LIKE 'sqlite_%'")}
+    unknown = sorted(present - set(TABLES) - set(SKIPPED))
+    if unknown:
+        raise Refused(f"the SQLite database has table(s) this move does not know ({', '.join(unknown)}): "
+                      "run the move of the bot version that created them; nothing was changed")
+    return [table for table in TABLES if table in present]
+
+
+class Mismatch(RuntimeError):
+    """PostgreSQL does not hold what was copied into it."""
+
+
+def copy_table(sdb: sqlite3.Connection, conn, table: str) -> tuple[int, int]:
+    """One table, in SQLite's rowid order, ids (and the mirror's rowid) kept."""
+    columns = [row[1] for row in sdb.execute(f"PRAGMA table_info({table})")]
+    if table == "mirror":
+        columns.insert(0, "rowid")  # insertion order breaks ties of at_ms in history()
+    names = ", ".join(f'"{name}"' for name in columns)
+    select = ", ".join("rowid" if name == "rowid" else f'"{name}"' for name in columns)
+    insert = f"INSERT INTO {table} ({names}) VALUES ({', '.join(['%s'] * len(columns))})"
+    if table == "graph_budget":  # a bot started once on the target may have set it: the later wins
+        insert += " ON CONFLICT (id) DO UPDATE SET next_at = GREATEST(graph_budget.next_at, excluded.next_at)"
+    elif table == "answer_cache":  # a cache: an answer the target already holds is as good
+        insert += " ON CONFLICT (key) DO NOTHING"
+    rows = sdb.execute(f"SELECT {select} FROM {table} ORDER BY rowid")
+    copied = replaced = 0
+    with conn.cursor() as cursor:
+        while chunk := rows.fetchmany(CHUNK):
+            values = []
+            for row in chunk:
+                row, nul = storable(row)
+                values.append(row)
+                replaced += nul
+            cursor.executemany(insert, values)
+            copied += len(values)
+        held = cursor.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    expected = sdb.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+    if copied != expected or (held != copied and table not in ("graph_budget", "answer_cache")):
+        raise Mismatch(f"{table}: {expected} row(s) in SQLite, {copied} copied, {held} in PostgreSQL")
+    return copied, replaced
+
+
+def storable(row: tuple) -> tuple[tuple, int]:
+    """PostgreSQL's text cannot hold NUL, which SQLite's can: such a character becomes U+FFFD."""
+    if not any(isinstance(value, str) and "\x00" in value for value in row):
+        return row, 0
+    return tuple(value.replace("\x00", "\ufffd") if isinstance(value, str) else value for value in row), 1
+
+
+def describe(url: str) -> str:
+    """Where the URL points, without its password (or user)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("postgresql", "postgres"):
+        raise Refused("the database URL must look like postgresql://user@host:5432/database")
+    try:
+        port = parsed.port or 5432
+    except ValueError:
+        raise Refused("the database URL's port is not a number") from None
+    return f"PostgreSQL at {parsed.hostname or 'localhost'}:{port}/{parsed.path.strip('/') or '(default database)'}"
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` with the URL's password removed, however it is spelled."""
+    try:
+        password = urlparse(url).password if url else None
+    except ValueError:
+        password = None
+    for spelling in filter(None, {password, password and unquote(password), password and quote(password, safe="")}):
+        text = text.replace(spelling, "***")
+    return text
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]

@@ -1,0 +1,350 @@
+"""`python -m bot move-to-postgres`: a SQLite DATA_DIR built by the real code, moved by the real
+command (a subprocess), checked in a real PostgreSQL through PostgresQueue."""
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+import zlib
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+from bot.replies.answer import Outcome
+from bot.runtime.move import SKIPPED, TABLES, describe, scrub
+from bot.runtime.preflight import lock_data_dir
+from bot.storage import inbox
+from bot.storage.exchanges import Exchange
+from bot.storage.inbox import ClassifiedEcho
+from bot.storage.queue import PostgresQueue, SQLiteQueue
+from bot.storage.schema import SCHEMA
+from bot.storage.sqlite import Database
+from config import database_path
+from messenger.events import TEXT, Echo, IncomingMessage
+from tests.support import ROOT, FakeClock, free_port
+
+PASSWORD = "s3cr/et-pw?9q"  # percent-encoded in the URL; trust auth ignores it
+PSIDS = ("u0", "u1", "u2", "u3", "u4", "u5", "u6")
+BAD_RECORD = b"this is not JSON"
+BASE_MS = int(time.time() * 1000) - 3_600_000
+
+
+def message(mid, psid="u1", at=1000, text="hi"):
+    return IncomingMessage(psid=psid, page_id="1", mid=mid, kind=TEXT, text=text, timestamp_ms=at)
+
+
+def ms(offset: int) -> int:
+    """A moment of the conversations built here: within the last hour."""
+    return BASE_MS + offset
+
+
+def exchange(batch, outcome=Outcome.ANSWERED, reply="ok", sent=("r",), at=None):
+    at = ms(10_000) if at is None else at  # after every message: each reply part at this one ms
+    return Exchange(psid=batch.psid, messages=batch.messages, outcome=outcome, bot_message=reply,
+                    sent_parts=[(mid, reply) for mid in sent], bot_timestamp_ms=at, model="m",
+                    usage=(3, 7, 10), latency_ms=42)
+
+
+def with_password(url: str) -> tuple[str, str]:
+    """The test server's URL with a password in it (the one it already has, if any)."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url, parts.password
+    netloc = f"{parts.username or 'postgres'}:{quote(PASSWORD, safe='')}@{parts.hostname}:{parts.port or 5432}"
+    return urlunsplit(parts._replace(netloc=netloc)), PASSWORD
+
+
+@pytest.fixture
+def target(pg_url):
+    """(the URL with a password, the password)."""
+    return with_password(pg_url)
+
+
+def build_store(data_dir) -> str:
+    """A SQLite DATA_DIR as a bot leaves it, written by the bot's own code."""
+    path = database_path(str(data_dir))
+    clock = FakeClock(time.time() - 100 * 86400)
+    store = SQLiteQueue(path, clock=clock)
+    # u0: answered 100 days ago, then pruned (retention): the ids left start past 1.
+    store.add([message("m0", psid="u0", at=int(clock.now * 1000))])
+    batch = store.claim("old-host", 30)
+    store.complete(batch, exchange(batch, sent=("r0",), at=int(clock.now * 1000) + 10))
+    clock.now = time.time()
+    # u1: a done batch answered in three parts of the same millisecond (their mids sort
+    # otherwise than they arrived); a message still pending comes last.
+    store.add([message("m1", at=ms(1000), text="Do you deliver?")])
+    batch = store.claim("old-host", 30)
+    store.complete(batch, exchange(batch, reply="Yes.", sent=("z_part", "a_part", "m_part")))
+    store.conversations.update_user("u1", synced_at=1_700_000_000.5, reset_at_ms=ms(900))
+    # u3: paused - a person answered from the Page - with notices given.
+    echo = Echo(psid="u3", mid="e1", text="A person here", timestamp_ms=ms(1200), app_id=None, metadata=None)
+    store.add([], [ClassifiedEcho(echo, True, clock.now + 3600)])
+    store.conversations.update_user("u3", rate_notice_at=1_700_000_001.25, budget_notice_day="2027-01-15")
+    # u4: failed for good, with its record; u5: in work when the old bot was killed.
+    store.add([message("m4", psid="u4", at=ms(1600))])
+    batch = store.claim("old-host", 30)
+    store.fail(batch, "model down", exchange(batch, Outcome.FAILED, reply=None, sent=()))
+    store.add([message("m5", psid="u5", at=ms(1700))])
+    store.claim("old-host", 30)
+    # u2: a batch that sent one part of its reply, then was put back to be retried.
+    store.add([message("m3", psid="u2", at=ms(1500))])
+    batch = store.claim("old-host", 30)
+    store.retry(batch, 0, "boom", reply='{"text": "part one"}', sent_parts=1)
+    store.add([message("m2", at=ms(2000), text="And on Sundays?")])
+    store.conversations.take_graph_read(2.0)
+    assert store.conversations.prune(90) == 1  # u0's record, mirror rows and message
+    # An inbox record that cannot enter the queue: a dead letter, its bytes kept.
+    inbox_dir = os.path.join(str(data_dir), "inbox")
+    os.makedirs(inbox_dir)
+    with open(os.path.join(inbox_dir, "1-dead.inbox"), "wb") as file:
+        file.write(inbox.MARKER + inbox.HEADER.pack(len(BAD_RECORD), zlib.crc32(BAD_RECORD))
+                   + BAD_RECORD)
+    store.drain(inbox_dir)
+    # u6: acknowledged to Meta, still in an inbox file when the bot stopped.
+    with open(os.path.join(inbox_dir, "2-undrained.inbox"), "wb") as file:
+        file.write(inbox.encode([message("m6", psid="u6", at=ms(1800))], []))
+    store.close()
+    return path
+
+
+def run_move(tmp_path, data_dir, url, password):
+    """The command as an owner runs it, from a folder with no .env; the password never shows."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DATA_DIR")}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, "-m", "bot", "move-to-postgres", "--data-dir", str(data_dir),
+                             "--database-url", url], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    output = result.stdout + result.stderr
+    assert password not in output and quote(password, safe="") not in output
+    return result
+
+
+def refused(result) -> str:
+    """A refusal: status 2, one line on stderr, nothing on stdout."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+def sqlite_rows(path, sql):
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        return [tuple(row) for row in db.execute(sql)]
+
+
+def pg_rows(url, sql, *params):
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [tuple(row) for row in conn.execute(sql, params)]
+
+
+COMPARED = {  # every copied table, all columns, in an order both databases share
+    "events": "SELECT * FROM events ORDER BY id",
+    "mirror": "SELECT rowid, mid, psid, author, text, at_ms FROM mirror ORDER BY rowid",
+    "users": "SELECT * FROM users ORDER BY psid",
+    "interactions": "SELECT * FROM interactions ORDER BY id",
+    "graph_budget": "SELECT * FROM graph_budget",
+    "dead_letters": 'SELECT id, source, "offset", error, payload, at FROM dead_letters ORDER BY id',
+}
+
+
+@pytest.fixture
+def moved(tmp_path, target):
+    """A DATA_DIR moved into PostgreSQL: (SQLite path, URL, password, the command's result)."""
+    url, password = target
+    data_dir = tmp_path / "data"
+    path = build_store(data_dir)
+    result = run_move(tmp_path, data_dir, url, password)
+    assert result.returncode == 0, result.stderr
+    return path, url, password, result
+
+
+def test_every_table_arrives_as_it_was(moved):
+    path, url, _, result = moved
+    for table, sql in COMPARED.items():
+        assert pg_rows(url, sql) == sqlite_rows(path, sql), table
+    # Nothing trivially equal: ids start past the pruned ones, each table holds what was built.
+    for table, column in (("events", "id"), ("mirror", "rowid"), ("interactions", "id")):
+        assert sqlite_rows(path, f"SELECT MIN({column}) FROM {table}")[0][0] > 1, table
+    assert bytes(pg_rows(url, "SELECT payload FROM dead_letters")[0][0]) == BAD_RECORD
+    assert pg_rows(url, "SELECT dedupe_key, state, batch_id IS NOT NULL FROM events ORDER BY id") == [
+        ("m1", "done", True), ("m4", "failed", True), ("m5", "working", True), ("m3", "pending", True),
+        ("m2", "pending", False), ("m6", "pending", False)]
+    # The counts printed are the rows of each table.
+    counts = dict(re.findall(r"^  (\w+) +(\d+)", result.stdout, re.M))
+    assert {table: int(count) for table, count in counts.items()} == {
+        table: sqlite_rows(path, f"SELECT COUNT(*) FROM {table}")[0][0] for table in counts}
+    assert set(COMPARED) <= set(counts)
+
+
+def test_the_inbox_is_drained_first_so_acknowledged_messages_arrive(moved, tmp_path):
+    path, url, _, result = moved
+    assert inbox.inbox_files(str(tmp_path / "data" / "inbox")) == []
+    assert sqlite_rows(path, "SELECT state FROM events WHERE dedupe_key = 'm6'") == [("pending",)]
+    assert pg_rows(url, "SELECT psid, state FROM events WHERE dedupe_key = 'm6'") == [("u6", "pending")]
+    assert "drained" in result.stdout
+
+
+def test_history_export_and_user_state_read_the_same(moved):
+    path, url, _, _ = moved
+    old, new = SQLiteQueue(path, read_only=True), PostgresQueue(url)
+    try:
+        for psid in PSIDS:
+            history = new.conversations.history(psid, "page", 50, None)
+            assert history == old.conversations.history(psid, "page", 50, None), psid
+            assert new.conversations.user(psid) == old.conversations.user(psid)
+        assert list(new.conversations.export()) == list(old.conversations.export())
+        # Same-millisecond rows in the order they arrived, not by their ids.
+        assert [h.mid for h in new.conversations.history("u1", "page", 50, None)] == [
+            "m_part", "a_part", "z_part", "m1"]
+        assert new.conversations.user("u3").paused_until > time.time()
+        assert len(list(new.conversations.export())) == 2
+    finally:
+        new.close()
+
+
+def test_waiting_work_goes_on_in_postgres(moved):
+    path, url, _, _ = moved
+    old_batch_id = sqlite_rows(path, "SELECT batch_id FROM events WHERE dedupe_key = 'm3'")[0][0]
+    store = PostgresQueue(url)
+    try:
+        batches = {}
+        while (batch := store.claim("new-host", 30)) is not None:
+            batches[batch.psid] = batch
+        assert {psid: [m.mid for m in b.messages] for psid, b in batches.items()} == {
+            "u1": ["m2"], "u2": ["m3"], "u6": ["m6"]}  # u5's lease has not run out yet
+        retried = batches["u2"]
+        assert (retried.batch_id, retried.reply, retried.sent_parts, retried.attempts) == (
+            old_batch_id, '{"text": "part one"}', 1, 2)
+        # The reply flow: logged, mirrored after the moved rows (same millisecond too).
+        store.complete(batches["u1"], exchange(batches["u1"], reply="Yes, Sundays too.", sent=("b_new",)))
+        assert [h.mid for h in store.conversations.history("u1", "page", 3, None)] == ["b_new", "m_part", "a_part"]
+        records = list(store.conversations.export())
+        assert len(records) == 3 and records[-1]["bot_message"] == "Yes, Sundays too."
+        # New rows take ids past the moved ones.
+        assert store.add([message("m7", psid="u7", at=9000)]) == [True]
+        ids = [row[0] for row in pg_rows(url, "SELECT id FROM events ORDER BY id")]
+        assert len(ids) == len(set(ids)) == 7 and ids[-1] > max(ids[:-1])
+        pg_rows(url, 'INSERT INTO dead_letters (source, "offset", error, payload, at) VALUES (%s, 0, %s, %s, 0)'
+                " RETURNING id", "x", "e", b"p")
+        assert len(pg_rows(url, "SELECT id FROM dead_letters")) == 2
+    finally:
+        store.close()
+
+
+def test_a_second_run_refuses_a_target_that_holds_a_store(moved, tmp_path):
+    path, url, password, _ = moved
+    before = {table: pg_rows(url, sql) for table, sql in COMPARED.items()}
+    line = refused(run_move(tmp_path, tmp_path / "data", url, password))
+    assert "already holds" in line and "empty database" in line
+    assert {table: pg_rows(url, sql) for table, sql in COMPARED.items()} == before
+
+
+def test_a_data_dir_with_a_running_bot_is_refused(tmp_path, target):
+    url, password = target
+    data_dir = tmp_path / "data"
+    build_store(data_dir)
+    lock = lock_data_dir(str(data_dir))
+    try:
+        line = refused(run_move(tmp_path, data_dir, url, password))
+    finally:
+        os.close(lock)
+    assert "still running" in line and f"pid {os.getpid()}" in line
+    assert inbox.inbox_files(str(data_dir / "inbox")) == ["2-undrained.inbox"]  # nothing touched
+    tables = "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema()"
+    assert pg_rows(url, tables) == [(0,)]  # not even created
+    assert run_move(tmp_path, data_dir, url, password).returncode == 0  # stopped: it moves
+
+
+def test_an_out_of_date_sqlite_file_is_refused_and_left_alone(tmp_path, target):
+    url, password = target
+    path = database_path(str(tmp_path / "data"))
+    Database(path, SCHEMA[:-1])  # as an older bot left it
+    line = refused(run_move(tmp_path, tmp_path / "data", url, password))
+    assert f"schema version {len(SCHEMA) - 1}" in line and "start the bot once" in line
+    assert sqlite_rows(path, "PRAGMA user_version") == [(len(SCHEMA) - 1,)]
+
+
+def test_a_failure_mid_copy_leaves_the_target_as_it_was(tmp_path, target):
+    url, password = target
+    data_dir = tmp_path / "data"
+    path = build_store(data_dir)
+    with sqlite3.connect(path) as db:  # a value PostgreSQL rejects, in a table copied after others
+        db.execute("UPDATE interactions SET user_timestamp = 'soon' WHERE id = (SELECT MAX(id) FROM interactions)")
+    line = refused(run_move(tmp_path, data_dir, url, password))
+    assert "rolled back" in line
+    for table in COMPARED:
+        assert pg_rows(url, f"SELECT COUNT(*) FROM {table}") == [(0,)], table
+    assert pg_rows(url, "SELECT is_called FROM events_id_seq") == [(False,)]
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE interactions SET user_timestamp = 1600 WHERE user_timestamp = 'soon'")
+    assert run_move(tmp_path, data_dir, url, password).returncode == 0  # as it was: empty, so it moves
+
+
+def test_a_target_a_bot_only_started_on_is_empty_enough(tmp_path, target):
+    url, password = target
+    started = PostgresQueue(url)
+    started.heartbeat("host-b:1")
+    started.conversations.hold_graph_reads(10_000)  # later than the SQLite store's budget
+    started.close()
+    data_dir = tmp_path / "data"
+    build_store(data_dir)
+    assert run_move(tmp_path, data_dir, url, password).returncode == 0
+    assert pg_rows(url, "SELECT owner FROM dispatchers") == [("host-b:1",)]
+    assert pg_rows(url, "SELECT next_at FROM graph_budget")[0][0] > time.time() + 9_000
+
+
+def test_nul_characters_postgres_cannot_store_are_replaced_and_said(tmp_path, target):
+    url, password = target
+    data_dir = tmp_path / "data"
+    store = SQLiteQueue(database_path(str(data_dir)))
+    store.add([message("m1", text="a b")])
+    batch = store.claim("a", 30)
+    store.complete(batch, exchange(batch))
+    with sqlite3.connect(database_path(str(data_dir))) as db:  # as an older version stored them
+        db.execute("UPDATE mirror SET text = 'a' || char(0) || 'b' WHERE mid = 'm1'")
+        db.execute("UPDATE interactions SET user_message = 'a' || char(0) || 'b'")
+    result = run_move(tmp_path, data_dir, url, password)
+    assert result.returncode == 0 and "NUL" in result.stdout
+    assert pg_rows(url, "SELECT text FROM mirror WHERE mid = 'm1'") == [("a\ufffdb",)]
+    assert pg_rows(url, "SELECT user_message FROM interactions") == [("a\ufffdb",)]
+
+
+def test_a_table_the_move_does_not_know_stops_it(tmp_path, target):
+    url, password = target
+    data_dir = tmp_path / "data"
+    path = build_store(data_dir)
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE notes (body TEXT)")
+    line = refused(run_move(tmp_path, data_dir, url, password))
+    assert "(notes)" in line
+    assert inbox.inbox_files(str(data_dir / "inbox")) == ["2-undrained.inbox"]
+
+
+def test_every_table_of_the_schema_is_copied_or_skipped_on_purpose(tmp_path):
+    path = str(tmp_path / "bot.sqlite3")
+    Database(path, SCHEMA)
+    tables = {row[0] for row in sqlite_rows(path, "SELECT name FROM sqlite_master WHERE type = 'table'"
+                                                  " AND name NOT LIKE 'sqlite_%'")}
+    assert tables <= set(TABLES) | set(SKIPPED), "a new table: copy it in bot/runtime/move.py, or skip it on purpose"
+
+
+def test_an_unreachable_or_wrong_server_is_one_line_without_the_password(tmp_path, target):
+    url, password = target
+    data_dir = tmp_path / "data"
+    build_store(data_dir)
+    parts = urlsplit(url)
+    for netloc in (f"{parts.username}:{quote(password, safe='')}@127.0.0.1:{free_port()}",
+                   f"no_such_role:{quote(password, safe='')}@{parts.hostname}:{parts.port or 5432}"):
+        line = refused(run_move(tmp_path, data_dir, urlunsplit(parts._replace(netloc=netloc)), password))
+        assert "cannot be used" in line
+    assert inbox.inbox_files(str(data_dir / "inbox")) == ["2-undrained.inbox"]
+
+
+def test_the_password_is_scrubbed_however_it_is_spelled():
+    url = f"postgresql://bot:{quote(PASSWORD, safe='')}@db.example:5432/bot"
+    said = scrub(f"a driver said {PASSWORD} and {quote(PASSWORD, safe='')} about {url}", url)
+    assert PASSWORD not in said and quote(PASSWORD, safe="") not in said and said.count("***") == 3
+    assert describe(url) == "PostgreSQL at db.example:5432/bot"
