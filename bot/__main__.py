@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 from bot.runtime import move
 from bot.storage.exchanges import EXPORT_COLUMNS
-from bot.storage.queue import SQLiteQueue
+from bot.storage.queue import PostgresQueue, SQLiteQueue
 from bot.storage.sql import SchemaTooNew
 from config import database_path, parse_seconds, read_environment
 
@@ -39,16 +39,28 @@ def parse_moment(text: str) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    data_dir = args.data_dir or read_environment().get("DATA_DIR", "data")
-    path = database_path(data_dir)
-    if not os.path.isfile(path):
-        print(f"no database at {path}: set DATA_DIR (or --data-dir) to the bot's data folder", file=sys.stderr)
-        return 2
-    try:
-        records = SQLiteQueue(path, read_only=True).conversations.export(args.since or 0, args.until)
-    except (sqlite3.DatabaseError, SchemaTooNew) as error:
-        print(f"cannot read {path}: {error}", file=sys.stderr)
-        return 2
+    environment = read_environment()
+    url = args.database_url or environment.get("DATABASE_URL", "").strip()
+    if url:  # the store of every host: PostgreSQL, read-only
+        where = move.describe(url)
+        try:
+            records = list(PostgresQueue(url, read_only=True, pool_size=2).conversations.export(
+                args.since or 0, args.until))
+        except Exception as error:  # noqa: BLE001 - the driver's: say which, never the URL
+            print(f"cannot read {where}: {type(error).__name__}: {move.scrub(str(error), url)[:300]}",
+                  file=sys.stderr)
+            return 2
+    else:
+        data_dir = args.data_dir or environment.get("DATA_DIR", "data")
+        path = database_path(data_dir)
+        if not os.path.isfile(path):
+            print(f"no database at {path}: set DATA_DIR (or --data-dir) to the bot's data folder", file=sys.stderr)
+            return 2
+        try:
+            records = SQLiteQueue(path, read_only=True).conversations.export(args.since or 0, args.until)
+        except (sqlite3.DatabaseError, SchemaTooNew) as error:
+            print(f"cannot read {path}: {error}", file=sys.stderr)
+            return 2
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
     written = 0
     try:
@@ -80,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     command.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     command.add_argument("--output", help="a file to write (default: standard output)")
     command.add_argument("--data-dir", help="the bot's DATA_DIR (default: from the environment or .env)")
+    command.add_argument("--database-url", help="read PostgreSQL instead (default: DATABASE_URL from the "
+                                                "environment or .env)")
     command = commands.add_parser("move-to-postgres", help=move.HELP, description=move.DESCRIPTION)
     move.add_arguments(command)
     args = parser.parse_args(argv)

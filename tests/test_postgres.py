@@ -50,8 +50,6 @@ def test_gunicorn_on_postgres_survives_kill_9_after_the_200(graph, model, tmp_pa
 
 
 def test_an_unreachable_postgres_stops_start_up_with_one_line(graph, model, tmp_path):
-    import subprocess
-
     from tests.support import free_port, start_gunicorn
     from tests.support.messages import base_env
 
@@ -62,3 +60,18 @@ def test_an_unreachable_postgres_stops_start_up_with_one_line(graph, model, tmp_
     assert process.returncode == 1
     assert "Cannot start: PostgreSQL at 127.0.0.1:" in output and "check DATABASE_URL" in output
     assert "s3cret-pw" not in output and "Traceback" not in output
+
+
+def test_export_reads_postgres_when_database_url_is_set(make_client, graph, pg_url, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    replay(make_client(DATABASE_URL=pg_url), "text")
+    done = subprocess.run([sys.executable, "-m", "bot", "export", "--database-url", pg_url], cwd=tmp_path,
+                          env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["outcome"] for line in done.stdout.splitlines()] == ["answered"]
