@@ -84,7 +84,7 @@ class Config:
     database_pool_size: int = 10
     max_attempts: int = 5
     retry_base_seconds: float = 1.0
-    lease_seconds: float = 30.0
+    lease_seconds: float = 8.0
     port: int = 8000
     log_level: str = "INFO"
     fb_app_id: str = ""
@@ -191,7 +191,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         database_pool_size=reader.number("DATABASE_POOL_SIZE", 10, int, 2, 200),
         max_attempts=reader.number("MAX_ATTEMPTS", 5, int, 1, 100),
         retry_base_seconds=reader.number("RETRY_BASE_SECONDS", 1.0, float, 0.01, 600),
-        lease_seconds=reader.number("LEASE_SECONDS", 30.0, float, 1, 3600),
+        lease_seconds=reader.number("LEASE_SECONDS", 8.0, float, 1, 3600),
         port=reader.number("PORT", 8000, int, 1, 65535),
         log_level=reader.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         fb_app_id=reader.text("FB_APP_ID", "").strip(),

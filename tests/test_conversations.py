@@ -367,7 +367,7 @@ def test_a_version_2_database_is_migrated_in_place(tmp_path):
                    " VALUES ('m_old', 'p', '{}', 1, 1, 'done', 'a plain-text reply')")
     store = SQLiteQueue(path)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 6
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 7
     assert store.states() == {"m_old": "done"}
     assert db.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 0
 

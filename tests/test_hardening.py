@@ -14,8 +14,9 @@ import time
 import pytest
 import requests
 
-from bot.web.asgi import read_body
+from bot.storage.instance import owner_prefix
 from bot.telemetry.logs import LogScrubber
+from bot.web.asgi import read_body
 from bot.web.webhook import read_wsgi_body
 from messenger.signature import sign
 from tests.support import (APP_SECRET, PAGE_ID, PSID, VERIFY_TOKEN, base_env, free_port, is_up, start_gunicorn,
@@ -306,12 +307,14 @@ def test_a_corrupt_database_makes_a_restarted_bot_not_ready_but_alive(graph, mod
         stop(process)
 
 
-HERE = socket.gethostname() + ":"  # readiness looks at this host's reply process
+def here(tmp_path) -> str:
+    """Readiness looks at this bot's reply process: owners carry DATA_DIR's instance id."""
+    return owner_prefix(str(tmp_path / "data"))
 
 
 def test_another_hosts_reply_process_does_not_make_this_one_ready(client, tmp_path):
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
-        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)", ("other-host:1:abc", time.time()))
+        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)", ("other-bot:1:abc", time.time()))
     assert "the reply process has not started" in client.get("/readyz").get_json()["problems"]
 
 
@@ -321,7 +324,8 @@ def test_readiness_rechecks_integrity_on_its_clock(client, tmp_path):
     readiness.clock = lambda: now[0]
     db = tmp_path / "data" / "bot.sqlite3"
     with sqlite3.connect(db) as connection:
-        connection.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)", (HERE + "live", time.time() + 3600))
+        connection.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)",
+                           (here(tmp_path) + "live", time.time() + 3600))
         connection.commit()
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     assert client.get("/readyz").status_code == 200
@@ -339,7 +343,8 @@ def test_readyz_names_a_reply_process_that_never_started_or_went_silent(client, 
     assert response.status_code == 503
     assert "the reply process has not started" in response.get_json()["problems"]
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
-        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)", (HERE + "gone", time.time() - 120))
+        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)",
+                   (here(tmp_path) + "gone", time.time() - 120))
     problems = client.get("/readyz").get_json()["problems"]
     assert any(p.startswith("the reply process is dead or stuck") for p in problems), problems
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
@@ -350,7 +355,8 @@ def test_readyz_names_a_reply_process_that_never_started_or_went_silent(client, 
 def test_readyz_names_old_waiting_messages_and_a_full_disk(make_client, tmp_path):
     client = make_client(READY_MAX_WAIT="1")
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
-        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)", (HERE + "live", time.time() + 3600))
+        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)",
+                           (here(tmp_path) + "live", time.time() + 3600))
     body = text_body("m_hello", "hello")
     assert client.post("/webhook", data=body, headers={"X-Hub-Signature-256": sign(body, APP_SECRET)}).status_code == 200
     assert client.get("/readyz").status_code == 200

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from tests.support import PSID, Bot, echo_body, text_body, wait_until
+from tests.support import PSID, Bot, echo_body, reply_process_pid, text_body, wait_until
 
 
 @pytest.fixture
@@ -102,19 +102,6 @@ def test_replies_to_one_user_go_out_in_order_across_workers(make_bot, graph, mod
     answered = [int(text.rsplit(" ", 1)[1]) for text in graph.sent_texts(PSID)]
     assert answered == sorted(answered) and answered[-1] == 5
     assert len(answered) < 6, "messages written while a reply was prepared are answered together"
-
-
-def reply_process_pid(bot) -> int | None:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            if b"bot.runtime.reply_process" in cmdline and int(stat.rsplit(")", 1)[1].split()[1]) == bot.process.pid:
-                return int(entry)
-    return None
 
 
 def test_a_dead_reply_process_is_replaced_and_its_work_resumed(make_bot, graph, model):

@@ -17,7 +17,7 @@ from bot.replies.activity import Activity
 from bot.replies.answer import Answer, Outcome
 from bot.replies.composer import Composer
 from bot.storage.exchanges import Exchange
-from bot.storage.queue import Batch, SQLiteQueue
+from bot.storage.queue import Batch, LostLease, Queue
 from bot.telemetry import metrics
 from messenger.graph import GraphAPIError, is_retryable
 from messenger.split import split_text
@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**(attempt-1)))."""
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
-
 
 
 @dataclass
@@ -43,9 +42,10 @@ class Progress:
 class BatchReplier:
     """Answers the batches a dispatcher claims, in the dispatcher's reply threads."""
 
-    def __init__(self, store: SQLiteQueue, composer: Composer, actions: Executor, *,
-                 retry_base: float = 1.0, retry_cap: float = 60.0):
+    def __init__(self, store: Queue, composer: Composer, actions: Executor, *,
+                 retry_base: float = 1.0, retry_cap: float = 60.0, lease_seconds: float = 30.0):
         self.store = store
+        self.lease_seconds = lease_seconds
         self.composer = composer
         self._actions = actions  # sender actions (seen, typing) run beside the reply thread
         self.retry_base = retry_base
@@ -61,6 +61,11 @@ class BatchReplier:
             if batch.reply:
                 progress.answer = Answer.from_json(batch.reply)
             self._answer(batch, progress, activity)
+        except LostLease as exc:
+            # Another process took the batch over (this one stalled past its lease): its
+            # outcome stands, and nothing more is sent from here.
+            metrics.FAILED.labels("lease_lost").inc()
+            logger.warning("stopped answering psid=%r mids=%r: %s", batch.psid, _mids(batch), exc)
         except GraphAPIError as exc:
             metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
             self._record_failure(batch, str(exc), progress, None if is_retryable(exc) else f"graph_{exc.code}")
@@ -73,7 +78,6 @@ class BatchReplier:
 
     def _answer(self, batch: Batch, progress: Progress, activity: Activity) -> None:
         if progress.answer is None:
-            # Not written down before the first send: a crash before it asks the model again.
             progress.answer = self.composer.compose(batch.messages, lambda: self._actions.submit(activity.run),
                                                      self.composer.model_deadline(activity.started),
                                                      patient=batch.attempts == 1)
@@ -83,9 +87,13 @@ class BatchReplier:
         answer = progress.answer
         parts = split_text(answer.text) if answer.text else []
         while progress.sent < len(parts):
-            mid = self.composer.send_part(batch.psid, parts[progress.sent])
+            part = parts[progress.sent]
+            # The answer is kept with the batch before the first send (a takeover sends it, the
+            # model is not paid twice), and each send is recorded as under way.
+            self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds)
+            mid = self._delivered_before(batch, part, progress.sent) or self.composer.send_part(batch.psid, part)
             if mid:
-                progress.parts.append((mid, parts[progress.sent]))
+                progress.parts.append((mid, part))
             progress.sent += 1
             if progress.sent < len(parts):
                 self.store.mark_sent(batch, answer.to_json(), progress.sent)
@@ -95,6 +103,16 @@ class BatchReplier:
         if parts:
             metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)
         logger.info("%s psid=%r mids=%r in %d part(s)", answer.outcome, batch.psid, _mids(batch), len(parts))
+
+    def _delivered_before(self, batch: Batch, part: str, index: int) -> str | None:
+        """When the previous owner died with this very send under way: did it go out? (its
+        echo in the mirror, or the Page's message in Graph) - then it is not sent again."""
+        if batch.sending != index:
+            return None
+        mid = self.composer.find_sent(batch.psid, part, since_ms=int(batch.received_at * 1000))
+        logger.warning("psid=%r part %d was being sent when its process died: %s", batch.psid, index,
+                       "it went out, not sending it again" if mid else "it did not go out, sending it")
+        return mid
 
     @staticmethod
     def _exchange(batch: Batch, progress: Progress, outcome: str | None = None) -> Exchange:

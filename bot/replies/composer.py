@@ -18,7 +18,8 @@ from bot.telemetry import metrics
 from gpt.model import ChatModel
 from gpt.prompt import to_chat_messages
 from messenger.events import IncomingMessage
-from messenger.graph import GraphClient
+from bot.storage.times import created_ms
+from messenger.graph import GraphAPIError, GraphClient
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,20 @@ class Composer:
         return gate.Facts(self.conversations.user(psid),
                           self.conversations.messages_between(psid, *window) if window else 0,
                           self.conversations.tokens_since(psid, since) if since is not None else 0)
+
+    def find_sent(self, psid: str, text: str, since_ms: int) -> str | None:
+        """Meta's id of a message with this text the Page already sent this user since `since_ms`:
+        its echo in the mirror, else one Graph read (rare: only after a crash mid-send)."""
+        if mid := self.conversations.find_own_message(psid, text, since_ms):
+            return mid
+        try:
+            history = self.graph.fetch_history(psid, self.prompt.message_count)
+        except GraphAPIError as exc:  # cannot tell: sending again beats never answering
+            logger.warning("could not check psid=%r's conversation for a reply in flight: %s", psid, exc)
+            return None
+        # Graph's times are whole seconds: a message of the same second counts.
+        return next((h.mid for h in history if h.from_id == self.prompt.page_id and h.text == text
+                     and created_ms(h.created_time) >= since_ms - 1000), None)
 
     def send_part(self, psid: str, text: str) -> str | None:
         """One Send API call, returning Meta's message id; GraphAPIError is the caller's to classify."""

@@ -20,7 +20,8 @@ from typing import Callable
 from bot.replies.batch import BatchReplier
 from bot.replies.composer import Composer
 from bot.storage.doorbell import Doorbell
-from bot.storage.queue import Batch, SQLiteQueue
+from bot.storage.instance import owner_prefix, take_reply_lock
+from bot.storage.queue import Batch, Queue
 from bot.telemetry import metrics
 from bot.telemetry.quiet import QuietRepeats
 
@@ -35,10 +36,10 @@ STUCK_AFTER_S = 60.0
 class Dispatcher:
     """Claims batches while it has free reply threads; answers each exactly once if it can."""
 
-    def __init__(self, store: SQLiteQueue, composer: Composer, doorbell: Doorbell, *, threads: int,
+    def __init__(self, store: Queue, composer: Composer, doorbell: Doorbell, *, threads: int,
                  lease_seconds: float = 30.0, retry_base: float = 1.0, retry_cap: float = 60.0,
                  poll_interval: float = 0.2, retention_days: int = 0, tracker=None, inbox_dir: str | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 data_dir: str | None = None, clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.composer = composer
         self.doorbell = doorbell
@@ -48,12 +49,17 @@ class Dispatcher:
         self.tracker = tracker  # bot.replies.tracking.Tracker, when TRACKING_URL is set
         self.inbox_dir = inbox_dir  # the webhook processes' inbox files (bot/storage/inbox.py)
         self._drained_at = 0.0
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.data_dir = data_dir
+        # This bot (DATA_DIR's instance id), this process, this start: see bot/storage/instance.py.
+        self.prefix = owner_prefix(data_dir) if data_dir else f"{socket.gethostname()}:"
+        self.owner = f"{self.prefix}{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._reply_lock: int | None = None
         self._slots = threading.BoundedSemaphore(threads)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reply")
         # One sender-action thread per reply thread: in a burst, "seen" must not queue behind others.
         self._actions = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sender-action")
-        self.replier = BatchReplier(store, composer, self._actions, retry_base=retry_base, retry_cap=retry_cap)
+        self.replier = BatchReplier(store, composer, self._actions, retry_base=retry_base, retry_cap=retry_cap,
+                                    lease_seconds=lease_seconds)
         self._stopping = threading.Event()
         self._busy = 0
         self._busy_lock = threading.Lock()
@@ -65,14 +71,29 @@ class Dispatcher:
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
         self.doorbell.listen()
+        self.take_over_dead_predecessor()
         self.store.heartbeat(self.owner)
         self.last_turn = self.clock()
-        self._threads = [threading.Thread(target=target, name=name, daemon=True)
-                         for target, name in ((self._claim_loop, "dispatcher"), (self._upkeep_loop, "upkeep"))]
+        loops = ((self._claim_loop, "dispatcher"), (self._upkeep_loop, "upkeep"), (self._lease_loop, "leases"))
+        self._threads = [threading.Thread(target=target, name=name, daemon=True) for target, name in loops]
         for thread in self._threads:
             thread.start()
         if self.tracker:
             self.tracker.start(self._stopping)
+
+    def take_over_dead_predecessor(self) -> int:
+        """With the bot's reply lock, every claim of this bot that is not ours belongs to a dead
+        process (the one before us, killed): taken back now, not after LEASE_SECONDS."""
+        if not self.data_dir:
+            return 0
+        self._reply_lock = take_reply_lock(self.data_dir)
+        if self._reply_lock is None:
+            logger.info("another reply process of this bot is alive: its claims are left to it")
+            return 0
+        taken = self.store.take_over(self.prefix, self.owner)
+        if taken:
+            logger.warning("took back %d message(s) a dead reply process of this bot had claimed", taken)
+        return taken
 
     def stop(self, timeout: float) -> None:
         """Stop claiming, let replies in flight finish for `timeout` s, give back the rest."""
@@ -177,14 +198,22 @@ class Dispatcher:
                 self._busy -= 1
             self._slots.release()
 
-    def _upkeep_loop(self) -> None:
-        """Every second: say it is alive, renew its leases while it works, checkpoint the WAL."""
-        last_renewal = last_prune = time.monotonic()
-        while not self._stopping.wait(min(1.0, self.lease_seconds / 3)):
+    def _lease_loop(self) -> None:
+        """A third of a lease apart: renew what this process works on. A thread of its own, so a
+        slow prune or checkpoint never lets a live owner's lease run out."""
+        while not self._stopping.wait(self.lease_seconds / 3):
             try:
-                if self.in_flight and time.monotonic() - last_renewal >= self.lease_seconds / 3:
+                if self.in_flight:
                     self.store.renew(self.owner, self.lease_seconds)
-                    last_renewal = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - leases must keep being renewed
+                self._errors.error(f"lease:{type(exc).__name__}", "lease renewal failed: %s: %s",
+                                   type(exc).__name__, exc)
+
+    def _upkeep_loop(self) -> None:
+        """Every second: say it is alive, checkpoint the WAL, prune now and then."""
+        last_prune = time.monotonic()
+        while not self._stopping.wait(1.0):
+            try:
                 healthy, reason = self.healthy(self.clock())
                 if healthy:
                     self.store.heartbeat(self.owner)
@@ -194,7 +223,7 @@ class Dispatcher:
                 if self.retention_days and time.monotonic() - last_prune >= PRUNE_EVERY_S:
                     last_prune = time.monotonic()
                     self.prune()
-            except Exception as exc:  # noqa: BLE001 - leases must keep being renewed
+            except Exception as exc:  # noqa: BLE001 - the heartbeat must go on
                 self._errors.error(f"upkeep:{type(exc).__name__}", "queue upkeep failed: %s: %s",
                                    type(exc).__name__, exc)
 

@@ -21,12 +21,12 @@ def build_dispatcher(config: Config, store: Queue | None = None, *,
                      wall_clock: Callable[[], float] = time.time,
                      sleep: Callable[[float], object] = time.sleep) -> Dispatcher:
     """The queue, the reply pipeline and the doorbell between them."""
-    store = store or open_queue(config)
+    store = store or open_queue(config, pool_size=config.database_pool_size, wait=10.0)
     tracker = Tracker(store.conversations, config.tracking_url) if config.tracking_url else None
     return Dispatcher(store, build_composer(config, store, wall_clock=wall_clock, sleep=sleep), open_doorbell(config),
                       threads=config.reply_threads, lease_seconds=config.lease_seconds,
                       retry_base=config.retry_base_seconds, retention_days=config.retention_days, tracker=tracker,
-                      inbox_dir=config.inbox_dir)
+                      inbox_dir=config.inbox_dir, data_dir=config.data_dir)
 
 
 def build_composer(config: Config, store: Queue, *, wall_clock: Callable[[], float] = time.time,

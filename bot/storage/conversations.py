@@ -54,6 +54,10 @@ class Conversations:
         with self._database.read() as db:
             return mirror.history(db, psid, page_id, limit, after_ms)
 
+    def find_own_message(self, psid: str, text: str, since_ms: int) -> str | None:
+        with self._database.read() as db:
+            return mirror.find_own(db, psid, text, since_ms)
+
     def take_graph_read(self, per_second: float) -> bool:
         """One Conversations API read from the Page's budget now, or False when it is spent for now."""
         return self.reserve_graph_read(per_second, latest=self.clock()) is not None

@@ -27,3 +27,11 @@ def history(db, psid: str, page_id: str, limit: int, after_ms: int | None) -> li
                       " ORDER BY at_ms DESC, rowid DESC LIMIT ?", (psid, after_ms or 0, limit)).fetchall()
     return [HistoryMessage(mid, text, psid if author == USER else page_id, iso(at_ms) or "")
             for mid, text, author, at_ms in rows]
+
+
+def find_own(db, psid: str, text: str, since_ms: int) -> str | None:
+    """The mid of a message the bot sent this user with exactly this text, at or after `since_ms`
+    (its echo, mirrored when Meta delivered it)."""
+    row = db.execute("SELECT mid FROM mirror WHERE psid = ? AND author = ? AND text = ? AND at_ms >= ?"
+                     " ORDER BY at_ms LIMIT 1", (psid, BOT, clean_text(text), since_ms)).fetchone()
+    return row[0] if row else None

@@ -37,11 +37,14 @@ class PostgresDatabase:
 
     backend = "postgres"
 
-    def __init__(self, url: str, schema: Sequence[str], *, max_size: int = 10, read_only: bool = False):
+    def __init__(self, url: str, schema: Sequence[str], *, max_size: int = 10, read_only: bool = False,
+                 wait: float = CONNECT_TIMEOUT_S):
         self.url = url
         self.read_only = read_only
+        # `wait`: how long a caller waits for a connection. A webhook waits 1 s, then answers 503
+        # (Meta retries); a reply thread can wait longer.
         self.pool = ConnectionPool(
-            url, min_size=1, max_size=max_size, open=False, name="bot", timeout=CONNECT_TIMEOUT_S,
+            url, min_size=1, max_size=max_size, open=False, name="bot", timeout=wait,
             kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S},
             # A connection left broken by a restart of PostgreSQL is found and replaced here.
             check=ConnectionPool.check_connection,

@@ -53,6 +53,12 @@ class Batch:
     received_at: float
     reply: str | None = None
     sent_parts: int = 0
+    owner: str = ""  # who holds it: every write of its outcome checks that it still does
+    sending: int | None = None  # the part whose Send API call was under way when its owner died
+
+
+class LostLease(Exception):
+    """The batch is no longer this owner's: its lease ran out and another process took it."""
 
 
 def dedupe_key(message: IncomingMessage) -> str:
@@ -213,10 +219,10 @@ class Queue:
     # -- the workers' side ------------------------------------------------------------------------
     def claim(self, owner: str, lease_seconds: float) -> Batch | None:
         """The oldest answerable user's waiting messages, leased to `owner`; None when idle."""
-        now = self.clock()
         with self._write() as db:
             self._database.lock_queue(db)
-            self._expire_leases(db, now)
+            now = self.clock()  # after the wait for a connection and the lock: the lease starts now
+            self._expire_leases(db, now, owner)
             head = db.execute(
                 """SELECT e.psid, e.batch_id FROM events e
                    WHERE e.state = 'pending' AND e.available_at <= ?
@@ -238,7 +244,7 @@ class Queue:
             batch_id=batch_id, psid=head["psid"], ids=tuple(ids),
             messages=tuple(_from_json(row["message"]) for row in rows),
             attempts=first["attempts"] + 1, received_at=min(row["received_at"] for row in rows),
-            reply=first["reply"], sent_parts=first["sent_parts"],
+            reply=first["reply"], sent_parts=first["sent_parts"], owner=owner, sending=first["sending"],
         )
 
     def _batch_rows(self, db, psid: str, batch_id: int | None) -> list:
@@ -249,12 +255,29 @@ class Queue:
             "SELECT * FROM events WHERE psid = ? AND state = 'pending' AND batch_id IS NULL"
             " ORDER BY timestamp_ms, id LIMIT ?", (psid, MAX_BATCH)).fetchall()
 
-    def _expire_leases(self, db, now: float) -> None:
-        """Work whose owner died (kill -9) or stalled: back in the queue, or failed after the bound."""
+    def _expire_leases(self, db, now: float, owner: str) -> None:
+        """Work whose owner died (kill -9) or stalled: back in the queue, or failed after the bound.
+        Never the claimant's own: a live process does not take over from itself."""
         db.execute("UPDATE events SET state = 'failed', finished_at = ?, error = 'lease expired too often'"
-                   " WHERE state = 'working' AND lease_until < ? AND attempts >= ?", (now, now, self.max_attempts))
-        db.execute("UPDATE events SET state = 'pending', owner = NULL WHERE state = 'working' AND lease_until < ?",
-                   (now,))
+                   " WHERE state = 'working' AND lease_until < ? AND attempts >= ? AND owner <> ?",
+                   (now, now, self.max_attempts, owner))
+        db.execute("UPDATE events SET state = 'pending', owner = NULL WHERE state = 'working' AND lease_until < ?"
+                   " AND owner <> ?", (now, owner))
+
+    def take_over(self, prefix: str, me: str) -> int:
+        """Every claim of this bot instance (`prefix`) not held by `me`: its process is dead
+        (the caller holds the instance's reply lock). Back in the queue at once, the attempt
+        counted - or failed after the bound, as an expired lease would be."""
+        now = self.clock()
+        mine = "state = 'working' AND substr(owner, 1, ?) = ? AND owner <> ?"
+        with self._write() as db:
+            db.execute(f"UPDATE events SET state = 'failed', finished_at = ?, error = 'lease expired too often'"
+                       f" WHERE {mine} AND attempts >= ?", (now, len(prefix), prefix, me, self.max_attempts))
+            taken = db.execute(f"UPDATE events SET state = 'pending', owner = NULL WHERE {mine}",
+                               (len(prefix), prefix, me)).rowcount
+            if taken:
+                self._database.notify(db)
+        return taken
 
     def heartbeat(self, owner: str) -> None:
         """Note that `owner` is alive and working the queue."""
@@ -273,9 +296,16 @@ class Queue:
             db.execute("UPDATE events SET lease_until = ? WHERE state = 'working' AND owner = ?",
                        (self.clock() + lease_seconds, owner))
 
+    def sending(self, batch: Batch, reply: str, part: int, lease_seconds: float) -> None:
+        """Before each Send API call: the answer kept with the batch (a takeover sends it instead
+        of asking the model again), the part under way, the lease renewed - and proof that the
+        batch is still this owner's (LostLease otherwise: then nothing is sent)."""
+        self._update(batch, "reply = ?, sent_parts = ?, sending = ?, lease_until = ?", reply, part, part,
+                     self.clock() + lease_seconds)
+
     def mark_sent(self, batch: Batch, reply: str, parts: int) -> None:
         """Progress of a reply in several parts: a crash resumes after the last part sent."""
-        self._update(batch, "reply = ?, sent_parts = ?", reply, parts)
+        self._update(batch, "reply = ?, sent_parts = ?, sending = NULL", reply, parts)
 
     def complete(self, batch: Batch, exchange: Exchange | None = None) -> None:
         """Done, with the exchange logged and mirrored in the same transaction."""
@@ -288,8 +318,8 @@ class Queue:
         if batch.attempts >= self.max_attempts:
             self.fail(batch, error, exchange)
             return False
-        self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?, reply = ?, sent_parts = ?",
-                     self.clock() + delay, error, reply, sent_parts)
+        self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?, reply = ?, sent_parts = ?,"
+                     " sending = NULL", self.clock() + delay, error, reply, sent_parts)
         return True
 
     def fail(self, batch: Batch, error: str, exchange: Exchange | None = None) -> None:
@@ -307,9 +337,12 @@ class Queue:
         # Error and reply text may quote anything (an exception's message, a model's output):
         # a lone surrogate in it would make this write - the batch's outcome - fail.
         values = tuple(clean_text(value) if isinstance(value, str) else value for value in values)
+        owned = " AND owner = ? AND state = 'working'" if batch.owner else ""
         with self._write() as db:
-            db.execute(f"UPDATE events SET {assignments} WHERE id IN ({','.join('?' * len(batch.ids))})",
-                       (*values, *batch.ids))
+            updated = db.execute(f"UPDATE events SET {assignments} WHERE id IN ({','.join('?' * len(batch.ids))})"
+                                 f"{owned}", (*values, *batch.ids, *([batch.owner] if batch.owner else []))).rowcount
+            if updated != len(batch.ids):  # rolled back with the block: another process's outcome stands
+                raise LostLease(f"batch {batch.batch_id} of psid {batch.psid!r} is no longer {batch.owner}'s")
             if exchange is not None:
                 self.conversations.finish(db, exchange)
 
@@ -383,19 +416,22 @@ class PostgresQueue(Queue):
     """The queue in PostgreSQL (DATABASE_URL): every host that shares it acts as one bot."""
 
     def __init__(self, url: str, max_attempts: int = 5, tracking: bool = False,
-                 clock: Callable[[], float] = time.time, *, read_only: bool = False, pool_size: int = 10):
+                 clock: Callable[[], float] = time.time, *, read_only: bool = False, pool_size: int = 10,
+                 wait: float = 5.0):
         from bot.storage.postgres import PostgresDatabase  # psycopg loads only where it is used
         from bot.storage.schema import POSTGRES_SCHEMA
 
         self.url = url
-        super().__init__(PostgresDatabase(url, POSTGRES_SCHEMA, max_size=pool_size, read_only=read_only),
-                         max_attempts, tracking, clock)
+        database = PostgresDatabase(url, POSTGRES_SCHEMA, max_size=pool_size, read_only=read_only, wait=wait)
+        super().__init__(database, max_attempts, tracking, clock)
 
 
-def open_queue(config: Config, clock: Callable[[], float] = time.time, pool_size: int = 10) -> Queue:
-    """The store as the settings describe it: PostgreSQL when DATABASE_URL is set, else SQLite."""
+def open_queue(config: Config, clock: Callable[[], float] = time.time, pool_size: int = 10,
+               wait: float = 5.0) -> Queue:
+    """The store as the settings describe it: PostgreSQL when DATABASE_URL is set, else SQLite.
+    `wait`: the longest wait for a PostgreSQL connection (a webhook worker's is short)."""
     if config.database_url:
         return PostgresQueue(config.database_url, max_attempts=config.max_attempts,
-                             tracking=bool(config.tracking_url), clock=clock, pool_size=pool_size)
+                             tracking=bool(config.tracking_url), clock=clock, pool_size=pool_size, wait=wait)
     return SQLiteQueue(config.database_path, max_attempts=config.max_attempts, tracking=bool(config.tracking_url),
                        clock=clock)

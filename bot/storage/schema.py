@@ -109,6 +109,10 @@ SCHEMA = [
     CREATE TABLE answer_cache (key TEXT PRIMARY KEY, text TEXT NOT NULL, model TEXT, expires_at REAL NOT NULL);
     CREATE INDEX answer_cache_expiry ON answer_cache (expires_at);
     """,
+    # version 7: the Send API call under way, for a takeover to check before sending again
+    """
+    ALTER TABLE events ADD COLUMN sending INTEGER;
+    """,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -195,5 +199,9 @@ POSTGRES_SCHEMA = [
     CREATE TABLE answer_cache (key TEXT PRIMARY KEY, text TEXT NOT NULL, model TEXT,
                                expires_at DOUBLE PRECISION NOT NULL);
     CREATE INDEX answer_cache_expiry ON answer_cache (expires_at);
+    """,
+    # version 3: as SQLite's version 7
+    """
+    ALTER TABLE events ADD COLUMN sending INTEGER;
     """,
 ]

@@ -33,7 +33,8 @@ def create_app(config: Config | None = None, *, replies: str = "threads",
         raise ValueError(f"replies must be threads, process or manual, not {replies!r}")
     config = config or load_config()
     app = Flask(__name__)
-    store = open_queue(config, clock, pool_size=config.database_pool_size)
+    # A webhook worker (replies in their own process) answers 503 after 1 s without a connection.
+    store = open_queue(config, clock, pool_size=config.database_pool_size, wait=1.0 if replies == "process" else 5.0)
     if replies != "process":
         from bot.replies.wiring import build_dispatcher  # the model client loads only where replies are made
 

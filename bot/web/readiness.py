@@ -9,13 +9,13 @@ its claim loop is turning), or messages waiting far too long.
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import time
 from contextlib import closing
 from typing import Callable
 
-from bot.storage.queue import SQLiteQueue
+from bot.storage.instance import owner_prefix
+from bot.storage.queue import Queue
 from config import Config
 
 # Below this, the next deliveries may fail with ENOSPC: tell the balancer first.
@@ -27,7 +27,7 @@ INTEGRITY_EVERY_SECONDS = 60.0
 
 
 class Readiness:
-    def __init__(self, config: Config, store: SQLiteQueue, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, config: Config, store: Queue, clock: Callable[[], float] = time.monotonic,
                  min_free_bytes: int = MIN_FREE_BYTES, heartbeat_stale_seconds: float = HEARTBEAT_STALE_SECONDS):
         self.config = config
         self.store = store
@@ -40,8 +40,8 @@ class Readiness:
         """Every reason this instance is not ready (none = ready), and the queue figures."""
         problems = self._storage_problems()
         try:
-            # This host's reply process: with several hosts, another host's says nothing of ours.
-            stats = self.store.stats(self.config.inbox_dir, owner_prefix=socket.gethostname() + ":")
+            # This bot's reply process: with several hosts, another host's says nothing of ours.
+            stats = self.store.stats(self.config.inbox_dir, owner_prefix=owner_prefix(self.config.data_dir))
         except Exception as exc:  # noqa: BLE001 - any driver's error: not ready, and why
             return problems + [f"database unreadable: {type(exc).__name__}: {str(exc)[:200]}"], {}
         if integrity := self._integrity_problem():

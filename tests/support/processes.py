@@ -132,3 +132,17 @@ class SandboxProcess:
     def stop(self) -> int:
         self.process.terminate()
         return self.process.wait(timeout=10)
+
+
+def reply_process_pid(bot) -> int | None:
+    """The pid of `bot`'s reply process (a child of its gunicorn master), if one runs."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if b"bot.runtime.reply_process" in cmdline and int(stat.rsplit(")", 1)[1].split()[1]) == bot.process.pid:
+                return int(entry)
+    return None
