@@ -59,7 +59,7 @@ def on_starting(server):
         prepare_data_dir(_config.data_dir)
         _state["lock"] = lock_data_dir(_config.data_dir)  # held until the last process exits
         check_port_free(_host, _config.port)
-        check_database(_config.database_url)
+        check_database(_config.database_url, _config.database_path)
     except StartupProblem as problem:
         print(f"Cannot start: {problem}", file=sys.stderr)
         sys.exit(1)

@@ -75,3 +75,26 @@ def test_export_reads_postgres_when_database_url_is_set(make_client, graph, pg_u
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["outcome"] for line in done.stdout.splitlines()] == ["answered"]
+
+
+def test_a_database_newer_than_the_code_stops_start_up_with_one_line(graph, model, tmp_path, backend):
+    """Migrated by a newer version of the bot (another host, say): this older code refuses to start."""
+    import sqlite3
+
+    from tests.support import free_port, start_gunicorn
+    from tests.support.messages import base_env
+
+    name, settings = backend
+    env = {**base_env(graph, model, tmp_path), "PORT": str(free_port()), "HOST": "127.0.0.1", **settings}
+    if name == "sqlite":
+        os.makedirs(env["DATA_DIR"], exist_ok=True)
+        with sqlite3.connect(os.path.join(env["DATA_DIR"], "bot.sqlite3")) as db:
+            db.execute("PRAGMA user_version = 99")
+    else:
+        from bot.storage.queue import PostgresQueue
+        PostgresQueue(settings["DATABASE_URL"], pool_size=2).close()
+        rows(settings["DATABASE_URL"], "UPDATE schema_version SET version = 99 RETURNING version")
+    process = start_gunicorn(env, tmp_path)
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode == 1 and "Cannot start:" in output and "newer than this code" in output, output
+    assert "Traceback" not in output

@@ -8,6 +8,7 @@ import fcntl
 import os
 import socket
 import tempfile
+from contextlib import closing
 
 LOCK_FILE = "bot.lock"
 
@@ -71,10 +72,12 @@ def check_port_free(host: str, port: int) -> None:
             raise StartupProblem(f"cannot listen on {host}:{port} ({exc.strerror}): check HOST and PORT") from None
 
 
-def check_database(url: str | None) -> None:
+def check_database(url: str | None, sqlite_path: str | None = None) -> None:
     """With DATABASE_URL: PostgreSQL answers, and its schema is this code's (migrated here, once,
-    before any worker starts)."""
+    before any worker starts). Without: the SQLite file, if there is one, is not newer than this code."""
     if not url:
+        if sqlite_path and os.path.isfile(sqlite_path):
+            _check_sqlite(sqlite_path)
         return
     from urllib.parse import urlparse
 
@@ -89,3 +92,18 @@ def check_database(url: str | None) -> None:
     except Exception as exc:  # noqa: BLE001 - the driver's or the pool's: say which and where
         raise StartupProblem(f"PostgreSQL at {where.hostname or 'localhost'}:{where.port or 5432} cannot be used "
                              f"({type(exc).__name__}); check DATABASE_URL and that the server runs") from None
+
+
+def _check_sqlite(path: str) -> None:
+    import sqlite3
+
+    from bot.storage.schema import SCHEMA
+
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error:
+            return  # unreadable: /readyz reports it, with the reason
+    if version > len(SCHEMA):
+        raise StartupProblem(f"{path} is at schema version {version}, newer than this code ({len(SCHEMA)}): "
+                             "run the newer version of the bot")
