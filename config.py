@@ -97,7 +97,7 @@ class Config:
     reset_reply: str = DEFAULT_RESET_REPLY
     mirror_max_age_seconds: float = 86400.0
     graph_reads_per_second: float = 2.0
-    history_wait_seconds: float = 5.0  # a user the mirror does not know waits this long for a Graph read
+    history_wait_seconds: float = 2.0  # a user the mirror does not know waits this long for a Graph read
     answer_cache_ttl_seconds: float = 0.0  # 0 = off
     retention_days: int = 90  # 0 = keep forever
     tracking_url: str | None = None
@@ -204,7 +204,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         reset_reply=reader.text("RESET_REPLY", DEFAULT_RESET_REPLY, allow_empty=False),
         mirror_max_age_seconds=reader.duration("MIRROR_MAX_AGE", 86400.0, bare_unit="h"),
         graph_reads_per_second=reader.number("GRAPH_READS_PER_SECOND", 2.0, float, 0.01, 1000),
-        history_wait_seconds=reader.duration("HISTORY_WAIT", 5.0, bare_unit="s"),
+        history_wait_seconds=reader.duration("HISTORY_WAIT", 2.0, bare_unit="s"),
         answer_cache_ttl_seconds=reader.duration("ANSWER_CACHE_TTL", 0.0, bare_unit="s"),
         retention_days=reader.number("RETENTION_DAYS", 90, int, 0, 36500),
         tracking_url=reader.url("TRACKING_URL", None, trailing_slash=False),

@@ -20,7 +20,7 @@ def build_app() -> ServerApp:
     # server gets reply threads inside the app.
     flask_app = create_app(config, replies="process" if os.environ.get(REPLY_PROCESS_ENV) == "1" else "threads")
     return ServerApp(flask_app.wsgi_app, flask_app.extensions["webhook"], TrustedPeers(config.forwarded_allow_ips),
-                     store_threads=config.database_pool_size)
+                     store_threads=32)  # waiting for a group commit (bot/storage/queue.py), not holding a connection
 
 
 app = build_app()

@@ -27,7 +27,7 @@ class Policy:
     reset_reply: str = ""
     mirror_max_age: float = 86400.0
     graph_reads_per_second: float = 2.0
-    history_wait: float = 5.0  # a user the mirror does not know waits this long at most for a Graph read
+    history_wait: float = 2.0  # a user the mirror does not know waits this long at most for a Graph read
 
 
 @dataclass(frozen=True)

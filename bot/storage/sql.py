@@ -51,5 +51,10 @@ class Cursor:
     def execute(self, sql: str, params: Sequence[Any] = ()):
         return self.conn.execute(translate(sql), params) if params else self.conn.execute(sql)
 
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement, many rows: psycopg pipelines them (one round trip, not one per row)."""
+        with self.conn.cursor() as cursor:
+            cursor.executemany(translate(sql), rows)
+
     def script(self, sql: str) -> None:
         self.conn.execute(sql)
