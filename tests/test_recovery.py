@@ -120,3 +120,26 @@ def _holder(hosts, pg_url):
     with psycopg.connect(pg_url) as conn:
         row = conn.execute("SELECT owner FROM events WHERE state = 'working'").fetchone()
     return next(host for host in hosts if row[0].startswith(owner_prefix(host.env["DATA_DIR"])))
+
+
+def test_a_reply_process_stopped_for_8_s_resumes_and_answers_once(graph, model, tmp_path):
+    """SIGSTOP (a frozen VM, a debugger) is not a death: nothing is taken over twice, and the
+    reply goes out once the process runs again."""
+    bot = Bot(graph, model, tmp_path, LEASE_SECONDS="8", OPENAI_TIMEOUT="20").start()
+    try:
+        assert wait_until(lambda: bool(reply_process_pid(bot)))
+        model.delay = 1.0
+        assert bot.post(text_body("m_frozen", "Hello?")).status_code == 200
+        assert wait_until(lambda: len(model.requests) == 1)
+        pid = reply_process_pid(bot)
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(8.0)
+        os.kill(pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 10), bot.log_text()
+        print(f"answered {time.monotonic() - resumed:.2f} s after SIGCONT")
+        time.sleep(1.0)
+        assert graph.sent_texts(PSID) == ["Hello from the model."] and len(model.requests) == 1
+        assert reply_process_pid(bot) == pid  # the same process: it was never taken for dead
+    finally:
+        bot.stop()
