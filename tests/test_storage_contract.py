@@ -260,3 +260,18 @@ def test_a_nul_in_a_users_text_is_stored_by_both_backends(store):
     batch = store.claim("a", 30)
     store.complete(batch, exchange(batch, reply="ok"))
     assert [r["user_message"] for r in store.conversations.export()] == ["before\ufffdafter"]
+
+
+def test_a_stale_owner_cannot_overwrite_the_outcome_of_the_one_that_took_over(store, clock):
+    from bot.storage.queue import LostLease
+
+    store.add([message("m1")])
+    stale = store.claim("slow", 30)
+    clock.advance(31)
+    fresh = store.claim("fast", 30)
+    store.complete(fresh, exchange(fresh))
+    for write in (lambda: store.retry(stale, 0, "late"), lambda: store.complete(stale, exchange(stale)),
+                  lambda: store.sending(stale, "{}", 0, 30)):
+        with pytest.raises(LostLease):
+            write()
+    assert store.states() == {"m1": "done"} and len(list(store.conversations.export())) == 1

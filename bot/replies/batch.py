@@ -141,6 +141,9 @@ class BatchReplier:
         for level, record in enumerate(records):
             try:
                 self._retry_or_fail(batch, error, progress, record(), final)
+            except LostLease as exc:  # the process that took it over records its outcome
+                logger.warning("psid=%r mids=%r: %s", batch.psid, _mids(batch), exc)
+                return
             except Exception:  # noqa: BLE001 - try again with less
                 logger.exception("could not record the outcome of psid=%r mids=%r (try %d of %d)",
                                  batch.psid, _mids(batch), level + 1, len(records))
