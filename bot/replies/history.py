@@ -71,6 +71,8 @@ class HistoryReader:
                 if attempt == 1 and is_retryable(exc) and self._time_for_another(give_up):
                     logger.info("history read for psid=%r failed (%s); trying once more", psid, exc)
                     self.sleep(GRAPH_RETRY_AFTER_S)
+                    # The retry needs a slot of its own: worth a short wait, known user or not.
+                    wait_until = max(wait_until, min(give_up, self.clock() + self.new_user_wait))
                     continue
                 logger.warning("history unavailable for psid=%r, answering from the mirror: %s", psid, exc)
                 break
