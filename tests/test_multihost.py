@@ -59,6 +59,15 @@ def mid_of(user: int, k: int) -> str:
     return f"m_multi_{user}_{k}"
 
 
+def writes(user: int, k: int, last_ms: dict[int, int]) -> tuple[str, bytes]:
+    """User `user`'s k-th message as Meta delivers it: (mid, body). Meta stamps the time the
+    user wrote, increasing for each user (`last_ms` keeps each user's last stamp)."""
+    timestamp = max(int(time.time() * 1000), last_ms.get(user, 0) + 1)
+    last_ms[user] = timestamp
+    mid = mid_of(user, k)
+    return mid, text_body(mid, text_of(user, k), psid=psid_of(user), timestamp=timestamp)
+
+
 def reply_process_pid(bot: Bot) -> int | None:
     """The host's reply process: a child of its gunicorn master (spawned by a thread of it)."""
     master = bot.process.pid
@@ -269,11 +278,7 @@ def test_three_hosts_answer_every_message_once_in_order_through_a_host_kill(make
         last_ms: dict[int, int] = {}
         try:
             for user, k in plan:
-                # Meta stamps the time the user wrote: increasing for each user.
-                timestamp = max(int(time.time() * 1000), last_ms.get(user, 0) + 1)
-                last_ms[user] = timestamp
-                mid = mid_of(user, k)
-                body = text_body(mid, text_of(user, k), psid=psid_of(user), timestamp=timestamp)
+                mid, body = writes(user, k, last_ms)
                 first = deliver(sender_rng, mid, body, None)
                 with lock:
                     acknowledged.add(mid)
@@ -415,10 +420,7 @@ def test_postgres_restart_mid_traffic_loses_nothing(make_hosts, graph, model, pr
         last_ms: dict[int, int] = {}
         try:
             for user, k in plan:
-                timestamp = max(int(time.time() * 1000), last_ms.get(user, 0) + 1)
-                last_ms[user] = timestamp
-                mid = mid_of(user, k)
-                body = text_body(mid, text_of(user, k), psid=psid_of(user), timestamp=timestamp)
+                mid, body = writes(user, k, last_ms)
                 deadline = clock() + 60
                 while True:  # Meta delivers again until it gets its 200
                     host = rng.randrange(len(hosts))
