@@ -10,11 +10,13 @@ import requests
 from werkzeug.wrappers import Response
 
 from devtools.emulator import GraphEmulator, LocalServer, ModelProxy, ModelStandIn, Timeline, WebhookSender, graph_error
+from devtools.emulator import webhooks
 from devtools.emulator.graph import PAGE_INBOX_APP_ID, expected_appsecret_proof
+from devtools.emulator.media import audio_seconds, png_bytes
 from messenger.events import parse_delivery
 from messenger.graph import appsecret_proof
 from messenger.signature import is_valid_signature
-from tests.support import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, wait_for
+from tests.support import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, fixture_bytes, wait_for
 
 AUTH = {"Authorization": f"Bearer {PAGE_TOKEN}"}
 # A known answer computed once outside Python, so neither the emulator nor the bot grades itself:
@@ -266,3 +268,63 @@ def test_timeline_hands_out_only_what_is_new():
     for t in threads:
         t.join()
     assert [e["seq"] for e in timeline.after(0)] == [3, 4, 5] and timeline.after(5) == []
+
+
+# -- what users send besides text ------------------------------------------------------------------------
+
+def shape(value, key=None):
+    """Keys and kinds of values, and the attachment types themselves: what the emulator's bodies
+    must share with Meta's documented ones (tests/fixtures/attachment_*.json)."""
+    if isinstance(value, dict):
+        return {k: shape(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(v) for v in value]
+    return value if key == "type" else type(value).__name__
+
+
+CDN = "https://scontent.xx.fbcdn.net/v/t1/x.png?oe=1"
+SENT = {
+    "image": ([webhooks.image_attachment(CDN)], "", None),
+    "audio": ([webhooks.audio_attachment(CDN)], "", None),
+    "video": ([webhooks.video_attachment(CDN)], "", None),
+    "file": ([webhooks.file_attachment(CDN)], "", None),
+    "sticker": (webhooks.sticker_attachments(CDN), "", None),
+    "location": ([webhooks.location_attachment(48.8584, 2.2945)], "", None),
+    "fallback": ([webhooks.fallback_attachment("TAHITI", CDN)], "Look: https://youtu.be/x", None),
+    "story_reply": ([], "Still available?", webhooks.story_reply(CDN, "17890000000000001")),
+}
+
+
+@pytest.mark.parametrize("kind", list(SENT))
+def test_what_users_send_is_shaped_as_metas_documented_bodies(kind):
+    attachments, text, reply_to = SENT[kind]
+    event = webhooks.user_event(PAGE_ID, PSID, "m_1", text=text, attachments=attachments, reply_to=reply_to)
+    documented = json.loads(fixture_bytes(f"attachment_{kind}"))
+    assert documented["entry"][0]["messaging"][0]["sender"]["id"] == PSID
+    assert shape(event) == shape(documented["entry"][0]["messaging"][0])
+
+
+def test_a_photo_a_voice_note_and_a_sticker_arrive_with_urls_that_serve_them(graph, receiver):
+    connected(graph, receiver)
+    graph.add_user(PSID, "Ana")
+    photo = png_bytes(64, 48)
+    photo_mid = graph.user_sends_photo(PSID, photo, text="Is this on the menu?")
+    graph.user_sends_voice(PSID)
+    graph.user_sends_sticker(PSID)
+    assert wait_for(lambda: len(receiver.bodies) == 3)
+    messages = sorted((json.loads(b)["entry"][0]["messaging"][0]["message"] for b in receiver.bodies),
+                      key=lambda m: int(m["mid"][2:]))
+    assert [[a["type"] for a in m["attachments"]] for m in messages] == [["image"], ["audio"], ["image", "sticker"]]
+    assert messages[0]["text"] == "Is this on the menu?" and "text" not in messages[1]
+    assert requests.get(messages[0]["attachments"][0]["payload"]["url"], timeout=5).content == photo
+    voice = requests.get(messages[1]["attachments"][0]["payload"]["url"], timeout=5)
+    assert voice.headers["Content-Type"] == "audio/wav" and audio_seconds(voice.content) == 2.0
+    assert {a["payload"]["sticker_id"] for a in messages[2]["attachments"]} == {webhooks.LIKE_STICKER_ID}
+    fields = "messages{message,from,attachments,sticker}"
+    history_of = {m["id"]: m for m in history(graph, fields=fields).json()["data"][0]["messages"]["data"]}
+    assert history_of[photo_mid]["message"] == "Is this on the menu?"
+    assert history_of[photo_mid]["attachments"]["data"][0]["image_data"]["width"] == 64
+    assert history_of[messages[1]["mid"]]["message"] == ""  # no caption: an empty message, as Meta gives it
+    assert history_of[messages[2]["mid"]]["sticker"].startswith(graph.url + "/cdn/")
+    shown = [(e["type"], bool(e["image_url"])) for e in graph.timeline.of_kind("message")]
+    assert shown == [("image", True), ("audio", False), ("sticker", False)]

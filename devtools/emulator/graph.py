@@ -22,7 +22,10 @@ from typing import Any
 from werkzeug.wrappers import Request, Response
 
 from devtools.emulator import webhooks
+from devtools.emulator.cdn import PREFIX as CDN_PREFIX, AttachmentFetch, AttachmentStore
 from devtools.emulator.http import LocalServer, json_response
+from devtools.emulator.media import png_bytes, wav_bytes
+from devtools.emulator.model_inputs import text_of
 from devtools.emulator.timeline import Timeline
 
 VERSION = "v26.0"
@@ -84,6 +87,7 @@ class GraphEmulator(LocalServer):
         self._recent_reads: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
         self._delivery = threading.Condition(self._lock)
+        self.cdn = AttachmentStore(self.url)  # what users send, served from this port under /cdn/
 
     @property
     def api_url(self) -> str:
@@ -95,8 +99,11 @@ class GraphEmulator(LocalServer):
             self.users[psid] = name
             self.conversations.setdefault(psid, [])
 
-    def add_message(self, psid: str, text: str, from_page: bool = False, mid: str | None = None) -> str:
-        """Put a message in the conversation (as history); nothing is delivered."""
+    def add_message(self, psid: str, text: str, from_page: bool = False, mid: str | None = None,
+                    extra: dict | None = None) -> str:
+        """Put a message in the conversation (as history); nothing is delivered.
+
+        `extra` holds Graph fields beyond the text (`attachments`, `sticker`), returned when asked for."""
         mid = mid or f"m_{next(self._ids)}"
         with self._lock:
             name = self.users.setdefault(psid, f"User {psid[-4:]}")
@@ -104,13 +111,13 @@ class GraphEmulator(LocalServer):
             self.conversations.setdefault(psid, []).append({
                 "id": mid, "message": text, "from": sender,
                 "created_time": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()),
-                "_order": next(self._order),
+                "_order": next(self._order), **(extra or {}),
             })
         return mid
 
     def psid_for_prompt(self, messages: list[dict]) -> str | None:
         """Whose turn a model request answers: the user whose newest words end its last message."""
-        last = str(messages[-1].get("content", "")) if messages else ""
+        last = text_of(messages[-1].get("content", "")) if messages else ""
         with self._lock:
             candidates = [(m["_order"], psid) for psid, conversation in self.conversations.items()
                           for m in conversation
@@ -128,6 +135,63 @@ class GraphEmulator(LocalServer):
         if self.webhooks:
             self.webhooks.deliver(self.page_id, [event], psid)
         return mid
+
+    def user_sends(self, psid: str, attachments: list[dict], text: str = "", reply_to: dict | None = None) -> str:
+        """A user sends attachments (built with the `webhooks.*_attachment` helpers), with a caption or not.
+
+        The history holds the caption ("" without one, as Meta gives it) and, for files served
+        here, the Graph `attachments` field."""
+        urls = dict.fromkeys(str((a.get("payload") or {}).get("url") or "") for a in attachments)
+        nodes = [node for node in (self.cdn.sent_by(url, psid) for url in urls) if node]
+        sticker = next((a["payload"]["url"] for a in attachments if "sticker_id" in (a.get("payload") or {})), None)
+        # Graph shows a sticker as the message's `sticker` (its image URL), other files as `attachments`.
+        extra = {"sticker": sticker} if sticker else {"attachments": {"data": nodes}} if nodes else {}
+        mid = self.add_message(psid, text, extra=extra)
+        event = webhooks.user_event(self.page_id, psid, mid, text=text, attachments=attachments, reply_to=reply_to)
+        kind = "sticker" if sticker else attachments[0]["type"] if attachments else "text"
+        image = next((a["payload"]["url"] for a in attachments if a["type"] == "image" and not sticker), None)
+        self.timeline.add("message", psid, mid=mid, sender="user", text=text, type=kind, image_url=image,
+                          attachments=attachments, reply_to=reply_to)
+        if self.webhooks:
+            self.webhooks.deliver(self.page_id, [event], psid)
+        return mid
+
+    def user_sends_photo(self, psid: str, data: bytes | None = None, text: str = "",
+                         content_type: str = "image/png") -> str:
+        """A photo from the phone: real bytes on the CDN, an image attachment in the webhook."""
+        url = self.add_attachment(data if data is not None else png_bytes(64, 48), content_type, name="image",
+                                  psid=psid)
+        return self.user_sends(psid, [webhooks.image_attachment(url)], text)
+
+    def user_sends_voice(self, psid: str, data: bytes | None = None, content_type: str = "audio/wav") -> str:
+        """A voice note (Meta's are audio/mp4 "audioclip-….mp4"; a WAV by default, which any decoder plays)."""
+        url = self.add_attachment(data if data is not None else wav_bytes(2.0), content_type, name="audioclip",
+                                  psid=psid)
+        return self.user_sends(psid, [webhooks.audio_attachment(url)])
+
+    def user_sends_sticker(self, psid: str, sticker_id: int = webhooks.LIKE_STICKER_ID) -> str:
+        """A sticker (the "like" by default), in the shape Meta sends during its move to type "sticker"."""
+        url = self.add_attachment(png_bytes(32, 32), "image/png", name="sticker", psid=psid)
+        return self.user_sends(psid, webhooks.sticker_attachments(url, sticker_id))
+
+    # -- Meta's CDN ------------------------------------------------------------------------------
+    def add_attachment(self, data: bytes, content_type: str, *, name: str = "file", delay: float = 0.0,
+                       redirects: int = 0, chunk_delay: float = 0.0, psid: str | None = None) -> str:
+        """Serve `data` at a signed CDN URL (see `cdn.AttachmentStore`) and return the URL."""
+        return self.cdn.add(data, content_type, name=name, psid=psid, delay=delay, redirects=redirects,
+                            chunk_delay=chunk_delay)
+
+    def expire_attachments(self) -> None:
+        """Every attachment URL handed out so far answers 403 "URL signature expired"."""
+        self.cdn.expire()
+
+    @property
+    def attachment_fetches(self) -> list[AttachmentFetch]:
+        return list(self.cdn.fetches)
+
+    def psid_for_media(self, data: bytes) -> str | None:
+        """Whose attachment these bytes are, for the model's timeline events."""
+        return self.cdn.psid_of(data)
 
     def inbox_reply(self, psid: str, text: str) -> str:
         """A person answers from the Page inbox: Meta echoes it with the inbox's app id."""
@@ -170,6 +234,8 @@ class GraphEmulator(LocalServer):
 
     # -- the API -------------------------------------------------------------------------------
     def handle(self, request: Request) -> Response:
+        if request.path.startswith(CDN_PREFIX):  # Meta's CDN: no token, not a Graph call
+            return self.cdn.serve(request)
         started = time.monotonic()
         body = request.get_json(silent=True)
         self.calls.append(GraphCall(request.method, request.path, dict(request.args), body))

@@ -11,35 +11,34 @@ from typing import Callable
 import requests
 from werkzeug.wrappers import Request, Response
 
+from devtools.emulator import transcription
 from devtools.emulator.http import LocalServer, json_response
+from devtools.emulator.media import image_size
+from devtools.emulator.model_inputs import image_parts, offline_reply, shown_messages, text_of
 from devtools.emulator.timeline import Timeline
 
+__all__ = ["ModelProxy", "ModelStandIn", "completion", "offline_reply"]
+
 CannedReply = str | Callable[[list[dict]], str]
+PROMPT_TOKENS = 10  # the stand-in's count for any prompt's text...
+IMAGE_TOKENS = 85  # ...plus this per image: OpenAI's base figure for an image (all of a low-detail one)
 
 
-def completion(content: str | None, finish_reason: str = "stop", model: str = "test-model") -> dict:
+def completion(content: str | None, finish_reason: str = "stop", model: str = "test-model",
+               prompt_tokens: int = PROMPT_TOKENS) -> dict:
     """A Chat Completions answer in OpenAI's shape."""
     return {
         "id": "chatcmpl-standin", "object": "chat.completion", "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "finish_reason": finish_reason,
                      "message": {"role": "assistant", "content": content}}],
-        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 5, "total_tokens": prompt_tokens + 5},
     }
 
 
-def offline_reply(messages: list[dict]) -> str:
-    """What the offline stand-in says: proof that it got the turn and the history."""
-    last = str(messages[-1].get("content", "")) if messages else ""
-    said = last.rsplit(" : ", 1)[-1].strip()  # the politeness prefix ends with " : "
-    earlier = sum(1 for m in messages[:-1] if m.get("role") in ("user", "assistant"))
-    return (f"[offline stand-in] You said \u201c{said}\u201d. I can see {earlier} earlier "
-            f"message{'s' if earlier != 1 else ''} of this conversation. "
-            "Set OPENAI_API_KEY to talk to a real model.")
-
-
 class _ModelServer(LocalServer):
-    """`POST /v1/chat/completions`; records each request and puts it on the timeline."""
+    """`POST /v1/chat/completions` and `/v1/audio/transcriptions`; records each request and puts it
+    on the timeline, under the user it is for when that can be told."""
 
     mode = "model"
 
@@ -48,14 +47,21 @@ class _ModelServer(LocalServer):
         self.timeline = timeline or Timeline()
         self.requests: list[dict] = []
         self.psid_of: Callable[[list[dict]], str | None] = lambda messages: None
+        self.psid_of_media: Callable[[bytes], str | None] = lambda data: None  # whose photo or voice note
+        self._heard: dict[str, str] = {}  # transcript -> psid, to place the chat call that quotes it
 
     @property
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
     def handle(self, request: Request) -> Response:
-        if request.method != "POST" or request.path != "/v1/chat/completions":
-            return json_response({"error": {"message": "not found"}}, 404)
+        if request.method == "POST" and request.path == "/v1/chat/completions":
+            return self._chat(request)
+        if request.method == "POST" and request.path == "/v1/audio/transcriptions":
+            return self._transcription(request)
+        return json_response({"error": {"message": "not found"}}, 404)
+
+    def _chat(self, request: Request) -> Response:
         body = request.get_json(silent=True)
         self.requests.append({"headers": dict(request.headers), "json": body})
         started = time.monotonic()
@@ -66,15 +72,48 @@ class _ModelServer(LocalServer):
         choices = answer.get("choices") or [{}]
         messages = body.get("messages") if isinstance(body, dict) else None
         self.timeline.add(
-            "model", self.psid_of(messages) if isinstance(messages, list) else None, mode=self.mode, status=response.status_code,
-            ms=round((time.monotonic() - started) * 1000),
-            messages=messages,
+            "model", self._whose(messages) if isinstance(messages, list) else None, mode=self.mode,
+            status=response.status_code, ms=round((time.monotonic() - started) * 1000),
+            messages=shown_messages(messages),
             reply=((choices[0] or {}).get("message") or {}).get("content"),
             finish_reason=(choices[0] or {}).get("finish_reason"), error=answer.get("error"),
         )
         return response
 
+    def _transcription(self, request: Request) -> Response:
+        request.get_data()  # cached first, so the proxy can forward the raw multipart body after parsing
+        upload = transcription.read_upload(request)
+        started = time.monotonic()
+        response = self.transcribe(request, upload)
+        if not self.timeline.enabled:
+            return response
+        answer = response.get_json(silent=True)
+        text = answer.get("text") if isinstance(answer, dict) else response.get_data(as_text=True).strip()
+        psid = self.psid_of_media(upload.data) if upload else None
+        if psid and response.status_code == 200 and text:
+            self._heard[text] = psid
+        self.timeline.add(
+            "transcription", psid, mode=self.mode, status=response.status_code,
+            ms=round((time.monotonic() - started) * 1000), model=upload.model if upload else None,
+            filename=upload.filename if upload else None, seconds=upload.seconds if upload else None,
+            size=upload.size if upload else None, text=text if response.status_code == 200 else None,
+            error=answer.get("error") if isinstance(answer, dict) else None,
+        )
+        return response
+
+    def _whose(self, messages: list[dict]) -> str | None:
+        """The user a chat call answers: by their words, else by their photo's bytes, else by the
+        transcript of their voice note."""
+        psid = self.psid_of(messages)
+        for image in reversed(image_parts(messages)):
+            psid = psid or (self.psid_of_media(image.data) if image.data else None)
+        last = text_of(messages[-1].get("content")) if messages else ""
+        return psid or next((owner for heard, owner in self._heard.items() if heard in last), None)
+
     def answer(self, request: Request, body) -> Response:
+        raise NotImplementedError
+
+    def transcribe(self, request: Request, upload: "transcription.Upload | None") -> Response:
         raise NotImplementedError
 
 
@@ -97,23 +136,60 @@ class ModelStandIn(_ModelServer):
         self.refuses: dict[str, str | None] = {}
         # The header carrying the request id: a proxy (LiteLLM...) sends its own instead.
         self.request_id_header = "x-request-id"
+        self.vision = True  # False: a request with an image gets the 400 of a model without vision
+        # Transcription: the texts to hear, in order (then the offline description), scripted failures,
+        # and every upload received (`transcription.Upload`).
+        self.transcripts: list[str] = []
+        self.scripted_transcriptions: list[Response] = []
+        self.transcriptions: list[transcription.Upload] = []
 
-    def answer(self, request: Request, body) -> Response:
+    def _refused_key(self, request: Request) -> Response | None:
         if self.delay:
             time.sleep(self.delay)
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return json_response({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
                                             "code": "invalid_api_key"}}, 401, {"x-request-id": "req_auth"})
+        return None
+
+    def answer(self, request: Request, body) -> Response:
+        if refused := self._refused_key(request):
+            return refused
         if self.scripted:
             return self.scripted.pop(0)
-        if refused := self.refusal(body or {}):
+        if refused := self.refusal(body or {}) or self.image_refusal(body or {}):
             return refused
         messages = (body or {}).get("messages") or []
         if self.echo:
-            reply = "re: " + messages[-1]["content"].rsplit(" : ", 1)[-1]
+            reply = "re: " + text_of(messages[-1]["content"]).rsplit(" : ", 1)[-1]
         else:
             reply = self.reply(messages) if callable(self.reply) else self.reply
-        return json_response(completion(reply), headers={self.request_id_header: "req_ok"})
+        tokens = PROMPT_TOKENS + IMAGE_TOKENS * len(image_parts(messages))
+        return json_response(completion(reply, prompt_tokens=tokens), headers={self.request_id_header: "req_ok"})
+
+    def transcribe(self, request: Request, upload: "transcription.Upload | None") -> Response:
+        if refused := self._refused_key(request):
+            return refused
+        if upload is not None:
+            self.transcriptions.append(upload)
+        if self.scripted_transcriptions:
+            return self.scripted_transcriptions.pop(0)
+        if refused := transcription.refusal(upload):
+            return refused
+        text = self.transcripts.pop(0) if self.transcripts else transcription.offline_transcript(upload)
+        return transcription.answer(upload, text)
+
+    def image_refusal(self, body: dict) -> Response | None:
+        """OpenAI's 400 for an image sent to a model without vision, or for bytes that are no image."""
+        images = image_parts(body.get("messages") or [])
+        if images and not self.vision:
+            first = images[0]
+            return _invalid("Invalid content type. image_url is only supported by certain models.",
+                            f"messages.[{first.message}].content.[{first.part}].type")
+        for image in images:
+            if image.data is not None and image_size(image.data) is None:
+                return _invalid("You uploaded an unsupported image. Please make sure your image has of one the "
+                                "following formats: ['png', 'jpeg', 'gif', 'webp'].", None, "invalid_image_format")
+        return None
 
     def refusal(self, body: dict) -> Response | None:
         """A 400 shaped like OpenAI's for the first refused parameter in `body`, if any."""
@@ -128,6 +204,11 @@ class ModelStandIn(_ModelServer):
         return None
 
 
+def _invalid(message: str, param: str | None, code: str | None = None) -> Response:
+    return json_response({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                    "code": code}}, 400, {"x-request-id": "req_invalid"})
+
+
 class ModelProxy(_ModelServer):
     """Forwards to a real OpenAI-compatible server unchanged, so the sandbox can show the call."""
 
@@ -140,10 +221,16 @@ class ModelProxy(_ModelServer):
         self._timeout = timeout
 
     def answer(self, request: Request, body) -> Response:
+        return self._forward(request, "chat/completions")
+
+    def transcribe(self, request: Request, upload) -> Response:
+        return self._forward(request, "audio/transcriptions")  # the multipart body as it came
+
+    def _forward(self, request: Request, path: str) -> Response:
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() in ("authorization", "content-type", "openai-organization", "openai-project")}
         try:
-            upstream = self._session.post(f"{self.upstream}/chat/completions", data=request.get_data(),
+            upstream = self._session.post(f"{self.upstream}/{path}", data=request.get_data(),
                                           headers=headers, timeout=self._timeout)
         except requests.RequestException as exc:
             return json_response({"error": {"message": f"sandbox proxy: {type(exc).__name__}"}}, 502)

@@ -6,6 +6,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
+from urllib.parse import quote
 
 import requests
 
@@ -26,18 +27,93 @@ def now_ms() -> int:
 
 
 def user_event(page_id: str, psid: str, mid: str, *, text: str = "", quick_reply: str | None = None,
-               postback: str | None = None, image_url: str | None = None) -> dict:
-    """One `messaging` event for what a user did, in Meta's shape."""
+               postback: str | None = None, image_url: str | None = None, attachments: list[dict] | None = None,
+               reply_to: dict | None = None) -> dict:
+    """One `messaging` event for what a user did, in Meta's shape.
+
+    https://developers.facebook.com/docs/messenger-platform/reference/webhook-events/messages"""
     event = {"sender": {"id": psid}, "recipient": {"id": page_id}, "timestamp": now_ms()}
     if postback is not None:
         event["postback"] = {"title": text, "payload": postback, "mid": mid}
-    elif image_url:
-        event["message"] = {"mid": mid, "attachments": [{"type": "image", "payload": {"url": image_url}}]}
-    else:
-        event["message"] = {"mid": mid, "text": text}
-        if quick_reply is not None:
-            event["message"]["quick_reply"] = {"payload": quick_reply}
+        return event
+    message: dict = {"mid": mid}
+    if text:
+        message["text"] = text
+    if image_url:
+        attachments = [image_attachment(image_url), *(attachments or [])]
+    if attachments:
+        message["attachments"] = attachments
+    if not text and not attachments:
+        message["text"] = text
+    if quick_reply is not None:
+        message["quick_reply"] = {"payload": quick_reply}
+    if reply_to is not None:
+        message["reply_to"] = reply_to
+    event["message"] = message
     return event
+
+
+# -- what an attachment looks like in a webhook, one builder per kind ------------------------------
+LIKE_STICKER_ID = 369239263222822  # Meta's example id: the "like" (thumbs-up) sticker
+
+
+def _url_attachment(kind: str, url: str) -> dict:
+    return {"type": kind, "payload": {"url": url}}
+
+
+def image_attachment(url: str) -> dict:
+    return _url_attachment("image", url)
+
+
+def audio_attachment(url: str) -> dict:
+    """A voice note is an audio attachment (an .mp4 clip on Meta's CDN)."""
+    return _url_attachment("audio", url)
+
+
+def video_attachment(url: str) -> dict:
+    return _url_attachment("video", url)
+
+
+def file_attachment(url: str) -> dict:
+    return _url_attachment("file", url)
+
+
+def sticker_attachment(url: str, sticker_id: int = LIKE_STICKER_ID, kind: str = "image") -> dict:
+    """A sticker: type image with the sticker_id beside the url. Meta is moving stickers to type
+    "sticker"; until 30 August 2026 a sticker message carries both (see `sticker_attachments`)."""
+    return {"type": kind, "payload": {"url": url, "sticker_id": sticker_id}}
+
+
+def sticker_attachments(url: str, sticker_id: int = LIKE_STICKER_ID) -> list[dict]:
+    """A sticker message as Meta sends it during the transition: the image and the sticker attachment."""
+    return [sticker_attachment(url, sticker_id), sticker_attachment(url, sticker_id, kind="sticker")]
+
+
+def location_attachment(lat: float, long: float, title: str = "Pinned Location") -> dict:
+    """A shared location, in the shape Meta documented for it (coordinates in the payload)."""
+    map_url = f"https://www.bing.com/maps/default.aspx?cp={lat}~{long}"
+    return {"type": "location", "title": title, "url": "https://l.facebook.com/l.php?u=" + quote(map_url, safe=""),
+            "payload": {"coordinates": {"lat": lat, "long": long}}}
+
+
+def fallback_attachment(title: str, url: str) -> dict:
+    """A shared link (Webhooks v6.0+): its page title and URL; the message text usually holds the link too."""
+    return {"type": "fallback", "payload": {"url": url, "title": title}}
+
+
+def share_attachment(url: str, title: str | None = None, post_id: int | None = None, kind: str = "post") -> dict:
+    """A shared Facebook post ("post"; "ig_post" for Instagram): its URL, title and id when known."""
+    payload: dict = {"url": url}
+    if title is not None:
+        payload["title"] = title
+    if post_id is not None:
+        payload["id"] = post_id
+    return {"type": kind, "payload": payload}
+
+
+def story_reply(url: str, story_id: str) -> dict:
+    """`message.reply_to` of a reply to the Page's story: the story's CDN URL and id."""
+    return {"story": {"url": url, "id": story_id}}
 
 
 def echo_event(page_id: str, psid: str, mid: str, text: str, app_id: str, metadata: str | None = None) -> dict:
