@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -18,7 +17,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 from gpt.plaintext import to_plain_text
-from gpt.retries import retry_delay
+from gpt.retries import DeadlineExceeded, RetryPolicy, Tries
 from messenger.text import clean_text
 
 logger = logging.getLogger(__name__)
@@ -49,12 +48,17 @@ class EmptyCompletion(Exception):
     """The server answered 200 but without a usable message."""
 
 
-class DeadlineExceeded(Exception):
-    """No time was left for (another) model attempt."""
+class ImagesRefused(Exception):
+    """The model server refused image input (a model without vision): said once by the caller."""
 
 
-# An attempt with less time than this left is not started: no model answers that fast.
-MIN_ATTEMPT_S = 1.0
+# What a server says when the model cannot take images: OpenAI's "image_url is only supported by
+# certain models", vLLM's "... is not a multimodal model", others' "does not support images" or
+# "vision". Not "You uploaded an unsupported image": that one image is bad, not the model.
+IMAGE_REFUSALS = ("only supported by", "multimodal", "multi-modal", "vision", "not support image",
+                  "does not support image", "not supported for this model")
+
+
 # What the server or the network can do to a call: the user gets the fallback. Anything else
 # is a bug here, and is left to raise, so it is logged with its traceback and retried by the
 # queue instead of hiding behind "please try again later".
@@ -93,47 +97,28 @@ class ChatModel:
         self.settings = settings
         self.fallback = fallback
         self.error_log_file = error_log_file
-        self.attempt_timeout = attempt_timeout  # OPENAI_TIMEOUT: one attempt, never past the deadline
-        self.max_retries = max_retries
         self.clock = clock
-        self.sleep = sleep
+        self.retries = RetryPolicy(attempt_timeout=attempt_timeout, max_retries=max_retries, clock=clock, sleep=sleep)
         # Parameters this model refused, and what replaces each (None: dropped), for the
         # life of the process: reasoning models refuse temperature, top_p and max_tokens.
         self.adjusted: dict[str, str | None] = {}
 
-    def reply(self, messages: Sequence[dict[str, str]], deadline: float | None = None) -> ModelReply:
+    def reply(self, messages: Sequence[dict], deadline: float | None = None) -> ModelReply:
         """The model's answer as plain text, `...` when cut for length, or the fallback.
 
         `deadline` (on `clock`) bounds every attempt and retry; None: attempts and retries
         as configured, however long they take.
         """
-        started, tries = self.clock(), _Tries()
+        started, tries = self.clock(), Tries()
         try:
-            completion = self._complete(messages, deadline, tries)
+            completion = self.retries.call(lambda timeout: self._attempt(messages, timeout), deadline, tries)
             return ModelReply(to_reply_text(completion), model=_model_name(completion) or self.settings.model,
-                         usage=_usage(completion))
+                              usage=_usage(completion))
+        except ImagesRefused:
+            return ModelReply(self.fallback, error_class=ImagesRefused.__name__)
         except MODEL_FAILURES as exc:
-            self._log_failure(exc, tries.count, self.clock() - started)
+            log_failure("model call", exc, tries.count, self.clock() - started, self.error_log_file)
             return ModelReply(self.fallback, error_class=type(exc).__name__)
-
-    def _complete(self, messages: Sequence[dict[str, str]], deadline: float | None, tries: "_Tries") -> ChatCompletion:
-        """Attempts until one answers, a failure no retry can fix, the retries run out or
-        the deadline would pass before another attempt could finish."""
-        while True:
-            remaining = math.inf if deadline is None else deadline - self.clock()
-            if remaining < MIN_ATTEMPT_S:
-                raise DeadlineExceeded(f"{remaining:.1f} s left of the reply's deadline")
-            tries.count += 1
-            try:
-                return self._attempt(messages, min(self.attempt_timeout, remaining))
-            except openai.APIError as exc:
-                delay = retry_delay(exc, tries.count)
-                if delay is None or tries.count > self.max_retries:
-                    raise
-                if deadline is not None and self.clock() + delay + MIN_ATTEMPT_S > deadline:
-                    raise
-                logger.info("model attempt %d failed (%s), retrying in %.1f s", tries.count, type(exc).__name__, delay)
-                self.sleep(delay)
 
     def _attempt(self, messages: Sequence[dict[str, str]], timeout: float) -> ChatCompletion:
         """One call; a parameter the model refuses is dropped (or renamed) and the call made
@@ -144,6 +129,8 @@ class ChatModel:
                                         body={"messages": list(messages), **self._params()},
                                         options={"timeout": timeout, "max_retries": 0})
             except openai.BadRequestError as exc:
+                if has_images(messages) and is_image_refusal(exc):
+                    raise ImagesRefused(str(exc)[:200]) from None
                 if not self._adjust(exc):
                     raise
         raise RuntimeError("the model kept refusing parameters")  # unreachable: each is adjusted once
@@ -168,26 +155,31 @@ class ChatModel:
         logger.warning("model %s refused %s (%s): %s", self.settings.model, param, exc.code, how)
         return True
 
-    def _log_failure(self, exc: Exception, attempts: int, seconds: float) -> None:
-        status = getattr(exc, "status_code", None)
-        details = " ".join(f"{name}={value}" for name in ("type", "code", "param")
-                           if isinstance(value := getattr(exc, name, None), str))
-        line = (f"model call failed: {type(exc).__name__} status={status}{' ' + details if details else ''}"
-                f" request_id={_request_id(exc)} attempts={attempts} after={seconds:.1f}s")
-        logger.error(line)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        try:
-            with open(self.error_log_file, "a", encoding="utf-8") as log:
-                log.write(f"{stamp} ERROR {line}\n")
-        except OSError as write_error:
-            logger.error("cannot write %s: %s", self.error_log_file, type(write_error).__name__)
+def has_images(messages: Sequence[dict]) -> bool:
+    return any(isinstance(m.get("content"), list) and any(p.get("type") == "image_url" for p in m["content"])
+               for m in messages)
 
 
-@dataclass
-class _Tries:
-    """How many attempts a reply made, for its failure line."""
+def is_image_refusal(exc: openai.BadRequestError) -> bool:
+    text = str(getattr(exc, "message", "") or "").lower()
+    return "image" in text and any(words in text for words in IMAGE_REFUSALS) or "multimodal" in text
 
-    count: int = 0
+
+def log_failure(what: str, exc: Exception, attempts: int, seconds: float, error_log_file: str) -> None:
+    """One ERROR line, in the log and in ERROR_LOG_FILE: the error's class, status, type, code,
+    param and request id - never the key, never the user's words."""
+    status = getattr(exc, "status_code", None)
+    details = " ".join(f"{name}={value}" for name in ("type", "code", "param")
+                       if isinstance(value := getattr(exc, name, None), str))
+    line = (f"{what} failed: {type(exc).__name__} status={status}{' ' + details if details else ''}"
+            f" request_id={_request_id(exc)} attempts={attempts} after={seconds:.1f}s")
+    logger.error(line)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        with open(error_log_file, "a", encoding="utf-8") as log:
+            log.write(f"{stamp} ERROR {line}\n")
+    except OSError as write_error:
+        logger.error("cannot write %s: %s", error_log_file, type(write_error).__name__)
 
 
 def _request_id(exc: Exception) -> str | None:

@@ -1,9 +1,9 @@
 """Conversation history to chat messages: a pure function, no I/O."""
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
-ChatMessage = dict[str, str]
+ChatMessage = dict[str, Any]  # content: a str, or a list of parts when photos go with the turn
 
 
 class HistoryItem(Protocol):
@@ -20,6 +20,7 @@ def to_chat_messages(
     prefix: str,
     max_turns: int,
     system_prompt: str = "",
+    images: Sequence[str] = (),
 ) -> list[ChatMessage]:
     """Role-tagged turns, oldest first, ending with the prefixed user turn.
 
@@ -29,7 +30,8 @@ def to_chat_messages(
     holds them (same mid), they and anything newer are left out, so nothing is
     asked twice; when Messenger has not indexed them yet, the whole history is
     kept - including the Page's last reply, which the source guide's
-    `messages[-1] = ...` dropped.
+    `messages[-1] = ...` dropped. `images` (data URLs) go with the last turn, as
+    content parts after its text.
     """
     older = _before(history, {mid for mid, _ in new if mid})
     turns = [
@@ -40,10 +42,16 @@ def to_chat_messages(
     *earlier, (_, last) = new
     turns += [{"role": "user", "content": text} for _, text in earlier if text.strip()]
     turns = turns[-(max_turns - 1):] if max_turns > 1 else []
-    turns.append({"role": "user", "content": prefix + last})
+    turns.append({"role": "user", "content": _with_images(prefix + last, images)})
     if system_prompt.strip():
         turns.insert(0, {"role": "system", "content": system_prompt})
     return turns
+
+
+def _with_images(text: str, images: Sequence[str]) -> str | list[dict]:
+    if not images:
+        return text
+    return [{"type": "text", "text": text}, *({"type": "image_url", "image_url": {"url": url}} for url in images)]
 
 
 def _before(history: Sequence[HistoryItem], mids: set[str]) -> Sequence[HistoryItem]:

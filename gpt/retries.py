@@ -8,17 +8,62 @@ exponential backoff with jitter - bounded by the time the reply has left.
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import openai
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429})
 FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 8.0
 # A retry-after beyond this is a server asking to be left alone: not worth waiting for.
 MAX_RETRY_AFTER_S = 60.0
+# An attempt with less time than this left is not started: no model answers that fast.
+MIN_ATTEMPT_S = 1.0
+
+
+class DeadlineExceeded(Exception):
+    """No time was left for (another) model attempt."""
+
+
+@dataclass
+class Tries:
+    """How many attempts a call made, for its failure line."""
+
+    count: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    attempt_timeout: float  # OPENAI_TIMEOUT: one attempt, never past the deadline
+    max_retries: int
+    clock: Callable[[], float]
+    sleep: Callable[[float], object]
+
+    def call(self, attempt: Callable[[float], T], deadline: float | None, tries: Tries) -> T:
+        """`attempt(timeout)` until it answers, fails in a way no retry fixes, the retries run
+        out or the deadline (on `clock`; None: none) would pass before another could finish."""
+        while True:
+            remaining = math.inf if deadline is None else deadline - self.clock()
+            if remaining < MIN_ATTEMPT_S:
+                raise DeadlineExceeded(f"{remaining:.1f} s left of the reply's deadline")
+            tries.count += 1
+            try:
+                return attempt(min(self.attempt_timeout, remaining))
+            except openai.APIError as exc:
+                delay = retry_delay(exc, tries.count)
+                if delay is None or tries.count > self.max_retries:
+                    raise
+                if deadline is not None and self.clock() + delay + MIN_ATTEMPT_S > deadline:
+                    raise
+                logger.info("model attempt %d failed (%s), retrying in %.1f s", tries.count, type(exc).__name__, delay)
+                self.sleep(delay)
 
 
 def retry_delay(exc: Exception, attempt: int, rng: Callable[[], float] = random.random) -> float | None:

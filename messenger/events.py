@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from messenger.attachments import Attachment, parse_attachments
 from messenger.text import clean_text, preview
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class IncomingMessage:
     kind: str  # TEXT, POSTBACK or ATTACHMENT
     text: str
     timestamp_ms: int
-    attachment_types: tuple[str, ...] = ()
+    attachment_types: tuple[str, ...] = ()  # Meta's `type` of each, as sent
+    attachments: tuple[Attachment, ...] = ()
 
     @property
     def is_attachment_only(self) -> bool:
@@ -67,8 +69,9 @@ class IncomingMessage:
 
     @classmethod
     def from_dict(cls, data: dict) -> "IncomingMessage":
-        """What to_dict gave, back from JSON (a list becomes the tuple again)."""
-        return cls(**{**data, "attachment_types": tuple(data["attachment_types"])})
+        """What to_dict gave, back from JSON (lists become the tuples again)."""
+        return cls(**{**data, "attachment_types": tuple(data["attachment_types"]),
+                      "attachments": tuple(Attachment(*a) for a in data.get("attachments", ()))})
 
 
 @dataclass(frozen=True)
@@ -207,16 +210,17 @@ def _from_message(event: dict, body: dict, now_ms: int) -> IncomingMessage | Non
     if not isinstance(attachments, list):
         raise BadPayload("message.attachments must be a list")
     types = tuple(_attachment_type(a) for a in attachments if isinstance(a, dict))
+    parsed = parse_attachments(body)
     if isinstance(text, str) and text.strip():
         kind = TEXT  # quick replies too: their text is the button's title
-    elif types:
+    elif parsed:
         kind, text = ATTACHMENT, ""
     else:
         return None  # nothing we can answer (e.g. an empty or unknown message)
     return IncomingMessage(
         psid=_sender(event), page_id=_recipient(event), mid=_mid(body, required=True),
         kind=kind, text=clean_text(text), timestamp_ms=to_timestamp_ms(event.get("timestamp"), now_ms),
-        attachment_types=types,
+        attachment_types=types, attachments=parsed,
     )
 
 
