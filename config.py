@@ -22,6 +22,11 @@ DEFAULT_FALLBACK_REPLY = "please try again later"
 DEFAULT_UNSUPPORTED_REPLY = (
     "Sorry, I can only read text messages for now. Could you type your question?"
 )
+DEFAULT_MEDIA_ERROR_REPLY = "Sorry, I could not open that. Could you send it again, or type your question?"
+DEFAULT_TOO_LARGE_REPLY = "Sorry, that is too large for me. Could you send something shorter or smaller, or type your question?"
+DEFAULT_VOICE_ERROR_REPLY = "Sorry, I could not make out your voice message. Could you type it?"
+DEFAULT_IMAGE_QUESTION = "What can you tell me about this picture?"
+DEFAULT_TRANSCRIBE_MODEL = "gpt-4o-mini-transcribe"
 DEFAULT_RATE_LIMIT_REPLY = "You are writing faster than I can answer. Please wait a minute before your next message."
 DEFAULT_BUDGET_REPLY = "We have talked a lot today! I will be glad to answer again tomorrow."
 DEFAULT_RESET_REPLY = "Done, I have forgotten our earlier conversation. What can I do for you?"
@@ -76,6 +81,19 @@ class Config:
     fallback_reply: str = DEFAULT_FALLBACK_REPLY
     unsupported_reply: str = DEFAULT_UNSUPPORTED_REPLY
     error_log_file: str = "openai_api_errors.log"
+    # Photos and voice notes (bot/media/): fetched from Meta's CDN within these bounds.
+    vision: bool = True  # off: photos get UNSUPPORTED_REPLY, as videos do
+    image_question: str = DEFAULT_IMAGE_QUESTION  # asked of a photo sent without words
+    image_max_mb: float = 8.0
+    audio_max_mb: float = 25.0  # OpenAI's limit for one transcription
+    voice_max_seconds: float = 300.0
+    media_timeout: float = 10.0  # one fetch, start to last byte
+    media_memory_mb: float = 64.0  # photos in memory at once, all reply threads together
+    transcribe_model: str = DEFAULT_TRANSCRIBE_MODEL
+    sticker_reply: str = ""  # "" = stickers (the "like" too) get no reply
+    media_error_reply: str = DEFAULT_MEDIA_ERROR_REPLY
+    too_large_reply: str = DEFAULT_TOO_LARGE_REPLY
+    voice_error_reply: str = DEFAULT_VOICE_ERROR_REPLY
     graph_timeout: float = 5.0
     reply_threads: int = 100
     data_dir: str = "data"
@@ -184,6 +202,20 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         fallback_reply=reader.text("FALLBACK_REPLY", DEFAULT_FALLBACK_REPLY, allow_empty=False),
         unsupported_reply=reader.text("UNSUPPORTED_REPLY", DEFAULT_UNSUPPORTED_REPLY, allow_empty=False),
         error_log_file=reader.text("ERROR_LOG_FILE", "openai_api_errors.log", allow_empty=False),
+        vision=reader.switch("VISION", True),
+        image_question=reader.text("IMAGE_QUESTION", DEFAULT_IMAGE_QUESTION, allow_empty=False),
+        image_max_mb=reader.number("IMAGE_MAX_MB", 8.0, float, 0.01, 20,
+                                   hint="OpenAI takes images of up to 20 MB"),
+        audio_max_mb=reader.number("AUDIO_MAX_MB", 25.0, float, 0.01, 25,
+                                   hint="OpenAI transcribes files of up to 25 MB"),
+        voice_max_seconds=reader.duration("VOICE_MAX_LENGTH", 300.0, bare_unit="s", low=1),
+        media_timeout=reader.duration("MEDIA_TIMEOUT", 10.0, bare_unit="s", low=0.5),
+        media_memory_mb=reader.number("MEDIA_MEMORY_MB", 64.0, float, 1, 100_000),
+        transcribe_model=reader.text("TRANSCRIBE_MODEL", DEFAULT_TRANSCRIBE_MODEL, allow_empty=False).strip(),
+        sticker_reply=reader.text("STICKER_REPLY", "").strip(),
+        media_error_reply=reader.text("MEDIA_ERROR_REPLY", DEFAULT_MEDIA_ERROR_REPLY, allow_empty=False),
+        too_large_reply=reader.text("TOO_LARGE_REPLY", DEFAULT_TOO_LARGE_REPLY, allow_empty=False),
+        voice_error_reply=reader.text("VOICE_ERROR_REPLY", DEFAULT_VOICE_ERROR_REPLY, allow_empty=False),
         graph_timeout=reader.number("GRAPH_TIMEOUT", 5.0, float, 0.1, 120),
         reply_threads=reader.number("REPLY_THREADS", 100, int, 1, 256),
         data_dir=reader.text("DATA_DIR", "data", allow_empty=False),
@@ -330,6 +362,18 @@ class _Reader:
         if bad:
             self.problems.append(f"{name} must list IP addresses or networks (or *), not {', '.join(bad)}")
         return items
+
+    def switch(self, name: str, default: bool) -> bool:
+        """on/off (also true/false, yes/no, 1/0)."""
+        value = (self._raw(name) or "").lower()
+        if not value:
+            return default
+        if value in ("on", "true", "yes", "1"):
+            return True
+        if value in ("off", "false", "no", "0"):
+            return False
+        self.problems.append(f"{name} must be on or off, got {value!r}")
+        return default
 
     def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
         value = (self._raw(name) or default).upper()

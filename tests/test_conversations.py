@@ -129,9 +129,9 @@ def test_one_record_per_exchange_with_usage_latency_and_outcome(client, graph, m
     say(client, 1, "Hi")
     model.scripted.append(json_response({"error": {"message": "boom"}}, 500))
     say(client, 2, "Still there?")
-    image = {"attachments": [{"type": "image", "payload": {"url": "https://example.com/y.png"}}]}
-    body = text_body("m_image", "", PSID, int(time.time() * 1000) + 3)
-    post_signed(client, body.replace(b'"text": ""', json.dumps(image)[1:-1].encode()))
+    video = {"attachments": [{"type": "video", "payload": {"url": "https://example.com/y.mp4"}}]}
+    body = text_body("m_video", "", PSID, int(time.time() * 1000) + 3)
+    post_signed(client, body.replace(b'"text": ""', json.dumps(video)[1:-1].encode()))
     answer_queue(client)
     graph.fail_next("send", graph_error(551, "This person isn't available right now.", subcode=1545041))
     say(client, 4, "Hello?")
@@ -144,7 +144,8 @@ def test_one_record_per_exchange_with_usage_latency_and_outcome(client, graph, m
     assert first["user_timestamp"].endswith("Z") and first["bot_timestamp"] >= first["user_timestamp"]
     assert first["latency_ms"] >= 0
     assert records[1]["bot_message"] == "please try again later"
-    assert records[2]["user_message"] == "[image]"
+    assert records[2]["user_message"] == "[video]"
+    assert json.loads(records[2]["attachments"]) == [["video", None, "unsupported"]]
     assert records[3]["bot_message"] is None and records[3]["bot_timestamp"] is None
 
 
@@ -367,7 +368,7 @@ def test_a_version_2_database_is_migrated_in_place(tmp_path):
                    " VALUES ('m_old', 'p', '{}', 1, 1, 'done', 'a plain-text reply')")
     store = SQLiteQueue(path)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 7
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 8
     assert store.states() == {"m_old": "done"}
     assert db.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 0
 

@@ -253,5 +253,5 @@ def test_ids_are_logged_escaped_never_as_a_forged_line(env, graph, model, caplog
     dispatcher.store.add([photo])
     with caplog.at_level(logging.INFO):
         dispatcher.run_pending()
-    assert "attachment-only" in caplog.text
+    assert "unsupported psid=" in caplog.text
     assert "\n2026-01-01 00:00:00 ERROR forged" not in caplog.text

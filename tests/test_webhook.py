@@ -124,13 +124,19 @@ def test_answered_events(client, graph, model, name, user_text):
     assert last == {"role": "user", "content": "Answer polite and concisely in a single sentence : " + user_text}
 
 
-@pytest.mark.parametrize("name", ["image", "sticker"])
-def test_attachment_only_gets_unsupported_reply_without_model(client, graph, model, name):
-    assert replay(client, name).status_code == 200
+def test_a_photo_with_vision_off_gets_the_unsupported_reply_without_model(make_client, graph, model):
+    client = make_client(VISION="off")
+    assert replay(client, "image").status_code == 200
     assert graph.sent_texts(PSID) == [
         "Sorry, I can only read text messages for now. Could you type your question?"]
     assert model.requests == []
     assert wait_for(lambda: "mark_seen" in graph.actions())  # the message is still marked seen
+
+
+def test_the_like_sticker_gets_no_reply_and_no_model_call(client, graph, model):
+    assert replay(client, "sticker").status_code == 200
+    assert graph.sent_texts(PSID) == [] and model.requests == []
+    assert wait_for(lambda: "mark_seen" in graph.actions())  # seen, not answered
 
 
 @pytest.mark.parametrize("name", ["echo", "delivery", "read", "reaction", "standby"])

@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass
 from enum import StrEnum
 
+from bot.media.prepare import MediaFact
 from bot.storage.mirror import MirrorRow
 
 
@@ -13,7 +14,9 @@ class Outcome(StrEnum):
 
     ANSWERED = "answered"          # the model's answer
     FALLBACK = "fallback"          # the model failed: FALLBACK_REPLY
-    UNSUPPORTED = "unsupported"    # attachments only: UNSUPPORTED_REPLY, no model call
+    UNSUPPORTED = "unsupported"    # nothing the model can read (a video, a file): UNSUPPORTED_REPLY
+    STICKER = "sticker"            # stickers only (the "like" too): STICKER_REPLY or nothing, no model call
+    MEDIA_FAILED = "media-failed"  # a photo or voice note that could not be fetched or heard: a clear reply
     PAUSED = "paused"              # a person answers from the Page inbox: nothing sent
     RESET = "reset"                # RESET_WORD: the context starts afresh
     RATE_LIMITED = "rate-limited"  # over RATE_LIMIT: one notice per window
@@ -34,10 +37,15 @@ class Answer:
     # read costs no write of its own on the way to the reply. Not kept across a retry.
     synced: tuple[MirrorRow, ...] | None = None
     history: str | None = None  # mirror, graph or mirror-only (bot/replies/history.py)
+    # What each message with attachments said (mid -> "[voice note] its transcript"...), and the
+    # attachments' kinds, sizes and fates: kept with the answer, so a takeover logs them too.
+    said: dict[str, str] | None = None
+    media: tuple[MediaFact, ...] = ()
+    refused_images: bool = False  # the model server takes no images: ask again without them (not stored)
 
     def to_json(self) -> str:
         return json.dumps({"text": self.text, "outcome": self.outcome, "model": self.model, "usage": self.usage,
-                           "history": self.history})
+                           "history": self.history, "said": self.said, "media": self.media})
 
     @classmethod
     def from_json(cls, stored: str) -> "Answer":
@@ -48,4 +56,5 @@ class Answer:
         if not isinstance(data, dict):  # a reply stored as plain text by schema version 2
             return cls(stored, Outcome.ANSWERED)
         return cls(data["text"], Outcome(data["outcome"]), data.get("model"), tuple(data.get("usage") or (None,) * 3),
-                   history=data.get("history"))
+                   history=data.get("history"), said=data.get("said"),
+                   media=tuple(MediaFact(*fact) for fact in data.get("media") or ()))

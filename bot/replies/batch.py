@@ -125,6 +125,7 @@ class BatchReplier:
             bot_message=answer.text if sent else None, sent_parts=progress.parts,
             bot_timestamp_ms=int(now * 1000) if sent else None, model=answer.model, usage=answer.usage,
             latency_ms=int((now - batch.received_at) * 1000), synced=answer.synced, history=answer.history,
+            said=answer.said, attachments=answer.media,
         )
 
     def _record_failure(self, batch: Batch, error: str, progress: Progress, final: str | None = None) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
+from bot.media.prepare import MediaReader, Prepared
 from bot.replies import gate
 from bot.replies.activity import TYPING_REFRESH_S, Activity
 from bot.replies.answer import Answer, Outcome
@@ -15,7 +16,7 @@ from bot.replies.history import History, HistoryReader
 from bot.storage import answer_cache
 from bot.storage.conversations import Conversations
 from bot.telemetry import metrics
-from gpt.model import ChatModel
+from gpt.model import ChatModel, ImagesRefused
 from gpt.prompt import to_chat_messages
 from messenger.events import IncomingMessage
 from bot.storage.times import created_ms
@@ -30,7 +31,6 @@ class PromptSettings:
     prefix: str
     message_count: int
     system_prompt: str
-    unsupported_reply: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,13 +49,14 @@ class Composer:
     """Composes one answer for a user's waiting messages and sends its parts."""
 
     def __init__(self, graph: GraphClient, model: ChatModel, prompt: PromptSettings,
-                 conversations: Conversations, *, policy: Policy = Policy(), timing: Timing = Timing(),
+                 conversations: Conversations, media: MediaReader, *, policy: Policy = Policy(), timing: Timing = Timing(),
                  answer_cache_ttl: float = 0.0, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time, sleep: Callable[[float], object] = time.sleep):
         self.graph = graph
         self.model = model
         self.prompt = prompt
         self.conversations = conversations
+        self.media = media
         self.policy = policy
         self.timing = timing
         self.clock = clock  # deadlines
@@ -96,31 +97,50 @@ class Composer:
                 self.conversations.update_user(psid, **gated.updates)
             logger.info("%s psid=%r: %d message(s) not sent to the model", gated.why, psid, len(messages))
             return gated.answer
-        user = facts.user
-        texts = [m for m in messages if not m.is_attachment_only]
-        if not texts:
+        thinking = _once(thinking)
+        prepared = self.media.prepare(messages, deadline, thinking)
+        try:
+            return self._answer(psid, facts.user, prepared, thinking, deadline, patient)
+        finally:
+            prepared.release()
+
+    def _answer(self, psid: str, user, prepared: Prepared, thinking: Callable[[], object],
+                deadline: float | None, patient: bool) -> Answer:
+        if prepared.reply is not None:
             thinking()  # "seen"; the typing indicator is skipped once the reply is out
-            logger.info("attachment-only message(s) psid=%r mids=%r", psid, [m.mid for m in messages])
-            return Answer(self.prompt.unsupported_reply, Outcome.UNSUPPORTED)
+            logger.info("%s psid=%r: no model call", prepared.reply[1], psid)
+            return _with_media(Answer(prepared.reply[0], Outcome(prepared.reply[1])), prepared)
         # History may take half of what is left of the reply's time: the rest is the model's.
         # A retried batch (its process died, say) waits for nothing: it is late already.
         spend = (deadline - self.clock()) / 2 if deadline is not None else float("inf")
         spend = spend if patient else 0.0
         history = self.history.read(psid, user, spend)
         thinking()
-        chat = to_chat_messages(
-            history.messages, [(m.mid, m.text) for m in texts],
-            page_id=self.prompt.page_id, prefix=self.prompt.prefix,
-            max_turns=self.prompt.message_count, system_prompt=self.prompt.system_prompt,
-        )
-        return self._ask(chat, deadline, history)
+        answer = self._ask(self._chat(history, prepared), deadline, history, cache=not prepared.images)
+        if answer.refused_images:
+            self.media.images_refused(self.model.settings.model)
+            prepared = prepared.without_images(self.media.settings)
+            if prepared.reply is not None:
+                return _with_media(Answer(prepared.reply[0], Outcome(prepared.reply[1])), prepared)
+            answer = self._ask(self._chat(history, prepared), deadline, history)
+        return _with_media(answer, prepared)
 
-    def _ask(self, chat: list[dict[str, str]], deadline: float | None, history: History) -> Answer:
-        """The model's answer - or, with ANSWER_CACHE_TTL, the answer to the very same request."""
-        cache_key = answer_cache.key(self.model.settings.to_params(), chat) if self.answer_cache_ttl else None
+    def _chat(self, history: History, prepared: Prepared) -> list[dict]:
+        return to_chat_messages(
+            history.messages, prepared.turns, page_id=self.prompt.page_id, prefix=self.prompt.prefix,
+            max_turns=self.prompt.message_count, system_prompt=self.prompt.system_prompt, images=prepared.images,
+        )
+
+    def _ask(self, chat: list[dict], deadline: float | None, history: History, cache: bool = True) -> Answer:
+        """The model's answer - or, with ANSWER_CACHE_TTL, the answer to the very same request
+        (never for photos: hashing megabytes to save one call is not worth it)."""
+        use_cache = self.answer_cache_ttl and cache
+        cache_key = answer_cache.key(self.model.settings.to_params(), chat) if use_cache else None
         if cache_key and (cached := self.conversations.cached_answer(cache_key)):
             return Answer(cached[0], Outcome.CACHED, cached[1], synced=history.synced, history=history.source)
         reply = self.model.reply(chat, deadline)
+        if reply.error_class == ImagesRefused.__name__:
+            return Answer(None, Outcome.FALLBACK, refused_images=True)
         if reply.error_class:
             metrics.MODEL_ERRORS.labels(reply.error_class).inc()
         elif cache_key:
@@ -155,3 +175,25 @@ class Composer:
         mid = self.graph.send_text(psid, text)
         metrics.REPLIES.inc()
         return mid
+
+
+def _once(action: Callable[[], object]) -> Callable[[], None]:
+    """`action` the first time only: "seen" and the typing indicator start once per reply."""
+    done = []
+
+    def run() -> None:
+        if not done:
+            done.append(True)
+            action()
+    return run
+
+
+def _with_media(answer: Answer, prepared: Prepared) -> Answer:
+    """The answer with what its messages' attachments said and cost (transcription tokens)."""
+    if not prepared.facts:
+        return answer
+    usage = answer.usage
+    if prepared.tokens:
+        prompt, completion, total = usage
+        usage = ((prompt or 0) + prepared.tokens, completion, (total or 0) + prepared.tokens)
+    return replace(answer, said=prepared.said or None, media=tuple(prepared.facts), usage=usage)

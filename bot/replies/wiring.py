@@ -6,6 +6,9 @@ from typing import Callable
 
 import openai
 
+from bot.media.budget import MemoryBudget
+from bot.media.download import Downloader
+from bot.media.prepare import MB, MediaReader, MediaSettings
 from bot.replies.composer import Composer, PromptSettings, Timing
 from bot.replies.gate import Policy
 from bot.replies.dispatcher import Dispatcher
@@ -14,6 +17,8 @@ from bot.storage.doorbell import open_doorbell
 from bot.storage.queue import Queue, open_queue
 from config import Config
 from gpt.model import ChatModel, ModelSettings
+from gpt.retries import RetryPolicy
+from gpt.transcribe import Transcriber
 from messenger.graph import GraphClient
 
 
@@ -43,8 +48,7 @@ def build_composer(config: Config, store: Queue, *, wall_clock: Callable[[], flo
     chat_model = ChatModel(client, settings, fallback=config.fallback_reply, error_log_file=config.error_log_file,
                            attempt_timeout=config.openai_timeout, max_retries=config.openai_max_retries)
     prompt = PromptSettings(page_id=config.fb_page_id, prefix=config.politeness_prefix,
-                            message_count=config.message_count, system_prompt=config.system_prompt,
-                            unsupported_reply=config.unsupported_reply)
+                            message_count=config.message_count, system_prompt=config.system_prompt)
     policy = Policy(rate_limit=config.rate_limit, rate_limit_reply=config.rate_limit_reply,
                     daily_token_budget=config.daily_token_budget, budget_reply=config.budget_reply,
                     reset_word=config.reset_word, reset_reply=config.reset_reply,
@@ -53,5 +57,19 @@ def build_composer(config: Config, store: Queue, *, wall_clock: Callable[[], flo
                     history_wait=config.history_wait_seconds)
     timing = Timing(reply_deadline=config.reply_deadline_seconds, slow_notice=config.slow_reply_notice,
                     slow_limit=config.slow_reply_limit_seconds)
-    return Composer(graph, chat_model, prompt, store.conversations, policy=policy, timing=timing,
+    media = build_media_reader(config, client, chat_model.retries, threads=config.reply_threads)
+    return Composer(graph, chat_model, prompt, store.conversations, media, policy=policy, timing=timing,
                     answer_cache_ttl=config.answer_cache_ttl_seconds, wall_clock=wall_clock, sleep=sleep)
+
+
+def build_media_reader(config: Config, client: openai.OpenAI, retries: RetryPolicy, threads: int) -> MediaReader:
+    """Photos and voice notes: one CDN session, one memory budget, the chat model's client and retries."""
+    settings = MediaSettings(
+        unsupported_reply=config.unsupported_reply, media_error_reply=config.media_error_reply,
+        too_large_reply=config.too_large_reply, voice_error_reply=config.voice_error_reply,
+        sticker_reply=config.sticker_reply, default_question=config.image_question, vision=config.vision,
+        image_max_bytes=int(config.image_max_mb * MB), audio_max_bytes=int(config.audio_max_mb * MB),
+        voice_max_seconds=config.voice_max_seconds)
+    transcriber = Transcriber(client, config.transcribe_model, error_log_file=config.error_log_file, retries=retries)
+    return MediaReader(settings, Downloader(timeout=config.media_timeout, pool_size=threads), transcriber,
+                       MemoryBudget(int(config.media_memory_mb * MB)))

@@ -89,10 +89,13 @@ class Conversations:
     def finish(self, db, exchange: Exchange) -> None:
         """Inside the transaction that completes the batch: log, mirror, user state - all or nothing."""
         messages = exchange.messages
+        # The user's messages before Graph's rows: Graph has no words for a voice note, the
+        # exchange has its transcript (and a label for a photo), and the first row of a mid stays.
+        mirror.add_rows(db, exchange.psid, [(m.mid, USER, exchanges.user_text(m, exchange.said), m.timestamp_ms)
+                                            for m in messages if m.mid])
         if exchange.synced is not None:  # what Graph returned; from now on the mirror covers this user
             mirror.add_rows(db, exchange.psid, exchange.synced)
             users.update(db, exchange.psid, synced_at=self.clock())
-        mirror.add_rows(db, exchange.psid, [(m.mid, USER, m.text, m.timestamp_ms) for m in messages if m.mid])
         # After what it answers even if Meta's clock (user messages) runs ahead of ours.
         replied_at = max(exchange.bot_timestamp_ms or 0, max(m.timestamp_ms for m in messages) + 1)
         mirror.add_rows(db, exchange.psid, [(mid, BOT, text, replied_at) for mid, text in exchange.sent_parts])

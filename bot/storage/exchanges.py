@@ -2,8 +2,9 @@
 model, tokens, latency, outcome), for export, the daily token budget and retention."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from bot.storage.mirror import MirrorRow
 from bot.storage.times import iso
@@ -12,7 +13,7 @@ from messenger.text import clean_text
 
 # Columns of the exchange log, in export order; timestamps are exported as ISO 8601 UTC.
 EXPORT_COLUMNS = ("psid", "user_message", "user_timestamp", "bot_message", "bot_timestamp", "model",
-                  "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "outcome", "history")
+                  "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "outcome", "history", "attachments")
 
 
 @dataclass
@@ -30,9 +31,14 @@ class Exchange:
     latency_ms: int | None = None
     synced: Sequence[MirrorRow] | None = None  # Graph history read for it: the mirror now covers the user
     history: str | None = None  # where the prompt's history came from (bot/replies/history.py)
+    said: Mapping[str, str] | None = None  # mid -> what a message with attachments said ("[photo] hi")
+    attachments: Sequence[tuple] = ()  # (kind, bytes, outcome) of each attachment
 
 
-def user_text(message: IncomingMessage) -> str:
+def user_text(message: IncomingMessage, said: Mapping[str, str] | None = None) -> str:
+    """What the message said: its words, or what its attachments said (a voice note's transcript)."""
+    if said and message.mid in said:
+        return said[message.mid]
     return message.text if message.text else f"[{', '.join(message.attachment_types) or 'attachment'}]"
 
 
@@ -45,11 +51,13 @@ def record(db, exchange: Exchange, tracking: bool) -> None:
     messages = exchange.messages
     db.execute(
         "INSERT INTO interactions (psid, user_message, user_timestamp, bot_message, bot_timestamp, model,"
-        " prompt_tokens, completion_tokens, total_tokens, latency_ms, outcome, history, tracking)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (exchange.psid, clean_text("\n".join(user_text(m) for m in messages)), min(m.timestamp_ms for m in messages),
-         _clean(exchange.bot_message), exchange.bot_timestamp_ms, _clean(exchange.model), *exchange.usage,
-         exchange.latency_ms, str(exchange.outcome), exchange.history, "waiting" if tracking else None))
+        " prompt_tokens, completion_tokens, total_tokens, latency_ms, outcome, history, tracking, attachments)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (exchange.psid, clean_text("\n".join(user_text(m, exchange.said) for m in messages)),
+         min(m.timestamp_ms for m in messages), _clean(exchange.bot_message), exchange.bot_timestamp_ms,
+         _clean(exchange.model), *exchange.usage, exchange.latency_ms, str(exchange.outcome), exchange.history,
+         "waiting" if tracking else None,
+         json.dumps([list(a) for a in exchange.attachments]) if exchange.attachments else None))
 
 
 def export(db, since_ms: int = 0, until_ms: int | None = None) -> Iterator[dict]:

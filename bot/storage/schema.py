@@ -9,6 +9,7 @@ Columns of note:
   users.paused_until  a human answered from the Page: the bot stays silent until then
   interactions.tracking  NULL: not sent anywhere; 'waiting' for TRACKING_URL; 'sent'
   interactions.history   mirror, graph, or mirror-only (Graph could not be read in time)
+  interactions.attachments  JSON list of [kind, bytes, outcome] per attachment (bot/media/prepare.py)
   answer_cache        ANSWER_CACHE_TTL: model answers by a hash of the whole request
   graph_budget.next_at   the earliest moment of the next Conversations API read (all processes)
   inbox_offsets       bytes of each inbox file already in `events` (bot/storage/inbox.py);
@@ -113,6 +114,10 @@ SCHEMA = [
     """
     ALTER TABLE events ADD COLUMN sending INTEGER;
     """,
+    # version 8: the kinds, sizes and fates of the attachments an exchange answered (never their content)
+    """
+    ALTER TABLE interactions ADD COLUMN attachments TEXT;
+    """,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -203,5 +208,9 @@ POSTGRES_SCHEMA = [
     # version 3: as SQLite's version 7
     """
     ALTER TABLE events ADD COLUMN sending INTEGER;
+    """,
+    # version 4: as SQLite's version 8
+    """
+    ALTER TABLE interactions ADD COLUMN attachments TEXT;
     """,
 ]

@@ -19,6 +19,8 @@ HISTORY_READS = Counter("messenger_history_reads_total", "Where a prompt's histo
 EXCHANGES = Counter("messenger_exchanges_total", "Answered batches, by outcome (as in the exchange log).", ["outcome"])
 TRACKING = Counter("messenger_tracking_posts_total", "POSTs to TRACKING_URL, by result.", ["result"])
 GRAPH_ERRORS = Counter("graph_errors_total", "Graph API errors, by Meta error code.", ["code"])
+ATTACHMENTS = Counter("messenger_attachments_total", "Attachments users sent, by kind and what became of them.",
+                      ["kind", "outcome"])
 REPLY_LATENCY = Histogram(
     "messenger_reply_latency_seconds", "From webhook received to the reply's last part sent.",
     buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120),

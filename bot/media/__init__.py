@@ -1,0 +1,1 @@
+"""Photos, voice notes and the rest: fetched, bounded and turned into what the model reads."""

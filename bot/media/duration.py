@@ -1,0 +1,66 @@
+"""How long a voice note plays, read from its container's header (no decoding, no dependency).
+
+Messenger's voice notes are MP4 audio (the `mvhd` box holds the duration); WAV is read too.
+Anything else: None, and only the size limit applies.
+"""
+from __future__ import annotations
+
+import struct
+
+# Boxes that hold the `mvhd` box, and how far to look for them: the header is near the start.
+CONTAINERS = {b"moov"}
+MAX_BOXES = 64
+
+
+def audio_seconds(data: bytes | bytearray) -> float | None:
+    """The duration in seconds, or None when the format is not one this reads."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return _wav_seconds(data)
+    if data[4:8] == b"ftyp":
+        return _mp4_seconds(data)
+    return None
+
+
+def _wav_seconds(data: bytes | bytearray) -> float | None:
+    offset, byte_rate = 12, None
+    while offset + 8 <= len(data):
+        chunk, size = data[offset:offset + 4], struct.unpack_from("<I", data, offset + 4)[0]
+        if chunk == b"fmt " and size >= 16 and offset + 24 <= len(data):
+            byte_rate = struct.unpack_from("<I", data, offset + 16)[0]
+        elif chunk == b"data":
+            return size / byte_rate if byte_rate else None
+        offset += 8 + size + (size & 1)
+    return None
+
+
+def _mp4_seconds(data: bytes | bytearray, start: int = 0, end: int | None = None) -> float | None:
+    offset, end = start, len(data) if end is None else end
+    for _ in range(MAX_BOXES):
+        if offset + 8 > end:
+            return None
+        size, kind = struct.unpack_from(">I4s", data, offset)
+        header = 8
+        if size == 1 and offset + 16 <= end:  # a 64-bit size follows
+            size, header = struct.unpack_from(">Q", data, offset + 8)[0], 16
+        elif size == 0:  # to the end of the file
+            size = end - offset
+        if size < header:
+            return None
+        if kind in CONTAINERS:
+            return _mp4_seconds(data, offset + header, min(end, offset + size))
+        if kind == b"mvhd":
+            return _mvhd_seconds(data, offset + header)
+        offset += size
+    return None
+
+
+def _mvhd_seconds(data: bytes | bytearray, at: int) -> float | None:
+    """version 0: 32-bit times and duration; version 1: 64-bit (ISO/IEC 14496-12, 8.2.2)."""
+    try:
+        if data[at] == 1:
+            timescale, duration = struct.unpack_from(">IQ", data, at + 4 + 16)
+        else:
+            timescale, duration = struct.unpack_from(">II", data, at + 4 + 8)
+    except (struct.error, IndexError):
+        return None
+    return duration / timescale if timescale else None

@@ -1,0 +1,260 @@
+"""Photos, voice notes, stickers, locations and links (bot/media/), end to end over real HTTP:
+the emulator's CDN serves the bytes, the stand-in model sees the image parts and transcribes."""
+import base64
+import json
+import logging
+
+import pytest
+
+from devtools.emulator import webhooks
+from devtools.emulator.media import png_bytes, wav_bytes
+from devtools.emulator.model import offline_reply
+from tests.support import PAGE_ID, PSID, answer_queue, post_signed, wait_for
+
+PREFIX = "Answer polite and concisely in a single sentence : "
+QUESTION = "What can you tell me about this picture?"
+
+
+def send(client, mid, attachments=(), text="", reply_to=None, answer=True):
+    """User PSID sends `attachments` (with a caption or not); the bot answers unless told not to yet."""
+    event = webhooks.user_event(PAGE_ID, PSID, mid, text=text, attachments=list(attachments), reply_to=reply_to)
+    assert post_signed(client, webhooks.delivery_body(PAGE_ID, [event])).status_code == 200
+    if answer:
+        answer_queue(client)
+
+
+def photo(graph, data=None, content_type="image/png", **serving):
+    return webhooks.image_attachment(graph.add_attachment(data or png_bytes(64, 48), content_type, **serving))
+
+
+def voice(graph, data=None, content_type="audio/wav"):
+    return webhooks.audio_attachment(graph.add_attachment(data or wav_bytes(2.0), content_type, name="audioclip"))
+
+
+def last_turn(model, index=-1):
+    return model.requests[index]["json"]["messages"][-1]
+
+
+def images_in(turn):
+    return [part["image_url"]["url"] for part in turn["content"] if part["type"] == "image_url"]
+
+
+def log(client):
+    return list(client.application.extensions["dispatcher"].store.conversations.export())
+
+
+def data_url(data, content_type="image/png"):
+    return f"data:{content_type};base64,{base64.b64encode(data).decode()}"
+
+
+# -- 1. photos ----------------------------------------------------------------------------------
+def test_a_photo_alone_reaches_the_model_as_a_data_url_with_the_default_question(client, graph, model):
+    model.reply = offline_reply  # says what it received
+    image = png_bytes(64, 48)
+    send(client, "m_photo", [photo(graph, image)])
+    turn = last_turn(model)
+    assert turn["content"][0] == {"type": "text", "text": PREFIX + QUESTION}
+    assert images_in(turn) == [data_url(image)]
+    [reply] = graph.sent_texts(PSID)
+    assert "1 image (64\u00d748 PNG" in reply  # what the stand-in saw in the bytes it got
+    [fetch] = graph.attachment_fetches
+    assert fetch.status == 200 and not fetch.had_token  # the Page token never goes to the CDN
+
+
+def test_a_photo_with_words_asks_the_words(client, graph, model):
+    send(client, "m_photo", [photo(graph)], text="Is this cake gluten free?")
+    turn = last_turn(model)
+    assert turn["content"][0]["text"] == PREFIX + "Is this cake gluten free?"
+    assert len(images_in(turn)) == 1
+
+
+def test_several_photos_and_messages_merge_into_one_call(client, graph, model):
+    first, second, third = png_bytes(10, 10), png_bytes(20, 20), png_bytes(30, 30)
+    send(client, "m_1", [photo(graph, first), photo(graph, second)], answer=False)
+    send(client, "m_2", [photo(graph, third)], text="Which one is freshest?", answer=False)
+    answer_queue(client)
+    [request] = model.requests
+    turn = request["json"]["messages"][-1]
+    assert turn["content"][0]["text"] == PREFIX + "Which one is freshest?"
+    assert images_in(turn) == [data_url(first), data_url(second), data_url(third)]
+    assert len(graph.sent_texts(PSID)) == 1
+
+
+def test_a_model_without_vision_is_detected_once_and_photos_get_the_unsupported_reply(
+        client, graph, model, caplog):
+    model.vision = False
+    send(client, "m_1", [photo(graph)])
+    assert graph.sent_texts(PSID) == ["Sorry, I can only read text messages for now. Could you type your question?"]
+    calls = len(model.requests)
+    assert calls == 1  # the refused call; not the fallback's "please try again later"
+    send(client, "m_2", [photo(graph)])
+    assert len(model.requests) == calls  # known now: no call, no fetch
+    assert len(graph.attachment_fetches) == 1
+    send(client, "m_3", [photo(graph)], text="What about this?")
+    turn = last_turn(model)  # words are still answered, with a note
+    assert turn["content"].startswith(PREFIX + "What about this?") and "photo, which you cannot see" in turn["content"]
+    refusals = [r for r in caplog.records if "refused image input" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].levelno == logging.WARNING
+
+
+def test_the_refused_photo_with_words_is_answered_at_once_without_it(client, graph, model):
+    model.vision, model.echo = False, True
+    send(client, "m_1", [photo(graph)], text="Do you sell this?")
+    assert len(model.requests) == 2 and isinstance(last_turn(model)["content"], str)  # asked again, words only
+    assert graph.sent_texts(PSID) == ["re: Do you sell this?\n[The user also sent a photo, which you cannot see]"]
+
+
+# -- 2. voice notes -----------------------------------------------------------------------------
+def test_a_voice_note_is_transcribed_and_answered_as_if_typed(make_client, graph, model):
+    client = make_client(TRANSCRIBE_MODEL="whisper-large-v3")
+    model.transcripts.append("What time do you open on Sunday?")
+    send(client, "m_voice", [voice(graph)])
+    [upload] = model.transcriptions
+    assert upload.model == "whisper-large-v3" and upload.content_type == "audio/wav" and upload.filename.endswith(".wav")
+    assert last_turn(model)["content"] == PREFIX + "What time do you open on Sunday?"
+    [record] = log(client)
+    assert record["user_message"] == "[voice note] What time do you open on Sunday?"
+    assert json.loads(record["attachments"]) == [["audio", len(wav_bytes(2.0)), "transcribed"]]
+
+
+def test_a_voice_note_over_the_length_limit_gets_a_polite_reply_and_no_transcription(make_client, graph, model):
+    client = make_client(VOICE_MAX_LENGTH="1s")
+    send(client, "m_voice", [voice(graph, wav_bytes(2.0))])
+    assert model.transcriptions == [] and model.requests == []
+    assert graph.sent_texts(PSID) == ["Sorry, that is too large for me. Could you send something shorter or smaller, "
+                                      "or type your question?"]
+    assert json.loads(log(client)[0]["attachments"])[0][2] == "too_long"
+
+
+def test_a_failing_transcription_is_retried_then_gets_its_own_reply(make_client, graph, model, tmp_path):
+    from devtools.emulator import json_response
+    client = make_client(OPENAI_MAX_RETRIES="1")
+    for _ in range(2):
+        model.scripted_transcriptions.append(json_response({"error": {"message": "overloaded"}}, 503))
+    send(client, "m_voice", [voice(graph)])
+    assert len(model.transcriptions) == 2  # one retry, as for chat
+    assert graph.sent_texts(PSID) == ["Sorry, I could not make out your voice message. Could you type it?"]
+    errors = (tmp_path / "openai_api_errors.log").read_text()
+    assert "transcription failed: InternalServerError status=503" in errors and "attempts=2" in errors
+
+
+# -- 3. history ---------------------------------------------------------------------------------
+def test_earlier_photos_and_voice_notes_come_back_as_words_not_images(client, graph, model):
+    send(client, "m_1", [photo(graph)], text="Look at this")
+    model.transcripts.append("and how much is it")
+    send(client, "m_2", [voice(graph)])
+    send(client, "m_3", text="Thanks!")
+    messages = model.requests[-1]["json"]["messages"]
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    assert users[:2] == ["[photo] Look at this", "[voice note] and how much is it"]
+    assert all(isinstance(content, str) for content in users)  # no image part is sent again
+
+
+# -- 4. stickers --------------------------------------------------------------------------------
+def test_a_sticker_gets_the_sticker_reply_when_one_is_set(make_client, graph, model):
+    client = make_client(STICKER_REPLY="\U0001f44d")
+    url = graph.add_attachment(png_bytes(8, 8), "image/png")
+    send(client, "m_like", webhooks.sticker_attachments(url))
+    assert graph.sent_texts(PSID) == ["\U0001f44d"] and model.requests == []
+    assert graph.attachment_fetches == []  # a sticker is never downloaded
+    assert log(client)[0]["outcome"] == "sticker"
+
+
+def test_a_sticker_with_words_answers_the_words(client, graph, model):
+    url = graph.add_attachment(png_bytes(8, 8), "image/png")
+    send(client, "m_1", [webhooks.sticker_attachment(url, sticker_id=1234)], text="hello")
+    assert last_turn(model)["content"] == PREFIX + "hello"
+
+
+# -- 5. everything else with something to work with ----------------------------------------------
+@pytest.mark.parametrize("attachment, reply_to, expected", [
+    (webhooks.location_attachment(48.8584, 2.2945, "Eiffel Tower"), None,
+     "[The user shared a location: 48.85840, 2.29450 (Eiffel Tower)]"),
+    (webhooks.fallback_attachment("Our menu", "https://example.com/menu"), None,
+     "[The user shared a link: Our menu - https://example.com/menu]"),
+    (webhooks.share_attachment("https://facebook.com/p/1", "New cakes this week"), None,
+     "[The user shared a post: New cakes this week - https://facebook.com/p/1]"),
+    (None, webhooks.story_reply("https://cdn.example/story.jpg", "1789"), "[The user is replying to the Page's story]"),
+], ids=["location", "link", "share", "story-reply"])
+def test_described_attachments_go_into_the_prompt(client, graph, model, attachment, reply_to, expected):
+    send(client, "m_1", [attachment] if attachment else [], text="is this right?", reply_to=reply_to)
+    assert last_turn(model)["content"] == PREFIX + expected + "\nis this right?"
+    assert graph.attachment_fetches == []
+
+
+def test_a_video_alone_is_unsupported_and_with_a_caption_the_caption_is_answered(client, graph, model):
+    url = graph.add_attachment(b"\x00" * 100, "video/mp4")
+    send(client, "m_1", [webhooks.video_attachment(url)])
+    assert graph.sent_texts(PSID) == ["Sorry, I can only read text messages for now. Could you type your question?"]
+    assert model.requests == [] and graph.attachment_fetches == []
+    send(client, "m_2", [webhooks.file_attachment(url)], text="here is my order")
+    assert last_turn(model)["content"] == PREFIX + "here is my order\n[The user also sent a file, which you cannot see]"
+
+
+# -- 6. failures --------------------------------------------------------------------------------
+OPEN_FAILED = "Sorry, I could not open that. Could you send it again, or type your question?"
+TOO_LARGE = "Sorry, that is too large for me. Could you send something shorter or smaller, or type your question?"
+
+
+@pytest.mark.parametrize("settings, make, reply, reason", [
+    ({"IMAGE_MAX_MB": "0.01"}, lambda g: photo(g, png_bytes(200, 200, noise=True)), TOO_LARGE, "too_large"),
+    ({"MEDIA_TIMEOUT": "0.5"}, lambda g: photo(g, png_bytes(100, 100, noise=True), chunk_delay=0.3), OPEN_FAILED,
+     "too_slow"),
+    ({}, lambda g: photo(g, b"<html>login</html>", "text/html"), OPEN_FAILED, "wrong_type"),
+    ({}, lambda g: photo(g, redirects=5), OPEN_FAILED, "unreachable"),
+], ids=["too-large", "too-slow", "wrong-type", "redirect-loop"])
+def test_a_photo_that_cannot_be_fetched_gets_a_clear_reply_and_one_log_line(
+        make_client, graph, model, caplog, settings, make, reply, reason):
+    client = make_client(**settings)
+    send(client, "m_1", [make(graph)])
+    assert graph.sent_texts(PSID) == [reply] and model.requests == []
+    [line] = [r.getMessage() for r in caplog.records if "was not used" in r.getMessage()]
+    assert reason in line and "_nc_sig" not in line and "cdn" not in line  # the signed URL is never logged
+    [record] = log(client)
+    assert record["outcome"] == "media-failed" and json.loads(record["attachments"])[0][2] == reason
+
+
+def test_an_expired_photo_url_gets_a_clear_reply(client, graph, model):
+    attachment = photo(graph)
+    graph.expire_attachments()
+    send(client, "m_1", [attachment])
+    assert graph.sent_texts(PSID) == [OPEN_FAILED]
+    assert [f.status for f in graph.attachment_fetches] == [403]  # not retried: expired stays expired
+
+
+def test_a_photo_behind_two_redirects_is_fetched(client, graph, model):
+    send(client, "m_1", [photo(graph, redirects=2)])
+    assert len(images_in(last_turn(model))) == 1
+
+
+def test_an_unreachable_photo_is_tried_once_more_and_an_expired_one_is_not(client, graph, model):
+    send(client, "m_1", [photo(graph, redirects=9)])  # followed 3 hops each time: unreachable
+    assert len(graph.attachment_fetches) == 2 * 4  # (1 + 3 redirects) per try, two tries
+
+
+def test_a_failed_photo_next_to_words_is_mentioned_and_the_words_answered(client, graph, model):
+    attachment = photo(graph)
+    graph.expire_attachments()
+    send(client, "m_1", [attachment], text="see the photo")
+    assert last_turn(model)["content"] == PREFIX + "see the photo\n[The user also sent a photo, which could not be opened]"
+
+
+# -- 7. accounting --------------------------------------------------------------------------------
+def test_photo_and_voice_tokens_count_toward_the_daily_budget(make_client, graph, model):
+    client = make_client(DAILY_TOKEN_BUDGET="1000")
+    send(client, "m_1", [photo(graph), photo(graph)])
+    model.transcripts.append("hello there")
+    send(client, "m_2", [voice(graph, wav_bytes(3.0))])
+    first, second = log(client)
+    assert first["prompt_tokens"] == 10 + 2 * 85  # the stand-in counts 85 tokens an image
+    assert json.loads(first["attachments"]) == [["image", len(png_bytes(64, 48)), "read"]] * 2
+    # the transcription's own tokens (the stand-in: 10 a second of audio in, words out) are added
+    assert second["total_tokens"] == 15 + 30 + 2
+    conversations = client.application.extensions["dispatcher"].store.conversations
+    assert conversations.tokens_since(PSID, 0) == first["total_tokens"] + second["total_tokens"]
+
+
+def test_attachments_are_counted_by_kind_and_outcome(client, graph, model):
+    send(client, "m_1", [photo(graph)])
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'messenger_attachments_total{kind="image",outcome="read"}' in metrics
