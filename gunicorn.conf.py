@@ -69,6 +69,11 @@ def on_starting(server):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
     # Tells server.py not to start reply threads in the webhook workers.
     os.environ[REPLY_PROCESS_ENV] = "1"
+    # The reply process holds photos on their way to the model (bot/media/budget.py). glibc's
+    # malloc raises its mmap threshold as big blocks are freed, and then keeps them in per-thread
+    # arenas: a fixed 1 MB threshold gives every photo's memory back when it is done. Measured
+    # with bench/media.py (50 photos of 8 MB at once): 174 MB above a text burst without, 62 with.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1024 * 1024))
 
 
 def when_ready(server):

@@ -1,6 +1,8 @@
 """One contract, both backends: every test here runs against SQLite and PostgreSQL, through
 the same Queue and Conversations, so the two cannot drift. Time is a FakeClock."""
+import json
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -8,7 +10,8 @@ from bot.replies.answer import Outcome
 from bot.storage.exchanges import Exchange
 from bot.storage.inbox import ClassifiedEcho
 from bot.storage.queue import PostgresQueue, SQLiteQueue
-from messenger.events import TEXT, Echo, IncomingMessage
+from messenger.attachments import AUDIO, Attachment
+from messenger.events import ATTACHMENT, TEXT, Echo, IncomingMessage
 from tests.support import FakeClock
 
 
@@ -105,6 +108,21 @@ def test_retries_run_out_into_failed_with_the_exchange_logged(store):
         done = store.retry(batch, 0, "boom", exchange=exchange(batch, Outcome.FAILED, reply=None, sent=()))
     assert not done and store.states() == {"m1": "failed"}
     assert [r["outcome"] for r in store.conversations.export()] == ["failed"]
+
+
+def test_a_voice_notes_transcript_is_what_the_mirror_and_the_log_keep_with_its_size(store):
+    voice = IncomingMessage(psid="u1", page_id="1", mid="m_voice", kind=ATTACHMENT, text="", timestamp_ms=1000,
+                            attachment_types=("audio",), attachments=(Attachment(AUDIO, url="https://cdn/a.mp4"),))
+    store.add([voice])
+    batch = store.claim("a", 30)
+    assert list(batch.messages) == [voice]  # the attachment survives the queue
+    said = {"m_voice": "[voice note] Are you open?"}
+    store.complete(batch, replace(exchange(batch, reply="Yes."), said=said, attachments=[("audio", 48_000, "transcribed")]))
+    history = store.conversations.history("u1", "page", 10, None)
+    assert [h.text for h in history] == ["Yes.", "[voice note] Are you open?"]
+    [record] = store.conversations.export()
+    assert record["user_message"] == "[voice note] Are you open?"
+    assert json.loads(record["attachments"]) == [["audio", 48_000, "transcribed"]]
 
 
 def test_release_gives_work_back_without_counting_the_attempt(store):

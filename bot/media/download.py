@@ -5,6 +5,7 @@ token goes with it - a session of its own, apart from the Graph client's.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -57,11 +58,11 @@ class Downloader:
         `on_size` hears the size before the body is read (the Content-Length, else
         `max_bytes`): the caller reserves memory for it. Raises MediaError.
         """
-        ends = self.clock() + self.timeout
-        ends = min(ends, deadline) if deadline is not None else ends
+        deadline = math.inf if deadline is None else deadline
+        ends = min(self.clock() + self.timeout, deadline)
         try:
             with self.session.get(url, stream=True, timeout=(CONNECT_TIMEOUT, max(0.1, ends - self.clock()))) as response:
-                return self._read(response, accept, max_bytes, ends, on_size)
+                return self._read(response, accept, max_bytes, ends, deadline, on_size)
         except requests.TooManyRedirects:
             raise MediaError(UNREACHABLE, "too many redirects") from None
         except requests.Timeout:
@@ -70,7 +71,7 @@ class Downloader:
             raise MediaError(UNREACHABLE, type(exc).__name__) from None
 
     def _read(self, response: requests.Response, accept: Callable[[str], bool], max_bytes: int, ends: float,
-              on_size: Callable[[int], object]) -> Fetched:
+              deadline: float, on_size: Callable[[int], object]) -> Fetched:
         if response.status_code in (401, 403, 404, 410):
             raise MediaError(EXPIRED, f"status {response.status_code}")
         if response.status_code != 200:
@@ -81,7 +82,9 @@ class Downloader:
         length = _content_length(response)
         if length is not None and length > max_bytes:
             raise MediaError(TOO_LARGE, f"{length} bytes")
+        waited = self.clock()
         on_size(length if length is not None else max_bytes)
+        ends = min(ends + self.clock() - waited, deadline)  # the wait for memory is not the CDN's slowness
         body = bytearray()
         for chunk in response.iter_content(CHUNK):
             body += chunk

@@ -31,6 +31,9 @@ IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 TOO_LONG, NOT_UNDERSTOOD, NO_MEMORY = "too_long", "not_understood", "no_memory"
 # A fetch that could not reach the CDN is tried again only with this much of the reply's time left.
 RETRY_IF_LEFT_S = 4.0
+# A photo waiting for memory (a burst of big ones) gives up this long before the reply's deadline:
+# the model needs the time to look at it. The user is asked to send it again.
+MODEL_TIME_S = 5.0
 # Kinds of reply when nothing is left for the model (an Outcome's value, bot/replies/answer.py).
 STICKER_OUTCOME, UNSUPPORTED_OUTCOME, MEDIA_FAILED_OUTCOME = "sticker", "unsupported", "media-failed"
 
@@ -199,7 +202,7 @@ class MediaReader:
         """A fetch, tried once more when the CDN could not be reached and there is time for it.
         The memory its bytes take is reserved from the budget (into `held`) before they are read."""
         def reserve(size: int) -> None:
-            held.append(self.budget.reserve(size, deadline))
+            held.append(self.budget.reserve(size, None if deadline is None else deadline - MODEL_TIME_S))
         try:
             return self.downloader.fetch(url, accept, max_bytes, deadline, on_size=reserve)
         except MediaError as exc:
