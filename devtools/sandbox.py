@@ -62,6 +62,7 @@ class Sandbox:
             self.model = ModelStandIn(offline_reply, api_key=OFFLINE_KEY, timeline=self.timeline)
             self.model.delay = model_delay  # long enough to see the typing indicator
         self.model.psid_of = self.graph.psid_for_prompt
+        self.model.psid_of_media = self.graph.psid_for_media  # a photo or voice note sent on to the model
         self.data_dir = tempfile.TemporaryDirectory(prefix="messenger-sandbox-")
         self.config = load_config({
             **environ,

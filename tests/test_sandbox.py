@@ -1,18 +1,22 @@
 """`python -m devtools.sandbox`: the bot and the emulator wired together, no account, no settings."""
+import base64
 import os
 import re
 import subprocess
 import sys
 import time
 
+import pytest
 import requests
 
 from config import DEFAULT_OPENAI_MODEL
 from devtools.emulator import ModelStandIn
+from devtools.emulator.page import STATIC
 from devtools.sandbox import USERS, Sandbox
 from tests.support import ROOT, wait_for
 
 ANA, BEN = list(USERS)[:2]
+SAMPLE_PHOTO = (STATIC / "sample-photo.jpg").read_bytes()
 
 
 def say(sandbox, psid, text, action="messages", **extra):
@@ -51,14 +55,59 @@ def test_history_reaches_the_model_on_the_next_turn(sandbox):
     assert turns[0]["content"] == "My name is Ben."
 
 
-def test_postback_and_image(sandbox):
+def test_postback(sandbox):
     chloe = list(USERS)[2]
     assert say(sandbox, chloe, "Get Started", "postback", payload="GET_STARTED").status_code == 202
     assert wait_for(lambda: len(bot_replies(sandbox, chloe)) == 1, 10)
     assert "Get Started" in bot_replies(sandbox, chloe)[0]  # a postback's title is the user's turn
-    assert requests.post(f"{sandbox.url}/api/users/{chloe}/image", json={}, timeout=5).status_code == 202
-    assert wait_for(lambda: len(bot_replies(sandbox, chloe)) == 2, 10)
-    assert bot_replies(sandbox, chloe)[1].startswith("Sorry, I can only read text")
+
+
+def media(sandbox, psid, action):
+    return requests.post(f"{sandbox.url}/api/users/{psid}/{action}", json={}, timeout=5)
+
+
+def mark(sandbox) -> int:
+    """The timeline's newest number: what a test does next comes after it (the users are shared)."""
+    return max((e["seq"] for e in sandbox.state()["events"]), default=0)
+
+
+def events_after(sandbox, seq, kind, psid):
+    return [e for e in sandbox.state(after=seq)["events"] if e["kind"] == kind and e["psid"] == psid]
+
+
+def test_the_photo_button_sends_a_real_photo_that_reaches_the_model(sandbox):
+    chloe, seq = list(USERS)[2], mark(sandbox)
+    assert media(sandbox, chloe, "image").status_code == 202
+    assert wait_for(lambda: events_after(sandbox, seq, "model", chloe), 10)
+    sent = events_after(sandbox, seq, "message", chloe)[0]
+    photo = requests.get(sent["image_url"], timeout=5)  # the emulator's CDN serves the sample photo
+    assert photo.headers["Content-Type"] == "image/jpeg" and photo.content == SAMPLE_PHOTO
+    assert any(d["status"] == 200 and not d["had_token"] for d in events_after(sandbox, seq, "download", chloe))
+    parts = events_after(sandbox, seq, "model", chloe)[0]["messages"][-1]["content"]
+    image = next(p for p in parts if p["type"] == "image_url")
+    assert image["about"] == "480\u00d7360 JPEG, 12 KB"  # the side panel's thumbnail rides along
+    assert image["image_url"]["url"] == "data:image/jpeg;base64," + base64.b64encode(SAMPLE_PHOTO).decode()
+    assert wait_for(lambda: any("I can see 1 image (480\u00d7360 JPEG" in r for r in bot_replies(sandbox, chloe)), 10)
+
+
+def test_the_voice_button_sends_a_voice_note_that_is_transcribed_for_the_model(sandbox):
+    seq = mark(sandbox)
+    assert media(sandbox, BEN, "voice").status_code == 202
+    assert wait_for(lambda: events_after(sandbox, seq, "transcription", BEN), 10)
+    heard = events_after(sandbox, seq, "transcription", BEN)[0]
+    assert heard["status"] == 200 and heard["seconds"] == pytest.approx(2.56, abs=0.01)
+    assert heard["text"] == "[offline stand-in] a voice note of 2.6 s (audio/wav)"
+    assert wait_for(lambda: events_after(sandbox, seq, "model", BEN), 10)
+    assert heard["text"] in str(events_after(sandbox, seq, "model", BEN)[0]["messages"][-1]["content"])
+
+
+def test_the_like_button_sends_metas_like_sticker(sandbox):
+    seq = mark(sandbox)
+    assert media(sandbox, ANA, "like").status_code == 202
+    assert wait_for(lambda: events_after(sandbox, seq, "webhook", ANA), 5)
+    sent = events_after(sandbox, seq, "webhook", ANA)[0]["body"]["entry"][0]["messaging"][0]["message"]["attachments"]
+    assert [(a["type"], a["payload"]["sticker_id"]) for a in sent] == [("image", 369239263222822),
+                                                                       ("sticker", 369239263222822)]
 
 
 def test_a_reply_from_the_page_inbox_pauses_the_bot(sandbox):
@@ -101,6 +150,28 @@ def test_with_a_key_the_real_model_is_used_through_the_recording_proxy():
         assert model["mode"] == "real" and model["psid"] == ANA
         assert sandbox.page.info["model"]["label"] == f"real model: {DEFAULT_OPENAI_MODEL} via {upstream.base_url}"
         assert upstream.requests[0]["headers"]["Authorization"] == f"Bearer {ModelStandIn.API_KEY}"
+    finally:
+        sandbox.stop()
+        upstream.stop()
+
+
+def test_with_a_key_the_real_model_sees_the_sample_photo_and_hears_the_sample_voice_note():
+    upstream = ModelStandIn("a real answer").start()
+    upstream.transcripts = ["What time do you open on Sundays?"]
+    sandbox = Sandbox({"OPENAI_API_KEY": ModelStandIn.API_KEY, "OPENAI_BASE_URL": upstream.base_url},
+                      port=0).start()
+    try:
+        assert media(sandbox, ANA, "image").status_code == 202
+        assert sandbox.graph.wait_for_deliveries(1, 10)
+        image_urls = [p["image_url"]["url"] for p in upstream.requests[0]["json"]["messages"][-1]["content"]
+                      if p["type"] == "image_url"]
+        assert image_urls == ["data:image/jpeg;base64," + base64.b64encode(SAMPLE_PHOTO).decode()]
+        assert media(sandbox, ANA, "voice").status_code == 202
+        assert sandbox.graph.wait_for_deliveries(2, 10)
+        assert upstream.transcriptions[0].data == (STATIC / "sample-voice.wav").read_bytes()
+        assert "What time do you open on Sundays?" in str(upstream.requests[-1]["json"]["messages"][-1]["content"])
+        heard = sandbox.timeline.of_kind("transcription")[0]
+        assert (heard["mode"], heard["psid"], heard["text"]) == ("real", ANA, "What time do you open on Sundays?")
     finally:
         sandbox.stop()
         upstream.stop()

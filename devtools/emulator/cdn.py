@@ -20,10 +20,15 @@ from dataclasses import dataclass
 from werkzeug.wrappers import Request, Response
 
 from devtools.emulator.media import image_size
+from devtools.emulator.timeline import Timeline
 
 PREFIX = "/cdn/v/t59/"
 CHUNK = 16 * 1024  # the trickle's step when `chunk_delay` is set
 VALIDITY_S = 3 * 24 * 3600  # the `oe` Meta writes: expiry a few days ahead, as hex epoch seconds
+# File name endings for the types users send (mimetypes lacks some, e.g. audio/wav, on some systems).
+EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/webp": ".webp",
+              "audio/mp4": ".mp4", "audio/wav": ".wav", "audio/mpeg": ".mp3", "audio/ogg": ".ogg",
+              "video/mp4": ".mp4", "application/pdf": ".pdf"}
 
 
 @dataclass
@@ -51,8 +56,9 @@ class AttachmentFetch:
 class AttachmentStore:
     """The attachments handed out so far, and every fetch of them."""
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, timeline: Timeline | None = None):
         self.base_url = base_url
+        self.timeline = timeline or Timeline(enabled=False)  # each download, for the sandbox's panel
         self.fetches: list[AttachmentFetch] = []
         self._attachments: dict[str, Attachment] = {}
         self._by_digest: dict[str, str] = {}  # sha256 of the bytes -> id
@@ -65,7 +71,7 @@ class AttachmentStore:
         with self._lock:
             ident = f"{next(self._ids)}{secrets.randbelow(10**9):09d}"
             if "." not in name:
-                name = f"{name}-{ident}{mimetypes.guess_extension(content_type.split(';')[0].strip()) or ''}"
+                name = f"{name}-{ident}{_extension(content_type)}"
             attachment = Attachment(data, content_type, name, secrets.token_hex(16), psid, delay, redirects,
                                     chunk_delay)
             self._attachments[ident] = attachment
@@ -112,31 +118,37 @@ class AttachmentStore:
 
     # -- serving ------------------------------------------------------------------------------------
     def serve(self, request: Request) -> Response:
-        response = self._answer(request)
+        started = time.monotonic()
+        attachment, response = self._answer(request)
         had_token = "Authorization" in request.headers or "access_token" in request.args
         with self._lock:
             self.fetches.append(AttachmentFetch(request.method, request.path, response.status_code, had_token,
                                                 time.monotonic()))
+        self.timeline.add("download", attachment.psid if attachment else None, method=request.method,
+                          path=request.path, status=response.status_code, had_token=had_token,
+                          size=len(attachment.data) if attachment and response.status_code == 200 else None,
+                          content_type=attachment.content_type if attachment else None,
+                          ms=round((time.monotonic() - started) * 1000))  # to the headers: a trickle goes on
         return response
 
-    def _answer(self, request: Request) -> Response:
+    def _answer(self, request: Request) -> tuple[Attachment | None, Response]:
         ident = request.path.removeprefix(PREFIX).split("/", 1)[0]
         with self._lock:
             attachment = self._attachments.get(ident)
         if request.method not in ("GET", "HEAD"):
-            return Response("Method not allowed", 405, mimetype="text/plain")
+            return attachment, Response("Method not allowed", 405, mimetype="text/plain")
         if attachment is None:
-            return Response("Not Found", 404, mimetype="text/plain")
+            return None, Response("Not Found", 404, mimetype="text/plain")
         if request.args.get("_nc_sig") != attachment.signature:
-            return Response("Bad URL hash", 403, mimetype="text/plain")
+            return attachment, Response("Bad URL hash", 403, mimetype="text/plain")
         if attachment.expired:
-            return Response("URL signature expired", 403, mimetype="text/plain")
+            return attachment, Response("URL signature expired", 403, mimetype="text/plain")
         if attachment.delay:
             time.sleep(attachment.delay)
         hop = request.args.get("_nc_hop", 0, type=int)
         if hop < attachment.redirects:  # as lookaside.fbsbx.com sends a download on to scontent
-            return Response("", 302, headers={"Location": self._url(ident, attachment, hop + 1)})
-        return self._bytes(request, attachment)
+            return attachment, Response("", 302, headers={"Location": self._url(ident, attachment, hop + 1)})
+        return attachment, self._bytes(request, attachment)
 
     @staticmethod
     def _bytes(request: Request, attachment: Attachment) -> Response:
@@ -148,6 +160,11 @@ class AttachmentStore:
         else:
             body = [attachment.data]
         return Response(body, 200, content_type=attachment.content_type, headers=headers, direct_passthrough=True)
+
+
+def _extension(content_type: str) -> str:
+    bare = content_type.split(";")[0].strip().lower()
+    return EXTENSIONS.get(bare) or mimetypes.guess_extension(bare) or ""
 
 
 def _trickle(data: bytes, pause: float):

@@ -87,7 +87,7 @@ class GraphEmulator(LocalServer):
         self._recent_reads: collections.deque[float] = collections.deque()
         self._lock = threading.Lock()
         self._delivery = threading.Condition(self._lock)
-        self.cdn = AttachmentStore(self.url)  # what users send, served from this port under /cdn/
+        self.cdn = AttachmentStore(self.url, self.timeline)  # what users send, served from this port under /cdn/
 
     @property
     def api_url(self) -> str:

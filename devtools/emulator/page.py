@@ -12,6 +12,10 @@ from devtools.emulator.http import LocalServer, json_response
 
 STATIC = Path(__file__).parent / "static"
 MAX_TEXT = 2000  # what Messenger lets a user type in one message
+# What the page's media buttons send: a real photo, and a spoken question (espeak-ng, 16 kHz mono) that
+# a real model transcribes to "What time do you open on Sundays?".
+SAMPLE_PHOTO = ("sample-photo.jpg", "image/jpeg")
+SAMPLE_VOICE = ("sample-voice.wav", "audio/wav")
 
 
 def _favicon(size: int = 16, rgb: tuple[int, int, int] = (0, 132, 255)) -> bytes:
@@ -36,6 +40,7 @@ class SandboxPage(LocalServer):
         super().__init__(host, port)
         self.graph = graph
         self.info = info  # page name and id, the model's label, the bot's address: shown in the header
+        self.samples = {name: ((STATIC / name).read_bytes(), mime) for name, mime in (SAMPLE_PHOTO, SAMPLE_VOICE)}
 
     def handle(self, request: Request) -> Response:
         path = request.path
@@ -73,8 +78,8 @@ class SandboxPage(LocalServer):
         if not isinstance(body, dict):
             return json_response({"error": "send a JSON object"}, 400)
         text = str(body.get("text", "")).strip()
-        if action == "image":
-            mid = self.graph.user_writes(psid, image_url=f"{self.url}/static/sample.svg")
+        if action in ("image", "voice", "like"):
+            mid = self._send_media(psid, action)
         elif not text or len(text) > MAX_TEXT:
             return json_response({"error": f"text must be 1 to {MAX_TEXT} characters"}, 400)
         elif action == "messages":
@@ -86,3 +91,12 @@ class SandboxPage(LocalServer):
         else:
             return json_response({"error": "no such action"}, 404)
         return json_response({"mid": mid}, 202)
+
+    def _send_media(self, psid: str, action: str) -> str:
+        """The media buttons: the sample photo or voice note, served by the emulator's CDN, or a like."""
+        if action == "like":
+            return self.graph.user_sends_sticker(psid)
+        data, mime = self.samples[(SAMPLE_PHOTO if action == "image" else SAMPLE_VOICE)[0]]
+        if action == "image":
+            return self.graph.user_sends_photo(psid, data, content_type=mime)
+        return self.graph.user_sends_voice(psid, data, content_type=mime)

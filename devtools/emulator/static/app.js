@@ -15,6 +15,9 @@ const NOTES = {
   "unsupported": "Not text: the unsupported-message reply was sent.",
   "failed": "The reply failed: nothing more will be sent for this message.",
 };
+const STEPS = ["webhook", "webhook_failed", "graph", "download", "transcription", "model", "outcome"];
+const SAID = { image: "[photo]", audio: "[voice note]", sticker: "[sticker]", video: "[video]", file: "[file]" };
+const LIKE_STICKER_ID = 369239263222822;
 const state = { seq: 0, info: null, selected: null, views: new Map() };
 const $ = (id) => document.getElementById(id);
 const typing = el("div", { id: "typing", "aria-label": "typing" }, el("span"), el("span"), el("span"));
@@ -112,7 +115,7 @@ function add(view, event) {
     view.thread.append(el("div", { class: "note", "data-outcome": event.outcome }, NOTES[event.outcome]));
   }
   if (event.kind === "graph") rememberQuickReplies(view, event);
-  if (view.turn && ["webhook", "webhook_failed", "graph", "model", "outcome"].includes(event.kind)) {
+  if (view.turn && STEPS.includes(event.kind)) {
     view.turn.append(step(event));
   }
 }
@@ -148,17 +151,37 @@ function preview(message) {
 }
 
 function said(message) {
-  return message.text || `[${message.type || "attachment"}]`;
+  return message.text || SAID[message.type] || `[${message.type || "attachment"}]`;
 }
 
 function bubble(event) {
   const classes = ["bubble", event.sender];
   if (event.by === "inbox") classes.push("inbox");
   if (event.type === "postback") classes.push("postback");
-  const node = el("div", { class: classes.join(" "), "data-mid": event.mid });
-  if (event.image_url) node.append(el("img", { src: event.image_url, alt: "image attachment" }));
-  else node.append(said(event));
+  if (event.attachments && !event.text) classes.push("bare");  // a photo or sticker alone: no bubble around it
+  const node = el("div", { class: classes.join(" "), "data-mid": event.mid, "data-type": event.type || "text" });
+  const media = (event.attachments || [])[0];
+  if (event.image_url) node.append(el("img", { src: event.image_url, alt: "photo sent by the user" }));
+  else if (event.type === "audio") {
+    node.append(el("audio", { src: media.payload.url, controls: "", "aria-label": "voice note" }));
+  }
+  else if (event.type === "sticker") node.append(sticker(media.payload));
+  else if (!event.text) node.append(said(event));
+  if (event.text) node.append(event.text);
   return node;
+}
+
+// The like sticker drawn as the composer's thumbs-up (headless browsers may lack an emoji font).
+function sticker(payload) {
+  if (payload.sticker_id !== LIKE_STICKER_ID) {
+    return el("img", { src: payload.url, alt: `sticker ${payload.sticker_id}` });
+  }
+  const like = $("like").querySelector("svg").cloneNode(true);
+  like.setAttribute("role", "img");
+  like.setAttribute("aria-label", "like sticker");
+  like.removeAttribute("aria-hidden");
+  like.classList.add("like");
+  return like;
 }
 
 function step(event) {
@@ -189,13 +212,32 @@ function step(event) {
   } else if (event.kind === "model") {
     kind = "Model";
     title = `${event.mode === "offline" ? "offline stand-in" : "model"} \u2192 ${event.status} in ${event.ms} ms`;
+  } else if (event.kind === "download") {
+    kind = "Download";
+    const size = event.size != null ? `, ${Math.max(1, Math.round(event.size / 1024))} KB` : "";
+    const file = event.path.split("/").pop();
+    title = `${event.method} ${file} from Meta's CDN \u2192 ${event.status}${size} in ${event.ms} ms`;
+  } else if (event.kind === "transcription") {
+    kind = "Transcription";
+    const length = event.seconds != null ? ` (${event.seconds.toFixed(1)} s of audio)` : "";
+    title = `${event.model || "?"}${length} \u2192 ${event.status} in ${event.ms} ms`;
   }
   node.append(el("span", { class: "kind" }, kind), title);
+  if (event.kind === "download" && event.had_token) {
+    node.classList.add("error");
+    node.append(el("div", { class: "reason" },
+                   "the request carried a token: Meta's CDN needs none, never send the Page token"));
+  }
+  if (event.kind === "transcription") {
+    if (event.error) node.append(el("div", { class: "reason" }, errorText(event.error)));
+    if (event.text != null) node.append(el("div", { class: "transcript" }, `\u201c${event.text}\u201d`));
+  }
   if (event.kind === "model") {
     if (event.error) node.append(el("div", { class: "reason" }, errorText(event.error)));
     const list = el("ol", { class: "model-messages" });
     for (const message of event.messages || []) {
-      list.append(el("li", { "data-role": message.role }, el("span", { class: "role" }, message.role), message.content));
+      list.append(el("li", { "data-role": message.role }, el("span", { class: "role" }, message.role),
+                     ...contentNodes(message.content)));
     }
     if (event.reply != null) {
       list.append(el("li", { "data-role": "reply" }, el("span", { class: "role" }, "\u2192 reply"), event.reply));
@@ -206,6 +248,20 @@ function step(event) {
     node.append(el("details", {}, el("summary", {}, "details"), el("pre", {}, JSON.stringify(detail, null, 2))));
   }
   return node;
+}
+
+// A message's content: a string, or OpenAI's parts (text, and images shown as thumbnails when small).
+function contentNodes(content) {
+  if (!Array.isArray(content)) return [content == null ? "" : String(content)];
+  return content.map((part) => {
+    if (part.type === "text") return el("span", { class: "part" }, part.text);
+    if (part.type === "image_url" && part.image_url && part.image_url.url) {
+      const about = part.about || "";
+      return el("img", { class: "thumbnail", src: part.image_url.url, alt: `image sent to the model: ${about}`,
+                         title: about });
+    }
+    return el("span", { class: "part image" }, `[image: ${part.about || part.type}]`);
+  });
 }
 
 // OpenAI's error object (or a proxy's): type, code and param first, then the message.
@@ -241,7 +297,7 @@ function sendsText(formId, inputId, action) {
 
 sendsText("composer", "text", "messages");
 sendsText("inbox", "inbox-text", "inbox");
-$("image").addEventListener("click", () => act("image", {}));
+for (const action of ["image", "voice", "like"]) $(action).addEventListener("click", () => act(action, {}));
 for (const button of document.querySelectorAll("#shortcuts [data-postback], #shortcuts [data-quick]")) {
   button.addEventListener("click", () => {
     if (button.dataset.postback) act("postback", { text: button.textContent, payload: button.dataset.postback });
