@@ -8,11 +8,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 from urllib.parse import urlparse
 
 from dotenv import dotenv_values
+
+from pages import PageEntry, read_pages_file
 
 DEFAULT_FB_API_URL = "https://graph.facebook.com/v26.0/"
 # A small current chat model that still accepts temperature / top_p / max_tokens.
@@ -62,6 +64,7 @@ class Config:
     fb_page_access_token: str = field(repr=False)
     fb_page_id: str
     openai_api_key: str = field(repr=False)
+    fb_instagram_id: str | None = None  # the Page's linked Instagram account, answered too
     fb_api_url: str = DEFAULT_FB_API_URL
     openai_base_url: str | None = None
     openai_model: str = DEFAULT_OPENAI_MODEL
@@ -123,6 +126,17 @@ class Config:
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     # /readyz says "not ready" once a message has waited this long for its reply.
     ready_max_wait_seconds: float = 300.0
+    # Where messages come from: each Page (and linked Instagram account) with its own Config
+    # (PAGES_FILE); one Page from FB_PAGE_ID otherwise. Empty only in a Page's own Config.
+    accounts: tuple["Account", ...] = field(default=(), repr=False)
+    pages_file: str | None = None
+
+    def account(self, account_id: str) -> "Account | None":
+        return next((a for a in self.accounts if a.id == account_id), None)
+
+    @property
+    def account_ids(self) -> frozenset[str]:
+        return frozenset(a.id for a in self.accounts)
 
     @property
     def model_deadline_seconds(self) -> float:
@@ -148,8 +162,24 @@ class Config:
     @property
     def secrets(self) -> tuple[str, ...]:
         """The values that must never be written anywhere."""
+        tokens = {a.config.fb_page_access_token for a in self.accounts}
         return tuple(filter(None, (self.fb_verify_token, self.fb_app_secret, self.fb_page_access_token,
-                                   self.openai_api_key, _password(self.database_url))))
+                                   self.openai_api_key, _password(self.database_url), *sorted(tokens))))
+
+
+@dataclass(frozen=True)
+class Account:
+    """Where messages arrive and replies leave: a Page on Messenger, or its linked Instagram account."""
+
+    id: str  # what webhooks call it (entry.id, recipient.id): the Page's id or the Instagram account's
+    page_id: str  # the Page whose token speaks for it
+    platform: str  # messenger | instagram (messenger/platforms.py)
+    name: str
+    config: Config = field(repr=False)  # its Page's settings: FB_PAGE_ID, the token, the Page's overrides
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.id})" if self.name else self.id
 
 
 def database_path(data_dir: str) -> str:
@@ -172,8 +202,47 @@ def read_environment(environ: Mapping[str, str] | None = None, env_file: str | N
 
 
 def load_config(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> Config:
-    """Build the Config or raise one ConfigError listing every problem."""
+    """Build the Config or raise one ConfigError listing every problem (the Pages file's too)."""
     env = read_environment(environ, env_file)
+    entries, problems = ([], []) if not env.get("PAGES_FILE", "").strip() else read_pages_file(env["PAGES_FILE"].strip())
+    if env.get("PAGES_FILE", "").strip():
+        if env.get("FB_PAGE_ID", "").strip() or env.get("FB_PAGE_ACCESS_TOKEN", "").strip():
+            problems.append("set either PAGES_FILE or FB_PAGE_ID and FB_PAGE_ACCESS_TOKEN, not both")
+        # The deployment-wide settings are read with the first Page standing in for FB_PAGE_*.
+        first = entries[0] if entries else PageEntry("0", "-")
+        env = {**env, "FB_PAGE_ID": first.id or "0", "FB_PAGE_ACCESS_TOKEN": first.access_token or "-"}
+    values, base_problems = _read_values(env)
+    page_configs = []
+    for entry in entries:  # each Page's settings: the environment's, its own overrides over them
+        page_values, own = _read_values({**env, **entry.settings, "FB_PAGE_ID": entry.id or "0",
+                                         "FB_PAGE_ACCESS_TOKEN": entry.access_token or "-"})
+        problems += [f"PAGES_FILE, page {entry.label}: {p}" for p in own if p not in base_problems]
+        page_configs.append(page_values)
+    problems = base_problems + problems
+    if problems:
+        raise ConfigError(problems)
+    config = Config(**values)
+    accounts = _accounts(config, entries, [Config(**v) for v in page_configs])
+    return replace(config, accounts=accounts, pages_file=env.get("PAGES_FILE", "").strip() or None)
+
+
+def _accounts(config: Config, entries: list[PageEntry], page_configs: list[Config]) -> tuple[Account, ...]:
+    """Every Page and Instagram account answered, each with its Page's own Config."""
+    if not entries:
+        accounts = [Account(config.fb_page_id, config.fb_page_id, "messenger", "", config)]
+        if config.fb_instagram_id:
+            accounts.append(Account(config.fb_instagram_id, config.fb_page_id, "instagram", "", config))
+        return tuple(accounts)
+    accounts = []
+    for entry, page_config in zip(entries, page_configs):
+        accounts.append(Account(entry.id, entry.id, "messenger", entry.name, page_config))
+        if entry.instagram_id:
+            accounts.append(Account(entry.instagram_id, entry.id, "instagram", entry.name, page_config))
+    return tuple(accounts)
+
+
+def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
+    """Every setting's value from `env`, and every problem with them."""
     problems: list[str] = []
     reader = _Reader(env, problems)
     values = dict(
@@ -181,6 +250,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         fb_app_secret=reader.required("FB_APP_SECRET"),
         fb_page_access_token=reader.required("FB_PAGE_ACCESS_TOKEN"),
         fb_page_id=reader.required("FB_PAGE_ID", check=str.isdigit, expect="digits only (the Page's numeric id)"),
+        fb_instagram_id=reader.text("FB_INSTAGRAM_ID", "").strip() or None,
         openai_api_key=reader.required("OPENAI_API_KEY"),
         fb_api_url=reader.url("FB_API_URL", DEFAULT_FB_API_URL),
         openai_base_url=reader.url("OPENAI_BASE_URL", None),
@@ -248,9 +318,9 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
                         "the answer may come until the limit)")
     if values["fb_app_id"] and not values["fb_app_id"].isdigit():
         problems.append("FB_APP_ID must be digits only (the app's numeric id)")
-    if problems:
-        raise ConfigError(problems)
-    return Config(**values)
+    if values["fb_instagram_id"] and not values["fb_instagram_id"].isdigit():
+        problems.append("FB_INSTAGRAM_ID must be digits only (the linked Instagram account's numeric id)")
+    return values, problems
 
 
 class _Reader:

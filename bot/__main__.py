@@ -45,7 +45,7 @@ def export(args: argparse.Namespace) -> int:
         where = move.describe(url)
         try:
             records = list(PostgresQueue(url, read_only=True, pool_size=2).conversations.export(
-                args.since or 0, args.until))
+                args.since or 0, args.until, args.page))
         except Exception as error:  # noqa: BLE001 - the driver's: say which, never the URL
             print(f"cannot read {where}: {type(error).__name__}: {move.scrub(str(error), url)[:300]}",
                   file=sys.stderr)
@@ -57,7 +57,7 @@ def export(args: argparse.Namespace) -> int:
             print(f"no database at {path}: set DATA_DIR (or --data-dir) to the bot's data folder", file=sys.stderr)
             return 2
         try:
-            records = SQLiteQueue(path, read_only=True).conversations.export(args.since or 0, args.until)
+            records = SQLiteQueue(path, read_only=True).conversations.export(args.since or 0, args.until, args.page)
         except (sqlite3.DatabaseError, SchemaTooNew) as error:
             print(f"cannot read {path}: {error}", file=sys.stderr)
             return 2
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     command = commands.add_parser("export", help="write the exchange log as JSON lines or CSV")
     command.add_argument("--since", type=parse_moment, help="records whose user message is from this date/time (UTC) or age (7d, 24h) on")
     command.add_argument("--until", type=parse_moment, help="up to (not including) this date/time or age")
+    command.add_argument("--page", help="only this Page's (or Instagram account's) exchanges: its numeric id")
     command.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     command.add_argument("--output", help="a file to write (default: standard output)")
     command.add_argument("--data-dir", help="the bot's DATA_DIR (default: from the environment or .env)")

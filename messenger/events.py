@@ -16,7 +16,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Collection
 
 from messenger.attachments import Attachment, parse_attachments
 from messenger.text import clean_text, preview
@@ -84,6 +84,7 @@ class Echo:
     timestamp_ms: int
     app_id: str | None  # the app that sent it; absent for some inbox tools
     metadata: str | None  # what the sender put in `message.metadata`
+    page_id: str = ""  # the account that sent it: the Page, or its Instagram account ("": an older record)
 
 
 @dataclass(frozen=True)
@@ -93,24 +94,29 @@ class Delivery:
     messages: tuple[IncomingMessage, ...]
     ignored: int
     echoes: tuple[Echo, ...] = ()
-    foreign_pages: tuple[str, ...] = ()  # other Pages' ids whose entries were skipped
+    foreign_pages: tuple[str, ...] = ()  # ids of Pages (or Instagram accounts) not answered here, skipped
 
 
-def parse_body(body: bytes, *, now_ms: int | None = None, page_id: str | None = None) -> Delivery:
+# `page` for Messenger, `instagram` for the Instagram accounts linked to the Pages.
+OBJECTS = ("page", "instagram")
+
+
+def parse_body(body: bytes, *, now_ms: int | None = None, accounts: Collection[str] | None = None) -> Delivery:
     """Decode and parse a raw webhook body: anything unreadable is BadPayload (a 400), never a crash."""
-    return parse_delivery(_decode_json(body), now_ms=now_ms, page_id=page_id)
+    return parse_delivery(_decode_json(body), now_ms=now_ms, accounts=accounts)
 
 
-def parse_delivery(payload: Any, *, now_ms: int | None = None, page_id: str | None = None) -> Delivery:
+def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collection[str] | None = None) -> Delivery:
     """Turn a decoded webhook body into a Delivery, or raise BadPayload.
 
-    Events with an unusable id, and the entries of any Page but `page_id`, are
-    skipped and counted in `ignored`; `now_ms` stands in for implausible event times.
+    Events with an unusable id, and the entries of any Page or Instagram account not in
+    `accounts` (None: any), are skipped and counted in `ignored`; `now_ms` stands in for
+    implausible event times.
     """
     if not isinstance(payload, dict):
         raise BadPayload("body must be a JSON object")
-    if payload.get("object") != "page":
-        raise BadPayload("object must be 'page'")
+    if payload.get("object") not in OBJECTS:
+        raise BadPayload("object must be 'page' or 'instagram'")
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     messages: list[IncomingMessage] = []
     echoes: list[Echo] = []
@@ -120,7 +126,7 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, page_id: str | No
         # `standby` events belong to a thread another app owns: watch, never answer.
         ignored += len(_list_of_objects(entry.get("standby", []), "standby"))
         events = _list_of_objects(entry.get("messaging", []), "messaging")
-        if not _is_for_page(entry, page_id, foreign):
+        if not _is_for_page(entry, accounts, foreign):
             ignored += len(events)
             continue
         for event in events:
@@ -141,7 +147,7 @@ def to_echo(event: dict, now_ms: int) -> Echo | None:
         return None
     text, metadata = body.get("text"), body.get("metadata")
     return Echo(
-        psid=_recipient(event), mid=_mid(body, required=True), text=_clean(text),
+        psid=_recipient(event), page_id=_sender(event), mid=_mid(body, required=True), text=_clean(text),
         timestamp_ms=to_timestamp_ms(event.get("timestamp"), now_ms),
         app_id=_to_id(body.get("app_id"), "message.app_id"),
         metadata=clean_text(metadata) if isinstance(metadata, str) else None,
@@ -189,7 +195,7 @@ def _parse_event(event: dict, now_ms: int) -> IncomingMessage | Echo | None:
         return None
 
 
-def _is_for_page(entry: dict, page_id: str | None, foreign: list[str]) -> bool:
+def _is_for_page(entry: dict, accounts: Collection[str] | None, foreign: list[str]) -> bool:
     """False for an entry with an unusable id, or another Page's (its id goes to `foreign`)."""
     try:
         entry_id = _to_id(entry.get("id"), "entry.id")
@@ -197,7 +203,7 @@ def _is_for_page(entry: dict, page_id: str | None, foreign: list[str]) -> bool:
         logger.warning("ignoring an entry: %s", exc)
         return False
     # Meta always sends the id; hand-made test bodies sometimes leave it out.
-    if page_id is None or entry_id is None or entry_id == page_id:
+    if accounts is None or entry_id is None or entry_id in accounts:
         return True
     if entry_id not in foreign:
         foreign.append(entry_id)

@@ -22,7 +22,6 @@ logger = logging.getLogger(__name__)
 # Put on every reply: Meta returns it in the echo, so the bot knows its own messages
 # from a person's in the Page inbox (human takeover).
 REPLY_METADATA = "messenger-gpt-bot"
-MAX_TEXT_LENGTH = 2000  # Send API: "(#100) Length of param message[text] must be ... <= 2000"
 HISTORY_FIELDS = "messages.limit({limit}){{message,from,created_time}}"
 
 
@@ -82,9 +81,10 @@ class GraphClient:
     """History reads and Send API calls for one Page over one pooled Session."""
 
     def __init__(self, *, base_url: str, page_id: str, token: str, app_secret: str,
-                 timeout: float = 5.0, pool_size: int = 10):
+                 timeout: float = 5.0, pool_size: int = 10, platform: str = "messenger"):
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.page_id = page_id
+        self.platform = platform  # messenger, or instagram: the Page's linked Instagram account
         self.timeout = (min(3.05, timeout), timeout)  # (connect, read)
         self._proof = appsecret_proof(token, app_secret)
         self._session = requests.Session()
@@ -95,12 +95,12 @@ class GraphClient:
         self._session.headers["Authorization"] = f"Bearer {token}"
 
     def __repr__(self) -> str:
-        return f"GraphClient(base_url={self.base_url!r}, page_id={self.page_id!r})"
+        return f"GraphClient(base_url={self.base_url!r}, page_id={self.page_id!r}, platform={self.platform!r})"
 
     def fetch_history(self, psid: str, limit: int) -> list[HistoryMessage]:
         """The newest `limit` messages with this user, newest first, in ONE request."""
         data = self._request("GET", f"{self.page_id}/conversations", params={
-            "platform": "messenger",
+            "platform": self.platform,
             "user_id": psid,
             "fields": HISTORY_FIELDS.format(limit=limit),
         })
@@ -110,11 +110,12 @@ class GraphClient:
         return [to_history_message(item) for item in threads[0].get("messages", {}).get("data", [])]
 
     def send_text(self, psid: str, text: str) -> str | None:
-        """Send one text (already under MAX_TEXT_LENGTH) and return its message id."""
+        """Send one text (already within the platform's limit) and return its message id."""
+        message = {"text": text, "metadata": REPLY_METADATA}
+        if self.platform == "instagram":
+            del message["metadata"]  # not a field of Instagram's Send API
         data = self._request("POST", "me/messages", json={
-            "recipient": {"id": psid},
-            "messaging_type": "RESPONSE",
-            "message": {"text": text, "metadata": REPLY_METADATA},
+            "recipient": {"id": psid}, "messaging_type": "RESPONSE", "message": message,
         })
         return data.get("message_id")
 

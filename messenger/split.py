@@ -2,24 +2,23 @@
 from __future__ import annotations
 
 import re
+from typing import Callable
 
-from messenger.graph import MAX_TEXT_LENGTH
+from messenger.platforms import MESSENGER, utf16_length
 
 # Preferred places to cut, best first: paragraph, line, sentence end, word.
 _BOUNDARIES = (re.compile(r"\n\s*\n"), re.compile(r"\n"), re.compile(r"[.!?…](?=\s)"), re.compile(r"\s"))
 
 
-def text_length(text: str) -> int:
-    """Length in UTF-16 code units: the safe reading of Meta's limit (an emoji counts 2)."""
-    return len(text.encode("utf-16-le")) // 2
+text_length = utf16_length  # Messenger's measure
 
 
-def split_text(text: str, limit: int = MAX_TEXT_LENGTH) -> list[str]:
-    """Parts of at most `limit` units, in order, cut at the best boundary available."""
+def split_text(text: str, limit: int = MESSENGER.max_text, measure: Callable[[str], int] = utf16_length) -> list[str]:
+    """Parts of at most `limit` units of `measure`, in order, cut at the best boundary available."""
     parts: list[str] = []
     rest = text.strip()
-    while text_length(rest) > limit:
-        cut = _cut_point(rest, limit)
+    while measure(rest) > limit:
+        cut = _cut_point(rest, limit, measure)
         parts.append(rest[:cut].rstrip())
         rest = rest[cut:].lstrip()
     if rest:
@@ -27,9 +26,9 @@ def split_text(text: str, limit: int = MAX_TEXT_LENGTH) -> list[str]:
     return parts
 
 
-def _cut_point(text: str, limit: int) -> int:
+def _cut_point(text: str, limit: int, measure: Callable[[str], int]) -> int:
     window = text[:limit]
-    while text_length(window) > limit:  # only when the window holds astral characters
+    while measure(window) > limit:  # only when the window holds wide characters
         window = window[:-1]
     for boundary in _BOUNDARIES:
         ends = [m.end() for m in boundary.finditer(window)]

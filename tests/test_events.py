@@ -160,7 +160,7 @@ def test_ids_may_be_integers_and_arrive_as_strings():
     payload = {"object": "page", "entry": [{"id": int(PAGE), "messaging": [
         {"sender": {"id": int(PSID)}, "recipient": {"id": int(PAGE)}, "timestamp": 1763893200001,
          "message": {"mid": "m_1", "text": "hi"}}, echo(app_id=2 ** 53 + 1)]}]}
-    delivery = parse_delivery(payload, now_ms=NOW, page_id=PAGE)
+    delivery = parse_delivery(payload, now_ms=NOW, accounts={PAGE})
     [message] = delivery.messages
     assert (message.psid, message.page_id) == (PSID, PAGE)
     assert delivery.echoes[0].app_id == "9007199254740993"  # above 2**53: exact, not rounded
@@ -212,7 +212,7 @@ def test_entries_of_other_pages_are_ignored_and_reported():
         {"id": "998", "messaging": [event(mid="m_foreign_4")]},
         {"id": PAGE, "messaging": [event(mid="m_ours")]},
     ]}
-    delivery = parse_delivery(payload, now_ms=NOW, page_id=PAGE)
+    delivery = parse_delivery(payload, now_ms=NOW, accounts={PAGE})
     assert [m.mid for m in delivery.messages] == ["m_ours"]
     assert delivery.foreign_pages == ("999", "998")
     assert delivery.ignored == 5
@@ -223,14 +223,14 @@ def test_entries_of_other_pages_are_ignored_and_reported():
 
 def test_an_entry_with_an_unsafe_id_is_ignored(caplog):
     with caplog.at_level(logging.WARNING, logger="messenger.events"):
-        delivery = parse_delivery(body(event(), entry_id="1\udfff"), now_ms=NOW, page_id=PAGE)
+        delivery = parse_delivery(body(event(), entry_id="1\udfff"), now_ms=NOW, accounts={PAGE})
     assert delivery.messages == () and delivery.ignored == 1 and delivery.foreign_pages == ()
     assert "entry.id" in caplog.text
 
 
 # -- parse_body: the raw bytes --------------------------------------------------------------------
 def test_parse_body_reads_a_recorded_delivery():
-    assert parse_body(fixture_bytes("batch"), now_ms=NOW, page_id=PAGE) == parse("batch")
+    assert parse_body(fixture_bytes("batch"), now_ms=NOW, accounts={PAGE}) == parse("batch")
 
 
 @pytest.mark.parametrize("raw", [
@@ -256,7 +256,7 @@ def test_parse_body_keeps_the_attack_bodies_of_issue_9_out_of_storage():
     raw = json.dumps(body(event(mid="m_\udfff_x"), event(psid="\udfff"), event(psid="1\n2"),
                           event(mid="m_ok", timestamp=100000000000000000000))).encode()
     assert b"\\udfff" in raw  # the JSON escape, as the tester sent it
-    delivery = parse_body(raw, now_ms=NOW, page_id=PAGE)
+    delivery = parse_body(raw, now_ms=NOW, accounts={PAGE})
     [message] = delivery.messages
     assert (message.mid, message.timestamp_ms) == ("m_ok", NOW)
     assert delivery.ignored == 3

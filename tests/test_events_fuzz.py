@@ -113,7 +113,7 @@ def assert_serialisable(record) -> None:
 @given(BODIES)
 def test_parse_body_returns_a_storable_delivery_or_bad_payload(body):
     try:
-        delivery = parse_body(body, now_ms=NOW, page_id=PAGE)
+        delivery = parse_body(body, now_ms=NOW, accounts={PAGE})
     except BadPayload as refused:
         assert len(str(refused)) < 80  # sent back and logged: a short reason, never the body
         return
@@ -121,10 +121,10 @@ def test_parse_body_returns_a_storable_delivery_or_bad_payload(body):
 
 
 @BOUNDED
-@given(PAYLOAD, st.sampled_from([None, PAGE]))
+@given(PAYLOAD, st.sampled_from([None, {PAGE}]))
 def test_parse_delivery_returns_a_storable_delivery_or_bad_payload(payload, page_id):
     try:
-        delivery = parse_delivery(payload, now_ms=NOW, page_id=page_id)
+        delivery = parse_delivery(payload, now_ms=NOW, accounts=page_id)
     except BadPayload:
         return
     assert_storable(delivery)

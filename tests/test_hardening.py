@@ -235,7 +235,7 @@ def test_events_for_another_page_are_ignored_and_logged_once(client, graph, capl
         for _ in range(2):
             response = client.post("/webhook", data=body, headers={"X-Hub-Signature-256": sign(body, APP_SECRET)})
             assert response.status_code == 200
-    assert caplog.text.count("ignoring events for Page '999'") == 1
+    assert caplog.text.count("ignoring events for '999'") == 1
     assert client.get("/healthz").get_json()["queue_depth"] == 0
 
 

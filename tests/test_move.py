@@ -81,7 +81,7 @@ def build_store(data_dir) -> str:
     store.complete(batch, exchange(batch, reply="Yes.", sent=("z_part", "a_part", "m_part")))
     store.conversations.update_user("u1", synced_at=1_700_000_000.5, reset_at_ms=ms(900))
     # u3: paused - a person answered from the Page - with notices given.
-    echo = Echo(psid="u3", mid="e1", text="A person here", timestamp_ms=ms(1200), app_id=None, metadata=None)
+    echo = Echo(psid="u3", page_id="1", mid="e1", text="A person here", timestamp_ms=ms(1200), app_id=None, metadata=None)
     store.add([], [ClassifiedEcho(echo, True, clock.now + 3600)])
     store.conversations.update_user("u3", rate_notice_at=1_700_000_001.25, budget_notice_day="2027-01-15")
     # u4: failed for good, with its record; u5: in work when the old bot was killed.
@@ -95,7 +95,7 @@ def build_store(data_dir) -> str:
     batch = store.claim("old-host", 30)
     store.retry(batch, 0, "boom", reply='{"text": "part one"}', sent_parts=1)
     store.add([message("m2", at=ms(2000), text="And on Sundays?")])
-    store.conversations.take_graph_read(2.0)
+    store.conversations.take_graph_read("1", 2.0)
     assert store.conversations.prune(90) == 1  # u0's record, mirror rows and message
     # An inbox record that cannot enter the queue: a dead letter, its bytes kept.
     inbox_dir = os.path.join(str(data_dir), "inbox")
@@ -145,7 +145,7 @@ COMPARED = {  # every copied table, all columns, in an order both databases shar
     "mirror": "SELECT rowid, mid, psid, author, text, at_ms FROM mirror ORDER BY rowid",
     "users": "SELECT * FROM users ORDER BY psid",
     "interactions": "SELECT * FROM interactions ORDER BY id",
-    "graph_budget": "SELECT * FROM graph_budget",
+    "graph_budgets": "SELECT * FROM graph_budgets ORDER BY account",
     "dead_letters": 'SELECT id, source, "offset", error, payload, at FROM dead_letters ORDER BY id',
 }
 
@@ -287,13 +287,13 @@ def test_a_target_a_bot_only_started_on_is_empty_enough(tmp_path, target):
     url, password = target
     started = PostgresQueue(url)
     started.heartbeat("host-b:1")
-    started.conversations.hold_graph_reads(10_000)  # later than the SQLite store's budget
+    started.conversations.hold_graph_reads("1", 10_000)  # later than the SQLite store's budget
     started.close()
     data_dir = tmp_path / "data"
     build_store(data_dir)
     assert run_move(tmp_path, data_dir, url, password).returncode == 0
     assert pg_rows(url, "SELECT owner FROM dispatchers") == [("host-b:1",)]
-    assert pg_rows(url, "SELECT next_at FROM graph_budget")[0][0] > time.time() + 9_000
+    assert pg_rows(url, "SELECT next_at FROM graph_budgets")[0][0] > time.time() + 9_000
 
 
 def test_nul_characters_postgres_cannot_store_are_replaced_and_said(tmp_path, target):

@@ -118,7 +118,8 @@ def test_the_whole_reply_fits_the_deadline_with_history_and_model_both_slow(make
 
 
 def test_the_typing_indicator_is_kept_alive_and_never_follows_the_answer(client, graph, model):
-    client.application.extensions["dispatcher"].composer.timing = Timing(reply_deadline=10, typing_refresh=0.4)
+    for composer in client.application.extensions["dispatcher"].composers:
+        composer.timing = Timing(reply_deadline=10, typing_refresh=0.4)
     model.delay = 1.5
     replay(client, "text")
     assert graph.sent_texts(PSID) == ["Hello from the model."]

@@ -152,9 +152,9 @@ def test_history_breaks_ties_of_the_same_millisecond_by_arrival(store):
 
 
 def test_a_persons_echo_pauses_the_user_and_never_shortens_a_pause(store):
-    echo = Echo(psid="u1", mid="e1", text="A person here", timestamp_ms=900, app_id=None, metadata=None)
+    echo = Echo(psid="u1", page_id="1", mid="e1", text="A person here", timestamp_ms=900, app_id=None, metadata=None)
     store.add([], [ClassifiedEcho(echo, True, 2_000_000_000.0)])
-    later = Echo(psid="u1", mid="e2", text="again", timestamp_ms=950, app_id=None, metadata=None)
+    later = Echo(psid="u1", page_id="1", mid="e2", text="again", timestamp_ms=950, app_id=None, metadata=None)
     store.add([], [ClassifiedEcho(later, True, 1_900_000_000.0)])
     assert store.conversations.user("u1").paused_until == 2_000_000_000.0
     assert [h.mid for h in store.conversations.history("u1", "page", 10, None)] == ["e2", "e1"]
@@ -175,13 +175,13 @@ def test_messages_between_counts_every_message_taken_in(store):
 
 def test_the_graph_budget_is_one_read_per_slot_for_everyone(open_store, clock):
     a, b = open_store(), open_store()  # two processes (SQLite) or two hosts (PostgreSQL)
-    assert a.conversations.take_graph_read(2.0) is True
-    assert b.conversations.take_graph_read(2.0) is False
+    assert a.conversations.take_graph_read("1", 2.0) is True
+    assert b.conversations.take_graph_read("1", 2.0) is False
     clock.advance(0.75)
-    assert b.conversations.take_graph_read(2.0) is True
-    a.conversations.hold_graph_reads(10)
+    assert b.conversations.take_graph_read("1", 2.0) is True
+    a.conversations.hold_graph_reads("1", 10)
     clock.advance(5)
-    assert a.conversations.take_graph_read(2.0) is False
+    assert a.conversations.take_graph_read("1", 2.0) is False
 
 
 def test_concurrent_budget_takers_get_one_slot(open_store):
@@ -190,7 +190,7 @@ def test_concurrent_budget_takers_get_one_slot(open_store):
 
     def take(s):
         start.wait()
-        results.append(s.conversations.take_graph_read(1.0))
+        results.append(s.conversations.take_graph_read("1", 1.0))
     threads = [threading.Thread(target=take, args=(s,)) for s in stores]
     for thread in threads:
         thread.start()
@@ -265,10 +265,10 @@ def test_the_answer_cache_keeps_an_answer_for_its_ttl(open_store, clock):
 
 def test_a_graph_read_can_be_reserved_ahead_only_when_it_comes_in_time(open_store, clock):
     a, b = open_store(), open_store()
-    assert a.conversations.reserve_graph_read(2.0, latest=clock()) == clock()  # free now
-    assert b.conversations.reserve_graph_read(2.0, latest=clock() + 0.5) is None  # next slot is in 0.75 s
-    assert b.conversations.reserve_graph_read(2.0, latest=clock() + 5) == clock() + 0.75
-    assert a.conversations.reserve_graph_read(2.0, latest=clock() + 5) == clock() + 1.5  # the one after
+    assert a.conversations.reserve_graph_read("1", 2.0, latest=clock()) == clock()  # free now
+    assert b.conversations.reserve_graph_read("1", 2.0, latest=clock() + 0.5) is None  # next slot is in 0.75 s
+    assert b.conversations.reserve_graph_read("1", 2.0, latest=clock() + 5) == clock() + 0.75
+    assert a.conversations.reserve_graph_read("1", 2.0, latest=clock() + 5) == clock() + 1.5  # the one after
 
 
 def test_a_nul_in_a_users_text_is_stored_by_both_backends(store):

@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 
 from bot.replies.activity import Activity
 from bot.replies.answer import Answer, Outcome
-from bot.replies.composer import Composer
+from bot.replies.composer import Composer, Composers
 from bot.storage.exchanges import Exchange
 from bot.storage.queue import Batch, LostLease, Queue
 from bot.telemetry import metrics
 from messenger.graph import GraphAPIError, is_retryable
-from messenger.split import split_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +41,11 @@ class Progress:
 class BatchReplier:
     """Answers the batches a dispatcher claims, in the dispatcher's reply threads."""
 
-    def __init__(self, store: Queue, composer: Composer, actions: Executor, *,
+    def __init__(self, store: Queue, composers: Composers, actions: Executor, *,
                  retry_base: float = 1.0, retry_cap: float = 60.0, lease_seconds: float = 30.0):
         self.store = store
         self.lease_seconds = lease_seconds
-        self.composer = composer
+        self.composers = composers
         self._actions = actions  # sender actions (seen, typing) run beside the reply thread
         self.retry_base = retry_base
         self.retry_cap = retry_cap
@@ -56,11 +55,16 @@ class BatchReplier:
         Never raises: the batch ends done, pending again or failed - never left 'working',
         where it would hold back the user's next messages until its lease ran out."""
         progress = Progress(None, batch.sent_parts)
-        activity = self.composer.activity(batch.psid)
+        composer = self.composers.for_account(batch.messages[0].page_id)
+        if composer is None:
+            self._record_failure(batch, f"no Page or Instagram account {batch.messages[0].page_id} in the settings",
+                                 progress, "unknown_page")
+            return
+        activity = composer.activity(batch.psid)
         try:
             if batch.reply:
                 progress.answer = Answer.from_json(batch.reply)
-            self._answer(batch, progress, activity)
+            self._answer(batch, progress, activity, composer)
         except LostLease as exc:
             # Another process took the batch over (this one stalled past its lease): its
             # outcome stands, and nothing more is sent from here.
@@ -76,22 +80,21 @@ class BatchReplier:
         finally:
             activity.finish()
 
-    def _answer(self, batch: Batch, progress: Progress, activity: Activity) -> None:
+    def _answer(self, batch: Batch, progress: Progress, activity: Activity, composer: Composer) -> None:
         if progress.answer is None:
-            progress.answer = self.composer.compose(batch.messages, lambda: self._actions.submit(activity.run),
-                                                     self.composer.model_deadline(activity.started),
-                                                     patient=batch.attempts == 1)
+            progress.answer = composer.compose(batch.messages, lambda: self._actions.submit(activity.run),
+                                               composer.model_deadline(activity.started), patient=batch.attempts == 1)
         activity.finish()  # waits for a slow-reply notice in flight: it must arrive first
         if activity.notice_sent:
             progress.parts.append(activity.notice_sent)
         answer = progress.answer
-        parts = split_text(answer.text) if answer.text else []
+        parts = composer.parts(answer.text) if answer.text else []
         while progress.sent < len(parts):
             part = parts[progress.sent]
             # The answer is kept with the batch before the first send (a takeover sends it, the
             # model is not paid twice), and each send is recorded as under way.
             self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds)
-            mid = self._delivered_before(batch, part, progress.sent) or self.composer.send_part(batch.psid, part)
+            mid = self._delivered_before(batch, part, progress.sent, composer) or composer.send_part(batch.psid, part)
             if mid:
                 progress.parts.append((mid, part))
             progress.sent += 1
@@ -99,17 +102,17 @@ class BatchReplier:
                 self.store.mark_sent(batch, answer.to_json(), progress.sent)
         # Marked done (and logged) right after the last send: a crash now repeats nothing.
         self.store.complete(batch, self._exchange(batch, progress))
-        metrics.EXCHANGES.labels(answer.outcome).inc()
+        metrics.EXCHANGES.labels(answer.outcome, batch.messages[0].page_id).inc()
         if parts:
             metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)
         logger.info("%s psid=%r mids=%r in %d part(s)", answer.outcome, batch.psid, _mids(batch), len(parts))
 
-    def _delivered_before(self, batch: Batch, part: str, index: int) -> str | None:
+    def _delivered_before(self, batch: Batch, part: str, index: int, composer: Composer) -> str | None:
         """When the previous owner died with this very send under way: did it go out? (its
         echo in the mirror, or the Page's message in Graph) - then it is not sent again."""
         if batch.sending != index:
             return None
-        mid = self.composer.find_sent(batch.psid, part, since_ms=int(batch.received_at * 1000))
+        mid = composer.find_sent(batch.psid, part, since_ms=int(batch.received_at * 1000))
         logger.warning("psid=%r part %d was being sent when its process died: %s", batch.psid, index,
                        "it went out, not sending it again" if mid else "it did not go out, sending it")
         return mid

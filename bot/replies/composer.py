@@ -21,6 +21,8 @@ from gpt.prompt import to_chat_messages
 from messenger.events import IncomingMessage
 from bot.storage.times import created_ms
 from messenger.graph import GraphAPIError, GraphClient
+from messenger.platforms import BY_NAME
+from messenger.split import split_text
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Composer:
         self.prompt = prompt
         self.conversations = conversations
         self.media = media
+        self.platform = BY_NAME[graph.platform]  # Messenger's or Instagram's limits
         self.policy = policy
         self.timing = timing
         self.clock = clock  # deadlines
@@ -170,6 +173,10 @@ class Composer:
         return next((h.mid for h in history if h.from_id == self.prompt.page_id and h.text == text
                      and created_ms(h.created_time) >= since_ms - 1000), None)
 
+    def parts(self, text: str) -> list[str]:
+        """The answer cut to the platform's limit: 2,000 UTF-16 units on Messenger, 1,000 bytes on Instagram."""
+        return split_text(text, self.platform.max_text, self.platform.measure)
+
     def send_part(self, psid: str, text: str) -> str | None:
         """One Send API call, returning Meta's message id; GraphAPIError is the caller's to classify."""
         mid = self.graph.send_text(psid, text)
@@ -197,3 +204,21 @@ def _with_media(answer: Answer, prepared: Prepared) -> Answer:
         prompt, completion, total = usage
         usage = ((prompt or 0) + prepared.tokens, completion, (total or 0) + prepared.tokens)
     return replace(answer, said=prepared.said or None, media=tuple(prepared.facts), usage=usage)
+
+
+class Composers:
+    """One Composer per Page and Instagram account: a batch is answered by its account's."""
+
+    def __init__(self, by_account: dict[str, Composer]):
+        self.by_account = by_account
+
+    def for_account(self, account_id: str) -> Composer | None:
+        """The account's Composer; with one account only, that one (a message stored under an
+        older FB_PAGE_ID still gets its answer). None: no longer configured."""
+        composer = self.by_account.get(account_id)
+        if composer is None and len(self.by_account) == 1:
+            return next(iter(self.by_account.values()))
+        return composer
+
+    def __iter__(self):
+        return iter(self.by_account.values())

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from bot.replies.batch import BatchReplier
-from bot.replies.composer import Composer
+from bot.replies.composer import Composers
 from bot.storage.doorbell import Doorbell
 from bot.storage.instance import owner_prefix, take_reply_lock
 from bot.storage.queue import Batch, Queue
@@ -36,12 +36,12 @@ STUCK_AFTER_S = 60.0
 class Dispatcher:
     """Claims batches while it has free reply threads; answers each exactly once if it can."""
 
-    def __init__(self, store: Queue, composer: Composer, doorbell: Doorbell, *, threads: int,
+    def __init__(self, store: Queue, composers: Composers, doorbell: Doorbell, *, threads: int,
                  lease_seconds: float = 30.0, retry_base: float = 1.0, retry_cap: float = 60.0,
                  poll_interval: float = 0.2, retention_days: int = 0, tracker=None, inbox_dir: str | None = None,
                  data_dir: str | None = None, clock: Callable[[], float] = time.monotonic):
         self.store = store
-        self.composer = composer
+        self.composers = composers  # one per Page and Instagram account
         self.doorbell = doorbell
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
@@ -58,7 +58,7 @@ class Dispatcher:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reply")
         # One sender-action thread per reply thread: in a burst, "seen" must not queue behind others.
         self._actions = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sender-action")
-        self.replier = BatchReplier(store, composer, self._actions, retry_base=retry_base, retry_cap=retry_cap,
+        self.replier = BatchReplier(store, composers, self._actions, retry_base=retry_base, retry_cap=retry_cap,
                                     lease_seconds=lease_seconds)
         self._stopping = threading.Event()
         self._busy = 0

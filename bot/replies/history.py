@@ -66,7 +66,7 @@ class HistoryReader:
             except GraphAPIError as exc:
                 metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
                 if exc.code in RATE_LIMIT_CODES:
-                    self.conversations.hold_graph_reads()
+                    self.conversations.hold_graph_reads(self.page_id)
                     break
                 if attempt == 1 and is_retryable(exc) and self._time_for_another(give_up):
                     logger.info("history read for psid=%r failed (%s); trying once more", psid, exc)
@@ -87,7 +87,7 @@ class HistoryReader:
 
     def _take_read(self, wait_until: float) -> bool:
         """A read slot from the budget, now or by `wait_until` (then waited for)."""
-        slot = self.conversations.reserve_graph_read(self.reads_per_second, latest=wait_until)
+        slot = self.conversations.reserve_graph_read(self.page_id, self.reads_per_second, latest=wait_until)
         if slot is None:
             return False
         if slot > self.clock():

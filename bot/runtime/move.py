@@ -13,7 +13,7 @@ or the exchange log.
      deliver them again. Starting the bot to drain them instead would take in new ones.
   5. events (every state, ids kept), mirror (SQLite's rowid kept as PostgreSQL's `rowid`,
      so same-millisecond rows keep their order), users, interactions (ids kept),
-     graph_budget, dead_letters (payload bytes as they are) and answer_cache are copied
+     graph_budgets, dead_letters (payload bytes as they are) and answer_cache are copied
      in ONE PostgreSQL transaction, sequences moved past the copied ids: a failure
      leaves the target as it was. dispatchers (per process) and inbox_offsets (SQLite's
      own) are not copied; a table this code does not know stops the move.
@@ -46,7 +46,7 @@ DESCRIPTION = (
 
 # Copied in this order (each one SQLite's file has); the mirror's `rowid` is SQLite's
 # implicit one (insertion order).
-TABLES = ("events", "mirror", "users", "interactions", "graph_budget", "dead_letters", "answer_cache")
+TABLES = ("events", "mirror", "users", "interactions", "graph_budgets", "dead_letters", "answer_cache")
 # Not copied: the reply processes' heartbeats (each process's own, renewed by the new ones)
 # and SQLite's inbox bookkeeping (PostgreSQL's webhooks write to events directly).
 SKIPPED = ("dispatchers", "inbox_offsets")
@@ -256,8 +256,8 @@ def copy_table(sdb: sqlite3.Connection, conn, table: str) -> tuple[int, int]:
     names = ", ".join(f'"{name}"' for name in columns)
     select = ", ".join("rowid" if name == "rowid" else f'"{name}"' for name in columns)
     insert = f"INSERT INTO {table} ({names}) VALUES ({', '.join(['%s'] * len(columns))})"
-    if table == "graph_budget":  # a bot started once on the target may have set it: the later wins
-        insert += " ON CONFLICT (id) DO UPDATE SET next_at = GREATEST(graph_budget.next_at, excluded.next_at)"
+    if table == "graph_budgets":  # a bot started once on the target may have set it: the later wins
+        insert += " ON CONFLICT (account) DO UPDATE SET next_at = GREATEST(graph_budgets.next_at, excluded.next_at)"
     elif table == "answer_cache":  # a cache: an answer the target already holds is as good
         insert += " ON CONFLICT (key) DO NOTHING"
     rows = sdb.execute(f"SELECT {select} FROM {table} ORDER BY rowid")
@@ -273,7 +273,7 @@ def copy_table(sdb: sqlite3.Connection, conn, table: str) -> tuple[int, int]:
             copied += len(values)
         held = cursor.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
     expected = sdb.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-    if copied != expected or (held != copied and table not in ("graph_budget", "answer_cache")):
+    if copied != expected or (held != copied and table not in ("graph_budgets", "answer_cache")):
         raise Mismatch(f"{table}: {expected} row(s) in SQLite, {copied} copied, {held} in PostgreSQL")
     return copied, replaced
 

@@ -1,6 +1,6 @@
 """The conversation store, for the reply pipeline: the mirror of every message
 (bot/storage/mirror.py), per-user state (users.py), the exchange log (exchanges.py), its
-tracking outbox (outbox.py) and the Page's Graph read budget (graph_budget.py).
+tracking outbox (outbox.py) and each Page's Graph read budget (graph_budget.py).
 
 Each of those modules holds its own SQL, written once for both backends; this class
 gives them a database and a clock. The mirror lets the bot build prompts without asking
@@ -58,23 +58,24 @@ class Conversations:
         with self._database.read() as db:
             return mirror.find_own(db, psid, text, since_ms)
 
-    def take_graph_read(self, per_second: float) -> bool:
-        """One Conversations API read from the Page's budget now, or False when it is spent for now."""
-        return self.reserve_graph_read(per_second, latest=self.clock()) is not None
+    def take_graph_read(self, account: str, per_second: float) -> bool:
+        """One Conversations API read from the account's budget now, or False when it is spent for now."""
+        return self.reserve_graph_read(account, per_second, latest=self.clock()) is not None
 
-    def reserve_graph_read(self, per_second: float, latest: float) -> float | None:
-        """The moment of this caller's read (now or a little later), if a slot is free by `latest`."""
+    def reserve_graph_read(self, account: str, per_second: float, latest: float) -> float | None:
+        """The moment of this caller's read of `account` (a Page or an Instagram account) - now or
+        a little later - if a slot is free by `latest`."""
         now = self.clock()
         latest = max(latest, now)  # "now" for a caller that read the clock a moment ago
         with self._database.read() as db:
-            if graph_budget.next_read_at(db) > latest:
+            if graph_budget.next_read_at(db, account) > latest:
                 return None  # spent: no write taken (a burst of new users asks many times a second)
         with self._database.write() as db:
-            return graph_budget.reserve(db, now, per_second, latest)
+            return graph_budget.reserve(db, account, now, per_second, latest)
 
-    def hold_graph_reads(self, seconds: float = RATE_LIMIT_BACKOFF_S) -> None:
+    def hold_graph_reads(self, account: str, seconds: float = RATE_LIMIT_BACKOFF_S) -> None:
         with self._database.write() as db:
-            graph_budget.hold(db, self.clock() + seconds)
+            graph_budget.hold(db, account, self.clock() + seconds)
 
     def messages_between(self, psid: str, start_ms: int, end_ms: int) -> int:
         """How many messages this user sent in (start, end] - every one the webhooks took in."""
@@ -110,9 +111,9 @@ class Conversations:
             answer_cache.put(db, cache_key, text, model, self.clock() + ttl)
 
     # -- the log: export, tracking, retention ---------------------------------------------------
-    def export(self, since_ms: int = 0, until_ms: int | None = None) -> Iterator[dict]:
+    def export(self, since_ms: int = 0, until_ms: int | None = None, page: str | None = None) -> Iterator[dict]:
         with self._database.read() as db:
-            yield from exchanges.export(db, since_ms, until_ms)
+            yield from exchanges.export(db, since_ms, until_ms, page)
 
     def waiting_for_tracking(self, limit: int = 50) -> list[tuple[int, dict]]:
         with self._database.read() as db:

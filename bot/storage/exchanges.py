@@ -13,7 +13,7 @@ from messenger.text import clean_text
 
 # Columns of the exchange log, in export order; timestamps are exported as ISO 8601 UTC.
 EXPORT_COLUMNS = ("psid", "user_message", "user_timestamp", "bot_message", "bot_timestamp", "model",
-                  "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "outcome", "history", "attachments")
+                  "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "outcome", "history", "attachments", "page_id")
 
 
 @dataclass
@@ -51,18 +51,22 @@ def record(db, exchange: Exchange, tracking: bool) -> None:
     messages = exchange.messages
     db.execute(
         "INSERT INTO interactions (psid, user_message, user_timestamp, bot_message, bot_timestamp, model,"
-        " prompt_tokens, completion_tokens, total_tokens, latency_ms, outcome, history, tracking, attachments)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " prompt_tokens, completion_tokens, total_tokens, latency_ms, outcome, history, tracking, attachments, page_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (exchange.psid, clean_text("\n".join(user_text(m, exchange.said) for m in messages)),
          min(m.timestamp_ms for m in messages), _clean(exchange.bot_message), exchange.bot_timestamp_ms,
          _clean(exchange.model), *exchange.usage, exchange.latency_ms, str(exchange.outcome), exchange.history,
          "waiting" if tracking else None,
-         json.dumps([list(a) for a in exchange.attachments]) if exchange.attachments else None))
+         json.dumps([list(a) for a in exchange.attachments]) if exchange.attachments else None,
+         messages[0].page_id))
 
 
-def export(db, since_ms: int = 0, until_ms: int | None = None) -> Iterator[dict]:
+def export(db, since_ms: int = 0, until_ms: int | None = None, page: str | None = None) -> Iterator[dict]:
+    """The records in [since, until), oldest first; only one Page's (or Instagram account's) with `page`."""
+    only_page = " AND page_id = ?" if page else ""
     rows = db.execute(f"SELECT {', '.join(EXPORT_COLUMNS)} FROM interactions WHERE user_timestamp >= ?"
-                      " AND user_timestamp < ? ORDER BY user_timestamp, id", (since_ms, until_ms or 2**62))
+                      f" AND user_timestamp < ?{only_page} ORDER BY user_timestamp, id",
+                      (since_ms, until_ms or 2**62, *([page] if page else [])))
     for row in rows:
         item = dict(zip(EXPORT_COLUMNS, row))
         item["user_timestamp"], item["bot_timestamp"] = iso(row[2]), iso(row[4])

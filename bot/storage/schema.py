@@ -11,7 +11,9 @@ Columns of note:
   interactions.history   mirror, graph, or mirror-only (Graph could not be read in time)
   interactions.attachments  JSON list of [kind, bytes, outcome] per attachment (bot/media/prepare.py)
   answer_cache        ANSWER_CACHE_TTL: model answers by a hash of the whole request
-  graph_budget.next_at   the earliest moment of the next Conversations API read (all processes)
+  graph_budgets.next_at  the earliest moment of the next Conversations API read of that Page or
+                        Instagram account (all processes)
+  interactions.page_id   the Page or Instagram account the exchange was with
   inbox_offsets       bytes of each inbox file already in `events` (bot/storage/inbox.py);
                       damaged: bytes skipped as damage (such a file is quarantined, not deleted)
   dead_letters        records or messages that could not enter the queue, kept for a person
@@ -118,6 +120,13 @@ SCHEMA = [
     """
     ALTER TABLE interactions ADD COLUMN attachments TEXT;
     """,
+    # version 9: several Pages and Instagram accounts: a read budget each, the account of each exchange
+    """
+    CREATE TABLE graph_budgets (account TEXT PRIMARY KEY, next_at REAL NOT NULL);
+    DROP TABLE graph_budget;
+    ALTER TABLE interactions ADD COLUMN page_id TEXT;
+    CREATE INDEX interactions_page ON interactions (page_id, user_timestamp);
+    """,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -212,5 +221,12 @@ POSTGRES_SCHEMA = [
     # version 4: as SQLite's version 8
     """
     ALTER TABLE interactions ADD COLUMN attachments TEXT;
+    """,
+    # version 5: as SQLite's version 9
+    """
+    CREATE TABLE graph_budgets (account TEXT PRIMARY KEY, next_at DOUBLE PRECISION NOT NULL);
+    DROP TABLE graph_budget;
+    ALTER TABLE interactions ADD COLUMN page_id TEXT;
+    CREATE INDEX interactions_page ON interactions (page_id, user_timestamp);
     """,
 ]

@@ -16,7 +16,8 @@ REPLIES = Counter("messenger_replies_sent_total", "Reply messages the Send API a
 FAILED = Counter("messenger_replies_failed_total", "Messages given up on, by reason.", ["reason"])
 MODEL_ERRORS = Counter("openai_errors_total", "Model calls that ended in the fallback, by error class.", ["error_class"])
 HISTORY_READS = Counter("messenger_history_reads_total", "Where a prompt's history came from.", ["source"])
-EXCHANGES = Counter("messenger_exchanges_total", "Answered batches, by outcome (as in the exchange log).", ["outcome"])
+EXCHANGES = Counter("messenger_exchanges_total", "Answered batches, by outcome (as in the exchange log) and by Page "
+                    "or Instagram account.", ["outcome", "page"])
 TRACKING = Counter("messenger_tracking_posts_total", "POSTs to TRACKING_URL, by result.", ["result"])
 GRAPH_ERRORS = Counter("graph_errors_total", "Graph API errors, by Meta error code.", ["code"])
 ATTACHMENTS = Counter("messenger_attachments_total", "Attachments users sent, by kind and what became of them.",

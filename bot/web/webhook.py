@@ -42,17 +42,19 @@ class WebhookReceiver:
         self.doorbell = doorbell
         self.clock = clock
         self._foreign_pages_seen: set[str] = set()
+        self.accounts = config.account_ids or frozenset({config.fb_page_id})
 
     def handle(self, body: bytes, signatures: Mapping[str, str], peer: str | None) -> tuple[int, str]:
         if not is_valid_signature(body, signatures, self.config.fb_app_secret):
             return self.refuse(peer, "forbidden", 403, "missing or wrong signature")
         now = self.clock()
         try:
-            delivery = parse_body(body, now_ms=int(now * 1000), page_id=self.config.fb_page_id)
+            delivery = parse_body(body, now_ms=int(now * 1000), accounts=self.accounts)
         except BadPayload as exc:
             return self.refuse(peer, "bad_request", 400, str(exc))
         self._note_foreign_pages(delivery.foreign_pages)
-        echoes = [classify(echo, self.config, now) for echo in delivery.echoes]
+        echoes = [classify(echo, self._config_of(echo.page_id), now, self._is_instagram(echo.page_id))
+                  for echo in delivery.echoes]
         if delivery.messages or echoes:
             try:
                 self.inbox.append(delivery.messages, echoes)
@@ -68,13 +70,24 @@ class WebhookReceiver:
                     len(delivery.messages), delivery.ignored)
         return 200, "EVENT_RECEIVED"
 
+    def _config_of(self, account_id: str) -> Config:
+        """The settings of the Page (or Instagram account) an event belongs to: its human pause."""
+        account = self.config.account(account_id)
+        return account.config if account else self.config
+
+    def _is_instagram(self, account_id: str) -> bool:
+        account = self.config.account(account_id)
+        return bool(account and account.platform == "instagram")
+
     def _note_foreign_pages(self, page_ids: Iterable[str]) -> None:
-        """Once per Page id and process: the app is subscribed to a Page this bot does not answer for."""
+        """Once per id and process: the app is subscribed to a Page (or an Instagram account) this
+        bot does not answer for. Meta gets its 200: a refusal would only make it retry, then disable
+        the subscription."""
         for page_id in page_ids:
             if page_id not in self._foreign_pages_seen and len(self._foreign_pages_seen) < 100:
                 self._foreign_pages_seen.add(page_id)
-                logger.warning("ignoring events for Page %r: this bot answers for FB_PAGE_ID %s only",
-                               page_id, self.config.fb_page_id)
+                logger.warning("ignoring events for %r: not a Page or Instagram account this bot answers for (%s)",
+                               page_id, ", ".join(sorted(self.accounts)))
 
     @staticmethod
     def refuse(peer: str | None, result: str, status: int, reason: str) -> tuple[int, str]:
@@ -83,10 +96,17 @@ class WebhookReceiver:
         return status, reason
 
 
-def classify(echo: Echo, config: Config, now: float) -> ClassifiedEcho:
+def classify(echo: Echo, config: Config, now: float, instagram: bool = False) -> ClassifiedEcho:
     """An echo is the bot's own when it carries the bot's metadata or app id; any other
-    (the Page inbox, another app) means a person took over."""
+    (the Page inbox, another app) means a person took over.
+
+    Instagram's echoes may carry neither (the Send API keeps no metadata there): one with no
+    app id at all cannot be told apart from the bot's own reply, and a bot that paused after
+    each of its own replies would stop answering, so it counts as the bot's. A person answering
+    from Meta's inbox is still seen: that echo carries the inbox's app id."""
     own = echo.metadata == REPLY_METADATA or bool(config.fb_app_id and echo.app_id == config.fb_app_id)
+    if instagram and echo.app_id is None and echo.metadata is None:
+        own = True
     if own:
         return ClassifiedEcho(echo, False, 0.0)
     if config.human_pause_seconds:
