@@ -1,0 +1,109 @@
+"""PAGES_FILE: several Pages and their Instagram accounts in one deployment - the settings side."""
+import pytest
+
+from config import ConfigError, load_config
+
+BASE = {"FB_VERIFY_TOKEN": "verify", "FB_APP_SECRET": "app-secret", "OPENAI_API_KEY": "sk-x"}
+TWO_PAGES = '''
+[[pages]]
+id = "1111"
+access_token = "EAA-token-of-ana"
+name = "Ana's Bakery"
+system_prompt = "You answer for Ana's Bakery."
+instagram_id = "17841400000000001"
+rate_limit = "10/minute"
+sticker_reply = "thanks!"
+
+[[pages]]
+id = "2222"
+access_token = "EAA-token-of-bob"
+model = "gpt-5-mini"
+temperature = ""
+vision = false
+'''
+
+
+def pages_file(tmp_path, text):
+    path = tmp_path / "pages.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_each_page_and_instagram_account_gets_its_pages_settings(tmp_path):
+    config = load_config({**BASE, "PAGES_FILE": pages_file(tmp_path, TWO_PAGES), "SYSTEM_PROMPT": "Be brief."},
+                         env_file=None)
+    ana, ana_instagram, bob = config.accounts
+    assert (ana.id, ana.page_id, ana.platform, ana.name) == ("1111", "1111", "messenger", "Ana's Bakery")
+    assert (ana_instagram.id, ana_instagram.page_id, ana_instagram.platform) == ("17841400000000001", "1111", "instagram")
+    assert ana.config is ana_instagram.config  # one Page, one set of settings
+    assert ana.config.fb_page_access_token == "EAA-token-of-ana" and bob.config.fb_page_access_token == "EAA-token-of-bob"
+    assert ana.config.system_prompt == "You answer for Ana's Bakery." and bob.config.system_prompt == "Be brief."
+    assert ana.config.rate_limit == (10, 60.0) and bob.config.rate_limit == (5, 60.0)
+    assert ana.config.sticker_reply == "thanks!" and bob.config.vision is False
+    assert (bob.config.openai_model, bob.config.openai_temperature) == ("gpt-5-mini", None)
+    assert config.account_ids == {"1111", "17841400000000001", "2222"}
+    # every Page's token is a secret the log scrubber hides, and none shows in a repr
+    assert {"EAA-token-of-ana", "EAA-token-of-bob"} <= set(config.secrets)
+    assert "EAA-token" not in repr(config) + repr(config.accounts)
+
+
+def test_the_one_page_settings_stay_the_simple_case_with_its_instagram_account(tmp_path):
+    config = load_config({**BASE, "FB_PAGE_ID": "1111", "FB_PAGE_ACCESS_TOKEN": "tok",
+                          "FB_INSTAGRAM_ID": "17841400000000001"}, env_file=None)
+    assert [(a.id, a.page_id, a.platform) for a in config.accounts] == [
+        ("1111", "1111", "messenger"), ("17841400000000001", "1111", "instagram")]
+    assert config.accounts[0].config.fb_page_access_token == "tok"
+
+
+BAD = '''
+[[pages]]
+id = "12ab"
+access_token = "EAA-secret-never-shown"
+port = 9000
+temperature = 7
+
+[[pages]]
+id = "3333"
+rate_limit = "lots"
+instagram_id = "ig-name"
+
+[[pages]]
+id = "3333"
+access_token = "EAA-other-secret"
+'''
+
+
+def test_every_problem_of_the_pages_file_is_named_at_once_and_no_token_is_shown(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config({**BASE, "PAGES_FILE": pages_file(tmp_path, BAD), "OPENAI_TIMEOUT": "never"}, env_file=None)
+    problems = error.value.problems
+    expected = [
+        "OPENAI_TIMEOUT must be a number",  # the environment's own problems come first
+        "page 1: id must be the Page's numeric id",
+        "page 1: 'port' is not a per-Page setting",
+        "page #1: OPENAI_TEMPERATURE must be between 0 and 2",
+        "page 3333: access_token is required",
+        "page 3333: instagram_id must be the Instagram account's numeric id",
+        "page 3333: RATE_LIMIT must look like 5/minute",
+        "id 3333 is listed twice",
+    ]
+    for fragment in expected:
+        assert any(fragment in problem for problem in problems), (fragment, problems)
+    assert "EAA-" not in str(error.value)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("not toml [[", "is not valid TOML"),
+    ("[settings]\nx = 1\n", "must hold at least one [[pages]] table"),
+], ids=["syntax", "no-pages"])
+def test_a_pages_file_that_is_not_one_stops_start_up(tmp_path, text, problem):
+    with pytest.raises(ConfigError, match=problem.replace("[", r"\[")):
+        load_config({**BASE, "PAGES_FILE": pages_file(tmp_path, text)}, env_file=None)
+
+
+def test_a_missing_pages_file_or_one_beside_fb_page_id_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="cannot be read") as error:
+        load_config({**BASE, "PAGES_FILE": str(tmp_path / "nope.toml")}, env_file=None)
+    assert "FB_PAGE_ID is required" not in str(error.value)  # the file replaces FB_PAGE_*
+    with pytest.raises(ConfigError, match="set either PAGES_FILE or FB_PAGE_ID"):
+        load_config({**BASE, "PAGES_FILE": pages_file(tmp_path, TWO_PAGES), "FB_PAGE_ID": "1111"}, env_file=None)
