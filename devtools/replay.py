@@ -3,8 +3,9 @@
 Each body is signed with FB_APP_SECRET exactly as Meta signs it, so a deployed
 bot (behind its tunnel) can be checked end to end without Meta. `--verify`
 first runs the dashboard's GET handshake with FB_VERIFY_TOKEN. With FB_PAGE_ID set,
-the recorded Page id is replaced by it before signing: the bot ignores events for
-any Page but its own.
+the recorded Page id is replaced by it before signing, and with FB_INSTAGRAM_ID the recorded
+Instagram account id of `"object": "instagram"` bodies: the bot ignores events for
+accounts it does not serve.
 """
 from __future__ import annotations
 
@@ -81,9 +82,9 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
             if not token:
                 raise ReplayError("--verify needs FB_VERIFY_TOKEN (environment or .env)")
             print(verify(session, args.url, token, args.timeout))
-        page_id = environ.get("FB_PAGE_ID", "").strip()
+        ids = {"page": environ.get("FB_PAGE_ID", "").strip(), "instagram": environ.get("FB_INSTAGRAM_ID", "").strip()}
         for file in files:
-            body = for_page(file.read_bytes(), page_id) if page_id.isdigit() else file.read_bytes()
+            body = for_account(file.read_bytes(), ids)
             status, ms, note = post(session, args.url, body, secret, args.timeout)
             failures += not 200 <= status < 300
             print(f"{file.name:<32} {status} {ms:8.1f} ms" + (f"  {note}" if note else ""), flush=True)
@@ -95,16 +96,21 @@ def run(args: argparse.Namespace, environ: dict[str, str]) -> int:
     return 1 if failures else 0
 
 
-def for_page(body: bytes, page_id: str) -> bytes:
-    """The recording with its Page id (entry id, and the Page as sender or recipient)
-    replaced by `page_id`, byte for byte otherwise."""
+def for_account(body: bytes, ids: dict[str, str]) -> bytes:
+    """The recording with its account id (entry id, and the account as sender or recipient)
+    replaced by `ids[object]` (the Page id for "page", the Instagram account id for "instagram"),
+    byte for byte otherwise; unchanged where no id is given for its object."""
     try:
-        recorded = {str(entry["id"]) for entry in json.loads(body)["entry"]}
+        data = json.loads(body)
+        target = ids.get(str(data["object"]), "")
+        recorded = {str(entry["id"]) for entry in data["entry"]}
     except (ValueError, KeyError, TypeError):
         return body  # not a delivery: let the bot say so
+    if not target.isdigit():
+        return body
     for old in recorded:
         if old.isdigit():
-            body = body.replace(f'"{old}"'.encode(), f'"{page_id}"'.encode())
+            body = body.replace(f'"{old}"'.encode(), f'"{target}"'.encode())
     return body
 
 

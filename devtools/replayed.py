@@ -61,7 +61,7 @@ class ReplayedDeliveries:
             ms = round((time.monotonic() - started) * 1000)
             for psid in psids:
                 self.timeline.add("webhook", psid, attempt=1, status=answered.get("status"), ms=ms,
-                                  body=json.loads(body), replayed=True)
+                                  body=json.loads(body), replayed=True, account=self.graph.accounts.account_of(psid).id)
             return result
         return wsgi
 
@@ -69,40 +69,47 @@ class ReplayedDeliveries:
         """The users of a delivery the emulator did not make (none for its own: their ids are known);
         their messages, and echoes of what other apps sent, join the conversation and the timeline."""
         try:
-            entries = [entry for entry in json.loads(body)["entry"] if str(entry["id"]) == self.graph.page_id]
-            events = [event for entry in entries for event in entry.get("messaging", []) if isinstance(event, dict)]
+            entries = [entry for entry in json.loads(body)["entry"]
+                       if str(entry["id"]) in self.graph.accounts.accounts]
+            events = [(str(entry["id"]), event) for entry in entries for event in entry.get("messaging", [])
+                      if isinstance(event, dict)]
         except (ValueError, KeyError, TypeError, AttributeError):
             return []  # not a delivery: the bot says so
         known = {m["id"] for conversation in list(self.graph.conversations.values()) for m in list(conversation)}
-        if any(_mid(event) in known for event in events):
+        if any(_mid(event) in known for _, event in events):
             return []  # the emulator's own delivery, or a replay of what was already shown
         psids: list[str] = []
-        for event in events:
+        for account, event in events:
             sender, recipient = (str((event.get(key) or {}).get("id")) for key in ("sender", "recipient"))
-            psid = recipient if sender == self.graph.page_id else sender
+            psid = recipient if sender == account else sender
             if psid not in psids:
                 psids.append(psid)
-            message, postback, mid = event.get("message"), event.get("postback"), _mid(event)
-            if not mid:
-                continue  # a read, a delivery, a reaction: only the webhook step shows it
-            message = message if isinstance(message, dict) else {}
-            if sender == self.graph.page_id:
-                if message.get("is_echo") and str(message.get("app_id")) != self.graph.app_id:
-                    text = message.get("text") or "[attachment]"
-                    self.graph.add_message(psid, text, from_page=True, mid=mid)
-                    self.timeline.add("message", psid, mid=mid, sender="page", by="inbox", text=text,
-                                      quick_replies=[])
-                continue
-            if postback:
-                text, kind = str(postback.get("title") or postback.get("payload") or ""), "postback"
-            elif message.get("text"):
-                text, kind = str(message["text"]), "quick_reply" if message.get("quick_reply") else "text"
-            else:  # attachments only, as Graph shows them: no text
-                text, kind = "", str((message.get("attachments") or [{}])[0].get("type") or "attachment")
-            self.graph.add_message(psid, text, mid=mid)
-            self.timeline.add("message", psid, mid=mid, sender="user", text=text, type=kind, image_url=None,
-                              replayed=True)
+            if _mid(event):  # a read, a delivery, a reaction: only the webhook step shows it
+                self._add(account, psid, sender == account, event)
         return psids
+
+    def _add(self, account: str, psid: str, from_account: bool, event: dict) -> None:
+        """A replayed user's message, or an echo of what another app sent, in the conversation."""
+        message, postback, mid = event.get("message"), event.get("postback"), _mid(event)
+        message = message if isinstance(message, dict) else {}
+        if from_account:
+            # An echo of the bot's own send is already shown; another app's (the inbox's) is a person.
+            app_id = message.get("app_id")
+            if message.get("is_echo") and app_id is not None and str(app_id) != self.graph.app_id:
+                text = message.get("text") or "[attachment]"
+                self.graph.add_message(psid, text, from_page=True, mid=mid, page_id=account)
+                self.timeline.add("message", psid, mid=mid, sender="page", by="inbox", text=text,
+                                  quick_replies=[], account=account)
+            return
+        if postback:
+            text, kind = str(postback.get("title") or postback.get("payload") or ""), "postback"
+        elif message.get("text"):
+            text, kind = str(message["text"]), "quick_reply" if message.get("quick_reply") else "text"
+        else:  # attachments only, as Graph shows them: no text
+            text, kind = "", str((message.get("attachments") or [{}])[0].get("type") or "attachment")
+        self.graph.add_message(psid, text, mid=mid, page_id=account)
+        self.timeline.add("message", psid, mid=mid, sender="user", text=text, type=kind, image_url=None,
+                          replayed=True, account=account)
 
 
 def _mid(event: dict) -> str | None:

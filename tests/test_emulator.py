@@ -7,45 +7,22 @@ import time
 
 import pytest
 import requests
-from werkzeug.wrappers import Response
 
-from devtools.emulator import GraphEmulator, LocalServer, ModelProxy, ModelStandIn, Timeline, WebhookSender, graph_error
+from devtools.emulator import GraphEmulator, ModelProxy, ModelStandIn, Timeline, WebhookSender, graph_error
 from devtools.emulator import webhooks
-from devtools.emulator.graph import PAGE_INBOX_APP_ID, expected_appsecret_proof
+from devtools.emulator.errors import expected_appsecret_proof
+from devtools.emulator.users import PAGE_INBOX_APP_ID
 from devtools.emulator.media import audio_seconds, png_bytes
 from messenger.events import parse_delivery
 from messenger.graph import appsecret_proof
-from messenger.signature import is_valid_signature
 from tests.support import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, fixture_bytes, wait_for
+from tests.support.messages import Receiver, shape
 
 AUTH = {"Authorization": f"Bearer {PAGE_TOKEN}"}
 # A known answer computed once outside Python, so neither the emulator nor the bot grades itself:
 #   printf %s 'EAAkat-page-token-Zx9' | openssl dgst -sha256 -hmac 'kat-app-secret-42'
 KAT_TOKEN, KAT_SECRET = "EAAkat-page-token-Zx9", "kat-app-secret-42"
 KAT_PROOF = "4625335e892b4179cb9d2125f4002d6828afc27c1683086cea14e9d0ba1d69d8"
-
-
-class Receiver(LocalServer):
-    """A bot stand-in: checks Meta's signature, answers scripted statuses, records bodies."""
-
-    def __init__(self, statuses=(), sleep=0.0):
-        super().__init__()
-        self.statuses = list(statuses)
-        self.sleep = sleep
-        self.bodies: list[bytes] = []
-        self.signed: list[bool] = []
-
-    def handle(self, request):
-        if request.method == "GET":
-            ok = request.args.get("hub.verify_token") == "right"
-            return Response(request.args["hub.challenge"] if ok else "no", 200 if ok else 403)
-        body = request.get_data()
-        self.bodies.append(body)
-        self.signed.append(is_valid_signature(body, request.headers, APP_SECRET)
-                           and is_valid_signature(body, {"X-Hub-Signature": request.headers["X-Hub-Signature"]},
-                                                  APP_SECRET))
-        time.sleep(self.sleep)
-        return Response("EVENT_RECEIVED", self.statuses.pop(0) if self.statuses else 200)
 
 
 @pytest.fixture
@@ -271,16 +248,6 @@ def test_timeline_hands_out_only_what_is_new():
 
 
 # -- what users send besides text ------------------------------------------------------------------------
-
-def shape(value, key=None):
-    """Keys and kinds of values, and the attachment types themselves: what the emulator's bodies
-    must share with Meta's documented ones (tests/fixtures/attachment_*.json)."""
-    if isinstance(value, dict):
-        return {k: shape(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [shape(v) for v in value]
-    return value if key == "type" else type(value).__name__
-
 
 CDN = "https://scontent.xx.fbcdn.net/v/t1/x.png?oe=1"
 SENT = {

@@ -1,25 +1,15 @@
-"""Meta's webhook deliveries: event bodies as Meta writes them, signed, retried on failure."""
+"""Webhook event bodies as Meta writes them, Messenger's and Instagram's (the sender is in sender.py).
+
+Messenger: https://developers.facebook.com/docs/messenger-platform/reference/webhook-events
+Instagram: https://developers.facebook.com/docs/messenger-platform/instagram/features/webhook
+(the same `messaging` events, with the Instagram account's id where Messenger has the Page's).
+"""
 from __future__ import annotations
 
 import json
-import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 from urllib.parse import quote
-
-import requests
-
-from devtools.emulator.timeline import Timeline
-from messenger.signature import LEGACY_SIGNATURE_HEADER, SIGNATURE_256_HEADER, sign
-
-logger = logging.getLogger(__name__)
-
-# Seconds to wait before each attempt. Meta retries at once, then less and less
-# often, and unsubscribes the app after an hour of failures; the sandbox gives
-# up after about two minutes.
-RETRY_DELAYS = (0.0, 0.0, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
-ACK_TIMEOUT = 5.0  # current docs: answer 200 "within 5 or less seconds"
 
 
 def now_ms() -> int:
@@ -116,70 +106,54 @@ def story_reply(url: str, story_id: str) -> dict:
     return {"story": {"url": url, "id": story_id}}
 
 
-def echo_event(page_id: str, psid: str, mid: str, text: str, app_id: str, metadata: str | None = None) -> dict:
-    """What Meta sends (message_echoes) for a message the Page sent."""
-    message = {"mid": mid, "is_echo": True, "app_id": int(app_id), "text": text}
+def story_mention(url: str) -> dict:
+    """Instagram: the user mentioned the account in their story (an attachment of type story_mention).
+    https://developers.facebook.com/docs/messenger-platform/instagram/features/story-mention"""
+    return _url_attachment("story_mention", url)
+
+
+def echo_event(account_id: str, user_id: str, mid: str, text: str, app_id: str | None = None,
+               metadata: str | None = None) -> dict:
+    """What Meta sends for a message the Page (or its Instagram account) sent: message_echoes on
+    Messenger, the `messages` field on Instagram. Messenger's carry the sending app's id; Meta's
+    Instagram examples show `is_echo` without `app_id` or `metadata`, so Instagram echoes of the
+    bot's sends carry neither (`app_id=None`)."""
+    message: dict = {"mid": mid, "is_echo": True}
+    if app_id is not None:
+        message["app_id"] = int(app_id)
+    message["text"] = text
     if metadata:
         message["metadata"] = metadata
-    return {"sender": {"id": page_id}, "recipient": {"id": psid}, "timestamp": now_ms(), "message": message}
+    return {"sender": {"id": account_id}, "recipient": {"id": user_id}, "timestamp": now_ms(), "message": message}
 
 
-def delivery_body(page_id: str, events: Iterable[dict]) -> bytes:
-    """The POST body byte for byte as Meta writes it: ASCII only, `/` escaped."""
-    data = {"object": "page", "entry": [{"id": page_id, "time": now_ms(), "messaging": list(events)}]}
+def _user_side(account_id: str, user_id: str, **payload) -> dict:
+    return {"sender": {"id": user_id}, "recipient": {"id": account_id}, "timestamp": now_ms(), **payload}
+
+
+def reaction_event(account_id: str, user_id: str, mid: str, reaction: str = "love", emoji: str = "\u2764\ufe0f",
+                   action: str = "react") -> dict:
+    """A user reacts to a message (`mid`), or takes the reaction back (`action="unreact"`, no emoji)."""
+    body = {"mid": mid, "action": action}
+    if action == "react":
+        body.update(reaction=reaction, emoji=emoji)
+    return _user_side(account_id, user_id, reaction=body)
+
+
+def read_event(account_id: str, user_id: str, *, mid: str | None = None, watermark: int | None = None) -> dict:
+    """A user saw the account's messages: Instagram's messaging_seen names the last message read
+    (`mid`); Messenger's message_reads gives a `watermark` time."""
+    read = {"mid": mid} if mid is not None else {"watermark": watermark if watermark is not None else now_ms()}
+    return _user_side(account_id, user_id, read=read)
+
+
+def message_edit_event(account_id: str, user_id: str, mid: str, text: str, num_edit: int = 1) -> dict:
+    """A user edited a message they sent (message_edits): its mid, the new text, how many edits so far."""
+    return _user_side(account_id, user_id, message_edit={"mid": mid, "text": text, "num_edit": num_edit})
+
+
+def delivery_body(account_id: str, events: Iterable[dict], object: str = "page") -> bytes:
+    """The POST body byte for byte as Meta writes it: ASCII only, `/` escaped. `object` is "page"
+    for a Page's Messenger, "instagram" (with the Instagram account's id) for its Instagram."""
+    data = {"object": object, "entry": [{"id": account_id, "time": now_ms(), "messaging": list(events)}]}
     return json.dumps(data, ensure_ascii=True, separators=(",", ":")).replace("/", "\\/").encode("ascii")
-
-
-class WebhookSender:
-    """Delivers signed bodies to the bot's callback URL in the background, retrying like Meta."""
-
-    def __init__(self, url: str, app_secret: str, timeline: Timeline, *, echoes: bool = True,
-                 retry_delays: tuple[float, ...] = RETRY_DELAYS, timeout: float = ACK_TIMEOUT):
-        self.url = url
-        self.echoes = echoes  # subscribed to message_echoes
-        self._secret = app_secret
-        self._timeline = timeline
-        self._delays = retry_delays
-        self._timeout = timeout
-        self._session = requests.Session()
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook")
-
-    def verify(self, verify_token: str, challenge: str = "1158201444") -> bool:
-        """The dashboard's "Verify and save": GET with hub.* and expect the challenge back."""
-        params = {"hub.mode": "subscribe", "hub.verify_token": verify_token, "hub.challenge": challenge}
-        try:
-            response = self._session.get(self.url, params=params, timeout=self._timeout)
-            ok = response.status_code == 200 and response.text == challenge
-            status = response.status_code
-        except requests.RequestException as exc:
-            ok, status = False, type(exc).__name__
-        self._timeline.add("verify", None, ok=ok, status=status)
-        return ok
-
-    def deliver(self, page_id: str, events: list[dict], psid: str | None = None):
-        body = delivery_body(page_id, events)
-        return self._pool.submit(self._deliver, body, psid)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _deliver(self, body: bytes, psid: str | None) -> bool:
-        headers = {"Content-Type": "application/json",
-                   SIGNATURE_256_HEADER: sign(body, self._secret),
-                   LEGACY_SIGNATURE_HEADER: sign(body, self._secret, "sha1")}
-        shown = json.loads(body)
-        for attempt, delay in enumerate(self._delays, start=1):
-            time.sleep(delay)
-            started = time.monotonic()
-            try:
-                response = self._session.post(self.url, data=body, headers=headers, timeout=self._timeout)
-                status: int | str = response.status_code
-            except requests.RequestException as exc:
-                status = "timeout" if isinstance(exc, requests.Timeout) else "unreachable"
-            ms = round((time.monotonic() - started) * 1000)
-            self._timeline.add("webhook", psid, attempt=attempt, status=status, ms=ms, body=shown)
-            if status == 200:
-                return True
-        self._timeline.add("webhook_failed", psid, attempts=len(self._delays))
-        logger.warning("webhook delivery failed %d times; Meta would disable the webhook", len(self._delays))
-        return False

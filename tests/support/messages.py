@@ -5,8 +5,10 @@ import json
 import time
 from pathlib import Path
 
-from devtools.emulator import GraphEmulator, ModelStandIn
-from messenger.signature import sign
+from werkzeug.wrappers import Response
+
+from devtools.emulator import GraphEmulator, LocalServer, ModelStandIn
+from messenger.signature import is_valid_signature, sign
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -15,6 +17,9 @@ PAGE_ID = "1000000000000001"
 PAGE_TOKEN = "EAAtest-page-token-0123456789"
 APP_SECRET = "test-app-secret-0123456789abcdef"
 PSID = "2000000000000001"
+# The Instagram account linked to the test Page, and a user who writes to it (tests/fixtures/instagram_*.json).
+INSTAGRAM_ID = "17841400000000001"
+IGSID = "3000000000000001"
 
 
 def fixture_bytes(name: str) -> bytes:
@@ -102,3 +107,37 @@ class FakeClock:
     def sleep(self, seconds: float) -> None:
         """A wait in the code under test passes fake time only."""
         self.advance(seconds)
+
+
+class Receiver(LocalServer):
+    """A bot stand-in for the emulator's deliveries: checks Meta's signatures (both headers), answers
+    scripted statuses, records bodies. GET answers the handshake for the verify token "right"."""
+
+    def __init__(self, statuses=(), sleep=0.0):
+        super().__init__()
+        self.statuses = list(statuses)
+        self.sleep = sleep
+        self.bodies: list[bytes] = []
+        self.signed: list[bool] = []
+
+    def handle(self, request):
+        if request.method == "GET":
+            ok = request.args.get("hub.verify_token") == "right"
+            return Response(request.args["hub.challenge"] if ok else "no", 200 if ok else 403)
+        body = request.get_data()
+        self.bodies.append(body)
+        self.signed.append(is_valid_signature(body, request.headers, APP_SECRET)
+                           and is_valid_signature(body, {"X-Hub-Signature": request.headers["X-Hub-Signature"]},
+                                                  APP_SECRET))
+        time.sleep(self.sleep)
+        return Response("EVENT_RECEIVED", self.statuses.pop(0) if self.statuses else 200)
+
+
+def shape(value, key=None):
+    """Keys and kinds of values, and the attachment types themselves: what the emulator's bodies
+    must share with Meta's documented ones (tests/fixtures/attachment_*.json)."""
+    if isinstance(value, dict):
+        return {k: shape(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(v) for v in value]
+    return value if key == "type" else type(value).__name__
