@@ -54,7 +54,9 @@ def build_composers(config: Config, store: Queue, *, wall_clock: Callable[[], fl
                     Downloader(timeout=config.media_timeout, pool_size=config.reply_threads),
                     MemoryBudget(int(config.media_memory_mb * MB)))
     accounts = config.accounts or (Account(config.fb_page_id, config.fb_page_id, "messenger", "", config),)
-    pool = max(4, (config.reply_threads + 8) // len(accounts))
+    # One pooled connection per reply thread for each Page: a pool only keeps the sockets it
+    # has made, so idle ones across all Pages never outnumber the threads that made them.
+    pool = config.reply_threads + 8
     return Composers({account.id: build_composer(account, store, shared, pool, wall_clock=wall_clock, sleep=sleep)
                       for account in accounts})
 
