@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from devtools.emulator import webhooks
-from tests.support import PAGE_ID, PAGE_TOKEN, PSID, answer_queue, post_signed, wait_for
-from tests.support.messages import ROOT
+from tests.support import PAGE_ID, PAGE_TOKEN, PSID, answer_queue, fixture_bytes, post_signed
+from tests.support.messages import IGSID as FIXTURE_IGSID, INSTAGRAM_ID, ROOT
 
 PAGE_B, TOKEN_B = "1000000000000002", "EAAtest-page-b-token-9876543210"
 INSTAGRAM = "17841400000000002"  # Page B's Instagram account
@@ -154,3 +154,20 @@ def test_export_takes_one_page(pages_client, graph, env):
     assert [(r["user_message"], r["page_id"]) for r in records] == [("to Bob", PAGE_B)]
     metrics = pages_client.get("/metrics").get_data(as_text=True)
     assert f'messenger_exchanges_total{{outcome="answered",page="{PAGE_B}"}}' in metrics
+
+
+ANSWERED = {"instagram_text": 1, "instagram_quick_reply": 1, "instagram_postback": 1, "instagram_story_reply": 1,
+            "instagram_story_mention": 1, "instagram_image": 1}  # the photo's CDN is offline: a clear reply
+WATCHED = ("instagram_echo", "instagram_reaction", "instagram_read", "instagram_message_edit")
+
+
+@pytest.mark.parametrize("name", [*ANSWERED, *WATCHED])
+def test_metas_instagram_bodies_are_answered_or_watched(make_client, graph, model, name):
+    graph.add_page("1000000000000003", "EAAtest-page-c-token", instagram_id=INSTAGRAM_ID)
+    graph.add_user(FIXTURE_IGSID, "Iris", page_id=INSTAGRAM_ID)  # Meta knows who wrote the fixture
+    client = make_client(FB_PAGE_ID="1000000000000003", FB_PAGE_ACCESS_TOKEN="EAAtest-page-c-token",
+                         FB_INSTAGRAM_ID=INSTAGRAM_ID, MEDIA_TIMEOUT="1s")
+    assert post_signed(client, fixture_bytes(name)).status_code == 200
+    answer_queue(client)
+    assert len(graph.sent_texts(FIXTURE_IGSID)) == ANSWERED.get(name, 0)
+    assert all(call.token_page == "1000000000000003" for call in graph.calls)
