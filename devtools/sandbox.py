@@ -3,11 +3,14 @@
 Starts a local Messenger emulator (Graph API, signed webhooks, a chat page),
 the model (the real one when OPENAI_API_KEY is set, through a recording
 proxy; an offline stand-in otherwise) and the bot itself, wired together on
-127.0.0.1 with made-up page id, tokens and app secret.
+127.0.0.1 with made-up ids, tokens and app secret. Two Pages, the first with a
+linked Instagram account, each with its own system prompt: the bot runs from a
+PAGES_FILE in the sandbox's own temporary folder, as a deployment for many Pages would.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import secrets
@@ -33,8 +36,17 @@ from devtools.replayed import ReplayedDeliveries
 logger = logging.getLogger("devtools.sandbox")
 
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
+BAKERY, BOOKSHOP = "Ana's Bakery", "Harbour Books"
+PROMPTS = {
+    BAKERY: "You answer for Ana's Bakery, a family bakery: bread, cakes and coffee, open 7 to 19 except Mondays. "
+            "Be warm and brief.",
+    BOOKSHOP: "You answer for Harbour Books, a second-hand bookshop by the harbour: orders take a week, open "
+              "10 to 18. Be precise and brief.",
+}
 USERS = {"2000000000000101": "Ana", "2000000000000102": "Ben", "2000000000000103": "Chlo\u00e9",
-         "2000000000000104": "Dev"}
+         "2000000000000104": "Dev"}  # Ana's Bakery on Messenger
+INSTAGRAM_USERS = {"3000000000000101": "Eli", "3000000000000102": "Fay"}  # Ana's Bakery on Instagram
+BOOKSHOP_USERS = {"2000000000000201": "Gus", "2000000000000202": "Hugo"}  # Harbour Books on Messenger
 OFFLINE_KEY = "sandbox-offline-model"
 SANDBOX_APP_ID = "900000000000001"
 OUTCOMES_EVERY_S = 0.2  # how often the exchange log is read for outcomes to show
@@ -46,14 +58,10 @@ class Sandbox:
     def __init__(self, environ: dict[str, str], host: str = "127.0.0.1", port: int = 8080,
                  model_delay: float = 0.8):
         self.timeline = Timeline()
-        page_id = "1" + "".join(secrets.choice("0123456789") for _ in range(14))
-        token, app_secret = "EAAsandbox" + secrets.token_hex(24), secrets.token_hex(16)
-        verify_token = secrets.token_urlsafe(12)
+        app_secret, verify_token = secrets.token_hex(16), secrets.token_urlsafe(12)
         self.app_secret, self.verify_token = app_secret, verify_token
-        self.graph = GraphEmulator(page_id, token, app_secret, app_id=SANDBOX_APP_ID,
-                                   conversations_per_second=2, timeline=self.timeline)
-        for psid, name in USERS.items():
-            self.graph.add_user(psid, name)
+        self.graph = emulated_pages(app_secret, self.timeline)
+        self.instagram_id = self.graph.accounts.first.instagram_id
         real_key = environ.get("OPENAI_API_KEY", "").strip()
         if real_key:
             upstream = environ.get("OPENAI_BASE_URL", "").strip() or DEFAULT_OPENAI_URL
@@ -64,10 +72,13 @@ class Sandbox:
         self.model.psid_of = self.graph.psid_for_prompt
         self.model.psid_of_media = self.graph.psid_for_media  # a photo or voice note sent on to the model
         self.data_dir = tempfile.TemporaryDirectory(prefix="messenger-sandbox-")
+        pages_file = os.path.join(self.data_dir.name, "pages.toml")
+        with open(pages_file, "w", encoding="utf-8") as file:
+            file.write(pages_toml(self.graph))
         self.config = load_config({
-            **environ,
-            "FB_VERIFY_TOKEN": verify_token, "FB_APP_SECRET": app_secret, "FB_PAGE_ACCESS_TOKEN": token,
-            "FB_PAGE_ID": page_id, "FB_API_URL": self.graph.api_url,
+            **{k: v for k, v in environ.items() if not k.startswith("FB_") and k != "PAGES_FILE"},
+            "FB_VERIFY_TOKEN": verify_token, "FB_APP_SECRET": app_secret, "PAGES_FILE": pages_file,
+            "FB_API_URL": self.graph.api_url,
             "OPENAI_API_KEY": real_key or OFFLINE_KEY, "OPENAI_BASE_URL": self.model.base_url,
             "DATA_DIR": self.data_dir.name, "REPLY_THREADS": "8",
             "ERROR_LOG_FILE": os.path.join(self.data_dir.name, "openai_api_errors.log"),  # forgotten with the rest
@@ -77,13 +88,13 @@ class Sandbox:
         else:
             label = "offline stand-in model (set OPENAI_API_KEY for a real one)"
         self.app = create_app(self.config, replies="threads")
-        self.bot = make_server("127.0.0.1", 0, ReplayedDeliveries(self.graph, self.timeline, app_secret).around(self.app), threaded=True,
-                               request_handler=QuietHandler)
+        wsgi = ReplayedDeliveries(self.graph, self.timeline, app_secret).around(self.app)
+        self.bot = make_server("127.0.0.1", 0, wsgi, threaded=True, request_handler=QuietHandler)
         self.bot_url = f"http://127.0.0.1:{self.bot.server_port}/webhook"
         self.webhooks = WebhookSender(self.bot_url, app_secret, self.timeline)
         self.graph.webhooks = self.webhooks
         self.page = SandboxPage(self.graph, {
-            "page": {"id": page_id, "name": "Sandbox Page"}, "model": {"mode": self.model.mode, "label": label},
+            "page": {"id": self.graph.page_id, "name": BAKERY}, "model": {"mode": self.model.mode, "label": label},
             "webhook": self.bot_url,
         }, host, port)
         self._stopping = threading.Event()
@@ -134,16 +145,46 @@ class Sandbox:
                 now[key] += 1
                 if now[key] > shown[key]:
                     self.timeline.add("outcome", record["psid"], outcome=record["outcome"], model=record["model"],
-                                      latency_ms=record["latency_ms"], total_tokens=record["total_tokens"])
+                                      latency_ms=record["latency_ms"], total_tokens=record["total_tokens"],
+                                      account=record.get("page_id"))
             shown = now
+
+
+def emulated_pages(app_secret: str, timeline: Timeline) -> GraphEmulator:
+    """Ana's Bakery (on Messenger and on Instagram) and Harbour Books, with their users, on one emulator."""
+    bakery, bookshop, instagram = _numeric_id("1", 15), _numeric_id("1", 15), _numeric_id("178414", 17)
+    graph = GraphEmulator(bakery, "EAAsandbox" + secrets.token_hex(24), app_secret, app_id=SANDBOX_APP_ID,
+                          name=BAKERY, instagram_id=instagram, conversations_per_second=2, timeline=timeline)
+    graph.add_page(bookshop, "EAAsandbox" + secrets.token_hex(24), name=BOOKSHOP)
+    for account, users in ((bakery, USERS), (instagram, INSTAGRAM_USERS), (bookshop, BOOKSHOP_USERS)):
+        for psid, name in users.items():
+            graph.add_user(psid, name, page_id=account)
+    return graph
+
+
+def _numeric_id(prefix: str, digits: int) -> str:
+    return prefix + "".join(secrets.choice("0123456789") for _ in range(digits - len(prefix)))
+
+
+def pages_toml(graph: GraphEmulator) -> str:
+    """The PAGES_FILE the bot runs from: each emulated Page, its token, Instagram account and prompt."""
+    tables = []
+    for page in graph.accounts.pages.values():
+        entry = {"id": page.id, "access_token": page.token, "name": page.name,
+                 **({"instagram_id": page.instagram_id} if page.instagram_id else {}),
+                 "system_prompt": PROMPTS[page.name]}
+        # A JSON string is a TOML basic string (same quotes and escapes).
+        tables.append("[[pages]]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in entry.items()))
+    return "\n".join(tables)
 
 
 def replay_command(sandbox: Sandbox) -> str:
     """The replay line of the banner: everything `devtools.replay --verify` needs, the sandbox's
-    throwaway secret and verify token included (they are forgotten on Ctrl-C)."""
+    throwaway secret and verify token included (they are forgotten on Ctrl-C). The fixtures go
+    to Ana's Bakery, on Messenger and on Instagram."""
     return (f"replay fixtures here: FB_APP_SECRET={sandbox.app_secret} FB_PAGE_ID={sandbox.config.fb_page_id} "
-            f"FB_VERIFY_TOKEN={sandbox.verify_token} .venv/bin/python -m devtools.replay tests/fixtures "
-            f"--url {sandbox.bot_url} --verify")
+            f"FB_INSTAGRAM_ID={sandbox.instagram_id} FB_VERIFY_TOKEN={sandbox.verify_token} "
+            f".venv/bin/python -m devtools.replay tests/fixtures --url {sandbox.bot_url} --verify")
 
 
 def _port_problem(host: str, port: int) -> str | None:

@@ -1,4 +1,5 @@
 """The sandbox page in a real headless Chromium (Debian's `chromium`), driven by Playwright."""
+import re
 import shutil
 import time
 
@@ -6,9 +7,8 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from devtools.emulator import json_response
-from devtools.sandbox import Sandbox
+from devtools.sandbox import BAKERY, BOOKSHOP, Sandbox
 from tests.support.browser import CHROMIUM, FLAGS
-
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,20 @@ def page(browser, sandbox):
 
 
 def select(page, name):
-    page.locator("#users .user", has_text=name).click()
+    """Click the user called `name` in the list of the account shown."""
+    exactly = page.locator(".name", has_text=re.compile(f"^{re.escape(name)}$"))
+    page.locator("#users .user:visible", has=exactly).click()
     expect(page.locator("#chat-title")).to_contain_text(name)
+
+
+def switch_account(page, label):
+    page.get_by_label("Account").select_option(label=label)
+    expect(page.locator("#chat-title")).to_contain_text(label)
+
+
+def write(page, text):
+    page.fill("#text", text)
+    page.press("#text", "Enter")
 
 
 def test_chat_typing_indicator_reply_and_model_messages(page):
@@ -166,6 +178,32 @@ def test_a_narrow_window_keeps_the_composer_on_screen(browser, sandbox, width):
         assert tab.evaluate("() => document.documentElement.scrollWidth") <= width  # no sideways scrolling
     finally:
         tab.close()
+
+
+def test_an_instagram_user_is_answered_through_the_instagram_account_with_its_pages_prompt(page):
+    switch_account(page, f"{BAKERY} \u00b7 Instagram")
+    expect(page.locator("#page-name")).to_contain_text("Instagram account")
+    expect(page.locator("#users .user:visible .name")).to_have_text(["Eli", "Fay"])  # its own users only
+    expect(page.get_by_role("button", name="Send a like")).to_be_hidden()  # no stickers on Instagram
+    select(page, "Eli")
+    write(page, "Do you sell sourdough?")
+    reply = page.locator(".bubble.page").last
+    expect(reply).to_contain_text("You said \u201cDo you sell sourdough?\u201d")
+    expect(reply).to_contain_text("My instructions begin \u201cYou answer for Ana's Bakery")
+    expect(reply).not_to_contain_text(BOOKSHOP)
+    turn = page.locator("#steps .turn").last
+    expect(turn.locator(".step[data-kind=webhook]").first).to_contain_text("(object instagram)")
+    sends = turn.locator(".step[data-kind=graph]", has_text="(send)")
+    expect(sends.first.locator(".account")).to_have_text(f"{BAKERY} \u00b7 Instagram")
+    expect(turn.locator(".model-messages li[data-role=system]")).to_contain_text("You answer for Ana's Bakery")
+    switch_account(page, f"{BOOKSHOP} \u00b7 Messenger")
+    expect(page.locator(".bubble", has_text="Do you sell sourdough?")).to_have_count(0)  # its own conversations
+    select(page, "Gus")
+    write(page, "Do you have sea charts?")
+    expect(page.locator(".bubble.page").last).to_contain_text("You answer for Harbour Books")
+    switch_account(page, f"{BAKERY} \u00b7 Instagram")
+    expect(page.locator("#chat-title")).to_contain_text("Eli")  # back where the user left it
+    expect(page.locator(".bubble.user", has_text="Do you sell sourdough?")).to_have_count(1)
 
 
 def test_a_reset_shows_a_note_in_the_chat(page):

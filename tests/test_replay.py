@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from tests.support import FIXTURES, PSID, ROOT, wait_for
+from tests.support.messages import IGSID
 
 FIXTURE_COUNT = len(list(FIXTURES.glob("*.json")))
 
@@ -15,8 +16,9 @@ def replay(*args, cwd, **env):
 
 
 def test_replays_every_fixture_against_the_sandbox(sandbox, tmp_path):
+    instagram = next(a for a in sandbox.state()["accounts"] if a["platform"] == "instagram")
     result = replay(str(FIXTURES), "--url", sandbox.webhook, cwd=tmp_path, FB_APP_SECRET=sandbox.app_secret,
-                    FB_PAGE_ID=sandbox.state()["page"]["id"])
+                    FB_PAGE_ID=sandbox.state()["page"]["id"], FB_INSTAGRAM_ID=instagram["id"])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == FIXTURE_COUNT + 1 and lines[-1] == f"{FIXTURE_COUNT} of {FIXTURE_COUNT} accepted"
@@ -24,6 +26,12 @@ def test_replays_every_fixture_against_the_sandbox(sandbox, tmp_path):
     # The bot answered the replayed users through the emulator, which shows them in the page.
     assert wait_for(lambda: any(e["sender"] == "page" for e in sandbox.events("message", PSID)), 10)
     assert any(u["psid"] == PSID for u in sandbox.state()["users"])
+    # The Instagram fixtures, addressed to the sandbox's Instagram account, are answered through it.
+    first = sandbox.events("webhook", IGSID)[0]["body"]
+    assert (first["object"], first["entry"][0]["id"]) == ("instagram", instagram["id"])
+    assert wait_for(lambda: any(e["sender"] == "page" for e in sandbox.events("message", IGSID)), 10)
+    assert {e["account"] for e in sandbox.events("message", IGSID)} == {instagram["id"]}
+    assert {u["account"] for u in sandbox.state()["users"] if u["psid"] == IGSID} == {instagram["id"]}
 
 
 def test_a_wrong_secret_is_reported_as_403_with_the_reason(sandbox, tmp_path):

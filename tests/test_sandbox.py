@@ -12,10 +12,13 @@ import requests
 from config import DEFAULT_OPENAI_MODEL
 from devtools.emulator import ModelStandIn
 from devtools.emulator.page import STATIC
-from devtools.sandbox import USERS, Sandbox
+from devtools.sandbox import BAKERY, BOOKSHOP, BOOKSHOP_USERS, INSTAGRAM_USERS, PROMPTS, USERS, Sandbox
 from tests.support import ROOT, wait_for
+from tests.support.messages import IGSID
 
 ANA, BEN = list(USERS)[:2]
+ELI, FAY = list(INSTAGRAM_USERS)
+GUS = list(BOOKSHOP_USERS)[0]
 SAMPLE_PHOTO = (STATIC / "sample-photo.jpg").read_bytes()
 
 
@@ -51,8 +54,8 @@ def test_history_reaches_the_model_on_the_next_turn(sandbox):
     say(sandbox, BEN, "What is my name?")
     assert wait_for(lambda: len(bot_replies(sandbox, BEN)) == 2, 10)
     turns = sandbox.events("model", BEN)[-1]["messages"]
-    assert [m["role"] for m in turns] == ["user", "assistant", "user"]
-    assert turns[0]["content"] == "My name is Ben."
+    assert [m["role"] for m in turns] == ["system", "user", "assistant", "user"]  # the Page's own prompt first
+    assert turns[1]["content"] == "My name is Ben."
 
 
 def test_postback(sandbox):
@@ -120,6 +123,46 @@ def test_a_reply_from_the_page_inbox_pauses_the_bot(sandbox):
     time.sleep(1.5)  # the offline model answers in 0.8 s: a reply would be here by now
     assert bot_replies(sandbox, dev) == [] and sandbox.events("model", dev) == []
     assert [e["outcome"] for e in sandbox.events("outcome", dev)] == ["paused"]  # the page's note says why
+
+
+def accounts(sandbox):
+    return {a["label"]: a for a in sandbox.state()["accounts"]}
+
+
+def test_two_pages_and_an_instagram_account_each_with_its_own_users(sandbox):
+    shown = accounts(sandbox)
+    assert list(shown) == [f"{BAKERY} \u00b7 Messenger", f"{BAKERY} \u00b7 Instagram", f"{BOOKSHOP} \u00b7 Messenger"]
+    bakery, instagram, bookshop = shown.values()
+    assert (instagram["platform"], instagram["page_id"]) == ("instagram", bakery["id"])
+    users = {u["psid"]: u["account"] for u in sandbox.state()["users"]}
+    assert {users[p] for p in USERS} == {bakery["id"]} and {users[p] for p in BOOKSHOP_USERS} == {bookshop["id"]}
+    assert {users[p] for p in INSTAGRAM_USERS} == {instagram["id"]}
+
+
+def test_an_instagram_user_is_answered_through_the_instagram_account_with_its_pages_prompt(sandbox):
+    instagram = accounts(sandbox)[f"{BAKERY} \u00b7 Instagram"]
+    assert say(sandbox, ELI, "Do you sell sourdough?").status_code == 202
+    assert wait_for(lambda: bot_replies(sandbox, ELI), 10)
+    delivered = sandbox.events("webhook", ELI)[0]["body"]
+    assert (delivered["object"], delivered["entry"][0]["id"]) == ("instagram", instagram["id"])
+    reads = [g for g in sandbox.events("graph", ELI) if g["path"].endswith("/conversations")]
+    assert reads and all(g["request"]["query"]["platform"] == "instagram" and g["status"] == 200 for g in reads)
+    assert reads[0]["path"].endswith(f"/{instagram['page_id']}/conversations")  # the linked Page's id and token
+    reply = next(e for e in sandbox.events("message", ELI) if e["sender"] == "page")
+    assert reply["account"] == instagram["id"]
+    system = sandbox.events("model", ELI)[0]["messages"][0]
+    assert system == {"role": "system", "content": PROMPTS[BAKERY]}
+    assert "Ana's Bakery" in reply["text"] and "Harbour Books" not in reply["text"]
+
+
+def test_the_second_page_answers_with_its_own_prompt_and_token(sandbox):
+    bookshop = accounts(sandbox)[f"{BOOKSHOP} \u00b7 Messenger"]
+    assert say(sandbox, GUS, "Can you order a book for me?").status_code == 202
+    assert wait_for(lambda: bot_replies(sandbox, GUS), 10)
+    assert {g["account"] for g in sandbox.events("graph", GUS)} == {bookshop["id"]}
+    assert all(g["status"] == 200 for g in sandbox.events("graph", GUS))  # its own token: no 2018001
+    assert sandbox.events("model", GUS)[0]["messages"][0]["content"] == PROMPTS[BOOKSHOP]
+    assert "Harbour Books" in bot_replies(sandbox, GUS)[0] and "Ana's Bakery" not in bot_replies(sandbox, GUS)[0]
 
 
 def test_bad_requests_to_the_page_get_a_4xx(sandbox):
@@ -195,15 +238,18 @@ def test_the_printed_replay_command_works_as_printed_and_shows_the_users_message
         url = re.search(r"open (\S+)/\n", banner).group(1)
         command = re.search(r"replay fixtures here: (.*)", banner).group(1)
         assert ".venv/bin/python -m devtools.replay tests/fixtures --url " in command and "--verify" in command
-        assert re.search(r"FB_VERIFY_TOKEN=\S+", command)
+        assert re.search(r"FB_VERIFY_TOKEN=\S+", command) and re.search(r"FB_INSTAGRAM_ID=\d+", command)
         if not (ROOT / ".venv" / "bin" / "python").exists():  # a checkout whose venv lives elsewhere
             command = command.replace(".venv/bin/python", sys.executable)
         result = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
         assert result.stdout.startswith("verify: 200")
-        said = [e["text"] for e in requests.get(f"{url}/api/state", timeout=5).json()["events"]
-                if e["kind"] == "message" and e["sender"] == "user" and e["psid"] == "2000000000000001"]
-        assert "First question" in said and "What are your opening hours?" in said  # batch.json, text.json
+        events = requests.get(f"{url}/api/state", timeout=5).json()["events"]
+        said = {psid: [e["text"] for e in events if e["kind"] == "message" and e["sender"] == "user"
+                       and e["psid"] == psid] for psid in ("2000000000000001", IGSID)}
+        assert "First question" in said["2000000000000001"]  # batch.json
+        assert "What are your opening hours?" in said["2000000000000001"]  # text.json
+        assert "Do you have gluten-free bread?" in said[IGSID]  # instagram_text.json, to the Instagram account
     finally:
         process.terminate()
         process.wait(timeout=10)

@@ -73,8 +73,11 @@ def offline_reply(messages: list[dict]) -> str:
     earlier = sum(1 for m in messages[:-1] if m.get("role") in ("user", "assistant"))
     images = image_parts(messages)
     seen = f"{_plural(len(images), 'image')} ({'; '.join(map(describe_image, images))}) and " if images else ""
+    system = next((text_of(m.get("content", "")) for m in messages if m.get("role") == "system"), "")
+    # The start of the system prompt: with several Pages, which Page's instructions this turn got.
+    told = f" My instructions begin \u201c{system.split(':')[0].split('.')[0][:60].strip()}\u201d." if system else ""
     return (f"[offline stand-in] You said \u201c{said}\u201d. I can see {seen}{_plural(earlier, 'earlier message')} "
-            "of this conversation. Set OPENAI_API_KEY to talk to a real model.")
+            f"of this conversation.{told} Set OPENAI_API_KEY to talk to a real model.")
 
 
 def shown_messages(messages) -> object:

@@ -34,7 +34,8 @@ FAVICON = _favicon()
 
 
 class SandboxPage(LocalServer):
-    """`/` the chat page; `/api/state` the timeline since a number; `/api/users/<psid>/…` what a user does."""
+    """`/` the chat page; `/api/state` the accounts, users and the timeline since a number;
+    `/api/users/<psid>/…` what a user does (to the account they write to)."""
 
     def __init__(self, graph: GraphEmulator, info: dict, host: str = "127.0.0.1", port: int = 0):
         super().__init__(host, port)
@@ -69,8 +70,12 @@ class SandboxPage(LocalServer):
         if not after.isdigit():
             return json_response({"error": "after must be a number"}, 400)
         events = self.graph.timeline.after(int(after))
-        users = [{"psid": psid, "name": name} for psid, name in self.graph.users.items()]
-        return json_response({**self.info, "users": users, "events": events})
+        accounts = self.graph.accounts
+        users = [{"psid": psid, "name": name, "account": accounts.account_of(psid).id}
+                 for psid, name in list(self.graph.users.items())]
+        shown = [{"id": a.id, "page_id": a.page_id, "platform": a.platform, "name": a.name,
+                  "label": f"{a.name} \u00b7 {a.platform.capitalize()}"} for a in accounts.accounts.values()]
+        return json_response({**self.info, "accounts": shown, "users": users, "events": events})
 
     def _act(self, psid: str, action: str, body) -> Response:
         if psid not in self.graph.users:

@@ -18,7 +18,8 @@ const NOTES = {
 const STEPS = ["webhook", "webhook_failed", "graph", "download", "transcription", "model", "outcome"];
 const SAID = { image: "[photo]", audio: "[voice note]", sticker: "[sticker]", video: "[video]", file: "[file]" };
 const LIKE_STICKER_ID = 369239263222822;
-const state = { seq: 0, info: null, selected: null, views: new Map() };
+// One account is shown at a time (a Page's Messenger, or its Instagram): its users, each user's own view.
+const state = { seq: 0, info: null, account: null, selected: null, chosen: new Map(), views: new Map() };
 const $ = (id) => document.getElementById(id);
 const typing = el("div", { id: "typing", "aria-label": "typing" }, el("span"), el("span"), el("span"));
 
@@ -37,14 +38,14 @@ async function poll() {
     const data = await response.json();
     if (state.info === null) renderHeader(data);
     state.info = data;
-    for (const user of data.users) viewOf(user.psid, user.name);
+    for (const user of data.users) viewOf(user.psid, user.name, user.account);
     const thread = $("thread"), panel = $("panel");
     const stick = [thread, panel].map(atBottom);
     for (const event of data.events) {
       state.seq = Math.max(state.seq, event.seq);
-      if (event.psid) add(viewOf(event.psid), event);
+      if (event.psid) add(viewOf(event.psid, null, event.account), event);
     }
-    if (state.selected === null && data.users.length) select(data.users[0].psid);
+    if (state.account === null && data.accounts.length) showAccount(data.accounts[0].id);
     refresh();
     [thread, panel].forEach((box, i) => { if (stick[i]) box.scrollTop = box.scrollHeight; });
   } catch (error) {
@@ -58,23 +59,49 @@ function atBottom(box) {
 }
 
 function renderHeader(info) {
-  $("page-name").textContent = `${info.page.name} (page id ${info.page.id})`;
+  for (const account of info.accounts) $("account").append(el("option", { value: account.id }, account.label));
+  $("account").addEventListener("change", () => showAccount($("account").value));
   $("model-label").textContent = info.model.label;
   $("model-label").classList.toggle("offline", info.model.mode === "offline");
   $("webhook").textContent = `bot webhook: ${info.webhook}`;
 }
 
+function accountOf(id) {
+  return state.info.accounts.find((account) => account.id === id) || state.info.accounts[0];
+}
+
+// The users and conversations of one account; the user chosen there last (or its first) is selected.
+function showAccount(id) {
+  const account = accountOf(id);
+  state.account = account.id;
+  $("account").value = account.id;
+  document.body.dataset.platform = account.platform;
+  $("page-name").textContent = account.platform === "instagram"
+    ? `Instagram account ${account.id}, linked to Page ${account.page_id}` : `Page id ${account.id}`;
+  const views = [...state.views.values()].filter((view) => view.account === account.id);
+  for (const view of state.views.values()) view.button.hidden = view.account !== account.id;
+  const chosen = state.chosen.get(account.id) || (views[0] && views[0].psid);
+  if (chosen) return select(chosen);
+  state.selected = null;
+  $("chat-title").textContent = `${account.label}: no users yet`;
+  $("thread").replaceChildren();
+  $("steps").replaceChildren();
+}
+
 // -- one view per user: their bubbles, their turns in the panel, their entry in the list --------
-function viewOf(psid, name) {
+function viewOf(psid, name, account) {
   let view = state.views.get(psid);
   if (view) return view;
   name = name || `User ${psid.slice(-4)}`;
+  account = accountOf(account).id;
   const preview = el("div", { class: "preview" });
   const button = el("button", { class: "user", "data-psid": psid, type: "button" },
-    el("span", { class: "avatar" }, name[0]), el("span", { class: "who" }, el("div", {}, name), preview));
+    el("span", { class: "avatar" }, name[0]),
+    el("span", { class: "who" }, el("div", { class: "name" }, name), preview));
   button.addEventListener("click", () => { select(psid); $("text").focus(); });
+  button.hidden = state.account !== null && account !== state.account;
   $("users").append(button);
-  view = { psid, name, button, preview, thread: el("div", { class: "messages" }), turns: el("div"),
+  view = { psid, name, account, button, preview, thread: el("div", { class: "messages" }), turns: el("div"),
            seen: el("div", { class: "seen", id: "seen" }, "Seen"), turn: null, lastUser: null, last: null,
            userMessages: 0, typingAt: null, quick: new Map() };
   state.views.set(psid, view);
@@ -85,8 +112,9 @@ function select(psid) {
   if (state.selected === psid) return;
   state.selected = psid;
   const view = state.views.get(psid);
+  state.chosen.set(view.account, psid);
   for (const other of state.views.values()) other.button.classList.toggle("selected", other === view);
-  $("chat-title").textContent = `${view.name} \u2194 ${state.info.page.name}`;
+  $("chat-title").textContent = `${view.name} \u2194 ${accountOf(view.account).label}`;
   $("thread").replaceChildren(view.thread);
   $("steps").replaceChildren(view.turns);
   refresh();
@@ -192,7 +220,7 @@ function step(event) {
     const echo = JSON.stringify(event.body).includes('"is_echo":true');
     const how = event.replayed ? "replayed " : echo ? "echo " : "";
     kind = "Webhook";
-    title = `${how}POST /webhook \u2192 ${event.status} in ${event.ms} ms` +
+    title = `${how}POST /webhook (object ${event.body.object}) \u2192 ${event.status} in ${event.ms} ms` +
             (event.replayed ? "" : ` (attempt ${event.attempt})`);
     detail = event.body;
   } else if (event.kind === "webhook_failed") {
@@ -223,6 +251,7 @@ function step(event) {
     title = `${event.model || "?"}${length} \u2192 ${event.status} in ${event.ms} ms`;
   }
   node.append(el("span", { class: "kind" }, kind), title);
+  if (event.account) node.prepend(el("span", { class: "account" }, accountOf(event.account).label));
   if (event.kind === "download" && event.had_token) {
     node.classList.add("error");
     node.append(el("div", { class: "reason" },
