@@ -29,6 +29,9 @@ DEFAULT_TOO_LARGE_REPLY = "Sorry, that is too large for me. Could you send somet
 DEFAULT_VOICE_ERROR_REPLY = "Sorry, I could not make out your voice message. Could you type it?"
 DEFAULT_IMAGE_QUESTION = "What can you tell me about this picture?"
 DEFAULT_TRANSCRIBE_MODEL = "gpt-4o-mini-transcribe"
+# Meta's disclosure rule: {page} is the Page's name (FB_PAGE_NAME, or `name` in PAGES_FILE).
+DEFAULT_DISCLOSURE_TEXT = "You are chatting with {page}'s automated assistant."
+DEFAULT_DISCLOSURE_UNNAMED = "You are chatting with an automated assistant."
 DEFAULT_RATE_LIMIT_REPLY = "You are writing faster than I can answer. Please wait a minute before your next message."
 DEFAULT_BUDGET_REPLY = "We have talked a lot today! I will be glad to answer again tomorrow."
 DEFAULT_RESET_REPLY = "Done, I have forgotten our earlier conversation. What can I do for you?"
@@ -65,6 +68,7 @@ class Config:
     fb_page_id: str
     openai_api_key: str = field(repr=False)
     fb_instagram_id: str | None = None  # the Page's linked Instagram account, answered too
+    fb_page_name: str = ""  # how the disclosure names the Page
     fb_api_url: str = DEFAULT_FB_API_URL
     openai_base_url: str | None = None
     openai_model: str = DEFAULT_OPENAI_MODEL
@@ -84,6 +88,11 @@ class Config:
     fallback_reply: str = DEFAULT_FALLBACK_REPLY
     unsupported_reply: str = DEFAULT_UNSUPPORTED_REPLY
     error_log_file: str = "openai_api_errors.log"
+    # Meta's rules (bot/replies/meta_rules.py): the bot says it is one at the first message,
+    # after a silence, and when it answers again after a person did.
+    disclosure: bool = True
+    disclosure_text: str = DEFAULT_DISCLOSURE_TEXT
+    disclosure_after_seconds: float = 86400.0
     # Photos and voice notes (bot/media/): fetched from Meta's CDN within these bounds.
     vision: bool = True  # off: photos get UNSUPPORTED_REPLY, as videos do
     image_question: str = DEFAULT_IMAGE_QUESTION  # asked of a photo sent without words
@@ -126,6 +135,18 @@ class Config:
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
     # /readyz says "not ready" once a message has waited this long for its reply.
     ready_max_wait_seconds: float = 300.0
+    # The website chat (bot/webchat/): off unless WEBCHAT=on; its own listener on WEBCHAT_PORT.
+    webchat: bool = False
+    webchat_port: int = 8001
+    webchat_page: str = ""  # the Page whose prompt and settings the web chat uses ("" = the only one)
+    webchat_origins: tuple[str, ...] = ()  # sites allowed to call it from a browser (CORS); "*" = any
+    webchat_secret: str = field(default="", repr=False)  # HMAC key for signed user ids
+    webchat_rate_limit: tuple[int, float] | None = (5, 60.0)  # per IP (an IPv6 /64)
+    webchat_conversation_limit: tuple[int, float] | None = (5, 60.0)  # per conversation
+    webchat_daily_limit: int = 200  # messages per IP per UTC day; 0 = off
+    webchat_daily_tokens: int = 1_000_000  # model tokens of the whole web channel per UTC day; 0 = off
+    webchat_max_chars: int = 2000  # longest message a visitor may send
+    webchat_threads: int = 256  # web answers prepared at once (each mostly waits on the model)
     # Where messages come from: each Page (and linked Instagram account) with its own Config
     # (PAGES_FILE); one Page from FB_PAGE_ID otherwise. Empty only in a Page's own Config.
     accounts: tuple["Account", ...] = field(default=(), repr=False)
@@ -160,11 +181,21 @@ class Config:
         return None if self.database_url else os.path.join(self.data_dir, "inbox")
 
     @property
+    def disclosure_line(self) -> str | None:
+        """What the bot says of itself (None: DISCLOSURE=off), with the Page's name in it."""
+        if not self.disclosure:
+            return None
+        if "{page}" in self.disclosure_text and not self.fb_page_name:
+            return DEFAULT_DISCLOSURE_UNNAMED if self.disclosure_text == DEFAULT_DISCLOSURE_TEXT else \
+                self.disclosure_text.replace("{page}", "this Page")
+        return self.disclosure_text.replace("{page}", self.fb_page_name)
+
+    @property
     def secrets(self) -> tuple[str, ...]:
         """The values that must never be written anywhere."""
         tokens = {a.config.fb_page_access_token for a in self.accounts}
         return tuple(filter(None, (self.fb_verify_token, self.fb_app_secret, self.fb_page_access_token,
-                                   self.openai_api_key, _password(self.database_url), *sorted(tokens))))
+                                   self.openai_api_key, self.webchat_secret, _password(self.database_url), *sorted(tokens))))
 
 
 @dataclass(frozen=True)
@@ -215,10 +246,11 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
     page_configs = []
     for entry in entries:  # each Page's settings: the environment's, its own overrides over them
         page_values, own = _read_values({**env, **entry.settings, "FB_PAGE_ID": entry.id or "0",
-                                         "FB_PAGE_ACCESS_TOKEN": entry.access_token or "-"})
+                                         "FB_PAGE_ACCESS_TOKEN": entry.access_token or "-",
+                                         "FB_PAGE_NAME": entry.name or env.get("FB_PAGE_NAME", "")})
         problems += [f"PAGES_FILE, page {entry.label}: {p}" for p in own if p not in base_problems]
         page_configs.append(page_values)
-    problems = base_problems + problems
+    problems = base_problems + problems + _webchat_problems(values, entries)
     if problems:
         raise ConfigError(problems)
     config = Config(**values)
@@ -251,6 +283,10 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
         fb_page_access_token=reader.required("FB_PAGE_ACCESS_TOKEN"),
         fb_page_id=reader.required("FB_PAGE_ID", check=str.isdigit, expect="digits only (the Page's numeric id)"),
         fb_instagram_id=reader.text("FB_INSTAGRAM_ID", "").strip() or None,
+        fb_page_name=reader.text("FB_PAGE_NAME", "").strip(),
+        disclosure=reader.switch("DISCLOSURE", True),
+        disclosure_text=reader.text("DISCLOSURE_TEXT", DEFAULT_DISCLOSURE_TEXT, allow_empty=False),
+        disclosure_after_seconds=reader.duration("DISCLOSURE_AFTER", 86400.0, bare_unit="h", low=60),
         openai_api_key=reader.required("OPENAI_API_KEY"),
         fb_api_url=reader.url("FB_API_URL", DEFAULT_FB_API_URL),
         openai_base_url=reader.url("OPENAI_BASE_URL", None),
@@ -312,6 +348,7 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
         tracking_url=reader.url("TRACKING_URL", None, trailing_slash=False),
         forwarded_allow_ips=reader.networks("FORWARDED_ALLOW_IPS", ("127.0.0.1", "::1")),
         ready_max_wait_seconds=reader.duration("READY_MAX_WAIT", 300.0, bare_unit="s"),
+        **_webchat_values(reader),
     )
     if values["slow_reply_notice"] and values["slow_reply_limit_seconds"] <= values["reply_deadline_seconds"]:
         problems.append("SLOW_REPLY_LIMIT must be longer than REPLY_DEADLINE (the notice goes at the deadline, "
@@ -321,6 +358,42 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
     if values["fb_instagram_id"] and not values["fb_instagram_id"].isdigit():
         problems.append("FB_INSTAGRAM_ID must be digits only (the linked Instagram account's numeric id)")
     return values, problems
+
+
+def _webchat_values(reader: "_Reader") -> dict:
+    """WEBCHAT_*: the website chat (README, "Chat on your website")."""
+    return dict(
+        webchat=reader.switch("WEBCHAT", False),
+        webchat_port=reader.number("WEBCHAT_PORT", 8001, int, 1, 65535),
+        webchat_page=reader.text("WEBCHAT_PAGE", "").strip(),
+        webchat_origins=reader.origins("WEBCHAT_ORIGINS"),
+        webchat_secret=reader.text("WEBCHAT_SECRET", "").strip(),
+        webchat_rate_limit=reader.rate("WEBCHAT_RATE_LIMIT", (5, 60.0)),
+        webchat_conversation_limit=reader.rate("WEBCHAT_CONVERSATION_LIMIT", (5, 60.0)),
+        webchat_daily_limit=reader.number("WEBCHAT_DAILY_LIMIT", 200, int, 0, 10**9, off=True),
+        webchat_daily_tokens=reader.number("WEBCHAT_DAILY_TOKENS", 1_000_000, int, 0, 10**12, off=True),
+        webchat_max_chars=reader.number("WEBCHAT_MAX_CHARS", 2000, int, 1, 8000),
+        webchat_threads=reader.number("WEBCHAT_THREADS", 256, int, 1, 4096),
+    )
+
+
+def _webchat_problems(values: dict, entries: list[PageEntry]) -> list[str]:
+    """With several Pages the web chat must be told whose prompt it speaks with."""
+    if not values.get("webchat"):
+        return []
+    problems = []
+    ids = [entry.id for entry in entries] or [values["fb_page_id"]]
+    page = values["webchat_page"]
+    if page and page not in ids:
+        problems.append(f"WEBCHAT_PAGE must be one of the Pages' ids ({', '.join(ids)}), got {page!r}")
+    elif not page and len(ids) > 1:
+        problems.append("WEBCHAT_PAGE is required with several Pages: the id of the Page whose prompt the "
+                        "website chat uses")
+    if values["webchat_secret"] and len(values["webchat_secret"]) < 16:
+        problems.append("WEBCHAT_SECRET must be at least 16 characters (it signs user ids)")
+    if values["webchat_port"] == values["port"]:
+        problems.append("WEBCHAT_PORT must differ from PORT (the website chat has a listener of its own)")
+    return problems
 
 
 class _Reader:
@@ -433,6 +506,16 @@ class _Reader:
             self.problems.append(f"{name} must list IP addresses or networks (or *), not {', '.join(bad)}")
         return items
 
+    def origins(self, name: str) -> tuple[str, ...]:
+        """Comma-separated origins (https://shop.example, http://localhost:3000) or "*"."""
+        raw = self._raw(name) or ""
+        items = tuple(item.strip().rstrip("/") for item in raw.split(",") if item.strip())
+        bad = [item for item in items if item != "*" and not _is_origin(item)]
+        if bad:
+            self.problems.append(f"{name} must list origins such as https://shop.example (scheme and host, "
+                                 f"no path), or *, not {', '.join(bad)}")
+        return tuple(item for item in items if item not in bad)
+
     def switch(self, name: str, default: bool) -> bool:
         """on/off (also true/false, yes/no, 1/0)."""
         value = (self._raw(name) or "").lower()
@@ -462,6 +545,11 @@ def _is_network(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _is_origin(text: str) -> bool:
+    parsed = urlparse(text)
+    return parsed.scheme in ("http", "https") and bool(parsed.netloc) and not parsed.path and not parsed.query
 
 
 def parse_seconds(text: str, bare_unit: str | None) -> float | None:

@@ -57,6 +57,7 @@ class IncomingMessage:
     timestamp_ms: int
     attachment_types: tuple[str, ...] = ()  # Meta's `type` of each, as sent
     attachments: tuple[Attachment, ...] = ()
+    from_ad: bool = False  # came from a click-to-Messenger ad (referral source ADS): a 7-day window
 
     @property
     def is_attachment_only(self) -> bool:
@@ -226,7 +227,7 @@ def _from_message(event: dict, body: dict, now_ms: int) -> IncomingMessage | Non
     return IncomingMessage(
         psid=_sender(event), page_id=_recipient(event), mid=_mid(body, required=True),
         kind=kind, text=clean_text(text), timestamp_ms=to_timestamp_ms(event.get("timestamp"), now_ms),
-        attachment_types=types, attachments=parsed,
+        attachment_types=types, attachments=parsed, from_ad=_from_ad(event, body),
     )
 
 
@@ -238,6 +239,12 @@ def _from_postback(event: dict, body: dict, now_ms: int) -> IncomingMessage | No
         psid=_sender(event), page_id=_recipient(event), mid=_mid(body, required=False),
         kind=POSTBACK, text=clean_text(title), timestamp_ms=to_timestamp_ms(event.get("timestamp"), now_ms),
     )
+
+
+def _from_ad(event: dict, body: dict) -> bool:
+    """A message that starts a thread from a click-to-Messenger ad carries its referral."""
+    referral = event.get("referral") if isinstance(event.get("referral"), dict) else body.get("referral")
+    return isinstance(referral, dict) and referral.get("source") == "ADS"
 
 
 def _attachment_type(attachment: dict) -> str:

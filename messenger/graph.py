@@ -49,6 +49,26 @@ RATE_LIMIT_CODES = frozenset({4, 17, 32, 613, 80001, 80006})
 MAYBE_DELIVERED_SUBCODES = frozenset({1357046})
 
 
+# What a Page owner should know of some of Meta's refusals, logged with them.
+# https://developers.facebook.com/docs/messenger-platform/error-codes
+EXPLANATIONS = {
+    (10, 2018278): "outside Meta's messaging window: the user's last message is more than 24 hours old"
+                   " (7 days after a click-to-Messenger ad); the reply is dropped",
+    (10, 1893063): "the Page is restricted from messaging: see the Page's quality and support inbox in Meta"
+                   " Business Suite",
+    (551, 1545041): "the person is not available (blocked the Page or left Messenger)",
+    (100, 2018001): "no such user for this Page: a PSID of another Page, or the wrong Page token",
+}
+
+
+def explain(error: GraphAPIError) -> str | None:
+    return EXPLANATIONS.get((error.code, error.subcode))
+
+
+def is_window_closed(error: GraphAPIError) -> bool:
+    return (error.code, error.subcode) == (10, 2018278)
+
+
 def is_retryable(error: GraphAPIError) -> bool:
     """True for timeouts, connection failures, 5xx and Meta's temporary codes.
 

@@ -368,7 +368,7 @@ def test_a_version_2_database_is_migrated_in_place(tmp_path):
                    " VALUES ('m_old', 'p', '{}', 1, 1, 'done', 'a plain-text reply')")
     store = SQLiteQueue(path)
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA) == 9
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(SCHEMA)
     assert store.states() == {"m_old": "done"}
     assert db.execute("SELECT COUNT(*) FROM interactions").fetchone()[0] == 0
 

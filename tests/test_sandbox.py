@@ -188,7 +188,9 @@ def test_with_a_key_the_real_model_is_used_through_the_recording_proxy():
     try:
         sandbox.graph.user_writes(ANA, text="hello")
         assert sandbox.graph.wait_for_deliveries(1, 10)
-        assert sandbox.graph.sent_texts(ANA) == ["an answer from the real model"]
+        # The first reply says it comes from a bot (Meta's disclosure rule, on by default).
+        assert sandbox.graph.sent_texts(ANA) == [
+            "You are chatting with Ana's Bakery's automated assistant.\n\nan answer from the real model"]
         model = sandbox.timeline.of_kind("model")[0]
         assert model["mode"] == "real" and model["psid"] == ANA
         assert sandbox.page.info["model"]["label"] == f"real model: {DEFAULT_OPENAI_MODEL} via {upstream.base_url}"

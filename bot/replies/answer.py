@@ -22,7 +22,9 @@ class Outcome(StrEnum):
     RATE_LIMITED = "rate-limited"  # over RATE_LIMIT: one notice per window
     OVER_BUDGET = "over-budget"    # DAILY_TOKEN_BUDGET spent: one notice per day
     CACHED = "cached"              # ANSWER_CACHE_TTL: the same request's answer, no model call
+    WINDOW_CLOSED = "window-closed"  # Meta's messaging window closed before the reply could go: dropped
     FAILED = "failed"              # could not be sent
+    CANCELLED = "cancelled"        # website chat: the visitor left mid-answer and the model call was closed
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,12 @@ class Answer:
     said: dict[str, str] | None = None
     media: tuple[MediaFact, ...] = ()
     refused_images: bool = False  # the model server takes no images: ask again without them (not stored)
+    disclosed: bool = False  # the text starts with the bot disclosure
 
     def to_json(self) -> str:
         return json.dumps({"text": self.text, "outcome": self.outcome, "model": self.model, "usage": self.usage,
-                           "history": self.history, "said": self.said, "media": self.media})
+                           "history": self.history, "said": self.said, "media": self.media,
+                           "disclosed": self.disclosed})
 
     @classmethod
     def from_json(cls, stored: str) -> "Answer":
@@ -57,4 +61,5 @@ class Answer:
             return cls(stored, Outcome.ANSWERED)
         return cls(data["text"], Outcome(data["outcome"]), data.get("model"), tuple(data.get("usage") or (None,) * 3),
                    history=data.get("history"), said=data.get("said"),
-                   media=tuple(MediaFact(*fact) for fact in data.get("media") or ()))
+                   media=tuple(MediaFact(*fact) for fact in data.get("media") or ()),
+                   disclosed=bool(data.get("disclosed")))

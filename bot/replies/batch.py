@@ -19,7 +19,7 @@ from bot.replies.composer import Composer, Composers
 from bot.storage.exchanges import Exchange
 from bot.storage.queue import Batch, LostLease, Queue
 from bot.telemetry import metrics
-from messenger.graph import GraphAPIError, is_retryable
+from messenger.graph import GraphAPIError, explain, is_retryable, is_window_closed
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,11 @@ class BatchReplier:
             logger.warning("stopped answering psid=%r mids=%r: %s", batch.psid, _mids(batch), exc)
         except GraphAPIError as exc:
             metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
-            self._record_failure(batch, str(exc), progress, None if is_retryable(exc) else f"graph_{exc.code}")
+            error = f"{exc}: {why}" if (why := explain(exc)) else str(exc)
+            if is_window_closed(exc):  # Meta counts the window itself: the reply can never go now
+                self._record_failure(batch, error, progress, "window_closed", Outcome.WINDOW_CLOSED)
+            else:
+                self._record_failure(batch, error, progress, None if is_retryable(exc) else f"graph_{exc.code}")
         except Exception as exc:  # noqa: BLE001 - a bug must cost one message, not the thread
             logger.exception("unexpected error answering batch=%s psid=%r mids=%r", batch.batch_id, batch.psid,
                              _mids(batch))
@@ -83,7 +87,8 @@ class BatchReplier:
     def _answer(self, batch: Batch, progress: Progress, activity: Activity, composer: Composer) -> None:
         if progress.answer is None:
             progress.answer = composer.compose(batch.messages, lambda: self._actions.submit(activity.run),
-                                               composer.model_deadline(activity.started), patient=batch.attempts == 1)
+                                               composer.model_deadline(activity.started), patient=batch.attempts == 1,
+                                               received_at=batch.received_at)
         activity.finish()  # waits for a slow-reply notice in flight: it must arrive first
         if activity.notice_sent:
             progress.parts.append(activity.notice_sent)
@@ -129,9 +134,11 @@ class BatchReplier:
             bot_timestamp_ms=int(now * 1000) if sent else None, model=answer.model, usage=answer.usage,
             latency_ms=int((now - batch.received_at) * 1000), synced=answer.synced, history=answer.history,
             said=answer.said, attachments=answer.media,
+            disclosed_at=now if sent and answer.disclosed else None,
         )
 
-    def _record_failure(self, batch: Batch, error: str, progress: Progress, final: str | None = None) -> None:
+    def _record_failure(self, batch: Batch, error: str, progress: Progress, final: str | None = None,
+                        outcome: Outcome = Outcome.FAILED) -> None:
         """Retry the batch, or fail it for good when `final` names why (a metric label).
 
         Its exchange record is written with it when it fails; if that record cannot be
@@ -139,8 +146,8 @@ class BatchReplier:
         none. Only a database that takes no writes at all leaves the batch to its lease.
         """
         error = error[:300]
-        records = (lambda: self._exchange(batch, progress, Outcome.FAILED),
-                   lambda: Exchange(psid=batch.psid, messages=batch.messages, outcome=Outcome.FAILED),
+        records = (lambda: self._exchange(batch, progress, outcome),
+                   lambda: Exchange(psid=batch.psid, messages=batch.messages, outcome=outcome),
                    lambda: None)
         for level, record in enumerate(records):
             try:

@@ -8,13 +8,14 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from bot.media.prepare import MediaReader, Prepared
-from bot.replies import gate
+from bot.replies import gate, meta_rules
 from bot.replies.activity import TYPING_REFRESH_S, Activity
 from bot.replies.answer import Answer, Outcome
 from bot.replies.gate import Policy
 from bot.replies.history import History, HistoryReader
 from bot.storage import answer_cache
 from bot.storage.conversations import Conversations
+from bot.storage.users import UserState
 from bot.telemetry import metrics
 from gpt.model import ChatModel, ImagesRefused
 from gpt.prompt import to_chat_messages
@@ -33,6 +34,8 @@ class PromptSettings:
     prefix: str
     message_count: int
     system_prompt: str
+    disclosure: str | None = None  # what the bot says of itself (Meta's disclosure rule); None: off
+    disclosure_after: float = 86400.0  # seconds of silence after which it says it again
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +56,8 @@ class Composer:
     def __init__(self, graph: GraphClient, model: ChatModel, prompt: PromptSettings,
                  conversations: Conversations, media: MediaReader, *, policy: Policy = Policy(), timing: Timing = Timing(),
                  answer_cache_ttl: float = 0.0, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, sleep: Callable[[float], object] = time.sleep):
+                 wall_clock: Callable[[], float] = time.time, sleep: Callable[[float], object] = time.sleep,
+                 history: HistoryReader | None = None):
         self.graph = graph
         self.model = model
         self.prompt = prompt
@@ -65,7 +69,8 @@ class Composer:
         self.clock = clock  # deadlines
         self.wall_clock = wall_clock  # pauses, limits, the mirror's age: compared with stored times
         self.answer_cache_ttl = answer_cache_ttl  # 0: off
-        self.history = HistoryReader(
+        # `history`: another source with the same read() (the website chat's: the store only, never Graph).
+        self.history = history or HistoryReader(
             graph, conversations, page_id=prompt.page_id, limit=prompt.message_count,
             mirror_max_age=policy.mirror_max_age, reads_per_second=policy.graph_reads_per_second,
             new_user_wait=policy.history_wait, clock=wall_clock, sleep=sleep)
@@ -83,29 +88,50 @@ class Composer:
         return started + (timing.slow_limit if timing.slow_notice else timing.reply_deadline)
 
     def compose(self, messages: Sequence[IncomingMessage], thinking: Callable[[], object] = lambda: None,
-                deadline: float | None = None, patient: bool = True) -> Answer:
+                deadline: float | None = None, patient: bool = True, received_at: float | None = None) -> Answer:
         """One answer to everything the user wrote since the last one (oldest first).
 
         `thinking` is called once the history is in, as the model starts: the
         moment to show "seen" and the typing indicator without slowing the read.
         The model call ends by `deadline` (on `clock`), retries included; `patient` is False
-        for a retried batch, which then waits for no Graph read slot.
+        for a retried batch, which then waits for no Graph read slot. `received_at`: when the
+        messages were taken in (wall clock), for Meta's messaging window.
         """
         psid = messages[0].psid
         now = self.wall_clock()
+        if now * 1000 > meta_rules.window_closes_ms(messages, None if received_at is None else int(received_at * 1000)):
+            logger.warning("psid=%r mids=%r: Meta's messaging window closed before the reply (24 h after the user's"
+                           " last message): dropped", psid, [m.mid for m in messages])
+            return Answer(None, Outcome.WINDOW_CLOSED)
         facts = self._facts(psid, messages, now)
         gated = gate.decide(messages, facts, self.policy, now)
         if gated is not None:
             if gated.updates:
                 self.conversations.update_user(psid, **gated.updates)
             logger.info("%s psid=%r: %d message(s) not sent to the model", gated.why, psid, len(messages))
-            return gated.answer
+            return self._disclosed(gated.answer, messages, facts.user)
         thinking = _once(thinking)
         prepared = self.media.prepare(messages, deadline, thinking)
         try:
-            return self._answer(psid, facts.user, prepared, thinking, deadline, patient)
+            answer = self._answer(psid, facts.user, prepared, thinking, deadline, patient)
         finally:
             prepared.release()
+        return self._disclosed(answer, messages, facts.user)
+
+    def _disclosed(self, answer: Answer, messages: Sequence[IncomingMessage], user: UserState) -> Answer:
+        """The answer, first saying the user talks to a bot when Meta's rule wants it now."""
+        line = self.prompt.disclosure
+        if not line or not answer.text:
+            return answer
+        first_ms = min(m.timestamp_ms for m in messages)
+        previous_ms, person_ms = self.conversations.activity(messages[0].psid, first_ms)
+        disclosed_ms = None if user.disclosed_at is None else int(user.disclosed_at * 1000)
+        why = meta_rules.disclosure_due(meta_rules.Activity(disclosed_ms, previous_ms, person_ms), first_ms,
+                                        int(self.prompt.disclosure_after * 1000))
+        if why is None:
+            return answer
+        logger.info("psid=%r: the reply says it comes from a bot (%s)", messages[0].psid, why)
+        return replace(answer, text=meta_rules.with_disclosure(answer.text, line), disclosed=True)
 
     def _answer(self, psid: str, user, prepared: Prepared, thinking: Callable[[], object],
                 deadline: float | None, patient: bool) -> Answer:

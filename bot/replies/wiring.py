@@ -17,6 +17,7 @@ from bot.replies.dispatcher import Dispatcher
 from bot.replies.tracking import Tracker
 from bot.storage.doorbell import open_doorbell
 from bot.storage.queue import Queue, open_queue
+from bot.telemetry import metrics
 from config import Account, Config
 from gpt.model import ChatModel, ModelSettings
 from gpt.retries import RetryPolicy
@@ -54,6 +55,10 @@ def build_composers(config: Config, store: Queue, *, wall_clock: Callable[[], fl
                     Downloader(timeout=config.media_timeout, pool_size=config.reply_threads),
                     MemoryBudget(int(config.media_memory_mb * MB)))
     accounts = config.accounts or (Account(config.fb_page_id, config.fb_page_id, "messenger", "", config),)
+    # The exchange log's and the metric's `channel`: an Instagram account's exchanges are `instagram`.
+    channels = {account.id: account.platform for account in accounts}
+    store.conversations.channels.update(channels)
+    metrics.EXCHANGES.channels.update(channels)
     # One pooled connection per reply thread for each Page: a pool only keeps the sockets it
     # has made, so idle ones across all Pages never outnumber the threads that made them.
     pool = config.reply_threads + 8
@@ -75,7 +80,8 @@ def build_composer(account: Account, store: Queue, shared: Shared, pool_size: in
                            max_retries=config.openai_max_retries)
     # The account's own id: the Conversations API names an Instagram account's messages by it.
     prompt = PromptSettings(page_id=account.id, prefix=config.politeness_prefix,
-                            message_count=config.message_count, system_prompt=config.system_prompt)
+                            message_count=config.message_count, system_prompt=config.system_prompt,
+                            disclosure=config.disclosure_line, disclosure_after=config.disclosure_after_seconds)
     policy = Policy(rate_limit=config.rate_limit, rate_limit_reply=config.rate_limit_reply,
                     daily_token_budget=config.daily_token_budget, budget_reply=config.budget_reply,
                     reset_word=config.reset_word, reset_reply=config.reset_reply,

@@ -38,8 +38,16 @@ class Conversations:
         self._database = database
         self.clock = clock
         self.tracking = tracking  # new records wait for TRACKING_URL
+        # The channel of each account's exchanges (bot/replies/wiring.py): an Instagram account's
+        # are `instagram`; any other account's `messenger`, unless the exchange names its own (web).
+        self.channels: dict[str, str] = {}
 
     record_echoes = staticmethod(record_echoes)
+
+    @property
+    def database(self):
+        """The database itself, for a module with SQL of its own (bot/webchat/store.py)."""
+        return self._database
 
     def user(self, psid: str) -> UserState:
         with self._database.read() as db:
@@ -53,6 +61,11 @@ class Conversations:
     def history(self, psid: str, page_id: str, limit: int, after_ms: int | None) -> list[HistoryMessage]:
         with self._database.read() as db:
             return mirror.history(db, psid, page_id, limit, after_ms)
+
+    def activity(self, psid: str, before_ms: int) -> tuple[int | None, int | None]:
+        """(the newest message before `before_ms`, the newest a person sent from the Page), in ms."""
+        with self._database.read() as db:
+            return mirror.activity(db, psid, before_ms)
 
     def find_own_message(self, psid: str, text: str, since_ms: int) -> str | None:
         with self._database.read() as db:
@@ -94,13 +107,20 @@ class Conversations:
         # exchange has its transcript (and a label for a photo), and the first row of a mid stays.
         mirror.add_rows(db, exchange.psid, [(m.mid, USER, exchanges.user_text(m, exchange.said), m.timestamp_ms)
                                             for m in messages if m.mid])
+        if exchange.disclosed_at is not None:
+            users.update(db, exchange.psid, disclosed_at=exchange.disclosed_at)
         if exchange.synced is not None:  # what Graph returned; from now on the mirror covers this user
             mirror.add_rows(db, exchange.psid, exchange.synced)
             users.update(db, exchange.psid, synced_at=self.clock())
         # After what it answers even if Meta's clock (user messages) runs ahead of ours.
         replied_at = max(exchange.bot_timestamp_ms or 0, max(m.timestamp_ms for m in messages) + 1)
         mirror.add_rows(db, exchange.psid, [(mid, BOT, text, replied_at) for mid, text in exchange.sent_parts])
-        exchanges.record(db, exchange, self.tracking)
+        exchanges.record(db, exchange, self.tracking, self.channels.get(messages[0].page_id, exchanges.MESSENGER))
+
+    def record(self, exchange: Exchange) -> None:
+        """An exchange that went through no queue (the website chat): log, mirror and user state at once."""
+        with self._database.write() as db:
+            self.finish(db, exchange)
 
     def cached_answer(self, cache_key: str) -> tuple[str, str | None] | None:
         with self._database.read() as db:
@@ -111,9 +131,10 @@ class Conversations:
             answer_cache.put(db, cache_key, text, model, self.clock() + ttl)
 
     # -- the log: export, tracking, retention ---------------------------------------------------
-    def export(self, since_ms: int = 0, until_ms: int | None = None, page: str | None = None) -> Iterator[dict]:
+    def export(self, since_ms: int = 0, until_ms: int | None = None, page: str | None = None,
+               channel: str | None = None) -> Iterator[dict]:
         with self._database.read() as db:
-            yield from exchanges.export(db, since_ms, until_ms, page)
+            yield from exchanges.export(db, since_ms, until_ms, page, channel)
 
     def waiting_for_tracking(self, limit: int = 50) -> list[tuple[int, dict]]:
         with self._database.read() as db:

@@ -13,7 +13,10 @@ from messenger.text import clean_text
 
 # Columns of the exchange log, in export order; timestamps are exported as ISO 8601 UTC.
 EXPORT_COLUMNS = ("psid", "user_message", "user_timestamp", "bot_message", "bot_timestamp", "model",
-                  "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "outcome", "history", "attachments", "page_id")
+                  "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "outcome", "history", "attachments", "page_id",
+                  "channel")
+# Channels of the log's `channel` column: where the user wrote.
+MESSENGER, INSTAGRAM, WEB = "messenger", "instagram", "web"
 
 
 @dataclass
@@ -33,6 +36,10 @@ class Exchange:
     history: str | None = None  # where the prompt's history came from (bot/replies/history.py)
     said: Mapping[str, str] | None = None  # mid -> what a message with attachments said ("[photo] hi")
     attachments: Sequence[tuple] = ()  # (kind, bytes, outcome) of each attachment
+    disclosed_at: float | None = None  # the reply sent began with the bot disclosure (users.disclosed_at)
+    channel: str | None = None  # messenger, instagram or web; None: the account's platform (Conversations)
+    ip_address: str | None = None  # a web turn's client address, for the tracking endpoint
+    user_url: str | None = None  # a web turn's Referer: the page the visitor wrote from
 
 
 def user_text(message: IncomingMessage, said: Mapping[str, str] | None = None) -> str:
@@ -46,27 +53,32 @@ def _clean(text: str | None) -> str | None:
     return None if text is None else clean_text(text)
 
 
-def record(db, exchange: Exchange, tracking: bool) -> None:
-    """The log record; `tracking`: it waits for TRACKING_URL (bot/storage/outbox.py)."""
+def record(db, exchange: Exchange, tracking: bool, channel: str = MESSENGER) -> None:
+    """The log record; `tracking`: it waits for TRACKING_URL (bot/storage/outbox.py); `channel` when
+    the exchange does not name its own."""
     messages = exchange.messages
     db.execute(
         "INSERT INTO interactions (psid, user_message, user_timestamp, bot_message, bot_timestamp, model,"
-        " prompt_tokens, completion_tokens, total_tokens, latency_ms, outcome, history, tracking, attachments, page_id)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " prompt_tokens, completion_tokens, total_tokens, latency_ms, outcome, history, tracking, attachments, page_id,"
+        " channel, ip_address, user_url)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (exchange.psid, clean_text("\n".join(user_text(m, exchange.said) for m in messages)),
          min(m.timestamp_ms for m in messages), _clean(exchange.bot_message), exchange.bot_timestamp_ms,
          _clean(exchange.model), *exchange.usage, exchange.latency_ms, str(exchange.outcome), exchange.history,
          "waiting" if tracking else None,
          json.dumps([list(a) for a in exchange.attachments]) if exchange.attachments else None,
-         messages[0].page_id))
+         messages[0].page_id, exchange.channel or channel, _clean(exchange.ip_address), _clean(exchange.user_url)))
 
 
-def export(db, since_ms: int = 0, until_ms: int | None = None, page: str | None = None) -> Iterator[dict]:
-    """The records in [since, until), oldest first; only one Page's (or Instagram account's) with `page`."""
+def export(db, since_ms: int = 0, until_ms: int | None = None, page: str | None = None,
+           channel: str | None = None) -> Iterator[dict]:
+    """The records in [since, until), oldest first; only one Page's (or Instagram account's) with `page`,
+    one channel's (messenger, instagram, web) with `channel`."""
     only_page = " AND page_id = ?" if page else ""
+    only_channel = " AND channel = ?" if channel else ""
     rows = db.execute(f"SELECT {', '.join(EXPORT_COLUMNS)} FROM interactions WHERE user_timestamp >= ?"
-                      f" AND user_timestamp < ?{only_page} ORDER BY user_timestamp, id",
-                      (since_ms, until_ms or 2**62, *([page] if page else [])))
+                      f" AND user_timestamp < ?{only_page}{only_channel} ORDER BY user_timestamp, id",
+                      (since_ms, until_ms or 2**62, *([page] if page else []), *([channel] if channel else [])))
     for row in rows:
         item = dict(zip(EXPORT_COLUMNS, row))
         item["user_timestamp"], item["bot_timestamp"] = iso(row[2]), iso(row[4])
@@ -77,6 +89,12 @@ def tokens_since(db, psid: str, since_ms: int) -> int:
     return db.execute("SELECT CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT) FROM interactions"
                       " WHERE psid = ? AND user_timestamp >= ?",
                       (psid, since_ms)).fetchone()[0]
+
+
+def channel_tokens_since(db, channel: str, since_ms: int) -> int:
+    """Model tokens of one channel's exchanges since `since_ms` (the web channel's daily cap)."""
+    return db.execute("SELECT CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT) FROM interactions"
+                      " WHERE channel = ? AND user_timestamp >= ?", (channel, since_ms)).fetchone()[0]
 
 
 def prune(db, cutoff_s: float) -> int:

@@ -35,3 +35,11 @@ def find_own(db, psid: str, text: str, since_ms: int) -> str | None:
     row = db.execute("SELECT mid FROM mirror WHERE psid = ? AND author = ? AND text = ? AND at_ms >= ?"
                      " ORDER BY at_ms LIMIT 1", (psid, BOT, clean_text(text), since_ms)).fetchone()
     return row[0] if row else None
+
+
+def activity(db, psid: str, before_ms: int) -> tuple[int | None, int | None]:
+    """The newest message of the conversation before `before_ms`, and the newest a person sent
+    from the Page (for the disclosure rule)."""
+    previous = db.execute("SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND at_ms < ?", (psid, before_ms)).fetchone()[0]
+    person = db.execute("SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND author = ?", (psid, HUMAN)).fetchone()[0]
+    return previous, person

@@ -5,10 +5,14 @@ from bot.storage.exchanges import EXPORT_COLUMNS
 from bot.storage.times import iso
 
 
+# The tracking contract's optional ip_address and user_url: kept for web turns only, and sent, never exported.
+TRACKED_COLUMNS = (*EXPORT_COLUMNS, "ip_address", "user_url")
+
+
 def waiting(db, now: float, limit: int = 50) -> list[tuple[int, dict]]:
-    rows = db.execute(f"SELECT id, {', '.join(EXPORT_COLUMNS)} FROM interactions WHERE tracking = ?"
+    rows = db.execute(f"SELECT id, {', '.join(TRACKED_COLUMNS)} FROM interactions WHERE tracking = ?"
                       " AND track_after <= ? ORDER BY id LIMIT ?", ("waiting", now, limit)).fetchall()
-    return [(row[0], _tracking_record(dict(zip(EXPORT_COLUMNS, row[1:])))) for row in rows]
+    return [(row[0], _tracking_record(dict(zip(TRACKED_COLUMNS, row[1:])))) for row in rows]
 
 
 def sent(db, record_id: int) -> None:
@@ -32,5 +36,6 @@ def _tracking_record(record: dict) -> dict:
         "bot_timestamp": iso(record["bot_timestamp"]), "engine": record["model"],
         "outcome": record["outcome"], "prompt_tokens": record["prompt_tokens"],
         "completion_tokens": record["completion_tokens"], "total_tokens": record["total_tokens"],
-        "latency_ms": record["latency_ms"],
+        "latency_ms": record["latency_ms"], "channel": record["channel"],
+        **({"ip_address": record["ip_address"], "user_url": record["user_url"]} if record["channel"] == "web" else {}),
     }

@@ -7,6 +7,7 @@ Columns of note:
   users.synced_at     when Graph history was last imported into the mirror
   users.reset_at_ms   history up to this moment is left out of prompts (the user wrote RESET_WORD)
   users.paused_until  a human answered from the Page: the bot stays silent until then
+  users.disclosed_at  when the bot last said it is one (bot/replies/meta_rules.py)
   interactions.tracking  NULL: not sent anywhere; 'waiting' for TRACKING_URL; 'sent'
   interactions.history   mirror, graph, or mirror-only (Graph could not be read in time)
   interactions.attachments  JSON list of [kind, bytes, outcome] per attachment (bot/media/prepare.py)
@@ -14,6 +15,10 @@ Columns of note:
   graph_budgets.next_at  the earliest moment of the next Conversations API read of that Page or
                         Instagram account (all processes)
   interactions.page_id   the Page or Instagram account the exchange was with
+  interactions.channel   messenger, instagram or web; ip_address and user_url: a web turn's (tracking)
+  webchat_conversations  the website chat's conversations: ids the server issued; user_key for a
+                        signed user id (HMAC, never the id itself); label: the client's unsigned user_id
+  webchat_counters    the website chat's limits: requests per key (ip, conversation) in a fixed window
   inbox_offsets       bytes of each inbox file already in `events` (bot/storage/inbox.py);
                       damaged: bytes skipped as damage (such a file is quarantined, not deleted)
   dead_letters        records or messages that could not enter the queue, kept for a person
@@ -127,6 +132,25 @@ SCHEMA = [
     ALTER TABLE interactions ADD COLUMN page_id TEXT;
     CREATE INDEX interactions_page ON interactions (page_id, user_timestamp);
     """,
+    # version 10: when the bot last said it is a bot (Meta's disclosure rule)
+    """
+    ALTER TABLE users ADD COLUMN disclosed_at REAL;
+    """,
+    # version 11: the website chat (bot/webchat/): each exchange's channel, a web turn's address and
+    # page, the conversations the server issued, and the counters of its limits
+    """
+    ALTER TABLE interactions ADD COLUMN channel TEXT NOT NULL DEFAULT 'messenger';
+    ALTER TABLE interactions ADD COLUMN ip_address TEXT;
+    ALTER TABLE interactions ADD COLUMN user_url TEXT;
+    CREATE INDEX interactions_channel ON interactions (channel, user_timestamp);
+    CREATE TABLE webchat_conversations (
+        id TEXT PRIMARY KEY,
+        user_key TEXT UNIQUE,
+        label TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE webchat_counters (key TEXT PRIMARY KEY, window_start REAL NOT NULL, count INTEGER NOT NULL);
+    """,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -228,5 +252,24 @@ POSTGRES_SCHEMA = [
     DROP TABLE graph_budget;
     ALTER TABLE interactions ADD COLUMN page_id TEXT;
     CREATE INDEX interactions_page ON interactions (page_id, user_timestamp);
+    """,
+    # version 6: as SQLite's version 10
+    """
+    ALTER TABLE users ADD COLUMN disclosed_at DOUBLE PRECISION;
+    """,
+    # version 7: as SQLite's version 11
+    """
+    ALTER TABLE interactions ADD COLUMN channel TEXT NOT NULL DEFAULT 'messenger';
+    ALTER TABLE interactions ADD COLUMN ip_address TEXT;
+    ALTER TABLE interactions ADD COLUMN user_url TEXT;
+    CREATE INDEX interactions_channel ON interactions (channel, user_timestamp);
+    CREATE TABLE webchat_conversations (
+        id TEXT PRIMARY KEY,
+        user_key TEXT UNIQUE,
+        label TEXT,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE webchat_counters (key TEXT PRIMARY KEY, window_start DOUBLE PRECISION NOT NULL,
+                                   count BIGINT NOT NULL);
     """,
 ]

@@ -1,10 +1,11 @@
 """What the bot knows of each user, shared by every process and host: the human pause, the
-reset point, when the mirror last took Graph's history, the notices already given."""
+reset point, when the mirror last took Graph's history, the notices already given, when the bot
+last said it is one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-COLUMNS = ("synced_at", "reset_at_ms", "paused_until", "rate_notice_at", "budget_notice_day")
+COLUMNS = ("synced_at", "reset_at_ms", "paused_until", "rate_notice_at", "budget_notice_day", "disclosed_at")
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,7 @@ class UserState:
     paused_until: float | None = None
     rate_notice_at: float | None = None
     budget_notice_day: str | None = None
+    disclosed_at: float | None = None  # when the bot last said it is a bot
 
 
 def get(db, psid: str) -> UserState:

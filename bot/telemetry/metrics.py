@@ -16,8 +16,22 @@ REPLIES = Counter("messenger_replies_sent_total", "Reply messages the Send API a
 FAILED = Counter("messenger_replies_failed_total", "Messages given up on, by reason.", ["reason"])
 MODEL_ERRORS = Counter("openai_errors_total", "Model calls that ended in the fallback, by error class.", ["error_class"])
 HISTORY_READS = Counter("messenger_history_reads_total", "Where a prompt's history came from.", ["source"])
-EXCHANGES = Counter("messenger_exchanges_total", "Answered batches, by outcome (as in the exchange log) and by Page "
-                    "or Instagram account.", ["outcome", "page"])
+class _ByChannel:
+    """`labels(outcome, page)` as before, with the channel of the account added (`channel=` for the web)."""
+
+    def __init__(self, counter: Counter):
+        self.counter = counter
+        self.channels: dict[str, str] = {}  # account id -> instagram (bot/replies/wiring.py); others messenger
+
+    def labels(self, outcome: str, page: str, channel: str | None = None):
+        return self.counter.labels(outcome, page, channel or self.channels.get(page, "messenger"))
+
+
+EXCHANGES = _ByChannel(Counter("messenger_exchanges_total", "Answered batches, by outcome (as in the exchange log),"
+                               " by Page or Instagram account and by channel (messenger, instagram, web).",
+                               ["outcome", "page", "channel"]))
+WEBCHAT_REQUESTS = Counter("webchat_requests_total", "Website chat requests, by how they ended (answered, "
+                           "rate-limited, bad-request...).", ["result"])
 TRACKING = Counter("messenger_tracking_posts_total", "POSTs to TRACKING_URL, by result.", ["result"])
 GRAPH_ERRORS = Counter("graph_errors_total", "Graph API errors, by Meta error code.", ["code"])
 ATTACHMENTS = Counter("messenger_attachments_total", "Attachments users sent, by kind and what became of them.",

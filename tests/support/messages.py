@@ -41,6 +41,9 @@ def base_env(graph: GraphEmulator, model: ModelStandIn, tmp_path: Path) -> dict[
         "GRAPH_TIMEOUT": "2",
         "ERROR_LOG_FILE": str(tmp_path / "openai_api_errors.log"),
         "DATA_DIR": str(tmp_path / "data"),
+        # Meta's disclosure line is on by default; tests that check it turn it on again
+        # (tests/test_meta_rules.py), the others compare replies word for word.
+        "DISCLOSURE": "off",
     }
 
 

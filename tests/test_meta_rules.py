@@ -1,0 +1,133 @@
+"""Meta's rules: the bot says it is a bot when it must, and never answers outside the messaging window."""
+import json
+import logging
+
+import pytest
+
+from bot.replies.meta_rules import FIRST, SILENCE, AFTER_PERSON, Activity, disclosure_due
+from config import load_config
+from devtools.emulator import graph_error
+from tests.support import PAGE_ID, PSID, answer_queue, echo_body, post_signed, text_body
+from tests.support.messages import FakeClock
+
+HOUR_MS = 3600 * 1000
+SAID = "You are chatting with Ana's Bakery's automated assistant."
+REPLY = "Hello from the model."
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def client(make_client, clock):
+    return make_client(clock, DISCLOSURE="on", FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m")
+
+
+def say(client, clock, n, text="hello", **body):
+    post_signed(client, text_body(f"m_{n}", text, timestamp=int(clock() * 1000), **body))
+    answer_queue(client)
+
+
+def log(client):
+    return list(client.application.extensions["dispatcher"].store.conversations.export())
+
+
+@pytest.mark.parametrize("disclosed, previous, person, first, expected", [
+    (None, None, None, 10 * HOUR_MS, FIRST),
+    (HOUR_MS, 2 * HOUR_MS, None, 3 * HOUR_MS, None),  # a conversation going on
+    (HOUR_MS, 2 * HOUR_MS, None, 26 * HOUR_MS, SILENCE),  # 24 h of silence
+    (HOUR_MS, 2 * HOUR_MS, 3 * HOUR_MS, 4 * HOUR_MS, AFTER_PERSON),  # a person answered since
+    (5 * HOUR_MS, 5 * HOUR_MS, 3 * HOUR_MS, 6 * HOUR_MS, None),  # ... and the bot already said it since
+], ids=["first", "ongoing", "silence", "after-person", "said-since-person"])
+def test_when_the_bot_must_say_it_is_one(disclosed, previous, person, first, expected):
+    assert disclosure_due(Activity(disclosed, previous, person), first, 24 * HOUR_MS) == expected
+
+
+def test_the_first_reply_says_it_comes_from_a_bot_and_the_next_does_not(client, graph, clock):
+    say(client, clock, 1)
+    clock.advance(60)
+    say(client, clock, 2)
+    assert graph.sent_texts(PSID) == [f"{SAID}\n\n{REPLY}", REPLY]
+
+
+def test_after_a_day_of_silence_it_says_it_again(client, graph, clock):
+    say(client, clock, 1)
+    clock.advance(25 * 3600)
+    say(client, clock, 2)
+    assert graph.sent_texts(PSID) == [f"{SAID}\n\n{REPLY}", f"{SAID}\n\n{REPLY}"]
+
+
+def test_when_the_bot_takes_over_again_after_a_person_it_says_so(client, graph, clock):
+    say(client, clock, 1)
+    clock.advance(60)
+    post_signed(client, echo_body("m_inbox", "Ana here!", app_id=263902037430900, timestamp=int(clock() * 1000)))
+    answer_queue(client)
+    clock.advance(31 * 60)  # HUMAN_PAUSE is over
+    say(client, clock, 2)
+    assert graph.sent_texts(PSID) == [f"{SAID}\n\n{REPLY}", f"{SAID}\n\n{REPLY}"]
+
+
+def test_a_retried_reply_carries_the_line_once_and_the_next_reply_not_at_all(client, graph, clock):
+    graph.fail_next("send", graph_error(2, "Service temporarily unavailable", status=500))
+    say(client, clock, 1)
+    assert graph.sent_texts(PSID) == []
+    clock.advance(120)  # past the retry's backoff
+    answer_queue(client)
+    clock.advance(60)
+    say(client, clock, 2)
+    assert graph.sent_texts(PSID) == [f"{SAID}\n\n{REPLY}", REPLY]
+
+
+def test_the_line_is_on_by_default_and_names_the_page_when_it_has_a_name(env):
+    assert load_config({**env, "DISCLOSURE": ""}, env_file=None).disclosure_line == \
+        "You are chatting with an automated assistant."
+    named = load_config({**env, "DISCLOSURE": "", "FB_PAGE_NAME": "Ana's Bakery"}, env_file=None)
+    assert named.disclosure_line == SAID
+    assert load_config({**env, "DISCLOSURE": "off"}, env_file=None).disclosure_line is None
+
+
+# -- the messaging window -----------------------------------------------------------------------
+def test_a_reply_whose_window_closed_in_the_queue_is_dropped_not_sent(client, graph, model, clock):
+    post_signed(client, text_body("m_old", "are you there?", timestamp=int(clock() * 1000)))
+    clock.advance(25 * 3600)  # an outage: the reply process comes back a day later
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == [] and model.requests == []
+    [record] = log(client)
+    assert record["outcome"] == "window-closed"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert f'messenger_exchanges_total{{outcome="window-closed",page="{PAGE_ID}"}}' in metrics
+
+
+def test_a_message_from_an_ad_opens_seven_days(client, graph, clock):
+    body = json.loads(text_body("m_ad", "I saw your ad", timestamp=int(clock() * 1000)))
+    body["entry"][0]["messaging"][0]["referral"] = {"ref": "spring", "source": "ADS", "type": "OPEN_THREAD",
+                                                    "ad_id": "6045246247433"}
+    post_signed(client, json.dumps(body).encode())
+    clock.advance(3 * 24 * 3600)
+    answer_queue(client)
+    assert len(graph.sent_texts(PSID)) == 1
+
+
+def test_metas_window_error_drops_the_reply_and_says_why(client, graph, clock, caplog):
+    graph.fail_next("send", graph_error(10, "(#10) This message is sent outside of allowed window.", subcode=2018278))
+    with caplog.at_level(logging.ERROR):
+        say(client, clock, 1)
+    [record] = log(client)
+    assert record["outcome"] == "window-closed"
+    assert client.application.extensions["dispatcher"].store.states() == {"m_1": "failed"}  # not retried
+    assert "outside Meta's messaging window" in caplog.text
+
+
+def test_a_restricted_page_is_explained_in_the_log(client, graph, clock, caplog):
+    graph.fail_next("send", graph_error(10, "(#10) This Page is restricted.", subcode=1893063))
+    with caplog.at_level(logging.ERROR):
+        say(client, clock, 1)
+    assert log(client)[0]["outcome"] == "failed" and "restricted from messaging" in caplog.text
+
+
+def test_bot_replies_never_carry_a_message_tag(client, graph, clock):
+    say(client, clock, 1)
+    sends = [c.body for c in graph.calls if c.path.endswith("me/messages") and "message" in (c.body or {})]
+    assert sends and all("tag" not in body and body["messaging_type"] == "RESPONSE" for body in sends)
