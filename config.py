@@ -32,6 +32,9 @@ DEFAULT_TRANSCRIBE_MODEL = "gpt-4o-mini-transcribe"
 # Meta's disclosure rule: {page} is the Page's name (FB_PAGE_NAME, or `name` in PAGES_FILE).
 DEFAULT_DISCLOSURE_TEXT = "You are chatting with {page}'s automated assistant."
 DEFAULT_DISCLOSURE_UNNAMED = "You are chatting with an automated assistant."
+# A way to a person: a whole message that is one of these words (any case), or the button.
+DEFAULT_HANDOFF_WORDS = ("human", "agent", "person", "operator", "humain", "persona", "mensch")
+DEFAULT_HANDOFF_REPLY = "Thank you, a person from {page} will answer you here as soon as possible."
 DEFAULT_RATE_LIMIT_REPLY = "You are writing faster than I can answer. Please wait a minute before your next message."
 DEFAULT_BUDGET_REPLY = "We have talked a lot today! I will be glad to answer again tomorrow."
 DEFAULT_RESET_REPLY = "Done, I have forgotten our earlier conversation. What can I do for you?"
@@ -93,6 +96,11 @@ class Config:
     disclosure: bool = True
     disclosure_text: str = DEFAULT_DISCLOSURE_TEXT
     disclosure_after_seconds: float = 86400.0
+    handoff_words: tuple[str, ...] = DEFAULT_HANDOFF_WORDS
+    handoff_reply: str = DEFAULT_HANDOFF_REPLY
+    handoff_button: str = ""  # a "Talk to a person" quick reply under the bot's answers; "" = none
+    handoff_thread_control: bool = False  # pass the thread to the Page inbox (Meta's handover protocol)
+    handoff_webhook: str | None = None  # POSTed the user, the Page and a summary at each handoff
     # Photos and voice notes (bot/media/): fetched from Meta's CDN within these bounds.
     vision: bool = True  # off: photos get UNSUPPORTED_REPLY, as videos do
     image_question: str = DEFAULT_IMAGE_QUESTION  # asked of a photo sent without words
@@ -179,6 +187,10 @@ class Config:
     def inbox_dir(self) -> str | None:
         """The webhooks' inbox files (SQLite); None with PostgreSQL, where they write to the database."""
         return None if self.database_url else os.path.join(self.data_dir, "inbox")
+
+    @property
+    def handoff_text(self) -> str:
+        return self.handoff_reply.replace("{page}", self.fb_page_name or "our team")
 
     @property
     def disclosure_line(self) -> str | None:
@@ -287,6 +299,11 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
         disclosure=reader.switch("DISCLOSURE", True),
         disclosure_text=reader.text("DISCLOSURE_TEXT", DEFAULT_DISCLOSURE_TEXT, allow_empty=False),
         disclosure_after_seconds=reader.duration("DISCLOSURE_AFTER", 86400.0, bare_unit="h", low=60),
+        handoff_words=reader.words("HANDOFF_WORDS", DEFAULT_HANDOFF_WORDS),
+        handoff_reply=reader.text("HANDOFF_REPLY", DEFAULT_HANDOFF_REPLY, allow_empty=False),
+        handoff_button=reader.text("HANDOFF_BUTTON", "").strip(),
+        handoff_thread_control=reader.switch("HANDOFF_THREAD_CONTROL", False),
+        handoff_webhook=reader.url("HANDOFF_WEBHOOK", None, trailing_slash=False),
         openai_api_key=reader.required("OPENAI_API_KEY"),
         fb_api_url=reader.url("FB_API_URL", DEFAULT_FB_API_URL),
         openai_base_url=reader.url("OPENAI_BASE_URL", None),
@@ -355,6 +372,8 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
                         "the answer may come until the limit)")
     if values["fb_app_id"] and not values["fb_app_id"].isdigit():
         problems.append("FB_APP_ID must be digits only (the app's numeric id)")
+    if len(values["handoff_button"]) > 20:
+        problems.append("HANDOFF_BUTTON must be at most 20 characters (Meta's limit for a quick reply)")
     if values["fb_instagram_id"] and not values["fb_instagram_id"].isdigit():
         problems.append("FB_INSTAGRAM_ID must be digits only (the linked Instagram account's numeric id)")
     return values, problems
@@ -515,6 +534,13 @@ class _Reader:
             self.problems.append(f"{name} must list origins such as https://shop.example (scheme and host, "
                                  f"no path), or *, not {', '.join(bad)}")
         return tuple(item for item in items if item not in bad)
+
+    def words(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        """Comma-separated words or phrases, compared in lower case; empty = none."""
+        value = self._raw(name)
+        if value is None:
+            return default
+        return tuple(w.strip().lower() for w in value.split(",") if w.strip())
 
     def switch(self, name: str, default: bool) -> bool:
         """on/off (also true/false, yes/no, 1/0)."""

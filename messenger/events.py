@@ -58,6 +58,7 @@ class IncomingMessage:
     attachment_types: tuple[str, ...] = ()  # Meta's `type` of each, as sent
     attachments: tuple[Attachment, ...] = ()
     from_ad: bool = False  # came from a click-to-Messenger ad (referral source ADS): a 7-day window
+    payload: str | None = None  # a quick reply's or a postback's payload (HANDOFF: "Talk to a person")
 
     @property
     def is_attachment_only(self) -> bool:
@@ -89,6 +90,16 @@ class Echo:
 
 
 @dataclass(frozen=True)
+class ThreadControl:
+    """Meta's handover protocol passed the conversation to this app (`pass_thread_control`): a
+    person handed the user back to the bot."""
+
+    psid: str
+    page_id: str
+    timestamp_ms: int
+
+
+@dataclass(frozen=True)
 class Delivery:
     """One parsed POST: the messages to answer, the Page's echoes, how many events were ignored."""
 
@@ -96,6 +107,7 @@ class Delivery:
     ignored: int
     echoes: tuple[Echo, ...] = ()
     foreign_pages: tuple[str, ...] = ()  # ids of Pages (or Instagram accounts) not answered here, skipped
+    controls: tuple[ThreadControl, ...] = ()  # threads passed back to the bot
 
 
 # `page` for Messenger, `instagram` for the Instagram accounts linked to the Pages.
@@ -121,6 +133,7 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collect
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     messages: list[IncomingMessage] = []
     echoes: list[Echo] = []
+    controls: list[ThreadControl] = []
     foreign: list[str] = []
     ignored = 0
     for entry in _list_of_objects(payload.get("entry"), "entry"):
@@ -135,10 +148,12 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collect
             if isinstance(record, IncomingMessage):
                 messages.append(record)
                 continue
-            ignored += 1  # not to answer; an echo is still worth knowing about
+            ignored += 1  # not to answer; an echo or a handover is still worth knowing about
             if isinstance(record, Echo):
                 echoes.append(record)
-    return Delivery(tuple(messages), ignored, tuple(echoes), tuple(foreign))
+            elif isinstance(record, ThreadControl):
+                controls.append(record)
+    return Delivery(tuple(messages), ignored, tuple(echoes), tuple(foreign), tuple(controls))
 
 
 def to_echo(event: dict, now_ms: int) -> Echo | None:
@@ -153,6 +168,15 @@ def to_echo(event: dict, now_ms: int) -> Echo | None:
         app_id=_to_id(body.get("app_id"), "message.app_id"),
         metadata=clean_text(metadata) if isinstance(metadata, str) else None,
     )
+
+
+def to_thread_control(event: dict, now_ms: int) -> ThreadControl | None:
+    """A `pass_thread_control` event: Meta sends it to the app that receives the thread.
+    https://developers.facebook.com/docs/messenger-platform/handover-protocol"""
+    if not isinstance(event.get("pass_thread_control"), dict):
+        return None
+    return ThreadControl(psid=_sender(event), page_id=_recipient(event),
+                         timestamp_ms=to_timestamp_ms(event.get("timestamp"), now_ms))
 
 
 def to_incoming_message(event: dict, now_ms: int) -> IncomingMessage | None:
@@ -188,9 +212,9 @@ def to_timestamp_ms(value: Any, now_ms: int) -> int:
     return int(ms) if EARLIEST_MS <= ms <= now_ms + MAX_CLOCK_SKEW_MS else now_ms
 
 
-def _parse_event(event: dict, now_ms: int) -> IncomingMessage | Echo | None:
+def _parse_event(event: dict, now_ms: int) -> IncomingMessage | Echo | ThreadControl | None:
     try:
-        return to_incoming_message(event, now_ms) or to_echo(event, now_ms)
+        return to_incoming_message(event, now_ms) or to_echo(event, now_ms) or to_thread_control(event, now_ms)
     except InvalidEvent as exc:
         logger.warning("ignoring a messaging event: %s", exc)
         return None
@@ -227,7 +251,7 @@ def _from_message(event: dict, body: dict, now_ms: int) -> IncomingMessage | Non
     return IncomingMessage(
         psid=_sender(event), page_id=_recipient(event), mid=_mid(body, required=True),
         kind=kind, text=clean_text(text), timestamp_ms=to_timestamp_ms(event.get("timestamp"), now_ms),
-        attachment_types=types, attachments=parsed, from_ad=_from_ad(event, body),
+        attachment_types=types, attachments=parsed, from_ad=_from_ad(event, body), payload=_payload(body.get("quick_reply")),
     )
 
 
@@ -238,7 +262,13 @@ def _from_postback(event: dict, body: dict, now_ms: int) -> IncomingMessage | No
     return IncomingMessage(
         psid=_sender(event), page_id=_recipient(event), mid=_mid(body, required=False),
         kind=POSTBACK, text=clean_text(title), timestamp_ms=to_timestamp_ms(event.get("timestamp"), now_ms),
+        payload=_payload(body),
     )
+
+
+def _payload(holder: Any) -> str | None:
+    payload = holder.get("payload") if isinstance(holder, dict) else None
+    return clean_text(payload)[:1000] if isinstance(payload, str) else None
 
 
 def _from_ad(event: dict, body: dict) -> bool:

@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import requests
 import requests.adapters
@@ -129,15 +129,25 @@ class GraphClient:
             return []  # no conversation yet
         return [to_history_message(item) for item in threads[0].get("messages", {}).get("data", [])]
 
-    def send_text(self, psid: str, text: str) -> str | None:
-        """Send one text (already within the platform's limit) and return its message id."""
-        message = {"text": text, "metadata": REPLY_METADATA}
+    def send_text(self, psid: str, text: str, quick_replies: Sequence[tuple[str, str]] = ()) -> str | None:
+        """Send one text (already within the platform's limit), with (title, payload) quick-reply
+        buttons under it, and return its message id."""
+        message: dict[str, Any] = {"text": text, "metadata": REPLY_METADATA}
         if self.platform == "instagram":
             del message["metadata"]  # not a field of Instagram's Send API
+        if quick_replies:
+            message["quick_replies"] = [{"content_type": "text", "title": title, "payload": payload}
+                                        for title, payload in quick_replies]
         data = self._request("POST", "me/messages", json={
             "recipient": {"id": psid}, "messaging_type": "RESPONSE", "message": message,
         })
         return data.get("message_id")
+
+    def pass_thread_control(self, psid: str, target_app_id: str, metadata: str = "") -> None:
+        """Meta's handover protocol: the conversation goes to another app (the Page inbox).
+        https://developers.facebook.com/docs/messenger-platform/handover-protocol/pass-thread-control"""
+        self._request("POST", "me/pass_thread_control", json={
+            "recipient": {"id": psid}, "target_app_id": int(target_app_id), "metadata": metadata[:1000]})
 
     def send_action(self, psid: str, action: str) -> None:
         """A sender action: mark_seen, typing_on or typing_off (never with a message)."""

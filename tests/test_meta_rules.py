@@ -6,7 +6,9 @@ import pytest
 
 from bot.replies.meta_rules import FIRST, SILENCE, AFTER_PERSON, Activity, disclosure_due
 from config import load_config
-from devtools.emulator import graph_error
+from werkzeug.wrappers import Response
+
+from devtools.emulator import LocalServer, graph_error
 from tests.support import PAGE_ID, PSID, answer_queue, echo_body, post_signed, text_body
 from tests.support.messages import FakeClock
 
@@ -26,7 +28,7 @@ def client(make_client, clock):
 
 
 def say(client, clock, n, text="hello", **body):
-    post_signed(client, text_body(f"m_{n}", text, timestamp=int(clock() * 1000), **body))
+    post_signed(client, text_body(f"m_user_{n}", text, timestamp=int(clock() * 1000), **body))
     answer_queue(client)
 
 
@@ -96,8 +98,9 @@ def test_a_reply_whose_window_closed_in_the_queue_is_dropped_not_sent(client, gr
     assert graph.sent_texts(PSID) == [] and model.requests == []
     [record] = log(client)
     assert record["outcome"] == "window-closed"
-    metrics = client.get("/metrics").get_data(as_text=True)
-    assert f'messenger_exchanges_total{{outcome="window-closed",page="{PAGE_ID}"}}' in metrics
+    metrics = client.get("/metrics").get_data(as_text=True).splitlines()
+    assert any(line.startswith("messenger_exchanges_total{") and 'outcome="window-closed"' in line
+               and f'page="{PAGE_ID}"' in line and line.endswith(" 1.0") for line in metrics)
 
 
 def test_a_message_from_an_ad_opens_seven_days(client, graph, clock):
@@ -116,7 +119,7 @@ def test_metas_window_error_drops_the_reply_and_says_why(client, graph, clock, c
         say(client, clock, 1)
     [record] = log(client)
     assert record["outcome"] == "window-closed"
-    assert client.application.extensions["dispatcher"].store.states() == {"m_1": "failed"}  # not retried
+    assert client.application.extensions["dispatcher"].store.states() == {"m_user_1": "failed"}  # not retried
     assert "outside Meta's messaging window" in caplog.text
 
 
@@ -131,3 +134,92 @@ def test_bot_replies_never_carry_a_message_tag(client, graph, clock):
     say(client, clock, 1)
     sends = [c.body for c in graph.calls if c.path.endswith("me/messages") and "message" in (c.body or {})]
     assert sends and all("tag" not in body and body["messaging_type"] == "RESPONSE" for body in sends)
+
+
+# -- a way to a person ----------------------------------------------------------------------------
+HANDED_OVER = "Thank you, a person from Ana's Bakery will answer you here as soon as possible."
+
+
+class WebhookRecorder(LocalServer):
+    """The Page owner's HANDOFF_WEBHOOK: records each JSON body, answers the scripted statuses."""
+
+    def __init__(self, statuses=()):
+        super().__init__()
+        self.statuses, self.bodies = list(statuses), []
+
+    def handle(self, request):
+        self.bodies.append(request.get_json())
+        return Response("ok", self.statuses.pop(0) if self.statuses else 200)
+
+
+@pytest.fixture
+def owner():
+    server = WebhookRecorder([500]).start()
+    yield server
+    server.stop()
+
+
+def quick_reply_body(n, clock, title, payload):
+    body = json.loads(text_body(f"m_user_{n}", title, timestamp=int(clock() * 1000)))
+    body["entry"][0]["messaging"][0]["message"]["quick_reply"] = {"payload": payload}
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("words, text", [("", "Human!"), ("", "AGENT"), ("mensch, humano", "Humano")],
+                         ids=["english", "any-case", "configured"])
+def test_asking_for_a_person_pauses_the_bot_until_the_pause_ends(make_client, graph, model, clock, words, text):
+    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m",
+                         **({"HANDOFF_WORDS": words} if words else {}))
+    say(client, clock, 1, text)
+    assert graph.sent_texts(PSID) == [HANDED_OVER] and model.requests == []
+    clock.advance(60)
+    say(client, clock, 2, "hello?")  # a person answers now: the bot keeps quiet
+    assert graph.sent_texts(PSID) == [HANDED_OVER]
+    clock.advance(31 * 60)
+    say(client, clock, 3, "anyone?")
+    assert graph.sent_texts(PSID) == [HANDED_OVER, REPLY]
+    assert [r["outcome"] for r in log(client)] == ["handoff", "paused", "answered"]
+
+
+def test_a_word_inside_a_sentence_is_not_a_request_for_a_person(make_client, graph, clock):
+    client = make_client(clock)
+    say(client, clock, 1, "is a person allowed to bring a dog?")
+    assert graph.sent_texts(PSID) == [REPLY]
+
+
+def test_the_button_under_each_answer_hands_over_and_the_owner_hears_of_it(make_client, graph, model, clock, owner):
+    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HANDOFF_BUTTON="Talk to a person",
+                         HANDOFF_WEBHOOK=owner.url + "/handoff")
+    say(client, clock, 1, "Do you have gluten-free bread?")
+    [send] = [c.body for c in graph.calls if c.path.endswith("me/messages") and "message" in (c.body or {})]
+    assert send["message"]["quick_replies"] == [{"content_type": "text", "title": "Talk to a person",
+                                                 "payload": "HANDOFF"}]
+    clock.advance(60)
+    post_signed(client, quick_reply_body(2, clock, "Talk to a person", "HANDOFF"))
+    answer_queue(client)
+    assert graph.sent_texts(PSID)[-1] == HANDED_OVER and len(model.requests) == 1
+    assert len(owner.bodies) == 2  # a 500 first: tried once more
+    note = owner.bodies[-1]
+    assert (note["event"], note["psid"], note["page_id"]) == ("handoff", PSID, PAGE_ID)
+    assert [(m["from"], m["text"]) for m in note["messages"]] == [
+        ("user", "Do you have gluten-free bread?"), ("page", REPLY)]
+
+
+def test_the_thread_passed_back_by_the_inbox_ends_the_pause_at_once(make_client, graph, clock):
+    client = make_client(clock, HUMAN_PAUSE="30m")
+    say(client, clock, 1, "human")
+    clock.advance(60)
+    event = {"sender": {"id": PSID}, "recipient": {"id": PAGE_ID}, "timestamp": int(clock() * 1000),
+             "pass_thread_control": {"previous_owner_app_id": "263902037430900", "new_owner_app_id": "1",
+                                     "metadata": "done"}}
+    post_signed(client, json.dumps({"object": "page", "entry": [{"id": PAGE_ID, "messaging": [event]}]}).encode())
+    answer_queue(client)
+    say(client, clock, 2, "thanks, one more question")
+    assert graph.sent_texts(PSID)[-1] == REPLY
+
+
+def test_with_thread_control_the_inbox_gets_the_thread(make_client, graph, clock):
+    client = make_client(clock, HANDOFF_THREAD_CONTROL="on")
+    say(client, clock, 1, "agent")
+    [call] = [c for c in graph.calls if c.path.endswith("me/pass_thread_control")]
+    assert call.body["recipient"] == {"id": PSID} and call.body["target_app_id"] == 263902037430900

@@ -22,6 +22,7 @@ class Outcome(StrEnum):
     RATE_LIMITED = "rate-limited"  # over RATE_LIMIT: one notice per window
     OVER_BUDGET = "over-budget"    # DAILY_TOKEN_BUDGET spent: one notice per day
     CACHED = "cached"              # ANSWER_CACHE_TTL: the same request's answer, no model call
+    HANDOFF = "handoff"            # the user asked for a person: told one will answer, the bot pauses
     WINDOW_CLOSED = "window-closed"  # Meta's messaging window closed before the reply could go: dropped
     FAILED = "failed"              # could not be sent
     CANCELLED = "cancelled"        # website chat: the visitor left mid-answer and the model call was closed

@@ -23,6 +23,9 @@ from messenger.graph import GraphAPIError, explain, is_retryable, is_window_clos
 
 logger = logging.getLogger(__name__)
 
+# The answers under which the "Talk to a person" button goes (HANDOFF_BUTTON): the model's.
+OFFERS_A_PERSON = frozenset({Outcome.ANSWERED, Outcome.FALLBACK, Outcome.CACHED})
+
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**(attempt-1)))."""
@@ -99,7 +102,9 @@ class BatchReplier:
             # The answer is kept with the batch before the first send (a takeover sends it, the
             # model is not paid twice), and each send is recorded as under way.
             self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds)
-            mid = self._delivered_before(batch, part, progress.sent, composer) or composer.send_part(batch.psid, part)
+            offer = progress.sent == len(parts) - 1 and answer.outcome in OFFERS_A_PERSON
+            mid = (self._delivered_before(batch, part, progress.sent, composer)
+                   or composer.send_part(batch.psid, part, offer_person=offer))
             if mid:
                 progress.parts.append((mid, part))
             progress.sent += 1

@@ -12,6 +12,7 @@ from bot.replies import gate, meta_rules
 from bot.replies.activity import TYPING_REFRESH_S, Activity
 from bot.replies.answer import Answer, Outcome
 from bot.replies.gate import Policy
+from bot.replies.handoff import Handoff
 from bot.replies.history import History, HistoryReader
 from bot.storage import answer_cache
 from bot.storage.conversations import Conversations
@@ -36,6 +37,7 @@ class PromptSettings:
     system_prompt: str
     disclosure: str | None = None  # what the bot says of itself (Meta's disclosure rule); None: off
     disclosure_after: float = 86400.0  # seconds of silence after which it says it again
+    handoff_button: str = ""  # the "Talk to a person" quick reply's title ("": none)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +56,7 @@ class Composer:
     """Composes one answer for a user's waiting messages and sends its parts."""
 
     def __init__(self, graph: GraphClient, model: ChatModel, prompt: PromptSettings,
-                 conversations: Conversations, media: MediaReader, *, policy: Policy = Policy(), timing: Timing = Timing(),
+                 conversations: Conversations, media: MediaReader, *, handoff: Handoff | None = None, policy: Policy = Policy(), timing: Timing = Timing(),
                  answer_cache_ttl: float = 0.0, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time, sleep: Callable[[float], object] = time.sleep,
                  history: HistoryReader | None = None):
@@ -63,6 +65,7 @@ class Composer:
         self.prompt = prompt
         self.conversations = conversations
         self.media = media
+        self.handoff = handoff
         self.platform = BY_NAME[graph.platform]  # Messenger's or Instagram's limits
         self.policy = policy
         self.timing = timing
@@ -109,6 +112,8 @@ class Composer:
             if gated.updates:
                 self.conversations.update_user(psid, **gated.updates)
             logger.info("%s psid=%r: %d message(s) not sent to the model", gated.why, psid, len(messages))
+            if gated.answer.outcome == Outcome.HANDOFF and self.handoff:
+                self.handoff.hand_over(psid)
             return self._disclosed(gated.answer, messages, facts.user)
         thinking = _once(thinking)
         prepared = self.media.prepare(messages, deadline, thinking)
@@ -203,9 +208,11 @@ class Composer:
         """The answer cut to the platform's limit: 2,000 UTF-16 units on Messenger, 1,000 bytes on Instagram."""
         return split_text(text, self.platform.max_text, self.platform.measure)
 
-    def send_part(self, psid: str, text: str) -> str | None:
-        """One Send API call, returning Meta's message id; GraphAPIError is the caller's to classify."""
-        mid = self.graph.send_text(psid, text)
+    def send_part(self, psid: str, text: str, offer_person: bool = False) -> str | None:
+        """One Send API call, returning Meta's message id; GraphAPIError is the caller's to classify.
+        `offer_person`: the "Talk to a person" button goes under it (HANDOFF_BUTTON)."""
+        button = self.prompt.handoff_button if offer_person else ""
+        mid = self.graph.send_text(psid, text, [(button, gate.HANDOFF_PAYLOAD)] if button else ())
         metrics.REPLIES.inc()
         return mid
 

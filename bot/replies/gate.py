@@ -1,5 +1,5 @@
-"""Whether a user's waiting messages go to the model at all: the human pause, the reset word,
-the per-user rate limit and the daily token budget.
+"""Whether a user's waiting messages go to the model at all: the human pause, a request for a
+person, the reset word, the per-user rate limit and the daily token budget.
 
 `decide` is pure: the composer reads the facts first, passes the time, and writes back
 what the decision says to remember. Tests state the facts and move `now` instead of sleeping.
@@ -28,6 +28,9 @@ class Policy:
     mirror_max_age: float = 86400.0
     graph_reads_per_second: float = 2.0
     history_wait: float = 2.0  # a user the mirror does not know waits this long at most for a Graph read
+    handoff_words: tuple[str, ...] = ()  # a whole message that is one of these asks for a person
+    handoff_reply: str = ""
+    human_pause: float = 1800.0  # how long the bot stays silent after a person takes over
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,22 @@ def budget_day_start_ms(policy: Policy, now: float) -> int | None:
     return utc_day_start_ms(now) if policy.daily_token_budget else None
 
 
+HANDOFF_PAYLOAD = "HANDOFF"  # the "Talk to a person" quick reply's and menu item's payload
+
+
+def is_handoff(message: IncomingMessage, words: Sequence[str]) -> bool:
+    """The user asked for a person: the button, or a message that is just one of the words."""
+    return message.payload == HANDOFF_PAYLOAD or message.text.strip().strip("!?.¡¿ ").lower() in words
+
+
 def decide(messages: Sequence[IncomingMessage], facts: Facts, policy: Policy, now: float) -> Gated | None:
     """None: go on to the model. Otherwise what to send instead (None text: nothing)."""
     user = facts.user
     if user.paused_until and user.paused_until > now:
         return Gated(Answer(None, Outcome.PAUSED), why="a human is answering")
+    if any(is_handoff(m, policy.handoff_words) for m in messages):
+        pause = {"paused_until": now + policy.human_pause} if policy.human_pause else {}
+        return Gated(Answer(policy.handoff_reply, Outcome.HANDOFF), pause, "asked for a person")
     word = policy.reset_word.lower()
     if word and any(m.text.strip().lower() == word for m in messages):
         reset_at = max(int(now * 1000), max(m.timestamp_ms for m in messages) + 1)

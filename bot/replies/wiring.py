@@ -13,6 +13,7 @@ from bot.media.download import Downloader
 from bot.media.prepare import MB, MediaReader, MediaSettings
 from bot.replies.composer import Composer, Composers, PromptSettings, Timing
 from bot.replies.gate import Policy
+from bot.replies.handoff import Handoff, HandoffSettings
 from bot.replies.dispatcher import Dispatcher
 from bot.replies.tracking import Tracker
 from bot.storage.doorbell import open_doorbell
@@ -81,17 +82,22 @@ def build_composer(account: Account, store: Queue, shared: Shared, pool_size: in
     # The account's own id: the Conversations API names an Instagram account's messages by it.
     prompt = PromptSettings(page_id=account.id, prefix=config.politeness_prefix,
                             message_count=config.message_count, system_prompt=config.system_prompt,
-                            disclosure=config.disclosure_line, disclosure_after=config.disclosure_after_seconds)
+                            disclosure=config.disclosure_line, disclosure_after=config.disclosure_after_seconds,
+                            handoff_button=config.handoff_button)
     policy = Policy(rate_limit=config.rate_limit, rate_limit_reply=config.rate_limit_reply,
                     daily_token_budget=config.daily_token_budget, budget_reply=config.budget_reply,
                     reset_word=config.reset_word, reset_reply=config.reset_reply,
                     mirror_max_age=config.mirror_max_age_seconds,
                     graph_reads_per_second=config.graph_reads_per_second,
-                    history_wait=config.history_wait_seconds)
+                    history_wait=config.history_wait_seconds, handoff_words=config.handoff_words,
+                    handoff_reply=config.handoff_text, human_pause=config.human_pause_seconds)
     timing = Timing(reply_deadline=config.reply_deadline_seconds, slow_notice=config.slow_reply_notice,
                     slow_limit=config.slow_reply_limit_seconds)
     media = build_media_reader(config, shared, chat_model.retries)
-    return Composer(graph, chat_model, prompt, store.conversations, media, policy=policy, timing=timing,
+    handoff = Handoff(graph, store.conversations, HandoffSettings(
+        thread_control=config.handoff_thread_control, webhook=config.handoff_webhook, page_name=config.fb_page_name),
+        page_id=account.id, clock=wall_clock)
+    return Composer(graph, chat_model, prompt, store.conversations, media, handoff=handoff, policy=policy, timing=timing,
                     answer_cache_ttl=config.answer_cache_ttl_seconds, wall_clock=wall_clock, sleep=sleep)
 
 

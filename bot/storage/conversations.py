@@ -24,8 +24,11 @@ from messenger.graph import HistoryMessage
 
 def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
     """Inside the transaction that takes a delivery in: each echo mirrored; a person's pauses
-    the bot for that user."""
-    for echo, human, pause_until in echoes:
+    the bot for that user; a thread passed back ends the pause."""
+    for echo, human, pause_until, resumes in echoes:
+        if resumes:  # the person passed the thread back: the bot answers again at once
+            users.update(db, echo.psid, paused_until=None)
+            continue
         mirror.add_rows(db, echo.psid, [(echo.mid, HUMAN if human else BOT, echo.text, echo.timestamp_ms)])
         if human and pause_until:
             users.pause(db, echo.psid, pause_until)

@@ -41,11 +41,13 @@ from messenger.events import Echo, IncomingMessage
 
 class ClassifiedEcho(NamedTuple):
     """An echo as the webhook judged it: whether a person sent it from the Page inbox, and
-    until when the bot then stays silent for that user (0: no pause)."""
+    until when the bot then stays silent for that user (0: no pause). `resumes`: not an echo
+    but Meta's handover passing the thread back to the bot - the pause ends now."""
 
     echo: Echo
     by_human: bool
     paused_until: float
+    resumes: bool = False
 
 MARKER = b"\xf0IBX"  # never the start of a legacy record: that length would be over 4 GB
 HEADER = struct.Struct(">II")  # length, CRC-32 of the payload
@@ -62,7 +64,7 @@ def encode(messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho]
     # vars(), not dataclasses.asdict: these records are flat, and asdict's deep copy
     # was a tenth of the webhook's CPU.
     payload = json.dumps({"at": time.time() if at is None else at, "m": [m.to_dict() for m in messages],
-                          "e": [[vars(e), human, until] for e, human, until in echoes]},
+                          "e": [[vars(e), human, until, resumes] for e, human, until, resumes in echoes]},
                          separators=(",", ":")).encode()
     return MARKER + HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
@@ -70,7 +72,8 @@ def encode(messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho]
 def decode(payload: bytes) -> tuple[float, list[IncomingMessage], list[ClassifiedEcho]]:
     data = json.loads(payload)
     messages = [IncomingMessage.from_dict(m) for m in data["m"]]
-    return data["at"], messages, [ClassifiedEcho(Echo(**e), human, until) for e, human, until in data["e"]]
+    # A record written before handovers were read has three fields an echo.
+    return data["at"], messages, [ClassifiedEcho(Echo(**e[0]), *e[1:]) for e in data["e"]]
 
 
 def read_records(data: bytes, final: bool = False) -> tuple[list[bytes], int, list[tuple[int, int]]]:

@@ -18,7 +18,7 @@ from bot.storage.doorbell import Doorbell
 from bot.storage.inbox import ClassifiedEcho, InboxWriter
 from bot.telemetry import metrics
 from config import Config
-from messenger.events import BadPayload, Echo, parse_body
+from messenger.events import BadPayload, Echo, ThreadControl, parse_body
 from messenger.graph import REPLY_METADATA
 from messenger.signature import LEGACY_SIGNATURE_HEADER, SIGNATURE_256_HEADER, is_valid_signature
 
@@ -54,7 +54,7 @@ class WebhookReceiver:
             return self.refuse(peer, "bad_request", 400, str(exc))
         self._note_foreign_pages(delivery.foreign_pages)
         echoes = [classify(echo, self._config_of(echo.page_id), now, self._is_instagram(echo.page_id))
-                  for echo in delivery.echoes]
+                  for echo in delivery.echoes] + [resumed(control) for control in delivery.controls]
         if delivery.messages or echoes:
             try:
                 self.inbox.append(delivery.messages, echoes)
@@ -112,6 +112,14 @@ def classify(echo: Echo, config: Config, now: float, instagram: bool = False) ->
     if config.human_pause_seconds:
         logger.info("a human answered psid=%r: the bot pauses for %.0f s", echo.psid, config.human_pause_seconds)
     return ClassifiedEcho(echo, True, now + config.human_pause_seconds if config.human_pause_seconds else 0.0)
+
+
+def resumed(control: ThreadControl) -> ClassifiedEcho:
+    """Meta passed the thread back to the bot's app: stored with the echoes, it ends the pause."""
+    logger.info("thread control came back for psid=%r: the bot answers again", control.psid)
+    echo = Echo(psid=control.psid, mid=f"thread-control:{control.timestamp_ms}", text="",
+                timestamp_ms=control.timestamp_ms, app_id=None, metadata=None, page_id=control.page_id)
+    return ClassifiedEcho(echo, False, 0.0, resumes=True)
 
 
 class WebhookRoute:
