@@ -76,6 +76,13 @@ class Accounts:
         return page
 
     @property
+    def app_secret(self) -> str:
+        return self._secret
+
+    def by_token(self, token: str) -> Page | None:
+        return self._by_token.get(token)
+
+    @property
     def first(self) -> Page:
         return next(iter(self.pages.values()))
 

@@ -24,8 +24,10 @@ from devtools.emulator import errors
 from devtools.emulator.accounts import INSTAGRAM, MESSENGER, Account, Accounts, Page
 from devtools.emulator.cdn import PREFIX as CDN_PREFIX, AttachmentStore
 from devtools.emulator.errors import expected_appsecret_proof, graph_error  # noqa: F401 - their old home
+from devtools.emulator.handover import Handovers
 from devtools.emulator.http import LocalServer, json_response
 from devtools.emulator.sender import WebhookSender
+from devtools.emulator.setup import Setup
 from devtools.emulator.timeline import Timeline
 from devtools.emulator.users import PAGE_INBOX_APP_ID, Users  # noqa: F401 - PAGE_INBOX_APP_ID: its old home
 
@@ -47,7 +49,7 @@ class GraphCall:
     account: str | None = None  # the Page or Instagram account it acted for
 
 
-class GraphEmulator(Users, LocalServer):
+class GraphEmulator(Users, Setup, Handovers, LocalServer):
     """The Graph API of a deployment's Pages (the first given here, more with `add_page`), and their users.
 
     What tests read: `calls` (each with `token_page` and `account`), `delivered` [(psid, text)] and
@@ -151,6 +153,10 @@ class GraphEmulator(Users, LocalServer):
         return response
 
     def _route(self, request: Request, body: Any, call: GraphCall) -> Response:
+        path = request.path.removeprefix(f"/{VERSION}/")
+        answered = self.app_route(request, path)  # debug_token and the app node, with the app token
+        if answered is not None:
+            return answered
         page = self.accounts.page_of(request)
         if page is None:
             return errors.invalid_token()
@@ -159,7 +165,10 @@ class GraphEmulator(Users, LocalServer):
             return errors.expired_token()
         if request.args.get("appsecret_proof") != page.proof:
             return errors.wrong_proof()
-        path = request.path.removeprefix(f"/{VERSION}/")
+        answered = self.setup_route(request, page, path, body) or (
+            self.handover_route(page, path, body) if request.method == "POST" else None)
+        if answered is not None:
+            return answered
         if request.method == "GET" and re.fullmatch(r"\d+/conversations", path):
             return self._history(request, page, path.split("/")[0], call)
         if request.method == "POST" and path in ("me/messages", f"{page.id}/messages"):

@@ -59,6 +59,8 @@ class _ModelServer(LocalServer):
             return self._chat(request)
         if request.method == "POST" and request.path == "/v1/audio/transcriptions":
             return self._transcription(request)
+        if request.method == "GET" and request.path.startswith("/v1/models/"):
+            return self.model_info(request, request.path.removeprefix("/v1/models/"))
         return json_response({"error": {"message": "not found"}}, 404)
 
     def _chat(self, request: Request) -> Response:
@@ -113,6 +115,9 @@ class _ModelServer(LocalServer):
     def answer(self, request: Request, body) -> Response:
         raise NotImplementedError
 
+    def model_info(self, request: Request, model: str) -> Response:
+        return json_response({"error": {"message": "not found"}}, 404)
+
     def transcribe(self, request: Request, upload: "transcription.Upload | None") -> Response:
         raise NotImplementedError
 
@@ -142,6 +147,7 @@ class ModelStandIn(_ModelServer):
         self.transcripts: list[str] = []
         self.scripted_transcriptions: list[Response] = []
         self.transcriptions: list[transcription.Upload] = []
+        self.models: set[str] | None = None  # GET /v1/models/{model} knows these (None: any model)
 
     def _refused_key(self, request: Request) -> Response | None:
         if self.delay:
@@ -165,6 +171,16 @@ class ModelStandIn(_ModelServer):
             reply = self.reply(messages) if callable(self.reply) else self.reply
         tokens = PROMPT_TOKENS + IMAGE_TOKENS * len(image_parts(messages))
         return json_response(completion(reply, prompt_tokens=tokens), headers={self.request_id_header: "req_ok"})
+
+    def model_info(self, request: Request, model: str) -> Response:
+        """`GET /v1/models/{model}` as OpenAI answers it: the model object, or 404 model_not_found."""
+        if refused := self._refused_key(request):
+            return refused
+        if self.models is not None and model not in self.models:
+            return json_response({"error": {"message": f"The model `{model}` does not exist or you do not have "
+                                            "access to it.", "type": "invalid_request_error", "param": None,
+                                            "code": "model_not_found"}}, 404, {"x-request-id": "req_model"})
+        return json_response({"id": model, "object": "model", "created": 1700000000, "owned_by": "system"})
 
     def transcribe(self, request: Request, upload: "transcription.Upload | None") -> Response:
         if refused := self._refused_key(request):

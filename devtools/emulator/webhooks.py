@@ -152,8 +152,38 @@ def message_edit_event(account_id: str, user_id: str, mid: str, text: str, num_e
     return _user_side(account_id, user_id, message_edit={"mid": mid, "text": text, "num_edit": num_edit})
 
 
-def delivery_body(account_id: str, events: Iterable[dict], object: str = "page") -> bytes:
+def delivery_body(account_id: str, events: Iterable[dict], object: str = "page", key: str = "messaging") -> bytes:
     """The POST body byte for byte as Meta writes it: ASCII only, `/` escaped. `object` is "page"
-    for a Page's Messenger, "instagram" (with the Instagram account's id) for its Instagram."""
-    data = {"object": object, "entry": [{"id": account_id, "time": now_ms(), "messaging": list(events)}]}
+    for a Page's Messenger, "instagram" (with the Instagram account's id) for its Instagram.
+    `key="standby"`: as an app that does not own the thread (handover) gets the events."""
+    data = {"object": object, "entry": [{"id": account_id, "time": now_ms(), key: list(events)}]}
     return json.dumps(data, ensure_ascii=True, separators=(",", ":")).replace("/", "\\/").encode("ascii")
+
+
+def _handover_event(kind: str, account_id: str, user_id: str, previous_owner: str | None, new_owner: str,
+                    metadata: str | None) -> dict:
+    body: dict = {"previous_owner_app_id": previous_owner, "new_owner_app_id": new_owner}
+    if metadata is not None:
+        body["metadata"] = metadata
+    return _user_side(account_id, user_id, **{kind: body})
+
+
+def pass_thread_control_event(account_id: str, user_id: str, previous_owner: str | None, new_owner: str,
+                              metadata: str | None = None) -> dict:
+    """messaging_handovers: the thread was passed to the receiving app (`new_owner`), e.g. the Page inbox
+    gave it back. `previous_owner` None: the thread was idle.
+    https://developers.facebook.com/docs/messenger-platform/reference/webhook-events/messaging_handovers"""
+    return _handover_event("pass_thread_control", account_id, user_id, previous_owner, new_owner, metadata)
+
+
+def take_thread_control_event(account_id: str, user_id: str, previous_owner: str | None, new_owner: str,
+                              metadata: str | None = None) -> dict:
+    """messaging_handovers: the thread was taken from the receiving app (`previous_owner`) by `new_owner`."""
+    return _handover_event("take_thread_control", account_id, user_id, previous_owner, new_owner, metadata)
+
+
+def response_feedback_event(account_id: str, user_id: str, mid: str, feedback: str = "Good response") -> dict:
+    """A user rated one of the app's messages (thumbs up / down): `{"feedback", "mid"}` (MESSENGER.md,
+    "Newer webhooks"; the feedback strings are ours)."""
+    return _user_side(account_id, user_id, response_feedback={"feedback": feedback, "mid": mid})
+
