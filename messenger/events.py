@@ -100,6 +100,23 @@ class ThreadControl:
 
 
 @dataclass(frozen=True)
+class Touch:
+    """Something a user did to a message already sent: edited theirs (`edit`: the new text),
+    reacted to one (`reaction`: the emoji, "" when taken back), rated one of the bot's
+    (`feedback`: "Good response" / "Bad response")."""
+
+    kind: str
+    psid: str
+    page_id: str
+    mid: str
+    value: str
+    timestamp_ms: int
+
+
+EDIT, REACTION, FEEDBACK = "edit", "reaction", "feedback"
+
+
+@dataclass(frozen=True)
 class Delivery:
     """One parsed POST: the messages to answer, the Page's echoes, how many events were ignored."""
 
@@ -108,6 +125,7 @@ class Delivery:
     echoes: tuple[Echo, ...] = ()
     foreign_pages: tuple[str, ...] = ()  # ids of Pages (or Instagram accounts) not answered here, skipped
     controls: tuple[ThreadControl, ...] = ()  # threads passed back to the bot
+    touches: tuple[Touch, ...] = ()  # edits, reactions, feedback
 
 
 # `page` for Messenger, `instagram` for the Instagram accounts linked to the Pages.
@@ -134,6 +152,7 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collect
     messages: list[IncomingMessage] = []
     echoes: list[Echo] = []
     controls: list[ThreadControl] = []
+    touches: list[Touch] = []
     foreign: list[str] = []
     ignored = 0
     for entry in _list_of_objects(payload.get("entry"), "entry"):
@@ -153,7 +172,9 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collect
                 echoes.append(record)
             elif isinstance(record, ThreadControl):
                 controls.append(record)
-    return Delivery(tuple(messages), ignored, tuple(echoes), tuple(foreign), tuple(controls))
+            elif isinstance(record, Touch):
+                touches.append(record)
+    return Delivery(tuple(messages), ignored, tuple(echoes), tuple(foreign), tuple(controls), tuple(touches))
 
 
 def to_echo(event: dict, now_ms: int) -> Echo | None:
@@ -212,9 +233,25 @@ def to_timestamp_ms(value: Any, now_ms: int) -> int:
     return int(ms) if EARLIEST_MS <= ms <= now_ms + MAX_CLOCK_SKEW_MS else now_ms
 
 
-def _parse_event(event: dict, now_ms: int) -> IncomingMessage | Echo | ThreadControl | None:
+def to_touch(event: dict, now_ms: int) -> Touch | None:
+    """message_edit, reaction or response_feedback: Meta's shapes in
+    https://developers.facebook.com/docs/messenger-platform/reference/webhook-events"""
+    for field, kind, key in (("message_edit", EDIT, "text"), ("reaction", REACTION, "emoji"),
+                             ("response_feedback", FEEDBACK, "feedback")):
+        body = event.get(field)
+        if isinstance(body, dict) and (mid := _to_id(body.get("mid"), f"{field}.mid", MAX_MID_CHARS)):
+            value = body.get(key) if isinstance(body.get(key), str) else ""
+            if kind == REACTION and body.get("action") == "unreact":
+                value = ""
+            return Touch(kind, _sender(event), _recipient(event), mid, clean_text(value)[:2000],
+                         to_timestamp_ms(event.get("timestamp"), now_ms))
+    return None
+
+
+def _parse_event(event: dict, now_ms: int) -> IncomingMessage | Echo | ThreadControl | Touch | None:
     try:
-        return to_incoming_message(event, now_ms) or to_echo(event, now_ms) or to_thread_control(event, now_ms)
+        return (to_incoming_message(event, now_ms) or to_echo(event, now_ms) or to_thread_control(event, now_ms)
+                or to_touch(event, now_ms))
     except InvalidEvent as exc:
         logger.warning("ignoring a messaging event: %s", exc)
         return None

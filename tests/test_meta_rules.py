@@ -1,5 +1,6 @@
 """Meta's rules: the bot says it is a bot when it must, and never answers outside the messaging window."""
 import json
+import sqlite3
 import logging
 
 import pytest
@@ -223,3 +224,56 @@ def test_with_thread_control_the_inbox_gets_the_thread(make_client, graph, clock
     say(client, clock, 1, "agent")
     [call] = [c for c in graph.calls if c.path.endswith("me/pass_thread_control")]
     assert call.body["recipient"] == {"id": PSID} and call.body["target_app_id"] == 263902037430900
+
+
+# -- what users do to messages already sent -------------------------------------------------------
+def touch(client, clock, field, **body):
+    event = {"sender": {"id": PSID}, "recipient": {"id": PAGE_ID}, "timestamp": int(clock() * 1000), field: body}
+    assert post_signed(client, json.dumps({"object": "page", "entry": [{"id": PAGE_ID, "messaging": [event]}]})
+                       .encode()).status_code == 200
+
+
+def bot_mid(client):
+    history = client.application.extensions["dispatcher"].store.conversations.history(PSID, PAGE_ID, 10, None)
+    return next(h.mid for h in history if h.from_id == PAGE_ID)
+
+
+def test_an_edit_before_the_answer_is_answered_as_edited(make_client, graph, model, clock):
+    client = make_client(clock)
+    post_signed(client, text_body("m_user_1", "Open tomorrow?", timestamp=int(clock() * 1000)))
+    touch(client, clock, "message_edit", mid="m_user_1", text="Open on Sunday?", num_edit=1)
+    answer_queue(client)
+    assert model.requests[-1]["json"]["messages"][-1]["content"].endswith("Open on Sunday?")
+
+
+def test_an_edit_after_the_answer_replaces_the_text_in_the_mirror(make_client, graph, model, clock):
+    client = make_client(clock)
+    say(client, clock, 1, "Open tomorrow?")
+    touch(client, clock, "message_edit", mid="m_user_1", text="Open on Sunday?", num_edit=1)
+    clock.advance(60)
+    say(client, clock, 2, "And the address?")
+    prompt = [m["content"] for m in model.requests[-1]["json"]["messages"]]
+    assert "Open on Sunday?" in prompt and "Open tomorrow?" not in prompt
+
+
+def test_feedback_on_a_reply_is_kept_with_its_exchange_and_counted(make_client, graph, clock):
+    client = make_client(clock)
+    say(client, clock, 1, "Gluten-free?")
+    touch(client, clock, "response_feedback", mid=bot_mid(client), feedback="Bad response")
+    answer_queue(client)
+    assert [r["feedback"] for r in log(client)] == ["Bad response"]
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'messenger_response_feedback_total{feedback="bad"} 1.0' in metrics
+
+
+def test_reactions_are_recorded_in_the_mirror_and_taken_back(make_client, graph, clock, env):
+    client = make_client(clock)
+    say(client, clock, 1, "Thanks!")
+    mid = bot_mid(client)
+    database = sqlite3.connect(load_config(env, env_file=None).database_path)
+    touch(client, clock, "reaction", mid=mid, action="react", emoji="\u2764\ufe0f", reaction="love")
+    answer_queue(client)
+    assert database.execute("SELECT reaction FROM mirror WHERE mid = ?", (mid,)).fetchone() == ("\u2764\ufe0f",)
+    touch(client, clock, "reaction", mid=mid, action="unreact")
+    answer_queue(client)
+    assert database.execute("SELECT reaction FROM mirror WHERE mid = ?", (mid,)).fetchone() == (None,)

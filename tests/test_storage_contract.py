@@ -293,3 +293,22 @@ def test_a_stale_owner_cannot_overwrite_the_outcome_of_the_one_that_took_over(st
         with pytest.raises(LostLease):
             write()
     assert store.states() == {"m1": "done"} and len(list(store.conversations.export())) == 1
+
+
+def test_edits_reactions_and_feedback_land_where_they_belong(store):
+    from bot.storage.inbox import EDIT, FEEDBACK, REACTION
+
+    def touched(kind, mid, value):
+        return ClassifiedEcho(Echo(psid="u1", mid=mid, text=value, timestamp_ms=1500, app_id=None, metadata=None,
+                                   page_id="1"), False, 0.0, kind)
+    store.add([message("answered", text="Open tomorrow?"), message("waiting", at=1200, text="typo")])
+    batch = store.claim("a", 30)  # both: one batch; answer it, then a later message waits
+    store.complete(batch, exchange(batch, reply="Yes, 9 to 5.", sent=("r",)))
+    store.add([message("later", at=3000, text="and Sundy?")])
+    reply_mid = f"r_{batch.batch_id}"
+    store.add([], [touched(EDIT, "answered", "Open on Sunday?"), touched(EDIT, "later", "and Sunday?"),
+                   touched(REACTION, reply_mid, "\u2764\ufe0f"), touched(FEEDBACK, reply_mid, "Good response")])
+    texts = {h.mid: h.text for h in store.conversations.history("u1", "page", 10, None)}
+    assert texts["answered"] == "Open on Sunday?"
+    assert [m.text for m in store.claim("a", 30).messages] == ["and Sunday?"]
+    assert [r["feedback"] for r in store.conversations.export()] == ["Good response"]

@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator, Sequence
 
-from bot.storage import answer_cache, exchanges, graph_budget, mirror, outbox, users
+from bot.storage import answer_cache, edits, exchanges, graph_budget, mirror, outbox, users
 from bot.storage.exchanges import Exchange
 from bot.storage.graph_budget import RATE_LIMIT_BACKOFF_S
-from bot.storage.inbox import ClassifiedEcho
+from bot.storage.inbox import EDIT, FEEDBACK, REACTION, RESUME, ClassifiedEcho
 from bot.storage.mirror import BOT, HUMAN, USER
 from bot.storage.users import UserState
 from messenger.graph import HistoryMessage
@@ -24,14 +24,22 @@ from messenger.graph import HistoryMessage
 
 def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
     """Inside the transaction that takes a delivery in: each echo mirrored; a person's pauses
-    the bot for that user; a thread passed back ends the pause."""
-    for echo, human, pause_until, resumes in echoes:
-        if resumes:  # the person passed the thread back: the bot answers again at once
+    the bot for that user; a thread passed back ends the pause; edits, reactions and feedback
+    land where they belong."""
+    for echo, human, pause_until, kind in echoes:
+        if kind == RESUME:  # the person passed the thread back: the bot answers again at once
             users.update(db, echo.psid, paused_until=None)
-            continue
-        mirror.add_rows(db, echo.psid, [(echo.mid, HUMAN if human else BOT, echo.text, echo.timestamp_ms)])
-        if human and pause_until:
-            users.pause(db, echo.psid, pause_until)
+        elif kind == EDIT:  # answered: the mirror says it as edited; still waiting: answered so
+            mirror.edit(db, echo.mid, echo.text)
+            edits.edit_waiting_message(db, echo.mid, echo.text)
+        elif kind == REACTION:
+            mirror.react(db, echo.mid, echo.text or None)
+        elif kind == FEEDBACK:
+            exchanges.rate(db, echo.psid, echo.mid, echo.text)
+        else:
+            mirror.add_rows(db, echo.psid, [(echo.mid, HUMAN if human else BOT, echo.text, echo.timestamp_ms)])
+            if human and pause_until:
+                users.pause(db, echo.psid, pause_until)
 
 
 class Conversations:

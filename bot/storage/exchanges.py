@@ -14,7 +14,7 @@ from messenger.text import clean_text
 # Columns of the exchange log, in export order; timestamps are exported as ISO 8601 UTC.
 EXPORT_COLUMNS = ("psid", "user_message", "user_timestamp", "bot_message", "bot_timestamp", "model",
                   "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "outcome", "history", "attachments", "page_id",
-                  "channel")
+                  "channel", "feedback")
 # Channels of the log's `channel` column: where the user wrote.
 MESSENGER, INSTAGRAM, WEB = "messenger", "instagram", "web"
 
@@ -60,14 +60,15 @@ def record(db, exchange: Exchange, tracking: bool, channel: str = MESSENGER) -> 
     db.execute(
         "INSERT INTO interactions (psid, user_message, user_timestamp, bot_message, bot_timestamp, model,"
         " prompt_tokens, completion_tokens, total_tokens, latency_ms, outcome, history, tracking, attachments, page_id,"
-        " channel, ip_address, user_url)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " channel, ip_address, user_url, reply_mids)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (exchange.psid, clean_text("\n".join(user_text(m, exchange.said) for m in messages)),
          min(m.timestamp_ms for m in messages), _clean(exchange.bot_message), exchange.bot_timestamp_ms,
          _clean(exchange.model), *exchange.usage, exchange.latency_ms, str(exchange.outcome), exchange.history,
          "waiting" if tracking else None,
          json.dumps([list(a) for a in exchange.attachments]) if exchange.attachments else None,
-         messages[0].page_id, exchange.channel or channel, _clean(exchange.ip_address), _clean(exchange.user_url)))
+         messages[0].page_id, exchange.channel or channel, _clean(exchange.ip_address), _clean(exchange.user_url),
+         json.dumps([mid for mid, _ in exchange.sent_parts]) if exchange.sent_parts else None))
 
 
 def export(db, since_ms: int = 0, until_ms: int | None = None, page: str | None = None,
@@ -101,3 +102,9 @@ def prune(db, cutoff_s: float) -> int:
     """Records older than the cutoff, except those still waiting for the tracking endpoint."""
     return db.execute("DELETE FROM interactions WHERE user_timestamp < ? AND (tracking IS NULL OR tracking <> ?)",
                       (int(cutoff_s * 1000), "waiting")).rowcount
+
+
+def rate(db, psid: str, mid: str, feedback: str) -> None:
+    """The user's feedback on one of the bot's messages, kept with the exchange that sent it."""
+    db.execute("UPDATE interactions SET feedback = ? WHERE psid = ? AND reply_mids LIKE ?",
+               (clean_text(feedback)[:100], psid, f'%"{mid}"%'))

@@ -39,15 +39,20 @@ from typing import NamedTuple, Sequence
 from messenger.events import Echo, IncomingMessage
 
 
+# What a ClassifiedEcho is: an echo, or something stored the same way - the thread passed back
+# to the bot (the pause ends), an edit, a reaction or feedback (`echo` carries the target mid
+# and the new text, the emoji or the rating).
+ECHO, RESUME, EDIT, REACTION, FEEDBACK = "echo", "resume", "edit", "reaction", "feedback"
+
+
 class ClassifiedEcho(NamedTuple):
     """An echo as the webhook judged it: whether a person sent it from the Page inbox, and
-    until when the bot then stays silent for that user (0: no pause). `resumes`: not an echo
-    but Meta's handover passing the thread back to the bot - the pause ends now."""
+    until when the bot then stays silent for that user (0: no pause); `kind` above."""
 
     echo: Echo
     by_human: bool
     paused_until: float
-    resumes: bool = False
+    kind: str = ECHO
 
 MARKER = b"\xf0IBX"  # never the start of a legacy record: that length would be over 4 GB
 HEADER = struct.Struct(">II")  # length, CRC-32 of the payload
@@ -64,7 +69,7 @@ def encode(messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho]
     # vars(), not dataclasses.asdict: these records are flat, and asdict's deep copy
     # was a tenth of the webhook's CPU.
     payload = json.dumps({"at": time.time() if at is None else at, "m": [m.to_dict() for m in messages],
-                          "e": [[vars(e), human, until, resumes] for e, human, until, resumes in echoes]},
+                          "e": [[vars(e), human, until, kind] for e, human, until, kind in echoes]},
                          separators=(",", ":")).encode()
     return MARKER + HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 

@@ -43,3 +43,13 @@ def activity(db, psid: str, before_ms: int) -> tuple[int | None, int | None]:
     previous = db.execute("SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND at_ms < ?", (psid, before_ms)).fetchone()[0]
     person = db.execute("SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND author = ?", (psid, HUMAN)).fetchone()[0]
     return previous, person
+
+
+def edit(db, mid: str, text: str) -> None:
+    """The user edited a message: the mirror (and so later prompts) reads the new text."""
+    db.execute("UPDATE mirror SET text = ? WHERE mid = ?", (clean_text(text), mid))
+
+
+def react(db, mid: str, emoji: str | None) -> None:
+    """The user's reaction to a message (None: taken back)."""
+    db.execute("UPDATE mirror SET reaction = ? WHERE mid = ?", (emoji, mid))

@@ -8,6 +8,9 @@ Columns of note:
   users.reset_at_ms   history up to this moment is left out of prompts (the user wrote RESET_WORD)
   users.paused_until  a human answered from the Page: the bot stays silent until then
   users.disclosed_at  when the bot last said it is one (bot/replies/meta_rules.py)
+  mirror.reaction     the user's reaction to that message (an emoji), if any
+  interactions.reply_mids / feedback  the mids of the reply's parts (JSON), and the user's
+                      "Good response" / "Bad response" on it (response_feedback)
   interactions.tracking  NULL: not sent anywhere; 'waiting' for TRACKING_URL; 'sent'
   interactions.history   mirror, graph, or mirror-only (Graph could not be read in time)
   interactions.attachments  JSON list of [kind, bytes, outcome] per attachment (bot/media/prepare.py)
@@ -151,6 +154,13 @@ SCHEMA = [
     );
     CREATE TABLE webchat_counters (key TEXT PRIMARY KEY, window_start REAL NOT NULL, count INTEGER NOT NULL);
     """,
+    # version 12: what users do to messages after sending them: reactions (mirror), and feedback
+    # on the bot's replies, kept with the exchange whose reply it rates (its parts' mids)
+    """
+    ALTER TABLE mirror ADD COLUMN reaction TEXT;
+    ALTER TABLE interactions ADD COLUMN reply_mids TEXT;
+    ALTER TABLE interactions ADD COLUMN feedback TEXT;
+    """,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -271,5 +281,11 @@ POSTGRES_SCHEMA = [
     );
     CREATE TABLE webchat_counters (key TEXT PRIMARY KEY, window_start DOUBLE PRECISION NOT NULL,
                                    count BIGINT NOT NULL);
+    """,
+    # version 8: as SQLite's version 12
+    """
+    ALTER TABLE mirror ADD COLUMN reaction TEXT;
+    ALTER TABLE interactions ADD COLUMN reply_mids TEXT;
+    ALTER TABLE interactions ADD COLUMN feedback TEXT;
     """,
 ]

@@ -34,6 +34,8 @@ WEBCHAT_REQUESTS = Counter("webchat_requests_total", "Website chat requests, by 
                            "rate-limited, bad-request...).", ["result"])
 TRACKING = Counter("messenger_tracking_posts_total", "POSTs to TRACKING_URL, by result.", ["result"])
 GRAPH_ERRORS = Counter("graph_errors_total", "Graph API errors, by Meta error code.", ["code"])
+FEEDBACK = Counter("messenger_response_feedback_total", "Users' thumbs up (good) and down (bad) on the bot's replies.",
+                   ["feedback"])
 ATTACHMENTS = Counter("messenger_attachments_total", "Attachments users sent, by kind and what became of them.",
                       ["kind", "outcome"])
 REPLY_LATENCY = Histogram(

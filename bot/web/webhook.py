@@ -15,10 +15,10 @@ import time
 from typing import Callable, Iterable, Mapping
 
 from bot.storage.doorbell import Doorbell
-from bot.storage.inbox import ClassifiedEcho, InboxWriter
+from bot.storage.inbox import RESUME, ClassifiedEcho, InboxWriter
 from bot.telemetry import metrics
 from config import Config
-from messenger.events import BadPayload, Echo, ThreadControl, parse_body
+from messenger.events import FEEDBACK, BadPayload, Echo, ThreadControl, Touch, parse_body
 from messenger.graph import REPLY_METADATA
 from messenger.signature import LEGACY_SIGNATURE_HEADER, SIGNATURE_256_HEADER, is_valid_signature
 
@@ -54,7 +54,8 @@ class WebhookReceiver:
             return self.refuse(peer, "bad_request", 400, str(exc))
         self._note_foreign_pages(delivery.foreign_pages)
         echoes = [classify(echo, self._config_of(echo.page_id), now, self._is_instagram(echo.page_id))
-                  for echo in delivery.echoes] + [resumed(control) for control in delivery.controls]
+                  for echo in delivery.echoes] + [resumed(control) for control in delivery.controls] \
+            + [touched(touch) for touch in delivery.touches]
         if delivery.messages or echoes:
             try:
                 self.inbox.append(delivery.messages, echoes)
@@ -119,7 +120,16 @@ def resumed(control: ThreadControl) -> ClassifiedEcho:
     logger.info("thread control came back for psid=%r: the bot answers again", control.psid)
     echo = Echo(psid=control.psid, mid=f"thread-control:{control.timestamp_ms}", text="",
                 timestamp_ms=control.timestamp_ms, app_id=None, metadata=None, page_id=control.page_id)
-    return ClassifiedEcho(echo, False, 0.0, resumes=True)
+    return ClassifiedEcho(echo, False, 0.0, RESUME)
+
+
+def touched(touch: Touch) -> ClassifiedEcho:
+    """An edit, a reaction or feedback, stored with the echoes (bot/storage/conversations.py)."""
+    if touch.kind == FEEDBACK:
+        metrics.FEEDBACK.labels("good" if touch.value.lower().startswith("good") else "bad").inc()
+    echo = Echo(psid=touch.psid, mid=touch.mid, text=touch.value, timestamp_ms=touch.timestamp_ms, app_id=None,
+                metadata=None, page_id=touch.page_id)
+    return ClassifiedEcho(echo, False, 0.0, touch.kind)
 
 
 class WebhookRoute:
