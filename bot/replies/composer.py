@@ -118,7 +118,7 @@ class Composer:
         thinking = _once(thinking)
         prepared = self.media.prepare(messages, deadline, thinking)
         try:
-            answer = self._answer(psid, facts.user, prepared, thinking, deadline, patient)
+            answer = self._answer(psid, facts.user, prepared, thinking, deadline, patient, received_at)
         finally:
             prepared.release()
         return self._disclosed(answer, messages, facts.user)
@@ -139,7 +139,7 @@ class Composer:
         return replace(answer, text=meta_rules.with_disclosure(answer.text, line), disclosed=True)
 
     def _answer(self, psid: str, user, prepared: Prepared, thinking: Callable[[], object],
-                deadline: float | None, patient: bool) -> Answer:
+                deadline: float | None, patient: bool, received_at: float | None = None) -> Answer:
         if prepared.reply is not None:
             thinking()  # "seen"; the typing indicator is skipped once the reply is out
             logger.info("%s psid=%r: no model call", prepared.reply[1], psid)
@@ -148,7 +148,7 @@ class Composer:
         # A retried batch (its process died, say) waits for nothing: it is late already.
         spend = (deadline - self.clock()) / 2 if deadline is not None else float("inf")
         spend = spend if patient else 0.0
-        history = self.history.read(psid, user, spend)
+        history = self.history.read(psid, user, spend, received_at)
         thinking()
         answer = self._ask(self._chat(history, prepared), deadline, history, cache=not prepared.images)
         if answer.refused_images:

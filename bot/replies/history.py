@@ -48,15 +48,18 @@ class HistoryReader:
         self.clock = clock  # wall time, as the budget stores it
         self.sleep = sleep
 
-    def read(self, psid: str, user: UserState, spend: float = float("inf")) -> History:
-        """`spend`: the most seconds this may take (the reply's deadline keeps the rest for the model)."""
+    def read(self, psid: str, user: UserState, spend: float = float("inf"), received_at: float | None = None) -> History:
+        """`spend`: the most seconds this may take (the reply's deadline keeps the rest for the model).
+        `received_at`: when the message came in; a new user's wait for a read slot counts from then,
+        so a message claimed late in a burst does not wait longer than HISTORY_WAIT all over again."""
         now = self.clock()
         give_up = now + spend
         if user.synced_at is not None and now - user.synced_at < self.mirror_max_age:
             metrics.HISTORY_READS.labels("mirror").inc()
             return History(self._mirror(psid, user), None, FROM_MIRROR)
         # Someone the mirror knows can be answered from it now; someone new is worth a wait.
-        wait_until = min(now + (self.new_user_wait if user.synced_at is None else 0.0), give_up)
+        wait = self.new_user_wait if user.synced_at is None else 0.0
+        wait_until = min(max(now, (received_at if received_at is not None else now) + wait), give_up)
         for attempt in (1, 2):
             if not self._take_read(wait_until):
                 logger.info("no Graph read slot for psid=%r in time: answering from the mirror", psid)
