@@ -107,6 +107,24 @@ def test_the_graph_budget_is_shared_and_spent_reads_fall_back_to_the_mirror(make
     assert [c.args["user_id"] for c in graph.history_calls()] == [users[0], users[1]]
 
 
+def test_a_new_users_wait_for_history_counts_from_the_arrival_of_their_message(make_client, graph, model):
+    """HISTORY_WAIT is from arrival: a message claimed late (a burst, a busy host) does not wait it again."""
+    clock = FakeClock()
+    client = make_client(clock, GRAPH_READS_PER_SECOND="0.5", HISTORY_WAIT="2s")  # slots 3 s apart
+
+    def arrives(psid):
+        post_signed(client, text_body(f"m_{psid}", "hello", psid, int(clock() * 1000)))
+    arrives("2000000000000201")
+    answer_queue(client)  # takes the slot now; the next one is 3 s away
+    arrives("2000000000000202")
+    clock.advance(1.5)  # claimed late: waiting 2 s from now would reach the slot, from arrival it does not
+    answer_queue(client)  # no wait: answered from the mirror at once
+    arrives("2000000000000203")
+    answer_queue(client)  # arriving now, the slot 1.5 s away is within its 2 s: it waits for it
+    history = {r["psid"]: r["history"] for r in log(client)}
+    assert history == {"2000000000000201": "graph", "2000000000000202": "mirror-only", "2000000000000203": "graph"}
+
+
 def test_a_graph_rate_limit_error_answers_from_the_mirror(client, graph, model):
     graph.fail_next("history", graph_error(613, "Calls to this api have exceeded the rate limit."))
     say(client, 1)

@@ -144,10 +144,11 @@ class InboxWriter:
         self._pid = 0
         self._size = 0
 
-    def append(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho]) -> None:
+    def append(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho],
+               at: float | None = None) -> None:
         """Durable against any process crash when it returns; OSError (disk full...) otherwise,
-        with nothing of this record left in the file."""
-        record = encode(messages, echoes)
+        with nothing of this record left in the file. `at`: when it was received (now)."""
+        record = encode(messages, echoes, at)
         with self._lock:
             if self._fd is None or self._pid != os.getpid() or self._size > ROTATE_BYTES:
                 self._open()

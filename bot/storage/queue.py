@@ -410,7 +410,9 @@ class DatabaseIntake:
         self._ready = threading.Condition()
         self._writer: threading.Thread | None = None
 
-    def append(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho]) -> None:
+    def append(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho],
+               at: float | None = None) -> None:
+        """`at` is the queue's own clock here (the same injected clock as the webhook's)."""
         delivery = _Delivery(messages, echoes)
         with self._ready:
             if self._writer is None:

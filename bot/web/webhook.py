@@ -58,7 +58,7 @@ class WebhookReceiver:
             + [touched(touch) for touch in delivery.touches]
         if delivery.messages or echoes:
             try:
-                self.inbox.append(delivery.messages, echoes)
+                self.inbox.append(delivery.messages, echoes, at=now)
             except OSError as exc:
                 # Not stored means not acknowledged: Meta delivers it again.
                 logger.error("could not store the delivery, asking Meta to retry: %s", exc)
