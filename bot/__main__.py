@@ -5,6 +5,9 @@ its messages one per line in user_message); timestamps in ISO 8601 UTC.
 
 `python -m bot move-to-postgres`: a SQLite DATA_DIR's store copied into PostgreSQL
 (bot/runtime/move.py).
+
+`python -m bot doctor [--url https://…]`: is the deployment set up? (bot/doctor.py)
+`python -m bot profile apply FILE | show`: the Page's Messenger Profile (bot/profile.py)
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
+from bot import doctor, profile
 from bot.runtime import move
 from bot.storage.exchanges import EXPORT_COLUMNS
 from bot.storage.queue import PostgresQueue, SQLiteQueue
@@ -97,9 +101,15 @@ def main(argv: list[str] | None = None) -> int:
                                                 "environment or .env)")
     command = commands.add_parser("move-to-postgres", help=move.HELP, description=move.DESCRIPTION)
     move.add_arguments(command)
+    doctor.add_arguments(commands.add_parser("doctor", help="check the settings, the Page tokens, the webhook "
+                                                            "subscription, the app's mode, the model and the URL"))
+    profile.add_arguments(commands.add_parser("profile", help="the Page's Get Started, greeting, ice breakers "
+                                                              "and persistent menu"))
     args = parser.parse_args(argv)
     if args.command == "move-to-postgres":
         return move.main(args)
+    if args.command in ("doctor", "profile"):
+        return (doctor if args.command == "doctor" else profile).main(args)
     return export(args)
 
 
