@@ -59,6 +59,8 @@ def on_starting(server):
         prepare_data_dir(_config.data_dir)
         _state["lock"] = lock_data_dir(_config.data_dir)  # held until the last process exits
         check_port_free(_host, _config.port)
+        if _config.webchat:
+            check_port_free(_host, _config.webchat_port)
         check_database(_config.database_url, _config.database_path)
     except StartupProblem as problem:
         print(f"Cannot start: {problem}", file=sys.stderr)
@@ -83,9 +85,15 @@ def when_ready(server):
     server.log.info("bot listening on http://%s:%s (webhook: /webhook)", scheme_host, _config.port)
     _state["replies"] = ReplySupervisor(server.log, on_exit=_mark_dead)
     _state["replies"].start()
+    if _config.webchat:  # the website chat: a listener and a process of its own (bot/webchat/serve.py)
+        server.log.info("website chat on http://%s:%s (/webchat.js)", scheme_host, _config.webchat_port)
+        _state["webchat"] = ReplySupervisor(server.log, command=("-m", "bot.webchat.serve"), on_exit=_mark_dead)
+        _state["webchat"].start()
 
 
 def on_exit(server):
+    if "webchat" in _state:
+        _state["webchat"].stop(timeout=_config.reply_deadline_seconds + 10)
     if "replies" in _state:
         _state["replies"].stop(timeout=graceful_timeout + 5)
 

@@ -49,7 +49,7 @@ def export(args: argparse.Namespace) -> int:
         where = move.describe(url)
         try:
             records = list(PostgresQueue(url, read_only=True, pool_size=2).conversations.export(
-                args.since or 0, args.until, args.page))
+                args.since or 0, args.until, args.page, args.channel))
         except Exception as error:  # noqa: BLE001 - the driver's: say which, never the URL
             print(f"cannot read {where}: {type(error).__name__}: {move.scrub(str(error), url)[:300]}",
                   file=sys.stderr)
@@ -61,7 +61,8 @@ def export(args: argparse.Namespace) -> int:
             print(f"no database at {path}: set DATA_DIR (or --data-dir) to the bot's data folder", file=sys.stderr)
             return 2
         try:
-            records = SQLiteQueue(path, read_only=True).conversations.export(args.since or 0, args.until, args.page)
+            records = SQLiteQueue(path, read_only=True).conversations.export(args.since or 0, args.until, args.page,
+                                                                              args.channel)
         except (sqlite3.DatabaseError, SchemaTooNew) as error:
             print(f"cannot read {path}: {error}", file=sys.stderr)
             return 2
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     command.add_argument("--since", type=parse_moment, help="records whose user message is from this date/time (UTC) or age (7d, 24h) on")
     command.add_argument("--until", type=parse_moment, help="up to (not including) this date/time or age")
     command.add_argument("--page", help="only this Page's (or Instagram account's) exchanges: its numeric id")
+    command.add_argument("--channel", choices=("messenger", "instagram", "web"),
+                         help="only the exchanges of this channel (web: the website chat)")
     command.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     command.add_argument("--output", help="a file to write (default: standard output)")
     command.add_argument("--data-dir", help="the bot's DATA_DIR (default: from the environment or .env)")

@@ -46,10 +46,12 @@ DESCRIPTION = (
 
 # Copied in this order (each one SQLite's file has); the mirror's `rowid` is SQLite's
 # implicit one (insertion order).
-TABLES = ("events", "mirror", "users", "interactions", "graph_budgets", "dead_letters", "answer_cache")
-# Not copied: the reply processes' heartbeats (each process's own, renewed by the new ones)
-# and SQLite's inbox bookkeeping (PostgreSQL's webhooks write to events directly).
-SKIPPED = ("dispatchers", "inbox_offsets")
+TABLES = ("events", "mirror", "users", "interactions", "graph_budgets", "dead_letters", "answer_cache",
+          "webchat_conversations")
+# Not copied: the reply processes' heartbeats (each process's own, renewed by the new ones),
+# SQLite's inbox bookkeeping (PostgreSQL's webhooks write to events directly) and the website
+# chat's rate-limit counters (windows of a minute or a day: they start afresh).
+SKIPPED = ("dispatchers", "inbox_offsets", "webchat_counters")
 # Rows in any of these mean the target is someone's store already.
 MUST_BE_EMPTY = ("events", "mirror", "users", "interactions", "dead_letters")
 SEQUENCES = {"events": "id", "mirror": "rowid", "interactions": "id", "dead_letters": "id"}

@@ -1,0 +1,136 @@
+"""What a website visitor sent, checked before anything is stored or asked: pure functions, no I/O.
+
+Every problem is a `Refused` with a status and words a person can read; none reaches the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from messenger.text import clean_text
+
+# The body of a chat request: a message of WEBCHAT_MAX_CHARS (at most 8,000) characters and a few ids.
+MAX_BODY_BYTES = 64 * 1024
+MAX_LABEL_CHARS = 200
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{32}")
+SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
+USER_KEY_CONTEXT = b"webchat-user:"
+
+
+@dataclass(frozen=True)
+class Refused(Exception):
+    """A request answered with an error: `status`, a short `code` and a `message` for people."""
+
+    status: int
+    code: str
+    message: str
+    retry_after: int | None = None
+    headers: dict = field(default_factory=dict, compare=False)
+
+    def body(self) -> dict:
+        extra = {"retry_after": self.retry_after} if self.retry_after is not None else {}
+        return {"error": self.code, "message": self.message, **extra}
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    message: str
+    conversation: str | None = None
+    user_id: str | None = None  # a label, unless signed
+    user_signature: str | None = None
+
+
+def parse_json_body(raw: bytes, max_chars: int) -> ChatInput:
+    """`{"message", "user_id"?, "conversation"?, "user_signature"?}` from a POST body."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Refused(400, "invalid_utf8", "The request body is not valid UTF-8.") from None
+    except ValueError:
+        raise Refused(400, "invalid_json", 'The request body must be JSON, like {"message": "Hello"}.') from None
+    if not isinstance(data, dict):
+        raise Refused(400, "invalid_json", 'The request body must be a JSON object, like {"message": "Hello"}.')
+    return to_input(data, max_chars)
+
+
+def parse_query(args: Mapping[str, str], max_chars: int) -> ChatInput:
+    """`GET /chat?query=...` (the second document's contract) with `conversation` and `user_id` too."""
+    return to_input({"message": args.get("query"), "conversation": args.get("conversation"),
+                     "user_id": args.get("user_id"), "user_signature": args.get("user_signature")}, max_chars,
+                    field_name="query")
+
+
+def to_input(data: Mapping, max_chars: int, field_name: str = "message") -> ChatInput:
+    message = data.get("message")
+    if not isinstance(message, str):
+        raise Refused(400, "invalid_message", f'"{field_name}" is required and must be text.')
+    message = clean_text(message).strip()
+    if not message:
+        raise Refused(400, "empty_message", f'"{field_name}" is empty: write something to ask.')
+    if len(message) > max_chars:
+        raise Refused(413, "message_too_long", f"The message is {len(message)} characters long; the limit is "
+                                               f"{max_chars}. Please shorten it.")
+    ids = {name: _optional_text(data, name) for name in ("conversation", "user_id", "user_signature")}
+    if ids["conversation"] is not None and not CONVERSATION_ID.fullmatch(ids["conversation"]):
+        raise Refused(400, "invalid_conversation", "This conversation id was not issued by this server.")
+    if ids["user_signature"] is not None and not SIGNATURE.fullmatch(ids["user_signature"]):
+        raise Refused(403, "bad_signature", "The user id's signature is not valid.")
+    if ids["user_signature"] is not None and ids["user_id"] is None:
+        raise Refused(400, "invalid_user_id", '"user_signature" needs the "user_id" it signs.')
+    return ChatInput(message, ids["conversation"], ids["user_id"], ids["user_signature"])
+
+
+def _optional_text(data: Mapping, name: str) -> str | None:
+    value = data.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise Refused(400, f"invalid_{name}", f'"{name}" must be text.')
+    if len(value) > MAX_LABEL_CHARS:
+        raise Refused(400, f"invalid_{name}", f'"{name}" is longer than {MAX_LABEL_CHARS} characters.')
+    return clean_text(value)
+
+
+def sign_user_id(user_id: str, secret: str) -> str:
+    """What a site's backend sends as `user_signature`: HMAC-SHA256 of the user id, in hex."""
+    return hmac.new(secret.encode(), user_id.encode(), hashlib.sha256).hexdigest()
+
+
+def user_key(chat: ChatInput, secret: str) -> str | None:
+    """The key of a signed user's conversation (None: not signed); Refused for a bad signature."""
+    if chat.user_signature is None:
+        return None
+    if not secret:
+        raise Refused(400, "signing_disabled", "Signed user ids are not enabled on this server (WEBCHAT_SECRET).")
+    if not hmac.compare_digest(sign_user_id(chat.user_id or "", secret), chat.user_signature.lower()):
+        raise Refused(403, "bad_signature", "The user id's signature is not valid.")
+    # Keyed, so the table holds no user id in clear and a leaked table gives no signature away.
+    return hmac.new(secret.encode(), USER_KEY_CONTEXT + (chat.user_id or "").encode(), hashlib.sha256).hexdigest()
+
+
+def client_key(address: str | None) -> str:
+    """Whom the per-IP limits count: the address, or an IPv6 address's /64 (one subscriber's block,
+    whose 2**64 addresses a script could otherwise rotate through)."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return address or "unknown"
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...], own: str) -> bool:
+    """A browser's Origin is one the owner listed (or the bot's own pages); no Origin: not a
+    browser's cross-site call (curl, a site's backend), which the limits still count."""
+    if origin is None:
+        return True
+    origin = origin.rstrip("/")
+    return "*" in allowed or origin in allowed or origin == own

@@ -1,0 +1,70 @@
+"""The website chat's listener: `python -m bot.webchat.serve`, started by the gunicorn master when
+WEBCHAT=on (gunicorn.conf.py), on HOST:WEBCHAT_PORT.
+
+A gunicorn of its own (asyncio worker, one process): the web routes never share a process, an
+event loop or a thread pool with the webhook workers, and run at a lower CPU priority, so a
+crowd of visitors waiting on the model cannot delay Meta's acknowledgements (README, "Chat on
+your website", with the numbers). It stops with its parent: an orphan would keep the port.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from gunicorn.app.base import BaseApplication
+
+from bot.telemetry.logs import configure_logging
+from config import Config, load_config_or_exit
+
+WEBCHAT_NICENESS = 5  # behind the webhook workers, ahead of the reply process (10)
+
+
+class WebchatApplication(BaseApplication):
+    def __init__(self, config: Config):
+        self.config = config
+        super().__init__()
+
+    def load_config(self) -> None:
+        host = os.environ.get("HOST", "0.0.0.0")
+        settings = {
+            "bind": f"[{host}]:{self.config.webchat_port}" if ":" in host else f"{host}:{self.config.webchat_port}",
+            "worker_class": "asgi", "workers": 1, "timeout": 30, "control_socket_disable": True,
+            "graceful_timeout": int(self.config.reply_deadline_seconds + 5),
+            "forwarded_allow_ips": ",".join(self.config.forwarded_allow_ips),
+            "logger_class": "bot.telemetry.gunicorn_logger.ScrubbingLogger", "accesslog": "-",
+            "access_log_format": '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms webchat',
+            "when_ready": _stop_with_parent, "proc_name": "webchat",
+        }
+        for name, value in settings.items():
+            self.cfg.set(name, value)
+
+    def load(self):
+        from bot.webchat.wiring import build_server
+
+        return build_server(self.config)
+
+
+def _stop_with_parent(server) -> None:
+    """Stop gracefully once the process that started this one is gone (kill -9 of the bot)."""
+    parent = int(os.environ.get("WEBCHAT_PARENT_PID", os.getppid()))
+
+    def watch() -> None:
+        while True:
+            threading.Event().wait(1.0)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+    threading.Thread(target=watch, name="webchat-parent", daemon=True).start()
+
+
+def main() -> None:
+    config = load_config_or_exit()
+    configure_logging(config.log_level, config.secrets)
+    os.nice(WEBCHAT_NICENESS)
+    os.environ["WEBCHAT_PARENT_PID"] = str(os.getppid())
+    WebchatApplication(config).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""What the website chat's listener serves: `POST /api/chat` with `Accept: text/event-stream` as
+server-sent events, here on the event loop; everything else by the Flask routes (routes.py).
+
+A stream: the store's admission (limits, conversation) on a thread, then `start` with the ids,
+a `delta` event for each piece the model writes, and `done` with the whole answer - or `error`
+with words a person can read. The pipeline runs on a thread of its own; its pieces cross to the
+loop through a queue. A visitor who goes away (the connection closes) sets the sink's
+`cancelled`: the model call is closed at its next piece and the exchange logged as `cancelled`.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from a2wsgi import WSGIMiddleware
+from flask import Flask
+from flask_cors.core import get_cors_headers, get_cors_options
+from werkzeug.datastructures import Headers
+
+from bot.web.asgi import lifespan, read_body
+from bot.web.proxy import TrustedPeers, forwarded_scope
+from bot.webchat.requests import MAX_BODY_BYTES, Refused, origin_allowed, parse_json_body
+from bot.webchat.service import WebAnswer, WebChat
+
+logger = logging.getLogger(__name__)
+
+BODY_SECONDS = 10.0
+_END = object()
+SORRY = "Something went wrong on our side. Please try again in a moment."
+
+
+class QueueSink:
+    """The pipeline thread's pieces, handed to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        self.loop, self.queue = loop, queue
+        self.cancelled = False
+
+    def delta(self, text: str) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
+
+
+class WebchatServer:
+    """ASGI: the stream here, the rest through a2wsgi to Flask (a thread each while the model answers)."""
+
+    def __init__(self, flask_app: Flask, chat: WebChat, peers: TrustedPeers, cors: dict, *, origins: tuple[str, ...],
+                 max_chars: int, threads: int = 256):
+        self.chat = chat
+        self.peers = peers
+        self.origins = origins
+        self.max_chars = max_chars
+        self.cors = get_cors_options(flask_app, cors)
+        self.flask = WSGIMiddleware(flask_app.wsgi_app, workers=threads)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="webchat")
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        scope = forwarded_scope(scope, self.peers)
+        headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]])
+        if scope["path"] == "/api/chat" and scope["method"] == "POST" and wants_stream(headers):
+            await self.stream(scope, headers, receive, send)
+        else:
+            await self.flask(scope, receive, send)
+
+    async def stream(self, scope: dict, headers: Headers, receive: Callable, send: Callable) -> None:
+        cors = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in get_cors_headers(self.cors, headers, "POST").items()]
+        body = await read_body(scope, receive, MAX_BODY_BYTES, BODY_SECONDS)
+        if body is None:
+            return
+        address = scope["client"][0] if scope.get("client") else None
+        loop = asyncio.get_running_loop()
+        try:
+            if isinstance(body, int):
+                raise Refused(body, "body_too_large" if body == 413 else "body_timeout",
+                              "The request is too large." if body == 413 else "The request took too long to arrive.")
+            if not origin_allowed(headers.get("Origin"), self.origins, own_origin(scope, headers)):
+                raise Refused(403, "origin_not_allowed", "This website may not use this chat (WEBCHAT_ORIGINS).")
+            parsed = parse_json_body(body, self.max_chars)
+            admitted = await loop.run_in_executor(self.pool, self.chat.admit, parsed, address)
+        except Refused as refused:
+            await send_json(send, refused.status, refused.body(), cors, refused.retry_after)
+            return
+        except Exception:  # noqa: BLE001 - the store is down, say: words for the visitor, the trace for the log
+            logger.exception("website chat: could not admit a request")
+            await send_json(send, 503, {"error": "unavailable", "message": SORRY}, cors, 5)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"), *cors]})
+        queue: asyncio.Queue = asyncio.Queue()
+        sink = QueueSink(loop, queue)
+        work = loop.run_in_executor(self.pool, lambda: self.chat.answer(
+            admitted, parsed, address=address, referer=headers.get("Referer"), sink=sink))
+        work.add_done_callback(lambda _: queue.put_nowait(_END))
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        watcher.add_done_callback(lambda _: queue.put_nowait(_END))
+        try:
+            await self._relay(send, queue, work, watcher, admitted)
+        except OSError:  # the connection broke while writing
+            pass
+        finally:
+            if not work.done():
+                sink.cancelled = True  # nobody reads: the model call stops at its next piece
+            watcher.cancel()
+
+    async def _relay(self, send: Callable, queue: asyncio.Queue, work: asyncio.Future, watcher: asyncio.Future,
+                     admitted) -> None:
+        await send_event(send, "start", {"conversation": admitted.conversation, "request_id": admitted.request_id})
+        while True:
+            item = await queue.get()
+            if item is _END:
+                if watcher.done() and not work.done():
+                    return  # the visitor left mid-answer
+                if work.done():
+                    break
+                continue
+            await send_event(send, "delta", {"text": item})
+        try:
+            answer: WebAnswer = work.result()
+        except Exception:  # noqa: BLE001 - the visitor gets words, the log the traceback
+            logger.exception("website chat: the answer to request %s failed", admitted.request_id)
+            await send_event(send, "error", {"error": "internal", "message": SORRY}, last=True)
+            return
+        if answer.text is None:
+            await send_event(send, "error", {"error": answer.outcome, "message": _why(answer.outcome)}, last=True)
+            return
+        await send_event(send, "done", {"answer": answer.text, "outcome": answer.outcome,
+                                        "conversation": answer.conversation, "request_id": answer.request_id},
+                         last=True)
+
+
+def wants_stream(headers: Headers) -> bool:
+    return "text/event-stream" in headers.get("Accept", "")
+
+
+def own_origin(scope: dict, headers: Headers) -> str:
+    return f"{scope.get('scheme', 'http')}://{headers.get('Host', '')}"
+
+
+def _why(outcome: str) -> str:
+    if outcome in ("over-budget", "rate-limited"):
+        return "We have talked a lot today! Please come back tomorrow."
+    return "No answer this time. Please try again later."
+
+
+async def _disconnected(receive: Callable) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def send_event(send: Callable, name: str, data: dict, last: bool = False) -> None:
+    payload = f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+    await send({"type": "http.response.body", "body": payload, "more_body": not last})
+
+
+async def send_json(send: Callable, status: int, data: dict, headers: list, retry_after: int | None = None) -> None:
+    payload = json.dumps(data).encode()
+    extra = [(b"retry-after", str(retry_after).encode())] if retry_after is not None else []
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers, *extra]})
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,183 @@
+"""The website chat's core, without HTTP: admit a visitor's message (limits and conversation, one
+transaction in the store), then answer it through the Page's reply pipeline and log it.
+
+Limits are counted in the store, so they hold across every process and, with PostgreSQL, every
+host: per client address (an IPv6 /64) per WEBCHAT_RATE_LIMIT window and per UTC day, per
+conversation, and the web channel's daily model tokens (a circuit breaker that never touches
+Messenger). Only a request that passes them all reaches the model.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+from bot.replies.answer import Answer, Outcome
+from bot.replies.composer import Composer
+from bot.replies.history import FROM_MIRROR, History
+from bot.storage import exchanges
+from bot.storage.conversations import Conversations
+from bot.storage.exchanges import WEB, Exchange
+from bot.storage.times import utc_day_start_ms
+from bot.storage.users import UserState
+from bot.telemetry import metrics
+from bot.webchat import store
+from bot.webchat.requests import ChatInput, Refused, client_key, user_key
+from gpt.streaming import DeltaSink, StreamCancelled, streaming_to
+from messenger.events import TEXT, IncomingMessage
+
+logger = logging.getLogger(__name__)
+
+PSID_PREFIX = "web:"  # a web conversation's "user" in the mirror, the users table and the log
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    per_ip: tuple[int, float] | None = (5, 60.0)
+    per_conversation: tuple[int, float] | None = (5, 60.0)
+    daily_per_ip: int = 200  # 0 = off
+    daily_tokens: int = 1_000_000  # the whole web channel; 0 = off
+
+
+@dataclass(frozen=True)
+class Admitted:
+    conversation: str
+    request_id: str
+    new: bool  # the conversation was issued for this request
+
+
+@dataclass(frozen=True)
+class WebAnswer:
+    text: str | None
+    outcome: str
+    conversation: str
+    request_id: str
+
+
+class StoreHistory:
+    """History for the web: the mirror only - a web conversation has nothing in Graph."""
+
+    def __init__(self, conversations: Conversations, page_id: str, limit: int):
+        self.conversations, self.page_id, self.limit = conversations, page_id, limit
+
+    def read(self, psid: str, user: UserState, spend: float = math.inf, *_: object) -> History:
+        """HistoryReader.read's call (what it takes besides: for Graph's sake, unused here)."""
+        metrics.HISTORY_READS.labels(FROM_MIRROR).inc()
+        return History(self.conversations.history(psid, self.page_id, self.limit, user.reset_at_ms), None, FROM_MIRROR)
+
+
+class WebChat:
+    def __init__(self, composer: Composer, conversations: Conversations, *, page_id: str, limits: Limits,
+                 secret: str = "", reply_deadline: float = 21.0, clock: Callable[[], float] = time.time):
+        self.composer = composer
+        self.conversations = conversations
+        self.page_id = page_id
+        self.limits = limits
+        self.secret = secret
+        self.reply_deadline = reply_deadline
+        self.clock = clock
+
+    def admit(self, chat: ChatInput, address: str | None) -> Admitted:
+        """Count the request against every limit and find (or issue) its conversation - or Refused."""
+        key = user_key(chat, self.secret)  # a bad signature costs no write
+        now = self.clock()
+        with self.conversations.database.write() as db:
+            outcome = self._admit(db, chat, key, client_key(address), now)
+        if isinstance(outcome, Refused):
+            metrics.WEBCHAT_REQUESTS.labels(outcome.code).inc()
+            raise outcome
+        return outcome
+
+    def _admit(self, db, chat: ChatInput, key: str | None, client: str, now: float) -> Admitted | Refused:
+        """Inside one transaction: the counts of a refused request stay counted (a script hammering a
+        limit stays refused), and only an admitted request issues a conversation."""
+        if refused := self._over(db, f"ip:{client}", self.limits.per_ip, now, "you are sending messages"):
+            return refused
+        if self.limits.daily_per_ip and (count := store.hit(db, f"ipday:{client}", 86400, now))[0] \
+                > self.limits.daily_per_ip:
+            return Refused(429, "daily_limit", "You have reached today's number of messages. Please come back "
+                                               "tomorrow.", _seconds(count[1]))
+        conversation, new = self._conversation(db, chat, key, now)
+        if isinstance(conversation, Refused):
+            return conversation
+        if refused := self._over(db, f"conversation:{conversation}", self.limits.per_conversation, now,
+                                 "this conversation is going"):
+            return refused
+        if self.limits.daily_tokens and exchanges.channel_tokens_since(db, WEB, utc_day_start_ms(now)) \
+                >= self.limits.daily_tokens:
+            logger.warning("website chat: the daily token cap (WEBCHAT_DAILY_TOKENS) is spent")
+            return Refused(429, "channel_busy", "The chat has answered all it can for today. Please come back "
+                                                "tomorrow.", _seconds(86400 - now % 86400))
+        return Admitted(conversation, uuid.uuid4().hex, new)
+
+    def _over(self, db, key: str, limit: tuple[int, float] | None, now: float, who: str) -> Refused | None:
+        if not limit:
+            return None
+        count, left = store.hit(db, key, limit[1], now)
+        if count <= limit[0]:
+            return None
+        wait = _seconds(left)
+        return Refused(429, "rate_limited", f"Slow down: {who} faster than I can answer. Please wait {wait} "
+                                            f"second{'s' if wait != 1 else ''}.", wait)
+
+    def _conversation(self, db, chat: ChatInput, key: str | None, now: float) -> tuple[str | Refused, bool]:
+        """The conversation this request continues, or a new one. Unsigned ids are labels only."""
+        if key is not None:
+            own = store.conversation_of(db, key)
+            if chat.conversation is not None and chat.conversation != own:
+                return Refused(403, "not_your_conversation", "This conversation belongs to someone else."), False
+            return (own, False) if own else (store.add_conversation(db, new_id(), key, chat.user_id, now), True)
+        if chat.conversation is None:
+            return store.add_conversation(db, new_id(), None, chat.user_id, now), True
+        row = store.conversation(db, chat.conversation)
+        if row is None:
+            return Refused(404, "unknown_conversation", "This conversation does not exist (any more). Start a new "
+                                                        "one by sending your message without it."), False
+        if row[0] is not None:  # a signed user's: only with their signature
+            return Refused(403, "not_your_conversation", "This conversation belongs to someone else."), False
+        return chat.conversation, False
+
+    def answer(self, admitted: Admitted, chat: ChatInput, *, address: str | None = None, referer: str | None = None,
+               sink: DeltaSink | None = None) -> WebAnswer:
+        """The Page's pipeline on this message (streamed into `sink` when given), logged with channel web."""
+        received = self.clock()
+        message = IncomingMessage(psid=PSID_PREFIX + admitted.conversation, page_id=self.page_id,
+                                  mid=f"{PSID_PREFIX}{admitted.request_id}", kind=TEXT, text=chat.message,
+                                  timestamp_ms=int(received * 1000))
+        deadline = self.composer.clock() + self.reply_deadline
+        try:
+            with streaming_to(sink) if sink is not None else nullcontext():
+                answer = self.composer.compose([message], deadline=deadline)
+        except StreamCancelled as cancelled:  # the visitor left: what the model wrote is logged, estimated
+            estimate = math.ceil(len(cancelled.text) / 4)
+            answer = Answer(cancelled.text or None, Outcome.CANCELLED, cancelled.model, (None, estimate, estimate))
+        self._record(message, answer, admitted, received, address, referer)
+        metrics.EXCHANGES.labels(answer.outcome, self.page_id, WEB).inc()
+        metrics.WEBCHAT_REQUESTS.labels(answer.outcome).inc()
+        return WebAnswer(answer.text, str(answer.outcome), admitted.conversation, admitted.request_id)
+
+    def _record(self, message: IncomingMessage, answer: Answer, admitted: Admitted, received: float,
+                address: str | None, referer: str | None) -> None:
+        now = self.clock()
+        shown = answer.text is not None and answer.outcome != Outcome.CANCELLED
+        self.conversations.record(Exchange(
+            psid=message.psid, messages=[message], outcome=answer.outcome, bot_message=answer.text,
+            sent_parts=[(f"{message.mid}:answer", answer.text)] if shown else [],
+            bot_timestamp_ms=int(now * 1000) if answer.text is not None else None, model=answer.model,
+            usage=answer.usage, latency_ms=int((now - received) * 1000), history=answer.history,
+            disclosed_at=now if shown and answer.disclosed else None, channel=WEB, ip_address=address,
+            user_url=referer))
+
+
+def new_id() -> str:
+    """A conversation id: 192 random bits, URL-safe (32 characters)."""
+    return secrets.token_urlsafe(24)
+
+
+def _seconds(left: float) -> int:
+    return max(1, math.ceil(left))

@@ -1,0 +1,272 @@
+"""The website chat over real HTTP: `python -m bot.webchat.serve` against the Graph emulator and a
+streaming OpenAI-shaped server (tests/support/streaming_model.py), on both storage backends."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import requests
+
+from bot.webchat.requests import sign_user_id
+from tests.support.processes import wait_until
+from tests.support.streaming_model import StreamingModel
+from tests.support.webchat import WebchatProcess, parse_events
+
+SECRET = "a-site-secret-of-32-characters!!"
+SITE = "https://shop.example"
+PERMISSIVE = {"WEBCHAT_RATE_LIMIT": "100/minute", "WEBCHAT_CONVERSATION_LIMIT": "100/minute"}
+
+
+@pytest.fixture
+def stream_model():
+    server = StreamingModel(lambda messages: f"You said: {messages[-1]['content'].rsplit(' : ', 1)[-1]}").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start(graph, stream_model, tmp_path):
+    running = []
+
+    def run(**settings: str) -> WebchatProcess:
+        running.append(WebchatProcess(graph, stream_model, tmp_path, SYSTEM_PROMPT="You are the bakery's helper.",
+                                      WEBCHAT_SECRET=SECRET, WEBCHAT_ORIGINS=SITE, **settings))
+        return running[-1]
+    yield run
+    for process in running:
+        process.stop()
+
+
+@pytest.fixture
+def web(start, backend):
+    return start(**backend[1], **PERMISSIVE)
+
+
+def test_the_documents_contracts_and_the_additive_ids(web, stream_model, graph):
+    answer = web.chat("Do you bake on Sundays?", user_id="user123")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["answer"] == "You said: Do you bake on Sundays?"
+    assert len(body["conversation"]) == 32 and len(body["request_id"]) == 32
+    got = requests.get(web.url + "/chat", params={"query": "What is the capital of France?"}, timeout=10)
+    assert got.status_code == 200 and got.json()["response"] == "You said: What is the capital of France?"
+    assert got.json()["source"] == "api" and set(got.json()) == {"response", "source", "conversation", "request_id"}
+    # One pipeline: the Page's system prompt and politeness prefix; history from the store, never Graph.
+    sent = stream_model.requests[0]["messages"]
+    assert sent[0] == {"role": "system", "content": "You are the bakery's helper."}
+    assert sent[-1]["content"].startswith("Answer polite and concisely")
+    assert not [c for c in graph.calls if c.path.endswith("/conversations")]
+
+
+def test_the_cache_answers_the_same_question_and_says_so(start, stream_model):
+    web = start(ANSWER_CACHE_TTL="1h", **PERMISSIVE)
+    first = requests.get(web.url + "/chat", params={"query": "Opening hours?"}, timeout=10).json()
+    second = requests.get(web.url + "/chat", params={"query": "Opening hours?"}, timeout=10).json()
+    assert (first["source"], second["source"]) == ("api", "cache")
+    assert second["response"] == first["response"] and len(stream_model.requests) == 1
+
+
+def test_a_conversation_remembers_and_is_logged_as_web(web, stream_model):
+    first = web.chat("My name is Ana.", headers={"Referer": "https://shop.example/cakes"}).json()
+    web.chat("What is my name?", conversation=first["conversation"])
+    history = [m["content"] for m in stream_model.requests[1]["messages"]]
+    assert "My name is Ana." in history and "You said: My name is Ana." in history
+    records = web.exchanges(channel="web")
+    assert [r["channel"] for r in records] == ["web", "web"] and records[0]["outcome"] == "answered"
+    assert records[0]["psid"] == "web:" + first["conversation"] and not web.exchanges(channel="messenger")
+
+
+@pytest.mark.parametrize("trusted, address", [("127.0.0.1", "203.0.113.7"), ("10.0.0.1", "127.0.0.1")],
+                         ids=["behind-a-trusted-proxy", "forged-header"])
+def test_the_tracking_record_has_the_visitors_address_and_page(start, trusted, address):
+    web = start(TRACKING_URL="http://127.0.0.1:9/track", FORWARDED_ALLOW_IPS=trusted, **PERMISSIVE)
+    web.chat("hi", headers={"Referer": "https://shop.example/cakes", "X-Forwarded-For": "203.0.113.7"})
+    store = web.store()
+    try:
+        [(_, record)] = store.conversations.waiting_for_tracking()
+    finally:
+        store.close()
+    assert (record["ip_address"], record["user_url"], record["channel"]) == (address, "https://shop.example/cakes",
+                                                                            "web")
+    assert record["session_id"].startswith("web:") and record["engine"] == "stream-model"
+
+
+def test_an_unsigned_user_id_is_a_label_and_reaches_no_other_conversation(web, stream_model):
+    one = web.chat("My secret is 4321.", user_id="anonymous").json()
+    two = web.chat("What is my secret?", user_id="anonymous").json()
+    assert one["conversation"] != two["conversation"]
+    assert not any("4321" in m["content"] for m in stream_model.requests[1]["messages"])
+
+
+def test_a_signed_user_id_continues_on_another_device_and_a_bad_signature_is_refused(web, stream_model):
+    signed = {"user_id": "customer-42", "user_signature": sign_user_id("customer-42", SECRET)}
+    first = web.chat("I ordered a cake.", **signed).json()
+    second = web.chat("What did I order?", **signed).json()  # no conversation id: another device
+    assert second["conversation"] == first["conversation"]
+    assert "I ordered a cake." in [m["content"] for m in stream_model.requests[1]["messages"]]
+    forged = web.chat("What did I order?", user_id="customer-42", user_signature="0" * 64)
+    assert forged.status_code == 403 and forged.json()["error"] == "bad_signature"
+    stolen = web.chat("What did I order?", conversation=first["conversation"])
+    assert stolen.status_code == 403 and stolen.json()["error"] == "not_your_conversation"
+    assert len(stream_model.requests) == 2
+
+
+BAD = [
+    ("not json", b"hello", 400, "invalid_json"),
+    ("a list", b'["hi"]', 400, "invalid_json"),
+    ("a number", b'{"message": 5}', 400, "invalid_message"),
+    ("missing", b'{"user_id": "x"}', 400, "invalid_message"),
+    ("empty", b'{"message": "   "}', 400, "empty_message"),
+    ("too long", b'{"message": "' + b"a" * 3000 + b'"}', 413, "message_too_long"),
+    ("100 KB", b'{"message": "' + b"a" * 100_000 + b'"}', 413, "body_too_large"),
+    ("invalid utf-8", b'{"message": "caf\xe9"}', 400, "invalid_utf8"),
+    ("conversation not a string", b'{"message": "hi", "conversation": 7}', 400, "invalid_conversation"),
+    ("forged conversation", b'{"message": "hi", "conversation": "not-one-of-ours"}', 400, "invalid_conversation"),
+    ("unknown conversation", b'{"message": "hi", "conversation": "' + b"A" * 32 + b'"}', 404, "unknown_conversation"),
+    ("bad signature", b'{"message": "hi", "user_id": "u", "user_signature": "zz"}', 403, "bad_signature"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_bad_input_is_a_clear_4xx_and_no_model_call(start, stream_model, stream):
+    web = start(**PERMISSIVE)
+    headers = {"Content-Type": "application/json", **({"Accept": "text/event-stream"} if stream else {})}
+    for name, body, status, code in BAD:
+        response = requests.post(web.url + "/api/chat", data=body, headers=headers, timeout=10)
+        assert (response.status_code, response.json()["error"]) == (status, code), name
+        assert response.json()["message"] and not stream_model.requests, name
+
+
+def test_cors_allows_the_listed_site_with_and_without_preflight_and_refuses_others(web, stream_model):
+    preflight = requests.options(web.url + "/api/chat", timeout=5, headers={
+        "Origin": SITE, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    assert preflight.status_code == 200 and preflight.headers["Access-Control-Allow-Origin"] == SITE
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert "content-type" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    other = requests.options(web.url + "/api/chat", timeout=5, headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+    allowed = web.chat("hi", headers={"Origin": SITE})
+    assert allowed.status_code == 200 and allowed.headers["Access-Control-Allow-Origin"] == SITE
+    streamed = web.chat("hi", stream=True, headers={"Origin": SITE})
+    assert streamed.headers["Access-Control-Allow-Origin"] == SITE
+    for stream in (False, True):
+        refused = web.chat("hi", stream=stream, headers={"Origin": "https://evil.example"})
+        assert refused.status_code == 403 and refused.json()["error"] == "origin_not_allowed"
+        assert "Access-Control-Allow-Origin" not in refused.headers
+    assert len(stream_model.requests) == 2
+
+
+def test_the_per_ip_limit_holds_when_a_script_rotates_conversations_and_user_ids(start, stream_model, backend):
+    web = start(WEBCHAT_RATE_LIMIT="3/minute", **backend[1])
+    statuses = [web.chat(f"question {i}", user_id=f"bot-{i}").status_code for i in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    refused = web.chat("again", stream=True)
+    assert refused.status_code == 429 and refused.json()["error"] == "rate_limited"
+    assert 0 < int(refused.headers["Retry-After"]) <= 60 and "wait" in refused.json()["message"]
+    assert len(stream_model.requests) == 3
+
+
+def test_the_per_conversation_limit_and_the_daily_caps(start, stream_model, backend):
+    web = start(WEBCHAT_RATE_LIMIT="100/minute", WEBCHAT_CONVERSATION_LIMIT="2/minute", WEBCHAT_DAILY_LIMIT="5",
+                **backend[1])
+    conversation = web.chat("one").json()["conversation"]
+    assert web.chat("two", conversation=conversation).status_code == 200
+    third = web.chat("three", conversation=conversation)
+    assert third.status_code == 429 and third.json()["error"] == "rate_limited"
+    assert [web.chat("new").status_code for _ in range(3)] == [200, 200, 429]  # 5 a day from this address
+    daily = web.chat("new")
+    assert daily.json()["error"] == "daily_limit" and int(daily.headers["Retry-After"]) <= 86400
+
+
+def test_the_web_channels_daily_token_cap_stops_the_web_only(start, stream_model, backend):
+    web = start(WEBCHAT_DAILY_TOKENS="20", **PERMISSIVE, **backend[1])  # the model counts 10 + words
+    assert web.chat("one two three").status_code == 200
+    assert web.chat("four five six").status_code == 200
+    capped = web.chat("seven")
+    assert capped.status_code == 429 and capped.json()["error"] == "channel_busy"
+    assert len(stream_model.requests) == 2
+
+
+def test_limits_hold_across_hosts_with_postgresql(start, stream_model, pg_url):
+    hosts = [start(DATABASE_URL=pg_url, WEBCHAT_RATE_LIMIT="4/minute") for _ in range(2)]
+    statuses = [hosts[i % 2].chat(f"q{i}").status_code for i in range(6)]
+    assert statuses == [200, 200, 200, 200, 429, 429]
+
+
+def test_a_streamed_answer_comes_as_delta_events_then_done(web, stream_model):
+    stream_model.piece_delay = 0.02
+    response = web.chat("Is the bread fresh?", stream=True)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+    events = parse_events(response.text)
+    names = [name for name, _ in events]
+    assert names[0] == "start" and names[-1] == "done" and names.count("delta") == 6
+    done = events[-1][1]
+    assert "".join(data["text"] for name, data in events if name == "delta") == done["answer"]
+    assert done["answer"] == "You said: Is the bread fresh?" and done["conversation"] == events[0][1]["conversation"]
+    assert web.exchanges(channel="web")[0]["bot_message"] == done["answer"]
+
+
+def test_a_model_failing_mid_stream_ends_with_the_fallback(web, stream_model):
+    stream_model.break_after = 2
+    events = parse_events(web.chat("Tell me everything", stream=True).text)
+    assert events[-1][0] == "done" and events[-1][1]["answer"] == "please try again later"
+    assert events[-1][1]["outcome"] == "fallback"
+
+
+def test_a_visitor_leaving_mid_answer_cancels_the_model_call_and_it_is_logged(web, stream_model):
+    stream_model.piece_delay = 0.5
+    raw = socket.create_connection(("127.0.0.1", web.port))
+    body = b'{"message": "one two three four five six seven eight"}'
+    raw.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    received = b""
+    while b"event: delta" not in received:
+        received += raw.recv(4096)
+    raw.close()  # the browser tab is closed
+    assert wait_until(lambda: stream_model.closed_early == [0], 5), stream_model.closed_early
+    assert wait_until(lambda: [r["outcome"] for r in web.exchanges(channel="web")] == ["cancelled"], 5)
+    assert web.chat("still there?").status_code == 200 and web.process.poll() is None
+    assert "Traceback" not in web.log()
+
+
+def test_off_by_default_and_started_by_the_gunicorn_master(graph, stream_model, tmp_path):
+    from tests.support.processes import Bot, free_port
+
+    for name in ("off", "on"):
+        (tmp_path / name).mkdir()
+    plain = Bot(graph, stream_model, tmp_path / "off").start()
+    try:
+        assert requests.post(plain.url + "/api/chat", json={"message": "hi"}, timeout=5).status_code == 404
+    finally:
+        plain.stop()
+    port = free_port()
+    bot = Bot(graph, stream_model, tmp_path / "on", WEBCHAT="on", WEBCHAT_PORT=str(port)).start()
+    try:
+        assert wait_until(lambda: _answers(f"http://127.0.0.1:{port}"), 15), bot.log_text()
+    finally:
+        bot.stop()
+    assert wait_until(lambda: not _answers(f"http://127.0.0.1:{port}"), 10)  # stopped with the bot
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.post(url + "/api/chat", json={"message": "hi"}, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+
+def test_export_by_channel(web):
+    import subprocess
+    import sys
+
+    web.chat("hello from the website")
+    result = subprocess.run([sys.executable, "-m", "bot", "export", "--channel", "web",
+                             *(["--database-url", web.env["DATABASE_URL"]] if web.env.get("DATABASE_URL")
+                               else ["--data-dir", web.env["DATA_DIR"]])],
+                            capture_output=True, text=True, timeout=60, cwd=str(web.log_path.parent),
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(__import__("tests.support").support.ROOT)})
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    assert '"channel": "web"' in line and "hello from the website" in line
