@@ -17,7 +17,7 @@ from gunicorn.app.base import BaseApplication
 from bot.telemetry.logs import configure_logging
 from config import Config, load_config_or_exit
 
-WEBCHAT_NICENESS = 5  # behind the webhook workers, ahead of the reply process (10)
+WEBCHAT_NICENESS = 10  # behind the webhook workers, as the reply process
 
 
 class WebchatApplication(BaseApplication):
