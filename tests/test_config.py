@@ -68,3 +68,16 @@ def test_dotenv_file_read_and_environment_wins(tmp_path):
     assert config.message_count == 5
     assert config.openai_model == "from-env"
     assert config.fb_page_id == "1234567890"
+
+
+def test_env_example_lists_every_setting_the_bot_reads():
+    """.env.example is the list a Page owner copies: a setting config.py reads but the file
+    leaves out is a setting nobody finds."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    read = set(re.findall(r'reader\.\w+\(\s*"([A-Z][A-Z0-9_]+)"', (root / "config.py").read_text()))
+    listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (root / ".env.example").read_text(), re.M))
+    assert read - listed == set()
+    assert len(read) > 60  # the pattern still finds the settings

@@ -207,7 +207,9 @@ def bot_settings(graph, model) -> dict[str, str]:
     return {"FB_VERIFY_TOKEN": VERIFY_TOKEN, "FB_APP_SECRET": APP_SECRET, "FB_PAGE_ACCESS_TOKEN": PAGE_TOKEN,
             "FB_PAGE_ID": PAGE_ID, "FB_API_URL": graph.api_url, "OPENAI_API_KEY": ModelStandIn.API_KEY,
             "OPENAI_BASE_URL": model.base_url, "OPENAI_TIMEOUT": "30", "OPENAI_MAX_RETRIES": "0",
-            "HOST": "127.0.0.1"}
+            "HOST": "127.0.0.1",
+            # The disclosure line is the default; these tests compare replies word for word.
+            "DISCLOSURE": "off"}
 
 
 def is_ready(url: str) -> bool:
