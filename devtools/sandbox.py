@@ -5,7 +5,8 @@ the model (the real one when OPENAI_API_KEY is set, through a recording
 proxy; an offline stand-in otherwise) and the bot itself, wired together on
 127.0.0.1 with made-up ids, tokens and app secret. Two Pages, the first with a
 linked Instagram account, each with its own system prompt: the bot runs from a
-PAGES_FILE in the sandbox's own temporary folder, as a deployment for many Pages would.
+PAGES_FILE in the sandbox's own temporary folder, as a deployment for many Pages would;
+each offers "Talk to a person" under its answers and passes the thread to the Page inbox.
 """
 from __future__ import annotations
 
@@ -23,11 +24,12 @@ import threading
 from collections import Counter
 
 from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
 
 from bot.web.app import create_app
 from bot.telemetry.logs import configure_logging
 from config import ConfigError, load_config, read_environment
-from devtools.emulator import GraphEmulator, ModelProxy, ModelStandIn, Timeline, WebhookSender
+from devtools.emulator import GraphEmulator, ModelProxy, ModelStandIn, Timeline, WebhookSender, graph_error
 from devtools.emulator.http import QuietHandler
 from devtools.emulator.model import offline_reply
 from devtools.emulator.page import SandboxPage
@@ -50,6 +52,9 @@ BOOKSHOP_USERS = {"2000000000000201": "Gus", "2000000000000202": "Hugo"}  # Harb
 OFFLINE_KEY = "sandbox-offline-model"
 SANDBOX_APP_ID = "900000000000001"
 OUTCOMES_EVERY_S = 0.2  # how often the exchange log is read for outcomes to show
+HANDOFF_BUTTON = "Talk to a person"  # the quick reply under the bot's answers, on every sandbox Page
+# Meta's refusal of a message sent after the messaging window closed (Send API error codes page).
+WINDOW_CLOSED = (10, 2018278, "(#10) This message is sent outside of allowed window.")
 
 
 class Sandbox:
@@ -150,11 +155,49 @@ class Sandbox:
             shown = now
 
 
-def emulated_pages(app_secret: str, timeline: Timeline) -> GraphEmulator:
+class SandboxGraph(GraphEmulator):
+    """The emulator, plus what the sandbox page does to Meta's side: close a user's messaging window,
+    so that Meta's Send API refuses the next reply to that user (and only that user) with 10/2018278."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._closed_windows: set[str] = set()
+        self._sends = threading.Lock()
+
+    def close_window(self, psid: str) -> None:
+        with self._sends:
+            self._closed_windows.add(psid)
+        self.timeline.add("window", psid, state="closed", account=self.accounts.account_of(psid).id)
+
+    def handle(self, request: Request) -> Response:
+        psid = _message_recipient(request)
+        if psid is None:
+            return super().handle(request)
+        # Messages are sent one at a time here, so the refusal scripted for this user is the one this
+        # very call meets, never another user's send running beside it.
+        with self._sends:
+            if psid in self._closed_windows:
+                self._closed_windows.discard(psid)
+                code, subcode, message = WINDOW_CLOSED
+                self.fail_next("send", graph_error(code, message, subcode=subcode))
+            return super().handle(request)
+
+
+def _message_recipient(request: Request) -> str | None:
+    """Whom a Send API message (not a sender action) goes to; None for any other call."""
+    if request.method != "POST" or not request.path.endswith("/messages"):
+        return None
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or "message" not in body or not isinstance(body.get("recipient"), dict):
+        return None
+    return str(body["recipient"].get("id") or "") or None
+
+
+def emulated_pages(app_secret: str, timeline: Timeline) -> SandboxGraph:
     """Ana's Bakery (on Messenger and on Instagram) and Harbour Books, with their users, on one emulator."""
     bakery, bookshop, instagram = _numeric_id("1", 15), _numeric_id("1", 15), _numeric_id("178414", 17)
-    graph = GraphEmulator(bakery, "EAAsandbox" + secrets.token_hex(24), app_secret, app_id=SANDBOX_APP_ID,
-                          name=BAKERY, instagram_id=instagram, conversations_per_second=2, timeline=timeline)
+    graph = SandboxGraph(bakery, "EAAsandbox" + secrets.token_hex(24), app_secret, app_id=SANDBOX_APP_ID,
+                         name=BAKERY, instagram_id=instagram, conversations_per_second=2, timeline=timeline)
     graph.add_page(bookshop, "EAAsandbox" + secrets.token_hex(24), name=BOOKSHOP)
     for account, users in ((bakery, USERS), (instagram, INSTAGRAM_USERS), (bookshop, BOOKSHOP_USERS)):
         for psid, name in users.items():
@@ -167,13 +210,14 @@ def _numeric_id(prefix: str, digits: int) -> str:
 
 
 def pages_toml(graph: GraphEmulator) -> str:
-    """The PAGES_FILE the bot runs from: each emulated Page, its token, Instagram account and prompt."""
+    """The PAGES_FILE the bot runs from: each emulated Page, its token, Instagram account and prompt, and
+    a way to a person: the "Talk to a person" quick reply, and the thread passed to the Page inbox."""
     tables = []
     for page in graph.accounts.pages.values():
         entry = {"id": page.id, "access_token": page.token, "name": page.name,
                  **({"instagram_id": page.instagram_id} if page.instagram_id else {}),
-                 "system_prompt": PROMPTS[page.name]}
-        # A JSON string is a TOML basic string (same quotes and escapes).
+                 "system_prompt": PROMPTS[page.name], "handoff_button": HANDOFF_BUTTON, "handoff_thread_control": True}
+        # A JSON string is a TOML basic string (same quotes and escapes); true is true in both.
         tables.append("[[pages]]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in entry.items()))
     return "\n".join(tables)
 

@@ -7,7 +7,8 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from devtools.emulator import json_response
-from devtools.sandbox import BAKERY, BOOKSHOP, Sandbox
+from devtools.sandbox import BAKERY, BOOKSHOP, HANDOFF_BUTTON, Sandbox
+from tests.support import SandboxProcess
 from tests.support.browser import CHROMIUM, FLAGS
 
 
@@ -28,6 +29,20 @@ def page(browser, sandbox):
     tab.goto(sandbox.url + "/")
     yield tab
     tab.close()
+
+
+@pytest.fixture
+def fresh_page(browser, tmp_path):
+    """A tab on a sandbox of this test's own: none of its users has written yet, nobody is handed over."""
+    sandbox = SandboxProcess(tmp_path)
+    tab = browser.new_page(viewport={"width": 1280, "height": 800})
+    tab.set_default_timeout(10_000)
+    try:
+        tab.goto(sandbox.url + "/")
+        yield tab
+    finally:
+        tab.close()
+        sandbox.stop()
 
 
 def select(page, name):
@@ -79,7 +94,7 @@ def test_switching_user_shows_their_own_conversation(page):
 
 def test_buttons_and_a_human_reply_from_the_inbox(page):
     select(page, "Chlo\u00e9")
-    expect(page.get_by_role("button", name="Thanks!")).to_be_hidden()  # the bot offers no quick replies
+    expect(page.get_by_role("button", name="Thanks!")).to_be_hidden()  # a test chip under "more", not the bot's
     page.get_by_role("button", name="Get Started").click()
     expect(page.locator(".bubble.user.postback").last).to_have_text("Get Started")
     expect(page.locator(".bubble.page").last).to_contain_text("You said \u201cGet Started\u201d")
@@ -172,8 +187,8 @@ def test_a_narrow_window_keeps_the_composer_on_screen(browser, sandbox, width):
     try:
         tab.goto(sandbox.url + "/")
         expect(tab.locator("#users .user.selected")).to_have_count(1)
-        for button in ("#send", "#inbox button"):
-            box = tab.locator(button).bounding_box()
+        for button in tab.locator("#send, #inbox button, #close-window").all():
+            box = button.bounding_box()
             assert 0 <= box["x"] and box["x"] + box["width"] <= width and box["y"] + box["height"] <= 800, box
         assert tab.evaluate("() => document.documentElement.scrollWidth") <= width  # no sideways scrolling
     finally:
@@ -230,3 +245,63 @@ def test_a_model_error_shows_its_type_and_code(browser):
         tab.close()
     finally:
         sandbox.stop()
+
+
+def first_reply(page, name):
+    """`name` writes for the first time and the bot answers: the Page's bubbles."""
+    select(page, name)
+    write(page, "Hello!")
+    replies = page.locator(".bubble.page")
+    expect(replies).to_have_count(1)
+    return replies
+
+
+def test_the_first_reply_says_it_is_a_bot_and_a_person_answers_until_the_inbox_passes_back(fresh_page):
+    page = fresh_page
+    replies = first_reply(page, "Ana")
+    expect(replies.first).to_contain_text("You said \u201cHello!\u201d")
+    assert replies.first.inner_text().startswith(f"You are chatting with {BAKERY}'s automated assistant.\n")
+    page.get_by_role("button", name=HANDOFF_BUTTON).click()  # the bot's quick reply, under its answer
+    expect(page.locator(".bubble.user").last).to_have_text(HANDOFF_BUTTON)
+    expect(replies.last).to_have_text(f"Thank you, a person from {BAKERY} will answer you here as soon as possible.")
+    turn = page.locator("#steps .turn").last
+    expect(turn.locator(".step[data-kind=graph]", has_text="pass_thread_control")).to_contain_text("\u2192 200")
+    expect(turn.locator(".step[data-outcome=handoff]")).to_contain_text("handoff")
+    expect(page.locator(".note[data-thread=passed]")).to_be_visible()
+    expect(page.locator("#with-person")).to_be_visible()
+    expect(page.get_by_role("button", name=HANDOFF_BUTTON)).to_have_count(0)  # not under the handoff reply
+
+    write(page, "Is anyone there?")
+    expect(page.locator("#steps .turn").last.locator(".step[data-outcome=paused]")).to_be_visible()
+    expect(replies).to_have_count(2)  # the outcome is logged after any send: none came
+
+    page.fill("#inbox-text", "Hi, Maria here: your cake is ready.")
+    page.press("#inbox-text", "Enter")
+    expect(page.locator(".bubble.page.inbox")).to_have_text("Hi, Maria here: your cake is ready.")
+    page.get_by_role("button", name="Pass the thread back to the bot").click()
+    expect(page.locator(".note[data-thread=back]")).to_be_visible()
+    expect(page.locator("#with-person")).to_be_hidden()
+    turn = page.locator("#steps .turn").last
+    expect(turn.locator("h3")).to_have_text("Page inbox (a person): passed the thread back to the bot")
+    webhook = turn.locator(".step[data-kind=webhook]")
+    expect(webhook).to_contain_text("pass_thread_control POST /webhook (object page) \u2192 200")
+    expect(webhook).to_contain_text("(attempt 1)")  # the emulator's delivery, and it alone:
+    expect(webhook).not_to_contain_text("replayed")  # not shown again as a replay
+
+    write(page, "Thanks! Can the bot help again?")
+    expect(replies).to_have_count(4)
+    expect(replies.last).to_contain_text("You said \u201cThanks! Can the bot help again?\u201d")
+    expect(page.get_by_role("button", name=HANDOFF_BUTTON)).to_be_visible()  # offered again
+
+
+def test_a_closed_messaging_window_gives_window_closed_and_no_reply(fresh_page):
+    page = fresh_page
+    replies = first_reply(page, "Ben")
+    page.get_by_role("button", name="Close Meta's messaging window for this user").click()
+    expect(page.locator(".note[data-thread=window]")).to_contain_text("refuses the next reply")
+    write(page, "Are you still there?")
+    turn = page.locator("#steps .turn").last
+    expect(turn.locator(".step[data-kind=outcome]")).to_have_text(re.compile("window-closed"))
+    expect(turn.locator(".step[data-kind=graph].error", has_text="(send)")).to_contain_text("\u2192 400")
+    expect(page.locator(".note[data-outcome=window-closed]")).to_be_visible()
+    expect(replies).to_have_count(1)  # the outcome is logged after the refused send: nothing went out

@@ -12,8 +12,10 @@ import requests
 from config import DEFAULT_OPENAI_MODEL
 from devtools.emulator import ModelStandIn
 from devtools.emulator.page import STATIC
-from devtools.sandbox import BAKERY, BOOKSHOP, BOOKSHOP_USERS, INSTAGRAM_USERS, PROMPTS, USERS, Sandbox
-from tests.support import ROOT, wait_for
+from devtools.sandbox import (BAKERY, BOOKSHOP, BOOKSHOP_USERS, HANDOFF_BUTTON, INSTAGRAM_USERS, PROMPTS,
+                              SANDBOX_APP_ID, USERS, Sandbox)
+from devtools.emulator.users import PAGE_INBOX_APP_ID
+from tests.support import ROOT, SandboxProcess, wait_for
 from tests.support.messages import IGSID
 
 ANA, BEN = list(USERS)[:2]
@@ -125,6 +127,101 @@ def test_a_reply_from_the_page_inbox_pauses_the_bot(sandbox):
     assert [e["outcome"] for e in sandbox.events("outcome", dev)] == ["paused"]  # the page's note says why
 
 
+@pytest.fixture
+def fresh(tmp_path):
+    """A sandbox of this test's own: none of its users has written yet, nobody is paused or handed over."""
+    running = SandboxProcess(tmp_path)
+    yield running
+    running.stop()
+
+
+DISCLOSURE = f"You are chatting with {BAKERY}'s automated assistant.\n\n"
+HANDOFF_REPLY = f"Thank you, a person from {BAKERY} will answer you here as soon as possible."
+
+
+def outcomes(sandbox, psid):
+    return [e["outcome"] for e in sandbox.events("outcome", psid)]
+
+
+def with_person(sandbox, psid):
+    return next(u["with_person"] for u in sandbox.state()["users"] if u["psid"] == psid)
+
+
+def sends(sandbox, psid):
+    """The bot's Send API messages to `psid` (not sender actions), as the panel shows them."""
+    return [g for g in sandbox.events("graph", psid) if g["path"].endswith("/messages")
+            and "message" in (g["request"].get("body") or {})]
+
+
+def handbacks(sandbox, psid):
+    """The emulator's pass_thread_control deliveries to the bot (the inbox gave the thread back)."""
+    return [w for w in sandbox.events("webhook", psid) if not w.get("replayed")
+            and "pass_thread_control" in w["body"]["entry"][0]["messaging"][0]]
+
+
+def test_the_first_reply_says_it_is_a_bot_and_offers_a_person_under_the_answer(fresh):
+    assert say(fresh, ANA, "Hello!").status_code == 202
+    assert wait_for(lambda: bot_replies(fresh, ANA), 10)
+    assert bot_replies(fresh, ANA)[0].startswith(DISCLOSURE + "[offline stand-in] You said \u201cHello!\u201d")
+    shown = next(e for e in fresh.events("message", ANA) if e["sender"] == "page")
+    assert shown["quick_replies"] == [HANDOFF_BUTTON]  # the page draws it as a chip under the answer
+    offered = sends(fresh, ANA)[0]["request"]["body"]["message"]["quick_replies"]
+    assert offered == [{"content_type": "text", "title": HANDOFF_BUTTON, "payload": "HANDOFF"}]
+    assert wait_for(lambda: outcomes(fresh, ANA) == ["answered"], 5)
+
+
+def test_talk_to_a_person_hands_over_until_the_inbox_passes_the_thread_back(fresh):
+    say(fresh, ANA, "Hello!")
+    assert wait_for(lambda: bot_replies(fresh, ANA), 10)
+    # The chip's tap, as the page sends it: the title as text, the payload the bot gave it.
+    assert say(fresh, ANA, HANDOFF_BUTTON, quick_reply="HANDOFF").status_code == 202
+    assert wait_for(lambda: len(bot_replies(fresh, ANA)) == 2, 10)
+    assert bot_replies(fresh, ANA)[1] == HANDOFF_REPLY
+    passed = [g for g in fresh.events("graph", ANA) if g["path"].endswith("/me/pass_thread_control")]
+    assert [(g["status"], g["request"]["body"]["target_app_id"]) for g in passed] == [(200, int(PAGE_INBOX_APP_ID))]
+    assert with_person(fresh, ANA) and not with_person(fresh, BEN)
+    assert wait_for(lambda: outcomes(fresh, ANA) == ["answered", "handoff"], 5)
+    assert len(fresh.events("model", ANA)) == 1  # the handoff asked no model
+
+    say(fresh, ANA, "Is anyone there?")  # the thread is the inbox's: the bot stays quiet
+    assert wait_for(lambda: outcomes(fresh, ANA) == ["answered", "handoff", "paused"], 10)
+    assert len(bot_replies(fresh, ANA)) == 2 and len(fresh.events("model", ANA)) == 1
+
+    assert say(fresh, ANA, "Hi, Maria here: your cake is ready.", "inbox").status_code == 202
+    assert requests.post(f"{fresh.url}/api/users/{ANA}/handback", json={}, timeout=5).status_code == 202
+    assert wait_for(lambda: handbacks(fresh, ANA), 5)
+    control = handbacks(fresh, ANA)[0]
+    assert control["status"] == 200
+    assert control["body"]["entry"][0]["messaging"][0]["pass_thread_control"]["new_owner_app_id"] == SANDBOX_APP_ID
+    assert not with_person(fresh, ANA)
+    assert [e["by"] for e in fresh.events("handover", ANA)] == ["inbox"]  # the panel's turn for it
+
+    say(fresh, ANA, "Thanks! Can the bot help again?")
+    assert wait_for(lambda: len(bot_replies(fresh, ANA)) == 3, 10)
+    # Back from a person: the bot says again that it is one (Meta's disclosure rule).
+    assert bot_replies(fresh, ANA)[2].startswith(DISCLOSURE + "[offline stand-in] You said \u201cThanks!")
+    assert wait_for(lambda: outcomes(fresh, ANA) == ["answered", "handoff", "paused", "answered"], 5)
+
+
+def test_a_closed_messaging_window_drops_that_users_next_reply_only(fresh):
+    say(fresh, ANA, "Hello!")
+    assert wait_for(lambda: bot_replies(fresh, ANA), 10)
+    assert requests.post(f"{fresh.url}/api/users/{ANA}/close-window", json={}, timeout=5).status_code == 202
+    assert [e["state"] for e in fresh.events("window", ANA)] == ["closed"]  # the chat's note
+    say(fresh, BEN, "Hi, I am Ben.")  # another user's window is open
+    assert wait_for(lambda: bot_replies(fresh, BEN), 10)
+    say(fresh, ANA, "Are you still there?")
+    assert wait_for(lambda: outcomes(fresh, ANA) == ["answered", "window-closed"], 10)
+    assert len(bot_replies(fresh, ANA)) == 1
+    refused = sends(fresh, ANA)[-1]
+    assert refused["status"] == 400 and refused["response"]["error"]["code"] == 10
+    assert refused["response"]["error"]["error_subcode"] == 2018278
+    assert refused["response"]["error"]["message"] == "(#10) This message is sent outside of allowed window."
+    say(fresh, ANA, "And now?")  # Meta refused one reply: the user wrote again, the window is open again
+    assert wait_for(lambda: len(bot_replies(fresh, ANA)) == 2, 10)
+    assert outcomes(fresh, BEN) == ["answered"]
+
+
 def accounts(sandbox):
     return {a["label"]: a for a in sandbox.state()["accounts"]}
 
@@ -168,6 +265,7 @@ def test_the_second_page_answers_with_its_own_prompt_and_token(sandbox):
 def test_bad_requests_to_the_page_get_a_4xx(sandbox):
     assert requests.get(f"{sandbox.url}/api/state", params={"after": "x"}, timeout=5).status_code == 400
     assert say(sandbox, "999", "hi").status_code == 404
+    assert say(sandbox, "999", "", "close-window").status_code == 404
     assert say(sandbox, ANA, "").status_code == 400
     assert say(sandbox, ANA, "x" * 2001).status_code == 400
     assert requests.post(f"{sandbox.url}/api/users/{ANA}/messages", data="[", timeout=5).status_code == 400

@@ -35,7 +35,9 @@ FAVICON = _favicon()
 
 class SandboxPage(LocalServer):
     """`/` the chat page; `/api/state` the accounts, users and the timeline since a number;
-    `/api/users/<psid>/…` what a user does (to the account they write to)."""
+    `/api/users/<psid>/…` what a user does (to the account they write to), what a person does in
+    the Page inbox (`inbox`: answers, `handback`: passes the thread back to the bot), and
+    `close-window`: Meta's messaging window for the user closes (the sandbox's emulator only)."""
 
     def __init__(self, graph: GraphEmulator, info: dict, host: str = "127.0.0.1", port: int = 0):
         super().__init__(host, port)
@@ -71,7 +73,8 @@ class SandboxPage(LocalServer):
             return json_response({"error": "after must be a number"}, 400)
         events = self.graph.timeline.after(int(after))
         accounts = self.graph.accounts
-        users = [{"psid": psid, "name": name, "account": accounts.account_of(psid).id}
+        users = [{"psid": psid, "name": name, "account": accounts.account_of(psid).id,
+                  "with_person": self.graph.thread_owner(psid) != self.graph.app_id}  # passed to the inbox
                  for psid, name in list(self.graph.users.items())]
         shown = [{"id": a.id, "page_id": a.page_id, "platform": a.platform, "name": a.name,
                   "label": f"{a.name} \u00b7 {a.platform.capitalize()}"} for a in accounts.accounts.values()]
@@ -85,6 +88,11 @@ class SandboxPage(LocalServer):
         text = str(body.get("text", "")).strip()
         if action in ("image", "voice", "like"):
             mid = self._send_media(psid, action)
+        elif action == "handback":
+            return self._hand_back(psid)
+        elif action == "close-window" and hasattr(self.graph, "close_window"):  # devtools.sandbox.SandboxGraph
+            self.graph.close_window(psid)
+            return json_response({}, 202)
         elif not text or len(text) > MAX_TEXT:
             return json_response({"error": f"text must be 1 to {MAX_TEXT} characters"}, 400)
         elif action == "messages":
@@ -96,6 +104,14 @@ class SandboxPage(LocalServer):
         else:
             return json_response({"error": "no such action"}, 404)
         return json_response({"mid": mid}, 202)
+
+    def _hand_back(self, psid: str) -> Response:
+        """The person in the Page inbox is done ("Move to done"): the thread goes back to the bot's app,
+        which Meta tells with a `pass_thread_control` webhook."""
+        account = self.graph.accounts.account_of(psid).id
+        self.graph.timeline.add("handover", psid, action="pass_thread_control", by="inbox", to="bot", account=account)
+        self.graph.inbox_passes_back(psid, "the person in the Page inbox is done")
+        return json_response({}, 202)
 
     def _send_media(self, psid: str, action: str) -> str:
         """The media buttons: the sample photo or voice note, served by the emulator's CDN, or a like."""

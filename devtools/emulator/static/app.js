@@ -7,13 +7,20 @@ const TYPING_SECONDS = 20;  // Messenger switches the indicator off by itself af
 const POLL_MS = 300;
 // Exchange-log outcomes that leave the user without an ordinary answer, as a note in the chat.
 const NOTES = {
-  "paused": "The bot stays quiet: a person answered from the Page inbox (HUMAN_PAUSE).",
+  "paused": "The bot stays quiet: a person answers from the Page inbox (HUMAN_PAUSE).",
   "rate-limited": "Rate limited: more messages than RATE_LIMIT allows. No model call.",
   "reset": "Conversation reset: the bot forgets what came before (RESET_WORD).",
   "over-budget": "Over DAILY_TOKEN_BUDGET for today. No model call.",
   "fallback": "The model failed: the fallback reply was sent (see the Model step).",
   "unsupported": "Not text: the unsupported-message reply was sent.",
   "failed": "The reply failed: nothing more will be sent for this message.",
+  "window-closed": "Meta's messaging window is closed: the reply was dropped, nothing was sent.",
+};
+// What Meta's side did to the conversation, as a note in the chat.
+const THREAD_NOTES = {
+  passed: "The bot passed the conversation to the Page inbox (pass_thread_control): a person answers from here.",
+  back: "The Page inbox passed the conversation back to the bot (pass_thread_control): the bot answers again.",
+  window: "Meta's messaging window for this user is closed: the Send API refuses the next reply (10/2018278).",
 };
 const STEPS = ["webhook", "webhook_failed", "graph", "download", "transcription", "model", "outcome"];
 const SAID = { image: "[photo]", audio: "[voice note]", sticker: "[sticker]", video: "[video]", file: "[file]" };
@@ -38,7 +45,7 @@ async function poll() {
     const data = await response.json();
     if (state.info === null) renderHeader(data);
     state.info = data;
-    for (const user of data.users) viewOf(user.psid, user.name, user.account);
+    for (const user of data.users) viewOf(user.psid, user.name, user.account).withPerson = user.with_person;
     const thread = $("thread"), panel = $("panel");
     const stick = [thread, panel].map(atBottom);
     for (const event of data.events) {
@@ -83,7 +90,7 @@ function showAccount(id) {
   const chosen = state.chosen.get(account.id) || (views[0] && views[0].psid);
   if (chosen) return select(chosen);
   state.selected = null;
-  $("chat-title").textContent = `${account.label}: no users yet`;
+  $("chat-name").textContent = `${account.label}: no users yet`;
   $("thread").replaceChildren();
   $("steps").replaceChildren();
 }
@@ -103,7 +110,8 @@ function viewOf(psid, name, account) {
   $("users").append(button);
   view = { psid, name, account, button, preview, thread: el("div", { class: "messages" }), turns: el("div"),
            seen: el("div", { class: "seen", id: "seen" }, "Seen"), turn: null, lastUser: null, last: null,
-           userMessages: 0, typingAt: null, quick: new Map() };
+           userMessages: 0, typingAt: null, quick: new Map(), withPerson: false,
+           replayed: new Map() };
   state.views.set(psid, view);
   return view;
 }
@@ -114,7 +122,7 @@ function select(psid) {
   const view = state.views.get(psid);
   state.chosen.set(view.account, psid);
   for (const other of state.views.values()) other.button.classList.toggle("selected", other === view);
-  $("chat-title").textContent = `${view.name} \u2194 ${accountOf(view.account).label}`;
+  $("chat-name").textContent = `${view.name} \u2194 ${accountOf(view.account).label}`;
   $("thread").replaceChildren(view.thread);
   $("steps").replaceChildren(view.turns);
   refresh();
@@ -141,10 +149,18 @@ function add(view, event) {
     else if (event.action === "mark_seen" && view.lastUser) view.lastUser.after(view.seen);
   } else if (event.kind === "outcome" && NOTES[event.outcome]) {
     view.thread.append(el("div", { class: "note", "data-outcome": event.outcome }, NOTES[event.outcome]));
+  } else if (event.kind === "graph" && event.path.endsWith("/pass_thread_control") && event.status === 200) {
+    view.thread.append(el("div", { class: "note", "data-thread": "passed" }, THREAD_NOTES.passed));
+  } else if (event.kind === "handover") {
+    view.thread.append(el("div", { class: "note", "data-thread": "back" }, THREAD_NOTES.back));
+    view.turn = el("div", { class: "turn" }, el("h3", {}, "Page inbox (a person): passed the thread back to the bot"));
+    view.turns.append(view.turn);
+  } else if (event.kind === "window") {
+    view.thread.append(el("div", { class: "note", "data-thread": "window" }, THREAD_NOTES.window));
   }
   if (event.kind === "graph") rememberQuickReplies(view, event);
   if (view.turn && STEPS.includes(event.kind)) {
-    view.turn.append(step(event));
+    view.turn.append(forgetReplayedTwin(view, event, step(event)));
   }
 }
 
@@ -156,15 +172,30 @@ function refresh() {
   if (typingOn && !typing.isConnected) $("thread").append(typing);
   if (!typingOn && typing.isConnected) typing.remove();
   $("get-started").hidden = view.userMessages > 0;
+  $("with-person").hidden = !view.withPerson;
+  for (const other of state.views.values()) other.button.classList.toggle("with-person", other.withPerson);
   const offered = view.last && view.last.sender === "page" ? view.last.quick_replies || [] : [];
   const key = view.psid + "\n" + offered.join("\n");
   if ($("quick").dataset.key !== key) {
     $("quick").dataset.key = key;
-    $("quick").replaceChildren(...offered.map((title) => {
-      const payload = (view.quick.get(view.last.mid) || {})[title];
-      return chip(title, () => act("messages", { text: title, quick_reply: payload || title }));
-    }));
+    const mid = view.last && view.last.mid;
+    // A tap sends the title as text and the payload the bot gave it (read from its Send API call,
+    // which may reach the page a poll after the message itself), as Messenger does.
+    $("quick").replaceChildren(...offered.map((title) => chip(title, () => {
+      const payload = (view.quick.get(mid) || {})[title];
+      act("messages", { text: title, quick_reply: payload || title });
+    })));
   }
+}
+
+// devtools/replayed.py takes the emulator's own deliveries without a message id (a handover, a
+// reaction) for replays and shows them a second time: the emulator's step replaces its twin.
+function forgetReplayedTwin(view, event, node) {
+  if (event.kind !== "webhook") return node;
+  const body = JSON.stringify(event.body);
+  if (event.replayed) view.replayed.set(body, node);
+  else if (view.replayed.has(body)) { view.replayed.get(body).remove(); view.replayed.delete(body); }
+  return node;
 }
 
 function rememberQuickReplies(view, event) {
@@ -217,8 +248,10 @@ function step(event) {
   const node = el("div", { class: "step " + event.kind + (failed ? " error" : ""), "data-kind": event.kind });
   let kind = "", title = "", detail = null;
   if (event.kind === "webhook") {
-    const echo = JSON.stringify(event.body).includes('"is_echo":true');
-    const how = event.replayed ? "replayed " : echo ? "echo " : "";
+    const body = JSON.stringify(event.body);
+    const echo = body.includes('"is_echo":true');
+    const handover = ["pass_thread_control", "take_thread_control"].find((name) => body.includes(`"${name}":`));
+    const how = event.replayed ? "replayed " : echo ? "echo " : handover ? `${handover} ` : "";
     kind = "Webhook";
     title = `${how}POST /webhook (object ${event.body.object}) \u2192 ${event.status} in ${event.ms} ms` +
             (event.replayed ? "" : ` (attempt ${event.attempt})`);
@@ -228,13 +261,15 @@ function step(event) {
     title = `gave up after ${event.attempts} attempts; Meta would disable the webhook`;
   } else if (event.kind === "graph") {
     const action = event.request.body && event.request.body.sender_action;
-    const what = event.path.endsWith("/conversations") ? "history" : action || "send";
+    const name = event.path.split("/").pop();
+    const what = name === "conversations" ? " (history)" : name === "messages" ? ` (${action || "send"})` : "";
     kind = "Graph";
-    title = `${event.method} ${event.path.replace(/^\/v[\d.]+/, "")} (${what}) \u2192 ${event.status} in ${event.ms} ms`;
+    title = `${event.method} ${event.path.replace(/^\/v[\d.]+/, "")}${what} \u2192 ${event.status} in ${event.ms} ms`;
     detail = { request: event.request, response: event.response };
   } else if (event.kind === "outcome") {
     const about = [event.model, event.total_tokens != null && `${event.total_tokens} tokens`].filter(Boolean);
     kind = "Exchange log";
+    node.dataset.outcome = event.outcome;
     title = event.outcome + (about.length ? ` (${about.join(", ")})` : "") +
             (event.latency_ms != null ? ` in ${event.latency_ms} ms` : "");
   } else if (event.kind === "model") {
@@ -326,6 +361,8 @@ function sendsText(formId, inputId, action) {
 
 sendsText("composer", "text", "messages");
 sendsText("inbox", "inbox-text", "inbox");
+$("handback").addEventListener("click", () => act("handback", {}));
+$("close-window").addEventListener("click", () => act("close-window", {}));
 for (const action of ["image", "voice", "like"]) $(action).addEventListener("click", () => act(action, {}));
 for (const button of document.querySelectorAll("#shortcuts [data-postback], #shortcuts [data-quick]")) {
   button.addEventListener("click", () => {
