@@ -35,6 +35,9 @@ DEFAULT_DISCLOSURE_UNNAMED = "You are chatting with an automated assistant."
 # A way to a person: a whole message that is one of these words (any case), or the button.
 DEFAULT_HANDOFF_WORDS = ("human", "agent", "person", "operator", "humain", "persona", "mensch")
 DEFAULT_HANDOFF_REPLY = "Thank you, a person from {page} will answer you here as soon as possible."
+# The knowledge base (bot/knowledge/): KNOWLEDGE_MODE=only says this when nothing in it answers.
+DEFAULT_KNOWLEDGE_UNKNOWN_REPLY = "I'm sorry, I don't know that. I would rather not guess."
+DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 DEFAULT_RATE_LIMIT_REPLY = "You are writing faster than I can answer. Please wait a minute before your next message."
 DEFAULT_BUDGET_REPLY = "We have talked a lot today! I will be glad to answer again tomorrow."
 DEFAULT_RESET_REPLY = "Done, I have forgotten our earlier conversation. What can I do for you?"
@@ -155,6 +158,16 @@ class Config:
     webchat_daily_tokens: int = 1_000_000  # model tokens of the whole web channel per UTC day; 0 = off
     webchat_max_chars: int = 2000  # longest message a visitor may send
     webchat_threads: int = 256  # web answers prepared at once (each mostly waits on the model)
+    # The knowledge base (bot/knowledge/, README "Teach the bot your business").
+    knowledge_mode: str = "prefer"  # prefer: excerpts when relevant; only: else say so; off: never searched
+    knowledge_top_k: int = 4
+    knowledge_max_tokens: int = 1200  # of excerpts in one prompt
+    knowledge_min_score: float = 0.3  # cosine similarity for an excerpt to count as relevant
+    knowledge_unknown_reply: str = DEFAULT_KNOWLEDGE_UNKNOWN_REPLY
+    knowledge_cite: bool = False  # a "Source: …" line under answers drawn from the knowledge base
+    knowledge_max_mb: float = 10.0  # largest file or page added
+    knowledge_fetch_timeout: float = 15.0  # one web page, start to last byte
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
     # Where messages come from: each Page (and linked Instagram account) with its own Config
     # (PAGES_FILE); one Page from FB_PAGE_ID otherwise. Empty only in a Page's own Config.
     accounts: tuple["Account", ...] = field(default=(), repr=False)
@@ -366,6 +379,7 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
         forwarded_allow_ips=reader.networks("FORWARDED_ALLOW_IPS", ("127.0.0.1", "::1")),
         ready_max_wait_seconds=reader.duration("READY_MAX_WAIT", 300.0, bare_unit="s"),
         **_webchat_values(reader),
+        **_knowledge_values(reader),
     )
     if values["slow_reply_notice"] and values["slow_reply_limit_seconds"] <= values["reply_deadline_seconds"]:
         problems.append("SLOW_REPLY_LIMIT must be longer than REPLY_DEADLINE (the notice goes at the deadline, "
@@ -393,6 +407,22 @@ def _webchat_values(reader: "_Reader") -> dict:
         webchat_daily_tokens=reader.number("WEBCHAT_DAILY_TOKENS", 1_000_000, int, 0, 10**12, off=True),
         webchat_max_chars=reader.number("WEBCHAT_MAX_CHARS", 2000, int, 1, 8000),
         webchat_threads=reader.number("WEBCHAT_THREADS", 256, int, 1, 4096),
+    )
+
+
+def _knowledge_values(reader: "_Reader") -> dict:
+    """KNOWLEDGE_* and EMBEDDING_MODEL: the knowledge base (README, "Teach the bot your business")."""
+    return dict(
+        knowledge_mode=reader.choice("KNOWLEDGE_MODE", "PREFER", ("PREFER", "ONLY", "OFF")).lower(),
+        knowledge_top_k=reader.number("KNOWLEDGE_TOP_K", 4, int, 1, 20),
+        knowledge_max_tokens=reader.number("KNOWLEDGE_MAX_TOKENS", 1200, int, 100, 100_000),
+        knowledge_min_score=reader.number("KNOWLEDGE_MIN_SCORE", 0.3, float, 0.0, 1.0),
+        knowledge_unknown_reply=reader.text("KNOWLEDGE_UNKNOWN_REPLY", DEFAULT_KNOWLEDGE_UNKNOWN_REPLY,
+                                            allow_empty=False),
+        knowledge_cite=reader.switch("KNOWLEDGE_CITE", False),
+        knowledge_max_mb=reader.number("KNOWLEDGE_MAX_MB", 10.0, float, 0.01, 1000),
+        knowledge_fetch_timeout=reader.duration("KNOWLEDGE_FETCH_TIMEOUT", 15.0, bare_unit="s", low=0.5),
+        embedding_model=reader.text("EMBEDDING_MODEL", DEFAULT_EMBEDDING_MODEL, allow_empty=False).strip(),
     )
 
 

@@ -8,6 +8,7 @@ its messages one per line in user_message); timestamps in ISO 8601 UTC.
 
 `python -m bot doctor [--url https://…]`: is the deployment set up? (bot/doctor.py)
 `python -m bot profile apply FILE | show`: the Page's Messenger Profile (bot/profile.py)
+`python -m bot knowledge add|sync|list|remove|search`: the Page's own knowledge (bot/knowledge/cli.py)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import time
 from datetime import datetime, timezone
 
 from bot import doctor, profile
+from bot.knowledge import cli as knowledge_cli
 from bot.runtime import move
 from bot.storage.exchanges import EXPORT_COLUMNS
 from bot.storage.queue import PostgresQueue, SQLiteQueue
@@ -108,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                                                             "subscription, the app's mode, the model and the URL"))
     profile.add_arguments(commands.add_parser("profile", help="the Page's Get Started, greeting, ice breakers "
                                                               "and persistent menu"))
+    knowledge_cli.add_arguments(commands.add_parser("knowledge", help=knowledge_cli.HELP))
     args = parser.parse_args(argv)
+    if args.command == "knowledge":
+        return knowledge_cli.main(args)
     if args.command == "move-to-postgres":
         return move.main(args)
     if args.command in ("doctor", "profile"):

@@ -25,6 +25,7 @@ class Outcome(StrEnum):
     HANDOFF = "handoff"            # the user asked for a person: told one will answer, the bot pauses
     WINDOW_CLOSED = "window-closed"  # Meta's messaging window closed before the reply could go: dropped
     FAILED = "failed"              # could not be sent
+    UNKNOWN = "unknown"            # KNOWLEDGE_MODE=only, nothing in the knowledge base answers: KNOWLEDGE_UNKNOWN_REPLY
     CANCELLED = "cancelled"        # website chat: the visitor left mid-answer and the model call was closed
 
 
@@ -46,11 +47,12 @@ class Answer:
     media: tuple[MediaFact, ...] = ()
     refused_images: bool = False  # the model server takes no images: ask again without them (not stored)
     disclosed: bool = False  # the text starts with the bot disclosure
+    knowledge: tuple[tuple[int, float], ...] = ()  # (chunk id, score) of the excerpts its prompt carried
 
     def to_json(self) -> str:
         return json.dumps({"text": self.text, "outcome": self.outcome, "model": self.model, "usage": self.usage,
                            "history": self.history, "said": self.said, "media": self.media,
-                           "disclosed": self.disclosed})
+                           "disclosed": self.disclosed, "knowledge": self.knowledge})
 
     @classmethod
     def from_json(cls, stored: str) -> "Answer":
@@ -63,4 +65,5 @@ class Answer:
         return cls(data["text"], Outcome(data["outcome"]), data.get("model"), tuple(data.get("usage") or (None,) * 3),
                    history=data.get("history"), said=data.get("said"),
                    media=tuple(MediaFact(*fact) for fact in data.get("media") or ()),
-                   disclosed=bool(data.get("disclosed")))
+                   disclosed=bool(data.get("disclosed")),
+                   knowledge=tuple(tuple(item) for item in data.get("knowledge") or ()))

@@ -24,7 +24,7 @@ from messenger.graph import GraphAPIError, explain, is_retryable, is_window_clos
 logger = logging.getLogger(__name__)
 
 # The answers under which the "Talk to a person" button goes (HANDOFF_BUTTON): the model's.
-OFFERS_A_PERSON = frozenset({Outcome.ANSWERED, Outcome.FALLBACK, Outcome.CACHED})
+OFFERS_A_PERSON = frozenset({Outcome.ANSWERED, Outcome.FALLBACK, Outcome.CACHED, Outcome.UNKNOWN})
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
@@ -139,7 +139,7 @@ class BatchReplier:
             bot_timestamp_ms=int(now * 1000) if sent else None, model=answer.model, usage=answer.usage,
             latency_ms=int((now - batch.received_at) * 1000), synced=answer.synced, history=answer.history,
             said=answer.said, attachments=answer.media,
-            disclosed_at=now if sent and answer.disclosed else None,
+            disclosed_at=now if sent and answer.disclosed else None, knowledge=answer.knowledge,
         )
 
     def _record_failure(self, batch: Batch, error: str, progress: Progress, final: str | None = None,

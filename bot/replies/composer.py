@@ -14,11 +14,13 @@ from bot.replies.answer import Answer, Outcome
 from bot.replies.gate import Policy
 from bot.replies.handoff import Handoff
 from bot.replies.history import History, HistoryReader
+from bot.replies.knowledge import NOTHING, Consulted, Knowledge
 from bot.storage import answer_cache
 from bot.storage.conversations import Conversations
 from bot.storage.users import UserState
 from bot.telemetry import metrics
 from gpt.model import ChatModel, ImagesRefused
+from bot.knowledge.prompt import with_excerpts
 from gpt.prompt import to_chat_messages
 from messenger.events import IncomingMessage
 from bot.storage.times import created_ms
@@ -59,7 +61,7 @@ class Composer:
                  conversations: Conversations, media: MediaReader, *, handoff: Handoff | None = None, policy: Policy = Policy(), timing: Timing = Timing(),
                  answer_cache_ttl: float = 0.0, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time, sleep: Callable[[float], object] = time.sleep,
-                 history: HistoryReader | None = None):
+                 history: HistoryReader | None = None, knowledge: Knowledge | None = None):
         self.graph = graph
         self.model = model
         self.prompt = prompt
@@ -72,6 +74,7 @@ class Composer:
         self.clock = clock  # deadlines
         self.wall_clock = wall_clock  # pauses, limits, the mirror's age: compared with stored times
         self.answer_cache_ttl = answer_cache_ttl  # 0: off
+        self.knowledge = knowledge  # None: KNOWLEDGE_MODE=off
         # `history`: another source with the same read() (the website chat's: the store only, never Graph).
         self.history = history or HistoryReader(
             graph, conversations, page_id=prompt.page_id, limit=prompt.message_count,
@@ -149,21 +152,39 @@ class Composer:
         spend = (deadline - self.clock()) / 2 if deadline is not None else float("inf")
         spend = spend if patient else 0.0
         history = self.history.read(psid, user, spend, received_at)
+        consulted = self._consult(history, prepared, deadline)
         thinking()
-        answer = self._ask(self._chat(history, prepared), deadline, history, cache=not prepared.images)
+        if consulted.unknown:  # KNOWLEDGE_MODE=only and nothing answers it: say so, never guess
+            logger.info("unknown psid=%r: nothing in the knowledge base answers it, no model call", psid)
+            answer = Answer(self.knowledge.settings.unknown_reply, Outcome.UNKNOWN, synced=history.synced,
+                            history=history.source)
+            return _with_media(_with_knowledge(answer, consulted, self.knowledge), prepared)
+        answer = self._ask(self._chat(history, prepared, consulted), deadline, history, cache=not prepared.images)
         if answer.refused_images:
             self.media.images_refused(self.model.settings.model)
             prepared = prepared.without_images(self.media.settings)
             if prepared.reply is not None:
                 return _with_media(Answer(prepared.reply[0], Outcome(prepared.reply[1])), prepared)
-            answer = self._ask(self._chat(history, prepared), deadline, history)
-        return _with_media(answer, prepared)
+            answer = self._ask(self._chat(history, prepared, consulted), deadline, history)
+        return _with_media(_with_knowledge(answer, consulted, self.knowledge), prepared)
 
-    def _chat(self, history: History, prepared: Prepared) -> list[dict]:
-        return to_chat_messages(
+    def _consult(self, history: History, prepared: Prepared, deadline: float | None) -> Consulted:
+        """The knowledge base's excerpts for this turn: the question embedded within a quarter of
+        the time left (at most 5 s), so the model keeps the most of it."""
+        if self.knowledge is None:
+            return NOTHING
+        new = {mid for mid, _ in prepared.turns if mid}
+        earlier = [m.text for m in history.messages if m.from_id != self.prompt.page_id and m.mid not in new]
+        left = (deadline - self.clock()) if deadline is not None else 20.0
+        return self.knowledge.consult([text for _, text in prepared.turns], earlier, max(0.5, min(5.0, left / 4)))
+
+    def _chat(self, history: History, prepared: Prepared, consulted: Consulted = NOTHING) -> list[dict]:
+        chat = to_chat_messages(
             history.messages, prepared.turns, page_id=self.prompt.page_id, prefix=self.prompt.prefix,
             max_turns=self.prompt.message_count, system_prompt=self.prompt.system_prompt, images=prepared.images,
         )
+        excerpts = self.knowledge.excerpts(consulted) if self.knowledge else None
+        return with_excerpts(chat, excerpts) if excerpts else chat
 
     def _ask(self, chat: list[dict], deadline: float | None, history: History, cache: bool = True) -> Answer:
         """The model's answer - or, with ANSWER_CACHE_TTL, the answer to the very same request
@@ -226,6 +247,21 @@ def _once(action: Callable[[], object]) -> Callable[[], None]:
             done.append(True)
             action()
     return run
+
+
+def _with_knowledge(answer: Answer, consulted: Consulted, knowledge: Knowledge | None) -> Answer:
+    """The answer with what the knowledge base gave it: the excerpts used (for the exchange log),
+    the embedding tokens (they count toward the budget), the source line under a model's answer."""
+    if knowledge is None or consulted is NOTHING:
+        return answer
+    usage = answer.usage
+    if consulted.tokens:
+        prompt, completion, total = usage
+        usage = ((prompt or 0) + consulted.tokens, completion, (total or 0) + consulted.tokens)
+    text = answer.text
+    if text and answer.outcome in (Outcome.ANSWERED, Outcome.CACHED):
+        text = knowledge.cited(text, consulted)
+    return replace(answer, text=text, usage=usage, knowledge=consulted.logged)
 
 
 def _with_media(answer: Answer, prepared: Prepared) -> Answer:

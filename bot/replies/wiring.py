@@ -3,7 +3,7 @@ account, the dispatcher."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import openai
@@ -13,7 +13,10 @@ from bot.media.download import Downloader
 from bot.media.prepare import MB, MediaReader, MediaSettings
 from bot.replies.composer import Composer, Composers, PromptSettings, Timing
 from bot.replies.gate import Policy
+from bot.knowledge import embedder_for
+from bot.knowledge.retrieval import Retriever
 from bot.replies.handoff import Handoff, HandoffSettings
+from bot.replies.knowledge import Knowledge, KnowledgeSettings
 from bot.replies.dispatcher import Dispatcher
 from bot.replies.tracking import Tracker
 from bot.storage.doorbell import open_doorbell
@@ -45,6 +48,15 @@ class Shared:
     client: openai.OpenAI
     downloader: Downloader
     budget: MemoryBudget
+    retrievers: dict[str, Retriever] = field(default_factory=dict)  # by embedding model: one per process
+
+    def retriever(self, config: Config, database) -> Retriever:
+        """The knowledge base's searcher for this embedding model: its vectors are held once."""
+        key = f"{config.embedding_model}\0{config.knowledge_min_score}"
+        if key not in self.retrievers:
+            self.retrievers[key] = Retriever(database, embedder_for(config, self.client),
+                                             min_score=config.knowledge_min_score)
+        return self.retrievers[key]
 
 
 def build_composers(config: Config, store: Queue, *, wall_clock: Callable[[], float] = time.time,
@@ -98,7 +110,20 @@ def build_composer(account: Account, store: Queue, shared: Shared, pool_size: in
         thread_control=config.handoff_thread_control, webhook=config.handoff_webhook, page_name=config.fb_page_name),
         page_id=account.id, clock=wall_clock)
     return Composer(graph, chat_model, prompt, store.conversations, media, handoff=handoff, policy=policy, timing=timing,
-                    answer_cache_ttl=config.answer_cache_ttl_seconds, wall_clock=wall_clock, sleep=sleep)
+                    answer_cache_ttl=config.answer_cache_ttl_seconds, wall_clock=wall_clock, sleep=sleep,
+                    knowledge=build_knowledge(account, store, shared))
+
+
+def build_knowledge(account: Account, store: Queue, shared: Shared) -> Knowledge | None:
+    """The knowledge base as this account's answers use it (None: KNOWLEDGE_MODE=off)."""
+    config = account.config
+    if config.knowledge_mode == "off":
+        return None
+    settings = KnowledgeSettings(mode=config.knowledge_mode, top_k=config.knowledge_top_k,
+                                 max_tokens=config.knowledge_max_tokens, unknown_reply=config.knowledge_unknown_reply,
+                                 cite=config.knowledge_cite, page_name=config.fb_page_name or account.name)
+    # Sources are the Page's: its Instagram account answers from the same ones.
+    return Knowledge(shared.retriever(config, store.conversations.database), settings, account.page_id)
 
 
 def build_media_reader(config: Config, shared: Shared, retries: RetryPolicy) -> MediaReader:

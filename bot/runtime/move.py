@@ -47,14 +47,17 @@ DESCRIPTION = (
 # Copied in this order (each one SQLite's file has); the mirror's `rowid` is SQLite's
 # implicit one (insertion order).
 TABLES = ("events", "mirror", "users", "interactions", "graph_budgets", "dead_letters", "answer_cache",
-          "webchat_conversations")
+          "webchat_conversations", "knowledge_sources", "knowledge_chunks", "knowledge_version")
 # Not copied: the reply processes' heartbeats (each process's own, renewed by the new ones),
 # SQLite's inbox bookkeeping (PostgreSQL's webhooks write to events directly) and the website
-# chat's rate-limit counters (windows of a minute or a day: they start afresh).
-SKIPPED = ("dispatchers", "inbox_offsets", "webchat_counters")
+# chat's rate-limit counters (windows of a minute or a day: they start afresh), and SQLite's
+# full-text index of the knowledge base (PostgreSQL's is a column it computes itself).
+SKIPPED = ("dispatchers", "inbox_offsets", "webchat_counters", "knowledge_fts", "knowledge_fts_config",
+           "knowledge_fts_data", "knowledge_fts_docsize", "knowledge_fts_idx")
 # Rows in any of these mean the target is someone's store already.
 MUST_BE_EMPTY = ("events", "mirror", "users", "interactions", "dead_letters")
-SEQUENCES = {"events": "id", "mirror": "rowid", "interactions": "id", "dead_letters": "id"}
+SEQUENCES = {"events": "id", "mirror": "rowid", "interactions": "id", "dead_letters": "id", "knowledge_sources": "id",
+             "knowledge_chunks": "id"}
 CHUNK = 1000
 CONNECT_TIMEOUT = 5
 LOCK_TIMEOUT = "10s"  # a target busy with a live bot is refused, not waited for
@@ -262,6 +265,8 @@ def copy_table(sdb: sqlite3.Connection, conn, table: str) -> tuple[int, int]:
         insert += " ON CONFLICT (account) DO UPDATE SET next_at = GREATEST(graph_budgets.next_at, excluded.next_at)"
     elif table == "answer_cache":  # a cache: an answer the target already holds is as good
         insert += " ON CONFLICT (key) DO NOTHING"
+    elif table == "knowledge_version":  # its one row is there from the migration: the larger wins
+        insert += " ON CONFLICT (id) DO UPDATE SET version = GREATEST(knowledge_version.version, excluded.version)"
     rows = sdb.execute(f"SELECT {select} FROM {table} ORDER BY rowid")
     copied = replaced = 0
     with conn.cursor() as cursor:
@@ -275,7 +280,7 @@ def copy_table(sdb: sqlite3.Connection, conn, table: str) -> tuple[int, int]:
             copied += len(values)
         held = cursor.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
     expected = sdb.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-    if copied != expected or (held != copied and table not in ("graph_budgets", "answer_cache")):
+    if copied != expected or (held != copied and table not in ("graph_budgets", "answer_cache", "knowledge_version")):
         raise Mismatch(f"{table}: {expected} row(s) in SQLite, {copied} copied, {held} in PostgreSQL")
     return copied, replaced
 

@@ -14,7 +14,7 @@ from messenger.text import clean_text
 # Columns of the exchange log, in export order; timestamps are exported as ISO 8601 UTC.
 EXPORT_COLUMNS = ("psid", "user_message", "user_timestamp", "bot_message", "bot_timestamp", "model",
                   "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "outcome", "history", "attachments", "page_id",
-                  "channel", "feedback")
+                  "channel", "feedback", "knowledge")
 # Channels of the log's `channel` column: where the user wrote.
 MESSENGER, INSTAGRAM, WEB = "messenger", "instagram", "web"
 
@@ -40,6 +40,7 @@ class Exchange:
     channel: str | None = None  # messenger, instagram or web; None: the account's platform (Conversations)
     ip_address: str | None = None  # a web turn's client address, for the tracking endpoint
     user_url: str | None = None  # a web turn's Referer: the page the visitor wrote from
+    knowledge: Sequence[tuple[int, float]] = ()  # (chunk id, score) of the knowledge excerpts the prompt carried
 
 
 def user_text(message: IncomingMessage, said: Mapping[str, str] | None = None) -> str:
@@ -60,15 +61,16 @@ def record(db, exchange: Exchange, tracking: bool, channel: str = MESSENGER) -> 
     db.execute(
         "INSERT INTO interactions (psid, user_message, user_timestamp, bot_message, bot_timestamp, model,"
         " prompt_tokens, completion_tokens, total_tokens, latency_ms, outcome, history, tracking, attachments, page_id,"
-        " channel, ip_address, user_url, reply_mids)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " channel, ip_address, user_url, reply_mids, knowledge)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (exchange.psid, clean_text("\n".join(user_text(m, exchange.said) for m in messages)),
          min(m.timestamp_ms for m in messages), _clean(exchange.bot_message), exchange.bot_timestamp_ms,
          _clean(exchange.model), *exchange.usage, exchange.latency_ms, str(exchange.outcome), exchange.history,
          "waiting" if tracking else None,
          json.dumps([list(a) for a in exchange.attachments]) if exchange.attachments else None,
          messages[0].page_id, exchange.channel or channel, _clean(exchange.ip_address), _clean(exchange.user_url),
-         json.dumps([mid for mid, _ in exchange.sent_parts]) if exchange.sent_parts else None))
+         json.dumps([mid for mid, _ in exchange.sent_parts]) if exchange.sent_parts else None,
+         json.dumps([list(item) for item in exchange.knowledge]) if exchange.knowledge else None))
 
 
 def export(db, since_ms: int = 0, until_ms: int | None = None, page: str | None = None,

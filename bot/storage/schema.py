@@ -22,6 +22,13 @@ Columns of note:
   webchat_conversations  the website chat's conversations: ids the server issued; user_key for a
                         signed user id (HMAC, never the id itself); label: the client's unsigned user_id
   webchat_counters    the website chat's limits: requests per key (ip, conversation) in a fixed window
+  knowledge_sources   the knowledge base's sources (bot/knowledge/): a file or web page, per Page
+                      ('' = every Page), with the hash of its content and the model its chunks were
+                      embedded with (NULL: none) - re-adding it unchanged changes nothing
+  knowledge_chunks    their chunks, each with its embedding (float32, normalised; NULL: none) and,
+                      on SQLite, a row in the full-text index knowledge_fts (bot/knowledge/store.py keeps it)
+  knowledge_version   bumped by every change, so each process reloads its in-memory vectors
+  interactions.knowledge  JSON list of [chunk id, score] the answer's prompt carried
   inbox_offsets       bytes of each inbox file already in `events` (bot/storage/inbox.py);
                       damaged: bytes skipped as damage (such a file is quarantined, not deleted)
   dead_letters        records or messages that could not enter the queue, kept for a person
@@ -161,6 +168,39 @@ SCHEMA = [
     ALTER TABLE interactions ADD COLUMN reply_mids TEXT;
     ALTER TABLE interactions ADD COLUMN feedback TEXT;
     """,
+    # version 13: the knowledge base (bot/knowledge/); full text by FTS5 (porter stemming)
+    """
+    CREATE TABLE knowledge_sources (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        page_id TEXT NOT NULL DEFAULT '',
+        location TEXT NOT NULL,
+        title TEXT NOT NULL,
+        url TEXT,
+        kind TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        embedding_model TEXT,
+        chunks INTEGER NOT NULL,
+        added_at REAL NOT NULL,
+        UNIQUE (page_id, location)
+    );
+    CREATE TABLE knowledge_chunks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        source_id INTEGER NOT NULL,
+        page_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        heading TEXT NOT NULL,
+        text TEXT NOT NULL,
+        embedding BLOB,
+        embedding_model TEXT
+    );
+    CREATE INDEX knowledge_chunks_source ON knowledge_chunks (source_id);
+    CREATE INDEX knowledge_chunks_page ON knowledge_chunks (page_id);
+    CREATE VIRTUAL TABLE knowledge_fts USING fts5(heading, text, content='knowledge_chunks', content_rowid='id',
+                                                  tokenize='porter unicode61 remove_diacritics 2');
+    CREATE TABLE knowledge_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+    INSERT INTO knowledge_version (id, version) VALUES (1, 0);
+    ALTER TABLE interactions ADD COLUMN knowledge TEXT;
+    """,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -287,5 +327,39 @@ POSTGRES_SCHEMA = [
     ALTER TABLE mirror ADD COLUMN reaction TEXT;
     ALTER TABLE interactions ADD COLUMN reply_mids TEXT;
     ALTER TABLE interactions ADD COLUMN feedback TEXT;
+    """,
+    # version 9: as SQLite's version 13; full text by PostgreSQL's own (English stemming, as
+    # SQLite's porter tokenizer) in a generated column with a GIN index
+    """
+    CREATE TABLE knowledge_sources (
+        id BIGSERIAL PRIMARY KEY,
+        page_id TEXT NOT NULL DEFAULT '',
+        location TEXT NOT NULL,
+        title TEXT NOT NULL,
+        url TEXT,
+        kind TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        embedding_model TEXT,
+        chunks INTEGER NOT NULL,
+        added_at DOUBLE PRECISION NOT NULL,
+        UNIQUE (page_id, location)
+    );
+    CREATE TABLE knowledge_chunks (
+        id BIGSERIAL PRIMARY KEY,
+        source_id BIGINT NOT NULL,
+        page_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        heading TEXT NOT NULL,
+        text TEXT NOT NULL,
+        embedding BYTEA,
+        embedding_model TEXT,
+        tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', heading || ' ' || text)) STORED
+    );
+    CREATE INDEX knowledge_chunks_source ON knowledge_chunks (source_id);
+    CREATE INDEX knowledge_chunks_page ON knowledge_chunks (page_id);
+    CREATE INDEX knowledge_chunks_tsv ON knowledge_chunks USING GIN (tsv);
+    CREATE TABLE knowledge_version (id INTEGER PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL);
+    INSERT INTO knowledge_version (id, version) VALUES (1, 0);
+    ALTER TABLE interactions ADD COLUMN knowledge TEXT;
     """,
 ]

@@ -38,6 +38,10 @@ FEEDBACK = Counter("messenger_response_feedback_total", "Users' thumbs up (good)
                    ["feedback"])
 ATTACHMENTS = Counter("messenger_attachments_total", "Attachments users sent, by kind and what became of them.",
                       ["kind", "outcome"])
+KNOWLEDGE = Counter("knowledge_searches_total", "Knowledge base searches for a reply, by result (used, "
+                    "nothing-relevant, error).", ["result"])
+EMBEDDING_TOKENS = Counter("openai_embedding_tokens_total", "Embedding tokens spent on users' questions "
+                           "(they count toward DAILY_TOKEN_BUDGET too).")
 REPLY_LATENCY = Histogram(
     "messenger_reply_latency_seconds", "From webhook received to the reply's last part sent.",
     buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120),

@@ -171,7 +171,7 @@ class WebChat:
             bot_timestamp_ms=int(now * 1000) if answer.text is not None else None, model=answer.model,
             usage=answer.usage, latency_ms=int((now - received) * 1000), history=answer.history,
             disclosed_at=now if shown and answer.disclosed else None, channel=WEB, ip_address=address,
-            user_url=referer))
+            user_url=referer, knowledge=answer.knowledge))
 
 
 def new_id() -> str:

@@ -45,7 +45,8 @@ def build_webchat(config: Config, store: Queue | None = None, *, clock: Callable
     composer = Composer(base.graph, model, base.prompt, store.conversations, base.media,
                         policy=replace(base.policy, rate_limit=None), timing=base.timing,
                         answer_cache_ttl=base.answer_cache_ttl, wall_clock=clock,
-                        history=StoreHistory(store.conversations, account.id, page.message_count))
+                        history=StoreHistory(store.conversations, account.id, page.message_count),
+                        knowledge=base.knowledge)
     limits = Limits(per_ip=config.webchat_rate_limit, per_conversation=config.webchat_conversation_limit,
                     daily_per_ip=config.webchat_daily_limit, daily_tokens=config.webchat_daily_tokens)
     return WebChat(composer, store.conversations, page_id=account.id, limits=limits, secret=config.webchat_secret,

@@ -1,0 +1,127 @@
+"""The knowledge base as the command line uses it: add, sync, list, remove, search.
+
+Each source is read, chunked and embedded first, then written in one short transaction of
+its own (the old chunks out, the new ones in, the version bumped): a source is either wholly
+there or not at all, a failed one leaves what was there, and the bot's own writes wait at most
+for one source's INSERTs - never for a download or an embedding call.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import requests
+
+from bot.knowledge import readers, store
+from bot.knowledge.embeddings import Embedder, EmbeddingsUnavailable, to_bytes
+from bot.knowledge.readers import Limits, SourceError
+from bot.knowledge.retrieval import Found, Retriever
+
+logger = logging.getLogger(__name__)
+ADDED, UPDATED, UNCHANGED, FAILED, REMOVED = "added", "updated", "unchanged", "failed", "removed"
+
+
+@dataclass(frozen=True)
+class Report:
+    """What became of one source."""
+
+    location: str
+    status: str  # added, updated, unchanged, failed, removed
+    chunks: int = 0
+    reason: str = ""
+    tokens: int = 0  # embedding tokens spent on it
+
+    def line(self) -> str:
+        detail = self.reason if self.status == FAILED else f"{self.chunks} chunk{'s' if self.chunks != 1 else ''}"
+        return f"{self.status:9} {self.location}: {detail}"
+
+
+class KnowledgeBase:
+    def __init__(self, database, embedder: Embedder | None, limits: Limits = Limits(), *,
+                 min_score: float = 0.3, clock: Callable[[], float] = time.time):
+        self.database = database
+        self.embedder = embedder
+        self.limits = limits
+        self.clock = clock
+        self.retriever = Retriever(database, embedder, min_score=min_score)
+        self._session = requests.Session()
+        self._probed = False
+
+    def add(self, locations: Iterable[str], page_id: str | None = None) -> list[Report]:
+        return [self.add_one(location, page_id) for location in locations]
+
+    def add_one(self, location: str, page_id: str | None = None) -> Report:
+        page = page_id or store.EVERY_PAGE
+        try:
+            document = readers.read(location, self.limits, self._session)
+        except SourceError as error:
+            return Report(location, FAILED, reason=str(error))
+        with self.database.read() as db:
+            old = store.find_source(db, page, document.location)
+        model = self._model()
+        if old and old.content_hash == document.content_hash and (old.embedding_model == model or model is None):
+            return Report(document.location, UNCHANGED, old.chunks)
+        try:
+            embedded = self.embedder.embed([f"{c.heading}\n{c.text}" for c in document.chunks]) if model else None
+        except EmbeddingsUnavailable as error:
+            return Report(document.location, FAILED, reason=f"the model server failed the embeddings ({error});"
+                                                              " nothing of it was added, try again")
+        vectors = [None] * len(document.chunks) if embedded is None or embedded.vectors is None else \
+            [to_bytes(row) for row in embedded.vectors]
+        used_model = model if embedded is not None and embedded.vectors is not None else None
+        with self.database.write() as db:
+            store.put_source(db, page, document.title, document.location, document.url, document.kind,
+                             document.content_hash, document.chunks, vectors, used_model, self.clock())
+        return Report(document.location, UPDATED if old else ADDED, len(document.chunks),
+                      tokens=embedded.tokens if embedded else 0)
+
+    def sync(self, directory: str, page_id: str | None = None) -> list[Report]:
+        """Every readable file under `directory` added (changed ones re-read, by content hash), and
+        the sources that were under it but are gone, removed."""
+        root = os.path.abspath(directory)
+        if not os.path.isdir(root):
+            return [Report(directory, FAILED, reason="not a folder")]
+        found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
+                       if os.path.splitext(name)[1].lower() in readers.SUFFIXES and not name.startswith("."))
+        reports = [self.add_one(path, page_id) for path in found]
+        present = set(found)
+        for source in self.sources(page_id, exact=True):
+            if source.location.startswith(root + os.sep) and source.location not in present:
+                reports.append(self._remove(source))
+        return reports
+
+    def sources(self, page_id: str | None = None, exact: bool = False) -> list[store.Source]:
+        with self.database.read() as db:
+            listed = store.sources(db, page_id)
+        return [s for s in listed if s.page_id == (page_id or store.EVERY_PAGE)] if exact else listed
+
+    def remove(self, what: str, page_id: str | None = None) -> Report:
+        """A source by its id (as `list` shows it) or its path or URL."""
+        location = what if readers.is_url(what) or not os.path.exists(what) else os.path.abspath(what)
+        for source in self.sources(page_id):
+            if str(source.id) == what or source.location in (what, location):
+                return self._remove(source)
+        return Report(what, FAILED, reason="no such source (see `knowledge list`)")
+
+    def _remove(self, source: store.Source) -> Report:
+        with self.database.write() as db:
+            store.remove_source(db, source.id)
+        return Report(source.location, REMOVED, source.chunks)
+
+    def search(self, question: str, page_id: str | None = None, top_k: int = 4) -> Found:
+        return self.retriever.search(question, page_id or store.EVERY_PAGE, top_k)
+
+    def _model(self) -> str | None:
+        """The embedding model in use; None when the server has none (full text only)."""
+        if self.embedder is None:
+            return None
+        if not self._probed:
+            self._probed = True
+            try:  # ask once, with a word, so an unsupported server is known before the first source
+                self.embedder.embed(["probe"])
+            except EmbeddingsUnavailable:
+                return self.embedder.model  # it may work for the source; if not, that source fails
+        return None if self.embedder.unsupported else self.embedder.model

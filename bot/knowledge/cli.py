@@ -1,0 +1,90 @@
+"""`python -m bot knowledge add|sync|list|remove|search`: the knowledge base from the command line.
+
+It runs in its own process, next to a running bot (SQLite's write lock is taken per source, for
+its INSERTs only; PostgreSQL is shared by every host). Settings come from the environment and
+`.env`, as the bot's own: DATA_DIR or DATABASE_URL, OPENAI_BASE_URL, OPENAI_API_KEY,
+EMBEDDING_MODEL. Exit status 1 when any source failed (each says why on its own line).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from config import Config, load_config_or_exit
+
+HELP = "the Page's own knowledge: add files and web pages, sync a folder, list, remove, search"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    page_help = "the Page these sources answer for (default: every Page)"
+    add = actions.add_parser("add", help="add (or re-read) files and web pages: .md .txt .pdf .html .csv .yaml, http(s) URLs")
+    add.add_argument("sources", nargs="+", metavar="PATH|URL")
+    add.add_argument("--page", help=page_help)
+    sync = actions.add_parser("sync", help="make the sources under a folder match it: changed files re-read, "
+                                           "deleted ones removed")
+    sync.add_argument("folder", metavar="DIR")
+    sync.add_argument("--page", help=page_help)
+    listing = actions.add_parser("list", help="the sources, their chunks and when they were added")
+    listing.add_argument("--page", help="only the sources this Page answers from")
+    remove = actions.add_parser("remove", help="remove sources by id (see list), path or URL")
+    remove.add_argument("sources", nargs="+", metavar="ID|PATH|URL")
+    remove.add_argument("--page", help="the Page the source was added for")
+    search = actions.add_parser("search", help="the chunks (and scores) the bot would use for a question")
+    search.add_argument("question")
+    search.add_argument("--page", help="as this Page's answers would search")
+    search.add_argument("--top-k", type=int, help="how many (default: KNOWLEDGE_TOP_K)")
+    search.add_argument("--json", action="store_true", help="one JSON object per chunk")
+
+
+def main(args: argparse.Namespace, config: Config | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    config = config or load_config_or_exit()
+    if args.page and not any(account.page_id == args.page for account in config.accounts):
+        pages = ", ".join(sorted({account.page_id for account in config.accounts}))
+        print(f"--page {args.page}: not a Page of this deployment ({pages})", file=sys.stderr)
+        return 2
+    from bot.knowledge import open_knowledge
+
+    knowledge = open_knowledge(config)
+    if args.action in ("add", "sync"):
+        reports = knowledge.add(args.sources, args.page) if args.action == "add" else knowledge.sync(args.folder,
+                                                                                                      args.page)
+        for report in reports:
+            print(report.line(), file=sys.stderr if report.status == "failed" else sys.stdout)
+        tokens = sum(report.tokens for report in reports)
+        failed = sum(report.status == "failed" for report in reports)
+        mode = "full text only: the model server has no embeddings" if knowledge.embedder.unsupported else \
+            f"embeddings: {config.embedding_model}, {tokens} tokens"
+        print(f"{len(reports) - failed} of {len(reports)} source(s) in the knowledge base ({mode})")
+        return 1 if failed else 0
+    if args.action == "list":
+        sources = knowledge.sources(args.page)
+        for source in sources:
+            print(f"{source.id:>5}  {source.page_id or 'every Page':<16} {source.chunks:>4} chunk(s)  "
+                  f"{source.embedding_model or 'full text only':<24} {source.location}  \u201c{source.title}\u201d")
+        print(f"{len(sources)} source(s), {sum(s.chunks for s in sources)} chunk(s)")
+        return 0
+    if args.action == "remove":
+        reports = [knowledge.remove(what, args.page) for what in args.sources]
+        for report in reports:
+            print(report.line(), file=sys.stderr if report.status == "failed" else sys.stdout)
+        return 1 if any(report.status == "failed" for report in reports) else 0
+    found = knowledge.search(args.question, args.page, args.top_k or config.knowledge_top_k)
+    for rank, hit in enumerate(found.hits, start=1):
+        if args.json:
+            print(json.dumps({"rank": rank, "chunk_id": hit.chunk_id, "source": hit.source, "title": hit.title,
+                              "url": hit.url, "heading": hit.heading, "score": hit.score,
+                              "similarity": hit.similarity, "coverage": hit.coverage, "relevant": hit.relevant,
+                              "text": hit.text}, ensure_ascii=False))
+        else:
+            similarity = "-" if hit.similarity is None else f"{hit.similarity:.3f}"
+            print(f"{rank}. [{'relevant' if hit.relevant else 'weak'}] fused {hit.score:.4f}  cosine {similarity}  "
+                  f"words {hit.coverage:.0%}  {hit.label()}\n   {hit.heading}\n   "
+                  + hit.text[:300].replace("\n", "\n   "))
+    if not found.hits and not args.json:
+        print("nothing found" + ("" if found.searched else ": the knowledge base is empty (knowledge add …)"))
+    return 0

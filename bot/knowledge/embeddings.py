@@ -1,0 +1,85 @@
+"""Embeddings from the model server's OpenAI-compatible `/embeddings` (EMBEDDING_MODEL).
+
+A server without the endpoint (or the model) answers 404 or 405: that is said once in the
+log and the knowledge base works on full text alone from then on in this process. Any other
+failure (a timeout, a 5xx) costs only the call at hand: the caller decides (a reply searches
+full text only; an ingest gives up on that source and adds nothing of it).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import openai
+
+logger = logging.getLogger(__name__)
+BATCH = 64  # texts per request: well under every server's limit, few round trips
+
+
+class EmbeddingsUnavailable(Exception):
+    """This call got no embeddings (the server failed it); the next one may."""
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: np.ndarray | None  # one normalised float32 row per text; None: the server has no embeddings
+    tokens: int  # what the server counted (embedding tokens count toward the budget)
+
+
+class Embedder:
+    def __init__(self, client: openai.OpenAI, model: str, timeout: float = 10.0):
+        self.client = client
+        self.model = model
+        self.timeout = timeout
+        self.unsupported: str | None = None  # why, once the server has said it has no embeddings
+        self._lock = threading.Lock()
+
+    def embed(self, texts: list[str], timeout: float | None = None) -> Embedded:
+        """Vectors for `texts`; raises EmbeddingsUnavailable when this call failed."""
+        if self.unsupported or not texts:
+            return Embedded(None, 0)
+        rows, tokens = [], 0
+        for start in range(0, len(texts), BATCH):
+            try:
+                response = self.client.with_options(timeout=timeout or self.timeout, max_retries=0).embeddings.create(
+                    model=self.model, input=texts[start:start + BATCH])
+            except openai.APIStatusError as error:
+                if error.status_code in (404, 405, 501):
+                    self._unsupported(f"HTTP {error.status_code}: {_message(error)}")
+                    return Embedded(None, 0)
+                raise EmbeddingsUnavailable(f"HTTP {error.status_code}: {_message(error)}") from None
+            except (openai.APIError, ValueError) as error:  # timeouts, connection errors, a body not JSON
+                raise EmbeddingsUnavailable(type(error).__name__) from None
+            data = sorted(response.data, key=lambda item: item.index)
+            if len(data) != len(texts[start:start + BATCH]):
+                raise EmbeddingsUnavailable(f"{len(data)} embeddings for {len(texts[start:start + BATCH])} texts")
+            rows += [item.embedding for item in data]
+            tokens += (response.usage.total_tokens or response.usage.prompt_tokens or 0) if response.usage else 0
+        return Embedded(normalised(np.asarray(rows, dtype=np.float32)), tokens)
+
+    def _unsupported(self, why: str) -> None:
+        with self._lock:
+            if not self.unsupported:
+                self.unsupported = why
+                logger.warning("the model server has no embeddings for EMBEDDING_MODEL=%s (%s): the knowledge base"
+                               " searches full text only", self.model, why)
+
+
+def normalised(matrix: np.ndarray) -> np.ndarray:
+    """Rows of unit length, so a dot product is the cosine (a zero row stays zero)."""
+    if matrix.ndim != 2:
+        raise EmbeddingsUnavailable("the server's embeddings are not vectors")
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix / np.where(norms == 0, 1, norms)
+
+
+def to_bytes(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def _message(error: openai.APIStatusError) -> str:
+    body = error.body if isinstance(error.body, dict) else {}
+    message = body.get("message") or (body.get("error") or {}).get("message") if isinstance(body, dict) else None
+    return str(message or error.message)[:160]

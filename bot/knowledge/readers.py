@@ -1,0 +1,219 @@
+"""A source's text, whatever it is: Markdown, plain text, PDF (pypdf), HTML and web pages
+(trafilatura), a FAQ (CSV or YAML question/answer pairs).
+
+Every failure is a SourceError with a reason a person can act on ("larger than 10 MB",
+"timed out after 15 s", "not a PDF pypdf can read: …"); nothing here writes anywhere.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import charset_normalizer
+import requests
+
+from bot.knowledge.chunking import Chunk, chunk_markdown, chunk_pairs
+
+logger = logging.getLogger(__name__)
+TEXT_SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".text": "text"}
+SUFFIXES = {**TEXT_SUFFIXES, ".pdf": "pdf", ".html": "html", ".htm": "html", ".csv": "faq-csv",
+            ".yaml": "faq-yaml", ".yml": "faq-yaml"}
+WEB_TYPES = {"text/html": "html", "application/xhtml+xml": "html", "text/plain": "text", "text/markdown": "markdown",
+             "application/pdf": "pdf"}
+MAX_REDIRECTS = 5
+
+
+class SourceError(Exception):
+    """This source cannot be added; the message says why, in words."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 10 * 1024 * 1024  # KNOWLEDGE_MAX_MB
+    fetch_timeout: float = 15.0  # KNOWLEDGE_FETCH_TIMEOUT: one web page, start to last byte
+
+
+@dataclass(frozen=True)
+class Document:
+    location: str  # the absolute path, or the URL as given
+    title: str
+    url: str | None
+    kind: str  # markdown, text, pdf, html, faq-csv, faq-yaml
+    content_hash: str  # of the raw bytes: re-adding an unchanged source changes nothing
+    chunks: list[Chunk]
+
+
+def is_url(location: str) -> bool:
+    return urlsplit(location).scheme in ("http", "https")
+
+
+def read(location: str, limits: Limits, session: requests.Session | None = None) -> Document:
+    """The source at `location` (a path or an http(s) URL), read and chunked."""
+    if is_url(location):
+        data, kind = fetch(location, limits, session or requests.Session())
+        return parse(data, kind, location, url=location)
+    path = os.path.abspath(location)
+    kind = SUFFIXES.get(os.path.splitext(path)[1].lower())
+    if kind is None:
+        raise SourceError(f"not a kind of file the knowledge base reads (use {', '.join(sorted(SUFFIXES))})")
+    try:
+        size = os.path.getsize(path)
+        if size > limits.max_bytes:
+            raise SourceError(f"larger than {_mb(limits.max_bytes)} ({_mb(size)}; KNOWLEDGE_MAX_MB)")
+        with open(path, "rb") as file:
+            data = file.read(limits.max_bytes + 1)
+    except OSError as error:
+        raise SourceError(f"cannot read it: {error.strerror or error}") from None
+    return parse(data, kind, path, url=None)
+
+
+def fetch(url: str, limits: Limits, session: requests.Session) -> tuple[bytes, str]:
+    """A web page's bytes and kind: bounded in size and time, redirects limited, its type checked."""
+    session.max_redirects = MAX_REDIRECTS
+    try:
+        with session.get(url, timeout=(min(5.0, limits.fetch_timeout), limits.fetch_timeout), stream=True,
+                         headers={"User-Agent": "messenger-gpt-bot knowledge (+https://github.com)"}) as response:
+            if response.status_code != 200:
+                raise SourceError(f"the server answered HTTP {response.status_code}")
+            content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            kind = WEB_TYPES.get(content_type)
+            if kind is None:
+                raise SourceError(f"its content type is {content_type or 'not given'}, not a page or a document")
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limits.max_bytes:
+                raise SourceError(f"larger than {_mb(limits.max_bytes)} (KNOWLEDGE_MAX_MB)")
+            data = bytearray()
+            for block in response.iter_content(64 * 1024):
+                data += block
+                if len(data) > limits.max_bytes:
+                    raise SourceError(f"larger than {_mb(limits.max_bytes)} (KNOWLEDGE_MAX_MB)")
+            return bytes(data), kind
+    except requests.Timeout:
+        raise SourceError(f"timed out after {limits.fetch_timeout:g} s (KNOWLEDGE_FETCH_TIMEOUT)") from None
+    except requests.TooManyRedirects:
+        raise SourceError(f"more than {MAX_REDIRECTS} redirects") from None
+    except requests.RequestException as error:
+        raise SourceError(f"could not fetch it: {type(error).__name__}") from None
+
+
+def parse(data: bytes, kind: str, location: str, url: str | None) -> Document:
+    """Raw bytes of a known kind into a titled, chunked Document."""
+    digest = hashlib.sha256(data).hexdigest()
+    name = _name(location)
+    if kind == "pdf":
+        title, text = _pdf(data, name)
+        chunks = chunk_markdown(text, title)
+    elif kind == "html":
+        title, text = _html(decode(data), name, url)
+        chunks = chunk_markdown(text, title)
+    elif kind in ("faq-csv", "faq-yaml"):
+        title = _title_of_name(name)
+        chunks = chunk_pairs(_faq_csv(decode(data)) if kind == "faq-csv" else _faq_yaml(decode(data)), title)
+    else:
+        text = decode(data)
+        title = _markdown_title(text) or _title_of_name(name)
+        chunks = chunk_markdown(text, title)
+    if not chunks:
+        raise SourceError("no text in it")
+    return Document(location, title, url, kind, digest, chunks)
+
+
+def decode(data: bytes) -> str:
+    """Text in UTF-8 (a BOM allowed), else whatever charset-normalizer is sure of."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    matches = charset_normalizer.from_bytes(data)
+    best = matches.best()
+    if best is None or best.chaos > 0.2:
+        raise SourceError("its text is in an encoding that cannot be told (save it as UTF-8)")
+    # Short texts fit several code pages equally well: Windows' Western one is the likeliest
+    # (cp1250 would turn "crème" into "crčme").
+    if any("cp1252" in m.could_be_from_charset for m in matches if m.chaos <= best.chaos):
+        try:
+            return data.decode("cp1252")
+        except UnicodeDecodeError:
+            pass
+    return str(best)
+
+
+def _pdf(data: bytes, name: str) -> tuple[str, str]:
+    import pypdf  # only when a PDF is added: the bot itself never needs it
+
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data))
+        pages = [page.extract_text() or "" for page in reader.pages]
+        title = str((reader.metadata or {}).get("/Title") or "").strip()
+    except Exception as error:  # noqa: BLE001 - pypdf raises many kinds for a broken file
+        raise SourceError(f"not a PDF pypdf can read: {type(error).__name__}: {str(error)[:120]}") from None
+    # Each page its own paragraph (a page break is as good a cut as a blank line).
+    return title or _title_of_name(name), "\n\n".join(page.strip() for page in pages if page.strip())
+
+
+def _html(text: str, name: str, url: str | None) -> tuple[str, str]:
+    import trafilatura  # only when a page is added
+
+    try:
+        extracted = trafilatura.extract(text, url=url, output_format="markdown", include_tables=True,
+                                        include_links=False, include_comments=False, favor_recall=True)
+        metadata = trafilatura.extract_metadata(text, default_url=url)
+    except Exception as error:  # noqa: BLE001 - lxml's errors on broken markup
+        raise SourceError(f"could not read the page: {type(error).__name__}") from None
+    if not extracted:
+        raise SourceError("no readable text on the page")
+    title = (metadata.title if metadata and metadata.title else "") or _markdown_title(extracted)
+    return title or _title_of_name(name), extracted
+
+
+def _faq_csv(text: str) -> list[tuple[str, str]]:
+    rows = list(csv.reader(io.StringIO(text)))
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["question", "answer"]:
+        rows = rows[1:]
+    return _pairs([(row[0], row[1]) if len(row) >= 2 else None for row in rows if any(c.strip() for c in row)])
+
+
+def _faq_yaml(text: str) -> list[tuple[str, str]]:
+    import yaml
+
+    try:
+        items = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SourceError(f"not valid YAML: {str(error).splitlines()[0]}") from None
+    if isinstance(items, dict):  # {faq: [...]} or {questions: [...]}
+        items = next((v for v in items.values() if isinstance(v, list)), None)
+    if not isinstance(items, list):
+        raise SourceError("a FAQ file is a list of {question, answer} pairs")
+    return _pairs([(item.get("question") or item.get("q"), item.get("answer") or item.get("a"))
+                   if isinstance(item, dict) else None for item in items])
+
+
+def _pairs(rows: list) -> list[tuple[str, str]]:
+    bad = [i + 1 for i, row in enumerate(rows) if not row or not all(isinstance(v, str) and v.strip() for v in row)]
+    if bad:
+        raise SourceError(f"entries {', '.join(map(str, bad[:5]))} are not a question with an answer")
+    return [(q.strip(), a.strip()) for q, a in rows]
+
+
+def _markdown_title(text: str) -> str:
+    """The document's one `#` heading; with several, none is the whole document's title."""
+    titles = [line[2:].strip().strip("#").strip() for line in text.splitlines() if line.startswith("# ")]
+    return titles[0] if len(titles) == 1 else ""
+
+
+def _name(location: str) -> str:
+    return os.path.basename(urlsplit(location).path.rstrip("/")) or urlsplit(location).netloc or location
+
+
+def _title_of_name(name: str) -> str:
+    stem = os.path.splitext(name)[0].replace("_", " ").replace("-", " ").strip()
+    return stem[:1].upper() + stem[1:] if stem else name
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1024 / 1024:.1f} MB".replace(".0 MB", " MB")

@@ -1,0 +1,209 @@
+"""Finding the chunks that answer a question: full text and embeddings, fused by reciprocal rank.
+
+Full text (bm25 / ts_rank_cd over the question's words, any of them) finds exact names,
+prices and codes; cosine over embeddings finds the same meaning in other words (and, with a
+multilingual model, in another language). Reciprocal rank fusion (1/(60 + rank), summed)
+needs no calibration between the two scores. Whether a hit is relevant at all is a separate,
+absolute test: cosine similarity at least KNOWLEDGE_MIN_SCORE, or half the question's words
+in the chunk (and not far fewer than the best chunk has) - what decides whether an excerpt goes
+into the prompt at all, and what `KNOWLEDGE_MODE=only` decides on.
+
+The vectors live in each process's memory (one float32 matrix per Page, exact search: a
+matrix-vector product), reloaded when the knowledge version in the store has moved.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+
+from bot.knowledge import store
+from bot.knowledge.embeddings import Embedder, EmbeddingsUnavailable
+
+logger = logging.getLogger(__name__)
+RRF_K = 60
+CANDIDATES = 50  # from each ranking, before fusion
+MAX_TERMS = 32
+WORD = re.compile(r"\w+", re.UNICODE)
+# Words that say nothing of what is asked (English, and the commonest of es/fr/de): left out of
+# the full-text query, where they would match every chunk.
+STOP_WORDS = frozenset("""
+a an and are as at be but by can could do does for from had has have how i if in into is it its me my
+no not of on or our so than that the their them then there these they this to too us was we were what
+when where which who why will with would you your yours please hi hello thanks thank tell know about
+any anything there's i'm it's do you'd i'd can't don't
+el la los las un una de del y o en que es por para con se su al lo como mas pero sus le ya
+le la les un une des du et ou en est que qui pour par avec dans sur au aux ce cette vous nous je
+der die das ein eine und oder ist in im zu den dem des mit fur von auf wie was ich sie wir es
+""".split())
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: int
+    source: str  # the location as added: a path or a URL
+    title: str
+    url: str | None
+    heading: str
+    text: str
+    score: float  # the fused score (ordering only)
+    similarity: float | None  # cosine with the question (None: no embeddings)
+    coverage: float  # share of the question's words in the chunk
+    relevant: bool
+
+    def label(self) -> str:
+        """How the prompt and the citation name it: its title, and its source's file name or URL."""
+        where = self.url or self.source.rsplit("/", 1)[-1]
+        return f"{self.title} ({where})"
+
+
+@dataclass(frozen=True)
+class Found:
+    hits: list[Hit]  # best first, at most top_k
+    embedding_tokens: int = 0
+    searched: bool = True  # False: nothing was ever added, the knowledge base is not in use
+
+
+def terms(text: str) -> list[str]:
+    """The question's words for full-text search: folded, without stop words, once each."""
+    seen: dict[str, None] = {}
+    for word in WORD.findall(fold(text)):
+        if len(word) > 1 and word not in STOP_WORDS and not word.isdigit() or (word.isdigit() and len(word) > 1):
+            seen.setdefault(word)
+    return list(seen)[:MAX_TERMS]
+
+
+def fold(text: str) -> str:
+    """Lower case without accents: "Café" and "cafe" are one word."""
+    decomposed = unicodedata.normalize("NFKD", text.lower())
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).replace("_", " ")
+
+
+def stem(word: str) -> str:
+    """A light suffix stripper for the coverage test (the search itself stems properly)."""
+    for suffix in ("ing", "ies", "es", "ed", "s"):
+        if len(word) > len(suffix) + 2 and word.endswith(suffix):
+            return word[: -len(suffix)]
+    return word
+
+
+def coverage(question_terms: list[str], text: str) -> float:
+    if not question_terms:
+        return 0.0
+    words = {stem(w) for w in WORD.findall(fold(text))}
+    return sum(1 for t in question_terms if stem(t) in words) / len(question_terms)
+
+
+class _Vectors:
+    """One Page's chunk vectors for one model, as of one knowledge version."""
+
+    def __init__(self, version: int, ids: np.ndarray, matrix: np.ndarray):
+        self.version, self.ids, self.matrix = version, ids, matrix
+        self.row_of = {int(chunk_id): row for row, chunk_id in enumerate(ids.tolist())}
+
+
+class _Scored:
+    """The question's cosine with each of a Page's chunks."""
+
+    def __init__(self, vectors: _Vectors, scores: np.ndarray):
+        self.vectors, self.scores = vectors, scores
+
+    def top(self, count: int) -> list[int]:
+        """The ids of the `count` most similar chunks, most similar first (no full sort)."""
+        count = min(count, len(self.scores))
+        rows = np.argpartition(-self.scores, count - 1)[:count]
+        rows = rows[np.argsort(-self.scores[rows], kind="stable")]
+        return self.vectors.ids[rows].tolist()
+
+    def of(self, chunk_id: int) -> float | None:
+        row = self.vectors.row_of.get(chunk_id)
+        return None if row is None else float(self.scores[row])
+
+
+class Retriever:
+    def __init__(self, database, embedder: Embedder | None, *, min_score: float = 0.3, min_coverage: float = 0.5):
+        self.database = database
+        self.embedder = embedder
+        self.min_score = min_score
+        self.min_coverage = min_coverage
+        self._vectors: dict[str, _Vectors] = {}
+        self._lock = threading.Lock()
+
+    def search(self, question: str, page_id: str, top_k: int, timeout: float | None = None) -> Found:
+        """The `top_k` best chunks for `question` in this Page's (and every Page's) sources."""
+        question_terms = terms(question)
+        with self.database.read() as db:
+            current = store.version(db)
+            if current == 0:  # nothing was ever added: no embedding call for nothing
+                return Found([], searched=False)
+            ranked_text = store.full_text(db, question_terms, page_id, CANDIDATES)
+        scored, tokens = self._similarities(question, page_id, current, timeout)
+        ranked_vectors = scored.top(CANDIDATES) if scored else []
+        fused: dict[int, float] = {}
+        for ranking in (ranked_text, ranked_vectors):
+            for rank, chunk_id in enumerate(ranking):
+                fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank + 1)
+        best = sorted(fused, key=lambda chunk_id: (-fused[chunk_id], chunk_id))[:top_k]
+        with self.database.read() as db:
+            rows = store.chunks(db, best)
+        best = [chunk_id for chunk_id in best if chunk_id in rows]  # one removed in between is gone
+        covered = {chunk_id: coverage(question_terms, rows[chunk_id].heading + " " + rows[chunk_id].text)
+                   for chunk_id in best}
+        # By words, a chunk is relevant with half the question's words, and not far fewer than the
+        # best chunk has: "gluten free" is not answered by a chunk that only says "free".
+        enough_words = max(self.min_coverage, 0.75 * max(covered.values(), default=0.0))
+        hits = []
+        for chunk_id in best:
+            row, similarity = rows[chunk_id], scored.of(chunk_id) if scored else None
+            relevant = (similarity is not None and similarity >= self.min_score) or covered[chunk_id] >= enough_words
+            hits.append(Hit(chunk_id, row.location, row.title, row.url, row.heading, row.text, round(fused[chunk_id], 5),
+                            None if similarity is None else round(similarity, 4), round(covered[chunk_id], 3), relevant))
+        return Found(hits, tokens)
+
+    def _similarities(self, question: str, page_id: str, version: int,
+                      timeout: float | None) -> tuple["_Scored | None", int]:
+        """Cosine of the question with every chunk of the Page (None: no embeddings now)."""
+        if self.embedder is None or self.embedder.unsupported:
+            return None, 0
+        vectors = self._page_vectors(page_id, version)
+        if vectors is None or not len(vectors.ids):
+            return None, 0
+        try:
+            embedded = self.embedder.embed([question], timeout=timeout)
+        except EmbeddingsUnavailable as error:
+            logger.warning("could not embed the question (%s): full-text search only for this answer", error)
+            return None, 0
+        if embedded.vectors is None:
+            return None, embedded.tokens
+        if embedded.vectors.shape[1] != vectors.matrix.shape[1]:
+            logger.warning("the question's embedding has %d dimensions, the knowledge base's %d: re-add the sources"
+                           " (EMBEDDING_MODEL changed?); full text only", embedded.vectors.shape[1],
+                           vectors.matrix.shape[1])
+            return None, embedded.tokens
+        return _Scored(vectors, vectors.matrix @ embedded.vectors[0]), embedded.tokens
+
+    def _page_vectors(self, page_id: str, version: int) -> _Vectors | None:
+        cached = self._vectors.get(page_id)
+        if cached is not None and cached.version == version:
+            return cached
+        with self._lock:
+            cached = self._vectors.get(page_id)
+            if cached is not None and cached.version == version:
+                return cached
+            with self.database.read() as db:
+                rows = store.vectors(db, page_id, self.embedder.model)
+            if not rows:
+                loaded = _Vectors(version, np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
+            else:
+                width = len(rows[0][1]) // 4
+                rows = [row for row in rows if len(row[1]) == width * 4]  # one model, one width
+                ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+                matrix = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4").reshape(len(rows), width)
+                loaded = _Vectors(version, ids, matrix)
+            self._vectors[page_id] = loaded
+            return loaded
+

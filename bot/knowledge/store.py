@@ -1,0 +1,142 @@
+"""The knowledge base's SQL, both backends: sources, their chunks, the full-text index, the
+version every change bumps. Full-text search is the one statement that differs: SQLite's
+FTS5 (bm25) and PostgreSQL's tsvector (ts_rank_cd), both with English stemming."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from bot.knowledge.chunking import Chunk
+
+EVERY_PAGE = ""  # a source added without --page: every Page's
+
+
+@dataclass(frozen=True)
+class Source:
+    id: int
+    page_id: str
+    location: str
+    title: str
+    url: str | None
+    kind: str
+    content_hash: str
+    embedding_model: str | None
+    chunks: int
+    added_at: float
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    id: int
+    source_id: int
+    location: str
+    title: str
+    url: str | None
+    heading: str
+    text: str
+
+
+SOURCE_COLUMNS = "id, page_id, location, title, url, kind, content_hash, embedding_model, chunks, added_at"
+
+
+def version(db) -> int:
+    return db.execute("SELECT version FROM knowledge_version WHERE id = 1").fetchone()[0]
+
+
+def _bump(db) -> None:
+    db.execute("UPDATE knowledge_version SET version = version + 1 WHERE id = 1")
+
+
+def find_source(db, page_id: str, location: str) -> Source | None:
+    row = db.execute(f"SELECT {SOURCE_COLUMNS} FROM knowledge_sources WHERE page_id = ? AND location = ?",
+                     (page_id, location)).fetchone()
+    return Source(*row) if row else None
+
+
+def sources(db, page_id: str | None = None) -> list[Source]:
+    """Every source (one Page's and every Page's with `page_id`), oldest first."""
+    where, params = (" WHERE page_id IN (?, ?)", (page_id, EVERY_PAGE)) if page_id else ("", ())
+    return [Source(*row) for row in db.execute(
+        f"SELECT {SOURCE_COLUMNS} FROM knowledge_sources{where} ORDER BY id", params).fetchall()]
+
+
+def put_source(db, page_id: str, title: str, location: str, url: str | None, kind: str, content_hash: str,
+               chunks: Sequence[Chunk], vectors: Sequence[bytes | None], embedding_model: str | None,
+               now: float) -> int:
+    """The source with these chunks, replacing what it had: the caller's one transaction."""
+    old = find_source(db, page_id, location)
+    if old:
+        _delete_chunks(db, old.id)
+        db.execute("UPDATE knowledge_sources SET title = ?, url = ?, kind = ?, content_hash = ?, embedding_model = ?,"
+                   " chunks = ?, added_at = ? WHERE id = ?",
+                   (title, url, kind, content_hash, embedding_model, len(chunks), now, old.id))
+        source_id = old.id
+    else:
+        source_id = db.execute(
+            "INSERT INTO knowledge_sources (page_id, location, title, url, kind, content_hash, embedding_model, chunks,"
+            " added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (page_id, location, title, url, kind, content_hash, embedding_model, len(chunks), now)).fetchone()[0]
+    for chunk, vector in zip(chunks, vectors):
+        chunk_id = db.execute(
+            "INSERT INTO knowledge_chunks (source_id, page_id, position, heading, text, embedding, embedding_model)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (source_id, page_id, chunk.position, chunk.heading, chunk.text, vector,
+             embedding_model if vector is not None else None)).fetchone()[0]
+        if _is_sqlite(db):  # PostgreSQL's index is a generated column
+            db.execute("INSERT INTO knowledge_fts (rowid, heading, text) VALUES (?, ?, ?)",
+                       (chunk_id, chunk.heading, chunk.text))
+    _bump(db)
+    return source_id
+
+
+def remove_source(db, source_id: int) -> bool:
+    _delete_chunks(db, source_id)
+    removed = db.execute("DELETE FROM knowledge_sources WHERE id = ?", (source_id,)).rowcount > 0
+    _bump(db)
+    return removed
+
+
+def _delete_chunks(db, source_id: int) -> None:
+    if _is_sqlite(db):
+        db.execute("INSERT INTO knowledge_fts (knowledge_fts, rowid, heading, text)"
+                   " SELECT 'delete', id, heading, text FROM knowledge_chunks WHERE source_id = ?", (source_id,))
+    db.execute("DELETE FROM knowledge_chunks WHERE source_id = ?", (source_id,))
+
+
+def full_text(db, terms: Sequence[str], page_id: str, limit: int) -> list[int]:
+    """Chunk ids matching any of `terms` (plain words), best first."""
+    if not terms:
+        return []
+    if _is_sqlite(db):
+        match = " OR ".join(f'"{term}"' for term in terms)
+        rows = db.execute(
+            "SELECT f.rowid FROM knowledge_fts f JOIN knowledge_chunks c ON c.id = f.rowid"
+            " WHERE knowledge_fts MATCH ? AND c.page_id IN (?, ?) ORDER BY f.rank LIMIT ?",
+            (match, page_id, EVERY_PAGE, limit))
+    else:
+        rows = db.execute(
+            "SELECT id FROM knowledge_chunks, to_tsquery('english', ?) query"
+            " WHERE tsv @@ query AND page_id IN (?, ?) ORDER BY ts_rank_cd(tsv, query) DESC, id LIMIT ?",
+            (" | ".join(terms), page_id, EVERY_PAGE, limit))
+    return [row[0] for row in rows.fetchall()]
+
+
+def vectors(db, page_id: str, model: str) -> list[tuple[int, bytes]]:
+    """(chunk id, embedding) of one Page's chunks embedded with `model`."""
+    return [(row[0], bytes(row[1])) for row in db.execute(
+        "SELECT id, embedding FROM knowledge_chunks WHERE page_id IN (?, ?) AND embedding_model = ?"
+        " AND embedding IS NOT NULL ORDER BY id", (page_id, EVERY_PAGE, model)).fetchall()]
+
+
+def chunks(db, ids: Sequence[int]) -> dict[int, StoredChunk]:
+    if not ids:
+        return {}
+    marks = ", ".join("?" * len(ids))
+    rows = db.execute(
+        "SELECT c.id, c.source_id, s.location, s.title, s.url, c.heading, c.text FROM knowledge_chunks c"
+        f" JOIN knowledge_sources s ON s.id = c.source_id WHERE c.id IN ({marks})", tuple(ids)).fetchall()
+    return {row[0]: StoredChunk(*row) for row in rows}
+
+
+def _is_sqlite(db) -> bool:
+    return type(db).__module__ == "sqlite3"

@@ -1,0 +1,207 @@
+"""The knowledge base's intake: chunks that follow the document, every kind of source read,
+every bad source refused with one clear line and nothing half-added, the command line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from werkzeug.wrappers import Request, Response
+
+from bot.knowledge.chunking import chunk_markdown, chunk_pairs
+from bot.knowledge.readers import Limits, SourceError, read
+from devtools.emulator import LocalServer
+from tests.support import ROOT
+from tests.support.documents import pdf_bytes
+
+HOURS = """# Ana's Bakery
+
+## Opening hours
+
+We are open Monday to Friday from 8:00 to 18:00.
+
+On Saturdays we open at 9:00 and close at 14:00.
+
+## Delivery
+
+### Prices
+
+Delivery costs 3 euros within 5 km.
+"""
+
+
+def test_chunks_follow_the_headings_and_keep_their_path():
+    chunks = chunk_markdown(HOURS, "Ana's Bakery")
+    assert [c.heading for c in chunks] == ["Ana's Bakery \u203a Opening hours",
+                                           "Ana's Bakery \u203a Delivery \u203a Prices"]
+    assert "Saturdays" in chunks[0].text and "8:00" in chunks[0].text  # two paragraphs, one chunk
+    assert [c.position for c in chunks] == [0, 1]
+
+
+def test_a_long_section_is_cut_between_paragraphs_with_the_last_one_repeated():
+    paragraphs = [f"Paragraph {n}. " + "word " * 30 for n in range(8)]
+    short = "Short closing note."
+    chunks = chunk_markdown("# T\n\n" + "\n\n".join(paragraphs[:3] + [short] + paragraphs[3:]), "T", max_chars=400)
+    assert len(chunks) > 2 and all(len(c.text) <= 400 for c in chunks)
+    texts = [c.text for c in chunks]
+    carried = [t for t in texts if t.startswith(short)]
+    assert carried, "a short last paragraph is carried into the next chunk (the overlap)"
+    assert all(p.strip() in "\n".join(texts) for p in paragraphs)  # nothing lost
+
+
+def test_a_paragraph_longer_than_a_chunk_is_cut_between_sentences():
+    text = " ".join(f"Sentence number {n} is here." for n in range(60))
+    chunks = chunk_markdown(text, "T", max_chars=300)
+    assert all(len(c.text) <= 300 for c in chunks)
+    assert all(c.text.endswith(".") for c in chunks)
+
+
+def test_a_faq_pair_is_one_chunk_never_cut():
+    chunks = chunk_pairs([("Do you deliver?", "Yes, within 5 km."), ("Gluten-free?", "Yes: the buckwheat loaf.")], "FAQ")
+    assert [c.text for c in chunks] == ["Q: Do you deliver?\nA: Yes, within 5 km.",
+                                        "Q: Gluten-free?\nA: Yes: the buckwheat loaf."]
+    assert chunks[1].heading == "FAQ \u203a Gluten-free?"
+
+
+@pytest.mark.parametrize("name, data, title, fact", [
+    ("hours.md", HOURS.encode(), "Ana's Bakery", "Saturdays"),
+    ("notes.txt", "Parking is free behind the shop.\n\nBikes too.".encode(), "Notes", "Parking is free"),
+    ("menu.html", b"<html><head><title>Our menu</title></head><body><nav>Home | Shop</nav><article><h1>Our menu</h1>"
+                  b"<p>A croissant costs 2.40 euros and a pain au chocolat 2.80 euros, baked every morning.</p>"
+                  b"<p>Our sourdough loaf costs 5.20 euros and keeps for three days.</p></article></body></html>",
+     "Our menu", "2.40 euros"),
+    ("prices.pdf", pdf_bytes(["A baguette costs 1.90 euros.", "Cakes are made to order."], "Price list"),
+     "Price list", "1.90 euros"),
+    ("faq.csv", b"question,answer\nDo you deliver?,Yes within 5 km.\n", "Faq", "Q: Do you deliver?"),
+    ("faq.yaml", "- question: Are dogs welcome?\n  answer: Yes, on the terrace.\n".encode(), "Faq", "on the terrace"),
+    ("latin1.txt", ("Notre café crème coûte 2,10 \u20ac. La crème brûlée est préparée chaque matin, les éclairs "
+                    "aussi. Nous sommes fermés le dimanche et les jours fériés.").encode("cp1252"), "Latin1",
+     "café crème coûte 2,10 \u20ac"),
+], ids=["markdown", "text", "html", "pdf", "faq-csv", "faq-yaml", "cp1252"])
+def test_each_kind_of_file_is_read(tmp_path, name, data, title, fact):
+    path = tmp_path / name
+    path.write_bytes(data)
+    document = read(str(path), Limits())
+    assert document.title == title
+    assert any(fact in chunk.text for chunk in document.chunks), [c.text for c in document.chunks]
+    assert document.location == str(path)
+
+
+@pytest.mark.parametrize("name, data, reason", [
+    ("broken.pdf", b"%PDF-1.4\nthis is not a pdf at all", "not a PDF pypdf can read"),
+    ("binary.txt", os.urandom(4096), "encoding that cannot be told"),
+    ("empty.md", b"\n\n   \n", "no text in it"),
+    ("faq.yaml", b"- question: no answer here\n", "not a question with an answer"),
+    ("picture.png", b"\x89PNG....", "not a kind of file"),
+], ids=["broken-pdf", "unknown-encoding", "empty", "faq-without-answer", "unknown-kind"])
+def test_a_bad_file_is_refused_with_a_reason(tmp_path, name, data, reason):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(SourceError, match=reason):
+        read(str(path), Limits())
+
+
+def test_a_50_mb_file_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "huge.txt"
+    with open(path, "wb") as file:
+        file.truncate(50 * 1024 * 1024)  # sparse: nothing to read if the size check works
+    with pytest.raises(SourceError, match=r"larger than 10 MB \(50 MB; KNOWLEDGE_MAX_MB\)"):
+        read(str(path), Limits())
+
+
+class Site(LocalServer):
+    """A web site with a good page, a slow one, a large one, an image and a missing page."""
+
+    def handle(self, request: Request) -> Response:
+        if request.path == "/about":
+            return Response("<html><head><title>About us</title></head><body><article><h1>About us</h1><p>Ana "
+                            "opened the bakery in 2011 in Lyon and still bakes every loaf herself.</p></article>"
+                            "</body></html>", content_type="text/html; charset=utf-8")
+        if request.path == "/slow":
+            time.sleep(3)
+            return Response("<html><body>late</body></html>", content_type="text/html")
+        if request.path == "/large":
+            return Response(b"x" * (2 * 1024 * 1024), content_type="text/plain")
+        if request.path == "/photo":
+            return Response(b"\x89PNG", content_type="image/png")
+        if request.path == "/moved":
+            return Response("", status=302, headers={"Location": "/moved"})
+        return Response("not found", status=404)
+
+
+@pytest.fixture
+def site():
+    server = Site().start()
+    yield server
+    server.stop()
+
+
+def test_a_web_page_is_read_with_its_title_and_url(site):
+    document = read(site.url + "/about", Limits())
+    assert document.title == "About us" and document.url == site.url + "/about"
+    assert "in 2011 in Lyon" in document.chunks[0].text
+
+
+@pytest.mark.parametrize("path, reason", [
+    ("/slow", r"timed out after 1 s \(KNOWLEDGE_FETCH_TIMEOUT\)"),
+    ("/large", r"larger than 1 MB"),
+    ("/photo", "content type is image/png"),
+    ("/missing", "HTTP 404"),
+    ("/moved", "more than 5 redirects"),
+])
+def test_a_bad_web_page_is_refused_with_a_reason(site, path, reason):
+    started = time.monotonic()
+    with pytest.raises(SourceError, match=reason):
+        read(site.url + path, Limits(max_bytes=1024 * 1024, fetch_timeout=1.0))
+    assert time.monotonic() - started < 2.5
+
+
+def run_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bot", "knowledge", *args], cwd=ROOT, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_command_line_adds_lists_searches_and_removes(env, tmp_path, site):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "hours.md").write_text(HOURS)
+    (docs / "broken.pdf").write_bytes(b"%PDF-1.4 nonsense")
+    added = run_cli(env, "add", str(docs / "hours.md"), str(docs / "broken.pdf"), site.url + "/about")
+    assert added.returncode == 1  # one source failed...
+    assert f"failed    {docs / 'broken.pdf'}: not a PDF pypdf can read" in added.stderr
+    assert f"added     {docs / 'hours.md'}: 2 chunks" in added.stdout  # ...the others are in
+    assert f"added     {site.url}/about: 1 chunk" in added.stdout
+    again = run_cli(env, "add", str(docs / "hours.md"))
+    assert again.returncode == 0 and "unchanged" in again.stdout  # re-adding duplicates nothing
+    listed = run_cli(env, "list")
+    assert "2 source(s), 3 chunk(s)" in listed.stdout, listed.stdout
+    found = run_cli(env, "search", "when do you open on saturday?", "--json")
+    assert json.loads(found.stdout.splitlines()[0])["heading"] == "Ana's Bakery \u203a Opening hours"
+    removed = run_cli(env, "remove", str(docs / "hours.md"))
+    assert removed.returncode == 0 and "removed" in removed.stdout
+    assert "1 source(s), 1 chunk(s)" in run_cli(env, "list").stdout
+
+
+def test_sync_rereads_changed_files_and_drops_deleted_ones(env, tmp_path):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "hours.md").write_text(HOURS)
+    (docs / "sub" / "parking.txt").write_text("Parking is free behind the shop.")
+    first = run_cli(env, "sync", str(docs))
+    assert first.stdout.count("added") == 2, first.stdout + first.stderr
+    (docs / "hours.md").write_text(HOURS.replace("18:00", "19:00"))
+    (docs / "sub" / "parking.txt").unlink()
+    second = run_cli(env, "sync", str(docs))
+    assert f"updated   {docs / 'hours.md'}" in second.stdout
+    assert f"removed   {docs / 'sub' / 'parking.txt'}" in second.stdout
+    found = run_cli(env, "search", "open monday friday", "--json")
+    assert "19:00" in found.stdout and "18:00" not in found.stdout
+
+
+def test_a_page_that_is_not_configured_is_refused(env, tmp_path):
+    (tmp_path / "a.md").write_text("# A\n\ntext")
+    result = run_cli(env, "add", str(tmp_path / "a.md"), "--page", "999")
+    assert result.returncode == 2 and "--page 999: not a Page of this deployment" in result.stderr
