@@ -1,6 +1,6 @@
 """The website chat next to Messenger: does a crowd of web visitors cost Meta's acknowledgements?
 
-    .venv/bin/python bench/webchat.py [--chats 200] [--model-s 3] [--acks 400] [--first-token-runs 20]
+    .venv/bin/python bench/webchat.py [--chats 200] [--model-s 3] [--acks 400] [--first-token-runs 20] [--together]
 
 `gunicorn server:app` with WEBCHAT=on (the website chat's own listener, bot/webchat/serve.py),
 against a streaming OpenAI-shaped server (tests/support/streaming_model.py) that takes
@@ -12,6 +12,9 @@ against a streaming OpenAI-shaped server (tests/support/streaming_model.py) that
 - first_token: for single streamed chats, the visitor's first `delta` event minus the moment
   the model wrote its first token (same host, same clock). Target: <= 20 ms.
 - rss: the website chat's processes (master and worker), peak while the chats are open.
+- cpu: where the CPU went while the acks were measured with the chats open - cores used by each
+  of the bot's processes and by the harness (the visitors; the model and Graph stand-ins), and
+  how busy the machine was - to tell the bot's cost from the load generator's.
 """
 from __future__ import annotations
 
@@ -35,6 +38,10 @@ from devtools.emulator import GraphEmulator  # noqa: E402
 from bench.run import PAGE_TOKEN  # noqa: E402
 from messenger.signature import sign  # noqa: E402
 from tests.support.streaming_model import StreamingModel  # noqa: E402
+
+HARNESS_NICENESS = 19  # the visitors and the model stand-in: stand-ins for other machines
+ANSWER = "Thank you for asking, we are open every day from eight to six."
+PIECE_S = 0.02  # between the model's pieces (a word each): 50 a second
 
 
 def delivery(n: int) -> bytes:
@@ -63,19 +70,24 @@ def _measure_acks(url: str, count: int, pace: float = 0.02) -> dict:
         time.sleep(pace)
     times.sort()
     return {"acks": count, "p50_ms": round(statistics.median(times), 2),
-            "p99_ms": round(times[int(len(times) * 0.99) - 1], 2)}
+            "p99_ms": round(times[int(len(times) * 0.99) - 1], 2), "measurer_cpu_s": round(sum(os.times()[:2]), 2)}
 
 
 class OpenChats:
-    """`count` visitors, each with one streamed chat open at all times."""
+    """`count` visitors, each with one streamed chat open at all times.
 
-    def __init__(self, url: str, count: int):
-        self.url, self.count = url, count
+    Visitor n opens its first chat n/count of a chat's length after the first: independent
+    visitors' questions, and so the model's first tokens, arrive spread out, not all 200 in the
+    same instant every 3 s (which is what starting them together gave, wave after wave)."""
+
+    def __init__(self, url: str, count: int, chat_s: float):
+        self.url, self.count, self.chat_s = url, count, chat_s
         self.stop = threading.Event()
         self.done = self.errors = 0
         self.waiting = 0  # chats admitted and waiting on the model right now
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._visitor, args=(n,), daemon=True) for n in range(count)]
+        self.threads = [threading.Thread(target=self._visitor, args=(n,), name=f"visitor-{n}", daemon=True)
+                        for n in range(count)]
 
     def start(self) -> "OpenChats":
         for thread in self.threads:
@@ -83,10 +95,11 @@ class OpenChats:
         return self
 
     def _visitor(self, n: int) -> None:
-        # Visitors are other machines in real life: here they share the 2 cores, at a lower priority
+        # Visitors are other machines in real life: here they share the 2 cores, at the lowest priority
         # (Linux sets niceness per thread), so the load generator is not what delays the bot.
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HARNESS_NICENESS)
         session = requests.Session()
+        self.stop.wait(self.chat_s * n / self.count)
         while not self.stop.is_set():
             try:
                 with session.post(self.url + "/api/chat", json={"message": f"visitor {n} asks"}, stream=True,
@@ -113,20 +126,36 @@ class OpenChats:
             thread.join(timeout=90)
 
 
+class RemoteModel(StreamingModel):
+    """The streaming model stand-in, each answer on a thread at the lowest priority: in real life
+    the model runs on another machine, and here it must not outrank the bot it is measuring."""
+
+    def handle(self, request):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HARNESS_NICENESS)
+        return super().handle(request)
+
+
 def first_token(url: str, model: StreamingModel, runs: int) -> dict:
     gaps = []
-    for _ in range(runs):
-        number = len(model.requests)
-        with requests.post(url + "/api/chat", json={"message": "how fast?"}, stream=True, timeout=60,
+    for run in range(runs):
+        question = f"how fast? {run} {time.time_ns()}"
+        with requests.post(url + "/api/chat", json={"message": question}, stream=True, timeout=60,
                            headers={"Accept": "text/event-stream"}) as response:
             for line in response.iter_lines():
                 if line.startswith(b"event: delta"):
-                    gaps.append((time.time() - model.first_piece_at[number]) * 1000)
+                    arrived = time.time()
+                    gaps.append((arrived - model.first_piece_at[request_number(model, question)]) * 1000)
                     break
         time.sleep(0.2)
     gaps.sort()
     return {"runs": runs, "added_ms_median": round(statistics.median(gaps), 2), "added_ms_max": round(gaps[-1], 2),
             "target_ms": 20}
+
+
+def request_number(model: StreamingModel, question: str) -> int:
+    """The model's request that carried `question` (the reply process may be asking it too)."""
+    return next(n for n, body in reversed(list(enumerate(model.requests)))
+                if question in json.dumps(body.get("messages"), ensure_ascii=False))
 
 
 def webchat_pids(bot: Gunicorn) -> list[int]:
@@ -150,16 +179,59 @@ def rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, its dead threads included."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_seconds(tid: int) -> float:
+    """A thread's run time from the scheduler (ns): its utime ticks miss most short wake-ups here."""
+    return int(open(f"/proc/{os.getpid()}/task/{tid}/schedstat").read().split()[0]) / 1e9
+
+
+def role(pid: int, master: int) -> str:
+    command = open(f"/proc/{pid}/cmdline", "rb").read()
+    if pid == master:
+        return "gunicorn master"
+    if b"bot.webchat.serve" in command or b"webchat" in open(f"/proc/{pid}/comm", "rb").read():
+        return "webchat"
+    if b"reply_process" in command:
+        return "reply process"
+    return "webhook workers"
+
+
+def cpu_snapshot(bot: Gunicorn, web_pids: list[int], visitors: list[threading.Thread]) -> dict:
+    """CPU seconds so far by role; the bench process split into visitors and the rest."""
+    taken: dict[str, float] = {}
+    for pid in set(bot.pids()) | set(web_pids):
+        try:
+            name = "webchat" if pid in web_pids else role(pid, bot.process.pid)
+            taken[name] = taken.get(name, 0.0) + cpu_seconds(pid)
+        except OSError:
+            continue
+    taken["harness: visitors"] = sum(thread_seconds(t.native_id) for t in visitors)
+    taken["harness: model, Graph, main"] = cpu_seconds(os.getpid()) - taken["harness: visitors"]
+    fields = [int(n) for n in open("/proc/stat").readline().split()[1:8]]
+    taken["machine busy"] = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    return taken
+
+
+def cores_used(before: dict, after: dict, seconds: float) -> dict:
+    return {name: round((after[name] - before.get(name, 0.0)) / seconds, 3) for name in after}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chats", type=int, default=200)
     parser.add_argument("--model-s", type=float, default=3.0)
     parser.add_argument("--acks", type=int, default=400)
     parser.add_argument("--first-token-runs", type=int, default=20)
+    parser.add_argument("--together", action="store_true",
+                        help="start every visitor at once: their chats then go in step, wave after wave")
     args = parser.parse_args()
     graph = GraphEmulator(PAGE_ID, PAGE_TOKEN, APP_SECRET).start()
-    model = StreamingModel("Thank you for asking, we are open every day from eight to six.",
-                           first_token_delay=args.model_s, piece_delay=0.02).start()
+    model = RemoteModel(ANSWER, first_token_delay=args.model_s, piece_delay=PIECE_S).start()
     web_port = free_port()
     Gunicorn.extra_env = {"WEBCHAT": "on", "WEBCHAT_PORT": str(web_port), "WEBCHAT_RATE_LIMIT": "off",
                           "WEBCHAT_CONVERSATION_LIMIT": "off", "WEBCHAT_DAILY_LIMIT": "off",
@@ -175,9 +247,12 @@ def main() -> None:
             except requests.RequestException:
                 time.sleep(0.2)
         measure_acks(bot.url, 50)  # warm-up
-        print(json.dumps({"scenario": "ack_baseline", **measure_acks(bot.url, args.acks)}), flush=True)
-        chats = OpenChats(web, args.chats).start()
-        deadline = time.monotonic() + 30
+        baseline = measure_acks(bot.url, args.acks)
+        baseline.pop("measurer_cpu_s")
+        print(json.dumps({"scenario": "ack_baseline", **baseline}), flush=True)
+        chat_s = 0.0 if args.together else args.model_s + len(ANSWER.split()) * PIECE_S
+        chats = OpenChats(web, args.chats, chat_s).start()
+        deadline = time.monotonic() + 30 + args.model_s
         while chats.waiting < args.chats * 0.95 and time.monotonic() < deadline:
             time.sleep(0.1)
         pids, peak = webchat_pids(bot), 0.0
@@ -189,12 +264,17 @@ def main() -> None:
                 peak = max(peak, rss_mb(pids))
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        cpu_before, started = cpu_snapshot(bot, pids, chats.threads), time.monotonic()
         loaded = measure_acks(bot.url, args.acks)
+        cores = cores_used(cpu_before, cpu_snapshot(bot, pids, chats.threads), time.monotonic() - started)
+        cores["ack measurer"] = round(loaded.pop("measurer_cpu_s") / (time.monotonic() - started), 3)
         waiting = chats.waiting
         sampler_stop.set()
         chats.close()
         print(json.dumps({"scenario": "ack_with_chats", "chats_open": waiting, **loaded,
                           "chats_answered": chats.done, "chat_errors": chats.errors}), flush=True)
+        print(json.dumps({"scenario": "cpu", "cores_used": cores, "cores": os.cpu_count(),
+                          "load_avg_1m": os.getloadavg()[0]}), flush=True)
         print(json.dumps({"scenario": "rss", "chats": args.chats, "webchat_peak_mb": round(peak, 1),
                           "processes": len(pids)}), flush=True)
         model.first_token_delay = 0.3
