@@ -25,11 +25,14 @@ def latency(kb, folder: Path, page_id: str, top_k: int, chunks: int, queries: in
     filler_chunks, filler_seconds = fill(kb, folder, chunks - total_chunks(kb))
     asked = [question["question"] for question in QUESTIONS] + filler_queries(max(0, queries - len(QUESTIONS)))
     embedding_ms = precompute(kb, asked)
+    search = lambda query: kb.search(query, page_id, top_k=top_k)  # noqa: E731
+    first = timed(search, asked[:1], 1)  # after a change each process loads every vector once
     waited = settle()
-    search = timed(lambda query: kb.search(query, page_id, top_k=top_k), asked, runs)
+    times = timed(search, asked, runs)
     full_text = timed(lambda query: full_text_alone(kb, query, page_id), asked, runs)
-    return {"chunks": total_chunks(kb), "queries": len(search), **percentiles(search), "target_p95_ms": 20,
-            "full_text_part": percentiles(full_text), "query_embedding_excluded": True,
+    return {"chunks": total_chunks(kb), "queries": len(times), **percentiles(times), "target_p95_ms": 20,
+            "full_text_part": percentiles(full_text), "first_search_after_a_change_ms": round(first[0], 1),
+            "query_embedding_excluded": True,
             "query_embedding_ms_p50": embedding_ms, "waited_for_quiet_s": waited,
             "filler_ingest_chunks_per_s": round(filler_chunks / filler_seconds, 1) if filler_seconds else None}
 
