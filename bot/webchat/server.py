@@ -4,7 +4,8 @@ server-sent events, here on the event loop; everything else by the Flask routes 
 A stream: the store's admission (limits, conversation) on a thread, then `start` with the ids,
 a `delta` event for each piece the model writes, and `done` with the whole answer - or `error`
 with words a person can read. The pipeline runs on a thread of its own; its pieces cross to the
-loop through a queue. A visitor who goes away (the connection closes) sets the sink's
+loop through a mailbox shared by all streams (one wake-up of the loop for all the pieces waiting)
+into the stream's queue. A visitor who goes away (the connection closes) sets the sink's
 `cancelled`: the model call is closed at its next piece and the exchange logged as `cancelled`.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -32,15 +34,39 @@ _END = object()
 SORRY = "Something went wrong on our side. Please try again in a moment."
 
 
-class QueueSink:
-    """The pipeline thread's pieces, handed to the event loop."""
+class Mailbox:
+    """The pipeline threads' pieces, handed to the event loop: one wake-up of the loop for all the
+    pieces of all the streams that arrive before it runs, rather than one per piece. With 200 chats
+    open that is about 800 pieces a second; each wake-up is a write to the loop's socket, a turn of
+    its selector and a read."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        self.loop, self.queue = loop, queue
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.waiting: list[tuple[asyncio.Queue, object]] = []
+        self.lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, item: object) -> None:
+        with self.lock:  # the wake-up is asked for inside: it must precede the thread's later callbacks
+            self.waiting.append((queue, item))
+            if len(self.waiting) == 1:
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            waiting, self.waiting = self.waiting, []
+        for queue, item in waiting:
+            queue.put_nowait(item)
+
+
+class QueueSink:
+    """One stream's pieces, through the mailbox to its queue."""
+
+    def __init__(self, mailbox: Mailbox, queue: asyncio.Queue):
+        self.mailbox, self.queue = mailbox, queue
         self.cancelled = False
 
     def delta(self, text: str) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, text)
+        self.mailbox.put(self.queue, text)
 
 
 class WebchatServer:
@@ -55,6 +81,7 @@ class WebchatServer:
         self.cors = get_cors_options(flask_app, cors)
         self.flask = WSGIMiddleware(flask_app.wsgi_app, workers=threads)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="webchat")
+        self.mailbox: Mailbox | None = None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -95,7 +122,9 @@ class WebchatServer:
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"), *cors]})
         queue: asyncio.Queue = asyncio.Queue()
-        sink = QueueSink(loop, queue)
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = Mailbox(loop)
+        sink = QueueSink(self.mailbox, queue)
         work = loop.run_in_executor(self.pool, lambda: self.chat.answer(
             admitted, parsed, address=address, referer=headers.get("Referer"), sink=sink))
         work.add_done_callback(lambda _: queue.put_nowait(_END))
