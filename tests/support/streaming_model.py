@@ -31,7 +31,7 @@ class StreamingModel(LocalServer):
         self.api_key = api_key
         self.break_after: int | None = None  # close the stream after this many pieces, without [DONE]
         self.requests: list[dict] = []
-        self.first_piece_at: dict[int, float] = {}  # request number -> time.time() the first piece was written
+        self.first_piece_at: dict[int, float] = {}  # request number -> time.time() the first piece left
         self.closed_early: list[int] = []  # request numbers whose reader went away mid-stream
         self.finished: list[int] = []
         self._lock = threading.Lock()
@@ -70,9 +70,10 @@ class StreamingModel(LocalServer):
                     return
                 if index:
                     time.sleep(self.piece_delay)
-                yield _event(_chunk({"content": piece, **({"role": "assistant"} if not index else {})}, None))
-                if not index:
+                event = _event(_chunk({"content": piece, **({"role": "assistant"} if not index else {})}, None))
+                if not index:  # as it is handed to the server to write: a slow writer counts against the reader
                     self.first_piece_at[number] = time.time()
+                yield event
             yield _event(_chunk({}, "stop"))
             if usage:
                 yield _event({**_chunk({}, None), "choices": [], "usage": _usage(len(pieces))})
