@@ -11,7 +11,7 @@ from typing import Callable
 import requests
 from werkzeug.wrappers import Request, Response
 
-from devtools.emulator import transcription
+from devtools.emulator import streaming, transcription
 from devtools.emulator.http import LocalServer, json_response
 from devtools.emulator.media import image_size
 from devtools.emulator.model_inputs import image_parts, offline_reply, shown_messages, text_of
@@ -70,17 +70,24 @@ class _ModelServer(LocalServer):
         response = self.answer(request, body)
         if not self.timeline.enabled:
             return response
-        answer = response.get_json(silent=True) or {}
-        choices = answer.get("choices") or [{}]
         messages = body.get("messages") if isinstance(body, dict) else None
+        if response.mimetype == streaming.EVENT_STREAM:  # on the timeline once it has ended
+            response.response = streaming.recorded(response.response, lambda heard: self._note_chat(
+                messages, started, response.status_code, "".join(heard.text), heard.finish_reason, heard.error,
+                streamed=True))
+            return response
+        answer = response.get_json(silent=True) or {}
+        choice = (answer.get("choices") or [{}])[0] or {}
+        self._note_chat(messages, started, response.status_code, (choice.get("message") or {}).get("content"),
+                        choice.get("finish_reason"), answer.get("error"))
+        return response
+
+    def _note_chat(self, messages, started: float, status: int, reply: str | None, finish_reason: str | None,
+                   error, streamed: bool = False) -> None:
         self.timeline.add(
             "model", self._whose(messages) if isinstance(messages, list) else None, mode=self.mode,
-            status=response.status_code, ms=round((time.monotonic() - started) * 1000),
-            messages=shown_messages(messages),
-            reply=((choices[0] or {}).get("message") or {}).get("content"),
-            finish_reason=(choices[0] or {}).get("finish_reason"), error=answer.get("error"),
-        )
-        return response
+            status=status, ms=round((time.monotonic() - started) * 1000), messages=shown_messages(messages),
+            reply=reply, finish_reason=finish_reason, error=error, **({"stream": True} if streamed else {}))
 
     def _transcription(self, request: Request) -> Response:
         request.get_data()  # cached first, so the proxy can forward the raw multipart body after parsing
@@ -134,8 +141,9 @@ class ModelStandIn(_ModelServer):
         self.reply = reply
         self.echo = echo  # answer "re: <last user turn>", to see which prompt a reply came from
         self.api_key = api_key
-        self.scripted: list[Response] = []
+        self.scripted: list[Response] = []  # answered first, in order; a completion streams when asked to
         self.delay = 0.0
+        self.stream_delay = 0.0  # seconds between streamed content deltas, so a streamed UI visibly streams
         # Parameters refused as OpenAI refuses them for reasoning models: name -> the
         # replacement it names (or None). temperature is refused only when it is not 1.
         self.refuses: dict[str, str | None] = {}
@@ -161,7 +169,7 @@ class ModelStandIn(_ModelServer):
         if refused := self._refused_key(request):
             return refused
         if self.scripted:
-            return self.scripted.pop(0)
+            return self._as_asked(self.scripted.pop(0), body)
         if refused := self.refusal(body or {}) or self.image_refusal(body or {}):
             return refused
         messages = (body or {}).get("messages") or []
@@ -170,7 +178,17 @@ class ModelStandIn(_ModelServer):
         else:
             reply = self.reply(messages) if callable(self.reply) else self.reply
         tokens = PROMPT_TOKENS + IMAGE_TOKENS * len(image_parts(messages))
-        return json_response(completion(reply, prompt_tokens=tokens), headers={self.request_id_header: "req_ok"})
+        return self._as_asked(json_response(completion(reply, prompt_tokens=tokens),
+                                            headers={self.request_id_header: "req_ok"}), body)
+
+    def _as_asked(self, response: Response, body) -> Response:
+        """A completion streamed when the request asked for a stream (an error, or a scripted stream, as is)."""
+        answer = response.get_json(silent=True) if response.mimetype == "application/json" else None
+        if not streaming.is_streamed(body) or response.status_code != 200 or not isinstance(answer, dict) \
+                or not answer.get("choices"):
+            return response
+        headers = {k: v for k, v in response.headers.items() if k.lower().startswith(("x-", "openai-"))}
+        return streaming.streamed(answer, streaming.includes_usage(body), self.stream_delay, headers)
 
     def model_info(self, request: Request, model: str) -> Response:
         """`GET /v1/models/{model}` as OpenAI answers it: the model object, or 404 model_not_found."""
@@ -243,13 +261,31 @@ class ModelProxy(_ModelServer):
         return self._forward(request, "audio/transcriptions")  # the multipart body as it came
 
     def _forward(self, request: Request, path: str) -> Response:
+        """The request as it came; the answer back as it comes (a stream piece by piece, never buffered)."""
         headers = {k: v for k, v in request.headers.items()
-                   if k.lower() in ("authorization", "content-type", "openai-organization", "openai-project")}
+                   if k.lower() in ("authorization", "content-type", "accept", "openai-organization", "openai-project")}
         try:
             upstream = self._session.post(f"{self.upstream}/{path}", data=request.get_data(),
-                                          headers=headers, timeout=self._timeout)
+                                          headers=headers, timeout=self._timeout, stream=True)
         except requests.RequestException as exc:
             return json_response({"error": {"message": f"sandbox proxy: {type(exc).__name__}"}}, 502)
         passed = {k: v for k, v in upstream.headers.items() if k.lower().startswith(("x-request-id", "retry-after"))}
-        return Response(upstream.content, status=upstream.status_code,
-                        mimetype=upstream.headers.get("Content-Type", "application/json"), headers=passed)
+        mimetype = upstream.headers.get("Content-Type", "application/json")
+        if mimetype.startswith(streaming.EVENT_STREAM):
+            return Response(_as_they_come(upstream), status=upstream.status_code, content_type=mimetype, headers=passed,
+                            direct_passthrough=True)
+        try:
+            content = upstream.content
+        except requests.RequestException as exc:
+            return json_response({"error": {"message": f"sandbox proxy: {type(exc).__name__}"}}, 502)
+        return Response(content, status=upstream.status_code, mimetype=mimetype, headers=passed)
+
+
+def _as_they_come(upstream: requests.Response):
+    """The upstream's bytes as each piece arrives (chunked as OpenAI sends streams), closed with the reader."""
+    try:
+        yield from upstream.iter_content(chunk_size=None)
+    except requests.RequestException:
+        return  # the upstream broke mid-stream: the reader sees the stream end without [DONE]
+    finally:
+        upstream.close()
