@@ -2,6 +2,7 @@
 (the stand-in, its scripted answers, the recording proxy, and the website chat's SSE route on top)."""
 from __future__ import annotations
 
+import json
 import time
 
 import openai
@@ -136,3 +137,115 @@ def test_the_website_chat_streams_from_the_emulator(graph, stand_in, tmp_path):
     assert deltas == REPLY == events[-1][1]["answer"]
     assert arrivals[-1] - arrivals[0] >= 4 * 0.15 * 0.8  # piece by piece, as the model wrote them
     assert stand_in.requests[-1]["json"]["stream"] is True
+
+
+# -- /v1/embeddings ----------------------------------------------------------------------------------
+
+HOURS = "Opening hours: on Sundays we open from 8 to 12."
+DELIVERY = "Delivery costs 3 euros within 5 km of the shop."
+
+
+def cosine(a, b) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+def test_embeddings_with_the_real_client_base64_by_default(stand_in):
+    response = client_of(stand_in).embeddings.create(model="text-embedding-3-small",
+                                                     input=["When do you open on Sundays?", HOURS, DELIVERY])
+    assert stand_in.requests[-1]["json"]["encoding_format"] == "base64"  # what the client asks for, and decodes
+    question, hours, delivery = (item.embedding for item in sorted(response.data, key=lambda d: d.index))
+    assert len(question) == 256 and abs(cosine(question, question) - 1) < 1e-5
+    assert cosine(question, hours) > 0.3 > cosine(question, delivery)  # shared words are close, others not
+    assert response.model == "text-embedding-3-small" and response.usage.prompt_tokens == 8 + 14 + 14
+    assert response.usage.total_tokens == response.usage.prompt_tokens
+
+
+def test_float_and_base64_carry_the_same_vector_in_the_asked_dimensions(stand_in):
+    def raw(**fields):
+        return requests.post(f"{stand_in.base_url}/embeddings", json={"model": "e", "input": HOURS, **fields},
+                             headers={"Authorization": f"Bearer {ModelStandIn.API_KEY}"}, timeout=5).json()
+    plain = raw(encoding_format="float")
+    assert plain["object"] == "list" and set(plain["data"][0]) == {"object", "index", "embedding"}
+    decoded = client_of(stand_in).embeddings.create(model="e", input=HOURS).data[0].embedding
+    assert max(abs(a - b) for a, b in zip(plain["data"][0]["embedding"], decoded)) < 1e-6
+    assert len(raw(dimensions=64)["data"][0]["embedding"]) == 64
+    assert len(raw()["data"][0]["embedding"]) == 256
+
+
+def test_embeddings_are_the_same_in_every_process():
+    """blake2b, not hash(): a vector made under another PYTHONHASHSEED is the same vector."""
+    import subprocess
+    import sys
+
+    from devtools.emulator.embeddings import embed
+    from tests.support import ROOT
+    code = "import json; from devtools.emulator.embeddings import embed; print(json.dumps(embed('Crème Brûlée', 32)))"
+    other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                           env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"}, check=True)
+    assert json.loads(other.stdout) == embed("creme brulee", 32)  # accents folded, lower-cased
+
+
+@pytest.mark.parametrize("text, tokens", [("one", 2), ("one two three", 4), ("a b c d e f", 8), ("  ", 1)],
+                         ids=["one word", "three words", "six words", "blank"])
+def test_the_token_estimate_is_words_times_four_thirds(text, tokens):
+    from devtools.emulator.embeddings import tokens as estimate
+    assert estimate(text) == tokens
+
+
+@pytest.mark.parametrize("word, stem", [("baking", "bak"), ("bakes", "bak"), ("berries", "berry"),
+                                        ("opened", "open"), ("bus", "bus"), ("daily", "dai")],
+                         ids=["-ing", "-es", "-ies", "-ed", "too short to cut", "-ly"])
+def test_the_light_stemming(word, stem):
+    from devtools.emulator.embeddings import stem as stemmed
+    assert stemmed(word) == stem
+
+
+@pytest.mark.parametrize("fields, param", [({"input": ""}, "input"), ({"input": []}, "input"),
+                                           ({"input": [1, 2]}, "input"), ({"model": ""}, "model"),
+                                           ({"dimensions": 0}, "dimensions"), ({"encoding_format": "int8"},
+                                                                                "encoding_format")],
+                         ids=["empty text", "no texts", "token arrays", "no model", "no dimensions", "int8"])
+def test_a_bad_embeddings_request_is_a_400_naming_the_parameter(stand_in, fields, param):
+    body = {"model": "e", "input": "hello", **fields}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client_of(stand_in).post("/embeddings", cast_to=object, body=body)
+    assert refused.value.body["param"] == param
+
+
+def test_a_server_without_embeddings_answers_404_as_openai_does():
+    server = ModelStandIn(embeddings=False).start()
+    try:
+        with pytest.raises(openai.NotFoundError) as missing:
+            client_of(server).embeddings.create(model="e", input="hello")
+        assert missing.value.body == {"message": "Invalid URL (POST /v1/embeddings)", "type": "invalid_request_error",
+                                      "param": None, "code": None}
+        assert client_of(server).chat.completions.create(model="m", messages=MESSAGES).choices  # chat still there
+    finally:
+        server.stop()
+
+
+def test_embeddings_need_the_key_and_go_on_the_timeline_without_the_texts(stand_in):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(api_key="sk-wrong", base_url=stand_in.base_url, max_retries=0).embeddings.create(
+            model="e", input="hello")
+    client_of(stand_in).embeddings.create(model="text-embedding-3-small", input=[HOURS, DELIVERY])
+    refused, made = stand_in.timeline.of_kind("embeddings")
+    assert (refused["status"], made["status"], made["model"], made["inputs"], made["tokens"]) == \
+        (401, 200, "text-embedding-3-small", 2, 28)
+    assert "Sundays" not in repr(made) and made["psid"] is None
+
+
+def test_the_proxy_forwards_embeddings():
+    upstream = ModelStandIn().start()
+    timeline = Timeline()
+    proxy = ModelProxy(upstream.base_url, timeline=timeline).start()
+    try:
+        direct = client_of(upstream).embeddings.create(model="e", input=HOURS).data[0].embedding
+        forwarded = client_of(proxy).embeddings.create(model="e", input=HOURS).data[0].embedding
+        assert forwarded == direct and upstream.requests[-1]["json"]["input"] == HOURS
+        [event] = timeline.of_kind("embeddings")
+        assert (event["mode"], event["inputs"], event["tokens"]) == ("real", 1, 14)
+    finally:
+        proxy.stop()
+        upstream.stop()
+

@@ -11,7 +11,7 @@ from typing import Callable
 import requests
 from werkzeug.wrappers import Request, Response
 
-from devtools.emulator import streaming, transcription
+from devtools.emulator import embeddings, streaming, transcription
 from devtools.emulator.http import LocalServer, json_response
 from devtools.emulator.media import image_size
 from devtools.emulator.model_inputs import image_parts, offline_reply, shown_messages, text_of
@@ -59,15 +59,20 @@ class _ModelServer(LocalServer):
             return self._chat(request)
         if request.method == "POST" and request.path == "/v1/audio/transcriptions":
             return self._transcription(request)
+        if request.method == "POST" and request.path == "/v1/embeddings":
+            return self._embeddings(request)
         if request.method == "GET" and request.path.startswith("/v1/models/"):
             return self.model_info(request, request.path.removeprefix("/v1/models/"))
         return json_response({"error": {"message": "not found"}}, 404)
 
-    def _chat(self, request: Request) -> Response:
+    def _answered(self, request: Request, respond: Callable[[Request, object], Response]) -> tuple:
+        """The request's JSON body (recorded), when it came, and the answer to it."""
         body = request.get_json(silent=True)
         self.requests.append({"headers": dict(request.headers), "json": body})
-        started = time.monotonic()
-        response = self.answer(request, body)
+        return body, time.monotonic(), respond(request, body)
+
+    def _chat(self, request: Request) -> Response:
+        body, started, response = self._answered(request, self.answer)
         if not self.timeline.enabled:
             return response
         messages = body.get("messages") if isinstance(body, dict) else None
@@ -88,6 +93,21 @@ class _ModelServer(LocalServer):
             "model", self._whose(messages) if isinstance(messages, list) else None, mode=self.mode,
             status=status, ms=round((time.monotonic() - started) * 1000), messages=shown_messages(messages),
             reply=reply, finish_reason=finish_reason, error=error, **({"stream": True} if streamed else {}))
+
+    def _embeddings(self, request: Request) -> Response:
+        """On the timeline: the model, how many inputs and the tokens counted - never the texts."""
+        body, started, response = self._answered(request, self.embed)
+        if not self.timeline.enabled:
+            return response
+        answer = response.get_json(silent=True) if response.mimetype == "application/json" else None
+        answer = answer if isinstance(answer, dict) else {}
+        texts = body.get("input") if isinstance(body, dict) else None
+        self.timeline.add(
+            "embeddings", None, mode=self.mode, status=response.status_code,
+            ms=round((time.monotonic() - started) * 1000), model=body.get("model") if isinstance(body, dict) else None,
+            inputs=len(texts) if isinstance(texts, list) else int(isinstance(texts, str)),
+            tokens=(answer.get("usage") or {}).get("prompt_tokens"), error=answer.get("error"))
+        return response
 
     def _transcription(self, request: Request) -> Response:
         request.get_data()  # cached first, so the proxy can forward the raw multipart body after parsing
@@ -128,6 +148,9 @@ class _ModelServer(LocalServer):
     def transcribe(self, request: Request, upload: "transcription.Upload | None") -> Response:
         raise NotImplementedError
 
+    def embed(self, request: Request, body) -> Response:
+        raise NotImplementedError
+
 
 class ModelStandIn(_ModelServer):
     """Answers without any account: a fixed text, a function of the messages, or scripted responses."""
@@ -136,7 +159,7 @@ class ModelStandIn(_ModelServer):
     mode = "offline"
 
     def __init__(self, reply: CannedReply = "Hello from the model.", echo: bool = False, *,
-                 api_key: str = API_KEY, timeline: Timeline | None = None, port: int = 0):
+                 api_key: str = API_KEY, embeddings: bool = True, timeline: Timeline | None = None, port: int = 0):
         super().__init__(timeline, port)
         self.reply = reply
         self.echo = echo  # answer "re: <last user turn>", to see which prompt a reply came from
@@ -156,9 +179,11 @@ class ModelStandIn(_ModelServer):
         self.scripted_transcriptions: list[Response] = []
         self.transcriptions: list[transcription.Upload] = []
         self.models: set[str] | None = None  # GET /v1/models/{model} knows these (None: any model)
+        self.embeddings = embeddings  # False: no /v1/embeddings, as many local servers (404)
+        self.scripted_embeddings: list[Response] = []
 
-    def _refused_key(self, request: Request) -> Response | None:
-        if self.delay:
+    def _refused_key(self, request: Request, wait: bool = True) -> Response | None:
+        if self.delay and wait:  # the typing indicator's time: chat, models and transcription calls
             time.sleep(self.delay)
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return json_response({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
@@ -195,9 +220,7 @@ class ModelStandIn(_ModelServer):
         if refused := self._refused_key(request):
             return refused
         if self.models is not None and model not in self.models:
-            return json_response({"error": {"message": f"The model `{model}` does not exist or you do not have "
-                                            "access to it.", "type": "invalid_request_error", "param": None,
-                                            "code": "model_not_found"}}, 404, {"x-request-id": "req_model"})
+            return _no_model(model)
         return json_response({"id": model, "object": "model", "created": 1700000000, "owned_by": "system"})
 
     def transcribe(self, request: Request, upload: "transcription.Upload | None") -> Response:
@@ -211,6 +234,24 @@ class ModelStandIn(_ModelServer):
             return refused
         text = self.transcripts.pop(0) if self.transcripts else transcription.offline_transcript(upload)
         return transcription.answer(upload, text)
+
+    def embed(self, request: Request, body) -> Response:
+        """Offline vectors (devtools/emulator/embeddings.py), or OpenAI's 404 for a path it does not serve."""
+        if not self.embeddings:
+            return json_response({"error": {"message": "Invalid URL (POST /v1/embeddings)", "type": "invalid_request_error",
+                                            "param": None, "code": None}}, 404, {"x-request-id": "req_no_embeddings"})
+        if refused := self._refused_key(request, wait=False):
+            return refused
+        if self.scripted_embeddings:
+            return self.scripted_embeddings.pop(0)
+        try:
+            model, texts, dimensions, encoding = embeddings.parse(body)
+        except embeddings.Invalid as invalid:
+            return _invalid(str(invalid), invalid.param)
+        if self.models is not None and model not in self.models:
+            return _no_model(model)
+        return json_response(embeddings.answer(model, texts, dimensions, encoding),
+                             headers={self.request_id_header: "req_embeddings"})
 
     def image_refusal(self, body: dict) -> Response | None:
         """OpenAI's 400 for an image sent to a model without vision, or for bytes that are no image."""
@@ -238,6 +279,12 @@ class ModelStandIn(_ModelServer):
         return None
 
 
+def _no_model(model: str) -> Response:
+    return json_response({"error": {"message": f"The model `{model}` does not exist or you do not have access to it.",
+                                    "type": "invalid_request_error", "param": None, "code": "model_not_found"}},
+                         404, {"x-request-id": "req_model"})
+
+
 def _invalid(message: str, param: str | None, code: str | None = None) -> Response:
     return json_response({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                     "code": code}}, 400, {"x-request-id": "req_invalid"})
@@ -259,6 +306,9 @@ class ModelProxy(_ModelServer):
 
     def transcribe(self, request: Request, upload) -> Response:
         return self._forward(request, "audio/transcriptions")  # the multipart body as it came
+
+    def embed(self, request: Request, body) -> Response:
+        return self._forward(request, "embeddings")
 
     def _forward(self, request: Request, path: str) -> Response:
         """The request as it came; the answer back as it comes (a stream piece by piece, never buffered)."""
