@@ -249,3 +249,48 @@ def test_the_proxy_forwards_embeddings():
         proxy.stop()
         upstream.stop()
 
+
+# -- the offline model answers from the knowledge base's excerpts ----------------------------------------
+
+HEADER = ("Excerpts from Ana's Bakery's own documents, most relevant first. Answer from them; if they do not "
+          "answer the question, say you do not know rather than guess.")
+FAQ = "Q: Do you have gluten-free bread?\nA: Yes: our buckwheat loaf is gluten-free and costs 6.50 euros."
+
+
+def excerpts(*parts: str) -> dict:
+    return {"role": "system", "content": "\n\n".join([HEADER, *parts])}
+
+
+@pytest.mark.parametrize("message, top", [
+    (excerpts(f"[1] Faq (faq.csv)\n{FAQ}", "[2] Delivery (delivery.md)\nWe deliver within 5 km."), ("Faq", FAQ)),
+    (excerpts("[1] Prices \u203a Cakes (https://ana.example/prices)\nCheesecake: 4 euros.\n[2] is in the text\n\n"
+              "more of it"), ("Prices \u203a Cakes", "Cheesecake: 4 euros.\n[2] is in the text\n\nmore of it")),
+    (excerpts("[1] A title without a source\nText."), ("A title without a source", "Text.")),
+    (excerpts("[1] Long (long.md)\n" + "word " * 300), ("Long", ("word " * 160).strip() + " \u2026")),
+    ({"role": "system", "content": "You answer for Ana's Bakery.\n\n[1] Faq (faq.csv)\nText."}, None),
+    ({"role": "user", "content": excerpts("[1] Faq (faq.csv)\nText.")["content"]}, None),
+], ids=["two excerpts: the first", "a label line inside the text", "no source", "cut at 800 characters",
+        "not the knowledge base's message", "not a system message"])
+def test_the_top_excerpt_is_read_from_the_knowledge_message(message, top):
+    from devtools.emulator.model_inputs import top_excerpt
+    assert top_excerpt([{"role": "system", "content": "You answer for Ana's Bakery."}, message,
+                        {"role": "user", "content": "Answer politely : gluten-free?"}]) == top
+
+
+def test_the_offline_model_answers_from_the_top_excerpt_over_http():
+    from devtools.emulator.model import offline_reply
+    server = ModelStandIn(offline_reply).start()
+    try:
+        question = {"role": "user", "content": "Answer politely : Do you have gluten-free bread?"}
+        system = {"role": "system", "content": "You answer for Ana's Bakery."}
+        given = [system, excerpts(f"[1] Faq (faq.csv)\n{FAQ}", "[2] Delivery (delivery.md)\nWe deliver."), question]
+        answer = client_of(server).chat.completions.create(model="m", messages=given).choices[0].message.content
+        assert answer.startswith("[offline stand-in] From \u201cFaq\u201d: " + FAQ)
+        assert "We deliver" not in answer and "Do you have gluten-free bread?\u201d" in answer
+        plain = client_of(server).chat.completions.create(model="m", messages=[system, question])
+        assert plain.choices[0].message.content == (
+            "[offline stand-in] You said \u201cDo you have gluten-free bread?\u201d. I can see 0 earlier messages of "
+            "this conversation. My instructions begin \u201cYou answer for Ana's Bakery\u201d. Set OPENAI_API_KEY to "
+            "talk to a real model.")
+    finally:
+        server.stop()

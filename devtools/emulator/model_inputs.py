@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 
 from devtools.emulator.media import image_size
 
 THUMBNAIL_MAX = 64 * 1024  # a data URL up to this many characters rides on the timeline as a thumbnail
+# The knowledge base's system message (bot/knowledge/prompt.py): a header, then "[n] <title> (<source>)"
+# and the excerpt's text, excerpts a blank line apart.
+EXCERPTS_START = "Excerpts from"
+EXCERPT_LABEL = re.compile(r"^\[(\d+)\] (.*)$")
+EXCERPT_MAX = 800  # characters of the top excerpt the offline answer repeats
 
 
 @dataclass(frozen=True)
@@ -67,9 +73,14 @@ def _plural(n: int, word: str) -> str:
 
 
 def offline_reply(messages: list[dict]) -> str:
-    """What the offline stand-in says: proof that it got the turn, the images and the history."""
+    """What the offline stand-in says: proof that it got the turn, the images and the history - or,
+    given the knowledge base's excerpts, the top excerpt whole, as a model answering from it would."""
     last = text_of(messages[-1].get("content", "")) if messages else ""
     said = last.rsplit(" : ", 1)[-1].strip()  # the politeness prefix ends with " : "
+    if top := top_excerpt(messages):
+        title, text = top
+        return (f"[offline stand-in] From \u201c{title}\u201d: {text}\n\n(You asked \u201c{said}\u201d; "
+                "set OPENAI_API_KEY for a real model.)")
     earlier = sum(1 for m in messages[:-1] if m.get("role") in ("user", "assistant"))
     images = image_parts(messages)
     seen = f"{_plural(len(images), 'image')} ({'; '.join(map(describe_image, images))}) and " if images else ""
@@ -78,6 +89,28 @@ def offline_reply(messages: list[dict]) -> str:
     told = f" My instructions begin \u201c{system.split(':')[0].split('.')[0][:60].strip()}\u201d." if system else ""
     return (f"[offline stand-in] You said \u201c{said}\u201d. I can see {seen}{_plural(earlier, 'earlier message')} "
             f"of this conversation.{told} Set OPENAI_API_KEY to talk to a real model.")
+
+
+def top_excerpt(messages: list[dict]) -> tuple[str, str] | None:
+    """The title and text (up to EXCERPT_MAX characters) of excerpt [1] in the knowledge base's system
+    message, if the request carries one."""
+    excerpts = next((text for m in messages if m.get("role") == "system"
+                     and (text := text_of(m.get("content", ""))).startswith(EXCERPTS_START)), None)
+    lines = (excerpts or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if EXCERPT_LABEL.match(line)), None)
+    if start is None:
+        return None
+    body: list[str] = []
+    for i, line in enumerate(lines[start + 1:], start + 1):
+        if EXCERPT_LABEL.match(line) and not lines[i - 1].strip():
+            break  # the next excerpt
+        body.append(line)
+    label = EXCERPT_LABEL.match(lines[start]).group(2)
+    title, _, source = label.rpartition(" (")
+    text = "\n".join(body).strip()
+    if len(text) > EXCERPT_MAX:
+        text = text[:EXCERPT_MAX].rsplit(" ", 1)[0] + " \u2026"
+    return (title if title and source.endswith(")") else label), text
 
 
 def shown_messages(messages) -> object:
