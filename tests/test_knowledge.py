@@ -1,0 +1,297 @@
+"""The knowledge base in the bot: stored on both backends, searched by full text and embeddings,
+its excerpts in the prompt, "I don't know" in `only` mode, sources cited, every excerpt logged -
+and a knowledge base that fails, or is being filled, never costs a reply."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from werkzeug.wrappers import Request, Response
+
+from bot.knowledge import open_knowledge, prompt
+from bot.knowledge.retrieval import terms
+from config import load_config
+from devtools.emulator import LocalServer, ModelStandIn
+from tests.support import PSID, ROOT, answer_queue, post_signed, text_body
+from tests.support.webchat import WebchatProcess
+
+HOURS = """# Opening hours
+
+We are open Monday to Friday from 8:00 to 18:00, and on Saturdays from 9:00 to 14:00.
+
+On Sundays and public holidays the shop is closed.
+"""
+DELIVERY = """# Delivery
+
+We deliver within 5 km of the shop for 3 euros. Orders above 40 euros are delivered for free.
+"""
+FAQ = "question,answer\nDo you have gluten-free bread?,Yes: our buckwheat loaf is gluten-free and costs 6.50 euros.\n"
+UNKNOWN = "I'm sorry, I don't know that. I would rather not guess."
+
+
+@pytest.fixture
+def docs(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "hours.md").write_text(HOURS)
+    (folder / "delivery.md").write_text(DELIVERY)
+    (folder / "faq.csv").write_text(FAQ)
+    return folder
+
+
+def knowledge_of(env, **settings):
+    return open_knowledge(load_config({**env, **settings}, env_file=None))
+
+
+def chat_requests(model) -> list[list[dict]]:
+    return [r["json"]["messages"] for r in model.requests if "messages" in (r["json"] or {})]
+
+
+def excerpts_in(messages: list[dict]) -> str | None:
+    return next((m["content"] for m in messages if m["role"] == "system"
+                 and m["content"].startswith("Excerpts from")), None)
+
+
+def say(client, n: int, text: str) -> None:
+    post_signed(client, text_body(f"m_kb_{n}", text, timestamp=int(time.time() * 1000) + n))
+    answer_queue(client)
+
+
+# -- the store, on both backends ---------------------------------------------------------------
+
+def test_sources_are_per_page_replaced_whole_and_removed_whole(env, backend, docs):
+    _, settings = backend
+    kb = knowledge_of(env, **settings)
+    other = knowledge_of(env, **settings)  # another process or host on the same store
+    kb.add([str(docs / "hours.md")])  # every Page's
+    kb.add([str(docs / "delivery.md")], page_id="2000000000000002")  # another Page's
+    assert [h.title for h in other.search("open saturdays", env["FB_PAGE_ID"]).hits] == ["Opening hours"]
+    assert not any(h.title == "Delivery" for h in other.search("deliver euros", env["FB_PAGE_ID"]).hits)
+    assert any(h.title == "Delivery" for h in other.search("deliver euros", "2000000000000002").hits)
+
+    (docs / "hours.md").write_text(HOURS.replace("18:00", "19:30"))
+    [report] = kb.add([str(docs / "hours.md")])
+    assert report.status == "updated"
+    texts = [h.text for h in other.search("open monday friday", env["FB_PAGE_ID"]).hits]
+    assert any("19:30" in t for t in texts) and not any("18:00" in t for t in texts)
+
+    assert kb.remove(str(docs / "hours.md")).status == "removed"
+    assert other.search("open monday friday", env["FB_PAGE_ID"]).hits == []
+    assert [s.title for s in other.sources()] == ["Delivery"]
+
+
+def test_a_source_whose_embeddings_fail_is_not_added_and_its_old_version_stays(env, backend, docs):
+    _, settings = backend
+    knowledge_of(env, **settings).add([str(docs / "hours.md")])
+    failing = Failing().start()
+    try:
+        (docs / "hours.md").write_text(HOURS.replace("18:00", "19:30"))
+        kb = knowledge_of(env, OPENAI_BASE_URL=failing.url + "/v1", **settings)
+        [report] = kb.add([str(docs / "hours.md")])
+    finally:
+        failing.stop()
+    assert report.status == "failed" and "the model server failed the embeddings (HTTP 500" in report.reason
+    hits = knowledge_of(env, **settings).search("open monday friday", env["FB_PAGE_ID"]).hits
+    assert "18:00" in hits[0].text  # the old version, whole
+
+
+class Failing(LocalServer):
+    def handle(self, request: Request) -> Response:
+        return Response(json.dumps({"error": {"message": "overloaded"}}), status=500, content_type="application/json")
+
+
+# -- retrieval -----------------------------------------------------------------------------------
+
+def test_a_follow_up_question_searches_with_the_message_before():
+    assert prompt.question(["and on Sundays?"], ["What are your opening hours?", "hi"]) == \
+        "What are your opening hours? and on Sundays?"
+    long = "Do you deliver to the other side of the river near the station?"
+    assert prompt.question([long], ["What are your opening hours?"]) == long
+
+
+def test_question_words_leave_out_what_matches_every_chunk():
+    assert terms("What are your opening hours on Sundays, please?") == ["opening", "hours", "sundays"]
+    assert terms("¿Abrís el domingo?") == ["abris", "domingo"]
+
+
+def test_embeddings_and_full_text_both_rank(env, docs):
+    kb = knowledge_of(env)
+    kb.add([str(docs / name) for name in ("hours.md", "delivery.md", "faq.csv")])
+    found = kb.search("gluten-free loaf", env["FB_PAGE_ID"], top_k=3)
+    assert found.hits[0].title == "Faq" and found.hits[0].relevant
+    assert found.hits[0].similarity is not None and found.embedding_tokens > 0  # the emulator's /embeddings
+
+
+def test_without_an_embeddings_endpoint_it_searches_full_text_and_says_so_once(make_client, env, docs, caplog):
+    model = ModelStandIn(embeddings=False).start()
+    try:
+        settings = {"OPENAI_BASE_URL": model.base_url}
+        [added] = knowledge_of(env, **settings).add([str(docs / "hours.md")])
+        assert added.status == "added"
+        client = make_client(**settings)
+        with caplog.at_level("WARNING"):
+            say(client, 1, "When are you open on Saturdays?")
+            say(client, 2, "Are you open on Sundays?")
+        [excerpts, _] = [excerpts_in(m) for m in chat_requests(model)]
+    finally:
+        model.stop()
+    assert "9:00 to 14:00" in excerpts
+    assert sum("searches full text only" in r.getMessage() for r in caplog.records) == 1
+
+
+# -- in a reply ----------------------------------------------------------------------------------
+
+def test_the_prompt_carries_the_relevant_excerpts_with_their_sources(make_client, env, model, graph, docs, backend):
+    _, settings = backend
+    knowledge_of(env, **settings).add([str(docs / name) for name in ("hours.md", "delivery.md", "faq.csv")])
+    client = make_client(FB_PAGE_NAME="Ana's Bakery", SYSTEM_PROMPT="You answer for Ana's Bakery.", **settings)
+    say(client, 1, "Do you have gluten-free bread?")
+    [messages] = chat_requests(model)
+    assert messages[0] == {"role": "system", "content": "You answer for Ana's Bakery."}
+    excerpts = messages[1]["content"]
+    assert excerpts.startswith("Excerpts from Ana's Bakery's own documents, most relevant first.")
+    assert "[1] Faq (faq.csv)\nQ: Do you have gluten-free bread?\nA: Yes: our buckwheat loaf" in excerpts
+    assert "Delivery" not in excerpts  # shares no meaning, below the bar: not sent
+    assert messages[-1]["role"] == "user" and messages[-1]["content"].endswith("Do you have gluten-free bread?")
+    [record] = client.application.extensions["dispatcher"].store.conversations.export()
+    used = json.loads(record["knowledge"])
+    assert [chunk_id for chunk_id, _ in used] == [
+        knowledge_of(env, **settings).search("gluten", env["FB_PAGE_ID"]).hits[0].chunk_id]
+
+
+def test_a_follow_up_gets_the_excerpts_of_the_question_before(make_client, env, model, docs):
+    knowledge_of(env).add([str(docs / name) for name in ("hours.md", "delivery.md")])
+    client = make_client()
+    say(client, 1, "What are your opening hours?")
+    say(client, 2, "and on Sundays?")
+    assert "On Sundays and public holidays the shop is closed." in excerpts_in(chat_requests(model)[-1])
+
+
+def test_only_mode_says_it_does_not_know_without_asking_the_model_and_offers_a_person(make_client, env, model,
+                                                                                      graph, docs):
+    knowledge_of(env).add([str(docs / "hours.md")])
+    client = make_client(KNOWLEDGE_MODE="only", HANDOFF_BUTTON="Talk to a person")
+    say(client, 1, "What is the capital of Australia?")
+    assert chat_requests(model) == []
+    assert graph.sent_texts(PSID) == [UNKNOWN]
+    [send] = [c.body for c in graph.calls if c.path.endswith("me/messages") and "message" in (c.body or {})]
+    assert send["message"]["quick_replies"][0]["title"] == "Talk to a person"
+    [record] = client.application.extensions["dispatcher"].store.conversations.export()
+    assert record["outcome"] == "unknown"
+    say(client, 2, "Are you open on Saturdays?")  # this one it knows
+    assert len(chat_requests(model)) == 1
+
+
+def test_prefer_mode_answers_without_excerpts_when_none_is_relevant(make_client, env, model, docs):
+    knowledge_of(env).add([str(docs / "hours.md")])
+    client = make_client()
+    say(client, 1, "What is the capital of Australia?")
+    [messages] = chat_requests(model)
+    assert excerpts_in(messages) is None
+
+
+def test_a_cited_answer_names_its_source_and_its_url(make_client, env, model, graph, docs):
+    site = Page().start()
+    try:
+        knowledge_of(env).add([site.url + "/delivery"])
+    finally:
+        site.stop()
+    client = make_client(KNOWLEDGE_CITE="on")
+    say(client, 1, "How much does delivery cost?")
+    assert graph.sent_texts(PSID) == [f"Hello from the model.\n\nSource: Delivery prices \u2013 {site.url}/delivery"]
+
+
+class Page(LocalServer):
+    def handle(self, request: Request) -> Response:
+        return Response("<html><head><title>Delivery prices</title></head><body><article><h1>Delivery prices</h1>"
+                        "<p>Delivery costs 3 euros within 5 km of the shop; above 40 euros it is free.</p>"
+                        "</article></body></html>", content_type="text/html")
+
+
+def test_embedding_tokens_count_toward_the_users_tokens(make_client, env, model, docs):
+    knowledge_of(env).add([str(docs / "hours.md")])
+    with_knowledge, without = make_client(), make_client(KNOWLEDGE_MODE="off")
+    post_signed(with_knowledge, text_body("m_kb_1", "When are you open on Saturdays?", psid="1111"))
+    answer_queue(with_knowledge)
+    post_signed(without, text_body("m_kb_2", "When are you open on Saturdays?", psid="2222"))
+    answer_queue(without)
+    records = {r["psid"]: r for r in without.application.extensions["dispatcher"].store.conversations.export()}
+    assert records["1111"]["total_tokens"] > records["2222"]["total_tokens"]  # the question's embedding
+
+
+def test_knowledge_off_never_searches(make_client, env, model, docs):
+    knowledge_of(env).add([str(docs / "hours.md")])
+    before = len(model.requests)
+    client = make_client(KNOWLEDGE_MODE="off")
+    say(client, 1, "When are you open on Saturdays?")
+    assert excerpts_in(chat_requests(model)[-1]) is None
+    assert [r for r in model.requests[before:] if "input" in (r["json"] or {})] == []
+
+
+def test_a_broken_knowledge_base_costs_the_reply_nothing(make_client, env, model, graph, docs, caplog):
+    knowledge_of(env).add([str(docs / "hours.md")])
+    with sqlite3.connect(os.path.join(env["DATA_DIR"], "bot.sqlite3")) as db:
+        db.execute("DROP TABLE knowledge_fts")  # the full-text index lost
+    client = make_client()
+    with caplog.at_level("WARNING"):
+        say(client, 1, "When are you open on Saturdays?")
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+    assert any("could not search the knowledge base" in r.getMessage() for r in caplog.records)
+
+
+class SlowEmbeddings(LocalServer):
+    """An embeddings server that takes its time: an ingest waits on it, the bot must not."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.delay = delay
+        self.called = threading.Event()
+
+    def handle(self, request: Request) -> Response:
+        self.called.set()
+        time.sleep(self.delay)
+        inputs = request.get_json()["input"]
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        return Response(json.dumps({"object": "list", "model": "m", "usage": {"prompt_tokens": 1, "total_tokens": 1},
+                                    "data": [{"object": "embedding", "index": i, "embedding": [1.0, 0.0]}
+                                             for i in range(len(inputs))]}), content_type="application/json")
+
+
+def test_an_ingest_in_its_own_process_never_holds_up_the_bot(make_client, env, model, graph, docs):
+    slow = SlowEmbeddings(delay=2.5).start()
+    try:
+        ingest = subprocess.Popen(
+            [sys.executable, "-m", "bot", "knowledge", "sync", str(docs)], cwd=ROOT, text=True,
+            env={**os.environ, **env, "OPENAI_BASE_URL": slow.url + "/v1", "OPENAI_TIMEOUT": "10"}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        assert slow.called.wait(20), "the ingest reached the embeddings server"
+        client = make_client(KNOWLEDGE_MODE="off")
+        started = time.monotonic()
+        say(client, 1, "hello")  # acknowledged, stored and answered while the ingest waits
+        took = time.monotonic() - started
+        out, err = ingest.communicate(timeout=60)
+    finally:
+        slow.stop()
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+    assert took < 1.5, f"the reply waited {took:.1f} s on the ingest"
+    assert ingest.returncode == 0, err
+    assert "3 of 3 source(s)" in out
+
+
+def test_the_website_chat_answers_from_the_same_knowledge(graph, model, tmp_path, docs):
+    web = WebchatProcess(graph, model, tmp_path)
+    try:
+        knowledge_of(web.env).add([str(docs / "faq.csv")])
+        response = web.chat("Do you have gluten-free bread?")
+        assert response.status_code == 200, response.text
+        assert "buckwheat loaf" in excerpts_in(chat_requests(model)[-1])
+        [record] = list(web.store().conversations.export(channel="web"))
+    finally:
+        web.stop()
+    assert json.loads(record["knowledge"])
