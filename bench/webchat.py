@@ -19,11 +19,14 @@ against a streaming OpenAI-shaped server (tests/support/streaming_model.py) that
 - rss: the website chat's processes (master and worker), peak while the chats are open.
 - cpu: where the CPU went while the acks were measured with the chats open - cores used by each
   of the bot's processes and by the harness (the visitors; the model and Graph stand-ins), and
-  how busy the machine was - to tell the bot's cost from the load generator's.
+  how busy the machine was - to tell the bot's cost from the load generator's. "others" (also on
+  each ack line, others_cores) is the machine's busy time that none of these used: other people's
+  work on a shared machine. A phase where it is high was disturbed; run again.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing
 import os
@@ -32,6 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -56,7 +60,7 @@ def delivery(n: int) -> bytes:
 
 
 def measure_acks(url: str, count: int) -> dict:
-    """In a process of its own: the 200 visitors' threads and the model server live in this one,
+    """In a process of its own: the visitors and the model server live in this one,
     and their interpreter lock must not be what the acknowledgements' times measure."""
     with multiprocessing.get_context("fork").Pool(1) as pool:
         return pool.apply(_measure_acks, (url, count))
@@ -83,52 +87,78 @@ class OpenChats:
 
     Visitor n opens its first chat n/count of a chat's length after the first: independent
     visitors' questions, and so the model's first tokens, arrive spread out, not all 200 in the
-    same instant every 3 s (which is what starting them together gave, wave after wave)."""
+    same instant every 3 s (which is what starting them together gave, wave after wave).
+    Visitors are other machines in real life: here they are tasks of one event loop, each on a
+    keep-alive connection of its own, on one thread at the lowest priority (200 threads with
+    requests took 0.13 of the 2 cores the bot runs on)."""
 
     def __init__(self, url: str, count: int, chat_s: float):
-        self.url, self.count, self.chat_s = url, count, chat_s
+        address = urlsplit(url)
+        self.host, self.port, self.count, self.chat_s = address.hostname, address.port, count, chat_s
         self.stop = threading.Event()
         self.done = self.errors = 0
         self.waiting = 0  # chats admitted and waiting on the model right now
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._visitor, args=(n,), name=f"visitor-{n}", daemon=True)
-                        for n in range(count)]
+        self.threads = [threading.Thread(target=self._run, name="visitors", daemon=True)]
 
     def start(self) -> "OpenChats":
-        for thread in self.threads:
-            thread.start()
+        self.threads[0].start()
         return self
 
-    def _visitor(self, n: int) -> None:
-        # Visitors are other machines in real life: here they share the 2 cores, at the lowest priority
-        # (Linux sets niceness per thread), so the load generator is not what delays the bot.
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HARNESS_NICENESS)
-        session = requests.Session()
-        self.stop.wait(self.chat_s * n / self.count)
+    def _run(self) -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HARNESS_NICENESS)  # per thread on Linux
+        asyncio.run(self._visitors())
+
+    async def _visitors(self) -> None:
+        visitors = [asyncio.create_task(self._visitor(n)) for n in range(self.count)]
+        while not self.stop.is_set():
+            await asyncio.sleep(0.1)
+        await asyncio.wait(visitors, timeout=60)  # each ends its chat first
+
+    async def _visitor(self, n: int) -> None:
+        await asyncio.sleep(self.chat_s * n / self.count)
+        body = json.dumps({"message": f"visitor {n} asks"}).encode()
+        request = (f"POST /api/chat HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAccept: text/event-stream\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        writer = None
         while not self.stop.is_set():
             try:
-                with session.post(self.url + "/api/chat", json={"message": f"visitor {n} asks"}, stream=True,
-                                  timeout=60, headers={"Accept": "text/event-stream"}) as response:
-                    started = False
-                    for line in response.iter_lines():
-                        if line.startswith(b"event: start"):
-                            started = True
-                            with self.lock:
-                                self.waiting += 1
-                        if line.startswith(b"event: done") or line.startswith(b"event: error"):
-                            break
-                    with self.lock:
-                        self.waiting -= started
-                        self.done += 1
-            except requests.RequestException:
-                with self.lock:
-                    self.errors += 1
-                time.sleep(0.5)
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(self.host, self.port)
+                writer.write(request)
+                async with asyncio.timeout(60):
+                    kept = await self._chat(reader)
+                self.done += 1
+            except (OSError, ValueError, asyncio.IncompleteReadError):  # TimeoutError is an OSError
+                self.errors += 1
+                kept = False
+                await asyncio.sleep(0.5)
+            if not kept and writer is not None:
+                writer.close()
+                writer = None
+
+    async def _chat(self, reader: asyncio.StreamReader) -> bool:
+        """One streamed answer read to its end (chunked, as gunicorn sends it); True: keep-alive."""
+        status = await reader.readline()
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip().lower()
+        if not status.startswith(b"HTTP/1.1 200") or headers.get("transfer-encoding") != "chunked":
+            raise ValueError(f"unexpected answer: {status!r} {headers}")
+        started = False
+        try:
+            while size := int((await reader.readline()).split(b";")[0], 16):
+                if b"event: start" in await reader.readexactly(size + 2):
+                    started = True
+                    self.waiting += 1
+            await reader.readline()
+        finally:
+            self.waiting -= started
+        return headers.get("connection") != "close"
 
     def close(self) -> None:
         self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=90)
+        self.threads[0].join(timeout=90)
 
 
 class RemoteModel(StreamingModel):
@@ -226,6 +256,19 @@ def cores_used(before: dict, after: dict, seconds: float) -> dict:
     return {name: round((after[name] - before.get(name, 0.0)) / seconds, 3) for name in after}
 
 
+def acks_with_cpu(bot: Gunicorn, count: int, visitors: list[threading.Thread]) -> tuple[dict, dict]:
+    """The acks, and the cores each role used meanwhile; "others" is the rest of the machine (other
+    people's work on a shared machine: a phase where it is high was disturbed)."""
+    pids = webchat_pids(bot)
+    before, started = cpu_snapshot(bot, pids, visitors), time.monotonic()
+    acks = measure_acks(bot.url, count)
+    seconds = time.monotonic() - started
+    cores = cores_used(before, cpu_snapshot(bot, pids, visitors), seconds)
+    cores["ack measurer"] = round(acks.pop("measurer_cpu_s") / seconds, 3)
+    cores["others"] = round(cores["machine busy"] - sum(v for k, v in cores.items() if k != "machine busy"), 3)
+    return acks, cores
+
+
 def with_chats(bot: Gunicorn, chats: OpenChats, acks: int) -> list[dict]:
     """The acks measured while the chats are open, with the chats' rate, the CPU and the RSS meanwhile."""
     pids, peak, fewest = webchat_pids(bot), 0.0, chats.count
@@ -236,15 +279,13 @@ def with_chats(bot: Gunicorn, chats: OpenChats, acks: int) -> list[dict]:
         while not sampler_stop.wait(0.2):
             peak, fewest = max(peak, rss_mb(pids)), min(fewest, chats.waiting)
     threading.Thread(target=sample, daemon=True).start()
-    cpu_before, answered, started = cpu_snapshot(bot, pids, chats.threads), chats.done, time.monotonic()
-    loaded = measure_acks(bot.url, acks)
-    seconds = time.monotonic() - started
-    cores = cores_used(cpu_before, cpu_snapshot(bot, pids, chats.threads), seconds)
-    cores["ack measurer"] = round(loaded.pop("measurer_cpu_s") / seconds, 3)
-    rate = (chats.done - answered) / seconds
+    answered, started = chats.done, time.monotonic()
+    loaded, cores = acks_with_cpu(bot, acks, chats.threads)
+    rate = (chats.done - answered) / (time.monotonic() - started)
     sampler_stop.set()
     chats.close()
-    return [{"scenario": "ack_with_chats", **loaded, "chats_open_min": fewest, "chats_per_s": round(rate, 1),
+    return [{"scenario": "ack_with_chats", **loaded, "others_cores": cores["others"], "chats_open_min": fewest,
+             "chats_per_s": round(rate, 1),
              "chats_per_s_unhindered": round(chats.count / chats.chat_s, 1) if chats.chat_s else None,
              "chat_errors": chats.errors},
             {"scenario": "cpu", "cores_used": cores, "cores": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
@@ -277,9 +318,8 @@ def main() -> None:
             except requests.RequestException:
                 time.sleep(0.2)
         measure_acks(bot.url, 50)  # warm-up
-        baseline = measure_acks(bot.url, args.acks)
-        baseline.pop("measurer_cpu_s")
-        print(json.dumps({"scenario": "ack_baseline", **baseline}), flush=True)
+        baseline, cores = acks_with_cpu(bot, args.acks, [])
+        print(json.dumps({"scenario": "ack_baseline", **baseline, "others_cores": cores["others"]}), flush=True)
         chat_s = 0.0 if args.together else args.model_s + len(ANSWER.split()) * PIECE_S
         chats = OpenChats(web, args.chats, chat_s).start()
         deadline = time.monotonic() + 30 + args.model_s
@@ -287,9 +327,8 @@ def main() -> None:
             time.sleep(0.1)
         for line in with_chats(bot, chats, args.acks):
             print(json.dumps(line), flush=True)
-        after = measure_acks(bot.url, args.acks)
-        after.pop("measurer_cpu_s")
-        print(json.dumps({"scenario": "ack_baseline_after", **after, "load_avg_1m": os.getloadavg()[0]}), flush=True)
+        after, cores = acks_with_cpu(bot, args.acks, [])
+        print(json.dumps({"scenario": "ack_baseline_after", **after, "others_cores": cores["others"]}), flush=True)
         model.first_token_delay = 0.3
         print(json.dumps({"scenario": "first_token", **first_token(web, model, args.first_token_runs)}), flush=True)
     finally:
