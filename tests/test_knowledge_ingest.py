@@ -12,6 +12,7 @@ import pytest
 from werkzeug.wrappers import Request, Response
 
 from bot.knowledge.chunking import chunk_markdown, chunk_pairs
+from bot.knowledge.html import extract
 from bot.knowledge.readers import Limits, SourceError, read
 from devtools.emulator import LocalServer
 from tests.support import ROOT
@@ -102,6 +103,30 @@ def test_a_bad_file_is_refused_with_a_reason(tmp_path, name, data, reason):
     path.write_bytes(data)
     with pytest.raises(SourceError, match=reason):
         read(str(path), Limits())
+
+
+def test_a_page_gives_its_main_text_with_headings_and_without_its_frame():
+    title, text = extract(
+        "<html><head><title>Delivery &amp; pick-up</title><style>p{color:red}</style></head><body>"
+        "<header><a href=/>Home</a> <a href=/shop>Shop</a></header><nav><ul><li>Menu</li></ul></nav>"
+        "<main><h1>Delivery</h1><p>We deliver within <b>5 km</b> for 3&nbsp;euros.</p><script>track()</script>"
+        "<h2>Pick-up</h2><ul><li>At the shop</li><li>At the market</li></ul></div></main>"
+        "<footer>\u00a9 Ana's Bakery</footer></body></html>")
+    assert title == "Delivery & pick-up"
+    assert text == ("# Delivery\n\nWe deliver within 5 km for 3 euros.\n\n## Pick-up\n\n- At the shop\n\n"
+                    "- At the market")
+
+
+def test_an_articles_own_header_is_its_text():
+    _, text = extract("<body><header>Site</header><article><header><h1>Catering</h1></header><p>For 10 to 80 guests.</p>"
+                      "</article></body>")
+    assert text == "# Catering\n\nFor 10 to 80 guests."
+
+
+def test_a_page_without_main_keeps_its_body_less_the_frame():
+    _, text = extract("<body><nav>Home</nav><h1>Hours</h1><p>Open <br>8 to 6</p><form>Search</form>"
+                      "<footer>Contact</footer></body>")
+    assert text == "# Hours\n\nOpen\n8 to 6"
 
 
 def test_a_50_mb_file_is_refused_before_it_is_read(tmp_path):

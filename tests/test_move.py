@@ -9,9 +9,9 @@ import subprocess
 import sys
 import time
 import zlib
+from array import array
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import numpy as np
 import psycopg
 import pytest
 
@@ -125,7 +125,7 @@ class TwoDimensions:
     model, unsupported = "two-dimensions", None
 
     def embed(self, texts, timeout=None):
-        return Embedded(np.array([[0.6, 0.8]] * len(texts), dtype=np.float32), 3)
+        return Embedded([array("f", [0.6, 0.8]) for _ in texts], 3)
 
 
 def run_move(tmp_path, data_dir, url, password):

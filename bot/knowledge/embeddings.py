@@ -8,10 +8,12 @@ full text only; an ingest gives up on that source and adds nothing of it).
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import threading
+from array import array
 from dataclasses import dataclass
 
-import numpy as np
 import openai
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ class EmbeddingsUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Embedded:
-    vectors: np.ndarray | None  # one normalised float32 row per text; None: the server has no embeddings
+    vectors: list[array] | None  # one normalised float32 row per text; None: the server has no embeddings
     tokens: int  # what the server counted (embedding tokens count toward the budget)
 
 
@@ -57,7 +59,9 @@ class Embedder:
                 raise EmbeddingsUnavailable(f"{len(data)} embeddings for {len(texts[start:start + BATCH])} texts")
             rows += [item.embedding for item in data]
             tokens += (response.usage.total_tokens or response.usage.prompt_tokens or 0) if response.usage else 0
-        return Embedded(normalised(np.asarray(rows, dtype=np.float32)), tokens)
+        if len({len(row) for row in rows}) != 1:
+            raise EmbeddingsUnavailable("the server's embeddings differ in length")
+        return Embedded([normalised(row) for row in rows], tokens)
 
     def _unsupported(self, why: str) -> None:
         with self._lock:
@@ -67,16 +71,18 @@ class Embedder:
                                " searches full text only", self.model, why)
 
 
-def normalised(matrix: np.ndarray) -> np.ndarray:
-    """Rows of unit length, so a dot product is the cosine (a zero row stays zero)."""
-    if matrix.ndim != 2:
-        raise EmbeddingsUnavailable("the server's embeddings are not vectors")
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return matrix / np.where(norms == 0, 1, norms)
+def normalised(row) -> array:
+    """A float32 vector of unit length, so a dot product is the cosine (a zero vector stays zero)."""
+    norm = math.hypot(*row)
+    return array("f", row if norm == 0 else (value / norm for value in row))
 
 
-def to_bytes(vector: np.ndarray) -> bytes:
-    return np.asarray(vector, dtype="<f4").tobytes()
+def to_bytes(vector: array) -> bytes:
+    """Little-endian float32, as stored (and read back by retrieval.py), whatever this machine is."""
+    if sys.byteorder == "big":
+        vector = array("f", vector)
+        vector.byteswap()
+    return vector.tobytes()
 
 
 def _message(error: openai.APIStatusError) -> str:

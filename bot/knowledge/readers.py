@@ -1,5 +1,5 @@
 """A source's text, whatever it is: Markdown, plain text, PDF (pypdf), HTML and web pages
-(trafilatura), a FAQ (CSV or YAML question/answer pairs).
+(html.py), a FAQ (CSV or YAML question/answer pairs).
 
 Every failure is a SourceError with a reason a person can act on ("larger than 10 MB",
 "timed out after 15 s", "not a PDF pypdf can read: …"); nothing here writes anywhere.
@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import charset_normalizer
 import requests
 
+from bot.knowledge import html
 from bot.knowledge.chunking import Chunk, chunk_markdown, chunk_pairs
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def parse(data: bytes, kind: str, location: str, url: str | None) -> Document:
         title, text = _pdf(data, name)
         chunks = chunk_markdown(text, title)
     elif kind == "html":
-        title, text = _html(decode(data), name, url)
+        title, text = _html(decode(data), name)
         chunks = chunk_markdown(text, title)
     elif kind in ("faq-csv", "faq-yaml"):
         title = _title_of_name(name)
@@ -156,19 +157,11 @@ def _pdf(data: bytes, name: str) -> tuple[str, str]:
     return title or _title_of_name(name), "\n\n".join(page.strip() for page in pages if page.strip())
 
 
-def _html(text: str, name: str, url: str | None) -> tuple[str, str]:
-    import trafilatura  # only when a page is added
-
-    try:
-        extracted = trafilatura.extract(text, url=url, output_format="markdown", include_tables=True,
-                                        include_links=False, include_comments=False, favor_recall=True)
-        metadata = trafilatura.extract_metadata(text, default_url=url)
-    except Exception as error:  # noqa: BLE001 - lxml's errors on broken markup
-        raise SourceError(f"could not read the page: {type(error).__name__}") from None
-    if not extracted:
+def _html(text: str, name: str) -> tuple[str, str]:
+    title, extracted = html.extract(text)
+    if not extracted.strip():
         raise SourceError("no readable text on the page")
-    title = (metadata.title if metadata and metadata.title else "") or _markdown_title(extracted)
-    return title or _title_of_name(name), extracted
+    return title or _markdown_title(extracted) or _title_of_name(name), extracted
 
 
 def _faq_csv(text: str) -> list[tuple[str, str]]:

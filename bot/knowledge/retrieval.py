@@ -9,17 +9,21 @@ in the chunk (and not far fewer than the best chunk has) - what decides whether 
 into the prompt at all, and what `KNOWLEDGE_MODE=only` decides on.
 
 The vectors live in each process's memory (one float32 matrix per Page, exact search: a
-matrix-vector product), reloaded when the knowledge version in the store has moved.
+matrix-vector product by simsimd's SIMD kernels, on the bytes as stored), reloaded when the
+knowledge version in the store has moved.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import re
+import sys
 import threading
 import unicodedata
+from array import array
 from dataclasses import dataclass
 
-import numpy as np
+import simsimd
 
 from bot.knowledge import store
 from bot.knowledge.embeddings import Embedder, EmbeddingsUnavailable
@@ -99,29 +103,45 @@ def coverage(question_terms: list[str], text: str) -> float:
 
 
 class _Vectors:
-    """One Page's chunk vectors for one model, as of one knowledge version."""
+    """One Page's chunk vectors for one model, as of one knowledge version: `matrix` is the
+    float32 rows as one buffer, [chunks, dimensions]."""
 
-    def __init__(self, version: int, ids: np.ndarray, matrix: np.ndarray):
+    def __init__(self, version: int, ids: list[int], matrix: memoryview | None):
         self.version, self.ids, self.matrix = version, ids, matrix
-        self.row_of = {int(chunk_id): row for row, chunk_id in enumerate(ids.tolist())}
+        self.width = matrix.shape[1] if matrix is not None else 0
+        self.row_of = {chunk_id: row for row, chunk_id in enumerate(ids)}
+
+    @classmethod
+    def of(cls, version: int, rows: list[tuple[int, bytes]]) -> "_Vectors":
+        if not rows:
+            return cls(version, [], None)
+        width = len(rows[0][1]) // 4
+        rows = [row for row in rows if len(row[1]) == width * 4]  # one model, one width
+        data = array("f", b"".join(row[1] for row in rows))
+        if sys.byteorder == "big":  # stored little-endian (embeddings.to_bytes)
+            data.byteswap()
+        return cls(version, [row[0] for row in rows], memoryview(data).cast("B").cast("f", [len(rows), width]))
+
+    def similarities(self, question: array) -> list[float]:
+        """The question's dot product (its cosine: all unit vectors) with every row."""
+        query = memoryview(question).cast("B").cast("f", [1, len(question)])
+        return memoryview(simsimd.cdist(query, self.matrix, metric="dot")).cast("B").cast("d").tolist()
 
 
 class _Scored:
     """The question's cosine with each of a Page's chunks."""
 
-    def __init__(self, vectors: _Vectors, scores: np.ndarray):
+    def __init__(self, vectors: _Vectors, scores: list[float]):
         self.vectors, self.scores = vectors, scores
 
     def top(self, count: int) -> list[int]:
-        """The ids of the `count` most similar chunks, most similar first (no full sort)."""
-        count = min(count, len(self.scores))
-        rows = np.argpartition(-self.scores, count - 1)[:count]
-        rows = rows[np.argsort(-self.scores[rows], kind="stable")]
-        return self.vectors.ids[rows].tolist()
+        """The ids of the `count` most similar chunks, most similar first."""
+        rows = heapq.nlargest(count, range(len(self.scores)), key=self.scores.__getitem__)
+        return [self.vectors.ids[row] for row in rows]
 
     def of(self, chunk_id: int) -> float | None:
         row = self.vectors.row_of.get(chunk_id)
-        return None if row is None else float(self.scores[row])
+        return None if row is None else self.scores[row]
 
 
 class Retriever:
@@ -170,7 +190,7 @@ class Retriever:
         if self.embedder is None or self.embedder.unsupported:
             return None, 0
         vectors = self._page_vectors(page_id, version)
-        if vectors is None or not len(vectors.ids):
+        if not vectors.ids:
             return None, 0
         try:
             embedded = self.embedder.embed([question], timeout=timeout)
@@ -179,31 +199,21 @@ class Retriever:
             return None, 0
         if embedded.vectors is None:
             return None, embedded.tokens
-        if embedded.vectors.shape[1] != vectors.matrix.shape[1]:
+        question_vector = embedded.vectors[0]
+        if len(question_vector) != vectors.width:
             logger.warning("the question's embedding has %d dimensions, the knowledge base's %d: re-add the sources"
-                           " (EMBEDDING_MODEL changed?); full text only", embedded.vectors.shape[1],
-                           vectors.matrix.shape[1])
+                           " (EMBEDDING_MODEL changed?); full text only", len(question_vector), vectors.width)
             return None, embedded.tokens
-        return _Scored(vectors, vectors.matrix @ embedded.vectors[0]), embedded.tokens
+        return _Scored(vectors, vectors.similarities(question_vector)), embedded.tokens
 
-    def _page_vectors(self, page_id: str, version: int) -> _Vectors | None:
+    def _page_vectors(self, page_id: str, version: int) -> _Vectors:
         cached = self._vectors.get(page_id)
         if cached is not None and cached.version == version:
             return cached
         with self._lock:
             cached = self._vectors.get(page_id)
-            if cached is not None and cached.version == version:
-                return cached
-            with self.database.read() as db:
-                rows = store.vectors(db, page_id, self.embedder.model)
-            if not rows:
-                loaded = _Vectors(version, np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
-            else:
-                width = len(rows[0][1]) // 4
-                rows = [row for row in rows if len(row[1]) == width * 4]  # one model, one width
-                ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-                matrix = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4").reshape(len(rows), width)
-                loaded = _Vectors(version, ids, matrix)
-            self._vectors[page_id] = loaded
-            return loaded
-
+            if cached is None or cached.version != version:
+                with self.database.read() as db:
+                    cached = _Vectors.of(version, store.vectors(db, page_id, self.embedder.model))
+                self._vectors[page_id] = cached
+            return cached
