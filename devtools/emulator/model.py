@@ -238,8 +238,9 @@ class ModelStandIn(_ModelServer):
     def embed(self, request: Request, body) -> Response:
         """Offline vectors (devtools/emulator/embeddings.py), or OpenAI's 404 for a path it does not serve."""
         if not self.embeddings:
-            return json_response({"error": {"message": "Invalid URL (POST /v1/embeddings)", "type": "invalid_request_error",
-                                            "param": None, "code": None}}, 404, {"x-request-id": "req_no_embeddings"})
+            return json_response({"error": {"message": "Invalid URL (POST /v1/embeddings)",
+                                            "type": "invalid_request_error", "param": None, "code": None}},
+                                 404, {"x-request-id": "req_no_embeddings"})
         if refused := self._refused_key(request, wait=False):
             return refused
         if self.scripted_embeddings:
