@@ -7,6 +7,8 @@ proxy; an offline stand-in otherwise) and the bot itself, wired together on
 linked Instagram account, each with its own system prompt: the bot runs from a
 PAGES_FILE in the sandbox's own temporary folder, as a deployment for many Pages would;
 each offers "Talk to a person" under its answers and passes the thread to the Page inbox.
+The first Page also answers a website visitor: the bot's website chat (WEBCHAT=on) on a
+listener of its own, its widget's demo page shown in the sandbox page, streamed by the model.
 """
 from __future__ import annotations
 
@@ -27,12 +29,14 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from bot.web.app import create_app
+from bot.webchat.wiring import build_server
 from bot.telemetry.logs import configure_logging
 from config import ConfigError, load_config, read_environment
 from devtools.emulator import GraphEmulator, ModelProxy, ModelStandIn, Timeline, WebhookSender, graph_error
 from devtools.emulator.http import QuietHandler
 from devtools.emulator.model import offline_reply
 from devtools.emulator.page import SandboxPage
+from devtools.emulator.webvisitor import WebchatListener, WebVisitors
 from devtools.replayed import ReplayedDeliveries
 
 logger = logging.getLogger("devtools.sandbox")
@@ -52,6 +56,11 @@ BOOKSHOP_USERS = {"2000000000000201": "Gus", "2000000000000202": "Hugo"}  # Harb
 OFFLINE_KEY = "sandbox-offline-model"
 SANDBOX_APP_ID = "900000000000001"
 OUTCOMES_EVERY_S = 0.2  # how often the exchange log is read for outcomes to show
+STREAM_DELAY_S = 0.08  # between the offline model's streamed pieces: the website chat visibly streams
+# The website chat's per-address limits, looser than the bot's defaults (5 a minute) for one person trying
+# it from 127.0.0.1; the environment's WEBCHAT_* settings win.
+WEBCHAT_DEFAULTS = {"WEBCHAT_RATE_LIMIT": "20/minute", "WEBCHAT_CONVERSATION_LIMIT": "20/minute"}
+WEBSITE_VISITOR = "Website visitor"
 HANDOFF_BUTTON = "Talk to a person"  # the quick reply under the bot's answers, on every sandbox Page
 # Meta's refusal of a message sent after the messaging window closed (Send API error codes page).
 WINDOW_CLOSED = (10, 2018278, "(#10) This message is sent outside of allowed window.")
@@ -74,19 +83,24 @@ class Sandbox:
         else:
             self.model = ModelStandIn(offline_reply, api_key=OFFLINE_KEY, timeline=self.timeline)
             self.model.delay = model_delay  # long enough to see the typing indicator
-        self.model.psid_of = self.graph.psid_for_prompt
+            self.model.stream_delay = STREAM_DELAY_S if model_delay else 0.0
+        self.visitors: WebVisitors | None = None  # the website chat's, once the config is read
+        self.model.psid_of = lambda messages: (self.visitors and self.visitors.psid_for_prompt(messages)) or \
+            self.graph.psid_for_prompt(messages)
         self.model.psid_of_media = self.graph.psid_for_media  # a photo or voice note sent on to the model
         self.data_dir = tempfile.TemporaryDirectory(prefix="messenger-sandbox-")
         pages_file = os.path.join(self.data_dir.name, "pages.toml")
         with open(pages_file, "w", encoding="utf-8") as file:
             file.write(pages_toml(self.graph))
         self.config = load_config({
+            **WEBCHAT_DEFAULTS,
             **{k: v for k, v in environ.items() if not k.startswith("FB_") and k != "PAGES_FILE"},
             "FB_VERIFY_TOKEN": verify_token, "FB_APP_SECRET": app_secret, "PAGES_FILE": pages_file,
             "FB_API_URL": self.graph.api_url,
             "OPENAI_API_KEY": real_key or OFFLINE_KEY, "OPENAI_BASE_URL": self.model.base_url,
             "DATA_DIR": self.data_dir.name, "REPLY_THREADS": "8",
             "ERROR_LOG_FILE": os.path.join(self.data_dir.name, "openai_api_errors.log"),  # forgotten with the rest
+            "WEBCHAT": "on", "WEBCHAT_PAGE": self.graph.page_id,
         }, env_file=None)
         if real_key:
             label = f"real model: {self.config.openai_model} via {upstream}"
@@ -98,9 +112,13 @@ class Sandbox:
         self.bot_url = f"http://127.0.0.1:{self.bot.server_port}/webhook"
         self.webhooks = WebhookSender(self.bot_url, app_secret, self.timeline)
         self.graph.webhooks = self.webhooks
+        self.visitors = WebVisitors(build_server(self.config), self.timeline, self.graph.page_id)
+        self.webchat = WebchatListener(self.visitors)
         self.page = SandboxPage(self.graph, {
             "page": {"id": self.graph.page_id, "name": BAKERY}, "model": {"mode": self.model.mode, "label": label},
             "webhook": self.bot_url,
+            "webchat": {"url": self.webchat.url, "demo": self.webchat.url + "/webchat/demo",
+                        "account": self.graph.page_id, "name": WEBSITE_VISITOR},
         }, host, port)
         self._stopping = threading.Event()
         self._outcomes = threading.Thread(target=self._watch_outcomes, name="sandbox-outcomes", daemon=True)
@@ -113,6 +131,7 @@ class Sandbox:
         self.graph.start()
         self.model.start()
         threading.Thread(target=self.bot.serve_forever, args=(0.05,), daemon=True).start()
+        self.webchat.start()
         # As the dashboard does on "Verify and save", before any message is delivered.
         if not self.webhooks.verify(self.config.fb_verify_token):
             raise RuntimeError("the bot did not answer the webhook verification")
@@ -125,6 +144,7 @@ class Sandbox:
         if self._outcomes.is_alive():
             self._outcomes.join(timeout=5)
         self.page.stop()
+        self.webchat.stop()
         self.webhooks.close()
         self.app.extensions["dispatcher"].stop(timeout=5)
         self.bot.shutdown()
@@ -151,7 +171,7 @@ class Sandbox:
                 if now[key] > shown[key]:
                     self.timeline.add("outcome", record["psid"], outcome=record["outcome"], model=record["model"],
                                       latency_ms=record["latency_ms"], total_tokens=record["total_tokens"],
-                                      account=record.get("page_id"))
+                                      account=record.get("page_id"), channel=record.get("channel"))
             shown = now
 
 
@@ -261,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     sandbox.start()
     print(f"Messenger sandbox: open {sandbox.url}\n"
           f"  bot webhook: {sandbox.bot_url}\n"
+          f"  website chat: {sandbox.webchat.url}/webchat/demo\n"
           f"  model: {sandbox.page.info['model']['label']}\n"
           f"  {replay_command(sandbox)}\n"
           "Ctrl-C stops it.", flush=True)

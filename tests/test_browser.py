@@ -305,3 +305,49 @@ def test_a_closed_messaging_window_gives_window_closed_and_no_reply(fresh_page):
     expect(turn.locator(".step[data-kind=graph].error", has_text="(send)")).to_contain_text("\u2192 400")
     expect(page.locator(".note[data-outcome=window-closed]")).to_be_visible()
     expect(replies).to_have_count(1)  # the outcome is logged after the refused send: nothing went out
+
+
+# The widget's answer bubble, watched in its Shadow DOM: every text it shows on the way to the last.
+WATCH_ANSWER = """() => {
+  const log = document.querySelector("[data-webchat]").shadowRoot.querySelector(".log");
+  window.seenTexts = [];
+  new MutationObserver(() => {
+    const bot = [...log.querySelectorAll(".msg.bot")].pop();
+    const last = window.seenTexts[window.seenTexts.length - 1];
+    if (bot && bot.textContent !== last) window.seenTexts.push(bot.textContent);
+  }).observe(log, { childList: true, subtree: true, characterData: true });
+}"""
+
+
+def test_the_website_visitor_chats_through_the_real_widget_and_the_answer_streams_in(page):
+    select(page, "Website visitor")
+    expect(page.locator("#composer")).to_be_hidden()  # not Messenger: the site's own chat
+    site = page.frame_locator("#website")
+    site.locator(".bubble").click()  # the widget's chat bubble, bottom right of the demo page
+    frame = next(f for f in page.frames if f.url.endswith("/webchat/demo"))
+    frame.evaluate(WATCH_ANSWER)
+    site.locator("textarea").fill("Do you bake on Sundays?")
+    site.locator("textarea").press("Enter")
+    answer = site.locator(".msg.bot").last
+    expect(answer).to_contain_text("You said \u201cDo you bake on Sundays?\u201d")
+    expect(answer).to_contain_text("Set OPENAI_API_KEY to talk to a real model.")
+    shown = frame.evaluate("() => window.seenTexts")
+    growing = [text for text in shown if "[offline stand-in]" in text]
+    assert len(growing) >= 4, shown  # piece by piece, not all at once
+    assert all(later.startswith(earlier.rstrip()) or "automated assistant" in later
+               for earlier, later in zip(growing, growing[1:-1])), shown
+
+    turn = page.locator("#steps .turn").last
+    expect(turn.locator("h3")).to_have_text("Website visitor: \u201cDo you bake on Sundays?\u201d")
+    expect(turn.locator(".step[data-kind=webchat]")).to_have_count(2)  # the request, then how it was answered
+    request, done = turn.locator(".step[data-kind=webchat]").all()
+    expect(request).to_contain_text("POST /api/chat \u2192 200 (text/event-stream)")
+    expect(done).to_have_text(re.compile(r"answered: \d+ deltas, the first after \d+ ms"))
+    model = turn.locator(".step[data-kind=model]")
+    expect(model).to_contain_text("(streamed)")
+    expect(model.locator("li[data-role=user]").last).to_contain_text("Do you bake on Sundays?")
+    expect(turn.locator(".step[data-kind=outcome]")).to_contain_text("answered (channel web")
+
+    select(page, "Ana")  # and back to Messenger: its composer, and none of the visitor's turns
+    expect(page.locator("#composer")).to_be_visible()
+    expect(page.locator("#steps h3", has_text="Website visitor")).to_have_count(0)

@@ -17,6 +17,7 @@ from devtools.sandbox import (BAKERY, BOOKSHOP, BOOKSHOP_USERS, HANDOFF_BUTTON, 
 from devtools.emulator.users import PAGE_INBOX_APP_ID
 from tests.support import ROOT, SandboxProcess, wait_for
 from tests.support.messages import IGSID
+from tests.support.webchat import parse_events
 
 ANA, BEN = list(USERS)[:2]
 ELI, FAY = list(INSTAGRAM_USERS)
@@ -353,3 +354,27 @@ def test_the_printed_replay_command_works_as_printed_and_shows_the_users_message
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_the_website_chat_runs_beside_messenger_and_its_turns_are_on_the_timeline(sandbox):
+    webchat = sandbox.state()["webchat"]
+    bakery = accounts(sandbox)[f"{BAKERY} \u00b7 Messenger"]
+    assert (webchat["name"], webchat["account"]) == ("Website visitor", bakery["id"])
+    demo = requests.get(webchat["demo"], timeout=5)
+    assert demo.status_code == 200 and '<script src="/webchat.js"' in demo.text
+    seq = mark(sandbox)
+    answer = requests.post(webchat["url"] + "/api/chat", json={"message": "Do you sell rye bread?"},
+                           headers={"Accept": "text/event-stream"}, timeout=15)
+    names = [name for name, _ in parse_events(answer.text)]
+    assert names[0] == "start" and names[-1] == "done" and names.count("delta") > 3  # streamed by the model
+    conversation = parse_events(answer.text)[0][1]["conversation"]
+    psid = "web:" + conversation  # the exchange log's psid for a web conversation
+    assert wait_for(lambda: events_after(sandbox, seq, "outcome", psid), 5)
+    request, answered = events_after(sandbox, seq, "webchat", psid)
+    assert (request["phase"], request["text"], request["stream"]) == ("request", "Do you sell rye bread?", True)
+    assert (answered["phase"], answered["outcome"], answered["deltas"]) == ("answer", "answered", names.count("delta"))
+    [model] = events_after(sandbox, seq, "model", psid)
+    assert model["stream"] is True and model["messages"][0] == {"role": "system", "content": PROMPTS[BAKERY]}
+    assert model["messages"][-1]["content"].endswith("Do you sell rye bread?")
+    [outcome] = events_after(sandbox, seq, "outcome", psid)
+    assert (outcome["outcome"], outcome["channel"]) == ("answered", "web")

@@ -22,7 +22,9 @@ const THREAD_NOTES = {
   back: "The Page inbox passed the conversation back to the bot (pass_thread_control): the bot answers again.",
   window: "Meta's messaging window for this user is closed: the Send API refuses the next reply (10/2018278).",
 };
-const STEPS = ["webhook", "webhook_failed", "graph", "download", "transcription", "model", "outcome"];
+const STEPS = ["webhook", "webhook_failed", "graph", "download", "transcription", "model", "outcome", "webchat"];
+// The website visitor: one view for every web conversation (the exchange log's psid "web:<conversation>").
+const WEB = "web";
 const SAID = { image: "[photo]", audio: "[voice note]", sticker: "[sticker]", video: "[video]", file: "[file]" };
 const LIKE_STICKER_ID = 369239263222822;
 // One account is shown at a time (a Page's Messenger, or its Instagram): its users, each user's own view.
@@ -46,11 +48,12 @@ async function poll() {
     if (state.info === null) renderHeader(data);
     state.info = data;
     for (const user of data.users) viewOf(user.psid, user.name, user.account).withPerson = user.with_person;
+    if (data.webchat && !state.views.has(WEB)) viewOf(WEB, data.webchat.name, data.webchat.account).web = true;
     const thread = $("thread"), panel = $("panel");
     const stick = [thread, panel].map(atBottom);
     for (const event of data.events) {
       state.seq = Math.max(state.seq, event.seq);
-      if (event.psid) add(viewOf(event.psid, null, event.account), event);
+      if (event.psid) add(viewOf(event.psid.startsWith("web:") ? WEB : event.psid, null, event.account), event);
     }
     if (state.account === null && data.accounts.length) showAccount(data.accounts[0].id);
     refresh();
@@ -122,7 +125,11 @@ function select(psid) {
   const view = state.views.get(psid);
   state.chosen.set(view.account, psid);
   for (const other of state.views.values()) other.button.classList.toggle("selected", other === view);
-  $("chat-name").textContent = `${view.name} \u2194 ${accountOf(view.account).label}`;
+  $("chat-name").textContent = view.web
+    ? `${view.name} \u2194 ${accountOf(view.account).name}'s website chat (WEBCHAT): the bubble, bottom right`
+    : `${view.name} \u2194 ${accountOf(view.account).label}`;
+  document.body.dataset.channel = view.web ? "web" : "messenger";
+  if (view.web && !view.thread.childElementCount) view.thread.append(website());
   $("thread").replaceChildren(view.thread);
   $("steps").replaceChildren(view.turns);
   refresh();
@@ -130,8 +137,20 @@ function select(psid) {
   $("panel").scrollTop = $("panel").scrollHeight;
 }
 
+// The bot's widget demo page (/webchat/demo, from its website-chat listener), as a visitor sees the site.
+function website() {
+  return el("iframe", { id: "website", src: state.info.webchat.demo,
+                        title: "A website with the bot's chat widget (the website chat's demo page)" });
+}
+
 function add(view, event) {
-  if (event.kind === "message") {
+  if (event.kind === "webchat" && event.phase === "request") {
+    view.turn = el("div", { class: "turn" }, el("h3", {}, `${view.name}: \u201c${event.text || ""}\u201d`));
+    view.turns.append(view.turn);
+    view.preview.textContent = event.text || "";
+  } else if (view.web) {
+    // The widget in the page says what happened in words; the panel shows the steps.
+  } else if (event.kind === "message") {
     view.thread.append(bubble(event));
     if (event.by === "inbox") view.thread.append(el("div", { class: "by" }, "a person, from the Page inbox"));
     view.last = event;
@@ -267,14 +286,23 @@ function step(event) {
     title = `${event.method} ${event.path.replace(/^\/v[\d.]+/, "")}${what} \u2192 ${event.status} in ${event.ms} ms`;
     detail = { request: event.request, response: event.response };
   } else if (event.kind === "outcome") {
-    const about = [event.model, event.total_tokens != null && `${event.total_tokens} tokens`].filter(Boolean);
+    const about = [event.channel === "web" && "channel web", event.model,
+                   event.total_tokens != null && `${event.total_tokens} tokens`].filter(Boolean);
     kind = "Exchange log";
     node.dataset.outcome = event.outcome;
     title = event.outcome + (about.length ? ` (${about.join(", ")})` : "") +
             (event.latency_ms != null ? ` in ${event.latency_ms} ms` : "");
   } else if (event.kind === "model") {
     kind = "Model";
-    title = `${event.mode === "offline" ? "offline stand-in" : "model"} \u2192 ${event.status} in ${event.ms} ms`;
+    title = `${event.mode === "offline" ? "offline stand-in" : "model"} \u2192 ${event.status} in ${event.ms} ms` +
+            (event.stream ? " (streamed)" : "");
+  } else if (event.kind === "webchat") {
+    kind = "Website chat";
+    title = webchatTitle(event);
+    if (event.phase === "answer" && (event.message || event.left)) {
+      node.classList.add("error");
+      node.append(el("div", { class: "reason" }, event.message || "the visitor left before the end"));
+    }
   } else if (event.kind === "download") {
     kind = "Download";
     const size = event.size != null ? `, ${Math.max(1, Math.round(event.size / 1024))} KB` : "";
@@ -312,6 +340,15 @@ function step(event) {
     node.append(el("details", {}, el("summary", {}, "details"), el("pre", {}, JSON.stringify(detail, null, 2))));
   }
   return node;
+}
+
+// POST /api/chat as the sandbox saw it pass: the request, then how the answer came (streamed or whole).
+function webchatTitle(event) {
+  const how = event.stream ? "text/event-stream" : "JSON";
+  if (event.phase === "request") return `POST /api/chat \u2192 ${event.status} (${how})`;
+  const streamed = event.stream
+    ? `${event.deltas} delta${event.deltas === 1 ? "" : "s"}, the first after ${event.first_delta_ms} ms, ` : "";
+  return `${event.outcome || event.error || event.status}: ${streamed}all in ${event.ms} ms`;
 }
 
 // A message's content: a string, or OpenAI's parts (text, and images shown as thumbnails when small).
