@@ -84,7 +84,10 @@ def model_server(mode: str) -> Iterator[ModelServer]:
     shim = subprocess.Popen([sys.executable, str(SHIM), "--model", SHIM_MODELS[mode]], stdout=subprocess.PIPE,
                             text=True)
     try:
-        yield ModelServer(shim.stdout.readline().strip(), SHIM_MODELS[mode])
+        url = shim.stdout.readline().strip()
+        if not url:
+            raise RuntimeError(f"embeddings_shim.py --model {SHIM_MODELS[mode]} did not start (exit {shim.wait(10)})")
+        yield ModelServer(url, SHIM_MODELS[mode])
     finally:
         shim.terminate()
         shim.wait(10)
@@ -101,8 +104,9 @@ def bot_env(server: ModelServer, data_dir: str) -> dict[str, str]:
 def ingest(mode: str, env: dict[str, str]) -> dict:
     """`python -m bot knowledge add` of every document, timed from the command's start to its exit."""
     started = time.perf_counter()
+    minimal = {"PATH": os.environ.get("PATH", ""), "HOME": str(Path.home())}
     done = subprocess.run([sys.executable, "-m", "bot", "knowledge", "add", *DOCUMENTS], cwd=ROOT, text=True,
-                          capture_output=True, env={"PATH": os.environ.get("PATH", ""), "HOME": str(Path.home()), **env})
+                          capture_output=True, env={**minimal, **env})
     seconds = time.perf_counter() - started
     chunks = sum(int(line.split(": ")[-1].split()[0]) for line in done.stdout.splitlines() if line.startswith("added"))
     return {"bench": "ingest", "mode": mode, "exit": done.returncode, "documents": len(DOCUMENTS), "chunks": chunks,
@@ -124,7 +128,10 @@ def run_mode(mode: str, only: set[str], args) -> Iterator[dict]:
         env = {**bot_env(server, data), **dict(item.split("=", 1) for item in args.bot_env)}
         if mode == "random":  # meaningless vectors: only the speed figures say anything
             only = only & {"ingest", "latency"}
-        yield ingest(mode, env)
+        added = ingest(mode, env)
+        yield added
+        if added["exit"] != 0:  # any figure after it would measure a corpus with holes
+            return
         config, kb = open_kb(env)
         line = {"mode": mode, "search": search_mode(kb)}
         if "hit_at_3" in only:
