@@ -315,8 +315,10 @@ def _from_ad(event: dict, body: dict) -> bool:
 
 
 def _attachment_type(attachment: dict) -> str:
+    """Meta's type of an attachment, cleaned; "unknown" when it is not a word (missing, empty, not a string)."""
     kind = attachment.get("type")
-    return clean_text(kind) if isinstance(kind, str) else "unknown"
+    kind = clean_text(kind).strip()[:40] if isinstance(kind, str) else ""
+    return kind or "unknown"
 
 
 def _clean(text: Any) -> str:

@@ -182,11 +182,11 @@ def test_an_echo_with_an_unsafe_app_id_is_dropped():
 def test_lone_surrogates_in_texts_become_replacement_characters():
     postback = {"sender": {"id": PSID}, "recipient": {"id": PAGE}, "timestamp": 1763893200001,
                 "postback": {"title": "Go \udfff", "payload": "GO", "mid": "m_pb"}}
-    attachment = event(mid="m_att", text=None, attachments=[{"type": "im\ud800age"}, {"type": 7}])
+    attachment = event(mid="m_att", text=None, attachments=[{"type": "im\ud800age"}, {"type": 7}, {"type": " "}])
     delivery = parse_events(event(text="hi \udfff"), postback, attachment,
                             echo(text="by hand \ud800", metadata="meta\udc00"))
     assert [m.text for m in delivery.messages] == ["hi \ufffd", "Go \ufffd", ""]
-    assert delivery.messages[2].attachment_types == ("im\ufffdage", "unknown")
+    assert delivery.messages[2].attachment_types == ("im\ufffdage", "unknown", "unknown")
     [sent] = delivery.echoes
     assert (sent.text, sent.metadata) == ("by hand \ufffd", "meta\ufffd")
 
