@@ -9,6 +9,7 @@ PAGES_FILE in the sandbox's own temporary folder, as a deployment for many Pages
 each offers "Talk to a person" under its answers and passes the thread to the Page inbox.
 The first Page also answers a website visitor: the bot's website chat (WEBCHAT=on) on a
 listener of its own, its widget's demo page shown in the sandbox page, streamed by the model.
+It also has a knowledge base: examples/knowledge/anas-bakery, synced into the bot's store at start.
 """
 from __future__ import annotations
 
@@ -29,14 +30,14 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from bot.web.app import create_app
-from bot.webchat.wiring import build_server
 from bot.telemetry.logs import configure_logging
 from config import ConfigError, load_config, read_environment
 from devtools.emulator import GraphEmulator, ModelProxy, ModelStandIn, Timeline, WebhookSender, graph_error
 from devtools.emulator.http import QuietHandler
+from devtools.emulator.knowledge import Loaded, load_folder, logged_excerpts
 from devtools.emulator.model import offline_reply
 from devtools.emulator.page import SandboxPage
-from devtools.emulator.webvisitor import WebchatListener, WebVisitors
+from devtools.emulator.webvisitor import WebchatListener, WebVisitors, webchat_server
 from devtools.replayed import ReplayedDeliveries
 
 logger = logging.getLogger("devtools.sandbox")
@@ -112,7 +113,8 @@ class Sandbox:
         self.bot_url = f"http://127.0.0.1:{self.bot.server_port}/webhook"
         self.webhooks = WebhookSender(self.bot_url, app_secret, self.timeline)
         self.graph.webhooks = self.webhooks
-        self.visitors = WebVisitors(build_server(self.config), self.timeline, self.graph.page_id)
+        self.visitors = WebVisitors(webchat_server(self.config, self.app.extensions["dispatcher"].store),
+                                    self.timeline, self.graph.page_id)
         self.webchat = WebchatListener(self.visitors)
         self.page = SandboxPage(self.graph, {
             "page": {"id": self.graph.page_id, "name": BAKERY}, "model": {"mode": self.model.mode, "label": label},
@@ -120,6 +122,7 @@ class Sandbox:
             "webchat": {"url": self.webchat.url, "demo": self.webchat.url + "/webchat/demo",
                         "account": self.graph.page_id, "name": WEBSITE_VISITOR},
         }, host, port)
+        self.knowledge: Loaded | None = None  # the example knowledge base, once loaded
         self._stopping = threading.Event()
         self._outcomes = threading.Thread(target=self._watch_outcomes, name="sandbox-outcomes", daemon=True)
 
@@ -132,6 +135,7 @@ class Sandbox:
         self.model.start()
         threading.Thread(target=self.bot.serve_forever, args=(0.05,), daemon=True).start()
         self.webchat.start()
+        self._load_knowledge()
         # As the dashboard does on "Verify and save", before any message is delivered.
         if not self.webhooks.verify(self.config.fb_verify_token):
             raise RuntimeError("the bot did not answer the webhook verification")
@@ -152,11 +156,26 @@ class Sandbox:
         self.graph.stop()
         self.data_dir.cleanup()
 
+    @property
+    def database(self):
+        """The bot's own store (SQLite in DATA_DIR): the exchange log and the knowledge base."""
+        return self.app.extensions["dispatcher"].store.conversations.database
+
+    def _load_knowledge(self) -> None:
+        """Ana's Bakery's documents into the bot's store, as `knowledge sync --page` would, before anyone
+        writes (the model serves the embeddings); KNOWLEDGE_MODE=off in the environment: none."""
+        if self.config.knowledge_mode != "off":
+            self.knowledge = load_folder(self.config, self.database, self.graph.page_id)
+        self.page.info["knowledge"] = {"mode": self.config.knowledge_mode, "page": BAKERY, **(
+            {"sources": self.knowledge.sources, "chunks": self.knowledge.chunks} if self.knowledge else {})}
+
     # -- what the page shows beyond Meta's side ------------------------------------------------
     def _watch_outcomes(self) -> None:
         """Each new exchange-log record on the timeline as an `outcome` event: the page shows a note
-        for the outcomes that leave the user without an ordinary answer (paused, rate-limited, reset...)."""
+        for the outcomes that leave the user without an ordinary answer (paused, rate-limited, reset...),
+        and the scores of the knowledge base's excerpts (or that nothing relevant was found)."""
         log = self.app.extensions["dispatcher"].store.conversations
+        mode = self.config.knowledge_mode
         shown: Counter = Counter()
         while not self._stopping.wait(OUTCOMES_EVERY_S):
             try:
@@ -171,7 +190,8 @@ class Sandbox:
                 if now[key] > shown[key]:
                     self.timeline.add("outcome", record["psid"], outcome=record["outcome"], model=record["model"],
                                       latency_ms=record["latency_ms"], total_tokens=record["total_tokens"],
-                                      account=record.get("page_id"), channel=record.get("channel"))
+                                      account=record.get("page_id"), channel=record.get("channel"),
+                                      knowledge=logged_excerpts(record, self.database, mode))
             shown = now
 
 
@@ -251,6 +271,20 @@ def replay_command(sandbox: Sandbox) -> str:
             f".venv/bin/python -m devtools.replay tests/fixtures --url {sandbox.bot_url} --verify")
 
 
+def knowledge_line(sandbox: Sandbox) -> str:
+    """The knowledge base's line of the banner: what was loaded, and the command that manages it,
+    with the sandbox's DATA_DIR and settings (a .env's FB_PAGE_* emptied: the sandbox runs from PAGES_FILE)."""
+    if sandbox.knowledge is None:
+        return ("knowledge base: off (KNOWLEDGE_MODE=off)" if sandbox.config.knowledge_mode == "off" else
+                "knowledge base: none (no examples/knowledge/anas-bakery)")
+    key = "" if sandbox.model.mode == "real" else f"OPENAI_API_KEY={OFFLINE_KEY} "
+    return (f"knowledge base: {sandbox.knowledge.summary()}, for {BAKERY}; manage it: "
+            f"DATA_DIR={sandbox.data_dir.name} PAGES_FILE={sandbox.config.pages_file} FB_PAGE_ID= "
+            f"FB_PAGE_ACCESS_TOKEN= FB_APP_SECRET={sandbox.app_secret} FB_VERIFY_TOKEN={sandbox.verify_token} "
+            f"OPENAI_BASE_URL={sandbox.model.base_url} {key}.venv/bin/python -m bot knowledge list "
+            f"(or search|add|sync|remove --page {sandbox.graph.page_id})")
+
+
 def _port_problem(host: str, port: int) -> str | None:
     """Werkzeug exits the process on a taken port; say it plainly first."""
     with socket.socket() as probe:
@@ -284,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
           f"  website chat: {sandbox.webchat.url}/webchat/demo\n"
           f"  model: {sandbox.page.info['model']['label']}\n"
           f"  {replay_command(sandbox)}\n"
+          f"  {knowledge_line(sandbox)}\n"
           "Ctrl-C stops it.", flush=True)
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

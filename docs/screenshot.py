@@ -21,9 +21,12 @@ def main() -> None:
             page.fill("#text", "Hi! Are you open on Sunday?")
             page.press("#text", "Enter")
             expect(page.locator(".bubble.page")).to_have_count(1, timeout=10_000)
-            page.get_by_role("button", name="Send a photo").click()  # the panel shows the model's thumbnail
+            page.fill("#text", "How much is the gluten-free buckwheat and teff loaf?")  # answered from a document
+            page.press("#text", "Enter")
             expect(page.locator(".bubble.page")).to_have_count(2, timeout=10_000)
-            page.locator(".model-messages img.thumbnail").scroll_into_view_if_needed()
+            knowledge = page.locator("#steps .turn").last.locator(".model-messages li.knowledge")
+            expect(knowledge.locator(".score").first).not_to_be_empty(timeout=10_000)  # the exchange log's scores
+            knowledge.evaluate("block => block.scrollIntoView({block: 'center'})")
             page.screenshot(path=str(ROOT / "docs" / "sandbox.png"))
             browser.close()
     finally:

@@ -70,7 +70,7 @@ def test_chat_typing_indicator_reply_and_model_messages(page):
     expect(page.locator(".bubble.user").last).to_have_text("Do you deliver on Sundays?")
     expect(page.locator("#typing")).to_be_visible()  # typing_on from the bot, before its reply
     reply = page.locator(".bubble.page").last
-    expect(reply).to_contain_text("You said \u201cDo you deliver on Sundays?\u201d")
+    expect(reply).to_contain_text("\u201cDo you deliver on Sundays?\u201d")  # "You said" or, from excerpts, "You asked"
     expect(page.locator("#typing")).to_have_count(0)  # a sent message ends the indicator
     expect(page.locator("#seen")).to_be_visible()  # mark_seen
     last_turn = page.locator("#steps .turn").last
@@ -97,11 +97,11 @@ def test_buttons_and_a_human_reply_from_the_inbox(page):
     expect(page.get_by_role("button", name="Thanks!")).to_be_hidden()  # a test chip under "more", not the bot's
     page.get_by_role("button", name="Get Started").click()
     expect(page.locator(".bubble.user.postback").last).to_have_text("Get Started")
-    expect(page.locator(".bubble.page").last).to_contain_text("You said \u201cGet Started\u201d")
+    expect(page.locator(".bubble.page").last).to_contain_text("\u201cGet Started\u201d")
     expect(page.get_by_role("button", name="Get Started", exact=True)).to_be_hidden()  # only before the first message
     page.locator("#more summary").click()  # the emulator's test chips
     page.get_by_role("button", name="Thanks!").click()
-    expect(page.locator(".bubble.page").last).to_contain_text("You said \u201cThanks!\u201d")
+    expect(page.locator(".bubble.page").last).to_contain_text("\u201cThanks!\u201d")
     page.fill("#inbox-text", "Hello, a person here.")
     page.press("#inbox-text", "Enter")
     expect(page.locator(".bubble.page.inbox").last).to_have_text("Hello, a person here.")
@@ -203,8 +203,8 @@ def test_an_instagram_user_is_answered_through_the_instagram_account_with_its_pa
     select(page, "Eli")
     write(page, "Do you sell sourdough?")
     reply = page.locator(".bubble.page").last
-    expect(reply).to_contain_text("You said \u201cDo you sell sourdough?\u201d")
-    expect(reply).to_contain_text("My instructions begin \u201cYou answer for Ana's Bakery")
+    expect(reply).to_contain_text("\u201cDo you sell sourdough?\u201d")
+    expect(reply).to_contain_text("[offline stand-in] From \u201c")  # from the Page's own documents
     expect(reply).not_to_contain_text(BOOKSHOP)
     turn = page.locator("#steps .turn").last
     expect(turn.locator(".step[data-kind=webhook]").first).to_contain_text("(object instagram)")
@@ -290,7 +290,7 @@ def test_the_first_reply_says_it_is_a_bot_and_a_person_answers_until_the_inbox_p
 
     write(page, "Thanks! Can the bot help again?")
     expect(replies).to_have_count(4)
-    expect(replies.last).to_contain_text("You said \u201cThanks! Can the bot help again?\u201d")
+    expect(replies.last).to_contain_text("\u201cThanks! Can the bot help again?\u201d")
     expect(page.get_by_role("button", name=HANDOFF_BUTTON)).to_be_visible()  # offered again
 
 
@@ -329,8 +329,8 @@ def test_the_website_visitor_chats_through_the_real_widget_and_the_answer_stream
     site.locator("textarea").fill("Do you bake on Sundays?")
     site.locator("textarea").press("Enter")
     answer = site.locator(".msg.bot").last
-    expect(answer).to_contain_text("You said \u201cDo you bake on Sundays?\u201d")
-    expect(answer).to_contain_text("Set OPENAI_API_KEY to talk to a real model.")
+    expect(answer).to_contain_text("\u201cDo you bake on Sundays?\u201d")
+    expect(answer).to_contain_text("a real model.")  # the offline answer's last words: it came whole
     shown = frame.evaluate("() => window.seenTexts")
     growing = [text for text in shown if "[offline stand-in]" in text]
     assert len(growing) >= 4, shown  # piece by piece, not all at once
@@ -351,3 +351,69 @@ def test_the_website_visitor_chats_through_the_real_widget_and_the_answer_stream
     select(page, "Ana")  # and back to Messenger: its composer, and none of the visitor's turns
     expect(page.locator("#composer")).to_be_visible()
     expect(page.locator("#steps h3", has_text="Website visitor")).to_have_count(0)
+
+
+def test_a_bakery_question_shows_the_knowledge_block_with_each_excerpts_title_source_and_score(page, sandbox):
+    select(page, "Ana")
+    write(page, "How much is the gluten-free buckwheat and teff loaf?")
+    expect(page.locator(".bubble.page").last).to_contain_text("Buckwheat and teff loaf: \u00a36.20")
+    turn = page.locator("#steps .turn").last
+    block = turn.locator(".step[data-kind=model] li.knowledge")
+    expect(block.locator(".role")).to_have_text("Knowledge")  # its own block, not a plain system message
+    expect(turn.locator("li[data-role=system]")).to_have_count(1)
+    expect(turn.locator("li[data-role=system]")).not_to_contain_text("Excerpts from")
+    first = block.locator(".excerpt[data-number='1']")
+    expect(first.locator(".number")).to_have_text("[1]")
+    expect(first.locator(".title")).to_have_text("Gluten-free baking")
+    expect(first.locator(".source")).to_have_text("gluten-free.md")
+    expect(first.locator(".text")).to_contain_text("Buckwheat and teff loaf: \u00a36.20")
+    # The scores come with the exchange log's record: the same chunk and score, excerpt by excerpt.
+    expect(first.locator(".score")).to_have_text(re.compile(r"^score \d\.\d{3}$"))
+    outcome = [e for e in sandbox.events("outcome", first_psid(page)) if e["knowledge"]][-1]
+    for number, logged in enumerate(outcome["knowledge"], start=1):
+        excerpt = block.locator(f".excerpt[data-number='{number}']")
+        expect(excerpt.locator(".score")).to_have_text(f"score {logged['score']:.3f}")
+        expect(excerpt).to_have_attribute("data-chunk", str(logged["chunk_id"]))
+        expect(excerpt.locator(".title")).to_have_text(logged["title"])
+    expect(turn.locator(".step[data-kind=outcome] .knowledge-note")).to_contain_text(
+        f"knowledge: [1] chunk {outcome['knowledge'][0]['chunk_id']}, ")
+
+
+def first_psid(page):
+    return page.locator("#users .user.selected").get_attribute("data-psid")
+
+
+def test_a_long_excerpt_is_folded_and_a_turn_without_excerpts_says_nothing_relevant(page):
+    select(page, "Ben")
+    write(page, "Do you use peanuts or peanut oil?")
+    expect(page.locator(".bubble.page").last).to_contain_text("We do not use peanuts or peanut oil")
+    text = page.locator("#steps .turn").last.locator("li.knowledge .excerpt[data-number='1'] details.text")
+    expect(text.locator("summary")).to_contain_text("Contain nuts")
+    expect(text.locator("summary")).not_to_contain_text("We do not use peanuts")  # folded: the start only
+    text.locator("summary").click()
+    expect(text).to_contain_text("We do not use peanuts or peanut oil in anything we bake.")
+    switch_account(page, f"{BOOKSHOP} \u00b7 Messenger")  # Ana's documents are Ana's alone
+    select(page, "Hugo")
+    write(page, "Do you use peanuts or peanut oil?")
+    expect(page.locator(".bubble.page").last).to_contain_text("You said \u201cDo you use peanuts or peanut oil?\u201d")
+    turn = page.locator("#steps .turn").last
+    expect(turn.locator(".step[data-kind=outcome] .knowledge-note")).to_have_text("knowledge: nothing relevant")
+    expect(turn.locator("li.knowledge")).to_have_count(0)
+
+
+def test_knowledge_mode_only_shows_the_unknown_outcome(browser):
+    sandbox = Sandbox({"KNOWLEDGE_MODE": "only"}, port=0, model_delay=0).start()
+    try:
+        tab = browser.new_page(viewport={"width": 1280, "height": 800})
+        tab.goto(sandbox.url)
+        expect(tab.locator("#knowledge-label")).to_contain_text("knowledge base: 51 documents")
+        write(tab, "Hello!")
+        expect(tab.locator(".bubble.page").last).to_contain_text("I'm sorry, I don't know that.")
+        expect(tab.locator(".note[data-outcome=unknown]")).to_contain_text("KNOWLEDGE_MODE=only")
+        outcome = tab.locator("#steps .turn").last.locator(".step[data-outcome=unknown]")
+        expect(outcome).to_contain_text("unknown")
+        expect(outcome.locator(".knowledge-note")).to_have_text("knowledge: nothing relevant")
+        expect(tab.locator("#steps .turn").last.locator(".step[data-kind=model]")).to_have_count(0)
+        tab.close()
+    finally:
+        sandbox.stop()

@@ -1,7 +1,9 @@
 """`python -m devtools.sandbox`: the bot and the emulator wired together, no account, no settings."""
 import base64
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -9,11 +11,11 @@ import time
 import pytest
 import requests
 
-from config import DEFAULT_OPENAI_MODEL
+from config import DEFAULT_KNOWLEDGE_UNKNOWN_REPLY, DEFAULT_OPENAI_MODEL
 from devtools.emulator import ModelStandIn
 from devtools.emulator.page import STATIC
 from devtools.sandbox import (BAKERY, BOOKSHOP, BOOKSHOP_USERS, HANDOFF_BUTTON, INSTAGRAM_USERS, PROMPTS,
-                              SANDBOX_APP_ID, USERS, Sandbox)
+                              SANDBOX_APP_ID, USERS, Sandbox, knowledge_line)
 from devtools.emulator.users import PAGE_INBOX_APP_ID
 from tests.support import ROOT, SandboxProcess, wait_for
 from tests.support.messages import IGSID
@@ -56,8 +58,9 @@ def test_history_reaches_the_model_on_the_next_turn(sandbox):
     assert wait_for(lambda: len(bot_replies(sandbox, BEN)) == 1, 10)
     say(sandbox, BEN, "What is my name?")
     assert wait_for(lambda: len(bot_replies(sandbox, BEN)) == 2, 10)
-    turns = sandbox.events("model", BEN)[-1]["messages"]
-    assert [m["role"] for m in turns] == ["system", "user", "assistant", "user"]  # the Page's own prompt first
+    # The Page's own prompt first (and the knowledge base's excerpts, when any is relevant, after it).
+    turns = [m for m in sandbox.events("model", BEN)[-1]["messages"] if not m["content"].startswith("Excerpts from")]
+    assert [m["role"] for m in turns] == ["system", "user", "assistant", "user"]
     assert turns[1]["content"] == "My name is Ben."
 
 
@@ -200,7 +203,8 @@ def test_talk_to_a_person_hands_over_until_the_inbox_passes_the_thread_back(fres
     say(fresh, ANA, "Thanks! Can the bot help again?")
     assert wait_for(lambda: len(bot_replies(fresh, ANA)) == 3, 10)
     # Back from a person: the bot says again that it is one (Meta's disclosure rule).
-    assert bot_replies(fresh, ANA)[2].startswith(DISCLOSURE + "[offline stand-in] You said \u201cThanks!")
+    assert bot_replies(fresh, ANA)[2].startswith(DISCLOSURE + "[offline stand-in] ")
+    assert "\u201cThanks! Can the bot help again?\u201d" in bot_replies(fresh, ANA)[2]
     assert wait_for(lambda: outcomes(fresh, ANA) == ["answered", "handoff", "paused", "answered"], 5)
 
 
@@ -285,6 +289,10 @@ def test_with_a_key_the_real_model_is_used_through_the_recording_proxy():
     sandbox = Sandbox({"OPENAI_API_KEY": ModelStandIn.API_KEY, "OPENAI_BASE_URL": upstream.base_url},
                       port=0).start()
     try:
+        # The example knowledge base was embedded by the real model's /embeddings, through the proxy.
+        embedded = [r["json"] for r in upstream.requests if "input" in (r["json"] or {})]
+        assert sandbox.knowledge.chunks == sum(len(e["input"]) for e in embedded[1:])  # after a one-word probe
+        assert sandbox.knowledge.sources == 51 and sandbox.knowledge.search.startswith("embeddings")
         sandbox.graph.user_writes(ANA, text="hello")
         assert sandbox.graph.wait_for_deliveries(1, 10)
         # The first reply says it comes from a bot (Meta's disclosure rule, on by default).
@@ -307,13 +315,15 @@ def test_with_a_key_the_real_model_sees_the_sample_photo_and_hears_the_sample_vo
     try:
         assert media(sandbox, ANA, "image").status_code == 202
         assert sandbox.graph.wait_for_deliveries(1, 10)
-        image_urls = [p["image_url"]["url"] for p in upstream.requests[0]["json"]["messages"][-1]["content"]
-                      if p["type"] == "image_url"]
+        # The chat requests, not the knowledge base's embeddings.
+        chats = [r["json"] for r in upstream.requests if "messages" in (r["json"] or {})]
+        image_urls = [p["image_url"]["url"] for p in chats[0]["messages"][-1]["content"] if p["type"] == "image_url"]
         assert image_urls == ["data:image/jpeg;base64," + base64.b64encode(SAMPLE_PHOTO).decode()]
         assert media(sandbox, ANA, "voice").status_code == 202
         assert sandbox.graph.wait_for_deliveries(2, 10)
         assert upstream.transcriptions[0].data == (STATIC / "sample-voice.wav").read_bytes()
-        assert "What time do you open on Sundays?" in str(upstream.requests[-1]["json"]["messages"][-1]["content"])
+        chats = [r["json"] for r in upstream.requests if "messages" in (r["json"] or {})]
+        assert "What time do you open on Sundays?" in str(chats[-1]["messages"][-1]["content"])
         heard = sandbox.timeline.of_kind("transcription")[0]
         assert (heard["mode"], heard["psid"], heard["text"]) == ("real", ANA, "What time do you open on Sundays?")
     finally:
@@ -378,3 +388,127 @@ def test_the_website_chat_runs_beside_messenger_and_its_turns_are_on_the_timelin
     assert model["messages"][-1]["content"].endswith("Do you sell rye bread?")
     [outcome] = events_after(sandbox, seq, "outcome", psid)
     assert (outcome["outcome"], outcome["channel"]) == ("answered", "web")
+
+
+# -- the knowledge base: Ana's Bakery's documents, and the excerpts on the timeline --------------------------
+
+GLUTEN_FREE = "How much is the gluten-free buckwheat and teff loaf?"
+GLUTEN_FREE_FACT = "Buckwheat and teff loaf: \u00a36.20"  # examples/knowledge/anas-bakery/allergens/gluten-free.md
+EXCERPTS_HEADER = ("Excerpts from Ana's Bakery's own documents, most relevant first. Answer from them; if they do not"
+                   " answer the question, say you do not know rather than guess.")
+
+
+@pytest.mark.parametrize("message, excerpts", [
+    (f"{EXCERPTS_HEADER}\n\n[1] Faq (faq.csv)\nQ: Sundays?\nA: 8 to 14.\n\n[2] Prices \u203a Cakes "
+     "(https://ana.example/prices)\nCheesecake: 4 euros.",
+     [(1, "Faq", "faq.csv", "Q: Sundays?\nA: 8 to 14."), (2, "Prices \u203a Cakes", "https://ana.example/prices",
+                                                          "Cheesecake: 4 euros.")]),
+    (f"{EXCERPTS_HEADER}\n\n[1] Notes (notes.md)\nSee\n[2] below\n\n[3] is not the next one\n\nend",
+     [(1, "Notes", "notes.md", "See\n[2] below\n\n[3] is not the next one\n\nend")]),
+    (f"{EXCERPTS_HEADER}\n\n[1] A title without a source\nText.", [(1, "A title without a source", "", "Text.")]),
+    (EXCERPTS_HEADER, []),
+], ids=["two excerpts", "a label inside the text is text", "no source", "a header alone"])
+def test_the_excerpts_are_read_back_from_the_knowledge_message(message, excerpts):
+    from devtools.emulator.excerpts import read_excerpts
+    header, found = read_excerpts(message)
+    assert header == EXCERPTS_HEADER
+    assert [(e.number, e.title, e.source, e.text) for e in found] == excerpts
+
+
+def knowledge_turn(sandbox, psid, text):
+    """`psid` asks `text`; the bot's reply, and the model call and exchange-log outcome of that turn."""
+    seq = mark(sandbox)
+    assert say(sandbox, psid, text).status_code == 202
+    assert wait_for(lambda: events_after(sandbox, seq, "outcome", psid), 10)
+    [reply] = [e["text"] for e in events_after(sandbox, seq, "message", psid) if e["sender"] == "page"]
+    models = events_after(sandbox, seq, "model", psid)
+    return reply, models[-1] if models else None, events_after(sandbox, seq, "outcome", psid)[0]
+
+
+def test_a_bakery_question_is_answered_from_its_document_with_the_excerpts_and_scores_on_the_timeline(sandbox):
+    loaded = sandbox.state()["knowledge"]
+    assert (loaded["mode"], loaded["page"], loaded["sources"]) == ("prefer", BAKERY, 51) and loaded["chunks"] > 51
+    chloe = list(USERS)[2]
+    reply, model, outcome = knowledge_turn(sandbox, chloe, GLUTEN_FREE)
+    assert "[offline stand-in] From \u201cGluten-free baking\u201d: " in reply and GLUTEN_FREE_FACT in reply
+    # The model got the excerpts right after the Page's prompt; the timeline has them read back.
+    assert model["messages"][0]["content"] == PROMPTS[BAKERY]
+    assert model["messages"][1]["content"].startswith(EXCERPTS_HEADER + "\n\n[1] Gluten-free baking (gluten-free.md)")
+    knowledge = model["knowledge"]
+    assert (knowledge["at"], knowledge["header"]) == (1, EXCERPTS_HEADER)
+    first = knowledge["excerpts"][0]
+    assert (first["number"], first["title"], first["source"]) == (1, "Gluten-free baking", "gluten-free.md")
+    assert GLUTEN_FREE_FACT in first["text"]
+    # The exchange log's [chunk id, score] of each, in the excerpts' order, named from the bot's store.
+    logged = outcome["knowledge"]
+    assert outcome["outcome"] == "answered" and len(logged) == len(knowledge["excerpts"])
+    assert [item["title"] for item in logged] == [e["title"] for e in knowledge["excerpts"]]
+    assert [item["source"] for item in logged] == [e["source"] for e in knowledge["excerpts"]]
+    assert len({item["chunk_id"] for item in logged}) == len(logged)
+    assert all(isinstance(item["chunk_id"], int) and 0 < item["score"] <= 1 for item in logged)
+
+
+def test_the_instagram_account_answers_from_its_pages_documents_and_the_other_page_has_none(sandbox):
+    reply, model, outcome = knowledge_turn(sandbox, FAY, "How much is a butter croissant?")
+    assert "Butter croissant: \u00a32.60" in reply and outcome["knowledge"][0]["source"] == "pastries.md"
+    hugo = list(BOOKSHOP_USERS)[1]
+    reply, model, outcome = knowledge_turn(sandbox, hugo, "How much is a butter croissant?")
+    assert "You said \u201cHow much is a butter croissant?\u201d" in reply  # Ana's documents are Ana's alone
+    assert "knowledge" not in model and not any(m["content"].startswith("Excerpts from") for m in model["messages"])
+    assert (outcome["outcome"], outcome["knowledge"]) == ("answered", [])  # the panel: "nothing relevant"
+
+
+def test_the_printed_knowledge_command_manages_the_sandboxs_knowledge_base(fresh, tmp_path):
+    line = fresh.process.stdout.readline()  # the banner's line after the replay command
+    found = re.search(r"knowledge base: 51 sources, (\d+) chunks from .*manage it: (.*-m bot knowledge) list", line)
+    assert found, line
+    chunks, command = int(found.group(1)), found.group(2)
+    if not (ROOT / ".venv" / "bin" / "python").exists():
+        command = command.replace(".venv/bin/python", sys.executable)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FB_"))}
+
+    def knowledge(*args: str) -> str:
+        result = subprocess.run(f"{command} " + " ".join(map(shlex.quote, args)), shell=True, cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    assert knowledge("list").splitlines()[-1] == f"51 source(s), {chunks} chunk(s)"
+    page = re.search(r"--page (\d+)\)", line).group(1)
+    best = json.loads(knowledge("search", "--json", "--page", page, GLUTEN_FREE).splitlines()[0])
+    reply, model, outcome = knowledge_turn(fresh, ANA, GLUTEN_FREE)
+    assert GLUTEN_FREE_FACT in reply
+    assert (outcome["knowledge"][0]["chunk_id"], outcome["knowledge"][0]["score"]) == (best["chunk_id"],
+                                                                                        best["similarity"])
+    stall = tmp_path / "lantern-festival.md"
+    stall.write_text("# Lantern festival\n\nOur lantern festival stall on the quay sells ginger lanterns: 2.40 each.\n")
+    assert "added" in knowledge("add", "--page", page, str(stall))
+    reply, model, outcome = knowledge_turn(fresh, BEN, "What does the lantern festival stall sell?")
+    assert "From \u201cLantern festival\u201d: Our lantern festival stall on the quay sells ginger lanterns" in reply
+    assert outcome["knowledge"][0]["source"] == "lantern-festival.md"
+
+
+def test_knowledge_mode_only_says_it_does_not_know_without_a_model_call(tmp_path):
+    running = SandboxProcess(tmp_path, {"KNOWLEDGE_MODE": "only"})
+    try:
+        reply, model, outcome = knowledge_turn(running, ANA, "Hello!")
+        assert reply.endswith(DEFAULT_KNOWLEDGE_UNKNOWN_REPLY) and model is None
+        assert (outcome["outcome"], outcome["knowledge"]) == ("unknown", [])  # the page's note and panel step
+        reply, model, outcome = knowledge_turn(running, BEN, GLUTEN_FREE)
+        assert GLUTEN_FREE_FACT in reply and outcome["outcome"] == "answered" and outcome["knowledge"]
+    finally:
+        running.stop()
+
+
+def test_knowledge_mode_off_loads_nothing_and_says_so():
+    sandbox = Sandbox({"KNOWLEDGE_MODE": "off"}, port=0, model_delay=0).start()
+    try:
+        assert sandbox.knowledge is None and sandbox.page.info["knowledge"] == {"mode": "off", "page": BAKERY}
+        assert knowledge_line(sandbox) == "knowledge base: off (KNOWLEDGE_MODE=off)"
+        sandbox.graph.user_writes(ANA, text=GLUTEN_FREE)
+        assert sandbox.graph.wait_for_deliveries(1, 10)
+        assert "You said" in sandbox.graph.sent_texts(ANA)[0]
+        assert wait_for(lambda: sandbox.timeline.of_kind("outcome"), 5)
+        assert sandbox.timeline.of_kind("outcome")[0]["knowledge"] is None  # not searched: nothing to say
+    finally:
+        sandbox.stop()

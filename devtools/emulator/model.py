@@ -12,6 +12,7 @@ import requests
 from werkzeug.wrappers import Request, Response
 
 from devtools.emulator import embeddings, streaming, transcription
+from devtools.emulator.excerpts import knowledge_of
 from devtools.emulator.http import LocalServer, json_response
 from devtools.emulator.media import image_size
 from devtools.emulator.model_inputs import image_parts, offline_reply, shown_messages, text_of
@@ -89,10 +90,12 @@ class _ModelServer(LocalServer):
 
     def _note_chat(self, messages, started: float, status: int, reply: str | None, finish_reason: str | None,
                    error, streamed: bool = False) -> None:
+        knowledge = knowledge_of(messages)  # the knowledge base's excerpts, for the panel's Knowledge block
         self.timeline.add(
             "model", self._whose(messages) if isinstance(messages, list) else None, mode=self.mode,
             status=status, ms=round((time.monotonic() - started) * 1000), messages=shown_messages(messages),
-            reply=reply, finish_reason=finish_reason, error=error, **({"stream": True} if streamed else {}))
+            reply=reply, finish_reason=finish_reason, error=error, **({"stream": True} if streamed else {}),
+            **({"knowledge": knowledge} if knowledge else {}))
 
     def _embeddings(self, request: Request) -> Response:
         """On the timeline: the model, how many inputs and the tokens counted - never the texts."""

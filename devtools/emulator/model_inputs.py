@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from dataclasses import dataclass
 
+from devtools.emulator.excerpts import excerpts_at, read_excerpts
 from devtools.emulator.media import image_size
 
 THUMBNAIL_MAX = 64 * 1024  # a data URL up to this many characters rides on the timeline as a thumbnail
-# The knowledge base's system message (bot/knowledge/prompt.py): a header, then "[n] <title> (<source>)"
-# and the excerpt's text, excerpts a blank line apart.
-EXCERPTS_START = "Excerpts from"
-EXCERPT_LABEL = re.compile(r"^\[(\d+)\] (.*)$")
 EXCERPT_MAX = 800  # characters of the top excerpt the offline answer repeats
 
 
@@ -74,16 +70,19 @@ def _plural(n: int, word: str) -> str:
 
 def offline_reply(messages: list[dict]) -> str:
     """What the offline stand-in says: proof that it got the turn, the images and the history - or,
-    given the knowledge base's excerpts, the top excerpt whole, as a model answering from it would."""
+    given the knowledge base's excerpts, the top excerpt whole, as a model answering from it would
+    (and the images it got: a photo's question may find excerpts too)."""
     last = text_of(messages[-1].get("content", "")) if messages else ""
     said = last.rsplit(" : ", 1)[-1].strip()  # the politeness prefix ends with " : "
+    images = image_parts(messages)
+    described = f"{_plural(len(images), 'image')} ({'; '.join(map(describe_image, images))})" if images else ""
     if top := top_excerpt(messages):
         title, text = top
-        return (f"[offline stand-in] From \u201c{title}\u201d: {text}\n\n(You asked \u201c{said}\u201d; "
+        seen = f"; I can see {described}" if images else ""
+        return (f"[offline stand-in] From \u201c{title}\u201d: {text}\n\n(You asked \u201c{said}\u201d{seen}; "
                 "set OPENAI_API_KEY for a real model.)")
     earlier = sum(1 for m in messages[:-1] if m.get("role") in ("user", "assistant"))
-    images = image_parts(messages)
-    seen = f"{_plural(len(images), 'image')} ({'; '.join(map(describe_image, images))}) and " if images else ""
+    seen = f"{described} and " if images else ""
     system = next((text_of(m.get("content", "")) for m in messages if m.get("role") == "system"), "")
     # The start of the system prompt: with several Pages, which Page's instructions this turn got.
     told = f" My instructions begin \u201c{system.split(':')[0].split('.')[0][:60].strip()}\u201d." if system else ""
@@ -94,23 +93,14 @@ def offline_reply(messages: list[dict]) -> str:
 def top_excerpt(messages: list[dict]) -> tuple[str, str] | None:
     """The title and text (up to EXCERPT_MAX characters) of excerpt [1] in the knowledge base's system
     message, if the request carries one."""
-    excerpts = next((text for m in messages if m.get("role") == "system"
-                     and (text := text_of(m.get("content", ""))).startswith(EXCERPTS_START)), None)
-    lines = (excerpts or "").splitlines()
-    start = next((i for i, line in enumerate(lines) if EXCERPT_LABEL.match(line)), None)
-    if start is None:
+    at = excerpts_at(messages)
+    found = read_excerpts(text_of(messages[at].get("content", "")))[1] if at is not None else []
+    if not found:
         return None
-    body: list[str] = []
-    for i, line in enumerate(lines[start + 1:], start + 1):
-        if EXCERPT_LABEL.match(line) and not lines[i - 1].strip():
-            break  # the next excerpt
-        body.append(line)
-    label = EXCERPT_LABEL.match(lines[start]).group(2)
-    title, _, source = label.rpartition(" (")
-    text = "\n".join(body).strip()
+    text = found[0].text
     if len(text) > EXCERPT_MAX:
         text = text[:EXCERPT_MAX].rsplit(" ", 1)[0] + " \u2026"
-    return (title if title and source.endswith(")") else label), text
+    return found[0].title, text
 
 
 def shown_messages(messages) -> object:

@@ -15,12 +15,28 @@ from typing import Callable
 
 from a2wsgi import ASGIMiddleware
 
+from bot.storage.queue import Queue
+from bot.web.proxy import TrustedPeers
+from bot.webchat.routes import cors_settings, create_webchat_app
+from bot.webchat.server import WebchatServer
+from bot.webchat.wiring import build_webchat
 from devtools.emulator.http import LocalServer
 from devtools.emulator.model_inputs import text_of
 from devtools.emulator.timeline import Timeline
 
 PSID_PREFIX = "web:"  # bot/webchat/service.py's, for the exchange log's web conversations
 REMEMBER_S = 60.0  # how long a visitor's words place the model call that answers them
+
+
+def webchat_server(config, store: Queue) -> WebchatServer:
+    """bot.webchat.wiring.build_server on the bot's own store. A second SQLite store on the same file in
+    this process would open and close the file (bot.storage.sqlite.make_private), which drops every POSIX
+    lock this process holds on it: another process (`python -m bot knowledge ...`) closing its connection
+    would then take itself for the last one and delete the WAL under the running bot ("disk I/O error")."""
+    chat = build_webchat(config, store)
+    return WebchatServer(create_webchat_app(config, chat), chat, TrustedPeers(config.forwarded_allow_ips),
+                         cors_settings(config), origins=config.webchat_origins, max_chars=config.webchat_max_chars,
+                         threads=config.webchat_threads)
 
 
 class Visit:

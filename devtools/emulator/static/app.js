@@ -15,7 +15,10 @@ const NOTES = {
   "unsupported": "Not text: the unsupported-message reply was sent.",
   "failed": "The reply failed: nothing more will be sent for this message.",
   "window-closed": "Meta's messaging window is closed: the reply was dropped, nothing was sent.",
+  "unknown": "Nothing in the knowledge base answers this (KNOWLEDGE_MODE=only): KNOWLEDGE_UNKNOWN_REPLY was sent. " +
+             "No model call.",
 };
+const EXCERPT_SHOWN = 240;  // characters of an excerpt shown before "more"
 // What Meta's side did to the conversation, as a note in the chat.
 const THREAD_NOTES = {
   passed: "The bot passed the conversation to the Page inbox (pass_thread_control): a person answers from here.",
@@ -74,6 +77,10 @@ function renderHeader(info) {
   $("model-label").textContent = info.model.label;
   $("model-label").classList.toggle("offline", info.model.mode === "offline");
   $("webhook").textContent = `bot webhook: ${info.webhook}`;
+  const knowledge = info.knowledge || {};
+  $("knowledge-label").textContent = knowledge.mode === "off" ? "knowledge base: off"
+    : knowledge.sources != null ? `knowledge base: ${knowledge.sources} documents, ${knowledge.chunks} chunks ` +
+                                  `(${knowledge.page})` : "knowledge base: empty";
 }
 
 function accountOf(id) {
@@ -180,6 +187,8 @@ function add(view, event) {
   if (event.kind === "graph") rememberQuickReplies(view, event);
   if (view.turn && STEPS.includes(event.kind)) {
     view.turn.append(forgetReplayedTwin(view, event, step(event)));
+    if (event.kind === "outcome" && event.knowledge) view.turn.knowledge = event.knowledge;
+    if (event.kind === "outcome" || event.kind === "model") showScores(view.turn);
   }
 }
 
@@ -292,6 +301,7 @@ function step(event) {
     node.dataset.outcome = event.outcome;
     title = event.outcome + (about.length ? ` (${about.join(", ")})` : "") +
             (event.latency_ms != null ? ` in ${event.latency_ms} ms` : "");
+    if (event.knowledge) node.append(el("div", { class: "knowledge-note" }, knowledgeNote(event.knowledge)));
   } else if (event.kind === "model") {
     kind = "Model";
     title = `${event.mode === "offline" ? "offline stand-in" : "model"} \u2192 ${event.status} in ${event.ms} ms` +
@@ -327,7 +337,8 @@ function step(event) {
   if (event.kind === "model") {
     if (event.error) node.append(el("div", { class: "reason" }, errorText(event.error)));
     const list = el("ol", { class: "model-messages" });
-    for (const message of event.messages || []) {
+    for (const [i, message] of (event.messages || []).entries()) {
+      if (event.knowledge && event.knowledge.at === i) { list.append(knowledgeBlock(event.knowledge)); continue; }
       list.append(el("li", { "data-role": message.role }, el("span", { class: "role" }, message.role),
                      ...contentNodes(message.content)));
     }
@@ -340,6 +351,48 @@ function step(event) {
     node.append(el("details", {}, el("summary", {}, "details"), el("pre", {}, JSON.stringify(detail, null, 2))));
   }
   return node;
+}
+
+// The knowledge base's excerpts (the system message after the prompt) as a block of their own: each
+// excerpt's number, title and source, its text (folded when long), its score once the exchange log has it.
+function knowledgeBlock(knowledge) {
+  const block = el("li", { "data-role": "knowledge", class: "knowledge" }, el("span", { class: "role" }, "Knowledge"),
+                   el("span", { class: "header" }, knowledge.header));
+  for (const excerpt of knowledge.excerpts) {
+    const label = el("div", { class: "label" }, el("span", { class: "number" }, `[${excerpt.number}]`),
+                     el("span", { class: "title" }, excerpt.title), el("span", { class: "source" }, excerpt.source),
+                     el("span", { class: "score" }));
+    block.append(el("div", { class: "excerpt", "data-number": excerpt.number }, label, excerptText(excerpt.text)));
+  }
+  return block;
+}
+
+function excerptText(text) {
+  if (text.length <= EXCERPT_SHOWN) return el("div", { class: "text" }, text);
+  const start = text.slice(0, EXCERPT_SHOWN).replace(/\s+\S*$/, "");
+  return el("details", { class: "text" }, el("summary", {}, el("span", { class: "start" }, start + " \u2026"),
+                                             el("span", { class: "less" }, "less")), text);
+}
+
+// The exchange log's [chunk, score] pairs are in the excerpts' order: [1] first. Either may come first.
+function showScores(turn) {
+  const blocks = turn.querySelectorAll(".knowledge");
+  if (!turn.knowledge || !blocks.length) return;
+  turn.knowledge.forEach((logged, i) => {
+    const excerpt = blocks[blocks.length - 1].querySelector(`.excerpt[data-number="${i + 1}"]`);
+    if (!excerpt) return;
+    excerpt.dataset.chunk = logged.chunk_id;
+    const score = excerpt.querySelector(".score");
+    score.textContent = `score ${Number(logged.score).toFixed(3)}`;
+    score.title = `chunk ${logged.chunk_id}` + (logged.title ? ` of \u201c${logged.title}\u201d (${logged.source})`
+                                                             : ", removed from the knowledge base since");
+  });
+}
+
+function knowledgeNote(logged) {
+  if (!logged.length) return "knowledge: nothing relevant";
+  const chunks = logged.map((item, i) => `[${i + 1}] chunk ${item.chunk_id}, ${Number(item.score).toFixed(3)}`);
+  return `knowledge: ${chunks.join("; ")}`;
 }
 
 // POST /api/chat as the sandbox saw it pass: the request, then how the answer came (streamed or whole).
