@@ -426,3 +426,18 @@ def test_the_answer_cache_is_off_by_default(client, graph, model):
     say(client, 1, "What time do you open?", psid="2000000000000201")
     say(client, 1, "What time do you open?", psid="2000000000000202")
     assert len(model.requests) == 2
+
+
+def test_a_second_store_on_the_file_keeps_the_first_ones_locks(tmp_path):
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it: a second
+    store that opened and closed the file would let another process, closing last, delete the
+    WAL from under the first store's live connection."""
+    path = str(tmp_path / "bot.sqlite3")
+    first = SQLiteQueue(path)
+    first.conversations.update_user("u1", synced_at=1.0)
+    SQLiteQueue(path)  # e.g. the website chat's store beside the app's, in one process
+    reader = f"import sqlite3; db = sqlite3.connect({path!r}); db.execute('SELECT COUNT(*) FROM users'); db.close()"
+    subprocess.run([sys.executable, "-c", reader], check=True, timeout=30)
+    assert os.path.exists(path + "-wal"), "another process took the WAL from a live connection"
+    first.conversations.update_user("u2", synced_at=2.0)
+    assert first.conversations.user("u2").synced_at == 2.0

@@ -19,7 +19,13 @@ def make_private(path: str) -> None:
     """The database holds every user's messages: 0600, whatever the umask. SQLite gives
     the -wal and -shm files the database file's mode, so creating it 0600 covers them;
     files left 0644 by an older version are tightened."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    # Created only when missing: opening and closing a file the process already has open
+    # through SQLite would drop every POSIX lock the process holds on it (a second store on
+    # the same file in one process then lets another process delete the WAL under it).
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
     for name in (path, path + "-wal", path + "-shm"):
         try:
             if os.stat(name).st_mode & 0o077 and os.stat(name).st_uid == os.getuid():
