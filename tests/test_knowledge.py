@@ -18,7 +18,7 @@ from bot.knowledge import open_knowledge, prompt
 from bot.knowledge.retrieval import terms
 from config import load_config
 from devtools.emulator import LocalServer, ModelStandIn
-from tests.support import PSID, ROOT, answer_queue, post_signed, text_body
+from tests.support import PSID, ROOT, answer_queue, post_signed, replay, text_body
 from tests.support.webchat import WebchatProcess
 
 HOURS = """# Opening hours
@@ -118,6 +118,26 @@ def test_a_follow_up_question_searches_with_the_message_before():
 def test_question_words_leave_out_what_matches_every_chunk():
     assert terms("What are your opening hours on Sundays, please?") == ["opening", "hours", "sundays"]
     assert terms("¿Abrís el domingo?") == ["abris", "domingo"]
+
+
+def test_one_word_in_common_is_not_enough_unless_the_heading_names_it(env, docs):
+    (docs / "team.md").write_text("# Our team\n\nEvery cake box carries the name of the baker who made it.\n")
+    model = ModelStandIn(embeddings=False).start()  # by words alone
+    try:
+        kb = knowledge_of(env, OPENAI_BASE_URL=model.base_url)
+        kb.add([str(docs / "team.md"), str(docs / "delivery.md")])
+        assert [h.relevant for h in kb.search("What is my name?", env["FB_PAGE_ID"]).hits] == [False]
+        assert [(h.title, h.relevant) for h in kb.search("delivery?", env["FB_PAGE_ID"]).hits] == [("Delivery", True)]
+    finally:
+        model.stop()
+
+
+def test_a_button_tap_searches_nothing(client, env, model, docs):
+    knowledge_of(env).add([str(docs / "hours.md")])
+    before = len(model.requests)
+    replay(client, "postback")  # "Get Started"
+    assert [r for r in model.requests[before:] if "input" in (r["json"] or {})] == []
+    assert excerpts_in(chat_requests(model)[-1]) is None
 
 
 def test_embeddings_and_full_text_both_rank(env, docs):

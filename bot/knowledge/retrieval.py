@@ -5,7 +5,7 @@ prices and codes; cosine over embeddings finds the same meaning in other words (
 multilingual model, in another language). Reciprocal rank fusion (1/(60 + rank), summed)
 needs no calibration between the two scores. Whether a hit is relevant at all is a separate,
 absolute test: cosine similarity at least KNOWLEDGE_MIN_SCORE, or half the question's words
-in the chunk (and not far fewer than the best chunk has) - what decides whether an excerpt goes
+in the chunk (two at least, and not far fewer than the best chunk has) - what decides whether an excerpt goes
 into the prompt at all, and what `KNOWLEDGE_MODE=only` decides on.
 
 The vectors live in each process's memory (one float32 matrix per Page, exact search: a
@@ -36,7 +36,8 @@ WORD = re.compile(r"\w+", re.UNICODE)
 # Words that say nothing of what is asked (English, and the commonest of es/fr/de): left out of
 # the full-text query, where they would match every chunk.
 STOP_WORDS = frozenset("""
-a an and are as at be but by can could do does for from had has have how i if in into is it its me my
+a an and are as at be but by can could do does for from had has have how i if in into is it its me my get got
+need want like some much many also just still really ok okay yes
 no not of on or our so than that the their them then there these they this to too us was we were what
 when where which who why will with would you your yours please hi hello thanks thank tell know about
 any anything there's i'm it's do you'd i'd can't don't
@@ -174,12 +175,17 @@ class Retriever:
         covered = {chunk_id: coverage(question_terms, rows[chunk_id].heading + " " + rows[chunk_id].text)
                    for chunk_id in best}
         # By words, a chunk is relevant with half the question's words, and not far fewer than the
-        # best chunk has: "gluten free" is not answered by a chunk that only says "free".
+        # best chunk has: "gluten free" is not answered by a chunk that only says "free". One
+        # word in common is too little ("What is my name?"), unless the question is that one
+        # word and the chunk's heading names it ("hours?").
         enough_words = max(self.min_coverage, 0.75 * max(covered.values(), default=0.0))
         hits = []
         for chunk_id in best:
             row, similarity = rows[chunk_id], scored.of(chunk_id) if scored else None
-            relevant = (similarity is not None and similarity >= self.min_score) or covered[chunk_id] >= enough_words
+            by_words = covered[chunk_id] >= enough_words and (
+                covered[chunk_id] * len(question_terms) >= 2
+                or (len(question_terms) == 1 and coverage(question_terms, row.heading) == 1.0))
+            relevant = (similarity is not None and similarity >= self.min_score) or by_words
             hits.append(Hit(chunk_id, row.location, row.title, row.url, row.heading, row.text, round(fused[chunk_id], 5),
                             None if similarity is None else round(similarity, 4), round(covered[chunk_id], 3), relevant))
         return Found(hits, tokens)

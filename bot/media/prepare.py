@@ -21,7 +21,7 @@ from bot.media.duration import audio_seconds
 from bot.telemetry import metrics
 from gpt.transcribe import Transcriber, TranscriptionFailed
 from messenger.attachments import AUDIO, IMAGE, STICKER, Attachment
-from messenger.events import IncomingMessage
+from messenger.events import POSTBACK, IncomingMessage
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class Prepared:
     tokens: int = 0  # transcription tokens, for DAILY_TOKEN_BUDGET
     reply: tuple[str | None, str] | None = None  # (text, outcome) when the model is not asked
     has_words: bool = False  # the user's own words, not just the question asked of a photo
+    postbacks: frozenset[str] = frozenset()  # mids of button taps (Get Started...): a title, not a question
     release: Callable[[], None] = lambda: None
 
     def without_images(self, settings: MediaSettings) -> "Prepared":
@@ -120,7 +121,8 @@ class MediaReader:
     def prepare(self, messages: Sequence[IncomingMessage], deadline: float | None,
                 working: Callable[[], object] = lambda: None) -> Prepared:
         """Read every message; `working` is called before the first fetch (the typing indicator)."""
-        prepared, held, failures = Prepared(), [], []
+        postbacks = frozenset(m.mid for m in messages if m.mid and m.kind == POSTBACK)
+        prepared, held, failures = Prepared(postbacks=postbacks), [], []
         prepared.release = lambda: self._release(held)
         try:
             read = [self._read(m, deadline, prepared, held, failures, working) for m in messages]

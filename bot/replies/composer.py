@@ -175,8 +175,12 @@ class Composer:
             return NOTHING
         new = {mid for mid, _ in prepared.turns if mid}
         earlier = [m.text for m in history.messages if m.from_id != self.prompt.page_id and m.mid not in new]
+        # What the user asked in words: not a button's title (Get Started), not the question the
+        # bot puts to a photo sent without any.
+        asked = [text for mid, text in prepared.turns
+                 if mid not in prepared.postbacks and text != self.media.settings.default_question]
         left = (deadline - self.clock()) if deadline is not None else 20.0
-        return self.knowledge.consult([text for _, text in prepared.turns], earlier, max(0.5, min(5.0, left / 4)))
+        return self.knowledge.consult(asked, earlier, max(0.5, min(5.0, left / 4)))
 
     def _chat(self, history: History, prepared: Prepared, consulted: Consulted = NOTHING) -> list[dict]:
         chat = to_chat_messages(
