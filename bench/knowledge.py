@@ -28,8 +28,8 @@ answers   each question through the bot's own knowledge step (bot/replies/knowle
 latency   the corpus plus synthetic filler documents up to --chunks chunks; KnowledgeBase.search
           over --queries queries (the 100 questions and filler-worded ones), each query's
           embedding computed beforehand, so p50/p95 are retrieval alone (full text, cosine over
-          every chunk, fusion, the chunks' rows); the embedding call, the full-text step alone
-          and the first search after a change (each process loads every vector) are reported on
+          every chunk, fusion, the chunks' rows); the embedding call, the full-text and the
+          cosine step alone, and the first search after a change (each process loads every vector) are reported on
           their own. Target: p95 <= 20 ms at 20,000 chunks.
 One JSON line per figure. Everything runs on 127.0.0.1.
 """

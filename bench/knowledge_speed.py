@@ -30,8 +30,10 @@ def latency(kb, folder: Path, page_id: str, top_k: int, chunks: int, queries: in
     waited = settle()
     times = timed(search, asked, runs)
     full_text = timed(lambda query: full_text_alone(kb, query, page_id), asked, runs)
+    cosine = timed(lambda query: cosine_alone(kb, query, page_id), asked, runs)
     return {"chunks": total_chunks(kb), "queries": len(times), **percentiles(times), "target_p95_ms": 20,
-            "full_text_part": percentiles(full_text), "first_search_after_a_change_ms": round(first[0], 1),
+            "full_text_part": percentiles(full_text), "cosine_part": percentiles(cosine),
+            "first_search_after_a_change_ms": round(first[0], 1),
             "query_embedding_excluded": True,
             "query_embedding_ms_p50": embedding_ms, "waited_for_quiet_s": waited,
             "filler_ingest_chunks_per_s": round(filler_chunks / filler_seconds, 1) if filler_seconds else None}
@@ -101,6 +103,17 @@ def full_text_alone(kb, query: str, page_id: str) -> list[int]:
 
     with kb.database.read() as db:
         return store.full_text(db, retrieval.terms(query), page_id, retrieval.CANDIDATES)
+
+
+def cosine_alone(kb, query: str, page_id: str) -> list[int]:
+    """The retriever's cosine step by itself: every chunk's similarity, the best candidates (the
+    retriever's own parts; the query's embedding is the precomputed one)."""
+    from bot.knowledge import retrieval, store
+
+    with kb.database.read() as db:
+        version = store.version(db)
+    scored, _ = kb.retriever._similarities(query, page_id, version, None)
+    return scored.top(retrieval.CANDIDATES) if scored else []
 
 
 def total_chunks(kb) -> int:
