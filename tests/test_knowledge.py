@@ -15,7 +15,7 @@ import pytest
 from werkzeug.wrappers import Request, Response
 
 from bot.knowledge import open_knowledge, prompt
-from bot.knowledge.retrieval import terms
+from bot.knowledge.retrieval import terms, uncommon
 from config import load_config
 from devtools.emulator import LocalServer, ModelStandIn
 from tests.support import PSID, ROOT, answer_queue, post_signed, replay, text_body
@@ -138,6 +138,13 @@ def test_a_button_tap_searches_nothing(client, env, model, docs):
     replay(client, "postback")  # "Get Started"
     assert [r for r in model.requests[before:] if "input" in (r["json"] or {})] == []
     assert excerpts_in(chat_requests(model)[-1]) is None
+
+
+def test_words_most_chunks_hold_are_left_out_of_the_full_text_query_but_never_the_two_rarest():
+    counts = {"bakery": 900, "open": 400, "sourdough": 12, "class": 30}
+    assert uncommon(["bakery", "open", "sourdough", "class"], counts, 1000) == ["sourdough", "class"]
+    assert uncommon(["bakery", "open", "class"], counts, 1000) == ["open", "class"]  # the two rarest stay
+    assert uncommon(["bakery", "open", "sourdough"], counts, 100) == ["open", "sourdough"]  # 50 at least
 
 
 def test_embeddings_and_full_text_both_rank(env, docs):

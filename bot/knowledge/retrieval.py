@@ -31,6 +31,10 @@ from bot.knowledge.embeddings import Embedder, EmbeddingsUnavailable
 logger = logging.getLogger(__name__)
 RRF_K = 60
 CANDIDATES = 50  # from each ranking, before fusion
+# A word in more than this share of all chunks ranks nothing and makes ranking slow (every
+# chunk holding it is scored): left out of the full-text query, as the common terms of a
+# search engine are - the two rarest words of a question always stay.
+COMMON_SHARE = 0.2
 MAX_TERMS = 32
 WORD = re.compile(r"\w+", re.UNICODE)
 # Words that say nothing of what is asked (English, and the commonest of es/fr/de): left out of
@@ -103,6 +107,13 @@ def coverage(question_terms: list[str], text: str) -> float:
     return sum(1 for t in question_terms if stem(t) in words) / len(question_terms)
 
 
+def uncommon(question_terms: list[str], counts: dict[str, int], chunks: int) -> list[str]:
+    """The words fewer than COMMON_SHARE of the `chunks` hold (at least 50), and the two rarest."""
+    common = max(50, COMMON_SHARE * chunks)
+    rarest = set(sorted(question_terms, key=counts.__getitem__)[:2])
+    return [term for term in question_terms if counts[term] <= common or term in rarest]
+
+
 class _Vectors:
     """One Page's chunk vectors for one model, as of one knowledge version: `matrix` is the
     float32 rows as one buffer, [chunks, dimensions]."""
@@ -152,6 +163,8 @@ class Retriever:
         self.min_score = min_score
         self.min_coverage = min_coverage
         self._vectors: dict[str, _Vectors] = {}
+        self._counts: dict[str, int] = {}  # chunks holding each word ("": all chunks), as of _counts_version
+        self._counts_version = -1
         self._lock = threading.Lock()
 
     def search(self, question: str, page_id: str, top_k: int, timeout: float | None = None) -> Found:
@@ -161,7 +174,7 @@ class Retriever:
             current = store.version(db)
             if current == 0:  # nothing was ever added: no embedding call for nothing
                 return Found([], searched=False)
-            ranked_text = store.full_text(db, question_terms, page_id, CANDIDATES)
+            ranked_text = store.full_text(db, self._uncommon(db, question_terms, current), page_id, CANDIDATES)
         scored, tokens = self._similarities(question, page_id, current, timeout)
         ranked_vectors = scored.top(CANDIDATES) if scored else []
         fused: dict[int, float] = {}
@@ -189,6 +202,20 @@ class Retriever:
             hits.append(Hit(chunk_id, row.location, row.title, row.url, row.heading, row.text, round(fused[chunk_id], 5),
                             None if similarity is None else round(similarity, 4), round(covered[chunk_id], 3), relevant))
         return Found(hits, tokens)
+
+    def _uncommon(self, db, question_terms: list[str], version: int) -> list[str]:
+        """The question's words without those most chunks hold (their counts kept per version)."""
+        if len(question_terms) <= 2:
+            return question_terms
+        with self._lock:
+            if self._counts_version != version:
+                self._counts, self._counts_version = {"": store.chunk_count(db)}, version
+            missing = [term for term in question_terms if term not in self._counts]
+        counts = store.term_counts(db, missing) if missing else {}
+        with self._lock:
+            self._counts.update(counts)
+            known = dict(self._counts)
+        return uncommon(question_terms, known, known[""])
 
     def _similarities(self, question: str, page_id: str, version: int,
                       timeout: float | None) -> tuple["_Scored | None", int]:

@@ -121,6 +121,19 @@ def full_text(db, terms: Sequence[str], page_id: str, limit: int) -> list[int]:
     return [row[0] for row in rows.fetchall()]
 
 
+def term_counts(db, terms: Sequence[str]) -> dict[str, int]:
+    """How many chunks (of every Page) hold each word: what makes a word common here."""
+    if _is_sqlite(db):
+        sql = "SELECT COUNT(*) FROM knowledge_fts WHERE knowledge_fts MATCH ?"
+        return {term: db.execute(sql, (f'"{term}"',)).fetchone()[0] for term in terms}
+    sql = "SELECT COUNT(*) FROM knowledge_chunks WHERE tsv @@ to_tsquery('english', ?)"
+    return {term: db.execute(sql, (term,)).fetchone()[0] for term in terms}
+
+
+def chunk_count(db) -> int:
+    return db.execute("SELECT COUNT(*) FROM knowledge_chunks").fetchone()[0]
+
+
 def vectors(db, page_id: str, model: str) -> list[tuple[int, bytes]]:
     """(chunk id, embedding) of one Page's chunks embedded with `model`."""
     return [(row[0], bytes(row[1])) for row in db.execute(
