@@ -98,11 +98,13 @@ def percentiles(times: list[float]) -> dict:
 
 
 def full_text_alone(kb, query: str, page_id: str) -> list[int]:
-    """The retriever's full-text step by itself (its SQL, as many candidates)."""
+    """The retriever's full-text step by itself (its SQL over the question's uncommon words, as
+    many candidates)."""
     from bot.knowledge import retrieval, store
 
     with kb.database.read() as db:
-        return store.full_text(db, retrieval.terms(query), page_id, retrieval.CANDIDATES)
+        uncommon = kb.retriever._uncommon(db, retrieval.terms(query), store.version(db))
+        return store.full_text(db, uncommon, page_id, retrieval.CANDIDATES)
 
 
 def cosine_alone(kb, query: str, page_id: str) -> list[int]:

@@ -21,6 +21,7 @@ import sys
 import threading
 import unicodedata
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import simsimd
@@ -36,6 +37,10 @@ CANDIDATES = 50  # from each ranking, before fusion
 # search engine are - the two rarest words of a question always stay.
 COMMON_SHARE = 0.1
 MAX_TERMS = 32
+# Questions being embedded at once in one process, as many as the reply and web chat threads
+# (REPLY_THREADS, WEBCHAT_THREADS' defaults) that may search together: a thread is made only when
+# none is idle, and an answer never waits behind another's slow embeddings call.
+EMBEDDING_THREADS = 256
 WORD = re.compile(r"\w+", re.UNICODE)
 # Words that say nothing of what is asked (English, and the commonest of es/fr/de): left out of
 # the full-text query, where they would match every chunk.
@@ -168,17 +173,25 @@ class Retriever:
         self._counts: dict[str, int] = {}  # chunks holding each word ("": all chunks), as of _counts_version
         self._counts_version = -1
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # started with the first search that embeds
 
     def search(self, question: str, page_id: str, top_k: int, timeout: float | None = None) -> Found:
         """The `top_k` best chunks for `question` in this Page's (and every Page's) sources."""
         question_terms = terms(question)
         with self.database.read() as db:
             current = store.version(db)
-            if current == 0:  # nothing was ever added: no embedding call for nothing
-                return Found([], searched=False)
-            ranked_text = store.full_text(db, self._uncommon(db, question_terms, current), page_id, CANDIDATES)
-        scored, tokens = self._similarities(question, page_id, current, timeout)
-        ranked_vectors = scored.top(CANDIDATES) if scored else []
+        if current == 0:  # nothing was ever added: no embedding call for nothing
+            return Found([], searched=False)
+        # The question's embedding (a round trip to the model server) and its cosine with every
+        # chunk run on another thread while full text ranks on this one: a search takes the
+        # longer of the two, not their sum.
+        by_meaning = self._embedding_pool().submit(self._ranked_by_meaning, question, page_id, current, timeout) \
+            if self.embedder is not None and not self.embedder.unsupported else None
+        try:
+            with self.database.read() as db:
+                ranked_text = store.full_text(db, self._uncommon(db, question_terms, current), page_id, CANDIDATES)
+        finally:  # even when full text failed, the embedding call is waited for (its tokens are spent)
+            scored, ranked_vectors, tokens = by_meaning.result() if by_meaning else (None, [], 0)
         fused: dict[int, float] = {}
         for ranking in (ranked_text, ranked_vectors):
             for rank, chunk_id in enumerate(ranking):
@@ -204,6 +217,17 @@ class Retriever:
             hits.append(Hit(chunk_id, row.location, row.title, row.url, row.heading, row.text, round(fused[chunk_id], 5),
                             None if similarity is None else round(similarity, 4), round(covered[chunk_id], 3), relevant))
         return Found(hits, tokens)
+
+    def _ranked_by_meaning(self, question: str, page_id: str, version: int,
+                           timeout: float | None) -> tuple["_Scored | None", list[int], int]:
+        scored, tokens = self._similarities(question, page_id, version, timeout)
+        return scored, scored.top(CANDIDATES) if scored else [], tokens
+
+    def _embedding_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=EMBEDDING_THREADS, thread_name_prefix="knowledge-embed")
+            return self._pool
 
     def _uncommon(self, db, question_terms: list[str], version: int) -> list[str]:
         """The question's words without those most chunks hold (their counts kept per version)."""
