@@ -138,7 +138,11 @@ class Gunicorn:
             [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), app],
             cwd=self.work, env=env, stdout=subprocess.DEVNULL, stderr=open(self.work / "gunicorn.log", "w"),
             start_new_session=True)
-        self._wait_up()
+        try:
+            self._wait_up()
+        except RuntimeError:  # a bot that never became ready must not outlive the benchmark
+            self.stop()
+            raise
 
     def _wait_up(self) -> None:
         deadline = time.monotonic() + 30
