@@ -8,7 +8,7 @@ import pytest
 
 from bot.replies.answer import Outcome
 from bot.storage.exchanges import Exchange
-from bot.storage.inbox import ClassifiedEcho
+from bot.storage.inbox import RESUME, ClassifiedEcho
 from bot.storage.queue import PostgresQueue, SQLiteQueue
 from messenger.attachments import AUDIO, Attachment
 from messenger.events import ATTACHMENT, TEXT, Echo, IncomingMessage
@@ -158,6 +158,32 @@ def test_a_persons_echo_pauses_the_user_and_never_shortens_a_pause(store):
     store.add([], [ClassifiedEcho(later, True, 1_900_000_000.0)])
     assert store.conversations.user("u1").paused_until == 2_000_000_000.0
     assert [h.mid for h in store.conversations.history("u1", "page", 10, None)] == ["e2", "e1"]
+
+
+def test_a_thread_passed_back_ends_the_pause_whichever_delivery_comes_first(store):
+    """Meta's deliveries can arrive out of order: a person's answer (at 900) delivered after the
+    inbox passed the thread back (at 1000) must not pause the bot again; an answer after the
+    handback (1100) does, and a handback older than that answer, delivered late, keeps it."""
+    def person(mid: str, at_ms: int) -> ClassifiedEcho:
+        echo = Echo(psid="u1", page_id="1", mid=mid, text="A person here", timestamp_ms=at_ms, app_id=None,
+                    metadata=None)
+        return ClassifiedEcho(echo, True, 2_000_000_000.0)
+
+    def handback(at_ms: int) -> ClassifiedEcho:
+        echo = Echo(psid="u1", page_id="1", mid=f"thread-control:{at_ms}", text="", timestamp_ms=at_ms, app_id=None,
+                    metadata=None)
+        return ClassifiedEcho(echo, False, 0.0, RESUME)
+
+    store.add([], [handback(1000)])
+    store.add([], [person("e1", 900)])
+    assert store.conversations.user("u1").paused_until is None
+    assert [h.mid for h in store.conversations.history("u1", "page", 10, None)] == ["e1"]  # still mirrored
+    store.add([], [person("e2", 1100)])
+    assert store.conversations.user("u1").paused_until == 2_000_000_000.0
+    store.add([], [handback(1050)])  # passed back before e2 was written, delivered after it
+    assert store.conversations.user("u1").paused_until == 2_000_000_000.0
+    store.add([], [handback(1200)])
+    assert store.conversations.user("u1").paused_until is None
 
 
 def test_user_state_columns_are_set_and_kept(store):

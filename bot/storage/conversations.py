@@ -28,7 +28,7 @@ def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
     land where they belong."""
     for echo, human, pause_until, kind in echoes:
         if kind == RESUME:  # the person passed the thread back: the bot answers again at once
-            users.update(db, echo.psid, paused_until=None)
+            users.thread_back(db, echo.psid, echo.timestamp_ms, mirror.activity(db, echo.psid, 0)[1])
         elif kind == EDIT:  # answered: the mirror says it as edited; still waiting: answered so
             mirror.edit(db, echo.mid, echo.text)
             edits.edit_waiting_message(db, echo.mid, echo.text)
@@ -39,7 +39,7 @@ def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
         else:
             mirror.add_rows(db, echo.psid, [(echo.mid, HUMAN if human else BOT, echo.text, echo.timestamp_ms)])
             if human and pause_until:
-                users.pause(db, echo.psid, pause_until)
+                users.pause(db, echo.psid, pause_until, echo.timestamp_ms)
 
 
 class Conversations:

@@ -7,6 +7,7 @@ Columns of note:
   users.synced_at     when Graph history was last imported into the mirror
   users.reset_at_ms   history up to this moment is left out of prompts (the user wrote RESET_WORD)
   users.paused_until  a human answered from the Page: the bot stays silent until then
+  users.thread_back_ms  Meta's time of the last thread the Page inbox passed back to the bot
   users.disclosed_at  when the bot last said it is one (bot/replies/meta_rules.py)
   mirror.reaction     the user's reaction to that message (an emoji), if any
   interactions.reply_mids / feedback  the mids of the reply's parts (JSON), and the user's
@@ -201,6 +202,11 @@ SCHEMA = [
     INSERT INTO knowledge_version (id, version) VALUES (1, 0);
     ALTER TABLE interactions ADD COLUMN knowledge TEXT;
     """,
+    # version 14: when the Page inbox last passed the thread back (Meta's time): a person's answer
+    # from before it, delivered after it, must not pause the bot again
+    """
+    ALTER TABLE users ADD COLUMN thread_back_ms INTEGER;
+    """,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -361,5 +367,9 @@ POSTGRES_SCHEMA = [
     CREATE TABLE knowledge_version (id INTEGER PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL);
     INSERT INTO knowledge_version (id, version) VALUES (1, 0);
     ALTER TABLE interactions ADD COLUMN knowledge TEXT;
+    """,
+    # version 10: SQLite's 14
+    """
+    ALTER TABLE users ADD COLUMN thread_back_ms BIGINT;
     """,
 ]

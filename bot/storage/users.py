@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-COLUMNS = ("synced_at", "reset_at_ms", "paused_until", "rate_notice_at", "budget_notice_day", "disclosed_at")
+COLUMNS = ("synced_at", "reset_at_ms", "paused_until", "rate_notice_at", "budget_notice_day", "disclosed_at",
+           "thread_back_ms")
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class UserState:
     rate_notice_at: float | None = None
     budget_notice_day: str | None = None
     disclosed_at: float | None = None  # when the bot last said it is a bot
+    thread_back_ms: int | None = None  # Meta's time of the last thread passed back by the Page inbox
 
 
 def get(db, psid: str) -> UserState:
@@ -33,8 +35,20 @@ def update(db, psid: str, **columns: object) -> None:
                (psid, *columns.values()))
 
 
-def pause(db, psid: str, until: float) -> None:
-    """A person answered from the Page: silent until `until`, never shortening a longer pause."""
+def pause(db, psid: str, until: float, answered_ms: int) -> None:
+    """A person answered from the Page at `answered_ms` (Meta's time): silent until `until`,
+    never shortening a longer pause - unless the thread was passed back to the bot after that
+    answer (the two deliveries can arrive in either order)."""
     db.execute("INSERT INTO users (psid, paused_until) VALUES (?, ?) ON CONFLICT (psid) DO UPDATE SET paused_until ="
-               " CASE WHEN users.paused_until > excluded.paused_until THEN users.paused_until"
-               " ELSE excluded.paused_until END", (psid, until))
+               " CASE WHEN users.thread_back_ms >= ? OR users.paused_until > excluded.paused_until"
+               " THEN users.paused_until ELSE excluded.paused_until END", (psid, until, answered_ms))
+
+
+def thread_back(db, psid: str, at_ms: int, person_answered_ms: int | None) -> None:
+    """The Page inbox passed the thread back at `at_ms`: the pause ends - unless a person
+    answered after that (`person_answered_ms`, the newest such answer), which keeps it."""
+    resumes = person_answered_ms is None or person_answered_ms <= at_ms
+    db.execute("INSERT INTO users (psid, thread_back_ms) VALUES (?, ?) ON CONFLICT (psid) DO UPDATE SET"
+               " thread_back_ms = CASE WHEN users.thread_back_ms > excluded.thread_back_ms THEN users.thread_back_ms"
+               " ELSE excluded.thread_back_ms END"
+               + (", paused_until = NULL" if resumes else ""), (psid, at_ms))
