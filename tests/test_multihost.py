@@ -34,7 +34,7 @@ import requests
 
 from bot.storage.postgres import CLAIM_LOCK
 from messenger.signature import sign
-from tests.support import APP_SECRET, Bot, text_body, wait_until
+from tests.support import APP_SECRET, Bot, echo_body, text_body, wait_until
 
 USERS = 30
 PER_USER = 5  # 150 messages
@@ -374,6 +374,33 @@ def test_one_delivery_sent_to_three_hosts_at_once_is_answered_once(make_hosts, g
     assert graph.sent_texts() == ["Hello from the model."]
     assert len(model.requests) == 1
     assert answered_in(model.requests[0]) == ["Are you open on Sunday?"]  # stored once, not six times merged
+
+
+# -- limits shared by every host --------------------------------------------------------------------
+def test_the_rate_limit_and_a_persons_pause_hold_for_all_hosts_together(make_hosts, graph, model, pg_url):
+    """RATE_LIMIT counts a user's messages whichever host took them: at 3 a minute, the 4th
+    message (two of the first three taken by the other host) gets the notice and no model call,
+    the 5th nothing. A person answering from the Page inbox (the echo delivered to one host)
+    silences the bot for that user on the other host too. Per-host limits would answer all."""
+    hosts = make_hosts(2, pg_url, RATE_LIMIT="3/minute", RATE_LIMIT_REPLY="Slow down, please.", HUMAN_PAUSE="30m")
+    writer, now_ms = psid_of(1), int(time.time() * 1000)
+    for k in range(5):
+        mid = mid_of(1, k)
+        assert hosts[k % 2].post(text_body(mid, text_of(1, k), psid=writer, timestamp=now_ms + k)).status_code == 200
+        assert wait_until(lambda: rows(pg_url, "SELECT state FROM events WHERE dedupe_key = %s", mid) == [("done",)], 10)
+    assert graph.sent_texts(writer) == ["Hello from the model."] * 3 + ["Slow down, please."]
+    assert [answered_in(request) for request in model.requests] == [[text_of(1, k)] for k in range(3)]
+
+    customer = psid_of(2)
+    assert hosts[0].post(echo_body("m_inbox_answer", "Hi, Ana here!", psid=customer, timestamp=now_ms)).status_code == 200
+    assert wait_until(lambda: rows(pg_url, "SELECT paused_until IS NOT NULL FROM users WHERE psid = %s", customer)
+                      == [(True,)], 10)
+    assert hosts[1].post(text_body("m_after_ana", "Thanks Ana!", psid=customer, timestamp=now_ms + 1)).status_code == 200
+    assert wait_until(lambda: rows(pg_url, "SELECT state FROM events WHERE dedupe_key = %s", "m_after_ana")
+                      == [("done",)], 10)
+    time.sleep(1.0)  # room for a wrong reply to show up
+    assert graph.sent_texts(customer) == []
+    assert len(model.requests) == 3
 
 
 # -- PostgreSQL restarted mid-traffic ---------------------------------------------------------------

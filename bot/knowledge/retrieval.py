@@ -190,7 +190,7 @@ class Retriever:
         try:
             with self.database.read() as db:
                 ranked_text = store.full_text(db, self._uncommon(db, question_terms, current), page_id, CANDIDATES)
-        finally:  # even when full text failed, the embedding call is waited for (its tokens are spent)
+        finally:  # even when full text failed: no embeddings call outlives the search that made it
             scored, ranked_vectors, tokens = by_meaning.result() if by_meaning else (None, [], 0)
         fused: dict[int, float] = {}
         for ranking in (ranked_text, ranked_vectors):
