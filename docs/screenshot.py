@@ -2,20 +2,19 @@
 import sys
 from pathlib import Path
 
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.support import SandboxProcess  # noqa: E402
-from tests.support.browser import CHROMIUM, FLAGS  # noqa: E402
+from tests.support.browser import chromium  # noqa: E402
 
 
 def main() -> None:
     sandbox = SandboxProcess(ROOT)
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        with chromium() as browser:
             page = browser.new_page(viewport={"width": 1280, "height": 720})
             page.goto(sandbox.url + "/")
             page.fill("#text", "Hi! Are you open on Sunday?")
@@ -28,7 +27,6 @@ def main() -> None:
             expect(knowledge.locator(".score").first).not_to_be_empty(timeout=10_000)  # the exchange log's scores
             knowledge.evaluate("block => block.scrollIntoView({block: 'center'})")
             page.screenshot(path=str(ROOT / "docs" / "sandbox.png"))
-            browser.close()
     finally:
         sandbox.stop()
 

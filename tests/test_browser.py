@@ -1,25 +1,20 @@
 """The sandbox page in a real headless Chromium (Debian's `chromium`), driven by Playwright."""
 import re
-import shutil
 import time
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from devtools.emulator import json_response
 from devtools.sandbox import BAKERY, BOOKSHOP, HANDOFF_BUTTON, Sandbox
 from tests.support import SandboxProcess
-from tests.support.browser import CHROMIUM, FLAGS
+from tests.support.browser import chromium
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not shutil.which(CHROMIUM):
-        pytest.fail("the browser test needs Debian's chromium: apt-get install chromium (.ci/run does it)")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield chromium
-        chromium.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

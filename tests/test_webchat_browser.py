@@ -1,14 +1,13 @@
 """The widget in a real headless Chromium, embedded by one tag in a page another origin serves."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 from werkzeug.wrappers import Request, Response
 
 from devtools.emulator.http import LocalServer
-from tests.support.browser import CHROMIUM, FLAGS
+from tests.support.browser import chromium
 from tests.support.streaming_model import StreamingModel
 from tests.support.webchat import WebchatProcess
 
@@ -37,13 +36,9 @@ def site():
 
 
 @pytest.fixture
-def chromium():
-    if not shutil.which(CHROMIUM):
-        pytest.fail("the browser test needs Debian's chromium: apt-get install chromium (.ci/run does it)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield browser
-        browser.close()
+def browser():
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture
@@ -54,13 +49,13 @@ def model():
     server.stop()
 
 
-def test_the_widget_streams_keeps_history_shows_answers_as_text_and_limits_in_words(chromium, site, graph, model,
+def test_the_widget_streams_keeps_history_shows_answers_as_text_and_limits_in_words(browser, site, graph, model,
                                                                                      tmp_path):
     web = WebchatProcess(graph, model, tmp_path, WEBCHAT_ORIGINS=site.url, WEBCHAT_RATE_LIMIT="3/minute",
                          OPENAI_TIMEOUT="10")
     site.widget = web.url
     try:
-        page = chromium.new_page(viewport={"width": 1280, "height": 800})
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.set_default_timeout(10_000)
         page.goto(site.url + "/")
         page.get_by_role("button", name="Open the chat: Ask the bakery").click()
@@ -93,7 +88,7 @@ def test_the_widget_streams_keeps_history_shows_answers_as_text_and_limits_in_wo
         expect(page.get_by_role("button", name="Open the chat: Ask the bakery")).to_be_focused()
         page.close()
 
-        phone = chromium.new_page(viewport={"width": 375, "height": 667})
+        phone = browser.new_page(viewport={"width": 375, "height": 667})
         phone.goto(site.url + "/")
         phone.get_by_role("button", name="Open the chat: Ask the bakery").click()
         panel = phone.get_by_role("dialog", name="Ask the bakery").bounding_box()
