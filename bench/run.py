@@ -208,16 +208,7 @@ def start_hosts(count: int, graph, model, store: Store) -> list[Gunicorn]:
 
 
 def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
+    return [child for child, (_, parent, _) in _processes().items() if parent == pid]
 
 
 def _processes() -> dict[int, tuple[str, int, float]]:
