@@ -320,6 +320,13 @@ def main() -> None:
                         help="start every visitor at once: their chats then go in step, wave after wave")
     args = parser.parse_args()
     undo_niceness = harness_behind_the_bot()
+    try:
+        measure(args)
+    finally:  # the group is the calling shell's session too
+        undo_niceness()
+
+
+def measure(args) -> None:
     graph = GraphEmulator(PAGE_ID, PAGE_TOKEN, APP_SECRET).start()
     model = RemoteModel(ANSWER, first_token_delay=args.model_s, piece_delay=PIECE_S).start()
     web_port = free_port()
@@ -354,7 +361,6 @@ def main() -> None:
         bot.stop()
         model.stop()
         graph.stop()
-        undo_niceness()
 
 
 if __name__ == "__main__":
