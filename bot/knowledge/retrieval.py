@@ -37,9 +37,8 @@ CANDIDATES = 50  # from each ranking, before fusion
 # search engine are - the two rarest words of a question always stay.
 COMMON_SHARE = 0.1
 MAX_TERMS = 32
-# Questions being embedded at once in one process, as many as the reply and web chat threads
-# (REPLY_THREADS, WEBCHAT_THREADS' defaults) that may search together: a thread is made only when
-# none is idle, and an answer never waits behind another's slow embeddings call.
+# Questions being embedded at once in one process: the larger of REPLY_THREADS' and
+# WEBCHAT_THREADS' defaults (each process has its own); a thread is made only when none is idle.
 EMBEDDING_THREADS = 256
 WORD = re.compile(r"\w+", re.UNICODE)
 # Words that say nothing of what is asked (English, and the commonest of es/fr/de): left out of
@@ -172,8 +171,13 @@ class Retriever:
         self._vectors: dict[str, _Vectors] = {}
         self._counts: dict[str, int] = {}  # chunks holding each word ("": all chunks), as of _counts_version
         self._counts_version = -1
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None  # started with the first search that embeds
+        # Two locks, never held while waiting for a database connection by the one and while
+        # holding one by the other: a PostgreSQL pool full of searches waiting on a vector
+        # reload would otherwise leave the reload no connection.
+        self._counts_lock = threading.Lock()
+        self._vectors_lock = threading.Lock()
+        # Threads are made only as searches need them.
+        self._pool = ThreadPoolExecutor(max_workers=EMBEDDING_THREADS, thread_name_prefix="knowledge-embed")
 
     def search(self, question: str, page_id: str, top_k: int, timeout: float | None = None) -> Found:
         """The `top_k` best chunks for `question` in this Page's (and every Page's) sources."""
@@ -183,9 +187,9 @@ class Retriever:
         if current == 0:  # nothing was ever added: no embedding call for nothing
             return Found([], searched=False)
         # The question's embedding (a round trip to the model server) and its cosine with every
-        # chunk run on another thread while full text ranks on this one: a search takes the
-        # longer of the two, not their sum.
-        by_meaning = self._embedding_pool().submit(self._ranked_by_meaning, question, page_id, current, timeout) \
+        # chunk run on another thread while full text ranks on this one, so the two overlap
+        # (the SQL and the SIMD product run outside the interpreter lock).
+        by_meaning = self._pool.submit(self._ranked_by_meaning, question, page_id, current, timeout) \
             if self.embedder is not None and not self.embedder.unsupported else None
         try:
             with self.database.read() as db:
@@ -223,22 +227,16 @@ class Retriever:
         scored, tokens = self._similarities(question, page_id, version, timeout)
         return scored, scored.top(CANDIDATES) if scored else [], tokens
 
-    def _embedding_pool(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=EMBEDDING_THREADS, thread_name_prefix="knowledge-embed")
-            return self._pool
-
     def _uncommon(self, db, question_terms: list[str], version: int) -> list[str]:
         """The question's words without those most chunks hold (their counts kept per version)."""
         if len(question_terms) <= 2:
             return question_terms
-        with self._lock:
+        with self._counts_lock:
             if self._counts_version != version:
                 self._counts, self._counts_version = {"": store.chunk_count(db)}, version
             missing = [term for term in question_terms if term not in self._counts]
         counts = store.term_counts(db, missing) if missing else {}
-        with self._lock:
+        with self._counts_lock:
             self._counts.update(counts)
             known = dict(self._counts)
         return uncommon(question_terms, known, known[""])
@@ -269,7 +267,7 @@ class Retriever:
         cached = self._vectors.get(page_id)
         if cached is not None and cached.version == version:
             return cached
-        with self._lock:
+        with self._vectors_lock:
             cached = self._vectors.get(page_id)
             if cached is None or cached.version != version:
                 with self.database.read() as db:
