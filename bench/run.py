@@ -140,8 +140,8 @@ class Gunicorn:
             start_new_session=True)
         try:
             self._wait_up()
-        except RuntimeError:  # a bot that never became ready must not outlive the benchmark
-            self.stop()
+        except BaseException:  # a bot that never became ready (or a Ctrl-C) must not outlive the benchmark
+            self.stop(keep_folder=True)  # its gunicorn.log says why
             raise
 
     def _wait_up(self) -> None:
@@ -185,14 +185,15 @@ class Gunicorn:
                 pass
         return total_kb / 1024
 
-    def stop(self) -> None:
+    def stop(self, keep_folder: bool = False) -> None:
         Gunicorn.stopped_pids.update(self.pids())
         try:
             os.killpg(self.process.pid, signal.SIGKILL)  # the backlog is not the benchmark's business
         except ProcessLookupError:
             pass
         self.process.wait(timeout=10)
-        shutil.rmtree(self.work, ignore_errors=True)
+        if not keep_folder:
+            shutil.rmtree(self.work, ignore_errors=True)
 
 
 def start_hosts(count: int, graph, model, store: Store) -> list[Gunicorn]:

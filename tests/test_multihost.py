@@ -390,6 +390,8 @@ def test_the_rate_limit_and_a_persons_pause_hold_for_all_hosts_together(make_hos
         assert wait_until(lambda: rows(pg_url, "SELECT state FROM events WHERE dedupe_key = %s", mid) == [("done",)], 10)
     assert graph.sent_texts(writer) == ["Hello from the model."] * 3 + ["Slow down, please."]
     assert [answered_in(request) for request in model.requests] == [[text_of(1, k)] for k in range(3)]
+    assert rows(pg_url, "SELECT outcome FROM interactions WHERE psid = %s ORDER BY user_timestamp", writer) \
+        == [("answered",)] * 3 + [("rate-limited",)] * 2
 
     customer = psid_of(2)
     assert hosts[0].post(echo_body("m_inbox_answer", "Hi, Ana here!", psid=customer, timestamp=now_ms)).status_code == 200
@@ -401,6 +403,7 @@ def test_the_rate_limit_and_a_persons_pause_hold_for_all_hosts_together(make_hos
     time.sleep(1.0)  # room for a wrong reply to show up
     assert graph.sent_texts(customer) == []
     assert len(model.requests) == 3
+    assert rows(pg_url, "SELECT outcome FROM interactions WHERE psid = %s", customer) == [("paused",)]
 
 
 # -- PostgreSQL restarted mid-traffic ---------------------------------------------------------------
