@@ -182,17 +182,17 @@ class Retriever:
     def search(self, question: str, page_id: str, top_k: int, timeout: float | None = None) -> Found:
         """The `top_k` best chunks for `question` in this Page's (and every Page's) sources."""
         question_terms = terms(question)
-        with self.database.read() as db:
-            current = store.version(db)
-        if current == 0:  # nothing was ever added: no embedding call for nothing
-            return Found([], searched=False)
-        # The question's embedding (a round trip to the model server) and its cosine with every
-        # chunk run on another thread while full text ranks on this one, so the two overlap
-        # (the SQL and the SIMD product run outside the interpreter lock).
-        by_meaning = self._pool.submit(self._ranked_by_meaning, question, page_id, current, timeout) \
-            if self.embedder is not None and not self.embedder.unsupported else None
+        by_meaning = None
         try:
             with self.database.read() as db:
+                current = store.version(db)
+                if current == 0:  # nothing was ever added: no embedding call for nothing
+                    return Found([], searched=False)
+                # The question's embedding (a round trip to the model server) and its cosine with
+                # every chunk run on another thread while full text ranks on this one, so the two
+                # overlap (the SQL and the SIMD product run outside the interpreter lock).
+                if self.embedder is not None and not self.embedder.unsupported:
+                    by_meaning = self._pool.submit(self._ranked_by_meaning, question, page_id, current, timeout)
                 ranked_text = store.full_text(db, self._uncommon(db, question_terms, current), page_id, CANDIDATES)
         finally:  # even when full text failed: no embeddings call outlives the search that made it
             scored, ranked_vectors, tokens = by_meaning.result() if by_meaning else (None, [], 0)
