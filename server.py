@@ -19,8 +19,7 @@ def build_app() -> ServerApp:
     # gunicorn.conf.py runs the replies in a process of their own; any other
     # server gets reply threads inside the app.
     flask_app = create_app(config, replies="process" if os.environ.get(REPLY_PROCESS_ENV) == "1" else "threads")
-    return ServerApp(flask_app.wsgi_app, flask_app.extensions["webhook"], TrustedPeers(config.forwarded_allow_ips),
-                     store_threads=32)  # waiting for a group commit (bot/storage/queue.py), not holding a connection
+    return ServerApp(flask_app.wsgi_app, flask_app.extensions["webhook"], TrustedPeers(config.forwarded_allow_ips))
 
 
 app = build_app()

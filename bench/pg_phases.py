@@ -140,7 +140,7 @@ def main() -> None:
         results["handle_postgres"] = timed(step, args.count)
         store.close()
 
-        # -- the hop the ASGI front makes for a blocking store (bot/web/asgi.py: run_in_executor) ---------
+        # -- the thread hop the ASGI front made per delivery before it awaited the intake on its loop ----
         results["executor_hop"] = executor_hop(args.count)
 
         # -- the PostgreSQL transaction, step by step, with the bot's pool settings ------------------------

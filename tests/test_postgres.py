@@ -98,3 +98,78 @@ def test_a_database_newer_than_the_code_stops_start_up_with_one_line(graph, mode
     output = process.communicate(timeout=30)[0]
     assert process.returncode == 1 and "Cannot start:" in output and "newer than this code" in output, output
     assert "Traceback" not in output
+
+
+def execute(url, sql):
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def _message(number: int, mid: str | None = None):
+    from messenger.events import TEXT, IncomingMessage
+
+    return IncomingMessage(psid=f"9{number:05d}", page_id="1", mid=mid or f"m_intake_{number}", kind=TEXT,
+                           text="hello", timestamp_ms=1_700_000_000_000 + number)
+
+
+def test_the_intake_commits_waiting_deliveries_together_and_drops_a_redelivery_among_them(pg_url):
+    """The asyncio front's path: deliveries that arrive during a commit share the next one
+    (rows of one transaction share its xmin), a mid delivered twice in one group is stored
+    once, and the reply processes are notified at that commit."""
+    import asyncio
+
+    from bot.storage.queue import DatabaseIntake, PostgresQueue
+
+    queue = PostgresQueue(pg_url)
+    intake = DatabaseIntake(queue)
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as listener, psycopg.connect(pg_url) as blocker:
+            listener.execute("LISTEN bot_queue")
+            blocker.execute("LOCK TABLE events IN EXCLUSIVE MODE")  # the first commit waits on it
+
+            async def deliver():
+                first = asyncio.ensure_future(intake.append_async([_message(0)], []))
+                await asyncio.sleep(0.2)  # the writer is now inside the first group, blocked
+                rest = [intake.append_async([_message(n)], []) for n in range(1, 20)]
+                rest.append(intake.append_async([_message(99, mid="m_intake_5")], []))  # a redelivery
+                waiting = asyncio.gather(first, *rest)
+                await asyncio.sleep(0.2)
+                assert not waiting.done()  # nobody acknowledged before the commit
+                blocker.rollback()
+                await waiting
+
+            asyncio.run(deliver())
+            transactions, stored = rows(pg_url, "SELECT COUNT(DISTINCT xmin::text), COUNT(*) FROM events")[0]
+            assert stored == 20
+            assert transactions <= 3  # the first, then the 20 that waited in at most two groups
+            assert list(listener.notifies(timeout=2, stop_after=1))
+    finally:
+        queue.close()
+
+
+def test_the_intake_answers_every_waiting_delivery_when_the_commit_fails_and_goes_on_after(pg_url):
+    import asyncio
+
+    import pytest
+
+    from bot.storage.queue import DatabaseIntake, PostgresQueue
+    from bot.storage.sql import StorageUnavailable
+
+    queue = PostgresQueue(pg_url)
+    intake = DatabaseIntake(queue)
+    try:
+        execute(pg_url, "ALTER TABLE events RENAME TO events_away")
+
+        async def five():
+            return await asyncio.gather(*(intake.append_async([_message(n)], []) for n in range(5)),
+                                        return_exceptions=True)
+
+        assert all(isinstance(result, StorageUnavailable) for result in asyncio.run(five()))
+        with pytest.raises(StorageUnavailable):
+            intake.append([_message(1)], [])
+        execute(pg_url, "ALTER TABLE events_away RENAME TO events")
+        asyncio.run(intake.append_async([_message(2)], []))
+        intake.append([_message(3)], [])  # the threaded path (WSGI servers) shares the writer
+        assert rows(pg_url, "SELECT dedupe_key FROM events ORDER BY id") == [("m_intake_2",), ("m_intake_3",)]
+    finally:
+        queue.close()

@@ -36,6 +36,7 @@ class PostgresDatabase:
     """The pool and the schema of one PostgreSQL database."""
 
     backend = "postgres"
+    NOTIFY_SELECT = f"SELECT pg_notify('{CHANNEL}', '')"  # NOTIFY inside another statement
 
     def __init__(self, url: str, schema: Sequence[str], *, max_size: int = 10, read_only: bool = False,
                  wait: float = CONNECT_TIMEOUT_S):
@@ -50,6 +51,8 @@ class PostgresDatabase:
             check=ConnectionPool.check_connection,
         )
         self.pool.open(wait=False)
+        self._intake_pool: ConnectionPool | None = None
+        self._intake_lock = threading.Lock()
         if read_only:
             self._check_version(len(schema))
         else:
@@ -57,11 +60,28 @@ class PostgresDatabase:
 
     def close(self) -> None:
         self.pool.close()
+        if self._intake_pool is not None:
+            self._intake_pool.close()
 
     @contextmanager
     def write(self) -> Iterator[Cursor]:
         """One transaction; committed when the block ends, rolled back if it raises."""
         with self.pool.connection() as conn, conn.transaction():
+            yield Cursor(conn)
+
+    @contextmanager
+    def intake(self) -> Iterator[Cursor]:
+        """The webhooks' group-commit connection (autocommit: a statement is its own transaction),
+        one per process and not checked before each use - that check is a round trip per group.
+        A connection a restart of PostgreSQL broke fails its one group (503, Meta delivers
+        again) and is replaced."""
+        with self._intake_lock:
+            if self._intake_pool is None:
+                self._intake_pool = ConnectionPool(
+                    self.url, min_size=1, max_size=1, open=False, name="bot-intake", timeout=1.0,
+                    kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S})
+                self._intake_pool.open(wait=False)
+        with self._intake_pool.connection() as conn:
             yield Cursor(conn)
 
     @contextmanager

@@ -16,6 +16,7 @@ answered, so replies go out in order and a burst gets one reply.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -58,6 +59,13 @@ class Batch:
     sending: int | None = None  # the part whose Send API call was under way when its owner died
 
 
+# The webhooks' intake (PostgreSQL): a group's rows as one array per column, a redelivery's row
+# dropped by its key on any host.
+ADD_EVENTS = ("INSERT INTO events (dedupe_key, psid, message, timestamp_ms, received_at)"
+              " SELECT * FROM unnest(?::text[], ?::text[], ?::text[], ?::bigint[], ?::double precision[])"
+              " ON CONFLICT (dedupe_key) DO NOTHING")
+
+
 class LostLease(Exception):
     """The batch is no longer this owner's: its lease ran out and another process took it."""
 
@@ -96,18 +104,23 @@ class Queue:
         return added
 
     def take_in(self, deliveries: Sequence[tuple[Sequence[IncomingMessage], Sequence[ClassifiedEcho]]]) -> None:
-        """The webhooks' write with PostgreSQL: these deliveries, in one transaction, before their
-        200s. A database that cannot take them raises StorageUnavailable (503: Meta delivers again)."""
+        """The webhooks' write with PostgreSQL: these deliveries, committed before their 200s, and
+        the reply processes of every host woken at that commit. A database that cannot take them
+        raises StorageUnavailable (503: Meta delivers again)."""
         now = self.clock()
         rows = [(dedupe_key(m), m.psid, _to_json(m), m.timestamp_ms, now) for messages, _ in deliveries for m in messages]
+        columns = [list(column) for column in zip(*rows)]
+        echoes = [echo for _, some in deliveries for echo in some]
         try:
-            with self._write() as db:
-                if rows:  # a redelivery's row is dropped by its key, on any host
-                    db.executemany("INSERT INTO events (dedupe_key, psid, message, timestamp_ms, received_at)"
-                                   " VALUES (?, ?, ?, ?, ?) ON CONFLICT (dedupe_key) DO NOTHING", rows)
-                    self._database.notify(db)
-                for _, echoes in deliveries:
-                    if echoes:
+            with self._database.intake() as db:
+                if rows and not echoes:  # the usual group: one statement, its own transaction, one round trip
+                    # (a data-modifying WITH always runs; the SELECT's NOTIFY is sent at commit)
+                    db.execute(f"WITH added AS ({ADD_EVENTS}) {self._database.NOTIFY_SELECT}", columns)
+                else:
+                    with db.conn.transaction():
+                        if rows:
+                            db.execute(ADD_EVENTS, columns)
+                            self._database.notify(db)
                         record_echoes(db, echoes)
         except Exception as exc:  # noqa: BLE001 - whatever the driver raised, it was not stored
             raise StorageUnavailable(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
@@ -398,9 +411,10 @@ class DatabaseIntake:
 
     Group commit: the deliveries that arrive while a commit is under way wait for the next
     one, and that one transaction takes them all - one round trip and one WAL flush for many
-    acknowledgements, instead of one each (measured in bench/: README, "Benchmark")."""
+    acknowledgements, instead of one each (measured in bench/: README, "Benchmark"). The
+    asyncio front awaits `append_async`: the writer thread settles a whole group's futures
+    with one call into the event loop, and no thread is held per waiting delivery."""
 
-    blocking = True  # a network round trip: the asyncio front runs it off its event loop
     MAX_GROUP = 64
     WAIT_S = 10.0  # a commit that takes longer is answered 503; Meta delivers again
 
@@ -413,17 +427,34 @@ class DatabaseIntake:
     def append(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho],
                at: float | None = None) -> None:
         """`at` is the queue's own clock here (the same injected clock as the webhook's)."""
-        delivery = _Delivery(messages, echoes)
+        delivery = _Delivery(messages, echoes, threading.Event())
+        self._enqueue(delivery)
+        if not delivery.done.wait(self.WAIT_S):
+            raise StorageUnavailable("the database did not take the delivery in time")
+        if delivery.error is not None:
+            raise delivery.error
+
+    async def append_async(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho],
+                           at: float | None = None) -> None:
+        """`append` for the event loop: returns once the delivery is committed, raises
+        StorageUnavailable when it was not."""
+        loop = asyncio.get_running_loop()
+        delivery = _Delivery(messages, echoes, loop=loop, future=loop.create_future())
+        self._enqueue(delivery)
+        try:
+            await asyncio.wait_for(delivery.future, self.WAIT_S)
+        except TimeoutError:
+            raise StorageUnavailable("the database did not take the delivery in time") from None
+        if delivery.error is not None:
+            raise delivery.error
+
+    def _enqueue(self, delivery: "_Delivery") -> None:
         with self._ready:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_groups, name="group-commit", daemon=True)
                 self._writer.start()
             self._pending.append(delivery)
             self._ready.notify()
-        if not delivery.done.wait(self.WAIT_S):
-            raise StorageUnavailable("the database did not take the delivery in time")
-        if delivery.error is not None:
-            raise delivery.error
 
     def _write_groups(self) -> None:
         while True:
@@ -440,15 +471,38 @@ class DatabaseIntake:
                 for delivery in group:
                     delivery.error = StorageUnavailable(f"{type(exc).__name__}: {str(exc)[:200]}")
             finally:
-                for delivery in group:
-                    delivery.done.set()
+                _settle(group)
 
 
 class _Delivery:
-    def __init__(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho]):
+    def __init__(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho],
+                 done: threading.Event | None = None, *, loop: asyncio.AbstractEventLoop | None = None,
+                 future: asyncio.Future | None = None):
         self.messages, self.echoes = messages, echoes
-        self.done = threading.Event()
+        self.done, self.loop, self.future = done, loop, future
         self.error: StorageUnavailable | None = None
+
+
+def _settle(group: list[_Delivery]) -> None:
+    """Wake every delivery of a committed (or failed) group: threads by their event, each
+    event loop once for all of its futures."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for delivery in group:
+        if delivery.done is not None:
+            delivery.done.set()
+        else:
+            by_loop.setdefault(delivery.loop, []).append(delivery.future)
+    for loop, futures in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, futures)
+        except RuntimeError:  # the loop is closed: the worker is gone, nobody waits
+            pass
+
+
+def _resolve(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():  # not given up on (wait_for cancels it at WAIT_S)
+            future.set_result(None)
 
 
 def open_intake(config: Config, queue: Queue):

@@ -13,7 +13,6 @@ a2wsgi. Measured in bench/ (slow_clients): README, "Performance".
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from typing import Awaitable, Callable
 
 from a2wsgi import WSGIMiddleware
@@ -30,10 +29,8 @@ class ServerApp:
     """ASGI for gunicorn's asgi worker, WSGI (the Flask app as built) for anything else."""
 
     def __init__(self, wsgi_app: Callable, receiver: WebhookReceiver, peers: TrustedPeers,
-                 body_seconds: float = BODY_SECONDS, threads: int = 8, store_threads: int = 8):
+                 body_seconds: float = BODY_SECONDS, threads: int = 8):
         self.wsgi_app = wsgi_app
-        self.store_threads = store_threads
-        self._storing: ThreadPoolExecutor | None = None
         self.receiver = receiver
         self.peers = peers
         self.body_seconds = body_seconds
@@ -73,14 +70,12 @@ class ServerApp:
 
 
     async def _handle(self, body: bytes, signatures: dict, peer: str | None) -> tuple[int, str]:
-        """On the event loop when storing is a local append (inbox file); on a thread when it is a
-        round trip to PostgreSQL, so one slow commit never holds the other connections."""
-        if not getattr(self.receiver.inbox, "blocking", False):
-            return self.receiver.handle(body, signatures, peer)
-        if self._storing is None:
-            self._storing = ThreadPoolExecutor(max_workers=self.store_threads, thread_name_prefix="webhook-store")
-        return await asyncio.get_running_loop().run_in_executor(self._storing, self.receiver.handle, body,
-                                                                signatures, peer)
+        """A local append (the inbox file) runs on the event loop; a commit to PostgreSQL is
+        awaited there too (the intake's writer thread commits, the loop waits without a thread),
+        so one slow commit never holds the other connections."""
+        if hasattr(self.receiver.inbox, "append_async"):
+            return await self.receiver.handle_async(body, signatures, peer)
+        return self.receiver.handle(body, signatures, peer)
 
 
 async def read_body(scope: dict, receive: Callable, limit: int, seconds: float) -> bytes | int | None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from bot.storage.doorbell import Doorbell
 from bot.storage.inbox import RESUME, ClassifiedEcho, InboxWriter
 from bot.telemetry import metrics
 from config import Config
-from messenger.events import FEEDBACK, BadPayload, Echo, ThreadControl, Touch, parse_body
+from messenger.events import FEEDBACK, BadPayload, Echo, IncomingMessage, ThreadControl, Touch, parse_body
 from messenger.graph import REPLY_METADATA
 from messenger.signature import LEGACY_SIGNATURE_HEADER, SIGNATURE_256_HEADER, is_valid_signature
 
@@ -45,6 +46,31 @@ class WebhookReceiver:
         self.accounts = config.account_ids or frozenset({config.fb_page_id})
 
     def handle(self, body: bytes, signatures: Mapping[str, str], peer: str | None) -> tuple[int, str]:
+        accepted = self._accept(body, signatures, peer)
+        if isinstance(accepted, tuple):
+            return accepted
+        if accepted.stores:
+            try:
+                self.inbox.append(accepted.messages, accepted.echoes, at=accepted.now)
+            except OSError as exc:
+                return self._not_stored(peer, exc)
+        return self._acknowledge(accepted)
+
+    async def handle_async(self, body: bytes, signatures: Mapping[str, str], peer: str | None) -> tuple[int, str]:
+        """`handle` for a store that commits over the network (the PostgreSQL intake): the event
+        loop waits for the commit without a thread of its own per delivery."""
+        accepted = self._accept(body, signatures, peer)
+        if isinstance(accepted, tuple):
+            return accepted
+        if accepted.stores:
+            try:
+                await self.inbox.append_async(accepted.messages, accepted.echoes, at=accepted.now)
+            except OSError as exc:
+                return self._not_stored(peer, exc)
+        return self._acknowledge(accepted)
+
+    def _accept(self, body: bytes, signatures: Mapping[str, str], peer: str | None) -> "_Accepted | tuple[int, str]":
+        """The delivery verified and parsed, with what must be stored before its 200; or the refusal."""
         if not is_valid_signature(body, signatures, self.config.fb_app_secret):
             return self.refuse(peer, "forbidden", 403, "missing or wrong signature")
         now = self.clock()
@@ -56,19 +82,21 @@ class WebhookReceiver:
         echoes = [classify(echo, self._config_of(echo.page_id), now, self._is_instagram(echo.page_id))
                   for echo in delivery.echoes] + [resumed(control) for control in delivery.controls] \
             + [touched(touch) for touch in delivery.touches]
-        if delivery.messages or echoes:
-            try:
-                self.inbox.append(delivery.messages, echoes, at=now)
-            except OSError as exc:
-                # Not stored means not acknowledged: Meta delivers it again.
-                logger.error("could not store the delivery, asking Meta to retry: %s", exc)
-                return self.refuse(peer, "unavailable", 503, "temporarily unavailable")
+        return _Accepted(delivery.messages, echoes, delivery.ignored, now)
+
+    def _not_stored(self, peer: str | None, exc: OSError) -> tuple[int, str]:
+        # Not stored means not acknowledged: Meta delivers it again.
+        logger.error("could not store the delivery, asking Meta to retry: %s", exc)
+        return self.refuse(peer, "unavailable", 503, "temporarily unavailable")
+
+    def _acknowledge(self, accepted: "_Accepted") -> tuple[int, str]:
+        if accepted.stores:
             self.doorbell.ring()
         metrics.WEBHOOKS.labels("accepted").inc()
-        if delivery.ignored:
-            metrics.EVENTS.labels("ignored").inc(delivery.ignored)  # accepted / duplicate: counted as drained
+        if accepted.ignored:
+            metrics.EVENTS.labels("ignored").inc(accepted.ignored)  # accepted / duplicate: counted as drained
         logger.info("webhook accepted: %d message(s) stored, %d event(s) ignored",
-                    len(delivery.messages), delivery.ignored)
+                    len(accepted.messages), accepted.ignored)
         return 200, "EVENT_RECEIVED"
 
     def _config_of(self, account_id: str) -> Config:
@@ -95,6 +123,18 @@ class WebhookReceiver:
         metrics.WEBHOOKS.labels(result).inc()
         logger.warning("webhook refused for %s: %s", peer, reason)
         return status, reason
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    messages: tuple[IncomingMessage, ...]
+    echoes: list[ClassifiedEcho]
+    ignored: int
+    now: float
+
+    @property
+    def stores(self) -> bool:
+        return bool(self.messages or self.echoes)
 
 
 def classify(echo: Echo, config: Config, now: float, instagram: bool = False) -> ClassifiedEcho:
