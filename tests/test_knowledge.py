@@ -265,11 +265,26 @@ def test_a_broken_knowledge_base_costs_the_reply_nothing(make_client, env, model
     knowledge_of(env).add([str(docs / "hours.md")])
     with sqlite3.connect(os.path.join(env["DATA_DIR"], "bot.sqlite3")) as db:
         db.execute("DROP TABLE knowledge_fts")  # the full-text index lost
-    client = make_client()
+    client, without = make_client(), make_client(KNOWLEDGE_MODE="off")
+    embeddings_before = embedding_requests(model)
     with caplog.at_level("WARNING"):
-        say(client, 1, "When are you open on Saturdays?")
-    assert graph.sent_texts(PSID) == ["Hello from the model."]
+        post_signed(client, text_body("m_kb_broken", "When are you open on Saturdays?", psid="1111"))
+        answer_queue(client)
+    assert graph.sent_texts("1111") == ["Hello from the model."]
     assert any("could not search the knowledge base" in r.getMessage() for r in caplog.records)
+    assert embedding_requests(model) > embeddings_before  # the question was embedded before the search failed...
+    post_signed(without, text_body("m_kb_without", "When are you open on Saturdays?", psid="2222"))
+    answer_queue(without)
+    records = {r["psid"]: r for r in without.application.extensions["dispatcher"].store.conversations.export()}
+    assert records["1111"]["total_tokens"] > records["2222"]["total_tokens"]  # ...and its tokens count all the same
+    searched = subprocess.run([sys.executable, "-m", "bot", "knowledge", "search", "saturday"], cwd=ROOT,
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert searched.returncode == 1
+    assert searched.stderr.startswith("could not search the knowledge base: OperationalError: no such table")
+
+
+def embedding_requests(model) -> int:
+    return sum(1 for r in model.requests if "input" in (r["json"] or {}))
 
 
 class SlowEmbeddings(LocalServer):

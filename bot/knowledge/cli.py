@@ -48,6 +48,7 @@ def main(args: argparse.Namespace, config: Config | None = None) -> int:
         print(f"--page {args.page}: not a Page of this deployment ({pages})", file=sys.stderr)
         return 2
     from bot.knowledge import open_knowledge
+    from bot.knowledge.retrieval import SearchFailed
 
     knowledge = open_knowledge(config)
     if args.action in ("add", "sync"):
@@ -73,7 +74,11 @@ def main(args: argparse.Namespace, config: Config | None = None) -> int:
         for report in reports:
             print(report.line(), file=sys.stderr if report.status == "failed" else sys.stdout)
         return 1 if any(report.status == "failed" for report in reports) else 0
-    found = knowledge.search(args.question, args.page, args.top_k or config.knowledge_top_k)
+    try:
+        found = knowledge.search(args.question, args.page, args.top_k or config.knowledge_top_k)
+    except SearchFailed as error:
+        print(f"could not search the knowledge base: {error}", file=sys.stderr)
+        return 1
     for rank, hit in enumerate(found.hits, start=1):
         if args.json:
             print(json.dumps({"rank": rank, "chunk_id": hit.chunk_id, "source": hit.source, "title": hit.title,

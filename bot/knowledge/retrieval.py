@@ -17,13 +17,15 @@ from __future__ import annotations
 import heapq
 import logging
 import re
+import sqlite3
 import sys
 import threading
 import unicodedata
 from array import array
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+import psycopg
 import simsimd
 
 from bot.knowledge import store
@@ -53,6 +55,17 @@ el la los las un una de del y o en que es por para con se su al lo como mas pero
 le la les un une des du et ou en est que qui pour par avec dans sur au aux ce cette vous nous je
 der die das ein eine und oder ist in im zu den dem des mit fur von auf wie was ich sie wir es
 """.split())
+
+
+STORE_ERRORS = (sqlite3.Error, psycopg.Error, OSError)
+
+
+class SearchFailed(Exception):
+    """The knowledge base could not be read; `tokens`: what the question's embedding cost anyway."""
+
+    def __init__(self, error: BaseException, tokens: int):
+        super().__init__(f"{type(error).__name__}: {str(error)[:200]}")
+        self.tokens = tokens
 
 
 @dataclass(frozen=True)
@@ -182,7 +195,7 @@ class Retriever:
     def search(self, question: str, page_id: str, top_k: int, timeout: float | None = None) -> Found:
         """The `top_k` best chunks for `question` in this Page's (and every Page's) sources."""
         question_terms = terms(question)
-        by_meaning = None
+        by_meaning, failed = None, None
         try:
             with self.database.read() as db:
                 current = store.version(db)
@@ -194,15 +207,28 @@ class Retriever:
                 if self.embedder is not None and not self.embedder.unsupported:
                     by_meaning = self._pool.submit(self._ranked_by_meaning, question, page_id, current, timeout)
                 ranked_text = store.full_text(db, self._uncommon(db, question_terms, current), page_id, CANDIDATES)
-        finally:  # even when full text failed: no embeddings call outlives the search that made it
+        except STORE_ERRORS as error:
+            failed = error
+        except BaseException:
+            if by_meaning:  # no embeddings call outlives the search that made it
+                wait([by_meaning])
+            raise
+        try:
             scored, ranked_vectors, tokens = by_meaning.result() if by_meaning else (None, [], 0)
+        except STORE_ERRORS as error:  # the vectors could not be read: no embedding was made
+            raise SearchFailed(failed or error, 0) from error
+        if failed is not None:  # the embedding was paid for all the same: it is counted
+            raise SearchFailed(failed, tokens) from failed
         fused: dict[int, float] = {}
         for ranking in (ranked_text, ranked_vectors):
             for rank, chunk_id in enumerate(ranking):
                 fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank + 1)
         best = sorted(fused, key=lambda chunk_id: (-fused[chunk_id], chunk_id))[:top_k]
-        with self.database.read() as db:
-            rows = store.chunks(db, best)
+        try:
+            with self.database.read() as db:
+                rows = store.chunks(db, best)
+        except STORE_ERRORS as error:
+            raise SearchFailed(error, tokens) from error
         best = [chunk_id for chunk_id in best if chunk_id in rows]  # one removed in between is gone
         covered = {chunk_id: coverage(question_terms, rows[chunk_id].heading + " " + rows[chunk_id].text)
                    for chunk_id in best}

@@ -8,14 +8,11 @@ the reply nothing but its excerpts: it is logged, and the model answers as it wo
 from __future__ import annotations
 
 import logging
-import sqlite3
 from dataclasses import dataclass
 from typing import Sequence
 
-import psycopg
-
 from bot.knowledge import prompt
-from bot.knowledge.retrieval import Hit, Retriever
+from bot.knowledge.retrieval import Hit, Retriever, SearchFailed
 from bot.telemetry import metrics
 
 logger = logging.getLogger(__name__)
@@ -60,11 +57,11 @@ class Knowledge:
             return NOTHING
         try:
             found = self.retriever.search(question, self.page_id, self.settings.top_k, timeout=timeout)
-        except (sqlite3.Error, psycopg.Error, OSError) as error:
-            logger.warning("could not search the knowledge base (%s: %s): answering without it",
-                           type(error).__name__, str(error)[:200])
+        except SearchFailed as error:
+            logger.warning("could not search the knowledge base (%s): answering without it", error)
             metrics.KNOWLEDGE.labels("error").inc()
-            return NOTHING
+            metrics.EMBEDDING_TOKENS.inc(error.tokens)
+            return Consulted(tokens=error.tokens)
         if found.embedding_tokens:
             metrics.EMBEDDING_TOKENS.inc(found.embedding_tokens)
         if not found.searched:  # nothing was ever added: the knowledge base is not in use
