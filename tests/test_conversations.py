@@ -21,7 +21,7 @@ from bot.replies.tracking import Tracker
 from config import ConfigError, load_config
 from devtools.emulator import LocalServer, completion, graph_error, json_response
 from messenger.graph import REPLY_METADATA
-from tests.support import PSID, ROOT, FakeClock, answer_queue, echo_body, post_signed, text_body, wait_for
+from tests.support import PAGE_ID, PSID, ROOT, FakeClock, answer_queue, echo_body, post_signed, text_body, wait_for
 
 OTHER = "2000000000000002"
 
@@ -441,3 +441,30 @@ def test_a_second_store_on_the_file_keeps_the_first_ones_locks(tmp_path):
     assert os.path.exists(path + "-wal"), "another process took the WAL from a live connection"
     first.conversations.update_user("u2", synced_at=2.0)
     assert first.conversations.user("u2").synced_at == 2.0
+
+
+def test_a_takeover_asks_graph_whether_a_send_went_out_in_its_turn_of_the_pages_budget(make_client, graph, model):
+    """A reply process died mid-send; the one that takes the batch over asks Graph whether the
+    send went out - taking its turn in the Page's read budget, not jumping it (a dead host
+    leaves many such checks at once, and a read Meta refuses for the rate cannot tell, which
+    means sending again)."""
+    from bot.replies.answer import Answer, Outcome
+
+    clock = FakeClock()
+    client = make_client(clock, GRAPH_READS_PER_SECOND="2")  # reads 0.75 s apart
+    dispatcher = client.application.extensions["dispatcher"]
+    post_signed(client, text_body("m_mid_send", "Do you deliver?", PSID, int(clock() * 1000)))
+    dispatcher.drain()
+    batch = dispatcher.store.claim("process-that-dies", 30)
+    dispatcher.store.sending(batch, Answer("We deliver on weekdays.", Outcome.ANSWERED).to_json(), 0, 30)
+    graph.add_message(PSID, "We deliver on weekdays.", from_page=True)  # it went out, then the process died
+    clock.advance(31)  # its lease runs out
+    budget = dispatcher.store.conversations
+    for _ in range(2):  # two other replies just took the Page's next two reads
+        assert budget.reserve_graph_read(PAGE_ID, 2, latest=clock() + 10) is not None
+    started = clock()
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == []  # not sent twice...
+    assert len(graph.history_calls()) == 1
+    assert clock() - started >= 1.5  # ...and its read waited for the slot after the other two
+    assert dispatcher.store.states() == {"m_mid_send": "done"}

@@ -24,11 +24,14 @@ from bot.knowledge.prompt import with_excerpts
 from gpt.prompt import to_chat_messages
 from messenger.events import IncomingMessage
 from bot.storage.times import created_ms
-from messenger.graph import GraphAPIError, GraphClient
+from messenger.graph import GraphClient
 from messenger.platforms import BY_NAME
 from messenger.split import split_text
 
 logger = logging.getLogger(__name__)
+# How long a takeover waits for a Graph read slot to see whether the send it found under way
+# went out: at ~1.3 reads a second, the checks of a dead host's sends in flight.
+SENT_CHECK_WAIT_S = 10.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,14 +220,14 @@ class Composer:
 
     def find_sent(self, psid: str, text: str, since_ms: int) -> str | None:
         """Meta's id of a message with this text the Page already sent this user since `since_ms`:
-        its echo in the mirror, else one Graph read (rare: only after a crash mid-send)."""
+        its echo in the mirror, else one Graph read (rare: only after a crash mid-send). The read
+        takes its turn in the Page's budget: a host that died mid-send leaves many of these at
+        once, and reads Meta refuses for the rate would each mean a reply sent twice."""
         if mid := self.conversations.find_own_message(psid, text, since_ms):
             return mid
-        try:
-            history = self.graph.fetch_history(psid, self.prompt.message_count)
-        except GraphAPIError as exc:  # cannot tell: sending again beats never answering
-            logger.warning("could not check psid=%r's conversation for a reply in flight: %s", psid, exc)
-            return None
+        history = self.history.latest(psid, SENT_CHECK_WAIT_S)
+        if history is None:  # cannot tell from Graph - its echo may have come in meanwhile; if not,
+            return self.conversations.find_own_message(psid, text, since_ms)  # sending again beats never
         # Graph's times are whole seconds: a message of the same second counts.
         return next((h.mid for h in history if h.from_id == self.prompt.page_id and h.text == text
                      and created_ms(h.created_time) >= since_ms - 1000), None)

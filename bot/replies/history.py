@@ -84,6 +84,21 @@ class HistoryReader:
         metrics.HISTORY_READS.labels("mirror-only").inc()
         return History(self._mirror(psid, user), None, MIRROR_ONLY)
 
+    def latest(self, psid: str, wait: float) -> list[HistoryMessage] | None:
+        """This user's newest messages in one Graph read within the Page's budget, waiting up to
+        `wait` seconds for a slot: None when no slot came in time or the read failed."""
+        if not self._take_read(self.clock() + wait):
+            logger.warning("no Graph read slot for psid=%r within %.0f s", psid, wait)
+            return None
+        try:
+            return self.graph.fetch_history(psid, self.limit)
+        except GraphAPIError as exc:
+            metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
+            if exc.code in RATE_LIMIT_CODES:
+                self.conversations.hold_graph_reads(self.page_id)
+            logger.warning("could not read psid=%r's conversation: %s", psid, exc)
+            return None
+
     def _time_for_another(self, give_up: float) -> bool:
         """Room for the pause and one more read at its full timeout before giving up."""
         return self.clock() + GRAPH_RETRY_AFTER_S + sum(self.graph.timeout) <= give_up
