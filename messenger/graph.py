@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import requests
+import urllib3
 import requests.adapters
 
 from messenger.text import clean_text
@@ -29,12 +30,15 @@ class GraphAPIError(Exception):
     """A failed Graph call: Meta's error answer, or no answer at all (status None)."""
 
     def __init__(self, message: str, *, status: int | None = None, code: int | None = None,
-                 subcode: int | None = None, fbtrace_id: str | None = None):
+                 subcode: int | None = None, fbtrace_id: str | None = None, in_doubt: bool = False):
         super().__init__(message)
         self.status = status
         self.code = code
         self.subcode = subcode
         self.fbtrace_id = fbtrace_id
+        # No answer, but the request may have reached Meta and done its work (a read timeout, a
+        # connection dropped after sending): a message "not sent" may well have gone out.
+        self.in_doubt = in_doubt
 
     def __str__(self) -> str:
         return (f"{self.args[0]} (status={self.status} code={self.code} "
@@ -160,8 +164,20 @@ class GraphClient:
                                              json=json, timeout=self.timeout)
         except requests.RequestException as exc:
             # The exception text can hold the URL; the class name is enough to diagnose.
-            raise GraphAPIError(f"{method} {path} failed: {type(exc).__name__}") from None
+            raise GraphAPIError(f"{method} {path} failed: {type(exc).__name__}", in_doubt=_may_have_arrived(exc)) from None
         return _to_result(method, path, response)
+
+
+def _may_have_arrived(exc: requests.RequestException) -> bool:
+    """False only when the request surely never reached the server: no connection was made."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return False
+    if isinstance(exc, requests.ReadTimeout):
+        return True
+    if isinstance(exc, requests.ConnectionError):
+        reason = getattr(exc.args[0], "reason", None) if exc.args else None
+        return not isinstance(reason, urllib3.exceptions.NewConnectionError)  # refused, no route, DNS
+    return False
 
 
 def _to_result(method: str, path: str, response: requests.Response) -> dict:

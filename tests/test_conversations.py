@@ -468,3 +468,32 @@ def test_a_takeover_asks_graph_whether_a_send_went_out_in_its_turn_of_the_pages_
     assert len(graph.history_calls()) == 1
     assert clock() - started >= 1.5  # ...and its read waited for the slot after the other two
     assert dispatcher.store.states() == {"m_mid_send": "done"}
+
+
+def test_a_send_that_timed_out_but_went_out_is_not_sent_again_by_the_retry(make_client, graph, model):
+    """The Send API took longer than GRAPH_TIMEOUT and delivered all the same: the retry looks
+    for the message (mirror, then Graph) before sending it again, as after a crash mid-send."""
+    clock = FakeClock()
+    client = make_client(clock, GRAPH_TIMEOUT="0.5")
+    graph.delays["send"] = 1.0  # Meta answers after the bot gave up waiting, and delivers
+    post_signed(client, text_body("m_slow_send", "Do you deliver?", PSID, int(clock() * 1000)))
+    answer_queue(client)  # the first attempt: a read timeout
+    assert wait_for(lambda: graph.sent_texts(PSID) == ["Hello from the model."])
+    graph.delays["send"] = 0
+    clock.advance(60)  # past the retry's backoff
+    answer_queue(client)
+    time.sleep(0.3)
+    assert graph.sent_texts(PSID) == ["Hello from the model."]  # once
+    assert len(model.requests) == 1  # the kept answer, not a second model call
+    assert client.application.extensions["dispatcher"].store.states() == {"m_slow_send": "done"}
+
+
+def test_a_send_refused_before_it_reached_meta_is_retried_without_a_look(make_client, graph, model):
+    """Nothing to doubt when no connection was made: the retry sends, no Graph read spent on it."""
+    clock = FakeClock()
+    client = make_client(clock, FB_API_URL="http://127.0.0.1:9/")  # nothing listens on port 9
+    post_signed(client, text_body("m_refused", "Do you deliver?", PSID, int(clock() * 1000)))
+    answer_queue(client)
+    clock.advance(60)
+    retried = client.application.extensions["dispatcher"].store.claim("a-look", 30)
+    assert retried.attempts == 2 and retried.sending is None

@@ -99,6 +99,15 @@ def test_retry_keeps_the_reply_and_waits_for_its_delay(store, clock):
     clock.advance(5)
     again = store.claim("a", 30)
     assert again.batch_id == batch.batch_id and again.reply == '{"text": "r"}' and again.sent_parts == 1
+    assert again.sending is None  # a plain retry: nothing in doubt
+
+
+def test_a_retry_in_doubt_hands_the_part_under_way_to_the_next_attempt(store, clock):
+    store.add([message("m1")])
+    batch = store.claim("a", 30)
+    store.sending(batch, '{"text": "r"}', 1, 30)
+    assert store.retry(batch, 0, "ReadTimeout", reply='{"text": "r"}', sent_parts=1, sending=1)
+    assert store.claim("b", 30).sending == 1  # it looks for part 1 before sending it again
 
 
 def test_retries_run_out_into_failed_with_the_exchange_logged(store):

@@ -39,6 +39,7 @@ class Progress:
     answer: Answer | None
     sent: int
     parts: list[tuple[str, str]] = field(default_factory=list)
+    in_doubt: bool = False  # the part under way failed without an answer: it may have gone out
 
 
 class BatchReplier:
@@ -103,8 +104,12 @@ class BatchReplier:
             # model is not paid twice), and each send is recorded as under way.
             self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds)
             offer = progress.sent == len(parts) - 1 and answer.outcome in OFFERS_A_PERSON
-            mid = (self._delivered_before(batch, part, progress.sent, composer)
-                   or composer.send_part(batch.psid, part, offer_person=offer))
+            try:
+                mid = (self._delivered_before(batch, part, progress.sent, composer)
+                       or composer.send_part(batch.psid, part, offer_person=offer))
+            except GraphAPIError as exc:
+                progress.in_doubt = exc.in_doubt  # then the retry looks for it before sending it again
+                raise
             if mid:
                 progress.parts.append((mid, part))
             progress.sent += 1
@@ -118,13 +123,14 @@ class BatchReplier:
         logger.info("%s psid=%r mids=%r in %d part(s)", answer.outcome, batch.psid, _mids(batch), len(parts))
 
     def _delivered_before(self, batch: Batch, part: str, index: int, composer: Composer) -> str | None:
-        """When the previous owner died with this very send under way: did it go out? (its
-        echo in the mirror, or the Page's message in Graph) - then it is not sent again."""
+        """When the previous owner died with this very send under way, or the send failed without
+        an answer (a timeout after sending): did it go out? (its echo in the mirror, or the Page's
+        message in Graph) - then it is not sent again."""
         if batch.sending != index:
             return None
         mid = composer.find_sent(batch.psid, part, since_ms=int(batch.received_at * 1000))
-        logger.warning("psid=%r part %d was being sent when its process died: %s", batch.psid, index,
-                       "it went out, not sending it again" if mid else "it did not go out, sending it")
+        logger.warning("psid=%r part %d was being sent when its process died or its send went unanswered: %s",
+                       batch.psid, index, "it went out, not sending it again" if mid else "it did not go out, sending it")
         return mid
 
     @staticmethod
@@ -179,7 +185,8 @@ class BatchReplier:
             return
         delay = backoff_delay(batch.attempts, self.retry_base, self.retry_cap)
         stored = progress.answer.to_json() if progress.answer else None
-        if self.store.retry(batch, delay, error, stored, progress.sent, exchange):
+        if self.store.retry(batch, delay, error, stored, progress.sent, exchange,
+                            sending=progress.sent if progress.in_doubt else None):
             logger.warning("retrying psid=%r in %.1fs (attempt %d): %s", batch.psid, delay, batch.attempts, error)
             return
         metrics.FAILED.labels("attempts_exhausted").inc()

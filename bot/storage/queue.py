@@ -335,14 +335,15 @@ class Queue:
         self._update(batch, "state = 'done', finished_at = ?, owner = NULL", self.clock(), exchange=exchange)
 
     def retry(self, batch: Batch, delay: float, error: str, reply: str | None = None, sent_parts: int = 0,
-              exchange: Exchange | None = None) -> bool:
+              exchange: Exchange | None = None, sending: int | None = None) -> bool:
         """Back in the queue after `delay`, keeping the reply so far; False when the attempts are spent
-        (then failed, with `exchange` logged)."""
+        (then failed, with `exchange` logged). `sending`: the part whose send failed in doubt - the
+        next attempt looks for it before sending it again, as after a crash mid-send."""
         if batch.attempts >= self.max_attempts:
             self.fail(batch, error, exchange)
             return False
         self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?, reply = ?, sent_parts = ?,"
-                     " sending = NULL", self.clock() + delay, error, reply, sent_parts)
+                     " sending = ?", self.clock() + delay, error, reply, sent_parts, sending)
         return True
 
     def fail(self, batch: Batch, error: str, exchange: Exchange | None = None) -> None:
