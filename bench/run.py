@@ -514,12 +514,21 @@ def scenario_three_hosts_sustained(graph, model, args, store) -> dict:
     acks: list[float | None] = [None] * total
     statuses: list[int | None] = [None] * total
 
+    retried: list[str] = []  # deliveries sent again after a connection error, as Meta would
+
     def post(n: int) -> None:
         posted_at[n] = time.monotonic()
-        try:
-            statuses[n] = jobs[n][0](jobs[n][1])
-        except requests.RequestException:
-            statuses[n] = 0
+        for attempt in range(2):
+            try:
+                statuses[n] = jobs[n][0](jobs[n][1])
+                break
+            except requests.ConnectionError as error:  # e.g. a keep-alive connection the server just closed
+                statuses[n] = 0
+                if attempt == 0:
+                    retried.append(type(error).__name__)
+            except requests.RequestException:
+                statuses[n] = 0
+                break
         acks[n] = time.monotonic() - posted_at[n]
 
     seen: dict[int, list[float]] = collections.defaultdict(list)  # tag -> delivery times
@@ -577,6 +586,10 @@ def scenario_three_hosts_sustained(graph, model, args, store) -> dict:
             "hosts_replying": hosts_seen, "seconds": seconds, "target_per_s": rate, "messages": total,
             "users": min(users, total), "posted_per_s": round(total / max(1e-9, last_post - started), 1),
             "post_lag_max_s": round(lag, 2), "non_2xx": sum(s != 200 for s in statuses),
+            "non_2xx_by_status": dict(collections.Counter(str(s) for s in statuses if s != 200)),
+            "non_2xx_first_at_s": [round(posted_at[n] - started, 2) for n, s in enumerate(statuses)
+                                   if s != 200 and posted_at[n]][:10],
+            "sent_again_after": dict(collections.Counter(retried)),
             "ack_p50_ms": _pct(ack_ms, 50), "ack_p99_ms": _pct(ack_ms, 99),
             "answered": sum(1 for n in seen if n < total), "lost": sum(1 for n in range(total) if n not in seen),
             "duplicated": sum(1 for times in seen.values() if len(times) > 1),
