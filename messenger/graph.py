@@ -168,16 +168,20 @@ class GraphClient:
         return _to_result(method, path, response)
 
 
+# Failures raised before anything was sent: the request is malformed, nothing left this host.
+NEVER_SENT = (requests.ConnectTimeout, requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+              requests.exceptions.InvalidSchema, requests.exceptions.InvalidHeader,
+              requests.exceptions.InvalidJSONError, requests.exceptions.URLRequired)
+
+
 def _may_have_arrived(exc: requests.RequestException) -> bool:
-    """False only when the request surely never reached the server: no connection was made."""
-    if isinstance(exc, requests.ConnectTimeout):
+    """False only when the request surely never reached the server (no connection was made, or it
+    was never sent); anything else - a read timeout, a dropped connection, a body cut short after
+    the status line - may have done its work."""
+    if isinstance(exc, NEVER_SENT):
         return False
-    if isinstance(exc, requests.ReadTimeout):
-        return True
-    if isinstance(exc, requests.ConnectionError):
-        reason = getattr(exc.args[0], "reason", None) if exc.args else None
-        return not isinstance(reason, urllib3.exceptions.NewConnectionError)  # refused, no route, DNS
-    return False
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return not isinstance(reason, urllib3.exceptions.NewConnectionError)  # refused, no route, DNS
 
 
 def _to_result(method: str, path: str, response: requests.Response) -> dict:
@@ -188,9 +192,9 @@ def _to_result(method: str, path: str, response: requests.Response) -> dict:
     if response.ok and isinstance(data, dict):
         return data
     error = data.get("error") if isinstance(data, dict) else None
-    if not isinstance(error, dict):
+    if not isinstance(error, dict):  # a gateway's 502 or 504: it may have reached Meta behind it
         raise GraphAPIError(f"{method} {path}: HTTP {response.status_code}, no Graph error body",
-                            status=response.status_code)
+                            status=response.status_code, in_doubt=response.status_code in (502, 504))
     raise GraphAPIError(
         f"{method} {path}: {str(error.get('message', 'unknown error'))[:200]}",
         status=response.status_code, code=error.get("code"),

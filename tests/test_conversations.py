@@ -497,3 +497,21 @@ def test_a_send_refused_before_it_reached_meta_is_retried_without_a_look(make_cl
     clock.advance(60)
     retried = client.application.extensions["dispatcher"].store.claim("a-look", 30)
     assert retried.attempts == 2 and retried.sending is None
+
+
+def test_a_retry_stays_in_doubt_when_its_look_for_the_send_failed_too(make_client, graph, model, env):
+    clock = FakeClock()
+    client = make_client(clock, GRAPH_TIMEOUT="0.5")
+    graph.delays["send"] = 1.0
+    post_signed(client, text_body("m_doubt", "Do you deliver?", PSID, int(clock() * 1000)))
+    answer_queue(client)  # a read timeout: in doubt
+    graph.delays["send"] = 0
+    database = os.path.join(env["DATA_DIR"], "bot.sqlite3")
+    with sqlite3.connect(database) as db:
+        db.execute("ALTER TABLE mirror RENAME TO mirror_away")  # the next look cannot read the mirror
+    clock.advance(60)
+    answer_queue(client)
+    with sqlite3.connect(database) as db:
+        db.execute("ALTER TABLE mirror_away RENAME TO mirror")
+    clock.advance(60)
+    assert client.application.extensions["dispatcher"].store.claim("a-look", 30).sending == 0  # it looks again

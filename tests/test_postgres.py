@@ -129,7 +129,11 @@ def test_the_intake_commits_waiting_deliveries_together_and_drops_a_redelivery_a
 
             async def deliver():
                 first = asyncio.ensure_future(intake.append_async([_message(0)], []))
-                await asyncio.sleep(0.2)  # the writer is now inside the first group, blocked
+                for _ in range(100):  # until the writer's first group waits on the lock
+                    await asyncio.sleep(0.05)
+                    if rows(pg_url, "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                    " AND datname = current_database()")[0][0]:
+                        break
                 rest = [intake.append_async([_message(n)], []) for n in range(1, 20)]
                 rest.append(intake.append_async([_message(99, mid="m_intake_5")], []))  # a redelivery
                 waiting = asyncio.gather(first, *rest)
@@ -141,7 +145,7 @@ def test_the_intake_commits_waiting_deliveries_together_and_drops_a_redelivery_a
             asyncio.run(deliver())
             transactions, stored = rows(pg_url, "SELECT COUNT(DISTINCT xmin::text), COUNT(*) FROM events")[0]
             assert stored == 20
-            assert transactions <= 3  # the first, then the 20 that waited in at most two groups
+            assert 2 <= transactions <= 3  # the first alone, then the 20 that waited in at most two groups
             assert list(listener.notifies(timeout=2, stop_after=1))
     finally:
         queue.close()

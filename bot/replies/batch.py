@@ -185,8 +185,10 @@ class BatchReplier:
             return
         delay = backoff_delay(batch.attempts, self.retry_base, self.retry_cap)
         stored = progress.answer.to_json() if progress.answer else None
+        # Still in doubt when this attempt's look for it failed too: the next one looks again.
+        in_doubt = progress.in_doubt or batch.sending == progress.sent
         if self.store.retry(batch, delay, error, stored, progress.sent, exchange,
-                            sending=progress.sent if progress.in_doubt else None):
+                            sending=progress.sent if in_doubt else None):
             logger.warning("retrying psid=%r in %.1fs (attempt %d): %s", batch.psid, delay, batch.attempts, error)
             return
         metrics.FAILED.labels("attempts_exhausted").inc()

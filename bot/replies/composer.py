@@ -78,7 +78,8 @@ class Composer:
         self.wall_clock = wall_clock  # pauses, limits, the mirror's age: compared with stored times
         self.answer_cache_ttl = answer_cache_ttl  # 0: off
         self.knowledge = knowledge  # None: KNOWLEDGE_MODE=off
-        # `history`: another source with the same read() (the website chat's: the store only, never Graph).
+        # `history`: another source with the same read() (the website chat's: the store only, never
+        # Graph; its replies never take over a send, so find_sent's latest() is not asked of it).
         self.history = history or HistoryReader(
             graph, conversations, page_id=prompt.page_id, limit=prompt.message_count,
             mirror_max_age=policy.mirror_max_age, reads_per_second=policy.graph_reads_per_second,
@@ -220,7 +221,8 @@ class Composer:
 
     def find_sent(self, psid: str, text: str, since_ms: int) -> str | None:
         """Meta's id of a message with this text the Page already sent this user since `since_ms`:
-        its echo in the mirror, else one Graph read (rare: only after a crash mid-send). The read
+        its echo in the mirror, else one Graph read (only after a crash mid-send or a send that
+        failed without an answer). The read
         takes its turn in the Page's budget: a host that died mid-send leaves many of these at
         once, and reads Meta refuses for the rate would each mean a reply sent twice."""
         if mid := self.conversations.find_own_message(psid, text, since_ms):

@@ -25,6 +25,10 @@ MIGRATION_LOCK = 71_000_001
 CLAIM_LOCK = 71_000_002
 CHANNEL = "bot_queue"  # NOTIFY on new work, LISTENed to by every reply process
 CONNECT_TIMEOUT_S = 5
+# The intake's connection is never checked before use: a server that vanished without closing it
+# (a host lost, a network cut) must fail a write within seconds, not the kernel's ~15 minutes.
+INTAKE_TCP = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+              "tcp_user_timeout": 10_000}
 
 
 def _row_factory(cursor: psycopg.Cursor):
@@ -53,6 +57,7 @@ class PostgresDatabase:
         self.pool.open(wait=False)
         self._intake_pool: ConnectionPool | None = None
         self._intake_lock = threading.Lock()
+        self._closed = False
         if read_only:
             self._check_version(len(schema))
         else:
@@ -60,8 +65,10 @@ class PostgresDatabase:
 
     def close(self) -> None:
         self.pool.close()
-        if self._intake_pool is not None:
-            self._intake_pool.close()
+        with self._intake_lock:
+            self._closed = True
+            if self._intake_pool is not None:
+                self._intake_pool.close()
 
     @contextmanager
     def write(self) -> Iterator[Cursor]:
@@ -76,10 +83,13 @@ class PostgresDatabase:
         A connection a restart of PostgreSQL broke fails its one group (503, Meta delivers
         again) and is replaced."""
         with self._intake_lock:
+            if self._closed:
+                raise psycopg.OperationalError("the database is closed")
             if self._intake_pool is None:
                 self._intake_pool = ConnectionPool(
                     self.url, min_size=1, max_size=1, open=False, name="bot-intake", timeout=1.0,
-                    kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S})
+                    kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S,
+                            **INTAKE_TCP})
                 self._intake_pool.open(wait=False)
         with self._intake_pool.connection() as conn:
             yield Cursor(conn)

@@ -56,7 +56,7 @@ class Batch:
     reply: str | None = None
     sent_parts: int = 0
     owner: str = ""  # who holds it: every write of its outcome checks that it still does
-    sending: int | None = None  # the part whose Send API call was under way when its owner died
+    sending: int | None = None  # the part whose Send API call its owner died in, or that failed in doubt
 
 
 # The webhooks' intake (PostgreSQL): a group's rows as one array per column, a redelivery's row
@@ -102,28 +102,6 @@ class Queue:
             if any(added):
                 self._database.notify(db)
         return added
-
-    def take_in(self, deliveries: Sequence[tuple[Sequence[IncomingMessage], Sequence[ClassifiedEcho]]]) -> None:
-        """The webhooks' write with PostgreSQL: these deliveries, committed before their 200s, and
-        the reply processes of every host woken at that commit. A database that cannot take them
-        raises StorageUnavailable (503: Meta delivers again)."""
-        now = self.clock()
-        rows = [(dedupe_key(m), m.psid, _to_json(m), m.timestamp_ms, now) for messages, _ in deliveries for m in messages]
-        columns = [list(column) for column in zip(*rows)]
-        echoes = [echo for _, some in deliveries for echo in some]
-        try:
-            with self._database.intake() as db:
-                if rows and not echoes:  # the usual group: one statement, its own transaction, one round trip
-                    # (a data-modifying WITH always runs; the SELECT's NOTIFY is sent at commit)
-                    db.execute(f"WITH added AS ({ADD_EVENTS}) {self._database.NOTIFY_SELECT}", columns)
-                else:
-                    with db.conn.transaction():
-                        if rows:
-                            db.execute(ADD_EVENTS, columns)
-                            self._database.notify(db)
-                        record_echoes(db, echoes)
-        except Exception as exc:  # noqa: BLE001 - whatever the driver raised, it was not stored
-            raise StorageUnavailable(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
     def drain(self, directory: str) -> tuple[int, int]:
         """Move what the webhook processes appended to their inbox files into the queue.
@@ -419,7 +397,7 @@ class DatabaseIntake:
     MAX_GROUP = 64
     WAIT_S = 10.0  # a commit that takes longer is answered 503; Meta delivers again
 
-    def __init__(self, queue: Queue):
+    def __init__(self, queue: PostgresQueue):
         self.queue = queue
         self._pending: list[_Delivery] = []
         self._ready = threading.Condition()
@@ -534,6 +512,28 @@ class PostgresQueue(Queue):
         self.url = url
         database = PostgresDatabase(url, POSTGRES_SCHEMA, max_size=pool_size, read_only=read_only, wait=wait)
         super().__init__(database, max_attempts, tracking, clock)
+
+    def take_in(self, deliveries: Sequence[tuple[Sequence[IncomingMessage], Sequence[ClassifiedEcho]]]) -> None:
+        """The webhooks' write with PostgreSQL: these deliveries, committed before their 200s, and
+        the reply processes of every host woken at that commit. A database that cannot take them
+        raises StorageUnavailable (503: Meta delivers again)."""
+        now = self.clock()
+        rows = [(dedupe_key(m), m.psid, _to_json(m), m.timestamp_ms, now) for messages, _ in deliveries for m in messages]
+        columns = [list(column) for column in zip(*rows)]
+        echoes = [echo for _, some in deliveries for echo in some]
+        try:
+            with self._database.intake() as db:
+                if rows and not echoes:  # the usual group: one statement, its own transaction, one round trip
+                    # (a data-modifying WITH always runs; the SELECT's NOTIFY is sent at commit)
+                    db.execute(f"WITH added AS ({ADD_EVENTS}) {self._database.NOTIFY_SELECT}", columns)
+                else:
+                    with db.conn.transaction():
+                        if rows:
+                            db.execute(ADD_EVENTS, columns)
+                            self._database.notify(db)
+                        record_echoes(db, echoes)
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raised, it was not stored
+            raise StorageUnavailable(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
 def open_queue(config: Config, clock: Callable[[], float] = time.time, pool_size: int = 10,

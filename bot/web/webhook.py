@@ -4,7 +4,8 @@ Every delivery Meta sends comes through here, so it does only what the 200
 needs - verify the signature on the raw body, parse, append to this process's
 inbox, ring the doorbell - without Flask's request and app contexts (measured:
 0.29 ms of CPU per delivery through a Flask view, 0.12-0.14 ms here).
-`WebhookReceiver.handle` is that core; the ASGI front (bot/web/asgi.py, what gunicorn
+`WebhookReceiver.handle` is that core (`handle_async` when the store is a commit to
+PostgreSQL, awaited on the event loop); the ASGI front (bot/web/asgi.py, what gunicorn
 runs) and `WebhookRoute` (plain WSGI, for tests, the sandbox and any WSGI server)
 only read the body and write the answer.
 """

@@ -1,0 +1,85 @@
+"""A Send API call that fails without Meta's answer is "in doubt" - it may have gone out, so a
+retry looks for it first - unless it surely never left this host. Real sockets, the real
+requests client: each server below fails a request the way a network or a gateway does."""
+import socket
+import threading
+import time
+
+import pytest
+
+from messenger.graph import GraphAPIError, GraphClient
+
+
+class OneShotServer:
+    """Accepts connections on 127.0.0.1 and does `behave(connection)` with each."""
+
+    def __init__(self, behave):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.behave = behave
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)  # the request (small enough for one read)
+                self.behave(connection)
+
+    def close(self):
+        self.listener.close()
+
+
+def drop(connection):
+    pass  # read the request, answer nothing, close
+
+
+def cut_short(connection):
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mes")
+
+
+def hang(connection):
+    time.sleep(1.5)
+
+
+def gateway_timeout(connection):
+    connection.sendall(b"HTTP/1.1 504 Gateway Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+def graph_error(connection):
+    body = b'{"error": {"message": "(#2) Service temporarily unavailable", "code": 2}}'
+    connection.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+
+
+def send(port: int) -> GraphAPIError:
+    client = GraphClient(base_url=f"http://127.0.0.1:{port}/", page_id="1", token="t", app_secret="s", timeout=0.5)
+    with pytest.raises(GraphAPIError) as failed:
+        client.send_text("2", "hello")
+    return failed.value
+
+
+@pytest.mark.parametrize("behave, in_doubt", [
+    (drop, True),  # it reached the server: whatever it did is unknown
+    (cut_short, True),  # Meta began to answer: it surely took the request
+    (hang, True),  # a read timeout
+    (gateway_timeout, True),  # a gateway gave up on Meta behind it
+    (graph_error, False),  # Meta's own error answer: it did not send
+])
+def test_a_send_without_metas_answer_is_in_doubt(behave, in_doubt):
+    server = OneShotServer(behave)
+    try:
+        assert send(server.port).in_doubt is in_doubt
+    finally:
+        server.close()
+
+
+def test_a_send_that_found_no_server_is_not_in_doubt():
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # nothing listens there now: connection refused
+    error = send(port)
+    assert "ConnectionError" in str(error) and error.in_doubt is False
