@@ -80,7 +80,7 @@ def is_retryable(error: GraphAPIError) -> bool:
     and unavailable user (551) need a person or never succeed: no retry.
     """
     if error.subcode in MAYBE_DELIVERED_SUBCODES:
-        return False  # a retry could send the reply twice
+        return True  # in doubt (GraphAPIError.in_doubt): the retry looks for it before sending again
     if error.code is not None:
         return error.code in RETRYABLE_CODES
     return error.status is None or error.status >= 500 or error.status == 429
@@ -199,6 +199,7 @@ def _to_result(method: str, path: str, response: requests.Response) -> dict:
         f"{method} {path}: {str(error.get('message', 'unknown error'))[:200]}",
         status=response.status_code, code=error.get("code"),
         subcode=error.get("error_subcode"), fbtrace_id=error.get("fbtrace_id"),
+        in_doubt=error.get("error_subcode") in MAYBE_DELIVERED_SUBCODES,
     )
 
 

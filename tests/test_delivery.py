@@ -93,7 +93,6 @@ PERMANENT = {
     "param-100": graph_error(100, "No matching user found", subcode=2018001),
     "unavailable-551": graph_error(551, "This person isn't available right now.", subcode=1545041),
     "permission-200": graph_error(200, "Permissions error"),
-    "maybe-delivered-1": graph_error(1, "received invalid JSON reply", subcode=1357046),
 }
 
 
@@ -116,6 +115,21 @@ def test_transient_send_errors_are_retried_and_delivered_once(fast_retry_client,
     assert graph.sent_texts(PSID) == ["Hello from the model."]
     assert len(model.requests) == 1, "a retry resends the stored reply, it does not ask the model again"
     assert store_states(fast_retry_client) == {"m_text_0001": "done"}
+
+
+@pytest.mark.parametrize("went_out", [True, False], ids=["it-went-out", "it-did-not"])
+def test_a_send_meta_says_may_have_been_delivered_is_looked_for_then_sent_at_most_once(
+        fast_retry_client, graph, model, went_out):
+    graph.fail_next("send", graph_error(1, "received invalid JSON reply", subcode=1357046))
+    post_signed(fast_retry_client, fixture_bytes("text"))
+    answer_queue(fast_retry_client)  # Meta cannot say whether it went out
+    if went_out:
+        graph.add_message(PSID, "Hello from the model.", from_page=True)
+    answer_with_retries(fast_retry_client)
+    sends = [c for c in graph.calls if c.body and "message" in c.body]
+    assert len(sends) == (1 if went_out else 2)  # sent again only when the look did not find it
+    assert store_states(fast_retry_client) == {"m_text_0001": "done"}
+    assert len(model.requests) == 1
 
 
 def test_send_timeout_is_retried(make_client, graph):
@@ -173,7 +187,7 @@ def test_partly_sent_reply_resumes_at_the_missing_part(fast_retry_client, graph,
     (GraphAPIError("x", status=400), False),
     *[(GraphAPIError("x", status=400, code=c), True) for c in (1, 2, 4, 17, 32, 613, 1200, 80001, 80006)],
     *[(GraphAPIError("x", status=400, code=c), False) for c in (190, 10, 100, 200, 230, 551)],
-    (GraphAPIError("x", status=500, code=1, subcode=1357046), False),
+    (GraphAPIError("x", status=500, code=1, subcode=1357046), True),  # in doubt: retried after a look
     (GraphAPIError("x", status=500, code=100), False),
 ])
 def test_retry_classification(error, retry):
