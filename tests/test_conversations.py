@@ -481,8 +481,7 @@ def test_a_send_that_timed_out_but_went_out_is_not_sent_again_by_the_retry(make_
     assert wait_for(lambda: graph.sent_texts(PSID) == ["Hello from the model."])
     graph.delays["send"] = 0
     clock.advance(60)  # past the retry's backoff
-    answer_queue(client)
-    time.sleep(0.3)
+    answer_queue(client)  # the retry, in this thread: a second send would be in by now
     assert graph.sent_texts(PSID) == ["Hello from the model."]  # once
     assert len(model.requests) == 1  # the kept answer, not a second model call
     assert client.application.extensions["dispatcher"].store.states() == {"m_slow_send": "done"}

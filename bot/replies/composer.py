@@ -222,9 +222,9 @@ class Composer:
     def find_sent(self, psid: str, text: str, since_ms: int) -> str | None:
         """Meta's id of a message with this text the Page already sent this user since `since_ms`:
         its echo in the mirror, else one Graph read (only after a crash mid-send or a send that
-        failed without an answer). The read
-        takes its turn in the Page's budget: a host that died mid-send leaves many of these at
-        once, and reads Meta refuses for the rate would each mean a reply sent twice."""
+        failed without an answer). The read takes its turn in the Page's budget: a host that died
+        mid-send leaves many of these at once, and each read Meta refused for the rate would mean
+        a reply sent twice."""
         if mid := self.conversations.find_own_message(psid, text, since_ms):
             return mid
         history = self.history.latest(psid, SENT_CHECK_WAIT_S)
