@@ -23,6 +23,7 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -418,7 +419,7 @@ class DatabaseIntake:
         """`append` for the event loop: returns once the delivery is committed, raises
         StorageUnavailable when it was not."""
         loop = asyncio.get_running_loop()
-        delivery = _Delivery(messages, echoes, loop=loop, future=loop.create_future())
+        delivery = _Delivery(messages, echoes, future=loop.create_future())
         self._enqueue(delivery)
         try:
             await asyncio.wait_for(delivery.future, self.WAIT_S)
@@ -455,10 +456,9 @@ class DatabaseIntake:
 
 class _Delivery:
     def __init__(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho],
-                 done: threading.Event | None = None, *, loop: asyncio.AbstractEventLoop | None = None,
-                 future: asyncio.Future | None = None):
+                 done: threading.Event | None = None, *, future: asyncio.Future | None = None):
         self.messages, self.echoes = messages, echoes
-        self.done, self.loop, self.future = done, loop, future
+        self.done, self.future = done, future  # a thread waits on the one, an event loop on the other
         self.error: StorageUnavailable | None = None
 
 
@@ -470,7 +470,7 @@ def _settle(group: list[_Delivery]) -> None:
         if delivery.done is not None:
             delivery.done.set()
         else:
-            by_loop.setdefault(delivery.loop, []).append(delivery.future)
+            by_loop.setdefault(delivery.future.get_loop(), []).append(delivery.future)
     for loop, futures in by_loop.items():
         try:
             loop.call_soon_threadsafe(_resolve, futures)
@@ -522,16 +522,12 @@ class PostgresQueue(Queue):
         columns = [list(column) for column in zip(*rows)]
         echoes = [echo for _, some in deliveries for echo in some]
         try:
-            with self._database.intake() as db:
-                if rows and not echoes:  # the usual group: one statement, its own transaction, one round trip
-                    # (a data-modifying WITH always runs; the SELECT's NOTIFY is sent at commit)
+            # The usual group has no echoes: one statement, its own transaction, one round trip.
+            with self._database.intake() as db, db.conn.transaction() if echoes else nullcontext():
+                if rows:  # (a data-modifying WITH always runs; the SELECT's NOTIFY is sent at commit)
                     db.execute(f"WITH added AS ({ADD_EVENTS}) {self._database.NOTIFY_SELECT}", columns)
-                else:
-                    with db.conn.transaction():
-                        if rows:
-                            db.execute(ADD_EVENTS, columns)
-                            self._database.notify(db)
-                        record_echoes(db, echoes)
+                if echoes:
+                    record_echoes(db, echoes)
         except Exception as exc:  # noqa: BLE001 - whatever the driver raised, it was not stored
             raise StorageUnavailable(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
