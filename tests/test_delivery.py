@@ -133,12 +133,14 @@ def test_a_send_meta_says_may_have_been_delivered_is_looked_for_then_sent_at_mos
 
 
 def test_send_timeout_is_retried(make_client, graph):
-    client = make_client(RETRY_BASE_SECONDS="0.01", GRAPH_TIMEOUT="0.3")
+    clock = FakeClock()  # the retry waits for its backoff, which only this test moves past
+    client = make_client(clock, RETRY_BASE_SECONDS="0.01", GRAPH_TIMEOUT="0.3")
     graph.delays["send"] = 0.6
     post_signed(client, fixture_bytes("text"))
     answer_queue(client)
     graph.delays["send"] = 0
     assert store_states(client) == {"m_text_0001": "pending"}
+    clock.advance(1)
     answer_with_retries(client)
     assert store_states(client) == {"m_text_0001": "done"}
 
