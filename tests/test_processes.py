@@ -69,7 +69,10 @@ def test_kill_9_mid_burst_then_restart_answers_every_message_exactly_once(make_b
     states_at_kill = bot.states()
     model.delay = 0
     bot.start()
-    assert wait_until(lambda: set(bot.states().values()) == {"done"}, 20)
+    # Exactly once, not how fast (tests/test_recovery.py times a takeover): after the restart the
+    # sends that were under way are looked for in Graph, each in its turn of the Page's 2 reads a
+    # second, beside the new users' history reads - on a busy CI machine that took over 20 s once.
+    assert wait_until(lambda: set(bot.states().values()) == {"done"}, 60), bot.log_text()
     sent_to = [psid for psid, _ in graph.delivered]
     assert set(sent_to) == set(users), "nothing lost"
     # A send that Meta accepted just before the kill, not yet marked done, goes out again:
