@@ -132,6 +132,23 @@ def test_a_send_meta_says_may_have_been_delivered_is_looked_for_then_sent_at_mos
     assert len(model.requests) == 1
 
 
+def test_a_send_in_doubt_is_not_taken_for_the_same_text_sent_to_the_message_before(make_client, graph, model):
+    # m2 came in while m1's reply was on its way; its own answer is the very same text, and its
+    # send fails in doubt without going out. The look before the retry's send must not take the
+    # reply to m1 (logged with that exchange) for it: then m2 would never be answered.
+    clock = FakeClock(time.time() - 10)  # the webhook's clock: both arrived before m1's reply went out
+    client = make_client(clock, RETRY_BASE_SECONDS="0.01", MAX_ATTEMPTS="3")
+    post_signed(client, text_body("m_first", "Open today?", timestamp=1763893200001))
+    answer_queue(client)
+    post_signed(client, text_body("m_second", "And tomorrow?", timestamp=1763893200002))
+    graph.fail_next("send", graph_error(1, "received invalid JSON reply", subcode=1357046))
+    answer_queue(client)
+    clock.advance(1)  # past the retry's backoff
+    answer_with_retries(client)
+    assert graph.sent_texts(PSID) == ["Hello from the model.", "Hello from the model."]
+    assert store_states(client) == {"m_first": "done", "m_second": "done"}
+
+
 def test_send_timeout_is_retried(make_client, graph):
     clock = FakeClock()  # the retry waits for its backoff, which only this test moves past
     client = make_client(clock, RETRY_BASE_SECONDS="0.01", GRAPH_TIMEOUT="0.3")

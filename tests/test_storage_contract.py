@@ -152,6 +152,19 @@ def test_complete_logs_and_mirrors_in_one_go(store):
     assert store.conversations.tokens_since("u1", 0) == 10 and store.stats()["in_flight"] == 0
 
 
+def test_a_reply_already_logged_is_not_found_as_anothers_send(store):
+    store.add([message("m1", text="Hours?")])
+    batch = store.claim("a", 30)
+    store.complete(batch, exchange(batch, reply="Sorry, try again.", sent=("p1", "p2")))
+    logged = {f"p1_{batch.batch_id}", f"p2_{batch.batch_id}"}
+    conversations = store.conversations
+    assert conversations.reply_mids_since("u1", 5_000) == logged
+    assert conversations.reply_mids_since("u1", 5_001) == set() and conversations.reply_mids_since("u2", 0) == set()
+    assert conversations.find_own_message("u1", "Sorry, try again.", 0) == f"p1_{batch.batch_id}"
+    assert conversations.find_own_message("u1", "Sorry, try again.", 0, {f"p1_{batch.batch_id}"}) == f"p2_{batch.batch_id}"
+    assert conversations.find_own_message("u1", "Sorry, try again.", 0, logged) is None
+
+
 def test_history_breaks_ties_of_the_same_millisecond_by_arrival(store):
     store.add([message("m1", at=1000)])
     batch = store.claim("a", 30)

@@ -224,15 +224,17 @@ class Composer:
         its echo in the mirror, else one Graph read (only after a crash mid-send or a send that
         failed without an answer). The read takes its turn in the Page's budget: a host that died
         mid-send leaves many of these at once, and each read Meta refused for the rate would mean
-        a reply sent twice."""
-        if mid := self.conversations.find_own_message(psid, text, since_ms):
+        a reply sent twice. A message logged as another reply's part is not this one: a canned
+        text (the fallback, "I don't know") can be the answer to two messages in a row."""
+        others = self.conversations.reply_mids_since(psid, since_ms - 1000)
+        if mid := self.conversations.find_own_message(psid, text, since_ms, others):
             return mid
         history = self.history.latest(psid, SENT_CHECK_WAIT_S)
         if history is None:  # cannot tell from Graph - its echo may have come in meanwhile; if not,
-            return self.conversations.find_own_message(psid, text, since_ms)  # sending again beats never
+            return self.conversations.find_own_message(psid, text, since_ms, others)  # sending again beats never
         # Graph's times are whole seconds: a message of the same second counts.
         return next((h.mid for h in history if h.from_id == self.prompt.page_id and h.text == text
-                     and created_ms(h.created_time) >= since_ms - 1000), None)
+                     and h.mid not in others and created_ms(h.created_time) >= since_ms - 1000), None)
 
     def parts(self, text: str) -> list[str]:
         """The answer cut to the platform's limit: 2,000 UTF-16 units on Messenger, 1,000 bytes on Instagram."""

@@ -11,7 +11,7 @@ budget shared by every process and host.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 from bot.storage import answer_cache, edits, exchanges, graph_budget, mirror, outbox, users
 from bot.storage.exchanges import Exchange
@@ -78,9 +78,14 @@ class Conversations:
         with self._database.read() as db:
             return mirror.activity(db, psid, before_ms)
 
-    def find_own_message(self, psid: str, text: str, since_ms: int) -> str | None:
+    def find_own_message(self, psid: str, text: str, since_ms: int, exclude: Collection[str] = ()) -> str | None:
         with self._database.read() as db:
-            return mirror.find_own(db, psid, text, since_ms)
+            return mirror.find_own(db, psid, text, since_ms, exclude)
+
+    def reply_mids_since(self, psid: str, since_ms: int) -> set[str]:
+        """The mids of the replies already logged as sent to this user since `since_ms`."""
+        with self._database.read() as db:
+            return exchanges.reply_mids(db, psid, since_ms)
 
     def take_graph_read(self, account: str, per_second: float) -> bool:
         """One Conversations API read from the account's budget now, or False when it is spent for now."""

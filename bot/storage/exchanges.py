@@ -88,6 +88,13 @@ def export(db, since_ms: int = 0, until_ms: int | None = None, page: str | None 
         yield item
 
 
+def reply_mids(db, psid: str, since_ms: int) -> set[str]:
+    """Meta's ids of the parts of every reply sent to this user since `since_ms`, as logged."""
+    rows = db.execute("SELECT reply_mids FROM interactions WHERE psid = ? AND bot_timestamp >= ?"
+                      " AND reply_mids IS NOT NULL", (psid, since_ms)).fetchall()
+    return {mid for row in rows for mid in json.loads(row[0])}
+
+
 def tokens_since(db, psid: str, since_ms: int) -> int:
     return db.execute("SELECT CAST(COALESCE(SUM(total_tokens), 0) AS BIGINT) FROM interactions"
                       " WHERE psid = ? AND user_timestamp >= ?",

@@ -2,7 +2,7 @@
 its own replies, a person's from the Page inbox - so history costs no Graph read."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Collection, Iterable
 
 from bot.storage.times import iso
 from messenger.graph import HistoryMessage
@@ -29,12 +29,12 @@ def history(db, psid: str, page_id: str, limit: int, after_ms: int | None) -> li
             for mid, text, author, at_ms in rows]
 
 
-def find_own(db, psid: str, text: str, since_ms: int) -> str | None:
+def find_own(db, psid: str, text: str, since_ms: int, exclude: Collection[str] = ()) -> str | None:
     """The mid of a message the bot sent this user with exactly this text, at or after `since_ms`
-    (its echo, mirrored when Meta delivered it)."""
-    row = db.execute("SELECT mid FROM mirror WHERE psid = ? AND author = ? AND text = ? AND at_ms >= ?"
-                     " ORDER BY at_ms LIMIT 1", (psid, BOT, clean_text(text), since_ms)).fetchone()
-    return row[0] if row else None
+    (its echo, mirrored when Meta delivered it), other than those in `exclude`."""
+    rows = db.execute("SELECT mid FROM mirror WHERE psid = ? AND author = ? AND text = ? AND at_ms >= ?"
+                      " ORDER BY at_ms", (psid, BOT, clean_text(text), since_ms)).fetchall()
+    return next((row[0] for row in rows if row[0] not in exclude), None)
 
 
 def activity(db, psid: str, before_ms: int) -> tuple[int | None, int | None]:
