@@ -295,3 +295,16 @@ def test_a_photo_a_voice_note_and_a_sticker_arrive_with_urls_that_serve_them(gra
     assert history_of[messages[2]["mid"]]["sticker"].startswith(graph.url + "/cdn/")
     shown = [(e["type"], bool(e["image_url"])) for e in graph.timeline.of_kind("message")]
     assert shown == [("image", True), ("audio", False), ("sticker", False)]
+
+
+def test_a_caller_that_dies_mid_body_is_no_error_of_the_model_stand_in(model, caplog):
+    # A bot killed mid-call (the tests' kill -9, a benchmark's end) leaves its body half sent.
+    import socket
+    with socket.create_connection(("127.0.0.1", model.port), timeout=5) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 1000\r\n\r\n{\"model\": ")
+    assert requests.post(model.base_url + "/chat/completions", json={"model": "m", "messages": [
+        {"role": "user", "content": "still there?"}]}, headers={"Authorization": f"Bearer {ModelStandIn.API_KEY}"},
+        timeout=5).status_code == 200
+    time.sleep(0.2)  # the dropped connection's handler thread has finished with it
+    assert not [r for r in caplog.records if r.name == "werkzeug" and r.levelname == "ERROR"], caplog.text

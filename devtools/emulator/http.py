@@ -5,6 +5,7 @@ import json
 import threading
 from typing import Any
 
+from werkzeug.exceptions import ClientDisconnected
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
@@ -38,7 +39,11 @@ class LocalServer:
         self._server.server_close()
 
     def wsgi(self, environ, start_response):
-        return self.handle(Request(environ))(environ, start_response)
+        try:
+            response = self.handle(Request(environ))
+        except ClientDisconnected as exc:  # the caller died mid-body (a bot killed mid-call): not our error
+            response = exc.get_response()
+        return response(environ, start_response)
 
     def handle(self, request: Request) -> Response:
         raise NotImplementedError
