@@ -10,6 +10,7 @@ from bot.replies.answer import Outcome
 from bot.storage.exchanges import Exchange
 from bot.storage.inbox import RESUME, ClassifiedEcho
 from bot.storage.queue import PostgresQueue, SQLiteQueue
+from bot.webchat import store as webchat_store
 from messenger.attachments import AUDIO, Attachment
 from messenger.events import ATTACHMENT, TEXT, Echo, IncomingMessage
 from tests.support import FakeClock
@@ -360,3 +361,18 @@ def test_edits_reactions_and_feedback_land_where_they_belong(store):
     assert texts["answered"] == "Open on Sunday?"
     assert [m.text for m in store.claim("a", 30).messages] == ["and Sunday?"]
     assert [r["feedback"] for r in store.conversations.export()] == ["Good response"]
+
+
+def test_a_web_rate_window_starts_at_its_first_request_and_the_daily_one_at_midnight(store):
+    database = store.conversations.database
+    minute_ends = 1_800_000_060.0  # a whole minute of the clock
+
+    def hits(key, times, window=60, **kwargs):
+        with database.write() as db:
+            return [webchat_store.hit(db, key, window, at, **kwargs) for at in times]
+    # Across the clock's minute: still one window, counted on; a minute after the first, a new one.
+    assert hits("ip:a", [minute_ends - 2, minute_ends - 1, minute_ends + 1, minute_ends + 2]) == [
+        (1, 60), (2, 59), (3, 57), (4, 56)]
+    assert hits("ip:a", [minute_ends + 58.5]) == [(1, 60)]
+    day = 86400 * 20_833  # midnight UTC
+    assert hits("ipday:a", [day - 1, day + 1], window=86400, calendar=True) == [(1, 1), (1, 86399)]

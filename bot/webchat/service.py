@@ -98,8 +98,8 @@ class WebChat:
         limit stays refused), and only an admitted request issues a conversation."""
         if refused := self._over(db, f"ip:{client}", self.limits.per_ip, now, "you are sending messages"):
             return refused
-        if self.limits.daily_per_ip and (count := store.hit(db, f"ipday:{client}", 86400, now))[0] \
-                > self.limits.daily_per_ip:
+        daily = self.limits.daily_per_ip
+        if daily and (count := store.hit(db, f"ipday:{client}", 86400, now, calendar=True))[0] > daily:
             return Refused(429, "daily_limit", "You have reached today's number of messages. Please come back "
                                                "tomorrow.", _seconds(count[1]))
         conversation, new = self._conversation(db, chat, key, now)

@@ -23,14 +23,18 @@ def add_conversation(db, conversation_id: str, user_key: str | None, label: str 
     return conversation_of(db, user_key) if user_key else conversation_id
 
 
-def hit(db, key: str, window: float, now: float) -> tuple[int, float]:
-    """Count one request against `key` in the fixed window holding `now`: (count so far, seconds
-    until the window ends)."""
-    start = math.floor(now / window) * window
-    count = db.execute(
+def hit(db, key: str, window: float, now: float, *, calendar: bool = False) -> tuple[int, float]:
+    """Count one request against `key`: (count so far in its window, seconds until that window
+    ends). A window starts at the first request after the last one ended, so "3 a minute" means
+    within a minute of the first - one aligned to the clock's minutes would start afresh at :00
+    and let a fourth through. `calendar`: windows of the clock instead (the daily cap's UTC days)."""
+    start = math.floor(now / window) * window if calendar else now
+    count, start = db.execute(
         "INSERT INTO webchat_counters (key, window_start, count) VALUES (?, ?, 1) ON CONFLICT (key) DO UPDATE SET"
-        " count = CASE WHEN webchat_counters.window_start = excluded.window_start THEN webchat_counters.count + 1"
-        " ELSE 1 END, window_start = excluded.window_start RETURNING count", (key, start)).fetchone()[0]
+        " count = CASE WHEN webchat_counters.window_start > ? THEN webchat_counters.count + 1 ELSE 1 END,"
+        " window_start = CASE WHEN webchat_counters.window_start > ? THEN webchat_counters.window_start"
+        " ELSE excluded.window_start END RETURNING count, window_start",
+        (key, start, now - window, now - window)).fetchone()
     return count, start + window - now
 
 
