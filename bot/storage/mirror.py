@@ -33,7 +33,7 @@ def find_own(db, psid: str, text: str, since_ms: int, exclude: Collection[str] =
     """The mid of a message the bot sent this user with exactly this text, at or after `since_ms`
     (its echo, mirrored when Meta delivered it), other than those in `exclude`."""
     rows = db.execute("SELECT mid FROM mirror WHERE psid = ? AND author = ? AND text = ? AND at_ms >= ?"
-                      " ORDER BY at_ms", (psid, BOT, clean_text(text), since_ms)).fetchall()
+                      " ORDER BY at_ms, rowid", (psid, BOT, clean_text(text), since_ms)).fetchall()
     return next((row[0] for row in rows if row[0] not in exclude), None)
 
 

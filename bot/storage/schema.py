@@ -22,7 +22,7 @@ Columns of note:
   interactions.channel   messenger, instagram or web; ip_address and user_url: a web turn's (tracking)
   webchat_conversations  the website chat's conversations: ids the server issued; user_key for a
                         signed user id (HMAC, never the id itself); label: the client's unsigned user_id
-  webchat_counters    the website chat's limits: requests per key (ip, conversation) in a fixed window
+  webchat_counters    the website chat's limits: requests per key (ip, conversation) in a window from its first
   knowledge_sources   the knowledge base's sources (bot/knowledge/): a file or web page, per Page
                       ('' = every Page), with the hash of its content and the model its chunks were
                       embedded with (NULL: none) - re-adding it unchanged changes nothing

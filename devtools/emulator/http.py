@@ -24,6 +24,7 @@ class LocalServer:
         self._server = make_server(host, port, self.wsgi, threaded=True, request_handler=QuietHandler)
         self.host = host
         self.port = self._server.server_port
+        self.dropped = 0  # requests whose caller went away mid-body
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
 
     @property
@@ -42,6 +43,7 @@ class LocalServer:
         try:
             response = self.handle(Request(environ))
         except ClientDisconnected as exc:  # the caller died mid-body (a bot killed mid-call): not our error
+            self.dropped += 1
             response = exc.get_response()
         return response(environ, start_response)
 
