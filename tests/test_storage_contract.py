@@ -92,6 +92,35 @@ def test_an_expired_lease_comes_back_and_is_bounded(store, clock):
     assert store.claim("d", 30) is None and store.states() == {"m1": "failed"}
 
 
+def test_deaths_after_the_answer_is_stored_get_more_tries_but_stay_bounded(store, clock):
+    """A poison message kills its process while the answer is made; once it is stored, only
+    sending is left, and a host restarting again and again must not fail it after 3 deaths."""
+    store.add([message("m_composing", psid="u1"), message("m_sending", psid="u2")])
+    for death in range(1, 3 * 4 + 1):
+        batches = {b.psid: b for b in (store.claim(f"owner{death}", 30), store.claim(f"owner{death}", 30)) if b}
+        if death <= 3:
+            assert batches["u1"].attempts == death
+        else:
+            assert "u1" not in batches  # died 3 times while its answer was being made: failed
+        assert batches["u2"].attempts == death
+        store.sending(batches["u2"], '{"text": "r"}', 0, 30)
+        clock.advance(31)  # its owner died
+    assert store.claim("last", 30) is None
+    assert store.states() == {"m_composing": "failed", "m_sending": "failed"}
+
+
+def test_a_takeover_bounds_deaths_as_an_expired_lease_does(store):
+    store.add([message("m_composing", psid="u1"), message("m_sending", psid="u2")])
+    for death in range(1, 3 * 4 + 1):
+        claimed = [store.claim(f"bot1:{death}", 30) for _ in range(2)]
+        for batch in filter(None, claimed):
+            if batch.psid == "u2":
+                store.sending(batch, '{"text": "r"}', 0, 30)
+        taken_back = store.take_over("bot1:", f"bot1:{death + 1}")
+        assert taken_back == (2 if death < 3 else 1 if death < 3 * 4 else 0)  # the rest: failed
+    assert store.states() == {"m_composing": "failed", "m_sending": "failed"}
+
+
 def test_retry_keeps_the_reply_and_waits_for_its_delay(store, clock):
     store.add([message("m1")])
     batch = store.claim("a", 30)

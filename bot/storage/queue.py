@@ -67,6 +67,16 @@ ADD_EVENTS = ("INSERT INTO events (dedupe_key, psid, message, timestamp_ms, rece
               " ON CONFLICT (dedupe_key) DO NOTHING")
 
 
+# A claim whose owner died counts as a try: a message that kills its process each time (a
+# poison message) must end failed, not stop every reply. But a death after the answer is
+# stored is hardly the message's doing - what is left is sending stored text - while a host
+# restarting again and again (kill -9 storms, a crash-looping neighbour) kills whatever is
+# in flight; and answers waiting for their in-doubt check (a Graph read slot, up to 10 s)
+# stay in flight longest. So those get SENDING_DEATHS_FACTOR times the tries: still bounded.
+SENDING_DEATHS_FACTOR = 4
+DIED_TOO_OFTEN = "attempts >= (CASE WHEN reply IS NULL THEN ? ELSE ? END)"
+
+
 class LostLease(Exception):
     """The batch is no longer this owner's: its lease ran out and another process took it."""
 
@@ -261,10 +271,15 @@ class Queue:
         """Work whose owner died (kill -9) or stalled: back in the queue, or failed after the bound.
         Never the claimant's own: a live process does not take over from itself."""
         db.execute("UPDATE events SET state = 'failed', finished_at = ?, error = 'lease expired too often'"
-                   " WHERE state = 'working' AND lease_until < ? AND attempts >= ? AND owner <> ?",
-                   (now, now, self.max_attempts, owner))
+                   f" WHERE state = 'working' AND lease_until < ? AND {DIED_TOO_OFTEN} AND owner <> ?",
+                   (now, now, *self._death_bounds, owner))
         db.execute("UPDATE events SET state = 'pending', owner = NULL WHERE state = 'working' AND lease_until < ?"
                    " AND owner <> ?", (now, owner))
+
+    @property
+    def _death_bounds(self) -> tuple[int, int]:
+        """DIED_TOO_OFTEN's bounds: before the answer is stored, and after."""
+        return self.max_attempts, self.max_attempts * SENDING_DEATHS_FACTOR
 
     def take_over(self, prefix: str, me: str) -> int:
         """Every claim of this bot instance (`prefix`) not held by `me`: its process is dead
@@ -274,7 +289,7 @@ class Queue:
         mine = "state = 'working' AND substr(owner, 1, ?) = ? AND owner <> ?"
         with self._write() as db:
             db.execute(f"UPDATE events SET state = 'failed', finished_at = ?, error = 'lease expired too often'"
-                       f" WHERE {mine} AND attempts >= ?", (now, len(prefix), prefix, me, self.max_attempts))
+                       f" WHERE {mine} AND {DIED_TOO_OFTEN}", (now, len(prefix), prefix, me, *self._death_bounds))
             taken = db.execute(f"UPDATE events SET state = 'pending', owner = NULL WHERE {mine}",
                                (len(prefix), prefix, me)).rowcount
             if taken:
