@@ -149,6 +149,31 @@ def test_a_send_in_doubt_is_not_taken_for_the_same_text_sent_to_the_message_befo
     assert store_states(client) == {"m_first": "done", "m_second": "done"}
 
 
+def test_a_send_in_doubt_is_looked_for_only_since_it_was_first_tried(make_client, graph, model):
+    # m1's reply went out although Meta could not say so, and m1 then failed for good: its id
+    # was never logged. m2 came in before that send and is answered with the very same text;
+    # its own send fails in doubt without going out. The look before m2's retry must not take
+    # m1's message for m2's: it is older than m2's first try, though newer than m2's arrival.
+    clock = FakeClock(time.time() - 10)  # the bot's clock; Graph stamps messages with real time
+    client = make_client(clock, RETRY_BASE_SECONDS="0.01", MAX_ATTEMPTS="2")
+    in_doubt = graph_error(1, "received invalid JSON reply", subcode=1357046)
+    post_signed(client, text_body("m_first", "Open today?", timestamp=1763893200001))
+    graph.fail_next("send", in_doubt)
+    answer_queue(client)  # m1's first send: in doubt
+    post_signed(client, text_body("m_second", "And tomorrow?", timestamp=1763893200002))
+    graph.add_message(PSID, "Hello from the model.", from_page=True)  # ...it did go out
+    clock.advance(13)  # m1's retry and m2's first try come well after that message
+    graph.fail_next("history", graph_error(2, "An unexpected error has occurred.", status=500))
+    graph.fail_next("send", in_doubt)  # m1's look cannot read Graph; its second send: in doubt
+    graph.fail_next("send", in_doubt)  # m2's first send: in doubt, and it did not go out
+    answer_queue(client)
+    assert store_states(client) == {"m_first": "failed", "m_second": "pending"}
+    clock.advance(1)
+    answer_with_retries(client)
+    assert graph.sent_texts(PSID) == ["Hello from the model."]  # m2's own, sent by its retry
+    assert store_states(client) == {"m_first": "failed", "m_second": "done"}
+
+
 def test_send_timeout_is_retried(make_client, graph):
     clock = FakeClock()  # the retry waits for its backoff, which only this test moves past
     client = make_client(clock, RETRY_BASE_SECONDS="0.01", GRAPH_TIMEOUT="0.3")

@@ -140,6 +140,26 @@ def test_a_retry_in_doubt_hands_the_part_under_way_to_the_next_attempt(store, cl
     assert store.claim("b", 30).sending == 1  # it looks for part 1 before sending it again
 
 
+def test_a_send_in_doubt_keeps_the_moment_it_was_first_tried(open_store, clock):
+    store = open_store(max_attempts=5)
+    store.add([message("m1")])
+    batch = store.claim("a", 30)
+    first_try = clock()
+    store.sending(batch, '{"text": "r"}', 0, 30)
+    clock.advance(5)
+    store.retry(batch, 0, "ReadTimeout", reply='{"text": "r"}', sending=0)
+    again = store.claim("b", 30)
+    assert (again.sending, again.sending_since) == (0, first_try)
+    store.sending(again, '{"text": "r"}', 0, 30)  # the retry's own send of that part
+    clock.advance(31)  # ...and its owner died
+    taken_over = store.claim("c", 30)
+    assert (taken_over.sending, taken_over.sending_since) == (0, first_try)  # still looked for from then
+    store.mark_sent(taken_over, '{"text": "r"}', 1)
+    store.sending(taken_over, '{"text": "r"}', 1, 30)
+    store.retry(taken_over, 0, "ReadTimeout", reply='{"text": "r"}', sent_parts=1, sending=1)
+    assert store.claim("d", 30).sending_since == clock()  # the next part: from its own first try
+
+
 def test_retries_run_out_into_failed_with_the_exchange_logged(store):
     store.add([message("m1")])
     for attempt in range(3):

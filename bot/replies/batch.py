@@ -105,7 +105,7 @@ class BatchReplier:
             self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds)
             offer = progress.sent == len(parts) - 1 and answer.outcome in OFFERS_A_PERSON
             try:
-                mid = (self._delivered_before(batch, part, progress.sent, composer)
+                mid = (self._delivered_before(batch, part, progress, composer)
                        or composer.send_part(batch.psid, part, offer_person=offer))
             except GraphAPIError as exc:
                 progress.in_doubt = exc.in_doubt  # then the retry looks for it before sending it again
@@ -122,13 +122,18 @@ class BatchReplier:
             metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)
         logger.info("%s psid=%r mids=%r in %d part(s)", answer.outcome, batch.psid, _mids(batch), len(parts))
 
-    def _delivered_before(self, batch: Batch, part: str, index: int, composer: Composer) -> str | None:
+    def _delivered_before(self, batch: Batch, part: str, progress: Progress, composer: Composer) -> str | None:
         """When the previous owner died with this very send under way, or the send failed without
         an answer (a timeout after sending): did it go out? (its echo in the mirror, or the Page's
-        message in Graph) - then it is not sent again."""
+        message in Graph) - then it is not sent again. Looked for from the moment it was first
+        tried: a Page message from before (the same canned text, answering an earlier message
+        whose own attempts failed) is not it; nor is a part this attempt sent."""
+        index = progress.sent
         if batch.sending != index:
             return None
-        mid = composer.find_sent(batch.psid, part, since_ms=int(batch.received_at * 1000))
+        since = batch.sending_since if batch.sending_since is not None else batch.received_at
+        mid = composer.find_sent(batch.psid, part, since_ms=int(since * 1000),
+                                 not_these={sent for sent, _ in progress.parts})
         logger.warning("psid=%r part %d was being sent when its process died or its send went unanswered: %s",
                        batch.psid, index, "it went out, not sending it again" if mid else "it did not go out, sending it")
         return mid

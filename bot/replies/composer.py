@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from bot.media.prepare import MediaReader, Prepared
 from bot.replies import gate, meta_rules
@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 # How long a takeover waits for a Graph read slot to see whether the send it found under way
 # went out: at ~1.3 reads a second, the checks of a dead host's sends in flight.
 SENT_CHECK_WAIT_S = 10.0
+# The look for a send starts this much before it was first tried: Graph's times are whole
+# seconds, and Meta's clock (an echo's timestamp) may be a little behind ours.
+SENT_CHECK_SLACK_MS = 1000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,22 +222,23 @@ class Composer:
                           self.conversations.messages_between(psid, *window) if window else 0,
                           self.conversations.tokens_since(psid, since) if since is not None else 0)
 
-    def find_sent(self, psid: str, text: str, since_ms: int) -> str | None:
+    def find_sent(self, psid: str, text: str, since_ms: int, not_these: Collection[str] = ()) -> str | None:
         """Meta's id of a message with this text the Page already sent this user since `since_ms`:
         its echo in the mirror, else one Graph read (only after a crash mid-send or a send that
         failed without an answer). The read takes its turn in the Page's budget: a host that died
         mid-send leaves many of these at once, and each read Meta refused for the rate would mean
         a reply sent twice. A message logged as another reply's part is not this one: a canned
-        text (the fallback, "I don't know") can be the answer to two messages in a row."""
-        others = self.conversations.reply_mids_since(psid, since_ms - 1000)
+        text (the fallback, "I don't know") can be the answer to two messages in a row; nor is
+        one of `not_these` (the parts of this reply already sent)."""
+        since_ms -= SENT_CHECK_SLACK_MS
+        others = self.conversations.reply_mids_since(psid, since_ms) | set(not_these)
         if mid := self.conversations.find_own_message(psid, text, since_ms, others):
             return mid
         history = self.history.latest(psid, SENT_CHECK_WAIT_S)
         if history is None:  # cannot tell from Graph - its echo may have come in meanwhile; if not,
             return self.conversations.find_own_message(psid, text, since_ms, others)  # sending again beats never
-        # Graph's times are whole seconds: a message of the same second counts.
         return next((h.mid for h in history if h.from_id == self.prompt.page_id and h.text == text
-                     and h.mid not in others and created_ms(h.created_time) >= since_ms - 1000), None)
+                     and h.mid not in others and created_ms(h.created_time) >= since_ms), None)
 
     def parts(self, text: str) -> list[str]:
         """The answer cut to the platform's limit: 2,000 UTF-16 units on Messenger, 1,000 bytes on Instagram."""

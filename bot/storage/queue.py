@@ -58,6 +58,7 @@ class Batch:
     sent_parts: int = 0
     owner: str = ""  # who holds it: every write of its outcome checks that it still does
     sending: int | None = None  # the part whose Send API call its owner died in, or that failed in doubt
+    sending_since: float | None = None  # when that part's send was first tried
 
 
 # The webhooks' intake (PostgreSQL): a group's rows as one array per column, a redelivery's row
@@ -257,6 +258,7 @@ class Queue:
             messages=tuple(_from_json(row["message"]) for row in rows),
             attempts=first["attempts"] + 1, received_at=min(row["received_at"] for row in rows),
             reply=first["reply"], sent_parts=first["sent_parts"], owner=owner, sending=first["sending"],
+            sending_since=first["sending_since"],
         )
 
     def _batch_rows(self, db, psid: str, batch_id: int | None) -> list:
@@ -315,14 +317,17 @@ class Queue:
 
     def sending(self, batch: Batch, reply: str, part: int, lease_seconds: float) -> None:
         """Before each Send API call: the answer kept with the batch (a takeover sends it instead
-        of asking the model again), the part under way, the lease renewed - and proof that the
-        batch is still this owner's (LostLease otherwise: then nothing is sent)."""
-        self._update(batch, "reply = ?, sent_parts = ?, sending = ?, lease_until = ?", reply, part, part,
-                     self.clock() + lease_seconds)
+        of asking the model again), the part under way and when its send was first tried (kept
+        while it stays in doubt), the lease renewed - and proof that the batch is still this
+        owner's (LostLease otherwise: then nothing is sent)."""
+        now = self.clock()
+        self._update(batch, "reply = ?, sent_parts = ?, sending = ?, lease_until = ?, sending_since ="
+                     " CASE WHEN sending = ? AND sending_since IS NOT NULL THEN sending_since ELSE ? END",
+                     reply, part, part, now + lease_seconds, part, now)
 
     def mark_sent(self, batch: Batch, reply: str, parts: int) -> None:
         """Progress of a reply in several parts: a crash resumes after the last part sent."""
-        self._update(batch, "reply = ?, sent_parts = ?, sending = NULL", reply, parts)
+        self._update(batch, "reply = ?, sent_parts = ?, sending = NULL, sending_since = NULL", reply, parts)
 
     def complete(self, batch: Batch, exchange: Exchange | None = None) -> None:
         """Done, with the exchange logged and mirrored in the same transaction."""

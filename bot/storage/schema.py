@@ -3,6 +3,8 @@
 Never edit a shipped version; append a new one (Database runs what a file lacks).
 Columns of note:
   events.state        pending / working / done / failed (see bot/storage/queue.py)
+  events.sending      the part whose send is under way or in doubt; sending_since: when it was
+                      first tried (our clock), where the look for it starts
   mirror.author       user, bot (its own replies), human (a person or another app on the Page's side)
   users.synced_at     when Graph history was last imported into the mirror
   users.reset_at_ms   history up to this moment is left out of prompts (the user wrote RESET_WORD)
@@ -207,6 +209,11 @@ SCHEMA = [
     """
     ALTER TABLE users ADD COLUMN thread_back_ms INTEGER;
     """,
+    # version 15: when the send under way was first tried: the look for it after a crash or a
+    # send in doubt starts there, so a Page message sent before it is never taken for it
+    """
+    ALTER TABLE events ADD COLUMN sending_since REAL;
+    """,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -371,5 +378,9 @@ POSTGRES_SCHEMA = [
     # version 10: SQLite's 14
     """
     ALTER TABLE users ADD COLUMN thread_back_ms BIGINT;
+    """,
+    # version 11: SQLite's 15
+    """
+    ALTER TABLE events ADD COLUMN sending_since DOUBLE PRECISION;
     """,
 ]
