@@ -118,7 +118,30 @@ def test_a_takeover_bounds_deaths_as_an_expired_lease_does(store):
                 store.sending(batch, '{"text": "r"}', 0, 30)
         taken_back = store.take_over("bot1:", f"bot1:{death + 1}")
         assert taken_back == (2 if death < 3 else 1 if death < 3 * 4 else 0)  # the rest: failed
+        if death == 3:  # the bound before the answer is stored is the smaller one
+            assert store.states() == {"m_composing": "failed", "m_sending": "pending"}
     assert store.states() == {"m_composing": "failed", "m_sending": "failed"}
+
+
+def test_errors_and_deaths_have_bounds_of_their_own(store, clock):
+    """A host dying again and again must not spend a stored answer's tries at sending, nor
+    errors a message's deaths."""
+    store.add([message("m1", psid="u1"), message("m2", psid="u2")])
+    for _ in range(2):  # u1: two errors while its answer is made...
+        batch = store.claim("a", 30)
+        assert batch.psid == "u1" and store.retry(batch, 0, "HTTP 500")
+    for death in range(3):  # ...then its owner dies three times: failed at the third
+        batch = store.claim(f"dead{death}", 30)
+        assert (batch.psid, batch.deaths) == ("u1", death)
+        clock.advance(31)
+    for death in range(3):  # u2: its answer is stored, then three deaths mid-send...
+        batch = store.claim(f"gone{death}", 30)
+        assert batch.psid == "u2"
+        store.sending(batch, '{"text": "r"}', 0, 30)
+        clock.advance(31)
+    outcomes = [store.retry(store.claim("b", 30), 0, "HTTP 500", reply='{"text": "r"}') for _ in range(3)]
+    assert outcomes == [True, True, False]  # ...and still MAX_ATTEMPTS tries at sending
+    assert store.states() == {"m1": "failed", "m2": "failed"}
 
 
 def test_retry_keeps_the_reply_and_waits_for_its_delay(store, clock):
@@ -158,6 +181,21 @@ def test_a_send_in_doubt_keeps_the_moment_it_was_first_tried(open_store, clock):
     store.sending(taken_over, '{"text": "r"}', 1, 30)
     store.retry(taken_over, 0, "ReadTimeout", reply='{"text": "r"}', sent_parts=1, sending=1)
     assert store.claim("d", 30).sending_since == clock()  # the next part: from its own first try
+
+
+def test_a_send_left_in_doubt_by_an_older_bot_is_looked_for_since_the_message_arrived(store, clock):
+    store.add([message("m1")])
+    arrived = clock()
+    clock.advance(5)
+    batch = store.claim("a", 30)
+    store.sending(batch, '{"text": "r"}', 0, 30)
+    with store._write() as db:  # as a bot from before sending_since existed left it
+        db.execute("UPDATE events SET sending_since = NULL")
+    clock.advance(31)  # its owner died mid-send
+    taken_over = store.claim("b", 30)
+    store.sending(taken_over, '{"text": "r"}', 0, 30)
+    clock.advance(31)
+    assert store.claim("c", 30).sending_since == arrived  # not the takeover's own first try
 
 
 def test_retries_run_out_into_failed_with_the_exchange_logged(store):

@@ -188,17 +188,18 @@ class BatchReplier:
             metrics.FAILED.labels(final).inc()
             logger.error("send failed for good psid=%r mids=%r: %s", batch.psid, _mids(batch), error)
             return
-        delay = backoff_delay(batch.attempts, self.retry_base, self.retry_cap)
+        failed_tries = batch.attempts - batch.deaths  # this one included; deaths have their own bound
+        delay = backoff_delay(failed_tries, self.retry_base, self.retry_cap)
         stored = progress.answer.to_json() if progress.answer else None
         # Still in doubt when this attempt's look for it failed too: the next one looks again.
         in_doubt = progress.in_doubt or batch.sending == progress.sent
         if self.store.retry(batch, delay, error, stored, progress.sent, exchange,
                             sending=progress.sent if in_doubt else None):
-            logger.warning("retrying psid=%r in %.1fs (attempt %d): %s", batch.psid, delay, batch.attempts, error)
+            logger.warning("retrying psid=%r in %.1fs (failed try %d): %s", batch.psid, delay, failed_tries, error)
             return
         metrics.FAILED.labels("attempts_exhausted").inc()
-        logger.error("gave up on psid=%r mids=%r after %d attempts: %s",
-                     batch.psid, _mids(batch), batch.attempts, error)
+        logger.error("gave up on psid=%r mids=%r after %d failed tries: %s",
+                     batch.psid, _mids(batch), failed_tries, error)
 
 
 def _mids(batch: Batch) -> list[str | None]:

@@ -59,6 +59,7 @@ class Batch:
     owner: str = ""  # who holds it: every write of its outcome checks that it still does
     sending: int | None = None  # the part whose Send API call its owner died in, or that failed in doubt
     sending_since: float | None = None  # when that part's send was first tried
+    deaths: int = 0  # earlier claims whose owner died; the other earlier ones ended in an error
 
 
 # The webhooks' intake (PostgreSQL): a group's rows as one array per column, a redelivery's row
@@ -68,14 +69,18 @@ ADD_EVENTS = ("INSERT INTO events (dedupe_key, psid, message, timestamp_ms, rece
               " ON CONFLICT (dedupe_key) DO NOTHING")
 
 
-# A claim whose owner died counts as a try: a message that kills its process each time (a
-# poison message) must end failed, not stop every reply. But a death after the answer is
-# stored is hardly the message's doing - what is left is sending stored text - while a host
-# restarting again and again (kill -9 storms, a crash-looping neighbour) kills whatever is
-# in flight; and answers waiting for their in-doubt check (a Graph read slot, up to 10 s)
-# stay in flight longest. So those get SENDING_DEATHS_FACTOR times the tries: still bounded.
+# A claim whose owner died is counted apart from one that ended in an error (events.deaths):
+# a message that kills its process each time (a poison message) must end failed, not stop
+# every reply. But a death after the answer is stored is hardly the message's doing - what is
+# left is sending stored text - while a host restarting again and again (kill -9 storms, a
+# crash-looping neighbour) kills whatever is in flight; and answers waiting for their in-doubt
+# check (a Graph read slot, up to 10 s) stay in flight longest. So those get
+# SENDING_DEATHS_FACTOR times the deaths: still bounded. Errors have their own bound
+# (MAX_ATTEMPTS, in retry), so deaths never spend a stored answer's tries at sending.
 SENDING_DEATHS_FACTOR = 4
-DIED_TOO_OFTEN = "attempts >= (CASE WHEN reply IS NULL THEN ? ELSE ? END)"
+DIED_FAILED = "state = 'failed', finished_at = ?, error = 'lease expired too often', deaths = deaths + 1"
+DIED_BACK = "state = 'pending', owner = NULL, deaths = deaths + 1"
+DIED_TOO_OFTEN = "deaths + 1 >= (CASE WHEN reply IS NULL THEN ? ELSE ? END)"  # this death included
 
 
 class LostLease(Exception):
@@ -258,7 +263,7 @@ class Queue:
             messages=tuple(_from_json(row["message"]) for row in rows),
             attempts=first["attempts"] + 1, received_at=min(row["received_at"] for row in rows),
             reply=first["reply"], sent_parts=first["sent_parts"], owner=owner, sending=first["sending"],
-            sending_since=first["sending_since"],
+            sending_since=first["sending_since"], deaths=first["deaths"],
         )
 
     def _batch_rows(self, db, psid: str, batch_id: int | None) -> list:
@@ -272,11 +277,10 @@ class Queue:
     def _expire_leases(self, db, now: float, owner: str) -> None:
         """Work whose owner died (kill -9) or stalled: back in the queue, or failed after the bound.
         Never the claimant's own: a live process does not take over from itself."""
-        db.execute("UPDATE events SET state = 'failed', finished_at = ?, error = 'lease expired too often'"
-                   f" WHERE state = 'working' AND lease_until < ? AND {DIED_TOO_OFTEN} AND owner <> ?",
-                   (now, now, *self._death_bounds, owner))
-        db.execute("UPDATE events SET state = 'pending', owner = NULL WHERE state = 'working' AND lease_until < ?"
-                   " AND owner <> ?", (now, owner))
+        db.execute(f"UPDATE events SET {DIED_FAILED} WHERE state = 'working' AND lease_until < ?"
+                   f" AND {DIED_TOO_OFTEN} AND owner <> ?", (now, now, *self._death_bounds, owner))
+        db.execute(f"UPDATE events SET {DIED_BACK} WHERE state = 'working' AND lease_until < ? AND owner <> ?",
+                   (now, owner))
 
     @property
     def _death_bounds(self) -> tuple[int, int]:
@@ -290,9 +294,9 @@ class Queue:
         now = self.clock()
         mine = "state = 'working' AND substr(owner, 1, ?) = ? AND owner <> ?"
         with self._write() as db:
-            db.execute(f"UPDATE events SET state = 'failed', finished_at = ?, error = 'lease expired too often'"
-                       f" WHERE {mine} AND {DIED_TOO_OFTEN}", (now, len(prefix), prefix, me, *self._death_bounds))
-            taken = db.execute(f"UPDATE events SET state = 'pending', owner = NULL WHERE {mine}",
+            db.execute(f"UPDATE events SET {DIED_FAILED} WHERE {mine} AND {DIED_TOO_OFTEN}",
+                       (now, len(prefix), prefix, me, *self._death_bounds))
+            taken = db.execute(f"UPDATE events SET {DIED_BACK} WHERE {mine}",
                                (len(prefix), prefix, me)).rowcount
             if taken:
                 self._database.notify(db)
@@ -320,9 +324,9 @@ class Queue:
         of asking the model again), the part under way and when its send was first tried (kept
         while it stays in doubt), the lease renewed - and proof that the batch is still this
         owner's (LostLease otherwise: then nothing is sent)."""
-        now = self.clock()
+        now = self.clock()  # (a row from before sending_since existed: looked for since its arrival)
         self._update(batch, "reply = ?, sent_parts = ?, sending = ?, lease_until = ?, sending_since ="
-                     " CASE WHEN sending = ? AND sending_since IS NOT NULL THEN sending_since ELSE ? END",
+                     " CASE WHEN sending = ? THEN COALESCE(sending_since, received_at) ELSE ? END",
                      reply, part, part, now + lease_seconds, part, now)
 
     def mark_sent(self, batch: Batch, reply: str, parts: int) -> None:
@@ -335,10 +339,11 @@ class Queue:
 
     def retry(self, batch: Batch, delay: float, error: str, reply: str | None = None, sent_parts: int = 0,
               exchange: Exchange | None = None, sending: int | None = None) -> bool:
-        """Back in the queue after `delay`, keeping the reply so far; False when the attempts are spent
-        (then failed, with `exchange` logged). `sending`: the part whose send failed in doubt - the
-        next attempt looks for it before sending it again, as after a crash mid-send."""
-        if batch.attempts >= self.max_attempts:
+        """Back in the queue after `delay`, keeping the reply so far; False when MAX_ATTEMPTS tries
+        have ended in an error, this one included (then failed, with `exchange` logged; deaths have
+        their own bound). `sending`: the part whose send failed in doubt - the next attempt looks
+        for it before sending it again, as after a crash mid-send."""
+        if batch.attempts - batch.deaths >= self.max_attempts:
             self.fail(batch, error, exchange)
             return False
         self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?, reply = ?, sent_parts = ?,"

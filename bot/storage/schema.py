@@ -5,6 +5,8 @@ Columns of note:
   events.state        pending / working / done / failed (see bot/storage/queue.py)
   events.sending      the part whose send is under way or in doubt; sending_since: when it was
                       first tried (our clock), where the look for it starts
+  events.attempts     claims so far; events.deaths: how many of them ended with their owner dead
+                      (a lease run out, a takeover) - the rest ended in an error or are under way
   mirror.author       user, bot (its own replies), human (a person or another app on the Page's side)
   users.synced_at     when Graph history was last imported into the mirror
   users.reset_at_ms   history up to this moment is left out of prompts (the user wrote RESET_WORD)
@@ -214,6 +216,10 @@ SCHEMA = [
     """
     ALTER TABLE events ADD COLUMN sending_since REAL;
     """,
+    # version 16: deaths counted apart from errors, so each has its own bound (bot/storage/queue.py)
+    """
+    ALTER TABLE events ADD COLUMN deaths INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -382,5 +388,9 @@ POSTGRES_SCHEMA = [
     # version 11: SQLite's 15
     """
     ALTER TABLE events ADD COLUMN sending_since DOUBLE PRECISION;
+    """,
+    # version 12: SQLite's 16
+    """
+    ALTER TABLE events ADD COLUMN deaths INTEGER NOT NULL DEFAULT 0;
     """,
 ]
