@@ -162,7 +162,7 @@ def test_a_send_in_doubt_is_looked_for_only_since_it_was_first_tried(make_client
     answer_queue(client)  # m1's first send: in doubt
     post_signed(client, text_body("m_second", "And tomorrow?", timestamp=1763893200002))
     graph.add_message(PSID, "Hello from the model.", from_page=True)  # ...it did go out
-    clock.advance(13)  # m1's retry and m2's first try come well after that message
+    clock.advance(60)  # m1's retry and m2's first try come well after that message
     graph.fail_next("history", graph_error(2, "An unexpected error has occurred.", status=500))
     graph.fail_next("send", in_doubt)  # m1's look cannot read Graph; its second send: in doubt
     graph.fail_next("send", in_doubt)  # m2's first send: in doubt, and it did not go out
@@ -172,6 +172,22 @@ def test_a_send_in_doubt_is_looked_for_only_since_it_was_first_tried(make_client
     answer_with_retries(client)
     assert graph.sent_texts(PSID) == ["Hello from the model."]  # m2's own, sent by its retry
     assert store_states(client) == {"m_first": "failed", "m_second": "done"}
+
+
+def test_a_send_in_doubt_is_found_though_the_hosts_clock_runs_a_second_ahead_of_metas(make_client, graph, model):
+    # The send went out at 1763893200.999 by Meta's clock - Graph shows 1763893200, its times
+    # are whole seconds - which the bot's clock, 0.95 s ahead, called 1763893201.949.
+    graph.clock = FakeClock(1763893200.999)
+    clock = FakeClock(1763893201.949)
+    client = make_client(clock, RETRY_BASE_SECONDS="0.01")
+    graph.fail_next("send", graph_error(1, "received invalid JSON reply", subcode=1357046))
+    post_signed(client, text_body("m_text", "Open today?", timestamp=1763893200001))
+    answer_queue(client)
+    graph.add_message(PSID, "Hello from the model.", from_page=True)  # ...it did go out
+    clock.advance(1)
+    answer_with_retries(client)
+    sends = [c for c in graph.calls if c.body and "message" in c.body]
+    assert len(sends) == 1 and store_states(client) == {"m_text": "done"}  # found, not sent twice
 
 
 def test_send_timeout_is_retried(make_client, graph):

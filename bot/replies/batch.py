@@ -127,13 +127,12 @@ class BatchReplier:
         an answer (a timeout after sending): did it go out? (its echo in the mirror, or the Page's
         message in Graph) - then it is not sent again. Looked for from the moment it was first
         tried: a Page message from before (the same canned text, answering an earlier message
-        whose own attempts failed) is not it; nor is a part this attempt sent."""
+        whose own attempts failed) is not it."""
         index = progress.sent
         if batch.sending != index:
             return None
         since = batch.sending_since if batch.sending_since is not None else batch.received_at
-        mid = composer.find_sent(batch.psid, part, since_ms=int(since * 1000),
-                                 not_these={sent for sent, _ in progress.parts})
+        mid = composer.find_sent(batch.psid, part, since_ms=int(since * 1000))
         logger.warning("psid=%r part %d was being sent when its process died or its send went unanswered: %s",
                        batch.psid, index, "it went out, not sending it again" if mid else "it did not go out, sending it")
         return mid

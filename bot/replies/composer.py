@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Collection, Sequence
+from typing import Callable, Sequence
 
 from bot.media.prepare import MediaReader, Prepared
 from bot.replies import gate, meta_rules
@@ -33,8 +33,12 @@ logger = logging.getLogger(__name__)
 # went out: at ~1.3 reads a second, the checks of a dead host's sends in flight.
 SENT_CHECK_WAIT_S = 10.0
 # The look for a send starts this much before it was first tried: Graph's times are whole
-# seconds, and Meta's clock (an echo's timestamp) may be a little behind ours.
-SENT_CHECK_SLACK_MS = 1000
+# seconds (cut, not rounded), and Meta's clock - an echo's timestamp - may be behind ours. A
+# host more than CLOCK_SKEW_MS ahead of Meta (no NTP) could send a reply in doubt twice; a
+# wider margin would let a canned text sent just before, and logged nowhere, pass for it.
+GRAPH_TIME_RESOLUTION_MS = 1000
+CLOCK_SKEW_MS = 1000
+SENT_CHECK_SLACK_MS = GRAPH_TIME_RESOLUTION_MS + CLOCK_SKEW_MS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,16 +226,15 @@ class Composer:
                           self.conversations.messages_between(psid, *window) if window else 0,
                           self.conversations.tokens_since(psid, since) if since is not None else 0)
 
-    def find_sent(self, psid: str, text: str, since_ms: int, not_these: Collection[str] = ()) -> str | None:
+    def find_sent(self, psid: str, text: str, since_ms: int) -> str | None:
         """Meta's id of a message with this text the Page already sent this user since `since_ms`:
         its echo in the mirror, else one Graph read (only after a crash mid-send or a send that
         failed without an answer). The read takes its turn in the Page's budget: a host that died
         mid-send leaves many of these at once, and each read Meta refused for the rate would mean
         a reply sent twice. A message logged as another reply's part is not this one: a canned
-        text (the fallback, "I don't know") can be the answer to two messages in a row; nor is
-        one of `not_these` (the parts of this reply already sent)."""
+        text (the fallback, "I don't know") can be the answer to two messages in a row."""
         since_ms -= SENT_CHECK_SLACK_MS
-        others = self.conversations.reply_mids_since(psid, since_ms) | set(not_these)
+        others = self.conversations.reply_mids_since(psid, since_ms)
         if mid := self.conversations.find_own_message(psid, text, since_ms, others):
             return mid
         history = self.history.latest(psid, SENT_CHECK_WAIT_S)

@@ -42,7 +42,7 @@ class Users:
             sender = account.sender() if from_page else account.sender(psid, name)
             self.conversations.setdefault(psid, []).append({
                 "id": mid, "message": text, "from": sender,
-                "created_time": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()),
+                "created_time": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime(self.clock())),
                 "_order": next(self._order), **(extra or {}),
             })
         return mid
