@@ -324,7 +324,8 @@ class Queue:
         of asking the model again), the part under way and when its send was first tried (kept
         while it stays in doubt), the lease renewed - and proof that the batch is still this
         owner's (LostLease otherwise: then nothing is sent)."""
-        now = self.clock()  # (a row from before sending_since existed: looked for since its arrival)
+        now = self.clock()
+        # A row left in doubt before sending_since existed is looked for since it arrived.
         self._update(batch, "reply = ?, sent_parts = ?, sending = ?, lease_until = ?, sending_since ="
                      " CASE WHEN sending = ? THEN COALESCE(sending_since, received_at) ELSE ? END",
                      reply, part, part, now + lease_seconds, part, now)
