@@ -154,7 +154,8 @@ def test_a_send_in_doubt_is_looked_for_only_since_it_was_first_tried(make_client
     # was never logged. m2 came in before that send and is answered with the very same text;
     # its own send fails in doubt without going out. The look before m2's retry must not take
     # m1's message for m2's: it is older than m2's first try, though newer than m2's arrival.
-    clock = FakeClock(time.time() - 10)  # the bot's clock; Graph stamps messages with real time
+    clock = FakeClock(float(int(time.time()) - 10))  # a whole second: Graph's times lose nothing
+    graph.clock = clock  # Meta's clock and the bot's agree
     client = make_client(clock, RETRY_BASE_SECONDS="0.01", MAX_ATTEMPTS="2")
     in_doubt = graph_error(1, "received invalid JSON reply", subcode=1357046)
     post_signed(client, text_body("m_first", "Open today?", timestamp=1763893200001))
@@ -162,7 +163,7 @@ def test_a_send_in_doubt_is_looked_for_only_since_it_was_first_tried(make_client
     answer_queue(client)  # m1's first send: in doubt
     post_signed(client, text_body("m_second", "And tomorrow?", timestamp=1763893200002))
     graph.add_message(PSID, "Hello from the model.", from_page=True)  # ...it did go out
-    clock.advance(60)  # m1's retry and m2's first try come well after that message
+    clock.advance(2.5)  # m1's retry and m2's first try come just past the look's 2 s margin
     graph.fail_next("history", graph_error(2, "An unexpected error has occurred.", status=500))
     graph.fail_next("send", in_doubt)  # m1's look cannot read Graph; its second send: in doubt
     graph.fail_next("send", in_doubt)  # m2's first send: in doubt, and it did not go out

@@ -124,8 +124,8 @@ def test_a_takeover_bounds_deaths_as_an_expired_lease_does(store):
 
 
 def test_errors_and_deaths_have_bounds_of_their_own(store, clock):
-    """A host dying again and again must not spend a stored answer's tries at sending, nor
-    errors a message's deaths."""
+    """A host dying again and again must not use up a stored answer's tries at sending, nor
+    may errors use up a message's deaths."""
     store.add([message("m1", psid="u1"), message("m2", psid="u2")])
     for _ in range(2):  # u1: two errors while its answer is made...
         batch = store.claim("a", 30)

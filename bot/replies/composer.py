@@ -32,8 +32,8 @@ logger = logging.getLogger(__name__)
 # How long a takeover waits for a Graph read slot to see whether the send it found under way
 # went out: at ~1.3 reads a second, the checks of a dead host's sends in flight.
 SENT_CHECK_WAIT_S = 10.0
-# The look for a send starts this much before it was first tried: Graph's times are whole
-# seconds (cut, not rounded), and Meta's clock - an echo's timestamp - may be behind ours. A
+# The look for a send starts this much before it was first tried: Graph's created_time is whole
+# seconds (cut, not rounded), and Meta's clock (it stamps echoes too) may be behind ours. A
 # host more than CLOCK_SKEW_MS ahead of Meta (no NTP) could send a reply in doubt twice; a
 # wider margin would let a canned text sent just before, and logged nowhere, pass for it.
 GRAPH_TIME_RESOLUTION_MS = 1000

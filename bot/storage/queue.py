@@ -75,7 +75,7 @@ ADD_EVENTS = ("INSERT INTO events (dedupe_key, psid, message, timestamp_ms, rece
 # left is sending stored text - while a host restarting again and again (kill -9 storms, a
 # crash-looping neighbour) kills whatever is in flight; and answers waiting for their in-doubt
 # check (a Graph read slot, up to 10 s) stay in flight longest. So those get
-# SENDING_DEATHS_FACTOR times the deaths: still bounded. Errors have their own bound
+# SENDING_DEATHS_FACTOR times as many deaths: still bounded. Errors have their own bound
 # (MAX_ATTEMPTS, in retry), so deaths never spend a stored answer's tries at sending.
 SENDING_DEATHS_FACTOR = 4
 DIED_FAILED = "state = 'failed', finished_at = ?, error = 'lease expired too often', deaths = deaths + 1"
@@ -289,8 +289,8 @@ class Queue:
 
     def take_over(self, prefix: str, me: str) -> int:
         """Every claim of this bot instance (`prefix`) not held by `me`: its process is dead
-        (the caller holds the instance's reply lock). Back in the queue at once, the attempt
-        counted - or failed after the bound, as an expired lease would be."""
+        (the caller holds the instance's reply lock). Back in the queue at once, counted as a
+        death - or failed after the bound, as an expired lease would be."""
         now = self.clock()
         mine = "state = 'working' AND substr(owner, 1, ?) = ? AND owner <> ?"
         with self._write() as db:

@@ -216,7 +216,8 @@ SCHEMA = [
     """
     ALTER TABLE events ADD COLUMN sending_since REAL;
     """,
-    # version 16: deaths counted apart from errors, so each has its own bound (bot/storage/queue.py)
+    # version 16: deaths counted apart from errors, so each has its own bound (bot/storage/queue.py).
+    # Rows in flight at the upgrade start at 0: their earlier deaths stay in attempts (as errors)
     """
     ALTER TABLE events ADD COLUMN deaths INTEGER NOT NULL DEFAULT 0;
     """,
