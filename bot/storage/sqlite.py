@@ -60,8 +60,7 @@ class Database:
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             db.row_factory = sqlite3.Row
-            # Still under sqlite3's 30 s busy timeout here: a first start may race another process.
-            db.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(db)
             # NORMAL in WAL mode survives a killed process; only power loss can drop the last commits.
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=0")  # _begin waits, in finer steps
@@ -122,15 +121,29 @@ class Database:
                 db.execute(f"PRAGMA user_version={number}")
 
 
+def _switch_to_wal(db: sqlite3.Connection) -> None:
+    """On a new file, the first connection of each process asks for WAL at once. Switching
+    needs the exclusive lock, and a connection holding its read lock while another waits to
+    write is refused at once, busy timeout or not (SQLite's deadlock rule): gunicorn's
+    workers and the reply process all open a first start's file in the same millisecond."""
+    _while_locked(db, "PRAGMA journal_mode=WAL", pause=(0.001, 0.005))
+
+
 def _begin(db: sqlite3.Connection) -> None:
     """Wait for the write lock in short steps: SQLite's busy handler sleeps 1, 2, 5, 10...
     ms between tries, far longer than another process holds the lock (~0.1 ms)."""
+    _while_locked(db, "BEGIN IMMEDIATE", pause=(0.0001, 0.0005))
+
+
+def _while_locked(db: sqlite3.Connection, statement: str, pause: tuple[float, float]) -> None:
+    """Run statement, trying again after a random pause in that range while the database is
+    locked, for up to LOCK_WAIT_SECONDS."""
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
-            db.execute("BEGIN IMMEDIATE")
+            db.execute(statement)
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
-            time.sleep(random.uniform(0.0001, 0.0005))
+            time.sleep(random.uniform(*pause))
