@@ -119,16 +119,20 @@ def test_transient_send_errors_are_retried_and_delivered_once(fast_retry_client,
 
 @pytest.mark.parametrize("went_out", [True, False], ids=["it-went-out", "it-did-not"])
 def test_a_send_meta_says_may_have_been_delivered_is_looked_for_then_sent_at_most_once(
-        fast_retry_client, graph, model, went_out):
+        make_client, graph, model, went_out):
+    clock = FakeClock()  # the retry waits until the test has put the message in Graph (or not)
+    client = make_client(clock, RETRY_BASE_SECONDS="0.01", MAX_ATTEMPTS="3")
     graph.fail_next("send", graph_error(1, "received invalid JSON reply", subcode=1357046))
-    post_signed(fast_retry_client, fixture_bytes("text"))
-    answer_queue(fast_retry_client)  # Meta cannot say whether it went out
+    post_signed(client, fixture_bytes("text"))
+    answer_queue(client)  # Meta cannot say whether it went out
+    assert store_states(client) == {"m_text_0001": "pending"}
     if went_out:
         graph.add_message(PSID, "Hello from the model.", from_page=True)
-    answer_with_retries(fast_retry_client)
+    clock.advance(1)  # past the retry's backoff
+    answer_with_retries(client)
     sends = [c for c in graph.calls if c.body and "message" in c.body]
     assert len(sends) == (1 if went_out else 2)  # sent again only when the look did not find it
-    assert store_states(fast_retry_client) == {"m_text_0001": "done"}
+    assert store_states(client) == {"m_text_0001": "done"}
     assert len(model.requests) == 1
 
 
@@ -344,6 +348,29 @@ def test_expired_lease_is_claimed_again_and_bounded(tmp_path):
     clock.advance(30.1)
     assert store.claim("third-worker", 30) is None  # crashed twice: failed, not retried forever
     assert store.states() == {"m1": "failed"}
+
+
+def test_a_first_error_after_deaths_waits_no_longer_than_any_first_error(make_client, graph, model):
+    """Deaths have a bound of their own, so they do not lengthen the backoff either: after two
+    bots died holding it, a user's first failed send waits at most RETRY_BASE_SECONDS, not the
+    up to 4 x RETRY_BASE_SECONDS of a third failed try (for eight users: 1 chance in 65,536)."""
+    clock = FakeClock()
+    client = make_client(clock, RETRY_BASE_SECONDS="1")
+    users = [f"u{n}" for n in range(8)]
+    for n, psid in enumerate(users):
+        post_signed(client, text_body(f"m{n}", "Open today?", psid=psid))
+    store = client.application.extensions["dispatcher"].store
+    client.application.extensions["dispatcher"].drain()
+    for death in range(2):  # two bots take every user's message and die with it
+        assert sorted(store.claim(f"dead{death}", 30).psid for _ in users) == users
+        clock.advance(31)
+    for _ in users:
+        graph.fail_next("send", TRANSIENT["temporary-1200"])
+    answer_queue(client)
+    assert set(store.states().values()) == {"pending"} and graph.sent_texts("u0") == []
+    clock.advance(1.0)
+    answer_queue(client)
+    assert [graph.sent_texts(psid) for psid in users] == [["Hello from the model."]] * len(users)
 
 
 def test_renewed_lease_is_not_taken(tmp_path):
