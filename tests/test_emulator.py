@@ -15,7 +15,7 @@ from devtools.emulator.users import PAGE_INBOX_APP_ID
 from devtools.emulator.media import audio_seconds, png_bytes
 from messenger.events import parse_delivery
 from messenger.graph import appsecret_proof
-from tests.support import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, fixture_bytes, wait_for
+from tests.support import APP_SECRET, PAGE_ID, PAGE_TOKEN, PSID, FakeClock, fixture_bytes, wait_for
 from tests.support.messages import Receiver, shape
 
 AUTH = {"Authorization": f"Bearer {PAGE_TOKEN}"}
@@ -196,6 +196,24 @@ def test_unreachable_bot_is_recorded_not_raised(graph):
     webhooks = WebhookSender("http://127.0.0.1:9/webhook", APP_SECRET, graph.timeline, retry_delays=(0,))
     assert webhooks.deliver(PAGE_ID, [{"sender": {"id": PSID}}], PSID).result(timeout=5) is False
     assert graph.timeline.of_kind("webhook")[0]["status"] == "unreachable"
+
+
+def test_webhook_times_follow_metas_clock_as_created_time_does(graph, receiver):
+    """The emulator's clock is Meta's for what it delivers too: a test that moves it a day on
+    sees a day pass between two messages, as the messaging window counts it."""
+    graph.clock = FakeClock(1763893200.5)
+    connected(graph, receiver)
+    mid = graph.user_writes(PSID, text="hello")
+    graph.user_edits(PSID, mid, "hello again")
+    graph.inbox_reply(PSID, "A person here")
+    graph.inbox_takes(PSID)
+    graph.clock.advance(86400)
+    graph.user_writes(PSID, text="a day later")
+    assert wait_for(lambda: len(receiver.bodies) == 5)
+    entries = [json.loads(body)["entry"][0] for body in receiver.bodies]
+    times = sorted((entry["time"], event["timestamp"]) for entry in entries for event in entry["messaging"])
+    assert times == [(1763893200500, 1763893200500)] * 4 + [(1763979600500, 1763979600500)]
+    assert history(graph).json()["data"][0]["messages"]["data"][-1]["created_time"] == "2025-11-23T10:20:00+0000"
 
 
 def test_echoes_carry_the_senders_app_id(receiver):

@@ -67,7 +67,7 @@ class GraphEmulator(Users, Setup, Handovers, LocalServer):
         self.timeline = timeline or Timeline()
         self.webhooks = webhooks  # when set, users' messages and echoes are delivered to the bot
         self.users: dict[str, str] = {}  # psid -> display name
-        self.clock = time.time  # Meta's clock (messages' created_time): a test may set it apart from the bot's
+        self.clock = time.time  # Meta's clock (created_time, webhook times): a test may set it apart from the bot's
         self.calls: list[GraphCall] = []
         self.conversations: dict[str, list[dict]] = {}  # psid -> messages, oldest first
         self.delivered: list[tuple[str, str]] = []  # (psid, text) the Send API accepted

@@ -47,10 +47,12 @@ class WebhookSender:
         self._timeline.add("verify", None, ok=ok, status=status)
         return ok
 
-    def deliver(self, account_id: str, events: list[dict], psid: str | None = None, object: str = "page"):
+    def deliver(self, account_id: str, events: list[dict], psid: str | None = None, object: str = "page", *,
+                at_ms: int | None = None):
         """Sign and post `events` of one account (a Page, or an Instagram account with
-        `object="instagram"`) in the background; the future says whether a 200 came back."""
-        body = delivery_body(account_id, events, object)
+        `object="instagram"`) in the background; the future says whether a 200 came back.
+        `at_ms`: the entry's time by Meta's clock (now when not given)."""
+        body = delivery_body(account_id, events, object, at_ms=at_ms)
         return self._pool.submit(self._deliver, body, psid, account_id)
 
     def close(self) -> None:

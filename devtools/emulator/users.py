@@ -23,6 +23,10 @@ PAGE_INBOX_APP_ID = "263902037430900"
 class Users:
     """Mixed into GraphEmulator: everything a user or a person in the inbox does."""
 
+    def now_ms(self) -> int:
+        """Now by Meta's clock (`self.clock`): webhook times, like created_time, follow it."""
+        return round(self.clock() * 1000)
+
     def add_user(self, psid: str, name: str, *, page_id: str | None = None) -> None:
         """A user (PSID, or IGSID for an Instagram account) of the account `page_id`."""
         self.accounts.assign(psid, page_id)
@@ -62,7 +66,7 @@ class Users:
         mid = self.add_message(psid, text, page_id=page_id)
         account = self.accounts.account_of(psid)
         event = webhooks.user_event(account.id, psid, mid, text=text, quick_reply=quick_reply,
-                                    postback=postback, image_url=image_url)
+                                    postback=postback, image_url=image_url, at_ms=self.now_ms())
         kind = "postback" if postback else "image" if image_url else "quick_reply" if quick_reply else "text"
         self.timeline.add("message", psid, mid=mid, sender="user", text=text, type=kind, image_url=image_url,
                           account=account.id)
@@ -82,7 +86,8 @@ class Users:
         extra = {"sticker": sticker} if sticker else {"attachments": {"data": nodes}} if nodes else {}
         mid = self.add_message(psid, text, extra=extra, page_id=page_id)
         account = self.accounts.account_of(psid)
-        event = webhooks.user_event(account.id, psid, mid, text=text, attachments=attachments, reply_to=reply_to)
+        event = webhooks.user_event(account.id, psid, mid, text=text, attachments=attachments, reply_to=reply_to,
+                                    at_ms=self.now_ms())
         kind = "sticker" if sticker else attachments[0]["type"] if attachments else "text"
         image = next((a["payload"]["url"] for a in attachments if a["type"] == "image" and not sticker), None)
         self.timeline.add("message", psid, mid=mid, sender="user", text=text, type=kind, image_url=image,
@@ -118,14 +123,14 @@ class Users:
             message["_edits"] = edits
         account = self.accounts.account_of(psid)
         self.timeline.add("edit", psid, mid=mid, text=text, account=account.id)
-        self.deliver(psid, [webhooks.message_edit_event(account.id, psid, mid, text, edits)])
+        self.deliver(psid, [webhooks.message_edit_event(account.id, psid, mid, text, edits, at_ms=self.now_ms())])
 
     def deliver(self, psid: str, events: list[dict]) -> None:
         """Deliver `events` (e.g. `webhooks.reaction_event`, `read_event`) of `psid`'s account to the bot,
         with that account's id and `object`; nothing without a webhook sender."""
         if self.webhooks:
             account = self.accounts.account_of(psid)
-            self.webhooks.deliver(account.id, events, psid, object=account.webhook_object)
+            self.webhooks.deliver(account.id, events, psid, object=account.webhook_object, at_ms=self.now_ms())
 
     def inbox_reply(self, psid: str, text: str, *, page_id: str | None = None) -> str:
         """A person answers from the Page inbox: Meta echoes it with the inbox's app id."""
@@ -138,7 +143,7 @@ class Users:
         self.timeline.add("message", psid, mid=mid, sender="page", by=by, text=text,
                           quick_replies=[q.get("title") for q in quick_replies], account=account.id)
         if self.webhooks and self.webhooks.echoes:
-            self.deliver(psid, [webhooks.echo_event(account.id, psid, mid, text, app_id, metadata)])
+            self.deliver(psid, [webhooks.echo_event(account.id, psid, mid, text, app_id, metadata, at_ms=self.now_ms())])
         return mid
 
     # -- Meta's CDN ------------------------------------------------------------------------------

@@ -16,13 +16,18 @@ def now_ms() -> int:
     return round(time.time() * 1000)
 
 
+def _at(at_ms: int | None) -> int:
+    """An event's time: Meta's clock's (the emulator passes its own), or now."""
+    return at_ms if at_ms is not None else now_ms()
+
+
 def user_event(page_id: str, psid: str, mid: str, *, text: str = "", quick_reply: str | None = None,
                postback: str | None = None, image_url: str | None = None, attachments: list[dict] | None = None,
-               reply_to: dict | None = None) -> dict:
+               reply_to: dict | None = None, at_ms: int | None = None) -> dict:
     """One `messaging` event for what a user did, in Meta's shape.
 
     https://developers.facebook.com/docs/messenger-platform/reference/webhook-events/messages"""
-    event = {"sender": {"id": psid}, "recipient": {"id": page_id}, "timestamp": now_ms()}
+    event = {"sender": {"id": psid}, "recipient": {"id": page_id}, "timestamp": _at(at_ms)}
     if postback is not None:
         event["postback"] = {"title": text, "payload": postback, "mid": mid}
         return event
@@ -113,7 +118,7 @@ def story_mention(url: str) -> dict:
 
 
 def echo_event(account_id: str, user_id: str, mid: str, text: str, app_id: str | None = None,
-               metadata: str | None = None) -> dict:
+               metadata: str | None = None, *, at_ms: int | None = None) -> dict:
     """What Meta sends for a message the Page (or its Instagram account) sent: message_echoes on
     Messenger, the `messages` field on Instagram. Messenger's carry the sending app's id; Meta's
     Instagram examples show `is_echo` without `app_id` or `metadata`, so Instagram echoes of the
@@ -124,11 +129,11 @@ def echo_event(account_id: str, user_id: str, mid: str, text: str, app_id: str |
     message["text"] = text
     if metadata:
         message["metadata"] = metadata
-    return {"sender": {"id": account_id}, "recipient": {"id": user_id}, "timestamp": now_ms(), "message": message}
+    return {"sender": {"id": account_id}, "recipient": {"id": user_id}, "timestamp": _at(at_ms), "message": message}
 
 
-def _user_side(account_id: str, user_id: str, **payload) -> dict:
-    return {"sender": {"id": user_id}, "recipient": {"id": account_id}, "timestamp": now_ms(), **payload}
+def _user_side(account_id: str, user_id: str, at_ms: int | None = None, **payload) -> dict:
+    return {"sender": {"id": user_id}, "recipient": {"id": account_id}, "timestamp": _at(at_ms), **payload}
 
 
 def reaction_event(account_id: str, user_id: str, mid: str, reaction: str = "love", emoji: str = "\u2764\ufe0f",
@@ -147,39 +152,41 @@ def read_event(account_id: str, user_id: str, *, mid: str | None = None, waterma
     return _user_side(account_id, user_id, read=read)
 
 
-def message_edit_event(account_id: str, user_id: str, mid: str, text: str, num_edit: int = 1) -> dict:
+def message_edit_event(account_id: str, user_id: str, mid: str, text: str, num_edit: int = 1, *,
+                       at_ms: int | None = None) -> dict:
     """A user edited a message they sent (message_edits): its mid, the new text, how many edits so far."""
-    return _user_side(account_id, user_id, message_edit={"mid": mid, "text": text, "num_edit": num_edit})
+    return _user_side(account_id, user_id, at_ms, message_edit={"mid": mid, "text": text, "num_edit": num_edit})
 
 
-def delivery_body(account_id: str, events: Iterable[dict], object: str = "page", key: str = "messaging") -> bytes:
+def delivery_body(account_id: str, events: Iterable[dict], object: str = "page", key: str = "messaging", *,
+                  at_ms: int | None = None) -> bytes:
     """The POST body byte for byte as Meta writes it: ASCII only, `/` escaped. `object` is "page"
     for a Page's Messenger, "instagram" (with the Instagram account's id) for its Instagram.
     `key="standby"`: as an app that does not own the thread (handover) gets the events."""
-    data = {"object": object, "entry": [{"id": account_id, "time": now_ms(), key: list(events)}]}
+    data = {"object": object, "entry": [{"id": account_id, "time": _at(at_ms), key: list(events)}]}
     return json.dumps(data, ensure_ascii=True, separators=(",", ":")).replace("/", "\\/").encode("ascii")
 
 
 def _handover_event(kind: str, account_id: str, user_id: str, previous_owner: str | None, new_owner: str,
-                    metadata: str | None) -> dict:
+                    metadata: str | None, at_ms: int | None) -> dict:
     body: dict = {"previous_owner_app_id": previous_owner, "new_owner_app_id": new_owner}
     if metadata is not None:
         body["metadata"] = metadata
-    return _user_side(account_id, user_id, **{kind: body})
+    return _user_side(account_id, user_id, at_ms, **{kind: body})
 
 
 def pass_thread_control_event(account_id: str, user_id: str, previous_owner: str | None, new_owner: str,
-                              metadata: str | None = None) -> dict:
+                              metadata: str | None = None, *, at_ms: int | None = None) -> dict:
     """messaging_handovers: the thread was passed to the receiving app (`new_owner`), e.g. the Page inbox
     gave it back. `previous_owner` None: the thread was idle.
     https://developers.facebook.com/docs/messenger-platform/reference/webhook-events/messaging_handovers"""
-    return _handover_event("pass_thread_control", account_id, user_id, previous_owner, new_owner, metadata)
+    return _handover_event("pass_thread_control", account_id, user_id, previous_owner, new_owner, metadata, at_ms)
 
 
 def take_thread_control_event(account_id: str, user_id: str, previous_owner: str | None, new_owner: str,
-                              metadata: str | None = None) -> dict:
+                              metadata: str | None = None, *, at_ms: int | None = None) -> dict:
     """messaging_handovers: the thread was taken from the receiving app (`previous_owner`) by `new_owner`."""
-    return _handover_event("take_thread_control", account_id, user_id, previous_owner, new_owner, metadata)
+    return _handover_event("take_thread_control", account_id, user_id, previous_owner, new_owner, metadata, at_ms)
 
 
 def response_feedback_event(account_id: str, user_id: str, mid: str, feedback: str = "Good response") -> dict:
