@@ -127,9 +127,13 @@ def test_metrics_and_health_sum_every_process(make_bot, graph, model):
         assert bot.post(text_body(f"m_metrics_{i}", "hi", psid=f"70000000000000{i:02d}")).status_code == 200
     bot.post(text_body("m_metrics_0", "hi", psid="7000000000000000"))  # a redelivery
     assert wait_until(lambda: len(graph.sent_texts()) == 3)
-    time.sleep(0.3)
-    metrics = requests.get(bot.url + "/metrics", timeout=5).text
-    values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
+
+    def scrape():
+        metrics = requests.get(bot.url + "/metrics", timeout=5).text
+        return dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
+    # The reply process counts a reply once it is recorded, just after its send.
+    assert wait_until(lambda: float(scrape().get("messenger_reply_latency_seconds_count", 0)) == 3, 10)
+    values = scrape()
     # counted in the webhook workers ...
     assert float(values['messenger_events_total{outcome="accepted"}']) == 3
     assert float(values['messenger_events_total{outcome="duplicate"}']) == 1

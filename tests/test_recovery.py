@@ -55,7 +55,9 @@ def test_an_answer_already_given_and_a_send_under_way_are_not_repeated(graph, mo
     bot = Bot(graph, model, tmp_path, LEASE_SECONDS="30").start()
     try:
         assert wait_until(lambda: bool(reply_process_pid(bot)))
-        graph.delays["send"] = 1.5
+        # Long enough to kill it mid-send; short enough that the send has landed before the new
+        # reply process (after the supervisor's 1 s pause) looks for it.
+        graph.delays["send"] = 0.6
         assert bot.post(text_body("m_sending", "Do you deliver?")).status_code == 200
         assert wait_until(lambda: any(c.path.endswith("/messages") and "message" in (c.body or {})
                                       for c in graph.calls), 10)

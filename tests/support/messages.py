@@ -128,10 +128,10 @@ class Receiver(LocalServer):
             ok = request.args.get("hub.verify_token") == "right"
             return Response(request.args["hub.challenge"] if ok else "no", 200 if ok else 403)
         body = request.get_data()
-        self.bodies.append(body)
         self.signed.append(is_valid_signature(body, request.headers, APP_SECRET)
                            and is_valid_signature(body, {"X-Hub-Signature": request.headers["X-Hub-Signature"]},
                                                   APP_SECRET))
+        self.bodies.append(body)  # last: a test waiting for a body finds its signature checked
         time.sleep(self.sleep)
         return Response("EVENT_RECEIVED", self.statuses.pop(0) if self.statuses else 200)
 
