@@ -298,7 +298,8 @@ def test_rate_limit_sends_one_notice_per_window_and_skips_the_model(make_client,
 
 
 def test_daily_token_budget_stops_model_calls_with_one_notice(make_client, graph, model):
-    client = make_client(DAILY_TOKEN_BUDGET="20", RATE_LIMIT="off")
+    noon = float(int(time.time()) // 86400 * 86400 + 43200)  # the day's budget cannot roll over mid-test
+    client = make_client(FakeClock(noon), DAILY_TOKEN_BUDGET="20", RATE_LIMIT="off")
     for n in range(1, 5):
         say(client, n)
     assert len(model.requests) == 2  # 15 tokens, then 30 >= 20
