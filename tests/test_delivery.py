@@ -359,8 +359,9 @@ def test_a_first_error_after_deaths_waits_no_longer_than_any_first_error(make_cl
     users = [f"u{n}" for n in range(8)]
     for n, psid in enumerate(users):
         post_signed(client, text_body(f"m{n}", "Open today?", psid=psid))
-    store = client.application.extensions["dispatcher"].store
-    client.application.extensions["dispatcher"].drain()
+    dispatcher = client.application.extensions["dispatcher"]
+    dispatcher.drain()
+    store = dispatcher.store
     for death in range(2):  # two bots take every user's message and die with it
         assert sorted(store.claim(f"dead{death}", 30).psid for _ in users) == users
         clock.advance(31)
