@@ -444,23 +444,29 @@ def test_a_second_store_on_the_file_keeps_the_first_ones_locks(tmp_path):
     assert first.conversations.user("u2").synced_at == 2.0
 
 
-def test_a_takeover_asks_graph_whether_a_send_went_out_in_its_turn_of_the_pages_budget(make_client, graph, model):
-    """A reply process died mid-send; the one that takes the batch over asks Graph whether the
-    send went out - taking its turn in the Page's read budget, not jumping it (a dead host
-    leaves many such checks at once, and a read Meta refuses for the rate cannot tell, which
-    means sending again)."""
+def died_mid_send(client, clock, text="We deliver on weekdays."):
+    """A reply process claimed the user's message and died sending `text`; its lease runs out."""
     from bot.replies.answer import Answer, Outcome
 
-    clock = FakeClock()
-    client = make_client(clock, GRAPH_READS_PER_SECOND="2")  # reads 0.75 s apart
     dispatcher = client.application.extensions["dispatcher"]
     post_signed(client, text_body("m_mid_send", "Do you deliver?", PSID, int(clock() * 1000)))
     dispatcher.drain()
     batch = dispatcher.store.claim("process-that-dies", 30)
-    dispatcher.store.sending(batch, Answer("We deliver on weekdays.", Outcome.ANSWERED).to_json(), 0, 30)
-    graph.add_message(PSID, "We deliver on weekdays.", from_page=True)  # it went out, then the process died
-    clock.advance(31)  # its lease runs out
-    budget = dispatcher.store.conversations
+    dispatcher.store.sending(batch, Answer(text, Outcome.ANSWERED).to_json(), 0, 30)
+    clock.advance(31)
+    return dispatcher.store
+
+
+def test_a_takeover_asks_graph_whether_a_send_went_out_in_its_turn_of_the_pages_budget(make_client, graph, model):
+    """A reply process died mid-send; the one that takes the batch over asks Graph whether the
+    send went out - taking its turn in the Page's read budget, not jumping it (a dead host
+    leaves many such checks at once, and a read Meta refuses for the rate cannot tell, which
+    means looking again later)."""
+    clock = FakeClock()
+    client = make_client(clock, GRAPH_READS_PER_SECOND="2")  # reads 0.75 s apart
+    store = died_mid_send(client, clock)
+    graph.add_message(PSID, "We deliver on weekdays.", from_page=True)  # it went out
+    budget = store.conversations
     for _ in range(2):  # two other replies just took the Page's next two reads
         assert budget.reserve_graph_read(PAGE_ID, 2, latest=clock() + 10) is not None
     started = clock()
@@ -468,7 +474,44 @@ def test_a_takeover_asks_graph_whether_a_send_went_out_in_its_turn_of_the_pages_
     assert graph.sent_texts(PSID) == []  # not sent twice...
     assert len(graph.history_calls()) == 1
     assert clock() - started >= 1.5  # ...and its read waited for the slot after the other two
-    assert dispatcher.store.states() == {"m_mid_send": "done"}
+    assert store.states() == {"m_mid_send": "done"}
+
+
+@pytest.mark.parametrize("blink", ["graph-fails", "no-read-slot"])
+def test_a_takeover_that_cannot_tell_whether_a_send_went_out_looks_again_later(make_client, graph, model, blink):
+    """Graph could not say (it failed, or no read slot came within the wait): the takeover does
+    not send it again on a guess - it went out - but looks again on the next try."""
+    clock = FakeClock()
+    client = make_client(clock, GRAPH_READS_PER_SECOND="2")
+    store = died_mid_send(client, clock)
+    graph.add_message(PSID, "We deliver on weekdays.", from_page=True)  # it went out
+    if blink == "graph-fails":
+        graph.fail_next("history", graph_error(2, "An unexpected error has occurred.", status=500))
+    else:  # other checks took every read of the next 11 s
+        while store.conversations.reserve_graph_read(PAGE_ID, 2, latest=clock() + 11) is not None:
+            pass
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == [] and store.states() == {"m_mid_send": "pending"}
+    clock.advance(60)  # past the retry's backoff and the spent reads
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == []  # found this time: never sent twice
+    assert store.states() == {"m_mid_send": "done"}
+    assert len(model.requests) == 0  # the answer kept from the process that died
+
+
+def test_the_last_try_sends_what_nothing_could_say_went_out(make_client, graph, model):
+    """When no try could ask Graph, the last one sends: a reply sent twice beats one never sent."""
+    clock = FakeClock()
+    client = make_client(clock, MAX_ATTEMPTS="2")
+    store = died_mid_send(client, clock)  # ...before the send reached Meta
+    for _ in range(2):
+        graph.fail_next("history", graph_error(2, "An unexpected error has occurred.", status=500))
+    answer_queue(client)  # the first try after the death cannot tell
+    assert graph.sent_texts(PSID) == []
+    clock.advance(60)
+    answer_queue(client)  # the last try cannot tell either, and sends
+    assert graph.sent_texts(PSID) == ["We deliver on weekdays."]
+    assert store.states() == {"m_mid_send": "done"}
 
 
 def test_a_send_that_timed_out_but_went_out_is_not_sent_again_by_the_retry(make_client, graph, model):

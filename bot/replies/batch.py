@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from bot.replies.activity import Activity
 from bot.replies.answer import Answer, Outcome
-from bot.replies.composer import Composer, Composers
+from bot.replies.composer import CannotTell, Composer, Composers
 from bot.storage.exchanges import Exchange
 from bot.storage.queue import Batch, LostLease, Queue
 from bot.telemetry import metrics
@@ -74,6 +74,8 @@ class BatchReplier:
             # outcome stands, and nothing more is sent from here.
             metrics.FAILED.labels("lease_lost").inc()
             logger.warning("stopped answering psid=%r mids=%r: %s", batch.psid, _mids(batch), exc)
+        except CannotTell as exc:  # looked for again on the next try (still in doubt)
+            self._record_failure(batch, str(exc), progress)
         except GraphAPIError as exc:
             metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
             error = f"{exc}: {why}" if (why := explain(exc)) else str(exc)
@@ -132,7 +134,14 @@ class BatchReplier:
         if batch.sending != index:
             return None
         since = batch.sending_since if batch.sending_since is not None else batch.received_at
-        mid = composer.find_sent(batch.psid, part, since_ms=int(since * 1000))
+        try:
+            mid = composer.find_sent(batch.psid, part, since_ms=int(since * 1000))
+        except CannotTell:
+            if batch.attempts - batch.deaths < self.store.max_attempts:
+                raise  # a later try looks again: a Graph read slot or Graph itself is back by then
+            mid = None  # the last try: sending it again beats never sending it
+            logger.warning("psid=%r part %d: nothing could say whether it went out, and this is its last try",
+                           batch.psid, index)
         logger.warning("psid=%r part %d was being sent when its process died or its send went unanswered: %s",
                        batch.psid, index, "it went out, not sending it again" if mid else "it did not go out, sending it")
         return mid

@@ -41,6 +41,10 @@ CLOCK_SKEW_MS = 1000
 SENT_CHECK_SLACK_MS = GRAPH_TIME_RESOLUTION_MS + CLOCK_SKEW_MS
 
 
+class CannotTell(Exception):
+    """Neither the mirror nor Graph could say whether a send in doubt went out."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class PromptSettings:
     page_id: str
@@ -227,19 +231,22 @@ class Composer:
                           self.conversations.tokens_since(psid, since) if since is not None else 0)
 
     def find_sent(self, psid: str, text: str, since_ms: int) -> str | None:
-        """Meta's id of a message with this text the Page already sent this user since `since_ms`:
-        its echo in the mirror, else one Graph read (only after a crash mid-send or a send that
-        failed without an answer). The read takes its turn in the Page's budget: a host that died
-        mid-send leaves many of these at once, and each read Meta refused for the rate would mean
-        a reply sent twice. A message logged as another reply's part is not this one: a canned
-        text (the fallback, "I don't know") can be the answer to two messages in a row."""
+        """Meta's id of a message with this text the Page already sent this user since `since_ms`,
+        or None when it did not go out: its echo in the mirror, else one Graph read (only after a
+        crash mid-send or a send that failed without an answer). The read takes its turn in the
+        Page's budget: a host that died mid-send leaves many of these at once. CannotTell when
+        no read came in time or Graph failed, and no echo came either. A message logged as
+        another reply's part is not this one: a canned text (the fallback, "I don't know") can
+        be the answer to two messages in a row."""
         since_ms -= SENT_CHECK_SLACK_MS
         others = self.conversations.reply_mids_since(psid, since_ms)
         if mid := self.conversations.find_own_message(psid, text, since_ms, others):
             return mid
         history = self.history.latest(psid, SENT_CHECK_WAIT_S)
-        if history is None:  # cannot tell from Graph - its echo may have come in meanwhile; if not,
-            return self.conversations.find_own_message(psid, text, since_ms, others)  # sending again beats never
+        if history is None:  # Graph could not say - its echo may have come in meanwhile
+            if mid := self.conversations.find_own_message(psid, text, since_ms, others):
+                return mid
+            raise CannotTell("no Graph read could say whether it went out")
         return next((h.mid for h in history if h.from_id == self.prompt.page_id and h.text == text
                      and h.mid not in others and created_ms(h.created_time) >= since_ms), None)
 
