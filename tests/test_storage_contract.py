@@ -2,6 +2,8 @@
 the same Queue and Conversations, so the two cannot drift. Time is a FakeClock."""
 import json
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -161,6 +163,40 @@ def test_a_retry_in_doubt_hands_the_part_under_way_to_the_next_attempt(store, cl
     store.sending(batch, '{"text": "r"}', 1, 30)
     assert store.retry(batch, 0, "ReadTimeout", reply='{"text": "r"}', sent_parts=1, sending=1)
     assert store.claim("b", 30).sending == 1  # it looks for part 1 before sending it again
+
+
+@contextmanager
+def database_held(store):
+    """Every way into the store's database taken, so its next write waits: the pool's every
+    connection (PostgreSQL), this process's write lock (SQLite)."""
+    database = store._database
+    if database.backend == "postgres":
+        connections = [database.pool.getconn() for _ in range(database.pool.max_size)]
+        try:
+            yield
+        finally:
+            for connection in connections:
+                database.pool.putconn(connection)
+    else:
+        with database.writer:
+            yield
+
+
+def test_a_send_whose_write_waited_past_the_lease_holds_a_lease_from_that_write(store, clock):
+    """The write before a send waited for the database longer than the lease (PostgreSQL
+    restarting): the lease it renews runs from the write, not from the asking - or another host
+    takes the batch over at once and sends the reply too, while this one sends it."""
+    store.add([message("m1")])
+    batch = store.claim("a", 2)
+    with database_held(store):
+        sender = threading.Thread(target=store.sending, args=(batch, '{"text": "ok"}', 0, 2))
+        sender.start()
+        time.sleep(0.2)  # room for it to reach the wait (were it not there yet, this test would pass)
+        clock.advance(3)  # the wait outlasts the lease
+    sender.join(timeout=30)
+    assert store.claim("b", 2) is None  # still the sender's
+    clock.advance(2.1)
+    assert store.claim("b", 2).sending == 0  # its lease runs out two seconds after the write
 
 
 def test_a_send_in_doubt_keeps_the_moment_it_was_first_tried(open_store, clock):

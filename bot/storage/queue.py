@@ -324,11 +324,15 @@ class Queue:
         of asking the model again), the part under way and when its send was first tried (kept
         while it stays in doubt), the lease renewed - and proof that the batch is still this
         owner's (LostLease otherwise: then nothing is sent)."""
-        now = self.clock()
-        # A row left in doubt before sending_since existed is looked for since it arrived.
-        self._update(batch, "reply = ?, sent_parts = ?, sending = ?, lease_until = ?, sending_since ="
-                     " CASE WHEN sending = ? THEN COALESCE(sending_since, received_at) ELSE ? END",
-                     reply, part, part, now + lease_seconds, part, now)
+        with self._write() as db:
+            # After the wait for the database (PostgreSQL restarting, a busy file): a lease reckoned
+            # from before it may have run out meanwhile, and another host would take the batch over
+            # while this send goes out.
+            now = self.clock()
+            # A row left in doubt before sending_since existed is looked for since it arrived.
+            self._apply(db, batch, "reply = ?, sent_parts = ?, sending = ?, lease_until = ?, sending_since ="
+                        " CASE WHEN sending = ? THEN COALESCE(sending_since, received_at) ELSE ? END",
+                        reply, part, part, now + lease_seconds, part, now)
 
     def mark_sent(self, batch: Batch, reply: str, parts: int) -> None:
         """Progress of a reply in several parts: a crash resumes after the last part sent."""
@@ -363,17 +367,22 @@ class Queue:
                               " WHERE state = 'working' AND owner = ?", (owner,)).rowcount
 
     def _update(self, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None) -> None:
+        with self._write() as db:
+            self._apply(db, batch, assignments, *values, exchange=exchange)
+
+    def _apply(self, db, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None) -> None:
+        """`assignments` on the batch's rows while it is still this owner's (LostLease otherwise:
+        the whole transaction is rolled back)."""
         # Error and reply text may quote anything (an exception's message, a model's output):
         # a lone surrogate in it would make this write - the batch's outcome - fail.
         values = tuple(clean_text(value) if isinstance(value, str) else value for value in values)
         owned = " AND owner = ? AND state = 'working'" if batch.owner else ""
-        with self._write() as db:
-            updated = db.execute(f"UPDATE events SET {assignments} WHERE id IN ({','.join('?' * len(batch.ids))})"
-                                 f"{owned}", (*values, *batch.ids, *([batch.owner] if batch.owner else []))).rowcount
-            if updated != len(batch.ids):  # rolled back with the block: another process's outcome stands
-                raise LostLease(f"batch {batch.batch_id} of psid {batch.psid!r} is no longer {batch.owner}'s")
-            if exchange is not None:
-                self.conversations.finish(db, exchange)
+        updated = db.execute(f"UPDATE events SET {assignments} WHERE id IN ({','.join('?' * len(batch.ids))})"
+                             f"{owned}", (*values, *batch.ids, *([batch.owner] if batch.owner else []))).rowcount
+        if updated != len(batch.ids):  # rolled back with the block: another process's outcome stands
+            raise LostLease(f"batch {batch.batch_id} of psid {batch.psid!r} is no longer {batch.owner}'s")
+        if exchange is not None:
+            self.conversations.finish(db, exchange)
 
     # -- observation ----------------------------------------------------------------------------------
     def stats(self, inbox_dir: str | None = None, owner_prefix: str | None = None) -> dict[str, float | int]:
