@@ -124,7 +124,7 @@ def test_without_fb_app_id_the_token_is_read_through_me(env, graph):
 def test_the_webhook_subscription(env, graph):
     graph.setup(PAGE_ID).subscribed_fields = ["messages", "messaging_postbacks"]
     shown = line(doctor(env).stdout, f"✗ Page {PAGE_ID}: the app is subscribed without message_echoes")
-    assert f"subscribed_apps\" -d subscribed_fields=messages,messaging_postbacks,message_echoes" in shown
+    assert "subscribed_apps\" -d subscribed_fields=messages,messaging_postbacks,message_echoes" in shown
     graph.setup(PAGE_ID).subscribed_fields = None
     done = doctor(env)
     assert done.returncode == 1 and "Meta delivers nothing" in done.stdout

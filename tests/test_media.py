@@ -9,7 +9,7 @@ import pytest
 from devtools.emulator import webhooks
 from devtools.emulator.media import png_bytes, wav_bytes
 from devtools.emulator.model import offline_reply
-from tests.support import PAGE_ID, PSID, answer_queue, post_signed, wait_for
+from tests.support import PAGE_ID, PSID, answer_queue, post_signed
 
 PREFIX = "Answer polite and concisely in a single sentence : "
 QUESTION = "What can you tell me about this picture?"
