@@ -499,18 +499,43 @@ def test_a_takeover_that_cannot_tell_whether_a_send_went_out_looks_again_later(m
     assert len(model.requests) == 0  # the answer kept from the process that died
 
 
-def test_the_last_try_sends_what_nothing_could_say_went_out(make_client, graph, model):
-    """When no try could ask Graph, the last one sends: a reply sent twice beats one never sent."""
+def test_looks_that_could_not_tell_spend_none_of_the_sends_tries(make_client, graph, model):
+    """Graph failing for a while: the looks wait for it without spending MAX_ATTEMPTS, so the
+    send still has every try for a Send API that then fails for a moment."""
     clock = FakeClock()
     client = make_client(clock, MAX_ATTEMPTS="2")
     store = died_mid_send(client, clock)  # ...before the send reached Meta
-    for _ in range(2):
+    for _ in range(3):
         graph.fail_next("history", graph_error(2, "An unexpected error has occurred.", status=500))
-    answer_queue(client)  # the first try after the death cannot tell
-    assert graph.sent_texts(PSID) == []
+        answer_queue(client)
+        clock.advance(11)  # past the look's next turn
+    assert graph.sent_texts(PSID) == [] and store.states() == {"m_mid_send": "pending"}
+    graph.fail_next("send", graph_error(4, "Application request limit reached"))  # refused: nothing went out
+    answer_queue(client)  # the look: not there; the send: refused, the 1st of its 2 tries
     clock.advance(60)
-    answer_queue(client)  # the last try cannot tell either, and sends
+    answer_queue(client)
     assert graph.sent_texts(PSID) == ["We deliver on weekdays."]
+    assert store.states() == {"m_mid_send": "done"}
+
+
+def test_a_send_nothing_could_confirm_for_two_minutes_is_sent(make_client, graph, model):
+    """When no look could ask Graph for LOOK_FOR_SENT_S, it is sent: twice beats never."""
+    from bot.replies.batch import LOOK_FOR_SENT_S
+
+    clock = FakeClock()
+    client = make_client(clock)
+    store = died_mid_send(client, clock)  # ...before the send reached Meta
+    started = clock() - 31  # when the process that died began the send
+    looks = 0
+    while clock() - started < LOOK_FOR_SENT_S:
+        graph.fail_next("history", graph_error(2, "An unexpected error has occurred.", status=500))
+        answer_queue(client)
+        looks += 1
+        assert graph.sent_texts(PSID) == [], f"sent after {clock() - started:.0f} s"
+        clock.advance(11)
+    graph.fail_next("history", graph_error(2, "An unexpected error has occurred.", status=500))
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == ["We deliver on weekdays."] and looks > 5  # MAX_ATTEMPTS is 5
     assert store.states() == {"m_mid_send": "done"}
 
 

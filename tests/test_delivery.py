@@ -161,18 +161,21 @@ def test_a_send_in_doubt_is_looked_for_only_since_it_was_first_tried(make_client
     clock = FakeClock(float(int(time.time()) - 10))  # a whole second: Graph's times lose nothing
     graph.clock = clock  # Meta's clock and the bot's agree
     client = make_client(clock, RETRY_BASE_SECONDS="0.01", MAX_ATTEMPTS="2")
+    dispatcher = client.application.extensions["dispatcher"]
     in_doubt = graph_error(1, "received invalid JSON reply", subcode=1357046)
     post_signed(client, text_body("m_first", "Open today?", timestamp=1763893200001))
     graph.fail_next("send", in_doubt)
-    answer_queue(client)  # m1's first send: in doubt
+    answer_queue(client)  # m1's first send: in doubt, and it did not go out
     post_signed(client, text_body("m_second", "And tomorrow?", timestamp=1763893200002))
-    graph.add_message(PSID, "Hello from the model.", from_page=True)  # ...it did go out
-    clock.advance(2.5)  # m1's retry and m2's first try come just past the look's 2 s margin
-    graph.fail_next("history", graph_error(2, "An unexpected error has occurred.", status=500))
-    graph.fail_next("send", in_doubt)  # m1's look cannot read Graph; its second send: in doubt
+    dispatcher.drain()
+    clock.advance(0.5)  # past m1's backoff
+    graph.fail_next("send", in_doubt)
+    dispatcher.process(dispatcher.store.claim("one-batch", 30))  # m1's look: not there; its second send: in doubt
+    graph.add_message(PSID, "Hello from the model.", from_page=True)  # ...and this one did go out
+    assert store_states(client) == {"m_first": "failed", "m_second": "pending"}
+    clock.advance(2.5)  # m2's first try comes just past the look's 2 s margin
     graph.fail_next("send", in_doubt)  # m2's first send: in doubt, and it did not go out
     answer_queue(client)
-    assert store_states(client) == {"m_first": "failed", "m_second": "pending"}
     clock.advance(1)
     answer_with_retries(client)
     assert graph.sent_texts(PSID) == ["Hello from the model."]  # m2's own, sent by its retry

@@ -71,6 +71,32 @@ def test_a_lone_surrogate_in_a_stored_text_ends_done_with_an_exchange_record(env
     assert rows[0] == (PSID, "broken \ufffd text") and len(rows) == 2
 
 
+def test_a_reply_finishing_during_a_graceful_stop_keeps_its_lease(env, graph, model):
+    """The stop waits for the reply in flight: its lease is renewed all the while, so no other
+    host takes it over (and sends it too) before it is done."""
+    config = load_config({**env, "LEASE_SECONDS": "1"}, env_file=None)
+    dispatcher = build_dispatcher(config)
+    model.delay = 1.8  # the model answers nearly two leases after the claim
+    dispatcher.store.add([incoming("m_slow", "Anything new?")])
+    dispatcher.start()
+    other_host = SQLiteQueue(config.database_path)
+    try:
+        assert wait_for(lambda: dispatcher.in_flight == 1, 5)
+        stopping = threading.Thread(target=dispatcher.stop, args=(10,))
+        stopping.start()
+        taken = []
+        while stopping.is_alive():
+            if batch := other_host.claim("another-host", 30):
+                taken.append(batch)
+            time.sleep(0.1)
+        stopping.join()
+        assert taken == [], "another host took the reply over during the stop"
+        assert graph.sent_texts(PSID) == ["Hello from the model."]
+        assert dispatcher.store.states() == {"m_slow": "done"}
+    finally:
+        other_host.close()
+
+
 class BlockingClaimStore(SQLiteQueue):
     """claim() blocks until released: a claim loop stuck in a call that never returns."""
 

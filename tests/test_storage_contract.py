@@ -2,7 +2,6 @@
 the same Queue and Conversations, so the two cannot drift. Time is a FakeClock."""
 import json
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -15,7 +14,7 @@ from bot.storage.queue import PostgresQueue, SQLiteQueue
 from bot.webchat import store as webchat_store
 from messenger.attachments import AUDIO, Attachment
 from messenger.events import ATTACHMENT, TEXT, Echo, IncomingMessage
-from tests.support import FakeClock
+from tests.support import FakeClock, wait_until
 
 
 @pytest.fixture
@@ -165,21 +164,48 @@ def test_a_retry_in_doubt_hands_the_part_under_way_to_the_next_attempt(store, cl
     assert store.claim("b", 30).sending == 1  # it looks for part 1 before sending it again
 
 
+def test_a_graceful_stop_gives_back_no_batch_whose_send_is_under_way(store, clock):
+    """Given back at once, its send might land after another host looked for it - and sent it
+    too. It waits out its lease, then is looked for like a dead process's send."""
+    store.add([message("m1"), message("m2", psid="u2")])
+    composing, sending = store.claim("a", 8), store.claim("a", 8)
+    store.sending(sending, '{"text": "ok"}', 0, 8)
+    assert store.release("a") == 1  # the one still composing
+    assert store.claim("b", 8).ids == composing.ids
+    assert store.claim("b", 8) is None
+    clock.advance(8.1)
+    assert store.claim("b", 8).sending == 0
+
+
 @contextmanager
 def database_held(store):
     """Every way into the store's database taken, so its next write waits: the pool's every
-    connection (PostgreSQL), this process's write lock (SQLite)."""
+    connection (PostgreSQL), this process's write lock (SQLite). Yields a function that returns
+    once a writer waits."""
     database = store._database
     if database.backend == "postgres":
         connections = [database.pool.getconn() for _ in range(database.pool.max_size)]
         try:
-            yield
+            yield lambda: wait_until(lambda: database.pool.get_stats().get("requests_waiting", 0) > 0, 10)
         finally:
             for connection in connections:
                 database.pool.putconn(connection)
-    else:
-        with database.writer:
-            yield
+        return
+    lock, waiting = database.writer, threading.Event()
+
+    class Announced:
+        def __enter__(self):
+            waiting.set()
+            return lock.__enter__()
+
+        def __exit__(self, *exc):
+            return lock.__exit__(*exc)
+    database.writer = Announced()
+    try:
+        with lock:
+            yield lambda: waiting.wait(10)
+    finally:
+        database.writer = lock
 
 
 def test_a_send_whose_write_waited_past_the_lease_holds_a_lease_from_that_write(store, clock):
@@ -188,10 +214,10 @@ def test_a_send_whose_write_waited_past_the_lease_holds_a_lease_from_that_write(
     takes the batch over at once and sends the reply too, while this one sends it."""
     store.add([message("m1")])
     batch = store.claim("a", 2)
-    with database_held(store):
+    with database_held(store) as writer_waits:
         sender = threading.Thread(target=store.sending, args=(batch, '{"text": "ok"}', 0, 2))
         sender.start()
-        time.sleep(0.2)  # room for it to reach the wait (were it not there yet, this test would pass)
+        assert writer_waits()
         clock.advance(3)  # the wait outlasts the lease
     sender.join(timeout=30)
     assert store.claim("b", 2) is None  # still the sender's

@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 
 # The answers under which the "Talk to a person" button goes (HANDOFF_BUTTON): the model's.
 OFFERS_A_PERSON = frozenset({Outcome.ANSWERED, Outcome.FALLBACK, Outcome.CACHED, Outcome.UNKNOWN})
+# A send in doubt that nothing could confirm (no Graph read slot in time, Graph failing) is
+# looked for again every LOOK_AGAIN_S-2×LOOK_AGAIN_S, without spending the batch's tries, for
+# LOOK_FOR_SENT_S after it was first tried; then it is sent without knowing.
+LOOK_AGAIN_S = 5.0
+LOOK_FOR_SENT_S = 120.0
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
@@ -74,8 +79,8 @@ class BatchReplier:
             # outcome stands, and nothing more is sent from here.
             metrics.FAILED.labels("lease_lost").inc()
             logger.warning("stopped answering psid=%r mids=%r: %s", batch.psid, _mids(batch), exc)
-        except CannotTell as exc:  # looked for again on the next try (still in doubt)
-            self._record_failure(batch, str(exc), progress)
+        except CannotTell as exc:  # no try spent on it: the send keeps every one of its tries
+            self._look_again(batch, str(exc))
         except GraphAPIError as exc:
             metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
             error = f"{exc}: {why}" if (why := explain(exc)) else str(exc)
@@ -102,16 +107,19 @@ class BatchReplier:
         parts = composer.parts(answer.text) if answer.text else []
         while progress.sent < len(parts):
             part = parts[progress.sent]
-            # The answer is kept with the batch before the first send (a takeover sends it, the
-            # model is not paid twice), and each send is recorded as under way.
-            self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds)
             offer = progress.sent == len(parts) - 1 and answer.outcome in OFFERS_A_PERSON
-            try:
-                mid = (self._delivered_before(batch, part, progress, composer)
-                       or composer.send_part(batch.psid, part, offer_person=offer))
-            except GraphAPIError as exc:
-                progress.in_doubt = exc.in_doubt  # then the retry looks for it before sending it again
-                raise
+            # A send in doubt is looked for first (reads only, up to ~20 s); then the write that
+            # proves the batch is still this owner's comes right before the send. That write keeps
+            # the answer with the batch before the first send (a takeover sends it, the model is
+            # not paid twice) and records the send as under way.
+            mid = self._delivered_before(batch, part, progress, composer)
+            if not mid:
+                self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds)
+                try:
+                    mid = composer.send_part(batch.psid, part, offer_person=offer)
+                except GraphAPIError as exc:
+                    progress.in_doubt = exc.in_doubt  # then the retry looks for it before sending it again
+                    raise
             if mid:
                 progress.parts.append((mid, part))
             progress.sent += 1
@@ -137,14 +145,29 @@ class BatchReplier:
         try:
             mid = composer.find_sent(batch.psid, part, since_ms=int(since * 1000))
         except CannotTell:
-            if batch.attempts - batch.deaths < self.store.max_attempts:
-                raise  # a later try looks again: a Graph read slot or Graph itself is back by then
-            mid = None  # the last try: sending it again beats never sending it
-            logger.warning("psid=%r part %d: nothing could say whether it went out, and this is its last try",
-                           batch.psid, index)
+            if self.store.clock() - since < LOOK_FOR_SENT_S:
+                raise  # looked for again a little later: a Graph read slot, or Graph, is back by then
+            logger.warning("psid=%r part %d was being sent when its process died or its send went unanswered, and"
+                           " for %.0f s nothing could say whether it went out: sending it", batch.psid, index,
+                           LOOK_FOR_SENT_S)
+            return None  # sending it again beats never sending it
         logger.warning("psid=%r part %d was being sent when its process died or its send went unanswered: %s",
                        batch.psid, index, "it went out, not sending it again" if mid else "it did not go out, sending it")
         return mid
+
+    def _look_again(self, batch: Batch, error: str) -> None:
+        """Back in the queue, still in doubt, to be looked for again in LOOK_AGAIN_S (jittered: a
+        dead host leaves many such looks at once); the try is not counted."""
+        delay = random.uniform(LOOK_AGAIN_S, 2 * LOOK_AGAIN_S)
+        try:
+            self.store.look_again(batch, delay, error)
+        except LostLease as exc:
+            logger.warning("psid=%r mids=%r: %s", batch.psid, _mids(batch), exc)
+            return
+        except Exception:  # noqa: BLE001 - then its lease brings it back
+            logger.exception("psid=%r mids=%r left to its lease: could not put it back", batch.psid, _mids(batch))
+            return
+        logger.warning("psid=%r mids=%r: %s; looking again in %.0f s", batch.psid, _mids(batch), error, delay)
 
     @staticmethod
     def _exchange(batch: Batch, progress: Progress, outcome: str | None = None) -> Exchange:

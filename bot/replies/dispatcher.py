@@ -61,6 +61,7 @@ class Dispatcher:
         self.replier = BatchReplier(store, composers, self._actions, retry_base=retry_base, retry_cap=retry_cap,
                                     lease_seconds=lease_seconds)
         self._stopping = threading.Event()
+        self._leases_end = threading.Event()  # set once stop() is done: replies in flight keep theirs
         self._busy = 0
         self._busy_lock = threading.Lock()
         self.clock = clock
@@ -96,13 +97,15 @@ class Dispatcher:
         return taken
 
     def stop(self, timeout: float) -> None:
-        """Stop claiming, let replies in flight finish for `timeout` s, give back the rest."""
+        """Stop claiming, let replies in flight finish for `timeout` s (their leases renewed all the
+        while: no other host takes them over), give back the rest."""
         self._stopping.set()
         self.doorbell.ring()
         deadline = time.monotonic() + timeout
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         released = self.store.release(self.owner) if self.in_flight else 0
+        self._leases_end.set()
         logger.info("dispatcher stopped: %d message(s) released for the next start", released)
 
     def healthy(self, now: float) -> tuple[bool, str]:
@@ -201,7 +204,7 @@ class Dispatcher:
     def _lease_loop(self) -> None:
         """A third of a lease apart: renew what this process works on. A thread of its own, so a
         slow prune or checkpoint never lets a live owner's lease run out."""
-        while not self._stopping.wait(self.lease_seconds / 3):
+        while not self._leases_end.wait(self.lease_seconds / 3):
             try:
                 if self.in_flight:
                     self.store.renew(self.owner, self.lease_seconds)

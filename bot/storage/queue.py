@@ -355,16 +355,24 @@ class Queue:
                      " sending = ?", self.clock() + delay, error, reply, sent_parts, sending)
         return True
 
+    def look_again(self, batch: Batch, delay: float, error: str) -> None:
+        """Back in the queue after `delay`, its send still in doubt, this try not counted: nothing
+        could say whether that send went out (no Graph read slot in time, Graph failing)."""
+        self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?,"
+                     " attempts = attempts - 1", self.clock() + delay, error)
+
     def fail(self, batch: Batch, error: str, exchange: Exchange | None = None) -> None:
         self._update(batch, "state = 'failed', finished_at = ?, owner = NULL, error = ?", self.clock(), error,
                      exchange=exchange)
 
     def release(self, owner: str) -> int:
-        """Give back everything `owner` holds (graceful shutdown); the attempt is not counted."""
+        """Give back what `owner` holds (graceful shutdown); the attempt is not counted. Not a
+        batch whose send is under way: given back now, another host could look for that send
+        before it lands, and send it too. It waits out its lease (or this bot's next start)."""
         with self._write() as db:
             return db.execute("UPDATE events SET state = 'pending', owner = NULL,"
                               " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
-                              " WHERE state = 'working' AND owner = ?", (owner,)).rowcount
+                              " WHERE state = 'working' AND owner = ? AND sending IS NULL", (owner,)).rowcount
 
     def _update(self, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None) -> None:
         with self._write() as db:
