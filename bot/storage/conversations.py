@@ -94,13 +94,13 @@ class Conversations:
     def reserve_graph_read(self, account: str, per_second: float, latest: float) -> float | None:
         """The moment of this caller's read of `account` (a Page or an Instagram account) - now or
         a little later - if a slot is free by `latest`."""
-        now = self.clock()
-        latest = max(latest, now)  # "now" for a caller that read the clock a moment ago
+        # `latest` is at least "now", for a caller that read the clock a moment ago.
         with self._database.read() as db:
-            if graph_budget.next_read_at(db, account) > latest:
+            if graph_budget.next_read_at(db, account) > max(latest, self.clock()):
                 return None  # spent: no write taken (a burst of new users asks many times a second)
         with self._database.write() as db:
-            return graph_budget.reserve(db, account, now, per_second, latest)
+            now = self.clock()  # after the wait for the database: a slot reckoned from before may be past
+            return graph_budget.reserve(db, account, now, per_second, max(latest, now))
 
     def hold_graph_reads(self, account: str, seconds: float = RATE_LIMIT_BACKOFF_S) -> None:
         with self._database.write() as db:
