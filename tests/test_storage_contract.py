@@ -469,6 +469,22 @@ def test_a_graph_read_can_be_reserved_ahead_only_when_it_comes_in_time(open_stor
     assert a.conversations.reserve_graph_read("1", 2.0, latest=clock() + 5) == clock() + 1.5  # the one after
 
 
+def test_a_graph_read_reserved_after_a_wait_for_the_database_is_not_in_the_past(store, clock):
+    """Reckoned from before the wait, the slot would be in the past: read at once, right beside
+    the read another host reserved meanwhile."""
+    slots = []
+
+    def reserve():
+        slots.append(store.conversations.reserve_graph_read("1", 2.0, latest=clock() + 10))
+    with database_held(store) as writer_waits:
+        reader = threading.Thread(target=reserve)
+        reader.start()
+        assert writer_waits()
+        clock.advance(5)
+    reader.join(timeout=30)
+    assert slots == [clock()]
+
+
 def test_a_nul_in_a_users_text_is_stored_by_both_backends(store):
     from messenger.text import clean_text
 
