@@ -381,8 +381,8 @@ def test_renewed_lease_is_not_taken(tmp_path):
     clock = FakeClock()
     store = SQLiteQueue(str(tmp_path / "q.sqlite3"), clock=clock)
     store.add([incoming("m1")])
-    store.claim("worker-a", 30)
+    batch = store.claim("worker-a", 30)
     clock.advance(20)
-    store.renew("worker-a", 30)
+    store.renew("worker-a", 30, [batch.batch_id])
     clock.advance(20)  # past the first lease, within the renewed one
     assert store.claim("worker-b", 30) is None

@@ -74,9 +74,9 @@ def test_a_lone_surrogate_in_a_stored_text_ends_done_with_an_exchange_record(env
 def test_a_reply_finishing_during_a_graceful_stop_keeps_its_lease(env, graph, model):
     """The stop waits for the reply in flight: its lease is renewed all the while, so no other
     host takes it over (and sends it too) before it is done."""
-    config = load_config({**env, "LEASE_SECONDS": "1"}, env_file=None)
+    config = load_config({**env, "LEASE_SECONDS": "2", "OPENAI_TIMEOUT": "20"}, env_file=None)
     dispatcher = build_dispatcher(config)
-    model.delay = 1.8  # the model answers nearly two leases after the claim
+    model.delay = 4.5  # the model answers more than two leases after the claim
     dispatcher.store.add([incoming("m_slow", "Anything new?")])
     dispatcher.start()
     other_host = SQLiteQueue(config.database_path)
@@ -105,7 +105,7 @@ class BlockingClaimStore(SQLiteQueue):
         self.entered, self.release = threading.Event(), threading.Event()
         self.die = False
 
-    def claim(self, owner, lease_seconds):
+    def claim(self, owner, lease_seconds, answering=()):
         if self.die:
             raise SystemExit("the claim thread dies")  # not an Exception: nothing catches it
         self.entered.set()

@@ -83,14 +83,32 @@ def test_an_expired_lease_comes_back_and_is_bounded(store, clock):
     clock.advance(29)
     assert store.claim("b", 30) is None
     clock.advance(2)
-    assert store.claim("b", 30).attempts == 2
-    store.renew("b", 30)
+    batch = store.claim("b", 30)
+    assert batch.attempts == 2
+    store.renew("b", 30, [batch.batch_id])
     clock.advance(20)
     assert store.claim("c", 30) is None  # renewed
     clock.advance(11)
     assert store.claim("c", 30).attempts == 3
     clock.advance(31)
     assert store.claim("d", 30) is None and store.states() == {"m1": "failed"}
+
+
+def test_a_batch_its_own_process_gave_up_on_is_taken_back_by_that_process(store, clock):
+    """A reply thread could not put its batch back (the write failed): the lease renewal passes
+    it by, and the process's next claim takes it back - on one host nobody else would, and the
+    user's later messages would wait behind it. A batch a thread is answering is kept."""
+    store.add([message("m_abandoned"), message("m_answering", psid="u2")])
+    abandoned, answering = store.claim("a", 30), store.claim("a", 30)
+    clock.advance(20)
+    store.renew("a", 30, [answering.batch_id])
+    clock.advance(20)  # past the first lease, within the renewed one
+    again = store.claim("a", 30, answering=[answering.batch_id])
+    assert again.ids == abandoned.ids and again.deaths == 1
+    clock.advance(31)  # past every lease: still kept while its thread answers it
+    assert store.claim("a", 30, answering=[again.batch_id, answering.batch_id]) is None
+    # ...but not from another process:
+    assert {store.claim("b", 30).ids, store.claim("b", 30).ids} == {again.ids, answering.ids}
 
 
 def test_deaths_after_the_answer_is_stored_get_more_tries_but_stay_bounded(store, clock):
@@ -171,10 +189,11 @@ def test_a_graceful_stop_gives_back_no_batch_whose_send_is_under_way(store, cloc
     composing, sending = store.claim("a", 8), store.claim("a", 8)
     store.sending(sending, '{"text": "ok"}', 0, 8)
     assert store.release("a") == 1  # the one still composing
-    assert store.claim("b", 8).ids == composing.ids
-    assert store.claim("b", 8) is None
+    taken = store.claim("b", 8)
+    assert taken.ids == composing.ids
+    assert store.claim("b", 8, answering=[taken.batch_id]) is None
     clock.advance(8.1)
-    assert store.claim("b", 8).sending == 0
+    assert store.claim("b", 8, answering=[taken.batch_id]).sending == 0
 
 
 @contextmanager

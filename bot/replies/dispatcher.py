@@ -62,7 +62,7 @@ class Dispatcher:
                                     lease_seconds=lease_seconds)
         self._stopping = threading.Event()
         self._leases_end = threading.Event()  # set once stop() is done: replies in flight keep theirs
-        self._busy = 0
+        self._working: set[int] = set()  # the batches this process's reply threads are answering
         self._busy_lock = threading.Lock()
         self.clock = clock
         self.last_turn = clock()  # the claim loop's last turn: readiness sees a stuck loop
@@ -104,8 +104,10 @@ class Dispatcher:
         deadline = time.monotonic() + timeout
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
-        released = self.store.release(self.owner) if self.in_flight else 0
-        self._leases_end.set()
+        try:
+            released = self.store.release(self.owner) if self.in_flight else 0
+        finally:
+            self._leases_end.set()
         logger.info("dispatcher stopped: %d message(s) released for the next start", released)
 
     def healthy(self, now: float) -> tuple[bool, str]:
@@ -122,14 +124,24 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         with self._busy_lock:
-            return self._busy
+            return len(self._working)
+
+    def _in_flight_batches(self) -> tuple[int, ...]:
+        with self._busy_lock:
+            return tuple(self._working)
 
     def run_pending(self) -> int:
         """Answer everything claimable now, in this thread (tests and one-off scripts)."""
         done = 0
         self.drain()
-        while (batch := self.store.claim(self.owner, self.lease_seconds)) is not None:
-            self.process(batch)
+        while (batch := self.store.claim(self.owner, self.lease_seconds, self._in_flight_batches())) is not None:
+            with self._busy_lock:
+                self._working.add(batch.batch_id)
+            try:
+                self.process(batch)
+            finally:
+                with self._busy_lock:
+                    self._working.discard(batch.batch_id)
             done += 1
         return done
 
@@ -159,12 +171,12 @@ class Dispatcher:
             self._drained_at = 0.0  # woken by a webhook, or the poll: drain before the next claim
             return
         with self._busy_lock:
-            self._busy += 1
+            self._working.add(batch.batch_id)
         try:
             self._pool.submit(self._run, batch)
         except Exception:
             with self._busy_lock:
-                self._busy -= 1
+                self._working.discard(batch.batch_id)
             self._slots.release()
             raise
 
@@ -173,7 +185,7 @@ class Dispatcher:
             # Through a backlog, one drain per DRAIN_EVERY_S rather than one per claim.
             if time.monotonic() - self._drained_at >= DRAIN_EVERY_S:
                 self.drain()
-            return self.store.claim(self.owner, self.lease_seconds)
+            return self.store.claim(self.owner, self.lease_seconds, self._in_flight_batches())
         except Exception as exc:  # noqa: BLE001 - the drain quarantines bad input; anything else: poll again
             self._errors.error(f"claim:{type(exc).__name__}", "claim failed, will poll again: %s: %s",
                                type(exc).__name__, exc)
@@ -198,16 +210,18 @@ class Dispatcher:
             self._errors.error("process", "reply thread error psid=%r", batch.psid, exc_info=True)
         finally:
             with self._busy_lock:
-                self._busy -= 1
+                self._working.discard(batch.batch_id)
             self._slots.release()
 
     def _lease_loop(self) -> None:
-        """A third of a lease apart: renew what this process works on. A thread of its own, so a
-        slow prune or checkpoint never lets a live owner's lease run out."""
+        """A third of a lease apart: renew what this process's reply threads are answering - not a
+        batch a thread gave up on (it could not be put back: then its lease runs out, and the next
+        claim takes it back). A thread of its own, so a slow prune or checkpoint never lets a live
+        owner's lease run out."""
         while not self._leases_end.wait(self.lease_seconds / 3):
             try:
-                if self.in_flight:
-                    self.store.renew(self.owner, self.lease_seconds)
+                if batches := self._in_flight_batches():
+                    self.store.renew(self.owner, self.lease_seconds, batches)
             except Exception as exc:  # noqa: BLE001 - leases must keep being renewed
                 self._errors.error(f"lease:{type(exc).__name__}", "lease renewal failed: %s: %s",
                                    type(exc).__name__, exc)

@@ -235,12 +235,13 @@ class Queue:
         return cursor.rowcount == 1
 
     # -- the workers' side ------------------------------------------------------------------------
-    def claim(self, owner: str, lease_seconds: float) -> Batch | None:
-        """The oldest answerable user's waiting messages, leased to `owner`; None when idle."""
+    def claim(self, owner: str, lease_seconds: float, answering: Sequence[int] = ()) -> Batch | None:
+        """The oldest answerable user's waiting messages, leased to `owner`; None when idle.
+        `answering`: the batches `owner`'s threads are answering (see _expire_leases)."""
         with self._write() as db:
             self._database.lock_queue(db)
             now = self.clock()  # after the wait for a connection and the lock: the lease starts now
-            self._expire_leases(db, now, owner)
+            self._expire_leases(db, now, owner, answering)
             head = db.execute(
                 """SELECT e.psid, e.batch_id FROM events e
                    WHERE e.state = 'pending' AND e.available_at <= ?
@@ -274,13 +275,17 @@ class Queue:
             "SELECT * FROM events WHERE psid = ? AND state = 'pending' AND batch_id IS NULL"
             " ORDER BY timestamp_ms, id LIMIT ?", (psid, MAX_BATCH)).fetchall()
 
-    def _expire_leases(self, db, now: float, owner: str) -> None:
+    def _expire_leases(self, db, now: float, owner: str, answering: Sequence[int]) -> None:
         """Work whose owner died (kill -9) or stalled: back in the queue, or failed after the bound.
-        Never the claimant's own: a live process does not take over from itself."""
+        Never a batch the claimant's threads are answering (a live process does not take over from
+        itself) - but its own batch that a thread gave up on, unable to put it back, is taken back
+        like a dead process's: nothing renews it, and on one host nobody else would."""
+        keep = f" AND (owner <> ? OR batch_id NOT IN ({','.join('?' * len(answering))}))" if answering else ""
+        kept = (owner, *answering) if answering else ()
         db.execute(f"UPDATE events SET {DIED_FAILED} WHERE state = 'working' AND lease_until < ?"
-                   f" AND {DIED_TOO_OFTEN} AND owner <> ?", (now, now, *self._death_bounds, owner))
-        db.execute(f"UPDATE events SET {DIED_BACK} WHERE state = 'working' AND lease_until < ? AND owner <> ?",
-                   (now, owner))
+                   f" AND {DIED_TOO_OFTEN}{keep}", (now, now, *self._death_bounds, *kept))
+        db.execute(f"UPDATE events SET {DIED_BACK} WHERE state = 'working' AND lease_until < ?{keep}",
+                   (now, *kept))
 
     @property
     def _death_bounds(self) -> tuple[int, int]:
@@ -313,11 +318,12 @@ class Queue:
         """Fold the WAL back into the database (the reply process, once a second)."""
         self._database.checkpoint()
 
-    def renew(self, owner: str, lease_seconds: float) -> None:
-        """Keep this owner's leases alive while it works."""
+    def renew(self, owner: str, lease_seconds: float, batches: Sequence[int]) -> None:
+        """Keep the leases of the batches this owner is answering alive while it works."""
         with self._write() as db:
-            db.execute("UPDATE events SET lease_until = ? WHERE state = 'working' AND owner = ?",
-                       (self.clock() + lease_seconds, owner))
+            db.execute("UPDATE events SET lease_until = ? WHERE state = 'working' AND owner = ?"
+                       f" AND batch_id IN ({','.join('?' * len(batches))})",
+                       (self.clock() + lease_seconds, owner, *batches))
 
     def sending(self, batch: Batch, reply: str, part: int, lease_seconds: float) -> None:
         """Before each Send API call: the answer kept with the batch (a takeover sends it instead
