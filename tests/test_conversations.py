@@ -518,6 +518,18 @@ def test_looks_that_could_not_tell_spend_none_of_the_sends_tries(make_client, gr
     assert store.states() == {"m_mid_send": "done"}
 
 
+def test_a_look_graph_can_never_answer_is_not_waited_for(make_client, graph, model):
+    """A token without the permission to read conversations: no later look would tell either,
+    so the send goes out now rather than after two minutes of looks."""
+    clock = FakeClock()
+    client = make_client(clock)
+    store = died_mid_send(client, clock)  # ...before the send reached Meta
+    graph.fail_next("history", graph_error(200, "(#200) Requires pages_messaging permission", status=403))
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == ["We deliver on weekdays."]
+    assert store.states() == {"m_mid_send": "done"}
+
+
 def test_a_send_nothing_could_confirm_for_two_minutes_is_sent(make_client, graph, model):
     """When no look could ask Graph for LOOK_FOR_SENT_S, it is sent: twice beats never."""
     from bot.replies.batch import LOOK_FOR_SENT_S

@@ -24,7 +24,7 @@ from bot.knowledge.prompt import with_excerpts
 from gpt.prompt import to_chat_messages
 from messenger.events import IncomingMessage
 from bot.storage.times import created_ms
-from messenger.graph import GraphClient
+from messenger.graph import GraphAPIError, GraphClient
 from messenger.platforms import BY_NAME
 from messenger.split import split_text
 
@@ -235,14 +235,18 @@ class Composer:
         or None when it did not go out: its echo in the mirror, else one Graph read (only after a
         crash mid-send or a send that failed without an answer). The read takes its turn in the
         Page's budget: a host that died mid-send leaves many of these at once. CannotTell when
-        no read came in time or Graph failed, and no echo came either. A message logged as
+        no read came in time or Graph failed for now, and no echo came either (a Graph that can
+        never say - a permission the token lacks - is not waited for). A message logged as
         another reply's part is not this one: a canned text (the fallback, "I don't know") can
         be the answer to two messages in a row."""
         since_ms -= SENT_CHECK_SLACK_MS
         others = self.conversations.reply_mids_since(psid, since_ms)
         if mid := self.conversations.find_own_message(psid, text, since_ms, others):
             return mid
-        history = self.history.latest(psid, SENT_CHECK_WAIT_S)
+        try:
+            history = self.history.latest(psid, SENT_CHECK_WAIT_S)
+        except GraphAPIError:  # Graph will never say (a permission the token lacks): waiting is no use
+            return self.conversations.find_own_message(psid, text, since_ms, others)
         if history is None:  # Graph could not say - its echo may have come in meanwhile
             if mid := self.conversations.find_own_message(psid, text, since_ms, others):
                 return mid

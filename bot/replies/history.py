@@ -86,7 +86,8 @@ class HistoryReader:
 
     def latest(self, psid: str, wait: float) -> list[HistoryMessage] | None:
         """This user's newest messages in one Graph read within the Page's budget, waiting up to
-        `wait` seconds for a slot: None when no slot came in time or the read failed."""
+        `wait` seconds for a slot: None when no slot came in time or the read failed for now.
+        GraphAPIError when it can never succeed as things are (a token or permission error)."""
         if not self._take_read(self.clock() + wait):
             logger.warning("no Graph read slot for psid=%r within %.0f s", psid, wait)
             return None
@@ -97,6 +98,8 @@ class HistoryReader:
             if exc.code in RATE_LIMIT_CODES:
                 self.conversations.hold_graph_reads(self.page_id)
             logger.warning("could not read psid=%r's conversation: %s", psid, exc)
+            if not is_retryable(exc):
+                raise
             return None
 
     def _time_for_another(self, give_up: float) -> bool:
