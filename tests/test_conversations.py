@@ -538,6 +538,7 @@ def test_a_send_nothing_could_confirm_for_two_minutes_is_sent(make_client, graph
     client = make_client(clock)
     store = died_mid_send(client, clock)  # ...before the send reached Meta
     started = clock() - 31  # when the process that died began the send
+    before = sends_in_doubt(client)
     looks = 0
     while clock() - started < LOOK_FOR_SENT_S:
         graph.fail_next("history", graph_error(2, "An unexpected error has occurred.", status=500))
@@ -549,6 +550,17 @@ def test_a_send_nothing_could_confirm_for_two_minutes_is_sent(make_client, graph
     answer_queue(client)
     assert graph.sent_texts(PSID) == ["We deliver on weekdays."] and looks > 5  # MAX_ATTEMPTS is 5
     assert store.states() == {"m_mid_send": "done"}
+    after = sends_in_doubt(client)  # what an operator sees
+    counted = {result: after[result] - before.get(result, 0) for result in after}
+    assert {result: n for result, n in counted.items() if n} == {"cannot-tell": looks, "sent-unknowing": 1}, counted
+
+
+def sends_in_doubt(client):
+    """messenger_sends_in_doubt_total by result, from /metrics."""
+    prefix = 'messenger_sends_in_doubt_total{result="'
+    lines = client.get("/metrics").get_data(as_text=True).splitlines()
+    return {line[len(prefix):].split('"')[0]: int(float(line.rsplit(" ", 1)[1]))
+            for line in lines if line.startswith(prefix)}
 
 
 def test_a_send_that_timed_out_but_went_out_is_not_sent_again_by_the_retry(make_client, graph, model):

@@ -146,11 +146,14 @@ class BatchReplier:
             mid = composer.find_sent(batch.psid, part, since_ms=int(since * 1000))
         except CannotTell:
             if self.store.clock() - since < LOOK_FOR_SENT_S:
+                metrics.SENDS_IN_DOUBT.labels("cannot-tell").inc()
                 raise  # looked for again a little later: a Graph read slot, or Graph, is back by then
+            metrics.SENDS_IN_DOUBT.labels("sent-unknowing").inc()
             logger.warning("psid=%r part %d was being sent when its process died or its send went unanswered, and"
                            " for %.0f s nothing could say whether it went out: sending it", batch.psid, index,
                            LOOK_FOR_SENT_S)
             return None  # sending it again beats never sending it
+        metrics.SENDS_IN_DOUBT.labels("went-out" if mid else "not-sent").inc()
         logger.warning("psid=%r part %d was being sent when its process died or its send went unanswered: %s",
                        batch.psid, index, "it went out, not sending it again" if mid else "it did not go out, sending it")
         return mid

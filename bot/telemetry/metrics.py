@@ -34,6 +34,9 @@ WEBCHAT_REQUESTS = Counter("webchat_requests_total", "Website chat requests, by 
                            "rate-limited, bad-request...).", ["result"])
 TRACKING = Counter("messenger_tracking_posts_total", "POSTs to TRACKING_URL, by result.", ["result"])
 GRAPH_ERRORS = Counter("graph_errors_total", "Graph API errors, by Meta error code.", ["code"])
+SENDS_IN_DOUBT = Counter("messenger_sends_in_doubt_total", "Looks for a reply that may have gone out (a process died "
+                         "mid-send, a send went unanswered), by result: went-out, not-sent, cannot-tell (looked for "
+                         "again later), sent-unknowing (sent without knowing).", ["result"])
 FEEDBACK = Counter("messenger_response_feedback_total", "Users' thumbs up (good) and down (bad) on the bot's replies.",
                    ["feedback"])
 ATTACHMENTS = Counter("messenger_attachments_total", "Attachments users sent, by kind and what became of them.",
