@@ -499,6 +499,29 @@ def test_a_takeover_that_cannot_tell_whether_a_send_went_out_looks_again_later(m
     assert len(model.requests) == 0  # the answer kept from the process that died
 
 
+def test_a_look_that_outlasts_the_lease_sends_nothing_once_another_host_took_over(make_client, graph, model):
+    """The look for a send in doubt can wait ~10 s for a read slot, longer than a lease; the write
+    that proves the batch is still this owner's comes after it, right before the send."""
+    class VisitedClock(FakeClock):
+        visit = None
+
+        def sleep(self, seconds):  # the look's wait for its read slot
+            self.advance(seconds)
+            if self.visit:
+                self.visit()
+                self.visit = None
+    clock = VisitedClock()
+    client = make_client(clock, GRAPH_READS_PER_SECOND="2", LEASE_SECONDS="4")
+    store = died_mid_send(client, clock)  # ...before the send reached Meta
+    while store.conversations.reserve_graph_read(PAGE_ID, 2, latest=clock() + 6) is not None:
+        pass  # other looks took the next 6 s of reads: this one waits past its 4 s lease
+    taken = []
+    clock.visit = lambda: taken.append(store.claim("another-host", 30))
+    answer_queue(client)
+    assert taken and taken[0] is not None  # another host took the batch over meanwhile...
+    assert graph.sent_texts(PSID) == []  # ...so this one sent nothing: the send is the new owner's
+
+
 def test_looks_that_could_not_tell_spend_none_of_the_sends_tries(make_client, graph, model):
     """Graph failing for a while: the looks wait for it without spending MAX_ATTEMPTS, so the
     send still has every try for a Send API that then fails for a moment."""
