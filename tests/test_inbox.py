@@ -1,9 +1,11 @@
 """The webhook's inbox files: appended before the 200, drained once into the queue."""
 import os
 
+import pytest
+
 from bot.storage import inbox
 from bot.storage.inbox import InboxWriter, read_records
-from bot.storage.queue import SQLiteQueue
+from bot.storage.queue import InboxUnreadable, SQLiteQueue
 from messenger.events import TEXT, IncomingMessage
 from tests.support import PSID, fixture_bytes, post_signed
 
@@ -38,6 +40,42 @@ def test_drained_once_duplicates_dropped_and_files_of_gone_writers_deleted(tmp_p
     assert len(os.listdir(directory)) == 1  # rotated-away files are gone; the open one stays
     writer.append([message("m9")], [])
     assert store.drain(directory) == (1, 0)
+
+
+def test_a_new_inbox_file_is_locked_before_the_reader_can_list_it(tmp_path, monkeypatch):
+    """Listed while still unlocked, a new file would look like a finished one to the reader and
+    be deleted under its writer - every record appended after that acknowledged and lost."""
+    monkeypatch.setattr(inbox, "ROTATE_BYTES", 200)  # a new file every couple of records
+    directory = str(tmp_path / "inbox")
+    listed_when_locked = []
+    flock = inbox.fcntl.flock
+
+    def watched_flock(fd, operation):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        listed_when_locked.append(name in inbox.inbox_files(directory))
+        return flock(fd, operation)
+    monkeypatch.setattr(inbox.fcntl, "flock", watched_flock)
+    writer = InboxWriter(directory)
+    for n in range(6):
+        writer.append([message(f"m{n}")], [])
+    monkeypatch.setattr(inbox.fcntl, "flock", flock)
+    assert len(listed_when_locked) >= 3 and not any(listed_when_locked)
+    assert all(name.endswith(inbox.SUFFIX) for name in os.listdir(directory))  # each got its name after
+    store = SQLiteQueue(str(tmp_path / "bot.sqlite3"))
+    assert store.drain(directory) == (6, 0)
+
+
+def test_an_unreadable_inbox_file_holds_back_none_of_the_others(tmp_path):
+    """One file the reader cannot read (a bad disk block, a wrong owner): the others are drained
+    all the same, and what cannot be read is reported."""
+    directory = tmp_path / "inbox"
+    InboxWriter(str(directory)).append([message("m_fine")], [])
+    (directory / "0-unreadable.inbox").mkdir()  # listed first; reading it fails (IsADirectoryError)
+    store = SQLiteQueue(str(tmp_path / "bot.sqlite3"))
+    with pytest.raises(InboxUnreadable) as raised:
+        store.drain(str(directory))
+    assert raised.value.new == 1 and "0-unreadable.inbox: IsADirectoryError" in str(raised.value)
+    assert store.states() == {"m_fine": "pending"}
 
 
 def test_a_failing_inbox_write_asks_meta_to_retry(make_client, env):

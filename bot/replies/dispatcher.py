@@ -21,7 +21,7 @@ from bot.replies.batch import BatchReplier
 from bot.replies.composer import Composers
 from bot.storage.doorbell import Doorbell
 from bot.storage.instance import owner_prefix, take_reply_lock
-from bot.storage.queue import Batch, Queue
+from bot.storage.queue import Batch, InboxUnreadable, Queue
 from bot.telemetry import metrics
 from bot.telemetry.quiet import QuietRepeats
 
@@ -181,12 +181,16 @@ class Dispatcher:
             raise
 
     def _try_claim(self) -> Batch | None:
-        try:
-            # Through a backlog, one drain per DRAIN_EVERY_S rather than one per claim.
-            if time.monotonic() - self._drained_at >= DRAIN_EVERY_S:
+        # Through a backlog, one drain per DRAIN_EVERY_S rather than one per claim.
+        if time.monotonic() - self._drained_at >= DRAIN_EVERY_S:
+            try:
                 self.drain()
+            except Exception as exc:  # noqa: BLE001 - the drain quarantines bad input; what is queued goes on
+                self._errors.error(f"drain:{type(exc).__name__}", "inbox drain failed, replies to what is queued "
+                                   "go on: %s: %s", type(exc).__name__, exc)
+        try:
             return self.store.claim(self.owner, self.lease_seconds, self._in_flight_batches())
-        except Exception as exc:  # noqa: BLE001 - the drain quarantines bad input; anything else: poll again
+        except Exception as exc:  # noqa: BLE001 - poll again
             self._errors.error(f"claim:{type(exc).__name__}", "claim failed, will poll again: %s: %s",
                                type(exc).__name__, exc)
             return None
@@ -196,12 +200,18 @@ class Dispatcher:
         self._drained_at = time.monotonic()
         if not self.inbox_dir:
             return
-        new, duplicates = self.store.drain(self.inbox_dir)
+        unreadable = None
+        try:
+            new, duplicates = self.store.drain(self.inbox_dir)
+        except InboxUnreadable as exc:  # the other files were drained: counted, then reported
+            new, duplicates, unreadable = exc.new, exc.duplicates, exc
         if new:
             metrics.EVENTS.labels("accepted").inc(new)
         if duplicates:
             metrics.EVENTS.labels("duplicate").inc(duplicates)
             logger.info("%d redelivered message(s) dropped", duplicates)
+        if unreadable:
+            raise unreadable
 
     def _run(self, batch: Batch) -> None:
         try:

@@ -25,6 +25,7 @@ are dropped there by mid.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -61,6 +62,7 @@ FULL_HEADER = len(MARKER) + HEADER.size
 MAX_PAYLOAD = 64 * 1024 * 1024
 ROTATE_BYTES = 16 * 1024 * 1024
 SUFFIX = ".inbox"
+CREATING = ".creating"  # a file before its writer holds its lock: the reader does not list it
 
 
 def encode(messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho],
@@ -172,13 +174,25 @@ class InboxWriter:
             self._fd = None
 
     def _open(self) -> None:
+        """A new file, locked before it gets the name the reader lists: found unlocked, it would
+        be taken for a finished file and deleted under its writer, with every record appended
+        after that acknowledged and lost. The old file is closed only once the new one is ready:
+        a failure here leaves no closed descriptor behind to be closed again (by then another
+        file's or socket's)."""
+        os.makedirs(self.directory, exist_ok=True)
+        name = os.path.join(self.directory, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        fd = os.open(name + CREATING, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(name + CREATING, name + SUFFIX)  # the lock goes with the file
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(name + CREATING)
+            raise
         if self._fd is not None and self._pid == os.getpid():
             os.close(self._fd)  # releases the lock: the reader deletes the file once drained
-        os.makedirs(self.directory, exist_ok=True)
-        name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}{SUFFIX}"
-        self._fd = os.open(os.path.join(self.directory, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        self._pid, self._size = os.getpid(), 0
+        self._fd, self._pid, self._size = fd, os.getpid(), 0
 
 
 def writer_gone(path: str) -> bool:

@@ -23,7 +23,7 @@ import os
 import sqlite3
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -83,6 +83,15 @@ DIED_BACK = "state = 'pending', owner = NULL, deaths = deaths + 1"
 DIED_TOO_OFTEN = "deaths + 1 >= (CASE WHEN reply IS NULL THEN ? ELSE ? END)"  # this death included
 
 
+class InboxUnreadable(Exception):
+    """Some inbox files could not be read (EIO, permissions, no space to quarantine them); the
+    others were drained: `new` and `duplicates` count what they held."""
+
+    def __init__(self, failed: list[tuple[str, Exception]], new: int, duplicates: int):
+        self.failed, self.new, self.duplicates = failed, new, duplicates
+        super().__init__("; ".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in failed))
+
+
 class LostLease(Exception):
     """The batch is no longer this owner's: its lease ran out and another process took it."""
 
@@ -132,21 +141,30 @@ class Queue:
         with self._read() as db:
             known = {row[0]: (row[1], row[2]) for row in db.execute("SELECT source, offset, damaged FROM inbox_offsets")}
         new = duplicates = 0
+        failed: list[tuple[str, Exception]] = []
         for name in inbox.inbox_files(directory):
-            path = os.path.join(directory, name)
-            gone = inbox.writer_gone(path)  # checked first: a gone writer appends nothing more
-            start, damaged = known.get(name, (0, 0))
-            records, used, skipped = inbox.read_records(inbox.read_from(path, start), final=gone)
-            for offset, length in skipped:
-                logger.error("inbox %s: %d damaged byte(s) at offset %d skipped; the records after them "
-                             "are read", path, length, start + offset)
-            damaged += sum(length for _, length in skipped)
-            if used:
-                added = self._ingest(name, start, used, records, damaged)
-                new, duplicates = new + sum(added), duplicates + len(added) - sum(added)
-            if gone:
-                self._retire(directory, name, damaged)
+            try:
+                added = self._drain_file(directory, name, *known.get(name, (0, 0)))
+            except Exception as exc:  # noqa: BLE001 - one unreadable file (EIO...) must not hold back the rest
+                failed.append((name, exc))
+                continue
+            new, duplicates = new + sum(added), duplicates + len(added) - sum(added)
+        if failed:
+            raise InboxUnreadable(failed, new, duplicates)
         return new, duplicates
+
+    def _drain_file(self, directory: str, name: str, start: int, damaged: int) -> list[bool]:
+        path = os.path.join(directory, name)
+        gone = inbox.writer_gone(path)  # checked first: a gone writer appends nothing more
+        records, used, skipped = inbox.read_records(inbox.read_from(path, start), final=gone)
+        for offset, length in skipped:
+            logger.error("inbox %s: %d damaged byte(s) at offset %d skipped; the records after them "
+                         "are read", path, length, start + offset)
+        damaged += sum(length for _, length in skipped)
+        added = self._ingest(name, start, used, records, damaged) if used else []
+        if gone:
+            self._retire(directory, name, damaged)
+        return added
 
     def _retire(self, directory: str, name: str, damaged: int) -> None:
         """A gone writer's file, read to its end: deleted, or quarantined if any of it was damaged."""
@@ -157,13 +175,13 @@ class Queue:
             os.replace(path, os.path.join(quarantine, name))
             logger.error("inbox %s had %d damaged byte(s): moved to %s for a person to look at",
                          path, damaged, quarantine)
+        else:
+            # Gone before its offset is: a crash in between must not read it again from 0 (its
+            # echoes would be applied twice, and messages pruned since would come back).
+            with suppress(FileNotFoundError):
+                os.unlink(path)
         with self._write() as db:
             db.execute("DELETE FROM inbox_offsets WHERE source = ?", (name,))
-        if not damaged:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
 
     def quarantined(self, directory: str) -> int:
         """Inbox files holding damaged bytes, kept in DATA_DIR/inbox/quarantine/."""
