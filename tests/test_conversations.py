@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -256,6 +257,31 @@ def test_tracking_is_retried_while_the_endpoint_is_down_then_delivered_once(make
     assert record["user_timestamp"].endswith("Z") and record["bot_timestamp"].endswith("Z")
     assert tracker.send_waiting() == 0 and len(endpoint.received) == 3  # delivered once, never again
     assert sum("tracking endpoint failed (HTTP 503)" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_tracking_goes_on_after_the_database_fails_once(make_client, endpoint):
+    """A PostgreSQL restart makes a read of the exchange log fail: the tracking thread must live on."""
+    client = make_client(TRACKING_URL=endpoint.url + "/track")
+    say(client, 1, "Hi")
+    store = conversations(client)
+
+    class Blinking:
+        failures = 1
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def waiting_for_tracking(self):
+            if self.failures:
+                self.failures -= 1
+                raise OSError("server closed the connection unexpectedly")
+            return store.waiting_for_tracking()
+    stopping = threading.Event()
+    Tracker(Blinking(), endpoint.url + "/track", interval=0.05).start(stopping)
+    try:
+        assert wait_for(lambda: [s for s, _ in endpoint.received] == [200], 5)
+    finally:
+        stopping.set()
 
 
 def test_a_slow_tracking_endpoint_never_delays_replies(env, graph, endpoint):

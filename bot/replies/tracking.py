@@ -7,7 +7,6 @@ loses nothing; a record is sent again only if the endpoint's 2xx never arrived.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 
 import requests
@@ -38,8 +37,8 @@ class Tracker:
         while not stopping.wait(self.interval):
             try:
                 self.send_waiting()
-            except sqlite3.Error as exc:
-                logger.error("tracking: cannot read the exchange log: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - a database that blinks (PostgreSQL restarting) must not end tracking
+                logger.error("tracking: cannot read or update the exchange log: %s: %s", type(exc).__name__, exc)
 
     def send_waiting(self) -> int:
         """POST what is due, oldest first; stop at the first failure and retry later."""
