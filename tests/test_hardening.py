@@ -307,6 +307,18 @@ def test_a_corrupt_database_makes_a_restarted_bot_not_ready_but_alive(graph, mod
         stop(process)
 
 
+def test_an_instance_id_left_empty_by_a_crash_is_replaced(tmp_path):
+    """An older version created the file, then wrote it: a kill -9 in between left it empty, and
+    every later start failed. The id is written whole now, and an empty one is replaced."""
+    from bot.storage.instance import ID_FILE, instance_id
+
+    (tmp_path / ID_FILE).write_text("")
+    made = instance_id(str(tmp_path))
+    assert made and (tmp_path / ID_FILE).read_text().strip() == made
+    assert instance_id(str(tmp_path)) == made
+    assert os.listdir(tmp_path) == [ID_FILE]  # no draft left behind
+
+
 def here(tmp_path) -> str:
     """Readiness looks at this bot's reply process: owners carry DATA_DIR's instance id."""
     return owner_prefix(str(tmp_path / "data"))

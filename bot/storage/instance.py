@@ -9,6 +9,7 @@ process, and takes that work back at once instead of waiting out LEASE_SECONDS.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -19,23 +20,40 @@ REPLY_LOCK = "reply.lock"
 
 
 def instance_id(data_dir: str) -> str:
-    """This bot's id, created on first use: `<hostname>-<random>`."""
+    """This bot's id, created on first use: `<hostname>-<random>`. Written whole or not at all
+    (a file of its own, synced, then linked into place): a kill -9 or a power cut at the first
+    start must not leave an empty id that no later start could replace."""
     path = os.path.join(data_dir, ID_FILE)
-    try:
-        with open(path, encoding="ascii") as f:
-            if value := f.read().strip():
-                return value
-    except FileNotFoundError:
-        pass
+    if value := _read_id(path):
+        return value
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     value = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}".replace(":", "-")
+    draft = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process of this bot wrote it first
-        return instance_id(data_dir)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(value + "\n")
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(value + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(draft, path)  # fails if it exists: the first process of this bot to get here wins
+        except FileExistsError:
+            if _read_id(path) == "":  # left empty by a crash of an older version (create, then write)
+                os.replace(draft, path)
+            return _read_id(path) or value
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(draft)
     return value
+
+
+def _read_id(path: str) -> str | None:
+    """The id in the file; "" for an empty file, None for none."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
 
 
 def owner_prefix(data_dir: str) -> str:
