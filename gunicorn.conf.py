@@ -61,7 +61,7 @@ def on_starting(server):
         check_port_free(_host, _config.port)
         if _config.webchat:
             check_port_free(_host, _config.webchat_port)
-        check_database(_config.database_url, _config.database_path)
+        check_database(_config.database_url, _config.database_path, _config.data_dir)
     except StartupProblem as problem:
         print(f"Cannot start: {problem}", file=sys.stderr)
         sys.exit(1)

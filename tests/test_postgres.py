@@ -62,6 +62,23 @@ def test_an_unreachable_postgres_stops_start_up_with_one_line(graph, model, tmp_
     assert "s3cret-pw" not in output and "Traceback" not in output
 
 
+def test_inbox_files_left_behind_stop_a_start_on_postgres(graph, model, tmp_path, pg_url):
+    """Acknowledged on SQLite, still in the inbox files, then DATABASE_URL set without moving in:
+    nothing would ever read them. The start refuses, saying how to move them."""
+    from bot.storage.inbox import InboxWriter
+    from messenger.events import TEXT, IncomingMessage
+    from tests.support import free_port, start_gunicorn
+    from tests.support.messages import base_env
+
+    env = {**base_env(graph, model, tmp_path), "PORT": str(free_port()), "HOST": "127.0.0.1"}
+    InboxWriter(os.path.join(env["DATA_DIR"], "inbox")).append(
+        [IncomingMessage(psid=PSID, page_id="1", mid="m_left", kind=TEXT, text="hi", timestamp_ms=1)], [])
+    process = start_gunicorn({**env, "DATABASE_URL": pg_url}, tmp_path)
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode == 1 and "inbox holds 1 file(s) of acknowledged messages" in output, output
+    assert "move-to-postgres" in output and "Traceback" not in output
+
+
 def test_export_reads_postgres_when_database_url_is_set(make_client, graph, pg_url, tmp_path):
     import json
     import subprocess

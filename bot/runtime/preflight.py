@@ -72,13 +72,21 @@ def check_port_free(host: str, port: int) -> None:
             raise StartupProblem(f"cannot listen on {host}:{port} ({exc.strerror}): check HOST and PORT") from None
 
 
-def check_database(url: str | None, sqlite_path: str | None = None) -> None:
+def check_database(url: str | None, sqlite_path: str | None = None, data_dir: str | None = None) -> None:
     """With DATABASE_URL: PostgreSQL answers, and its schema is this code's (migrated here, once,
-    before any worker starts). Without: the SQLite file, if there is one, is not newer than this code."""
+    before any worker starts); no acknowledged message is left behind in DATA_DIR's inbox files.
+    Without: the SQLite file, if there is one, is not newer than this code."""
     if not url:
         if sqlite_path and os.path.isfile(sqlite_path):
             _check_sqlite(sqlite_path)
         return
+    from bot.storage.inbox import inbox_files
+
+    left = inbox_files(os.path.join(data_dir, "inbox")) if data_dir else []
+    if left:  # nothing reads them with DATABASE_URL set: those users would never be answered
+        raise StartupProblem(f"{data_dir}/inbox holds {len(left)} file(s) of acknowledged messages that are not in "
+                             "PostgreSQL: move them first with `python -m bot move-to-postgres --data-dir "
+                             f"{data_dir} --database-url ...` (or start once without DATABASE_URL to answer them)")
     from urllib.parse import urlparse
 
     from bot.storage.queue import PostgresQueue
