@@ -182,6 +182,39 @@ def test_asking_for_a_person_pauses_the_bot_until_the_pause_ends(make_client, gr
     assert [r["outcome"] for r in log(client)] == ["handoff", "paused", "answered"]
 
 
+class Died(BaseException):
+    """The reply process killed (nothing in it catches this)."""
+
+
+def test_a_request_for_a_person_is_answered_though_its_process_died_before_storing_the_answer(
+        make_client, graph, model, clock):
+    """Died between the answer and the write that keeps it: the pause that request set must not
+    silence its own reply when the batch is taken over - the pause is written with the answer."""
+    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m", LEASE_SECONDS="8")
+    dispatcher = client.application.extensions["dispatcher"]
+    replier = dispatcher.replier
+    store = replier.store
+
+    class DiesBeforeStoring:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def sending(self, *args, **kwargs):
+            raise Died()
+    post_signed(client, text_body("m_human", "human", timestamp=int(clock() * 1000)))
+    replier.store = DiesBeforeStoring()
+    with pytest.raises(Died):
+        answer_queue(client)
+    replier.store = store
+    assert graph.sent_texts(PSID) == []
+    clock.advance(9)  # its lease runs out: taken over
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == [HANDED_OVER]
+    clock.advance(60)
+    say(client, clock, 2, "hello?")  # and the pause holds from then on
+    assert graph.sent_texts(PSID) == [HANDED_OVER]
+
+
 def test_a_word_inside_a_sentence_is_not_a_request_for_a_person(make_client, graph, clock):
     client = make_client(clock)
     say(client, clock, 1, "is a person allowed to bring a dog?")

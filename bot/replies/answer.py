@@ -48,6 +48,9 @@ class Answer:
     refused_images: bool = False  # the model server takes no images: ask again without them (not stored)
     disclosed: bool = False  # the text starts with the bot disclosure
     knowledge: tuple[tuple[int, float], ...] = ()  # (chunk id, score) of the excerpts its prompt carried
+    # The user's state this answer changes (the pause after a request for a person, a notice
+    # sent): written with the answer, so a crash before it is stored leaves neither (not stored).
+    user_updates: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps({"text": self.text, "outcome": self.outcome, "model": self.model, "usage": self.usage,

@@ -99,11 +99,14 @@ class BatchReplier:
         if progress.answer is None:
             progress.answer = composer.compose(batch.messages, lambda: self._actions.submit(activity.run),
                                                composer.model_deadline(activity.started), patient=batch.attempts == 1,
-                                               received_at=batch.received_at)
+                                               received_at=batch.received_at, defer_updates=True)
         activity.finish()  # waits for a slow-reply notice in flight: it must arrive first
         if activity.notice_sent:
             progress.parts.append(activity.notice_sent)
         answer = progress.answer
+        # Written with the first write that keeps the answer: a crash before it changes nothing (a
+        # request for a person is not left as a pause that silences its own reply).
+        updates = answer.user_updates
         parts = composer.parts(answer.text) if answer.text else []
         while progress.sent < len(parts):
             part = parts[progress.sent]
@@ -114,7 +117,8 @@ class BatchReplier:
             # not paid twice) and records the send as under way.
             mid = self._delivered_before(batch, part, progress, composer)
             if not mid:
-                self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds)
+                self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds, updates)
+                updates = None
                 try:
                     mid = composer.send_part(batch.psid, part, offer_person=offer)
                 except GraphAPIError as exc:
@@ -126,7 +130,7 @@ class BatchReplier:
             if progress.sent < len(parts):
                 self.store.mark_sent(batch, answer.to_json(), progress.sent)
         # Marked done (and logged) right after the last send: a crash now repeats nothing.
-        self.store.complete(batch, self._exchange(batch, progress))
+        self.store.complete(batch, self._exchange(batch, progress), updates)
         metrics.EXCHANGES.labels(answer.outcome, batch.messages[0].page_id).inc()
         if parts:
             metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)

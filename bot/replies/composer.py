@@ -109,14 +109,17 @@ class Composer:
         return started + (timing.slow_limit if timing.slow_notice else timing.reply_deadline)
 
     def compose(self, messages: Sequence[IncomingMessage], thinking: Callable[[], object] = lambda: None,
-                deadline: float | None = None, patient: bool = True, received_at: float | None = None) -> Answer:
+                deadline: float | None = None, patient: bool = True, received_at: float | None = None,
+                defer_updates: bool = False) -> Answer:
         """One answer to everything the user wrote since the last one (oldest first).
 
         `thinking` is called once the history is in, as the model starts: the
         moment to show "seen" and the typing indicator without slowing the read.
         The model call ends by `deadline` (on `clock`), retries included; `patient` is False
         for a retried batch, which then waits for no Graph read slot. `received_at`: when the
-        messages were taken in (wall clock), for Meta's messaging window.
+        messages were taken in (wall clock), for Meta's messaging window. `defer_updates`: the
+        user state a gate changes comes with the answer (`user_updates`), for the caller to write
+        with it, instead of being written here.
         """
         psid = messages[0].psid
         now = self.wall_clock()
@@ -127,12 +130,13 @@ class Composer:
         facts = self._facts(psid, messages, now)
         gated = gate.decide(messages, facts, self.policy, now)
         if gated is not None:
-            if gated.updates:
+            if gated.updates and not defer_updates:
                 self.conversations.update_user(psid, **gated.updates)
             logger.info("%s psid=%r: %d message(s) not sent to the model", gated.why, psid, len(messages))
             if gated.answer.outcome == Outcome.HANDOFF and self.handoff:
                 self.handoff.hand_over(psid)
-            return self._disclosed(gated.answer, messages, facts.user)
+            answer = self._disclosed(gated.answer, messages, facts.user)
+            return replace(answer, user_updates=gated.updates or None) if defer_updates else answer
         thinking = _once(thinking)
         prepared = self.media.prepare(messages, deadline, thinking)
         try:

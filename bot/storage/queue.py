@@ -27,7 +27,7 @@ from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from bot.storage import inbox
+from bot.storage import inbox, users
 from bot.storage.inbox import ClassifiedEcho
 from bot.storage.conversations import Conversations, record_echoes
 from bot.storage.exchanges import Exchange
@@ -343,7 +343,8 @@ class Queue:
                        f" AND batch_id IN ({','.join('?' * len(batches))})",
                        (self.clock() + lease_seconds, owner, *batches))
 
-    def sending(self, batch: Batch, reply: str, part: int, lease_seconds: float) -> None:
+    def sending(self, batch: Batch, reply: str, part: int, lease_seconds: float,
+                user_updates: dict | None = None) -> None:
         """Before each Send API call: the answer kept with the batch (a takeover sends it instead
         of asking the model again), the part under way and when its send was first tried (kept
         while it stays in doubt), the lease renewed - and proof that the batch is still this
@@ -356,15 +357,16 @@ class Queue:
             # A row left in doubt before sending_since existed is looked for since it arrived.
             self._apply(db, batch, "reply = ?, sent_parts = ?, sending = ?, lease_until = ?, sending_since ="
                         " CASE WHEN sending = ? THEN COALESCE(sending_since, received_at) ELSE ? END",
-                        reply, part, part, now + lease_seconds, part, now)
+                        reply, part, part, now + lease_seconds, part, now, user_updates=user_updates)
 
     def mark_sent(self, batch: Batch, reply: str, parts: int) -> None:
         """Progress of a reply in several parts: a crash resumes after the last part sent."""
         self._update(batch, "reply = ?, sent_parts = ?, sending = NULL, sending_since = NULL", reply, parts)
 
-    def complete(self, batch: Batch, exchange: Exchange | None = None) -> None:
-        """Done, with the exchange logged and mirrored in the same transaction."""
-        self._update(batch, "state = 'done', finished_at = ?, owner = NULL", self.clock(), exchange=exchange)
+    def complete(self, batch: Batch, exchange: Exchange | None = None, user_updates: dict | None = None) -> None:
+        """Done, with the exchange logged and mirrored (and `user_updates` written) in the same transaction."""
+        self._update(batch, "state = 'done', finished_at = ?, owner = NULL", self.clock(), exchange=exchange,
+                     user_updates=user_updates)
 
     def retry(self, batch: Batch, delay: float, error: str, reply: str | None = None, sent_parts: int = 0,
               exchange: Exchange | None = None, sending: int | None = None) -> bool:
@@ -398,13 +400,15 @@ class Queue:
                               " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
                               " WHERE state = 'working' AND owner = ? AND sending IS NULL", (owner,)).rowcount
 
-    def _update(self, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None) -> None:
+    def _update(self, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None,
+                user_updates: dict | None = None) -> None:
         with self._write() as db:
-            self._apply(db, batch, assignments, *values, exchange=exchange)
+            self._apply(db, batch, assignments, *values, exchange=exchange, user_updates=user_updates)
 
-    def _apply(self, db, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None) -> None:
+    def _apply(self, db, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None,
+               user_updates: dict | None = None) -> None:
         """`assignments` on the batch's rows while it is still this owner's (LostLease otherwise:
-        the whole transaction is rolled back)."""
+        the whole transaction is rolled back), with the exchange and the user's new state."""
         # Error and reply text may quote anything (an exception's message, a model's output):
         # a lone surrogate in it would make this write - the batch's outcome - fail.
         values = tuple(clean_text(value) if isinstance(value, str) else value for value in values)
@@ -413,6 +417,8 @@ class Queue:
                              f"{owned}", (*values, *batch.ids, *([batch.owner] if batch.owner else []))).rowcount
         if updated != len(batch.ids):  # rolled back with the block: another process's outcome stands
             raise LostLease(f"batch {batch.batch_id} of psid {batch.psid!r} is no longer {batch.owner}'s")
+        if user_updates:
+            users.update(db, batch.psid, **user_updates)
         if exchange is not None:
             self.conversations.finish(db, exchange)
 
