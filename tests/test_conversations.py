@@ -259,6 +259,22 @@ def test_tracking_is_retried_while_the_endpoint_is_down_then_delivered_once(make
     assert sum("tracking endpoint failed (HTTP 503)" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_two_hosts_trackers_post_each_record_once(make_client, endpoint):
+    """Every host runs a tracker over the one outbox (PostgreSQL): each record is posted by one."""
+    client = make_client(TRACKING_URL=endpoint.url + "/track")
+    for n in range(1, 5):
+        say(client, n, f"question {n}")
+    endpoint.sleep = 0.2  # both are busy posting at once
+    trackers = [Tracker(conversations(client), endpoint.url + "/track") for _ in range(2)]
+    threads = [threading.Thread(target=tracker.send_waiting) for tracker in trackers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    posted = [body["user_message"] for _, body in endpoint.received]
+    assert sorted(posted) == [f"question {n}" for n in range(1, 5)], posted
+
+
 def test_tracking_goes_on_after_the_database_fails_once(make_client, endpoint):
     """A PostgreSQL restart makes a read of the exchange log fail: the tracking thread must live on."""
     client = make_client(TRACKING_URL=endpoint.url + "/track")

@@ -459,6 +459,27 @@ def test_tracking_failures_back_off(open_store, clock):
     assert len(store.conversations.waiting_for_tracking()) == 1
 
 
+def test_each_tracking_record_is_claimed_by_one_host_until_its_lease_ends(open_store, clock):
+    """Every host's tracker reads one outbox: a record one of them is posting is not posted by
+    another too - unless its poster never said how it went (died), once the claim runs out."""
+    here, there = open_store(tracking=True), open_store(tracking=True)
+    here.add([message(f"m{n}", psid=f"u{n}") for n in range(3)])
+    for _ in range(3):
+        batch = here.claim("a", 30)
+        here.complete(batch, exchange(batch))
+    mine = here.conversations.claim_for_tracking(lease=60, limit=2)
+    theirs = there.conversations.claim_for_tracking(lease=60, limit=2)
+    assert [r["session_id"] for _, r in mine] == ["u0", "u1"] and [r["session_id"] for _, r in theirs] == ["u2"]
+    assert there.conversations.claim_for_tracking(lease=60) == []
+    here.conversations.tracked(mine[0][0])
+    here.conversations.release_tracking([mine[1][0]])  # not tried after all: due again now
+    [(again, record)] = there.conversations.claim_for_tracking(lease=60)
+    assert record["session_id"] == "u1"
+    there.conversations.tracked(again)
+    clock.advance(61)  # the claim on u2 ran out, never marked: posted again
+    assert [r["session_id"] for _, r in here.conversations.claim_for_tracking(lease=60)] == ["u2"]
+
+
 def test_stats_count_depth_flight_failures_and_age(store, clock):
     store.add([message("m1"), message("m2", psid="u2")])
     store.claim("a", 30)

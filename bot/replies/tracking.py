@@ -2,7 +2,8 @@
 
 The records wait in the store (interactions.tracking = 'waiting') until the
 endpoint answers 2xx, so a slow or failing endpoint never delays a reply and
-loses nothing; a record is sent again only if the endpoint's 2xx never arrived.
+loses nothing; a record is sent again only if the endpoint's 2xx never arrived. Every
+host's tracker shares the records on PostgreSQL: each claims the ones it posts.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from bot.storage.conversations import Conversations
 logger = logging.getLogger(__name__)
 
 RETRY_CAP_S = 300.0
+# Records claimed at a time: each is this tracker's for as long as posting them all may take
+# (connect and read timeouts), so a tracker that dies holds its records back only that long.
+CLAIM_SIZE = 10
 
 
 class Tracker:
@@ -41,25 +45,29 @@ class Tracker:
                 logger.error("tracking: cannot read or update the exchange log: %s: %s", type(exc).__name__, exc)
 
     def send_waiting(self) -> int:
-        """POST what is due, oldest first; stop at the first failure and retry later."""
+        """POST what is due, oldest first, CLAIM_SIZE records at a time, each claimed for long
+        enough to post them all (every host's tracker shares the outbox on PostgreSQL); stop at
+        the first failure and retry later."""
         sent = 0
-        for record_id, record in self.conversations.waiting_for_tracking():
-            try:
-                response = self._session.post(self.url, json=record, timeout=self.timeout)
-                ok, why = response.ok, f"HTTP {response.status_code}"
-            except requests.RequestException as exc:
-                ok, why = False, type(exc).__name__
-            if not ok:
-                metrics.TRACKING.labels("failed").inc()
-                self.conversations.tracking_failed(record_id, self.retry_base, RETRY_CAP_S)
-                if not self._failing:
-                    logger.warning("tracking endpoint failed (%s); records wait in the store and are retried", why)
-                self._failing = True
-                return sent
-            metrics.TRACKING.labels("sent").inc()
-            self.conversations.tracked(record_id)
-            if self._failing:
-                logger.info("tracking endpoint answers again")
-            self._failing = False
-            sent += 1
+        while claimed := self.conversations.claim_for_tracking(CLAIM_SIZE * (2 * self.timeout + 1), CLAIM_SIZE):
+            for n, (record_id, record) in enumerate(claimed):
+                try:
+                    response = self._session.post(self.url, json=record, timeout=self.timeout)
+                    ok, why = response.ok, f"HTTP {response.status_code}"
+                except requests.RequestException as exc:
+                    ok, why = False, type(exc).__name__
+                if not ok:
+                    metrics.TRACKING.labels("failed").inc()
+                    self.conversations.tracking_failed(record_id, self.retry_base, RETRY_CAP_S)
+                    self.conversations.release_tracking([i for i, _ in claimed[n + 1:]])
+                    if not self._failing:
+                        logger.warning("tracking endpoint failed (%s); records wait in the store and are retried", why)
+                    self._failing = True
+                    return sent
+                metrics.TRACKING.labels("sent").inc()
+                self.conversations.tracked(record_id)
+                if self._failing:
+                    logger.info("tracking endpoint answers again")
+                self._failing = False
+                sent += 1
         return sent

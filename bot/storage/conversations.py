@@ -156,6 +156,15 @@ class Conversations:
         with self._database.read() as db:
             return outbox.waiting(db, self.clock(), limit)
 
+    def claim_for_tracking(self, lease: float, limit: int = 10) -> list[tuple[int, dict]]:
+        with self._database.write() as db:
+            return outbox.claim(db, self.clock(), lease, limit)
+
+    def release_tracking(self, record_ids: list[int]) -> None:
+        if record_ids:
+            with self._database.write() as db:
+                outbox.release(db, record_ids, self.clock())
+
     def tracked(self, record_id: int) -> None:
         with self._database.write() as db:
             outbox.sent(db, record_id)

@@ -15,6 +15,24 @@ def waiting(db, now: float, limit: int = 50) -> list[tuple[int, dict]]:
     return [(row[0], _tracking_record(dict(zip(TRACKED_COLUMNS, row[1:])))) for row in rows]
 
 
+def claim(db, now: float, lease: float, limit: int) -> list[tuple[int, dict]]:
+    """The oldest records due, each this caller's for `lease` seconds: another host's tracker
+    passes them by meanwhile, so a record is posted again only when its poster never said how
+    it went (it died). One statement: a tracker that picked the same rows at the same moment
+    finds them leased once the first one commits, and skips them."""
+    rows = db.execute(
+        f"UPDATE interactions SET track_after = ? WHERE id IN (SELECT id FROM interactions WHERE tracking = ?"
+        f" AND track_after <= ? ORDER BY id LIMIT ?) AND tracking = ? AND track_after <= ?"
+        f" RETURNING id, {', '.join(TRACKED_COLUMNS)}", (now + lease, "waiting", now, limit, "waiting", now)).fetchall()
+    return sorted((row[0], _tracking_record(dict(zip(TRACKED_COLUMNS, row[1:])))) for row in rows)
+
+
+def release(db, record_ids: list[int], now: float) -> None:
+    """Claimed records not tried after all (the endpoint failed on an earlier one): due again."""
+    db.execute(f"UPDATE interactions SET track_after = ? WHERE tracking = ? AND id IN ({', '.join('?' * len(record_ids))})",
+               (now, "waiting", *record_ids))
+
+
 def sent(db, record_id: int) -> None:
     db.execute("UPDATE interactions SET tracking = ? WHERE id = ?", ("sent", record_id))
 
