@@ -76,6 +76,7 @@ def test_an_unreadable_inbox_file_holds_back_none_of_the_others(tmp_path):
         store.drain(str(directory))
     assert raised.value.new == 1 and "0-unreadable.inbox: IsADirectoryError" in str(raised.value)
     assert store.states() == {"m_fine": "pending"}
+    assert store.stats(str(directory))["queue_depth"] == 1  # health figures come all the same
 
 
 def test_a_failing_inbox_write_asks_meta_to_retry(make_client, env):

@@ -196,7 +196,10 @@ class Queue:
             offsets = dict(db.execute("SELECT source, offset FROM inbox_offsets").fetchall())
         count, oldest = 0, None
         for name in inbox.inbox_files(directory):
-            records = inbox.read_records(inbox.read_from(os.path.join(directory, name), offsets.get(name, 0)))[0]
+            try:
+                records = inbox.read_records(inbox.read_from(os.path.join(directory, name), offsets.get(name, 0)))[0]
+            except OSError:  # unreadable (the drain reports it): health figures must still come
+                continue
             for record in records:
                 try:
                     at = inbox.decode(record)[0]
