@@ -1,7 +1,7 @@
 """Meta's rules: the bot says it is a bot when it must, and never answers outside the messaging window."""
 import json
-import sqlite3
 import logging
+import sqlite3
 
 import pytest
 
@@ -186,28 +186,35 @@ class Died(BaseException):
     """The reply process killed (nothing in it catches this)."""
 
 
-def test_a_request_for_a_person_is_answered_though_its_process_died_before_storing_the_answer(
-        make_client, graph, model, clock):
-    """Died between the answer and the write that keeps it: the pause that request set must not
-    silence its own reply when the batch is taken over - the pause is written with the answer."""
-    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m", LEASE_SECONDS="8")
+@pytest.mark.parametrize("failure", [Died(), sqlite3.OperationalError("database is locked")],
+                         ids=["process-died", "write-failed"])
+def test_a_request_for_a_person_is_answered_and_pauses_though_the_write_of_its_answer_failed(
+        make_client, graph, model, clock, failure):
+    """The write that keeps the answer failed: the process died there (the pause that request
+    set must not silence its own reply when the batch is taken over), or the write failed and
+    the answer was kept by the retry's (the pause goes with it: the retry asks no gate again)."""
+    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m", LEASE_SECONDS="8",
+                         RETRY_BASE_SECONDS="1")
     dispatcher = client.application.extensions["dispatcher"]
     replier = dispatcher.replier
     store = replier.store
 
-    class DiesBeforeStoring:
+    class FailsToStore:
         def __getattr__(self, name):
             return getattr(store, name)
 
         def sending(self, *args, **kwargs):
-            raise Died()
+            raise failure
     post_signed(client, text_body("m_human", "human", timestamp=int(clock() * 1000)))
-    replier.store = DiesBeforeStoring()
-    with pytest.raises(Died):
+    replier.store = FailsToStore()
+    if isinstance(failure, Died):
+        with pytest.raises(Died):
+            answer_queue(client)
+    else:
         answer_queue(client)
     replier.store = store
     assert graph.sent_texts(PSID) == []
-    clock.advance(9)  # its lease runs out: taken over
+    clock.advance(9)  # its lease runs out (taken over), or its backoff
     answer_queue(client)
     assert graph.sent_texts(PSID) == [HANDED_OVER]
     clock.advance(60)

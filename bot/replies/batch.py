@@ -45,6 +45,9 @@ class Progress:
     sent: int
     parts: list[tuple[str, str]] = field(default_factory=list)
     in_doubt: bool = False  # the part under way failed without an answer: it may have gone out
+    # The user state the fresh answer changes, until a write that keeps the answer carries it
+    # (the first send's, the outcome's - or a retry's: the retry reuses the answer, no gate again).
+    updates: dict | None = None
 
 
 class BatchReplier:
@@ -100,13 +103,11 @@ class BatchReplier:
             progress.answer = composer.compose(batch.messages, lambda: self._actions.submit(activity.run),
                                                composer.model_deadline(activity.started), patient=batch.attempts == 1,
                                                received_at=batch.received_at, defer_updates=True)
+            progress.updates = progress.answer.user_updates
         activity.finish()  # waits for a slow-reply notice in flight: it must arrive first
         if activity.notice_sent:
             progress.parts.append(activity.notice_sent)
         answer = progress.answer
-        # Written with the first write that keeps the answer: a crash before it changes nothing (a
-        # request for a person is not left as a pause that silences its own reply).
-        updates = answer.user_updates
         parts = composer.parts(answer.text) if answer.text else []
         while progress.sent < len(parts):
             part = parts[progress.sent]
@@ -117,8 +118,10 @@ class BatchReplier:
             # not paid twice) and records the send as under way.
             mid = self._delivered_before(batch, part, progress, composer)
             if not mid:
-                self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds, updates)
-                updates = None
+                # The user state written with the answer: a crash before it changes nothing (a request
+                # for a person is not left as a pause that silences its own reply).
+                self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds, progress.updates)
+                progress.updates = None
                 try:
                     mid = composer.send_part(batch.psid, part, offer_person=offer)
                 except GraphAPIError as exc:
@@ -130,7 +133,7 @@ class BatchReplier:
             if progress.sent < len(parts):
                 self.store.mark_sent(batch, answer.to_json(), progress.sent)
         # Marked done (and logged) right after the last send: a crash now repeats nothing.
-        self.store.complete(batch, self._exchange(batch, progress), updates)
+        self.store.complete(batch, self._exchange(batch, progress), progress.updates)
         metrics.EXCHANGES.labels(answer.outcome, batch.messages[0].page_id).inc()
         if parts:
             metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)
@@ -222,7 +225,7 @@ class BatchReplier:
     def _retry_or_fail(self, batch: Batch, error: str, progress: Progress, exchange: Exchange | None,
                        final: str | None) -> None:
         if final:
-            self.store.fail(batch, error, exchange)
+            self.store.fail(batch, error, exchange, progress.updates)
             metrics.FAILED.labels(final).inc()
             logger.error("send failed for good psid=%r mids=%r: %s", batch.psid, _mids(batch), error)
             return
@@ -232,7 +235,7 @@ class BatchReplier:
         # Still in doubt when this attempt's look for it failed too: the next one looks again.
         in_doubt = progress.in_doubt or batch.sending == progress.sent
         if self.store.retry(batch, delay, error, stored, progress.sent, exchange,
-                            sending=progress.sent if in_doubt else None):
+                            sending=progress.sent if in_doubt else None, user_updates=progress.updates):
             logger.warning("retrying psid=%r in %.1fs (failed try %d): %s", batch.psid, delay, failed_tries, error)
             return
         metrics.FAILED.labels("attempts_exhausted").inc()

@@ -87,7 +87,7 @@ class InboxUnreadable(Exception):
     """Some inbox files could not be read (EIO, permissions, no space to quarantine them); the
     others were drained: `new` and `duplicates` count what they held."""
 
-    def __init__(self, failed: list[tuple[str, Exception]], new: int, duplicates: int):
+    def __init__(self, failed: list[tuple[str, OSError]], new: int, duplicates: int):
         self.failed, self.new, self.duplicates = failed, new, duplicates
         super().__init__("; ".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in failed))
 
@@ -141,12 +141,12 @@ class Queue:
         with self._read() as db:
             known = {row[0]: (row[1], row[2]) for row in db.execute("SELECT source, offset, damaged FROM inbox_offsets")}
         new = duplicates = 0
-        failed: list[tuple[str, Exception]] = []
+        failed: list[tuple[str, OSError]] = []
         for name in inbox.inbox_files(directory):
             try:
                 added = self._drain_file(directory, name, *known.get(name, (0, 0)))
-            except Exception as exc:  # noqa: BLE001 - one unreadable file (EIO...) must not hold back the rest
-                failed.append((name, exc))
+            except OSError as exc:  # one unreadable file (EIO, permissions) must not hold back the rest;
+                failed.append((name, exc))  # a database error stops the drain, as ever
                 continue
             new, duplicates = new + sum(added), duplicates + len(added) - sum(added)
         if failed:
@@ -372,16 +372,18 @@ class Queue:
                      user_updates=user_updates)
 
     def retry(self, batch: Batch, delay: float, error: str, reply: str | None = None, sent_parts: int = 0,
-              exchange: Exchange | None = None, sending: int | None = None) -> bool:
+              exchange: Exchange | None = None, sending: int | None = None, user_updates: dict | None = None) -> bool:
         """Back in the queue after `delay`, keeping the reply so far; False when MAX_ATTEMPTS tries
         have ended in an error, this one included (then failed, with `exchange` logged; deaths have
         their own bound). `sending`: the part whose send failed in doubt - the next attempt looks
-        for it before sending it again, as after a crash mid-send."""
+        for it before sending it again, as after a crash mid-send. `user_updates`: the user state
+        the kept reply changes, not written yet."""
         if batch.attempts - batch.deaths >= self.max_attempts:
-            self.fail(batch, error, exchange)
+            self.fail(batch, error, exchange, user_updates)
             return False
         self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?, reply = ?, sent_parts = ?,"
-                     " sending = ?", self.clock() + delay, error, reply, sent_parts, sending)
+                     " sending = ?", self.clock() + delay, error, reply, sent_parts, sending,
+                     user_updates=user_updates)
         return True
 
     def look_again(self, batch: Batch, delay: float, error: str) -> None:
@@ -390,9 +392,10 @@ class Queue:
         self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?,"
                      " attempts = attempts - 1", self.clock() + delay, error)
 
-    def fail(self, batch: Batch, error: str, exchange: Exchange | None = None) -> None:
+    def fail(self, batch: Batch, error: str, exchange: Exchange | None = None,
+             user_updates: dict | None = None) -> None:
         self._update(batch, "state = 'failed', finished_at = ?, owner = NULL, error = ?", self.clock(), error,
-                     exchange=exchange)
+                     exchange=exchange, user_updates=user_updates)
 
     def release(self, owner: str) -> int:
         """Give back what `owner` holds (graceful shutdown); the attempt is not counted. Not a
