@@ -30,7 +30,7 @@ from urllib.parse import quote, unquote, urlparse
 
 from bot.runtime.preflight import LOCK_FILE, StartupProblem, lock_data_dir
 from bot.storage import inbox
-from bot.storage.queue import QUARANTINE, PostgresQueue, SQLiteQueue
+from bot.storage.queue import QUARANTINE, InboxUnreadable, PostgresQueue, SQLiteQueue
 from bot.storage.sql import SchemaTooNew
 from config import database_path, read_environment
 
@@ -183,7 +183,7 @@ def drain_inbox(data_dir: str, path: str) -> list[str]:
                 new, duplicates = writable.drain(directory)
             finally:
                 writable.close()
-        except (sqlite3.DatabaseError, OSError) as error:
+        except (sqlite3.DatabaseError, OSError, InboxUnreadable) as error:
             raise Refused(f"cannot drain {directory} into {path} ({type(error).__name__}: {one_line(error)}); "
                           "nothing was moved") from None
         notes.append(f"drained {directory} into {path} first: {new} acknowledged message(s) not yet queued"
