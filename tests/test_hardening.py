@@ -316,7 +316,23 @@ def test_an_instance_id_left_empty_by_a_crash_is_replaced(tmp_path):
     made = instance_id(str(tmp_path))
     assert made and (tmp_path / ID_FILE).read_text().strip() == made
     assert instance_id(str(tmp_path)) == made
-    assert os.listdir(tmp_path) == [ID_FILE]  # no draft left behind
+    assert sorted(os.listdir(tmp_path)) == [ID_FILE, ID_FILE + ".lock"]  # no draft left behind
+
+
+@pytest.mark.parametrize("left", [None, ""], ids=["first-start", "left-empty"])
+def test_every_process_of_a_first_start_gets_the_one_instance_id(tmp_path, left):
+    """The master, its workers and the reply process all ask at once: one id for all of them
+    (claims carry it; a process with another would not find its own after a restart)."""
+    import multiprocessing
+
+    from bot.storage.instance import ID_FILE, instance_id
+
+    if left is not None:
+        (tmp_path / ID_FILE).write_text(left)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(8) as pool:
+        ids = pool.map(instance_id, [str(tmp_path)] * 8)
+    assert len(set(ids)) == 1 and ids[0] and (tmp_path / ID_FILE).read_text().strip() == ids[0]
 
 
 def here(tmp_path) -> str:

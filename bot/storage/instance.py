@@ -9,7 +9,6 @@ process, and takes that work back at once instead of waiting out LEASE_SECONDS.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import socket
@@ -20,31 +19,29 @@ REPLY_LOCK = "reply.lock"
 
 
 def instance_id(data_dir: str) -> str:
-    """This bot's id, created on first use: `<hostname>-<random>`. Written whole or not at all
-    (a file of its own, synced, then linked into place): a kill -9 or a power cut at the first
-    start must not leave an empty id that no later start could replace."""
+    """This bot's id, created on first use: `<hostname>-<random>`. Made under a lock of its own
+    (the master, its workers and the reply process may all ask at the first start) and written
+    whole (a synced draft moved into place): a kill -9 or a power cut at the first start must
+    not leave an empty id, and an empty one left by an older version is replaced."""
     path = os.path.join(data_dir, ID_FILE)
     if value := _read_id(path):
         return value
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
-    value = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}".replace(":", "-")
-    draft = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="ascii") as f:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if value := _read_id(path):  # made by the process that had the lock before
+            return value
+        value = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}".replace(":", "-")
+        draft = f"{path}.draft"
+        with open(draft, "w", encoding="ascii", opener=lambda name, flags: os.open(name, flags, 0o600)) as f:
             f.write(value + "\n")
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.link(draft, path)  # fails if it exists: the first process of this bot to get here wins
-        except FileExistsError:
-            if _read_id(path) == "":  # left empty by a crash of an older version (create, then write)
-                os.replace(draft, path)
-            return _read_id(path) or value
+        os.replace(draft, path)
+        return value
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(draft)
-    return value
+        os.close(lock)  # drops the lock
 
 
 def _read_id(path: str) -> str | None:
