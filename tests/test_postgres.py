@@ -75,7 +75,7 @@ def test_inbox_files_left_behind_stop_a_start_on_postgres(graph, model, tmp_path
         [IncomingMessage(psid=PSID, page_id="1", mid="m_left", kind=TEXT, text="hi", timestamp_ms=1)], [])
     process = start_gunicorn({**env, "DATABASE_URL": pg_url}, tmp_path)
     output = process.communicate(timeout=30)[0]
-    assert process.returncode == 1 and "inbox holds 1 file(s) of acknowledged messages" in output, output
+    assert process.returncode == 1 and "inbox holds 1 inbox file(s) of messages acknowledged" in output, output
     assert "move-to-postgres" in output and "Traceback" not in output
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import requests
 
 from bot.telemetry import metrics
+from bot.telemetry.quiet import QuietRepeats
 from bot.storage.conversations import Conversations
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ class Tracker:
         self.retry_base = retry_base
         self._session = requests.Session()
         self._failing = False  # log the first failure of an outage, and its end
+        self._errors = QuietRepeats(time.monotonic, log=logger)  # a database outage: not a line a second
 
     def start(self, stopping: threading.Event) -> None:
         threading.Thread(target=self._loop, args=(stopping,), name="tracking", daemon=True).start()
@@ -42,7 +45,8 @@ class Tracker:
             try:
                 self.send_waiting()
             except Exception as exc:  # noqa: BLE001 - a database that blinks (PostgreSQL restarting) must not end tracking
-                logger.error("tracking: cannot read or update the exchange log: %s: %s", type(exc).__name__, exc)
+                self._errors.error(f"tracking:{type(exc).__name__}", "tracking: cannot read or update the exchange "
+                                   "log: %s: %s", type(exc).__name__, exc)
 
     def send_waiting(self) -> int:
         """POST what is due, oldest first, CLAIM_SIZE records at a time, each claimed for long

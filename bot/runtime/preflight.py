@@ -82,11 +82,14 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
         return
     from bot.storage.inbox import inbox_files
 
-    left = inbox_files(os.path.join(data_dir, "inbox")) if data_dir else []
+    try:
+        left = inbox_files(os.path.join(data_dir, "inbox")) if data_dir else []
+    except OSError as exc:
+        raise StartupProblem(f"cannot read {data_dir}/inbox ({exc.strerror}): check its owner and mode") from None
     if left:  # nothing reads them with DATABASE_URL set: those users would never be answered
-        raise StartupProblem(f"{data_dir}/inbox holds {len(left)} file(s) of acknowledged messages that are not in "
-                             "PostgreSQL: move them first with `python -m bot move-to-postgres --data-dir "
-                             f"{data_dir} --database-url ...` (or start once without DATABASE_URL to answer them)")
+        raise StartupProblem(f"{data_dir}/inbox holds {len(left)} inbox file(s) of messages acknowledged on SQLite "
+                             "and not yet queued: move this DATA_DIR with `python -m bot move-to-postgres --data-dir "
+                             f"{data_dir} --database-url ...` first (it queues them, then copies the store)")
     from urllib.parse import urlparse
 
     from bot.storage.queue import PostgresQueue
