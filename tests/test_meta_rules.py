@@ -1,6 +1,7 @@
 """Meta's rules: the bot says it is a bot when it must, and never answers outside the messaging window."""
 import json
 import logging
+import os
 import sqlite3
 
 import pytest
@@ -219,6 +220,34 @@ def test_a_request_for_a_person_is_answered_and_pauses_though_the_write_of_its_a
     assert graph.sent_texts(PSID) == [HANDED_OVER]
     clock.advance(60)
     say(client, clock, 2, "hello?")  # and the pause holds from then on
+    assert graph.sent_texts(PSID) == [HANDED_OVER]
+
+
+def test_a_user_state_change_that_cannot_be_written_does_not_cost_the_reply(make_client, graph, model, clock, env):
+    """The write of the answer failed, and so does the pause it carries: the retry keeps the
+    answer without it (logged as dropped) rather than leaving the batch to its lease."""
+    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m", RETRY_BASE_SECONDS="1")
+    replier = client.application.extensions["dispatcher"].replier
+    store = replier.store
+    database = os.path.join(env["DATA_DIR"], "bot.sqlite3")
+
+    class FailsToStore:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def sending(self, *args, **kwargs):
+            with sqlite3.connect(database) as db:
+                db.execute("ALTER TABLE users RENAME TO users_away")  # no user state can be written now
+            raise sqlite3.OperationalError("database is locked")
+    post_signed(client, text_body("m_human", "human", timestamp=int(clock() * 1000)))
+    replier.store = FailsToStore()
+    answer_queue(client)
+    replier.store = store
+    with sqlite3.connect(database) as db:
+        db.execute("ALTER TABLE users_away RENAME TO users")
+    assert store.states() == {"m_human": "pending"}  # its retry was recorded, the answer kept
+    clock.advance(2)
+    answer_queue(client)
     assert graph.sent_texts(PSID) == [HANDED_OVER]
 
 

@@ -200,13 +200,18 @@ class BatchReplier:
 
         Its exchange record is written with it when it fails; if that record cannot be
         written (what it holds cannot be stored), a bare one is, and if not even that,
-        none. Only a database that takes no writes at all leaves the batch to its lease.
+        none - nor the user-state change the answer carries (then logged as dropped). Only a
+        database that takes no writes at all leaves the batch to its lease.
         """
         error = error[:300]
         records = (lambda: self._exchange(batch, progress, outcome),
                    lambda: Exchange(psid=batch.psid, messages=batch.messages, outcome=outcome),
                    lambda: None)
         for level, record in enumerate(records):
+            if level == len(records) - 1 and progress.updates:
+                logger.error("psid=%r mids=%r: the user-state change %s is dropped: it could not be written",
+                             batch.psid, _mids(batch), sorted(progress.updates))
+                progress.updates = None
             try:
                 self._retry_or_fail(batch, error, progress, record(), final)
             except LostLease as exc:  # the process that took it over records its outcome
