@@ -176,7 +176,12 @@ def drain_inbox(data_dir: str, path: str) -> list[str]:
     """Acknowledged messages still in inbox files enter SQLite first, as on the bot's start."""
     directory = os.path.join(data_dir, "inbox")
     notes = []
-    if inbox.inbox_files(directory):
+    try:
+        waiting = inbox.inbox_files(directory)
+    except OSError as error:
+        reason = f"{type(error).__name__}: {one_line(error)}"
+        raise Refused(f"cannot read {directory} ({reason}); nothing was moved") from None
+    if waiting:
         try:
             writable = SQLiteQueue(path)
             try:
