@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import sqlite3
+from contextlib import contextmanager, nullcontext
 
 import pytest
 
@@ -187,6 +188,25 @@ class Died(BaseException):
     """The reply process killed (nothing in it catches this)."""
 
 
+@contextmanager
+def first_send_write_failing(client, failing):
+    """The reply threads' store, with `failing()` run in place of the write before each send."""
+    replier = client.application.extensions["dispatcher"].replier
+    store = replier.store
+
+    class FailsToStore:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def sending(self, *args, **kwargs):
+            failing()
+    replier.store = FailsToStore()
+    try:
+        yield store
+    finally:
+        replier.store = store
+
+
 @pytest.mark.parametrize("failure", [Died(), sqlite3.OperationalError("database is locked")],
                          ids=["process-died", "write-failed"])
 def test_a_request_for_a_person_is_answered_and_pauses_though_the_write_of_its_answer_failed(
@@ -196,24 +216,12 @@ def test_a_request_for_a_person_is_answered_and_pauses_though_the_write_of_its_a
     the answer was kept by the retry's (the pause goes with it: the retry asks no gate again)."""
     client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m", LEASE_SECONDS="8",
                          RETRY_BASE_SECONDS="1")
-    dispatcher = client.application.extensions["dispatcher"]
-    replier = dispatcher.replier
-    store = replier.store
-
-    class FailsToStore:
-        def __getattr__(self, name):
-            return getattr(store, name)
-
-        def sending(self, *args, **kwargs):
-            raise failure
     post_signed(client, text_body("m_human", "human", timestamp=int(clock() * 1000)))
-    replier.store = FailsToStore()
-    if isinstance(failure, Died):
-        with pytest.raises(Died):
-            answer_queue(client)
-    else:
+
+    def fail():
+        raise failure
+    with first_send_write_failing(client, fail), pytest.raises(Died) if isinstance(failure, Died) else nullcontext():
         answer_queue(client)
-    replier.store = store
     assert graph.sent_texts(PSID) == []
     clock.advance(9)  # its lease runs out (taken over), or its backoff
     answer_queue(client)
@@ -227,22 +235,15 @@ def test_a_user_state_change_that_cannot_be_written_does_not_cost_the_reply(make
     """The write of the answer failed, and so does the pause it carries: the retry keeps the
     answer without it (logged as dropped) rather than leaving the batch to its lease."""
     client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m", RETRY_BASE_SECONDS="1")
-    replier = client.application.extensions["dispatcher"].replier
-    store = replier.store
     database = os.path.join(env["DATA_DIR"], "bot.sqlite3")
 
-    class FailsToStore:
-        def __getattr__(self, name):
-            return getattr(store, name)
-
-        def sending(self, *args, **kwargs):
-            with sqlite3.connect(database) as db:
-                db.execute("ALTER TABLE users RENAME TO users_away")  # no user state can be written now
-            raise sqlite3.OperationalError("database is locked")
+    def fail():
+        with sqlite3.connect(database) as db:
+            db.execute("ALTER TABLE users RENAME TO users_away")  # no user state can be written now
+        raise sqlite3.OperationalError("database is locked")
     post_signed(client, text_body("m_human", "human", timestamp=int(clock() * 1000)))
-    replier.store = FailsToStore()
-    answer_queue(client)
-    replier.store = store
+    with first_send_write_failing(client, fail) as store:
+        answer_queue(client)
     with sqlite3.connect(database) as db:
         db.execute("ALTER TABLE users_away RENAME TO users")
     assert store.states() == {"m_human": "pending"}  # its retry was recorded, the answer kept
