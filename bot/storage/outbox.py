@@ -12,7 +12,7 @@ TRACKED_COLUMNS = (*EXPORT_COLUMNS, "ip_address", "user_url")
 def waiting(db, now: float, limit: int = 50) -> list[tuple[int, dict]]:
     rows = db.execute(f"SELECT id, {', '.join(TRACKED_COLUMNS)} FROM interactions WHERE tracking = ?"
                       " AND track_after <= ? ORDER BY id LIMIT ?", ("waiting", now, limit)).fetchall()
-    return [(row[0], _tracking_record(dict(zip(TRACKED_COLUMNS, row[1:])))) for row in rows]
+    return _records(rows)
 
 
 def claim(db, now: float, lease: float, limit: int) -> list[tuple[int, dict]]:
@@ -21,10 +21,10 @@ def claim(db, now: float, lease: float, limit: int) -> list[tuple[int, dict]]:
     it went (it died). One statement: a tracker that picked the same rows at the same moment
     finds them leased once the first one commits, and skips them."""
     rows = db.execute(
-        f"UPDATE interactions SET track_after = ? WHERE id IN (SELECT id FROM interactions WHERE tracking = ?"
-        f" AND track_after <= ? ORDER BY id LIMIT ?) AND tracking = ? AND track_after <= ?"
+        "UPDATE interactions SET track_after = ? WHERE id IN (SELECT id FROM interactions WHERE tracking = ?"
+        " AND track_after <= ? ORDER BY id LIMIT ?) AND tracking = ? AND track_after <= ?"
         f" RETURNING id, {', '.join(TRACKED_COLUMNS)}", (now + lease, "waiting", now, limit, "waiting", now)).fetchall()
-    return sorted((row[0], _tracking_record(dict(zip(TRACKED_COLUMNS, row[1:])))) for row in rows)
+    return _records(sorted(rows, key=lambda row: row[0]))  # RETURNING keeps no order
 
 
 def release(db, record_ids: list[int], now: float) -> None:
@@ -44,6 +44,11 @@ def failed(db, record_id: int, now: float, base_delay: float, cap: float) -> int
     db.execute("UPDATE interactions SET track_after = ? WHERE id = ?",
                (now + min(cap, base_delay * 2 ** (attempts - 1)), record_id))
     return attempts
+
+
+def _records(rows) -> list[tuple[int, dict]]:
+    """(id, the record to post) of each row of `id, *TRACKED_COLUMNS`."""
+    return [(row[0], _tracking_record(dict(zip(TRACKED_COLUMNS, row[1:])))) for row in rows]
 
 
 def _tracking_record(record: dict) -> dict:
