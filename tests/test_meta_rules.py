@@ -214,8 +214,9 @@ def test_a_request_for_a_person_is_answered_and_pauses_though_the_write_of_its_a
     """The write that keeps the answer failed: the process died there (the pause that request
     set must not silence its own reply when the batch is taken over), or the write failed and
     the answer was kept by the retry's (the pause goes with it: the retry asks no gate again)."""
+    owner = WebhookRecorder().start()
     client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m", LEASE_SECONDS="8",
-                         RETRY_BASE_SECONDS="1")
+                         RETRY_BASE_SECONDS="1", HANDOFF_WEBHOOK=owner.url + "/handoff")
     post_signed(client, text_body("m_human", "human", timestamp=int(clock() * 1000)))
 
     def fail():
@@ -229,6 +230,11 @@ def test_a_request_for_a_person_is_answered_and_pauses_though_the_write_of_its_a
     clock.advance(60)
     say(client, clock, 2, "hello?")  # and the pause holds from then on
     assert graph.sent_texts(PSID) == [HANDED_OVER]
+    owner.stop()
+    # The owner hears of it at each composing: twice when the process died before the answer was
+    # stored, with one id to drop the repeat by; once when the retry kept the answer.
+    composed = 2 if isinstance(failure, Died) else 1
+    assert [note["id"] for note in owner.bodies] == ["m_human"] * composed
 
 
 def test_a_user_state_change_that_cannot_be_written_does_not_cost_the_reply(make_client, graph, model, clock, env):
@@ -271,7 +277,7 @@ def test_the_button_under_each_answer_hands_over_and_the_owner_hears_of_it(make_
     assert graph.sent_texts(PSID)[-1] == HANDED_OVER and len(model.requests) == 1
     assert len(owner.bodies) == 2  # a 500 first: tried once more
     note = owner.bodies[-1]
-    assert (note["event"], note["psid"], note["page_id"]) == ("handoff", PSID, PAGE_ID)
+    assert (note["event"], note["id"], note["psid"], note["page_id"]) == ("handoff", "m_user_2", PSID, PAGE_ID)
     assert [(m["from"], m["text"]) for m in note["messages"]] == [
         ("user", "Do you have gluten-free bread?"), ("page", REPLY)]
 

@@ -37,16 +37,20 @@ class Handoff:
         self.clock = clock
         self._session = requests.Session() if settings.webhook else None
 
-    def hand_over(self, psid: str) -> None:
+    def hand_over(self, psid: str, request_id: str) -> None:
         """Pass the thread and tell the owner; a failure of either is logged, never raised: the
-        user has been told a person will answer, and the bot stays paused either way."""
+        user has been told a person will answer, and the bot stays paused either way.
+
+        This runs before the answer is stored, so a reply process killed in between makes the
+        next one hand over again: `request_id` (the asking message's) lets the owner's system
+        drop the repeat."""
         if self.settings.thread_control:
             try:
                 self.graph.pass_thread_control(psid, self.settings.inbox_app_id, "the user asked for a person")
             except GraphAPIError as exc:
                 logger.error("could not pass psid=%r's thread to the Page inbox: %s", psid, exc)
         if self._session is not None:
-            self._notify(psid)
+            self._notify(psid, request_id)
 
     def summary(self, psid: str) -> list[dict]:
         """The conversation's last messages, oldest first, from the mirror."""
@@ -54,9 +58,9 @@ class Handoff:
         return [{"from": "user" if h.from_id == psid else "page", "text": h.text, "at": h.created_time}
                 for h in reversed(history) if h.text]
 
-    def _notify(self, psid: str) -> None:
-        body = {"event": "handoff", "psid": psid, "page_id": self.page_id, "page_name": self.settings.page_name,
-                "at": int(self.clock()), "messages": self.summary(psid)}
+    def _notify(self, psid: str, request_id: str) -> None:
+        body = {"event": "handoff", "id": request_id, "psid": psid, "page_id": self.page_id,
+                "page_name": self.settings.page_name, "at": int(self.clock()), "messages": self.summary(psid)}
         for attempt in (1, 2):
             try:
                 response = self._session.post(self.settings.webhook, json=body, timeout=WEBHOOK_TIMEOUT)
