@@ -25,6 +25,14 @@ def test_a_pause_holds_until_its_end_and_not_a_moment_longer():
     assert decide(messages("hi"), paused, POLICY, NOW + 30) is None
 
 
+def test_a_request_for_a_person_pauses_from_the_asking_message():
+    """The pause carries the request's own time: a handback after it wins when the two are written."""
+    policy = Policy(handoff_words=("human",), handoff_reply="a person will answer", human_pause=1800.0)
+    gated = decide(messages("hello", "Human!", "thanks"), Facts(UserState()), policy, NOW + 3)
+    assert gated.answer.outcome == Outcome.HANDOFF
+    assert gated.updates == {"pause": [NOW + 3 + 1800, int(NOW * 1000) + 1]}
+
+
 def test_the_reset_word_in_any_case_resets_after_the_newest_message():
     gated = decide(messages("hello", "  RESET "), Facts(UserState()), POLICY, NOW - 5)
     assert gated.answer.text == "fresh start" and gated.answer.outcome == Outcome.RESET

@@ -377,6 +377,26 @@ def test_a_thread_passed_back_ends_the_pause_whichever_delivery_comes_first(stor
     assert store.conversations.user("u1").paused_until is None
 
 
+def test_a_requested_pause_written_with_the_answer_yields_to_a_handback_or_a_longer_pause(store):
+    """The pause a request for a person sets is written with its answer, after the gate decided:
+    a handback after the request (at 1000) or a person's longer pause that landed in between stands."""
+    store.add([message("m1", at=1000), message("m2", psid="u2", at=1000)])
+    first, second = store.claim("a", 30), store.claim("a", 30)
+    batches = {first.psid: first, second.psid: second}
+    handback = Echo(psid="u1", page_id="1", mid="thread-control:1100", text="", timestamp_ms=1100, app_id=None,
+                    metadata=None)
+    person = Echo(psid="u2", page_id="1", mid="e2", text="A person here", timestamp_ms=1050, app_id=None,
+                  metadata=None)
+    store.add([], [ClassifiedEcho(handback, False, 0.0, RESUME), ClassifiedEcho(person, True, 2_000_000_000.0)])
+    store.sending(batches["u1"], '{"text": "r"}', 0, 30, {"pause": [1_900_000_000.0, 1000]})
+    store.complete(batches["u2"], exchange(batches["u2"]), {"pause": [1_900_000_000.0, 1000]})
+    assert store.conversations.user("u1").paused_until is None
+    assert store.conversations.user("u2").paused_until == 2_000_000_000.0
+    store.conversations.update_user("u3", pause=[1_900_000_000.0, 1000], rate_notice_at=7.5)  # no one paused it
+    assert (store.conversations.user("u3").paused_until, store.conversations.user("u3").rate_notice_at) == (
+        1_900_000_000.0, 7.5)
+
+
 def test_user_state_columns_are_set_and_kept(store):
     store.conversations.update_user("u1", reset_at_ms=42)
     store.conversations.update_user("u1", rate_notice_at=7.5, budget_notice_day="2027-01-15")

@@ -77,8 +77,9 @@ def decide(messages: Sequence[IncomingMessage], facts: Facts, policy: Policy, no
     user = facts.user
     if user.paused_until and user.paused_until > now:
         return Gated(Answer(None, Outcome.PAUSED), why="a human is answering")
-    if any(is_handoff(m, policy.handoff_words) for m in messages):
-        pause = {"paused_until": now + policy.human_pause} if policy.human_pause else {}
+    asking = next((m for m in messages if is_handoff(m, policy.handoff_words)), None)
+    if asking is not None:
+        pause = {"pause": [now + policy.human_pause, asking.timestamp_ms]} if policy.human_pause else {}
         return Gated(Answer(policy.handoff_reply, Outcome.HANDOFF), pause, "asked for a person")
     word = policy.reset_word.lower()
     if word and any(m.text.strip().lower() == word for m in messages):

@@ -64,10 +64,10 @@ class Conversations:
         with self._database.read() as db:
             return users.get(db, psid)
 
-    def update_user(self, psid: str, **columns: object) -> None:
-        """Set columns of the user's row (reset_at_ms, rate_notice_at, budget_notice_day...)."""
+    def update_user(self, psid: str, **changes: object) -> None:
+        """Columns of the user's row (reset_at_ms, rate_notice_at...) and a pause: users.apply."""
         with self._database.write() as db:
-            users.update(db, psid, **columns)
+            users.apply(db, psid, changes)
 
     def history(self, psid: str, page_id: str, limit: int, after_ms: int | None) -> list[HistoryMessage]:
         with self._database.read() as db:

@@ -424,7 +424,7 @@ class Queue:
         if updated != len(batch.ids):  # rolled back with the block: another process's outcome stands
             raise LostLease(f"batch {batch.batch_id} of psid {batch.psid!r} is no longer {batch.owner}'s")
         if user_updates:
-            users.update(db, batch.psid, **user_updates)
+            users.apply(db, batch.psid, user_updates)
         if exchange is not None:
             self.conversations.finish(db, exchange)
 

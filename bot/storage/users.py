@@ -35,10 +35,22 @@ def update(db, psid: str, **columns: object) -> None:
                (psid, *columns.values()))
 
 
+def apply(db, psid: str, changes: dict) -> None:
+    """A gate's changes to the user: columns to set, and a `pause` ([until, since_ms]) that
+    follows pause()'s rules - it is written after the answer was composed, and a handback or a
+    person's longer pause may have landed in between."""
+    changes = dict(changes)
+    held = changes.pop("pause", None)
+    if held is not None:
+        pause(db, psid, *held)
+    if changes:
+        update(db, psid, **changes)
+
+
 def pause(db, psid: str, until: float, answered_ms: int) -> None:
-    """A person answered from the Page at `answered_ms` (Meta's time): silent until `until`,
-    never shortening a longer pause - unless the thread was passed back to the bot after that
-    answer (the two deliveries can arrive in either order)."""
+    """A person answered from the Page at `answered_ms` (Meta's time; or the user asked for
+    one then): silent until `until`, never shortening a longer pause - unless the thread was
+    passed back to the bot after that answer (the two deliveries can arrive in either order)."""
     db.execute("INSERT INTO users (psid, paused_until) VALUES (?, ?) ON CONFLICT (psid) DO UPDATE SET paused_until ="
                " CASE WHEN users.thread_back_ms >= ? OR users.paused_until > excluded.paused_until"
                " THEN users.paused_until ELSE excluded.paused_until END", (psid, until, answered_ms))
