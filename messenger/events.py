@@ -5,8 +5,11 @@ real deliveries batch both, so every entry and every event is read.
 https://developers.facebook.com/docs/messenger-platform/webhooks
 
 Everything here is validated at the edge: a body that is not a delivery is
-BadPayload (the webhook answers 400); an event whose ids could not be stored
-or logged safely is skipped and counted, so one bad event never costs the batch.
+BadPayload (the webhook answers 400); an event that is malformed (no sender id,
+no mid) or whose ids could not be stored or logged safely is skipped and counted,
+so one bad event never costs the batch - Meta would retry the whole POST and the
+good messages in it would be lost with the bad one. A body whose every event is
+malformed is BadPayload.
 """
 from __future__ import annotations
 
@@ -155,6 +158,7 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collect
     touches: list[Touch] = []
     foreign: list[str] = []
     ignored = 0
+    malformed: list[str] = []
     for entry in _list_of_objects(payload.get("entry"), "entry"):
         # `standby` events belong to a thread another app owns: watch, never answer.
         ignored += len(_list_of_objects(entry.get("standby", []), "standby"))
@@ -163,7 +167,12 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collect
             ignored += len(events)
             continue
         for event in events:
-            record = _parse_event(event, now_ms)
+            try:
+                record = _parse_event(event, now_ms)
+            except BadPayload as exc:
+                malformed.append(str(exc))
+                ignored += 1
+                continue
             if isinstance(record, IncomingMessage):
                 messages.append(record)
                 continue
@@ -174,6 +183,11 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collect
                 controls.append(record)
             elif isinstance(record, Touch):
                 touches.append(record)
+    if malformed:
+        if len(malformed) == ignored + len(messages):  # nothing usable in it: refuse the body itself
+            raise BadPayload(malformed[0])
+        logger.warning("ignoring %d malformed messaging event(s) of a delivery: %s", len(malformed),
+                       "; ".join(sorted(set(malformed))))
     return Delivery(tuple(messages), ignored, tuple(echoes), tuple(foreign), tuple(controls), tuple(touches))
 
 

@@ -96,6 +96,18 @@ def test_bad_shapes(payload, reason):
         parse_delivery(payload)
 
 
+def test_a_malformed_event_is_skipped_and_counted_when_others_are_usable():
+    good = {"sender": {"id": "1"}, "recipient": {"id": "2"}, "message": {"mid": "m1", "text": "hi"}}
+    no_mid = {"sender": {"id": "3"}, "recipient": {"id": "2"}, "message": {"text": "hi"}}
+    read = {"sender": {"id": "3"}, "recipient": {"id": "2"}, "read": {"watermark": 1}}
+    delivery = parse_delivery({"object": "page", "entry": [{"messaging": [no_mid, good]}]})
+    assert [m.mid for m in delivery.messages] == ["m1"] and delivery.ignored == 1
+    delivery = parse_delivery({"object": "page", "entry": [{"messaging": [read, no_mid]}]})
+    assert delivery.messages == () and delivery.ignored == 2  # the read is usable: not refused
+    with pytest.raises(BadPayload, match="mid"):
+        parse_delivery({"object": "page", "entry": [{"messaging": [no_mid]}, {"messaging": [no_mid]}]})
+
+
 # -- Validation at the edge (issue 9) -----------------------------------------------------------
 PAGE = "1000000000000001"
 PSID = "2000000000000001"

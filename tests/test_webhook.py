@@ -89,6 +89,24 @@ def test_bad_bodies_are_400_and_app_keeps_serving(client, graph, body, reason):
     assert graph.sent_texts(PSID) == ["Hello from the model."]
 
 
+@pytest.mark.parametrize("bad_event", [
+    {"message": {"mid": "m_nobody", "text": "hi"}},
+    {"sender": {"id": "2000000000000009"}, "recipient": {"id": "1"}, "message": {"text": "no mid"}},
+    {"sender": {"id": "2000000000000009"}, "message": "a string"},
+], ids=["no-sender", "no-mid", "message-string"])
+def test_one_malformed_event_costs_only_itself_not_the_batch(client, graph, caplog, bad_event):
+    """A 400 would make Meta retry the whole POST, and the good messages in it would be lost with
+    the bad one: it is skipped (logged, a short reason) and the rest answered."""
+    body = json.loads(fixture_bytes("batch"))
+    body["entry"][0]["messaging"].insert(1, bad_event)
+    with caplog.at_level(logging.WARNING):
+        assert post_signed(client, json.dumps(body).encode()).status_code == 200
+    assert "ignoring 1 malformed messaging event(s)" in caplog.text
+    answer_queue(client)
+    for psid in ("2000000000000001", "2000000000000002", "2000000000000003"):
+        assert graph.sent_texts(psid) == ["Hello from the model."]
+
+
 def test_body_over_5_mb_is_413_and_a_large_one_is_fine(client, graph):
     huge = b'{"object": "page", "entry": [], "pad": "' + b"x" * (5 * 1024 * 1024) + b'"}'
     assert post_signed(client, huge).status_code == 413
