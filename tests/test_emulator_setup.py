@@ -123,6 +123,8 @@ def test_pass_and_take_thread_control(graph, receiver):
     body = {"recipient": {"id": PSID}, "target_app_id": int(PAGE_INBOX_APP_ID), "metadata": "asked for a person"}
     assert call(graph, "POST", "me/pass_thread_control", json=body).json() == {"success": True}
     assert graph.thread_owner(PSID) == PAGE_INBOX_APP_ID
+    send = {"recipient": {"id": PSID}, "messaging_type": "RESPONSE", "message": {"text": "hi"}}
+    assert call(graph, "POST", "me/messages", json=send).json()["error"]["code"] == 10  # only the owner sends
     handover = graph.handovers[-1]
     assert (handover.kind, handover.psid, handover.new_owner, handover.metadata) == (
         "pass_thread_control", PSID, PAGE_INBOX_APP_ID, "asked for a person")
@@ -139,6 +141,7 @@ def test_pass_and_take_thread_control(graph, receiver):
     assert taken == {"previous_owner_app_id": APP_ID, "new_owner_app_id": PAGE_INBOX_APP_ID}
     assert call(graph, "POST", "me/take_thread_control", json={"recipient": {"id": PSID}}).json() == {"success": True}
     assert graph.thread_owner(PSID) == APP_ID and graph.handovers[-1].kind == "take_thread_control"
+    assert "message_id" in call(graph, "POST", "me/messages", json=send).json()
 
 
 def test_handover_refusals(graph):

@@ -189,17 +189,15 @@ class Died(BaseException):
 
 
 @contextmanager
-def first_send_write_failing(client, failing):
-    """The reply threads' store, with `failing()` run in place of the write before each send."""
+def store_write_failing(client, failing, write="sending"):
+    """The reply threads' store, with `failing()` run in place of its `write` (by default the
+    write before each send)."""
     replier = client.application.extensions["dispatcher"].replier
     store = replier.store
 
     class FailsToStore:
         def __getattr__(self, name):
-            return getattr(store, name)
-
-        def sending(self, *args, **kwargs):
-            failing()
+            return (lambda *args, **kwargs: failing()) if name == write else getattr(store, name)
     replier.store = FailsToStore()
     try:
         yield store
@@ -221,7 +219,7 @@ def test_a_request_for_a_person_is_answered_and_pauses_though_the_write_of_its_a
 
     def fail():
         raise failure
-    with first_send_write_failing(client, fail), pytest.raises(Died) if isinstance(failure, Died) else nullcontext():
+    with store_write_failing(client, fail), pytest.raises(Died) if isinstance(failure, Died) else nullcontext():
         answer_queue(client)
     assert graph.sent_texts(PSID) == []
     clock.advance(9)  # its lease runs out (taken over), or its backoff
@@ -231,10 +229,26 @@ def test_a_request_for_a_person_is_answered_and_pauses_though_the_write_of_its_a
     say(client, clock, 2, "hello?")  # and the pause holds from then on
     assert graph.sent_texts(PSID) == [HANDED_OVER]
     owner.stop()
-    # The owner hears of it at each composing: twice when the process died before the answer was
-    # stored, with one id to drop the repeat by; once when the retry kept the answer.
-    composed = 2 if isinstance(failure, Died) else 1
-    assert [note["id"] for note in owner.bodies] == ["m_human"] * composed
+    # The owner hears of it once, after the reply went out, with the asking message's id.
+    assert [note["id"] for note in owner.bodies] == ["m_human"]
+
+
+def test_a_hand_over_cut_short_by_a_kill_is_repeated_with_the_same_id_and_the_reply_is_not(
+        make_client, graph, clock):
+    owner = WebhookRecorder().start()
+    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m", LEASE_SECONDS="8",
+                         HANDOFF_WEBHOOK=owner.url + "/handoff")
+    post_signed(client, text_body("m_human", "human", timestamp=int(clock() * 1000)))
+
+    def die():
+        raise Died()
+    with store_write_failing(client, die, "complete"), pytest.raises(Died):  # after the hand-over, before the record
+        answer_queue(client)
+    clock.advance(9)  # its lease runs out: taken over
+    answer_queue(client)
+    owner.stop()
+    assert graph.sent_texts(PSID) == [HANDED_OVER]
+    assert [note["id"] for note in owner.bodies] == ["m_human", "m_human"]
 
 
 def test_a_user_state_change_that_cannot_be_written_does_not_cost_the_reply(make_client, graph, model, clock, env):
@@ -248,7 +262,7 @@ def test_a_user_state_change_that_cannot_be_written_does_not_cost_the_reply(make
             db.execute("ALTER TABLE users RENAME TO users_away")  # no user state can be written now
         raise sqlite3.OperationalError("database is locked")
     post_signed(client, text_body("m_human", "human", timestamp=int(clock() * 1000)))
-    with first_send_write_failing(client, fail) as store:
+    with store_write_failing(client, fail) as store:
         answer_queue(client)
     with sqlite3.connect(database) as db:
         db.execute("ALTER TABLE users_away RENAME TO users")
@@ -295,11 +309,14 @@ def test_the_thread_passed_back_by_the_inbox_ends_the_pause_at_once(make_client,
     assert graph.sent_texts(PSID)[-1] == REPLY
 
 
-def test_with_thread_control_the_inbox_gets_the_thread(make_client, graph, clock):
-    client = make_client(clock, HANDOFF_THREAD_CONTROL="on")
+def test_with_thread_control_the_inbox_gets_the_thread_after_the_user_was_told(make_client, graph, clock):
+    """Once the inbox owns the thread Meta refuses the bot's sends (the emulator too): the reply goes first."""
+    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HANDOFF_THREAD_CONTROL="on")
     say(client, clock, 1, "agent")
+    assert graph.sent_texts(PSID) == [HANDED_OVER]
     [call] = [c for c in graph.calls if c.path.endswith("me/pass_thread_control")]
     assert call.body["recipient"] == {"id": PSID} and call.body["target_app_id"] == 263902037430900
+    assert graph.thread_owner(PSID) == "263902037430900"
 
 
 # -- what users do to messages already sent -------------------------------------------------------

@@ -132,7 +132,10 @@ class BatchReplier:
             progress.sent += 1
             if progress.sent < len(parts):
                 self.store.mark_sent(batch, answer.to_json(), progress.sent)
-        # Marked done (and logged) right after the last send: a crash now repeats nothing.
+        if answer.outcome == Outcome.HANDOFF:  # the reply first: the inbox's thread takes no sends from the bot
+            composer.hand_over(batch.messages)
+        # Marked done (and logged) right after the last send and the hand-over: a crash before
+        # this repeats no send (the last one is found), only the hand-over (with the same id).
         self.store.complete(batch, self._exchange(batch, progress), progress.updates)
         metrics.EXCHANGES.labels(answer.outcome, batch.messages[0].page_id).inc()
         if parts:

@@ -133,8 +133,6 @@ class Composer:
             if gated.updates and not defer_updates:
                 self.conversations.update_user(psid, **gated.updates)
             logger.info("%s psid=%r: %d message(s) not sent to the model", gated.why, psid, len(messages))
-            if gated.answer.outcome == Outcome.HANDOFF and self.handoff:
-                self.handoff.hand_over(psid, self._handoff_request_id(messages))
             answer = self._disclosed(gated.answer, messages, facts.user)
             return replace(answer, user_updates=gated.updates or None) if defer_updates else answer
         thinking = _once(thinking)
@@ -145,11 +143,15 @@ class Composer:
             prepared.release()
         return self._disclosed(answer, messages, facts.user)
 
-    def _handoff_request_id(self, messages: Sequence[IncomingMessage]) -> str:
-        """The same for every composing of one request: the asking message's mid (a postback
-        may have none: then the user and its time)."""
-        asking = next(m for m in messages if gate.is_handoff(m, self.policy.handoff_words))
-        return asking.mid or f"{asking.psid}:{asking.timestamp_ms}"
+    def hand_over(self, messages: Sequence[IncomingMessage]) -> None:
+        """After the handoff reply went out (once the thread is the inbox's, Meta refuses this
+        app's sends). A process killed before the batch is recorded hands over again: the
+        asking message's mid (a postback may have none: the user and its time) lets the owner's
+        system drop the repeat."""
+        if self.handoff is None:
+            return
+        asking = next((m for m in messages if gate.is_handoff(m, self.policy.handoff_words)), messages[-1])
+        self.handoff.hand_over(asking.psid, asking.mid or f"{asking.psid}:{asking.timestamp_ms}")
 
     def _disclosed(self, answer: Answer, messages: Sequence[IncomingMessage], user: UserState) -> Answer:
         """The answer, first saying the user talks to a bot when Meta's rule wants it now."""

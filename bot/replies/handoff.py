@@ -40,10 +40,7 @@ class Handoff:
     def hand_over(self, psid: str, request_id: str) -> None:
         """Pass the thread and tell the owner; a failure of either is logged, never raised: the
         user has been told a person will answer, and the bot stays paused either way.
-
-        This runs before the answer is stored, so a reply process killed in between makes the
-        next one hand over again: `request_id` (the asking message's) lets the owner's system
-        drop the repeat."""
+        `request_id` (the asking message's) is the same if a takeover hands over again."""
         if self.settings.thread_control:
             try:
                 self.graph.pass_thread_control(psid, self.settings.inbox_app_id, "the user asked for a person")

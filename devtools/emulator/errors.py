@@ -61,3 +61,10 @@ def no_matching_user() -> Response:
 
 def text_too_long(limit: int) -> Response:
     return graph_error(100, f"(#100) Length of param message[text] must be less than or equal to {limit}")
+
+
+def not_thread_owner() -> Response:
+    """A send while another app (the Page inbox) owns the thread: the handover protocol lets only
+    the thread's owner send. Code 10 (permission) and the wording are what developers report;
+    Meta's error-code pages list no subcode for it, so none is made up here."""
+    return graph_error(10, "(#10) Message failed to send because another app is controlling this thread now.")

@@ -249,6 +249,8 @@ class GraphEmulator(Users, Setup, Handovers, LocalServer):
         # Instagram's Send API examples carry no messaging_type; Messenger's requires it.
         if account.platform == MESSENGER and body.get("messaging_type") not in ("RESPONSE", "UPDATE", "MESSAGE_TAG"):
             return graph_error(100, "messaging_type is required")
+        if self.thread_owner(psid) != self.app_id:
+            return errors.not_thread_owner()
         message = body.get("message") if isinstance(body.get("message"), dict) else {}
         text = message.get("text", "")
         if not text or _length(text, account.platform) > MAX_TEXT[account.platform]:
