@@ -85,6 +85,23 @@ def test_a_retried_reply_carries_the_line_once_and_the_next_reply_not_at_all(cli
     assert graph.sent_texts(PSID) == [f"{SAID}\n\n{REPLY}", REPLY]
 
 
+def test_a_person_who_answers_while_the_reply_waits_for_its_retry_has_the_conversation(client, graph, clock):
+    """The gate asked before the model; the reply's first send failed, and a person answered
+    from the inbox before its retry: the bot's answer is dropped, not sent on top of theirs."""
+    graph.fail_next("send", graph_error(2, "Service temporarily unavailable", status=500))
+    say(client, clock, 1, "Is my order shipped?")
+    clock.advance(1)
+    post_signed(client, echo_body("m_inbox", "Ana here, it left today!", app_id=263902037430900,
+                                  timestamp=int(clock() * 1000)))
+    clock.advance(120)  # past the retry's backoff
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == []
+    assert [r["outcome"] for r in log(client)] == ["paused"]
+    clock.advance(31 * 60)  # HUMAN_PAUSE is over: the bot answers again
+    say(client, clock, 2, "thanks! and on Sundays?")
+    assert graph.sent_texts(PSID)[-1].endswith(REPLY)
+
+
 def test_the_line_is_on_by_default_and_names_the_page_when_it_has_a_name(env):
     assert load_config({**env, "DISCLOSURE": ""}, env_file=None).disclosure_line == \
         "You are chatting with an automated assistant."

@@ -10,7 +10,7 @@ import pytest
 from bot.replies.answer import Outcome
 from bot.storage.exchanges import Exchange
 from bot.storage.inbox import RESUME, ClassifiedEcho
-from bot.storage.queue import PostgresQueue, SQLiteQueue
+from bot.storage.queue import PausedByPerson, PostgresQueue, SQLiteQueue
 from bot.webchat import store as webchat_store
 from messenger.attachments import AUDIO, Attachment
 from messenger.events import ATTACHMENT, TEXT, Echo, IncomingMessage
@@ -180,6 +180,19 @@ def test_a_retry_in_doubt_hands_the_part_under_way_to_the_next_attempt(store, cl
     store.sending(batch, '{"text": "r"}', 1, 30)
     assert store.retry(batch, 0, "ReadTimeout", reply='{"text": "r"}', sent_parts=1, sending=1)
     assert store.claim("b", 30).sending == 1  # it looks for part 1 before sending it again
+
+
+def test_a_send_is_refused_while_a_person_answers_unless_it_is_the_handoff_reply(store, clock):
+    store.add([message("m1")])
+    batch = store.claim("a", 30)
+    person = Echo(psid="u1", page_id="1", mid="e1", text="A person here", timestamp_ms=1500, app_id=None, metadata=None)
+    store.add([], [ClassifiedEcho(person, True, clock() + 60)])
+    with pytest.raises(PausedByPerson):
+        store.sending(batch, '{"text": "r"}', 0, 30, {"rate_notice_at": 1.0}, unless_paused=True)
+    assert store.conversations.user("u1").rate_notice_at is None  # nothing written with it
+    store.sending(batch, '{"text": "r"}', 0, 30, unless_paused=False)  # a handoff reply: its own pause
+    clock.advance(61)  # the pause is over
+    store.sending(batch, '{"text": "r"}', 0, 30, unless_paused=True)
 
 
 def test_a_graceful_stop_gives_back_no_batch_whose_send_is_under_way(store, clock):

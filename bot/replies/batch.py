@@ -17,7 +17,7 @@ from bot.replies.activity import Activity
 from bot.replies.answer import Answer, Outcome
 from bot.replies.composer import CannotTell, Composer, Composers
 from bot.storage.exchanges import Exchange
-from bot.storage.queue import Batch, LostLease, Queue
+from bot.storage.queue import Batch, LostLease, PausedByPerson, Queue
 from bot.telemetry import metrics
 from messenger.graph import GraphAPIError, explain, is_retryable, is_window_closed
 
@@ -84,6 +84,8 @@ class BatchReplier:
             logger.warning("stopped answering psid=%r mids=%r: %s", batch.psid, _mids(batch), exc)
         except CannotTell as exc:  # no try spent on it: the send keeps every one of its tries
             self._look_again(batch, str(exc))
+        except PausedByPerson as exc:
+            self._paused(batch, progress, str(exc))
         except GraphAPIError as exc:
             metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
             error = f"{exc}: {why}" if (why := explain(exc)) else str(exc)
@@ -120,7 +122,9 @@ class BatchReplier:
             if not mid:
                 # The user state written with the answer: a crash before it changes nothing (a request
                 # for a person is not left as a pause that silences its own reply).
-                self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds, progress.updates)
+                # A person who answered meanwhile has the conversation (a handoff reply carries its own pause).
+                self.store.sending(batch, answer.to_json(), progress.sent, self.lease_seconds, progress.updates,
+                                   unless_paused=answer.outcome != Outcome.HANDOFF)
                 progress.updates = None
                 try:
                     mid = composer.send_part(batch.psid, part, offer_person=offer)
@@ -167,6 +171,20 @@ class BatchReplier:
         logger.warning("psid=%r part %d was being sent when its process died or its send went unanswered: %s",
                        batch.psid, index, "it went out, not sending it again" if mid else "it did not go out, sending it")
         return mid
+
+    def _paused(self, batch: Batch, progress: Progress, why: str) -> None:
+        """A person answered while this reply was on its way: what is left of it is not sent."""
+        logger.info("psid=%r mids=%r: %s; %d part(s) sent, the rest dropped", batch.psid, _mids(batch), why,
+                    progress.sent)
+        try:
+            self.store.complete(batch, self._exchange(batch, progress, Outcome.PAUSED), progress.updates)
+        except LostLease as exc:
+            logger.warning("psid=%r mids=%r: %s", batch.psid, _mids(batch), exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - retried: the next try finds the pause again
+            self._record_failure(batch, f"{type(exc).__name__}: {exc}", progress)
+            return
+        metrics.EXCHANGES.labels(Outcome.PAUSED, batch.messages[0].page_id).inc()
 
     def _look_again(self, batch: Batch, error: str) -> None:
         """Back in the queue, still in doubt, to be looked for again in LOOK_AGAIN_S (jittered: a

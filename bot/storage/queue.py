@@ -96,6 +96,10 @@ class LostLease(Exception):
     """The batch is no longer this owner's: its lease ran out and another process took it."""
 
 
+class PausedByPerson(Exception):
+    """A person answered the user after this answer was composed (the bot is paused): not sent."""
+
+
 def dedupe_key(message: IncomingMessage) -> str:
     """Meta's mid; a postback without one is keyed by who, when and what."""
     return message.mid or f"postback:{message.psid}:{message.timestamp_ms}:{message.text}"
@@ -347,16 +351,20 @@ class Queue:
                        (self.clock() + lease_seconds, owner, *batches))
 
     def sending(self, batch: Batch, reply: str, part: int, lease_seconds: float,
-                user_updates: dict | None = None) -> None:
+                user_updates: dict | None = None, unless_paused: bool = False) -> None:
         """Before each Send API call: the answer kept with the batch (a takeover sends it instead
         of asking the model again), the part under way and when its send was first tried (kept
         while it stays in doubt), the lease renewed - and proof that the batch is still this
-        owner's (LostLease otherwise: then nothing is sent)."""
+        owner's (LostLease otherwise: then nothing is sent). `unless_paused`: PausedByPerson
+        (nothing written) if a person answered the user since the answer was composed - the
+        model's wait, a retry's backoff or a look for a send in doubt can last minutes."""
         with self._write() as db:
             # After the wait for the database (PostgreSQL restarting, a busy file): a lease reckoned
             # from before it may have run out meanwhile, and another host would take the batch over
             # while this send goes out.
             now = self.clock()
+            if unless_paused and (until := users.get(db, batch.psid).paused_until) and until > now:
+                raise PausedByPerson(f"a person answers psid {batch.psid!r} until {until:.0f}")
             # A row left in doubt before sending_since existed is looked for since it arrived.
             self._apply(db, batch, "reply = ?, sent_parts = ?, sending = ?, lease_until = ?, sending_since ="
                         " CASE WHEN sending = ? THEN COALESCE(sending_since, received_at) ELSE ? END",
