@@ -102,6 +102,21 @@ def test_a_person_who_answers_while_the_reply_waits_for_its_retry_has_the_conver
     assert graph.sent_texts(PSID)[-1].endswith(REPLY)
 
 
+def test_a_persons_answer_delivered_late_pauses_from_when_it_was_written(client, graph, clock):
+    """Meta redelivers for up to an hour after an outage: a person's answer written 50 minutes
+    ago leaves 30 - 50 < 0 minutes of pause, not another whole HUMAN_PAUSE from its arrival."""
+    post_signed(client, echo_body("m_inbox_old", "done, bye", app_id=263902037430900,
+                                  timestamp=int((clock() - 50 * 60) * 1000)))
+    post_signed(client, echo_body("m_inbox_new", "and one more thing", app_id=263902037430900,
+                                  timestamp=int((clock() - 10 * 60) * 1000)))
+    answer_queue(client)
+    paused_until = client.application.extensions["dispatcher"].store.conversations.user(PSID).paused_until
+    assert paused_until == pytest.approx(clock() + 20 * 60, abs=1)  # 30 minutes from the newer one
+    clock.advance(20 * 60 + 1)
+    say(client, clock, 1, "hello?")
+    assert graph.sent_texts(PSID)[-1].endswith(REPLY)
+
+
 def test_the_line_is_on_by_default_and_names_the_page_when_it_has_a_name(env):
     assert load_config({**env, "DISCLOSURE": ""}, env_file=None).disclosure_line == \
         "You are chatting with an automated assistant."

@@ -151,9 +151,13 @@ def classify(echo: Echo, config: Config, now: float, instagram: bool = False) ->
         own = True
     if own:
         return ClassifiedEcho(echo, False, 0.0)
-    if config.human_pause_seconds:
-        logger.info("a human answered psid=%r: the bot pauses for %.0f s", echo.psid, config.human_pause_seconds)
-    return ClassifiedEcho(echo, True, now + config.human_pause_seconds if config.human_pause_seconds else 0.0)
+    if not config.human_pause_seconds:
+        return ClassifiedEcho(echo, True, 0.0)
+    # From when the person wrote (Meta's time; never later than now): an answer redelivered an
+    # hour late, after an outage, does not silence the bot for another whole pause.
+    until = min(now, echo.timestamp_ms / 1000) + config.human_pause_seconds
+    logger.info("a human answered psid=%r: the bot pauses for %.0f s", echo.psid, max(0.0, until - now))
+    return ClassifiedEcho(echo, True, until)
 
 
 def resumed(control: ThreadControl) -> ClassifiedEcho:
