@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from contextlib import contextmanager, nullcontext
 
 import pytest
@@ -64,7 +65,11 @@ def test_after_a_day_of_silence_it_says_it_again(client, graph, clock):
     assert graph.sent_texts(PSID) == [f"{SAID}\n\n{REPLY}", f"{SAID}\n\n{REPLY}"]
 
 
-def test_when_the_bot_takes_over_again_after_a_person_it_says_so(client, graph, clock):
+@pytest.mark.parametrize("behind", [0, 3600], ids=["host-time", "bot-clock-an-hour-behind"])
+def test_when_the_bot_takes_over_again_after_a_person_it_says_so(make_client, graph, behind):
+    """On the bot's clock only: the time its answers are logged with is the one the rule reads."""
+    clock = FakeClock(time.time() - behind)
+    client = make_client(clock, DISCLOSURE="on", FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m")
     say(client, clock, 1)
     clock.advance(60)
     post_signed(client, echo_body("m_inbox", "Ana here!", app_id=263902037430900, timestamp=int(clock() * 1000)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -143,7 +142,7 @@ class BatchReplier:
         self.store.complete(batch, self._exchange(batch, progress), progress.updates)
         metrics.EXCHANGES.labels(answer.outcome, batch.messages[0].page_id).inc()
         if parts:
-            metrics.REPLY_LATENCY.observe(time.time() - batch.received_at)
+            metrics.REPLY_LATENCY.observe(self.store.clock() - batch.received_at)
         logger.info("%s psid=%r mids=%r in %d part(s)", answer.outcome, batch.psid, _mids(batch), len(parts))
 
     def _delivered_before(self, batch: Batch, part: str, progress: Progress, composer: Composer) -> str | None:
@@ -200,11 +199,11 @@ class BatchReplier:
             return
         logger.warning("psid=%r mids=%r: %s; looking again in %.0f s", batch.psid, _mids(batch), error, delay)
 
-    @staticmethod
-    def _exchange(batch: Batch, progress: Progress, outcome: str | None = None) -> Exchange:
-        """The exchange-log record of this batch, as it ends."""
+    def _exchange(self, batch: Batch, progress: Progress, outcome: str | None = None) -> Exchange:
+        """The exchange-log record of this batch, as it ends (on the store's clock, as the gates and
+        the disclosure read it back)."""
         answer = progress.answer or Answer(None, Outcome.FAILED)
-        now = time.time()
+        now = self.store.clock()
         sent = progress.sent > 0
         return Exchange(
             psid=batch.psid, messages=batch.messages, outcome=outcome or answer.outcome,
