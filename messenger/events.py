@@ -129,6 +129,7 @@ class Delivery:
     foreign_pages: tuple[str, ...] = ()  # ids of Pages (or Instagram accounts) not answered here, skipped
     controls: tuple[ThreadControl, ...] = ()  # threads passed back to the bot
     touches: tuple[Touch, ...] = ()  # edits, reactions, feedback
+    watched: tuple[IncomingMessage, ...] = ()  # users' messages in a thread another app owns (standby): never answered
 
 
 # `page` for Messenger, `instagram` for the Instagram accounts linked to the Pages.
@@ -156,39 +157,45 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collect
     echoes: list[Echo] = []
     controls: list[ThreadControl] = []
     touches: list[Touch] = []
+    watched: list[IncomingMessage] = []
     foreign: list[str] = []
     ignored = 0
     malformed: list[str] = []
     for entry in _list_of_objects(payload.get("entry"), "entry"):
-        # `standby` events belong to a thread another app owns: watch, never answer.
-        ignored += len(_list_of_objects(entry.get("standby", []), "standby"))
+        # `standby` events belong to a thread another app owns (the Page inbox after a handover):
+        # never answered, but a person's echoes there pause the bot and enter the mirror.
+        standby = _list_of_objects(entry.get("standby", []), "standby")
         events = _list_of_objects(entry.get("messaging", []), "messaging")
         if not _is_for_page(entry, accounts, foreign):
-            ignored += len(events)
+            ignored += len(events) + len(standby)
             continue
-        for event in events:
+        for n, event in enumerate(events + standby):
             try:
                 record = _parse_event(event, now_ms)
             except BadPayload as exc:
-                malformed.append(str(exc))
+                if n < len(events):  # one only watched (standby) never refuses a delivery
+                    malformed.append(str(exc))
                 ignored += 1
                 continue
-            if isinstance(record, IncomingMessage):
+            if isinstance(record, IncomingMessage) and n < len(events):
                 messages.append(record)
                 continue
             ignored += 1  # not to answer; an echo or a handover is still worth knowing about
-            if isinstance(record, Echo):
+            if isinstance(record, IncomingMessage):
+                watched.append(record)
+            elif isinstance(record, Echo):
                 echoes.append(record)
             elif isinstance(record, ThreadControl):
                 controls.append(record)
             elif isinstance(record, Touch):
                 touches.append(record)
     if malformed:
-        if len(malformed) == ignored + len(messages):  # nothing usable in it: refuse the body itself
+        if len(malformed) == ignored + len(messages):  # nothing else in it: refuse the body itself
             raise BadPayload(malformed[0])
         logger.warning("ignoring %d malformed messaging event(s) of a delivery: %s", len(malformed),
                        "; ".join(sorted(set(malformed))))
-    return Delivery(tuple(messages), ignored, tuple(echoes), tuple(foreign), tuple(controls), tuple(touches))
+    return Delivery(tuple(messages), ignored, tuple(echoes), tuple(foreign), tuple(controls), tuple(touches),
+                    tuple(watched))
 
 
 def to_echo(event: dict, now_ms: int) -> Echo | None:

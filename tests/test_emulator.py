@@ -211,8 +211,11 @@ def test_webhook_times_follow_metas_clock_as_created_time_does(graph, receiver):
     graph.user_writes(PSID, text="a day later")
     assert wait_for(lambda: len(receiver.bodies) == 5)
     entries = [json.loads(body)["entry"][0] for body in receiver.bodies]
-    times = sorted((entry["time"], event["timestamp"]) for entry in entries for event in entry["messaging"])
+    times = sorted((entry["time"], event["timestamp"]) for entry in entries
+                   for event in entry.get("messaging", entry.get("standby")))
     assert times == [(1763893200500, 1763893200500)] * 4 + [(1763979600500, 1763979600500)]
+    [later] = [entry for entry in entries if entry["time"] == 1763979600500]
+    assert "standby" in later  # the inbox took the thread: Meta sends its events there
     assert history(graph).json()["data"][0]["messages"]["data"][-1]["created_time"] == "2025-11-23T10:20:00+0000"
 
 

@@ -108,6 +108,18 @@ def test_a_malformed_event_is_skipped_and_counted_when_others_are_usable():
         parse_delivery({"object": "page", "entry": [{"messaging": [no_mid]}, {"messaging": [no_mid]}]})
 
 
+def test_standby_events_are_watched_never_answered():
+    """A thread another app owns (the Page inbox): the user's message is watched, a person's
+    echo and a handback are kept as from `messaging`."""
+    user = {"sender": {"id": "1"}, "recipient": {"id": "2"}, "message": {"mid": "m1", "text": "anyone?"}}
+    person = {"sender": {"id": "2"}, "recipient": {"id": "1"}, "timestamp": 1763893200001,
+              "message": {"mid": "m2", "is_echo": True, "app_id": 263902037430900, "text": "Ana here"}}
+    no_mid = {"sender": {"id": "1"}, "recipient": {"id": "2"}, "message": {"text": "no mid"}}
+    delivery = parse_delivery({"object": "page", "entry": [{"id": "2", "standby": [user, person, no_mid]}]})
+    assert delivery.messages == () and [m.mid for m in delivery.watched] == ["m1"]
+    assert [e.mid for e in delivery.echoes] == ["m2"] and delivery.ignored == 3  # a bad one there refuses nothing
+
+
 # -- Validation at the edge (issue 9) -----------------------------------------------------------
 PAGE = "1000000000000001"
 PSID = "2000000000000001"

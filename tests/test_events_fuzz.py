@@ -72,7 +72,7 @@ BODIES = st.one_of(
 # -- Properties ----------------------------------------------------------------------------------
 def assert_storable(delivery: Delivery) -> None:
     assert isinstance(delivery.ignored, int) and delivery.ignored >= 0
-    for message in delivery.messages:
+    for message in delivery.messages + delivery.watched:
         assert_id(message.psid)
         assert_id(message.page_id)
         assert message.mid is None or assert_id(message.mid, MAX_MID_CHARS)

@@ -346,6 +346,33 @@ def test_the_thread_passed_back_by_the_inbox_ends_the_pause_at_once(make_client,
     assert graph.sent_texts(PSID)[-1] == REPLY
 
 
+def test_a_person_answering_in_the_inbox_s_thread_is_seen_on_standby_and_the_bot_says_it_is_back(
+        make_client, graph, clock):
+    """While the Page inbox owns the thread Meta sends its events under `standby`: the person's
+    answer still pauses the bot and enters the mirror, so after the handback the bot says it is
+    one again - and the user's own messages there are never answered."""
+    client = make_client(clock, DISCLOSURE="on", FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m",
+                         HANDOFF_THREAD_CONTROL="on")
+    say(client, clock, 1, "agent")
+    clock.advance(60)
+    for body in (text_body("m_user_2", "my order is late", timestamp=int(clock() * 1000)),
+                 echo_body("m_inbox", "Ana here, sorry!", app_id=263902037430900, timestamp=int(clock() * 1000) + 1)):
+        standby = json.loads(body)
+        standby["entry"][0]["standby"] = standby["entry"][0].pop("messaging")
+        assert post_signed(client, json.dumps(standby).encode()).status_code == 200
+    answer_queue(client)
+    history = client.application.extensions["dispatcher"].store.conversations.history(PSID, PAGE_ID, 10, None)
+    assert {"m_user_2", "m_inbox"} <= {h.mid for h in history}  # the model sees both afterwards
+    assert [r["outcome"] for r in log(client)] == ["handoff"]  # the user's was never to answer
+    clock.advance(60)
+    graph.inbox_passes_back(PSID)  # the thread is the bot's again (Meta's webhook for it is posted below)
+    event = {"sender": {"id": PSID}, "recipient": {"id": PAGE_ID}, "timestamp": int(clock() * 1000),
+             "pass_thread_control": {"previous_owner_app_id": "263902037430900", "new_owner_app_id": "1"}}
+    post_signed(client, json.dumps({"object": "page", "entry": [{"id": PAGE_ID, "messaging": [event]}]}).encode())
+    say(client, clock, 3, "one more question")
+    assert graph.sent_texts(PSID) == [f"{SAID}\n\n{HANDED_OVER}", f"{SAID}\n\n{REPLY}"]
+
+
 def test_with_thread_control_the_inbox_gets_the_thread_after_the_user_was_told(make_client, graph, clock):
     """Once the inbox owns the thread Meta refuses the bot's sends (the emulator too): the reply goes first."""
     client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HANDOFF_THREAD_CONTROL="on")

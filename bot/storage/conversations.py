@@ -16,7 +16,7 @@ from typing import Callable, Collection, Iterator, Sequence
 from bot.storage import answer_cache, edits, exchanges, graph_budget, mirror, outbox, users
 from bot.storage.exchanges import Exchange
 from bot.storage.graph_budget import RATE_LIMIT_BACKOFF_S
-from bot.storage.inbox import EDIT, FEEDBACK, REACTION, RESUME, ClassifiedEcho
+from bot.storage.inbox import EDIT, FEEDBACK, REACTION, RESUME, WATCHED, ClassifiedEcho
 from bot.storage.mirror import BOT, HUMAN, USER
 from bot.storage.users import UserState
 from messenger.graph import HistoryMessage
@@ -36,6 +36,8 @@ def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
             mirror.react(db, echo.mid, echo.text or None)
         elif kind == FEEDBACK:
             exchanges.rate(db, echo.psid, echo.mid, echo.text)
+        elif kind == WATCHED:  # said to the person who has the thread: history once the bot answers again
+            mirror.add_rows(db, echo.psid, [(echo.mid, USER, echo.text, echo.timestamp_ms)])
         else:
             mirror.add_rows(db, echo.psid, [(echo.mid, HUMAN if human else BOT, echo.text, echo.timestamp_ms)])
             if human and pause_until:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from bot.storage.doorbell import Doorbell
-from bot.storage.inbox import RESUME, ClassifiedEcho, InboxWriter
+from bot.storage.inbox import RESUME, WATCHED, ClassifiedEcho, InboxWriter
 from bot.telemetry import metrics
 from config import Config
 from messenger.events import FEEDBACK, BadPayload, Echo, IncomingMessage, ThreadControl, Touch, parse_body
@@ -82,7 +82,7 @@ class WebhookReceiver:
         self._note_foreign_pages(delivery.foreign_pages)
         echoes = [classify(echo, self._config_of(echo.page_id), now, self._is_instagram(echo.page_id))
                   for echo in delivery.echoes] + [resumed(control) for control in delivery.controls] \
-            + [touched(touch) for touch in delivery.touches]
+            + [touched(touch) for touch in delivery.touches] + [watched(m) for m in delivery.watched if m.mid]
         return _Accepted(delivery.messages, echoes, delivery.ignored, now)
 
     def _not_stored(self, peer: str | None, exc: OSError) -> tuple[int, str]:
@@ -175,6 +175,15 @@ def touched(touch: Touch) -> ClassifiedEcho:
     echo = Echo(psid=touch.psid, mid=touch.mid, text=touch.value, timestamp_ms=touch.timestamp_ms, app_id=None,
                 metadata=None, page_id=touch.page_id)
     return ClassifiedEcho(echo, False, 0.0, touch.kind)
+
+
+def watched(message: IncomingMessage) -> ClassifiedEcho:
+    """A user's message in a thread the Page inbox owns (standby): mirrored with the echoes, as
+    the user's (an attachment as its kinds), never answered."""
+    text = message.text or " ".join(f"[{kind}]" for kind in message.attachment_types)
+    echo = Echo(psid=message.psid, mid=message.mid, text=text, timestamp_ms=message.timestamp_ms, app_id=None,
+                metadata=None, page_id=message.page_id)
+    return ClassifiedEcho(echo, False, 0.0, WATCHED)
 
 
 class WebhookRoute:

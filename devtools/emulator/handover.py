@@ -93,4 +93,5 @@ class Handovers:
         self.handovers.append(Handover(kind, psid, PAGE_INBOX_APP_ID, new_owner, metadata))
         account = self.accounts.account_of(psid)
         build = webhooks.pass_thread_control_event if kind == "pass_thread_control" else webhooks.take_thread_control_event
-        self.deliver(psid, [build(account.id, psid, previous, new_owner, metadata, at_ms=self.now_ms())])
+        # Handover events come under `messaging`, whoever owns the thread now.
+        self.deliver(psid, [build(account.id, psid, previous, new_owner, metadata, at_ms=self.now_ms())], "messaging")

@@ -48,11 +48,11 @@ class WebhookSender:
         return ok
 
     def deliver(self, account_id: str, events: list[dict], psid: str | None = None, object: str = "page", *,
-                at_ms: int | None = None):
+                at_ms: int | None = None, key: str = "messaging"):
         """Sign and post `events` of one account (a Page, or an Instagram account with
         `object="instagram"`) in the background; the future says whether a 200 came back.
-        `at_ms`: the entry's time by Meta's clock (now when not given)."""
-        body = delivery_body(account_id, events, object, at_ms=at_ms)
+        `at_ms`: the entry's time by Meta's clock (now when not given); `key`: see delivery_body."""
+        body = delivery_body(account_id, events, object, key, at_ms=at_ms)
         return self._pool.submit(self._deliver, body, psid, account_id)
 
     def close(self) -> None:

@@ -125,12 +125,15 @@ class Users:
         self.timeline.add("edit", psid, mid=mid, text=text, account=account.id)
         self.deliver(psid, [webhooks.message_edit_event(account.id, psid, mid, text, edits, at_ms=self.now_ms())])
 
-    def deliver(self, psid: str, events: list[dict]) -> None:
+    def deliver(self, psid: str, events: list[dict], key: str | None = None) -> None:
         """Deliver `events` (e.g. `webhooks.reaction_event`, `read_event`) of `psid`'s account to the bot,
-        with that account's id and `object`; nothing without a webhook sender."""
+        with that account's id and `object`; nothing without a webhook sender. Under `standby` while
+        another app (the Page inbox) owns the thread, as Meta does; `key` says otherwise."""
         if self.webhooks:
             account = self.accounts.account_of(psid)
-            self.webhooks.deliver(account.id, events, psid, object=account.webhook_object, at_ms=self.now_ms())
+            key = key or ("messaging" if self.thread_owner(psid) == self.app_id else "standby")
+            self.webhooks.deliver(account.id, events, psid, object=account.webhook_object, at_ms=self.now_ms(),
+                                  key=key)
 
     def inbox_reply(self, psid: str, text: str, *, page_id: str | None = None) -> str:
         """A person answers from the Page inbox: Meta echoes it with the inbox's app id."""

@@ -279,7 +279,8 @@ function step(event) {
     const body = JSON.stringify(event.body);
     const echo = body.includes('"is_echo":true');
     const handover = ["pass_thread_control", "take_thread_control"].find((name) => body.includes(`"${name}":`));
-    const how = event.replayed ? "replayed " : echo ? "echo " : handover ? `${handover} ` : "";
+    const standby = body.includes('"standby":') ? "standby " : "";  // a thread the inbox owns: only watched
+    const how = event.replayed ? "replayed " : standby + (echo ? "echo " : handover ? `${handover} ` : "");
     kind = "Webhook";
     title = `${how}POST /webhook (object ${event.body.object}) \u2192 ${event.status} in ${event.ms} ms` +
             (event.replayed ? "" : ` (attempt ${event.attempt})`);
