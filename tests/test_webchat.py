@@ -157,6 +157,22 @@ def test_cors_allows_the_listed_site_with_and_without_preflight_and_refuses_othe
     assert len(stream_model.requests) == 2
 
 
+def test_another_site_cannot_spend_the_model_through_its_visitors_browsers(web, stream_model):
+    """An <img> or <script> on another site GETs /chat with no Origin, but the browser says
+    Sec-Fetch-Site: cross-site; its Referer names the site, which must be listed."""
+    def get(**headers):
+        return requests.get(web.url + "/chat", params={"query": "hi"}, headers=headers, timeout=10)
+    for headers in ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},
+                    {"Sec-Fetch-Site": "cross-site", "Referer": "https://evil.example/page"},
+                    {"Sec-Fetch-Site": "same-site", "Referer": "https://shop.example.evil/"}):
+        refused = get(**headers)
+        assert (refused.status_code, refused.json()["error"]) == (403, "origin_not_allowed"), headers
+    assert not stream_model.requests
+    assert get(**{"Sec-Fetch-Site": "cross-site", "Referer": SITE + "/menu"}).status_code == 200
+    assert get(**{"Sec-Fetch-Site": "none"}).status_code == 200  # typed in the address bar
+    assert get().status_code == 200  # curl, a site's backend: no browser, counted by the limits
+
+
 def test_the_per_ip_limit_holds_when_a_script_rotates_conversations_and_user_ids(start, stream_model, backend):
     web = start(WEBCHAT_RATE_LIMIT="3/minute", **backend[1])
     statuses = [web.chat(f"question {i}", user_id=f"bot-{i}").status_code for i in range(5)]

@@ -127,10 +127,20 @@ def client_key(address: str | None) -> str:
     return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 
-def origin_allowed(origin: str | None, allowed: tuple[str, ...], own: str) -> bool:
-    """A browser's Origin is one the owner listed (or the bot's own pages); no Origin: not a
-    browser's cross-site call (curl, a site's backend), which the limits still count."""
+# Browsers send no Origin with a cross-site <img> or <script> GET, but do send Sec-Fetch-Site
+# (all current ones): without it any site could spend the model budget through its visitors.
+CROSS_SITE = ("cross-site", "same-site")
+
+
+def origin_allowed(headers: Mapping[str, str], allowed: tuple[str, ...], own: str) -> bool:
+    """A browser's Origin is one the owner listed (or the bot's own pages). No Origin: not a
+    browser's cross-site call (curl, a site's backend; the limits still count it) - unless
+    Sec-Fetch-Site says it is one, then the Referer's origin must be allowed."""
+    origin = headers.get("Origin")
     if origin is None:
-        return True
+        if headers.get("Sec-Fetch-Site") not in CROSS_SITE:
+            return True
+        referer = re.match(r"[a-z][a-z0-9+.-]*://[^/?#]+", headers.get("Referer") or "", re.IGNORECASE)
+        origin = referer.group(0) if referer else "null"
     origin = origin.rstrip("/")
     return "*" in allowed or origin in allowed or origin == own

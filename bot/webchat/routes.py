@@ -92,7 +92,7 @@ def _checked_body(config: Config) -> bytes:
 
 
 def _check_origin(config: Config) -> None:
-    if not origin_allowed(request.headers.get("Origin"), config.webchat_origins, request.host_url.rstrip("/")):
+    if not origin_allowed(request.headers, config.webchat_origins, request.host_url.rstrip("/")):
         raise Refused(403, "origin_not_allowed", "This website may not use this chat (WEBCHAT_ORIGINS).")
 
 

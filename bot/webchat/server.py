@@ -107,7 +107,7 @@ class WebchatServer:
             if isinstance(body, int):
                 raise Refused(body, "body_too_large" if body == 413 else "body_timeout",
                               "The request is too large." if body == 413 else "The request took too long to arrive.")
-            if not origin_allowed(headers.get("Origin"), self.origins, own_origin(scope, headers)):
+            if not origin_allowed(headers, self.origins, own_origin(scope, headers)):
                 raise Refused(403, "origin_not_allowed", "This website may not use this chat (WEBCHAT_ORIGINS).")
             parsed = parse_json_body(body, self.max_chars)
             admitted = await loop.run_in_executor(self.pool, self.chat.admit, parsed, address)
