@@ -120,6 +120,7 @@ BAD = [
     ("too long", b'{"message": "' + b"a" * 3000 + b'"}', 413, "message_too_long"),
     ("100 KB", b'{"message": "' + b"a" * 100_000 + b'"}', 413, "body_too_large"),
     ("invalid utf-8", b'{"message": "caf\xe9"}', 400, "invalid_utf8"),
+    ("nested too deeply", b"[" * 60_000, 400, "invalid_json"),
     ("conversation not a string", b'{"message": "hi", "conversation": 7}', 400, "invalid_conversation"),
     ("forged conversation", b'{"message": "hi", "conversation": "not-one-of-ours"}', 400, "invalid_conversation"),
     ("unknown conversation", b'{"message": "hi", "conversation": "' + b"A" * 32 + b'"}', 404, "unknown_conversation"),

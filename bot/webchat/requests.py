@@ -51,7 +51,7 @@ def parse_json_body(raw: bytes, max_chars: int) -> ChatInput:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise Refused(400, "invalid_utf8", "The request body is not valid UTF-8.") from None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
         raise Refused(400, "invalid_json", 'The request body must be JSON, like {"message": "Hello"}.') from None
     if not isinstance(data, dict):
         raise Refused(400, "invalid_json", 'The request body must be a JSON object, like {"message": "Hello"}.')
