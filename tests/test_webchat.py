@@ -58,6 +58,16 @@ def test_the_documents_contracts_and_the_additive_ids(web, stream_model, graph):
     assert not [c for c in graph.calls if c.path.endswith("/conversations")]
 
 
+def test_asking_for_a_person_on_the_website_is_answered_by_the_model_not_promised_a_person(start, stream_model):
+    """No person can answer a web conversation (no Page inbox there): "human" is a question like
+    any other, not a promise followed by a silence of HUMAN_PAUSE."""
+    web = start(HANDOFF_WORDS="human, agent", HUMAN_PAUSE="30m", **PERMISSIVE)
+    first = web.chat("human").json()
+    second = web.chat("hello?", conversation=first["conversation"]).json()
+    assert (first["answer"], second["answer"]) == ("You said: human", "You said: hello?")
+    assert [r["outcome"] for r in web.exchanges(channel="web")] == ["answered", "answered"]
+
+
 def test_the_cache_answers_the_same_question_and_says_so(start, stream_model):
     web = start(ANSWER_CACHE_TTL="1h", **PERMISSIVE)
     first = requests.get(web.url + "/chat", params={"query": "Opening hours?"}, timeout=10).json()

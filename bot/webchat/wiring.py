@@ -41,9 +41,10 @@ def build_webchat(config: Config, store: Queue | None = None, *, clock: Callable
     model = StreamingChatModel(client, base.model.settings, fallback=page.fallback_reply,
                                error_log_file=page.error_log_file, attempt_timeout=page.openai_timeout,
                                max_retries=page.openai_max_retries)
-    # The web's limits are counted per address and conversation at the edge (service.py), not per user.
+    # The web's limits are counted per address and conversation at the edge (service.py), not per
+    # user; and no person can answer a web conversation (no Page inbox): no way to one, no pause.
     composer = Composer(base.graph, model, base.prompt, store.conversations, base.media,
-                        policy=replace(base.policy, rate_limit=None), timing=base.timing,
+                        policy=replace(base.policy, rate_limit=None, handoff_words=()), timing=base.timing,
                         answer_cache_ttl=base.answer_cache_ttl, wall_clock=clock,
                         history=StoreHistory(store.conversations, account.id, page.message_count),
                         knowledge=base.knowledge)
