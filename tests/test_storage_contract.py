@@ -614,3 +614,21 @@ def test_a_web_rate_window_starts_at_its_first_request_and_the_daily_one_at_midn
     assert hits("ip:a", [minute_ends + 58.5]) == [(1, 60)]
     day = 86400 * 20_833  # midnight UTC
     assert hits("ipday:a", [day - 1, day + 1], window=86400, calendar=True) == [(1, 1), (1, 86399)]
+
+
+def test_the_web_chats_old_counters_and_conversations_with_no_exchange_left_are_pruned(store):
+    database, now = store.conversations.database, 1_800_000_000.0
+    with database.write() as db:
+        webchat_store.hit(db, "ip:old", 60, now - 3 * 86400)
+        webchat_store.hit(db, "ip:new", 60, now - 60)
+        for conversation, created in (("talked", now - 100 * 86400), ("silent", now - 100 * 86400),
+                                      ("recent", now - 86400)):
+            webchat_store.add_conversation(db, conversation, None, "ana@example.com", created)
+    store.conversations.record(Exchange(psid="web:talked", messages=[message("w1", psid="web:talked", at=1000)],
+                                        outcome=Outcome.ANSWERED))
+    with database.write() as db:
+        assert webchat_store.prune(db, now) == 1  # without a retention: the old counter only
+        assert webchat_store.prune(db, now, now - 90 * 86400) == 1
+    with database.read() as db:
+        assert [key for (key,) in db.execute("SELECT key FROM webchat_counters")] == ["ip:new"]
+        assert sorted(c for (c,) in db.execute("SELECT id FROM webchat_conversations")) == ["recent", "talked"]

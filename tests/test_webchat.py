@@ -68,6 +68,21 @@ def test_asking_for_a_person_on_the_website_is_answered_by_the_model_not_promise
     assert [r["outcome"] for r in web.exchanges(channel="web")] == ["answered", "answered"]
 
 
+def test_the_running_chat_deletes_old_counters_and_conversations_past_the_retention(start, stream_model, backend):
+    web = start(RETENTION_DAYS="30", **backend[1], **PERMISSIVE)
+    store = web.store()
+    try:
+        with store.conversations.database.write() as db:
+            db.execute("INSERT INTO webchat_counters (key, window_start, count) VALUES ('ip:gone', 1.0, 1)")
+            db.execute("INSERT INTO webchat_conversations (id, label, created_at) VALUES ('old', 'ana@example.com', 1.0)")
+        assert web.chat("hello").status_code == 200  # the first request of the hour tidies
+        with store.conversations.database.read() as db:
+            assert db.execute("SELECT key FROM webchat_counters WHERE key = 'ip:gone'").fetchall() == []
+            assert db.execute("SELECT id FROM webchat_conversations WHERE id = 'old'").fetchall() == []
+    finally:
+        store.close()
+
+
 def test_the_cache_answers_the_same_question_and_says_so(start, stream_model):
     web = start(ANSWER_CACHE_TTL="1h", **PERMISSIVE)
     first = requests.get(web.url + "/chat", params={"query": "Opening hours?"}, timeout=10).json()

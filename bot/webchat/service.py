@@ -34,6 +34,7 @@ from messenger.events import TEXT, IncomingMessage
 logger = logging.getLogger(__name__)
 
 PSID_PREFIX = "web:"  # a web conversation's "user" in the mirror, the users table and the log
+TIDY_EVERY_S = 3600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,20 +74,26 @@ class StoreHistory:
 
 class WebChat:
     def __init__(self, composer: Composer, conversations: Conversations, *, page_id: str, limits: Limits,
-                 secret: str = "", reply_deadline: float = 21.0, clock: Callable[[], float] = time.time):
+                 secret: str = "", reply_deadline: float = 21.0, retention_days: int = 0,
+                 clock: Callable[[], float] = time.time):
         self.composer = composer
         self.conversations = conversations
         self.page_id = page_id
         self.limits = limits
         self.secret = secret
         self.reply_deadline = reply_deadline
+        self.retention_days = retention_days  # 0: conversations are kept
         self.clock = clock
+        self._tidy_at = 0.0  # when the limits' old counters (and old conversations) are next deleted
 
     def admit(self, chat: ChatInput, address: str | None) -> Admitted:
         """Count the request against every limit and find (or issue) its conversation - or Refused."""
         key = user_key(chat, self.secret)  # a bad signature costs no write
         now = self.clock()
         with self.conversations.database.write() as db:
+            if now >= self._tidy_at:  # hourly, from whichever request comes first
+                self._tidy_at = now + TIDY_EVERY_S
+                store.prune(db, now, now - self.retention_days * 86400 if self.retention_days else None, PSID_PREFIX)
             outcome = self._admit(db, chat, key, client_key(address), now)
         if isinstance(outcome, Refused):
             metrics.WEBCHAT_REQUESTS.labels(outcome.code).inc()

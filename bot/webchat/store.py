@@ -38,6 +38,13 @@ def hit(db, key: str, window: float, now: float, *, calendar: bool = False) -> t
     return count, start + window - now
 
 
-def prune(db, now: float) -> int:
-    """Counters whose window ended more than a day ago."""
-    return db.execute("DELETE FROM webchat_counters WHERE window_start < ?", (now - 2 * 86400,)).rowcount
+def prune(db, now: float, conversations_before: float | None = None, psid_prefix: str = "web:") -> int:
+    """Counters whose window ended more than a day ago; with `conversations_before`, the
+    conversations issued before then with no exchange left (RETENTION_DAYS pruned them) - their
+    label may be a visitor's e-mail address; `psid_prefix` + id is a conversation's psid)."""
+    deleted = db.execute("DELETE FROM webchat_counters WHERE window_start < ?", (now - 2 * 86400,)).rowcount
+    if conversations_before is not None:
+        deleted += db.execute("DELETE FROM webchat_conversations WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM"
+                              " interactions WHERE interactions.psid = ? || webchat_conversations.id)",
+                              (conversations_before, psid_prefix)).rowcount
+    return deleted

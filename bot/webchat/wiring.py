@@ -51,7 +51,7 @@ def build_webchat(config: Config, store: Queue | None = None, *, clock: Callable
     limits = Limits(per_ip=config.webchat_rate_limit, per_conversation=config.webchat_conversation_limit,
                     daily_per_ip=config.webchat_daily_limit, daily_tokens=config.webchat_daily_tokens)
     return WebChat(composer, store.conversations, page_id=account.id, limits=limits, secret=config.webchat_secret,
-                   reply_deadline=page.reply_deadline_seconds, clock=clock)
+                   reply_deadline=page.reply_deadline_seconds, retention_days=config.retention_days, clock=clock)
 
 
 def build_server(config: Config) -> WebchatServer:
