@@ -272,6 +272,28 @@ def test_a_visitor_leaving_mid_answer_cancels_the_model_call_and_it_is_logged(we
     assert "Traceback" not in web.log()
 
 
+def test_bodies_trickled_in_by_one_client_hold_no_thread_the_widget_needs(start, stream_model):
+    """Twice as many slow bodies as WEBCHAT_THREADS, on the routes Flask serves: they are read on
+    the event loop, so the widget's script and a whole JSON chat are still served at once."""
+    web = start(WEBCHAT_THREADS="4", **PERMISSIVE)
+    slow = []
+    for _ in range(8):
+        raw = socket.create_connection(("127.0.0.1", web.port))
+        raw.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 60000\r\n\r\n{")  # and nothing more
+        slow.append(raw)
+    try:
+        assert requests.get(web.url + "/webchat.js", timeout=3).status_code == 200
+        assert web.chat("hello").json()["answer"] == "You said: hello"
+    finally:
+        for raw in slow:
+            raw.close()
+    chunked = requests.post(web.url + "/api/chat", data=iter([b'{"message": "', b"a" * 70_000, b'"}']),
+                            headers={"Content-Type": "application/json"}, timeout=10)  # no Content-Length to go by
+    assert (chunked.status_code, chunked.json()["error"]) == (413, "body_too_large")
+    assert web.process.poll() is None and "Traceback" not in web.log()
+
+
 def test_off_by_default_and_started_by_the_gunicorn_master(graph, stream_model, tmp_path):
     from tests.support.processes import Bot, free_port
 

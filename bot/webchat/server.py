@@ -93,8 +93,20 @@ class WebchatServer:
         headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]])
         if scope["path"] == "/api/chat" and scope["method"] == "POST" and wants_stream(headers):
             await self.stream(scope, headers, receive, send)
-        else:
-            await self.flask(scope, receive, send)
+            return
+        # Read here, on the loop, within BODY_SECONDS: a body trickled in a byte at a time would
+        # otherwise hold one of the Flask routes' threads each, and a few hundred such connections
+        # from one client would leave none for the widget's script or its preflight.
+        body = await read_body(scope, receive, MAX_BODY_BYTES, BODY_SECONDS)
+        if body is None:
+            return
+        if isinstance(body, int):
+            cors = get_cors_headers(self.cors, headers, scope["method"]).items()
+            refused = body_refused(body)
+            await send_json(send, body, refused.body(), [(k.encode("latin-1"), v.encode("latin-1")) for k, v in cors]
+                            + [(b"connection", b"close")])  # the rest of the body is not a next request
+            return
+        await self.flask(scope, replaying(body, receive), send)
 
     async def stream(self, scope: dict, headers: Headers, receive: Callable, send: Callable) -> None:
         cors = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in get_cors_headers(self.cors, headers, "POST").items()]
@@ -105,8 +117,7 @@ class WebchatServer:
         loop = asyncio.get_running_loop()
         try:
             if isinstance(body, int):
-                raise Refused(body, "body_too_large" if body == 413 else "body_timeout",
-                              "The request is too large." if body == 413 else "The request took too long to arrive.")
+                raise body_refused(body)
             if not origin_allowed(headers, self.origins, own_origin(scope, headers)):
                 raise Refused(403, "origin_not_allowed", "This website may not use this chat (WEBCHAT_ORIGINS).")
             parsed = parse_json_body(body, self.max_chars)
@@ -187,6 +198,25 @@ async def _disconnected(receive: Callable) -> None:
 async def send_event(send: Callable, name: str, data: dict, last: bool = False) -> None:
     payload = f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
     await send({"type": "http.response.body", "body": payload, "more_body": not last})
+
+
+def body_refused(status: int) -> Refused:
+    """read_body's 413 or 408, in the chat's words."""
+    return Refused(status, "body_too_large" if status == 413 else "body_timeout",
+                   "The request is too large." if status == 413 else "The request took too long to arrive.")
+
+
+def replaying(body: bytes, receive: Callable) -> Callable:
+    """`receive` for an app that reads the body again: the body read already, then the connection's."""
+    given = False
+
+    async def receive_again() -> dict:
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return receive_again
 
 
 async def send_json(send: Callable, status: int, data: dict, headers: list, retry_after: int | None = None) -> None:
