@@ -268,6 +268,10 @@ def test_a_visitor_leaving_mid_answer_cancels_the_model_call_and_it_is_logged(we
     raw.close()  # the browser tab is closed
     assert wait_until(lambda: stream_model.closed_early == [0], 5), stream_model.closed_early
     assert wait_until(lambda: [r["outcome"] for r in web.exchanges(channel="web")] == ["cancelled"], 5)
+    # The model read the whole prompt whenever the visitor left: it counts toward the daily caps.
+    [record] = web.exchanges(channel="web")
+    read = sum(len(m["content"]) for m in stream_model.requests[0]["messages"])
+    assert record["prompt_tokens"] == -(-read // 4) and record["total_tokens"] > record["prompt_tokens"]
     assert web.chat("still there?").status_code == 200 and web.process.poll() is None
     assert "Traceback" not in web.log()
 

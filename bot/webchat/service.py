@@ -160,9 +160,9 @@ class WebChat:
         try:
             with streaming_to(sink) if sink is not None else nullcontext():
                 answer = self.composer.compose([message], deadline=deadline)
-        except StreamCancelled as cancelled:  # the visitor left: what the model wrote is logged, estimated
-            estimate = math.ceil(len(cancelled.text) / 4)
-            answer = Answer(cancelled.text or None, Outcome.CANCELLED, cancelled.model, (None, estimate, estimate))
+        except StreamCancelled as cancelled:  # the visitor left: what the model read and wrote, estimated
+            read, wrote = math.ceil(cancelled.prompt_chars / 4), math.ceil(len(cancelled.text) / 4)
+            answer = Answer(cancelled.text or None, Outcome.CANCELLED, cancelled.model, (read, wrote, read + wrote))
         self._record(message, answer, admitted, received, address, referer)
         metrics.EXCHANGES.labels(answer.outcome, self.page_id, WEB).inc()
         metrics.WEBCHAT_REQUESTS.labels(answer.outcome).inc()
