@@ -11,6 +11,7 @@ import time
 import pytest
 import requests
 
+from bot.webchat.service import web_psid
 from config import DEFAULT_KNOWLEDGE_UNKNOWN_REPLY, DEFAULT_OPENAI_MODEL
 from devtools.emulator import ModelStandIn
 from devtools.emulator.page import STATIC
@@ -386,7 +387,7 @@ def test_the_website_chat_runs_beside_messenger_and_its_turns_are_on_the_timelin
     names = [name for name, _ in parse_events(answer.text)]
     assert names[0] == "start" and names[-1] == "done" and names.count("delta") > 3  # streamed by the model
     conversation = parse_events(answer.text)[0][1]["conversation"]
-    psid = "web:" + conversation  # the exchange log's psid for a web conversation
+    psid = web_psid(conversation)  # the exchange log's psid for a web conversation
     assert wait_for(lambda: events_after(sandbox, seq, "outcome", psid), 5)
     request, answered = events_after(sandbox, seq, "webchat", psid)
     assert (request["phase"], request["text"], request["stream"]) == ("request", "Do you sell rye bread?", True)

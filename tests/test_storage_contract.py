@@ -628,7 +628,7 @@ def test_the_web_chats_old_counters_and_conversations_with_no_exchange_left_are_
                                         outcome=Outcome.ANSWERED))
     with database.write() as db:
         assert webchat_store.prune(db, now) == 1  # without a retention: the old counter only
-        assert webchat_store.prune(db, now, now - 90 * 86400) == 1
+        assert webchat_store.prune(db, now, now - 90 * 86400, lambda conversation: "web:" + conversation) == 1
     with database.read() as db:
         assert [key for (key,) in db.execute("SELECT key FROM webchat_counters")] == ["ip:new"]
         assert sorted(c for (c,) in db.execute("SELECT id FROM webchat_conversations")) == ["recent", "talked"]

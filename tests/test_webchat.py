@@ -8,6 +8,7 @@ import pytest
 import requests
 
 from bot.webchat.requests import sign_user_id
+from bot.webchat.service import web_psid
 from tests.support.processes import wait_until
 from tests.support.streaming_model import StreamingModel
 from tests.support.webchat import WebchatProcess, parse_events
@@ -98,14 +99,16 @@ def test_a_conversation_remembers_and_is_logged_as_web(web, stream_model):
     assert "My name is Ana." in history and "You said: My name is Ana." in history
     records = web.exchanges(channel="web")
     assert [r["channel"] for r in records] == ["web", "web"] and records[0]["outcome"] == "answered"
-    assert records[0]["psid"] == "web:" + first["conversation"] and not web.exchanges(channel="messenger")
+    assert records[0]["psid"] == web_psid(first["conversation"]) and not web.exchanges(channel="messenger")
+    # The id alone continues an unsigned conversation: the log holds its hash, never the id.
+    assert first["conversation"] not in records[0]["psid"] and first["conversation"] not in web.log()
 
 
 @pytest.mark.parametrize("trusted, address", [("127.0.0.1", "203.0.113.7"), ("10.0.0.1", "127.0.0.1")],
                          ids=["behind-a-trusted-proxy", "forged-header"])
 def test_the_tracking_record_has_the_visitors_address_and_page(start, trusted, address):
     web = start(TRACKING_URL="http://127.0.0.1:9/track", FORWARDED_ALLOW_IPS=trusted, **PERMISSIVE)
-    web.chat("hi", headers={"Referer": "https://shop.example/cakes", "X-Forwarded-For": "203.0.113.7"})
+    answer = web.chat("hi", headers={"Referer": "https://shop.example/cakes", "X-Forwarded-For": "203.0.113.7"})
     store = web.store()
     try:
         [(_, record)] = store.conversations.waiting_for_tracking()
@@ -114,6 +117,7 @@ def test_the_tracking_record_has_the_visitors_address_and_page(start, trusted, a
     assert (record["ip_address"], record["user_url"], record["channel"]) == (address, "https://shop.example/cakes",
                                                                             "web")
     assert record["session_id"].startswith("web:") and record["engine"] == "stream-model"
+    assert record["session_id"] == web_psid(answer.json()["conversation"])  # not the conversation's id
 
 
 def test_an_unsigned_user_id_is_a_label_and_reaches_no_other_conversation(web, stream_model):

@@ -8,6 +8,7 @@ Messenger). Only a request that passes them all reaches the model.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
@@ -35,6 +36,13 @@ logger = logging.getLogger(__name__)
 
 PSID_PREFIX = "web:"  # a web conversation's "user" in the mirror, the users table and the log
 TIDY_EVERY_S = 3600.0
+
+
+def web_psid(conversation: str) -> str:
+    """A web conversation's "user": its id hashed. The id is all it takes to continue an unsigned
+    conversation (and read its history back through the model), so the logs, the exports and the
+    tracking endpoint get this instead."""
+    return PSID_PREFIX + hashlib.sha256(conversation.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +101,7 @@ class WebChat:
         with self.conversations.database.write() as db:
             if now >= self._tidy_at:  # hourly, from whichever request comes first
                 self._tidy_at = now + TIDY_EVERY_S
-                store.prune(db, now, now - self.retention_days * 86400 if self.retention_days else None, PSID_PREFIX)
+                store.prune(db, now, now - self.retention_days * 86400 if self.retention_days else None, web_psid)
             outcome = self._admit(db, chat, key, client_key(address), now)
         if isinstance(outcome, Refused):
             metrics.WEBCHAT_REQUESTS.labels(outcome.code).inc()
@@ -153,7 +161,7 @@ class WebChat:
                sink: DeltaSink | None = None) -> WebAnswer:
         """The Page's pipeline on this message (streamed into `sink` when given), logged with channel web."""
         received = self.clock()
-        message = IncomingMessage(psid=PSID_PREFIX + admitted.conversation, page_id=self.page_id,
+        message = IncomingMessage(psid=web_psid(admitted.conversation), page_id=self.page_id,
                                   mid=f"{PSID_PREFIX}{admitted.request_id}", kind=TEXT, text=chat.message,
                                   timestamp_ms=int(received * 1000))
         deadline = self.composer.clock() + self.reply_deadline

@@ -3,6 +3,7 @@ SQL written once for SQLite and PostgreSQL, like every storage module (bot/stora
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 
 def conversation(db, conversation_id: str) -> tuple[str | None] | None:
@@ -38,13 +39,17 @@ def hit(db, key: str, window: float, now: float, *, calendar: bool = False) -> t
     return count, start + window - now
 
 
-def prune(db, now: float, conversations_before: float | None = None, psid_prefix: str = "web:") -> int:
+def prune(db, now: float, conversations_before: float | None = None,
+          psid_of: Callable[[str], str] | None = None) -> int:
     """Counters whose window ended more than a day ago; with `conversations_before`, the
-    conversations issued before then with no exchange left (RETENTION_DAYS pruned them) - their
-    label may be a visitor's e-mail address; `psid_prefix` + id is a conversation's psid)."""
+    conversations issued before then with no exchange left (RETENTION_DAYS pruned them: their
+    label may be a visitor's e-mail address). `psid_of`: a conversation's psid in the log."""
     deleted = db.execute("DELETE FROM webchat_counters WHERE window_start < ?", (now - 2 * 86400,)).rowcount
-    if conversations_before is not None:
-        deleted += db.execute("DELETE FROM webchat_conversations WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM"
-                              " interactions WHERE interactions.psid = ? || webchat_conversations.id)",
-                              (conversations_before, psid_prefix)).rowcount
+    if conversations_before is None or psid_of is None:
+        return deleted
+    old = [row[0] for row in db.execute("SELECT id FROM webchat_conversations WHERE created_at < ?",
+                                        (conversations_before,)).fetchall()]
+    for conversation in old:  # the psid is a hash of the id: matched here, not in SQL
+        if db.execute("SELECT 1 FROM interactions WHERE psid = ? LIMIT 1", (psid_of(conversation),)).fetchone() is None:
+            deleted += db.execute("DELETE FROM webchat_conversations WHERE id = ?", (conversation,)).rowcount
     return deleted

@@ -19,12 +19,12 @@ from bot.storage.queue import Queue
 from bot.web.proxy import TrustedPeers
 from bot.webchat.routes import cors_settings, create_webchat_app
 from bot.webchat.server import WebchatServer
+from bot.webchat.service import PSID_PREFIX, web_psid
 from bot.webchat.wiring import build_webchat
 from devtools.emulator.http import LocalServer
 from devtools.emulator.model_inputs import text_of
 from devtools.emulator.timeline import Timeline
 
-PSID_PREFIX = "web:"  # bot/webchat/service.py's, for the exchange log's web conversations
 REMEMBER_S = 60.0  # how long a visitor's words place the model call that answers them
 
 
@@ -128,7 +128,7 @@ class WebVisitors:
         if visit.shown:
             return
         visit.shown = True
-        psid, text = PSID_PREFIX + (conversation or ""), visit.message()
+        psid, text = _psid(conversation), visit.message()
         if conversation and text:
             with self._lock:
                 self._said[text.strip()] = (psid, time.monotonic() + REMEMBER_S)
@@ -138,7 +138,7 @@ class WebVisitors:
     def answered(self, visit: Visit) -> None:
         end = visit.ended()
         self.asked(visit, end["conversation"])  # a JSON answer, or a refusal before any stream
-        self.timeline.add("webchat", PSID_PREFIX + (end["conversation"] or ""), phase="answer", account=self.account,
+        self.timeline.add("webchat", _psid(end["conversation"]), phase="answer", account=self.account,
                           **end)
 
     def psid_for_prompt(self, messages: list[dict]) -> str | None:
@@ -168,3 +168,8 @@ def _json(text: str) -> dict:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _psid(conversation: str | None) -> str:
+    """The exchange log's psid for a web conversation (before it has one: the bare prefix)."""
+    return web_psid(conversation) if conversation else PSID_PREFIX
