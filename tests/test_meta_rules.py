@@ -288,6 +288,14 @@ def test_a_hand_over_cut_short_by_a_kill_is_repeated_with_the_same_id_and_the_re
     assert [note["id"] for note in owner.bodies] == ["m_human", "m_human"]
 
 
+def test_a_request_for_a_person_whose_reply_can_never_go_still_reaches_the_owner(make_client, graph, clock, owner):
+    client = make_client(clock, HUMAN_PAUSE="30m", HANDOFF_WEBHOOK=owner.url + "/handoff")
+    graph.fail_next("send", graph_error(10, "(#10) This message is sent outside of allowed window.", subcode=2018278))
+    say(client, clock, 1, "human")
+    assert graph.sent_texts(PSID) == [] and [r["outcome"] for r in log(client)] == ["window-closed"]
+    assert [note["id"] for note in owner.bodies] == ["m_user_1", "m_user_1"]  # a 500 first: tried once more
+
+
 def test_a_user_state_change_that_cannot_be_written_does_not_cost_the_reply(make_client, graph, model, clock, env):
     """The write of the answer failed, and so does the pause it carries: the retry keeps the
     answer without it (logged as dropped) rather than leaving the batch to its lease."""

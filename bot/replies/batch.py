@@ -92,6 +92,8 @@ class BatchReplier:
                 self._record_failure(batch, error, progress, "window_closed", Outcome.WINDOW_CLOSED)
             else:
                 self._record_failure(batch, error, progress, None if is_retryable(exc) else f"graph_{exc.code}")
+            if not is_retryable(exc) and progress.answer is not None and progress.answer.outcome == Outcome.HANDOFF:
+                self._hand_over_unanswered(batch, composer)
         except Exception as exc:  # noqa: BLE001 - a bug must cost one message, not the thread
             logger.exception("unexpected error answering batch=%s psid=%r mids=%r", batch.batch_id, batch.psid,
                              _mids(batch))
@@ -170,6 +172,15 @@ class BatchReplier:
         logger.warning("psid=%r part %d was being sent when its process died or its send went unanswered: %s",
                        batch.psid, index, "it went out, not sending it again" if mid else "it did not go out, sending it")
         return mid
+
+    @staticmethod
+    def _hand_over_unanswered(batch: Batch, composer: Composer) -> None:
+        """The reply to a request for a person can never go (the window closed, the Page
+        restricted): the person is told all the same - they may still reach the user."""
+        try:
+            composer.hand_over(batch.messages)
+        except Exception:  # noqa: BLE001 - the batch's outcome is recorded already
+            logger.exception("psid=%r mids=%r: could not hand over", batch.psid, _mids(batch))
 
     def _paused(self, batch: Batch, progress: Progress, why: str) -> None:
         """A person answered while this reply was on its way: what is left of it is not sent."""
