@@ -361,9 +361,10 @@ def test_a_human_echo_pauses_the_bot_and_its_own_echo_does_not(make_client, grap
     post_signed(client, echo_body("m_own_app", "bot reply", app_id=4242))
     say(client, 1)
     assert graph.sent_texts(PSID) == ["Hello from the model."]
-    post_signed(client, echo_body("m_person", "A person here", app_id=263902037430900))
+    now_ms = int(time.time() * 1000)  # a person pauses the bot from when they wrote
+    post_signed(client, echo_body("m_person", "A person here", app_id=263902037430900, timestamp=now_ms))
     say(client, 2, "Thanks, person!")
-    post_signed(client, echo_body("m_other_tool", "no app id at all", psid=OTHER))
+    post_signed(client, echo_body("m_other_tool", "no app id at all", psid=OTHER, timestamp=now_ms))
     say(client, 1, psid=OTHER)
     assert graph.sent_texts() == ["Hello from the model."] and len(model.requests) == 1
     assert [r["outcome"] for r in log(client)] == ["answered", "paused", "paused"]
@@ -372,9 +373,9 @@ def test_a_human_echo_pauses_the_bot_and_its_own_echo_does_not(make_client, grap
 def test_the_pause_ends_and_each_human_message_extends_it(make_client, graph):
     clock = FakeClock()
     client = make_client(clock, HUMAN_PAUSE="60s")
-    post_signed(client, echo_body("m_p1", "person", app_id=1))
+    post_signed(client, echo_body("m_p1", "person", app_id=1, timestamp=int(clock() * 1000)))
     clock.advance(40)
-    post_signed(client, echo_body("m_p2", "person again", app_id=1))
+    post_signed(client, echo_body("m_p2", "person again", app_id=1, timestamp=int(clock() * 1000)))
     clock.advance(40)
     say(client, 1, at=int(clock() * 1000))  # 80 s after the first, 40 s after the second: still paused
     assert graph.sent_texts() == []
