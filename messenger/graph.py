@@ -69,6 +69,10 @@ def explain(error: GraphAPIError) -> str | None:
     return EXPLANATIONS.get((error.code, error.subcode))
 
 
+def is_rate_limited(error: GraphAPIError) -> bool:
+    return error.code in RATE_LIMIT_CODES
+
+
 def is_window_closed(error: GraphAPIError) -> bool:
     return (error.code, error.subcode) == (10, 2018278)
 

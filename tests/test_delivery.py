@@ -82,10 +82,13 @@ def test_users_are_answered_independently(client, graph, model):
 # -- retries ----------------------------------------------------------------------------------------
 TRANSIENT = {
     "temporary-1200": graph_error(1200, "Temporary send message failure", status=500),
-    "rate-limit-613": graph_error(613, "Calls to this api have exceeded the rate limit."),
-    "app-limit-4": graph_error(4, "Application request limit reached", status=403),
     "unknown-2": graph_error(2, "An unexpected error has occurred. Please retry your request later.", status=500),
     "5xx-no-body": json_response({"unexpected": True}, 502),
+}
+RATE_LIMITED = {
+    "rate-limit-613": graph_error(613, "Calls to this api have exceeded the rate limit."),
+    "app-limit-4": graph_error(4, "Application request limit reached", status=403),
+    "page-limit-80006": graph_error(80006, "There have been too many messenger requests to this Page."),
 }
 PERMANENT = {
     "token-190": graph_error(190, "Error validating access token", subcode=463),
@@ -115,6 +118,30 @@ def test_transient_send_errors_are_retried_and_delivered_once(fast_retry_client,
     assert graph.sent_texts(PSID) == ["Hello from the model."]
     assert len(model.requests) == 1, "a retry resends the stored reply, it does not ask the model again"
     assert store_states(fast_retry_client) == {"m_text_0001": "done"}
+
+
+@pytest.mark.parametrize("error", RATE_LIMITED.values(), ids=RATE_LIMITED.keys())
+def test_a_send_refused_for_a_rate_limit_waits_a_minute_untried_and_goes_out_once(make_client, graph, model, error):
+    """Meta's limits last minutes: five refusals in a row, more than MAX_ATTEMPTS, cost no try;
+    each waits a minute or two, not the seconds of a backoff that would fail the reply."""
+    clock = FakeClock()
+    client = make_client(clock, RETRY_BASE_SECONDS="0.01", MAX_ATTEMPTS="2")
+    for _ in range(5):
+        graph.fail_next("send", error)
+    post_signed(client, fixture_bytes("text"))
+    answer_queue(client)
+
+    def sends():
+        return len([c for c in graph.calls if c.body and "message" in c.body])
+    for tried in range(1, 6):
+        assert sends() == tried and store_states(client) == {"m_text_0001": "pending"}
+        clock.advance(59)
+        answer_queue(client)
+        assert sends() == tried  # not before a minute
+        clock.advance(62)
+        answer_queue(client)
+    assert graph.sent_texts(PSID) == ["Hello from the model."] and len(model.requests) == 1
+    assert store_states(client) == {"m_text_0001": "done"}
 
 
 @pytest.mark.parametrize("went_out", [True, False], ids=["it-went-out", "it-did-not"])

@@ -195,6 +195,18 @@ def test_a_send_is_refused_while_a_person_answers_unless_it_is_the_handoff_reply
     store.sending(batch, '{"text": "r"}', 0, 30, unless_paused=True)
 
 
+def test_a_send_refused_for_a_rate_limit_comes_back_later_untried_and_not_in_doubt(store, clock):
+    store.add([message("m1")])
+    batch = store.claim("a", 30)
+    store.sending(batch, '{"text": "r"}', 0, 30)
+    store.throttled(batch, 60, "rate limit")
+    clock.advance(59)
+    assert store.claim("b", 30) is None
+    clock.advance(2)
+    again = store.claim("b", 30)
+    assert (again.attempts, again.sending, again.reply) == (batch.attempts, None, '{"text": "r"}')
+
+
 def test_a_graceful_stop_gives_back_no_batch_whose_send_is_under_way(store, clock):
     """Given back at once, its send might land after another host looked for it - and sent it
     too. It waits out its lease, then is looked for like a dead process's send."""

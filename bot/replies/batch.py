@@ -11,6 +11,7 @@ import logging
 import random
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from bot.replies.activity import Activity
 from bot.replies.answer import Answer, Outcome
@@ -18,7 +19,7 @@ from bot.replies.composer import CannotTell, Composer, Composers
 from bot.storage.exchanges import Exchange
 from bot.storage.queue import Batch, LostLease, PausedByPerson, Queue
 from bot.telemetry import metrics
-from messenger.graph import GraphAPIError, explain, is_retryable, is_window_closed
+from messenger.graph import GraphAPIError, explain, is_rate_limited, is_retryable, is_window_closed
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ OFFERS_A_PERSON = frozenset({Outcome.ANSWERED, Outcome.FALLBACK, Outcome.CACHED,
 # LOOK_FOR_SENT_S after it was first tried; then it is sent without knowing.
 LOOK_AGAIN_S = 5.0
 LOOK_FOR_SENT_S = 120.0
+# Meta's rate limits last minutes: a send refused for one waits this long (to twice it), untried.
+THROTTLED_S = 60.0
 
 
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
@@ -88,7 +91,9 @@ class BatchReplier:
         except GraphAPIError as exc:
             metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
             error = f"{exc}: {why}" if (why := explain(exc)) else str(exc)
-            if is_window_closed(exc):  # Meta counts the window itself: the reply can never go now
+            if is_rate_limited(exc) and not exc.in_doubt and progress.answer is not None:
+                self._throttled(batch, error)
+            elif is_window_closed(exc):  # Meta counts the window itself: the reply can never go now
                 self._record_failure(batch, error, progress, "window_closed", Outcome.WINDOW_CLOSED)
             else:
                 self._record_failure(batch, error, progress, None if is_retryable(exc) else f"graph_{exc.code}")
@@ -196,19 +201,33 @@ class BatchReplier:
             return
         metrics.EXCHANGES.labels(Outcome.PAUSED, batch.messages[0].page_id).inc()
 
+    def _throttled(self, batch: Batch, error: str) -> None:
+        """Meta refused the send for a rate limit: tried again in THROTTLED_S-2×THROTTLED_S
+        (jittered: the Page's other replies were refused too), the try not counted."""
+        delay = random.uniform(THROTTLED_S, 2 * THROTTLED_S)
+        if self._put_back(batch, lambda: self.store.throttled(batch, delay, error)):
+            logger.warning("psid=%r mids=%r: Meta's rate limit (%s); sending again in %.0f s", batch.psid,
+                           _mids(batch), error, delay)
+
     def _look_again(self, batch: Batch, error: str) -> None:
         """Back in the queue, still in doubt, to be looked for again in LOOK_AGAIN_S (jittered: a
         dead host leaves many such looks at once); the try is not counted."""
         delay = random.uniform(LOOK_AGAIN_S, 2 * LOOK_AGAIN_S)
+        if self._put_back(batch, lambda: self.store.look_again(batch, delay, error)):
+            logger.warning("psid=%r mids=%r: %s; looking again in %.0f s", batch.psid, _mids(batch), error, delay)
+
+    @staticmethod
+    def _put_back(batch: Batch, write: Callable[[], None]) -> bool:
+        """The write that puts the batch back in the queue untried; False (logged) if it failed."""
         try:
-            self.store.look_again(batch, delay, error)
+            write()
         except LostLease as exc:
             logger.warning("psid=%r mids=%r: %s", batch.psid, _mids(batch), exc)
-            return
+            return False
         except Exception:  # noqa: BLE001 - then its lease brings it back
             logger.exception("psid=%r mids=%r left to its lease: could not put it back", batch.psid, _mids(batch))
-            return
-        logger.warning("psid=%r mids=%r: %s; looking again in %.0f s", batch.psid, _mids(batch), error, delay)
+            return False
+        return True
 
     def _exchange(self, batch: Batch, progress: Progress, outcome: str | None = None) -> Exchange:
         """The exchange-log record of this batch, as it ends (on the store's clock, as the gates and

@@ -400,6 +400,13 @@ class Queue:
         self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?,"
                      " attempts = attempts - 1", self.clock() + delay, error)
 
+    def throttled(self, batch: Batch, delay: float, error: str) -> None:
+        """Back in the queue after `delay`, this try not counted: Meta refused the send for a rate
+        limit (nothing went out, nothing is in doubt), which lasts minutes - tries spent on it
+        would fail the reply within seconds. Meta's messaging window still ends it."""
+        self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?, sending = NULL,"
+                     " sending_since = NULL, attempts = attempts - 1", self.clock() + delay, error)
+
     def fail(self, batch: Batch, error: str, exchange: Exchange | None = None,
              user_updates: dict | None = None) -> None:
         self._update(batch, "state = 'failed', finished_at = ?, owner = NULL, error = ?", self.clock(), error,
