@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from dotenv import dotenv_values
 
-from pages import PageEntry, read_pages_file
+from pages import TOKEN_EXPECTED, PageEntry, is_numeric_id, is_token, read_pages_file
 
 DEFAULT_FB_API_URL = "https://graph.facebook.com/v26.0/"
 # A small current chat model that still accepts temperature / top_p / max_tokens.
@@ -252,7 +252,11 @@ def load_config_or_exit(environ: Mapping[str, str] | None = None, env_file: str 
 
 def read_environment(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> dict[str, str]:
     """The process environment over the `.env` file: a real variable always wins."""
-    values = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if env_file and os.path.isfile(env_file) else {}
+    try:
+        values = ({k: v for k, v in dotenv_values(env_file, encoding="utf-8").items() if v is not None}
+                  if env_file and os.path.isfile(env_file) else {})
+    except UnicodeDecodeError:
+        raise ConfigError([f"{env_file} is not UTF-8: save it as UTF-8"]) from None
     values.update(os.environ if environ is None else environ)
     return values
 
@@ -264,6 +268,11 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
     if env.get("PAGES_FILE", "").strip():
         if env.get("FB_PAGE_ID", "").strip() or env.get("FB_PAGE_ACCESS_TOKEN", "").strip():
             problems.append("set either PAGES_FILE or FB_PAGE_ID and FB_PAGE_ACCESS_TOKEN, not both")
+        # One Page's identity, which would be ignored (its Instagram account silently unanswered)
+        # or given to every Page without a name of its own.
+        problems += [f"{name} belongs to one Page: with PAGES_FILE write it as that Page's {key}"
+                     for name, key in (("FB_INSTAGRAM_ID", "instagram_id"), ("FB_PAGE_NAME", "name"))
+                     if env.get(name, "").strip()]
         # The deployment-wide settings are read with the first Page standing in for FB_PAGE_*.
         first = entries[0] if entries else PageEntry("0", "-")
         env = {**env, "FB_PAGE_ID": first.id or "0", "FB_PAGE_ACCESS_TOKEN": first.access_token or "-"}
@@ -272,7 +281,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
     for entry in entries:  # each Page's settings: the environment's, its own overrides over them
         page_values, own = _read_values({**env, **entry.settings, "FB_PAGE_ID": entry.id or "0",
                                          "FB_PAGE_ACCESS_TOKEN": entry.access_token or "-",
-                                         "FB_PAGE_NAME": entry.name or env.get("FB_PAGE_NAME", "")})
+                                         "FB_PAGE_NAME": entry.name})
         problems += [f"PAGES_FILE, page {entry.label}: {p}" for p in own if p not in base_problems]
         page_configs.append(page_values)
     problems = base_problems + problems + _webchat_problems(values, entries)
@@ -305,8 +314,8 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
     values = dict(
         fb_verify_token=reader.required("FB_VERIFY_TOKEN"),
         fb_app_secret=reader.required("FB_APP_SECRET"),
-        fb_page_access_token=reader.required("FB_PAGE_ACCESS_TOKEN"),
-        fb_page_id=reader.required("FB_PAGE_ID", check=str.isdigit, expect="digits only (the Page's numeric id)"),
+        fb_page_access_token=reader.required("FB_PAGE_ACCESS_TOKEN", check=is_token, expect=TOKEN_EXPECTED),
+        fb_page_id=reader.required("FB_PAGE_ID", check=is_numeric_id, expect="digits only (the Page's numeric id)"),
         fb_instagram_id=reader.text("FB_INSTAGRAM_ID", "").strip() or None,
         fb_page_name=reader.text("FB_PAGE_NAME", "").strip(),
         disclosure=reader.switch("DISCLOSURE", True),
@@ -384,12 +393,14 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
     if values["slow_reply_notice"] and values["slow_reply_limit_seconds"] <= values["reply_deadline_seconds"]:
         problems.append("SLOW_REPLY_LIMIT must be longer than REPLY_DEADLINE (the notice goes at the deadline, "
                         "the answer may come until the limit)")
-    if values["fb_app_id"] and not values["fb_app_id"].isdigit():
+    if values["fb_app_id"] and not is_numeric_id(values["fb_app_id"]):
         problems.append("FB_APP_ID must be digits only (the app's numeric id)")
     if len(values["handoff_button"]) > 20:
         problems.append("HANDOFF_BUTTON must be at most 20 characters (Meta's limit for a quick reply)")
-    if values["fb_instagram_id"] and not values["fb_instagram_id"].isdigit():
+    if values["fb_instagram_id"] and not is_numeric_id(values["fb_instagram_id"]):
         problems.append("FB_INSTAGRAM_ID must be digits only (the linked Instagram account's numeric id)")
+    elif values["fb_instagram_id"] and values["fb_instagram_id"] == values["fb_page_id"]:
+        problems.append("FB_INSTAGRAM_ID must be the Instagram account's id, not the Page's (FB_PAGE_ID)")
     return values, problems
 
 

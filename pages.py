@@ -32,6 +32,16 @@ PER_PAGE = frozenset({
     "KNOWLEDGE_MIN_SCORE", "KNOWLEDGE_UNKNOWN_REPLY", "KNOWLEDGE_CITE",
 })
 IDENTITY = frozenset({"id", "access_token", "name", "instagram_id"})
+TOKEN_EXPECTED = "the token as Meta shows it: printable ASCII, no spaces (was a placeholder pasted?)"
+
+
+def is_token(value: str) -> bool:
+    """What can go in an HTTP header: anything else would fail every Graph call, not start-up."""
+    return value.isascii() and value.isprintable() and not any(c.isspace() for c in value)
+
+
+def is_numeric_id(value: str) -> bool:
+    return value.isascii() and value.isdigit()  # str.isdigit alone takes "１２" and "²"
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,8 @@ def read_pages_file(path: str) -> tuple[list[PageEntry], list[str]]:
     except tomllib.TOMLDecodeError as exc:
         # The decoder names the line and column; it never quotes a value back.
         return [], [f"PAGES_FILE {path} is not valid TOML: {exc}"]
+    except UnicodeDecodeError:
+        return [], [f"PAGES_FILE {path} is not UTF-8: save it as UTF-8"]
     pages = data.get("pages")
     if not isinstance(pages, list) or not pages or not all(isinstance(p, dict) for p in pages):
         return [], [f"PAGES_FILE {path} must hold at least one [[pages]] table"]
@@ -72,7 +84,7 @@ def _entry(page: dict[str, Any], n: int, problems: list[str]) -> PageEntry:
     page_id, token = page.get("id"), page.get("access_token")
     if isinstance(page_id, int) and not isinstance(page_id, bool):
         page_id = str(page_id)
-    if not isinstance(page_id, str) or not page_id.isdigit():
+    if not isinstance(page_id, str) or not is_numeric_id(page_id):
         problems.append(f"{where}: id must be the Page's numeric id, as a string")
         page_id = ""
     else:
@@ -80,6 +92,8 @@ def _entry(page: dict[str, Any], n: int, problems: list[str]) -> PageEntry:
     if not isinstance(token, str) or not token.strip():
         problems.append(f"{where}: access_token is required")  # never echoed: it is a secret
         token = ""
+    elif not is_token(token.strip()):
+        problems.append(f"{where}: access_token must be {TOKEN_EXPECTED}")
     name = page.get("name", "")
     if not isinstance(name, str):
         problems.append(f"{where}: name must be a string")
@@ -87,7 +101,7 @@ def _entry(page: dict[str, Any], n: int, problems: list[str]) -> PageEntry:
     instagram = page.get("instagram_id")
     if isinstance(instagram, int) and not isinstance(instagram, bool):
         instagram = str(instagram)
-    if instagram is not None and (not isinstance(instagram, str) or not instagram.isdigit()):
+    if instagram is not None and (not isinstance(instagram, str) or not is_numeric_id(instagram)):
         problems.append(f"{where}: instagram_id must be the Instagram account's numeric id, as a string")
         instagram = None
     return PageEntry(page_id, token.strip(), name, instagram, _settings(page, where, problems), n)

@@ -107,3 +107,40 @@ def test_a_missing_pages_file_or_one_beside_fb_page_id_is_refused(tmp_path):
     assert "FB_PAGE_ID is required" not in str(error.value)  # the file replaces FB_PAGE_*
     with pytest.raises(ConfigError, match="set either PAGES_FILE or FB_PAGE_ID"):
         load_config({**BASE, "PAGES_FILE": pages_file(tmp_path, TWO_PAGES), "FB_PAGE_ID": "1111"}, env_file=None)
+
+
+def test_one_pages_identity_beside_a_pages_file_is_refused_not_ignored_or_given_to_every_page(tmp_path):
+    """FB_INSTAGRAM_ID would be ignored (that account's messages dropped), FB_PAGE_NAME given to
+    every Page without a name of its own."""
+    with pytest.raises(ConfigError) as error:
+        load_config({**BASE, "PAGES_FILE": pages_file(tmp_path, TWO_PAGES), "FB_INSTAGRAM_ID": "17841400000000009",
+                     "FB_PAGE_NAME": "Ana's Bakery"}, env_file=None)
+    assert [p for p in error.value.problems if "belongs to one Page" in p] == [
+        "FB_INSTAGRAM_ID belongs to one Page: with PAGES_FILE write it as that Page's instagram_id",
+        "FB_PAGE_NAME belongs to one Page: with PAGES_FILE write it as that Page's name"]
+
+
+def test_a_pages_file_not_in_utf8_and_tokens_or_ids_no_header_can_carry_are_named(tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(TWO_PAGES.replace("Ana's Bakery", "Caf\u00e9 Ana").encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8"):
+        load_config({**BASE, "PAGES_FILE": str(latin1)}, env_file=None)
+    placeholder = TWO_PAGES.replace('"EAA-token-of-ana"', '"EAA\u2026"').replace('id = "2222"', 'id = "\uff12\uff12"')
+    with pytest.raises(ConfigError) as error:
+        load_config({**BASE, "PAGES_FILE": pages_file(tmp_path, placeholder)}, env_file=None)
+    assert any("page 1111: access_token must be the token as Meta shows it" in p for p in error.value.problems)
+    assert any("page 2: id must be the Page's numeric id" in p for p in error.value.problems)  # full-width digits
+    assert "EAA" not in str(error.value)
+
+
+def test_the_one_page_settings_refuse_a_token_with_spaces_and_an_instagram_id_that_is_the_pages(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_bytes("FB_PAGE_NAME=Caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8"):
+        load_config({**BASE, "FB_PAGE_ID": "1111", "FB_PAGE_ACCESS_TOKEN": "tok"}, env_file=str(env_file))
+    with pytest.raises(ConfigError) as error:
+        load_config({**BASE, "FB_PAGE_ID": "1111", "FB_PAGE_ACCESS_TOKEN": "EAA abc", "FB_INSTAGRAM_ID": "1111"},
+                    env_file=None)
+    assert error.value.problems == [
+        "FB_PAGE_ACCESS_TOKEN must be the token as Meta shows it: printable ASCII, no spaces (was a placeholder pasted?)",
+        "FB_INSTAGRAM_ID must be the Instagram account's id, not the Page's (FB_PAGE_ID)"]
