@@ -193,6 +193,12 @@ class Config:
         return int(self.model_deadline_seconds + send + 5)
 
     @property
+    def stop_seconds(self) -> int:
+        """The graceful stop: the slowest Page's worst_reply_seconds (a Page may set its own
+        deadlines); a shorter one would give its answers in flight back, to be paid for again."""
+        return max([self.worst_reply_seconds, *(a.config.worst_reply_seconds for a in self.accounts)])
+
+    @property
     def database_path(self) -> str:
         return database_path(self.data_dir)
 

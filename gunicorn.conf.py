@@ -28,7 +28,7 @@ reuse_port = True
 # An event loop blocked this long is stuck: gunicorn replaces the worker.
 timeout = 30
 # On shutdown the reply process gets the budget of the slowest honest reply.
-graceful_timeout = _config.worst_reply_seconds
+graceful_timeout = _config.stop_seconds
 
 # gunicorn's control socket sits at one path per user: several bots on one host
 # (or the tests and the benchmark) would fight over it, and nothing here uses it.

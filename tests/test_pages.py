@@ -144,3 +144,11 @@ def test_the_one_page_settings_refuse_a_token_with_spaces_and_an_instagram_id_th
     assert error.value.problems == [
         "FB_PAGE_ACCESS_TOKEN must be the token as Meta shows it: printable ASCII, no spaces (was a placeholder pasted?)",
         "FB_INSTAGRAM_ID must be the Instagram account's id, not the Page's (FB_PAGE_ID)"]
+
+
+def test_the_graceful_stop_waits_for_the_slowest_pages_replies(tmp_path):
+    slow = TWO_PAGES + 'slow_reply_notice = "Still thinking..."\n'  # Bob's model may take SLOW_REPLY_LIMIT
+    config = load_config({**BASE, "PAGES_FILE": pages_file(tmp_path, slow)}, env_file=None)
+    bob = config.accounts[-1].config
+    assert bob.model_deadline_seconds > config.model_deadline_seconds
+    assert config.stop_seconds == bob.worst_reply_seconds > config.worst_reply_seconds

@@ -38,7 +38,7 @@ def main() -> None:
     logger.info("reply process ready: %d reply threads", config.reply_threads)
     code = watch(dispatcher, stop, lambda: os.getppid() != parent)
     try:
-        dispatcher.stop(timeout=config.worst_reply_seconds)
+        dispatcher.stop(timeout=config.stop_seconds)
     except Exception:  # noqa: BLE001 - the exit below must happen whatever stop() met
         logger.exception("reply process: stopping the dispatcher failed")
         code = code or 1
