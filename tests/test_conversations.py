@@ -576,7 +576,7 @@ def test_looks_that_could_not_tell_spend_none_of_the_sends_tries(make_client, gr
         answer_queue(client)
         clock.advance(11)  # past the look's next turn
     assert graph.sent_texts(PSID) == [] and store.states() == {"m_mid_send": "pending"}
-    graph.fail_next("send", graph_error(4, "Application request limit reached"))  # refused: nothing went out
+    graph.fail_next("send", graph_error(1200, "Temporary send message failure"))  # refused: nothing went out
     answer_queue(client)  # the look: not there; the send: refused, the 1st of its 2 tries
     clock.advance(60)
     answer_queue(client)
