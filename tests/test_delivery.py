@@ -9,7 +9,7 @@ from bot.storage.queue import SQLiteQueue
 from messenger.events import TEXT, IncomingMessage
 from messenger.graph import GraphAPIError, is_retryable
 from messenger.signature import sign
-from tests.support import APP_SECRET, PSID, FakeClock, answer_queue, fixture_bytes, post_signed, replay, text_body, wait_for
+from tests.support import APP_SECRET, PAGE_ID, PSID, FakeClock, answer_queue, fixture_bytes, post_signed, replay, text_body, wait_for
 from devtools.emulator import completion, graph_error, json_response
 
 
@@ -236,6 +236,14 @@ def test_send_timeout_is_retried(make_client, graph):
     clock.advance(1)
     answer_with_retries(client)
     assert store_states(client) == {"m_text_0001": "done"}
+
+
+def test_a_page_token_meta_refuses_fails_a_new_users_reply_before_the_model_is_paid(fast_retry_client, graph, model):
+    graph.expire_token(PAGE_ID)
+    post_signed(fast_retry_client, fixture_bytes("text"))
+    answer_with_retries(fast_retry_client)
+    assert model.requests == [] and store_states(fast_retry_client) == {"m_text_0001": "failed"}
+    assert not [c for c in graph.calls if c.body and "message" in c.body]
 
 
 @pytest.mark.parametrize("error", PERMANENT.values(), ids=PERMANENT.keys())

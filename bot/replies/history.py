@@ -23,6 +23,7 @@ from messenger.graph import RATE_LIMIT_CODES, GraphAPIError, GraphClient, Histor
 logger = logging.getLogger(__name__)
 
 GRAPH_RETRY_AFTER_S = 0.3
+TOKEN_REFUSED = 190  # the Page's token is invalid or expired: no Graph call of this Page can succeed
 # Values of the exchange log's `history` column.
 FROM_MIRROR, FROM_GRAPH, MIRROR_ONLY = "mirror", "graph", "mirror-only"
 
@@ -71,6 +72,8 @@ class HistoryReader:
                 if exc.code in RATE_LIMIT_CODES:
                     self.conversations.hold_graph_reads(self.page_id)
                     break
+                if exc.code == TOKEN_REFUSED:  # the send will be refused too: the model is not paid for it
+                    raise
                 if attempt == 1 and is_retryable(exc) and self._time_for_another(give_up):
                     logger.info("history read for psid=%r failed (%s); trying once more", psid, exc)
                     self.sleep(GRAPH_RETRY_AFTER_S)
