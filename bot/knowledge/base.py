@@ -54,11 +54,18 @@ class KnowledgeBase:
         return [self.add_one(location, page_id) for location in locations]
 
     def add_one(self, location: str, page_id: str | None = None) -> Report:
-        page = page_id or store.EVERY_PAGE
+        """One source read, chunked, embedded and stored in one transaction - or a FAILED report
+        saying why: whatever goes wrong with one source, the others go on."""
         try:
-            document = readers.read(location, self.limits, self._session)
+            return self._add_one(location, page_id or store.EVERY_PAGE)
         except SourceError as error:
             return Report(location, FAILED, reason=str(error))
+        except Exception as error:  # noqa: BLE001 - a reader's or the database's surprise: this source only
+            logger.debug("knowledge: %s could not be added", location, exc_info=True)
+            return Report(location, FAILED, reason=f"{type(error).__name__}: {str(error)[:160]}")
+
+    def _add_one(self, location: str, page: str) -> Report:
+        document = readers.read(location, self.limits, self._session)
         with self.database.read() as db:
             old = store.find_source(db, page, document.location)
         model = self._model()

@@ -11,6 +11,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -124,8 +125,22 @@ def parse(data: bytes, kind: str, location: str, url: str | None) -> Document:
     return Document(location, title, url, kind, digest, chunks)
 
 
+# Control characters other than tab and line breaks: PDF text often holds NULs, which
+# PostgreSQL cannot store in text (the whole source would fail), and none of them is meant.
+CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def without_controls(text: str) -> str:
+    return CONTROLS.sub("", text)
+
+
 def decode(data: bytes) -> str:
-    """Text in UTF-8 (a BOM allowed), else whatever charset-normalizer is sure of."""
+    """Text in UTF-8 (a BOM allowed), else whatever charset-normalizer is sure of; no control
+    characters."""
+    return without_controls(_decoded(data))
+
+
+def _decoded(data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -154,7 +169,8 @@ def _pdf(data: bytes, name: str) -> tuple[str, str]:
     except Exception as error:  # noqa: BLE001 - pypdf raises many kinds for a broken file
         raise SourceError(f"not a PDF pypdf can read: {type(error).__name__}: {str(error)[:120]}") from None
     # Each page its own paragraph (a page break is as good a cut as a blank line).
-    return title or _title_of_name(name), "\n\n".join(page.strip() for page in pages if page.strip())
+    text = "\n\n".join(page.strip() for page in pages if page.strip())
+    return without_controls(title) or _title_of_name(name), without_controls(text)
 
 
 def _html(text: str, name: str) -> tuple[str, str]:
