@@ -1,6 +1,7 @@
 """The pure parts of reading attachments: Meta's shapes into records, durations from headers,
 the memory budget, the prompt's image parts."""
 import json
+import struct
 import threading
 
 import pytest
@@ -60,7 +61,8 @@ def test_labels_in_the_mirror():
 @pytest.mark.parametrize("data, seconds", [
     (wav_bytes(2.0), 2.0), (wav_bytes(0.5, rate=8000), 0.5), (mp4_bytes(61.5), 61.5), (b"ID3\x00junk", None),
     (b"RIFF\x00\x00\x00\x00WAVE", None), (b"\x00\x00\x00\x08ftyp", None),
-], ids=["wav", "wav-8k", "mp4", "mp3", "truncated-wav", "truncated-mp4"])
+    (b"\x00\x00\x00\x08ftyp" + b"".join(struct.pack(">I4s", 8 * (2000 - n), b"moov") for n in range(2000)), None),
+], ids=["wav", "wav-8k", "mp4", "mp3", "truncated-wav", "truncated-mp4", "2000-nested-boxes"])
 def test_voice_note_length_from_its_header(data, seconds):
     assert audio_seconds(data) == (pytest.approx(seconds) if seconds is not None else None)
 

@@ -10,14 +10,19 @@ import struct
 # Boxes that hold the `mvhd` box, and how far to look for them: the header is near the start.
 CONTAINERS = {b"moov"}
 MAX_BOXES = 64
+MAX_DEPTH = 4  # `moov` holds `mvhd` directly; a file nesting boxes deeper is not a voice note
 
 
 def audio_seconds(data: bytes | bytearray) -> float | None:
-    """The duration in seconds, or None when the format is not one this reads."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-        return _wav_seconds(data)
-    if data[4:8] == b"ftyp":
-        return _mp4_seconds(data)
+    """The duration in seconds, or None when the format is not one this reads (or the header is
+    damaged: a user's file must never fail the reply)."""
+    try:
+        if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+            return _wav_seconds(data)
+        if data[4:8] == b"ftyp":
+            return _mp4_seconds(data)
+    except struct.error:
+        return None
     return None
 
 
@@ -33,7 +38,9 @@ def _wav_seconds(data: bytes | bytearray) -> float | None:
     return None
 
 
-def _mp4_seconds(data: bytes | bytearray, start: int = 0, end: int | None = None) -> float | None:
+def _mp4_seconds(data: bytes | bytearray, start: int = 0, end: int | None = None, depth: int = 0) -> float | None:
+    if depth > MAX_DEPTH:
+        return None
     offset, end = start, len(data) if end is None else end
     for _ in range(MAX_BOXES):
         if offset + 8 > end:
@@ -47,7 +54,7 @@ def _mp4_seconds(data: bytes | bytearray, start: int = 0, end: int | None = None
         if size < header:
             return None
         if kind in CONTAINERS:
-            return _mp4_seconds(data, offset + header, min(end, offset + size))
+            return _mp4_seconds(data, offset + header, min(end, offset + size), depth + 1)
         if kind == b"mvhd":
             return _mvhd_seconds(data, offset + header)
         offset += size
