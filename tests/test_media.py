@@ -3,10 +3,13 @@ the emulator's CDN serves the bytes, the stand-in model sees the image parts and
 import base64
 import json
 import logging
+import time
 
 import pytest
+from werkzeug.wrappers import Response
 
-from devtools.emulator import webhooks
+from bot.media.download import Downloader, MediaError
+from devtools.emulator import LocalServer, webhooks
 from devtools.emulator.media import png_bytes, wav_bytes
 from devtools.emulator.model import offline_reply
 from tests.support import PAGE_ID, PSID, answer_queue, post_signed
@@ -258,3 +261,45 @@ def test_attachments_are_counted_by_kind_and_outcome(client, graph, model):
     send(client, "m_1", [photo(graph)])
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'messenger_attachments_total{kind="image",outcome="read"}' in metrics
+
+
+class Trickle(LocalServer):
+    """A CDN that sends a photo one byte every 50 ms: each read gets something, none times out."""
+
+    def handle(self, request):
+        def body():
+            for _ in range(2_000):
+                time.sleep(0.05)
+                yield b"x"
+        return Response(body(), headers={"Content-Type": "image/png", "Content-Length": "2000"})
+
+
+def test_a_body_trickled_a_byte_at_a_time_is_cut_at_the_fetchs_time_limit():
+    server = Trickle().start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(MediaError) as refused:
+            Downloader(timeout=1.0).fetch(server.url + "/photo.png", lambda kind: True, 10_000)
+        assert refused.value.reason == "too_slow" and time.monotonic() - started < 2.5
+    finally:
+        server.stop()
+
+
+class Recorder(LocalServer):
+    def __init__(self):
+        super().__init__()
+        self.encodings = []
+
+    def handle(self, request):
+        self.encodings.append(request.headers.get("Accept-Encoding"))
+        return Response(png_bytes(4, 4), headers={"Content-Type": "image/png"})
+
+
+def test_the_bytes_are_asked_for_as_sent_so_their_length_is_the_memory_they_take():
+    """A gzip body's Content-Length would reserve a fraction of the memory it unpacks to."""
+    server = Recorder().start()
+    try:
+        assert Downloader().fetch(server.url + "/photo.png", lambda kind: True, 10_000).data == png_bytes(4, 4)
+        assert server.encodings == ["identity"]
+    finally:
+        server.stop()
