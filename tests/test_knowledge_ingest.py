@@ -9,11 +9,12 @@ import sys
 import time
 
 import pytest
+import requests
 from werkzeug.wrappers import Request, Response
 
 from bot.knowledge.chunking import chunk_markdown, chunk_pairs
 from bot.knowledge.html import extract
-from bot.knowledge.readers import Limits, SourceError, read
+from bot.knowledge.readers import Limits, SourceError, fetch, is_public, read
 from devtools.emulator import LocalServer
 from tests.support import ROOT
 from tests.support.documents import pdf_bytes
@@ -154,6 +155,16 @@ class Site(LocalServer):
             return Response(b"\x89PNG", content_type="image/png")
         if request.path == "/moved":
             return Response("", status=302, headers={"Location": "/moved"})
+        if request.path == "/outside/faq":  # a public site's page that sends the fetch inside
+            return Response("", status=302, headers={"Location": "/latest/meta-data/iam/security-credentials/role"})
+        if request.path.startswith("/latest/meta-data/"):
+            return Response('{"AccessKeyId": "ASIAEXAMPLE"}', content_type="text/plain")
+        if request.path == "/trickle":
+            def body():
+                for _ in range(100):
+                    time.sleep(0.05)
+                    yield b"x"
+            return Response(body(), content_type="text/plain", headers={"Content-Length": "100"})
         return Response("not found", status=404)
 
 
@@ -176,12 +187,31 @@ def test_a_web_page_is_read_with_its_title_and_url(site):
     ("/photo", "content type is image/png"),
     ("/missing", "HTTP 404"),
     ("/moved", "more than 5 redirects"),
+    ("/trickle", r"timed out after 1 s"),  # a byte every 50 ms: no read ever times out
 ])
 def test_a_bad_web_page_is_refused_with_a_reason(site, path, reason):
     started = time.monotonic()
     with pytest.raises(SourceError, match=reason):
         read(site.url + path, Limits(max_bytes=1024 * 1024, fetch_timeout=1.0))
     assert time.monotonic() - started < 2.5
+
+
+def test_a_public_page_cannot_send_the_fetch_to_a_private_address(site):
+    """Here "public" is the /outside/ part of the test site (its host is 127.0.0.1, as every
+    address a test can serve); what counts as public is checked on addresses below."""
+    def public(url):
+        return "/outside/" in url
+    with pytest.raises(SourceError, match="redirects from a public address to a private one"):
+        fetch(site.url + "/outside/faq", Limits(), requests.Session(), public=public)
+    assert fetch(site.url + "/outside/faq", Limits(), requests.Session())[0] == b'{"AccessKeyId": "ASIAEXAMPLE"}'
+
+
+@pytest.mark.parametrize("url, public", [
+    ("https://8.8.8.8/faq", True), ("http://169.254.169.254/latest/meta-data/", False), ("http://127.0.0.1:8080/", False),
+    ("http://10.1.2.3/", False), ("http://[::1]/", False), ("http://192.168.0.10/", False),
+])
+def test_what_counts_as_a_public_address(url, public):
+    assert is_public(url) is public
 
 
 def run_cli(env: dict, *args: str) -> subprocess.CompletedProcess:

@@ -9,17 +9,22 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import ipaddress
 import logging
 import os
 import re
+import socket
+import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from typing import Callable
+from urllib.parse import urljoin, urlsplit
 
 import charset_normalizer
 import requests
 
 from bot.knowledge import html
 from bot.knowledge.chunking import Chunk, chunk_markdown, chunk_pairs
+from bot.media.download import read_some
 
 logger = logging.getLogger(__name__)
 TEXT_SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".text": "text"}
@@ -74,12 +79,14 @@ def read(location: str, limits: Limits, session: requests.Session | None = None)
     return parse(data, kind, path, url=None)
 
 
-def fetch(url: str, limits: Limits, session: requests.Session) -> tuple[bytes, str]:
-    """A web page's bytes and kind: bounded in size and time, redirects limited, its type checked."""
-    session.max_redirects = MAX_REDIRECTS
+def fetch(url: str, limits: Limits, session: requests.Session, clock: Callable[[], float] = time.monotonic,
+          public: Callable[[str], bool] | None = None) -> tuple[bytes, str]:
+    """A web page's bytes and kind: bounded in size and in time (start to last byte), redirects
+    limited and never from a public address to a private one (`public`: is_public), its type
+    checked."""
+    ends = clock() + limits.fetch_timeout
     try:
-        with session.get(url, timeout=(min(5.0, limits.fetch_timeout), limits.fetch_timeout), stream=True,
-                         headers={"User-Agent": "messenger-gpt-bot knowledge (+https://github.com)"}) as response:
+        with _get(url, limits, session, ends, clock, public or is_public) as response:
             if response.status_code != 200:
                 raise SourceError(f"the server answered HTTP {response.status_code}")
             content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -90,10 +97,12 @@ def fetch(url: str, limits: Limits, session: requests.Session) -> tuple[bytes, s
             if declared.isdigit() and int(declared) > limits.max_bytes:
                 raise SourceError(f"larger than {_mb(limits.max_bytes)} (KNOWLEDGE_MAX_MB)")
             data = bytearray()
-            for block in response.iter_content(64 * 1024):
+            while block := read_some(response):  # whatever has come: the clock is looked at after each
                 data += block
                 if len(data) > limits.max_bytes:
                     raise SourceError(f"larger than {_mb(limits.max_bytes)} (KNOWLEDGE_MAX_MB)")
+                if clock() > ends:
+                    raise requests.Timeout()
             return bytes(data), kind
     except requests.Timeout:
         raise SourceError(f"timed out after {limits.fetch_timeout:g} s (KNOWLEDGE_FETCH_TIMEOUT)") from None
@@ -101,6 +110,37 @@ def fetch(url: str, limits: Limits, session: requests.Session) -> tuple[bytes, s
         raise SourceError(f"more than {MAX_REDIRECTS} redirects") from None
     except requests.RequestException as error:
         raise SourceError(f"could not fetch it: {type(error).__name__}") from None
+
+
+def _get(url: str, limits: Limits, session: requests.Session, ends: float, clock: Callable[[], float],
+         public: Callable[[str], bool]) -> requests.Response:
+    """The response at the end of at most MAX_REDIRECTS redirects, each followed by hand: a page
+    on a public address may not send the fetch to a private one (a cloud's metadata service at
+    169.254.169.254, the host's own ports) - its answer would become text the bot quotes."""
+    from_public = public(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        response = session.get(url, timeout=(min(5.0, limits.fetch_timeout), max(0.1, ends - clock())),
+                               stream=True, allow_redirects=False,
+                               headers={"User-Agent": "messenger-gpt-bot knowledge (+https://github.com)"})
+        if not response.is_redirect:
+            return response
+        response.close()
+        url = urljoin(url, response.headers["Location"])
+        if not is_url(url):
+            raise SourceError("it redirects to something that is not a web page")
+        if from_public and not public(url):
+            raise SourceError("it redirects from a public address to a private one: refused")
+    raise requests.TooManyRedirects()
+
+
+def is_public(url: str) -> bool:
+    """Every address the URL's host has is a public one."""
+    host = urlsplit(url).hostname or ""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False  # the fetch itself will say it cannot reach it
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses)
 
 
 def parse(data: bytes, kind: str, location: str, url: str | None) -> Document:

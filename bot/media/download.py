@@ -91,7 +91,7 @@ class Downloader:
         body = bytearray()
         # read1: whatever has arrived, so the clock is looked at after every read - a body
         # trickled a byte a second would hold iter_content's 64 KB read for 18 hours.
-        while chunk := _read1(response):
+        while chunk := read_some(response):
             body += chunk
             if len(body) > max_bytes:
                 raise MediaError(TOO_LARGE, f"over {max_bytes} bytes")
@@ -100,7 +100,7 @@ class Downloader:
         return Fetched(body, content_type)
 
 
-def _read1(response: requests.Response) -> bytes:
+def read_some(response: requests.Response) -> bytes:
     """Up to CHUNK bytes of the body as they come (b"": the end), urllib3's errors as requests'."""
     try:
         return response.raw.read1(CHUNK, decode_content=True)
