@@ -8,10 +8,14 @@ import time
 import pytest
 from werkzeug.wrappers import Response
 
+from bot.media.budget import MemoryBudget
 from bot.media.download import Downloader, MediaError
+from bot.media.prepare import MediaReader, MediaSettings
 from devtools.emulator import LocalServer, webhooks
 from devtools.emulator.media import png_bytes, wav_bytes
 from devtools.emulator.model import offline_reply
+from messenger.attachments import IMAGE, Attachment
+from messenger.events import ATTACHMENT, IncomingMessage
 from tests.support import PAGE_ID, PSID, answer_queue, post_signed
 
 PREFIX = "Answer polite and concisely in a single sentence : "
@@ -301,5 +305,47 @@ def test_the_bytes_are_asked_for_as_sent_so_their_length_is_the_memory_they_take
     try:
         assert Downloader().fetch(server.url + "/photo.png", lambda kind: True, 10_000).data == png_bytes(4, 4)
         assert server.encodings == ["identity"]
+    finally:
+        server.stop()
+
+
+class DropsOnce(LocalServer):
+    """Photos; /b.png's first download is cut off mid-body (the CDN unreachable for a moment)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tries = 0
+
+    def handle(self, request):
+        data = png_bytes(64, 64, noise=True)
+        if request.path == "/b.png":
+            self.tries += 1
+            if self.tries == 1:
+                def cut():
+                    yield data[:100]
+                    raise ConnectionResetError("cut off")
+                return Response(cut(), headers={"Content-Type": "image/png", "Content-Length": str(len(data))})
+        return Response(data, headers={"Content-Type": "image/png"})
+
+
+def test_a_photo_fetched_again_keeps_the_memory_the_batchs_other_photos_hold():
+    server = DropsOnce().start()
+    budget = MemoryBudget(64 * 1024 * 1024)
+    settings = MediaSettings(unsupported_reply="u", media_error_reply="e", too_large_reply="l", voice_error_reply="v",
+                             sticker_reply="", default_question="?")
+    reader = MediaReader(settings, Downloader(), transcriber=None, budget=budget)
+
+    def message(mid, path):
+        return IncomingMessage(psid=PSID, page_id=PAGE_ID, mid=mid, kind=ATTACHMENT, text="", timestamp_ms=1,
+                               attachment_types=(IMAGE,), attachments=(Attachment(IMAGE, url=server.url + path),))
+    try:
+        one = reader.prepare([message("m0", "/a.png")], None)
+        single = budget.held
+        one.release()
+        both = reader.prepare([message("m1", "/a.png"), message("m2", "/b.png")], None)
+        assert len(both.images) == 2 and server.tries == 2
+        assert budget.held == 2 * single  # the retry gave back its own failed reservation only
+        both.release()
+        assert budget.held == 0
     finally:
         server.stop()

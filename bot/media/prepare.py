@@ -205,17 +205,18 @@ class MediaReader:
         The memory its bytes take is reserved from the budget (into `held`) before they are read."""
         def reserve(size: int) -> None:
             held.append(self.budget.reserve(size, None if deadline is None else deadline - MODEL_TIME_S))
+        before = len(held)  # what the batch's other attachments hold: still in memory
         try:
             return self.downloader.fetch(url, accept, max_bytes, deadline, on_size=reserve)
         except MediaError as exc:
             if not exc.retryable or (deadline is not None and deadline - self.clock() < RETRY_IF_LEFT_S):
                 raise
             logger.info("fetching an attachment failed (%s); trying once more", exc)
-            self._release(held)
+            self._release(held, keep=before)  # only the failed try's reservation
             return self.downloader.fetch(url, accept, max_bytes, deadline, on_size=reserve)
 
-    def _release(self, held: list[int]) -> None:
-        while held:
+    def _release(self, held: list[int], keep: int = 0) -> None:
+        while len(held) > keep:
             self.budget.release(held.pop())
 
     def _finish(self, messages: Sequence[IncomingMessage], read: list[_Message], prepared: Prepared,
