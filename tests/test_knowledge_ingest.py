@@ -196,6 +196,12 @@ def test_a_bad_web_page_is_refused_with_a_reason(site, path, reason):
     assert time.monotonic() - started < 2.5
 
 
+def test_a_url_holding_a_password_is_not_kept(site):
+    """Its URL would be in every prompt that quotes it, and in the citations users see."""
+    with pytest.raises(SourceError, match="with a user name or password in it is not kept"):
+        read(site.url.replace("http://", "http://ana:secret@") + "/about", Limits())
+
+
 def test_a_public_page_cannot_send_the_fetch_to_a_private_address(site):
     """Here "public" is the /outside/ part of the test site (its host is 127.0.0.1, as every
     address a test can serve); what counts as public is checked on addresses below."""

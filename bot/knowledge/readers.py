@@ -62,6 +62,9 @@ def is_url(location: str) -> bool:
 def read(location: str, limits: Limits, session: requests.Session | None = None) -> Document:
     """The source at `location` (a path or an http(s) URL), read and chunked."""
     if is_url(location):
+        if urlsplit(location).username is not None:  # it would be in every prompt, and in citations
+            raise SourceError("a URL with a user name or password in it is not kept: put the page where it can "
+                              "be read without, or save it and add the file")
         data, kind = fetch(location, limits, session or requests.Session())
         return parse(data, kind, location, url=location)
     path = os.path.abspath(location)
