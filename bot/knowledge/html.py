@@ -25,6 +25,7 @@ class _Reader(HTMLParser):
         self.title = ""
         self.blocks: list[tuple[bool, str]] = []  # (inside main/article, text)
         self._open: list[tuple[str, bool]] = []  # (tag, skipped)
+        self._opened: dict[str, int] = {}  # how many of each tag are open: a stray end tag is known at once
         self._skipping = 0  # depth inside skipped elements
         self._in_main = 0
         self._in_title = False
@@ -39,6 +40,7 @@ class _Reader(HTMLParser):
         # An article's own header (its title) and footer are its text; the page's are its frame.
         skipped = tag in SKIPPED and not (tag in ("header", "footer") and self._in_main)
         self._open.append((tag, skipped))
+        self._opened[tag] = self._opened.get(tag, 0) + 1
         if tag == "title":
             self._in_title = True
         elif skipped:
@@ -51,10 +53,11 @@ class _Reader(HTMLParser):
                 "- " if tag == "li" else ""
 
     def handle_endtag(self, tag):
-        if not any(open_tag == tag for open_tag, _ in self._open):  # a stray end tag: nothing to close
-            return
+        if not self._opened.get(tag):  # a stray end tag: nothing to close (a scan of the stack for
+            return                     # each made a page of them cost the square of its size)
         while self._open:
             closed, skipped = self._open.pop()
+            self._opened[closed] -= 1
             if closed == "title":
                 self._in_title = False
             elif skipped:
