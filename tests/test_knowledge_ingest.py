@@ -98,7 +98,9 @@ def test_each_kind_of_file_is_read(tmp_path, name, data, title, fact):
     ("empty.md", b"\n\n   \n", "no text in it"),
     ("faq.yaml", b"- question: no answer here\n", "not a question with an answer"),
     ("picture.png", b"\x89PNG....", "not a kind of file"),
-], ids=["broken-pdf", "unknown-encoding", "empty", "faq-without-answer", "unknown-kind"])
+    ("faq.yaml", b"a: &a [" + b"x" * 1000 + b"]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n"
+                 b"faq: [{question: q, answer: *b}]\n", "YAML aliases"),
+], ids=["broken-pdf", "unknown-encoding", "empty", "faq-without-answer", "unknown-kind", "yaml-aliases"])
 def test_a_bad_file_is_refused_with_a_reason(tmp_path, name, data, reason):
     path = tmp_path / name
     path.write_bytes(data)

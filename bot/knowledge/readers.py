@@ -234,6 +234,9 @@ def _faq_yaml(text: str) -> list[tuple[str, str]]:
     import yaml
 
     try:
+        # An alias repeats a node: a few KB of them make hundreds of MB of answers to cut and store.
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise SourceError("a FAQ file writes each answer out: YAML aliases (*name) are not taken")
         items = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise SourceError(f"not valid YAML: {str(error).splitlines()[0]}") from None
