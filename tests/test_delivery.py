@@ -246,6 +246,19 @@ def test_a_page_token_meta_refuses_fails_a_new_users_reply_before_the_model_is_p
     assert not [c for c in graph.calls if c.body and "message" in c.body]
 
 
+def test_after_meta_refuses_the_page_token_no_model_is_paid_for_replies_that_cannot_go(fast_retry_client, graph,
+                                                                                         model):
+    """A user the mirror knows needs no Graph read: the send is the first to meet the dead token."""
+    post_signed(fast_retry_client, text_body("m_1", "Open today?", timestamp=int(time.time() * 1000)))
+    answer_with_retries(fast_retry_client)
+    graph.expire_token(PAGE_ID)
+    for n in (2, 3):
+        post_signed(fast_retry_client, text_body(f"m_{n}", "And tomorrow?", timestamp=int(time.time() * 1000) + n))
+        answer_with_retries(fast_retry_client)
+    assert len(model.requests) == 2  # m_1's, and m_2's whose send met the refusal; none for m_3
+    assert store_states(fast_retry_client) == {"m_1": "done", "m_2": "failed", "m_3": "failed"}
+
+
 @pytest.mark.parametrize("error", PERMANENT.values(), ids=PERMANENT.keys())
 def test_permanent_send_errors_fail_at_once_and_log_once(fast_retry_client, graph, caplog, error):
     graph.fail_next("send", error)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 from bot.media.prepare import MediaReader, Prepared
 from bot.replies import gate, meta_rules
@@ -13,7 +13,7 @@ from bot.replies.activity import TYPING_REFRESH_S, Activity
 from bot.replies.answer import Answer, Outcome
 from bot.replies.gate import Policy
 from bot.replies.handoff import Handoff
-from bot.replies.history import History, HistoryReader
+from bot.replies.history import TOKEN_REFUSED, History, HistoryReader
 from bot.replies.knowledge import NOTHING, Consulted, Knowledge
 from bot.storage import answer_cache
 from bot.storage.conversations import Conversations
@@ -29,6 +29,7 @@ from messenger.platforms import BY_NAME
 from messenger.split import split_text
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 # How long a takeover waits for a Graph read slot to see whether the send it found under way
 # went out: at ~1.3 reads a second, the checks of a dead host's sends in flight.
 SENT_CHECK_WAIT_S = 10.0
@@ -88,6 +89,9 @@ class Composer:
         self.clock = clock  # deadlines
         self.wall_clock = wall_clock  # pauses, limits, the mirror's age: compared with stored times
         self.answer_cache_ttl = answer_cache_ttl  # 0: off
+        # Meta refused the Page's token (190): every send will fail until the bot restarts with a
+        # new one, so no model is asked for a reply that cannot go.
+        self._token_refused: GraphAPIError | None = None
         self.knowledge = knowledge  # None: KNOWLEDGE_MODE=off
         # `history`: another source with the same read() (the website chat's: the store only, never
         # Graph; its replies never take over a send, so find_sent's latest() is not asked of it).
@@ -178,7 +182,9 @@ class Composer:
         # A retried batch (its process died, say) waits for nothing: it is late already.
         spend = (deadline - self.clock()) / 2 if deadline is not None else float("inf")
         spend = spend if patient else 0.0
-        history = self.history.read(psid, user, spend, received_at)
+        if self._token_refused is not None:
+            raise self._token_refused
+        history = self._refusing_tokens(lambda: self.history.read(psid, user, spend, received_at))
         consulted = self._consult(history, prepared, deadline)
         thinking()
         if consulted.unknown:  # KNOWLEDGE_MODE=only and nothing answers it: say so, never guess
@@ -274,9 +280,21 @@ class Composer:
         """One Send API call, returning Meta's message id; GraphAPIError is the caller's to classify.
         `offer_person`: the "Talk to a person" button goes under it (HANDOFF_BUTTON)."""
         button = self.prompt.handoff_button if offer_person else ""
-        mid = self.graph.send_text(psid, text, [(button, gate.HANDOFF_PAYLOAD)] if button else ())
+        mid = self._refusing_tokens(lambda: self.graph.send_text(psid, text,
+                                                                 [(button, gate.HANDOFF_PAYLOAD)] if button else ()))
         metrics.REPLIES.inc()
         return mid
+
+    def _refusing_tokens(self, call: Callable[[], T]) -> T:
+        """`call`, noting a token Meta refuses (190) for the replies after this one."""
+        try:
+            return call()
+        except GraphAPIError as exc:
+            if exc.code == TOKEN_REFUSED and self._token_refused is None:
+                logger.error("Meta refused the Page's token (%s): replies fail without asking the model until the "
+                             "bot restarts with a new token (see `python -m bot doctor`)", exc)
+                self._token_refused = exc
+            raise
 
 
 def _once(action: Callable[[], object]) -> Callable[[], None]:
