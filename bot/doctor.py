@@ -58,6 +58,9 @@ def main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+INSTAGRAM_SCOPES = ("instagram_basic", "instagram_manage_messages")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="the bot's public HTTPS address (https://host or https://host/webhook): "
                                       "check that it answers Meta's verify handshake")
@@ -77,12 +80,16 @@ def _all_checks(args: argparse.Namespace) -> Iterator[Line]:
     yield graph_version(config.fb_api_url, date.today())
     valid_tokens = []
     for account in pages:
+        instagram = [a.id for a in config.accounts if a.platform == "instagram" and a.page_id == account.id]
         page_lines = list(token_checks(config, account.config.fb_page_id, account.label,
-                                       account.config.fb_page_access_token))
+                                       account.config.fb_page_access_token, instagram=bool(instagram)))
         yield from page_lines
         if page_lines and page_lines[0].ok:
             valid_tokens.append(account.config.fb_page_access_token)
             yield subscription(config, account.config.fb_page_id, account.label, account.config.fb_page_access_token)
+            for instagram_id in instagram:
+                yield instagram_link(config, account.config.fb_page_id, account.label,
+                                     account.config.fb_page_access_token, instagram_id)
         else:
             yield Line(None, f"Page {account.label}: webhook subscription not checked (the token is refused)")
     yield app_mode(config, valid_tokens[0] if valid_tokens else None)
@@ -113,10 +120,11 @@ def graph_version(api_url: str, today: date) -> Line:
     return Line(True, f"Graph API version {version}: available until {expires}")
 
 
-def token_checks(config: Config, page_id: str, label: str, token: str) -> Iterator[Line]:
-    """The Page token: valid, of this Page (and app), not expiring soon, with pages_messaging."""
+def token_checks(config: Config, page_id: str, label: str, token: str, instagram: bool = False) -> Iterator[Line]:
+    """The Page token: valid, of this Page (and app), not expiring soon, with pages_messaging (and
+    the Instagram permissions when the Page's Instagram account is answered too)."""
     if config.fb_app_id:
-        yield from _debug_token(config, page_id, label, token)
+        yield from _debug_token(config, page_id, label, token, instagram)
         return
     page = AdminGraph(config.fb_api_url, token, config.fb_app_secret)
     try:
@@ -136,10 +144,10 @@ def token_checks(config: Config, page_id: str, label: str, token: str) -> Iterat
         yield Line(False, f"Page {label}: the token's permissions cannot be read ({_meta(error)})",
                    "set FB_APP_ID: the doctor then reads them from Meta's token debugger")
         return
-    yield _scope_line(label, granted)
+    yield from _scope_lines(label, granted, instagram)
 
 
-def _debug_token(config: Config, page_id: str, label: str, token: str) -> Iterator[Line]:
+def _debug_token(config: Config, page_id: str, label: str, token: str, instagram: bool) -> Iterator[Line]:
     app = AdminGraph(config.fb_api_url, app_token(config.fb_app_id, config.fb_app_secret), config.fb_app_secret)
     try:
         data = app.get("debug_token", input_token=token).get("data") or {}
@@ -170,7 +178,7 @@ def _debug_token(config: Config, page_id: str, label: str, token: str) -> Iterat
         when = datetime.fromtimestamp(expires, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         yield Line(left > EXPIRY_MARGIN, f"Page {label}: the token expires on {when} "
                    f"(in {_duration(left)})", TOKEN_HELP)
-    yield _scope_line(label, set(data.get("scopes") or []))
+    yield from _scope_lines(label, set(data.get("scopes") or []), instagram)
 
 
 def _other_page(label: str, page_id: str, whose: str) -> Line:
@@ -178,11 +186,38 @@ def _other_page(label: str, page_id: str, whose: str) -> Line:
                 f"put the token of Page {page_id} in FB_PAGE_ACCESS_TOKEN (or its access_token in PAGES_FILE)")
 
 
-def _scope_line(label: str, granted: set) -> Line:
+def _scope_lines(label: str, granted: set, instagram: bool) -> Iterator[Line]:
     if "pages_messaging" in granted:
-        return Line(True, f"Page {label}: the token has pages_messaging")
-    return Line(False, f"Page {label}: the token lacks pages_messaging: the bot cannot send",
-                'make the token again with pages_messaging ticked (README, "Permissions and webhook fields")')
+        yield Line(True, f"Page {label}: the token has pages_messaging")
+    else:
+        yield Line(False, f"Page {label}: the token lacks pages_messaging: the bot cannot send",
+                   'make the token again with pages_messaging ticked (README, "Permissions and webhook fields")')
+    if not instagram:
+        return
+    missing = [scope for scope in INSTAGRAM_SCOPES if scope not in granted]
+    if missing:
+        yield Line(False, f"Page {label}: the token lacks {' and '.join(missing)}: its Instagram account cannot "
+                          "be answered", f"make the token again with {', '.join(INSTAGRAM_SCOPES)} ticked")
+    else:
+        yield Line(True, f"Page {label}: the token has {' and '.join(INSTAGRAM_SCOPES)}")
+
+
+def instagram_link(config: Config, page_id: str, label: str, token: str, instagram_id: str) -> Line:
+    """The Instagram account answered is the one linked to this Page (its webhooks come with that id)."""
+    page = AdminGraph(config.fb_api_url, token, config.fb_app_secret)
+    try:
+        linked = (page.get(page_id, fields="instagram_business_account").get("instagram_business_account") or {})
+    except GraphAPIError as error:
+        return Line(False, f"Page {label}: its Instagram account cannot be read ({_meta(error)})",
+                    f"the token needs {INSTAGRAM_SCOPES[0]}")
+    linked_id = str(linked.get("id") or "")
+    if linked_id == instagram_id:
+        return Line(True, f"Page {label}: Instagram account {instagram_id} is the one linked to this Page")
+    if not linked_id:
+        return Line(False, f"Page {label}: no Instagram account is linked to this Page, so {instagram_id} hears "
+                           "nothing", "link it in the Page's settings (Linked accounts), or drop the Instagram id")
+    return Line(False, f"Page {label}: the Page's Instagram account is {linked_id}, not {instagram_id}: that "
+                       "account's messages would go unanswered", f"set the Instagram id to {linked_id}")
 
 
 def subscription(config: Config, page_id: str, label: str, token: str) -> Line:

@@ -231,3 +231,20 @@ def test_the_public_url_failures(env, https_bot):
     plain = doctor(env, "--url", "http://127.0.0.1:9")
     assert plain.returncode == 1 and "not an https:// address" in plain.stdout
     assert "unreachable (ConnectionError)" in doctor(env, "--url", "https://127.0.0.1:9").stdout
+
+
+def test_the_instagram_account_answered_is_the_pages_linked_one_and_the_token_may_answer_it(env, graph):
+    graph.add_page("1000000000000007", "EAA-token-of-cleo", name="Cleo's Cakes", instagram_id="17841400000000007")
+    cleo = {**env, "FB_PAGE_ID": "1000000000000007", "FB_PAGE_ACCESS_TOKEN": "EAA-token-of-cleo"}
+    done = doctor({**cleo, "FB_INSTAGRAM_ID": "17841400000000007"})
+    assert done.returncode == 0, done.stdout
+    assert "✓ Page 1000000000000007: Instagram account 17841400000000007 is the one linked to this Page" in done.stdout
+    assert "✓ Page 1000000000000007: the token has instagram_basic and instagram_manage_messages" in done.stdout
+    wrong = doctor({**cleo, "FB_INSTAGRAM_ID": "17841400000000009"})
+    assert wrong.returncode == 1 and "→ set the Instagram id to 17841400000000007" in line(
+        wrong.stdout, "✗ Page 1000000000000007: the Page's Instagram account is 17841400000000007, not 17841400000000009")
+    unlinked = doctor({**env, "FB_INSTAGRAM_ID": "17841400000000009"})  # Ana's Page has none
+    assert f"✗ Page {PAGE_ID}: no Instagram account is linked to this Page" in unlinked.stdout
+    graph.setup("1000000000000007").scopes.remove("instagram_manage_messages")
+    assert "✗ Page 1000000000000007: the token lacks instagram_manage_messages" in doctor(
+        {**cleo, "FB_INSTAGRAM_ID": "17841400000000007"}).stdout

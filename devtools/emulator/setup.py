@@ -29,6 +29,7 @@ from devtools.emulator.http import json_response
 
 # What `python -m bot doctor` looks for, and what a well set-up Page has.
 FULL_SCOPES = ("pages_messaging", "pages_manage_metadata", "pages_read_engagement", "pages_show_list")
+INSTAGRAM_SCOPES = ("instagram_basic", "instagram_manage_messages")  # a Page with an Instagram account's too
 MESSENGER_FIELDS = ("messages", "messaging_postbacks", "message_echoes")
 PROFILE_FIELDS = ("get_started", "greeting", "ice_breakers", "persistent_menu", "commands", "whitelisted_domains")
 MAX_GREETING, MAX_ICE_BREAKERS, MAX_MENU_ITEMS, MAX_MENU_TITLE, MAX_PAYLOAD = 160, 4, 20, 30, 1000
@@ -60,7 +61,10 @@ class Setup:
         page_id = page_id or self.accounts.first.id
         if page_id not in self.accounts.pages:
             raise ValueError(f"no Page {page_id} in this emulator")
-        return setups.setdefault(page_id, PageSetup())
+        if page_id not in setups:
+            linked = self.accounts.pages[page_id].instagram_id is not None
+            setups[page_id] = PageSetup(scopes=[*FULL_SCOPES, *(INSTAGRAM_SCOPES if linked else ())])
+        return setups[page_id]
 
     @property
     def app_token(self) -> str:
@@ -88,8 +92,11 @@ class Setup:
 
     def setup_route(self, request: Request, page: Page, path: str, body: Any) -> Response | None:
         """The Page-token calls of the setup; None: not one of them."""
-        if request.method == "GET" and path == "me":
-            return json_response({"id": page.id, "name": page.name})
+        if request.method == "GET" and path in ("me", page.id):
+            node = {"id": page.id, "name": page.name}
+            if "instagram_business_account" in request.args.get("fields", "") and page.instagram_id:
+                node["instagram_business_account"] = {"id": page.instagram_id}  # absent when none is linked
+            return json_response(node)
         if request.method == "GET" and path == "me/permissions":
             return json_response({"data": [{"permission": s, "status": "granted"} for s in self.setup(page.id).scopes]})
         if request.method == "GET" and path.endswith("/subscribed_apps"):
