@@ -77,12 +77,13 @@ def _all_checks(args: argparse.Namespace) -> Iterator[Line]:
     args.secrets = [*config.secrets, app_token(config.fb_app_id, config.fb_app_secret)] if config.fb_app_id else list(config.secrets)
     pages = [a for a in config.accounts if a.platform == "messenger"]
     yield Line(True, f"settings: valid ({len(pages)} Page{'s' * (len(pages) != 1)})")
-    yield graph_version(config.fb_api_url, date.today())
+    now = time.time()  # one moment for every check: the expiry margins are decided on it
+    yield graph_version(config.fb_api_url, date.fromtimestamp(now))
     valid_tokens = []
     for account in pages:
         instagram = [a.id for a in config.accounts if a.platform == "instagram" and a.page_id == account.id]
         page_lines = list(token_checks(config, account.config.fb_page_id, account.label,
-                                       account.config.fb_page_access_token, instagram=bool(instagram)))
+                                       account.config.fb_page_access_token, now, instagram=bool(instagram)))
         yield from page_lines
         if page_lines and page_lines[0].ok:
             valid_tokens.append(account.config.fb_page_access_token)
@@ -120,11 +121,12 @@ def graph_version(api_url: str, today: date) -> Line:
     return Line(True, f"Graph API version {version}: available until {expires}")
 
 
-def token_checks(config: Config, page_id: str, label: str, token: str, instagram: bool = False) -> Iterator[Line]:
+def token_checks(config: Config, page_id: str, label: str, token: str, now: float,
+                 instagram: bool = False) -> Iterator[Line]:
     """The Page token: valid, of this Page (and app), not expiring soon, with pages_messaging (and
     the Instagram permissions when the Page's Instagram account is answered too)."""
     if config.fb_app_id:
-        yield from _debug_token(config, page_id, label, token, instagram)
+        yield from _debug_token(config, page_id, label, token, now, instagram)
         return
     page = AdminGraph(config.fb_api_url, token, config.fb_app_secret)
     try:
@@ -147,7 +149,8 @@ def token_checks(config: Config, page_id: str, label: str, token: str, instagram
     yield from _scope_lines(label, granted, instagram)
 
 
-def _debug_token(config: Config, page_id: str, label: str, token: str, instagram: bool) -> Iterator[Line]:
+def _debug_token(config: Config, page_id: str, label: str, token: str, now: float,
+                 instagram: bool) -> Iterator[Line]:
     app = AdminGraph(config.fb_api_url, app_token(config.fb_app_id, config.fb_app_secret), config.fb_app_secret)
     try:
         data = app.get("debug_token", input_token=token).get("data") or {}
@@ -174,7 +177,7 @@ def _debug_token(config: Config, page_id: str, label: str, token: str, instagram
     if not expires:
         yield Line(True, f"Page {label}: the token never expires")
     else:
-        left = expires - time.time()
+        left = expires - now
         when = datetime.fromtimestamp(expires, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         yield Line(left > EXPIRY_MARGIN, f"Page {label}: the token expires on {when} "
                    f"(in {_duration(left)})", TOKEN_HELP)

@@ -16,7 +16,7 @@ from datetime import date
 import pytest
 from werkzeug.serving import make_server
 
-from bot.doctor import graph_version
+from bot.doctor import graph_version, token_checks
 from bot.web.app import create_app
 from config import load_config
 from tests.support import APP_SECRET, PAGE_ID, PAGE_TOKEN, ROOT, VERIFY_TOKEN, base_env
@@ -79,6 +79,18 @@ def test_a_token_expiring_soon(env, graph):
     assert "(in 3 hours)" in shown and "→ make a Page token that does not expire" in shown
     graph.setup(PAGE_ID).expires_at = int(time.time()) + 50 * 86400  # a long-lived one: not soon
     assert "✓ Page" in line(doctor(env).stdout, f"✓ Page {PAGE_ID}: the token expires on")
+
+
+def test_soon_is_seven_days_before_the_expiry_on_the_moment_the_checks_are_given(env, graph):
+    expires = 2_000_000_000
+    graph.setup(PAGE_ID).expires_at = expires
+    config = load_config(env, env_file=None)
+
+    def expiry_line(now):
+        return next(line for line in token_checks(config, PAGE_ID, PAGE_ID, PAGE_TOKEN, now)
+                    if "expires on" in line.text)
+    assert expiry_line(expires - 7 * 86400 - 1).ok and not expiry_line(expires - 7 * 86400 + 1).ok
+    assert "(in 6 days" in expiry_line(expires - 6.5 * 86400).text
 
 
 def test_another_pages_token(env):
