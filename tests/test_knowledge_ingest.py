@@ -18,6 +18,7 @@ from bot.knowledge.readers import Limits, SourceError, fetch, is_public, read
 from devtools.emulator import LocalServer
 from tests.support import ROOT
 from tests.support.documents import pdf_bytes
+from tests.support.messages import TickingClock, Trickle
 
 HOURS = """# Ana's Bakery
 
@@ -170,12 +171,6 @@ class Site(LocalServer):
             return Response("", status=302, headers={"Location": "/latest/meta-data/iam/security-credentials/role"})
         if request.path.startswith("/latest/meta-data/"):
             return Response('{"AccessKeyId": "ASIAEXAMPLE"}', content_type="text/plain")
-        if request.path == "/trickle":
-            def body():
-                for _ in range(100):
-                    time.sleep(0.05)
-                    yield b"x"
-            return Response(body(), content_type="text/plain", headers={"Content-Length": "100"})
         return Response("not found", status=404)
 
 
@@ -198,13 +193,24 @@ def test_a_web_page_is_read_with_its_title_and_url(site):
     ("/photo", "content type is image/png"),
     ("/missing", "HTTP 404"),
     ("/moved", "more than 5 redirects"),
-    ("/trickle", r"timed out after 1 s"),  # a byte every 50 ms: no read ever times out
 ])
 def test_a_bad_web_page_is_refused_with_a_reason(site, path, reason):
     started = time.monotonic()
     with pytest.raises(SourceError, match=reason):
         read(site.url + path, Limits(max_bytes=1024 * 1024, fetch_timeout=1.0))
     assert time.monotonic() - started < 2.5
+
+
+def test_a_page_trickled_a_byte_at_a_time_is_cut_at_the_fetchs_time_limit():
+    """No read times out: only a clock looked at after every read (here moving 0.25 s a reading,
+    against a 1 s limit) sees the limit pass."""
+    server = Trickle("text/plain").start()
+    try:
+        with pytest.raises(SourceError, match=r"timed out after 1 s"):
+            fetch(server.url + "/faq.txt", Limits(fetch_timeout=1.0), requests.Session(), clock=TickingClock(0.25))
+        assert server.sent < 10  # of 400
+    finally:
+        server.stop()
 
 
 def test_a_url_holding_a_password_is_not_kept(site):

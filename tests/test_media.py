@@ -3,7 +3,6 @@ the emulator's CDN serves the bytes, the stand-in model sees the image parts and
 import base64
 import json
 import logging
-import time
 
 import pytest
 from werkzeug.wrappers import Response
@@ -17,6 +16,7 @@ from devtools.emulator.model import offline_reply
 from messenger.attachments import IMAGE, Attachment
 from messenger.events import ATTACHMENT, IncomingMessage
 from tests.support import PAGE_ID, PSID, answer_queue, post_signed
+from tests.support.messages import TickingClock, Trickle
 
 PREFIX = "Answer polite and concisely in a single sentence : "
 QUESTION = "What can you tell me about this picture?"
@@ -267,24 +267,15 @@ def test_attachments_are_counted_by_kind_and_outcome(client, graph, model):
     assert 'messenger_attachments_total{kind="image",outcome="read"}' in metrics
 
 
-class Trickle(LocalServer):
-    """A CDN that sends a photo one byte every 50 ms: each read gets something, none times out."""
-
-    def handle(self, request):
-        def body():
-            for _ in range(2_000):
-                time.sleep(0.05)
-                yield b"x"
-        return Response(body(), headers={"Content-Type": "image/png", "Content-Length": "2000"})
-
-
 def test_a_body_trickled_a_byte_at_a_time_is_cut_at_the_fetchs_time_limit():
-    server = Trickle().start()
+    """Each read gets a byte and none times out: only a clock looked at after every read sees the
+    time limit pass (here a clock moving 0.25 s a reading, against a 1 s limit)."""
+    server = Trickle("image/png").start()
     try:
-        started = time.monotonic()
         with pytest.raises(MediaError) as refused:
-            Downloader(timeout=1.0).fetch(server.url + "/photo.png", lambda kind: True, 10_000)
-        assert refused.value.reason == "too_slow" and time.monotonic() - started < 2.5
+            Downloader(timeout=1.0, clock=TickingClock(0.25)).fetch(server.url + "/photo.png", lambda kind: True,
+                                                                   10_000)
+        assert refused.value.reason == "too_slow" and server.sent < 10  # of 400: cut after a few reads
     finally:
         server.stop()
 

@@ -112,6 +112,36 @@ class FakeClock:
         self.advance(seconds)
 
 
+class TickingClock(FakeClock):
+    """A clock each reading of which moves it `step` on: a loop that reads it after every piece
+    of work sees time pass piece by piece, with no real waiting."""
+
+    def __init__(self, step: float, start: float = 0.0):
+        super().__init__(start)
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+class Trickle(LocalServer):
+    """A server that sends `size` bytes of `content_type` one at a time, 20 ms apart (so each
+    read gets a little, and none times out); `sent` counts them."""
+
+    def __init__(self, content_type: str, size: int = 400):
+        super().__init__()
+        self.content_type, self.size, self.sent = content_type, size, 0
+
+    def handle(self, request):
+        def body():
+            for _ in range(self.size):
+                time.sleep(0.02)
+                self.sent += 1
+                yield b"x"
+        return Response(body(), headers={"Content-Type": self.content_type, "Content-Length": str(self.size)})
+
+
 class Receiver(LocalServer):
     """A bot stand-in for the emulator's deliveries: checks Meta's signatures (both headers), answers
     scripted statuses, records bodies. GET answers the handshake for the verify token "right"."""
