@@ -194,7 +194,16 @@ class WebhookRecorder(LocalServer):
 
 @pytest.fixture
 def owner():
+    """The owner's endpoint, failing its first note with a 500 (tried once more)."""
     server = WebhookRecorder([500]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def steady_owner():
+    """The owner's endpoint, taking every note at once."""
+    server = WebhookRecorder().start()
     yield server
     server.stop()
 
@@ -245,11 +254,11 @@ def store_write_failing(client, failing, write="sending"):
 @pytest.mark.parametrize("failure", [Died(), sqlite3.OperationalError("database is locked")],
                          ids=["process-died", "write-failed"])
 def test_a_request_for_a_person_is_answered_and_pauses_though_the_write_of_its_answer_failed(
-        make_client, graph, model, clock, failure):
+        make_client, graph, model, clock, failure, steady_owner):
     """The write that keeps the answer failed: the process died there (the pause that request
     set must not silence its own reply when the batch is taken over), or the write failed and
     the answer was kept by the retry's (the pause goes with it: the retry asks no gate again)."""
-    owner = WebhookRecorder().start()
+    owner = steady_owner
     client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m", LEASE_SECONDS="8",
                          RETRY_BASE_SECONDS="1", HANDOFF_WEBHOOK=owner.url + "/handoff")
     post_signed(client, text_body("m_human", "human", timestamp=int(clock() * 1000)))
@@ -265,14 +274,13 @@ def test_a_request_for_a_person_is_answered_and_pauses_though_the_write_of_its_a
     clock.advance(60)
     say(client, clock, 2, "hello?")  # and the pause holds from then on
     assert graph.sent_texts(PSID) == [HANDED_OVER]
-    owner.stop()
     # The owner hears of it once, after the reply went out, with the asking message's id.
     assert [note["id"] for note in owner.bodies] == ["m_human"]
 
 
 def test_a_hand_over_cut_short_by_a_kill_is_repeated_with_the_same_id_and_the_reply_is_not(
-        make_client, graph, clock):
-    owner = WebhookRecorder().start()
+        make_client, graph, clock, steady_owner):
+    owner = steady_owner
     client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HUMAN_PAUSE="30m", LEASE_SECONDS="8",
                          HANDOFF_WEBHOOK=owner.url + "/handoff")
     post_signed(client, text_body("m_human", "human", timestamp=int(clock() * 1000)))
@@ -283,7 +291,6 @@ def test_a_hand_over_cut_short_by_a_kill_is_repeated_with_the_same_id_and_the_re
         answer_queue(client)
     clock.advance(9)  # its lease runs out: taken over
     answer_queue(client)
-    owner.stop()
     assert graph.sent_texts(PSID) == [HANDED_OVER]
     assert [note["id"] for note in owner.bodies] == ["m_human", "m_human"]
 

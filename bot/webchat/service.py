@@ -98,15 +98,25 @@ class WebChat:
         """Count the request against every limit and find (or issue) its conversation - or Refused."""
         key = user_key(chat, self.secret)  # a bad signature costs no write
         now = self.clock()
+        if now >= self._tidy_at:  # hourly, from whichever request comes first
+            self._tidy_at = now + TIDY_EVERY_S
+            self._tidy(now)
         with self.conversations.database.write() as db:
-            if now >= self._tidy_at:  # hourly, from whichever request comes first
-                self._tidy_at = now + TIDY_EVERY_S
-                store.prune(db, now, now - self.retention_days * 86400 if self.retention_days else None, web_psid)
             outcome = self._admit(db, chat, key, client_key(address), now)
         if isinstance(outcome, Refused):
             metrics.WEBCHAT_REQUESTS.labels(outcome.code).inc()
             raise outcome
         return outcome
+
+    def _tidy(self, now: float) -> None:
+        """Old counters and conversations deleted in a transaction of their own: the admission's
+        stays short (SQLite's one writer is the webhook's too), and a failure here is not the
+        visitor's - the next hour tries again."""
+        try:
+            with self.conversations.database.write() as db:
+                store.prune(db, now, now - self.retention_days * 86400 if self.retention_days else None, web_psid)
+        except Exception:  # noqa: BLE001 - the chat goes on; the rows wait for the next tidy
+            logger.exception("website chat: could not delete old counters and conversations")
 
     def _admit(self, db, chat: ChatInput, key: str | None, client: str, now: float) -> Admitted | Refused:
         """Inside one transaction: the counts of a refused request stay counted (a script hammering a
