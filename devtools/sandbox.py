@@ -57,6 +57,7 @@ BOOKSHOP_USERS = {"2000000000000201": "Gus", "2000000000000202": "Hugo"}  # Harb
 OFFLINE_KEY = "sandbox-offline-model"
 SANDBOX_APP_ID = "900000000000001"
 OUTCOMES_EVERY_S = 0.2  # how often the exchange log is read for outcomes to show
+STOP_REPLIES_S = 1.0  # on Ctrl-C, how long replies in flight may still finish
 STREAM_DELAY_S = 0.08  # between the offline model's streamed pieces: the website chat visibly streams
 # The website chat's per-address limits, looser than the bot's defaults (5 a minute) for one person trying
 # it from 127.0.0.1; the environment's WEBCHAT_* settings win.
@@ -147,10 +148,12 @@ class Sandbox:
         self._stopping.set()
         if self._outcomes.is_alive():
             self._outcomes.join(timeout=5)
+        # Replies in flight get a moment while the emulator still answers; what is left is forgotten
+        # with the temporary DATA_DIR (see main: their threads are not waited for).
+        self.app.extensions["dispatcher"].stop(timeout=STOP_REPLIES_S)
         self.page.stop()
         self.webchat.stop()
         self.webhooks.close()
-        self.app.extensions["dispatcher"].stop(timeout=5)
         self.bot.shutdown()
         self.model.stop()
         self.graph.stop()
@@ -325,7 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stopped.set())
     stopped.wait()
     sandbox.stop()
-    return 0
+    # The interpreter's exit would join the reply threads still in a model call or a retry (up to
+    # OPENAI_TIMEOUT and more) for replies nobody will see: Ctrl-C must stop the sandbox now.
+    sys.stdout.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -340,6 +340,21 @@ def test_with_a_key_the_real_model_sees_the_sample_photo_and_hears_the_sample_vo
         upstream.stop()
 
 
+def test_ctrl_c_stops_the_sandbox_at_once_while_a_reply_waits_on_the_model(tmp_path):
+    upstream = ModelStandIn("too late").start()
+    running = SandboxProcess(tmp_path, {"OPENAI_API_KEY": ModelStandIn.API_KEY, "KNOWLEDGE_MODE": "off",
+                                        "OPENAI_BASE_URL": upstream.base_url})
+    try:
+        upstream.delay = 60.0  # the model call outlasts OPENAI_TIMEOUT (20 s): its thread is still in it
+        assert say(running, ANA, "hello").status_code == 202
+        assert wait_for(lambda: any("messages" in (r["json"] or {}) for r in upstream.requests), 10)
+        assert running.stop() == 0  # within SandboxProcess.stop's 10 s, not after the model call's timeout
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+        upstream.stop()
+
+
 def test_a_taken_port_is_a_clear_error(sandbox):
     port = sandbox.url.rsplit(":", 1)[1]
     result = subprocess.run([sys.executable, "-m", "devtools.sandbox", "--port", port], cwd=ROOT,
