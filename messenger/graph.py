@@ -157,6 +157,11 @@ class GraphClient:
         self._request("POST", "me/pass_thread_control", json={
             "recipient": {"id": psid}, "target_app_id": int(target_app_id), "metadata": metadata[:1000]})
 
+    def take_thread_control(self, psid: str, metadata: str = "") -> None:
+        """The Page's primary receiver takes the conversation back from the app that has it.
+        https://developers.facebook.com/docs/messenger-platform/handover-protocol/conversation-control"""
+        self._request("POST", "me/take_thread_control", json={"recipient": {"id": psid}, "metadata": metadata[:1000]})
+
     def send_action(self, psid: str, action: str) -> None:
         """A sender action: mark_seen, typing_on or typing_off (never with a message)."""
         self._request("POST", "me/messages", json={"recipient": {"id": psid}, "sender_action": action})

@@ -57,6 +57,19 @@ def test_an_unexpected_drain_error_is_logged_once_and_replies_go_on(env, graph, 
     assert caplog.text.count("inbox drain failed, replies to what is queued go on: OverflowError") == 1  # not per poll
 
 
+def test_the_running_dispatcher_takes_back_a_thread_whose_pause_is_over(env, graph, model):
+    config = load_config({**env, "HANDOFF_THREAD_CONTROL": "on"}, env_file=None)
+    dispatcher = build_dispatcher(config)
+    dispatcher.take_back_every = 0.05
+    dispatcher.store.conversations.update_user(PSID, thread_away=config.fb_page_id)  # passed on, no pause left
+    dispatcher.start()
+    try:
+        assert wait_for(lambda: [c for c in graph.calls if c.path.endswith("me/take_thread_control")], 10)
+        assert wait_for(lambda: dispatcher.store.conversations.user(PSID).thread_away is None, 10)
+    finally:
+        dispatcher.stop(timeout=5)
+
+
 def test_a_lone_surrogate_in_a_stored_text_ends_done_with_an_exchange_record(env, graph, model):
     """F4: the fallback went out, then the mirror write failed 5x and the row sat in 'working'."""
     config = load_config(env, env_file=None)

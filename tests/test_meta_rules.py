@@ -398,6 +398,61 @@ def test_with_thread_control_the_inbox_gets_the_thread_after_the_user_was_told(m
     assert graph.thread_owner(PSID) == "263902037430900"
 
 
+def test_a_thread_nobody_passed_back_is_taken_back_when_the_pause_ends_and_the_user_answered(
+        make_client, graph, clock):
+    """A person who never marks the conversation done would leave the user on `standby` for good:
+    once no person answered for HUMAN_PAUSE the bot takes the thread back and answers again."""
+    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HANDOFF_THREAD_CONTROL="on", HUMAN_PAUSE="30m")
+    dispatcher = client.application.extensions["dispatcher"]
+    say(client, clock, 1, "agent")
+    assert graph.thread_owner(PSID) == "263902037430900"
+    clock.advance(20 * 60)
+    standby = json.loads(echo_body("m_inbox", "Ana here!", app_id=263902037430900, timestamp=int(clock() * 1000)))
+    standby["entry"][0]["standby"] = standby["entry"][0].pop("messaging")
+    assert post_signed(client, json.dumps(standby).encode()).status_code == 200
+    answer_queue(client)
+    clock.advance(11 * 60)  # the request's pause is over, the person's answer's is not
+    assert dispatcher.take_threads_back() == 0 and graph.thread_owner(PSID) == "263902037430900"
+    clock.advance(20 * 60)
+    assert dispatcher.take_threads_back() == 1 and graph.thread_owner(PSID) == graph.app_id
+    [call] = [c for c in graph.calls if c.path.endswith("me/take_thread_control")]
+    assert call.body["recipient"] == {"id": PSID}
+    assert dispatcher.take_threads_back() == 0  # once
+    say(client, clock, 2, "is my order ready?")
+    assert graph.sent_texts(PSID) == [HANDED_OVER, REPLY]
+
+
+def test_taking_a_thread_back_is_tried_again_after_a_graph_failure_and_given_up_for_a_user_gone(
+        make_client, graph, clock, caplog):
+    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HANDOFF_THREAD_CONTROL="on", HUMAN_PAUSE="30m")
+    dispatcher = client.application.extensions["dispatcher"]
+    say(client, clock, 1, "agent")
+    post_signed(client, text_body("m_ben", "agent", psid="2000000000000002", timestamp=int(clock() * 1000)))
+    answer_queue(client)
+    clock.advance(31 * 60)
+    graph.fail_next("handover", graph_error(2, "Service temporarily unavailable", status=500))
+    graph.fail_next("handover", graph_error(551, "This person isn't available right now.", subcode=1545041))
+    assert dispatcher.take_threads_back() == 0  # one 500 (kept for the next turn), one user gone (dropped)
+    assert "not available" in caplog.text
+    assert dispatcher.take_threads_back() == 1
+    assert dispatcher.take_threads_back() == 0
+    assert len([c for c in graph.calls if c.path.endswith("me/take_thread_control")]) == 3
+
+
+def test_a_thread_passed_back_by_the_inbox_is_not_taken_again(make_client, graph, clock):
+    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HANDOFF_THREAD_CONTROL="on", HUMAN_PAUSE="30m")
+    say(client, clock, 1, "agent")
+    clock.advance(60)
+    graph.inbox_passes_back(PSID)
+    event = {"sender": {"id": PSID}, "recipient": {"id": PAGE_ID}, "timestamp": int(clock() * 1000),
+             "pass_thread_control": {"previous_owner_app_id": "263902037430900", "new_owner_app_id": "1"}}
+    post_signed(client, json.dumps({"object": "page", "entry": [{"id": PAGE_ID, "messaging": [event]}]}).encode())
+    answer_queue(client)
+    clock.advance(31 * 60)
+    assert client.application.extensions["dispatcher"].take_threads_back() == 0
+    assert not [c for c in graph.calls if c.path.endswith("me/take_thread_control")]
+
+
 # -- what users do to messages already sent -------------------------------------------------------
 def touch(client, clock, field, **body):
     event = {"sender": {"id": PSID}, "recipient": {"id": PAGE_ID}, "timestamp": int(clock() * 1000), field: body}

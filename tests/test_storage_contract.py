@@ -422,6 +422,25 @@ def test_a_requested_pause_written_with_the_answer_yields_to_a_handback_or_a_lon
         1_900_000_000.0, 7.5)
 
 
+def test_a_thread_passed_to_the_inbox_is_due_back_once_its_pause_ends_unless_passed_back(store, clock):
+    now = clock()
+    conversations = store.conversations
+    for psid in ("u1", "u2", "u3"):
+        conversations.update_user(psid, pause=[now + 1800, 1000], thread_away="page-1")
+    conversations.update_user("u4", pause=[now + 1800, 1000])  # paused, thread never passed on
+    assert conversations.threads_due_back(now) == []
+    store.add([], [ClassifiedEcho(Echo(psid="u2", page_id="page-1", mid="thread-control:2000", text="",
+                                       timestamp_ms=2000, app_id=None, metadata=None), False, 0.0, RESUME)])
+    conversations.update_user("u3", pause=[now + 3600, 3000])  # a person answered later: a longer pause
+    assert conversations.user("u2").thread_away is None  # passed back: the bot's again
+    assert conversations.threads_due_back(now + 1800) == [("u1", "page-1")]
+    assert conversations.threads_due_back(now + 3600) == [("u1", "page-1"), ("u3", "page-1")]
+    assert conversations.threads_due_back(now + 3600, limit=1) == [("u1", "page-1")]
+    conversations.thread_taken_back("u1", "page-1")
+    conversations.thread_taken_back("u3", "another-account")  # not the account that passed it: kept
+    assert conversations.threads_due_back(now + 3600) == [("u3", "page-1")]
+
+
 def test_user_state_columns_are_set_and_kept(store):
     store.conversations.update_user("u1", reset_at_ms=42)
     store.conversations.update_user("u1", rate_notice_at=7.5, budget_notice_day="2027-01-15")

@@ -142,8 +142,10 @@ class BatchReplier:
             progress.sent += 1
             if progress.sent < len(parts):
                 self.store.mark_sent(batch, answer.to_json(), progress.sent)
-        if answer.outcome == Outcome.HANDOFF:  # the reply first: the inbox's thread takes no sends from the bot
-            composer.hand_over(batch.messages)
+        if answer.outcome == Outcome.HANDOFF and composer.hand_over(batch.messages):
+            # The reply first: the inbox's thread takes no sends from the bot. Remembered, so the bot
+            # takes the thread back if its pause ends with nobody passing it back (bot/replies/threads.py).
+            progress.updates = {**(progress.updates or {}), "thread_away": batch.messages[0].page_id}
         # Marked done (and logged) right after the last send and the hand-over: a crash before
         # this repeats no send (the last one is found), only the hand-over (with the same id).
         self.store.complete(batch, self._exchange(batch, progress), progress.updates)
@@ -178,12 +180,12 @@ class BatchReplier:
                        batch.psid, index, "it went out, not sending it again" if mid else "it did not go out, sending it")
         return mid
 
-    @staticmethod
-    def _hand_over_unanswered(batch: Batch, composer: Composer) -> None:
+    def _hand_over_unanswered(self, batch: Batch, composer: Composer) -> None:
         """The reply to a request for a person can never go (the window closed, the Page
         restricted): the person is told all the same - they may still reach the user."""
         try:
-            composer.hand_over(batch.messages)
+            if composer.hand_over(batch.messages):
+                self.store.conversations.update_user(batch.psid, thread_away=batch.messages[0].page_id)
         except Exception:  # noqa: BLE001 - the batch's outcome is recorded already
             logger.exception("psid=%r mids=%r: could not hand over", batch.psid, _mids(batch))
 

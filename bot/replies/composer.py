@@ -147,15 +147,15 @@ class Composer:
             prepared.release()
         return self._disclosed(answer, messages, facts.user)
 
-    def hand_over(self, messages: Sequence[IncomingMessage]) -> None:
+    def hand_over(self, messages: Sequence[IncomingMessage]) -> bool:
         """After the handoff reply went out (once the thread is the inbox's, Meta refuses this
         app's sends). A process killed before the batch is recorded hands over again: the
         asking message's mid (a postback may have none: the user and its time) lets the owner's
-        system drop the repeat."""
+        system drop the repeat. True when the thread went to the Page inbox."""
         if self.handoff is None:
-            return
+            return False
         asking = next((m for m in messages if gate.is_handoff(m, self.policy.handoff_words)), messages[-1])
-        self.handoff.hand_over(asking.psid, asking.mid or f"{asking.psid}:{asking.timestamp_ms}")
+        return self.handoff.hand_over(asking.psid, asking.mid or f"{asking.psid}:{asking.timestamp_ms}")
 
     def _disclosed(self, answer: Answer, messages: Sequence[IncomingMessage], user: UserState) -> Answer:
         """The answer, first saying the user talks to a bot when Meta's rule wants it now."""

@@ -19,6 +19,7 @@ from typing import Callable
 
 from bot.replies.batch import BatchReplier
 from bot.replies.composer import Composers
+from bot.replies.threads import TAKE_BACK_EVERY_S, take_threads_back
 from bot.storage.doorbell import Doorbell
 from bot.storage.instance import owner_prefix, take_reply_lock
 from bot.storage.queue import Batch, InboxUnreadable, Queue
@@ -45,6 +46,7 @@ class Dispatcher:
         self.doorbell = doorbell
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
+        self.take_back_every = TAKE_BACK_EVERY_S  # seconds between looks for threads to take back
         self.retention_days = retention_days
         self.tracker = tracker  # bot.replies.tracking.Tracker, when TRACKING_URL is set
         self.inbox_dir = inbox_dir  # the webhook processes' inbox files (bot/storage/inbox.py)
@@ -75,7 +77,8 @@ class Dispatcher:
         self.take_over_dead_predecessor()
         self.store.heartbeat(self.owner)
         self.last_turn = self.clock()
-        loops = ((self._claim_loop, "dispatcher"), (self._upkeep_loop, "upkeep"), (self._lease_loop, "leases"))
+        loops = ((self._claim_loop, "dispatcher"), (self._upkeep_loop, "upkeep"), (self._lease_loop, "leases"),
+                 (self._threads_back_loop, "threads-back"))
         self._threads = [threading.Thread(target=target, name=name, daemon=True) for target, name in loops]
         for thread in self._threads:
             thread.start()
@@ -253,6 +256,19 @@ class Dispatcher:
             except Exception as exc:  # noqa: BLE001 - the heartbeat must go on
                 self._errors.error(f"upkeep:{type(exc).__name__}", "queue upkeep failed: %s: %s",
                                    type(exc).__name__, exc)
+
+    def _threads_back_loop(self) -> None:
+        """Threads passed to the Page inbox whose pause is over, taken back (bot/replies/threads.py):
+        a loop of its own, so a slow Graph never holds up the heartbeat."""
+        while not self._stopping.wait(self.take_back_every):
+            try:
+                self.take_threads_back()
+            except Exception as exc:  # noqa: BLE001 - tried again at the next turn
+                self._errors.error(f"threads-back:{type(exc).__name__}", "taking threads back failed: %s: %s",
+                                   type(exc).__name__, exc)
+
+    def take_threads_back(self) -> int:
+        return take_threads_back(self.store.conversations, self.composers, self.store.clock(), self._errors)
 
     def prune(self) -> None:
         """RETENTION_DAYS: older exchanges, mirror rows and finished queue rows are deleted."""

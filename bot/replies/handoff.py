@@ -37,17 +37,27 @@ class Handoff:
         self.clock = clock
         self._session = requests.Session() if settings.webhook else None
 
-    def hand_over(self, psid: str, request_id: str) -> None:
+    def hand_over(self, psid: str, request_id: str) -> bool:
         """Pass the thread and tell the owner; a failure of either is logged, never raised: the
         user has been told a person will answer, and the bot stays paused either way.
-        `request_id` (the asking message's) is the same if a takeover hands over again."""
+        `request_id` (the asking message's) is the same if a takeover hands over again.
+        True when the thread is now the Page inbox's."""
+        passed = False
         if self.settings.thread_control:
             try:
                 self.graph.pass_thread_control(psid, self.settings.inbox_app_id, "the user asked for a person")
+                passed = True
             except GraphAPIError as exc:
                 logger.error("could not pass psid=%r's thread to the Page inbox: %s", psid, exc)
         if self._session is not None:
             self._notify(psid, request_id)
+        return passed
+
+    def take_back(self, psid: str) -> None:
+        """The pause is over and the inbox never passed the thread back (a person forgot to mark
+        the conversation done): the bot takes it, so the user's next message reaches it, not
+        `standby`. Raises GraphAPIError."""
+        self.graph.take_thread_control(psid, "the pause for a person is over")
 
     def summary(self, psid: str) -> list[dict]:
         """The conversation's last messages, oldest first, from the mirror."""

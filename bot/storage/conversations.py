@@ -71,6 +71,15 @@ class Conversations:
         with self._database.write() as db:
             users.apply(db, psid, changes)
 
+    def threads_due_back(self, now: float, limit: int = 100) -> list[tuple[str, str]]:
+        """(psid, account) of threads the bot passed to the Page inbox whose pause is over: users.py."""
+        with self._database.read() as db:
+            return users.threads_due_back(db, now, limit)
+
+    def thread_taken_back(self, psid: str, account: str) -> None:
+        with self._database.write() as db:
+            users.thread_taken_back(db, psid, account)
+
     def history(self, psid: str, page_id: str, limit: int, after_ms: int | None) -> list[HistoryMessage]:
         with self._database.read() as db:
             return mirror.history(db, psid, page_id, limit, after_ms)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 COLUMNS = ("synced_at", "reset_at_ms", "paused_until", "rate_notice_at", "budget_notice_day", "disclosed_at",
-           "thread_back_ms")
+           "thread_back_ms", "thread_away")
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class UserState:
     budget_notice_day: str | None = None
     disclosed_at: float | None = None  # when the bot last said it is a bot
     thread_back_ms: int | None = None  # Meta's time of the last thread passed back by the Page inbox
+    thread_away: str | None = None  # the account that passed the thread to the Page inbox, until it is back
 
 
 def get(db, psid: str) -> UserState:
@@ -62,5 +63,18 @@ def thread_back(db, psid: str, at_ms: int, person_answered_ms: int | None) -> No
     resumes = person_answered_ms is None or person_answered_ms <= at_ms
     db.execute("INSERT INTO users (psid, thread_back_ms) VALUES (?, ?) ON CONFLICT (psid) DO UPDATE SET"
                " thread_back_ms = CASE WHEN users.thread_back_ms > excluded.thread_back_ms THEN users.thread_back_ms"
-               " ELSE excluded.thread_back_ms END"
+               " ELSE excluded.thread_back_ms END, thread_away = NULL"
                + (", paused_until = NULL" if resumes else ""), (psid, at_ms))
+
+
+def threads_due_back(db, now: float, limit: int) -> list[tuple[str, str]]:
+    """(psid, account) of the threads the bot passed to the Page inbox whose pause is over:
+    nobody passed them back, and no person answered for HUMAN_PAUSE."""
+    return [tuple(row) for row in db.execute(
+        "SELECT psid, thread_away FROM users WHERE thread_away IS NOT NULL"
+        " AND (paused_until IS NULL OR paused_until <= ?) ORDER BY psid LIMIT ?", (now, limit)).fetchall()]
+
+
+def thread_taken_back(db, psid: str, account: str) -> None:
+    """The bot took the thread back (or can never: the user is gone)."""
+    db.execute("UPDATE users SET thread_away = NULL WHERE psid = ? AND thread_away = ?", (psid, account))

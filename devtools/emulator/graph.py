@@ -75,8 +75,9 @@ class GraphEmulator(Users, Setup, Handovers, LocalServer):
         self.delivered_at: list[float] = []  # time.monotonic() of each, after the injected latency
         self.rate_limited = 0  # Conversations calls refused for the rate limit
         # Scripted answers per kind: entry i answers the (i+1)-th call from now; None lets that call through.
-        self.failures: dict[str, list[Response | None]] = {"history": [], "send": [], "action": []}
-        self.delays: dict[str, float] = {"history": 0.0, "send": 0.0, "action": 0.0}
+        # "handover": pass_thread_control and take_thread_control calls
+        self.failures: dict[str, list[Response | None]] = {"history": [], "send": [], "action": [], "handover": []}
+        self.delays: dict[str, float] = {"history": 0.0, "send": 0.0, "action": 0.0, "handover": 0.0}
         self._ids = itertools.count(1)
         self._order = itertools.count(1)
         self._recent_reads: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)

@@ -67,6 +67,8 @@ class Handovers:
             return graph_error(100, "(#100) param recipient must be non-empty.")
         if self.accounts.account_of(psid).page_id != page.id:
             return graph_error(100, "(#100) No matching user found", subcode=2018001)
+        if scripted := self._scripted("handover"):
+            return scripted
         metadata = body.get("metadata")
         if kind == "pass_thread_control":
             target = str(body.get("target_app_id") or "")
