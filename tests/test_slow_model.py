@@ -1,6 +1,7 @@
 """Issue 15, point 3: Meta's 30-second rule. The model call ends by a deadline, its retries
 included; the typing indicator is kept alive while it works; a slow reply gets the
 fallback, or with SLOW_REPLY_NOTICE a short notice first and the answer when it comes."""
+import threading
 import time
 
 import openai
@@ -11,7 +12,7 @@ from config import ConfigError, load_config
 from gpt.model import ModelSettings, ChatModel
 from devtools.emulator import ModelStandIn
 from devtools.emulator.http import json_response
-from tests.support import PSID, base_env, replay
+from tests.support import PSID, base_env, replay, wait_for
 
 
 class FakeClock:
@@ -140,6 +141,25 @@ def test_a_slow_reply_gets_the_notice_then_the_answer(make_client, graph, model,
     store = client.application.extensions["dispatcher"].store
     rows = store.conversations.history(PSID, graph.page_id, 10, None)
     assert [m.text for m in rows][:2] == ["Hello from the model.", "One moment, please."]  # newest first
+
+
+def test_no_notice_goes_once_a_person_answers_while_the_model_works(make_client, graph, model):
+    """The person's answer (stored by the webhook while the model works) has the conversation:
+    the notice would speak over them, and the reply is dropped when it is ready."""
+    model.delay = 3.0
+    client = make_client(REPLY_DEADLINE="2", SLOW_REPLY_NOTICE="One moment, please.", SLOW_REPLY_LIMIT="10",
+                         OPENAI_TIMEOUT="20", HUMAN_PAUSE="30m")
+    conversations = client.application.extensions["dispatcher"].store.conversations
+
+    def person_answers():
+        if wait_for(lambda: model.requests, 10):
+            conversations.update_user(PSID, pause=[time.time() + 1800, int(time.time() * 1000)])
+    person = threading.Thread(target=person_answers)
+    person.start()
+    replay(client, "text")
+    person.join()
+    assert graph.sent_texts(PSID) == []
+    assert len(model.requests) == 1
 
 
 def test_a_fast_reply_gets_no_notice(make_client, graph, model):

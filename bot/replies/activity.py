@@ -28,9 +28,12 @@ class Activity:
 
     def __init__(self, graph: GraphClient, psid: str, *, started: float, notice: str = "",
                  notice_at: float | None = None, refresh_every: float = TYPING_REFRESH_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, paused: Callable[[], bool] = lambda: False):
         self.graph = graph
         self.psid = psid
+        # A person answered the user meanwhile: the reply will not go (bot/storage/queue.py's
+        # sending), so neither do its notice and its typing - they would speak over the person.
+        self.paused = paused
         self.started = started
         self.notice = notice
         self.notice_at = notice_at if notice else None
@@ -56,15 +59,28 @@ class Activity:
         self._answered.wait(ACTIVITY_PAUSE_S)
         self._action("mark_seen")  # even when the answer is ready: the user's message was read
         next_typing = self.clock()
+        first = True
         while not self._answered.is_set():
             now = self.clock()
-            if self.notice_at is not None and now >= self.notice_at:
+            due_notice = self.notice_at is not None and now >= self.notice_at
+            if (due_notice or (now >= next_typing and not first)) and self._person_answers():
+                logger.info("psid=%r: a person answers meanwhile: no more typing or slow-reply notice", self.psid)
+                return
+            if due_notice:
                 self._send_notice()
             if now >= next_typing:
                 self._action("typing_on")
                 next_typing = now + self.refresh_every
+                first = False
             due = [next_typing] + ([self.notice_at] if self.notice_at is not None else [])
             self._answered.wait(max(0.0, min(due) - self.clock()))
+
+    def _person_answers(self) -> bool:
+        try:
+            return self.paused()
+        except Exception as exc:  # noqa: BLE001 - the database blinked: the send itself checks again
+            logger.info("psid=%r: could not read the pause (%s): going on", self.psid, type(exc).__name__)
+            return False
 
     def _send_notice(self) -> None:
         self.notice_at = None

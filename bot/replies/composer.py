@@ -105,7 +105,11 @@ class Composer:
         started = self.clock()
         return Activity(self.graph, psid, started=started, notice=self.timing.slow_notice,
                         notice_at=started + self.timing.reply_deadline, refresh_every=self.timing.typing_refresh,
-                        clock=self.clock)
+                        clock=self.clock, paused=lambda: self._paused(psid))
+
+    def _paused(self, psid: str) -> bool:
+        until = self.conversations.user(psid).paused_until
+        return bool(until and until > self.wall_clock())
 
     def model_deadline(self, started: float) -> float:
         """When the model must have answered, for a reply that started at `started`."""
