@@ -14,7 +14,7 @@ from werkzeug.wrappers import Request, Response
 
 from bot.knowledge.chunking import chunk_markdown, chunk_pairs
 from bot.knowledge.html import extract
-from bot.knowledge.readers import Limits, SourceError, fetch, is_public, read
+from bot.knowledge.readers import Limits, SourceError, fetch, is_public, parse, read
 from devtools.emulator import LocalServer
 from tests.support import ROOT
 from tests.support.documents import pdf_bytes
@@ -107,6 +107,23 @@ def test_a_bad_file_is_refused_with_a_reason(tmp_path, name, data, reason):
     path.write_bytes(data)
     with pytest.raises(SourceError, match=reason):
         read(str(path), Limits())
+
+
+def test_a_small_pdf_holding_megabytes_of_text_is_refused_once_its_text_passes_the_limit(tmp_path):
+    """40 pages drawing one deflated stream: 2 KB of PDF, 12 MB of text."""
+    data = pdf_bytes(["Our sourdough is baked every morning at six."] * 7000, pages=40, compressed=True)
+    assert len(data) < 8 * 1024
+    path = tmp_path / "bomb.pdf"
+    path.write_bytes(data)
+    with pytest.raises(SourceError, match=r"its text is longer than 1 MB \(KNOWLEDGE_MAX_MB, in characters\)"):
+        read(str(path), Limits(max_bytes=1024 * 1024))
+
+
+def test_a_pdf_whose_text_takes_too_long_to_read_is_refused():
+    data = pdf_bytes(["A baguette costs 1.90 euros."], pages=30)
+    assert len(parse(data, "pdf", "prices.pdf", None).chunks) >= 1  # with time to read it: fine
+    with pytest.raises(SourceError, match="reading its text took longer than 120 s"):
+        parse(data, "pdf", "prices.pdf", None, clock=TickingClock(10.0))  # 10 s pass at every look
 
 
 def test_a_page_gives_its_main_text_with_headings_and_without_its_frame():

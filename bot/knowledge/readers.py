@@ -33,6 +33,7 @@ SUFFIXES = {**TEXT_SUFFIXES, ".pdf": "pdf", ".html": "html", ".htm": "html", ".c
 WEB_TYPES = {"text/html": "html", "application/xhtml+xml": "html", "text/plain": "text", "text/markdown": "markdown",
              "application/pdf": "pdf"}
 MAX_REDIRECTS = 5
+PDF_READ_SECONDS = 120.0  # one PDF's text: 200 pages of text take 0.5 s here
 
 
 class SourceError(Exception):
@@ -66,7 +67,7 @@ def read(location: str, limits: Limits, session: requests.Session | None = None)
             raise SourceError("a URL with a user name or password in it is not kept: put the page where it can "
                               "be read without, or save it and add the file")
         data, kind = fetch(location, limits, session or requests.Session())
-        return parse(data, kind, location, url=location)
+        return parse(data, kind, location, url=location, limits=limits)
     path = os.path.abspath(location)
     kind = SUFFIXES.get(os.path.splitext(path)[1].lower())
     if kind is None:
@@ -79,7 +80,7 @@ def read(location: str, limits: Limits, session: requests.Session | None = None)
             data = file.read(limits.max_bytes + 1)
     except OSError as error:
         raise SourceError(f"cannot read it: {error.strerror or error}") from None
-    return parse(data, kind, path, url=None)
+    return parse(data, kind, path, url=None, limits=limits)
 
 
 def fetch(url: str, limits: Limits, session: requests.Session, clock: Callable[[], float] = time.monotonic,
@@ -146,12 +147,13 @@ def is_public(url: str) -> bool:
     return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses)
 
 
-def parse(data: bytes, kind: str, location: str, url: str | None) -> Document:
+def parse(data: bytes, kind: str, location: str, url: str | None, limits: Limits = Limits(),
+          clock: Callable[[], float] = time.monotonic) -> Document:
     """Raw bytes of a known kind into a titled, chunked Document."""
     digest = hashlib.sha256(data).hexdigest()
     name = _name(location)
     if kind == "pdf":
-        title, text = _pdf(data, name)
+        title, text = _pdf(data, name, limits.max_bytes, clock)
         chunks = chunk_markdown(text, title)
     elif kind == "html":
         title, text = _html(decode(data), name)
@@ -202,13 +204,32 @@ def _decoded(data: bytes) -> str:
     return str(best)
 
 
-def _pdf(data: bytes, name: str) -> tuple[str, str]:
+def _pdf(data: bytes, name: str, max_chars: int, clock: Callable[[], float]) -> tuple[str, str]:
+    """Its title and text. A few KB of PDF can hold gigabytes of text (pages sharing one
+    compressed content stream: 4 KB gave 17 million characters in 31 s), so the text is
+    bounded as a file is (KNOWLEDGE_MAX_MB, in characters) and so is the time to read it."""
     import pypdf  # only when a PDF is added: the bot itself never needs it
+
+    deadline = clock() + PDF_READ_SECONDS
+    read = 0
+
+    def bounded(text: str, *_) -> None:  # pypdf calls it for each piece of text it finds
+        nonlocal read
+        read += len(text)
+        if read > max_chars:
+            raise SourceError(f"its text is longer than {_mb(max_chars)} (KNOWLEDGE_MAX_MB, in characters)")
+        if clock() > deadline:
+            raise SourceError(f"reading its text took longer than {PDF_READ_SECONDS:.0f} s")
 
     try:
         reader = pypdf.PdfReader(io.BytesIO(data))
-        pages = [page.extract_text() or "" for page in reader.pages]
+        pages = []
+        for page in reader.pages:
+            pages.append(page.extract_text(visitor_text=bounded) or "")
+            bounded("")  # a page with no text still counts its time
         title = str((reader.metadata or {}).get("/Title") or "").strip()
+    except SourceError:
+        raise
     except Exception as error:  # noqa: BLE001 - pypdf raises many kinds for a broken file
         raise SourceError(f"not a PDF pypdf can read: {type(error).__name__}: {str(error)[:120]}") from None
     # Each page its own paragraph (a page break is as good a cut as a blank line).
