@@ -3,9 +3,16 @@ is taken back by the next one at once, a kept answer is not asked of the model a
 send under way at the kill is not repeated, and a slow but live owner is never taken over."""
 import os
 import signal
+import sqlite3
 import time
 
 from tests.support import PSID, Bot, reply_process_pid, text_body, wait_until
+
+
+def deaths(bot) -> list[int]:
+    """events.deaths of every stored message: how many of its claims died with their process."""
+    with sqlite3.connect(os.path.join(bot.env["DATA_DIR"], "bot.sqlite3")) as db:
+        return [row[0] for row in db.execute("SELECT deaths FROM events")]
 
 
 def kill_reply_process(bot) -> float:
@@ -28,6 +35,7 @@ def test_a_killed_reply_process_is_replaced_and_its_work_answered_within_3_s(gra
         print(f"recovery after a reply-process kill: {recovery:.2f} s")
         assert recovery < 3.0, bot.log_text()
         assert "took back 1 message(s)" in bot.log_text()
+        assert deaths(bot) == [1]  # it died under a living master: what a poison message does, counted
     finally:
         bot.stop()
 
@@ -45,6 +53,7 @@ def test_a_restart_after_the_whole_bot_was_killed_answers_within_3_s(graph, mode
         assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 10), bot.log_text()
         print(f"answered {time.monotonic() - started:.2f} s after the restart began")
         assert time.monotonic() - started < 3.0 + 3.0  # gunicorn's own start (~1-2 s), then < 3 s
+        assert deaths(bot) == [0]  # it died with the whole bot: not its message's doing, not counted
     finally:
         bot.stop()
 

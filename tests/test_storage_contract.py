@@ -142,6 +142,23 @@ def test_a_takeover_bounds_deaths_as_an_expired_lease_does(store):
     assert store.states() == {"m_composing": "failed", "m_sending": "failed"}
 
 
+def test_a_takeover_counts_no_death_for_claims_the_whole_bot_died_with(store):
+    """Under gunicorn each master start has its lineage: a reply process that died under this
+    master (a poison message) counts a death; one of an earlier start died with the whole bot
+    (kill -9 of the group), so a storm of restarts fails nothing."""
+    store.add([message("m_storm", psid="u1")])
+    for start in range(1, 3 * 4 + 1):
+        batch = store.claim(f"bot1:start{start}.100:aa", 30)
+        assert (batch.attempts, batch.deaths) == (1, 0)
+        assert store.take_over("bot1:", f"bot1:start{start + 1}.200:bb", f"start{start + 1}") == 1
+    assert store.states() == {"m_storm": "pending"}
+    for death in range(1, 4):  # now the reply process dies under one living master, again and again
+        batch = store.claim(f"bot1:master.{death}:cc", 30)
+        assert (batch.attempts, batch.deaths) == (death, death - 1)
+        store.take_over("bot1:", f"bot1:master.{death + 1}:dd", "master")
+    assert store.states() == {"m_storm": "failed"}  # the bound, as before
+
+
 def test_errors_and_deaths_have_bounds_of_their_own(store, clock):
     """A host dying again and again must not use up a stored answer's tries at sending, nor
     may errors use up a message's deaths."""

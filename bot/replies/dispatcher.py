@@ -21,7 +21,7 @@ from bot.replies.batch import BatchReplier
 from bot.replies.composer import Composers
 from bot.replies.threads import TAKE_BACK_EVERY_S, take_threads_back
 from bot.storage.doorbell import Doorbell
-from bot.storage.instance import owner_prefix, take_reply_lock
+from bot.storage.instance import LINEAGE_ENV, owner_prefix, take_reply_lock
 from bot.storage.queue import Batch, InboxUnreadable, Queue
 from bot.telemetry import metrics
 from bot.telemetry.quiet import QuietRepeats
@@ -54,7 +54,10 @@ class Dispatcher:
         self.data_dir = data_dir
         # This bot (DATA_DIR's instance id), this process, this start: see bot/storage/instance.py.
         self.prefix = owner_prefix(data_dir) if data_dir else f"{socket.gethostname()}:"
-        self.owner = f"{self.prefix}{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Under gunicorn, the master start that spawned this process (see Queue.take_over).
+        self.lineage = os.environ.get(LINEAGE_ENV, "")
+        lineage = f"{self.lineage}." if self.lineage else ""
+        self.owner = f"{self.prefix}{lineage}{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._reply_lock: int | None = None
         self._slots = threading.BoundedSemaphore(threads)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="reply")
@@ -94,7 +97,7 @@ class Dispatcher:
         if self._reply_lock is None:
             logger.info("another reply process of this bot is alive: its claims are left to it")
             return 0
-        taken = self.store.take_over(self.prefix, self.owner)
+        taken = self.store.take_over(self.prefix, self.owner, self.lineage)
         if taken:
             logger.warning("took back %d message(s) a dead reply process of this bot had claimed", taken)
         return taken

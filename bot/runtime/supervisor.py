@@ -10,7 +10,10 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from typing import Callable
+
+from bot.storage.instance import LINEAGE_ENV
 
 
 class ReplySupervisor:
@@ -22,6 +25,7 @@ class ReplySupervisor:
         self.restart_pause = restart_pause
         self.pid: int | None = None
         self.stopping = threading.Event()
+        self.environment = {**os.environ, LINEAGE_ENV: uuid.uuid4().hex[:12]}  # this master start's
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="reply-supervisor", daemon=True).start()
@@ -34,7 +38,7 @@ class ReplySupervisor:
                 # blocked in the child: Ctrl-C reaches the whole terminal group, but the
                 # reply process must stop the orderly way - SIGTERM from stop(), after the
                 # webhook workers - so it can finish the replies in flight.
-                pid = os.posix_spawn(self.argv[0], self.argv, os.environ, setsigmask={signal.SIGINT})
+                pid = os.posix_spawn(self.argv[0], self.argv, self.environment, setsigmask={signal.SIGINT})
                 self.pid = pid
                 status = wait_for_exit(pid)
                 self.on_exit(pid)

@@ -53,6 +53,12 @@ def _read_id(path: str) -> str | None:
         return None
 
 
+# Set by the gunicorn master's ReplySupervisor in the reply processes it starts, one value per
+# master start: a claim left by a reply process of another start died with the whole bot (kill -9
+# of the process group, a container or host restart) - nothing its message did (Queue.take_over).
+LINEAGE_ENV = "BOT_REPLY_LINEAGE"
+
+
 def owner_prefix(data_dir: str) -> str:
     return instance_id(data_dir) + ":"
 

@@ -317,17 +317,30 @@ class Queue:
         """DIED_TOO_OFTEN's bounds: before the answer is stored, and after."""
         return self.max_attempts, self.max_attempts * SENDING_DEATHS_FACTOR
 
-    def take_over(self, prefix: str, me: str) -> int:
+    def take_over(self, prefix: str, me: str, lineage: str = "") -> int:
         """Every claim of this bot instance (`prefix`) not held by `me`: its process is dead
         (the caller holds the instance's reply lock). Back in the queue at once, counted as a
-        death - or failed after the bound, as an expired lease would be."""
+        death - or failed after the bound, as an expired lease would be.
+
+        With a `lineage` (the gunicorn master's start, bot/storage/instance.py), only a reply
+        process that died under this same master counts a death: that is what a poison message
+        does. A claim of an earlier start died with the whole bot - a kill -9 storm of the
+        process group fails nothing - and goes back uncounted, as a graceful release does."""
         now = self.clock()
         mine = "state = 'working' AND substr(owner, 1, ?) = ? AND owner <> ?"
         with self._write() as db:
+            taken = 0
+            if lineage:
+                ours = f"{prefix}{lineage}."
+                taken = db.execute("UPDATE events SET state = 'pending', owner = NULL,"
+                                   " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
+                                   f" WHERE {mine} AND substr(owner, 1, ?) <> ?",
+                                   (len(prefix), prefix, me, len(ours), ours)).rowcount
+                prefix = ours
             db.execute(f"UPDATE events SET {DIED_FAILED} WHERE {mine} AND {DIED_TOO_OFTEN}",
                        (now, len(prefix), prefix, me, *self._death_bounds))
-            taken = db.execute(f"UPDATE events SET {DIED_BACK} WHERE {mine}",
-                               (len(prefix), prefix, me)).rowcount
+            taken += db.execute(f"UPDATE events SET {DIED_BACK} WHERE {mine}",
+                                (len(prefix), prefix, me)).rowcount
             if taken:
                 self._database.notify(db)
         return taken
