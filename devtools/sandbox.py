@@ -327,12 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopped.set())
     stopped.wait()
-    sandbox.stop()
-    # The interpreter's exit would join the reply threads still in a model call or a retry (up to
-    # OPENAI_TIMEOUT and more) for replies nobody will see: Ctrl-C must stop the sandbox now.
-    sys.stdout.flush()
-    logging.shutdown()
-    os._exit(0)
+    try:
+        sandbox.stop()
+    except Exception:  # noqa: BLE001 - said, then the exit below all the same
+        logging.getLogger(__name__).exception("stopping the sandbox failed")
+    finally:
+        # The interpreter's exit would join the reply threads still in a model call or a retry (up
+        # to OPENAI_TIMEOUT and more) for replies nobody will see: Ctrl-C must stop the sandbox now.
+        sys.stdout.flush()
+        logging.shutdown()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def test_the_running_dispatcher_takes_back_a_thread_whose_pause_is_over(env, gra
     config = load_config({**env, "HANDOFF_THREAD_CONTROL": "on"}, env_file=None)
     dispatcher = build_dispatcher(config)
     dispatcher.take_back_every = 0.05
-    dispatcher.store.conversations.update_user(PSID, thread_away=config.fb_page_id)  # passed on, no pause left
+    dispatcher.store.conversations.update_user(PSID, thread_away=config.fb_page_id, thread_away_ms=1,
+                                               pause=[time.time() - 1, 1])  # passed on, its pause over
     dispatcher.start()
     try:
         assert wait_for(lambda: [c for c in graph.calls if c.path.endswith("me/take_thread_control")], 10)

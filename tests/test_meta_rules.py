@@ -432,11 +432,32 @@ def test_taking_a_thread_back_is_tried_again_after_a_graph_failure_and_given_up_
     clock.advance(31 * 60)
     graph.fail_next("handover", graph_error(2, "Service temporarily unavailable", status=500))
     graph.fail_next("handover", graph_error(551, "This person isn't available right now.", subcode=1545041))
-    assert dispatcher.take_threads_back() == 0  # one 500 (kept for the next turn), one user gone (dropped)
+    assert dispatcher.take_threads_back() == 0  # a 500: Graph is tried again at the next turn, this one last
+    assert len([c for c in graph.calls if c.path.endswith("me/take_thread_control")]) == 1
+    assert dispatcher.take_threads_back() == 1  # the other user is gone (dropped), then the first one
     assert "not available" in caplog.text
-    assert dispatcher.take_threads_back() == 1
     assert dispatcher.take_threads_back() == 0
     assert len([c for c in graph.calls if c.path.endswith("me/take_thread_control")]) == 3
+    assert graph.thread_owner(PSID) == graph.app_id
+
+
+def test_with_human_pause_off_the_inbox_keeps_the_thread_until_it_passes_it_back(make_client, graph, clock):
+    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HANDOFF_THREAD_CONTROL="on", HUMAN_PAUSE="off")
+    say(client, clock, 1, "agent")
+    clock.advance(24 * 3600)
+    assert client.application.extensions["dispatcher"].take_threads_back() == 0
+    assert graph.thread_owner(PSID) == "263902037430900"
+
+
+def test_a_handoff_reply_that_cannot_go_still_hands_over_and_the_thread_is_taken_back_later(
+        make_client, graph, clock):
+    client = make_client(clock, FB_PAGE_NAME="Ana's Bakery", HANDOFF_THREAD_CONTROL="on", HUMAN_PAUSE="30m")
+    graph.fail_next("send", graph_error(10, "(#10) This message is sent outside of allowed window.", subcode=2018278))
+    say(client, clock, 1, "agent")
+    assert graph.sent_texts(PSID) == [] and graph.thread_owner(PSID) == "263902037430900"
+    clock.advance(31 * 60)
+    assert client.application.extensions["dispatcher"].take_threads_back() == 1
+    assert graph.thread_owner(PSID) == graph.app_id
 
 
 def test_a_thread_passed_back_by_the_inbox_is_not_taken_again(make_client, graph, clock):

@@ -442,20 +442,31 @@ def test_a_requested_pause_written_with_the_answer_yields_to_a_handback_or_a_lon
 def test_a_thread_passed_to_the_inbox_is_due_back_once_its_pause_ends_unless_passed_back(store, clock):
     now = clock()
     conversations = store.conversations
-    for psid in ("u1", "u2", "u3"):
-        conversations.update_user(psid, pause=[now + 1800, 1000], thread_away="page-1")
+
+    def handback(psid: str, at_ms: int) -> ClassifiedEcho:
+        return ClassifiedEcho(Echo(psid=psid, page_id="page-1", mid=f"thread-control:{at_ms}", text="",
+                                   timestamp_ms=at_ms, app_id=None, metadata=None), False, 0.0, RESUME)
+
+    for at_ms, psid in enumerate(("u1", "u2", "u3", "u5"), start=1000):
+        conversations.update_user(psid, pause=[now + 1800, 1000], thread_away="page-1", thread_away_ms=at_ms)
     conversations.update_user("u4", pause=[now + 1800, 1000])  # paused, thread never passed on
+    conversations.update_user("u6", thread_away="page-1", thread_away_ms=1000)  # HUMAN_PAUSE=off: no pause
     assert conversations.threads_due_back(now) == []
-    store.add([], [ClassifiedEcho(Echo(psid="u2", page_id="page-1", mid="thread-control:2000", text="",
-                                       timestamp_ms=2000, app_id=None, metadata=None), False, 0.0, RESUME)])
+    store.add([], [handback("u2", 2000), handback("u5", 900)])  # u5's is older than its hand-over: an earlier one's
     conversations.update_user("u3", pause=[now + 3600, 3000])  # a person answered later: a longer pause
-    assert conversations.user("u2").thread_away is None  # passed back: the bot's again
-    assert conversations.threads_due_back(now + 1800) == [("u1", "page-1")]
-    assert conversations.threads_due_back(now + 3600) == [("u1", "page-1"), ("u3", "page-1")]
+    assert conversations.user("u2").thread_away is None and conversations.user("u2").paused_until is None
+    assert conversations.user("u5").thread_away == "page-1" and conversations.user("u5").paused_until == now + 1800
+    assert conversations.threads_due_back(now + 1800) == [("u1", "page-1"), ("u5", "page-1")]
+    assert conversations.threads_due_back(now + 3600) == [("u1", "page-1"), ("u3", "page-1"), ("u5", "page-1")]
     assert conversations.threads_due_back(now + 3600, limit=1) == [("u1", "page-1")]
-    conversations.thread_taken_back("u1", "page-1")
-    conversations.thread_taken_back("u3", "another-account")  # not the account that passed it: kept
-    assert conversations.threads_due_back(now + 3600) == [("u3", "page-1")]
+    assert conversations.claim_thread_back("u1", "page-1", now + 3600)
+    assert not conversations.claim_thread_back("u1", "page-1", now + 3600)  # another host took it first
+    conversations.update_user("u3", pause=[now + 7200, 4000])  # a person answered after the list was read
+    assert not conversations.claim_thread_back("u3", "page-1", now + 3600)
+    assert conversations.claim_thread_back("u5", "page-1", now + 3600)
+    conversations.thread_still_away("u5", "page-1")  # its take-back failed for now: due again, last
+    conversations.update_user("u7", pause=[now, 1000], thread_away="page-1", thread_away_ms=5)
+    assert conversations.threads_due_back(now + 3600) == [("u7", "page-1"), ("u5", "page-1")]
 
 
 def test_user_state_columns_are_set_and_kept(store):

@@ -33,6 +33,8 @@ SUFFIXES = {**TEXT_SUFFIXES, ".pdf": "pdf", ".html": "html", ".htm": "html", ".c
 WEB_TYPES = {"text/html": "html", "application/xhtml+xml": "html", "text/plain": "text", "text/markdown": "markdown",
              "application/pdf": "pdf"}
 MAX_REDIRECTS = 5
+SHOWS_TEXT = {b"Tj", b"TJ", b"'", b'"'}  # the PDF operators that draw text (their last operand)
+PDF_PAGE_CHARS = 200_000  # a dense page holds a few thousand; 12 MB on one page took pypdf 115 s
 PDF_READ_SECONDS = 120.0  # one PDF's text: 200 pages of text take 0.5 s here
 
 
@@ -211,13 +213,17 @@ def _pdf(data: bytes, name: str, max_chars: int, clock: Callable[[], float]) -> 
     import pypdf  # only when a PDF is added: the bot itself never needs it
 
     deadline = clock() + PDF_READ_SECONDS
-    read = 0
+    read = page_start = 0
 
-    def bounded(text: str, *_) -> None:  # pypdf calls it for each piece of text it finds
+    def bounded(operator: bytes, operands: list, *_) -> None:  # pypdf calls it before each operator
         nonlocal read
-        read += len(text)
-        if read > max_chars:
-            raise SourceError(f"its text is longer than {_mb(max_chars)} (KNOWLEDGE_MAX_MB, in characters)")
+        if operator in SHOWS_TEXT:
+            read += sum(len(o) for o in (operands[-1] if operator == b"TJ" and operands else operands[-1:])
+                        if isinstance(o, (str, bytes)))
+            if read > max_chars:
+                raise SourceError(f"its text is longer than {_mb(max_chars)} (KNOWLEDGE_MAX_MB, in characters)")
+            if read - page_start > PDF_PAGE_CHARS:  # pypdf's time grows with the square of a page's text
+                raise SourceError(f"a page holds more than {PDF_PAGE_CHARS:,} characters of text: not a document")
         if clock() > deadline:
             raise SourceError(f"reading its text took longer than {PDF_READ_SECONDS:.0f} s")
 
@@ -225,8 +231,10 @@ def _pdf(data: bytes, name: str, max_chars: int, clock: Callable[[], float]) -> 
         reader = pypdf.PdfReader(io.BytesIO(data))
         pages = []
         for page in reader.pages:
-            pages.append(page.extract_text(visitor_text=bounded) or "")
-            bounded("")  # a page with no text still counts its time
+            page_start = read
+            pages.append(page.extract_text(visitor_operand_before=bounded) or "")
+            # pypdf keeps going past an error inside a form XObject: the page's end still stops it.
+            bounded(b"", [])
         title = str((reader.metadata or {}).get("/Title") or "").strip()
     except SourceError:
         raise

@@ -145,7 +145,7 @@ class BatchReplier:
         if answer.outcome == Outcome.HANDOFF and composer.hand_over(batch.messages):
             # The reply first: the inbox's thread takes no sends from the bot. Remembered, so the bot
             # takes the thread back if its pause ends with nobody passing it back (bot/replies/threads.py).
-            progress.updates = {**(progress.updates or {}), "thread_away": batch.messages[0].page_id}
+            progress.updates = {**(progress.updates or {}), **self._thread_away(batch)}
         # Marked done (and logged) right after the last send and the hand-over: a crash before
         # this repeats no send (the last one is found), only the hand-over (with the same id).
         self.store.complete(batch, self._exchange(batch, progress), progress.updates)
@@ -185,9 +185,13 @@ class BatchReplier:
         restricted): the person is told all the same - they may still reach the user."""
         try:
             if composer.hand_over(batch.messages):
-                self.store.conversations.update_user(batch.psid, thread_away=batch.messages[0].page_id)
+                self.store.conversations.update_user(batch.psid, **self._thread_away(batch))
         except Exception:  # noqa: BLE001 - the batch's outcome is recorded already
             logger.exception("psid=%r mids=%r: could not hand over", batch.psid, _mids(batch))
+
+    def _thread_away(self, batch: Batch) -> dict:
+        """The user state saying the thread went to the Page inbox, and when (bot/replies/threads.py)."""
+        return {"thread_away": batch.messages[0].page_id, "thread_away_ms": int(self.store.clock() * 1000)}
 
     def _paused(self, batch: Batch, progress: Progress, why: str) -> None:
         """A person answered while this reply was on its way: what is left of it is not sent."""

@@ -155,7 +155,7 @@ class Composer:
         """After the handoff reply went out (once the thread is the inbox's, Meta refuses this
         app's sends). A process killed before the batch is recorded hands over again: the
         asking message's mid (a postback may have none: the user and its time) lets the owner's
-        system drop the repeat. True when the thread went to the Page inbox."""
+        system drop the repeat. True when the thread may be the Page inbox's now (Handoff.hand_over)."""
         if self.handoff is None:
             return False
         asking = next((m for m in messages if gate.is_handoff(m, self.policy.handoff_words)), messages[-1])

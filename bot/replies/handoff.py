@@ -41,17 +41,17 @@ class Handoff:
         """Pass the thread and tell the owner; a failure of either is logged, never raised: the
         user has been told a person will answer, and the bot stays paused either way.
         `request_id` (the asking message's) is the same if a takeover hands over again.
-        True when the thread is now the Page inbox's."""
-        passed = False
+        True when the thread may now be the Page inbox's: even when the pass failed - a takeover
+        passing it again after a crash may be refused for a thread passed already - so the bot
+        takes it back when the pause ends (taking a thread it owns does no harm)."""
         if self.settings.thread_control:
             try:
                 self.graph.pass_thread_control(psid, self.settings.inbox_app_id, "the user asked for a person")
-                passed = True
             except GraphAPIError as exc:
                 logger.error("could not pass psid=%r's thread to the Page inbox: %s", psid, exc)
         if self._session is not None:
             self._notify(psid, request_id)
-        return passed
+        return self.settings.thread_control
 
     def take_back(self, psid: str) -> None:
         """The pause is over and the inbox never passed the thread back (a person forgot to mark

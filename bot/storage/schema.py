@@ -13,7 +13,8 @@ Columns of note:
   users.paused_until  a human answered from the Page: the bot stays silent until then
   users.thread_back_ms  Meta's time of the last thread the Page inbox passed back to the bot
   users.thread_away   the account (Page or Instagram) that passed the user's thread to the Page inbox
-                      (HANDOFF_THREAD_CONTROL); NULL once it is the bot's again
+                      (HANDOFF_THREAD_CONTROL); NULL once it is the bot's again. thread_away_ms: when
+                      (our clock; a failed take-back moves it on, to the back of the line)
   users.disclosed_at  when the bot last said it is one (bot/replies/meta_rules.py)
   mirror.reaction     the user's reaction to that message (an emoji), if any
   interactions.reply_mids / feedback  the mids of the reply's parts (JSON), and the user's
@@ -223,10 +224,11 @@ SCHEMA = [
     """
     ALTER TABLE events ADD COLUMN deaths INTEGER NOT NULL DEFAULT 0;
     """,
-    # version 17: a thread the bot passed to the Page inbox, taken back when the pause ends
-    # without a handback (bot/replies/threads.py)
+    # version 17: a thread the bot passed to the Page inbox, and when (our clock, ms), taken back
+    # when the pause ends without a handback (bot/replies/threads.py)
     """
     ALTER TABLE users ADD COLUMN thread_away TEXT;
+    ALTER TABLE users ADD COLUMN thread_away_ms INTEGER;
     CREATE INDEX users_thread_away ON users (psid) WHERE thread_away IS NOT NULL;
     """,
 ]
@@ -405,6 +407,7 @@ POSTGRES_SCHEMA = [
     # version 13: SQLite's 17
     """
     ALTER TABLE users ADD COLUMN thread_away TEXT;
+    ALTER TABLE users ADD COLUMN thread_away_ms BIGINT;
     CREATE INDEX users_thread_away ON users (psid) WHERE thread_away IS NOT NULL;
     """,
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 COLUMNS = ("synced_at", "reset_at_ms", "paused_until", "rate_notice_at", "budget_notice_day", "disclosed_at",
-           "thread_back_ms", "thread_away")
+           "thread_back_ms", "thread_away", "thread_away_ms")
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class UserState:
     disclosed_at: float | None = None  # when the bot last said it is a bot
     thread_back_ms: int | None = None  # Meta's time of the last thread passed back by the Page inbox
     thread_away: str | None = None  # the account that passed the thread to the Page inbox, until it is back
+    thread_away_ms: int | None = None  # when (our clock)
 
 
 def get(db, psid: str) -> UserState:
@@ -59,22 +60,40 @@ def pause(db, psid: str, until: float, answered_ms: int) -> None:
 
 def thread_back(db, psid: str, at_ms: int, person_answered_ms: int | None) -> None:
     """The Page inbox passed the thread back at `at_ms`: the pause ends - unless a person
-    answered after that (`person_answered_ms`, the newest such answer), which keeps it."""
+    answered after that (`person_answered_ms`, the newest such answer), which keeps it. A
+    handback from before the bot's latest hand-over, delivered late, ends neither: it gave
+    back an earlier thread."""
     resumes = person_answered_ms is None or person_answered_ms <= at_ms
+    earlier = "users.thread_away_ms > excluded.thread_back_ms"
     db.execute("INSERT INTO users (psid, thread_back_ms) VALUES (?, ?) ON CONFLICT (psid) DO UPDATE SET"
                " thread_back_ms = CASE WHEN users.thread_back_ms > excluded.thread_back_ms THEN users.thread_back_ms"
-               " ELSE excluded.thread_back_ms END, thread_away = NULL"
-               + (", paused_until = NULL" if resumes else ""), (psid, at_ms))
+               f" ELSE excluded.thread_back_ms END, thread_away = CASE WHEN {earlier} THEN users.thread_away END"
+               + (f", paused_until = CASE WHEN {earlier} THEN users.paused_until END" if resumes else ""),
+               (psid, at_ms))
+
+
+# A thread is due back once a pause ran out: with HUMAN_PAUSE off none is written, and the
+# thread stays the Page inbox's until it is passed back, as it did before the bot took any back.
+DUE = "thread_away IS NOT NULL AND paused_until IS NOT NULL AND paused_until <= ?"
 
 
 def threads_due_back(db, now: float, limit: int) -> list[tuple[str, str]]:
     """(psid, account) of the threads the bot passed to the Page inbox whose pause is over:
-    nobody passed them back, and no person answered for HUMAN_PAUSE."""
+    nobody passed them back, and no person answered for HUMAN_PAUSE. Longest away first (a
+    take-back that failed goes to the back of the line)."""
     return [tuple(row) for row in db.execute(
-        "SELECT psid, thread_away FROM users WHERE thread_away IS NOT NULL"
-        " AND (paused_until IS NULL OR paused_until <= ?) ORDER BY psid LIMIT ?", (now, limit)).fetchall()]
+        f"SELECT psid, thread_away FROM users WHERE {DUE} ORDER BY thread_away_ms, psid LIMIT ?",
+        (now, limit)).fetchall()]
 
 
-def thread_taken_back(db, psid: str, account: str) -> None:
-    """The bot took the thread back (or can never: the user is gone)."""
-    db.execute("UPDATE users SET thread_away = NULL WHERE psid = ? AND thread_away = ?", (psid, account))
+def claim_thread_back(db, psid: str, account: str, now: float) -> bool:
+    """This caller takes the thread back, if it is still due: not when a person answered since
+    the list was read, nor when another host took it first."""
+    return db.execute(f"UPDATE users SET thread_away = NULL WHERE psid = ? AND thread_away = ? AND {DUE}",
+                      (psid, account, now)).rowcount == 1
+
+
+def thread_still_away(db, psid: str, account: str, now_ms: int) -> None:
+    """The take-back failed for a while (a timeout, a rate limit): due again, behind the others."""
+    db.execute("UPDATE users SET thread_away = ?, thread_away_ms = ? WHERE psid = ? AND thread_away IS NULL",
+               (account, now_ms, psid))
