@@ -50,27 +50,28 @@ def export(args: argparse.Namespace) -> int:
     if url:  # the store of every host: PostgreSQL, read-only
         where = move.describe(url)
         try:
-            records = list(PostgresQueue(url, read_only=True, pool_size=2).conversations.export(
-                args.since or 0, args.until, args.page, args.channel))
+            store = PostgresQueue(url, read_only=True, pool_size=2)
         except Exception as error:  # noqa: BLE001 - the driver's: say which, never the URL
-            print(f"cannot read {where}: {type(error).__name__}: {move.scrub(str(error), url)[:300]}",
-                  file=sys.stderr)
-            return 2
+            return _cannot_read(where, error, url)
     else:
         data_dir = args.data_dir or environment.get("DATA_DIR", "data")
-        path = database_path(data_dir)
+        where = path = database_path(data_dir)
         if not os.path.isfile(path):
             print(f"no database at {path}: set DATA_DIR (or --data-dir) to the bot's data folder", file=sys.stderr)
             return 2
         try:
-            records = SQLiteQueue(path, read_only=True).conversations.export(args.since or 0, args.until, args.page,
-                                                                              args.channel)
+            store = SQLiteQueue(path, read_only=True)
         except (sqlite3.DatabaseError, SchemaTooNew) as error:
-            print(f"cannot read {path}: {error}", file=sys.stderr)
-            return 2
-    out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+            return _cannot_read(where, error, url)
+    try:
+        out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    except OSError as error:
+        print(f"cannot write {args.output}: {error.strerror or error}", file=sys.stderr)
+        return 2
     written = 0
     try:
+        # Streamed: a log of any size is written as it is read, in little memory.
+        records = store.conversations.export(args.since or 0, args.until, args.page, args.channel)
         writer = csv.DictWriter(out, fieldnames=EXPORT_COLUMNS) if args.format == "csv" else None
         if writer:
             writer.writeheader()
@@ -80,14 +81,30 @@ def export(args: argparse.Namespace) -> int:
             else:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
             written += 1
+        out.flush()
+    except BrokenPipeError:  # `export | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+    except OSError as error:
+        print(f"cannot write {args.output or 'the output'}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - the database's, mid-way: say which, never the URL
+        return _cannot_read(where, error, url)
     finally:
         if args.output:
             out.close()
+        store.close()
     if not written:
         # Replayed fixtures carry their recorded (old) times: say what the window is on.
         print("no exchange records matched: --since and --until filter on the time of the user's message "
               "(Meta's timestamp), not on when the bot answered", file=sys.stderr)
     return 0
+
+
+def _cannot_read(where: str, error: Exception, url: str) -> int:
+    detail = f"{type(error).__name__}: {move.scrub(str(error), url)[:300]}" if url else str(error)
+    print(f"cannot read {where}: {detail}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

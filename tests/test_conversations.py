@@ -207,6 +207,31 @@ def test_export_only_reads_the_database(client, env, tmp_path):
     assert db.execute("PRAGMA user_version").fetchone()[0] == version - 1  # not migrated by a read
 
 
+def test_export_says_in_one_line_what_it_cannot_write_and_stops_quietly_for_a_reader_gone(client, env, tmp_path):
+    for n in range(1, 4):
+        say(client, n)
+    nowhere = run_export(env["DATA_DIR"], "--output", str(tmp_path / "no-such-folder" / "log.csv"))
+    assert nowhere.returncode == 2 and "Traceback" not in nowhere.stderr
+    assert nowhere.stderr == f"cannot write {tmp_path / 'no-such-folder' / 'log.csv'}: No such file or directory\n"
+    newer = sqlite3.connect(os.path.join(env["DATA_DIR"], "bot.sqlite3"))
+    version = newer.execute("PRAGMA user_version").fetchone()[0]
+    newer.execute(f"PRAGMA user_version={version + 1}")  # as a newer bot left it
+    newer.commit()
+    line = run_export(env["DATA_DIR"]).stderr
+    assert "newer than this code" in line and "start the bot once" not in line
+    newer.execute(f"PRAGMA user_version={version}")
+    columns = ", ".join(row[1] for row in newer.execute("PRAGMA table_info(interactions)") if row[1] != "id")
+    for _ in range(10):  # 3,072 records: more than a pipe holds, so the export is still writing
+        newer.execute(f"INSERT INTO interactions ({columns}) SELECT {columns} FROM interactions")
+    newer.commit()
+    # `export | head -1`: the reader leaves after one line
+    export = subprocess.Popen([sys.executable, "-m", "bot", "export", "--data-dir", str(env["DATA_DIR"]), "--format",
+                               "csv"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert export.stdout.readline().startswith(EXPORT_COLUMNS[0])
+    export.stdout.close()
+    assert export.wait(timeout=60) == 0 and "Traceback" not in export.stderr.read()
+
+
 def test_retention_deletes_old_records_but_keeps_those_waiting_for_tracking(make_client, tmp_path):
     client = make_client(RETENTION_DAYS="30")
     old = int(time.time() * 1000) - 40 * 86400 * 1000

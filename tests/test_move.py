@@ -28,7 +28,7 @@ from bot.storage.schema import SCHEMA
 from bot.storage.sqlite import Database
 from config import database_path
 from messenger.events import TEXT, Echo, IncomingMessage
-from tests.support import ROOT, FakeClock, free_port
+from tests.support import ROOT, FakeClock, free_port, wait_until
 
 PASSWORD = "s3cr/et-pw?9q"  # percent-encoded in the URL; trust auth ignores it
 PSIDS = ("u0", "u1", "u2", "u3", "u4", "u5", "u6")
@@ -264,6 +264,55 @@ def test_a_second_run_refuses_a_target_that_holds_a_store(moved, tmp_path):
     line = refused(run_move(tmp_path, tmp_path / "data", url, password))
     assert "already holds" in line and "empty database" in line
     assert {table: pg_rows(url, sql) for table, sql in COMPARED.items()} == before
+
+
+def test_ids_sqlite_gave_to_rows_since_deleted_are_never_given_again(tmp_path, target):
+    """The exchange log names knowledge chunks by id: a chunk added after the move must not take
+    the id of one removed before it (nor a record the id of a pruned one)."""
+    url, password = target
+    data_dir = tmp_path / "data"
+    path = build_store(data_dir)
+    with sqlite3.connect(path) as db:  # the newest rows deleted: SQLite's counters stay past them
+        for table in ("interactions", "knowledge_chunks"):
+            db.execute(f"DELETE FROM {table} WHERE id = (SELECT MAX(id) FROM {table})")
+    given = dict(sqlite_rows(path, "SELECT name, seq FROM sqlite_sequence"))
+    assert run_move(tmp_path, data_dir, url, password).returncode == 0
+    for table in ("interactions", "knowledge_chunks"):
+        [(next_id,)] = pg_rows(url, "SELECT nextval(pg_get_serial_sequence(%s, 'id'))", table)
+        assert next_id == given[table] + 1, table
+
+
+def test_a_target_holding_a_knowledge_base_is_refused_in_one_line(tmp_path, target):
+    url, password = target
+    PostgresQueue(url).close()  # the schema, as a bot started on it makes it
+    pg_rows(url, "INSERT INTO knowledge_sources (location, title, kind, content_hash, chunks, added_at)"
+                 " VALUES ('faq.md', 'FAQ', 'markdown', 'h', 0, 0) RETURNING id")
+    data_dir = tmp_path / "data"
+    build_store(data_dir)
+    line = refused(run_move(tmp_path, data_dir, url, password))
+    assert "already holds a store (1 knowledge_sources rows)" in line and "nothing was changed" in line
+
+
+def test_ctrl_c_mid_copy_says_nothing_was_moved_and_leaves_the_target_empty(tmp_path, target):
+    url, password = target
+    data_dir = tmp_path / "data"
+    path = build_store(data_dir)
+    with sqlite3.connect(path) as db:  # enough mirror rows for the copy to take a while
+        db.executemany("INSERT INTO mirror (mid, psid, author, text, at_ms) VALUES (?, 'u9', 'user', 'x', ?)",
+                       ((f"bulk_{n}", n) for n in range(400_000)))
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DATA_DIR")}
+    command = subprocess.Popen([sys.executable, "-m", "bot", "move-to-postgres", "--data-dir", str(data_dir),
+                                "--database-url", url], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    copying = "SELECT COUNT(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation" \
+              " WHERE c.relname = 'mirror' AND l.mode = 'ExclusiveLock'"
+    assert wait_until(lambda: pg_rows(url, copying) != [(0,)] or command.poll() is not None, 60)
+    command.send_signal(2)  # SIGINT, as Ctrl-C sends it
+    out, err = command.communicate(timeout=60)
+    assert command.returncode == 130, out + err
+    assert "Traceback" not in err and err.startswith("not moved: interrupted") and err.count("\n") == 1
+    assert pg_rows(url, "SELECT COUNT(*) FROM mirror") == [(0,)]
+    assert run_move(tmp_path, data_dir, url, password).returncode == 0  # run again: it moves
 
 
 def test_a_data_dir_with_a_running_bot_is_refused(tmp_path, target):

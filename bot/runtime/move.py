@@ -39,7 +39,8 @@ DESCRIPTION = (
     "Moving in: copy the bot's SQLite store in DATA_DIR into PostgreSQL (DATABASE_URL), in one "
     "transaction - a failure leaves PostgreSQL as it was. Stop the bot first: a bot running on DATA_DIR "
     "is refused. Inbox files the bot acknowledged but had not yet queued are drained into SQLite first. "
-    "The target must hold no messages, mirror rows, users or exchange records; there is no --force: "
+    "The target must hold no messages, mirror rows, users, exchange records, website conversations or "
+    "knowledge base; there is no --force: "
     "merging two stores would clash on message and record ids and on the order of the mirror, and "
     "overwriting would destroy a live store - point DATABASE_URL at a new, empty database (or empty it "
     "yourself). The SQLite database stays in DATA_DIR as a backup. Then set DATABASE_URL and start the bot.")
@@ -55,7 +56,8 @@ TABLES = ("events", "mirror", "users", "interactions", "graph_budgets", "dead_le
 SKIPPED = ("dispatchers", "inbox_offsets", "webchat_counters", "knowledge_fts", "knowledge_fts_config",
            "knowledge_fts_data", "knowledge_fts_docsize", "knowledge_fts_idx")
 # Rows in any of these mean the target is someone's store already.
-MUST_BE_EMPTY = ("events", "mirror", "users", "interactions", "dead_letters")
+MUST_BE_EMPTY = ("events", "mirror", "users", "interactions", "dead_letters", "webchat_conversations",
+                 "knowledge_sources", "knowledge_chunks")
 SEQUENCES = {"events": "id", "mirror": "rowid", "interactions": "id", "dead_letters": "id", "knowledge_sources": "id",
              "knowledge_chunks": "id"}
 CHUNK = 1000
@@ -82,6 +84,10 @@ def main(args: argparse.Namespace) -> int:
     except Refused as refusal:
         print(f"not moved: {scrub(str(refusal), url)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the copy is one transaction: rolled back with the connection
+        print("not moved: interrupted; PostgreSQL is as it was (the copy is one transaction, rolled back) "
+              "and the SQLite store stays as the bot left it - run this again", file=sys.stderr)
+        return 130
     print(scrub(report, url))
     return 0
 
@@ -225,10 +231,14 @@ def copy_all(source: SQLiteQueue, target: PostgresQueue, where: str) -> tuple[di
                 for table in tables:
                     counts[table], nul = copy_table(sdb, db.conn, table)
                     replaced += nul
-                # Last: a sequence is not rolled back, so it moves only once every row is in.
+                # Last: a sequence is not rolled back, so it moves only once every row is in. Past
+                # SQLite's own counter too: ids of deleted rows (pruned records, a removed knowledge
+                # source) are never given again - the exchange log names knowledge chunks by id.
                 for table, column in SEQUENCES.items():
-                    db.execute(f"SELECT setval(pg_get_serial_sequence(?, ?), MAX({column})) FROM {table}"
-                               f" HAVING MAX({column}) IS NOT NULL", (table, column))
+                    last = max(sqlite_sequence(sdb, table), db.execute(
+                        f"SELECT COALESCE(MAX({column}), 0) FROM {table}").fetchone()[0])
+                    if last:
+                        db.execute("SELECT setval(pg_get_serial_sequence(?, ?), ?)", (table, column, last))
                 states = ", ".join(f"{count} {state}" for state, count in sdb.execute(
                     "SELECT state, COUNT(*) FROM events GROUP BY state ORDER BY state"))
             finally:
@@ -240,6 +250,15 @@ def copy_all(source: SQLiteQueue, target: PostgresQueue, where: str) -> tuple[di
         raise Refused(f"the copy failed and was rolled back, {where} is as it was "
                       f"({type(error).__name__}: {one_line(error)})") from None
     return counts, states, replaced
+
+
+def sqlite_sequence(sdb: sqlite3.Connection, table: str) -> int:
+    """The largest id SQLite ever gave in `table` (AUTOINCREMENT), deleted rows included; 0: none."""
+    try:
+        row = sdb.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+    except sqlite3.OperationalError:  # no AUTOINCREMENT table in the file at all
+        return 0
+    return int(row[0]) if row else 0
 
 
 def known_tables(sdb: sqlite3.Connection) -> list[str]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 from bot.storage.mirror import MirrorRow
+from bot.storage.sql import stream
 from bot.storage.times import iso
 from messenger.events import IncomingMessage
 from messenger.text import clean_text
@@ -79,7 +80,7 @@ def export(db, since_ms: int = 0, until_ms: int | None = None, page: str | None 
     one channel's (messenger, instagram, web) with `channel`."""
     only_page = " AND page_id = ?" if page else ""
     only_channel = " AND channel = ?" if channel else ""
-    rows = db.execute(f"SELECT {', '.join(EXPORT_COLUMNS)} FROM interactions WHERE user_timestamp >= ?"
+    rows = stream(db, f"SELECT {', '.join(EXPORT_COLUMNS)} FROM interactions WHERE user_timestamp >= ?"
                       f" AND user_timestamp < ?{only_page}{only_channel} ORDER BY user_timestamp, id",
                       (since_ms, until_ms or 2**62, *([page] if page else []), *([channel] if channel else [])))
     for row in rows:

@@ -104,9 +104,12 @@ class Database:
 
     def _check_version(self, expected: int) -> None:
         version = self.connection().execute("PRAGMA user_version").fetchone()[0]
+        if version > expected:
+            raise SchemaTooNew(f"{self.path} is at schema version {version}, newer than this code ({expected}): "
+                               "use the version of the bot that wrote it, or a newer one")
         if version != expected:
             raise SchemaTooNew(f"{self.path} is at schema version {version}, this code reads version "
-                               f"{expected}: start the bot once to bring it up to date")
+                               f"{expected}: start the bot once on it (without DATABASE_URL) to bring it up to date")
 
     def _migrate(self, schema: Sequence[str]) -> None:
         """Run the scripts this file has not seen yet; PRAGMA user_version counts them."""
