@@ -17,6 +17,7 @@ from messenger.attachments import IMAGE, Attachment
 from messenger.events import ATTACHMENT, IncomingMessage
 from tests.support import PAGE_ID, PSID, answer_queue, post_signed
 from tests.support.messages import TickingClock, Trickle
+from tests.support.audio import mp3_bytes, opus_bytes
 
 PREFIX = "Answer polite and concisely in a single sentence : "
 QUESTION = "What can you tell me about this picture?"
@@ -124,9 +125,13 @@ def test_a_voice_note_is_transcribed_and_answered_as_if_typed(make_client, graph
     assert json.loads(record["attachments"]) == [["audio", len(wav_bytes(2.0)), "transcribed"]]
 
 
-def test_a_voice_note_over_the_length_limit_gets_a_polite_reply_and_no_transcription(make_client, graph, model):
+@pytest.mark.parametrize("data, content_type", [
+    (wav_bytes(2.0), "audio/wav"), (mp3_bytes(2.0), "audio/mpeg"), (opus_bytes(2.0), "audio/ogg"),
+], ids=["wav", "mp3", "opus"])
+def test_a_voice_note_over_the_length_limit_gets_a_polite_reply_and_no_transcription(make_client, graph, model,
+                                                                                     data, content_type):
     client = make_client(VOICE_MAX_LENGTH="1s")
-    send(client, "m_voice", [voice(graph, wav_bytes(2.0))])
+    send(client, "m_voice", [voice(graph, data, content_type)])
     assert model.transcriptions == [] and model.requests == []
     assert graph.sent_texts(PSID) == ["Sorry, that is too large for me. Could you send something shorter or smaller, "
                                       "or type your question?"]

@@ -1,11 +1,21 @@
-"""How long a voice note plays, read from its container's header (no decoding, no dependency).
+"""How long a voice note plays, read from its container's header (no decoding).
 
-Messenger's voice notes are MP4 audio (the `mvhd` box holds the duration); WAV is read too.
-Anything else: None, and only the size limit applies.
+Messenger's voice notes are MP4 audio (the `mvhd` box holds the duration) and WAV is read too,
+both here by hand (a few lines, hardened against hostile nesting). An audio file a user shares
+may be MP3 or Ogg (Opus, Vorbis): mutagen reads those. Anything else (WebM): None, and only the
+size limit applies.
 """
 from __future__ import annotations
 
+import io
+import logging
 import struct
+
+logger = logging.getLogger(__name__)
+
+# The highest bitrate of each format, bits per second: a file cannot play for less than its size
+# at that rate, whatever its header claims (an MP3's Xing frame count, an Ogg page's granule).
+FASTEST = {"mp3": 320_000, "ogg": 510_000}
 
 # Boxes that hold the `mvhd` box, and how far to look for them: the header is near the start.
 CONTAINERS = {b"moov"}
@@ -23,6 +33,26 @@ def audio_seconds(data: bytes | bytearray) -> float | None:
             return _mp4_seconds(data)
     except struct.error:
         return None
+    if data[:4] == b"OggS":
+        return _read_by_mutagen(data, "ogg")
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):  # an MPEG frame
+        return _read_by_mutagen(data, "mp3")
+    return None
+
+
+def _read_by_mutagen(data: bytes | bytearray, kind: str) -> float | None:
+    from mutagen.mp3 import MP3  # only when such a file comes
+    from mutagen.oggopus import OggOpus
+    from mutagen.oggvorbis import OggVorbis
+
+    readers = (MP3,) if kind == "mp3" else (OggOpus, OggVorbis)
+    for reader in readers:
+        try:
+            length = reader(io.BytesIO(bytes(data))).info.length
+        except Exception as exc:  # noqa: BLE001 - mutagen's errors, or worse on a hostile file: not this kind
+            logger.debug("not %s audio mutagen can read: %s", reader.__name__, type(exc).__name__)
+            continue
+        return max(float(length or 0.0), len(data) * 8 / FASTEST[kind])
     return None
 
 
