@@ -92,8 +92,9 @@ def reply_process_pid(bot: Bot) -> int | None:
 
 
 def owned_by(pid: int) -> str:
-    """A LIKE pattern for the queue rows leased by reply process `pid` (owner = host:pid:random)."""
-    return f"%:{pid}:%"
+    """A LIKE pattern for the queue rows leased by reply process `pid` (owner = instance:lineage.pid:random,
+    the lineage being its gunicorn master's start)."""
+    return f"%.{pid}:%"
 
 
 def answered_in(request: dict) -> list[str]:
@@ -299,7 +300,7 @@ def test_three_hosts_answer_every_message_once_in_order_through_a_host_kill(make
     def busiest() -> int | None:
         working = collections.Counter()
         for owner, count in rows(pg_url, "SELECT owner, COUNT(*) FROM events WHERE state = 'working' GROUP BY owner"):
-            working.update({i: count for i, pid in enumerate(pids) if f":{pid}:" in owner})
+            working.update({i: count for i, pid in enumerate(pids) if f".{pid}:" in owner})
         return max(working, key=working.get) if working else None
     try:
         assert wait_until(lambda: len(acknowledged) >= total // 2, 20), "the stream stalled"
