@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.run import APP_SECRET, PAGE_ID, PAGE_TOKEN, Gunicorn, Store, _children, free_port, fresh_store  # noqa: E402
+from bot.storage.instance import owner_pid  # noqa: E402
 from devtools.emulator import GraphEmulator, ModelStandIn  # noqa: E402
 from messenger.signature import sign  # noqa: E402
 
@@ -84,7 +85,7 @@ def one_run(fault: str, graph: GraphEmulator, model: ModelStandIn, store: Store)
         else:  # host_loss: whichever host holds the claim dies whole
             from bench.run import pg_rows
             owner = pg_rows(store, "SELECT owner FROM events WHERE state = 'working'")[0][0]
-            victim = next(h for h in hosts if any(owner.split(":")[1] == str(p) for p in _children(h.process.pid)))
+            victim = next(h for h in hosts if any(owner_pid(owner) == str(p) for p in _children(h.process.pid)))
             os.killpg(victim.process.pid, signal.SIGKILL)
             started = time.monotonic()
         answered = wait(lambda: graph.sent_texts(psid), 40)

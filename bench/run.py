@@ -40,6 +40,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bot.storage.instance import owner_pid  # noqa: E402
 from bot.storage.queue import SQLiteQueue  # noqa: E402
 from devtools.emulator import GraphEmulator, ModelStandIn, Timeline  # noqa: E402
 from messenger.signature import sign  # noqa: E402
@@ -168,7 +169,7 @@ class Gunicorn:
         except Exception:  # noqa: BLE001 - not migrated yet
             return False
         pids = {str(pid) for pid in _children(self.process.pid)}
-        return any(owner.split(":")[1] in pids for owner in owners if owner.count(":") >= 2)
+        return any(owner_pid(owner) in pids for owner in owners)
 
     def pids(self) -> list[int]:
         return [self.process.pid] + _children(self.process.pid)

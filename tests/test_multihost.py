@@ -32,6 +32,7 @@ import psycopg
 import pytest
 import requests
 
+from bot.storage.instance import owner_pid
 from bot.storage.postgres import CLAIM_LOCK
 from messenger.signature import sign
 from tests.support import APP_SECRET, Bot, echo_body, text_body, wait_until
@@ -300,7 +301,7 @@ def test_three_hosts_answer_every_message_once_in_order_through_a_host_kill(make
     def busiest() -> int | None:
         working = collections.Counter()
         for owner, count in rows(pg_url, "SELECT owner, COUNT(*) FROM events WHERE state = 'working' GROUP BY owner"):
-            working.update({i: count for i, pid in enumerate(pids) if f".{pid}:" in owner})
+            working.update({i: count for i, pid in enumerate(pids) if owner_pid(owner) == str(pid)})
         return max(working, key=working.get) if working else None
     try:
         assert wait_until(lambda: len(acknowledged) >= total // 2, 20), "the stream stalled"

@@ -59,6 +59,11 @@ def _read_id(path: str) -> str | None:
 LINEAGE_ENV = "BOT_REPLY_LINEAGE"
 
 
+def owner_pid(owner: str) -> str:
+    """The process id in a reply process's owner name: instance:[lineage.]pid:random."""
+    return owner.split(":")[1].rsplit(".", 1)[-1] if owner.count(":") >= 2 else ""
+
+
 def owner_prefix(data_dir: str) -> str:
     return instance_id(data_dir) + ":"
 
