@@ -109,20 +109,25 @@ def test_a_bad_file_is_refused_with_a_reason(tmp_path, name, data, reason):
         read(str(path), Limits())
 
 
-def test_a_small_pdf_holding_megabytes_of_text_is_refused_once_its_text_passes_the_limit(tmp_path):
-    """40 pages drawing one deflated stream: 2 KB of PDF, 7 MB of text."""
-    data = pdf_bytes(["Our sourdough is baked every morning at six."] * 4000, pages=40, compressed=True)
-    assert len(data) < 8 * 1024
+@pytest.mark.parametrize("in_form", [False, True], ids=["page", "form-xobject"])
+def test_a_small_pdf_holding_megabytes_of_text_is_refused_once_its_text_passes_the_limit(tmp_path, in_form):
+    """40 pages drawing one deflated stream: under 10 KB of PDF, 7 MB of text (pypdf goes on past an
+    error raised inside a form XObject: the limit still stops it)."""
+    data = pdf_bytes(["Our sourdough is baked every morning at six."] * 4000, pages=40, compressed=True,
+                     in_form=in_form)
+    assert len(data) < 10 * 1024
     path = tmp_path / "bomb.pdf"
     path.write_bytes(data)
     with pytest.raises(SourceError, match=r"its text is longer than 1 MB \(KNOWLEDGE_MAX_MB, in characters\)"):
         read(str(path), Limits(max_bytes=1024 * 1024))
 
 
-def test_a_pdf_page_holding_more_text_than_any_page_is_refused_before_it_is_read_through(tmp_path):
+@pytest.mark.parametrize("in_form", [False, True], ids=["page", "form-xobject"])
+def test_a_pdf_page_holding_more_text_than_any_page_is_refused_before_it_is_read_through(tmp_path, in_form):
     """pypdf's time grows with the square of one page's text (12 MB on a page: 115 s)."""
     path = tmp_path / "one-page.pdf"
-    path.write_bytes(pdf_bytes(["Our sourdough is baked every morning at six."] * 6000, compressed=True))
+    path.write_bytes(pdf_bytes(["Our sourdough is baked every morning at six."] * 6000, compressed=True,
+                               in_form=in_form))
     with pytest.raises(SourceError, match="a page holds more than 200,000 characters of text"):
         read(str(path), Limits())
 

@@ -432,10 +432,12 @@ def test_taking_a_thread_back_is_tried_again_after_a_graph_failure_and_given_up_
     clock.advance(31 * 60)
     graph.fail_next("handover", graph_error(2, "Service temporarily unavailable", status=500))
     graph.fail_next("handover", graph_error(551, "This person isn't available right now.", subcode=1545041))
-    assert dispatcher.take_threads_back() == 0  # a 500: Graph is tried again at the next turn, this one last
+    assert dispatcher.take_threads_back() == 0  # a 500: this turn ends, that one is tried after its claim
     assert len([c for c in graph.calls if c.path.endswith("me/take_thread_control")]) == 1
-    assert dispatcher.take_threads_back() == 1  # the other user is gone (dropped), then the first one
+    assert dispatcher.take_threads_back() == 0  # the other user is gone: dropped, and the first one waits
     assert "not available" in caplog.text
+    clock.advance(61)  # the claim on the first one ran out
+    assert dispatcher.take_threads_back() == 1
     assert dispatcher.take_threads_back() == 0
     assert len([c for c in graph.calls if c.path.endswith("me/take_thread_control")]) == 3
     assert graph.thread_owner(PSID) == graph.app_id

@@ -214,18 +214,23 @@ def _pdf(data: bytes, name: str, max_chars: int, clock: Callable[[], float]) -> 
 
     deadline = clock() + PDF_READ_SECONDS
     read = page_start = 0
+    tripped: list[SourceError] = []  # pypdf swallows what is raised inside a form XObject: kept here
 
     def bounded(operator: bytes, operands: list, *_) -> None:  # pypdf calls it before each operator
         nonlocal read
-        if operator in SHOWS_TEXT:
+        if not tripped and operator in SHOWS_TEXT:
             read += sum(len(o) for o in (operands[-1] if operator == b"TJ" and operands else operands[-1:])
                         if isinstance(o, (str, bytes)))
             if read > max_chars:
-                raise SourceError(f"its text is longer than {_mb(max_chars)} (KNOWLEDGE_MAX_MB, in characters)")
-            if read - page_start > PDF_PAGE_CHARS:  # pypdf's time grows with the square of a page's text
-                raise SourceError(f"a page holds more than {PDF_PAGE_CHARS:,} characters of text: not a document")
-        if clock() > deadline:
-            raise SourceError(f"reading its text took longer than {PDF_READ_SECONDS:.0f} s")
+                tripped.append(SourceError(f"its text is longer than {_mb(max_chars)} (KNOWLEDGE_MAX_MB, "
+                                           "in characters)"))
+            elif read - page_start > PDF_PAGE_CHARS:  # pypdf's time grows with the square of a page's text
+                tripped.append(SourceError(f"a page holds more than {PDF_PAGE_CHARS:,} characters of text: "
+                                           "not a document"))
+        if not tripped and clock() > deadline:
+            tripped.append(SourceError(f"reading its text took longer than {PDF_READ_SECONDS:.0f} s"))
+        if tripped:
+            raise tripped[0]
 
     try:
         reader = pypdf.PdfReader(io.BytesIO(data))
@@ -233,8 +238,7 @@ def _pdf(data: bytes, name: str, max_chars: int, clock: Callable[[], float]) -> 
         for page in reader.pages:
             page_start = read
             pages.append(page.extract_text(visitor_operand_before=bounded) or "")
-            # pypdf keeps going past an error inside a form XObject: the page's end still stops it.
-            bounded(b"", [])
+            bounded(b"", [])  # a limit tripped inside a form XObject (pypdf went on past it) stops it here
         title = str((reader.metadata or {}).get("/Title") or "").strip()
     except SourceError:
         raise

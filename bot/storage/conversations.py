@@ -76,13 +76,13 @@ class Conversations:
         with self._database.read() as db:
             return users.threads_due_back(db, now, limit)
 
-    def claim_thread_back(self, psid: str, account: str, now: float) -> bool:
+    def claim_thread_back(self, psid: str, account: str, now: float, hold: float) -> bool:
         with self._database.write() as db:
-            return users.claim_thread_back(db, psid, account, now)
+            return users.claim_thread_back(db, psid, account, now, hold)
 
-    def thread_still_away(self, psid: str, account: str) -> None:
+    def thread_taken_back(self, psid: str, account: str) -> None:
         with self._database.write() as db:
-            users.thread_still_away(db, psid, account, int(self.clock() * 1000))
+            users.thread_taken_back(db, psid, account)
 
     def history(self, psid: str, page_id: str, limit: int, after_ms: int | None) -> list[HistoryMessage]:
         with self._database.read() as db:

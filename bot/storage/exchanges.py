@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 from bot.storage.mirror import MirrorRow
-from bot.storage.sql import stream
 from bot.storage.times import iso
 from messenger.events import IncomingMessage
 from messenger.text import clean_text
@@ -74,19 +73,31 @@ def record(db, exchange: Exchange, tracking: bool, channel: str = MESSENGER) -> 
          json.dumps([list(item) for item in exchange.knowledge]) if exchange.knowledge else None))
 
 
+EXPORT_PAGE = 1000  # records per query
+
+
 def export(db, since_ms: int = 0, until_ms: int | None = None, page: str | None = None,
            channel: str | None = None) -> Iterator[dict]:
     """The records in [since, until), oldest first; only one Page's (or Instagram account's) with `page`,
-    one channel's (messenger, instagram, web) with `channel`."""
-    only_page = " AND page_id = ?" if page else ""
-    only_channel = " AND channel = ?" if channel else ""
-    rows = stream(db, f"SELECT {', '.join(EXPORT_COLUMNS)} FROM interactions WHERE user_timestamp >= ?"
-                      f" AND user_timestamp < ?{only_page}{only_channel} ORDER BY user_timestamp, id",
-                      (since_ms, until_ms or 2**62, *([page] if page else []), *([channel] if channel else [])))
-    for row in rows:
-        item = dict(zip(EXPORT_COLUMNS, row))
-        item["user_timestamp"], item["bot_timestamp"] = iso(row[2]), iso(row[4])
-        yield item
+    one channel's (messenger, instagram, web) with `channel`. Read EXPORT_PAGE at a time, each page
+    its own short query after the last one's (time, id): a log of any size in little memory, and no
+    transaction held open while a slow reader takes its time (it would hold back PostgreSQL's vacuum
+    and a migration's lock)."""
+    only = (" AND page_id = ?" if page else "") + (" AND channel = ?" if channel else "")
+    filters = (*([page] if page else []), *([channel] if channel else []))
+    after: tuple = ()  # then: past the last record's (time, id), a range of the index on both
+    while True:
+        rows = db.execute(f"SELECT {', '.join(EXPORT_COLUMNS)}, id FROM interactions WHERE user_timestamp >= ?"
+                          f" AND user_timestamp < ?{only}" + (" AND (user_timestamp, id) > (?, ?)" if after else "")
+                          + f" ORDER BY user_timestamp, id LIMIT {EXPORT_PAGE}",
+                          (since_ms, until_ms or 2**62, *filters, *after)).fetchall()
+        for row in rows:
+            item = dict(zip(EXPORT_COLUMNS, row))
+            item["user_timestamp"], item["bot_timestamp"] = iso(row[2]), iso(row[4])
+            yield item
+        if len(rows) < EXPORT_PAGE:
+            return
+        after = (rows[-1][2], rows[-1][-1])
 
 
 def reply_mids(db, psid: str, since_ms: int) -> set[str]:

@@ -81,6 +81,10 @@ SENDING_DEATHS_FACTOR = 4
 DIED_FAILED = "state = 'failed', finished_at = ?, error = 'lease expired too often', deaths = deaths + 1"
 DIED_BACK = "state = 'pending', owner = NULL, deaths = deaths + 1"
 DIED_TOO_OFTEN = "deaths + 1 >= (CASE WHEN reply IS NULL THEN ? ELSE ? END)"  # this death included
+# Deaths with the whole bot (take_over): a storm of restarts is not the message's doing, but one
+# that takes the bot down at every start must still end.
+RESTARTS_FACTOR = 4
+RESTARTED_TOO_OFTEN = "restarts + 1 >= (CASE WHEN reply IS NULL THEN ? ELSE ? END)"
 
 
 class InboxUnreadable(Exception):
@@ -322,20 +326,26 @@ class Queue:
         (the caller holds the instance's reply lock). Back in the queue at once, counted as a
         death - or failed after the bound, as an expired lease would be.
 
-        With a `lineage` (the gunicorn master's start, bot/storage/instance.py), only a reply
-        process that died under this same master counts a death: that is what a poison message
-        does. A claim of an earlier start died with the whole bot - a kill -9 storm of the
-        process group fails nothing - and goes back uncounted, as a graceful release does."""
+        With a `lineage` (the gunicorn master's start, bot/storage/instance.py), a claim of an
+        earlier start died with the whole bot (a kill -9 of the process group, a restart): that
+        is counted apart, in `restarts`, with RESTARTS_FACTOR times the bound - a storm of such
+        kills fails nothing, while a message that takes the whole bot down at every start (the
+        OOM killer, where systemd then restarts the service) still ends failed. Only a reply
+        process that died under this same master counts a death."""
         now = self.clock()
         mine = "state = 'working' AND substr(owner, 1, ?) = ? AND owner <> ?"
         with self._write() as db:
             taken = 0
             if lineage:
                 ours = f"{prefix}{lineage}."
-                taken = db.execute("UPDATE events SET state = 'pending', owner = NULL,"
+                earlier = f"{mine} AND substr(owner, 1, ?) <> ?"
+                params = (len(prefix), prefix, me, len(ours), ours)
+                db.execute(f"UPDATE events SET state = 'failed', finished_at = ?, error = 'the bot died with it"
+                           f" too often', restarts = restarts + 1 WHERE {earlier} AND {RESTARTED_TOO_OFTEN}",
+                           (now, *params, *(bound * RESTARTS_FACTOR for bound in self._death_bounds)))
+                taken = db.execute("UPDATE events SET state = 'pending', owner = NULL, restarts = restarts + 1,"
                                    " attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
-                                   f" WHERE {mine} AND substr(owner, 1, ?) <> ?",
-                                   (len(prefix), prefix, me, len(ours), ours)).rowcount
+                                   f" WHERE {earlier}", params).rowcount
                 prefix = ours
             db.execute(f"UPDATE events SET {DIED_FAILED} WHERE {mine} AND {DIED_TOO_OFTEN}",
                        (now, len(prefix), prefix, me, *self._death_bounds))

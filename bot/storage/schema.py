@@ -14,7 +14,10 @@ Columns of note:
   users.thread_back_ms  Meta's time of the last thread the Page inbox passed back to the bot
   users.thread_away   the account (Page or Instagram) that passed the user's thread to the Page inbox
                       (HANDOFF_THREAD_CONTROL); NULL once it is the bot's again. thread_away_ms: when
-                      (our clock; a failed take-back moves it on, to the back of the line)
+                      (our clock). thread_take_at: when a take-back may next be tried (a host's claim
+                      on it, or a wait after a failure; NULL: now)
+  events.restarts     claims that died with the whole bot (another gunicorn master start): counted
+                      apart from deaths, with a larger bound
   users.disclosed_at  when the bot last said it is one (bot/replies/meta_rules.py)
   mirror.reaction     the user's reaction to that message (an emoji), if any
   interactions.reply_mids / feedback  the mids of the reply's parts (JSON), and the user's
@@ -225,10 +228,13 @@ SCHEMA = [
     ALTER TABLE events ADD COLUMN deaths INTEGER NOT NULL DEFAULT 0;
     """,
     # version 17: a thread the bot passed to the Page inbox, and when (our clock, ms), taken back
-    # when the pause ends without a handback (bot/replies/threads.py)
+    # when the pause ends without a handback (bot/replies/threads.py); deaths with the whole bot
+    # counted apart (events.restarts, bot/storage/queue.py's take_over)
     """
     ALTER TABLE users ADD COLUMN thread_away TEXT;
     ALTER TABLE users ADD COLUMN thread_away_ms INTEGER;
+    ALTER TABLE users ADD COLUMN thread_take_at REAL;
+    ALTER TABLE events ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX users_thread_away ON users (psid) WHERE thread_away IS NOT NULL;
     """,
 ]
@@ -404,10 +410,13 @@ POSTGRES_SCHEMA = [
     """
     ALTER TABLE events ADD COLUMN deaths INTEGER NOT NULL DEFAULT 0;
     """,
-    # version 13: SQLite's 17
+    # version 13: SQLite's 17, and the export's index (SQLite's interactions_time holds the rowid already)
     """
     ALTER TABLE users ADD COLUMN thread_away TEXT;
     ALTER TABLE users ADD COLUMN thread_away_ms BIGINT;
+    ALTER TABLE users ADD COLUMN thread_take_at DOUBLE PRECISION;
+    ALTER TABLE events ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX interactions_time_id ON interactions (user_timestamp, id);
     CREATE INDEX users_thread_away ON users (psid) WHERE thread_away IS NOT NULL;
     """,
 ]

@@ -7,9 +7,7 @@ two-argument MAX. PostgreSQL's driver wants `%s`: `translate` rewrites the place
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator, Sequence
-
-STREAM_ROWS = 1000  # rows per round trip when a result is read as it comes (streamed)
+from typing import Any, Sequence
 
 
 class SchemaTooNew(RuntimeError):
@@ -60,16 +58,3 @@ class Cursor:
 
     def script(self, sql: str) -> None:
         self.conn.execute(sql)
-
-    def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple]:
-        """The rows as they come, STREAM_ROWS at a time (a server-side cursor): a result of any
-        size in little memory. The client's default cursor reads the whole result first."""
-        with self.conn.transaction(), self.conn.cursor(name="stream") as cursor:
-            cursor.itersize = STREAM_ROWS
-            cursor.execute(translate(sql), params)
-            yield from cursor
-
-
-def stream(db, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple]:
-    """Rows as they come, on either backend (sqlite3's cursor is lazy already)."""
-    return db.stream(sql, params) if isinstance(db, Cursor) else db.execute(sql, params)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 COLUMNS = ("synced_at", "reset_at_ms", "paused_until", "rate_notice_at", "budget_notice_day", "disclosed_at",
-           "thread_back_ms", "thread_away", "thread_away_ms")
+           "thread_back_ms", "thread_away", "thread_away_ms", "thread_take_at")
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class UserState:
     thread_back_ms: int | None = None  # Meta's time of the last thread passed back by the Page inbox
     thread_away: str | None = None  # the account that passed the thread to the Page inbox, until it is back
     thread_away_ms: int | None = None  # when (our clock)
+    thread_take_at: float | None = None  # when a take-back may next be tried (None: now)
 
 
 def get(db, psid: str) -> UserState:
@@ -67,33 +68,37 @@ def thread_back(db, psid: str, at_ms: int, person_answered_ms: int | None) -> No
     earlier = "users.thread_away_ms > excluded.thread_back_ms"
     db.execute("INSERT INTO users (psid, thread_back_ms) VALUES (?, ?) ON CONFLICT (psid) DO UPDATE SET"
                " thread_back_ms = CASE WHEN users.thread_back_ms > excluded.thread_back_ms THEN users.thread_back_ms"
-               f" ELSE excluded.thread_back_ms END, thread_away = CASE WHEN {earlier} THEN users.thread_away END"
+               f" ELSE excluded.thread_back_ms END, thread_away = CASE WHEN {earlier} THEN users.thread_away END,"
+               f" thread_take_at = CASE WHEN {earlier} THEN users.thread_take_at END"
                + (f", paused_until = CASE WHEN {earlier} THEN users.paused_until END" if resumes else ""),
                (psid, at_ms))
 
 
 # A thread is due back once a pause ran out: with HUMAN_PAUSE off none is written, and the
 # thread stays the Page inbox's until it is passed back, as it did before the bot took any back.
-DUE = "thread_away IS NOT NULL AND paused_until IS NOT NULL AND paused_until <= ?"
+# thread_take_at: a host's claim on the take-back (or a wait after a failure) until then.
+DUE = ("thread_away IS NOT NULL AND paused_until IS NOT NULL AND paused_until <= ?"
+       " AND (thread_take_at IS NULL OR thread_take_at <= ?)")
 
 
 def threads_due_back(db, now: float, limit: int) -> list[tuple[str, str]]:
     """(psid, account) of the threads the bot passed to the Page inbox whose pause is over:
-    nobody passed them back, and no person answered for HUMAN_PAUSE. Longest away first (a
-    take-back that failed goes to the back of the line)."""
+    nobody passed them back, and no person answered for HUMAN_PAUSE. Never tried first, then
+    the longest waiting."""
     return [tuple(row) for row in db.execute(
-        f"SELECT psid, thread_away FROM users WHERE {DUE} ORDER BY thread_away_ms, psid LIMIT ?",
-        (now, limit)).fetchall()]
+        f"SELECT psid, thread_away FROM users WHERE {DUE} ORDER BY COALESCE(thread_take_at, 0), thread_away_ms, psid"
+        " LIMIT ?", (now, now, limit)).fetchall()]
 
 
-def claim_thread_back(db, psid: str, account: str, now: float) -> bool:
+def claim_thread_back(db, psid: str, account: str, now: float, hold: float) -> bool:
     """This caller takes the thread back, if it is still due: not when a person answered since
-    the list was read, nor when another host took it first."""
-    return db.execute(f"UPDATE users SET thread_away = NULL WHERE psid = ? AND thread_away = ? AND {DUE}",
-                      (psid, account, now)).rowcount == 1
+    the list was read, nor when another host claimed it. The claim lasts `hold` seconds: a
+    process that dies before Graph answers leaves it to be tried again then."""
+    return db.execute(f"UPDATE users SET thread_take_at = ? WHERE psid = ? AND thread_away = ? AND {DUE}",
+                      (now + hold, psid, account, now, now)).rowcount == 1
 
 
-def thread_still_away(db, psid: str, account: str, now_ms: int) -> None:
-    """The take-back failed for a while (a timeout, a rate limit): due again, behind the others."""
-    db.execute("UPDATE users SET thread_away = ?, thread_away_ms = ? WHERE psid = ? AND thread_away IS NULL",
-               (account, now_ms, psid))
+def thread_taken_back(db, psid: str, account: str) -> None:
+    """The bot has the thread again (or can never have it: the user is gone)."""
+    db.execute("UPDATE users SET thread_away = NULL, thread_take_at = NULL WHERE psid = ? AND thread_away = ?",
+               (psid, account))

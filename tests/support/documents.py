@@ -4,27 +4,36 @@ from __future__ import annotations
 import zlib
 
 
-def pdf_bytes(lines: list[str], title: str = "", *, pages: int = 1, compressed: bool = False) -> bytes:
+def pdf_bytes(lines: list[str], title: str = "", *, pages: int = 1, compressed: bool = False,
+              in_form: bool = False) -> bytes:
     """A PDF whose text is `lines` (Helvetica), with a correct cross-reference table: `pages`
-    pages all drawing the one content stream (deflated when `compressed`, as a bomb is)."""
+    pages all drawing the one content stream (deflated when `compressed`, as a bomb is); with
+    `in_form`, the text is a form XObject the pages draw (`/Fm0 Do`)."""
     text = " ".join(f"({line.replace('(', '[').replace(')', ']')}) Tj T*" for line in lines)
     stream = f"BT /F1 12 Tf 14 TL 72 720 Td {text} ET".encode("latin-1")
-    stream_dict = b"<< /Length %d >>" % len(stream)
+    filters = b""
     if compressed:
-        stream = zlib.compress(stream, 9)
-        stream_dict = b"<< /Length %d /Filter /FlateDecode >>" % len(stream)
+        stream, filters = zlib.compress(stream, 9), b" /Filter /FlateDecode"
     info = f"<< /Title ({title}) >>" if title else "<< >>"
+    text_object = b"<< /Length %d%s >>\nstream\n" % (len(stream), filters) + stream + b"\nendstream"
+    resources = b"/Font << /F1 3 0 R >>"
+    if in_form:
+        form, content = text_object, b"/Fm0 Do"  # the last operator: nothing after it on the page
+        text_object = b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream"
+        form = form.replace(b"<< /Length", b"<< /Type /XObject /Subtype /Form /BBox [0 0 612 792]"
+                                           b" /Resources << /Font << /F1 3 0 R >> >> /Length", 1)
+        resources += b" /XObject << /Fm0 6 0 R >>"
     first_page = 7  # objects 1-6 below, then the pages
     kids = " ".join(f"{first_page + n} 0 R" for n in range(pages)).encode()
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, pages),
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-        stream_dict + b"\nstream\n" + stream + b"\nendstream",
+        text_object,
         info.encode("latin-1"),
-        b"<< >>",  # unused: keeps the numbering plain
+        form if in_form else b"<< >>",  # the form XObject, or nothing (keeps the numbering plain)
     ] + [b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
-         b" /Resources << /Font << /F1 3 0 R >> >> >>"] * pages
+         b" /Resources << %s >> >>" % resources] * pages
     out = bytearray(b"%PDF-1.4\n")
     offsets = []
     for number, body in enumerate(objects, start=1):
