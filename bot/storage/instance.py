@@ -1,6 +1,6 @@
 """Which bot this is, and whether this process is its one reply process.
 
-Claims carry the owner `<instance>:<pid>:<random>`. The instance id is kept in DATA_DIR
+Claims carry the owner `<instance>:[<lineage>.]<pid>:<random>` (lineage: the gunicorn master start). The instance id is kept in DATA_DIR
 (one running bot per DATA_DIR: bot/runtime/preflight.py), so it is unique among live bots
 even when several share a PostgreSQL database. The reply process holds an exclusive lock
 on DATA_DIR/reply.lock for its life; the kernel drops it when the process dies. So a new
