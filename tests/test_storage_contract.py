@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from bot.replies.answer import Outcome
+from bot.storage import exchanges
 from bot.storage.exchanges import Exchange
 from bot.storage.inbox import RESUME, ClassifiedEcho
 from bot.storage.queue import PausedByPerson, PostgresQueue, SQLiteQueue
@@ -366,6 +367,17 @@ def test_complete_logs_and_mirrors_in_one_go(store):
     [record] = store.conversations.export()
     assert (record["user_message"], record["bot_message"], record["total_tokens"]) == ("Do you deliver?", "Yes.", 10)
     assert store.conversations.tokens_since("u1", 0) == 10 and store.stats()["in_flight"] == 0
+
+
+def test_export_pages_through_records_sharing_a_moment_each_once_in_order(store, monkeypatch):
+    """Pages of two records, cut inside a run of records of the same millisecond."""
+    monkeypatch.setattr(exchanges, "EXPORT_PAGE", 2)
+    for n, at in enumerate((1000, 1000, 1000, 2000, 2000), start=1):
+        store.add([message(f"m{n}", psid=f"u{n}", at=at, text=f"q{n}")])
+        batch = store.claim("a", 30)
+        store.complete(batch, exchange(batch))
+    assert [r["user_message"] for r in store.conversations.export()] == ["q1", "q2", "q3", "q4", "q5"]
+    assert [r["user_message"] for r in store.conversations.export(since_ms=1500)] == ["q4", "q5"]
 
 
 def test_a_reply_already_logged_is_not_found_as_anothers_send(store):
