@@ -46,6 +46,7 @@ MAX_MESSAGE_COUNT = 20
 UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600,
          "d": 86400, "day": 86400}
 DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)?\s*([a-z]*)\s*")
+HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*")
 
 DATABASE_FILE = "bot.sqlite3"  # inside DATA_DIR: the queue, the mirror and the exchange log
 
@@ -126,7 +127,9 @@ class Config:
     max_attempts: int = 5
     retry_base_seconds: float = 1.0
     lease_seconds: float = 8.0
+    host: str = "0.0.0.0"  # the address gunicorn (and the website chat) listen on
     port: int = 8000
+    web_concurrency: int = 2  # webhook worker processes
     log_level: str = "INFO"
     fb_app_id: str = ""
     rate_limit: tuple[int, float] | None = (5, 60.0)  # (messages, per seconds); None = off
@@ -259,10 +262,14 @@ def load_config_or_exit(environ: Mapping[str, str] | None = None, env_file: str 
 def read_environment(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> dict[str, str]:
     """The process environment over the `.env` file: a real variable always wins."""
     try:
-        values = ({k: v for k, v in dotenv_values(env_file, encoding="utf-8").items() if v is not None}
-                  if env_file and os.path.isfile(env_file) else {})
+        values = {}
+        if env_file and os.path.exists(env_file):  # opened here: python-dotenv skips a folder in silence
+            with open(env_file, encoding="utf-8") as stream:
+                values = {k: v for k, v in dotenv_values(stream=stream).items() if v is not None}
     except UnicodeDecodeError:
         raise ConfigError([f"{env_file} is not UTF-8: save it as UTF-8"]) from None
+    except OSError as exc:  # a folder, or not readable by this user: its settings must not be skipped
+        raise ConfigError([f"cannot read {env_file} ({exc.strerror}): make it a file this user can read"]) from None
     values.update(os.environ if environ is None else environ)
     return values
 
@@ -375,7 +382,9 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
         max_attempts=reader.number("MAX_ATTEMPTS", 5, int, 1, 100),
         retry_base_seconds=reader.number("RETRY_BASE_SECONDS", 1.0, float, 0.01, 600),
         lease_seconds=reader.number("LEASE_SECONDS", 8.0, float, 1, 3600),
+        host=reader.host("HOST", "0.0.0.0"),
         port=reader.number("PORT", 8000, int, 1, 65535),
+        web_concurrency=reader.number("WEB_CONCURRENCY", 2, int, 1, 64),
         log_level=reader.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         fb_app_id=reader.text("FB_APP_ID", "").strip(),
         rate_limit=reader.rate("RATE_LIMIT", (5, 60.0)),
@@ -559,6 +568,15 @@ class _Reader:
             # Never echo it: the URL may hold a password.
             self.problems.append(f"{name} must look like postgresql://user@host:5432/database")
             return None
+        return value
+
+    def host(self, name: str, default: str) -> str:
+        """An IP address (0.0.0.0, ::, 127.0.0.1) or a host name such as localhost."""
+        value = (self._raw(name) or default).strip()
+        if not (_is_network(value) and "/" not in value) and not HOST_NAME.fullmatch(value):
+            self.problems.append(f"{name} must be an IP address such as 127.0.0.1 or 0.0.0.0, or a host name, "
+                                 f"not {value!r}")
+            return default
         return value
 
     def networks(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:

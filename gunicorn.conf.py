@@ -13,14 +13,16 @@ from config import REPLY_PROCESS_ENV, load_config_or_exit
 
 _config = load_config_or_exit()
 
-_host = os.environ.get("HOST", "0.0.0.0")
+# HOST and WEB_CONCURRENCY come from the Config, so a value in `.env` counts as one in the
+# environment does (gunicorn itself reads only the environment).
+_host = _config.host
 bind = f"[{_host}]:{_config.port}" if ":" in _host else f"{_host}:{_config.port}"
 
 # The webhook workers only verify, store and acknowledge. gunicorn's asyncio worker
 # (bot/web/asgi.py) keeps a slow or idle connection from holding a thread: 200 of them
 # do not delay Meta (bench/run.py --only slow_clients).
 worker_class = "asgi"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+workers = _config.web_concurrency
 # One listening socket per worker (SO_REUSEPORT): the kernel spreads connections
 # over the workers. bot/runtime/preflight.py makes sure no other bot already listens there.
 reuse_port = True
@@ -92,10 +94,10 @@ def when_ready(server):
 
 
 def on_exit(server):
-    if "webchat" in _state:
-        _state["webchat"].stop(timeout=_config.reply_deadline_seconds + 10)
-    if "replies" in _state:
-        _state["replies"].stop(timeout=graceful_timeout + 5)
+    from bot.runtime.supervisor import stop_together
+
+    stop_together([(_state[name], timeout) for name, timeout in (("webchat", _config.reply_deadline_seconds + 10),
+                                                                 ("replies", graceful_timeout + 5)) if name in _state])
 
 
 def child_exit(server, worker):

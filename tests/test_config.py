@@ -81,3 +81,16 @@ def test_env_example_lists_every_setting_the_bot_reads():
     listed = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (root / ".env.example").read_text(), re.M))
     assert read - listed == set()
     assert len(read) > 60  # the pattern still finds the settings
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "localhost", "bot-1.internal"])
+def test_host_takes_an_address_or_a_host_name(host):
+    assert load_config({**GOOD, "HOST": host}, env_file=None).host == host
+
+
+@pytest.mark.parametrize("host", ["local host", "127.0.0.0/8", "[::1]", "http://localhost"])
+def test_a_host_that_cannot_be_bound_is_a_problem(host):
+    with pytest.raises(ConfigError) as error:
+        load_config({**GOOD, "HOST": host}, env_file=None)
+    assert error.value.problems == [f"HOST must be an IP address such as 127.0.0.1 or 0.0.0.0, or a host name, "
+                                    f"not {host!r}"]

@@ -272,6 +272,54 @@ def test_a_second_bot_on_the_same_port_or_data_dir_refuses_to_start(bot, graph, 
     assert requests.get(url + "/healthz", timeout=5).status_code == 200  # the first one is untouched
 
 
+@pytest.mark.parametrize("trouble", ["dotenv folder", "not a database", "database folder", "no workers"])
+def test_an_unusable_dotenv_or_database_or_worker_count_stops_start_up_with_one_line(graph, model, tmp_path,
+                                                                                     trouble):
+    """Each of these used to start a bot that answered nothing: a `.env` python-dotenv skipped in
+    silence, workers failing to boot one traceback each, or no worker at all."""
+    (tmp_path / "data").mkdir()
+    extra = {"WEB_CONCURRENCY": "0"} if trouble == "no workers" else {}
+    if trouble == "dotenv folder":
+        (tmp_path / ".env").mkdir()
+    elif trouble == "not a database":
+        (tmp_path / "data" / "bot.sqlite3").write_bytes(b"not a database, but a note left here\n" * 200)
+    elif trouble == "database folder":
+        (tmp_path / "data" / "bot.sqlite3").mkdir()
+    output = start_and_fail(graph, model, tmp_path, **extra)
+    expected = {"dotenv folder": "cannot read .env (Is a directory)",
+                "not a database": "bot.sqlite3 is not a SQLite database (file is not a database)",
+                "database folder": "bot.sqlite3 cannot be opened",
+                "no workers": "WEB_CONCURRENCY must be between 1 and 64"}[trouble]
+    assert expected in output, output
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on `port`, from the kernel's own table."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(address)
+    return found
+
+
+def test_host_and_web_concurrency_in_dotenv_count_as_in_the_environment(graph, model, tmp_path):
+    """gunicorn reads only the environment: HOST=127.0.0.1 in `.env` used to leave the bot open
+    on every interface."""
+    port = free_port()
+    (tmp_path / ".env").write_text("HOST=127.0.0.1\nWEB_CONCURRENCY=3\n")
+    process = start_gunicorn({**base_env(graph, model, tmp_path), "PORT": str(port)}, tmp_path)
+    try:
+        assert wait_until(lambda: is_up(f"http://127.0.0.1:{port}"), 15), "gunicorn did not start"
+        assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1, and nothing else
+    finally:
+        output = stop(process)
+    assert output.count("Booting worker") == 3, output
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_start_log_names_the_address_and_ctrl_c_or_sigterm_log_no_error(graph, model, tmp_path, sig):
     url, port, process = start_bot(graph, model, tmp_path)

@@ -159,3 +159,35 @@ def test_rate_limit_and_takeover_hold_across_workers(make_bot, graph, model):
     assert len(model.requests) == 2  # two answers; the notice, the 4th and the paused user cost no model call
     assert graph.sent_texts(PSID)[2].startswith("You are writing faster")
     assert graph.sent_texts(other) == [] and len(graph.sent_texts()) == 3
+
+
+# Finishes its work for 2 s after SIGTERM, as the reply process and the website chat do.
+GRACEFUL_CHILD = """
+import signal, sys, time
+def stop(*_):
+    open(sys.argv[1], 'a').write(f'{time.monotonic()}\\n')
+    time.sleep(2)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[1], 'a').write('up\\n')
+while True:
+    time.sleep(1)
+"""
+
+
+def test_the_master_stops_its_processes_together_not_one_after_the_other(tmp_path):
+    """The website chat and the reply process each get their graceful time at once: in turn, the
+    reply process went on claiming while the chat finished, and the stop took both times added up."""
+    from bot.runtime.supervisor import ReplySupervisor, stop_together
+
+    notes = [tmp_path / "webchat", tmp_path / "replies"]
+    kept = [ReplySupervisor(command=("-c", GRACEFUL_CHILD, str(note))) for note in notes]
+    for process in kept:
+        process.start()
+    assert wait_until(lambda: all(n.exists() and n.read_text().startswith("up") for n in notes))
+    started = time.monotonic()
+    stop_together([(process, 10.0) for process in kept])
+    took = time.monotonic() - started
+    asked = [float(note.read_text().split()[1]) for note in notes]
+    assert abs(asked[0] - asked[1]) < 0.5, asked  # the second was not kept waiting for the first
+    assert 1.9 < took < 3.5, took  # one graceful time, not two (4 s)

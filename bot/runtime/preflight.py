@@ -77,7 +77,7 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
     before any worker starts); no acknowledged message is left behind in DATA_DIR's inbox files.
     Without: the SQLite file, if there is one, is not newer than this code."""
     if not url:
-        if sqlite_path and os.path.isfile(sqlite_path):
+        if sqlite_path and os.path.lexists(sqlite_path):
             _check_sqlite(sqlite_path)
         return
     from bot.storage.inbox import inbox_files
@@ -106,15 +106,25 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
 
 
 def _check_sqlite(path: str) -> None:
+    """The file opens as a SQLite database this user can write. Damage past its first page is
+    left to /readyz (the bot still acknowledges into the inbox files); a file that is not a
+    database at all, or cannot be written, would make every worker fail to boot, one traceback each."""
     import sqlite3
 
     from bot.storage.schema import SCHEMA
 
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
-        try:
+    what = "restore it from a backup, or move it aside and start again (a new one is created)"
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise StartupProblem(f"{path} is not readable and writable by this user: fix its owner or permissions")
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)) as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.Error:
-            return  # unreadable: /readyz reports it, with the reason
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            return  # busy, not broken: the workers wait for it as they always do
+        raise StartupProblem(f"{path} cannot be opened ({exc}): {what}") from None
+    except sqlite3.DatabaseError as exc:
+        raise StartupProblem(f"{path} is not a SQLite database ({exc}): {what}") from None
     if version > len(SCHEMA):
         raise StartupProblem(f"{path} is at schema version {version}, newer than this code ({len(SCHEMA)}): "
                              "run the newer version of the bot")

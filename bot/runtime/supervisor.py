@@ -56,17 +56,39 @@ class ReplySupervisor:
 
     def stop(self, timeout: float) -> None:
         """Let the reply process finish what is in flight (it releases the rest), then return."""
+        self.ask_to_stop()
+        self.wait_stopped(timeout)
+
+    def ask_to_stop(self) -> None:
+        """SIGTERM, without waiting (stop_together)."""
         self.stopping.set()
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def wait_stopped(self, timeout: float) -> None:
         if self.pid is None:
             return
         try:
-            os.kill(self.pid, signal.SIGTERM)
             wait_for_exit(self.pid, timeout)
         except ProcessLookupError:
             pass
         except TimeoutError:
-            self.log.error("reply process did not stop in %.0f s; killing it", timeout)
+            self.log.error("%s did not stop in %.0f s; killing it", self.argv[-1], timeout)
             os.kill(self.pid, signal.SIGKILL)
+
+
+def stop_together(processes: list[tuple[ReplySupervisor, float]]) -> None:
+    """Stop every kept process at once, each within its own timeout. One after the other, the
+    reply process went on claiming while the website chat finished, and the worst stop took the
+    timeouts added up: past `docker stop`'s wait."""
+    for process, _ in processes:
+        process.ask_to_stop()
+    started = time.monotonic()
+    for process, timeout in processes:
+        process.wait_stopped(max(0.0, timeout - (time.monotonic() - started)))
 
 
 def wait_for_exit(pid: int, timeout: float | None = None) -> int | str:

@@ -30,7 +30,7 @@ class WebchatApplication(BaseApplication):
         super().__init__()
 
     def load_config(self) -> None:
-        host = os.environ.get("HOST", "0.0.0.0")
+        host = self.config.host
         settings = {
             "bind": f"[{host}]:{self.config.webchat_port}" if ":" in host else f"{host}:{self.config.webchat_port}",
             "worker_class": "asgi", "workers": 1, "timeout": 30, "control_socket_disable": True,
