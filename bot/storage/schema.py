@@ -237,6 +237,11 @@ SCHEMA = [
     ALTER TABLE events ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX users_thread_away ON users (psid) WHERE thread_away IS NOT NULL;
     """,
+    # version 18: when each reply process last finished a message, with its heartbeat: /readyz
+    # tells a bot working through a backlog from one that answers nothing (bot/web/readiness.py)
+    """
+    ALTER TABLE dispatchers ADD COLUMN finished_at REAL;
+    """,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -418,5 +423,9 @@ POSTGRES_SCHEMA = [
     ALTER TABLE events ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX interactions_time_id ON interactions (user_timestamp, id);
     CREATE INDEX users_thread_away ON users (psid) WHERE thread_away IS NOT NULL;
+    """,
+    # version 14: SQLite's 18
+    """
+    ALTER TABLE dispatchers ADD COLUMN finished_at DOUBLE PRECISION;
     """,
 ]

@@ -4,7 +4,7 @@
 stops the bot from doing its job, so a load balancer stops sending it traffic and
 an operator sees why: storage it cannot write, a corrupt database, a reply process
 that is dead or stuck (its heartbeat stops: bot/replies/dispatcher.py writes it only while
-its claim loop is turning), or messages waiting far too long.
+its claim loop is turning), or messages waiting far too long while none is answered.
 """
 from __future__ import annotations
 
@@ -51,9 +51,15 @@ class Readiness:
             problems.append("the reply process has not started")
         elif seen > self.heartbeat_stale_seconds:
             problems.append(f"the reply process is dead or stuck (silent for {seen:.0f} s)")
+        # A backlog the bot works through (a burst, Meta's rate limits) is no reason to take a host
+        # out of the balancer: only messages waiting while no reply process, on any host, finishes any.
         waited = stats.get("oldest_pending_age_s") or 0.0
-        if waited > self.config.ready_max_wait_seconds:
-            problems.append(f"the oldest message has waited {waited:.0f} s for its reply")
+        finished = stats.get("finished_s_ago")
+        limit = self.config.ready_max_wait_seconds
+        if waited > limit and (finished is None or finished > limit):
+            since = "none since the reply process started" if finished is None else f"none for {finished:.0f} s"
+            problems.append(f"the oldest message has waited {waited:.0f} s for its reply, and no message was "
+                            f"finished ({since})")
         return problems, stats
 
     def _storage_problems(self) -> list[str]:
