@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from bot.storage.instance import owner_prefix
-from bot.telemetry.logs import LogScrubber
+from bot.telemetry.logs import FORMAT, LogScrubber
 from bot.web.asgi import read_body
 from bot.web.webhook import read_wsgi_body
 from messenger.signature import sign
@@ -201,6 +201,32 @@ def test_control_characters_and_secrets_are_escaped_in_log_records():
     assert "\n" not in message and "\x00" not in message and "\x1b" not in message
     assert "\\n2026-12-03 CRITICAL forged" in message
     assert "supersecret-token" not in message and "[redacted]" in message
+
+
+def test_a_traceback_in_the_log_holds_no_secret_and_no_terminal_escape():
+    """requests' errors quote the URL, access_token and all: a logged exception printed it whole."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(LogScrubber(["EAAsupersecret-page-token"]))
+    log = logging.getLogger("test.traceback")
+    log.addHandler(handler)
+    try:
+        try:
+            raise ConnectionError("url: /me/messages?access_token=EAAsupersecret-page-token (\x1b[31mred)")
+        except ConnectionError:
+            log.exception("send failed")
+        try:
+            raise ValueError("again")
+        except ValueError as exc:
+            log.error("and again", exc_info=exc, stack_info=True)
+    finally:
+        log.removeHandler(handler)
+    output = stream.getvalue()
+    assert "send failed" in output and "Traceback (most recent call last):" in output
+    assert "access_token=[redacted]" in output and "supersecret" not in output
+    assert "\x1b" not in output and "\\x1b[31mred" in output
+    assert "Stack (most recent call last):" in output
 
 
 # -- F8: private files -------------------------------------------------------------------------------------

@@ -13,8 +13,17 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\u2028\u2029]")
 
 
+# In a traceback, line breaks are its own; the rest is escaped as in a message.
+TRACEBACK_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]")
+_FORMATTER = logging.Formatter()
+
+
+def _escaped(match: re.Match) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
 def escape_controls(text: str) -> str:
-    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return CONTROL.sub(_escaped, text)
 
 
 class LogScrubber(logging.Filter):
@@ -28,14 +37,25 @@ class LogScrubber(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        clean = message
-        if any(secret in clean for secret in self.secrets):
-            for secret in self.secrets:
-                clean = clean.replace(secret, REDACTED)
-        clean = escape_controls(clean)
+        clean = escape_controls(self._redact(message))
         if clean is not message and clean != message:
             record.msg, record.args = clean, None
+        # A traceback quotes exception messages, and those quote URLs and bodies: requests' errors
+        # carry the URL with its access_token. Formatted here (the formatter keeps exc_text), so
+        # the secrets go; its own line breaks stay.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _FORMATTER.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = TRACEBACK_CONTROL.sub(_escaped, self._redact(record.exc_text))
+        if record.stack_info:
+            record.stack_info = TRACEBACK_CONTROL.sub(_escaped, self._redact(record.stack_info))
         return True
+
+    def _redact(self, text: str) -> str:
+        if any(secret in text for secret in self.secrets):
+            for secret in self.secrets:
+                text = text.replace(secret, REDACTED)
+        return text
 
 
 # LOG_LEVEL applies to the bot's own code. Libraries stay at WARNING: at DEBUG the
