@@ -4,9 +4,9 @@ import os
 import pytest
 
 from bot.storage import inbox
-from bot.storage.inbox import InboxWriter, read_records
+from bot.storage.inbox import ClassifiedEcho, InboxWriter, read_records
 from bot.storage.queue import InboxUnreadable, SQLiteQueue
-from messenger.events import TEXT, IncomingMessage
+from messenger.events import TEXT, Echo, IncomingMessage
 from tests.support import PSID, fixture_bytes, post_signed
 
 
@@ -40,6 +40,28 @@ def test_drained_once_duplicates_dropped_and_files_of_gone_writers_deleted(tmp_p
     assert len(os.listdir(directory)) == 1  # rotated-away files are gone; the open one stays
     writer.append([message("m9")], [])
     assert store.drain(directory) == (1, 0)
+
+
+def test_the_backlog_counts_messages_reads_each_record_once_and_forgets_what_was_drained(tmp_path):
+    directory = str(tmp_path / "inbox")
+    store = SQLiteQueue(str(tmp_path / "bot.sqlite3"))
+    writer = InboxWriter(directory)
+    echo = ClassifiedEcho(Echo("u", "e1", "from a person", 1, None, None), True, None, inbox.ECHO)
+    writer.append([message("m1"), message("m2")], [], at=100.0)  # one delivery, two messages
+    writer.append([], [echo], at=101.0)  # echoes alone: nothing to answer
+    writer.append([], [echo], at=101.5)
+    assert store.inbox_backlog(directory) == (2, 100.0)
+    [path] = [os.path.join(directory, name) for name in os.listdir(directory)]
+    with open(path, "r+b") as f:  # what was read once is not read again (it cost ~1 s at 100k records)
+        f.write(b"\0" * 40)
+    writer.append([message("m3")], [], at=102.0)
+    assert store.inbox_backlog(directory) == (3, 100.0)
+    with open(path, "r+b") as f:  # put back, for the drain
+        f.write(inbox.encode([message("m1"), message("m2")], [], at=100.0)[:40])
+    assert store.drain(directory) == (3, 0)
+    assert store.inbox_backlog(directory) == (0, None)
+    writer.append([message("m4")], [], at=103.0)
+    assert store.inbox_backlog(directory) == (1, 103.0)
 
 
 def test_a_new_inbox_file_is_locked_before_the_reader_can_list_it(tmp_path, monkeypatch):

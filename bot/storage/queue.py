@@ -122,6 +122,7 @@ class Queue:
         self._write = self._database.write
         self._read = self._database.read
         self._finished_at: float | None = None  # this process's last batch outcome, for the heartbeat
+        self._backlog = inbox.Backlog()
 
     def close(self) -> None:
         self._database.close()
@@ -200,22 +201,10 @@ class Queue:
             return 0
 
     def inbox_backlog(self, directory: str) -> tuple[int, float | None]:
-        """Records not yet in the queue, and when the oldest of them was acknowledged."""
+        """Messages acknowledged but not yet in the queue, and when the oldest of them came."""
         with self._read() as db:
             offsets = dict(db.execute("SELECT source, offset FROM inbox_offsets").fetchall())
-        count, oldest = 0, None
-        for name in inbox.inbox_files(directory):
-            try:
-                records = inbox.read_records(inbox.read_from(os.path.join(directory, name), offsets.get(name, 0)))[0]
-            except OSError:  # unreadable (the drain reports it): health figures must still come
-                continue
-            for record in records:
-                try:
-                    at = inbox.decode(record)[0]
-                except Exception:  # noqa: BLE001 - a dead letter to be, not a backlog figure
-                    continue
-                count, oldest = count + 1, at if oldest is None else min(oldest, at)
-        return count, oldest
+        return self._backlog.measure(directory, offsets)
 
     def _ingest(self, source: str, start: int, used: int, records: list[bytes], damaged: int) -> list[bool]:
         """Records from one inbox file and the new offset, in one transaction: each enters once.
