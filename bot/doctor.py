@@ -272,19 +272,34 @@ def model_check(config: Config, model: str) -> Line:
     where = config.openai_base_url or "api.openai.com"
     client = openai.OpenAI(api_key=config.openai_api_key, base_url=config.openai_base_url, timeout=10.0, max_retries=0)
     try:
-        client.models.retrieve(model)
+        listed = _models_listed(client, model)
     except openai.AuthenticationError:
         return Line(False, f"model server {where}: refuses OPENAI_API_KEY (401)", "put a valid key in OPENAI_API_KEY")
     except openai.NotFoundError:
-        return Line(False, f"model server {where}: does not know the model {model}",
-                    "set OPENAI_MODEL (or the Page's model) to one the server lists at GET /models")
+        return Line(None, f"model server {where}: reachable and the key is accepted; whether it knows model {model} "
+                          "cannot be told (it has neither GET /models/{id} nor GET /models)")
     except openai.APIStatusError as error:
         return Line(False, f"model server {where}: answered HTTP {error.status_code} for model {model}",
                     "check OPENAI_BASE_URL and the server's status")
     except openai.APIError as error:  # connection failures and timeouts
         return Line(False, f"model server {where}: unreachable ({type(error).__name__})",
                     "check OPENAI_BASE_URL and that this host can reach it")
+    if listed is not None and model not in listed:
+        shown = ", ".join(sorted(listed)[:5]) + (", ..." if len(listed) > 5 else "")
+        return Line(False, f"model server {where}: does not know the model {model}"
+                           + (f" (it lists {shown})" if listed else ""),
+                    "set OPENAI_MODEL (or the Page's model) to one the server lists at GET /models")
     return Line(True, f"model server {where}: reachable, the key is accepted, model {model} is known")
+
+
+def _models_listed(client: openai.OpenAI, model: str) -> set[str] | None:
+    """None when GET /models/{model} knows the model; else the ids GET /models lists. vLLM and
+    other servers have no GET /models/{id}: their 404 says nothing of the model."""
+    try:
+        client.models.retrieve(model)
+        return None
+    except openai.NotFoundError:
+        return {entry.id for entry in client.models.list()}
 
 
 def public_url(url: str, verify_token: str) -> Line:

@@ -159,6 +159,17 @@ def test_the_model_server(env, model):
     assert unreachable.returncode == 1 and "unreachable (APIConnectionError)" in unreachable.stdout
 
 
+def test_a_model_server_without_get_models_id_is_asked_for_its_list(env, model):
+    """vLLM serves GET /v1/models but not GET /v1/models/{id}: its 404 says nothing of the model."""
+    model.model_lookup = False
+    model.models = {"Qwen/Qwen2.5-7B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"}
+    known = doctor({**env, "OPENAI_MODEL": "Qwen/Qwen2.5-7B-Instruct"}).stdout
+    assert "✓ model server" in known and "model Qwen/Qwen2.5-7B-Instruct is known" in known
+    shown = line(doctor({**env, "OPENAI_MODEL": "gpt-4.1-mini"}).stdout, "✗ model server")
+    assert ("does not know the model gpt-4.1-mini (it lists Qwen/Qwen2.5-7B-Instruct, "
+            "meta-llama/Llama-3.1-8B-Instruct)") in shown
+
+
 def test_bad_settings_are_named_and_nothing_else_runs(env):
     done = doctor({k: v for k, v in env.items() if k != "FB_APP_SECRET"})
     assert done.returncode == 1

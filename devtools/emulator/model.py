@@ -42,6 +42,7 @@ class _ModelServer(LocalServer):
     on the timeline, under the user it is for when that can be told."""
 
     mode = "model"
+    model_lookup = True  # False: no GET /v1/models/{model}, only the list (as vLLM serves it)
 
     def __init__(self, timeline: Timeline | None, port: int = 0):
         super().__init__(port=port)
@@ -62,8 +63,10 @@ class _ModelServer(LocalServer):
             return self._transcription(request)
         if request.method == "POST" and request.path == "/v1/embeddings":
             return self._embeddings(request)
-        if request.method == "GET" and request.path.startswith("/v1/models/"):
+        if request.method == "GET" and request.path.startswith("/v1/models/") and self.model_lookup:
             return self.model_info(request, request.path.removeprefix("/v1/models/"))
+        if request.method == "GET" and request.path == "/v1/models":
+            return self.model_list(request)
         return json_response({"error": {"message": "not found"}}, 404)
 
     def _answered(self, request: Request, respond: Callable[[Request, object], Response]) -> tuple:
@@ -148,6 +151,9 @@ class _ModelServer(LocalServer):
     def model_info(self, request: Request, model: str) -> Response:
         return json_response({"error": {"message": "not found"}}, 404)
 
+    def model_list(self, request: Request) -> Response:
+        return json_response({"error": {"message": "not found"}}, 404)
+
     def transcribe(self, request: Request, upload: "transcription.Upload | None") -> Response:
         raise NotImplementedError
 
@@ -225,6 +231,14 @@ class ModelStandIn(_ModelServer):
         if self.models is not None and model not in self.models:
             return _no_model(model)
         return json_response({"id": model, "object": "model", "created": 1700000000, "owned_by": "system"})
+
+    def model_list(self, request: Request) -> Response:
+        """`GET /v1/models`: the models it knows (empty when it knows any model)."""
+        if refused := self._refused_key(request):
+            return refused
+        return json_response({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 1700000000, "owned_by": "system"}
+            for name in sorted(self.models or ())]})
 
     def transcribe(self, request: Request, upload: "transcription.Upload | None") -> Response:
         if refused := self._refused_key(request):
