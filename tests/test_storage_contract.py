@@ -731,3 +731,37 @@ def test_the_web_chats_old_counters_and_conversations_with_no_exchange_left_are_
     with database.read() as db:
         assert [key for (key,) in db.execute("SELECT key FROM webchat_counters")] == ["ip:new"]
         assert sorted(c for (c,) in db.execute("SELECT id FROM webchat_conversations")) == ["recent", "talked"]
+
+
+def test_older_code_goes_on_after_additive_migrations_and_stops_after_any_other(backend, tmp_path, caplog):
+    """A rolling upgrade (or a rollback of the code): the hosts not yet upgraded keep working while
+    every migration since their version only adds; otherwise they refuse, in one line."""
+    from bot.storage.schema import POSTGRES_SCHEMA, SCHEMA
+    from bot.storage.sql import Additive, SchemaTooNew
+
+    name, settings = backend
+
+    def newer_code(extra):  # the next version of the bot opens the database first, and migrates it
+        if name == "postgres":
+            from bot.storage.postgres import PostgresDatabase
+            PostgresDatabase(settings["DATABASE_URL"], [*POSTGRES_SCHEMA, *extra], max_size=2).close()
+        else:
+            from bot.storage.sqlite import Database
+            Database(str(tmp_path / "bot.sqlite3"), [*SCHEMA, *extra])
+
+    def this_code():
+        return (PostgresQueue(settings["DATABASE_URL"], pool_size=2) if name == "postgres"
+                else SQLiteQueue(str(tmp_path / "bot.sqlite3")))
+
+    newer_code([Additive("CREATE TABLE later_a (x INTEGER)"), Additive("CREATE INDEX later_a_x ON later_a (x)")])
+    store = this_code()
+    try:
+        assert store.add([message("m1")]) == [True]
+        assert store.claim("host:1:x", 30).psid == "u1"
+    finally:
+        store.close()
+    assert "newer than this code" in caplog.text and "only add, so this host goes on" in caplog.text
+    newer_code([Additive("CREATE TABLE later_a (x INTEGER)"), Additive("CREATE INDEX later_a_x ON later_a (x)"),
+                "ALTER TABLE events RENAME COLUMN reply TO answer"])
+    with pytest.raises(SchemaTooNew, match="newer than this code"):
+        this_code().close()

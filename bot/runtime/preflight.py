@@ -112,6 +112,8 @@ def _check_sqlite(path: str) -> None:
     import sqlite3
 
     from bot.storage.schema import SCHEMA
+    from bot.storage.sql import SchemaTooNew, newer_schema_note
+    from bot.storage.sqlite import file_oldest_code
 
     what = "restore it from a backup, or move it aside and start again (a new one is created)"
     if not os.access(path, os.R_OK | os.W_OK):
@@ -119,6 +121,7 @@ def _check_sqlite(path: str) -> None:
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)) as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
+            oldest = file_oldest_code(db) if version > len(SCHEMA) else None
     except sqlite3.OperationalError as exc:
         if "locked" in str(exc):
             return  # busy, not broken: the workers wait for it as they always do
@@ -126,5 +129,7 @@ def _check_sqlite(path: str) -> None:
     except sqlite3.DatabaseError as exc:
         raise StartupProblem(f"{path} is not a SQLite database ({exc}): {what}") from None
     if version > len(SCHEMA):
-        raise StartupProblem(f"{path} is at schema version {version}, newer than this code ({len(SCHEMA)}): "
-                             "run the newer version of the bot")
+        try:
+            newer_schema_note(path, version, len(SCHEMA), oldest)  # the workers log it, once each
+        except SchemaTooNew as exc:
+            raise StartupProblem(str(exc)) from None

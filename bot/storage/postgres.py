@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from bot.storage.sql import Cursor, Row, SchemaTooNew
+from bot.storage.sql import Cursor, Row, SchemaTooNew, newer_schema_note, oldest_code
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,10 @@ class PostgresDatabase:
 
     def _check_version(self, expected: int) -> None:
         with self.read() as db:
-            version = _version(db)
+            version, oldest = _version(db), _oldest_code(db)
+        if version > expected:
+            logger.warning(newer_schema_note("the database", version, expected, oldest))
+            return
         if version != expected:
             raise SchemaTooNew(f"the database is at schema version {version}, this code reads version {expected}")
 
@@ -123,14 +126,29 @@ class PostgresDatabase:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             version = _version(db)
             if version > len(schema):
-                raise SchemaTooNew(f"the database is at schema version {version}, newer than this code "
-                                   f"({len(schema)}): run the newer version of the bot, or upgrade this host")
+                logger.warning(newer_schema_note("the database", version, len(schema), _oldest_code(db)))
+                return
             for number, script in enumerate(schema[version:], start=version + 1):
                 db.script(script)
                 logger.info("database schema migrated to version %d", number)
             if version < len(schema):
                 db.execute("DELETE FROM schema_version")
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (len(schema),))
+                if _has_oldest_code(db):
+                    db.execute("UPDATE schema_version SET oldest_code = ?", (oldest_code(schema),))
+
+
+def _has_oldest_code(db: Cursor) -> bool:
+    return db.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
+                      " AND table_name = 'schema_version' AND column_name = 'oldest_code'").fetchone() is not None
+
+
+def _oldest_code(db: Cursor) -> int | None:
+    """The oldest schema version whose code may use the database (None: not said, so only its own)."""
+    if not _has_oldest_code(db):
+        return None
+    row = db.execute("SELECT MIN(oldest_code) FROM schema_version").fetchone()
+    return row[0] if row else None
 
 
 def _version(db: Cursor) -> int:

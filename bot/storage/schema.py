@@ -1,6 +1,7 @@
 """The one schema of the bot's SQLite file, as migrations: version N is SCHEMA[N-1].
 
-Never edit a shipped version; append a new one (Database runs what a file lacks).
+Never edit a shipped version; append a new one (Database runs what a file lacks). Mark it
+Additive when the code of the version before still works on it (bot/storage/sql.py).
 Columns of note:
   events.state        pending / working / done / failed (see bot/storage/queue.py)
   events.sending      the part whose send is under way or in doubt; sending_since: when it was
@@ -44,6 +45,7 @@ Columns of note:
                       damaged: bytes skipped as damage (such a file is quarantined, not deleted)
   dead_letters        records or messages that could not enter the queue, kept for a person
 """
+from bot.storage.sql import Additive
 
 SCHEMA = [
     # version 1: the delivery queue
@@ -238,10 +240,12 @@ SCHEMA = [
     CREATE INDEX users_thread_away ON users (psid) WHERE thread_away IS NOT NULL;
     """,
     # version 18: when each reply process last finished a message, with its heartbeat: /readyz
-    # tells a bot working through a backlog from one that answers nothing (bot/web/readiness.py)
-    """
+    # tells a bot working through a backlog from one that answers nothing (bot/web/readiness.py);
+    # the oldest schema version whose code may use this file (bot/storage/sql.py's Additive)
+    Additive("""
     ALTER TABLE dispatchers ADD COLUMN finished_at REAL;
-    """,
+    CREATE TABLE schema_compat (oldest_code INTEGER NOT NULL);
+    """),
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -425,7 +429,8 @@ POSTGRES_SCHEMA = [
     CREATE INDEX users_thread_away ON users (psid) WHERE thread_away IS NOT NULL;
     """,
     # version 14: SQLite's 18
-    """
+    Additive("""
     ALTER TABLE dispatchers ADD COLUMN finished_at DOUBLE PRECISION;
-    """,
+    ALTER TABLE schema_version ADD COLUMN oldest_code INTEGER;
+    """),
 ]

@@ -11,7 +11,31 @@ from typing import Any, Sequence
 
 
 class SchemaTooNew(RuntimeError):
-    """The database was migrated by newer code than this host runs."""
+    """The database was migrated by newer code than this host runs, and that code cannot use it."""
+
+
+class Additive(str):
+    """A migration that only adds (a nullable column, an index, a table older code never reads):
+    code of the version before it still works on the database. A run of them at the end of a
+    schema lets older hosts go on during a rolling upgrade, and a rollback of the code."""
+
+
+def oldest_code(schema: Sequence[str]) -> int:
+    """The oldest schema version whose code may use a database at len(schema)."""
+    version = len(schema)
+    while version > 0 and isinstance(schema[version - 1], Additive):
+        version -= 1
+    return version
+
+
+def newer_schema_note(where: str, version: int, mine: int, oldest: int | None) -> str:
+    """The one line for a database newer than this code: a warning when this code may use it
+    (returned), SchemaTooNew when it may not."""
+    if oldest is None or oldest > mine:
+        raise SchemaTooNew(f"{where} is at schema version {version}, newer than this code ({mine}): run the newer "
+                           "version of the bot, or upgrade this host")
+    return (f"{where} is at schema version {version}, newer than this code ({mine}); the migrations since only "
+            "add, so this host goes on: upgrade it")
 
 
 class StorageUnavailable(OSError):

@@ -2,6 +2,7 @@
 transactions that queue fairly, migrations at start-up."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sqlite3
@@ -10,7 +11,9 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from bot.storage.sql import SchemaTooNew
+from bot.storage.sql import SchemaTooNew, newer_schema_note, oldest_code
+
+logger = logging.getLogger(__name__)
 
 LOCK_WAIT_SECONDS = 30.0
 
@@ -105,8 +108,8 @@ class Database:
     def _check_version(self, expected: int) -> None:
         version = self.connection().execute("PRAGMA user_version").fetchone()[0]
         if version > expected:
-            raise SchemaTooNew(f"{self.path} is at schema version {version}, newer than this code ({expected}): "
-                               "use the version of the bot that wrote it, or a newer one")
+            logger.warning(newer_schema_note(self.path, version, expected, file_oldest_code(self.connection())))
+            return
         if version != expected:
             raise SchemaTooNew(f"{self.path} is at schema version {version}, this code reads version "
                                f"{expected}: start the bot once on it (without DATABASE_URL) to bring it up to date")
@@ -116,12 +119,27 @@ class Database:
         with self.write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(schema):
-                raise SchemaTooNew(f"{self.path} is at schema version {version}, newer than this code "
-                                   f"({len(schema)}): run the newer version of the bot")
+                logger.warning(newer_schema_note(self.path, version, len(schema), file_oldest_code(db)))
+                return
             for number, script in enumerate(schema[version:], start=version + 1):
                 for statement in filter(str.strip, script.split(";")):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version={number}")
+            if version < len(schema) and _has_table(db, "schema_compat"):
+                db.execute("DELETE FROM schema_compat")
+                db.execute("INSERT INTO schema_compat (oldest_code) VALUES (?)", (oldest_code(schema),))
+
+
+def file_oldest_code(db: sqlite3.Connection) -> int | None:
+    """The oldest schema version whose code may use this file (None: not said, so only its own)."""
+    if not _has_table(db, "schema_compat"):
+        return None
+    row = db.execute("SELECT MIN(oldest_code) FROM schema_compat").fetchone()
+    return row[0] if row else None
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
 
 def _switch_to_wal(db: sqlite3.Connection) -> None:
