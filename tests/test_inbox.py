@@ -1,5 +1,6 @@
 """The webhook's inbox files: appended before the 200, drained once into the queue."""
 import os
+import threading
 
 import pytest
 
@@ -62,6 +63,34 @@ def test_the_backlog_counts_messages_reads_each_record_once_and_forgets_what_was
     assert store.inbox_backlog(directory) == (0, None)
     writer.append([message("m4")], [], at=103.0)
     assert store.inbox_backlog(directory) == (1, 103.0)
+
+
+def test_health_checks_at_the_same_moment_count_each_record_once(tmp_path):
+    """Flask answers on several threads: two checks scanning the same bytes counted them twice."""
+    directory = str(tmp_path / "inbox")
+    writer = InboxWriter(directory)
+    for n in range(20_000):
+        writer.append([message(f"m{n}")], [], at=100.0 + n)
+    backlog = inbox.Backlog()
+    start = threading.Barrier(4)
+
+    def check():
+        start.wait()
+        backlog.measure(directory, {})
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    writer.append([message("late")], [], at=50.0)
+    assert backlog.measure(directory, {}) == (20_001, 50.0)
+
+
+def test_echoes_alone_give_the_backlog_no_age(tmp_path):
+    directory = str(tmp_path / "inbox")
+    echo = ClassifiedEcho(Echo("u", "e1", "from a person", 1, None, None), True, None, inbox.ECHO)
+    InboxWriter(directory).append([], [echo], at=100.0)
+    assert inbox.Backlog().measure(directory, {}) == (0, None)
 
 
 def test_a_new_inbox_file_is_locked_before_the_reader_can_list_it(tmp_path, monkeypatch):

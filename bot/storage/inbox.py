@@ -243,8 +243,13 @@ class Backlog:
 
     def __init__(self):
         self._files: dict[str, _ScannedFile] = {}
+        self._lock = threading.Lock()  # health checks run on several threads: each byte counted once
 
     def measure(self, directory: str, offsets: dict[str, int]) -> tuple[int, float | None]:
+        with self._lock:
+            return self._measure(directory, offsets)
+
+    def _measure(self, directory: str, offsets: dict[str, int]) -> tuple[int, float | None]:
         names = inbox_files(directory)
         for name in set(self._files) - set(names):  # drained and deleted
             del self._files[name]
@@ -286,6 +291,8 @@ class _ScannedFile:
                 record = json.loads(data[end - length:end])
                 at, messages = float(record["at"]), len(record["m"])
             except Exception:  # noqa: BLE001 - a dead letter to be, not a backlog figure
+                continue
+            if not messages:  # echoes alone: nothing waits for a reply
                 continue
             self.ends.append(self.scanned_to + end)
             self.times.append(at)
