@@ -275,9 +275,9 @@ def model_check(config: Config, model: str) -> Line:
         listed = _models_listed(client, model)
     except openai.AuthenticationError:
         return Line(False, f"model server {where}: refuses OPENAI_API_KEY (401)", "put a valid key in OPENAI_API_KEY")
-    except openai.NotFoundError:
-        return Line(None, f"model server {where}: reachable and the key is accepted; whether it knows model {model} "
-                          "cannot be told (it has neither GET /models/{id} nor GET /models)")
+    except openai.NotFoundError:  # neither route: most often a base URL without its /v1
+        return Line(False, f"model server {where}: answers 404 to GET /models/{model} and to GET /models",
+                    "check OPENAI_BASE_URL: an OpenAI-compatible server's address usually ends in /v1")
     except openai.APIStatusError as error:
         return Line(False, f"model server {where}: answered HTTP {error.status_code} for model {model}",
                     "check OPENAI_BASE_URL and the server's status")

@@ -168,6 +168,10 @@ def test_a_model_server_without_get_models_id_is_asked_for_its_list(env, model):
     shown = line(doctor({**env, "OPENAI_MODEL": "gpt-4.1-mini"}).stdout, "✗ model server")
     assert ("does not know the model gpt-4.1-mini (it lists Qwen/Qwen2.5-7B-Instruct, "
             "meta-llama/Llama-3.1-8B-Instruct)") in shown
+    no_v1 = doctor({**env, "OPENAI_BASE_URL": model.url, "OPENAI_API_KEY": "sk-wrong-key"})  # 404 to everything
+    assert no_v1.returncode == 1
+    assert "→ check OPENAI_BASE_URL: an OpenAI-compatible server's address usually ends in /v1" in line(
+        no_v1.stdout, "✗ model server")
 
 
 def test_bad_settings_are_named_and_nothing_else_runs(env):
