@@ -89,7 +89,8 @@ def when_ready(server):
     _state["replies"].start()
     if _config.webchat:  # the website chat: a listener and a process of its own (bot/webchat/serve.py)
         server.log.info("website chat on http://%s:%s (/webchat.js)", scheme_host, _config.webchat_port)
-        _state["webchat"] = ReplySupervisor(server.log, command=("-m", "bot.webchat.serve"), on_exit=_mark_dead)
+        _state["webchat"] = ReplySupervisor(server.log, command=("-m", "bot.webchat.serve"), on_exit=_mark_dead,
+                                            name="website chat process")
         _state["webchat"].start()
 
 

@@ -16,6 +16,7 @@ def test_the_unit_runs_the_readme_command():
     assert re.search(r"^ExecStart=/opt/messenger-gpt-bot/\.venv/bin/gunicorn -c gunicorn\.conf\.py server:app$",
                      unit, re.M)
     assert re.search(r"^Environment=HOST=127\.0\.0\.1$", unit, re.M)
+    assert not re.search(r"^EnvironmentFile=", unit, re.M)  # its HOST would override the bind above
     stop = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M).group(1))
     assert stop >= 34 + 5  # the default graceful timeout (README) and the master's own margin
 

@@ -191,3 +191,29 @@ def test_the_master_stops_its_processes_together_not_one_after_the_other(tmp_pat
     asked = [float(note.read_text().split()[1]) for note in notes]
     assert abs(asked[0] - asked[1]) < 0.5, asked  # the second was not kept waiting for the first
     assert 1.9 < took < 3.5, took  # one graceful time, not two (4 s)
+
+
+STUBBORN_CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(sys.argv[1], 'a').write('up\\n')
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_process_that_ignores_sigterm_is_killed_at_its_time_and_the_others_still_finish(tmp_path):
+    from bot.runtime.supervisor import ReplySupervisor, stop_together
+
+    stubborn = ReplySupervisor(command=("-c", STUBBORN_CHILD, str(tmp_path / "stubborn")), name="stubborn")
+    graceful = ReplySupervisor(command=("-c", GRACEFUL_CHILD, str(tmp_path / "graceful")), name="graceful")
+    for process in (stubborn, graceful):
+        process.start()
+    assert wait_until(lambda: all((tmp_path / n).exists() for n in ("stubborn", "graceful")))
+    assert wait_until(lambda: stubborn.pid and graceful.pid)
+    started = time.monotonic()
+    stop_together([(stubborn, 1.0), (graceful, 10.0)])
+    assert 1.9 < time.monotonic() - started < 3.5  # the graceful one's 2 s, begun with the other's 1 s
+    for process in (stubborn, graceful):
+        assert wait_until(lambda: not os.path.exists(f"/proc/{process.pid}") or
+                          open(f"/proc/{process.pid}/stat").read().split()[2] == "Z", 5)

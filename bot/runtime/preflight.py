@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import socket
+import sys
 import tempfile
 from contextlib import closing
 
@@ -75,7 +76,8 @@ def check_port_free(host: str, port: int) -> None:
 def check_database(url: str | None, sqlite_path: str | None = None, data_dir: str | None = None) -> None:
     """With DATABASE_URL: PostgreSQL answers, and its schema is this code's (migrated here, once,
     before any worker starts); no acknowledged message is left behind in DATA_DIR's inbox files.
-    Without: the SQLite file, if there is one, is not newer than this code."""
+    Without: the SQLite file, if there is one, opens, can be written, and is not newer than
+    this code (or newer only by migrations that keep this code working)."""
     if not url:
         if sqlite_path and os.path.lexists(sqlite_path):
             _check_sqlite(sqlite_path)
@@ -113,7 +115,7 @@ def _check_sqlite(path: str) -> None:
 
     from bot.storage.schema import SCHEMA
     from bot.storage.sql import SchemaTooNew, newer_schema_note
-    from bot.storage.sqlite import file_oldest_code
+    from bot.storage.sqlite import file_min_code_version
 
     what = "restore it from a backup, or move it aside and start again (a new one is created)"
     if not os.access(path, os.R_OK | os.W_OK):
@@ -121,10 +123,12 @@ def _check_sqlite(path: str) -> None:
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)) as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            oldest = file_oldest_code(db) if version > len(SCHEMA) else None
+            oldest = file_min_code_version(db) if version > len(SCHEMA) else None
     except sqlite3.OperationalError as exc:
-        if "locked" in str(exc):
-            return  # busy, not broken: the workers wait for it as they always do
+        if "locked" in str(exc):  # busy, not broken: the workers wait for it as they always do
+            print(f"Warning: {path} stayed locked by another process for 5 s; its start-up checks are "
+                  "skipped", file=sys.stderr)
+            return
         raise StartupProblem(f"{path} cannot be opened ({exc}): {what}") from None
     except sqlite3.DatabaseError as exc:
         raise StartupProblem(f"{path} is not a SQLite database ({exc}): {what}") from None

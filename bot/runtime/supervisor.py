@@ -4,6 +4,7 @@ It lives here rather than in gunicorn.conf.py so it can be read and tested as co
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -18,8 +19,10 @@ from bot.storage.instance import LINEAGE_ENV
 
 class ReplySupervisor:
     def __init__(self, log: logging.Logger | None = None, command: tuple[str, ...] = ("-m", "bot.runtime.reply_process"),
-                 on_exit: Callable[[int], None] = lambda pid: None, restart_pause: float = 1.0):
+                 on_exit: Callable[[int], None] = lambda pid: None, restart_pause: float = 1.0,
+                 name: str = "reply process"):
         self.log = log or logging.getLogger(__name__)
+        self.name = name
         self.argv = [sys.executable, *command]
         self.on_exit = on_exit
         self.restart_pause = restart_pause
@@ -43,16 +46,16 @@ class ReplySupervisor:
                 status = wait_for_exit(pid)
                 self.on_exit(pid)
             except Exception:  # noqa: BLE001 - the supervisor must outlive any one failure
-                self.log.exception("reply process supervisor")
+                self.log.exception("%s supervisor", self.name)
                 status = None
             # A group-wide SIGTERM (systemd, docker) reaches the reply process before the
             # master: give the master a moment to say it is stopping before calling this a crash.
             if self.stopping.wait(self.restart_pause):
                 return
             if status in (0, -signal.SIGTERM):
-                self.log.warning("reply process stopped (status %s); starting a new one", status)
+                self.log.warning("%s stopped (status %s); starting a new one", self.name, status)
             else:
-                self.log.error("reply process exited (status %s); starting a new one", status)
+                self.log.error("%s exited (status %s); starting a new one", self.name, status)
 
     def stop(self, timeout: float) -> None:
         """Let the reply process finish what is in flight (it releases the rest), then return."""
@@ -76,8 +79,9 @@ class ReplySupervisor:
         except ProcessLookupError:
             pass
         except TimeoutError:
-            self.log.error("%s did not stop in %.0f s; killing it", self.argv[-1], timeout)
-            os.kill(self.pid, signal.SIGKILL)
+            self.log.error("%s did not stop in %.0f s; killing it", self.name, timeout)
+            with contextlib.suppress(ProcessLookupError):  # it ended in the last moment after all
+                os.kill(self.pid, signal.SIGKILL)
 
 
 def stop_together(processes: list[tuple[ReplySupervisor, float]]) -> None:
