@@ -216,7 +216,7 @@ def test_export_says_in_one_line_what_it_cannot_write_and_stops_quietly_for_a_re
     newer = sqlite3.connect(os.path.join(env["DATA_DIR"], "bot.sqlite3"))
     version = newer.execute("PRAGMA user_version").fetchone()[0]
     newer.execute(f"PRAGMA user_version={version + 1}")  # as a newer bot left it, its change not additive
-    newer.execute("UPDATE schema_compat SET oldest_code = ?", (version + 1,))
+    newer.execute("UPDATE schema_compat SET min_code_version = ?", (version + 1,))
     newer.commit()
     line = run_export(env["DATA_DIR"]).stderr
     assert "newer than this code" in line and "start the bot once" not in line

@@ -464,14 +464,14 @@ def test_readyz_names_old_waiting_messages_and_a_full_disk(make_client, tmp_path
     assert client.get("/readyz").status_code == 200
     assert wait_until(lambda: client.get("/readyz").status_code == 503, 5)
     assert any("has waited" in p for p in client.get("/readyz").get_json()["problems"])
-    assert any("no message was finished (none since the reply process started)" in p
+    assert any("no reply process made progress (none recorded)" in p
                for p in client.get("/readyz").get_json()["problems"])
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:  # working through a backlog
-        db.execute("UPDATE dispatchers SET finished_at = ?", (time.time(),))
+        db.execute("UPDATE dispatchers SET progress_at = ?", (time.time(),))
     assert client.get("/readyz").status_code == 200, client.get("/readyz").get_json()
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:  # nothing finished for two minutes
-        db.execute("UPDATE dispatchers SET finished_at = ?", (time.time() - 120,))
-    assert any("no message was finished (none for 120 s)" in p for p in client.get("/readyz").get_json()["problems"])
+        db.execute("UPDATE dispatchers SET progress_at = ?", (time.time() - 120,))
+    assert any("no reply process made progress (none for 120 s)" in p for p in client.get("/readyz").get_json()["problems"])
     readiness = client.application.extensions["readiness"]
     readiness.min_free_bytes = 1 << 62
     assert any("almost full" in p for p in readiness.problems()[0])

@@ -108,11 +108,11 @@ def test_a_database_newer_than_the_code_stops_start_up_with_one_line(graph, mode
         SQLiteQueue(os.path.join(env["DATA_DIR"], "bot.sqlite3")).close()
         with sqlite3.connect(os.path.join(env["DATA_DIR"], "bot.sqlite3")) as db:
             db.execute("PRAGMA user_version = 99")  # a newer bot whose change older code cannot use
-            db.execute("UPDATE schema_compat SET oldest_code = 99")
+            db.execute("UPDATE schema_compat SET min_code_version = 99")
     else:
         from bot.storage.queue import PostgresQueue
         PostgresQueue(settings["DATABASE_URL"], pool_size=2).close()
-        rows(settings["DATABASE_URL"], "UPDATE schema_version SET version = 99, oldest_code = 99 RETURNING version")
+        rows(settings["DATABASE_URL"], "UPDATE schema_version SET version = 99, min_code_version = 99 RETURNING version")
     process = start_gunicorn(env, tmp_path)
     output = process.communicate(timeout=30)[0]
     assert process.returncode == 1 and "Cannot start:" in output and "newer than this code" in output, output

@@ -603,25 +603,36 @@ def test_stats_count_depth_flight_failures_and_age(store, clock):
     assert store.stats(owner_prefix="otherhost:")["dispatcher_seen_s_ago"] is None
 
 
-def test_stats_say_when_any_host_last_finished_a_message(open_store, clock):
+def test_stats_say_when_any_host_last_made_progress(open_store, clock):
     here, there = open_store(), open_store()  # two hosts' reply processes
     here.add([message("m1"), message("m2", psid="u2")])
     here.heartbeat("a:1:x")
     there.heartbeat("b:1:y")
-    assert here.stats()["finished_s_ago"] is None  # alive, but nothing finished yet
+    assert here.stats()["progress_s_ago"] is None  # alive, but nothing finished yet
     batch = there.claim("b:1:y", 30)
     there.complete(batch, exchange(batch))
     clock.advance(5)
-    assert here.stats()["finished_s_ago"] is None  # said with the next heartbeat, not before
+    assert here.stats()["progress_s_ago"] is None  # said with the next heartbeat, not before
     there.heartbeat("b:1:y")
     clock.advance(2)
     here.heartbeat("a:1:x")  # the other host, which finished nothing, does not hide it
-    assert here.stats(owner_prefix="a:")["finished_s_ago"] == 7.0
+    assert here.stats(owner_prefix="a:")["progress_s_ago"] == 7.0
     failed = here.claim("a:1:x", 30)
     here.fail(failed, "boom")  # a failure is an outcome too: the queue moves
     clock.advance(1)
     here.heartbeat("a:1:x")
-    assert there.stats()["finished_s_ago"] == 1.0
+    assert there.stats()["progress_s_ago"] == 1.0
+    here.add([message("m3", psid="u3")])
+    clock.advance(10)
+    held = here.claim("a:1:x", 30)
+    here.retry(held, 5, "model error")  # an error is no progress
+    here.heartbeat("a:1:x")
+    assert there.stats()["progress_s_ago"] == 11.0
+    clock.advance(6)
+    held = here.claim("a:1:x", 30)
+    here.throttled(held, 90, "Meta: too many sends (613)")  # waiting out Meta's limit is
+    here.heartbeat("a:1:x")
+    assert there.stats()["progress_s_ago"] == 0.0
 
 
 def test_the_answer_cache_keeps_an_answer_for_its_ttl(open_store, clock):

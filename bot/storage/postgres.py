@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from bot.storage.sql import Cursor, Row, SchemaTooNew, newer_schema_note, oldest_code
+from bot.storage.sql import Cursor, Row, SchemaTooNew, newer_schema_note, min_code_version
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class PostgresDatabase:
 
     def _check_version(self, expected: int) -> None:
         with self.read() as db:
-            version, oldest = _version(db), _oldest_code(db)
+            version, oldest = _version(db), _min_code_version(db)
         if version > expected:
             logger.warning(newer_schema_note("the database", version, expected, oldest))
             return
@@ -126,7 +126,7 @@ class PostgresDatabase:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             version = _version(db)
             if version > len(schema):
-                logger.warning(newer_schema_note("the database", version, len(schema), _oldest_code(db)))
+                logger.warning(newer_schema_note("the database", version, len(schema), _min_code_version(db)))
                 return
             for number, script in enumerate(schema[version:], start=version + 1):
                 db.script(script)
@@ -134,20 +134,20 @@ class PostgresDatabase:
             if version < len(schema):
                 db.execute("DELETE FROM schema_version")
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (len(schema),))
-                if _has_oldest_code(db):
-                    db.execute("UPDATE schema_version SET oldest_code = ?", (oldest_code(schema),))
+                if _has_min_code_version(db):
+                    db.execute("UPDATE schema_version SET min_code_version = ?", (min_code_version(schema),))
 
 
-def _has_oldest_code(db: Cursor) -> bool:
+def _has_min_code_version(db: Cursor) -> bool:
     return db.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
-                      " AND table_name = 'schema_version' AND column_name = 'oldest_code'").fetchone() is not None
+                      " AND table_name = 'schema_version' AND column_name = 'min_code_version'").fetchone() is not None
 
 
-def _oldest_code(db: Cursor) -> int | None:
+def _min_code_version(db: Cursor) -> int | None:
     """The oldest schema version whose code may use the database (None: not said, so only its own)."""
-    if not _has_oldest_code(db):
+    if not _has_min_code_version(db):
         return None
-    row = db.execute("SELECT MIN(oldest_code) FROM schema_version").fetchone()
+    row = db.execute("SELECT MIN(min_code_version) FROM schema_version").fetchone()
     return row[0] if row else None
 
 

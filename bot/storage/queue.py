@@ -121,7 +121,7 @@ class Queue:
         self.conversations = Conversations(self._database, tracking, clock)
         self._write = self._database.write
         self._read = self._database.read
-        self._finished_at: float | None = None  # this process's last batch outcome, for the heartbeat
+        self._progress_at: float | None = None  # a message finished, or held at Meta's word: for the heartbeat
         self._backlog = inbox.Backlog()
 
     def close(self) -> None:
@@ -346,12 +346,12 @@ class Queue:
         return taken
 
     def heartbeat(self, owner: str) -> None:
-        """Note that `owner` is alive and working the queue, and when it last finished a message
-        (readiness tells a busy bot from a stuck one by it)."""
+        """Note that `owner` is alive and working the queue, and when it last made progress: finished
+        a message, or put one back at Meta's word (readiness tells a busy bot from a stuck one by it)."""
         with self._write() as db:
-            db.execute("INSERT INTO dispatchers (owner, seen_at, finished_at) VALUES (?, ?, ?)"
+            db.execute("INSERT INTO dispatchers (owner, seen_at, progress_at) VALUES (?, ?, ?)"
                        " ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at,"
-                       " finished_at = excluded.finished_at", (owner, self.clock(), self._finished_at))
+                       " progress_at = excluded.progress_at", (owner, self.clock(), self._progress_at))
             db.execute("DELETE FROM dispatchers WHERE seen_at < ?", (self.clock() - 3600,))
 
     def checkpoint(self) -> None:
@@ -393,7 +393,7 @@ class Queue:
         """Done, with the exchange logged and mirrored (and `user_updates` written) in the same transaction."""
         self._update(batch, "state = 'done', finished_at = ?, owner = NULL", self.clock(), exchange=exchange,
                      user_updates=user_updates)
-        self._finished_at = self.clock()
+        self._progress_at = self.clock()
 
     def retry(self, batch: Batch, delay: float, error: str, reply: str | None = None, sent_parts: int = 0,
               exchange: Exchange | None = None, sending: int | None = None, user_updates: dict | None = None) -> bool:
@@ -422,12 +422,13 @@ class Queue:
         would fail the reply within seconds. Meta's messaging window still ends it."""
         self._update(batch, "state = 'pending', owner = NULL, available_at = ?, error = ?, sending = NULL,"
                      " sending_since = NULL, attempts = attempts - 1", self.clock() + delay, error)
+        self._progress_at = self.clock()  # waiting out Meta's limit is the job, not a stuck bot
 
     def fail(self, batch: Batch, error: str, exchange: Exchange | None = None,
              user_updates: dict | None = None) -> None:
         self._update(batch, "state = 'failed', finished_at = ?, owner = NULL, error = ?", self.clock(), error,
                      exchange=exchange, user_updates=user_updates)
-        self._finished_at = self.clock()
+        self._progress_at = self.clock()
 
     def release(self, owner: str) -> int:
         """Give back what `owner` holds (graceful shutdown); the attempt is not counted. Not a
@@ -464,7 +465,7 @@ class Queue:
     def stats(self, inbox_dir: str | None = None, owner_prefix: str | None = None) -> dict[str, float | int]:
         """Queue depth (inbox records not drained yet included), in-flight count, the age of the
         oldest pending message, how long ago a reply process (of `owner_prefix`'s host, when
-        given) said it was alive, and how long ago any reply process (of any host) finished a message."""
+        given) said it was alive, and how long ago any reply process (of any host) made progress."""
         with self._read() as db:
             row = db.execute(
                 "SELECT SUM(CASE WHEN state = 'pending' THEN 1 ELSE 0 END),"
@@ -475,14 +476,14 @@ class Queue:
             prefix = owner_prefix or ""
             seen = db.execute("SELECT MAX(seen_at) FROM dispatchers WHERE substr(owner, 1, ?) = ?",
                               (len(prefix), prefix)).fetchone()[0]
-            finished = db.execute("SELECT MAX(finished_at) FROM dispatchers").fetchone()[0]
+            progress = db.execute("SELECT MAX(progress_at) FROM dispatchers").fetchone()[0]
             dead = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
         waiting, oldest = self.inbox_backlog(inbox_dir) if inbox_dir else (0, None)
         oldest = min(filter(None, (row[2], oldest)), default=None)
         return {"queue_depth": (row[0] or 0) + waiting, "in_flight": row[1] or 0, "failed": row[3] or 0,
                 "oldest_pending_age_s": round(self.clock() - oldest, 3) if oldest else 0.0,
                 "dispatcher_seen_s_ago": round(self.clock() - seen, 1) if seen else None,
-                "finished_s_ago": round(self.clock() - finished, 1) if finished else None,
+                "progress_s_ago": round(self.clock() - progress, 1) if progress else None,
                 "dead_letters": dead, "quarantined": self.quarantined(inbox_dir) if inbox_dir else 0}
 
     def states(self) -> dict[str, str]:

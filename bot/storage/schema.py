@@ -239,12 +239,13 @@ SCHEMA = [
     ALTER TABLE events ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX users_thread_away ON users (psid) WHERE thread_away IS NOT NULL;
     """,
-    # version 18: when each reply process last finished a message, with its heartbeat: /readyz
-    # tells a bot working through a backlog from one that answers nothing (bot/web/readiness.py);
+    # version 18: when each reply process last made progress (finished a message, or was told by
+    # Meta to hold it), with its heartbeat: /readyz tells a bot working through a backlog from one
+    # that answers nothing (bot/web/readiness.py);
     # the oldest schema version whose code may use this file (bot/storage/sql.py's Additive)
     Additive("""
-    ALTER TABLE dispatchers ADD COLUMN finished_at REAL;
-    CREATE TABLE schema_compat (oldest_code INTEGER NOT NULL);
+    ALTER TABLE dispatchers ADD COLUMN progress_at REAL;
+    CREATE TABLE schema_compat (min_code_version INTEGER NOT NULL);
     """),
 ]
 
@@ -430,7 +431,7 @@ POSTGRES_SCHEMA = [
     """,
     # version 14: SQLite's 18
     Additive("""
-    ALTER TABLE dispatchers ADD COLUMN finished_at DOUBLE PRECISION;
-    ALTER TABLE schema_version ADD COLUMN oldest_code INTEGER;
+    ALTER TABLE dispatchers ADD COLUMN progress_at DOUBLE PRECISION;
+    ALTER TABLE schema_version ADD COLUMN min_code_version INTEGER;
     """),
 ]

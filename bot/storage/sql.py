@@ -20,7 +20,7 @@ class Additive(str):
     schema lets older hosts go on during a rolling upgrade, and a rollback of the code."""
 
 
-def oldest_code(schema: Sequence[str]) -> int:
+def min_code_version(schema: Sequence[str]) -> int:
     """The oldest schema version whose code may use a database at len(schema)."""
     version = len(schema)
     while version > 0 and isinstance(schema[version - 1], Additive):

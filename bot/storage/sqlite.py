@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from bot.storage.sql import SchemaTooNew, newer_schema_note, oldest_code
+from bot.storage.sql import SchemaTooNew, newer_schema_note, min_code_version
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Database:
     def _check_version(self, expected: int) -> None:
         version = self.connection().execute("PRAGMA user_version").fetchone()[0]
         if version > expected:
-            logger.warning(newer_schema_note(self.path, version, expected, file_oldest_code(self.connection())))
+            logger.warning(newer_schema_note(self.path, version, expected, file_min_code_version(self.connection())))
             return
         if version != expected:
             raise SchemaTooNew(f"{self.path} is at schema version {version}, this code reads version "
@@ -119,7 +119,7 @@ class Database:
         with self.write() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(schema):
-                logger.warning(newer_schema_note(self.path, version, len(schema), file_oldest_code(db)))
+                logger.warning(newer_schema_note(self.path, version, len(schema), file_min_code_version(db)))
                 return
             for number, script in enumerate(schema[version:], start=version + 1):
                 for statement in filter(str.strip, script.split(";")):
@@ -127,14 +127,14 @@ class Database:
                 db.execute(f"PRAGMA user_version={number}")
             if version < len(schema) and _has_table(db, "schema_compat"):
                 db.execute("DELETE FROM schema_compat")
-                db.execute("INSERT INTO schema_compat (oldest_code) VALUES (?)", (oldest_code(schema),))
+                db.execute("INSERT INTO schema_compat (min_code_version) VALUES (?)", (min_code_version(schema),))
 
 
-def file_oldest_code(db: sqlite3.Connection) -> int | None:
+def file_min_code_version(db: sqlite3.Connection) -> int | None:
     """The oldest schema version whose code may use this file (None: not said, so only its own)."""
     if not _has_table(db, "schema_compat"):
         return None
-    row = db.execute("SELECT MIN(oldest_code) FROM schema_compat").fetchone()
+    row = db.execute("SELECT MIN(min_code_version) FROM schema_compat").fetchone()
     return row[0] if row else None
 
 

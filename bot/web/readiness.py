@@ -52,14 +52,15 @@ class Readiness:
         elif seen > self.heartbeat_stale_seconds:
             problems.append(f"the reply process is dead or stuck (silent for {seen:.0f} s)")
         # A backlog the bot works through (a burst, Meta's rate limits) is no reason to take a host
-        # out of the balancer: only messages waiting while no reply process, on any host, finishes any.
+        # out of the balancer: only messages waiting while no reply process, on any host, makes
+        # progress (finishes one, or holds one back at Meta's word).
         waited = stats.get("oldest_pending_age_s") or 0.0
-        finished = stats.get("finished_s_ago")
+        progress = stats.get("progress_s_ago")
         limit = self.config.ready_max_wait_seconds
-        if waited > limit and (finished is None or finished > limit):
-            since = "none since the reply process started" if finished is None else f"none for {finished:.0f} s"
-            problems.append(f"the oldest message has waited {waited:.0f} s for its reply, and no message was "
-                            f"finished ({since})")
+        if waited > limit and (progress is None or progress > limit):
+            since = "none recorded" if progress is None else f"none for {progress:.0f} s"
+            problems.append(f"the oldest message has waited {waited:.0f} s for its reply, and no reply process "
+                            f"made progress ({since})")
         return problems, stats
 
     def _storage_problems(self) -> list[str]:
