@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from bot.storage.schema import SCHEMA
 from bot.storage.sqlite import Database
 from config import database_path
 from messenger.events import TEXT, Echo, IncomingMessage
-from tests.support import ROOT, FakeClock, free_port, wait_until
+from tests.support import PSID, ROOT, Bot, FakeClock, free_port, text_body, wait_until
 
 PASSWORD = "s3cr/et-pw?9q"  # percent-encoded in the URL; trust auth ignores it
 PSIDS = ("u0", "u1", "u2", "u3", "u4", "u5", "u6")
@@ -329,6 +330,37 @@ def test_a_data_dir_with_a_running_bot_is_refused(tmp_path, target):
     tables = "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema()"
     assert pg_rows(url, tables) == [(0,)]  # not even created
     assert run_move(tmp_path, data_dir, url, password).returncode == 0  # stopped: it moves
+
+
+def test_a_reply_process_left_running_by_a_kill_of_gunicorn_is_waited_for(graph, model, tmp_path, target):
+    """kill -9 of the master alone: its reply process finishes the reply in progress, then ends.
+    A move in between copied the message as 'working', recorded it 'done' in SQLite only, and
+    PostgreSQL answered it a second time."""
+    url, password = target
+    bot = Bot(graph, model, tmp_path, OPENAI_TIMEOUT="15").start()
+    model.delay = 8.0
+    assert bot.post(text_body("m_inflight", "still being answered")).status_code == 200
+    assert wait_until(lambda: len(model.requests) == 1, 10)
+    os.kill(bot.process.pid, signal.SIGKILL)  # the master only: workers and reply process see it gone
+    bot.process.wait(timeout=10)
+    data_dir = tmp_path / "data"
+
+    def data_lock_free():  # the webhook workers are gone
+        try:
+            os.close(lock_data_dir(str(data_dir)))
+            return True
+        except Exception:  # noqa: BLE001 - still held
+            return False
+    assert wait_until(data_lock_free, 10)
+    line = refused(run_move(tmp_path, data_dir, url, password))
+    assert "a reply process of the bot is still running" in line and "nothing was moved" in line
+    assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 20)
+    assert wait_until(lambda: run_move(tmp_path, data_dir, url, password).returncode == 0, 20)
+    queue = PostgresQueue(url, pool_size=2)
+    try:
+        assert queue.states() == {"m_inflight": "done"}
+    finally:
+        queue.close()
 
 
 def test_an_out_of_date_sqlite_file_is_refused_and_left_alone(tmp_path, target):

@@ -2,8 +2,10 @@
 PostgreSQL, so a Page owner moves to DATABASE_URL without losing the queue, the mirror
 or the exchange log.
 
-  1. DATA_DIR's lock is taken (bot/runtime/preflight.py): a bot still running on it would
-     take in messages after the copy, and they would be lost to PostgreSQL.
+  1. DATA_DIR's lock is taken (bot/runtime/preflight.py), and the reply process's: a bot
+     still running on it would take in messages after the copy, and they would be lost to
+     PostgreSQL; a reply process left finishing its replies by a kill -9 of gunicorn would
+     record them in SQLite only, and PostgreSQL would answer them again.
   2. SQLite is opened read-only (an out-of-date file is refused: the bot migrates it).
   3. PostgreSQL is opened (its schema created or migrated) and must hold no message, mirror
      row, user or exchange record: merging two stores would clash on ids and on the mirror's
@@ -30,6 +32,7 @@ from urllib.parse import quote, unquote, urlparse
 
 from bot.runtime.preflight import LOCK_FILE, StartupProblem, lock_data_dir
 from bot.storage import inbox
+from bot.storage.instance import take_reply_lock
 from bot.storage.queue import QUARANTINE, InboxUnreadable, PostgresQueue, SQLiteQueue
 from bot.storage.sql import SchemaTooNew
 from config import database_path, read_environment
@@ -102,7 +105,7 @@ def move(data_dir: str, url: str) -> str:
     path = database_path(data_dir)
     if not os.path.isfile(path):
         raise Refused(f"no database at {path}: set DATA_DIR (or --data-dir) to the bot's data folder")
-    lock = take_lock(data_dir)
+    locks = take_lock(data_dir)
     try:
         try:
             source = SQLiteQueue(path, read_only=True)
@@ -119,7 +122,8 @@ def move(data_dir: str, url: str) -> str:
         finally:
             target.close()
     finally:
-        os.close(lock)
+        for lock in locks:
+            os.close(lock)
     lines = [f"moved {path} into {where}:"]
     lines += [f"  {table:<13}{count:>9}" + (f"  ({states})" if table == "events" and states else "")
               for table, count in counts.items()]
@@ -133,15 +137,30 @@ def move(data_dir: str, url: str) -> str:
     return "\n".join(lines)
 
 
-def take_lock(data_dir: str) -> int:
+def take_lock(data_dir: str) -> tuple[int, int]:
+    """DATA_DIR's lock, and the reply process's: a reply process outlives a master killed with
+    kill -9 while it finishes its replies, and what it records after the copy would be lost to
+    PostgreSQL - where those messages would be answered again."""
     try:
-        return lock_data_dir(data_dir)
+        lock = lock_data_dir(data_dir)
     except StartupProblem:
         raise Refused(f"a bot (pid {lock_holder(data_dir)}) is still running on DATA_DIR {data_dir}: stop it "
                       "first, or messages it takes in after the copy would be lost to PostgreSQL") from None
     except OSError as error:
         raise Refused(f"cannot take DATA_DIR {data_dir}'s lock ({error.strerror}): run this as the bot's "
                       "user") from None
+    try:
+        replies = take_reply_lock(data_dir)
+    except OSError as error:
+        os.close(lock)
+        raise Refused(f"cannot take DATA_DIR {data_dir}'s reply lock ({error.strerror}): run this as the bot's "
+                      "user") from None
+    if replies is None:
+        os.close(lock)
+        raise Refused(f"a reply process of the bot is still running on DATA_DIR {data_dir} (its gunicorn is gone: "
+                      "it is finishing the replies in progress, for up to a minute): wait for it to end, then run "
+                      "this again; nothing was moved")
+    return lock, replies
 
 
 def lock_holder(data_dir: str) -> str:
