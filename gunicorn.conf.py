@@ -12,6 +12,9 @@ import sys
 from config import REPLY_PROCESS_ENV, load_config_or_exit
 
 _config = load_config_or_exit()
+# Tells server.py not to start reply threads in the webhook workers (the reply process answers).
+# Set here, not in on_starting: with --preload gunicorn loads the app before that hook runs.
+os.environ[REPLY_PROCESS_ENV] = "1"
 
 # HOST and WEB_CONCURRENCY come from the Config, so a value in `.env` counts as one in the
 # environment does (gunicorn itself reads only the environment).
@@ -55,6 +58,11 @@ def on_starting(server):
     from bot.runtime.preflight import (StartupProblem, check_database, check_port_free, lock_data_dir,
                                        prepare_data_dir)
 
+    if server.cfg.preload_app:  # the app was loaded here, in the master: its database connections
+        # would be shared by every forked worker, and the start-up checks below came too late
+        print("Cannot start: --preload is not supported (each worker opens the database itself): remove it "
+              "from the command line or GUNICORN_CMD_ARGS", file=sys.stderr)
+        sys.exit(1)
     # DATA_DIR holds every user's messages: whatever the bot creates is for this user only.
     os.umask(0o077)
     try:
@@ -71,8 +79,6 @@ def on_starting(server):
     shutil.rmtree(_metrics_dir, ignore_errors=True)
     os.makedirs(_metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
-    # Tells server.py not to start reply threads in the webhook workers.
-    os.environ[REPLY_PROCESS_ENV] = "1"
     # The reply process holds photos on their way to the model (bot/media/budget.py). glibc's
     # malloc raises its mmap threshold as big blocks are freed, and then keeps them in per-thread
     # arenas: a fixed 1 MB threshold gives every photo's memory back when it is done. Measured

@@ -298,13 +298,14 @@ def test_a_second_bot_on_the_same_port_or_data_dir_refuses_to_start(bot, graph, 
     assert requests.get(url + "/healthz", timeout=5).status_code == 200  # the first one is untouched
 
 
-@pytest.mark.parametrize("trouble", ["dotenv folder", "not a database", "database folder", "no workers"])
+@pytest.mark.parametrize("trouble", ["dotenv folder", "not a database", "database folder", "no workers", "preload"])
 def test_an_unusable_dotenv_or_database_or_worker_count_stops_start_up_with_one_line(graph, model, tmp_path,
                                                                                      trouble):
-    """Each of these used to start a bot that answered nothing: a `.env` python-dotenv skipped in
-    silence, workers failing to boot one traceback each, or no worker at all."""
+    """Each of these used to start a bot that answered nothing or answered wrong: a `.env`
+    python-dotenv skipped in silence, workers failing to boot one traceback each, no worker at
+    all, or (--preload) reply threads in the gunicorn master beside the reply process."""
     (tmp_path / "data").mkdir()
-    extra = {"WEB_CONCURRENCY": "0"} if trouble == "no workers" else {}
+    extra = {"no workers": {"WEB_CONCURRENCY": "0"}, "preload": {"GUNICORN_CMD_ARGS": "--preload"}}.get(trouble, {})
     if trouble == "dotenv folder":
         (tmp_path / ".env").mkdir()
     elif trouble == "not a database":
@@ -315,7 +316,8 @@ def test_an_unusable_dotenv_or_database_or_worker_count_stops_start_up_with_one_
     expected = {"dotenv folder": "cannot read .env (Is a directory)",
                 "not a database": "bot.sqlite3 is not a SQLite database (file is not a database)",
                 "database folder": "bot.sqlite3 cannot be opened",
-                "no workers": "WEB_CONCURRENCY must be between 1 and 64"}[trouble]
+                "no workers": "WEB_CONCURRENCY must be between 1 and 64",
+                "preload": "Cannot start: --preload is not supported"}[trouble]
     assert expected in output, output
 
 
