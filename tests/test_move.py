@@ -30,6 +30,7 @@ from bot.storage.sqlite import Database
 from config import database_path
 from messenger.events import TEXT, Echo, IncomingMessage
 from tests.support import PSID, ROOT, Bot, FakeClock, free_port, text_body, wait_until
+from tests.support.webchat import WebchatProcess
 
 PASSWORD = "s3cr/et-pw?9q"  # percent-encoded in the URL; trust auth ignores it
 PSIDS = ("u0", "u1", "u2", "u3", "u4", "u5", "u6")
@@ -353,7 +354,7 @@ def test_a_reply_process_left_running_by_a_kill_of_gunicorn_is_waited_for(graph,
             return False
     assert wait_until(data_lock_free, 10)
     line = refused(run_move(tmp_path, data_dir, url, password))
-    assert "a reply process of the bot is still running" in line and "nothing was moved" in line
+    assert "a reply process of the bot is still running" in line and "nothing was moved" in line, line
     assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 20)
     assert wait_until(lambda: run_move(tmp_path, data_dir, url, password).returncode == 0, 20)
     queue = PostgresQueue(url, pool_size=2)
@@ -361,6 +362,18 @@ def test_a_reply_process_left_running_by_a_kill_of_gunicorn_is_waited_for(graph,
         assert queue.states() == {"m_inflight": "done"}
     finally:
         queue.close()
+
+
+def test_a_website_chat_process_still_running_is_waited_for(graph, model, tmp_path, target):
+    """Its answers go into the exchange log: one recorded after the copy would be missing from it."""
+    url, password = target
+    webchat = WebchatProcess(graph, model, tmp_path)
+    try:
+        line = refused(run_move(tmp_path, tmp_path / "data", url, password))
+        assert "a website chat process of the bot is still running" in line, line
+    finally:
+        webchat.stop()
+    assert run_move(tmp_path, tmp_path / "data", url, password).returncode == 0
 
 
 def test_an_out_of_date_sqlite_file_is_refused_and_left_alone(tmp_path, target):

@@ -32,7 +32,7 @@ from urllib.parse import quote, unquote, urlparse
 
 from bot.runtime.preflight import LOCK_FILE, StartupProblem, lock_data_dir
 from bot.storage import inbox
-from bot.storage.instance import take_reply_lock
+from bot.storage.instance import REPLY_LOCK, WEBCHAT_LOCK, take_process_lock
 from bot.storage.queue import QUARANTINE, InboxUnreadable, PostgresQueue, SQLiteQueue
 from bot.storage.sql import SchemaTooNew
 from config import database_path, read_environment
@@ -137,7 +137,7 @@ def move(data_dir: str, url: str) -> str:
     return "\n".join(lines)
 
 
-def take_lock(data_dir: str) -> tuple[int, int]:
+def take_lock(data_dir: str) -> tuple[int, ...]:
     """DATA_DIR's lock, and the reply process's: a reply process outlives a master killed with
     kill -9 while it finishes its replies, and what it records after the copy would be lost to
     PostgreSQL - where those messages would be answered again."""
@@ -149,18 +149,23 @@ def take_lock(data_dir: str) -> tuple[int, int]:
     except OSError as error:
         raise Refused(f"cannot take DATA_DIR {data_dir}'s lock ({error.strerror}): run this as the bot's "
                       "user") from None
-    try:
-        replies = take_reply_lock(data_dir)
-    except OSError as error:
-        os.close(lock)
-        raise Refused(f"cannot take DATA_DIR {data_dir}'s reply lock ({error.strerror}): run this as the bot's "
-                      "user") from None
-    if replies is None:
-        os.close(lock)
-        raise Refused(f"a reply process of the bot is still running on DATA_DIR {data_dir} (its gunicorn is gone: "
-                      "it is finishing the replies in progress, for up to a minute): wait for it to end, then run "
-                      "this again; nothing was moved")
-    return lock, replies
+    locks = [lock]
+    for name, what in ((REPLY_LOCK, "reply process"), (WEBCHAT_LOCK, "website chat process")):
+        try:
+            held = take_process_lock(data_dir, name)
+        except OSError as error:
+            held, problem = None, Refused(f"cannot take DATA_DIR {data_dir}'s {name} ({error.strerror}): run this "
+                                          "as the bot's user")
+        else:
+            problem = Refused(f"a {what} of the bot is still running on DATA_DIR {data_dir} (its gunicorn is gone: it "
+                              "is finishing the answers in progress, for up to a minute): wait for it to end, then run "
+                              "this again; nothing was moved")
+        if held is None:
+            for taken in locks:
+                os.close(taken)
+            raise problem
+        locks.append(held)
+    return tuple(locks)
 
 
 def lock_holder(data_dir: str) -> str:

@@ -16,6 +16,7 @@ import uuid
 
 ID_FILE = "instance-id"
 REPLY_LOCK = "reply.lock"
+WEBCHAT_LOCK = "webchat.lock"  # the website chat's process (bot/webchat/serve.py) and its worker
 
 
 def instance_id(data_dir: str) -> str:
@@ -71,8 +72,14 @@ def owner_prefix(data_dir: str) -> str:
 def take_reply_lock(data_dir: str) -> int | None:
     """The reply lock's file descriptor (keep it open for the process's life), or None when
     another live process of this bot holds it (several reply processes: no takeover then)."""
+    return take_process_lock(data_dir, REPLY_LOCK)
+
+
+def take_process_lock(data_dir: str, name: str) -> int | None:
+    """A lock file in DATA_DIR held for a process's life (its forked children share it), or None
+    when a live process holds it. move-to-postgres waits for these processes to end."""
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(data_dir, REPLY_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(os.path.join(data_dir, name), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

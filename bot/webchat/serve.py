@@ -9,12 +9,14 @@ an orphan would keep the port.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 
 from gunicorn.app.base import BaseApplication
 
+from bot.storage.instance import WEBCHAT_LOCK, take_process_lock
 from bot.telemetry.logs import configure_logging
 from config import Config, load_config_or_exit
 
@@ -67,6 +69,11 @@ def main() -> None:
     configure_logging(config.log_level, config.secrets)
     os.nice(WEBCHAT_NICENESS)
     os.environ["WEBCHAT_PARENT_PID"] = str(os.getppid())
+    # Held until this process and its worker end: a move to PostgreSQL waits for a website chat
+    # left finishing its answers by a kill -9 of the bot. Taken by an earlier one still finishing:
+    # this one serves all the same.
+    if take_process_lock(config.data_dir, WEBCHAT_LOCK) is None:
+        logging.getLogger(__name__).info("an earlier website chat process of this bot is still finishing")
     WebchatApplication(config).run()
 
 
