@@ -77,7 +77,7 @@ def export(args: argparse.Namespace) -> int:
             writer.writeheader()
         for record in records:
             if writer:
-                writer.writerow(record)
+                writer.writerow(spreadsheet_safe(record))
             else:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
             written += 1
@@ -99,6 +99,17 @@ def export(args: argparse.Namespace) -> int:
         print("no exchange records matched: --since and --until filter on the time of the user's message "
               "(Meta's timestamp), not on when the bot answered", file=sys.stderr)
     return 0
+
+
+# A cell starting with one of these is a formula to a spreadsheet: a visitor's "=HYPERLINK(...)"
+# would run in the owner's Excel. Such text gets a leading apostrophe in CSV (OWASP's advice);
+# JSON lines keep every text as it was.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(record: dict) -> dict:
+    return {key: "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+            for key, value in record.items()}
 
 
 def _cannot_read(where: str, error: Exception, url: str) -> int:

