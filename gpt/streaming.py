@@ -34,21 +34,22 @@ class DeltaSink(Protocol):
 class StreamCancelled(Exception):
     """The reader went away: the model call was closed. `text`: what the model had written."""
 
-    def __init__(self, text: str, model: str | None, prompt_chars: int = 0):
+    def __init__(self, text: str, model: str | None, prompt_bytes: int = 0):
         super().__init__(f"stream cancelled after {len(text)} characters")
         self.text = text
         self.model = model
-        self.prompt_chars = prompt_chars  # the model read all of it, whenever the reader went away
+        self.prompt_bytes = prompt_bytes  # the model read all of it, whenever the reader went away
 
 
-def prompt_chars(messages: Sequence[dict]) -> int:
-    """The characters of the prompt's text (a part that is not text, an image, counts none)."""
+def prompt_bytes(messages: Sequence[dict]) -> int:
+    """The UTF-8 bytes of the prompt's text (a part that is not text, an image, counts none)."""
     total = 0
     for message in messages:
         content = message.get("content")
         parts = [content] if isinstance(content, str) else content if isinstance(content, list) else []
-        total += sum(len(p) if isinstance(p, str) else len(p.get("text") or "") if isinstance(p, dict) else 0
-                     for p in parts)
+        for part in parts:
+            text = part if isinstance(part, str) else (part.get("text") or "") if isinstance(part, dict) else ""
+            total += len(text.encode())
     return total
 
 
@@ -100,7 +101,7 @@ class StreamingChatModel(ChatModel):
                     parts.append(text)
                     sink.delta(text)
                 if sink.cancelled:
-                    raise StreamCancelled("".join(parts), model, prompt_chars(messages))
+                    raise StreamCancelled("".join(parts), model, prompt_bytes(messages))
                 if self.clock() > ends:
                     raise openai.APITimeoutError(request=stream.response.request)
             if finish is None:  # the connection ended before the model said it was done

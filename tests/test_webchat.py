@@ -234,6 +234,29 @@ def test_the_web_channels_daily_token_cap_stops_the_web_only(start, stream_model
     assert len(stream_model.requests) == 2
 
 
+def test_a_port_a_proxy_appends_does_not_make_a_new_client(start, stream_model):
+    """Azure's Application Gateway and IIS ARR forward `address:port`: each port was a fresh bucket."""
+    web = start(WEBCHAT_RATE_LIMIT="3/minute")
+    statuses = [web.chat(f"q{port}", headers={"X-Forwarded-For": forwarded}).status_code
+                for port, forwarded in enumerate(["203.0.113.7:1001", "203.0.113.7:1002", "203.0.113.7",
+                                                  "203.0.113.7:1004"])]
+    assert statuses == [200, 200, 200, 429]
+    six = [web.chat(f"v{n}", headers={"X-Forwarded-For": f"[2001:db8:1::{n}]:443"}).status_code for n in range(4)]
+    assert six == [200, 200, 200, 429]
+
+
+def test_one_address_cannot_spend_the_channels_tokens_for_every_visitor(start, stream_model, backend):
+    web = start(WEBCHAT_IP_DAILY_TOKENS="20", WEBCHAT_DAILY_TOKENS="1000", **PERMISSIVE, **backend[1])
+    assert web.chat("one two three").status_code == 200  # the model counts 10 + words
+    assert web.chat("four five six").status_code == 200
+    capped = web.chat("seven", conversation=None)
+    assert capped.status_code == 429 and capped.json()["error"] == "daily_limit"
+    assert "share" in capped.json()["message"] and int(capped.headers["Retry-After"]) <= 86400
+    # another visitor (behind the trusted proxy on 127.0.0.1) is still answered
+    assert web.chat("eight", headers={"X-Forwarded-For": "198.51.100.9"}).status_code == 200
+    assert len(stream_model.requests) == 3
+
+
 def test_limits_hold_across_hosts_with_postgresql(start, stream_model, pg_url):
     hosts = [start(DATABASE_URL=pg_url, WEBCHAT_RATE_LIMIT="4/minute") for _ in range(2)]
     statuses = [hosts[i % 2].chat(f"q{i}").status_code for i in range(6)]
@@ -263,7 +286,7 @@ def test_a_model_failing_mid_stream_ends_with_the_fallback(web, stream_model):
 def test_a_visitor_leaving_mid_answer_cancels_the_model_call_and_it_is_logged(web, stream_model):
     stream_model.piece_delay = 0.5
     raw = socket.create_connection(("127.0.0.1", web.port))
-    body = b'{"message": "one two three four five six seven eight"}'
+    body = '{"message": "one two three four five six seven eight 🧿🧿🧿🧿"}'.encode()
     raw.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nContent-Type: application/json\r\n"
                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     received = b""
@@ -272,10 +295,11 @@ def test_a_visitor_leaving_mid_answer_cancels_the_model_call_and_it_is_logged(we
     raw.close()  # the browser tab is closed
     assert wait_until(lambda: stream_model.closed_early == [0], 5), stream_model.closed_early
     assert wait_until(lambda: [r["outcome"] for r in web.exchanges(channel="web")] == ["cancelled"], 5)
-    # The model read the whole prompt whenever the visitor left: it counts toward the daily caps.
+    # The model read the whole prompt whenever the visitor left: it counts toward the daily caps,
+    # estimated from its UTF-8 bytes (characters / 4 counted an emoji at a tenth of its tokens).
     [record] = web.exchanges(channel="web")
-    read = sum(len(m["content"]) for m in stream_model.requests[0]["messages"])
-    assert record["prompt_tokens"] == -(-read // 4) and record["total_tokens"] > record["prompt_tokens"]
+    read = sum(len(m["content"].encode()) for m in stream_model.requests[0]["messages"])
+    assert record["prompt_tokens"] == -(-read // 3) and record["total_tokens"] > record["prompt_tokens"]
     assert web.chat("still there?").status_code == 200 and web.process.poll() is None
     assert "Traceback" not in web.log()
 

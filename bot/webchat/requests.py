@@ -115,9 +115,11 @@ def user_key(chat: ChatInput, secret: str) -> str | None:
 
 def client_key(address: str | None) -> str:
     """Whom the per-IP limits count: the address, or an IPv6 address's /64 (one subscriber's block,
-    whose 2**64 addresses a script could otherwise rotate through)."""
+    whose 2**64 addresses a script could otherwise rotate through). A port some proxies append
+    (203.0.113.7:1001, [2001:db8::1]:443) is no part of it: each port was a bucket of its own."""
+    address = _without_port(address or "")
     try:
-        ip = ipaddress.ip_address(address or "")
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return address or "unknown"
     if ip.version == 4:
@@ -125,6 +127,14 @@ def client_key(address: str | None) -> str:
     if ip.ipv4_mapped:
         return str(ip.ipv4_mapped)
     return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+
+
+def _without_port(address: str) -> str:
+    if address.startswith("["):
+        return address[1:address.index("]")] if "]" in address else address
+    if address.count(":") == 1:  # IPv4 with a port; a bare IPv6 address has several
+        return address.split(":")[0]
+    return address
 
 
 # Browsers send no Origin with a cross-site <img> or <script> GET, but do send Sec-Fetch-Site

@@ -38,6 +38,13 @@ PSID_PREFIX = "web:"  # a web conversation's "user" in the mirror, the users tab
 TIDY_EVERY_S = 3600.0
 
 
+def estimated_tokens(text: str) -> int:
+    """A cancelled stream's tokens without a tokenizer: a UTF-8 byte count / 3 errs high for English
+    (~4 characters a token) and holds for Chinese, Japanese and emoji (~1-3 tokens a character), which
+    characters / 4 counted at a tenth of their cost."""
+    return math.ceil(len(text.encode()) / 3)
+
+
 def web_psid(conversation: str) -> str:
     """A web conversation's "user": its id hashed. The id is all it takes to continue an unsigned
     conversation (and read its history back through the model), so the logs, the exports and the
@@ -51,6 +58,7 @@ class Limits:
     per_conversation: tuple[int, float] | None = (5, 60.0)
     daily_per_ip: int = 200  # 0 = off
     daily_tokens: int = 1_000_000  # the whole web channel; 0 = off
+    daily_tokens_per_ip: int = 100_000  # one address's share of them; 0 = off
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,12 @@ class WebChat:
         if daily and (count := store.hit(db, f"ipday:{client}", 86400, now, calendar=True))[0] > daily:
             return Refused(429, "daily_limit", "You have reached today's number of messages. Please come back "
                                                "tomorrow.", _seconds(count[1]))
+        # One address must not spend the channel's tokens for every visitor (long messages over a
+        # long conversation: ~5,000 tokens a request, the whole day's million in 40 minutes).
+        share = self.limits.daily_tokens_per_ip
+        if share and store.spent(db, f"iptokens:{client}", now) >= share:
+            return Refused(429, "daily_limit", "You have reached today's share of the chat. Please come back "
+                                               "tomorrow.", _seconds(86400 - now % 86400))
         conversation, new = self._conversation(db, chat, key, now)
         if isinstance(conversation, Refused):
             return conversation
@@ -179,12 +193,23 @@ class WebChat:
             with streaming_to(sink) if sink is not None else nullcontext():
                 answer = self.composer.compose([message], deadline=deadline)
         except StreamCancelled as cancelled:  # the visitor left: what the model read and wrote, estimated
-            read, wrote = math.ceil(cancelled.prompt_chars / 4), math.ceil(len(cancelled.text) / 4)
+            read, wrote = math.ceil(cancelled.prompt_bytes / 3), estimated_tokens(cancelled.text)
             answer = Answer(cancelled.text or None, Outcome.CANCELLED, cancelled.model, (read, wrote, read + wrote))
         self._record(message, answer, admitted, received, address, referer)
+        self._spend(client_key(address), answer)
         metrics.EXCHANGES.labels(answer.outcome, self.page_id, WEB).inc()
         metrics.WEBCHAT_REQUESTS.labels(answer.outcome).inc()
         return WebAnswer(answer.text, str(answer.outcome), admitted.conversation, admitted.request_id)
+
+    def _spend(self, client: str, answer: Answer) -> None:
+        """The answer's tokens against its address's daily share; a failure costs the share a count, not the answer."""
+        if not (self.limits.daily_tokens_per_ip and answer.usage):
+            return
+        try:
+            with self.conversations.database.write() as db:
+                store.spend(db, f"iptokens:{client}", answer.usage[2], self.clock())
+        except Exception:  # noqa: BLE001 - logged; the exchange log still holds the tokens
+            logger.exception("website chat: could not count an answer's tokens against its address")
 
     def _record(self, message: IncomingMessage, answer: Answer, admitted: Admitted, received: float,
                 address: str | None, referer: str | None) -> None:

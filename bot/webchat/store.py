@@ -39,6 +39,22 @@ def hit(db, key: str, window: float, now: float, *, calendar: bool = False) -> t
     return count, start + window - now
 
 
+def spend(db, key: str, amount: int, now: float) -> None:
+    """Add `amount` to `key`'s count of this UTC day (a new day starts from nothing)."""
+    start = math.floor(now / 86400) * 86400
+    db.execute("INSERT INTO webchat_counters (key, window_start, count) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
+               " SET count = CASE WHEN webchat_counters.window_start = excluded.window_start"
+               " THEN webchat_counters.count + excluded.count ELSE excluded.count END,"
+               " window_start = excluded.window_start", (key, start, amount))
+
+
+def spent(db, key: str, now: float) -> int:
+    """`key`'s count of this UTC day (spend())."""
+    row = db.execute("SELECT count FROM webchat_counters WHERE key = ? AND window_start = ?",
+                     (key, math.floor(now / 86400) * 86400)).fetchone()
+    return row[0] if row else 0
+
+
 def prune(db, now: float, conversations_before: float | None = None,
           psid_of: Callable[[str], str] | None = None) -> int:
     """Counters whose window ended more than a day ago; with `conversations_before`, the

@@ -49,7 +49,8 @@ def build_webchat(config: Config, store: Queue | None = None, *, clock: Callable
                         history=StoreHistory(store.conversations, account.id, page.message_count),
                         knowledge=base.knowledge)
     limits = Limits(per_ip=config.webchat_rate_limit, per_conversation=config.webchat_conversation_limit,
-                    daily_per_ip=config.webchat_daily_limit, daily_tokens=config.webchat_daily_tokens)
+                    daily_per_ip=config.webchat_daily_limit, daily_tokens=config.webchat_daily_tokens,
+                    daily_tokens_per_ip=config.webchat_ip_daily_tokens)
     return WebChat(composer, store.conversations, page_id=account.id, limits=limits, secret=config.webchat_secret,
                    reply_deadline=page.reply_deadline_seconds, retention_days=config.retention_days, clock=clock)
 
