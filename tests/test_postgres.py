@@ -196,3 +196,72 @@ def test_the_intake_answers_every_waiting_delivery_when_the_commit_fails_and_goe
         assert rows(pg_url, "SELECT dedupe_key FROM events ORDER BY id") == [("m_intake_2",), ("m_intake_3",)]
     finally:
         queue.close()
+
+
+def newer_bot(tmp_path, name: str, *migrations: str):
+    """This code as a later version would be: a copy whose PostgreSQL schema has more versions."""
+    import shutil
+
+    from tests.support import ROOT
+
+    copy = tmp_path / name
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "tests", "bench"))
+    with open(copy / "bot" / "storage" / "schema.py", "a") as schema:
+        schema.write("".join(f"\nPOSTGRES_SCHEMA.append({migration})\n" for migration in migrations))
+    return copy
+
+
+def start_host(code, graph, model, tmp_path, name, pg_url):
+    """One host: `gunicorn server:app` of `code`, with a DATA_DIR of its own."""
+    import subprocess
+    import sys
+
+    from tests.support import free_port, is_up
+    from tests.support.messages import base_env
+
+    port = free_port()
+    env = {**base_env(graph, model, tmp_path / name), "PORT": str(port), "HOST": "127.0.0.1", "DATABASE_URL": pg_url}
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(code / "gunicorn.conf.py"), "server:app"],
+                               cwd=code, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(code), **env},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert wait_until(lambda: is_up(f"http://127.0.0.1:{port}") or process.poll() is not None, 20)
+    return process
+
+
+def test_a_rolling_upgrade_keeps_older_hosts_working_only_across_additive_migrations(graph, model, tmp_path,
+                                                                                      pg_url):
+    """The next version starts on one host first and migrates; the hosts still on this version go on,
+    and one restarted meanwhile starts - unless a migration since did more than add."""
+    import signal
+
+    old = Bot(graph, model, tmp_path, DATABASE_URL=pg_url).start()
+    additive = 'Additive("CREATE TABLE rolling_probe (x INTEGER)")'
+    newer = start_host(newer_bot(tmp_path, "next", additive), graph, model, tmp_path, "next-host", pg_url)
+    try:
+        assert newer.poll() is None
+        assert rows(pg_url, "SELECT version FROM schema_version") == [(len(_pg_schema()) + 1,)]
+        old.stop()
+        old.start()  # a restart during the upgrade: this older code starts and says so
+        assert "newer than this code" in old.log_text() and "this host goes on" in old.log_text()
+        assert old.post(text_body("m_during_upgrade", "Still open?")).status_code == 200
+        assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 15)
+    finally:
+        old.stop()
+        os.killpg(newer.pid, signal.SIGTERM)
+        newer.communicate(timeout=60)
+    breaking = start_host(newer_bot(tmp_path, "after", additive, '"ALTER TABLE events ADD COLUMN must_be_set INTEGER"'),
+                          graph, model, tmp_path, "after-host", pg_url)
+    try:
+        assert breaking.poll() is None
+        from tests.support import start_gunicorn
+        process = start_gunicorn(old.env, tmp_path)  # this version again, on the same host
+        output = process.communicate(timeout=30)[0]
+        assert process.returncode == 1 and "Cannot start:" in output and "newer than this code" in output, output
+    finally:
+        os.killpg(breaking.pid, signal.SIGTERM)
+        breaking.communicate(timeout=60)
+
+
+def _pg_schema():
+    from bot.storage.schema import POSTGRES_SCHEMA
+    return POSTGRES_SCHEMA
