@@ -159,7 +159,7 @@ class Config:
     webchat_conversation_limit: tuple[int, float] | None = (5, 60.0)  # per conversation
     webchat_daily_limit: int = 200  # messages per IP per UTC day; 0 = off
     webchat_daily_tokens: int = 1_000_000  # model tokens of the whole web channel per UTC day; 0 = off
-    webchat_ip_daily_tokens: int = 100_000  # of those, what one address (an IPv6 /64) may spend; 0 = off
+    webchat_ip_daily_tokens: int = 200_000  # of those, what one address (an IPv6 /64) may spend; 0 = off
     webchat_max_chars: int = 2000  # longest message a visitor may send
     webchat_threads: int = 256  # web answers prepared at once (each mostly waits on the model)
     # The knowledge base (bot/knowledge/, README "Teach the bot your business").
@@ -432,7 +432,7 @@ def _webchat_values(reader: "_Reader") -> dict:
         webchat_conversation_limit=reader.rate("WEBCHAT_CONVERSATION_LIMIT", (5, 60.0)),
         webchat_daily_limit=reader.number("WEBCHAT_DAILY_LIMIT", 200, int, 0, 10**9, off=True),
         webchat_daily_tokens=reader.number("WEBCHAT_DAILY_TOKENS", 1_000_000, int, 0, 10**12, off=True),
-        webchat_ip_daily_tokens=reader.number("WEBCHAT_IP_DAILY_TOKENS", 100_000, int, 0, 10**12, off=True),
+        webchat_ip_daily_tokens=reader.number("WEBCHAT_IP_DAILY_TOKENS", 200_000, int, 0, 10**12, off=True),
         webchat_max_chars=reader.number("WEBCHAT_MAX_CHARS", 2000, int, 1, 8000),
         webchat_threads=reader.number("WEBCHAT_THREADS", 256, int, 1, 4096),
     )

@@ -348,7 +348,8 @@ def measure(args) -> None:
     web_port = free_port()
     Gunicorn.extra_env = {"WEBCHAT": "on", "WEBCHAT_PORT": str(web_port), "WEBCHAT_RATE_LIMIT": "off",
                           "WEBCHAT_CONVERSATION_LIMIT": "off", "WEBCHAT_DAILY_LIMIT": "off",
-                          "WEBCHAT_DAILY_TOKENS": "off", "OPENAI_TIMEOUT": "30", "REPLY_DEADLINE": "40s"}
+                          "WEBCHAT_DAILY_TOKENS": "off", "WEBCHAT_IP_DAILY_TOKENS": "off", "OPENAI_TIMEOUT": "30",
+                          "REPLY_DEADLINE": "40s"}
     bot = Gunicorn("server:app", graph, model, free_port())
     web = f"http://127.0.0.1:{web_port}"
     try:

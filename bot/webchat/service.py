@@ -58,7 +58,7 @@ class Limits:
     per_conversation: tuple[int, float] | None = (5, 60.0)
     daily_per_ip: int = 200  # 0 = off
     daily_tokens: int = 1_000_000  # the whole web channel; 0 = off
-    daily_tokens_per_ip: int = 100_000  # one address's share of them; 0 = off
+    daily_tokens_per_ip: int = 200_000  # one address's share of them; 0 = off
 
 
 @dataclass(frozen=True)
@@ -203,11 +203,12 @@ class WebChat:
 
     def _spend(self, client: str, answer: Answer) -> None:
         """The answer's tokens against its address's daily share; a failure costs the share a count, not the answer."""
-        if not (self.limits.daily_tokens_per_ip and answer.usage):
+        total = (answer.usage or (None, None, None))[2]  # none for a cached answer, a fallback, a refusal...
+        if not (self.limits.daily_tokens_per_ip and total):
             return
         try:
             with self.conversations.database.write() as db:
-                store.spend(db, f"iptokens:{client}", answer.usage[2], self.clock())
+                store.spend(db, f"iptokens:{client}", total, self.clock())
         except Exception:  # noqa: BLE001 - logged; the exchange log still holds the tokens
             logger.exception("website chat: could not count an answer's tokens against its address")
 
