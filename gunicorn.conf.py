@@ -2,8 +2,9 @@
 
 The settings are validated here, in the master, so a bad `.env` stops start-up
 with one message instead of every worker failing to boot in a loop. Reading this
-file changes nothing else: the hooks below prepare DATA_DIR and the environment
-(on_starting) and keep the reply process running (bot/runtime/supervisor.py).
+file sets one variable (the replies run in a process of their own); the hooks below
+prepare DATA_DIR and the rest of the environment (on_starting) and keep the reply
+process running (bot/runtime/supervisor.py).
 """
 import os
 import shutil

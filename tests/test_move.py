@@ -24,6 +24,7 @@ from bot.runtime.preflight import lock_data_dir
 from bot.storage import inbox
 from bot.storage.exchanges import Exchange
 from bot.storage.inbox import ClassifiedEcho
+from bot.storage.instance import WEBCHAT_LOCK, LockHeld, lock_if_present, take_process_lock
 from bot.storage.queue import PostgresQueue, SQLiteQueue
 from bot.storage.schema import SCHEMA
 from bot.storage.sqlite import Database
@@ -331,6 +332,8 @@ def test_a_data_dir_with_a_running_bot_is_refused(tmp_path, target):
     tables = "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema()"
     assert pg_rows(url, tables) == [(0,)]  # not even created
     assert run_move(tmp_path, data_dir, url, password).returncode == 0  # stopped: it moves
+    # No lock file made where none was: one a root-run move made would lock the bot's own user out.
+    assert not (data_dir / "reply.lock").exists() and not (data_dir / "webchat.lock").exists()
 
 
 def test_a_reply_process_left_running_by_a_kill_of_gunicorn_is_waited_for(graph, model, tmp_path, target):
@@ -365,10 +368,23 @@ def test_a_reply_process_left_running_by_a_kill_of_gunicorn_is_waited_for(graph,
 
 
 def test_a_website_chat_process_still_running_is_waited_for(graph, model, tmp_path, target):
-    """Its answers go into the exchange log: one recorded after the copy would be missing from it."""
+    """Its answers go into the exchange log: one recorded after the copy would be missing from it.
+    A chat started while an earlier one still finishes serves at once, and holds the lock after."""
     url, password = target
+    earlier = take_process_lock(str(tmp_path / "data"), WEBCHAT_LOCK)  # an earlier chat, still finishing
     webchat = WebchatProcess(graph, model, tmp_path)
     try:
+        assert webchat.chat("Open today?").status_code == 200  # served meanwhile
+        os.close(earlier)  # the earlier one ends
+
+        def held() -> bool:
+            try:
+                fd = lock_if_present(str(tmp_path / "data"), WEBCHAT_LOCK)
+            except LockHeld:
+                return True
+            os.close(fd)
+            return False
+        assert wait_until(held, 10)
         line = refused(run_move(tmp_path, tmp_path / "data", url, password))
         assert "a website chat process of the bot is still running" in line, line
     finally:

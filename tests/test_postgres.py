@@ -205,7 +205,8 @@ def newer_bot(tmp_path, name: str, *migrations: str):
     from tests.support import ROOT
 
     copy = tmp_path / name
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "tests", "bench"))
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "__pycache__", "tests", "bench", ".env",
+                                                              "data", ".hypothesis", "*.log"))
     with open(copy / "bot" / "storage" / "schema.py", "a") as schema:
         schema.write("".join(f"\nPOSTGRES_SCHEMA.append({migration})\n" for migration in migrations))
     return copy
@@ -220,10 +221,13 @@ def start_host(code, graph, model, tmp_path, name, pg_url):
     from tests.support.messages import base_env
 
     port = free_port()
-    env = {**base_env(graph, model, tmp_path / name), "PORT": str(port), "HOST": "127.0.0.1", "DATABASE_URL": pg_url}
+    where = tmp_path / name  # the folder it runs from: no .env of the developer's
+    where.mkdir()
+    env = {**base_env(graph, model, where), "PORT": str(port), "HOST": "127.0.0.1", "DATABASE_URL": pg_url}
     process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(code / "gunicorn.conf.py"), "server:app"],
-                               cwd=code, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(code), **env},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                               cwd=where, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(code), **env},
+                               stdout=open(where / "gunicorn.log", "w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
     assert wait_until(lambda: is_up(f"http://127.0.0.1:{port}") or process.poll() is not None, 20)
     return process
 
@@ -232,8 +236,6 @@ def test_a_rolling_upgrade_keeps_older_hosts_working_only_across_additive_migrat
                                                                                       pg_url):
     """The next version starts on one host first and migrates; the hosts still on this version go on,
     and one restarted meanwhile starts - unless a migration since did more than add."""
-    import signal
-
     old = Bot(graph, model, tmp_path, DATABASE_URL=pg_url).start()
     additive = 'Additive("CREATE TABLE rolling_probe (x INTEGER)")'
     newer = start_host(newer_bot(tmp_path, "next", additive), graph, model, tmp_path, "next-host", pg_url)
@@ -247,8 +249,7 @@ def test_a_rolling_upgrade_keeps_older_hosts_working_only_across_additive_migrat
         assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 15)
     finally:
         old.stop()
-        os.killpg(newer.pid, signal.SIGTERM)
-        newer.communicate(timeout=60)
+        stop_host(newer)
     breaking = start_host(newer_bot(tmp_path, "after", additive, '"ALTER TABLE events ADD COLUMN must_be_set INTEGER"'),
                           graph, model, tmp_path, "after-host", pg_url)
     try:
@@ -258,8 +259,15 @@ def test_a_rolling_upgrade_keeps_older_hosts_working_only_across_additive_migrat
         output = process.communicate(timeout=30)[0]
         assert process.returncode == 1 and "Cannot start:" in output and "newer than this code" in output, output
     finally:
-        os.killpg(breaking.pid, signal.SIGTERM)
-        breaking.communicate(timeout=60)
+        stop_host(breaking)
+
+
+def stop_host(process) -> None:
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=60)
 
 
 def _pg_schema():

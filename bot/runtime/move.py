@@ -2,10 +2,11 @@
 PostgreSQL, so a Page owner moves to DATABASE_URL without losing the queue, the mirror
 or the exchange log.
 
-  1. DATA_DIR's lock is taken (bot/runtime/preflight.py), and the reply process's: a bot
-     still running on it would take in messages after the copy, and they would be lost to
-     PostgreSQL; a reply process left finishing its replies by a kill -9 of gunicorn would
-     record them in SQLite only, and PostgreSQL would answer them again.
+  1. DATA_DIR's lock is taken (bot/runtime/preflight.py), and those of the reply process and
+     the website chat process: a bot still running on it would take in messages after the
+     copy, and they would be lost to PostgreSQL; a reply process left finishing its replies
+     by a kill -9 of gunicorn would record them in SQLite only, and PostgreSQL would answer
+     them again (a website chat's answers would be missing from the log).
   2. SQLite is opened read-only (an out-of-date file is refused: the bot migrates it).
   3. PostgreSQL is opened (its schema created or migrated) and must hold no message, mirror
      row, user or exchange record: merging two stores would clash on ids and on the mirror's
@@ -32,7 +33,7 @@ from urllib.parse import quote, unquote, urlparse
 
 from bot.runtime.preflight import LOCK_FILE, StartupProblem, lock_data_dir
 from bot.storage import inbox
-from bot.storage.instance import REPLY_LOCK, WEBCHAT_LOCK, take_process_lock
+from bot.storage.instance import REPLY_LOCK, WEBCHAT_LOCK, LockHeld, lock_if_present
 from bot.storage.queue import QUARANTINE, InboxUnreadable, PostgresQueue, SQLiteQueue
 from bot.storage.sql import SchemaTooNew
 from config import database_path, read_environment
@@ -152,19 +153,19 @@ def take_lock(data_dir: str) -> tuple[int, ...]:
     locks = [lock]
     for name, what in ((REPLY_LOCK, "reply process"), (WEBCHAT_LOCK, "website chat process")):
         try:
-            held = take_process_lock(data_dir, name)
-        except OSError as error:
-            held, problem = None, Refused(f"cannot take DATA_DIR {data_dir}'s {name} ({error.strerror}): run this "
-                                          "as the bot's user")
-        else:
+            if (held := lock_if_present(data_dir, name)) is not None:
+                locks.append(held)
+            continue
+        except LockHeld:
             problem = Refused(f"a {what} of the bot is still running on DATA_DIR {data_dir} (its gunicorn is gone: it "
                               "is finishing the answers in progress, for up to a minute): wait for it to end, then run "
                               "this again; nothing was moved")
-        if held is None:
-            for taken in locks:
-                os.close(taken)
-            raise problem
-        locks.append(held)
+        except OSError as error:
+            problem = Refused(f"cannot take DATA_DIR {data_dir}'s {name} ({error.strerror}): run this as the bot's "
+                              "user")
+        for taken in locks:
+            os.close(taken)
+        raise problem
     return tuple(locks)
 
 

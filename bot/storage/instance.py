@@ -75,13 +75,35 @@ def take_reply_lock(data_dir: str) -> int | None:
     return take_process_lock(data_dir, REPLY_LOCK)
 
 
-def take_process_lock(data_dir: str, name: str) -> int | None:
+def take_process_lock(data_dir: str, name: str, block: bool = False) -> int | None:
     """A lock file in DATA_DIR held for a process's life (its forked children share it), or None
-    when a live process holds it. move-to-postgres waits for these processes to end."""
+    when a live process holds it (`block`: wait until it ends). move-to-postgres waits for these
+    processes to end (lock_if_present)."""
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(data_dir, name), os.O_RDWR | os.O_CREAT, 0o600)
+    return _try_lock(os.path.join(data_dir, name), os.O_RDWR | os.O_CREAT, block)
+
+
+class LockHeld(Exception):
+    """A live process holds the lock."""
+
+
+def lock_if_present(data_dir: str, name: str) -> int | None:
+    """For one who must wait for a process: the lock's descriptor, None when there is no lock
+    file (no such process ever ran here: nothing to wait for; none is created, as a file made by
+    root would lock the bot's own user out), LockHeld when a live process holds it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = _try_lock(os.path.join(data_dir, name), os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    if fd is None:
+        raise LockHeld(name)
+    return fd
+
+
+def _try_lock(path: str, flags: int, block: bool = False) -> int | None:
+    fd = os.open(path, flags, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if block else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None

@@ -70,10 +70,18 @@ def main() -> None:
     os.nice(WEBCHAT_NICENESS)
     os.environ["WEBCHAT_PARENT_PID"] = str(os.getppid())
     # Held until this process and its worker end: a move to PostgreSQL waits for a website chat
-    # left finishing its answers by a kill -9 of the bot. Taken by an earlier one still finishing:
-    # this one serves all the same.
-    if take_process_lock(config.data_dir, WEBCHAT_LOCK) is None:
-        logging.getLogger(__name__).info("an earlier website chat process of this bot is still finishing")
+    # left finishing its answers by a kill -9 of the bot. An earlier one still finishing holds it
+    # for its graceful time at most: this one serves at once, and takes it once that one is gone.
+    log = logging.getLogger("bot.webchat.serve")
+    try:
+        if take_process_lock(config.data_dir, WEBCHAT_LOCK) is None:
+            log.info("an earlier website chat process of this bot is still finishing: %s is taken once it ends",
+                     WEBCHAT_LOCK)
+            threading.Thread(target=take_process_lock, args=(config.data_dir, WEBCHAT_LOCK), kwargs={"block": True},
+                             name="webchat-lock", daemon=True).start()
+    except OSError as error:  # a lock file this user cannot open: the chat is served all the same
+        log.warning("cannot take %s (%s): a move to PostgreSQL will not wait for this process", WEBCHAT_LOCK,
+                    error.strerror)
     WebchatApplication(config).run()
 
 
