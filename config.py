@@ -155,6 +155,7 @@ class Config:
     webchat_page: str = ""  # the Page whose prompt and settings the web chat uses ("" = the only one)
     webchat_origins: tuple[str, ...] = ()  # sites allowed to call it from a browser (CORS); "*" = any
     webchat_secret: str = field(default="", repr=False)  # HMAC key for signed user ids
+    webchat_signatures_expire: bool = False  # on: a signed user id must carry user_signature_expires
     webchat_rate_limit: tuple[int, float] | None = (5, 60.0)  # per IP (an IPv6 /64)
     webchat_conversation_limit: tuple[int, float] | None = (5, 60.0)  # per conversation
     webchat_daily_limit: int = 200  # messages per IP per UTC day; 0 = off
@@ -428,6 +429,7 @@ def _webchat_values(reader: "_Reader") -> dict:
         webchat_page=reader.text("WEBCHAT_PAGE", "").strip(),
         webchat_origins=reader.origins("WEBCHAT_ORIGINS"),
         webchat_secret=reader.text("WEBCHAT_SECRET", "").strip(),
+        webchat_signatures_expire=reader.switch("WEBCHAT_SIGNATURES_EXPIRE", False),
         webchat_rate_limit=reader.rate("WEBCHAT_RATE_LIMIT", (5, 60.0)),
         webchat_conversation_limit=reader.rate("WEBCHAT_CONVERSATION_LIMIT", (5, 60.0)),
         webchat_daily_limit=reader.number("WEBCHAT_DAILY_LIMIT", 200, int, 0, 10**9, off=True),
@@ -468,6 +470,8 @@ def _webchat_problems(values: dict, entries: list[PageEntry]) -> list[str]:
                         "website chat uses")
     if values["webchat_secret"] and len(values["webchat_secret"]) < 16:
         problems.append("WEBCHAT_SECRET must be at least 16 characters (it signs user ids)")
+    if values["webchat_signatures_expire"] and not values["webchat_secret"]:
+        problems.append("WEBCHAT_SIGNATURES_EXPIRE=on needs WEBCHAT_SECRET (the key the signatures are made with)")
     if values["webchat_port"] == values["port"]:
         problems.append("WEBCHAT_PORT must differ from PORT (the website chat has a listener of its own)")
     return problems

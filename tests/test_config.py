@@ -94,3 +94,10 @@ def test_a_host_that_cannot_be_bound_is_a_problem(host):
         load_config({**GOOD, "HOST": host}, env_file=None)
     assert error.value.problems == [f"HOST must be an IP address such as 127.0.0.1 or 0.0.0.0, or a host name, "
                                     f"not {host!r}"]
+
+
+def test_signatures_that_must_expire_need_the_key_they_are_made_with():
+    with pytest.raises(ConfigError) as error:
+        load_config({**GOOD, "WEBCHAT": "on", "WEBCHAT_SIGNATURES_EXPIRE": "on"}, env_file=None)
+    assert error.value.problems == ["WEBCHAT_SIGNATURES_EXPIRE=on needs WEBCHAT_SECRET (the key the signatures "
+                                    "are made with)"]

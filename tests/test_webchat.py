@@ -3,6 +3,7 @@ streaming OpenAI-shaped server (tests/support/streaming_model.py), on both stora
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import requests
@@ -134,10 +135,39 @@ def test_a_signed_user_id_continues_on_another_device_and_a_bad_signature_is_ref
     second = web.chat("What did I order?", **signed).json()  # no conversation id: another device
     assert second["conversation"] == first["conversation"]
     assert "I ordered a cake." in [m["content"] for m in stream_model.requests[1]["messages"]]
+    until = int(time.time()) + 600  # a signature that expires: the same user, the same conversation
+    third = web.chat("And when?", user_id="customer-42", user_signature_expires=until,
+                     user_signature=sign_user_id("customer-42", SECRET, until)).json()
+    assert third["conversation"] == first["conversation"]
     forged = web.chat("What did I order?", user_id="customer-42", user_signature="0" * 64)
     assert forged.status_code == 403 and forged.json()["error"] == "bad_signature"
     stolen = web.chat("What did I order?", conversation=first["conversation"])
     assert stolen.status_code == 403 and stolen.json()["error"] == "not_your_conversation"
+    assert len(stream_model.requests) == 3
+
+
+def test_a_signature_can_expire_and_a_site_can_require_that_it_does(start, stream_model):
+    """A signature that never expires, leaked (a proxy's log of a GET /chat, a shared screenshot),
+    opens that user's conversation for good: one with `user_signature_expires` stops at that time."""
+    web = start(WEBCHAT_SIGNATURES_EXPIRE="on", **PERMISSIVE)
+    later = int(time.time()) + 3600
+
+    def signed(expires, signature=None):
+        return {"user_id": "customer-7", "user_signature_expires": expires,
+                "user_signature": signature or sign_user_id("customer-7", SECRET, expires)}
+    first = web.chat("I ordered bread.", **signed(later))
+    assert first.status_code == 200
+    query = {"query": "What did I order?", **signed(str(later + 60))}  # the GET form: the time as digits
+    assert requests.get(web.url + "/chat", params=query, timeout=10).json()["conversation"] == \
+        first.json()["conversation"]
+    expired = web.chat("Still me?", **signed(int(time.time()) - 1))
+    assert (expired.status_code, expired.json()["error"]) == (403, "signature_expired")
+    stretched = web.chat("Still me?", **signed(later + 10**6, sign_user_id("customer-7", SECRET, later)))
+    assert (stretched.status_code, stretched.json()["error"]) == (403, "bad_signature")  # the time is signed too
+    forever = web.chat("Still me?", user_id="customer-7", user_signature=sign_user_id("customer-7", SECRET))
+    assert (forever.status_code, forever.json()["error"]) == (403, "signature_expiry_required")
+    as_plain = web.chat("Still me?", user_id="customer-7", user_signature=sign_user_id("customer-7", SECRET, later))
+    assert as_plain.status_code == 403  # an expiring signature without its time is no plain one
     assert len(stream_model.requests) == 2
 
 
@@ -155,6 +185,8 @@ BAD = [
     ("forged conversation", b'{"message": "hi", "conversation": "not-one-of-ours"}', 400, "invalid_conversation"),
     ("unknown conversation", b'{"message": "hi", "conversation": "' + b"A" * 32 + b'"}', 404, "unknown_conversation"),
     ("bad signature", b'{"message": "hi", "user_id": "u", "user_signature": "zz"}', 403, "bad_signature"),
+    ("expiry not a time", b'{"message": "hi", "user_id": "u", "user_signature": "' + b"0" * 64 +
+     b'", "user_signature_expires": "tomorrow"}', 400, "invalid_user_signature_expires"),
 ]
 
 

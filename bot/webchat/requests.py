@@ -19,6 +19,7 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_LABEL_CHARS = 200
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{32}")
 SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
+EXPIRING = "webchat-user-until"  # what an expiring signature signs first
 USER_KEY_CONTEXT = b"webchat-user:"
 
 
@@ -43,10 +44,11 @@ class ChatInput:
     conversation: str | None = None
     user_id: str | None = None  # a label, unless signed
     user_signature: str | None = None
+    signature_expires: int | None = None  # Unix seconds after which the signature is refused
 
 
 def parse_json_body(raw: bytes, max_chars: int) -> ChatInput:
-    """`{"message", "user_id"?, "conversation"?, "user_signature"?}` from a POST body."""
+    """`{"message", "user_id"?, "conversation"?, "user_signature"?, "user_signature_expires"?}` from a POST body."""
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -61,8 +63,8 @@ def parse_json_body(raw: bytes, max_chars: int) -> ChatInput:
 def parse_query(args: Mapping[str, str], max_chars: int) -> ChatInput:
     """`GET /chat?query=...` (the second document's contract) with `conversation` and `user_id` too."""
     return to_input({"message": args.get("query"), "conversation": args.get("conversation"),
-                     "user_id": args.get("user_id"), "user_signature": args.get("user_signature")}, max_chars,
-                    field_name="query")
+                     "user_id": args.get("user_id"), "user_signature": args.get("user_signature"),
+                     "user_signature_expires": args.get("user_signature_expires")}, max_chars, field_name="query")
 
 
 def to_input(data: Mapping, max_chars: int, field_name: str = "message") -> ChatInput:
@@ -82,7 +84,20 @@ def to_input(data: Mapping, max_chars: int, field_name: str = "message") -> Chat
         raise Refused(403, "bad_signature", "The user id's signature is not valid.")
     if ids["user_signature"] is not None and ids["user_id"] is None:
         raise Refused(400, "invalid_user_id", '"user_signature" needs the "user_id" it signs.')
-    return ChatInput(message, ids["conversation"], ids["user_id"], ids["user_signature"])
+    return ChatInput(message, ids["conversation"], ids["user_id"], ids["user_signature"], _expiry(data))
+
+
+def _expiry(data: Mapping) -> int | None:
+    """`user_signature_expires`: Unix seconds, a JSON number or (in a query) its digits."""
+    value = data.get("user_signature_expires")
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 12:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 10**12:
+        raise Refused(400, "invalid_user_signature_expires", '"user_signature_expires" must be a time in Unix '
+                                                             "seconds, like 1767225600.")
+    return value
 
 
 def _optional_text(data: Mapping, name: str) -> str | None:
@@ -96,19 +111,29 @@ def _optional_text(data: Mapping, name: str) -> str | None:
     return clean_text(value)
 
 
-def sign_user_id(user_id: str, secret: str) -> str:
-    """What a site's backend sends as `user_signature`: HMAC-SHA256 of the user id, in hex."""
-    return hmac.new(secret.encode(), user_id.encode(), hashlib.sha256).hexdigest()
+def sign_user_id(user_id: str, secret: str, expires: int | None = None) -> str:
+    """What a site's backend sends as `user_signature`: HMAC-SHA256 of the user id, in hex; with
+    `expires` (Unix seconds, sent as `user_signature_expires`), of EXPIRING, the time and the id,
+    NUL-separated (no user id holds a NUL: clean_text replaces it), so neither form passes for the other."""
+    signed = user_id if expires is None else f"{EXPIRING}\0{expires}\0{user_id}"
+    return hmac.new(secret.encode(), signed.encode(), hashlib.sha256).hexdigest()
 
 
-def user_key(chat: ChatInput, secret: str) -> str | None:
-    """The key of a signed user's conversation (None: not signed); Refused for a bad signature."""
+def user_key(chat: ChatInput, secret: str, now: float, expiry_required: bool = False) -> str | None:
+    """The key of a signed user's conversation (None: not signed); Refused for a bad signature, an
+    expired one, or (`expiry_required`) one that never expires."""
     if chat.user_signature is None:
         return None
     if not secret:
         raise Refused(400, "signing_disabled", "Signed user ids are not enabled on this server (WEBCHAT_SECRET).")
-    if not hmac.compare_digest(sign_user_id(chat.user_id or "", secret), chat.user_signature.lower()):
+    if chat.signature_expires is None and expiry_required:
+        raise Refused(403, "signature_expiry_required", 'This server takes only signatures that expire: sign the '
+                                                        'user id with "user_signature_expires".')
+    if not hmac.compare_digest(sign_user_id(chat.user_id or "", secret, chat.signature_expires),
+                               chat.user_signature.lower()):
         raise Refused(403, "bad_signature", "The user id's signature is not valid.")
+    if chat.signature_expires is not None and chat.signature_expires <= now:
+        raise Refused(403, "signature_expired", "The user id's signature has expired: reload the page for a new one.")
     # Keyed, so the table holds no user id in clear and a leaked table gives no signature away.
     return hmac.new(secret.encode(), USER_KEY_CONTEXT + (chat.user_id or "").encode(), hashlib.sha256).hexdigest()
 

@@ -90,13 +90,14 @@ class StoreHistory:
 
 class WebChat:
     def __init__(self, composer: Composer, conversations: Conversations, *, page_id: str, limits: Limits,
-                 secret: str = "", reply_deadline: float = 21.0, retention_days: int = 0,
-                 clock: Callable[[], float] = time.time):
+                 secret: str = "", expiring_signatures: bool = False, reply_deadline: float = 21.0,
+                 retention_days: int = 0, clock: Callable[[], float] = time.time):
         self.composer = composer
         self.conversations = conversations
         self.page_id = page_id
         self.limits = limits
         self.secret = secret
+        self.expiring_signatures = expiring_signatures  # signatures without an expiry refused
         self.reply_deadline = reply_deadline
         self.retention_days = retention_days  # 0: conversations are kept
         self.clock = clock
@@ -104,8 +105,8 @@ class WebChat:
 
     def admit(self, chat: ChatInput, address: str | None) -> Admitted:
         """Count the request against every limit and find (or issue) its conversation - or Refused."""
-        key = user_key(chat, self.secret)  # a bad signature costs no write
         now = self.clock()
+        key = user_key(chat, self.secret, now, self.expiring_signatures)  # a bad signature costs no write
         if now >= self._tidy_at:  # hourly, from whichever request comes first
             self._tidy_at = now + TIDY_EVERY_S
             self._tidy(now)

@@ -52,6 +52,7 @@ def build_webchat(config: Config, store: Queue | None = None, *, clock: Callable
                     daily_per_ip=config.webchat_daily_limit, daily_tokens=config.webchat_daily_tokens,
                     daily_tokens_per_ip=config.webchat_ip_daily_tokens)
     return WebChat(composer, store.conversations, page_id=account.id, limits=limits, secret=config.webchat_secret,
+                   expiring_signatures=config.webchat_signatures_expire,
                    reply_deadline=page.reply_deadline_seconds, retention_days=config.retention_days, clock=clock)
 
 
