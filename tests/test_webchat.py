@@ -220,6 +220,20 @@ def test_cors_allows_the_listed_site_with_and_without_preflight_and_refuses_othe
     assert len(stream_model.requests) == 2
 
 
+def test_a_dns_rebinding_page_does_not_pass_for_the_bots_own(web, stream_model):
+    """A page on evil.example, its name pointed at this server, sends its own name as both Origin
+    and Host: "the bot's own page" by that test, it spent the model through its visitors."""
+    own = f"http://127.0.0.1:{web.port}"
+    assert web.chat("hi", headers={"Origin": own}).status_code == 200  # the demo page, by address
+    for stream in (False, True):
+        rebound = web.chat("hi", stream=stream, headers={"Origin": "http://evil.example", "Host": "evil.example"})
+        assert (rebound.status_code, rebound.json()["error"]) == (403, "origin_not_allowed")
+    page = requests.get(web.url + "/chat", params={"query": "hi"}, timeout=5,
+                        headers={"Origin": "http://evil.example", "Host": "evil.example"})
+    assert page.status_code == 403
+    assert len(stream_model.requests) == 1
+
+
 def test_another_site_cannot_spend_the_model_through_its_visitors_browsers(web, stream_model):
     """An <img> or <script> on another site GETs /chat with no Origin, but the browser says
     Sec-Fetch-Site: cross-site; its Referer names the site, which must be listed."""
