@@ -139,9 +139,9 @@ def move(data_dir: str, url: str) -> str:
 
 
 def take_lock(data_dir: str) -> tuple[int, ...]:
-    """DATA_DIR's lock, and the reply process's: a reply process outlives a master killed with
-    kill -9 while it finishes its replies, and what it records after the copy would be lost to
-    PostgreSQL - where those messages would be answered again."""
+    """DATA_DIR's lock, and those of the reply process and the website chat process: either
+    outlives a master killed with kill -9 while it finishes its answers, and what it records
+    after the copy would be missing from PostgreSQL - where those messages would be answered again."""
     try:
         lock = lock_data_dir(data_dir)
     except StartupProblem:

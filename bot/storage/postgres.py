@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from bot.storage.sql import Cursor, Row, SchemaTooNew, newer_schema_note, min_code_version
+from bot.storage.sql import Cursor, Row, SchemaTooNew, min_code_version, newer_schema_note
 
 logger = logging.getLogger(__name__)
 

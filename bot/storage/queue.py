@@ -463,7 +463,7 @@ class Queue:
 
     # -- observation ----------------------------------------------------------------------------------
     def stats(self, inbox_dir: str | None = None, owner_prefix: str | None = None) -> dict[str, float | int]:
-        """Queue depth (inbox records not drained yet included), in-flight count, the age of the
+        """Queue depth (messages in the inbox files not drained yet included), in-flight count, the age of the
         oldest pending message, how long ago a reply process (of `owner_prefix`'s host, when
         given) said it was alive, and how long ago any reply process (of any host) made progress."""
         with self._read() as db:

@@ -11,7 +11,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from bot.storage.sql import SchemaTooNew, newer_schema_note, min_code_version
+from bot.storage.sql import SchemaTooNew, min_code_version, newer_schema_note
 
 logger = logging.getLogger(__name__)
 
