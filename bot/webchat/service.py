@@ -197,33 +197,28 @@ class WebChat:
             read, wrote = math.ceil(cancelled.prompt_bytes / 3), estimated_tokens(cancelled.text)
             answer = Answer(cancelled.text or None, Outcome.CANCELLED, cancelled.model, (read, wrote, read + wrote))
         self._record(message, answer, admitted, received, address, referer)
-        self._spend(client_key(address), answer)
         metrics.EXCHANGES.labels(answer.outcome, self.page_id, WEB).inc()
         metrics.WEBCHAT_REQUESTS.labels(answer.outcome).inc()
         return WebAnswer(answer.text, str(answer.outcome), admitted.conversation, admitted.request_id)
 
-    def _spend(self, client: str, answer: Answer) -> None:
-        """The answer's tokens against its address's daily share; a failure costs the share a count, not the answer."""
-        total = (answer.usage or (None, None, None))[2]  # none for a cached answer, a fallback, a refusal...
-        if not (self.limits.daily_tokens_per_ip and total):
-            return
-        try:
-            with self.conversations.database.write() as db:
-                store.spend(db, f"iptokens:{client}", total, self.clock())
-        except Exception:  # noqa: BLE001 - logged; the exchange log still holds the tokens
-            logger.exception("website chat: could not count an answer's tokens against its address")
-
     def _record(self, message: IncomingMessage, answer: Answer, admitted: Admitted, received: float,
                 address: str | None, referer: str | None) -> None:
+        """The exchange logged and mirrored, and its tokens counted against the address's daily
+        share, in one transaction (SQLite's one writer is the webhooks' too)."""
         now = self.clock()
         shown = answer.text is not None and answer.outcome != Outcome.CANCELLED
-        self.conversations.record(Exchange(
+        exchange = Exchange(
             psid=message.psid, messages=[message], outcome=answer.outcome, bot_message=answer.text,
             sent_parts=[(f"{message.mid}:answer", answer.text)] if shown else [],
             bot_timestamp_ms=int(now * 1000) if answer.text is not None else None, model=answer.model,
             usage=answer.usage, latency_ms=int((now - received) * 1000), history=answer.history,
             disclosed_at=now if shown and answer.disclosed else None, channel=WEB, ip_address=address,
-            user_url=referer, knowledge=answer.knowledge))
+            user_url=referer, knowledge=answer.knowledge)
+        tokens = (answer.usage or (None, None, None))[2]  # none for a cached answer, a fallback, a refusal...
+        with self.conversations.database.write() as db:
+            self.conversations.finish(db, exchange)
+            if self.limits.daily_tokens_per_ip and tokens:
+                store.spend(db, f"iptokens:{client_key(address)}", tokens, now)
 
 
 def new_id() -> str:
