@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
@@ -301,6 +302,24 @@ def test_one_address_cannot_spend_the_channels_tokens_for_every_visitor(start, s
     assert "share" in capped.json()["message"] and int(capped.headers["Retry-After"]) <= 86400
     # another visitor (behind the trusted proxy on 127.0.0.1) is still answered
     assert web.chat("eight", headers={"X-Forwarded-For": "198.51.100.9"}).status_code == 200
+    assert len(stream_model.requests) == 3
+
+
+def test_answers_in_progress_count_against_the_daily_token_caps(start, stream_model, backend):
+    """Admitted at the same moment, every request saw the same total: a burst overshot the cap
+    (7 of 12 admitted under a cap one answer from spent). An answer in progress now counts for
+    RESERVED_TOKENS until its own tokens are known."""
+    web = start(WEBCHAT_DAILY_TOKENS="30", **PERMISSIVE, **backend[1])
+    stream_model.first_token_delay = 1.0
+    with ThreadPoolExecutor(4) as pool:
+        burst = list(pool.map(lambda n: web.chat(f"question {n}", headers={"X-Forwarded-For": f"198.51.100.{n}"}),
+                              range(4)))
+    assert sorted(r.status_code for r in burst) == [200, 429, 429, 429]
+    assert {r.json()["error"] for r in burst if r.status_code == 429} == {"channel_busy"}
+    stream_model.first_token_delay = 0
+    assert web.chat("one more").status_code == 200  # the first answer's 12 tokens counted, the rest given back
+    assert web.chat("and one more").status_code == 200  # 24 of 30
+    assert web.chat("too many").json()["error"] == "channel_busy"
     assert len(stream_model.requests) == 3
 
 

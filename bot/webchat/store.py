@@ -39,20 +39,19 @@ def hit(db, key: str, window: float, now: float, *, calendar: bool = False) -> t
     return count, start + window - now
 
 
-def spend(db, key: str, amount: int, now: float) -> None:
-    """Add `amount` to `key`'s count of this UTC day (a new day starts from nothing)."""
+def spend(db, key: str, amount: int, now: float) -> int:
+    """Add `amount` (less than 0: give back) to `key`'s count of this UTC day, and return the new
+    count; a new day starts from nothing, and a count never goes below 0 (a reservation of
+    yesterday given back today). The row stays locked to the transaction's end (PostgreSQL): a
+    check made after it sees every other transaction's spending, or waits for it."""
     start = math.floor(now / 86400) * 86400
-    db.execute("INSERT INTO webchat_counters (key, window_start, count) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
-               " SET count = CASE WHEN webchat_counters.window_start = excluded.window_start"
-               " THEN webchat_counters.count + excluded.count ELSE excluded.count END,"
-               " window_start = excluded.window_start", (key, start, amount))
-
-
-def spent(db, key: str, now: float) -> int:
-    """`key`'s count of this UTC day (spend())."""
-    row = db.execute("SELECT count FROM webchat_counters WHERE key = ? AND window_start = ?",
-                     (key, math.floor(now / 86400) * 86400)).fetchone()
-    return row[0] if row else 0
+    return db.execute(
+        "INSERT INTO webchat_counters (key, window_start, count) VALUES (?, ?, CASE WHEN ? > 0 THEN ? ELSE 0 END)"
+        " ON CONFLICT (key) DO UPDATE SET count = CASE"
+        " WHEN webchat_counters.window_start <> excluded.window_start THEN excluded.count"
+        " WHEN webchat_counters.count + ? > 0 THEN webchat_counters.count + ? ELSE 0 END,"
+        " window_start = excluded.window_start RETURNING count",
+        (key, start, amount, amount, amount, amount)).fetchone()[0]
 
 
 def prune(db, now: float, conversations_before: float | None = None,
