@@ -726,6 +726,26 @@ def test_a_web_rate_window_starts_at_its_first_request_and_the_daily_one_at_midn
     assert hits("ipday:a", [day - 1, day + 1], window=86400, calendar=True) == [(1, 1), (1, 86399)]
 
 
+def test_a_web_reservation_counts_until_given_back_or_for_reservation_s_at_most(store):
+    """An answer whose log never got written (a process killed, the database down at that moment)
+    must not hold the daily caps until midnight."""
+    database, now = store.conversations.database, 1_800_000_000.0
+    with database.write() as db:
+        webchat_store.take_turn(db, now)
+        webchat_store.reserve(db, "r1", "198.51.100.1", 2000, now)
+        webchat_store.reserve(db, "r2", "198.51.100.2", 2000, now)
+        webchat_store.reserve(db, "r3", "2001:db8::/64", 2000, now + 1)
+    with database.read() as db:
+        assert webchat_store.reserved(db, now + 1) == 6000
+        assert webchat_store.reserved(db, now + 1, "198.51.100.1") == 2000
+    with database.write() as db:
+        webchat_store.release(db, "r2", "198.51.100.2")  # its answer was logged
+    with database.read() as db:
+        assert webchat_store.reserved(db, now + 1) == 4000 and webchat_store.reserved(db, now + 1, "198.51.100.2") == 0
+        assert webchat_store.reserved(db, now + webchat_store.RESERVATION_S + 0.5) == 2000  # r1 stopped counting
+        assert webchat_store.reserved(db, now + webchat_store.RESERVATION_S + 1) == 0
+
+
 def test_the_web_chats_old_counters_and_conversations_with_no_exchange_left_are_pruned(store):
     database, now = store.conversations.database, 1_800_000_000.0
     with database.write() as db:

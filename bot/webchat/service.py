@@ -37,10 +37,9 @@ logger = logging.getLogger(__name__)
 PSID_PREFIX = "web:"  # a web conversation's "user" in the mirror, the users table and the log
 TIDY_EVERY_S = 3600.0
 # What an answer in progress counts for against the daily token caps until its own tokens are
-# known: without it, every request admitted at once was admitted against the same total, and a
-# burst overshot the cap (7 of 12 at once under a cap one answer from spent, 231 tokens of 100).
+# known (store.reserve): without it, every request admitted at once was admitted against the same
+# total, and a burst overshot the cap (7 of 12 at once under a cap one answer from spent).
 RESERVED_TOKENS = 2_000
-IN_FLIGHT = "channel:in-flight"  # the web channel's reserved tokens (webchat_counters)
 
 
 def estimated_tokens(text: str) -> int:
@@ -147,39 +146,29 @@ class WebChat:
         if refused := self._over(db, f"conversation:{conversation}", self.limits.per_conversation, now,
                                  "this conversation is going"):
             return refused
-        if refused := self._reserve(db, client, now):
+        request_id = uuid.uuid4().hex
+        if refused := self._reserve(db, request_id, client, now):
             return refused
-        return Admitted(conversation, uuid.uuid4().hex, new)
+        return Admitted(conversation, request_id, new)
 
-    def _reserve(self, db, client: str, now: float) -> Refused | None:
-        """RESERVED_TOKENS against the daily token caps, or Refused (nothing reserved). Reserved
-        first and checked after: the counter's row lock makes admissions take turns (PostgreSQL
-        reads committed rows only: checked first, a burst all saw the same total). Given back and
-        replaced by the answer's own tokens as it is logged (_record)."""
-        reserved = []
+    def _reserve(self, db, request_id: str, client: str, now: float) -> Refused | None:
+        """RESERVED_TOKENS against the daily token caps (answers in progress counted), or Refused.
+        Replaced by the answer's own tokens as it is logged (_record)."""
+        share, cap = self.limits.daily_tokens_per_ip, self.limits.daily_tokens
+        if not (share or cap):
+            return None
+        store.take_turn(db, now)
         # One address must not spend the channel's tokens for every visitor (long messages over a
         # long conversation: ~5,000 tokens a request, the whole day's million in 40 minutes).
-        if share := self.limits.daily_tokens_per_ip:
-            reserved.append(f"iptokens:{client}")
-            if store.spend(db, reserved[-1], RESERVED_TOKENS, now) - RESERVED_TOKENS >= share:
-                return self._give_back(db, reserved, now, Refused(
-                    429, "daily_limit", "You have reached today's share of the chat. Please come back tomorrow.",
-                    _seconds(86400 - now % 86400)))
-        if cap := self.limits.daily_tokens:
-            reserved.append(IN_FLIGHT)
-            in_flight = store.spend(db, IN_FLIGHT, RESERVED_TOKENS, now) - RESERVED_TOKENS
-            if exchanges.channel_tokens_since(db, WEB, utc_day_start_ms(now)) + in_flight >= cap:
-                logger.warning("website chat: the daily token cap (WEBCHAT_DAILY_TOKENS) is spent")
-                return self._give_back(db, reserved, now, Refused(
-                    429, "channel_busy", "The chat has answered all it can for today. Please come back tomorrow.",
-                    _seconds(86400 - now % 86400)))
+        if share and store.spent(db, f"iptokens:{client}", now) + store.reserved(db, now, client) >= share:
+            return Refused(429, "daily_limit", "You have reached today's share of the chat. Please come back "
+                                               "tomorrow.", _seconds(86400 - now % 86400))
+        if cap and exchanges.channel_tokens_since(db, WEB, utc_day_start_ms(now)) + store.reserved(db, now) >= cap:
+            logger.warning("website chat: the daily token cap (WEBCHAT_DAILY_TOKENS) is spent")
+            return Refused(429, "channel_busy", "The chat has answered all it can for today. Please come back "
+                                                "tomorrow.", _seconds(86400 - now % 86400))
+        store.reserve(db, request_id, client, RESERVED_TOKENS, now)
         return None
-
-    @staticmethod
-    def _give_back(db, keys: list[str], now: float, refused: Refused) -> Refused:
-        for key in keys:
-            store.spend(db, key, -RESERVED_TOKENS, now)
-        return refused
 
     def _over(self, db, key: str, limit: tuple[int, float] | None, now: float, who: str) -> Refused | None:
         if not limit:
@@ -240,13 +229,13 @@ class WebChat:
             usage=answer.usage, latency_ms=int((now - received) * 1000), history=answer.history,
             disclosed_at=now if shown and answer.disclosed else None, channel=WEB, ip_address=address,
             user_url=referer, knowledge=answer.knowledge)
-        tokens = (answer.usage or (None, None, None))[2] or 0  # none for a cached answer, a fallback...
+        tokens = (answer.usage or (None, None, None))[2]  # none for a cached answer, a fallback, a refusal...
+        client = client_key(address)
         with self.conversations.database.write() as db:
             self.conversations.finish(db, exchange)  # the channel's cap counts the log's tokens
-            if self.limits.daily_tokens:
-                store.spend(db, IN_FLIGHT, -RESERVED_TOKENS, now)
-            if self.limits.daily_tokens_per_ip:
-                store.spend(db, f"iptokens:{client_key(address)}", tokens - RESERVED_TOKENS, now)
+            store.release(db, admitted.request_id, client)
+            if self.limits.daily_tokens_per_ip and tokens:
+                store.spend(db, f"iptokens:{client}", tokens, now)
 
 
 def new_id() -> str:

@@ -40,18 +40,49 @@ def hit(db, key: str, window: float, now: float, *, calendar: bool = False) -> t
 
 
 def spend(db, key: str, amount: int, now: float) -> int:
-    """Add `amount` (less than 0: give back) to `key`'s count of this UTC day, and return the new
-    count; a new day starts from nothing, and a count never goes below 0 (a reservation of
-    yesterday given back today). The row stays locked to the transaction's end (PostgreSQL): a
-    check made after it sees every other transaction's spending, or waits for it."""
+    """Add `amount` to `key`'s count of this UTC day (a new day starts from nothing); the new count."""
     start = math.floor(now / 86400) * 86400
     return db.execute(
-        "INSERT INTO webchat_counters (key, window_start, count) VALUES (?, ?, CASE WHEN ? > 0 THEN ? ELSE 0 END)"
-        " ON CONFLICT (key) DO UPDATE SET count = CASE"
-        " WHEN webchat_counters.window_start <> excluded.window_start THEN excluded.count"
-        " WHEN webchat_counters.count + ? > 0 THEN webchat_counters.count + ? ELSE 0 END,"
-        " window_start = excluded.window_start RETURNING count",
-        (key, start, amount, amount, amount, amount)).fetchone()[0]
+        "INSERT INTO webchat_counters (key, window_start, count) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+        " count = CASE WHEN webchat_counters.window_start = excluded.window_start"
+        " THEN webchat_counters.count + excluded.count ELSE excluded.count END,"
+        " window_start = excluded.window_start RETURNING count", (key, start, amount)).fetchone()[0]
+
+
+def spent(db, key: str, now: float) -> int:
+    """`key`'s count of this UTC day (spend())."""
+    row = db.execute("SELECT count FROM webchat_counters WHERE key = ? AND window_start = ?",
+                     (key, math.floor(now / 86400) * 86400)).fetchone()
+    return row[0] if row else 0
+
+
+# A reservation is a row of its own, `reserve:<request>:<client>`: given back when its answer is
+# logged, and counted for RESERVATION_S at most - one whose answer never got logged (a process
+# killed, the database down at that moment) stops counting by itself instead of holding the cap
+# until midnight. No answer takes this long (REPLY_DEADLINE, then the stream).
+RESERVATION_S = 300.0
+
+
+def take_turn(db, now: float) -> None:
+    """Admissions that reserve take turns: this row's lock is held to the transaction's end, so
+    on PostgreSQL (which reads only committed rows) the next one sees this one's reservation."""
+    hit(db, "reserve-turn", 86400, now)
+
+
+def reserve(db, request_id: str, client: str, amount: int, now: float) -> None:
+    db.execute("INSERT INTO webchat_counters (key, window_start, count) VALUES (?, ?, ?)",
+               (f"reserve:{request_id}:{client}", now, amount))
+
+
+def release(db, request_id: str, client: str) -> None:
+    db.execute("DELETE FROM webchat_counters WHERE key = ?", (f"reserve:{request_id}:{client}",))
+
+
+def reserved(db, now: float, client: str | None = None) -> int:
+    """Tokens reserved by answers in progress: all of them, or one client's."""
+    pattern = "reserve:%" if client is None else f"reserve:%:{client}"
+    return db.execute("SELECT CAST(COALESCE(SUM(count), 0) AS BIGINT) FROM webchat_counters"
+                      " WHERE key LIKE ? AND window_start > ?", (pattern, now - RESERVATION_S)).fetchone()[0]
 
 
 def prune(db, now: float, conversations_before: float | None = None,
