@@ -735,15 +735,21 @@ def test_a_web_reservation_counts_until_given_back_or_for_reservation_s_at_most(
         webchat_store.reserve(db, "r1", "198.51.100.1", 2000, now)
         webchat_store.reserve(db, "r2", "198.51.100.2", 2000, now)
         webchat_store.reserve(db, "r3", "2001:db8::/64", 2000, now + 1)
+        webchat_store.reserve(db, "r4", "a:b:2001:db8::/64", 500, now + 1)  # no client's key ends another's
     with database.read() as db:
-        assert webchat_store.reserved(db, now + 1) == 6000
+        assert webchat_store.reserved(db, now + 1) == 6500
         assert webchat_store.reserved(db, now + 1, "198.51.100.1") == 2000
+        assert webchat_store.reserved(db, now + 1, "2001:db8::/64") == 2000
     with database.write() as db:
-        webchat_store.release(db, "r2", "198.51.100.2")  # its answer was logged
+        webchat_store.release(db, "r2")  # its answer was logged
     with database.read() as db:
-        assert webchat_store.reserved(db, now + 1) == 4000 and webchat_store.reserved(db, now + 1, "198.51.100.2") == 0
-        assert webchat_store.reserved(db, now + webchat_store.RESERVATION_S + 0.5) == 2000  # r1 stopped counting
+        assert webchat_store.reserved(db, now + 1) == 4500 and webchat_store.reserved(db, now + 1, "198.51.100.2") == 0
+        assert webchat_store.reserved(db, now + webchat_store.RESERVATION_S + 0.5) == 2500  # r1 stopped counting
         assert webchat_store.reserved(db, now + webchat_store.RESERVATION_S + 1) == 0
+    with database.write() as db:  # and the tidy deletes them
+        assert webchat_store.prune(db, now + webchat_store.RESERVATION_S + 2) == 3
+    with database.read() as db:
+        assert db.execute("SELECT COUNT(*) FROM webchat_reservations").fetchone()[0] == 0
 
 
 def test_the_web_chats_old_counters_and_conversations_with_no_exchange_left_are_pruned(store):

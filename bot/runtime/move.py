@@ -57,9 +57,11 @@ TABLES = ("events", "mirror", "users", "interactions", "graph_budgets", "dead_le
 # SQLite's inbox bookkeeping (PostgreSQL's webhooks write to events directly) and the website
 # chat's rate-limit counters (windows of a minute or a day: they start afresh), and SQLite's
 # full-text index of the knowledge base (PostgreSQL's is a column it computes itself), and which
-# code may use the file (PostgreSQL keeps its own, in schema_version).
+# code may use the file (PostgreSQL keeps its own, in schema_version), and the website chat's
+# reservations (answers in progress, minutes long at most).
 SKIPPED = ("dispatchers", "inbox_offsets", "webchat_counters", "knowledge_fts", "knowledge_fts_config",
-           "knowledge_fts_data", "knowledge_fts_docsize", "knowledge_fts_idx", "schema_compat")
+           "knowledge_fts_data", "knowledge_fts_docsize", "knowledge_fts_idx", "schema_compat",
+           "webchat_reservations")
 # Rows in any of these mean the target is someone's store already.
 MUST_BE_EMPTY = ("events", "mirror", "users", "interactions", "dead_letters", "webchat_conversations",
                  "knowledge_sources", "knowledge_chunks")

@@ -33,6 +33,8 @@ Columns of note:
   interactions.channel   messenger, instagram or web; ip_address and user_url: a web turn's (tracking)
   webchat_conversations  the website chat's conversations: ids the server issued; user_key for a
                         signed user id (HMAC, never the id itself); label: the client's unsigned user_id
+  webchat_reservations  tokens the website chat's answers in progress hold against the daily token caps
+                      (bot/webchat/store.py), until each is logged, or RESERVATION_S at most
   webchat_counters    the website chat's limits: requests per key (ip, conversation) in a window from its first
   knowledge_sources   the knowledge base's sources (bot/knowledge/): a file or web page, per Page
                       ('' = every Page), with the hash of its content and the model its chunks were
@@ -246,6 +248,9 @@ SCHEMA = [
     Additive("""
     ALTER TABLE dispatchers ADD COLUMN progress_at REAL;
     CREATE TABLE schema_compat (min_code_version INTEGER NOT NULL);
+    CREATE TABLE webchat_reservations (request_id TEXT PRIMARY KEY, client TEXT NOT NULL, tokens INTEGER NOT NULL,
+                                       at REAL NOT NULL);
+    CREATE INDEX webchat_reservations_client ON webchat_reservations (client);
     """),
 ]
 
@@ -433,5 +438,8 @@ POSTGRES_SCHEMA = [
     Additive("""
     ALTER TABLE dispatchers ADD COLUMN progress_at DOUBLE PRECISION;
     ALTER TABLE schema_version ADD COLUMN min_code_version INTEGER;
+    CREATE TABLE webchat_reservations (request_id TEXT PRIMARY KEY, client TEXT NOT NULL, tokens BIGINT NOT NULL,
+                                       at DOUBLE PRECISION NOT NULL);
+    CREATE INDEX webchat_reservations_client ON webchat_reservations (client);
     """),
 ]

@@ -38,7 +38,8 @@ PSID_PREFIX = "web:"  # a web conversation's "user" in the mirror, the users tab
 TIDY_EVERY_S = 3600.0
 # What an answer in progress counts for against the daily token caps until its own tokens are
 # known (store.reserve): without it, every request admitted at once was admitted against the same
-# total, and a burst overshot the cap (7 of 12 at once under a cap one answer from spent).
+# total (7 of 12 at once under a cap one answer from spent). A burst still overshoots by what its
+# answers cost beyond this each (a long conversation's ~5,000).
 RESERVED_TOKENS = 2_000
 
 
@@ -140,6 +141,8 @@ class WebChat:
         if daily and (count := store.hit(db, f"ipday:{client}", 86400, now, calendar=True))[0] > daily:
             return Refused(429, "daily_limit", "You have reached today's number of messages. Please come back "
                                                "tomorrow.", _seconds(count[1]))
+        if refused := self._tokens_left(db, client, now):
+            return refused
         conversation, new = self._conversation(db, chat, key, now)
         if isinstance(conversation, Refused):
             return conversation
@@ -147,27 +150,30 @@ class WebChat:
                                  "this conversation is going"):
             return refused
         request_id = uuid.uuid4().hex
-        if refused := self._reserve(db, request_id, client, now):
-            return refused
+        if self.limits.daily_tokens_per_ip or self.limits.daily_tokens:
+            # Replaced by the answer's own tokens as it is logged (_record).
+            store.reserve(db, request_id, client, RESERVED_TOKENS, now)
         return Admitted(conversation, request_id, new)
 
-    def _reserve(self, db, request_id: str, client: str, now: float) -> Refused | None:
-        """RESERVED_TOKENS against the daily token caps (answers in progress counted), or Refused.
-        Replaced by the answer's own tokens as it is logged (_record)."""
+    def _tokens_left(self, db, client: str, now: float) -> Refused | None:
+        """The daily token caps, answers in progress counted; admissions take turns from here to the
+        transaction's end, so the next one sees this one's reservation."""
         share, cap = self.limits.daily_tokens_per_ip, self.limits.daily_tokens
         if not (share or cap):
             return None
         store.take_turn(db, now)
+        # Reservations first, totals after: an answer logged in between (PostgreSQL reads what is
+        # committed, statement by statement) is then counted twice - never not at all.
+        mine, everyone = store.reserved(db, now, client), store.reserved(db, now)
         # One address must not spend the channel's tokens for every visitor (long messages over a
         # long conversation: ~5,000 tokens a request, the whole day's million in 40 minutes).
-        if share and store.spent(db, f"iptokens:{client}", now) + store.reserved(db, now, client) >= share:
+        if share and store.spent(db, f"iptokens:{client}", now) + mine >= share:
             return Refused(429, "daily_limit", "You have reached today's share of the chat. Please come back "
                                                "tomorrow.", _seconds(86400 - now % 86400))
-        if cap and exchanges.channel_tokens_since(db, WEB, utc_day_start_ms(now)) + store.reserved(db, now) >= cap:
+        if cap and exchanges.channel_tokens_since(db, WEB, utc_day_start_ms(now)) + everyone >= cap:
             logger.warning("website chat: the daily token cap (WEBCHAT_DAILY_TOKENS) is spent")
             return Refused(429, "channel_busy", "The chat has answered all it can for today. Please come back "
                                                 "tomorrow.", _seconds(86400 - now % 86400))
-        store.reserve(db, request_id, client, RESERVED_TOKENS, now)
         return None
 
     def _over(self, db, key: str, limit: tuple[int, float] | None, now: float, who: str) -> Refused | None:
@@ -233,7 +239,7 @@ class WebChat:
         client = client_key(address)
         with self.conversations.database.write() as db:
             self.conversations.finish(db, exchange)  # the channel's cap counts the log's tokens
-            store.release(db, admitted.request_id, client)
+            store.release(db, admitted.request_id)
             if self.limits.daily_tokens_per_ip and tokens:
                 store.spend(db, f"iptokens:{client}", tokens, now)
 

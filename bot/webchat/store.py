@@ -56,10 +56,10 @@ def spent(db, key: str, now: float) -> int:
     return row[0] if row else 0
 
 
-# A reservation is a row of its own, `reserve:<request>:<client>`: given back when its answer is
-# logged, and counted for RESERVATION_S at most - one whose answer never got logged (a process
-# killed, the database down at that moment) stops counting by itself instead of holding the cap
-# until midnight. No answer takes this long (REPLY_DEADLINE, then the stream).
+# A reservation is a row of its own (webchat_reservations): given back when its answer is logged,
+# and counted for RESERVATION_S at most - one whose answer never got logged (a process killed,
+# the database down at that moment) stops counting by itself instead of holding the cap until
+# midnight. No answer takes this long (REPLY_DEADLINE, then the stream).
 RESERVATION_S = 300.0
 
 
@@ -69,28 +69,30 @@ def take_turn(db, now: float) -> None:
     hit(db, "reserve-turn", 86400, now)
 
 
-def reserve(db, request_id: str, client: str, amount: int, now: float) -> None:
-    db.execute("INSERT INTO webchat_counters (key, window_start, count) VALUES (?, ?, ?)",
-               (f"reserve:{request_id}:{client}", now, amount))
+def reserve(db, request_id: str, client: str, tokens: int, now: float) -> None:
+    db.execute("INSERT INTO webchat_reservations (request_id, client, tokens, at) VALUES (?, ?, ?, ?)",
+               (request_id, client, tokens, now))
 
 
-def release(db, request_id: str, client: str) -> None:
-    db.execute("DELETE FROM webchat_counters WHERE key = ?", (f"reserve:{request_id}:{client}",))
+def release(db, request_id: str) -> None:
+    db.execute("DELETE FROM webchat_reservations WHERE request_id = ?", (request_id,))
 
 
 def reserved(db, now: float, client: str | None = None) -> int:
     """Tokens reserved by answers in progress: all of them, or one client's."""
-    pattern = "reserve:%" if client is None else f"reserve:%:{client}"
-    return db.execute("SELECT CAST(COALESCE(SUM(count), 0) AS BIGINT) FROM webchat_counters"
-                      " WHERE key LIKE ? AND window_start > ?", (pattern, now - RESERVATION_S)).fetchone()[0]
+    mine = "" if client is None else " AND client = ?"
+    return db.execute("SELECT CAST(COALESCE(SUM(tokens), 0) AS BIGINT) FROM webchat_reservations WHERE at > ?"
+                      + mine, (now - RESERVATION_S, *(() if client is None else (client,)))).fetchone()[0]
 
 
 def prune(db, now: float, conversations_before: float | None = None,
           psid_of: Callable[[str], str] | None = None) -> int:
-    """Counters whose window ended more than a day ago; with `conversations_before`, the
-    conversations issued before then with no exchange left (RETENTION_DAYS pruned them: their
-    label may be a visitor's e-mail address). `psid_of`: a conversation's psid in the log."""
+    """Counters whose window ended more than a day ago and reservations past RESERVATION_S; with
+    `conversations_before`, the conversations issued before then with no exchange left
+    (RETENTION_DAYS pruned them: their label may be a visitor's e-mail address). `psid_of`: a
+    conversation's psid in the log."""
     deleted = db.execute("DELETE FROM webchat_counters WHERE window_start < ?", (now - 2 * 86400,)).rowcount
+    deleted += db.execute("DELETE FROM webchat_reservations WHERE at < ?", (now - RESERVATION_S,)).rowcount
     if conversations_before is None or psid_of is None:
         return deleted
     old = [row[0] for row in db.execute("SELECT id FROM webchat_conversations WHERE created_at < ?",
