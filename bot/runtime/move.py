@@ -26,6 +26,7 @@ The SQLite database stays (only the drain writes to it): a backup, and the way b
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sqlite3
 import sys
@@ -86,6 +87,9 @@ def main(args: argparse.Namespace) -> int:
     env = read_environment()
     data_dir = args.data_dir or env.get("DATA_DIR", "data")
     url = args.database_url or env.get("DATABASE_URL") or ""
+    # psycopg warns as a Ctrl-C unwinds its pipeline ("error ignored terminating ..."), through
+    # logging's last-resort handler: this command says what happened in its own one line.
+    logging.getLogger("psycopg").addHandler(logging.NullHandler())
     try:
         report = move(data_dir, url)
     except Refused as refusal:
