@@ -760,8 +760,10 @@ def test_the_web_chats_old_counters_and_conversations_with_no_exchange_left_are_
         for conversation, created in (("talked", now - 100 * 86400), ("silent", now - 100 * 86400),
                                       ("recent", now - 86400)):
             webchat_store.add_conversation(db, conversation, None, "ana@example.com", created)
-    store.conversations.record(Exchange(psid="web:talked", messages=[message("w1", psid="web:talked", at=1000)],
-                                        outcome=Outcome.ANSWERED))
+    with database.write() as db:  # as the website chat logs an answer (bot/webchat/service.py)
+        store.conversations.finish(db, Exchange(psid="web:talked", messages=[message("w1", psid="web:talked",
+                                                                                        at=1000)],
+                                                outcome=Outcome.ANSWERED))
     with database.write() as db:
         assert webchat_store.prune(db, now) == 1  # without a retention: the old counter only
         assert webchat_store.prune(db, now, now - 90 * 86400, lambda conversation: "web:" + conversation) == 1

@@ -132,7 +132,8 @@ class Conversations:
             return exchanges.tokens_since(db, psid, since_ms)
 
     def finish(self, db, exchange: Exchange) -> None:
-        """Inside the transaction that completes the batch: log, mirror, user state - all or nothing."""
+        """Inside the transaction that completes the batch (or logs a web answer): log, mirror, user state -
+        all or nothing."""
         messages = exchange.messages
         # The user's messages before Graph's rows: Graph has no words for a voice note, the
         # exchange has its transcript (and a label for a photo), and the first row of a mid stays.
@@ -147,11 +148,6 @@ class Conversations:
         replied_at = max(exchange.bot_timestamp_ms or 0, max(m.timestamp_ms for m in messages) + 1)
         mirror.add_rows(db, exchange.psid, [(mid, BOT, text, replied_at) for mid, text in exchange.sent_parts])
         exchanges.record(db, exchange, self.tracking, self.channels.get(messages[0].page_id, exchanges.MESSENGER))
-
-    def record(self, exchange: Exchange) -> None:
-        """An exchange that went through no queue (the website chat): log, mirror and user state at once."""
-        with self._database.write() as db:
-            self.finish(db, exchange)
 
     def cached_answer(self, cache_key: str) -> tuple[str, str | None] | None:
         with self._database.read() as db:
