@@ -39,14 +39,13 @@ def hit(db, key: str, window: float, now: float, *, calendar: bool = False) -> t
     return count, start + window - now
 
 
-def spend(db, key: str, amount: int, now: float) -> int:
-    """Add `amount` to `key`'s count of this UTC day (a new day starts from nothing); the new count."""
+def spend(db, key: str, amount: int, now: float) -> None:
+    """Add `amount` to `key`'s count of this UTC day (a new day starts from nothing)."""
     start = math.floor(now / 86400) * 86400
-    return db.execute(
-        "INSERT INTO webchat_counters (key, window_start, count) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
-        " count = CASE WHEN webchat_counters.window_start = excluded.window_start"
-        " THEN webchat_counters.count + excluded.count ELSE excluded.count END,"
-        " window_start = excluded.window_start RETURNING count", (key, start, amount)).fetchone()[0]
+    db.execute("INSERT INTO webchat_counters (key, window_start, count) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE"
+               " SET count = CASE WHEN webchat_counters.window_start = excluded.window_start"
+               " THEN webchat_counters.count + excluded.count ELSE excluded.count END,"
+               " window_start = excluded.window_start", (key, start, amount))
 
 
 def spent(db, key: str, now: float) -> int:
