@@ -130,6 +130,7 @@ class Config:
     host: str = "0.0.0.0"  # the address gunicorn (and the website chat) listen on
     port: int = 8000
     web_concurrency: int = 2  # webhook worker processes
+    header_timeout: float = 10.0  # a new connection must send its request's headers within this
     log_level: str = "INFO"
     fb_app_id: str = ""
     rate_limit: tuple[int, float] | None = (5, 60.0)  # (messages, per seconds); None = off
@@ -387,6 +388,7 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
         host=reader.host("HOST", "0.0.0.0"),
         port=reader.number("PORT", 8000, int, 1, 65535),
         web_concurrency=reader.number("WEB_CONCURRENCY", 2, int, 1, 64),
+        header_timeout=reader.duration("HEADER_TIMEOUT", 10.0, bare_unit="s", low=0.1),
         log_level=reader.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         fb_app_id=reader.text("FB_APP_ID", "").strip(),
         rate_limit=reader.rate("RATE_LIMIT", (5, 60.0)),

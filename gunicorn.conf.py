@@ -24,9 +24,11 @@ bind = f"[{_host}]:{_config.port}" if ":" in _host else f"{_host}:{_config.port}
 
 # The webhook workers only verify, store and acknowledge. gunicorn's asyncio worker
 # (bot/web/asgi.py) keeps a slow or idle connection from holding a thread: 200 of them
-# do not delay Meta (bench/run.py --only slow_clients).
-worker_class = "asgi"
+# do not delay Meta (bench/run.py --only slow_clients). bot/web/worker.py adds what it lacks:
+# a deadline for a request's headers, and a cap on connections (within the open-file limit).
+worker_class = "bot.web.worker.GuardedASGIWorker"
 workers = _config.web_concurrency
+worker_connections = 1000
 # One listening socket per worker (SO_REUSEPORT): the kernel spreads connections
 # over the workers. bot/runtime/preflight.py makes sure no other bot already listens there.
 reuse_port = True
@@ -106,6 +108,10 @@ def on_exit(server):
 
     stop_together([(_state[name], timeout) for name, timeout in (("webchat", _config.reply_deadline_seconds + 10),
                                                                  ("replies", graceful_timeout + 5)) if name in _state])
+
+
+def post_fork(server, worker):
+    worker.header_seconds = _config.header_timeout
 
 
 def child_exit(server, worker):

@@ -27,16 +27,17 @@ def test_defaults():
 
 def test_every_problem_in_one_message():
     env = {"FB_PAGE_ID": "my-page", "MESSAGE_COUNT": "25", "OPENAI_TEMPERATURE": "hot",
-           "FB_API_URL": "graph.facebook.com", "PORT": "99999"}
+           "FB_API_URL": "graph.facebook.com", "PORT": "99999", "HEADER_TIMEOUT": "0"}
     with pytest.raises(ConfigError) as error:
         load_config(env, env_file=None)
     message = str(error.value)
     for expected in ["FB_VERIFY_TOKEN is required", "FB_APP_SECRET is required", "FB_PAGE_ACCESS_TOKEN is required",
                      "OPENAI_API_KEY is required", "FB_PAGE_ID must be digits only",
                      "MESSAGE_COUNT must be between 1 and 20, got 25 (Meta returns message details for the 20 newest",
-                     "OPENAI_TEMPERATURE must be a number", "FB_API_URL must be an http(s) URL", "PORT must be between"]:
+                     "OPENAI_TEMPERATURE must be a number", "FB_API_URL must be an http(s) URL", "PORT must be between",
+                     "HEADER_TIMEOUT must be at least 0.1 s"]:
         assert expected in message
-    assert len(error.value.problems) == 9
+    assert len(error.value.problems) == 10
 
 
 def test_empty_sampling_values_are_not_sent():

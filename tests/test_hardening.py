@@ -84,6 +84,75 @@ def test_signed_deliveries_are_acknowledged_while_200_slow_clients_hang_on(bot, 
     assert wait_until(lambda: len(graph.sent_texts(PSID)) >= 1, 15)
 
 
+# -- idle connections: a deadline for the first request's headers, a cap within the open files ---------------
+CROWDS = {
+    "silent": b"",
+    "half_headers": b"POST /webhook HTTP/1.1\r\nHost: x\r\n",
+    "half_a_body": b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{",
+    "kept_alive": b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("crowd", CROWDS)
+def test_idle_connections_past_the_open_file_limit_do_not_lock_meta_out(graph, model, tmp_path, crowd):
+    """500 connections that send nothing, or part of a request, or sit kept alive after one, against
+    a worker allowed 400 open files. Without the cap the worker could accept nothing more: its loop
+    spun on EMFILE tracebacks until gunicorn killed it 30 s later, and only then did Meta's
+    deliveries get in."""
+    port = free_port()
+    env = {**base_env(graph, model, tmp_path), "PORT": str(port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "1"}
+    process = start_gunicorn(env, tmp_path, open_files=400)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: is_up(url), 15), "gunicorn did not start"
+        idle = []
+        for _ in range(500):
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+            idle[-1].sendall(CROWDS[crowd])
+        try:
+            for i in range(5):
+                started = time.monotonic()
+                assert post_delivery(url, text_body(f"m_room_{i}", f"room {i}")).status_code == 200
+                assert time.monotonic() - started < 2.0
+            # The connection idle longest was closed to make room (the kept-alive one after its answer).
+            idle[0].settimeout(5)
+            received = b""
+            while chunk := idle[0].recv(65536):
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200") if crowd == "kept_alive" else received == b""
+        finally:
+            for s in idle:
+                s.close()
+        assert wait_until(lambda: len(graph.sent_texts(PSID)) >= 1, 15)
+    finally:
+        output = stop(process)
+    assert "closed the one idle longest" in output
+    assert "EMFILE" not in output and "Too many open files" not in output
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /webhook HTTP/1.1\r\nHost: x\r\n"])
+def test_a_connection_that_does_not_finish_its_headers_in_time_is_closed(graph, model, tmp_path, sent):
+    url, port, process = start_bot(graph, model, tmp_path, HEADER_TIMEOUT="0.5")
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(sent)
+            slow.settimeout(0.2)
+            started = time.monotonic()
+            closed = False
+            while not closed and time.monotonic() - started < 5:
+                try:  # a header line every 0.2 s does not keep it open: the deadline counts from the start
+                    closed = slow.recv(1) == b""
+                except socket.timeout:
+                    slow.sendall(b"X-Trickle: 1\r\n" if sent else b"")
+            assert closed and 0.4 < time.monotonic() - started < 2.0
+        # A request whose headers arrive in time is answered, and its connection kept alive.
+        with requests.Session() as session:
+            for _ in range(2):
+                assert session.get(url + "/healthz", timeout=5).status_code == 200
+    finally:
+        stop(process)
+
+
 def test_a_body_that_never_arrives_gets_408():
     async def receive():
         await asyncio.sleep(5)

@@ -410,6 +410,15 @@ def test_bodies_trickled_in_by_one_client_hold_no_thread_the_widget_needs(start,
     assert web.process.poll() is None and "Traceback" not in web.log()
 
 
+def test_a_visitor_connection_that_sends_no_request_is_closed_at_the_header_deadline(start, stream_model):
+    web = start(HEADER_TIMEOUT="0.5", **PERMISSIVE)
+    with socket.create_connection(("127.0.0.1", web.port)) as idle:
+        idle.settimeout(5)
+        started = time.monotonic()
+        assert idle.recv(1) == b"" and 0.4 < time.monotonic() - started < 2.0
+    assert web.chat("hello").json()["answer"] == "You said: hello"
+
+
 def test_off_by_default_and_started_by_the_gunicorn_master(graph, stream_model, tmp_path):
     from tests.support.processes import Bot, free_port
 

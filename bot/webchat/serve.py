@@ -1,11 +1,11 @@
 """The website chat's listener: `python -m bot.webchat.serve`, started by the gunicorn master when
 WEBCHAT=on (gunicorn.conf.py), on HOST:WEBCHAT_PORT.
 
-A gunicorn of its own (asyncio worker, one process): the web routes never share a process, an
-event loop or a thread pool with the webhook workers, and run at the lowest CPU priority (behind
-the webhook workers and the reply process), so a crowd of visitors cannot delay Meta's
-acknowledgements (README, "Chat on your website", with the numbers). It stops with its parent:
-an orphan would keep the port.
+A gunicorn of its own (the bot's guarded asyncio worker, bot/web/worker.py; one process): the web
+routes never share a process, an event loop or a thread pool with the webhook workers, and run at
+the lowest CPU priority (behind the webhook workers and the reply process), so a crowd of visitors
+cannot delay Meta's acknowledgements (README, "Chat on your website", with the numbers). It stops
+with its parent: an orphan would keep the port.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import threading
 from gunicorn.app.base import BaseApplication
 
 from bot.storage.instance import WEBCHAT_LOCK, take_process_lock
+from bot.web.worker import RESERVED_FILES
 from bot.telemetry.logs import configure_logging
 from config import Config, load_config_or_exit
 
@@ -35,7 +36,8 @@ class WebchatApplication(BaseApplication):
         host = self.config.host
         settings = {
             "bind": f"[{host}]:{self.config.webchat_port}" if ":" in host else f"{host}:{self.config.webchat_port}",
-            "worker_class": "asgi", "workers": 1, "timeout": 30, "control_socket_disable": True,
+            "worker_class": "bot.web.worker.GuardedASGIWorker", "workers": 1, "timeout": 30,
+            "control_socket_disable": True, "post_fork": _header_deadline(self.config),
             "graceful_timeout": int(self.config.reply_deadline_seconds + 5),
             "forwarded_allow_ips": ",".join(self.config.forwarded_allow_ips),
             "logger_class": "bot.telemetry.gunicorn_logger.ScrubbingLogger", "accesslog": "-",
@@ -49,6 +51,13 @@ class WebchatApplication(BaseApplication):
         from bot.webchat.wiring import build_server
 
         return build_server(self.config)
+
+
+def _header_deadline(config: Config):
+    def post_fork(server, worker) -> None:
+        worker.header_seconds = config.header_timeout
+        worker.reserved_files = RESERVED_FILES + config.webchat_threads  # a model connection per answer
+    return post_fork
 
 
 def _stop_with_parent(server) -> None:

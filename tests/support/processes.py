@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -23,15 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gunicorn(env: dict, cwd, output=subprocess.PIPE) -> subprocess.Popen:
+def start_gunicorn(env: dict, cwd, output=subprocess.PIPE, open_files: int | None = None) -> subprocess.Popen:
     """Exactly the README's run command, from a folder with no .env of the developer's.
 
-    Its own session, so a test can kill -9 the master and every worker at once.
+    Its own session, so a test can kill -9 the master and every worker at once. `open_files`
+    lowers the file-descriptor limit (`ulimit -n`) of gunicorn and everything it starts.
     """
+    def limit_open_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     return subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"), "server:app"],
         cwd=cwd, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), **env},
         stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=limit_open_files if open_files else None,
     )
 
 
