@@ -25,6 +25,7 @@ from messenger.graph import GraphAPIError
 REQUIRED_FIELDS = ("messages", "messaging_postbacks", "message_echoes")
 EXPIRY_MARGIN = 7 * 86400  # a token expiring sooner than this fails the check
 TOKEN_HELP = 'make a Page token that does not expire (README, "A Page token that does not expire")'
+NETWORK_HELP = "check that this host reaches FB_API_URL (its network, a firewall, HTTPS_PROXY), then run the doctor again"
 
 # Graph API versions: release and expiry dates, from Meta's table at
 # https://developers.facebook.com/docs/graph-api/changelog/versions/ (read 2026-11). A version
@@ -92,7 +93,7 @@ def _all_checks(args: argparse.Namespace) -> Iterator[Line]:
                 yield instagram_link(config, account.config.fb_page_id, account.label,
                                      account.config.fb_page_access_token, instagram_id)
         else:
-            yield Line(None, f"Page {account.label}: webhook subscription not checked (the token is refused)")
+            yield Line(None, f"Page {account.label}: webhook subscription not checked (the token did not pass)")
     yield app_mode(config, valid_tokens[0] if valid_tokens else None)
     for model in sorted({a.config.openai_model for a in config.accounts} or {config.openai_model}):
         yield model_check(config, model)
@@ -132,7 +133,7 @@ def token_checks(config: Config, page_id: str, label: str, token: str, now: floa
     try:
         me = page.get("me", fields="id,name")
     except GraphAPIError as error:
-        yield Line(False, f"Page {label}: the token is refused ({_meta(error)})", TOKEN_HELP)
+        yield _failed(f"Page {label}", "the token is refused", error, TOKEN_HELP)
         return
     if str(me.get("id")) != page_id:
         yield _other_page(label, page_id, f"{me.get('id')}'s ({me.get('name', '')})")
@@ -143,8 +144,8 @@ def token_checks(config: Config, page_id: str, label: str, token: str, now: floa
     try:
         granted = {p.get("permission") for p in page.get("me/permissions").get("data", []) if p.get("status") == "granted"}
     except GraphAPIError as error:
-        yield Line(False, f"Page {label}: the token's permissions cannot be read ({_meta(error)})",
-                   "set FB_APP_ID: the doctor then reads them from Meta's token debugger")
+        yield _failed(f"Page {label}", "the token's permissions cannot be read", error,
+                      "set FB_APP_ID: the doctor then reads them from Meta's token debugger")
         return
     yield from _scope_lines(label, granted, instagram)
 
@@ -155,8 +156,8 @@ def _debug_token(config: Config, page_id: str, label: str, token: str, now: floa
     try:
         data = app.get("debug_token", input_token=token).get("data") or {}
     except GraphAPIError as error:
-        yield Line(False, f"Page {label}: the token cannot be checked: Meta refuses the app token ({_meta(error)})",
-                   "check FB_APP_ID and FB_APP_SECRET: they must be the same app's (App settings → Basic)")
+        yield _failed(f"Page {label}", "the token cannot be checked: Meta refuses the app token", error,
+                      "check FB_APP_ID and FB_APP_SECRET: they must be the same app's (App settings → Basic)")
         return
     if not data.get("is_valid"):
         reason = (data.get("error") or {}).get("message", "no reason given")
@@ -211,8 +212,8 @@ def instagram_link(config: Config, page_id: str, label: str, token: str, instagr
     try:
         linked = (page.get(page_id, fields="instagram_business_account").get("instagram_business_account") or {})
     except GraphAPIError as error:
-        return Line(False, f"Page {label}: its Instagram account cannot be read ({_meta(error)})",
-                    f"the token needs {INSTAGRAM_SCOPES[0]}")
+        return _failed(f"Page {label}", "its Instagram account cannot be read", error,
+                       f"the token needs {INSTAGRAM_SCOPES[0]}")
     linked_id = str(linked.get("id") or "")
     if linked_id == instagram_id:
         return Line(True, f"Page {label}: Instagram account {instagram_id} is the one linked to this Page")
@@ -230,8 +231,8 @@ def subscription(config: Config, page_id: str, label: str, token: str) -> Line:
     try:
         apps = page.get(f"{page_id}/subscribed_apps").get("data") or []
     except GraphAPIError as error:
-        return Line(False, f"Page {label}: its webhook subscriptions cannot be read ({_meta(error)})",
-                    "the token needs pages_manage_metadata (README, \"Permissions and webhook fields\")")
+        return _failed(f"Page {label}", "its webhook subscriptions cannot be read", error,
+                       "the token needs pages_manage_metadata (README, \"Permissions and webhook fields\")")
     if config.fb_app_id:
         apps = [a for a in apps if str(a.get("id")) == config.fb_app_id]
     if not apps:
@@ -263,7 +264,7 @@ def app_mode(config: Config, page_token: str | None) -> Line:
                                "only people with a role on the app (admins, developers, testers) get answers",
                         "App Dashboard: switch the app to Live after App Review, or add the people as testers "
                         "(README, \"It only answers me\")")
-        return Line(False, f"app {config.fb_app_id} cannot be read ({_meta(error)})", "check FB_APP_ID")
+        return _failed(f"app {config.fb_app_id}", "cannot be read", error, "check FB_APP_ID")
     return Line(True, f"app {config.fb_app_id} is public (Live mode, or a Business app: the public also needs "
                       "Advanced Access for pages_messaging)")
 
@@ -328,6 +329,14 @@ def public_url(url: str, verify_token: str) -> Line:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _failed(subject: str, says: str, error: GraphAPIError, advice: str) -> Line:
+    """`subject` `says` what Meta answered; or, when Meta did not answer at all, that the Graph API
+    could not be reached (a firewall or proxy is not a bad token)."""
+    if error.status is None:
+        return Line(False, f"{subject}: Meta's Graph API did not answer ({error.args[0]})", NETWORK_HELP)
+    return Line(False, f"{subject}: {says} ({_meta(error)})", advice)
+
+
 def _meta(error: GraphAPIError) -> str:
     code = f"code {error.code}" + (f"/{error.subcode}" if error.subcode else "") if error.code else f"HTTP {error.status}"
     return f"{code}: {error.args[0].split(': ', 1)[-1]}"

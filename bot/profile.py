@@ -62,7 +62,11 @@ def main(args: argparse.Namespace) -> int:
             return 0
         return _apply(graph, account, current, desired, remove, args.dry_run)
     except GraphAPIError as error:
-        print(f"Page {account.label}: Meta refused the call: {error}", file=sys.stderr)
+        if error.status is None:  # no answer at all: the network, not Meta
+            print(f"Page {account.label}: Meta's Graph API did not answer ({error.args[0]}): check that this host "
+                  "reaches FB_API_URL (its network, a firewall, HTTPS_PROXY)", file=sys.stderr)
+        else:
+            print(f"Page {account.label}: Meta refused the call: {error}", file=sys.stderr)
         return 1
 
 

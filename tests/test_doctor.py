@@ -19,7 +19,7 @@ from werkzeug.serving import make_server
 from bot.doctor import graph_version, token_checks
 from bot.web.app import create_app
 from config import load_config
-from tests.support import APP_SECRET, PAGE_ID, PAGE_TOKEN, ROOT, VERIFY_TOKEN, base_env
+from tests.support import APP_SECRET, PAGE_ID, PAGE_TOKEN, ROOT, VERIFY_TOKEN, base_env, free_port
 from tests.test_emulator_setup import APP_ID, PAGE2_ID, PAGE2_TOKEN, graph  # noqa: F401 - graph: the fixture
 
 
@@ -131,6 +131,16 @@ def test_without_fb_app_id_the_token_is_read_through_me(env, graph):
     assert doctor(no_app).returncode == 1
     assert "✗" in line(doctor({**no_app, "FB_PAGE_ACCESS_TOKEN": PAGE2_TOKEN}).stdout,
                        f"✗ Page {PAGE_ID}: the token is Page {PAGE2_ID}'s (Ben's Bikes)")
+
+
+@pytest.mark.parametrize("app_id", [True, False])
+def test_a_graph_api_that_does_not_answer_is_the_network_not_a_refused_token(env, app_id):
+    closed = f"http://127.0.0.1:{free_port()}/v26.0/"  # nothing listens there
+    settings = env if app_id else {k: v for k, v in env.items() if k != "FB_APP_ID"}
+    done = doctor({**settings, "FB_API_URL": closed})
+    assert done.returncode == 1
+    assert "check that this host reaches FB_API_URL" in line(done.stdout, f"✗ Page {PAGE_ID}: Meta's Graph API did not answer")
+    assert "refused" not in done.stdout and "make a Page token" not in done.stdout
 
 
 def test_the_webhook_subscription(env, graph):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.support import APP_SECRET, PAGE_ID, PAGE_TOKEN, ROOT, base_env
+from tests.support import APP_SECRET, PAGE_ID, PAGE_TOKEN, ROOT, base_env, free_port
 from tests.test_doctor import two_pages
 from tests.test_emulator_setup import APP_ID, PAGE2_ID, PAGE2_TOKEN, graph  # noqa: F401 - graph: the fixture
 
@@ -115,3 +115,6 @@ def test_metas_refusal_is_reported(env, graph):
     graph.setup(PAGE_ID).scopes = ["pages_show_list"]
     done = profile(env, "show")
     assert done.returncode == 1 and "Meta refused the call" in done.stderr and "code=200" in done.stderr
+    unreachable = profile({**env, "FB_API_URL": f"http://127.0.0.1:{free_port()}/v26.0/"}, "show")
+    assert unreachable.returncode == 1 and "Meta refused" not in unreachable.stderr
+    assert "Graph API did not answer" in unreachable.stderr and "reaches FB_API_URL" in unreachable.stderr
