@@ -50,6 +50,9 @@ HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-
 
 DATABASE_FILE = "bot.sqlite3"  # inside DATA_DIR: the queue, the mirror and the exchange log
 
+# What .env.example once gave as FB_VERIFY_TOKEN: a copied example is not a secret.
+OLD_EXAMPLE_VERIFY_TOKEN = "choose-any-long-random-string"
+
 # Set by gunicorn.conf.py for the webhook workers: replies run in their own process.
 REPLY_PROCESS_ENV = "BOT_REPLY_PROCESS"
 
@@ -328,7 +331,8 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
     problems: list[str] = []
     reader = _Reader(env, problems)
     values = dict(
-        fb_verify_token=reader.required("FB_VERIFY_TOKEN"),
+        fb_verify_token=reader.required("FB_VERIFY_TOKEN", lambda v: v != OLD_EXAMPLE_VERIFY_TOKEN,
+                                        "a string of your own, not the example's"),
         fb_app_secret=reader.required("FB_APP_SECRET"),
         fb_page_access_token=reader.required("FB_PAGE_ACCESS_TOKEN", check=is_token, expect=TOKEN_EXPECTED),
         fb_page_id=reader.required("FB_PAGE_ID", check=is_numeric_id, expect="digits only (the Page's numeric id)"),

@@ -40,6 +40,12 @@ def test_every_problem_in_one_message():
     assert len(error.value.problems) == 10
 
 
+def test_the_examples_verify_token_is_not_a_secret():
+    with pytest.raises(ConfigError) as error:
+        load_config({**GOOD, "FB_VERIFY_TOKEN": "choose-any-long-random-string"}, env_file=None)
+    assert error.value.problems == ["FB_VERIFY_TOKEN must be a string of your own, not the example's"]
+
+
 def test_empty_sampling_values_are_not_sent():
     config = load_config({**GOOD, "OPENAI_TEMPERATURE": "", "OPENAI_TOP_P": "", "OPENAI_MAX_TOKENS": ""}, env_file=None)
     assert (config.openai_temperature, config.openai_top_p, config.openai_max_tokens) == (None, None, None)
