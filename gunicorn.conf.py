@@ -58,8 +58,8 @@ _state = {}
 def on_starting(server):
     """Once, in the master, before binding: refuse to start on a bad DATA_DIR or next to a
     running bot, then set up what every process (workers, reply process) inherits."""
-    from bot.runtime.preflight import (StartupProblem, check_database, check_port_free, lock_data_dir,
-                                       prepare_data_dir)
+    from bot.runtime.preflight import (StartupProblem, check_database, check_error_log, check_port_free,
+                                       lock_data_dir, prepare_data_dir)
 
     if server.cfg.preload_app:  # the app was loaded here, in the master: its database connections
         # would be shared by every forked worker, and the start-up checks below came too late
@@ -75,6 +75,8 @@ def on_starting(server):
         if _config.webchat:
             check_port_free(_host, _config.webchat_port)
         check_database(_config.database_url, _config.database_path, _config.data_dir)
+        for error_log in sorted({a.config.error_log_file for a in _config.accounts} | {_config.error_log_file}):
+            check_error_log(error_log)
     except StartupProblem as problem:
         print(f"Cannot start: {problem}", file=sys.stderr)
         sys.exit(1)

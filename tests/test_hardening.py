@@ -367,14 +367,17 @@ def test_a_second_bot_on_the_same_port_or_data_dir_refuses_to_start(bot, graph, 
     assert requests.get(url + "/healthz", timeout=5).status_code == 200  # the first one is untouched
 
 
-@pytest.mark.parametrize("trouble", ["dotenv folder", "not a database", "database folder", "no workers", "preload"])
+@pytest.mark.parametrize("trouble", ["dotenv folder", "not a database", "database folder", "no workers", "preload",
+                                     "error log"])
 def test_an_unusable_dotenv_or_database_or_worker_count_stops_start_up_with_one_line(graph, model, tmp_path,
                                                                                      trouble):
     """Each of these used to start a bot that answered nothing or answered wrong: a `.env`
     python-dotenv skipped in silence, workers failing to boot one traceback each, no worker at
-    all, or (--preload) reply threads in the gunicorn master beside the reply process."""
+    all, (--preload) reply threads in the gunicorn master beside the reply process, or an error
+    log nobody could write, found out at the first model failure."""
     (tmp_path / "data").mkdir()
-    extra = {"no workers": {"WEB_CONCURRENCY": "0"}, "preload": {"GUNICORN_CMD_ARGS": "--preload"}}.get(trouble, {})
+    extra = {"no workers": {"WEB_CONCURRENCY": "0"}, "preload": {"GUNICORN_CMD_ARGS": "--preload"},
+             "error log": {"ERROR_LOG_FILE": str(tmp_path / "data")}}.get(trouble, {})
     if trouble == "dotenv folder":
         (tmp_path / ".env").mkdir()
     elif trouble == "not a database":
@@ -386,7 +389,8 @@ def test_an_unusable_dotenv_or_database_or_worker_count_stops_start_up_with_one_
                 "not a database": "bot.sqlite3 is not a SQLite database (file is not a database)",
                 "database folder": "bot.sqlite3 cannot be opened",
                 "no workers": "WEB_CONCURRENCY must be between 1 and 64",
-                "preload": "Cannot start: --preload is not supported"}[trouble]
+                "preload": "Cannot start: --preload is not supported",
+                "error log": f"Cannot start: cannot write ERROR_LOG_FILE {tmp_path / 'data'} (Is a directory)"}[trouble]
     assert expected in output, output
 
 

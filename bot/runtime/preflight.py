@@ -58,6 +58,18 @@ def lock_data_dir(path: str) -> int:
     return fd
 
 
+def check_error_log(path: str) -> None:
+    """ERROR_LOG_FILE can be appended to (it is created when missing): otherwise the first model
+    failure, hours later, would be the first to find out - and its line would be lost."""
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise StartupProblem(f"cannot write ERROR_LOG_FILE {path} ({exc.strerror}): create it for the bot's user "
+                             f"(sudo install -o USER -m 600 /dev/null {path}) or set ERROR_LOG_FILE to a file "
+                             "inside DATA_DIR") from None
+
+
 def check_port_free(host: str, port: int) -> None:
     """gunicorn listens with SO_REUSEPORT, which would let a second bot share the port
     silently; a plain bind first tells them apart."""
