@@ -45,8 +45,8 @@ logger = logging.getLogger("devtools.sandbox")
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 BAKERY, BOOKSHOP = "Ana's Bakery", "Harbour Books"
 PROMPTS = {
-    BAKERY: "You answer for Ana's Bakery, a family bakery: bread, cakes and coffee, open 7 to 19 except Mondays. "
-            "Be warm and brief.",
+    # No opening hours or prices here: the bakery's knowledge base has them (examples/knowledge/).
+    BAKERY: "You answer for Ana's Bakery, a family bakery: bread, cakes and coffee. Be warm and brief.",
     BOOKSHOP: "You answer for Harbour Books, a second-hand bookshop by the harbour: orders take a week, open "
               "10 to 18. Be precise and brief.",
 }
@@ -284,8 +284,9 @@ def knowledge_line(sandbox: Sandbox) -> str:
     return (f"knowledge base: {sandbox.knowledge.summary()}, for {BAKERY}; manage it: "
             f"DATA_DIR={sandbox.data_dir.name} PAGES_FILE={sandbox.config.pages_file} FB_PAGE_ID= "
             f"FB_PAGE_ACCESS_TOKEN= FB_APP_SECRET={sandbox.app_secret} FB_VERIFY_TOKEN={sandbox.verify_token} "
-            f"OPENAI_BASE_URL={sandbox.model.base_url} {key}.venv/bin/python -m bot knowledge list "
-            f"(or search|add|sync|remove --page {sandbox.graph.page_id})")
+            f"OPENAI_BASE_URL={sandbox.model.base_url} {key}.venv/bin/python -m bot knowledge search "
+            f"\"Are you open on Sundays?\" --page {sandbox.graph.page_id} (or list, or add|sync|remove … "
+            f"--page {sandbox.graph.page_id})")
 
 
 def _port_problem(host: str, port: int) -> str | None:

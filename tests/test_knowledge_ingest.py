@@ -309,6 +309,19 @@ def test_sync_rereads_changed_files_and_drops_deleted_ones(env, tmp_path):
     assert "19:00" in found.stdout and "18:00" not in found.stdout
 
 
+def test_search_without_page_searches_the_only_page_or_says_which_pages_have_their_own(env, tmp_path):
+    from tests.support.messages import PAGE_ID
+    from tests.test_doctor import two_pages
+
+    (tmp_path / "hours.md").write_text(HOURS)
+    assert run_cli(env, "add", str(tmp_path / "hours.md"), "--page", PAGE_ID).returncode == 0
+    # One Page: searched as its answers search (its own sources and every Page's).
+    assert "Saturday" in run_cli(env, "search", "when do you open on saturday?").stdout
+    several = run_cli(two_pages(env, tmp_path), "search", "when do you open on saturday?")
+    assert several.returncode == 0 and "Saturday" not in several.stdout
+    assert f"these Pages have their own: {PAGE_ID}: add --page ID" in several.stdout
+
+
 def test_a_page_that_is_not_configured_is_refused(env, tmp_path):
     (tmp_path / "a.md").write_text("# A\n\ntext")
     result = run_cli(env, "add", str(tmp_path / "a.md"), "--page", "999")

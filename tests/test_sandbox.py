@@ -484,9 +484,10 @@ def test_the_instagram_account_answers_from_its_pages_documents_and_the_other_pa
 
 def test_the_printed_knowledge_command_manages_the_sandboxs_knowledge_base(fresh, tmp_path):
     line = fresh.process.stdout.readline()  # the banner's line after the replay command
-    found = re.search(r"knowledge base: 51 sources, (\d+) chunks from .*manage it: (.*-m bot knowledge) list", line)
+    found = re.search(r"knowledge base: 51 sources, (\d+) chunks from .*manage it: (.*-m bot knowledge) search "
+                      r"\"Are you open on Sundays\?\" --page (\d+) ", line)
     assert found, line
-    chunks, command = int(found.group(1)), found.group(2)
+    chunks, command, page = int(found.group(1)), found.group(2), found.group(3)
     if not (ROOT / ".venv" / "bin" / "python").exists():
         command = command.replace(".venv/bin/python", sys.executable)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FB_"))}
@@ -498,7 +499,7 @@ def test_the_printed_knowledge_command_manages_the_sandboxs_knowledge_base(fresh
         return result.stdout
 
     assert knowledge("list").splitlines()[-1] == f"51 source(s), {chunks} chunk(s)"
-    page = re.search(r"--page (\d+)\)", line).group(1)
+    assert "Sunday" in knowledge("search", "Are you open on Sundays?", "--page", page)  # the command as printed
     best = json.loads(knowledge("search", "--json", "--page", page, GLUTEN_FREE).splitlines()[0])
     reply, model, outcome = knowledge_turn(fresh, ANA, GLUTEN_FREE)
     assert GLUTEN_FREE_FACT in reply

@@ -74,8 +74,12 @@ def main(args: argparse.Namespace, config: Config | None = None) -> int:
         for report in reports:
             print(report.line(), file=sys.stderr if report.status == "failed" else sys.stdout)
         return 1 if any(report.status == "failed" for report in reports) else 0
+    page = args.page
+    pages = {account.page_id for account in config.accounts}
+    if page is None and len(pages) == 1:  # one Page: search as its answers do (its sources and every Page's)
+        page = next(iter(pages))
     try:
-        found = knowledge.search(args.question, args.page, args.top_k or config.knowledge_top_k)
+        found = knowledge.search(args.question, page, args.top_k or config.knowledge_top_k)
     except SearchFailed as error:
         print(f"could not search the knowledge base: {error}", file=sys.stderr)
         return 1
@@ -92,4 +96,7 @@ def main(args: argparse.Namespace, config: Config | None = None) -> int:
                   + hit.text[:300].replace("\n", "\n   "))
     if not found.hits and not args.json:
         print("nothing found" + ("" if found.searched else ": the knowledge base is empty (knowledge add …)"))
+        if page is None and (only := sorted({s.page_id for s in knowledge.sources() if s.page_id})):
+            print(f"(searched the sources of every Page only; these Pages have their own: {', '.join(only)}: "
+                  "add --page ID)")
     return 0
