@@ -302,7 +302,9 @@ def _port_problem(host: str, port: int) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.sandbox", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1", help="address of the chat page (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address of the chat page (default 127.0.0.1). The bot and the website chat stay on "
+                             "127.0.0.1: from another machine use an SSH tunnel (ssh -L 8080:127.0.0.1:8080 HOST)")
     parser.add_argument("--port", type=int, default=8080, help="port of the chat page (default 8080; 0 = any free)")
     args = parser.parse_args(argv)
     problem = _port_problem(args.host, args.port)
