@@ -153,6 +153,24 @@ def test_a_connection_that_does_not_finish_its_headers_in_time_is_closed(graph, 
         stop(process)
 
 
+def test_a_stop_does_not_wait_for_connections_with_no_request_in_progress(graph, model, tmp_path):
+    """Silent, half-sent and kept-alive connections have nothing to finish: a SIGTERM closes them at
+    once instead of waiting out their header deadline (10 s) or keep-alive."""
+    url, port, process = start_bot(graph, model, tmp_path)
+    crowd = []
+    for sent in CROWDS.values():
+        crowd.append(socket.create_connection(("127.0.0.1", port)))
+        crowd[-1].sendall(sent)
+    try:
+        assert requests.get(url + "/healthz", timeout=5).status_code == 200  # every one was accepted by now
+        started = time.monotonic()
+        output = stop(process)
+        assert time.monotonic() - started < 5.0, output
+    finally:
+        for s in crowd:
+            s.close()
+
+
 def test_a_body_that_never_arrives_gets_408():
     async def receive():
         await asyncio.sleep(5)

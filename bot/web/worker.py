@@ -13,6 +13,8 @@ deliveries included: its loop spun on EMFILE tracebacks until gunicorn killed it
   received: still sending it, or kept alive after its answer) is closed to make room, so a crowd
   of slow or silent sockets cannot lock Meta out. A request fully received is never cut short.
 
+And a stop closes the idle connections at once: gunicorn waited for each to end by itself.
+
 Used by the webhook workers (gunicorn.conf.py) and the website chat (bot/webchat/serve.py).
 """
 from __future__ import annotations
@@ -56,6 +58,7 @@ class ConnectionGuard:
         self.idle: dict[GuardedProtocol, None] = {}  # insertion order: longest idle first
         self.header_timers: dict[GuardedProtocol, asyncio.TimerHandle] = {}
         self.closed_for_room = 0
+        self.stopping = False
         self._warned_at: float | None = None
 
     def opened(self, connection: "GuardedProtocol", open_connections: int) -> None:
@@ -81,8 +84,20 @@ class ConnectionGuard:
     gone = received  # closed: forgotten alike
 
     def idle_again(self, connection: "GuardedProtocol") -> None:
+        if self.stopping:  # its answer is out, and no other request is coming
+            self.received(connection)
+            connection.close_idle()
+            return
         self.idle.pop(connection, None)
         self.idle[connection] = None
+
+    def stop(self) -> None:
+        """The worker is stopping: connections with no request in progress have nothing to finish,
+        and gunicorn would otherwise wait for their header deadline or keep-alive to run out."""
+        self.stopping = True
+        for connection in list(self.idle):
+            self.received(connection)
+            connection.close_idle()
 
     def _too_slow(self, connection: "GuardedProtocol") -> None:
         self.header_timers.pop(connection, None)
@@ -155,3 +170,8 @@ class GuardedASGIWorker(gasgi.ASGIWorker):
                         "raise it (the systemd unit sets LimitNOFILE=65536)", cap, soft_limit)
         self.guard = ConnectionGuard(self.loop, cap, self.header_seconds)
         await super()._serve()
+
+    async def _shutdown(self):
+        # No await before gunicorn's own _shutdown stops accepting: no connection slips in between.
+        self.guard.stop()
+        await super()._shutdown()
