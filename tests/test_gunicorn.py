@@ -38,6 +38,12 @@ def test_answers_a_signed_webhook_after_acknowledging_it(bot, graph, model):
     assert response.status_code == 200
     assert acknowledged < 0.5, "the 200 must not wait for the model"
     assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."])
+    # /metrics sums every process: a webhook worker counted the delivery, the reply process the send.
+    # (A prometheus_client imported by the gunicorn master before PROMETHEUS_MULTIPROC_DIR is set
+    # leaves every worker counting in memory, and /metrics without the webhook's lines.)
+    exposed = requests.get(url + "/metrics", timeout=5).text
+    assert 'messenger_webhooks_received_total{result="accepted"} 1.0' in exposed
+    assert "messenger_replies_sent_total 1.0" in exposed
 
 
 def test_verification_and_logs_hold_no_secret(bot, graph):

@@ -120,6 +120,7 @@ def test_idle_connections_past_the_open_file_limit_do_not_lock_meta_out(graph, m
             while chunk := idle[0].recv(65536):
                 received += chunk
             assert received.startswith(b"HTTP/1.1 200") if crowd == "kept_alive" else received == b""
+            assert 'http_connections_closed_total{reason="room"}' in requests.get(url + "/metrics", timeout=5).text
         finally:
             for s in idle:
                 s.close()
@@ -145,6 +146,8 @@ def test_a_connection_that_does_not_finish_its_headers_in_time_is_closed(graph, 
                 except socket.timeout:
                     slow.sendall(b"X-Trickle: 1\r\n" if sent else b"")
             assert closed and 0.4 < time.monotonic() - started < 2.0
+        assert 'http_connections_closed_total{reason="header-timeout"} 1.0' in requests.get(url + "/metrics",
+                                                                                            timeout=5).text
         # A request whose headers arrive in time is answered, and its connection kept alive.
         with requests.Session() as session:
             for _ in range(2):

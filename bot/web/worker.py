@@ -57,6 +57,11 @@ class ConnectionGuard:
         self.header_seconds = header_seconds
         self.idle: dict[GuardedProtocol, None] = {}  # insertion order: longest idle first
         self.header_timers: dict[GuardedProtocol, asyncio.TimerHandle] = {}
+        # Imported here, in the worker: gunicorn imports this module in the master, before
+        # gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR, and prometheus_client chooses its
+        # (multiprocess) storage once, when first imported.
+        from bot.telemetry.metrics import CONNECTIONS_CLOSED
+        self.closed_total = CONNECTIONS_CLOSED
         self.closed_for_room = 0
         self.stopping = False
         self._warned_at: float | None = None
@@ -103,10 +108,12 @@ class ConnectionGuard:
         self.header_timers.pop(connection, None)
         self.idle.pop(connection, None)
         connection.close_idle()
+        self.closed_total.labels("header-timeout").inc()
 
     def _close_for_room(self, connection: "GuardedProtocol") -> None:
         self.received(connection)
         connection.close_idle()
+        self.closed_total.labels("room").inc()
         self.closed_for_room += 1
         now = self.loop.time()
         if self._warned_at is None or now - self._warned_at >= WARN_EVERY_SECONDS:
