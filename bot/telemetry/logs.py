@@ -18,6 +18,10 @@ TRACEBACK_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]")
 _FORMATTER = logging.Formatter()
 
 
+# Loaded now: out of open files (EMFILE), a lazy import of the codec at the first escape fails.
+"\n".encode("unicode_escape")
+
+
 def _escaped(match: re.Match) -> str:
     return match.group().encode("unicode_escape").decode("ascii")
 

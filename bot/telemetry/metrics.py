@@ -45,9 +45,10 @@ KNOWLEDGE = Counter("knowledge_searches_total", "Knowledge base searches for a r
                     "nothing-relevant, error).", ["result"])
 EMBEDDING_TOKENS = Counter("openai_embedding_tokens_total", "Embedding tokens spent on users' questions "
                            "(they count toward DAILY_TOKEN_BUDGET too).")
-CONNECTIONS_CLOSED = Counter("http_connections_closed_total", "Connections the web workers closed with no request in "
-                             "progress, by reason: header-timeout (HEADER_TIMEOUT passed), room (the worker held "
-                             "its most connections).", ["reason"])
+CONNECTIONS_CLOSED = Counter("http_connections_closed_total", "Connections the web workers cut off, by reason: "
+                             "header-timeout (HEADER_TIMEOUT passed), unread (an answer left unread 30 s), room (one "
+                             "closed to make room at the most connections a worker holds), refused (a new one, "
+                             "every other being answered).", ["reason"])
 REPLY_LATENCY = Histogram(
     "messenger_reply_latency_seconds", "From webhook received to the reply's last part sent.",
     buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120),

@@ -1,25 +1,28 @@
-"""gunicorn's asyncio worker with the two guards against idle connections that it lacks.
+"""gunicorn's asyncio worker with the guards against slow and idle clients that it lacks.
 
-gunicorn's `asgi` worker (27.0) gives a connection's first request no deadline for its headers
-and ignores `worker_connections`: connections that open and send nothing stay open for ever, and
-500 of them against an open-file limit of 256 stopped a worker accepting anything, Meta's
-deliveries included: its loop spun on EMFILE tracebacks until gunicorn killed it 30 s later. Here:
+gunicorn's `asgi` worker (27.0) gives a connection's first request no deadline for its headers,
+ignores `worker_connections`, and waits for ever on a client that does not read its answer:
+connections that open and send nothing stay open for ever, and 500 of them against an open-file
+limit of 256 stopped a worker accepting anything, Meta's deliveries included (its loop spun on
+EMFILE tracebacks until gunicorn killed it 30 s later). Here:
 
 - a connection must send its first request line and headers within `header_seconds` of opening
   (gunicorn's own `keepalive` timer bounds the wait for each later request, and bot/web/asgi.py
   the wait for a body);
+- a client that leaves an answer unread (the write buffer full) for `stall_seconds` is cut off;
 - a worker holds at most `connection_cap` connections (`worker_connections`, and always room
-  under its open-file limit). Past it, the connection idle longest (one with no request fully
-  received: still sending it, or kept alive after its answer) is closed to make room, so a crowd
-  of slow or silent sockets cannot lock Meta out. A request fully received is never cut short.
-
-And a stop closes the idle connections at once: gunicorn waited for each to end by itself.
+  under its open-file limit). Past it, a closable connection is closed to make room: one with no
+  request in progress (opening, still sending one, kept alive after its answer) or one whose
+  client is not reading, the one quiet longest first. So a crowd of slow or silent sockets
+  cannot lock Meta out. A request fully received, with its client reading, is never cut short.
+- a stop closes the closable connections at once (gunicorn waited for each to end by itself).
 
 Used by the webhook workers (gunicorn.conf.py) and the website chat (bot/webchat/serve.py).
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import resource
 
@@ -27,14 +30,17 @@ from gunicorn.asgi.protocol import ASGIProtocol
 from gunicorn.workers import gasgi
 
 HEADER_SECONDS = 10.0
+# An answer its client leaves unread this long is abandoned (the website chat's stream sends a
+# piece at least every few seconds to a reader; nobody honest leaves 64 KB unread for this long).
+STALL_SECONDS = 30.0
 # Open files a worker needs besides the connections it holds: the database (and PostgreSQL's
 # pool), the listening socket, logs, pipes (a webhook worker holds 23 on SQLite), and room for
-# the 100 connections asyncio accepts in one go before the guard sees the first of them. The
-# website chat adds one connection to the model server per answer in progress (WEBCHAT_THREADS).
-RESERVED_FILES = 256
+# the connections asyncio accepts before the guard has closed any: up to 100 at a time, and a
+# second hundred while the first are being closed (a flood peaked at 296 over the cap).
+RESERVED_FILES = 384
 # Fewer connections than this per worker is worth a line at start.
 LOW_CAP = 100
-# At most one warning a minute about closing connections to make room.
+# At most one warning a minute for each kind of trouble.
 WARN_EVERY_SECONDS = 60.0
 
 log = logging.getLogger("bot.web.worker")
@@ -48,78 +54,116 @@ def connection_cap(worker_connections: int, open_files_limit: int, reserved_file
 
 
 class ConnectionGuard:
-    """One worker's idle HTTP/1 connections, longest idle first, and the deadline of each first
-    request's headers."""
+    """One worker's closable connections, quiet longest first, and their deadlines.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, cap: int, header_seconds: float):
+    A connection is closable while it has no request in progress (from opening, or from its last
+    answer, until a request is fully in) and while its client leaves an answer unread. Times
+    come from the event loop's clock (`loop.time`, `loop.call_later`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, cap: int, header_seconds: float,
+                 stall_seconds: float = STALL_SECONDS, closed_total=None):
         self.loop = loop
         self.cap = cap
         self.header_seconds = header_seconds
-        self.idle: dict[GuardedProtocol, None] = {}  # insertion order: longest idle first
-        self.header_timers: dict[GuardedProtocol, asyncio.TimerHandle] = {}
-        # Imported here, in the worker: gunicorn imports this module in the master, before
-        # gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR, and prometheus_client chooses its
-        # (multiprocess) storage once, when first imported.
-        from bot.telemetry.metrics import CONNECTIONS_CLOSED
-        self.closed_total = CONNECTIONS_CLOSED
-        self.closed_for_room = 0
+        self.stall_seconds = stall_seconds
+        self.closed_total = closed_total  # a Counter by reason (bot.telemetry.metrics), or None
+        self.closable: dict[GuardedProtocol, None] = {}  # insertion order: quiet longest first
+        self.busy: set[GuardedProtocol] = set()  # a request fully in, its answer not yet out
+        self.stalled: set[GuardedProtocol] = set()  # the client is not reading its answer
+        self.deadlines: dict[GuardedProtocol, asyncio.TimerHandle] = {}  # headers, or an unread answer
         self.stopping = False
-        self._warned_at: float | None = None
+        self._warned_at: dict[str, float] = {}
 
+    # -- what the protocol reports --------------------------------------------------------------
     def opened(self, connection: "GuardedProtocol", open_connections: int) -> None:
         if open_connections > self.cap:
-            # With no connection idle every one is being answered: the new one goes.
-            longest_idle = next(iter(self.idle), connection)
-            self._close_for_room(longest_idle)
-            if longest_idle is connection:
+            oldest = next(iter(self.closable), None)
+            if oldest is None:  # every connection is being answered: the newcomer goes
+                self._close(connection, "refused", "%d connections open, the most this worker holds, all of them "
+                            "being answered: closed a new one")
                 return
-        self.idle[connection] = None
-        self.header_timers[connection] = self.loop.call_later(self.header_seconds, self._too_slow, connection)
+            self._close(oldest, "room", "%d connections open, the most this worker holds (worker_connections, "
+                        "open files): closed the one quiet longest")
+        self.closable[connection] = None
+        self._deadline(connection, self.header_seconds, "header-timeout")
+
+    def active(self, connection: "GuardedProtocol") -> None:
+        """Bytes came in: a closable connection that is sending is the last to go."""
+        if connection in self.closable:
+            del self.closable[connection]
+            self.closable[connection] = None
 
     def headers_in(self, connection: "GuardedProtocol") -> None:
-        timer = self.header_timers.pop(connection, None)
+        """A request's headers are in; its body may still be on its way (closable until it is)."""
+        if connection not in self.stalled:
+            self._cancel_deadline(connection)
+        self.closable.setdefault(connection, None)
+
+    def received(self, connection: "GuardedProtocol") -> None:
+        """The request is in: its connection is not closable while it is being answered."""
+        self.busy.add(connection)
+        if connection not in self.stalled:
+            self.closable.pop(connection, None)
+
+    def answered(self, connection: "GuardedProtocol") -> None:
+        """The answer is out and no request is in progress: closable again, as the newest."""
+        self.busy.discard(connection)
+        if self.stopping:  # no other request is coming
+            self._close(connection)
+            return
+        self.closable.pop(connection, None)
+        self.closable[connection] = None
+
+    def stalled_writing(self, connection: "GuardedProtocol") -> None:
+        self.stalled.add(connection)
+        self.closable.pop(connection, None)
+        self.closable[connection] = None
+        self._deadline(connection, self.stall_seconds, "unread")
+
+    def resumed_writing(self, connection: "GuardedProtocol") -> None:
+        if connection in self.stalled:
+            self.stalled.discard(connection)
+            self._cancel_deadline(connection)
+            if connection in self.busy:
+                self.closable.pop(connection, None)
+
+    def gone(self, connection: "GuardedProtocol") -> None:
+        self._cancel_deadline(connection)
+        self.closable.pop(connection, None)
+        self.busy.discard(connection)
+        self.stalled.discard(connection)
+
+    def stop(self) -> None:
+        """The worker is stopping: closable connections have nothing to finish, and gunicorn would
+        otherwise wait for their deadlines or keep-alive to run out."""
+        self.stopping = True
+        for connection in list(self.closable):
+            self._close(connection)
+
+    # -- inside ------------------------------------------------------------------------------------
+    def _deadline(self, connection: "GuardedProtocol", seconds: float, reason: str) -> None:
+        self._cancel_deadline(connection)
+        self.deadlines[connection] = self.loop.call_later(seconds, self._close, connection, reason)
+
+    def _cancel_deadline(self, connection: "GuardedProtocol") -> None:
+        timer = self.deadlines.pop(connection, None)
         if timer is not None:
             timer.cancel()
 
-    def received(self, connection: "GuardedProtocol") -> None:
-        """The request is in: the connection is busy until its answer is out."""
-        self.headers_in(connection)
-        self.idle.pop(connection, None)
+    def _close(self, connection: "GuardedProtocol", reason: str | None = None, warning: str = "") -> None:
+        self.gone(connection)
+        connection.close_now()
+        if reason and self.closed_total is not None:
+            self.closed_total.labels(reason).inc()
+        if warning:
+            self.warn(reason, warning, self.cap)
 
-    gone = received  # closed: forgotten alike
-
-    def idle_again(self, connection: "GuardedProtocol") -> None:
-        if self.stopping:  # its answer is out, and no other request is coming
-            self.received(connection)
-            connection.close_idle()
-            return
-        self.idle.pop(connection, None)
-        self.idle[connection] = None
-
-    def stop(self) -> None:
-        """The worker is stopping: connections with no request in progress have nothing to finish,
-        and gunicorn would otherwise wait for their header deadline or keep-alive to run out."""
-        self.stopping = True
-        for connection in list(self.idle):
-            self.received(connection)
-            connection.close_idle()
-
-    def _too_slow(self, connection: "GuardedProtocol") -> None:
-        self.header_timers.pop(connection, None)
-        self.idle.pop(connection, None)
-        connection.close_idle()
-        self.closed_total.labels("header-timeout").inc()
-
-    def _close_for_room(self, connection: "GuardedProtocol") -> None:
-        self.received(connection)
-        connection.close_idle()
-        self.closed_total.labels("room").inc()
-        self.closed_for_room += 1
+    def warn(self, kind: str, message: str, *args) -> None:
+        """`message`, at most once a minute for each kind."""
         now = self.loop.time()
-        if self._warned_at is None or now - self._warned_at >= WARN_EVERY_SECONDS:
-            self._warned_at = now
-            log.warning("%d connections open, the most this worker holds (worker_connections, open files): "
-                        "closed the one idle longest (%d so far)", self.cap, self.closed_for_room)
+        if now - self._warned_at.get(kind, -WARN_EVERY_SECONDS) >= WARN_EVERY_SECONDS:
+            self._warned_at[kind] = now
+            log.warning(message, *args)
 
 
 class GuardedProtocol(ASGIProtocol):
@@ -131,6 +175,10 @@ class GuardedProtocol(ASGIProtocol):
         if getattr(self, "_callback_parser", None) is not None and not self._closed:
             self.worker.guard.opened(self, self.worker.nr_conns)
 
+    def data_received(self, data) -> None:
+        self.worker.guard.active(self)
+        super().data_received(data)
+
     def _on_headers_complete(self):
         self.worker.guard.headers_in(self)
         return super()._on_headers_complete()
@@ -141,15 +189,35 @@ class GuardedProtocol(ASGIProtocol):
 
     def _arm_keepalive_timer(self):  # the answer is out: idle until the next request
         if not self._closed:
-            self.worker.guard.idle_again(self)
+            self.worker.guard.answered(self)
         return super()._arm_keepalive_timer()
+
+    def _keepalive_timeout(self):
+        # gunicorn's close waits to send what is buffered: for a client that does not read, for ever.
+        self.close_now()
+        if self._request_ready is not None:
+            self._request_ready.set()
+
+    def pause_writing(self):
+        super().pause_writing()
+        self.worker.guard.stalled_writing(self)
+
+    def resume_writing(self):
+        super().resume_writing()
+        self.worker.guard.resumed_writing(self)
 
     def connection_lost(self, exc) -> None:
         self.worker.guard.gone(self)
         super().connection_lost(exc)
 
-    def close_idle(self) -> None:
-        self._close_transport()
+    def close_now(self) -> None:
+        """Closed at once: what is buffered for a client that is not reading is dropped with it."""
+        self._closed = True
+        if self.transport is not None:
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            else:
+                self.transport.close()
         # Wake the connection's task so it ends now rather than at the connection_lost callback.
         if self._request_ready is not None:
             self._request_ready.set()
@@ -170,13 +238,29 @@ class GuardedASGIWorker(gasgi.ASGIWorker):
         super().init_process()
 
     async def _serve(self):
+        # Imported here, in the worker: gunicorn imports this module in the master, before
+        # gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR, and prometheus_client chooses its
+        # (multiprocess) storage once, when first imported.
+        from bot.telemetry.metrics import CONNECTIONS_CLOSED
+
         soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         cap = connection_cap(self.worker_connections, soft_limit, self.reserved_files)
         if cap < LOW_CAP:
             log.warning("this worker can hold only %d connections: its open-file limit (ulimit -n) is %d; "
                         "raise it (the systemd unit sets LimitNOFILE=65536)", cap, soft_limit)
-        self.guard = ConnectionGuard(self.loop, cap, self.header_seconds)
+        self.guard = ConnectionGuard(self.loop, cap, self.header_seconds, closed_total=CONNECTIONS_CLOSED)
+        self.loop.set_exception_handler(self._loop_exception)
         await super()._serve()
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        # Out of open files, asyncio pauses accepting for a second and says so each time, with a
+        # traceback: once a minute is enough.
+        if isinstance(context.get("exception"), OSError) and context["exception"].errno in (errno.EMFILE,
+                                                                                            errno.ENFILE):
+            self.guard.warn("out-of-files", "out of open files (ulimit -n): accepting no connection for a second "
+                            "(%s)", context.get("message", ""))
+            return
+        loop.default_exception_handler(context)
 
     async def _shutdown(self):
         # No await before gunicorn's own _shutdown stops accepting: no connection slips in between.

@@ -1,0 +1,185 @@
+"""The web workers' ConnectionGuard (bot/web/worker.py) on a fake event-loop clock: which
+connection goes to make room, and when deadlines cut one off. tests/test_hardening.py runs the
+same guard in the real gunicorn against real sockets."""
+from __future__ import annotations
+
+import heapq
+import itertools
+
+from bot.web.worker import ConnectionGuard, connection_cap
+
+
+class FakeLoop:
+    """`time`, `call_later` and a hand that moves the clock."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.timers: list = []
+        self.order = itertools.count()
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, seconds, callback, *args):
+        handle = Timer(callback, args)
+        heapq.heappush(self.timers, (self.now + seconds, next(self.order), handle))
+        return handle
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        while self.timers and self.timers[0][0] <= self.now:
+            _, _, handle = heapq.heappop(self.timers)
+            if not handle.cancelled:
+                handle.callback(*handle.args)
+
+
+class Timer:
+    def __init__(self, callback, args):
+        self.callback, self.args, self.cancelled = callback, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Connection:
+    def __init__(self, name: str):
+        self.name, self.closed = name, False
+
+    def close_now(self) -> None:
+        self.closed = True
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Counter:
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def labels(self, reason):
+        counter = self
+
+        class Child:
+            def inc(self):
+                counter.counts[reason] = counter.counts.get(reason, 0) + 1
+        return Child()
+
+
+class World:
+    """A guard with `cap` connections at most, and the connections it has seen opened."""
+
+    def __init__(self, cap: int = 3, header_seconds: float = 10.0, stall_seconds: float = 30.0):
+        self.loop, self.closed_total = FakeLoop(), Counter()
+        self.guard = ConnectionGuard(self.loop, cap, header_seconds, stall_seconds, closed_total=self.closed_total)
+        self.open: list[Connection] = []
+
+    def connect(self, name: str) -> Connection:
+        connection = Connection(name)
+        self.open.append(connection)
+        self.guard.opened(connection, len(self.open))
+        self.open = [c for c in self.open if not c.closed]
+        return connection
+
+    def request(self, connection: Connection) -> None:
+        """Headers and body in."""
+        self.guard.headers_in(connection)
+        self.guard.received(connection)
+
+
+def test_past_the_cap_the_connection_quiet_longest_goes_and_one_being_answered_never_does():
+    world = World(cap=3)
+    answering = world.connect("answering")
+    world.request(answering)
+    silent, sending = world.connect("silent"), world.connect("sending")
+    world.guard.active(sending)  # its bytes keep coming: the newest in the order again
+    assert not any(c.closed for c in (answering, silent, sending))
+    meta = world.connect("meta")
+    assert silent.closed and not sending.closed and not answering.closed and not meta.closed
+    world.request(meta)
+    world.connect("next")
+    assert sending.closed and not answering.closed and not meta.closed
+    assert world.closed_total.counts == {"room": 2}
+
+
+def test_with_every_connection_being_answered_a_new_one_is_refused():
+    world = World(cap=2)
+    first, second = world.connect("first"), world.connect("second")
+    world.request(first)
+    world.request(second)
+    newcomer = world.connect("newcomer")
+    assert newcomer.closed and not first.closed and not second.closed
+    assert world.closed_total.counts == {"refused": 1}
+
+
+def test_headers_must_be_in_within_the_deadline_and_a_body_still_coming_stays_closable():
+    world = World(cap=2, header_seconds=10)
+    silent, uploading = world.connect("silent"), world.connect("uploading")
+    world.loop.advance(9.9)
+    world.guard.headers_in(uploading)  # in time; its body is still on its way
+    world.loop.advance(0.2)
+    assert silent.closed and not uploading.closed
+    assert world.closed_total.counts == {"header-timeout": 1}
+    world.loop.advance(60)
+    assert not uploading.closed  # the body's own deadline is bot/web/asgi.py's (408)
+    world.connect("another")
+    world.connect("meta")
+    assert uploading.closed  # closable until its body is in: it made room
+
+
+def test_a_kept_alive_connection_after_its_answer_is_closable_again_as_the_newest():
+    world = World(cap=2)
+    kept = world.connect("kept")
+    world.request(kept)
+    other = world.connect("other")
+    world.guard.answered(kept)  # quiet from now: newer than `other`
+    world.connect("meta")
+    assert other.closed and not kept.closed
+
+
+def test_an_answer_left_unread_makes_its_connection_closable_and_is_cut_off_after_the_stall_deadline():
+    world = World(cap=2, stall_seconds=30)
+    reader, not_reading = world.connect("reader"), world.connect("not-reading")
+    world.request(reader)
+    world.request(not_reading)
+    world.guard.stalled_writing(not_reading)
+    world.guard.stalled_writing(reader)
+    world.loop.advance(5)
+    world.guard.resumed_writing(reader)  # it read: busy, not closable
+    meta = world.connect("meta")
+    assert not_reading.closed and not reader.closed and not meta.closed
+    assert world.closed_total.counts == {"room": 1}
+
+    slow = World(cap=5, stall_seconds=30)
+    stuck = slow.connect("stuck")
+    slow.request(stuck)
+    slow.guard.stalled_writing(stuck)
+    slow.loop.advance(29.9)
+    assert not stuck.closed
+    slow.loop.advance(0.2)
+    assert stuck.closed and slow.closed_total.counts == {"unread": 1}
+
+
+def test_a_stop_closes_what_has_nothing_to_finish_and_each_answer_as_it_ends():
+    world = World(cap=5)
+    silent, answering = world.connect("silent"), world.connect("answering")
+    world.request(answering)
+    world.guard.stop()
+    assert silent.closed and not answering.closed
+    world.guard.answered(answering)
+    assert answering.closed
+    assert world.closed_total.counts == {}  # a stop is not trouble: not counted
+
+
+def test_a_connection_gone_by_itself_leaves_no_deadline_behind():
+    world = World(cap=5, header_seconds=10)
+    gone = world.connect("gone")
+    world.guard.gone(gone)
+    world.loop.advance(20)
+    assert not gone.closed and world.closed_total.counts == {}
+    assert not world.guard.deadlines and not world.guard.closable
+
+
+def test_the_cap_leaves_room_under_the_open_file_limit():
+    assert connection_cap(1000, 65536, 384) == 1000
+    assert connection_cap(1000, 1024, 384) == 640
+    assert connection_cap(1000, 300, 384) == 1  # a line at start says to raise it
