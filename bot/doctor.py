@@ -18,14 +18,14 @@ from urllib.parse import urlparse
 import openai
 import requests
 
-from bot.graph_admin import AdminGraph, app_token
+from bot.graph_admin import UNREACHABLE_HELP, AdminGraph, app_token
 from config import Config, ConfigError, load_config
 from messenger.graph import GraphAPIError
 
 REQUIRED_FIELDS = ("messages", "messaging_postbacks", "message_echoes")
 EXPIRY_MARGIN = 7 * 86400  # a token expiring sooner than this fails the check
 TOKEN_HELP = 'make a Page token that does not expire (README, "A Page token that does not expire")'
-NETWORK_HELP = "check that this host reaches FB_API_URL (its network, a firewall, HTTPS_PROXY), then run the doctor again"
+NETWORK_HELP = f"{UNREACHABLE_HELP}, then run the doctor again"
 
 # Graph API versions: release and expiry dates, from Meta's table at
 # https://developers.facebook.com/docs/graph-api/changelog/versions/ (read 2026-11). A version
@@ -255,7 +255,7 @@ def app_mode(config: Config, page_token: str | None) -> Line:
     if not config.fb_app_id:
         return Line(None, "app mode not checked: set FB_APP_ID (the app's numeric id)")
     if page_token is None:
-        return Line(None, "app mode not checked: no Page token is accepted")
+        return Line(None, "app mode not checked: no Page token passed its check")
     try:
         AdminGraph(config.fb_api_url, page_token, config.fb_app_secret).get(config.fb_app_id, fields="id,name")
     except GraphAPIError as error:

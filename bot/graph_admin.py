@@ -14,6 +14,8 @@ import requests
 from messenger.graph import GraphAPIError, _to_result, appsecret_proof
 
 TIMEOUT = (3.05, 10.0)  # (connect, read) seconds
+# Said when Graph did not answer at all (GraphAPIError.status is None): the network, not Meta.
+UNREACHABLE_HELP = "check that this host reaches FB_API_URL (its network, a firewall, HTTPS_PROXY)"
 
 
 class AdminGraph:

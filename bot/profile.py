@@ -23,7 +23,7 @@ import sys
 import tomllib
 from typing import Any
 
-from bot.graph_admin import AdminGraph
+from bot.graph_admin import UNREACHABLE_HELP, AdminGraph
 from config import Account, ConfigError, load_config
 from messenger.graph import GraphAPIError
 
@@ -63,8 +63,8 @@ def main(args: argparse.Namespace) -> int:
         return _apply(graph, account, current, desired, remove, args.dry_run)
     except GraphAPIError as error:
         if error.status is None:  # no answer at all: the network, not Meta
-            print(f"Page {account.label}: Meta's Graph API did not answer ({error.args[0]}): check that this host "
-                  "reaches FB_API_URL (its network, a firewall, HTTPS_PROXY)", file=sys.stderr)
+            print(f"Page {account.label}: Meta's Graph API did not answer ({error.args[0]}): {UNREACHABLE_HELP}",
+                  file=sys.stderr)
         else:
             print(f"Page {account.label}: Meta refused the call: {error}", file=sys.stderr)
         return 1

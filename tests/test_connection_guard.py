@@ -159,15 +159,59 @@ def test_an_answer_left_unread_makes_its_connection_closable_and_is_cut_off_afte
     assert stuck.closed and slow.closed_total.counts == {"unread": 1}
 
 
-def test_a_stop_closes_what_has_nothing_to_finish_and_each_answer_as_it_ends():
+def test_a_stop_closes_what_has_nothing_to_finish_then_what_ends_or_arrives_after_it():
     world = World(cap=5)
     silent, answering = world.connect("silent"), world.connect("answering")
     world.request(answering)
     world.guard.stop()
     assert silent.closed and not answering.closed
-    world.guard.answered(answering)
+    world.guard.answered(answering)  # an answer that ends after the stop
     assert answering.closed
+    late = world.connect("late")  # accepted before the stop, reported by asyncio a loop turn later
+    assert late.closed
     assert world.closed_total.counts == {}  # a stop is not trouble: not counted
+
+
+def test_reports_after_a_connection_is_gone_leave_nothing_behind():
+    """gunicorn re-feeds a pipelined request after the client hung up: its reports come late."""
+    world = World(cap=5)
+    gone = world.connect("gone")
+    world.request(gone)
+    world.guard.gone(gone)
+    world.guard.headers_in(gone)
+    world.guard.received(gone)
+    world.guard.answered(gone)
+    world.guard.stalled_writing(gone)
+    world.guard.closing_unsent(gone)
+    guard = world.guard
+    assert gone not in guard.closable and gone not in guard.busy and gone not in guard.stalled
+    assert not guard.deadlines and not guard.known
+
+
+def test_an_answer_still_unsent_when_gunicorn_closes_is_closable_and_dropped_after_the_stall_deadline():
+    world = World(cap=2, stall_seconds=30)
+    closing, reading = world.connect("closing"), world.connect("reading")
+    world.request(closing)
+    world.request(reading)
+    world.guard.closing_unsent(closing)  # Connection: close, its answer still buffered
+    world.connect("meta")
+    assert closing.closed and not reading.closed
+    again = World(cap=5, stall_seconds=30)
+    closing = again.connect("closing")
+    again.request(closing)
+    again.guard.closing_unsent(closing)
+    again.loop.advance(30.1)
+    assert closing.closed and again.closed_total.counts == {"unread": 1}
+
+
+def test_the_next_pipelined_requests_headers_end_the_busy_time_of_the_one_before():
+    world = World(cap=2)
+    piped = world.connect("piped")
+    world.request(piped)
+    world.guard.headers_in(piped)  # the next request, its body still coming
+    world.guard.stalled_writing(piped)
+    world.guard.resumed_writing(piped)
+    assert piped in world.guard.closable and piped not in world.guard.busy
 
 
 def test_a_connection_gone_by_itself_leaves_no_deadline_behind():
@@ -183,3 +227,17 @@ def test_the_cap_leaves_room_under_the_open_file_limit():
     assert connection_cap(1000, 65536, 384) == 1000
     assert connection_cap(1000, 1024, 384) == 640
     assert connection_cap(1000, 300, 384) == 1  # a line at start says to raise it
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one():
+    """As a worker does before it counts its places (the soft 1,024 or 256 is a default)."""
+    import subprocess
+    import sys
+
+    from tests.support import ROOT
+
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096)); "
+            "from bot.web.worker import raise_open_files_limit; "
+            "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.stdout.split(" ", 1) == ["4096", "(4096, 4096)\n"], done.stderr

@@ -68,7 +68,7 @@ def test_an_expired_token(env, graph):
     assert done.returncode == 1
     assert "A Page token that does not expire" in line(done.stdout, f"✗ Page {PAGE_ID}: the token is not valid")
     assert f"– Page {PAGE_ID}: webhook subscription not checked" in done.stdout
-    assert "– app mode not checked: no Page token is accepted" in done.stdout
+    assert "– app mode not checked: no Page token passed its check" in done.stdout
 
 
 def test_a_token_expiring_soon(env, graph):

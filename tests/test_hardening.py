@@ -129,7 +129,7 @@ def test_idle_connections_past_the_open_file_limit_do_not_lock_meta_out(graph, m
     finally:
         output = stop(process)
     assert "closed the one quiet longest" in output
-    assert "EMFILE" not in output and "Too many open files" not in output
+    assert "EMFILE" not in output and "Too many open files" not in output and "out of open files" not in output
 
 
 def read_until_closed(client: socket.socket, seconds: float = 5.0) -> bytes:
@@ -145,34 +145,52 @@ def read_until_closed(client: socket.socket, seconds: float = 5.0) -> bytes:
     return received
 
 
-def unread_clients(port: int, count: int, requests_each: int) -> list[socket.socket]:
-    """Clients that pipeline requests for /metrics (about 10 kB an answer) and never read: a small
-    receive window and segments as on the internet, so their answers back up on the server."""
+def unread_clients(port: int, count: int, requests_each: int, last_closes: bool) -> list[socket.socket]:
+    """Clients that pipeline requests for /metrics and never read: a small receive window and
+    segments as on the internet, so their answers back up on the server. `last_closes`: the last
+    request asks for `Connection: close`."""
+    last = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + (b"Connection: close\r\n" if last_closes else b"") + b"\r\n"
     clients = []
     for _ in range(count):
         client = socket.socket()
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
         client.connect(("127.0.0.1", port))
-        client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * requests_each)
+        client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * (requests_each - 1) + last)
         clients.append(client)
     return clients
 
 
-@pytest.mark.parametrize("requests_each", [150, 30])
-def test_clients_that_never_read_their_answers_do_not_lock_meta_out(graph, model, tmp_path, requests_each):
+def server_connections(port: int) -> int:
+    """Established connections whose server end is `port`, from the kernel's own table."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                local, state = row.split()[1], row.split()[3]
+                count += int(local.rsplit(":", 1)[1], 16) == port and state == "01"
+    return count
+
+
+@pytest.mark.parametrize("requests_each, last_closes", [(150, False), (30, False), (30, True)])
+def test_clients_that_never_read_their_answers_do_not_lock_meta_out(graph, model, tmp_path, requests_each,
+                                                                     last_closes):
     """150 answers fill the server's write buffer: the answer waits for the client for ever, a
     request in progress, and 16 of them took every place. 30 fit in the buffer: the connection is
-    answered, and gunicorn's keep-alive close waited for ever to send them, its file open."""
+    answered, and gunicorn's close (at its keep-alive's end, or asked for by the client) waited
+    for ever to send them, its file open."""
     port = free_port()
     env = {**base_env(graph, model, tmp_path), "PORT": str(port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "1"}
     process = start_gunicorn(env, tmp_path, open_files=400)  # a worker holds 16
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: is_up(url), 15), "gunicorn did not start"
-        clients = unread_clients(port, 20, requests_each)
+        clients = unread_clients(port, 20, requests_each, last_closes)
         try:
             time.sleep(3)  # past gunicorn's keep-alive (2 s): the worker has written all it can
+            if requests_each == 30 and not last_closes:  # the keep-alive's end dropped them, files and all
+                assert server_connections(port) == 0
             for i in range(25):  # more than there are such clients: each one's place must come back
                 started = time.monotonic()
                 assert post_delivery(url, text_body(f"m_unread_{i}", f"unread {i}")).status_code == 200

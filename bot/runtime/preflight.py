@@ -65,7 +65,8 @@ def check_error_log(path: str) -> None:
         with open(path, "a", encoding="utf-8"):
             pass
     except OSError as exc:
-        raise StartupProblem(f"cannot write ERROR_LOG_FILE {path} ({exc.strerror}): create it for the bot's user "
+        create = "create its folder, then the file" if exc.errno == errno.ENOENT else "create it"
+        raise StartupProblem(f"cannot write ERROR_LOG_FILE {path} ({exc.strerror}): {create} for the bot's user "
                              f"(sudo install -o USER -m 600 /dev/null {path}) or set ERROR_LOG_FILE to a file "
                              "inside DATA_DIR") from None
 

@@ -46,7 +46,7 @@ KNOWLEDGE = Counter("knowledge_searches_total", "Knowledge base searches for a r
 EMBEDDING_TOKENS = Counter("openai_embedding_tokens_total", "Embedding tokens spent on users' questions "
                            "(they count toward DAILY_TOKEN_BUDGET too).")
 CONNECTIONS_CLOSED = Counter("http_connections_closed_total", "Connections the web workers cut off, by reason: "
-                             "header-timeout (HEADER_TIMEOUT passed), unread (an answer left unread 30 s), room (one "
+                             "header-timeout (HEADER_TIMEOUT passed), unread (an answer unsent for 30 s), room (one "
                              "closed to make room at the most connections a worker holds), refused (a new one, "
                              "every other being answered).", ["reason"])
 REPLY_LATENCY = Histogram(

@@ -8,13 +8,16 @@ EMFILE tracebacks until gunicorn killed it 30 s later). Here:
 
 - a connection must send its first request line and headers within `header_seconds` of opening
   (gunicorn's own `keepalive` timer bounds the wait for each later request, and bot/web/asgi.py
-  the wait for a body);
-- a client that leaves an answer unread (the write buffer full) for `stall_seconds` is cut off;
-- a worker holds at most `connection_cap` connections (`worker_connections`, and always room
-  under its open-file limit). Past it, a closable connection is closed to make room: one with no
-  request in progress (opening, still sending one, kept alive after its answer) or one whose
-  client is not reading, the one quiet longest first. So a crowd of slow or silent sockets
-  cannot lock Meta out. A request fully received, with its client reading, is never cut short.
+  the wait for a webhook's body);
+- an answer that fills the write buffer (64 KB) and stays unread for `stall_seconds`, or that
+  is still unsent when gunicorn closes the connection, is dropped with its connection after
+  `stall_seconds` (gunicorn waited for ever to send it, its file open);
+- a worker holds about `connection_cap` connections (`worker_connections`, and always room
+  under its open-file limit, which it first raises to the hard limit). Past it, a closable
+  connection is closed to make room: one with no request fully received (opening, sending one,
+  kept alive after its answer) or one whose client is not reading, the one quiet longest first.
+  So a crowd of slow or silent sockets cannot lock Meta out. A request fully received whose
+  client reads its answer is never cut short.
 - a stop closes the closable connections at once (gunicorn waited for each to end by itself).
 
 Used by the webhook workers (gunicorn.conf.py) and the website chat (bot/webchat/serve.py).
@@ -53,12 +56,26 @@ def connection_cap(worker_connections: int, open_files_limit: int, reserved_file
     return max(1, min(worker_connections, open_files_limit - reserved_files))
 
 
+def raise_open_files_limit(most: int = 65536) -> int:
+    """The soft open-file limit raised to the hard one (at most `most`), as servers do: the soft
+    1,024 (256 on macOS) is a default, not a choice. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = most if hard == resource.RLIM_INFINITY else min(hard, most)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 class ConnectionGuard:
     """One worker's closable connections, quiet longest first, and their deadlines.
 
-    A connection is closable while it has no request in progress (from opening, or from its last
-    answer, until a request is fully in) and while its client leaves an answer unread. Times
-    come from the event loop's clock (`loop.time`, `loop.call_later`)."""
+    A connection is closable while no request of it is fully received (from opening, or from its
+    last answer, until the next request is all in) and while its client leaves an answer unread.
+    Times come from the event loop's clock (`loop.time`, `loop.call_later`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, cap: int, header_seconds: float,
                  stall_seconds: float = STALL_SECONDS, closed_total=None):
@@ -67,6 +84,7 @@ class ConnectionGuard:
         self.header_seconds = header_seconds
         self.stall_seconds = stall_seconds
         self.closed_total = closed_total  # a Counter by reason (bot.telemetry.metrics), or None
+        self.known: set[GuardedProtocol] = set()  # opened and not gone: reports for others are late
         self.closable: dict[GuardedProtocol, None] = {}  # insertion order: quiet longest first
         self.busy: set[GuardedProtocol] = set()  # a request fully in, its answer not yet out
         self.stalled: set[GuardedProtocol] = set()  # the client is not reading its answer
@@ -76,6 +94,9 @@ class ConnectionGuard:
 
     # -- what the protocol reports --------------------------------------------------------------
     def opened(self, connection: "GuardedProtocol", open_connections: int) -> None:
+        if self.stopping:  # accepted just before the stop: asyncio reports it a loop turn later
+            connection.close_now()
+            return
         if open_connections > self.cap:
             oldest = next(iter(self.closable), None)
             if oldest is None:  # every connection is being answered: the newcomer goes
@@ -84,6 +105,7 @@ class ConnectionGuard:
                 return
             self._close(oldest, "room", "%d connections open, the most this worker holds (worker_connections, "
                         "open files): closed the one quiet longest")
+        self.known.add(connection)
         self.closable[connection] = None
         self._deadline(connection, self.header_seconds, "header-timeout")
 
@@ -94,19 +116,27 @@ class ConnectionGuard:
             self.closable[connection] = None
 
     def headers_in(self, connection: "GuardedProtocol") -> None:
-        """A request's headers are in; its body may still be on its way (closable until it is)."""
+        """A request's headers are in; its body may still be on its way (closable until it is).
+        gunicorn parses a pipelined request once the answer before it is out."""
+        if connection not in self.known:  # gone: gunicorn re-feeds a pipelined tail after a hang-up
+            return
+        self.busy.discard(connection)
         if connection not in self.stalled:
             self._cancel_deadline(connection)
         self.closable.setdefault(connection, None)
 
     def received(self, connection: "GuardedProtocol") -> None:
         """The request is in: its connection is not closable while it is being answered."""
+        if connection not in self.known:
+            return
         self.busy.add(connection)
         if connection not in self.stalled:
             self.closable.pop(connection, None)
 
     def answered(self, connection: "GuardedProtocol") -> None:
         """The answer is out and no request is in progress: closable again, as the newest."""
+        if connection not in self.known:
+            return
         self.busy.discard(connection)
         if self.stopping:  # no other request is coming
             self._close(connection)
@@ -115,6 +145,8 @@ class ConnectionGuard:
         self.closable[connection] = None
 
     def stalled_writing(self, connection: "GuardedProtocol") -> None:
+        if connection not in self.known:
+            return
         self.stalled.add(connection)
         self.closable.pop(connection, None)
         self.closable[connection] = None
@@ -127,7 +159,19 @@ class ConnectionGuard:
             if connection in self.busy:
                 self.closable.pop(connection, None)
 
+    def closing_unsent(self, connection: "GuardedProtocol") -> None:
+        """gunicorn closes the connection (`Connection: close`, an error) with its answer not all
+        sent: closable, and dropped if still unsent after `stall_seconds`."""
+        if connection not in self.known or connection in self.stalled:
+            return
+        self.busy.discard(connection)
+        self.stalled.add(connection)
+        self.closable.pop(connection, None)
+        self.closable[connection] = None
+        self._deadline(connection, self.stall_seconds, "unread")
+
     def gone(self, connection: "GuardedProtocol") -> None:
+        self.known.discard(connection)
         self._cancel_deadline(connection)
         self.closable.pop(connection, None)
         self.busy.discard(connection)
@@ -193,10 +237,15 @@ class GuardedProtocol(ASGIProtocol):
         return super()._arm_keepalive_timer()
 
     def _keepalive_timeout(self):
+        if self._request_ready is not None and self._request_ready.is_set() and self._current_request is not None:
+            return  # a request's headers came in this very loop turn: it is served
         # gunicorn's close waits to send what is buffered: for a client that does not read, for ever.
         self.close_now()
-        if self._request_ready is not None:
-            self._request_ready.set()
+
+    def _close_transport(self):
+        super()._close_transport()
+        if self.transport is not None and self.transport.get_write_buffer_size():
+            self.worker.guard.closing_unsent(self)
 
     def pause_writing(self):
         super().pause_writing()
@@ -243,7 +292,7 @@ class GuardedASGIWorker(gasgi.ASGIWorker):
         # (multiprocess) storage once, when first imported.
         from bot.telemetry.metrics import CONNECTIONS_CLOSED
 
-        soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        soft_limit = raise_open_files_limit()
         cap = connection_cap(self.worker_connections, soft_limit, self.reserved_files)
         if cap < LOW_CAP:
             log.warning("this worker can hold only %d connections: its open-file limit (ulimit -n) is %d; "
@@ -263,6 +312,7 @@ class GuardedASGIWorker(gasgi.ASGIWorker):
         loop.default_exception_handler(context)
 
     async def _shutdown(self):
-        # No await before gunicorn's own _shutdown stops accepting: no connection slips in between.
+        # No await before gunicorn's own _shutdown stops accepting; a connection accepted before it
+        # and reported after is closed in `opened`.
         self.guard.stop()
         await super()._shutdown()
