@@ -185,6 +185,7 @@ def test_reports_after_a_connection_is_gone_leave_nothing_behind():
     world.guard.closing_unsent(gone)
     guard = world.guard
     assert gone not in guard.closable and gone not in guard.busy and gone not in guard.stalled
+    assert gone not in guard.closing
     assert not guard.deadlines and not guard.known
 
 
@@ -200,7 +201,10 @@ def test_an_answer_still_unsent_when_gunicorn_closes_is_closable_and_dropped_aft
     closing = again.connect("closing")
     again.request(closing)
     again.guard.closing_unsent(closing)
-    again.loop.advance(30.1)
+    again.guard.stalled_writing(closing)
+    again.loop.advance(20)
+    again.guard.resumed_writing(closing)  # it read a little: its deadline still stands
+    again.loop.advance(10.1)
     assert closing.closed and again.closed_total.counts == {"unread": 1}
 
 

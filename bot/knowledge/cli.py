@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     remove.add_argument("--page", help="the Page the source was added for")
     search = actions.add_parser("search", help="the chunks (and scores) the bot would use for a question")
     search.add_argument("question")
-    search.add_argument("--page", help="as this Page's answers would search")
+    search.add_argument("--page", help="as this Page's answers would search (default: the only Page; with "
+                                       "several, the sources added for every Page)")
     search.add_argument("--top-k", type=int, help="how many (default: KNOWLEDGE_TOP_K)")
     search.add_argument("--json", action="store_true", help="one JSON object per chunk")
 

@@ -88,6 +88,7 @@ class ConnectionGuard:
         self.closable: dict[GuardedProtocol, None] = {}  # insertion order: quiet longest first
         self.busy: set[GuardedProtocol] = set()  # a request fully in, its answer not yet out
         self.stalled: set[GuardedProtocol] = set()  # the client is not reading its answer
+        self.closing: set[GuardedProtocol] = set()  # closed by gunicorn, its answer not all sent
         self.deadlines: dict[GuardedProtocol, asyncio.TimerHandle] = {}  # headers, or an unread answer
         self.stopping = False
         self._warned_at: dict[str, float] = {}
@@ -145,7 +146,7 @@ class ConnectionGuard:
         self.closable[connection] = None
 
     def stalled_writing(self, connection: "GuardedProtocol") -> None:
-        if connection not in self.known:
+        if connection not in self.known or connection in self.closing:  # closing: its deadline stands
             return
         self.stalled.add(connection)
         self.closable.pop(connection, None)
@@ -153,7 +154,7 @@ class ConnectionGuard:
         self._deadline(connection, self.stall_seconds, "unread")
 
     def resumed_writing(self, connection: "GuardedProtocol") -> None:
-        if connection in self.stalled:
+        if connection in self.stalled and connection not in self.closing:  # closing: its deadline stands
             self.stalled.discard(connection)
             self._cancel_deadline(connection)
             if connection in self.busy:
@@ -162,9 +163,10 @@ class ConnectionGuard:
     def closing_unsent(self, connection: "GuardedProtocol") -> None:
         """gunicorn closes the connection (`Connection: close`, an error) with its answer not all
         sent: closable, and dropped if still unsent after `stall_seconds`."""
-        if connection not in self.known or connection in self.stalled:
+        if connection not in self.known or connection in self.closing:
             return
         self.busy.discard(connection)
+        self.closing.add(connection)
         self.stalled.add(connection)
         self.closable.pop(connection, None)
         self.closable[connection] = None
@@ -176,6 +178,7 @@ class ConnectionGuard:
         self.closable.pop(connection, None)
         self.busy.discard(connection)
         self.stalled.discard(connection)
+        self.closing.discard(connection)
 
     def stop(self) -> None:
         """The worker is stopping: closable connections have nothing to finish, and gunicorn would

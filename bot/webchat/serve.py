@@ -17,8 +17,8 @@ import threading
 from gunicorn.app.base import BaseApplication
 
 from bot.storage.instance import WEBCHAT_LOCK, take_process_lock
-from bot.web.worker import RESERVED_FILES
 from bot.telemetry.logs import configure_logging
+from bot.web.worker import RESERVED_FILES
 from config import Config, load_config_or_exit
 
 # The lowest priority: behind the webhook workers (0) and the reply process (10), so web visitors
@@ -37,7 +37,7 @@ class WebchatApplication(BaseApplication):
         settings = {
             "bind": f"[{host}]:{self.config.webchat_port}" if ":" in host else f"{host}:{self.config.webchat_port}",
             "worker_class": "bot.web.worker.GuardedASGIWorker", "workers": 1, "timeout": 30,
-            "control_socket_disable": True, "post_fork": _header_deadline(self.config),
+            "control_socket_disable": True, "post_fork": _worker_settings(self.config),
             "graceful_timeout": int(self.config.reply_deadline_seconds + 5),
             "forwarded_allow_ips": ",".join(self.config.forwarded_allow_ips),
             "logger_class": "bot.telemetry.gunicorn_logger.ScrubbingLogger", "accesslog": "-",
@@ -53,7 +53,7 @@ class WebchatApplication(BaseApplication):
         return build_server(self.config)
 
 
-def _header_deadline(config: Config):
+def _worker_settings(config: Config):
     def post_fork(server, worker) -> None:
         worker.header_seconds = config.header_timeout
         worker.reserved_files = RESERVED_FILES + config.webchat_threads  # a model connection per answer
