@@ -9,6 +9,7 @@ import signal
 import socket
 import sqlite3
 import stat
+import subprocess
 import time
 
 import pytest
@@ -225,6 +226,19 @@ def test_a_connection_that_does_not_finish_its_headers_in_time_is_closed(graph, 
                 assert session.get(url + "/healthz", timeout=5).status_code == 200
     finally:
         stop(process)
+
+
+def listen_backlogs(port: int) -> set[int]:
+    """The accept queues' lengths of the sockets listening on `port` (ss's Send-Q)."""
+    listed = subprocess.run(["ss", "-ltnH", f"( sport = :{port} )"], capture_output=True, text=True).stdout
+    return {int(line.split()[2]) for line in listed.splitlines()}
+
+
+def test_the_workers_listen_with_gunicorns_backlog_not_asyncios_100(bot):
+    """A burst of more than 100 deliveries waiting to be accepted must not lose connections."""
+    _, port, _ = bot
+    with open("/proc/sys/net/core/somaxconn") as limit:
+        assert listen_backlogs(port) == {min(2048, int(limit.read()))}
 
 
 def test_a_stop_does_not_wait_for_connections_with_no_request_in_progress(graph, model, tmp_path):

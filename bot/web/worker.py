@@ -18,7 +18,8 @@ EMFILE tracebacks until gunicorn killed it 30 s later). Here:
   kept alive after its answer) or one whose client is not reading, the one quiet longest first.
   So a crowd of slow or silent sockets cannot lock Meta out. A request fully received whose
   client reads its answer is never cut short.
-- a stop closes the closable connections at once (gunicorn waited for each to end by itself).
+- a stop closes the closable connections at once (gunicorn waited for each to end by itself);
+- the listening socket keeps gunicorn's `backlog` (2048): asyncio re-listened with 100.
 
 Used by the webhook workers (gunicorn.conf.py) and the website chat (bot/webchat/serve.py).
 """
@@ -302,7 +303,20 @@ class GuardedASGIWorker(gasgi.ASGIWorker):
                         "raise it (the systemd unit sets LimitNOFILE=65536)", cap, soft_limit)
         self.guard = ConnectionGuard(self.loop, cap, self.header_seconds, closed_total=CONNECTIONS_CLOSED)
         self.loop.set_exception_handler(self._loop_exception)
+        self._listen_with_gunicorns_backlog()
         await super()._serve()
+
+    def _listen_with_gunicorns_backlog(self) -> None:
+        """gunicorn hands its listening sockets to asyncio's create_server without a backlog, and
+        asyncio listens again with its default of 100, not gunicorn's `backlog` (2048): a burst of
+        deliveries past 100 waiting connections would lose SYNs, each retried a second later."""
+        create_server = self.loop.create_server
+        backlog = self.cfg.backlog
+
+        async def with_backlog(*args, **kwargs):
+            kwargs.setdefault("backlog", backlog)
+            return await create_server(*args, **kwargs)
+        self.loop.create_server = with_backlog
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         # Out of open files, asyncio pauses accepting for a second and says so each time, with a
