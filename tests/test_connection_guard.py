@@ -6,7 +6,7 @@ from __future__ import annotations
 import heapq
 import itertools
 
-from bot.web.worker import ConnectionGuard, connection_cap
+from bot.web.worker import ConnectionGuard, connection_cap, connection_ceiling
 
 
 class FakeLoop:
@@ -68,9 +68,11 @@ class Counter:
 class World:
     """A guard with `cap` connections at most, and the connections it has seen opened."""
 
-    def __init__(self, cap: int = 3, header_seconds: float = 10.0, stall_seconds: float = 30.0):
+    def __init__(self, cap: int = 3, header_seconds: float = 10.0, stall_seconds: float = 30.0,
+                 ceiling: int | None = None):
         self.loop, self.closed_total = FakeLoop(), Counter()
-        self.guard = ConnectionGuard(self.loop, cap, header_seconds, stall_seconds, closed_total=self.closed_total)
+        self.guard = ConnectionGuard(self.loop, cap, header_seconds, stall_seconds, closed_total=self.closed_total,
+                                     ceiling=ceiling)
         self.open: list[Connection] = []
 
     def connect(self, name: str) -> Connection:
@@ -101,13 +103,18 @@ def test_past_the_cap_the_connection_quiet_longest_goes_and_one_being_answered_n
     assert world.closed_total.counts == {"room": 2}
 
 
-def test_with_every_connection_being_answered_a_new_one_is_refused():
-    world = World(cap=2)
+def test_with_every_connection_being_answered_new_ones_come_in_until_the_open_files_run_out():
+    """Busy, well-behaved clients (each with a request always in flight) past the cap must not
+    lock Meta out: the new one comes in while the worker's open files allow."""
+    world = World(cap=2, ceiling=3)
     first, second = world.connect("first"), world.connect("second")
     world.request(first)
     world.request(second)
-    newcomer = world.connect("newcomer")
-    assert newcomer.closed and not first.closed and not second.closed
+    meta = world.connect("meta")
+    assert not any(c.closed for c in (first, second, meta))
+    world.request(meta)
+    last = world.connect("last")
+    assert last.closed and not any(c.closed for c in (first, second, meta))
     assert world.closed_total.counts == {"refused": 1}
 
 
@@ -227,9 +234,9 @@ def test_a_connection_gone_by_itself_leaves_no_deadline_behind():
     assert not world.guard.deadlines and not world.guard.closable
 
 
-def test_the_cap_leaves_room_under_the_open_file_limit():
-    assert connection_cap(1000, 65536, 384) == 1000
-    assert connection_cap(1000, 1024, 384) == 640
+def test_the_cap_and_the_ceiling_leave_room_under_the_open_file_limit():
+    assert connection_cap(1000, 65536, 384) == 1000 and connection_ceiling(65536, 384) == 65152
+    assert connection_cap(1000, 1024, 384) == 640 == connection_ceiling(1024, 384)
     assert connection_cap(1000, 300, 384) == 1  # a line at start says to raise it
 
 

@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import stat
 import subprocess
+import threading
 import time
 
 import pytest
@@ -119,9 +120,9 @@ def test_idle_connections_past_the_open_file_limit_do_not_lock_meta_out(graph, m
                 started = time.monotonic()
                 assert post_delivery(url, text_body(f"m_room_{i}", f"room {i}")).status_code == 200
                 assert time.monotonic() - started < 2.0
-            # The connection quiet longest was closed to make room (before or after it was answered).
-            sent = read_until_closed(idle[0])
-            assert sent == b"" or (crowd in ANSWERED_FIRST and sent.startswith(b"HTTP/1.1 200"))
+            if crowd not in ANSWERED_FIRST:  # the first one opened is the one quiet longest: closed for room
+                assert read_until_closed(idle[0]) == b""
+            # (An answered one is quiet from its answer on, and the 700 are answered in no set order.)
             assert 'http_connections_closed_total{reason="room"}' in requests.get(url + "/metrics", timeout=5).text
         finally:
             for s in idle:
@@ -190,8 +191,8 @@ def test_clients_that_never_read_their_answers_do_not_lock_meta_out(graph, model
         clients = unread_clients(port, 20, requests_each, last_closes)
         try:
             time.sleep(3)  # past gunicorn's keep-alive (2 s): the worker has written all it can
-            if requests_each == 30 and not last_closes:  # the keep-alive's end dropped them, files and all
-                assert server_connections(port) == 0
+            if requests_each == 30 and not last_closes:  # the keep-alive's end drops them, files and all
+                assert wait_until(lambda: server_connections(port) == 0, 10)
             for i in range(25):  # more than there are such clients: each one's place must come back
                 started = time.monotonic()
                 assert post_delivery(url, text_body(f"m_unread_{i}", f"unread {i}")).status_code == 200
@@ -199,6 +200,46 @@ def test_clients_that_never_read_their_answers_do_not_lock_meta_out(graph, model
         finally:
             for client in clients:
                 client.close()
+    finally:
+        stop(process)
+
+
+def test_busy_clients_that_read_every_answer_do_not_lock_meta_out(graph, model, tmp_path):
+    """24 clients, each with two requests always in flight, and reading every answer: none is ever
+    closable. Past the cap (16 here) new connections still come in while the open files allow
+    (128 here); refusing them turned such a crowd into a webhook outage."""
+    port = free_port()
+    env = {**base_env(graph, model, tmp_path), "PORT": str(port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "1",
+           "GUNICORN_CMD_ARGS": "--worker-connections 16"}
+    process = start_gunicorn(env, tmp_path, open_files=512)
+    url = f"http://127.0.0.1:{port}"
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    done, answered = threading.Event(), []
+
+    def busy_client() -> None:
+        while not done.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port)) as client:
+                    client.settimeout(5)
+                    client.sendall(request * 2)
+                    while not done.is_set() and (data := client.recv(65536)):
+                        count = data.count(b"HTTP/1.1 200")
+                        answered.append(count)
+                        client.sendall(request * count)
+            except OSError:  # closed to make room between two answers (quiet for that moment): again
+                pass
+
+    try:
+        assert wait_until(lambda: is_up(url), 15), "gunicorn did not start"
+        crowd = [threading.Thread(target=busy_client, daemon=True) for _ in range(24)]
+        for client in crowd:
+            client.start()
+        assert wait_until(lambda: sum(answered) > 200, 15), "the crowd was not answered"
+        for i in range(10):
+            assert post_delivery(url, text_body(f"m_busy_{i}", f"busy {i}")).status_code == 200
+        done.set()
+        for client in crowd:
+            client.join(10)
     finally:
         stop(process)
 

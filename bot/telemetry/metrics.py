@@ -48,7 +48,7 @@ EMBEDDING_TOKENS = Counter("openai_embedding_tokens_total", "Embedding tokens sp
 CONNECTIONS_CLOSED = Counter("http_connections_closed_total", "Connections the web workers cut off, by reason: "
                              "header-timeout (HEADER_TIMEOUT passed), unread (an answer unsent for 30 s), room (one "
                              "closed to make room at the most connections a worker holds), refused (a new one, "
-                             "every other being answered).", ["reason"])
+                             "every other being answered and no open file left).", ["reason"])
 REPLY_LATENCY = Histogram(
     "messenger_reply_latency_seconds", "From webhook received to the reply's last part sent.",
     buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120),

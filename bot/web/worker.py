@@ -17,7 +17,9 @@ EMFILE tracebacks until gunicorn killed it 30 s later). Here:
   connection is closed to make room: one with no request fully received (opening, sending one,
   kept alive after its answer) or one whose client is not reading, the one quiet longest first.
   So a crowd of slow or silent sockets cannot lock Meta out. A request fully received whose
-  client reads its answer is never cut short.
+  client reads its answer is never cut short; with none closable, new connections are still let
+  in up to what the open files allow (`connection_ceiling`), so neither can a crowd of busy,
+  well-behaved clients.
 - a stop closes the closable connections at once (gunicorn waited for each to end by itself);
 - the listening socket keeps gunicorn's `backlog` (2048): asyncio re-listened with 100.
 
@@ -51,10 +53,18 @@ log = logging.getLogger("bot.web.worker")
 
 
 def connection_cap(worker_connections: int, open_files_limit: int, reserved_files: int) -> int:
-    """How many connections one worker may hold: gunicorn's setting, within its open files."""
+    """How many connections one worker holds before it closes closable ones to make room:
+    gunicorn's setting, within its open files."""
+    return min(worker_connections, connection_ceiling(open_files_limit, reserved_files))
+
+
+def connection_ceiling(open_files_limit: int, reserved_files: int) -> int:
+    """How many connections one worker's open files allow: past the cap, with none closable (every
+    one being answered), new ones are still let in up to here - refusing them would let a crowd
+    of busy but well-behaved clients lock Meta out."""
     if open_files_limit == resource.RLIM_INFINITY:
-        return worker_connections
-    return max(1, min(worker_connections, open_files_limit - reserved_files))
+        return 1_000_000
+    return max(1, open_files_limit - reserved_files)
 
 
 def raise_open_files_limit(most: int = 65536) -> int:
@@ -79,9 +89,10 @@ class ConnectionGuard:
     Times come from the event loop's clock (`loop.time`, `loop.call_later`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, cap: int, header_seconds: float,
-                 stall_seconds: float = STALL_SECONDS, closed_total=None):
+                 stall_seconds: float = STALL_SECONDS, closed_total=None, ceiling: int | None = None):
         self.loop = loop
         self.cap = cap
+        self.ceiling = max(cap, ceiling or cap)
         self.header_seconds = header_seconds
         self.stall_seconds = stall_seconds
         self.closed_total = closed_total  # a Counter by reason (bot.telemetry.metrics), or None
@@ -101,12 +112,13 @@ class ConnectionGuard:
             return
         if open_connections > self.cap:
             oldest = next(iter(self.closable), None)
-            if oldest is None:  # every connection is being answered: the newcomer goes
-                self._close(connection, "refused", "%d connections open, the most this worker holds, all of them "
-                            "being answered: closed a new one")
+            if oldest is not None:
+                self._close(oldest, "room", "%d connections open, the most this worker holds (worker_connections, "
+                            "open files): closed the one quiet longest", self.cap)
+            elif open_connections > self.ceiling:  # every one is being answered, and no file is left
+                self._close(connection, "refused", "%d connections open, all of them being answered, and no open "
+                            "file left for more: closed a new one", self.ceiling)
                 return
-            self._close(oldest, "room", "%d connections open, the most this worker holds (worker_connections, "
-                        "open files): closed the one quiet longest")
         self.known.add(connection)
         self.closable[connection] = None
         self._deadline(connection, self.header_seconds, "header-timeout")
@@ -198,13 +210,13 @@ class ConnectionGuard:
         if timer is not None:
             timer.cancel()
 
-    def _close(self, connection: "GuardedProtocol", reason: str | None = None, warning: str = "") -> None:
+    def _close(self, connection: "GuardedProtocol", reason: str | None = None, warning: str = "", *args) -> None:
         self.gone(connection)
         connection.close_now()
         if reason and self.closed_total is not None:
             self.closed_total.labels(reason).inc()
         if warning:
-            self.warn(reason, warning, self.cap)
+            self.warn(reason, warning, *args)
 
     def warn(self, kind: str, message: str, *args) -> None:
         """`message`, at most once a minute for each kind."""
@@ -301,7 +313,8 @@ class GuardedASGIWorker(gasgi.ASGIWorker):
         if cap < LOW_CAP:
             log.warning("this worker can hold only %d connections: its open-file limit (ulimit -n) is %d; "
                         "raise it (the systemd unit sets LimitNOFILE=65536)", cap, soft_limit)
-        self.guard = ConnectionGuard(self.loop, cap, self.header_seconds, closed_total=CONNECTIONS_CLOSED)
+        self.guard = ConnectionGuard(self.loop, cap, self.header_seconds, closed_total=CONNECTIONS_CLOSED,
+                                     ceiling=connection_ceiling(soft_limit, self.reserved_files))
         self.loop.set_exception_handler(self._loop_exception)
         self._listen_with_gunicorns_backlog()
         await super()._serve()
@@ -309,13 +322,17 @@ class GuardedASGIWorker(gasgi.ASGIWorker):
     def _listen_with_gunicorns_backlog(self) -> None:
         """gunicorn hands its listening sockets to asyncio's create_server without a backlog, and
         asyncio listens again with its default of 100, not gunicorn's `backlog` (2048): a burst of
-        deliveries past 100 waiting connections would lose SYNs, each retried a second later."""
+        deliveries past 100 waiting connections would lose SYNs, each retried a second later.
+        The kernel's queue gets gunicorn's length back once asyncio has listened; asyncio keeps
+        its 100 as the most it accepts in one go (with 2048 a flood took 2048 files at once)."""
         create_server = self.loop.create_server
         backlog = self.cfg.backlog
 
         async def with_backlog(*args, **kwargs):
-            kwargs.setdefault("backlog", backlog)
-            return await create_server(*args, **kwargs)
+            server = await create_server(*args, **kwargs)
+            if kwargs.get("sock") is not None:
+                kwargs["sock"].listen(backlog)
+            return server
         self.loop.create_server = with_backlog
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
