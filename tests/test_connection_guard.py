@@ -133,12 +133,29 @@ def test_headers_must_be_in_within_the_deadline_and_a_body_still_coming_stays_cl
     assert uploading.closed  # closable until its body is in: it made room
 
 
-def test_a_kept_alive_connection_after_its_answer_is_closable_again_as_the_newest():
+def test_a_connection_idle_after_its_answer_goes_before_a_fresh_one_waiting_for_its_request():
+    """A crowd whose connections are answered and reconnect at once must not push out a fresh
+    connection (Meta's) before its request is in."""
+    world = World(cap=3)
+    crowd = world.connect("crowd")
+    world.request(crowd)
+    meta = world.connect("meta")  # fresh: its bytes not read yet
+    world.guard.answered(crowd)  # idle from now: newer than `meta`, and still the first to go
+    world.connect("crowd again")
+    world.connect("crowd once more")
+    assert crowd.closed and not meta.closed
+    world.guard.active(meta)
+    world.request(meta)
+    assert not meta.closed and world.closed_total.counts == {"room": 1}
+
+
+def test_a_kept_alive_connection_starting_its_next_request_waits_with_the_fresh_ones():
     world = World(cap=2)
     kept = world.connect("kept")
     world.request(kept)
+    world.guard.answered(kept)
     other = world.connect("other")
-    world.guard.answered(kept)  # quiet from now: newer than `other`
+    world.guard.active(kept)  # its next request is coming: after `other` in the queue
     world.connect("meta")
     assert other.closed and not kept.closed
 

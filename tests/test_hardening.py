@@ -235,19 +235,20 @@ def test_busy_clients_that_read_every_answer_do_not_lock_meta_out(graph, model, 
             except OSError:  # closed to make room between two answers (quiet for that moment): again
                 pass
 
+    crowd = [threading.Thread(target=busy_client, daemon=True) for _ in range(24)]
     try:
         assert wait_until(lambda: is_up(url), 15), "gunicorn did not start"
-        crowd = [threading.Thread(target=busy_client, daemon=True) for _ in range(24)]
         for client in crowd:
             client.start()
         assert wait_until(lambda: sum(answered) > 200, 15), "the crowd was not answered"
         for i in range(10):
             assert post_delivery(url, text_body(f"m_busy_{i}", f"busy {i}")).status_code == 200
-        done.set()
-        for client in crowd:
-            client.join(10)
     finally:
+        done.set()  # whatever happened: the crowd's threads must not outlive the test
         stop(process)
+        for client in crowd:
+            if client.is_alive():
+                client.join(10)
 
 
 @pytest.mark.parametrize("sent", [b"", b"POST /webhook HTTP/1.1\r\nHost: x\r\n"])

@@ -82,10 +82,13 @@ def raise_open_files_limit(most: int = 65536) -> int:
 
 
 class ConnectionGuard:
-    """One worker's closable connections, quiet longest first, and their deadlines.
+    """One worker's closable connections, in the order they go, and their deadlines.
 
     A connection is closable while no request of it is fully received (from opening, or from its
     last answer, until the next request is all in) and while its client leaves an answer unread.
+    Past the cap the first to go is the one idle longest after an answer (kept alive, or its
+    answer unread), then the one waiting longest for its request to come in: a fresh connection
+    (Meta's, say) is never closed for a crowd that keeps reconnecting between its answers.
     Times come from the event loop's clock (`loop.time`, `loop.call_later`)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, cap: int, header_seconds: float,
@@ -97,7 +100,9 @@ class ConnectionGuard:
         self.stall_seconds = stall_seconds
         self.closed_total = closed_total  # a Counter by reason (bot.telemetry.metrics), or None
         self.known: set[GuardedProtocol] = set()  # opened and not gone: reports for others are late
-        self.closable: dict[GuardedProtocol, None] = {}  # insertion order: quiet longest first
+        # Closable, each in insertion order (quiet longest first): after an answer, then coming in.
+        self.idle: dict[GuardedProtocol, None] = {}
+        self.receiving: dict[GuardedProtocol, None] = {}
         self.busy: set[GuardedProtocol] = set()  # a request fully in, its answer not yet out
         self.stalled: set[GuardedProtocol] = set()  # the client is not reading its answer
         self.closing: set[GuardedProtocol] = set()  # closed by gunicorn, its answer not all sent
@@ -105,29 +110,34 @@ class ConnectionGuard:
         self.stopping = False
         self._warned_at: dict[str, float] = {}
 
+    @property
+    def closable(self) -> set["GuardedProtocol"]:
+        return set(self.idle) | set(self.receiving)
+
     # -- what the protocol reports --------------------------------------------------------------
     def opened(self, connection: "GuardedProtocol", open_connections: int) -> None:
         if self.stopping:  # accepted just before the stop: asyncio reports it a loop turn later
             connection.close_now()
             return
         if open_connections > self.cap:
-            oldest = next(iter(self.closable), None)
-            if oldest is not None:
-                self._close(oldest, "room", "%d connections open, the most this worker holds (worker_connections, "
+            first = next(iter(self.idle), None) or next(iter(self.receiving), None)
+            if first is not None:
+                self._close(first, "room", "%d connections open, the most this worker holds (worker_connections, "
                             "open files): closed the one quiet longest", self.cap)
             elif open_connections > self.ceiling:  # every one is being answered, and no file is left
                 self._close(connection, "refused", "%d connections open, all of them being answered, and no open "
                             "file left for more: closed a new one", self.ceiling)
                 return
         self.known.add(connection)
-        self.closable[connection] = None
+        self.receiving[connection] = None
         self._deadline(connection, self.header_seconds, "header-timeout")
 
     def active(self, connection: "GuardedProtocol") -> None:
-        """Bytes came in: a closable connection that is sending is the last to go."""
-        if connection in self.closable:
-            del self.closable[connection]
-            self.closable[connection] = None
+        """Bytes came in: a request is coming (the one sending goes last among those waiting)."""
+        if connection in self.receiving or (connection in self.idle and connection not in self.stalled):
+            self.idle.pop(connection, None)
+            self.receiving.pop(connection, None)
+            self.receiving[connection] = None
 
     def headers_in(self, connection: "GuardedProtocol") -> None:
         """A request's headers are in; its body may still be on its way (closable until it is).
@@ -137,7 +147,8 @@ class ConnectionGuard:
         self.busy.discard(connection)
         if connection not in self.stalled:
             self._cancel_deadline(connection)
-        self.closable.setdefault(connection, None)
+            self.idle.pop(connection, None)
+            self.receiving.setdefault(connection, None)
 
     def received(self, connection: "GuardedProtocol") -> None:
         """The request is in: its connection is not closable while it is being answered."""
@@ -145,25 +156,24 @@ class ConnectionGuard:
             return
         self.busy.add(connection)
         if connection not in self.stalled:
-            self.closable.pop(connection, None)
+            self.idle.pop(connection, None)
+            self.receiving.pop(connection, None)
 
     def answered(self, connection: "GuardedProtocol") -> None:
-        """The answer is out and no request is in progress: closable again, as the newest."""
+        """The answer is out and no request is in progress: closable again, idle from now."""
         if connection not in self.known:
             return
         self.busy.discard(connection)
         if self.stopping:  # no other request is coming
             self._close(connection)
             return
-        self.closable.pop(connection, None)
-        self.closable[connection] = None
+        self._idle_from_now(connection)
 
     def stalled_writing(self, connection: "GuardedProtocol") -> None:
         if connection not in self.known or connection in self.closing:  # closing: its deadline stands
             return
         self.stalled.add(connection)
-        self.closable.pop(connection, None)
-        self.closable[connection] = None
+        self._idle_from_now(connection)
         self._deadline(connection, self.stall_seconds, "unread")
 
     def resumed_writing(self, connection: "GuardedProtocol") -> None:
@@ -171,7 +181,7 @@ class ConnectionGuard:
             self.stalled.discard(connection)
             self._cancel_deadline(connection)
             if connection in self.busy:
-                self.closable.pop(connection, None)
+                self.idle.pop(connection, None)
 
     def closing_unsent(self, connection: "GuardedProtocol") -> None:
         """gunicorn closes the connection (`Connection: close`, an error) with its answer not all
@@ -181,14 +191,14 @@ class ConnectionGuard:
         self.busy.discard(connection)
         self.closing.add(connection)
         self.stalled.add(connection)
-        self.closable.pop(connection, None)
-        self.closable[connection] = None
+        self._idle_from_now(connection)
         self._deadline(connection, self.stall_seconds, "unread")
 
     def gone(self, connection: "GuardedProtocol") -> None:
         self.known.discard(connection)
         self._cancel_deadline(connection)
-        self.closable.pop(connection, None)
+        self.idle.pop(connection, None)
+        self.receiving.pop(connection, None)
         self.busy.discard(connection)
         self.stalled.discard(connection)
         self.closing.discard(connection)
@@ -197,10 +207,15 @@ class ConnectionGuard:
         """The worker is stopping: closable connections have nothing to finish, and gunicorn would
         otherwise wait for their deadlines or keep-alive to run out."""
         self.stopping = True
-        for connection in list(self.closable):
+        for connection in [*self.idle, *self.receiving]:
             self._close(connection)
 
     # -- inside ------------------------------------------------------------------------------------
+    def _idle_from_now(self, connection: "GuardedProtocol") -> None:
+        self.receiving.pop(connection, None)
+        self.idle.pop(connection, None)
+        self.idle[connection] = None
+
     def _deadline(self, connection: "GuardedProtocol", seconds: float, reason: str) -> None:
         self._cancel_deadline(connection)
         self.deadlines[connection] = self.loop.call_later(seconds, self._close, connection, reason)
