@@ -15,7 +15,8 @@ EMFILE tracebacks until gunicorn killed it 30 s later). Here:
 - a worker holds about `connection_cap` connections (`worker_connections`, and always room
   under its open-file limit, which it first raises to the hard limit). Past it, a closable
   connection is closed to make room: one with no request fully received (opening, sending one,
-  kept alive after its answer) or one whose client is not reading, the one quiet longest first.
+  kept alive after its answer) or one whose client is not reading: first the one idle longest
+  after an answer, then the one waiting longest for its request to come in.
   So a crowd of slow or silent sockets cannot lock Meta out. A request fully received whose
   client reads its answer is never cut short; with none closable, new connections are still let
   in up to what the open files allow (`connection_ceiling`), so neither can a crowd of busy,
