@@ -613,6 +613,21 @@ def test_looks_that_could_not_tell_spend_none_of_the_sends_tries(make_client, gr
     assert store.states() == {"m_mid_send": "done"}
 
 
+def test_a_send_in_doubt_warns_once_however_often_it_is_looked_for(make_client, graph, model, caplog):
+    """Graph failing for a while: each look puts the send back, but only the first says so at
+    WARNING - a dead host's sends in doubt would otherwise warn every 5-10 s each for two minutes."""
+    clock = FakeClock()
+    client = make_client(clock)
+    died_mid_send(client, clock)
+    caplog.set_level(logging.INFO, logger="bot.replies.batch")
+    for _ in range(3):
+        graph.fail_next("history", graph_error(2, "An unexpected error has occurred.", status=500))
+        answer_queue(client)
+        clock.advance(11)  # past the look's next turn
+    looks = [r for r in caplog.records if "looking again" in r.getMessage()]
+    assert [r.levelno for r in looks] == [logging.WARNING, logging.INFO, logging.INFO]
+
+
 def test_a_look_graph_can_never_answer_is_not_waited_for(make_client, graph, model):
     """A token without the permission to read conversations: no later look would tell either,
     so the send goes out now rather than after two minutes of looks."""

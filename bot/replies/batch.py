@@ -7,8 +7,10 @@ lease ran out.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import random
+import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,6 +32,9 @@ OFFERS_A_PERSON = frozenset({Outcome.ANSWERED, Outcome.FALLBACK, Outcome.CACHED,
 # LOOK_FOR_SENT_S after it was first tried; then it is sent without knowing.
 LOOK_AGAIN_S = 5.0
 LOOK_FOR_SENT_S = 120.0
+# Sends in doubt whose first look this process has logged at WARNING (the looks after it: INFO),
+# at most this many remembered.
+WARNED_LOOKS = 1024
 # Meta's rate limits last minutes: a send refused for one waits this long (to twice it), untried.
 THROTTLED_S = 60.0
 
@@ -63,6 +68,8 @@ class BatchReplier:
         self._actions = actions  # sender actions (seen, typing) run beside the reply thread
         self.retry_base = retry_base
         self.retry_cap = retry_cap
+        self._warned_looks: collections.OrderedDict[tuple[int, int | None], None] = collections.OrderedDict()
+        self._warned_lock = threading.Lock()  # reply threads share it
 
     def process(self, batch: Batch) -> None:
         """Compose (or reuse) the reply, send the parts not sent yet, record the outcome.
@@ -220,7 +227,21 @@ class BatchReplier:
         dead host leaves many such looks at once); the try is not counted."""
         delay = random.uniform(LOOK_AGAIN_S, 2 * LOOK_AGAIN_S)
         if self._put_back(batch, lambda: self.store.look_again(batch, delay, error)):
-            logger.warning("psid=%r mids=%r: %s; looking again in %.0f s", batch.psid, _mids(batch), error, delay)
+            level = logging.WARNING if self._first_look(batch) else logging.INFO
+            logger.log(level, "psid=%r mids=%r: %s; looking again in %.0f s (for up to %.0f s)", batch.psid,
+                       _mids(batch), error, delay, LOOK_FOR_SENT_S)
+
+    def _first_look(self, batch: Batch) -> bool:
+        """True the first time this process puts this send in doubt back: a Graph outage leaves
+        many such sends looked for every 5-10 s for two minutes, one WARNING each is enough."""
+        key = (batch.batch_id, batch.sending)
+        with self._warned_lock:
+            if key in self._warned_looks:
+                return False
+            self._warned_looks[key] = None
+            if len(self._warned_looks) > WARNED_LOOKS:
+                self._warned_looks.popitem(last=False)
+            return True
 
     @staticmethod
     def _put_back(batch: Batch, write: Callable[[], None]) -> bool:
