@@ -116,6 +116,25 @@ def test_a_new_inbox_file_is_locked_before_the_reader_can_list_it(tmp_path, monk
     assert store.drain(directory) == (6, 0)
 
 
+def test_files_left_unnamed_by_a_killed_writer_are_removed_once_old(tmp_path):
+    """A writer killed between creating a file and naming it leaves an empty *.creating file
+    (the reader never lists it): the drain deletes such a file once it is a minute old - not a
+    fresh one, whose writer may be about to name it, and nothing that holds bytes."""
+    directory = tmp_path / "inbox"
+    InboxWriter(str(directory)).append([message("m_fine")], [])
+    now = 1_800_000_000.0
+    old, fresh, holding = (directory / f"{n}-0123456789ab{inbox.CREATING}" for n in (101, 102, 103))
+    for path in (old, fresh, holding):
+        path.touch()
+    holding.write_bytes(b"x")
+    os.utime(old, (now - 61, now - 61))
+    os.utime(holding, (now - 61, now - 61))
+    os.utime(fresh, (now - 5, now - 5))
+    store = SQLiteQueue(str(tmp_path / "bot.sqlite3"), clock=lambda: now)
+    assert store.drain(str(directory)) == (1, 0)
+    assert not old.exists() and fresh.exists() and holding.exists()
+
+
 def test_an_unreadable_inbox_file_holds_back_none_of_the_others(tmp_path):
     """One file the reader cannot read (a bad disk block, a wrong owner): the others are drained
     all the same, and what cannot be read is reported."""

@@ -65,6 +65,7 @@ MAX_PAYLOAD = 64 * 1024 * 1024
 ROTATE_BYTES = 16 * 1024 * 1024
 SUFFIX = ".inbox"
 CREATING = ".creating"  # a file before its writer holds its lock: the reader does not list it
+UNBORN_AFTER_S = 60.0  # a *.creating file lives microseconds; one this old lost its writer
 
 
 def encode(messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho],
@@ -224,6 +225,27 @@ def inbox_files(directory: str) -> list[str]:
         return sorted(n for n in os.listdir(directory) if n.endswith(SUFFIX))
     except FileNotFoundError:
         return []
+
+
+def remove_unborn(directory: str, now: float) -> int:
+    """Delete the *.creating files a writer killed between creating one and naming it left behind.
+    Such a file is always empty (records go in only once it is named): one older than
+    UNBORN_AFTER_S is nobody's. Returns how many went."""
+    removed = 0
+    try:
+        names = [n for n in os.listdir(directory) if n.endswith(CREATING)]
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            status = os.stat(path)
+            if status.st_size == 0 and now - status.st_mtime > UNBORN_AFTER_S:
+                os.unlink(path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def read_from(path: str, offset: int) -> bytes:

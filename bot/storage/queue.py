@@ -159,6 +159,8 @@ class Queue:
                 failed.append((name, exc))  # a database error stops the drain, as ever
                 continue
             new, duplicates = new + sum(added), duplicates + len(added) - sum(added)
+        with suppress(OSError):  # tidying: never a reason for the drain to fail
+            inbox.remove_unborn(directory, self.clock())
         if failed:
             raise InboxUnreadable(failed, new, duplicates)
         return new, duplicates
