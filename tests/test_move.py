@@ -318,6 +318,38 @@ def test_ctrl_c_mid_copy_says_nothing_was_moved_and_leaves_the_target_empty(tmp_
     assert run_move(tmp_path, data_dir, url, password).returncode == 0  # run again: it moves
 
 
+def test_ctrl_c_during_the_commit_lets_the_move_finish_and_says_so(tmp_path, target):
+    """Once every row is copied, Ctrl-C no longer undoes the move: raised just after the commit it
+    would report "PostgreSQL is as it was" over a store that was moved. A deferred trigger on the
+    target makes its commit take 3 s, so the signal lands inside it."""
+    url, password = target
+    PostgresQueue(url).close()  # the schema, as a bot started on it makes it
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("""CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN
+                      IF current_setting('test.slept', true) IS DISTINCT FROM '1' THEN
+                        PERFORM set_config('test.slept', '1', true);
+                        PERFORM pg_sleep(3);
+                      END IF;
+                      RETURN NULL;
+                    END $$;
+                    CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON mirror
+                      DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()""")
+    data_dir = tmp_path / "data"
+    build_store(data_dir)
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DATA_DIR")}
+    command = subprocess.Popen([sys.executable, "-m", "bot", "move-to-postgres", "--data-dir", str(data_dir),
+                                "--database-url", url], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    committing = "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query = 'COMMIT'"
+    assert wait_until(lambda: pg_rows(url, committing) != [(0,)] or command.poll() is not None, 60)
+    command.send_signal(2)  # SIGINT, as Ctrl-C sends it
+    out, err = command.communicate(timeout=60)
+    assert command.returncode == 0, out + err
+    assert out.startswith("moved ") and "the copy was committed, and is moved" in out and "Traceback" not in err
+    assert pg_rows(url, "SELECT COUNT(*) FROM mirror") != [(0,)]
+
+
 def test_a_data_dir_with_a_running_bot_is_refused(tmp_path, target):
     url, password = target
     data_dir = tmp_path / "data"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sqlite3
 import sys
 from urllib.parse import quote, unquote, urlparse
@@ -99,8 +100,32 @@ def main(args: argparse.Namespace) -> int:
         print("not moved: interrupted; PostgreSQL is as it was (the copy is one transaction, rolled back) "
               "and the SQLite store stays as the bot left it - run this again", file=sys.stderr)
         return 130
+    finally:
+        late = _LateInterrupt.release()
     print(scrub(report, url))
+    if late:
+        print("(Ctrl-C came once every row was copied: the copy was committed, and is moved)")
     return 0
+
+
+class _LateInterrupt:
+    """Ctrl-C from the commit on is noted, not raised: raised in the moment after the commit, it
+    would report "PostgreSQL is as it was" over a store that was moved."""
+    came = False
+
+    @classmethod
+    def hold(cls) -> None:
+        cls.came = False
+        signal.signal(signal.SIGINT, cls._note)
+
+    @classmethod
+    def release(cls) -> bool:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        return cls.came
+
+    @classmethod
+    def _note(cls, *_args) -> None:
+        cls.came = True
 
 
 def move(data_dir: str, url: str) -> str:
@@ -273,6 +298,7 @@ def copy_all(source: SQLiteQueue, target: PostgresQueue, where: str) -> tuple[di
                         db.execute("SELECT setval(pg_get_serial_sequence(?, ?), ?)", (table, column, last))
                 states = ", ".join(f"{count} {state}" for state, count in sdb.execute(
                     "SELECT state, COUNT(*) FROM events GROUP BY state ORDER BY state"))
+                _LateInterrupt.hold()  # every row is in: the commit that follows is not to be undone
             finally:
                 sdb.execute("COMMIT")
     except psycopg.errors.LockNotAvailable:
