@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -24,13 +25,15 @@ from bot.runtime.preflight import lock_data_dir
 from bot.storage import inbox
 from bot.storage.exchanges import Exchange
 from bot.storage.inbox import ClassifiedEcho
+from bot.storage.moved import MARKER
 from bot.storage.instance import WEBCHAT_LOCK, LockHeld, lock_if_present, take_process_lock
 from bot.storage.queue import PostgresQueue, SQLiteQueue
 from bot.storage.schema import SCHEMA
 from bot.storage.sqlite import Database
 from config import database_path
 from messenger.events import TEXT, Echo, IncomingMessage
-from tests.support import PSID, ROOT, Bot, FakeClock, free_port, text_body, wait_until
+from tests.support import PSID, ROOT, Bot, FakeClock, free_port, is_up, start_gunicorn, text_body, wait_until
+from tests.support.messages import base_env
 from tests.support.webchat import WebchatProcess
 
 PASSWORD = "s3cr/et-pw?9q"  # percent-encoded in the URL; trust auth ignores it
@@ -264,9 +267,50 @@ def test_waiting_work_goes_on_in_postgres(moved):
 def test_a_second_run_refuses_a_target_that_holds_a_store(moved, tmp_path):
     path, url, password, _ = moved
     before = {table: pg_rows(url, sql) for table, sql in COMPARED.items()}
+    os.remove(tmp_path / "data" / MARKER)  # past the note the first run left (tested below)
     line = refused(run_move(tmp_path, tmp_path / "data", url, password))
     assert "already holds" in line and "empty database" in line
     assert {table: pg_rows(url, sql) for table, sql in COMPARED.items()} == before
+
+
+def test_a_moved_store_is_not_run_on_sqlite_again_nor_moved_twice(moved, graph, model, tmp_path):
+    """The SQLite store keeps its waiting messages, which PostgreSQL answers: a bot started on it
+    again without DATABASE_URL answered all of them a second time. The move leaves a note in
+    DATA_DIR; a SQLite start and a second move refuse while it is there."""
+    path, url, password, result = moved
+    note = tmp_path / "data" / MARKER
+    assert note.exists() and str(note) in result.stdout
+    assert "moved to PostgreSQL at" in note.read_text() and password not in note.read_text()
+    line = refused(run_move(tmp_path, tmp_path / "data", url, password))
+    assert "nothing to move again" in line and str(note) in line
+    env = {**base_env(graph, model, tmp_path), "PORT": str(free_port()), "HOST": "127.0.0.1"}
+    process = start_gunicorn(env, tmp_path)
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode == 1 and "Cannot start:" in output and "set DATABASE_URL" in output, output
+    assert f"delete {note}" in output and "Traceback" not in output
+    assert graph.sent_texts("u1") == [] and model.requests == []
+    process = start_gunicorn({**env, "DATABASE_URL": url}, tmp_path)  # where it now runs
+    try:
+        assert wait_until(lambda: is_up(f"http://127.0.0.1:{env['PORT']}"), 15), "gunicorn did not start"
+    finally:
+        process.terminate()
+        process.communicate(timeout=60)
+
+
+def test_a_start_on_postgres_refuses_a_sqlite_store_with_messages_still_waiting(graph, model, tmp_path, target):
+    """DATABASE_URL set on a DATA_DIR whose SQLite queue still holds unanswered messages, without
+    moving: nothing would ever answer them. The start refuses, naming the way."""
+    url, _ = target
+    data_dir = tmp_path / "data"
+    build_store(data_dir)  # u1's m2 and others still wait
+    shutil.rmtree(data_dir / "inbox")  # (inbox files left behind are refused on their own)
+    env = {**base_env(graph, model, tmp_path), "PORT": str(free_port()), "HOST": "127.0.0.1", "DATABASE_URL": url}
+    process = start_gunicorn(env, tmp_path)
+    output = process.communicate(timeout=30)[0]
+    waiting = sqlite_rows(database_path(str(data_dir)), "SELECT COUNT(*) FROM events WHERE state IN ('pending', 'working')")
+    assert waiting[0][0] > 0
+    assert process.returncode == 1 and f"holds {waiting[0][0]} message(s) acknowledged on SQLite" in output, output
+    assert "move-to-postgres" in output and "without DATABASE_URL" in output and "Traceback" not in output
 
 
 def test_ids_sqlite_gave_to_rows_since_deleted_are_never_given_again(tmp_path, target):

@@ -21,7 +21,11 @@ or the exchange log.
      leaves the target as it was. dispatchers (per process) and inbox_offsets (SQLite's
      own) are not copied; a table this code does not know stops the move.
 
-The SQLite database stays (only the drain writes to it): a backup, and the way back.
+  6. Once committed, a note goes into DATA_DIR (bot/storage/moved.py): the bot then refuses to
+     start on that SQLite store, whose waiting messages PostgreSQL answers.
+
+The SQLite database stays (only the drain writes to it): a backup. Going back to it means
+deleting the note, and its waiting messages are answered a second time.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from urllib.parse import quote, unquote, urlparse
 
 from bot.runtime.preflight import LOCK_FILE, StartupProblem, lock_data_dir
 from bot.storage import inbox
+from bot.storage.moved import MARKER, mark, moved_to
 from bot.storage.instance import REPLY_LOCK, WEBCHAT_LOCK, LockHeld, lock_if_present
 from bot.storage.queue import QUARANTINE, InboxUnreadable, PostgresQueue, SQLiteQueue
 from bot.storage.sql import SchemaTooNew
@@ -137,6 +142,9 @@ def move(data_dir: str, url: str) -> str:
     path = database_path(data_dir)
     if not os.path.isfile(path):
         raise Refused(f"no database at {path}: set DATA_DIR (or --data-dir) to the bot's data folder")
+    if note := moved_to(data_dir):
+        raise Refused(f"{note.rstrip('.')}: nothing to move again (delete {os.path.join(data_dir, MARKER)} to move "
+                      "this store once more)")
     locks = take_lock(data_dir)
     try:
         try:
@@ -151,6 +159,13 @@ def move(data_dir: str, url: str) -> str:
                 refuse_unless_empty(db, where)
             notes = drain_inbox(data_dir, path)
             counts, states, replaced = copy_all(source, target, where)
+            try:
+                marked = mark(data_dir, where)
+            except OSError as error:
+                marked = None
+                notes.append(f"WARNING: could not leave the note {os.path.join(data_dir, MARKER)} "
+                             f"({error.strerror}): do not start the bot on this SQLite store again, or it answers "
+                             "the messages it holds as waiting a second time")
         finally:
             target.close()
     finally:
@@ -165,7 +180,8 @@ def move(data_dir: str, url: str) -> str:
                      "each NUL became U+FFFD")
     lines += notes
     lines.append(f"Next: set DATABASE_URL (in .env) to this database and start the bot. {path} stays as a "
-                 "backup: do not run the bot on it again, or the two stores part ways.")
+                 "backup: do not run the bot on it again, or the two stores part ways"
+                 + (f" ({marked} now stops a start on it without DATABASE_URL)." if marked else "."))
     return "\n".join(lines)
 
 

@@ -91,7 +91,13 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
     before any worker starts); no acknowledged message is left behind in DATA_DIR's inbox files.
     Without: the SQLite file, if there is one, opens, can be written, and is not newer than
     this code (or newer only by migrations that keep this code working)."""
+    from bot.storage.moved import MARKER, moved_to
+
     if not url:
+        if data_dir and (note := moved_to(data_dir)):
+            raise StartupProblem(f"{note.rstrip('.')}: set DATABASE_URL to run on it. On this SQLite store the "
+                                 "messages it still holds as waiting would be answered a second time; to go back to "
+                                 f"it all the same, delete {os.path.join(data_dir, MARKER)}")
         if sqlite_path and os.path.lexists(sqlite_path):
             _check_sqlite(sqlite_path)
         return
@@ -102,9 +108,14 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
     except OSError as exc:
         raise StartupProblem(f"cannot read {data_dir}/inbox ({exc.strerror}): check its owner and mode") from None
     if left:  # nothing reads them with DATABASE_URL set: those users would never be answered
-        raise StartupProblem(f"{data_dir}/inbox holds {len(left)} inbox file(s) of messages acknowledged on SQLite "
-                             "and not yet queued: move this DATA_DIR with `python -m bot move-to-postgres --data-dir "
-                             f"{data_dir} --database-url ...` first (it queues them, then copies the store)")
+        raise StartupProblem(f"{data_dir}/inbox holds {len(left)} inbox file(s) of messages acknowledged on SQLite, "
+                             "which may not be queued yet: move this DATA_DIR with `python -m bot move-to-postgres "
+                             f"--data-dir {data_dir} --database-url ...` first (it queues them, then copies the store)")
+    if data_dir and sqlite_path and not moved_to(data_dir) and (waiting := _sqlite_waiting(sqlite_path)):
+        raise StartupProblem(f"{sqlite_path} holds {waiting} message(s) acknowledged on SQLite and not answered yet, "
+                             "which PostgreSQL would never see: move this DATA_DIR with `python -m bot "
+                             f"move-to-postgres --data-dir {data_dir} --database-url ...` first, or start it once "
+                             "without DATABASE_URL to answer them")
     from urllib.parse import urlparse
 
     from bot.storage.queue import PostgresQueue
@@ -118,6 +129,20 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
     except Exception as exc:  # noqa: BLE001 - the driver's or the pool's: say which and where
         raise StartupProblem(f"PostgreSQL at {where.hostname or 'localhost'}:{where.port or 5432} cannot be used "
                              f"({type(exc).__name__}); check DATABASE_URL and that the server runs") from None
+
+
+def _sqlite_waiting(path: str) -> int:
+    """Messages a SQLite store holds as waiting or being answered; 0 when it holds none, or is no
+    store this code can read (nothing there for PostgreSQL to miss that a start could tell)."""
+    import sqlite3
+
+    if not os.path.isfile(path):
+        return 0
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+            return db.execute("SELECT COUNT(*) FROM events WHERE state IN ('pending', 'working')").fetchone()[0]
+    except sqlite3.Error:
+        return 0
 
 
 def _check_sqlite(path: str) -> None:
