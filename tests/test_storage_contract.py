@@ -393,6 +393,23 @@ def test_a_reply_already_logged_is_not_found_as_anothers_send(store):
     assert conversations.find_own_message("u1", "Sorry, try again.", 0, logged) is None
 
 
+def test_a_message_graph_reported_first_takes_its_webhook_time_and_its_place(store):
+    """Two messages in one second, m1 at .023 and m2 at .443. Answering m1, a Graph read returned
+    m2 too, at the whole second (Graph's created_time): it sorted before m1, and the prompts read
+    them swapped. m2's own webhook time, recorded when it is answered, puts it back in its place."""
+    second = 1_796_543_755_000
+    store.add([message("m1", at=second + 23, text="says 0")])
+    batch = store.claim("a", 30)
+    synced = (("m2", "user", "says 1", second), ("m1", "user", "says 0", second))
+    store.complete(batch, replace(exchange(batch, reply="re: says 0", sent=("r1",)), synced=synced,
+                                  bot_timestamp_ms=second + 600))
+    store.add([message("m2", at=second + 443, text="says 1")])
+    batch = store.claim("a", 30)
+    store.complete(batch, replace(exchange(batch, reply="re: says 1", sent=("r2",)), bot_timestamp_ms=second + 900))
+    history = store.conversations.history("u1", "page", 10, None)
+    assert [h.text for h in reversed(history)] == ["says 0", "says 1", "re: says 0", "re: says 1"]
+
+
 def test_history_breaks_ties_of_the_same_millisecond_by_arrival(store):
     store.add([message("m1", at=1000)])
     batch = store.claim("a", 30)
