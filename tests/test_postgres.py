@@ -273,3 +273,18 @@ def stop_host(process) -> None:
 def _pg_schema():
     from bot.storage.schema import POSTGRES_SCHEMA
     return POSTGRES_SCHEMA
+
+
+def test_metrics_count_new_and_redelivered_messages_on_postgres(make_client, pg_url):
+    """With PostgreSQL nothing drains inbox files: the webhook's own commit says which messages
+    were new and which a redelivery (dropped by mid), and counts them."""
+    from tests.test_delivery import sample
+
+    client = make_client(DATABASE_URL=pg_url)
+    before = client.get("/metrics").get_data(as_text=True)
+    post_signed(client, fixture_bytes("text"))
+    post_signed(client, fixture_bytes("text"))  # Meta's redelivery
+    after = client.get("/metrics").get_data(as_text=True)
+    for name, delta in [('messenger_events_total{outcome="accepted"}', 1),
+                        ('messenger_events_total{outcome="duplicate"}', 1)]:
+        assert sample(after, name) - sample(before, name) == delta, name
