@@ -101,12 +101,31 @@ def test_each_kind_of_file_is_read(tmp_path, name, data, title, fact):
     ("picture.png", b"\x89PNG....", "not a kind of file"),
     ("faq.yaml", b"a: &a [" + b"x" * 1000 + b"]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n"
                  b"faq: [{question: q, answer: *b}]\n", "YAML aliases"),
-], ids=["broken-pdf", "unknown-encoding", "empty", "faq-without-answer", "unknown-kind", "yaml-aliases"])
+    ("faq.yaml", b"- question: Is it open on Sundays?\n  answer: yes\n", "entry 1: .*put such an answer in quotes"),
+    ("faq.yaml", b"[" * 100_000 + b"]" * 100_000, "not valid YAML: .*nesting depth"),
+    ("faq.csv", b"id,category,question_text,reply\n1,hours,Open?,Yes\n", "header row naming"),
+    ("faq.csv", b"question,answer\n" + b"".join(b"q%d,a\n" % n for n in range(20_001)), "20,001 excerpts"),
+], ids=["broken-pdf", "unknown-encoding", "empty", "faq-without-answer", "unknown-kind", "yaml-aliases",
+        "yaml-unquoted-yes", "yaml-nested-deep", "csv-unknown-columns", "too-many-excerpts"])
 def test_a_bad_file_is_refused_with_a_reason(tmp_path, name, data, reason):
+    """Each in one line, at once: the deep YAML took PyYAML's own parser 4 minutes, and the
+    million one-line FAQ pairs held SQLite's write lock for 65 s."""
     path = tmp_path / name
     path.write_bytes(data)
+    started = time.monotonic()
     with pytest.raises(SourceError, match=reason):
         read(str(path), Limits())
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("data", [b"answer,question\nYes within 5 km.,Do you deliver?\n",
+                                  b"id,question,answer\n1,Do you deliver?,Yes within 5 km.\n"],
+                         ids=["swapped", "with-an-id"])
+def test_a_faq_csv_is_read_by_its_header_names(tmp_path, data):
+    """The header says which column is which; a header row is never an entry."""
+    path = tmp_path / "faq.csv"
+    path.write_bytes(data)
+    assert [chunk.text for chunk in read(str(path), Limits()).chunks] == ["Q: Do you deliver?\nA: Yes within 5 km."]
 
 
 @pytest.mark.parametrize("in_form", [False, True], ids=["page", "form-xobject"])

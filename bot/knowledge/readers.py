@@ -36,6 +36,10 @@ MAX_REDIRECTS = 5
 SHOWS_TEXT = {b"Tj", b"TJ", b"'", b'"'}  # the PDF operators that draw text (their last operand)
 PDF_PAGE_CHARS = 200_000  # a dense page holds a few thousand; 12 MB on one page took pypdf 115 s
 PDF_READ_SECONDS = 120.0  # one PDF's text: 200 pages of text take 0.5 s here
+# One source's excerpts at most. KNOWLEDGE_MAX_MB bounds bytes, not excerpts: 9.5 MB of one-line
+# FAQ pairs made a million, whose write held SQLite's lock for 65 s (the bot's own writes gave
+# up after 30); 20,000 excerpts of prose write in about a second.
+MAX_CHUNKS = 20_000
 
 
 class SourceError(Exception):
@@ -169,6 +173,9 @@ def parse(data: bytes, kind: str, location: str, url: str | None, limits: Limits
         chunks = chunk_markdown(text, title)
     if not chunks:
         raise SourceError("no text in it")
+    if len(chunks) > MAX_CHUNKS:
+        raise SourceError(f"it makes {len(chunks):,} excerpts, more than the {MAX_CHUNKS:,} one source may have: "
+                          "split it into several files")
     return Document(location, title, url, kind, digest, chunks)
 
 
@@ -257,34 +264,54 @@ def _html(text: str, name: str) -> tuple[str, str]:
 
 
 def _faq_csv(text: str) -> list[tuple[str, str]]:
+    """Two columns, question then answer; or any columns under a header naming `question` and
+    `answer` (the others, an id say, are left out)."""
     rows = list(csv.reader(io.StringIO(text)))
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["question", "answer"]:
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    if "question" in header and "answer" in header:
+        ask, say = header.index("question"), header.index("answer")
         rows = rows[1:]
-    return _pairs([(row[0], row[1]) if len(row) >= 2 else None for row in rows if any(c.strip() for c in row)])
+    elif len([c for c in header if c.strip()]) > 2:
+        raise SourceError("a FAQ CSV has two columns, question and answer, or a header row naming its "
+                          "`question` and `answer` columns")
+    else:
+        ask, say = 0, 1
+    width = max(ask, say) + 1
+    return _pairs([(row[ask], row[say]) if len(row) >= width else None
+                   for row in rows if any(c.strip() for c in row)])
 
 
 def _faq_yaml(text: str) -> list[tuple[str, str]]:
     import yaml
 
+    # libyaml's parser: PyYAML's own took 4 minutes over 200 KB of nested brackets (its time
+    # grows with the depth), libyaml refuses past 1,000 levels at once.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
         # An alias repeats a node: a few KB of them make hundreds of MB of answers to cut and store.
-        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=loader)):
             raise SourceError("a FAQ file writes each answer out: YAML aliases (*name) are not taken")
-        items = yaml.safe_load(text)
+        items = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as error:
-        raise SourceError(f"not valid YAML: {str(error).splitlines()[0]}") from None
+        raise SourceError(f"not valid YAML: {' '.join(str(error).split())[:200]}") from None
     if isinstance(items, dict):  # {faq: [...]} or {questions: [...]}
         items = next((v for v in items.values() if isinstance(v, list)), None)
     if not isinstance(items, list):
         raise SourceError("a FAQ file is a list of {question, answer} pairs")
-    return _pairs([(item.get("question") or item.get("q"), item.get("answer") or item.get("a"))
+    def field(item: dict, *names: str):
+        return next((item[name] for name in names if name in item), None)
+    return _pairs([(field(item, "question", "q"), field(item, "answer", "a"))
                    if isinstance(item, dict) else None for item in items])
 
 
 def _pairs(rows: list) -> list[tuple[str, str]]:
     bad = [i + 1 for i, row in enumerate(rows) if not row or not all(isinstance(v, str) and v.strip() for v in row)]
     if bad:
-        raise SourceError(f"entries {', '.join(map(str, bad[:5]))} are not a question with an answer")
+        which = f"entry {bad[0]}" if len(bad) == 1 else f"entries {', '.join(map(str, bad[:5]))}"
+        unquoted = any(row and any(isinstance(v, (bool, int, float)) for v in row) for row in rows)
+        hint = (" (YAML reads yes, no, on, off and numbers as other than text: put such an answer in quotes)"
+                if unquoted else "")
+        raise SourceError(f"{which}: not a question with an answer, both text{hint}")
     return [(q.strip(), a.strip()) for q, a in rows]
 
 
