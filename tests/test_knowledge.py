@@ -101,6 +101,40 @@ def test_a_source_whose_embeddings_fail_is_not_added_and_its_old_version_stays(e
     assert "18:00" in hits[0].text  # the old version, whole
 
 
+@pytest.mark.parametrize("vector", [[], [float("nan"), 1.0], [float("inf"), 1.0]], ids=["empty", "nan", "infinity"])
+def test_a_server_giving_vectors_that_are_no_vectors_adds_nothing_and_breaks_no_search(env, backend, docs, vector):
+    """Empty or NaN embeddings had been stored: every later search then failed with a TypeError
+    (a reply lost more than its excerpts), or ranked by NaN."""
+    _, settings = backend
+    knowledge_of(env, **settings).add([str(docs / "hours.md")])
+    odd = Vectors(vector).start()
+    try:
+        kb = knowledge_of(env, OPENAI_BASE_URL=odd.url + "/v1", **settings)
+        [report] = kb.add([str(docs / "delivery.md")])
+        assert report.status == "failed" and "the server's embeddings" in report.reason, report.reason
+        # The question's vector is refused too: full text answers it.
+        assert "18:00" in kb.search("open monday friday", env["FB_PAGE_ID"]).hits[0].text
+    finally:
+        odd.stop()
+    assert [s.title for s in knowledge_of(env, **settings).sources()] == ["Opening hours"]
+    assert "18:00" in knowledge_of(env, **settings).search("open monday friday", env["FB_PAGE_ID"]).hits[0].text
+
+
+class Vectors(LocalServer):
+    """A model server whose every embedding is `vector`."""
+
+    def __init__(self, vector):
+        super().__init__()
+        self.vector = vector
+
+    def handle(self, request: Request) -> Response:
+        texts = request.get_json()["input"]
+        texts = [texts] if isinstance(texts, str) else texts
+        data = [{"object": "embedding", "index": i, "embedding": self.vector} for i in range(len(texts))]
+        return Response(json.dumps({"object": "list", "data": data, "model": "m",
+                                    "usage": {"prompt_tokens": 1, "total_tokens": 1}}), content_type="application/json")
+
+
 class Failing(LocalServer):
     def handle(self, request: Request) -> Response:
         return Response(json.dumps({"error": {"message": "overloaded"}}), status=500, content_type="application/json")

@@ -61,6 +61,10 @@ class Embedder:
             tokens += (response.usage.total_tokens or response.usage.prompt_tokens or 0) if response.usage else 0
         if len({len(row) for row in rows}) != 1:
             raise EmbeddingsUnavailable("the server's embeddings differ in length")
+        if not rows[0]:
+            raise EmbeddingsUnavailable("the server's embeddings are empty")
+        if not all(math.isfinite(math.hypot(*row)) for row in rows):  # one NaN or infinity makes it so
+            raise EmbeddingsUnavailable("the server's embeddings hold values that are not numbers (NaN, infinity)")
         return Embedded([normalised(row) for row in rows], tokens)
 
     def _unsupported(self, why: str) -> None:

@@ -146,6 +146,8 @@ class _Vectors:
             return cls(version, [], None)
         width = len(rows[0][1]) // 4
         rows = [row for row in rows if len(row[1]) == width * 4]  # one model, one width
+        if not width:  # stored empty by an older version: nothing to compare with
+            return cls(version, [], None)
         data = array("f", b"".join(row[1] for row in rows))
         if sys.byteorder == "big":  # stored little-endian (embeddings.to_bytes)
             data.byteswap()

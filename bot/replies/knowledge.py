@@ -57,11 +57,13 @@ class Knowledge:
             return NOTHING
         try:
             found = self.retriever.search(question, self.page_id, self.settings.top_k, timeout=timeout)
-        except SearchFailed as error:
-            logger.warning("could not search the knowledge base (%s): answering without it", error)
+        except Exception as error:  # noqa: BLE001 - the reply loses its excerpts, never more
+            failed = error if isinstance(error, SearchFailed) else f"{type(error).__name__}: {str(error)[:200]}"
+            tokens = error.tokens if isinstance(error, SearchFailed) else 0
+            logger.warning("could not search the knowledge base (%s): answering without it", failed)
             metrics.KNOWLEDGE.labels("error").inc()
-            metrics.EMBEDDING_TOKENS.inc(error.tokens)
-            return Consulted(tokens=error.tokens)
+            metrics.EMBEDDING_TOKENS.inc(tokens)
+            return Consulted(tokens=tokens)
         if found.embedding_tokens:
             metrics.EMBEDDING_TOKENS.inc(found.embedding_tokens)
         if not found.searched:  # nothing was ever added: the knowledge base is not in use
