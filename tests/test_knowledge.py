@@ -86,6 +86,23 @@ def test_sources_are_per_page_replaced_whole_and_removed_whole(env, backend, doc
     assert [s.title for s in other.sources()] == ["Delivery"]
 
 
+def test_remove_by_path_takes_the_copy_of_the_page_it_names(env, backend, docs):
+    """The same file added for every Page and for one Page: `remove PATH --page P` had removed the
+    every-Page copy (listed first)."""
+    _, settings = backend
+    kb = knowledge_of(env, **settings)
+    page, other = "2000000000000002", "3000000000000003"
+    kb.add([str(docs / "hours.md")])
+    kb.add([str(docs / "hours.md")], page_id=page)
+    refused = kb.remove(str(docs / "hours.md"), page_id=other)
+    assert refused.status == "failed" and f"not a source of Page {other}" in refused.reason
+    assert kb.remove(str(docs / "hours.md"), page_id=page).status == "removed"
+    assert [s.page_id for s in kb.sources()] == [""]  # every Page's copy stays
+    kb.add([str(docs / "hours.md")], page_id=page)
+    assert kb.remove(str(docs / "hours.md")).status == "removed"  # without --page: every Page's
+    assert [s.page_id for s in kb.sources()] == [page]
+
+
 def test_a_source_whose_embeddings_fail_is_not_added_and_its_old_version_stays(env, backend, docs):
     _, settings = backend
     knowledge_of(env, **settings).add([str(docs / "hours.md")])

@@ -106,11 +106,21 @@ class KnowledgeBase:
         return [s for s in listed if s.page_id == (page_id or store.EVERY_PAGE)] if exact else listed
 
     def remove(self, what: str, page_id: str | None = None) -> Report:
-        """A source by its id (as `list` shows it) or its path or URL."""
+        """A source by its id (as `list` shows it), or by its path or URL: with `page_id`, that
+        Page's own; without, the one every Page answers from (or the only Page's that has it)."""
         location = what if readers.is_url(what) or not os.path.exists(what) else os.path.abspath(what)
-        for source in self.sources(page_id):
-            if str(source.id) == what or source.location in (what, location):
-                return self._remove(source)
+        everyone = self.sources()
+        if by_id := [source for source in everyone if str(source.id) == what]:
+            return self._remove(by_id[0])
+        named = [source for source in everyone if source.location in (what, location)]
+        if own := [source for source in named if source.page_id == (page_id or store.EVERY_PAGE)]:
+            return self._remove(own[0])
+        if page_id is None and len(named) == 1:
+            return self._remove(named[0])
+        if named:
+            pages = ", ".join(sorted({s.page_id or "every Page" for s in named}))
+            return Report(what, FAILED, reason=f"not a source of {'Page ' + page_id if page_id else 'every Page'}; "
+                                               f"it is one of: {pages} (name the Page with --page, or the id)")
         return Report(what, FAILED, reason="no such source (see `knowledge list`)")
 
     def _remove(self, source: store.Source) -> Report:
