@@ -118,6 +118,17 @@ def test_a_bad_file_is_refused_with_a_reason(tmp_path, name, data, reason):
     assert time.monotonic() - started < 5
 
 
+def test_a_pipe_or_a_device_is_refused_without_waiting(tmp_path):
+    """A named pipe in a synced folder had hung `sync` for ever (opening it waits for a writer)."""
+    os.mkfifo(tmp_path / "notes.txt")
+    (tmp_path / "random.md").symlink_to("/dev/zero")
+    for name in ("notes.txt", "random.md"):
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="not a regular file"):
+            read(str(tmp_path / name), Limits())
+        assert time.monotonic() - started < 5
+
+
 @pytest.mark.parametrize("data", [b"answer,question\nYes within 5 km.,Do you deliver?\n",
                                   b"id,question,answer\n1,Do you deliver?,Yes within 5 km.\n"],
                          ids=["swapped", "with-an-id"])

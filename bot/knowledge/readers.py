@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -79,10 +80,14 @@ def read(location: str, limits: Limits, session: requests.Session | None = None)
     if kind is None:
         raise SourceError(f"not a kind of file the knowledge base reads (use {', '.join(sorted(SUFFIXES))})")
     try:
-        size = os.path.getsize(path)
-        if size > limits.max_bytes:
-            raise SourceError(f"larger than {_mb(limits.max_bytes)} ({_mb(size)}; KNOWLEDGE_MAX_MB)")
-        with open(path, "rb") as file:
+        # Opened without waiting: a FIFO (a named pipe in a synced folder) would block for ever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as file:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise SourceError("not a regular file (a pipe, a device or a socket)")
+            if status.st_size > limits.max_bytes:
+                raise SourceError(f"larger than {_mb(limits.max_bytes)} ({_mb(status.st_size)}; KNOWLEDGE_MAX_MB)")
             data = file.read(limits.max_bytes + 1)
     except OSError as error:
         raise SourceError(f"cannot read it: {error.strerror or error}") from None
