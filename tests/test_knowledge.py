@@ -86,6 +86,35 @@ def test_sources_are_per_page_replaced_whole_and_removed_whole(env, backend, doc
     assert [s.title for s in other.sources()] == ["Delivery"]
 
 
+def test_two_adds_of_one_new_file_at_once_both_end_well(env, pg_url, docs, monkeypatch):
+    """Two `add`s of the same new file at the same moment on PostgreSQL: both saw it absent, and
+    the second INSERT failed on the unique key ("failed: UniqueViolation", exit status 1) though
+    the source was in. Here the other add commits right after this one's look inside its write.
+    (SQLite takes its write lock before that look: the two cannot meet there.)"""
+    from bot.knowledge import store
+
+    settings = {"DATABASE_URL": pg_url}
+    kb, other = knowledge_of(env, **settings), knowledge_of(env, **settings)
+    looked, real_put = store.find_source, store.put_source
+    raced = []
+
+    def find_source_before_the_other_commits(db, page_id, location):
+        # The look inside this add's write: absent; the other add, all of it, lands just after.
+        monkeypatch.setattr(store, "find_source", looked)
+        monkeypatch.setattr(store, "put_source", real_put)
+        raced.append(other.add_one(location))
+        return None
+
+    def put_source(db, *args, **kwargs):
+        monkeypatch.setattr(store, "find_source", find_source_before_the_other_commits)
+        return real_put(db, *args, **kwargs)
+    monkeypatch.setattr(store, "put_source", put_source)
+    [report] = kb.add([str(docs / "hours.md")])
+    assert raced and raced[0].status == "added"
+    assert report.status == "unchanged", report.reason
+    assert len(kb.sources()) == 1
+
+
 def test_remove_by_path_takes_the_copy_of_the_page_it_names(env, backend, docs):
     """The same file added for every Page and for one Page: `remove PATH --page P` had removed the
     every-Page copy (listed first)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -321,6 +322,22 @@ def test_the_command_line_adds_lists_searches_and_removes(env, tmp_path, site):
     removed = run_cli(env, "remove", str(docs / "hours.md"))
     assert removed.returncode == 0 and "removed" in removed.stdout
     assert "1 source(s), 1 chunk(s)" in run_cli(env, "list").stdout
+
+
+def test_add_says_each_source_as_it_is_done_and_ctrl_c_keeps_what_is_in(env, tmp_path, site):
+    """A long add printed nothing until its end, and Ctrl-C ended it in a traceback, leaving the
+    owner to guess what was in."""
+    (tmp_path / "hours.md").write_text(HOURS)
+    command = subprocess.Popen([sys.executable, "-m", "bot", "knowledge", "add", str(tmp_path / "hours.md"),
+                                site.url + "/slow"], cwd=ROOT, env={**os.environ, **env},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = command.stdout.readline()  # before the slow page is in
+    assert first.startswith("added") and "hours.md" in first, first
+    command.send_signal(signal.SIGINT)
+    out, err = command.communicate(timeout=30)
+    assert command.returncode == 130, out + err
+    assert "interrupted: the sources listed above are in the knowledge base" in err and "Traceback" not in err
+    assert "1 source(s), 2 chunk(s)" in run_cli(env, "list").stdout
 
 
 def test_sync_rereads_changed_files_and_drops_deleted_ones(env, tmp_path):

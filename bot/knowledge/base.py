@@ -50,19 +50,26 @@ class KnowledgeBase:
         self._session = requests.Session()
         self._probed = False
 
-    def add(self, locations: Iterable[str], page_id: str | None = None) -> list[Report]:
-        return [self.add_one(location, page_id) for location in locations]
+    def add(self, locations: Iterable[str], page_id: str | None = None,
+            on_report: Callable[[Report], None] | None = None) -> list[Report]:
+        """`on_report` hears of each source as it is done (the command prints it then)."""
+        return [_told(self.add_one(location, page_id), on_report) for location in locations]
 
     def add_one(self, location: str, page_id: str | None = None) -> Report:
         """One source read, chunked, embedded and stored in one transaction - or a FAILED report
         saying why: whatever goes wrong with one source, the others go on."""
-        try:
-            return self._add_one(location, page_id or store.EVERY_PAGE)
-        except SourceError as error:
-            return Report(location, FAILED, reason=str(error))
-        except Exception as error:  # noqa: BLE001 - a reader's or the database's surprise: this source only
-            logger.debug("knowledge: %s could not be added", location, exc_info=True)
-            return Report(location, FAILED, reason=f"{type(error).__name__}: {str(error)[:160]}")
+        for attempt in (1, 2):
+            try:
+                return self._add_one(location, page_id or store.EVERY_PAGE)
+            except SourceError as error:
+                return Report(location, FAILED, reason=str(error))
+            except Exception as error:  # noqa: BLE001 - a reader's or the database's surprise: this source only
+                if attempt == 1 and _already_added(error):
+                    continue  # another process added it meanwhile: read what it holds, and compare
+                logger.debug("knowledge: %s could not be added", location, exc_info=True)
+                first_line = (str(error).splitlines() or [""])[0]
+                return Report(location, FAILED, reason=f"{type(error).__name__}: {first_line[:160]}")
+        raise AssertionError("unreachable")
 
     def _add_one(self, location: str, page: str) -> Report:
         document = readers.read(location, self.limits, self._session)
@@ -85,19 +92,20 @@ class KnowledgeBase:
         return Report(document.location, UPDATED if old else ADDED, len(document.chunks),
                       tokens=embedded.tokens if embedded else 0)
 
-    def sync(self, directory: str, page_id: str | None = None) -> list[Report]:
+    def sync(self, directory: str, page_id: str | None = None,
+             on_report: Callable[[Report], None] | None = None) -> list[Report]:
         """Every readable file under `directory` added (changed ones re-read, by content hash), and
         the sources that were under it but are gone, removed."""
         root = os.path.abspath(directory)
         if not os.path.isdir(root):
-            return [Report(directory, FAILED, reason="not a folder")]
+            return [_told(Report(directory, FAILED, reason="not a folder"), on_report)]
         found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
                        if os.path.splitext(name)[1].lower() in readers.SUFFIXES and not name.startswith("."))
-        reports = [self.add_one(path, page_id) for path in found]
+        reports = [_told(self.add_one(path, page_id), on_report) for path in found]
         present = set(found)
         for source in self.sources(page_id, exact=True):
             if source.location.startswith(root + os.sep) and source.location not in present:
-                reports.append(self._remove(source))
+                reports.append(_told(self._remove(source), on_report))
         return reports
 
     def sources(self, page_id: str | None = None, exact: bool = False) -> list[store.Source]:
@@ -142,3 +150,15 @@ class KnowledgeBase:
             except EmbeddingsUnavailable:
                 return self.embedder.model  # it may work for the source; if not, that source fails
         return None if self.embedder.unsupported else self.embedder.model
+
+
+def _told(report: Report, on_report: Callable[[Report], None] | None) -> Report:
+    if on_report is not None:
+        on_report(report)
+    return report
+
+
+def _already_added(error: Exception) -> bool:
+    """The database refused a second row for one Page's source: another `add` of the same new
+    file committed first (SQLite serialises the two; PostgreSQL lets both read "not there")."""
+    return type(error).__name__ in ("UniqueViolation", "IntegrityError") and "knowledge_sources" in str(error)

@@ -53,10 +53,15 @@ def main(args: argparse.Namespace, config: Config | None = None) -> int:
 
     knowledge = open_knowledge(config)
     if args.action in ("add", "sync"):
-        reports = knowledge.add(args.sources, args.page) if args.action == "add" else knowledge.sync(args.folder,
-                                                                                                      args.page)
-        for report in reports:
-            print(report.line(), file=sys.stderr if report.status == "failed" else sys.stdout)
+        def say(report) -> None:  # as each source is done: a long add shows where it is
+            print(report.line(), file=sys.stderr if report.status == "failed" else sys.stdout, flush=True)
+        try:
+            reports = knowledge.add(args.sources, args.page, on_report=say) if args.action == "add" else \
+                knowledge.sync(args.folder, args.page, on_report=say)
+        except KeyboardInterrupt:  # each source is one transaction: the one under way is not in
+            print("interrupted: the sources listed above are in the knowledge base, the one being read or "
+                  "written was not added", file=sys.stderr)
+            return 130
         tokens = sum(report.tokens for report in reports)
         failed = sum(report.status == "failed" for report in reports)
         mode = "full text only: the model server has no embeddings" if knowledge.embedder.unsupported else \
