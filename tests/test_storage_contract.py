@@ -351,6 +351,30 @@ def test_a_voice_notes_transcript_is_what_the_mirror_and_the_log_keep_with_its_s
     assert json.loads(record["attachments"]) == [["audio", 48_000, "transcribed"]]
 
 
+def test_a_renewal_keeps_a_lease_and_never_waits_for_a_row_being_written(store, backend, clock):
+    """The lease renewal and a reply's own write locked one batch's rows in different orders on
+    PostgreSQL and deadlocked (the reply's write failed, a try spent). The renewal now passes by
+    a row another transaction holds; it renews the rest."""
+    store.add([message("m1", at=1000), message("m2", at=1001)])
+    batch = store.claim("owner", 30)
+    name, settings = backend
+    if name == "postgres":
+        import psycopg
+
+        with psycopg.connect(settings["DATABASE_URL"]) as writing:  # a transaction holding m1's row
+            writing.execute("UPDATE events SET error = 'x' WHERE dedupe_key = 'm1'")
+            renewed = threading.Thread(target=store.renew, args=("owner", 60, [batch.batch_id]))
+            renewed.start()
+            renewed.join(5)
+            assert not renewed.is_alive(), "the renewal waited for a row another transaction holds"
+            writing.rollback()
+        store.renew("owner", 60, [batch.batch_id])
+    else:
+        store.renew("owner", 60, [batch.batch_id])
+    clock.advance(45)  # past the first lease, within the renewed one
+    assert store.claim("another", 30) is None
+
+
 def test_release_gives_work_back_without_counting_the_attempt(store):
     store.add([message("m1")])
     store.claim("stopping", 30)

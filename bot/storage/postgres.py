@@ -41,6 +41,7 @@ class PostgresDatabase:
 
     backend = "postgres"
     NOTIFY_SELECT = f"SELECT pg_notify('{CHANNEL}', '')"  # NOTIFY inside another statement
+    SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"  # rows another transaction is writing are passed by
 
     def __init__(self, url: str, schema: Sequence[str], *, max_size: int = 10, read_only: bool = False,
                  wait: float = CONNECT_TIMEOUT_S):

@@ -362,9 +362,12 @@ class Queue:
 
     def renew(self, owner: str, lease_seconds: float, batches: Sequence[int]) -> None:
         """Keep the leases of the batches this owner is answering alive while it works."""
+        # Rows a reply thread is writing are passed by (PostgreSQL): that write is the owner's own
+        # proof of life, and waiting for it deadlocked - the two locked one batch's rows in
+        # different orders, and the reply's write failed (a try spent).
         with self._write() as db:
-            db.execute("UPDATE events SET lease_until = ? WHERE state = 'working' AND owner = ?"
-                       f" AND batch_id IN ({','.join('?' * len(batches))})",
+            db.execute("UPDATE events SET lease_until = ? WHERE id IN (SELECT id FROM events WHERE state = 'working'"
+                       f" AND owner = ? AND batch_id IN ({','.join('?' * len(batches))}){self._database.SKIP_LOCKED})",
                        (self.clock() + lease_seconds, owner, *batches))
 
     def sending(self, batch: Batch, reply: str, part: int, lease_seconds: float,

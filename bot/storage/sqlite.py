@@ -41,6 +41,7 @@ class Database:
     """One SQLite file in WAL mode, shared by the threads and processes of one host."""
 
     backend = "sqlite"
+    SKIP_LOCKED = ""  # one writer at a time: no row is ever locked by another transaction
 
     def __init__(self, path: str, schema: Sequence[str], *, read_only: bool = False):
         self.path = path
