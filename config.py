@@ -580,6 +580,12 @@ class _Reader:
             # Never echo it: the URL may hold a password.
             self.problems.append(f"{name} must look like postgresql://user@host:5432/database")
             return None
+        if not parsed.path.strip("/") and "dbname=" not in parsed.query:
+            # libpq would take the user's name for the database: hosts set up with different users
+            # would each be a bot of their own, answering the same messages.
+            self.problems.append(f"{name} names no database: end it with /DATABASE "
+                                 "(postgresql://user@host:5432/DATABASE)")
+            return None
         return value
 
     def host(self, name: str, default: str) -> str:

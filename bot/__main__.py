@@ -48,7 +48,11 @@ def export(args: argparse.Namespace) -> int:
     environment = read_environment()
     url = args.database_url or environment.get("DATABASE_URL", "").strip()
     if url:  # the store of every host: PostgreSQL, read-only
-        where = move.describe(url)
+        try:
+            where = move.describe(url)
+        except move.Refused as refusal:
+            print(f"cannot export: {refusal}", file=sys.stderr)
+            return 2
         try:
             store = PostgresQueue(url, read_only=True, pool_size=2)
         except Exception as error:  # noqa: BLE001 - the driver's: say which, never the URL

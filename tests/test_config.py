@@ -103,6 +103,22 @@ def test_a_host_that_cannot_be_bound_is_a_problem(host):
                                     f"not {host!r}"]
 
 
+@pytest.mark.parametrize("url", ["postgresql://bot:pw@db:5432/bot", "postgres://db/bot", "postgresql:///bot",
+                                 "postgresql://db:5432/?dbname=bot"])
+def test_a_database_url_names_its_database(url):
+    assert load_config({**GOOD, "DATABASE_URL": url}, env_file=None).database_url == url
+
+
+@pytest.mark.parametrize("url", ["postgresql://bot:s3cret@db:5432", "postgresql://bot:s3cret@db:5432/"])
+def test_a_database_url_without_a_database_is_a_problem(url):
+    """libpq would take the user's name: a host set up with another user became a second bot on the
+    same server, answering the same messages again."""
+    with pytest.raises(ConfigError) as error:
+        load_config({**GOOD, "DATABASE_URL": url}, env_file=None)
+    assert error.value.problems == ["DATABASE_URL names no database: end it with /DATABASE "
+                                    "(postgresql://user@host:5432/DATABASE)"]
+
+
 def test_signatures_that_must_expire_need_the_key_they_are_made_with():
     with pytest.raises(ConfigError) as error:
         load_config({**GOOD, "WEBCHAT": "on", "WEBCHAT_SIGNATURES_EXPIRE": "on"}, env_file=None)

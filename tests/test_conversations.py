@@ -223,6 +223,9 @@ def test_export_says_in_one_line_what_it_cannot_write_and_stops_quietly_for_a_re
     newer.commit()
     line = run_export(env["DATA_DIR"]).stderr
     assert "newer than this code" in line and "start the bot once" not in line
+    wrong = run_export(env["DATA_DIR"], "--database-url", "mysql://bot@db/bot")  # not a PostgreSQL URL
+    assert wrong.returncode == 2 and wrong.stderr.startswith("cannot export: the database URL must look like")
+    assert wrong.stderr.count("\n") == 1
     newer.execute(f"PRAGMA user_version={version}")
     columns = ", ".join(row[1] for row in newer.execute("PRAGMA table_info(interactions)") if row[1] != "id")
     for _ in range(10):  # 3,072 records: more than a pipe holds, so the export is still writing

@@ -340,6 +340,16 @@ def test_add_says_each_source_as_it_is_done_and_ctrl_c_keeps_what_is_in(env, tmp
     assert "1 source(s), 2 chunk(s)" in run_cli(env, "list").stdout
 
 
+def test_a_store_that_cannot_be_reached_is_one_line(env):
+    """PostgreSQL down (or DATABASE_URL wrong): the pool's timeout had come out as a traceback."""
+    from tests.support import free_port
+
+    listed = run_cli({**env, "DATABASE_URL": f"postgresql://bot:s3cret@127.0.0.1:{free_port()}/bot"}, "list")
+    assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr
+    assert listed.stderr.startswith("cannot use the bot's store (") and listed.stderr.count("\n") == 1
+    assert "s3cret" not in listed.stderr
+
+
 def test_sync_rereads_changed_files_and_drops_deleted_ones(env, tmp_path):
     docs = tmp_path / "docs"
     (docs / "sub").mkdir(parents=True)

@@ -62,6 +62,25 @@ def test_an_unreachable_postgres_stops_start_up_with_one_line(graph, model, tmp_
     assert "s3cret-pw" not in output and "Traceback" not in output
 
 
+def test_a_database_that_does_not_exist_is_named_with_the_servers_reason(graph, model, tmp_path, pg_url):
+    """The start said only "cannot be used (PoolTimeout)" after 6 s; the reason was in the pool's
+    warnings above it."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.support import free_port, start_gunicorn
+    from tests.support.messages import base_env
+
+    parts = urlsplit(pg_url)
+    missing = urlunsplit(parts._replace(path="/no_such_bot_database", query=""))
+    env = {**base_env(graph, model, tmp_path), "PORT": str(free_port()), "HOST": "127.0.0.1", "DATABASE_URL": missing}
+    process = start_gunicorn(env, tmp_path)
+    output = process.communicate(timeout=30)[0]
+    assert process.returncode == 1 and "Traceback" not in output
+    [line] = [line for line in output.splitlines() if line.startswith("Cannot start:")]
+    assert f"PostgreSQL at {parts.hostname}:{parts.port or 5432}/no_such_bot_database cannot be used" in line, line
+    assert 'database "no_such_bot_database" does not exist' in line
+
+
 def test_inbox_files_left_behind_stop_a_start_on_postgres(graph, model, tmp_path, pg_url):
     """Acknowledged on SQLite, still in the inbox files, then DATABASE_URL set without moving in:
     nothing would ever read them. The start refuses, saying how to move them."""

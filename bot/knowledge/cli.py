@@ -41,6 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, config: Config | None = None) -> int:
+    try:
+        return _main(args, config)
+    except Exception as error:  # noqa: BLE001 - the store's: one line; anything else keeps its traceback
+        if not type(error).__module__.split(".")[0] in ("psycopg", "psycopg_pool", "sqlite3"):
+            raise
+        print(f"cannot use the bot's store ({type(error).__name__}: {' '.join(str(error).split())[:200]}): "
+              "check DATABASE_URL (or DATA_DIR) and that PostgreSQL runs", file=sys.stderr)
+        return 1
+
+
+def _main(args: argparse.Namespace, config: Config | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     config = config or load_config_or_exit()
@@ -51,6 +62,11 @@ def main(args: argparse.Namespace, config: Config | None = None) -> int:
     from bot.knowledge import open_knowledge
     from bot.knowledge.retrieval import SearchFailed
 
+    if config.database_url:  # a plain connection first: the server's own reason, at once
+        import psycopg
+
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # its retries: the line below says it
+        psycopg.connect(config.database_url, connect_timeout=5).close()
     knowledge = open_knowledge(config)
     if args.action in ("add", "sync"):
         def say(report) -> None:  # as each source is done: a long add shows where it is

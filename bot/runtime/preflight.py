@@ -116,19 +116,23 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
                              "which PostgreSQL would never see: move this DATA_DIR with `python -m bot "
                              f"move-to-postgres --data-dir {data_dir} --database-url ...` first, or start it once "
                              "without DATABASE_URL to answer them")
-    from urllib.parse import urlparse
+    import psycopg
 
+    from bot.runtime.move import describe, one_line, scrub
     from bot.storage.queue import PostgresQueue
     from bot.storage.sql import SchemaTooNew
 
-    where = urlparse(url)
+    where = describe(url)
     try:
+        # One plain connection first: it fails fast, with the server's own reason (refused,
+        # authentication, no such database), where the pool retries for seconds and says "timeout".
+        psycopg.connect(url, connect_timeout=5).close()
         PostgresQueue(url, pool_size=2).close()
     except SchemaTooNew as exc:
         raise StartupProblem(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - the driver's or the pool's: say which and where
-        raise StartupProblem(f"PostgreSQL at {where.hostname or 'localhost'}:{where.port or 5432} cannot be used "
-                             f"({type(exc).__name__}); check DATABASE_URL and that the server runs") from None
+        raise StartupProblem(scrub(f"{where} cannot be used ({type(exc).__name__}: {one_line(exc)}); check "
+                                   "DATABASE_URL and that the server runs", url)) from None
 
 
 def _sqlite_waiting(path: str) -> int:
