@@ -66,7 +66,7 @@ class Batch:
 # dropped by its key on any host.
 ADD_EVENTS = ("INSERT INTO events (dedupe_key, psid, message, timestamp_ms, received_at)"
               " SELECT * FROM unnest(?::text[], ?::text[], ?::text[], ?::bigint[], ?::double precision[])"
-              " ON CONFLICT (dedupe_key) DO NOTHING RETURNING dedupe_key")
+              " ON CONFLICT (dedupe_key) DO NOTHING RETURNING 1")
 
 
 # A claim whose owner died is counted apart from one that ended in an error (events.deaths):
@@ -517,28 +517,27 @@ class DatabaseIntake:
     MAX_GROUP = 64
     WAIT_S = 10.0  # a commit that takes longer is answered 503; Meta delivers again
 
-    def __init__(self, queue: PostgresQueue):
+    def __init__(self, queue: PostgresQueue, on_taken: Callable[[int, int], None] | None = None):
         self.queue = queue
+        self.on_taken = on_taken  # (new, redelivered) messages of each group, once committed
         self._pending: list[_Delivery] = []
         self._ready = threading.Condition()
         self._writer: threading.Thread | None = None
 
     def append(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho],
-               at: float | None = None) -> int:
-        """How many of `messages` were new (the rest: redeliveries, dropped by their mid).
-        `at` is the queue's own clock here (the same injected clock as the webhook's)."""
+               at: float | None = None) -> None:
+        """`at` is the queue's own clock here (the same injected clock as the webhook's)."""
         delivery = _Delivery(messages, echoes, threading.Event())
         self._enqueue(delivery)
         if not delivery.done.wait(self.WAIT_S):
             raise StorageUnavailable("the database did not take the delivery in time")
         if delivery.error is not None:
             raise delivery.error
-        return delivery.new
 
     async def append_async(self, messages: Sequence[IncomingMessage], echoes: Sequence[ClassifiedEcho],
-                           at: float | None = None) -> int:
-        """`append` for the event loop: returns (how many were new) once the delivery is
-        committed, raises StorageUnavailable when it was not."""
+                           at: float | None = None) -> None:
+        """`append` for the event loop: returns once the delivery is committed, raises
+        StorageUnavailable when it was not."""
         loop = asyncio.get_running_loop()
         delivery = _Delivery(messages, echoes, future=loop.create_future())
         self._enqueue(delivery)
@@ -548,7 +547,6 @@ class DatabaseIntake:
             raise StorageUnavailable("the database did not take the delivery in time") from None
         if delivery.error is not None:
             raise delivery.error
-        return delivery.new
 
     def _enqueue(self, delivery: "_Delivery") -> None:
         with self._ready:
@@ -565,9 +563,9 @@ class DatabaseIntake:
                     self._ready.wait()
                 group, self._pending = self._pending[:self.MAX_GROUP], self._pending[self.MAX_GROUP:]
             try:
-                added = self.queue.take_in([(d.messages, d.echoes) for d in group])
-                for delivery in group:
-                    delivery.new = sum(dedupe_key(m) in added for m in delivery.messages)
+                new = self.queue.take_in([(d.messages, d.echoes) for d in group])
+                if self.on_taken is not None:
+                    self.on_taken(new, sum(len(d.messages) for d in group) - new)
             except StorageUnavailable as exc:
                 for delivery in group:
                     delivery.error = exc
@@ -584,7 +582,6 @@ class _Delivery:
         self.messages, self.echoes = messages, echoes
         self.done, self.future = done, future  # a thread waits on the one, an event loop on the other
         self.error: StorageUnavailable | None = None
-        self.new = 0  # its messages the database did not hold yet
 
 
 def _settle(group: list[_Delivery]) -> None:
@@ -609,10 +606,12 @@ def _resolve(futures: list[asyncio.Future]) -> None:
             future.set_result(None)
 
 
-def open_intake(config: Config, queue: Queue):
-    """Where a webhook puts what it acknowledges: this process's inbox file, or the database."""
+def open_intake(config: Config, queue: Queue, on_taken: Callable[[int, int], None] | None = None):
+    """Where a webhook puts what it acknowledges: this process's inbox file, or the database
+    (`on_taken` then hears how many messages each commit took in, and how many were redeliveries:
+    with the inbox files, the reply process's drain counts them)."""
     if config.database_url:
-        return DatabaseIntake(queue)
+        return DatabaseIntake(queue, on_taken)
     return inbox.InboxWriter(config.inbox_dir)
 
 
@@ -638,27 +637,27 @@ class PostgresQueue(Queue):
         database = PostgresDatabase(url, POSTGRES_SCHEMA, max_size=pool_size, read_only=read_only, wait=wait)
         super().__init__(database, max_attempts, tracking, clock)
 
-    def take_in(self, deliveries: Sequence[tuple[Sequence[IncomingMessage], Sequence[ClassifiedEcho]]]) -> set[str]:
+    def take_in(self, deliveries: Sequence[tuple[Sequence[IncomingMessage], Sequence[ClassifiedEcho]]]) -> int:
         """The webhooks' write with PostgreSQL: these deliveries, committed before their 200s, and
-        the reply processes of every host woken at that commit; the dedupe keys that were new (the
+        the reply processes of every host woken at that commit; how many messages were new (the
         others: redeliveries). A database that cannot take them raises StorageUnavailable (503:
         Meta delivers again)."""
         now = self.clock()
         rows = [(dedupe_key(m), m.psid, _to_json(m), m.timestamp_ms, now) for messages, _ in deliveries for m in messages]
         columns = [list(column) for column in zip(*rows)]
         echoes = [echo for _, some in deliveries for echo in some]
-        added: list[str] = []
+        new = 0
         try:
             # The usual group has no echoes: one statement, its own transaction, one round trip.
             with self._database.intake() as db, db.conn.transaction() if echoes else nullcontext():
                 if rows:  # (a data-modifying WITH always runs; the SELECT's NOTIFY is sent at commit)
-                    added = db.execute(f"WITH added AS ({ADD_EVENTS}) {self._database.NOTIFY_SELECT},"
-                                       " ARRAY(SELECT dedupe_key FROM added)", columns).fetchone()[1]
+                    new = db.execute(f"WITH added AS ({ADD_EVENTS}) {self._database.NOTIFY_SELECT},"
+                                     " (SELECT COUNT(*) FROM added)", columns).fetchone()[1]
                 if echoes:
                     record_echoes(db, echoes)
         except Exception as exc:  # noqa: BLE001 - whatever the driver raised, it was not stored
             raise StorageUnavailable(f"{type(exc).__name__}: {str(exc)[:200]}") from exc
-        return set(added)
+        return new
 
 
 def open_queue(config: Config, clock: Callable[[], float] = time.time, pool_size: int = 10,
