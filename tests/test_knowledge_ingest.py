@@ -340,6 +340,18 @@ def test_add_says_each_source_as_it_is_done_and_ctrl_c_keeps_what_is_in(env, tmp
     assert "1 source(s), 2 chunk(s)" in run_cli(env, "list").stdout
 
 
+def test_one_page_under_several_spellings_of_its_url_is_one_source(env, site):
+    """http://site/about#team, HTTP://SITE/about and http://site/about? had made three sources of
+    one page, whose identical excerpts then filled every place of a search."""
+    about = site.url + "/about"
+    spellings = [about, about + "#team", about.replace("http://127.0.0.1", "HTTP://127.0.0.1"), about + "?"]
+    added = run_cli(env, "add", *spellings)
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.count("added ") == 1 and added.stdout.count("unchanged ") == 3, added.stdout
+    assert "1 source(s), 1 chunk(s)" in run_cli(env, "list").stdout
+    assert "removed" in run_cli(env, "remove", about + "#anywhere").stdout
+
+
 def test_a_store_that_cannot_be_reached_is_one_line(env):
     """PostgreSQL down (or DATABASE_URL wrong): the pool's timeout had come out as a traceback."""
     from tests.support import free_port

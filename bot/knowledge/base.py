@@ -116,7 +116,8 @@ class KnowledgeBase:
     def remove(self, what: str, page_id: str | None = None) -> Report:
         """A source by its id (as `list` shows it), or by its path or URL: with `page_id`, that
         Page's own; without, the one every Page answers from (or the only Page's that has it)."""
-        location = what if readers.is_url(what) or not os.path.exists(what) else os.path.abspath(what)
+        location = readers.canonical_url(what) if readers.is_url(what) else \
+            what if not os.path.exists(what) else os.path.abspath(what)
         everyone = self.sources()
         if by_id := [source for source in everyone if str(source.id) == what]:
             return self._remove(by_id[0])

@@ -18,7 +18,7 @@ import stat
 import time
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import charset_normalizer
 import requests
@@ -64,12 +64,20 @@ class Document:
 
 
 def is_url(location: str) -> bool:
-    return urlsplit(location).scheme in ("http", "https")
+    return urlsplit(location).scheme.lower() in ("http", "https")
+
+
+def canonical_url(url: str) -> str:
+    """The URL a page is kept under: scheme and host in lower case, no #fragment (it names a place
+    on the same page), so one page added as HTTP://Site/faq and http://site/faq#hours is one source."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path, parts.query, ""))
 
 
 def read(location: str, limits: Limits, session: requests.Session | None = None) -> Document:
     """The source at `location` (a path or an http(s) URL), read and chunked."""
     if is_url(location):
+        location = canonical_url(location)
         if urlsplit(location).username is not None:  # it would be in every prompt, and in citations
             raise SourceError("a URL with a user name or password in it is not kept: put the page where it can "
                               "be read without, or save it and add the file")
