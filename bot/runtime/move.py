@@ -172,7 +172,8 @@ def move(data_dir: str, url: str) -> str:
         for lock in locks:
             os.close(lock)
     lines = [f"moved {path} into {where}:"]
-    lines += [f"  {table:<13}{count:>9}" + (f"  ({states})" if table == "events" and states else "")
+    width = max(map(len, counts), default=0) + 2  # the longest table name (webchat_conversations) too
+    lines += [f"  {table:<{width}}{count:>9}" + (f"  ({states})" if table == "events" and states else "")
               for table, count in counts.items()]
     lines.append("  not copied: dispatchers (each process's own), inbox_offsets (SQLite's inbox bookkeeping)")
     if replaced:
