@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -117,6 +119,31 @@ def test_a_bad_file_is_refused_with_a_reason(tmp_path, name, data, reason):
     with pytest.raises(SourceError, match=reason):
         read(str(path), Limits())
     assert time.monotonic() - started < 5
+
+
+def test_a_redirect_to_something_that_is_not_a_url_is_refused_in_words():
+    """`Location: http://[::1` had come out as a bare "ValueError: Invalid IPv6 URL"."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_once():
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://[::1\r\nContent-Length: 0\r\n\r\n")
+    threading.Thread(target=answer_once, daemon=True).start()
+    try:
+        with pytest.raises(SourceError, match=r"could not fetch it: a URL that cannot be read \(.*IPv6"):
+            fetch(f"http://127.0.0.1:{listener.getsockname()[1]}/faq", Limits(), requests.Session(),
+                  public=lambda url: True)
+    finally:
+        listener.close()
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_in_words(tmp_path):
+    name = os.fsdecode(b"caf\xe9.md")  # Latin-1 bytes on a UTF-8 system: a surrogate in Python's name
+    (tmp_path / name).write_text("# Caf\u00e9\n\nOpen daily.")
+    with pytest.raises(SourceError, match="its name holds bytes that are not UTF-8 text: rename it"):
+        read(str(tmp_path / name), Limits())
 
 
 def test_a_pipe_or_a_device_is_refused_without_waiting(tmp_path):
@@ -311,12 +338,15 @@ def test_the_command_line_adds_lists_searches_and_removes(env, tmp_path, site):
     added = run_cli(env, "add", str(docs / "hours.md"), str(docs / "broken.pdf"), site.url + "/about")
     assert added.returncode == 1  # one source failed...
     assert f"failed    {docs / 'broken.pdf'}: not a PDF pypdf can read" in added.stderr
+    assert added.stderr.count("\n") == 1, added.stderr  # that line alone: not pypdf's own warnings too
     assert f"added     {docs / 'hours.md'}: 2 chunks" in added.stdout  # ...the others are in
     assert f"added     {site.url}/about: 1 chunk" in added.stdout
     again = run_cli(env, "add", str(docs / "hours.md"))
     assert again.returncode == 0 and "unchanged" in again.stdout  # re-adding duplicates nothing
     listed = run_cli(env, "list")
     assert "2 source(s), 3 chunk(s)" in listed.stdout, listed.stdout
+    empty = run_cli(env, "search", "  ")  # had asked the model server to embed nothing
+    assert empty.returncode == 2 and empty.stderr.startswith("the question is empty")
     found = run_cli(env, "search", "when do you open on saturday?", "--json")
     assert json.loads(found.stdout.splitlines()[0])["heading"] == "Ana's Bakery \u203a Opening hours"
     removed = run_cli(env, "remove", str(docs / "hours.md"))

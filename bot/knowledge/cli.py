@@ -54,6 +54,7 @@ def main(args: argparse.Namespace, config: Config | None = None) -> int:
 def _main(args: argparse.Namespace, config: Config | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings on a broken file: the source's line says it
     config = config or load_config_or_exit()
     if args.page and not any(account.page_id == args.page for account in config.accounts):
         pages = ", ".join(sorted({account.page_id for account in config.accounts}))
@@ -96,6 +97,9 @@ def _main(args: argparse.Namespace, config: Config | None = None) -> int:
         for report in reports:
             print(report.line(), file=sys.stderr if report.status == "failed" else sys.stdout)
         return 1 if any(report.status == "failed" for report in reports) else 0
+    if not args.question.strip():
+        print("the question is empty: search \"a question as a user would write it\"", file=sys.stderr)
+        return 2
     page = args.page
     pages = {account.page_id for account in config.accounts}
     if page is None and len(pages) == 1:  # one Page: search as its answers do (its sources and every Page's)

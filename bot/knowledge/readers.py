@@ -76,6 +76,10 @@ def canonical_url(url: str) -> str:
 
 def read(location: str, limits: Limits, session: requests.Session | None = None) -> Document:
     """The source at `location` (a path or an http(s) URL), read and chunked."""
+    try:
+        location.encode("utf-8")
+    except UnicodeEncodeError:  # a file name in another encoding: the store keeps text
+        raise SourceError("its name holds bytes that are not UTF-8 text: rename it") from None
     if is_url(location):
         location = canonical_url(location)
         if urlsplit(location).username is not None:  # it would be in every prompt, and in citations
@@ -133,6 +137,9 @@ def fetch(url: str, limits: Limits, session: requests.Session, clock: Callable[[
         raise SourceError(f"more than {MAX_REDIRECTS} redirects") from None
     except requests.RequestException as error:
         raise SourceError(f"could not fetch it: {type(error).__name__}") from None
+    except ValueError as error:  # a redirect to something that is not a URL ("http://[::1")
+        raise SourceError(f"could not fetch it: a URL that cannot be read ({' '.join(str(error).split())[:100]})") \
+            from None
 
 
 def _get(url: str, limits: Limits, session: requests.Session, ends: float, clock: Callable[[], float],
