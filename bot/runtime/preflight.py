@@ -115,7 +115,8 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
         raise StartupProblem(f"{sqlite_path} holds {waiting} message(s) acknowledged on SQLite and not answered yet, "
                              "which PostgreSQL would never see: move this DATA_DIR with `python -m bot "
                              f"move-to-postgres --data-dir {data_dir} --database-url ...` first, or start it once "
-                             "without DATABASE_URL to answer them")
+                             "without DATABASE_URL to answer them, or move the file out of DATA_DIR to leave them "
+                             "unanswered")
     import psycopg
 
     from bot.runtime.move import describe, one_line, scrub
