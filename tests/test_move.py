@@ -25,8 +25,8 @@ from bot.runtime.preflight import lock_data_dir
 from bot.storage import inbox
 from bot.storage.exchanges import Exchange
 from bot.storage.inbox import ClassifiedEcho
-from bot.storage.moved import MARKER
 from bot.storage.instance import WEBCHAT_LOCK, LockHeld, lock_if_present, take_process_lock
+from bot.storage.moved import MARKER
 from bot.storage.queue import PostgresQueue, SQLiteQueue
 from bot.storage.schema import SCHEMA
 from bot.storage.sqlite import Database

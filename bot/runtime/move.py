@@ -39,8 +39,8 @@ from urllib.parse import quote, unquote, urlparse
 
 from bot.runtime.preflight import LOCK_FILE, StartupProblem, lock_data_dir
 from bot.storage import inbox
-from bot.storage.moved import MARKER, mark, moved_to
 from bot.storage.instance import REPLY_LOCK, WEBCHAT_LOCK, LockHeld, lock_if_present
+from bot.storage.moved import MARKER, mark, moved_to
 from bot.storage.queue import QUARANTINE, InboxUnreadable, PostgresQueue, SQLiteQueue
 from bot.storage.sql import SchemaTooNew
 from config import database_path, read_environment
