@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from dotenv import dotenv_values
 
@@ -580,9 +580,16 @@ class _Reader:
             # Never echo it: the URL may hold a password.
             self.problems.append(f"{name} must look like postgresql://user@host:5432/database")
             return None
-        if not parsed.path.strip("/") and "dbname=" not in parsed.query:
+        try:
+            parsed.port
+        except ValueError:
+            self.problems.append(f"{name}'s port is not a number (postgresql://user@host:5432/database)")
+            return None
+        query = parse_qs(parsed.query)
+        if not parsed.path.strip("/") and not any(query.get(key, [""])[0] for key in ("dbname", "service")):
             # libpq would take the user's name for the database: hosts set up with different users
-            # would each be a bot of their own, answering the same messages.
+            # would each be a bot of their own, answering the same messages. (A pg_service.conf
+            # entry names its own.)
             self.problems.append(f"{name} names no database: end it with /DATABASE "
                                  "(postgresql://user@host:5432/DATABASE)")
             return None

@@ -104,12 +104,13 @@ def test_a_host_that_cannot_be_bound_is_a_problem(host):
 
 
 @pytest.mark.parametrize("url", ["postgresql://bot:pw@db:5432/bot", "postgres://db/bot", "postgresql:///bot",
-                                 "postgresql://db:5432/?dbname=bot"])
+                                 "postgresql://db:5432/?dbname=bot", "postgresql://db?service=bot"])
 def test_a_database_url_names_its_database(url):
     assert load_config({**GOOD, "DATABASE_URL": url}, env_file=None).database_url == url
 
 
-@pytest.mark.parametrize("url", ["postgresql://bot:s3cret@db:5432", "postgresql://bot:s3cret@db:5432/"])
+@pytest.mark.parametrize("url", ["postgresql://bot:s3cret@db:5432", "postgresql://bot:s3cret@db:5432/",
+                                 "postgresql://bot:s3cret@db:5432/?dbname="])
 def test_a_database_url_without_a_database_is_a_problem(url):
     """libpq would take the user's name: a host set up with another user became a second bot on the
     same server, answering the same messages again."""
@@ -117,6 +118,13 @@ def test_a_database_url_without_a_database_is_a_problem(url):
         load_config({**GOOD, "DATABASE_URL": url}, env_file=None)
     assert error.value.problems == ["DATABASE_URL names no database: end it with /DATABASE "
                                     "(postgresql://user@host:5432/DATABASE)"]
+
+
+def test_a_database_url_whose_port_is_no_number_is_a_problem():
+    """It had passed the settings and ended the start in a traceback."""
+    with pytest.raises(ConfigError) as error:
+        load_config({**GOOD, "DATABASE_URL": "postgresql://bot:s3cret@db:abc/bot"}, env_file=None)
+    assert error.value.problems == ["DATABASE_URL's port is not a number (postgresql://user@host:5432/database)"]
 
 
 def test_signatures_that_must_expire_need_the_key_they_are_made_with():

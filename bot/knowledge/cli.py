@@ -41,21 +41,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, config: Config | None = None) -> int:
+    config = config or load_config_or_exit()
     try:
         return _main(args, config)
     except Exception as error:  # noqa: BLE001 - the store's: one line; anything else keeps its traceback
         if not type(error).__module__.split(".")[0] in ("psycopg", "psycopg_pool", "sqlite3"):
             raise
-        print(f"cannot use the bot's store ({type(error).__name__}: {' '.join(str(error).split())[:200]}): "
-              "check DATABASE_URL (or DATA_DIR) and that PostgreSQL runs", file=sys.stderr)
+        from bot.runtime.move import scrub
+
+        line = (f"cannot use the bot's store ({type(error).__name__}: {' '.join(str(error).split())[:200]}): "
+                "check DATABASE_URL (or DATA_DIR) and that PostgreSQL runs")
+        print(scrub(line, config.database_url or ""), file=sys.stderr)
         return 1
 
 
-def _main(args: argparse.Namespace, config: Config | None = None) -> int:
+def _main(args: argparse.Namespace, config: Config) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings on a broken file: the source's line says it
-    config = config or load_config_or_exit()
     if args.page and not any(account.page_id == args.page for account in config.accounts):
         pages = ", ".join(sorted({account.page_id for account in config.accounts}))
         print(f"--page {args.page}: not a Page of this deployment ({pages})", file=sys.stderr)

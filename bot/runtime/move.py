@@ -114,8 +114,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 class _LateInterrupt:
-    """Ctrl-C from the commit on is noted, not raised: raised in the moment after the commit, it
-    would report "PostgreSQL is as it was" over a store that was moved."""
+    """A first Ctrl-C from the commit on is noted, not raised: raised in the moment after the
+    commit, it would report "PostgreSQL is as it was" over a store that was moved. A second one
+    stops the command all the same (a commit that hangs: a standby or the network gone)."""
     came = False
 
     @classmethod
@@ -130,7 +131,14 @@ class _LateInterrupt:
 
     @classmethod
     def _note(cls, *_args) -> None:
+        if cls.came:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("stopped while committing: whether the store was moved is unknown - `python -m bot "
+                  "move-to-postgres` again says (a store already there is refused)", file=sys.stderr)
+            os._exit(130)
         cls.came = True
+        print("every row is copied, committing: Ctrl-C again to stop without knowing whether it was moved",
+              file=sys.stderr, flush=True)
 
 
 def move(data_dir: str, url: str) -> str:

@@ -3,6 +3,7 @@ stops start-up with one line saying what to do, instead of a traceback or - wors
 a second bot quietly sharing the port or the data with the first."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -91,7 +92,7 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
     before any worker starts); no acknowledged message is left behind in DATA_DIR's inbox files.
     Without: the SQLite file, if there is one, opens, can be written, and is not newer than
     this code (or newer only by migrations that keep this code working)."""
-    from bot.storage.moved import MARKER, moved_to
+    from bot.storage.moved import MARKER, mark, moved_to
 
     if not url:
         if data_dir and (note := moved_to(data_dir)):
@@ -111,43 +112,52 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
         raise StartupProblem(f"{data_dir}/inbox holds {len(left)} inbox file(s) of messages acknowledged on SQLite, "
                              "which may not be queued yet: move this DATA_DIR with `python -m bot move-to-postgres "
                              f"--data-dir {data_dir} --database-url ...` first (it queues them, then copies the store)")
-    if data_dir and sqlite_path and not moved_to(data_dir) and (waiting := _sqlite_waiting(sqlite_path)):
-        raise StartupProblem(f"{sqlite_path} holds {waiting} message(s) acknowledged on SQLite and not answered yet, "
-                             "which PostgreSQL would never see: move this DATA_DIR with `python -m bot "
-                             f"move-to-postgres --data-dir {data_dir} --database-url ...` first, or start it once "
-                             "without DATABASE_URL to answer them, or move the file out of DATA_DIR to leave them "
-                             "unanswered")
     import psycopg
 
-    from bot.runtime.move import describe, one_line, scrub
+    from bot.runtime.move import Refused, describe, one_line, scrub
     from bot.storage.queue import PostgresQueue
     from bot.storage.sql import SchemaTooNew
 
-    where = describe(url)
+    try:
+        where = describe(url)
+    except Refused as refusal:
+        raise StartupProblem(f"DATABASE_URL: {refusal}") from None
+    waiting = _sqlite_waiting(sqlite_path) if data_dir and sqlite_path and not moved_to(data_dir) else []
     try:
         # One plain connection first: it fails fast, with the server's own reason (refused,
         # authentication, no such database), where the pool retries for seconds and says "timeout".
-        psycopg.connect(url, connect_timeout=5).close()
-        PostgresQueue(url, pool_size=2).close()
+        with psycopg.connect(url, connect_timeout=5) as probe:
+            PostgresQueue(url, pool_size=2).close()
+            held = probe.execute("SELECT COUNT(*) FROM events WHERE dedupe_key = ANY(%s)",
+                                 (waiting,)).fetchone()[0] if waiting else 0
     except SchemaTooNew as exc:
         raise StartupProblem(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - the driver's or the pool's: say which and where
         raise StartupProblem(scrub(f"{where} cannot be used ({type(exc).__name__}: {one_line(exc)}); check "
                                    "DATABASE_URL and that the server runs", url)) from None
+    if waiting and held == len(waiting):  # moved before the note existed (or before it was written)
+        with contextlib.suppress(OSError):  # an unwritable DATA_DIR is refused on its own
+            mark(data_dir, where)
+    elif waiting:  # nothing reads them with DATABASE_URL set: those users would never be answered
+        raise StartupProblem(f"{sqlite_path} holds {len(waiting)} message(s) acknowledged on SQLite and not answered "
+                             f"yet, which {where} does not hold: move this DATA_DIR with `python -m bot "
+                             f"move-to-postgres --data-dir {data_dir} --database-url ...` first, or start it once "
+                             "without DATABASE_URL to answer them, or move the file out of DATA_DIR to leave them "
+                             "unanswered")
 
 
-def _sqlite_waiting(path: str) -> int:
-    """Messages a SQLite store holds as waiting or being answered; 0 when it holds none, or is no
-    store this code can read (nothing there for PostgreSQL to miss that a start could tell)."""
+def _sqlite_waiting(path: str) -> list[str]:
+    """The keys of the messages a SQLite store holds as waiting or being answered; none when it
+    is no store this code can read (nothing there for PostgreSQL to miss that a start could tell)."""
     import sqlite3
 
     if not os.path.isfile(path):
-        return 0
+        return []
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
-            return db.execute("SELECT COUNT(*) FROM events WHERE state IN ('pending', 'working')").fetchone()[0]
+            return [row[0] for row in db.execute("SELECT dedupe_key FROM events WHERE state IN ('pending', 'working')")]
     except sqlite3.Error:
-        return 0
+        return []
 
 
 def _check_sqlite(path: str) -> None:

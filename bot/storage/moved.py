@@ -35,9 +35,13 @@ def mark(data_dir: str, where: str, now: float | None = None) -> str:
 
 
 def moved_to(data_dir: str) -> str | None:
-    """The note's first line when this DATA_DIR was moved; None otherwise."""
+    """The note's first line when this DATA_DIR was moved; None otherwise. A note this user
+    cannot read (a move run as root) still says the store was moved."""
+    path = os.path.join(data_dir, MARKER)
     try:
-        with open(os.path.join(data_dir, MARKER), encoding="utf-8", errors="replace") as file:
-            return file.readline().strip() or "moved"
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.readline().strip() or "This DATA_DIR's store was moved to PostgreSQL"
     except FileNotFoundError:
         return None
+    except OSError as error:
+        return f"This DATA_DIR's store was moved to PostgreSQL ({path} cannot be read: {error.strerror})"
