@@ -15,17 +15,21 @@ MirrorRow = tuple[str, str, str, int]  # mid, author, text, at_ms
 # A message already mirrored keeps its row, but a time Graph gave it (created_time: whole seconds)
 # yields to the webhook's millisecond timestamp of the same second. Otherwise a message Graph
 # reported first sorted before an earlier one of that second, and prompts read them swapped.
+# (An UPDATE apart, not ON CONFLICT DO UPDATE: PostgreSQL locks every conflicting row for that,
+# even where its WHERE is false.)
 ADD_ROW = ("INSERT INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)"
-           " ON CONFLICT (mid) DO UPDATE SET at_ms = excluded.at_ms"
-           " WHERE mirror.at_ms % 1000 = 0 AND excluded.at_ms % 1000 <> 0"
-           " AND excluded.at_ms / 1000 = mirror.at_ms / 1000")
+           " ON CONFLICT (mid) DO NOTHING")
+TO_WEBHOOK_TIME = ("UPDATE mirror SET at_ms = ? WHERE mid = ? AND at_ms % 1000 = 0 AND at_ms / 1000 = ?")
 
 
 def add_rows(db, psid: str, rows: Iterable[MirrorRow]) -> None:
-    """Mirror these messages; one already mirrored (same mid) keeps its text (ADD_ROW: its time).
-    Text and ids are cleaned: a lone surrogate (from a model, Graph, old data) cannot be stored."""
+    """Mirror these messages; one already mirrored (same mid) keeps its text (TO_WEBHOOK_TIME: its
+    time). Text and ids are cleaned: a lone surrogate (from a model, Graph, old data) cannot be stored."""
     for mid, author, text, at_ms in rows:
-        db.execute(ADD_ROW, (clean_text(mid), psid, author, clean_text(text or ""), at_ms))
+        mid = clean_text(mid)
+        added = db.execute(ADD_ROW, (mid, psid, author, clean_text(text or ""), at_ms)).rowcount
+        if not added and at_ms % 1000:
+            db.execute(TO_WEBHOOK_TIME, (at_ms, mid, at_ms // 1000))
 
 
 def history(db, psid: str, page_id: str, limit: int, after_ms: int | None) -> list[HistoryMessage]:

@@ -44,7 +44,8 @@ class StorageUnavailable(OSError):
 
 @functools.lru_cache(maxsize=512)
 def translate(sql: str) -> str:
-    """`?` placeholders as psycopg's `%s` (no statement here holds a literal `?` or `%`)."""
+    """`?` placeholders as psycopg's `%s`; a literal `%` (the modulo operator) doubled, as psycopg
+    wants it. No statement here holds a literal `?`."""
     return sql.replace("%", "%%").replace("?", "%s")
 
 
