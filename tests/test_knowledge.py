@@ -125,6 +125,9 @@ def test_remove_by_path_takes_the_copy_of_the_page_it_names(env, backend, docs):
     kb.add([str(docs / "hours.md")], page_id=page)
     refused = kb.remove(str(docs / "hours.md"), page_id=other)
     assert refused.status == "failed" and f"not a source of Page {other}" in refused.reason
+    [own] = [s for s in kb.sources() if s.page_id == page]
+    refused = kb.remove(str(own.id), page_id=other)  # by id: still only a source the named Page has
+    assert refused.status == "failed" and f"is Page {page}'s, not Page {other}'s" in refused.reason
     assert kb.remove(str(docs / "hours.md"), page_id=page).status == "removed"
     assert [s.page_id for s in kb.sources()] == [""]  # every Page's copy stays
     kb.add([str(docs / "hours.md")], page_id=page)

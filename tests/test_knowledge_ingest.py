@@ -106,10 +106,11 @@ def test_each_kind_of_file_is_read(tmp_path, name, data, title, fact):
                  b"faq: [{question: q, answer: *b}]\n", "YAML aliases"),
     ("faq.yaml", b"- question: Is it open on Sundays?\n  answer: yes\n", "entry 1: .*put such an answer in quotes"),
     ("faq.yaml", b"[" * 100_000 + b"]" * 100_000, "not valid YAML: .*nesting depth"),
-    ("faq.csv", b"id,category,question_text,reply\n1,hours,Open?,Yes\n", "header row naming"),
+    ("faq.csv", b"id,category,question_text,reply\n1,hours,Open?,Yes\n", "entry 1 has more than two cells"),
+    ("faq.csv", b"Do you deliver?,Yes\nHours?,Mon-Fri 9-5, Sat 10-2\n", "entry 2 has more than two cells"),
     ("faq.csv", b"question,answer\n" + b"".join(b"q%d,a\n" % n for n in range(20_001)), "20,001 excerpts"),
 ], ids=["broken-pdf", "unknown-encoding", "empty", "faq-without-answer", "unknown-kind", "yaml-aliases",
-        "yaml-unquoted-yes", "yaml-nested-deep", "csv-unknown-columns", "too-many-excerpts"])
+        "yaml-unquoted-yes", "yaml-nested-deep", "csv-unknown-columns", "csv-unquoted-comma", "too-many-excerpts"])
 def test_a_bad_file_is_refused_with_a_reason(tmp_path, name, data, reason):
     """Each in one line, at once: the deep YAML took PyYAML's own parser 4 minutes, and the
     million one-line FAQ pairs held SQLite's write lock for 65 s."""
@@ -150,7 +151,9 @@ def test_a_pipe_or_a_device_is_refused_without_waiting(tmp_path):
     """A named pipe in a synced folder had hung `sync` for ever (opening it waits for a writer)."""
     os.mkfifo(tmp_path / "notes.txt")
     (tmp_path / "random.md").symlink_to("/dev/zero")
-    for name in ("notes.txt", "random.md"):
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / "socket.md"))
+    for name in ("notes.txt", "random.md", "socket.md"):
         started = time.monotonic()
         with pytest.raises(SourceError, match="not a regular file"):
             read(str(tmp_path / name), Limits())

@@ -120,6 +120,8 @@ class KnowledgeBase:
             what if not os.path.exists(what) else os.path.abspath(what)
         everyone = self.sources()
         if by_id := [source for source in everyone if str(source.id) == what]:
+            if page_id and by_id[0].page_id not in (page_id, store.EVERY_PAGE):
+                return Report(what, FAILED, reason=f"source {what} is Page {by_id[0].page_id}'s, not Page {page_id}'s")
             return self._remove(by_id[0])
         named = [source for source in everyone if source.location in (what, location)]
         if own := [source for source in named if source.page_id == (page_id or store.EVERY_PAGE)]:

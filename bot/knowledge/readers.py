@@ -92,11 +92,14 @@ def read(location: str, limits: Limits, session: requests.Session | None = None)
     if kind is None:
         raise SourceError(f"not a kind of file the knowledge base reads (use {', '.join(sorted(SUFFIXES))})")
     try:
-        # Opened without waiting: a FIFO (a named pipe in a synced folder) would block for ever.
+        # Looked at before it is opened (opening a device can do things), and opened without
+        # waiting: a FIFO (a named pipe in a synced folder) would block for ever.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise SourceError("not a regular file (a pipe, a device or a socket)")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         with open(fd, "rb") as file:
             status = os.fstat(fd)
-            if not stat.S_ISREG(status.st_mode):
+            if not stat.S_ISREG(status.st_mode):  # swapped for something else in between
                 raise SourceError("not a regular file (a pipe, a device or a socket)")
             if status.st_size > limits.max_bytes:
                 raise SourceError(f"larger than {_mb(limits.max_bytes)} ({_mb(status.st_size)}; KNOWLEDGE_MAX_MB)")
@@ -291,11 +294,12 @@ def _faq_csv(text: str) -> list[tuple[str, str]]:
     if "question" in header and "answer" in header:
         ask, say = header.index("question"), header.index("answer")
         rows = rows[1:]
-    elif len([c for c in header if c.strip()]) > 2:
-        raise SourceError("a FAQ CSV has two columns, question and answer, or a header row naming its "
-                          "`question` and `answer` columns")
-    else:
+    else:  # two columns: a third cell is an answer cut at an unquoted comma, or a column nobody named
         ask, say = 0, 1
+        if wide := [n + 1 for n, row in enumerate(rows) if len([c for c in row if c.strip()]) > 2]:
+            raise SourceError(f"entry {wide[0]} has more than two cells: a FAQ CSV has two columns, question and "
+                              "answer (put an answer holding a comma in quotes), or a header row naming its "
+                              "`question` and `answer` columns")
     width = max(ask, say) + 1
     return _pairs([(row[ask], row[say]) if len(row) >= width else None
                    for row in rows if any(c.strip() for c in row)])
