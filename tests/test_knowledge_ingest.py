@@ -369,7 +369,7 @@ def test_add_says_each_source_as_it_is_done_and_ctrl_c_keeps_what_is_in(env, tmp
     command.send_signal(signal.SIGINT)
     out, err = command.communicate(timeout=30)
     assert command.returncode == 130, out + err
-    assert "interrupted: the sources listed above are in the knowledge base" in err and "Traceback" not in err
+    assert "interrupted: the sources listed above are done" in err and "Traceback" not in err
     assert "1 source(s), 2 chunk(s)" in run_cli(env, "list").stdout
 
 

@@ -79,8 +79,8 @@ def _main(args: argparse.Namespace, config: Config) -> int:
             reports = knowledge.add(args.sources, args.page, on_report=say) if args.action == "add" else \
                 knowledge.sync(args.folder, args.page, on_report=say)
         except KeyboardInterrupt:  # each source is one transaction: the one under way is not in
-            print("interrupted: the sources listed above are in the knowledge base, the one being read or "
-                  "written was not added", file=sys.stderr)
+            print("interrupted: the sources listed above are done; the one under way is as it was",
+                  file=sys.stderr)
             return 130
         tokens = sum(report.tokens for report in reports)
         failed = sum(report.status == "failed" for report in reports)

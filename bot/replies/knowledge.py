@@ -60,7 +60,8 @@ class Knowledge:
         except Exception as error:  # noqa: BLE001 - the reply loses its excerpts, never more
             failed = error if isinstance(error, SearchFailed) else f"{type(error).__name__}: {str(error)[:200]}"
             tokens = error.tokens if isinstance(error, SearchFailed) else 0
-            logger.warning("could not search the knowledge base (%s): answering without it", failed)
+            logger.warning("could not search the knowledge base (%s): answering without it", failed,
+                           exc_info=not isinstance(error, SearchFailed))  # a surprise keeps its traceback
             metrics.KNOWLEDGE.labels("error").inc()
             metrics.EMBEDDING_TOKENS.inc(tokens)
             return Consulted(tokens=tokens)

@@ -574,7 +574,6 @@ class DatabaseIntake:
             finally:
                 _settle(group)
 
-
     def _tell(self, group: list["_Delivery"], new: int) -> None:
         """on_taken, before the group's 200s (so /metrics counts a delivery once it is answered);
         committed is committed: whatever it raises is logged, never a 503."""
