@@ -301,6 +301,23 @@ def test_a_moved_store_is_not_run_on_sqlite_again_nor_moved_twice(moved, graph, 
     assert note.exists(), output
 
 
+def test_messages_past_metas_longest_window_left_in_sqlite_do_not_stop_a_start(tmp_path, target):
+    """A store switched to PostgreSQL long ago (moved by an earlier version, its rows since pruned
+    there; or never moved) may still call old messages waiting: nobody can answer them any more,
+    so they are no reason to refuse. The same messages a day old are."""
+    from bot.runtime.preflight import ANSWERABLE_S, StartupProblem, check_database
+
+    url, _ = target
+    data_dir = tmp_path / "data"
+    path = database_path(str(data_dir))
+    now = time.time()
+    SQLiteQueue(path).add([message("m_old", at=int((now - ANSWERABLE_S - 3600) * 1000))])
+    check_database(url, path, str(data_dir), now=now)  # no refusal
+    SQLiteQueue(path).add([message("m_recent", at=int((now - 86400) * 1000))])
+    with pytest.raises(StartupProblem, match=r"holds 1 message\(s\) of the last 7 days"):
+        check_database(url, path, str(data_dir), now=now)
+
+
 def test_a_note_that_cannot_be_read_still_says_the_store_was_moved(tmp_path):
     from bot.storage.moved import moved_to
 
@@ -321,7 +338,8 @@ def test_a_start_on_postgres_refuses_a_sqlite_store_with_messages_still_waiting(
     output = process.communicate(timeout=30)[0]
     waiting = sqlite_rows(database_path(str(data_dir)), "SELECT COUNT(*) FROM events WHERE state IN ('pending', 'working')")
     assert waiting[0][0] > 0
-    assert process.returncode == 1 and f"holds {waiting[0][0]} message(s) acknowledged on SQLite" in output, output
+    assert process.returncode == 1 and f"holds {waiting[0][0]} message(s) of the last 7 days acknowledged on SQLite" \
+        in output, output
     assert "move-to-postgres" in output and "without DATABASE_URL" in output and "Traceback" not in output
 
 

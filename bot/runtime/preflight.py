@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from contextlib import closing
 
 LOCK_FILE = "bot.lock"
@@ -87,7 +88,13 @@ def check_port_free(host: str, port: int) -> None:
             raise StartupProblem(f"cannot listen on {host}:{port} ({exc.strerror}): check HOST and PORT") from None
 
 
-def check_database(url: str | None, sqlite_path: str | None = None, data_dir: str | None = None) -> None:
+# Meta's longest messaging window (a user who came from an ad): an older message can no longer
+# be answered by anyone, so one left waiting in SQLite is no reason to refuse a start.
+ANSWERABLE_S = 7 * 86400
+
+
+def check_database(url: str | None, sqlite_path: str | None = None, data_dir: str | None = None,
+                   now: float | None = None) -> None:
     """With DATABASE_URL: PostgreSQL answers, and its schema is this code's (migrated here, once,
     before any worker starts); no acknowledged message is left behind in DATA_DIR's inbox files.
     Without: the SQLite file, if there is one, opens, can be written, and is not newer than
@@ -122,7 +129,8 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
         where = describe(url)
     except Refused as refusal:
         raise StartupProblem(f"DATABASE_URL: {refusal}") from None
-    waiting = _sqlite_waiting(sqlite_path) if data_dir and sqlite_path and not moved_to(data_dir) else []
+    recent_ms = int(((time.time() if now is None else now) - ANSWERABLE_S) * 1000)
+    waiting = _sqlite_waiting(sqlite_path, recent_ms) if data_dir and sqlite_path and not moved_to(data_dir) else []
     try:
         # One plain connection first: it fails fast, with the server's own reason (refused,
         # authentication, no such database), where the pool retries for seconds and says "timeout".
@@ -139,23 +147,25 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
         with contextlib.suppress(OSError):  # an unwritable DATA_DIR is refused on its own
             mark(data_dir, where)
     elif waiting:  # nothing reads them with DATABASE_URL set: those users would never be answered
-        raise StartupProblem(f"{sqlite_path} holds {len(waiting)} message(s) acknowledged on SQLite and not answered "
-                             f"yet, which {where} does not hold: move this DATA_DIR with `python -m bot "
+        raise StartupProblem(f"{sqlite_path} holds {len(waiting)} message(s) of the last 7 days acknowledged on SQLite "
+                             f"and not answered yet, which {where} does not hold: move this DATA_DIR with `python -m bot "
                              f"move-to-postgres --data-dir {data_dir} --database-url ...` first, or start it once "
                              "without DATABASE_URL to answer them, or move the file out of DATA_DIR to leave them "
                              "unanswered")
 
 
-def _sqlite_waiting(path: str) -> list[str]:
-    """The keys of the messages a SQLite store holds as waiting or being answered; none when it
-    is no store this code can read (nothing there for PostgreSQL to miss that a start could tell)."""
+def _sqlite_waiting(path: str, since_ms: int) -> list[str]:
+    """The keys of the messages since `since_ms` a SQLite store holds as waiting or being
+    answered; none when it is no store this code can read (nothing there for PostgreSQL to miss
+    that a start could tell)."""
     import sqlite3
 
     if not os.path.isfile(path):
         return []
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
-            return [row[0] for row in db.execute("SELECT dedupe_key FROM events WHERE state IN ('pending', 'working')")]
+            return [row[0] for row in db.execute("SELECT dedupe_key FROM events WHERE state IN ('pending', 'working')"
+                                                 " AND timestamp_ms >= ?", (since_ms,))]
     except sqlite3.Error:
         return []
 
