@@ -336,7 +336,8 @@ def test_a_start_on_postgres_refuses_a_sqlite_store_with_messages_still_waiting(
     env = {**base_env(graph, model, tmp_path), "PORT": str(free_port()), "HOST": "127.0.0.1", "DATABASE_URL": url}
     process = start_gunicorn(env, tmp_path)
     output = process.communicate(timeout=30)[0]
-    waiting = sqlite_rows(database_path(str(data_dir)), "SELECT COUNT(*) FROM events WHERE state IN ('pending', 'working')")
+    waiting = sqlite_rows(database_path(str(data_dir)),
+                          "SELECT COUNT(*) FROM events WHERE state IN ('pending', 'working')")
     assert waiting[0][0] > 0
     assert process.returncode == 1 and f"holds {waiting[0][0]} message(s) of the last 7 days acknowledged on SQLite" \
         in output, output

@@ -96,9 +96,11 @@ ANSWERABLE_S = 7 * 86400
 def check_database(url: str | None, sqlite_path: str | None = None, data_dir: str | None = None,
                    now: float | None = None) -> None:
     """With DATABASE_URL: PostgreSQL answers, and its schema is this code's (migrated here, once,
-    before any worker starts); no acknowledged message is left behind in DATA_DIR's inbox files.
-    Without: the SQLite file, if there is one, opens, can be written, and is not newer than
-    this code (or newer only by migrations that keep this code working)."""
+    before any worker starts); no acknowledged message is left behind in DATA_DIR's inbox files,
+    nor (of the last 7 days, and not in PostgreSQL) in its SQLite queue.
+    Without: DATA_DIR was not moved to PostgreSQL (bot/storage/moved.py), and the SQLite file, if
+    there is one, opens, can be written, and is not newer than this code (or newer only by
+    migrations that keep this code working)."""
     from bot.storage.moved import MARKER, mark, moved_to
 
     if not url:
@@ -147,9 +149,10 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
         with contextlib.suppress(OSError):  # an unwritable DATA_DIR is refused on its own
             mark(data_dir, where)
     elif waiting:  # nothing reads them with DATABASE_URL set: those users would never be answered
-        raise StartupProblem(f"{sqlite_path} holds {len(waiting)} message(s) of the last 7 days acknowledged on SQLite "
-                             f"and not answered yet, which {where} does not hold: move this DATA_DIR with `python -m bot "
-                             f"move-to-postgres --data-dir {data_dir} --database-url ...` first, or start it once "
+        raise StartupProblem(f"{sqlite_path} holds {len(waiting)} message(s) of the last 7 days acknowledged on "
+                             f"SQLite and not answered yet, which {where} does not hold: move this DATA_DIR with "
+                             f"`python -m bot move-to-postgres --data-dir {data_dir} --database-url ...` first, or "
+                             "start it once "
                              "without DATABASE_URL to answer them, or move the file out of DATA_DIR to leave them "
                              "unanswered")
 
