@@ -368,9 +368,7 @@ def test_a_renewal_keeps_a_lease_and_never_waits_for_a_row_being_written(store, 
             renewed.join(5)
             assert not renewed.is_alive(), "the renewal waited for a row another transaction holds"
             writing.rollback()
-        store.renew("owner", 60, [batch.batch_id])
-    else:
-        store.renew("owner", 60, [batch.batch_id])
+    store.renew("owner", 60, [batch.batch_id])
     clock.advance(45)  # past the first lease, within the renewed one
     assert store.claim("another", 30) is None
 

@@ -211,11 +211,7 @@ class Dispatcher:
             new, duplicates = self.store.drain(self.inbox_dir)
         except InboxUnreadable as exc:  # the other files were drained: counted, then reported
             new, duplicates, unreadable = exc.new, exc.duplicates, exc
-        if new:
-            metrics.EVENTS.labels("accepted").inc(new)
-        if duplicates:
-            metrics.EVENTS.labels("duplicate").inc(duplicates)
-            logger.info("%d redelivered message(s) dropped", duplicates)
+        metrics.count_taken_in(new, duplicates)
         if unreadable:
             raise unreadable
 

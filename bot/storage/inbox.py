@@ -227,25 +227,22 @@ def inbox_files(directory: str) -> list[str]:
         return []
 
 
-def remove_unborn(directory: str, now: float) -> int:
+def remove_unborn(directory: str, now: float) -> None:
     """Delete the *.creating files a writer killed between creating one and naming it left behind.
     Such a file is always empty (records go in only once it is named): one older than
-    UNBORN_AFTER_S is nobody's. Returns how many went."""
-    removed = 0
+    UNBORN_AFTER_S is nobody's."""
     try:
         names = [n for n in os.listdir(directory) if n.endswith(CREATING)]
     except FileNotFoundError:
-        return 0
+        return
     for name in names:
         path = os.path.join(directory, name)
         try:
             status = os.stat(path)
             if status.st_size == 0 and now - status.st_mtime > UNBORN_AFTER_S:
                 os.unlink(path)
-                removed += 1
         except FileNotFoundError:
             continue
-    return removed
 
 
 def read_from(path: str, offset: int) -> bytes:

@@ -5,6 +5,7 @@ before any worker imports prometheus_client, so /metrics sums every worker.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
@@ -62,3 +63,14 @@ def render() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def count_taken_in(new: int, redelivered: int) -> None:
+    """Messages that entered the queue, and redeliveries dropped by their mid: counted where that
+    is known - the reply process's drain (SQLite's inbox files), or the webhooks' commit
+    (PostgreSQL)."""
+    if new:
+        EVENTS.labels("accepted").inc(new)
+    if redelivered:
+        EVENTS.labels("duplicate").inc(redelivered)
+        logging.getLogger(__name__).info("%d redelivered message(s) dropped", redelivered)

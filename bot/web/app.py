@@ -12,7 +12,7 @@ from bot.storage.queue import Queue, open_intake, open_queue
 from bot.telemetry import metrics
 from bot.web.proxy import TrustedPeers, TrustedProxyFix
 from bot.web.readiness import Readiness
-from bot.web.webhook import WebhookReceiver, WebhookRoute, count_taken
+from bot.web.webhook import WebhookReceiver, WebhookRoute
 from config import Config, load_config
 from messenger.signature import is_verify_request
 
@@ -43,7 +43,7 @@ def create_app(config: Config | None = None, *, replies: str = "threads",
         if replies == "threads":
             dispatcher.start()
     _add_routes(app, config, store)
-    receiver = WebhookReceiver(config, open_intake(config, store, on_taken=count_taken), open_doorbell(config),
+    receiver = WebhookReceiver(config, open_intake(config, store, on_taken=metrics.count_taken_in), open_doorbell(config),
                                clock=clock)
     app.extensions["webhook"] = receiver  # the ASGI front (bot/web/asgi.py) calls it directly
     app.wsgi_app = TrustedProxyFix(WebhookRoute(app.wsgi_app, receiver),  # type: ignore[method-assign]

@@ -94,7 +94,7 @@ class WebhookReceiver:
         if accepted.stores:
             self.doorbell.ring()
         metrics.WEBHOOKS.labels("accepted").inc()
-        if accepted.ignored:  # accepted / duplicate: counted as drained (SQLite) or taken in (count_taken)
+        if accepted.ignored:  # accepted / duplicate: metrics.count_taken_in, once the queue has them
             metrics.EVENTS.labels("ignored").inc(accepted.ignored)
         logger.info("webhook accepted: %d message(s) stored, %d event(s) ignored",
                     len(accepted.messages), accepted.ignored)
@@ -231,12 +231,3 @@ def read_wsgi_body(environ: dict, limit: int = MAX_BODY_BYTES) -> bytes | None:
         chunks.append(chunk)
     return b"".join(chunks)
 
-
-def count_taken(new: int, redelivered: int) -> None:
-    """What one PostgreSQL commit of the webhooks took in (with the inbox files, the reply
-    process's drain counts it)."""
-    if new:
-        metrics.EVENTS.labels("accepted").inc(new)
-    if redelivered:
-        metrics.EVENTS.labels("duplicate").inc(redelivered)
-        logger.info("%d redelivered message(s) dropped", redelivered)
