@@ -74,7 +74,8 @@ def on_starting(server):
         check_port_free(_host, _config.port)
         if _config.webchat:
             check_port_free(_host, _config.webchat_port)
-        check_database(_config.database_url, _config.database_path, _config.data_dir)
+        check_database(_config.database_url, _config.database_path, _config.data_dir,
+                       retention_days=_config.retention_days)
         for error_log in sorted({a.config.error_log_file for a in _config.accounts} | {_config.error_log_file}):
             check_error_log(error_log)
     except StartupProblem as problem:

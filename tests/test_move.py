@@ -318,6 +318,24 @@ def test_messages_past_metas_longest_window_left_in_sqlite_do_not_stop_a_start(t
         check_database(url, path, str(data_dir), now=now)
 
 
+def test_with_a_short_retention_only_messages_younger_than_it_stop_a_start(tmp_path, target):
+    """RETENTION_DAYS=1 prunes PostgreSQL's answered rows after a day: a message two days old still
+    waiting in a store moved before moves left a note may be answered and gone there."""
+    from bot.runtime.preflight import StartupProblem, check_database
+
+    url, _ = target
+    data_dir = tmp_path / "data"
+    path = database_path(str(data_dir))
+    now = time.time()
+    SQLiteQueue(path).add([message("m_two_days", at=int((now - 2 * 86400) * 1000))])
+    check_database(url, path, str(data_dir), now=now, retention_days=1)  # no refusal
+    with pytest.raises(StartupProblem, match=r"holds 1 message\(s\) of the last 7 days"):
+        check_database(url, path, str(data_dir), now=now, retention_days=30)
+    SQLiteQueue(path).add([message("m_an_hour", at=int((now - 3600) * 1000))])
+    with pytest.raises(StartupProblem, match=r"holds 1 message\(s\) of the last day"):
+        check_database(url, path, str(data_dir), now=now, retention_days=1)
+
+
 def test_a_note_that_cannot_be_read_still_says_the_store_was_moved(tmp_path):
     from bot.storage.moved import moved_to
 

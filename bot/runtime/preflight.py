@@ -94,10 +94,11 @@ ANSWERABLE_S = 7 * 86400
 
 
 def check_database(url: str | None, sqlite_path: str | None = None, data_dir: str | None = None,
-                   now: float | None = None) -> None:
+                   now: float | None = None, retention_days: int = 0) -> None:
     """With DATABASE_URL: PostgreSQL answers, and its schema is this code's (migrated here, once,
     before any worker starts); no acknowledged message is left behind in DATA_DIR's inbox files,
-    nor (of the last 7 days, and not in PostgreSQL) in its SQLite queue.
+    nor (of the last 7 days, or of RETENTION_DAYS when shorter, and not in PostgreSQL) in its
+    SQLite queue.
     Without: DATA_DIR was not moved to PostgreSQL (bot/storage/moved.py), and the SQLite file, if
     there is one, opens, can be written, and is not newer than this code (or newer only by
     migrations that keep this code working)."""
@@ -131,7 +132,10 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
         where = describe(url)
     except Refused as refusal:
         raise StartupProblem(f"DATABASE_URL: {refusal}") from None
-    recent_ms = int(((time.time() if now is None else now) - ANSWERABLE_S) * 1000)
+    # A message answered on PostgreSQL is pruned there after RETENTION_DAYS: one older than that,
+    # still waiting in a store moved before moves left a note, may have been answered long ago.
+    window_s = min(ANSWERABLE_S, retention_days * 86400) if retention_days else ANSWERABLE_S
+    recent_ms = int(((time.time() if now is None else now) - window_s) * 1000)
     waiting = _sqlite_waiting(sqlite_path, recent_ms) if data_dir and sqlite_path and not moved_to(data_dir) else []
     try:
         # One plain connection first: it fails fast, with the server's own reason (refused,
@@ -149,12 +153,17 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
         with contextlib.suppress(OSError):  # an unwritable DATA_DIR is refused on its own
             mark(data_dir, where)
     elif waiting:  # nothing reads them with DATABASE_URL set: those users would never be answered
-        raise StartupProblem(f"{sqlite_path} holds {len(waiting)} message(s) of the last 7 days acknowledged on "
+        raise StartupProblem(f"{sqlite_path} holds {len(waiting)} message(s) of the last {_days(window_s)} acknowledged on "
                              f"SQLite and not answered yet, which {where} does not hold: move this DATA_DIR with "
                              f"`python -m bot move-to-postgres --data-dir {data_dir} --database-url ...` first, or "
                              "start it once "
                              "without DATABASE_URL to answer them, or move the file out of DATA_DIR to leave them "
                              "unanswered")
+
+
+def _days(seconds: float) -> str:
+    days = round(seconds / 86400)
+    return "day" if days == 1 else f"{days} days"
 
 
 def _sqlite_waiting(path: str, since_ms: int) -> list[str]:
