@@ -161,8 +161,9 @@ def test_a_pipe_or_a_device_is_refused_without_waiting(tmp_path):
 
 
 @pytest.mark.parametrize("data", [b"answer,question\nYes within 5 km.,Do you deliver?\n",
-                                  b"id,question,answer\n1,Do you deliver?,Yes within 5 km.\n"],
-                         ids=["swapped", "with-an-id"])
+                                  b"id,question,answer\n1,Do you deliver?,Yes within 5 km.\n",
+                                  b"Q,A\nDo you deliver?,Yes within 5 km.\n"],
+                         ids=["swapped", "with-an-id", "q-and-a"])
 def test_a_faq_csv_is_read_by_its_header_names(tmp_path, data):
     """The header says which column is which; a header row is never an entry."""
     path = tmp_path / "faq.csv"
@@ -411,6 +412,23 @@ def test_sync_rereads_changed_files_and_drops_deleted_ones(env, tmp_path):
     assert f"removed   {docs / 'sub' / 'parking.txt'}" in second.stdout
     found = run_cli(env, "search", "open monday friday", "--json")
     assert "19:00" in found.stdout and "18:00" not in found.stdout
+
+
+def test_sync_takes_a_file_reached_by_several_names_once(env, tmp_path):
+    """A symlink beside its target (or two links to one file outside the folder) had made two
+    sources of one text, each excerpt twice in the prompt."""
+    docs, outside = tmp_path / "docs", tmp_path / "elsewhere"
+    docs.mkdir()
+    outside.mkdir()
+    (docs / "hours.md").write_text(HOURS)
+    (docs / "opening-times.md").symlink_to(docs / "hours.md")
+    (outside / "parking.txt").write_text("Parking is free behind the shop.")
+    (docs / "a-parking.txt").symlink_to(outside / "parking.txt")
+    (docs / "b-parking.txt").symlink_to(outside / "parking.txt")
+    synced = run_cli(env, "sync", str(docs))
+    assert synced.returncode == 0 and synced.stdout.count("added") == 2, synced.stdout + synced.stderr
+    assert f"added     {docs / 'hours.md'}" in synced.stdout
+    assert f"added     {docs / 'a-parking.txt'}" in synced.stdout
 
 
 def test_search_without_page_searches_the_only_page_or_says_which_pages_have_their_own(env, tmp_path):

@@ -99,8 +99,9 @@ class KnowledgeBase:
         root = os.path.abspath(directory)
         if not os.path.isdir(root):
             return [_told(Report(directory, FAILED, reason="not a folder"), on_report)]
-        found = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
-                       if os.path.splitext(name)[1].lower() in readers.SUFFIXES and not name.startswith("."))
+        found = _one_path_per_file(sorted(
+            os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
+            if os.path.splitext(name)[1].lower() in readers.SUFFIXES and not name.startswith(".")))
         reports = [_told(self.add_one(path, page_id), on_report) for path in found]
         present = set(found)
         for source in self.sources(page_id, exact=True):
@@ -165,3 +166,13 @@ def _already_added(error: Exception) -> bool:
     """The database refused a second row for one Page's source: another `add` of the same new
     file committed first (SQLite serialises the two; PostgreSQL lets both read "not there")."""
     return type(error).__name__ in ("UniqueViolation", "IntegrityError") and "knowledge_sources" in str(error)
+
+
+def _one_path_per_file(paths: list[str]) -> list[str]:
+    """A file reached by several names in a synced folder (a symlink beside its target, two links
+    to one file) is one source: its own name where it has one, else the first link's."""
+    chosen: dict[str, str] = {}
+    for path in sorted(paths, key=os.path.islink):  # the real names first
+        chosen.setdefault(os.path.realpath(path), path)
+    kept = set(chosen.values())
+    return [path for path in paths if path in kept]

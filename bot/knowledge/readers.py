@@ -287,12 +287,13 @@ def _html(text: str, name: str) -> tuple[str, str]:
 
 
 def _faq_csv(text: str) -> list[tuple[str, str]]:
-    """Two columns, question then answer; or any columns under a header naming `question` and
-    `answer` (the others, an id say, are left out)."""
+    """Two columns, question then answer; or any columns under a header naming `question` (or
+    `q`) and `answer` (or `a`): the others, an id say, are left out."""
     rows = list(csv.reader(io.StringIO(text)))
     header = [c.strip().lower() for c in rows[0]] if rows else []
-    if "question" in header and "answer" in header:
-        ask, say = header.index("question"), header.index("answer")
+    ask = next((header.index(name) for name in ("question", "q") if name in header), None)
+    say = next((header.index(name) for name in ("answer", "a") if name in header), None)
+    if ask is not None and say is not None:  # (the names a YAML FAQ takes too)
         rows = rows[1:]
     else:  # two columns: a third cell is an answer cut at an unquoted comma, or a column nobody named
         ask, say = 0, 1
