@@ -161,13 +161,19 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collect
     foreign: list[str] = []
     ignored = 0
     malformed: list[str] = []
-    for entry in _list_of_objects(payload.get("entry"), "entry"):
+    sound = 0  # events that were not malformed, answered or not
+    if not isinstance(payload.get("entry"), list):
+        raise BadPayload("entry must be a list of objects")
+    # A malformed entry or event is skipped (counted in `malformed`), never the delivery with it:
+    # a 400 would make Meta send the whole POST again, and lose its good messages with the bad.
+    for entry in _objects(payload["entry"], "entry", malformed):
         # `standby` events belong to a thread another app owns (the Page inbox after a handover):
         # never answered, but a person's echoes there pause the bot and enter the mirror.
-        standby = _list_of_objects(entry.get("standby", []), "standby")
-        events = _list_of_objects(entry.get("messaging", []), "messaging")
+        standby = _objects(entry.get("standby", []), "standby", [])
+        events = _objects(entry.get("messaging", []), "messaging", malformed)
         if not _is_for_page(entry, accounts, foreign):
             ignored += len(events) + len(standby)
+            sound += len(events) + len(standby)
             continue
         for n, event in enumerate(events + standby):
             try:
@@ -175,8 +181,11 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collect
             except BadPayload as exc:
                 if n < len(events):  # one only watched (standby) never refuses a delivery
                     malformed.append(str(exc))
+                else:
+                    sound += 1
                 ignored += 1
                 continue
+            sound += 1
             if isinstance(record, IncomingMessage) and n < len(events):
                 messages.append(record)
                 continue
@@ -190,7 +199,7 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collect
             elif isinstance(record, Touch):
                 touches.append(record)
     if malformed:
-        if len(malformed) == ignored + len(messages):  # nothing else in it: refuse the body itself
+        if not sound:  # nothing else in it: refuse the body itself
             raise BadPayload(malformed[0])
         logger.warning("ignoring %d malformed messaging event(s) of a delivery: %s", len(malformed),
                        "; ".join(sorted(set(malformed))))
@@ -416,7 +425,11 @@ def _object(value: Any, name: str) -> dict:
     return value
 
 
-def _list_of_objects(value: Any, name: str) -> list[dict]:
-    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-        raise BadPayload(f"{name} must be a list of objects")
-    return value
+def _objects(value: Any, name: str, malformed: list[str]) -> list[dict]:
+    """The objects of a list; what is not one (the list itself, or an item) noted in `malformed`."""
+    if not isinstance(value, list):
+        malformed.append(f"{name} must be a list of objects")
+        return []
+    if len(objects := [item for item in value if isinstance(item, dict)]) < len(value):
+        malformed.extend([f"{name} must be a list of objects"] * (len(value) - len(objects)))
+    return objects

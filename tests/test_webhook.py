@@ -107,6 +107,25 @@ def test_one_malformed_event_costs_only_itself_not_the_batch(client, graph, capl
         assert graph.sent_texts(psid) == ["Hello from the model."]
 
 
+@pytest.mark.parametrize("spoil", [
+    lambda body: body["entry"].append(5),
+    lambda body: body["entry"].append({"id": "1000000000000001", "messaging": [1, "a"]}),
+    lambda body: body["entry"].append({"id": "1000000000000001", "messaging": None}),
+    lambda body: body["entry"][0]["messaging"].append(None),
+    lambda body: body["entry"][0].update(standby=[1]),
+    lambda body: body["entry"][0].update(standby="x"),
+], ids=["entry-number", "events-not-objects", "messaging-null", "event-null", "standby-number", "standby-string"])
+def test_an_entry_or_event_that_is_no_object_costs_only_itself(client, graph, spoil):
+    """Found by a probe: one such item made the whole delivery a 400, and Meta's retries of it
+    lost the good messages beside it."""
+    body = json.loads(fixture_bytes("batch"))
+    spoil(body)
+    assert post_signed(client, json.dumps(body).encode()).status_code == 200
+    answer_queue(client)
+    for psid in ("2000000000000001", "2000000000000002", "2000000000000003"):
+        assert graph.sent_texts(psid) == ["Hello from the model."]
+
+
 def test_body_over_5_mb_is_413_and_a_large_one_is_fine(client, graph):
     huge = b'{"object": "page", "entry": [], "pad": "' + b"x" * (5 * 1024 * 1024) + b'"}'
     assert post_signed(client, huge).status_code == 413
