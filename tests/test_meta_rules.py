@@ -143,6 +143,32 @@ def test_a_reply_whose_window_closed_in_the_queue_is_dropped_not_sent(client, gr
                and f'page="{PAGE_ID}"' in line and line.endswith(" 1.0") for line in metrics)
 
 
+def test_a_reply_whose_window_closes_while_the_model_answers_is_dropped_not_sent(client, graph, model, clock):
+    """Found by a probe: the window was looked at only before the model was asked, and a slow
+    model (up to SLOW_REPLY_LIMIT) let the reply go out after it had closed."""
+    def slow(messages):
+        clock.advance(24 * 3600 + 1)
+        return "Too late."
+    model.reply = slow
+    say(client, clock, 1, "are you there?")
+    assert graph.sent_texts(PSID) == [] and len(model.requests) == 1
+    [record] = log(client)
+    assert record["outcome"] == "window-closed"
+    assert client.application.extensions["dispatcher"].store.states() == {"m_user_1": "failed"}  # not retried
+
+
+def test_a_stored_reply_held_back_past_the_window_is_dropped_not_sent(client, graph, model, clock):
+    """A send Meta refused for its rate limit waits minutes with its answer stored; when the
+    window closes meanwhile, the stored answer is not sent."""
+    graph.fail_next("send", graph_error(613, "Calls to this api have exceeded the rate limit."))
+    say(client, clock, 1, "are you there?")
+    assert graph.sent_texts(PSID) == [] and len(model.requests) == 1
+    clock.advance(24 * 3600 + 1)
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == [] and len(model.requests) == 1
+    assert log(client)[-1]["outcome"] == "window-closed"
+
+
 def test_a_message_from_an_ad_opens_seven_days(client, graph, clock):
     body = json.loads(text_body("m_ad", "I saw your ad", timestamp=int(clock() * 1000)))
     body["entry"][0]["messaging"][0]["referral"] = {"ref": "spring", "source": "ADS", "type": "OPEN_THREAD",

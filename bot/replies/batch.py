@@ -17,7 +17,7 @@ from typing import Callable
 
 from bot.replies.activity import Activity
 from bot.replies.answer import Answer, Outcome
-from bot.replies.composer import CannotTell, Composer, Composers
+from bot.replies.composer import CannotTell, Composer, Composers, WindowClosed
 from bot.storage.exchanges import Exchange
 from bot.storage.queue import Batch, LostLease, PausedByPerson, Queue
 from bot.telemetry import metrics
@@ -95,6 +95,10 @@ class BatchReplier:
             self._look_again(batch, str(exc))
         except PausedByPerson as exc:
             self._paused(batch, progress, str(exc))
+        except WindowClosed as exc:  # as Meta's own refusal would: never sent, never retried
+            self._record_failure(batch, str(exc), progress, "window_closed", Outcome.WINDOW_CLOSED)
+            if progress.answer is not None and progress.answer.outcome == Outcome.HANDOFF:
+                self._hand_over_unanswered(batch, composer)
         except GraphAPIError as exc:
             metrics.GRAPH_ERRORS.labels(str(exc.code)).inc()
             error = f"{exc}: {why}" if (why := explain(exc)) else str(exc)
@@ -133,6 +137,7 @@ class BatchReplier:
             # not paid twice) and records the send as under way.
             mid = self._delivered_before(batch, part, progress, composer)
             if not mid:
+                composer.check_window(batch.messages, batch.received_at)
                 # The user state written with the answer: a crash before it changes nothing (a request
                 # for a person is not left as a pause that silences its own reply).
                 # A person who answered meanwhile has the conversation (a handoff reply carries its own pause).

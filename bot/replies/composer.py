@@ -46,6 +46,10 @@ class CannotTell(Exception):
     """Neither the mirror nor Graph could say whether a send in doubt went out."""
 
 
+class WindowClosed(Exception):
+    """Meta's messaging window closed while the reply was on its way: it may not go out."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class PromptSettings:
     page_id: str
@@ -131,9 +135,9 @@ class Composer:
         """
         psid = messages[0].psid
         now = self.wall_clock()
-        if now * 1000 > meta_rules.window_closes_ms(messages, None if received_at is None else int(received_at * 1000)):
-            logger.warning("psid=%r mids=%r: Meta's messaging window closed before the reply (24 h after the user's"
-                           " last message): dropped", psid, [m.mid for m in messages])
+        try:
+            self.check_window(messages, received_at)
+        except WindowClosed:
             return Answer(None, Outcome.WINDOW_CLOSED)
         facts = self._facts(psid, messages, now)
         gated = gate.decide(messages, facts, self.policy, now)
@@ -150,6 +154,16 @@ class Composer:
         finally:
             prepared.release()
         return self._disclosed(answer, messages, facts.user)
+
+    def check_window(self, messages: Sequence[IncomingMessage], received_at: float | None) -> None:
+        """WindowClosed (logged) once Meta's messaging window for these messages has closed: before
+        the model is asked, and again before each send - a slow model, a send held back by Meta's
+        rate limit or looked for after a crash can take minutes."""
+        closes_ms = meta_rules.window_closes_ms(messages, None if received_at is None else int(received_at * 1000))
+        if self.wall_clock() * 1000 > closes_ms:
+            logger.warning("psid=%r mids=%r: Meta's messaging window closed before the reply (24 h after the user's"
+                           " last message): dropped", messages[0].psid, [m.mid for m in messages])
+            raise WindowClosed("Meta's messaging window closed before the reply could go out")
 
     def hand_over(self, messages: Sequence[IncomingMessage]) -> bool:
         """After the handoff reply went out (once the thread is the inbox's, Meta refuses this
