@@ -438,6 +438,24 @@ def test_reset_starts_a_fresh_context(client, graph, model):
     assert [r["outcome"] for r in log(client)] == ["answered", "reset", "answered"]
 
 
+def test_a_question_written_right_after_the_reset_word_is_answered_in_the_fresh_context(client, graph, model):
+    """Found by a probe: "reset" and the question after it, answered as one batch, got only the
+    confirmation - the question was never answered, and was cut from the next prompts too."""
+    graph.add_message(PSID, "My name is Ana.")
+    graph.add_message(PSID, "Nice to meet you, Ana.", from_page=True)
+    now = int(time.time() * 1000)
+    for n, text in enumerate(["hello", "reset", "What is my name now?"]):
+        post_signed(client, text_body(f"m_{n}", text, PSID, now + n))
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == ["Hello from the model."] and len(model.requests) == 1
+    contents = [m["content"] for m in model.requests[-1]["json"]["messages"]]
+    assert not any("Ana" in c or "hello" in c or "reset" in c for c in contents)
+    assert contents[-1].endswith(": What is my name now?")
+    say(client, 4, "and my surname?")
+    contents = [m["content"] for m in model.requests[-1]["json"]["messages"]]
+    assert "What is my name now?" in contents[:-1] and not any("Ana" in c for c in contents)
+
+
 # -- settings and schema -------------------------------------------------------------------------------
 def test_limit_settings_parse_and_bad_ones_are_named(env):
     config = load_config({**env, "RATE_LIMIT": "10/hour", "HUMAN_PAUSE": "45", "MIRROR_MAX_AGE": "2h",

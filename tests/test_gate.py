@@ -1,6 +1,6 @@
 """The gate's decisions as pure functions of the facts and `now`: no database, no sleeping."""
 from bot.replies.answer import Outcome
-from bot.replies.gate import Facts, Policy, decide
+from bot.replies.gate import Facts, Policy, after_reset, decide
 from bot.storage.users import UserState
 from messenger.events import TEXT, IncomingMessage
 
@@ -37,6 +37,14 @@ def test_the_reset_word_in_any_case_resets_after_the_newest_message():
     gated = decide(messages("hello", "  RESET "), Facts(UserState()), POLICY, NOW - 5)
     assert gated.answer.text == "fresh start" and gated.answer.outcome == Outcome.RESET
     assert gated.updates == {"reset_at_ms": int(NOW * 1000) + 2}  # after the newest message, not the clock
+
+
+def test_messages_after_the_reset_word_are_answered_from_a_context_starting_with_them():
+    written = messages("hello", "reset", "and now?", "really?")
+    assert after_reset(written, POLICY) == (written[2:], int(NOW * 1000) + 1)  # the history after the word
+    assert after_reset(messages("hello", "reset"), POLICY) is None  # the confirmation, as before
+    assert after_reset(messages("hello", "there"), POLICY) is None
+    assert after_reset(written, Policy()) is None  # no reset word set
 
 
 def test_over_the_rate_limit_one_notice_per_window():

@@ -140,20 +140,27 @@ class Composer:
         except WindowClosed:
             return Answer(None, Outcome.WINDOW_CLOSED)
         facts = self._facts(psid, messages, now)
+        updates: dict[str, object] = {}
+        if (reset := gate.after_reset(messages, self.policy)) is not None:
+            messages, updates["reset_at_ms"] = reset  # "reset", then a question: the question is answered
+            facts = replace(facts, user=replace(facts.user, reset_at_ms=updates["reset_at_ms"]))
+            logger.info("context reset psid=%r: the %d message(s) written after it are answered", psid, len(messages))
         gated = gate.decide(messages, facts, self.policy, now)
         if gated is not None:
-            if gated.updates and not defer_updates:
-                self.conversations.update_user(psid, **gated.updates)
+            updates.update(gated.updates)
             logger.info("%s psid=%r: %d message(s) not sent to the model", gated.why, psid, len(messages))
             answer = self._disclosed(gated.answer, messages, facts.user)
-            return replace(answer, user_updates=gated.updates or None) if defer_updates else answer
-        thinking = _once(thinking)
-        prepared = self.media.prepare(messages, deadline, thinking)
-        try:
-            answer = self._answer(psid, facts.user, prepared, thinking, deadline, patient, received_at)
-        finally:
-            prepared.release()
-        return self._disclosed(answer, messages, facts.user)
+        else:
+            thinking = _once(thinking)
+            prepared = self.media.prepare(messages, deadline, thinking)
+            try:
+                answer = self._answer(psid, facts.user, prepared, thinking, deadline, patient, received_at)
+            finally:
+                prepared.release()
+            answer = self._disclosed(answer, messages, facts.user)
+        if updates and not defer_updates:
+            self.conversations.update_user(psid, **updates)
+        return replace(answer, user_updates=updates or None) if defer_updates else answer
 
     def check_window(self, messages: Sequence[IncomingMessage], received_at: float | None) -> None:
         """WindowClosed (logged) once Meta's messaging window for these messages has closed: before

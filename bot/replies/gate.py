@@ -72,6 +72,18 @@ def is_handoff(message: IncomingMessage, words: Sequence[str]) -> bool:
     return message.payload == HANDOFF_PAYLOAD or message.text.strip().strip("!?.¡¿ ").lower() in words
 
 
+def after_reset(messages: Sequence[IncomingMessage], policy: Policy) -> tuple[list[IncomingMessage], int] | None:
+    """When the reset word is followed by more of the user's messages in one batch: those (the
+    context starts afresh with them, and they are answered) and the reset's moment; else None."""
+    word = policy.reset_word.lower()
+    last = max((n for n, m in enumerate(messages) if word and m.text.strip().lower() == word), default=None)
+    if last is None or last == len(messages) - 1:
+        return None
+    later = list(messages[last + 1:])
+    # History is what came after this moment: the reset word is left out, what follows it kept.
+    return later, min(messages[last].timestamp_ms, min(m.timestamp_ms for m in later) - 1)
+
+
 def decide(messages: Sequence[IncomingMessage], facts: Facts, policy: Policy, now: float) -> Gated | None:
     """None: go on to the model. Otherwise what to send instead (None text: nothing)."""
     user = facts.user
