@@ -21,6 +21,7 @@ from typing import Iterator, Protocol, Sequence
 import openai
 
 from gpt.model import ADJUSTABLE, CHAT_COMPLETIONS, MODEL_FAILURES, ChatModel, EmptyCompletion
+from messenger.text import clean_text
 
 
 class DeltaSink(Protocol):
@@ -94,10 +95,11 @@ class StreamingChatModel(ChatModel):
             options={"timeout": timeout, "max_retries": 0})
         parts: list[str] = []
         finish = model = usage = None
+        pieces = _Pieces()
         try:
             for chunk in stream:
                 text, finish, model, usage = read_chunk(chunk, finish, model, usage)
-                if text:
+                if text := pieces.clean(text):
                     parts.append(text)
                     sink.delta(text)
                 if sink.cancelled:
@@ -106,6 +108,9 @@ class StreamingChatModel(ChatModel):
                     raise openai.APITimeoutError(request=stream.response.request)
             if finish is None:  # the connection ended before the model said it was done
                 raise StreamInterrupted("the stream ended without a finish_reason")
+            if text := pieces.rest():
+                parts.append(text)
+                sink.delta(text)
         except MODEL_FAILURES as exc:
             if parts:
                 raise StreamInterrupted(f"{type(exc).__name__} after {len(parts)} pieces of the answer") from exc
@@ -115,6 +120,26 @@ class StreamingChatModel(ChatModel):
         message = SimpleNamespace(content="".join(parts), role="assistant")
         return SimpleNamespace(choices=[SimpleNamespace(message=message, finish_reason=finish)], model=model,
                                usage=SimpleNamespace(**usage) if isinstance(usage, dict) else None)
+
+
+class _Pieces:
+    """The model's pieces made safe to encode (clean_text) as they come: a lone surrogate in one
+    (a model or a proxy can send anything) had ended the stream with an encoding error. A high
+    surrogate ending a piece waits for the next, which may begin with its pair."""
+
+    def __init__(self):
+        self._held = ""
+
+    def clean(self, text: str | None) -> str:
+        text = self._held + (text or "")
+        self._held = ""
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            text, self._held = text[:-1], text[-1]
+        return clean_text(text) if text else ""
+
+    def rest(self) -> str:
+        held, self._held = self._held, ""
+        return clean_text(held) if held else ""
 
 
 def read_chunk(chunk: object, finish: str | None, model: str | None, usage: dict | None) -> tuple:

@@ -360,6 +360,28 @@ def test_a_streamed_answer_comes_as_delta_events_then_done(web, stream_model):
     assert web.exchanges(channel="web")[0]["bot_message"] == done["answer"]
 
 
+def test_a_lone_surrogate_in_a_streamed_piece_is_shown_as_a_replacement_and_the_answer_logged(web, stream_model):
+    """Found by a probe: a model (or proxy) streaming a lone UTF-16 surrogate ended the stream
+    with an encoding error - nothing shown, nothing logged, the model's words in a log line."""
+    stream_model.reply = "smile \ud83d then more words"
+    events = parse_events(web.chat("hi", stream=True).text)
+    assert events[-1][0] == "done", events
+    assert events[-1][1]["answer"] == "smile \ufffd then more words"
+    assert "".join(data["text"] for name, data in events if name == "delta") == events[-1][1]["answer"]
+    [record] = web.exchanges(channel="web")
+    assert record["outcome"] == "answered" and record["bot_message"] == "smile \ufffd then more words"
+    assert "Traceback" not in web.log() and "then more words" not in web.log()
+
+
+def test_a_surrogate_pair_split_over_two_pieces_is_joined():
+    from gpt.streaming import _Pieces
+
+    pieces = _Pieces()
+    assert [pieces.clean("a \ud83d"), pieces.clean("\ude00 b"), pieces.clean("c\ud83d"), pieces.clean(None),
+            pieces.clean("d"), pieces.clean("\udfff"), pieces.clean("e\ud83d"), pieces.rest()] == \
+        ["a ", "\U0001f600 b", "c", "", "\ufffdd", "\ufffd", "e", "\ufffd"]
+
+
 def test_a_model_failing_mid_stream_ends_with_the_fallback(web, stream_model):
     stream_model.break_after = 2
     events = parse_events(web.chat("Tell me everything", stream=True).text)

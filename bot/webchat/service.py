@@ -13,6 +13,7 @@ import logging
 import math
 import secrets
 import time
+import traceback
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -217,6 +218,11 @@ class WebChat:
         except StreamCancelled as cancelled:  # the visitor left: what the model read and wrote, estimated
             read, wrote = math.ceil(cancelled.prompt_bytes / 3), estimated_tokens(cancelled.text)
             answer = Answer(cancelled.text or None, Outcome.CANCELLED, cancelled.model, (read, wrote, read + wrote))
+        except Exception as exc:  # noqa: BLE001 - a bug costs this answer, not its log line or its reservation
+            # Where, without what: an error's own message may quote the visitor's or the model's words.
+            logger.error("website chat: answering failed (%s), at:\n%s", type(exc).__name__,
+                         "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+            answer = Answer(None, Outcome.FAILED)
         self._record(message, answer, admitted, received, address, referer)
         metrics.EXCHANGES.labels(answer.outcome, self.page_id, WEB).inc()
         metrics.WEBCHAT_REQUESTS.labels(answer.outcome).inc()
