@@ -432,6 +432,18 @@ def test_bodies_trickled_in_by_one_client_hold_no_thread_the_widget_needs(start,
     assert web.process.poll() is None and "Traceback" not in web.log()
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_a_chunked_request_body_is_answered(web, stream_model, stream):
+    """Found by a probe: a JSON request sent chunked (a Node fetch with a stream body, a proxy
+    passing it through) was refused as "not JSON" - Flask saw an empty body."""
+    response = requests.post(web.url + "/api/chat", data=iter([b'{"message": ', b'"hello"}']), timeout=10,
+                             headers={"Content-Type": "application/json",
+                                      **({"Accept": "text/event-stream"} if stream else {})})
+    assert response.status_code == 200, response.text
+    answer = parse_events(response.text)[-1][1]["answer"] if stream else response.json()["answer"]
+    assert answer == "You said: hello"
+
+
 def test_a_visitor_connection_that_sends_no_request_is_closed_at_the_header_deadline(start, stream_model):
     web = start(HEADER_TIMEOUT="0.5", **PERMISSIVE)
     with socket.create_connection(("127.0.0.1", web.port)) as idle:

@@ -106,7 +106,7 @@ class WebchatServer:
             await send_json(send, body, refused.body(), [(k.encode("latin-1"), v.encode("latin-1")) for k, v in cors]
                             + [(b"connection", b"close")])  # the rest of the body is not a next request
             return
-        await self.flask(scope, replaying(body, receive), send)
+        await self.flask(read_whole(scope, body), replaying(body, receive), send)
 
     async def stream(self, scope: dict, headers: Headers, receive: Callable, send: Callable) -> None:
         cors = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in get_cors_headers(self.cors, headers, "POST").items()]
@@ -204,6 +204,14 @@ def body_refused(status: int) -> Refused:
     """read_body's 413 or 408, in the chat's words."""
     return Refused(status, "body_too_large" if status == 413 else "body_timeout",
                    "The request is too large." if status == 413 else "The request took too long to arrive.")
+
+
+def read_whole(scope: dict, body: bytes) -> dict:
+    """The scope of a request whose body was read already, as if it came with its length: a
+    chunked one's (no Content-Length) had reached Flask as an empty body."""
+    headers = [(name, value) for name, value in scope["headers"]
+               if name.lower() not in (b"content-length", b"transfer-encoding")]
+    return {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
 
 
 def replaying(body: bytes, receive: Callable) -> Callable:
