@@ -96,3 +96,30 @@ def test_the_widget_streams_keeps_history_shows_answers_as_text_and_limits_in_wo
         phone.close()
     finally:
         web.stop()
+
+
+def test_send_stays_off_while_a_forgotten_conversation_is_started_again(browser, site, graph, tmp_path):
+    """Found by a probe: a stored conversation the bot no longer has (RETENTION_DAYS) is answered
+    404 and the widget asks again in a new one - with Send already on, so a second message began
+    a second conversation while the first was being answered."""
+    slow = StreamingModel("Fresh every morning.", first_token_delay=1.5).start()
+    web = WebchatProcess(graph, slow, tmp_path, WEBCHAT_ORIGINS=site.url)
+    site.widget = web.url
+    try:
+        page = browser.new_page()
+        page.set_default_timeout(10_000)
+        page.goto(site.url + "/")
+        key = f"webchat:{web.url}"
+        page.evaluate("([key, gone]) => localStorage.setItem(key, JSON.stringify({conversation: gone, messages: []}))",
+                      [key, "A" * 32])
+        page.reload()
+        page.get_by_role("button", name="Open the chat: Ask the bakery").click()
+        page.get_by_label("Your message").fill("Is the bread fresh?")
+        page.get_by_label("Your message").press("Enter")
+        page.wait_for_timeout(700)  # the 404 is back, the new conversation's answer is not
+        assert len(slow.requests) == 1 and page.get_by_role("button", name="Send").is_disabled()
+        expect(page.locator("[data-webchat] .msg.bot").last).to_have_text("Fresh every morning.")
+        expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    finally:
+        web.stop()
+        slow.stop()

@@ -103,7 +103,7 @@
     var reply = null, shown = "";
     var body = { message: text };
     if (state.conversation) body.conversation = state.conversation;
-    fetch(api + "/api/chat", {
+    return fetch(api + "/api/chat", {
       method: "POST", headers: { "Content-Type": "application/json", "Accept": "text/event-stream" },
       body: JSON.stringify(body)
     }).then(function (response) {
