@@ -201,6 +201,21 @@ def test_bad_input_is_a_clear_4xx_and_no_model_call(start, stream_model, stream)
         assert response.json()["message"] and not stream_model.requests, name
 
 
+def test_the_pages_own_limits_are_a_429_with_when_to_come_back(start, stream_model):
+    """DAILY_TOKEN_BUDGET holds the website chat back as it holds Messenger: past its one notice of
+    the day, a 429 with Retry-After and retry_after, as every refusal - found without them by a probe."""
+    web = start(DAILY_TOKEN_BUDGET="10", RATE_LIMIT="off", **PERMISSIVE)
+    conversation = web.chat("one").json()["conversation"]  # the stream model's 10 prompt tokens and more
+    assert "tomorrow" in web.chat("two", conversation=conversation).json()["answer"]  # the day's one notice
+    over = web.chat("three", conversation=conversation)
+    midnight = 86400 - time.time() % 86400
+    assert over.status_code == 429 and over.json()["error"] == "over_budget", over.text
+    assert abs(int(over.headers["Retry-After"]) - midnight) < 5 and over.json()["retry_after"] == \
+        int(over.headers["Retry-After"])
+    [(name, data)] = parse_events(web.chat("four", conversation=conversation, stream=True).text)[-1:]
+    assert name == "error" and data["error"] == "over_budget" and abs(data["retry_after"] - midnight) < 5
+
+
 def test_cors_allows_the_listed_site_with_and_without_preflight_and_refuses_others(web, stream_model):
     preflight = requests.options(web.url + "/api/chat", timeout=5, headers={
         "Origin": SITE, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})

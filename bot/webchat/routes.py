@@ -81,8 +81,8 @@ def create_webchat_app(config: Config, chat: WebChat) -> Flask:
 def _answer(chat: WebChat, parsed: ChatInput) -> WebAnswer:
     admitted = chat.admit(parsed, request.remote_addr)
     answer = chat.answer(admitted, parsed, address=request.remote_addr, referer=request.headers.get("Referer"))
-    if answer.text is None and answer.outcome in (Outcome.OVER_BUDGET, Outcome.RATE_LIMITED):
-        raise Refused(429, answer.outcome, "We have talked a lot today! Please come back tomorrow.")
+    if refused := chat.refusal(answer):
+        raise refused
     return answer
 
 

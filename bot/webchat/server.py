@@ -168,8 +168,12 @@ class WebchatServer:
             logger.exception("website chat: the answer to request %s failed", admitted.request_id)
             await send_event(send, "error", {"error": "internal", "message": SORRY}, last=True)
             return
+        if refused := self.chat.refusal(answer):
+            await send_event(send, "error", refused.body(), last=True)
+            return
         if answer.text is None:
-            await send_event(send, "error", {"error": answer.outcome, "message": _why(answer.outcome)}, last=True)
+            await send_event(send, "error", {"error": answer.outcome, "message": "No answer this time. Please try again "
+                                                                            "later."}, last=True)
             return
         await send_event(send, "done", {"answer": answer.text, "outcome": answer.outcome,
                                         "conversation": answer.conversation, "request_id": answer.request_id},
@@ -182,12 +186,6 @@ def wants_stream(headers: Headers) -> bool:
 
 def own_origin(scope: dict, headers: Headers) -> str:
     return f"{scope.get('scheme', 'http')}://{headers.get('Host', '')}"
-
-
-def _why(outcome: str) -> str:
-    if outcome in ("over-budget", "rate-limited"):
-        return "We have talked a lot today! Please come back tomorrow."
-    return "No answer this time. Please try again later."
 
 
 async def _disconnected(receive: Callable) -> None:

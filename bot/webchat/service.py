@@ -228,6 +228,15 @@ class WebChat:
         metrics.WEBCHAT_REQUESTS.labels(answer.outcome).inc()
         return WebAnswer(answer.text, str(answer.outcome), admitted.conversation, admitted.request_id)
 
+    def refusal(self, answer: WebAnswer) -> Refused | None:
+        """The 429 of an answer DAILY_TOKEN_BUDGET held back without a word (its one notice of the
+        day was given): it starts again at midnight UTC. (RATE_LIMIT is Messenger's: the website
+        chat has its own limits, refused before the answer.)"""
+        if answer.text is None and answer.outcome == Outcome.OVER_BUDGET:
+            wait = max(1, math.ceil(86400 - self.clock() % 86400))
+            return Refused(429, "over_budget", "We have talked a lot today! Please come back tomorrow.", wait)
+        return None
+
     def _record(self, message: IncomingMessage, answer: Answer, admitted: Admitted, received: float,
                 address: str | None, referer: str | None) -> None:
         """The exchange logged and mirrored, and its tokens counted against the address's daily
