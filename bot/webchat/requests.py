@@ -135,7 +135,8 @@ def user_key(chat: ChatInput, secret: str, now: float, expiry_required: bool = F
         raise Refused(403, "bad_signature", "The user id's signature is not valid.")
     if chat.signature_expires is not None and chat.signature_expires <= now:
         raise Refused(403, "signature_expired", "The user id's signature has expired: reload the page for a new one.")
-    # Keyed, so the table holds no user id in clear and a leaked table gives no signature away.
+    # Keyed, so the key column gives no user id away and a leaked table no signature (the
+    # conversation's label, shown to the Page owner, is the id as the site gave it).
     return hmac.new(secret.encode(), USER_KEY_CONTEXT + (chat.user_id or "").encode(), hashlib.sha256).hexdigest()
 
 
