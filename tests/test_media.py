@@ -214,7 +214,8 @@ TOO_LARGE = "Sorry, that is too large for me. Could you send something shorter o
      "too_slow"),
     ({}, lambda g: photo(g, b"<html>login</html>", "text/html"), OPEN_FAILED, "wrong_type"),
     ({}, lambda g: photo(g, redirects=5), OPEN_FAILED, "unreachable"),
-], ids=["too-large", "too-slow", "wrong-type", "redirect-loop"])
+    ({}, lambda g: photo(g, b"notanimage" * 10, "image/jpeg"), OPEN_FAILED, "wrong_type"),
+], ids=["too-large", "too-slow", "wrong-type", "redirect-loop", "not-an-image"])
 def test_a_photo_that_cannot_be_fetched_gets_a_clear_reply_and_one_log_line(
         make_client, graph, model, caplog, settings, make, reply, reason):
     client = make_client(**settings)
@@ -249,6 +250,17 @@ def test_a_failed_photo_next_to_words_is_mentioned_and_the_words_answered(client
     graph.expire_attachments()
     send(client, "m_1", [attachment], text="see the photo")
     assert last_turn(model)["content"] == PREFIX + "see the photo\n[The user also sent a photo, which could not be opened]"
+
+
+def test_bytes_that_are_no_image_next_to_words_are_a_photo_not_opened_and_the_words_answered(client, graph, model):
+    """Found by a probe: they went to the model, which refused the whole turn (400), and the
+    user's question got the fallback."""
+    send(client, "m_1", [photo(graph, b"notanimage" * 10, "image/jpeg"), photo(graph)], text="What time do you open?")
+    turn = last_turn(model)
+    assert turn["content"][0]["text"] == PREFIX + "What time do you open?\n[The user also sent a photo, which could " \
+                                                  "not be opened]"
+    assert images_in(turn) == [data_url(png_bytes(64, 48))]
+    assert log(client)[0]["outcome"] == "answered"
 
 
 # -- 7. accounting --------------------------------------------------------------------------------

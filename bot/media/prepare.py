@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple, Sequence
 
 from bot.media import describe
 from bot.media.budget import MemoryBudget
-from bot.media.download import TOO_LARGE, Downloader, Fetched, MediaError
+from bot.media.download import TOO_LARGE, WRONG_TYPE, Downloader, Fetched, MediaError
 from bot.media.duration import audio_seconds
 from bot.telemetry import metrics
 from gpt.transcribe import Transcriber, TranscriptionFailed
@@ -179,8 +179,13 @@ class MediaReader:
 
     def _image(self, url: str, deadline: float | None, held: list[int]) -> tuple[str, int]:
         fetched = self._fetch(url, IMAGE_TYPES.__contains__, self.settings.image_max_bytes, deadline, held)
+        # Bytes that are no image the model takes (a damaged file, an error page labelled
+        # image/jpeg) were sent all the same: the model refused the whole turn with a 400, and the
+        # user's words got the fallback. Now they are a photo that could not be opened.
+        if (sniffed := image_type(fetched.data)) is None:
+            raise MediaError(WRONG_TYPE, f"labelled {fetched.content_type}, not an image")
         encoded = base64.b64encode(fetched.data).decode("ascii")
-        return f"data:{fetched.content_type};base64,{encoded}", len(fetched.data)
+        return f"data:{sniffed};base64,{encoded}", len(fetched.data)
 
     def _voice(self, url: str, deadline: float | None, prepared: Prepared) -> tuple[str, int]:
         held: list[int] = []
@@ -246,6 +251,20 @@ class MediaReader:
     def _count(prepared: Prepared, kind: str, size: int | None, outcome: str) -> None:
         prepared.facts.append(MediaFact(kind, size, outcome))
         metrics.ATTACHMENTS.labels(kind, outcome).inc()
+
+
+def image_type(data: bytes | bytearray) -> str | None:
+    """The type of IMAGE_TYPES the bytes begin as (their magic number), or None."""
+    head = bytes(data[:12])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
 
 
 def _is_audio(content_type: str) -> bool:
