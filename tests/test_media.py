@@ -3,6 +3,7 @@ the emulator's CDN serves the bytes, the stand-in model sees the image parts and
 import base64
 import json
 import logging
+import time
 
 import pytest
 from werkzeug.wrappers import Response
@@ -354,6 +355,36 @@ def test_a_photo_fetched_again_keeps_the_memory_the_batchs_other_photos_hold():
         assert len(both.images) == 2 and server.tries == 2
         assert budget.held == 2 * single  # the retry gave back its own failed reservation only
         both.release()
+        assert budget.held == 0
+    finally:
+        server.stop()
+
+
+class Photos(LocalServer):
+    """Three photos of 100 KB, each with its length."""
+
+    def handle(self, request):
+        return Response(png_bytes(64, 48) + b"\0" * 100_000, headers={"Content-Type": "image/png"})
+
+
+def test_a_photo_that_cannot_fit_beside_its_own_batchs_others_fails_at_once_not_at_the_deadline():
+    """Found by a probe: three big photos in one message, more than MEDIA_MEMORY_MB together - the
+    third waited for memory only its own batch held, until the reply's deadline (17 s), while
+    every other user's photos and voice notes waited behind it."""
+    server = Photos().start()
+    budget = MemoryBudget(1_000_000)  # two of them (4 x 100 KB each) fit, three do not
+    settings = MediaSettings(unsupported_reply="u", media_error_reply="e", too_large_reply="l", voice_error_reply="v",
+                             sticker_reply="", default_question="?")
+    reader = MediaReader(settings, Downloader(), transcriber=None, budget=budget)
+    photos = tuple(Attachment(IMAGE, url=f"{server.url}/{n}.png") for n in range(3))
+    message = IncomingMessage(psid=PSID, page_id=PAGE_ID, mid="m1", kind=ATTACHMENT, text="look", timestamp_ms=1,
+                              attachment_types=(IMAGE,) * 3, attachments=photos)
+    try:
+        started = time.monotonic()
+        prepared = reader.prepare([message], time.monotonic() + 30)
+        assert time.monotonic() - started < 5
+        assert len(prepared.images) == 2 and [fact.outcome for fact in prepared.facts] == ["read", "read", "no_memory"]
+        prepared.release()
         assert budget.held == 0
     finally:
         server.stop()

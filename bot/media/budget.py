@@ -22,10 +22,14 @@ class MemoryBudget:
         self.held = 0
         self._free = threading.Condition()
 
-    def reserve(self, size: int, deadline: float | None = None) -> int:
+    def reserve(self, size: int, deadline: float | None = None, own: int = 0) -> int:
         """Hold `size` media bytes (times EXPANSION, at most the whole budget), waiting for
-        room until `deadline` (on `clock`); the amount held, for release(). TimeoutError when late."""
+        room until `deadline` (on `clock`); the amount held, for release(). TimeoutError when late,
+        and at once when the caller's `own` holding (its other attachments, not released while it
+        waits) leaves no room however long it waited."""
         amount = min(size * EXPANSION, self.limit)
+        if own + amount > self.limit:
+            raise TimeoutError("no memory for this attachment beside the others of its reply (MEDIA_MEMORY_MB)")
         with self._free:
             while self.held + amount > self.limit:
                 left = None if deadline is None else deadline - self.clock()

@@ -161,7 +161,7 @@ class MediaReader:
             self._count(prepared, kind, size, "read")
         elif kind == AUDIO and attachment.url:
             working()
-            transcript, size = self._voice(attachment.url, deadline, prepared)
+            transcript, size = self._voice(attachment.url, deadline, prepared, held)
             read.words.append(transcript)
             read.labels.append(describe.label(attachment, transcript))
             self._count(prepared, kind, size, "transcribed")
@@ -187,10 +187,10 @@ class MediaReader:
         encoded = base64.b64encode(fetched.data).decode("ascii")
         return f"data:{sniffed};base64,{encoded}", len(fetched.data)
 
-    def _voice(self, url: str, deadline: float | None, prepared: Prepared) -> tuple[str, int]:
+    def _voice(self, url: str, deadline: float | None, prepared: Prepared, batch: list[int]) -> tuple[str, int]:
         held: list[int] = []
         try:
-            fetched = self._fetch(url, _is_audio, self.settings.audio_max_bytes, deadline, held)
+            fetched = self._fetch(url, _is_audio, self.settings.audio_max_bytes, deadline, held, sum(batch))
             seconds = audio_seconds(fetched.data)
             if seconds is not None and seconds > self.settings.voice_max_seconds:
                 raise MediaError(TOO_LONG, f"{seconds:.0f} s")
@@ -205,11 +205,13 @@ class MediaReader:
         return transcript.text, len(fetched.data)
 
     def _fetch(self, url: str, accept: Callable[[str], bool], max_bytes: int, deadline: float | None,
-               held: list[int]) -> Fetched:
+               held: list[int], elsewhere: int = 0) -> Fetched:
         """A fetch, tried once more when the CDN could not be reached and there is time for it.
-        The memory its bytes take is reserved from the budget (into `held`) before they are read."""
+        The memory its bytes take is reserved from the budget (into `held`) before they are read;
+        what the batch holds (`held`, and `elsewhere` beside it) is not waited for: it stays held."""
         def reserve(size: int) -> None:
-            held.append(self.budget.reserve(size, None if deadline is None else deadline - MODEL_TIME_S))
+            held.append(self.budget.reserve(size, None if deadline is None else deadline - MODEL_TIME_S,
+                                            own=sum(held) + elsewhere))
         before = len(held)  # what the batch's other attachments hold: still in memory
         try:
             return self.downloader.fetch(url, accept, max_bytes, deadline, on_size=reserve)
