@@ -9,7 +9,7 @@ import pytest
 from werkzeug.wrappers import Response
 
 from bot.media.budget import MemoryBudget
-from bot.media.download import Downloader, MediaError
+from bot.media.download import Downloader, MediaError, allowed_for, anywhere, public
 from bot.media.prepare import MediaReader, MediaSettings
 from devtools.emulator import LocalServer, webhooks
 from devtools.emulator.media import png_bytes, wav_bytes
@@ -291,7 +291,7 @@ def test_a_body_trickled_a_byte_at_a_time_is_cut_at_the_fetchs_time_limit():
     server = Trickle("image/png").start()
     try:
         with pytest.raises(MediaError) as refused:
-            Downloader(timeout=1.0, clock=TickingClock(0.25)).fetch(server.url + "/photo.png", lambda kind: True,
+            Downloader(timeout=1.0, clock=TickingClock(0.25), allows=anywhere).fetch(server.url + "/photo.png", lambda kind: True,
                                                                    10_000)
         assert refused.value.reason == "too_slow" and server.sent < 10  # of 400: cut after a few reads
     finally:
@@ -312,7 +312,7 @@ def test_the_bytes_are_asked_for_as_sent_so_their_length_is_the_memory_they_take
     """A gzip body's Content-Length would reserve a fraction of the memory it unpacks to."""
     server = Recorder().start()
     try:
-        assert Downloader().fetch(server.url + "/photo.png", lambda kind: True, 10_000).data == png_bytes(4, 4)
+        assert Downloader(allows=anywhere).fetch(server.url + "/photo.png", lambda kind: True, 10_000).data == png_bytes(4, 4)
         assert server.encodings == ["identity"]
     finally:
         server.stop()
@@ -342,7 +342,7 @@ def test_a_photo_fetched_again_keeps_the_memory_the_batchs_other_photos_hold():
     budget = MemoryBudget(64 * 1024 * 1024)
     settings = MediaSettings(unsupported_reply="u", media_error_reply="e", too_large_reply="l", voice_error_reply="v",
                              sticker_reply="", default_question="?")
-    reader = MediaReader(settings, Downloader(), transcriber=None, budget=budget)
+    reader = MediaReader(settings, Downloader(allows=anywhere), transcriber=None, budget=budget)
 
     def message(mid, path):
         return IncomingMessage(psid=PSID, page_id=PAGE_ID, mid=mid, kind=ATTACHMENT, text="", timestamp_ms=1,
@@ -375,7 +375,7 @@ def test_a_photo_that_cannot_fit_beside_its_own_batchs_others_fails_at_once_not_
     budget = MemoryBudget(1_000_000)  # two of them (4 x 100 KB each) fit, three do not
     settings = MediaSettings(unsupported_reply="u", media_error_reply="e", too_large_reply="l", voice_error_reply="v",
                              sticker_reply="", default_question="?")
-    reader = MediaReader(settings, Downloader(), transcriber=None, budget=budget)
+    reader = MediaReader(settings, Downloader(allows=anywhere), transcriber=None, budget=budget)
     photos = tuple(Attachment(IMAGE, url=f"{server.url}/{n}.png") for n in range(3))
     message = IncomingMessage(psid=PSID, page_id=PAGE_ID, mid="m1", kind=ATTACHMENT, text="look", timestamp_ms=1,
                               attachment_types=(IMAGE,) * 3, attachments=photos)
@@ -388,3 +388,75 @@ def test_a_photo_that_cannot_fit_beside_its_own_batchs_others_fails_at_once_not_
         assert budget.held == 0
     finally:
         server.stop()
+
+
+class Internal(LocalServer):
+    """Something on this host's own network: it counts who reached it."""
+
+    def __init__(self, redirect_to: str | None = None):
+        super().__init__()
+        self.redirect_to, self.requests = redirect_to, []
+
+    def handle(self, request):
+        self.requests.append(dict(request.headers))
+        if self.redirect_to:
+            return Response("", 302, {"Location": self.redirect_to})
+        return Response(png_bytes(4, 4), headers={"Content-Type": "image/png"})
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("127.0.0.1", False), ("10.1.2.3", False), ("192.168.0.10", False), ("169.254.169.254", False),
+    ("100.64.0.1", False), ("0.0.0.0", False), ("::1", False), ("fe80::1%eth0", False), ("fd00::1", False),
+    ("::ffff:127.0.0.1", False), ("224.0.0.1", False), ("157.240.1.35", True), ("2a03:2880:f10c::1", True),
+], ids=lambda value: str(value))
+def test_attachments_come_only_from_public_addresses(address, expected):
+    assert public(address, 443) is expected
+
+
+@pytest.mark.parametrize("graph_url, expected", [
+    ("https://graph.facebook.com/v21.0", public), ("http://127.0.0.1:8001", anywhere),
+    ("http://localhost:8001/", anywhere), ("http://[::1]:8001", anywhere), ("https://192.168.1.5", anywhere),
+    ("https://graph.example.org", public),
+])
+def test_attachments_may_come_from_this_hosts_network_only_when_graph_does(graph_url, expected):
+    assert allowed_for(graph_url) is expected
+
+
+def test_a_link_or_a_redirect_to_this_hosts_own_network_is_never_fetched():
+    """Found by a probe: a signed webhook's photo link (or a redirect) to 127.0.0.1 was fetched and
+    its bytes went to the model. Each hop is checked before its request."""
+    inside = Internal().start()
+    gateway = Internal(redirect_to=inside.url + "/secret.png").start()
+    try:
+        with pytest.raises(MediaError, match="not_public"):
+            Downloader().fetch(inside.url + "/secret.png", lambda kind: True, 10_000)
+        only_the_gateway = Downloader(allows=lambda address, port: port == gateway.port)
+        with pytest.raises(MediaError, match="not_public"):
+            only_the_gateway.fetch(gateway.url + "/photo.png", lambda kind: True, 10_000)
+        assert len(gateway.requests) == 1 and inside.requests == []
+        with pytest.raises(MediaError, match="not_public: a link with a user name"):
+            Downloader(allows=anywhere).fetch(inside.url.replace("://", "://u:p@") + "/x.png", lambda kind: True,
+                                              10_000)
+        assert inside.requests == []
+    finally:
+        inside.stop()
+        gateway.stop()
+
+
+def test_the_address_a_connection_reached_is_what_counts_not_the_name():
+    """A name is looked at by the address its connection reached, before a byte is sent: a name
+    that resolved to the internet for a check and to this host for the connection (DNS
+    rebinding) would be no way round it."""
+    inside = Internal().start()
+    looks = []
+
+    def refuse_and_note(address, port):
+        looks.append((address, port))
+        return False
+    try:
+        with pytest.raises(MediaError, match="not_public: it leads to this host's own network"):
+            Downloader(allows=refuse_and_note).fetch(f"http://localhost:{inside.port}/x.png", lambda kind: True, 10_000)
+        assert looks and all(port == inside.port and address in ("127.0.0.1", "::1") for address, port in looks)
+        assert inside.requests == []
+    finally:
+        inside.stop()

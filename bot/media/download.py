@@ -5,17 +5,21 @@ token goes with it - a session of its own, apart from the Graph client's.
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from dataclasses import dataclass
 from typing import Callable
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import requests.adapters
 import urllib3
+import urllib3.poolmanager
 
 # Why a fetch failed: a metric label, a log word and the choice of the user's reply.
 EXPIRED, TOO_LARGE, TOO_SLOW, WRONG_TYPE, UNREACHABLE = "expired", "too_large", "too_slow", "wrong_type", "unreachable"
+NOT_PUBLIC = "not_public"  # a link to this host's own network (loopback, private, link-local...)
 CHUNK = 64 * 1024
 CONNECT_TIMEOUT = 3.05
 
@@ -38,19 +42,87 @@ class Fetched:
     content_type: str
 
 
+Allows = Callable[[str, int], bool]  # (address, port) -> may an attachment be fetched from there
+
+
+def public(address: str, port: int) -> bool:
+    """An address of the internet, not of this host's own networks: Meta's CDN is one."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def anywhere(address: str, port: int) -> bool:
+    """For a Graph API on this host's own network (the emulator, the sandbox, the tests): its
+    attachments are served from there too."""
+    return True
+
+
+class _NotPublic(Exception):
+    """A connection reached an address `allows` refuses (not an OSError: urllib3 would retry it)."""
+
+
+def _checked(connection: type, allows: Allows) -> type:
+    """`connection` (urllib3's HTTP or HTTPS connection class) refusing a peer `allows` refuses,
+    right after the TCP connect - before TLS, before the request."""
+    class Checked(connection):
+        def _new_conn(self):
+            sock = super()._new_conn()
+            address, port = sock.getpeername()[:2]
+            if not allows(address, port):
+                sock.close()
+                raise _NotPublic("it leads to this host's own network")
+            return sock
+    return Checked
+
+
+class _CheckedAdapter(requests.adapters.HTTPAdapter):
+    def __init__(self, allows: Allows, **kwargs):
+        self.allows = allows
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args, **kwargs) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        if self.allows is not anywhere:
+            self.poolmanager.pool_classes_by_scheme = {
+                scheme: type(f"Checked{pool.__name__}", (pool,), {"ConnectionCls": _checked(pool.ConnectionCls,
+                                                                                             self.allows)})
+                for scheme, pool in urllib3.poolmanager.pool_classes_by_scheme.items()}
+
+
+def allowed_for(graph_url: str) -> Allows:
+    """Where attachments may come from, by where the Graph API is: public addresses only, unless
+    the Graph API itself is on this host's own network (then, the emulator's CDN is too)."""
+    host = (urlsplit(graph_url).hostname or "").rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return anywhere
+    try:
+        return public if public(host, 0) else anywhere
+    except ValueError:  # a name, as graph.facebook.com
+        return public
+
+
 class Downloader:
-    """One pooled session for every attachment fetch of this process."""
+    """One pooled session for every attachment fetch of this process.
+
+    Attachment links come in signed webhooks, from Meta's CDN; still, bytes fetched go on to the
+    model and its answer to the user: a link (or a redirect) to this host's own network - a
+    metadata service, an admin page - is refused (`allows`): by the address each connection
+    reached, as soon as it is made and before a byte is sent (so a name that resolves once to the
+    internet and once to this host is no way round it)."""
 
     def __init__(self, *, timeout: float = 10.0, max_redirects: int = 3, pool_size: int = 16,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, allows: Allows = public):
         self.timeout = timeout  # the whole fetch, not each read: a trickle is cut too
         self.clock = clock
+        self.allows = allows
+        self.max_redirects = max_redirects  # followed here, each hop checked
         self.session = requests.Session()
-        self.session.max_redirects = max_redirects
         self.session.trust_env = False  # no proxy or .netrc credentials picked up from the host
         # The bytes as sent: a gzip body's Content-Length would reserve a fraction of its memory.
         self.session.headers["Accept-Encoding"] = "identity"
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+        adapter = _CheckedAdapter(allows, pool_connections=4, pool_maxsize=pool_size)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
 
@@ -64,14 +136,27 @@ class Downloader:
         deadline = math.inf if deadline is None else deadline
         ends = min(self.clock() + self.timeout, deadline)
         try:
-            with self.session.get(url, stream=True, timeout=(CONNECT_TIMEOUT, max(0.1, ends - self.clock()))) as response:
-                return self._read(response, accept, max_bytes, ends, deadline, on_size)
-        except requests.TooManyRedirects:
-            raise MediaError(UNREACHABLE, "too many redirects") from None
+            for _ in range(self.max_redirects + 1):
+                self._check_link(url)
+                with self.session.get(url, stream=True, allow_redirects=False,
+                                      timeout=(CONNECT_TIMEOUT, max(0.1, ends - self.clock()))) as response:
+                    if not response.is_redirect:
+                        return self._read(response, accept, max_bytes, ends, deadline, on_size)
+                    url = urljoin(url, response.headers["Location"])
+            raise MediaError(UNREACHABLE, "too many redirects")
+        except _NotPublic as exc:
+            raise MediaError(NOT_PUBLIC, str(exc)) from None
         except requests.Timeout:
             raise MediaError(TOO_SLOW, "no answer in time") from None
         except requests.RequestException as exc:
             raise MediaError(UNREACHABLE, type(exc).__name__) from None
+
+    def _check_link(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise MediaError(UNREACHABLE, "not an http(s) link")
+        if parts.username is not None or parts.password is not None:  # credentials for someone's host
+            raise MediaError(NOT_PUBLIC, "a link with a user name")
 
     def _read(self, response: requests.Response, accept: Callable[[str], bool], max_bytes: int, ends: float,
               deadline: float, on_size: Callable[[int], object]) -> Fetched:

@@ -9,7 +9,7 @@ from typing import Callable
 import openai
 
 from bot.media.budget import MemoryBudget
-from bot.media.download import Downloader
+from bot.media.download import Downloader, allowed_for
 from bot.media.prepare import MB, MediaReader, MediaSettings
 from bot.replies.composer import Composer, Composers, PromptSettings, Timing
 from bot.replies.gate import Policy
@@ -65,7 +65,8 @@ def build_composers(config: Config, store: Queue, *, wall_clock: Callable[[], fl
     # The client's own retries are off: ChatModel retries within the reply's deadline (gpt/retries.py).
     shared = Shared(openai.OpenAI(api_key=config.openai_api_key, base_url=config.openai_base_url,
                                   timeout=config.openai_timeout, max_retries=0),
-                    Downloader(timeout=config.media_timeout, pool_size=config.reply_threads),
+                    Downloader(timeout=config.media_timeout, pool_size=config.reply_threads,
+                               allows=allowed_for(config.fb_api_url)),
                     MemoryBudget(int(config.media_memory_mb * MB)))
     accounts = config.accounts or (Account(config.fb_page_id, config.fb_page_id, "messenger", "", config),)
     # The exchange log's and the metric's `channel`: an Instagram account's exchanges are `instagram`.

@@ -9,7 +9,7 @@ from typing import Callable
 import openai
 
 from bot.media.budget import MemoryBudget
-from bot.media.download import Downloader
+from bot.media.download import Downloader, allowed_for
 from bot.media.prepare import MB
 from bot.replies.composer import Composer
 from bot.replies.wiring import Shared, build_composer
@@ -34,7 +34,7 @@ def build_webchat(config: Config, store: Queue | None = None, *, clock: Callable
     account = web_account(config)
     client = openai.OpenAI(api_key=config.openai_api_key, base_url=config.openai_base_url,
                            timeout=config.openai_timeout, max_retries=0)
-    shared = Shared(client, Downloader(timeout=config.media_timeout, pool_size=4),
+    shared = Shared(client, Downloader(timeout=config.media_timeout, pool_size=4, allows=allowed_for(config.fb_api_url)),
                     MemoryBudget(int(config.media_memory_mb * MB)))
     base = build_composer(account, store, shared, 4, wall_clock=clock)
     page = account.config
