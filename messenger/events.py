@@ -44,6 +44,11 @@ class BadPayload(ValueError):
     """The body is not a Messenger delivery; the message says why, briefly (it is sent back and logged)."""
 
 
+class OtherObject(Exception):
+    """A well-formed delivery of another of the app's webhook objects (`user`, `permissions`...):
+    not for this bot, and no reason for Meta to deliver it again. `args`: the object, its entries."""
+
+
 class InvalidEvent(Exception):
     """One event or entry has an id we must not keep; it is skipped, not the whole batch."""
 
@@ -151,6 +156,8 @@ def parse_delivery(payload: Any, *, now_ms: int | None = None, accounts: Collect
     if not isinstance(payload, dict):
         raise BadPayload("body must be a JSON object")
     if payload.get("object") not in OBJECTS:
+        if isinstance(payload.get("object"), str) and payload["object"] and isinstance(payload.get("entry"), list):
+            raise OtherObject(payload["object"][:60], len(payload["entry"]))
         raise BadPayload("object must be 'page' or 'instagram'")
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     messages: list[IncomingMessage] = []

@@ -77,7 +77,7 @@ def test_timestamps(value, expected):
 
 @pytest.mark.parametrize("payload, reason", [
     ([], "JSON object"),
-    ({"object": "user", "entry": []}, "object must be 'page'"),
+    ({"object": 5, "entry": []}, "object must be 'page'"),
     ({"entry": []}, "object must be 'page'"),
     ({"object": "page"}, "entry must be a list"),
     ({"object": "page", "entry": {"id": "1"}}, "entry must be a list"),
@@ -89,7 +89,7 @@ def test_timestamps(value, expected):
                                                   "message": {"text": "hi"}}]}]}, "mid"),
     ({"object": "page", "entry": [{"messaging": [{"sender": {"id": "1"}, "recipient": {"id": "2"},
                                                   "message": {"mid": "m", "attachments": {}}}]}]}, "attachments"),
-], ids=["array", "object-user", "no-object", "no-entry", "entry-object", "entry-strings", "messaging-object",
+], ids=["array", "object-number", "no-object", "no-entry", "entry-object", "entry-strings", "messaging-object",
         "message-string", "no-sender", "no-mid", "attachments-object"])
 def test_bad_shapes(payload, reason):
     with pytest.raises(BadPayload, match=reason):

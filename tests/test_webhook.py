@@ -76,7 +76,7 @@ def test_refusal_logs_forwarded_client_address(client, caplog):
     (b"\xff\xfe\x00garbage", "not valid JSON"),
     (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
     (b'"a string"', "JSON object"),
-    (b'{"object":"user","entry":[]}', "object must be 'page'"),
+    (b'{"object":"user","entry":{}}', "object must be 'page'"),
     (b'{"object":"page"}', "entry must be a list"),
     (b'{"object":"page","entry":[{"messaging":[{"message":{"mid":"m","text":"hi"}}]}]}', "sender.id"),
 ], ids=["empty", "text", "invalid-utf8", "deeply-nested", "string", "object-user", "no-entry", "no-sender"])
@@ -124,6 +124,19 @@ def test_an_entry_or_event_that_is_no_object_costs_only_itself(client, graph, sp
     answer_queue(client)
     for psid in ("2000000000000001", "2000000000000002", "2000000000000003"):
         assert graph.sent_texts(psid) == ["Hello from the model."]
+
+
+def test_a_delivery_of_another_webhook_object_is_acknowledged_and_ignored(client, graph, caplog):
+    """An app subscribed to `user` or `permissions` webhooks at this URL too: a 400 would make Meta
+    retry them for hours and then disable the webhook - the Page's messages with it."""
+    other = json.dumps({"object": "permissions", "entry": [{"id": "1", "time": 1, "changes": [{"field": "x"}]}]})
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert post_signed(client, other.encode()).status_code == 200
+    assert caplog.text.count("ignoring events for object 'permissions'") == 1  # once per process
+    assert answer_queue(client) == 0 and graph.sent_texts() == []
+    assert replay(client, "text").status_code == 200
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
 
 
 def test_body_over_5_mb_is_413_and_a_large_one_is_fine(client, graph):

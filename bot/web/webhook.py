@@ -20,7 +20,8 @@ from bot.storage.doorbell import Doorbell
 from bot.storage.inbox import RESUME, WATCHED, ClassifiedEcho, InboxWriter
 from bot.telemetry import metrics
 from config import Config
-from messenger.events import FEEDBACK, BadPayload, Echo, IncomingMessage, ThreadControl, Touch, parse_body
+from messenger.events import (FEEDBACK, BadPayload, Echo, IncomingMessage, OtherObject, ThreadControl, Touch,
+                              parse_body)
 from messenger.graph import REPLY_METADATA
 from messenger.signature import LEGACY_SIGNATURE_HEADER, SIGNATURE_256_HEADER, is_valid_signature
 
@@ -79,6 +80,9 @@ class WebhookReceiver:
             delivery = parse_body(body, now_ms=int(now * 1000), accounts=self.accounts)
         except BadPayload as exc:
             return self.refuse(peer, "bad_request", 400, str(exc))
+        except OtherObject as other:  # a refusal would only make Meta retry it, then disable the webhook
+            self._note_foreign(f"object {other.args[0]!r}", "this bot answers only 'page' and 'instagram' deliveries")
+            return _Accepted((), [], other.args[1], now)
         self._note_foreign_pages(delivery.foreign_pages)
         echoes = [classify(echo, self._config_of(echo.page_id), now, self._is_instagram(echo.page_id))
                   for echo in delivery.echoes] + [resumed(control) for control in delivery.controls] \
@@ -114,10 +118,13 @@ class WebhookReceiver:
         bot does not answer for. Meta gets its 200: a refusal would only make it retry, then disable
         the subscription."""
         for page_id in page_ids:
-            if page_id not in self._foreign_pages_seen and len(self._foreign_pages_seen) < 100:
-                self._foreign_pages_seen.add(page_id)
-                logger.warning("ignoring events for %r: not a Page or Instagram account this bot answers for (%s)",
-                               page_id, ", ".join(sorted(self.accounts)))
+            self._note_foreign(repr(page_id), "not a Page or Instagram account this bot answers for "
+                                              f"({', '.join(sorted(self.accounts))})")
+
+    def _note_foreign(self, what: str, why: str) -> None:
+        if what not in self._foreign_pages_seen and len(self._foreign_pages_seen) < 100:
+            self._foreign_pages_seen.add(what)
+            logger.warning("ignoring events for %s: %s", what, why)
 
     @staticmethod
     def refuse(peer: str | None, result: str, status: int, reason: str) -> tuple[int, str]:
