@@ -20,7 +20,7 @@ from bot.storage.sqlite import Database
 from bot.storage.queue import SQLiteQueue
 from bot.replies.tracking import Tracker
 from config import ConfigError, load_config
-from devtools.emulator import LocalServer, completion, graph_error, json_response
+from devtools.emulator import LocalServer, completion, graph_error, json_response, webhooks
 from messenger.graph import REPLY_METADATA
 from tests.support import PAGE_ID, PSID, ROOT, FakeClock, answer_queue, echo_body, post_signed, text_body, wait_for
 
@@ -440,20 +440,59 @@ def test_reset_starts_a_fresh_context(client, graph, model):
 
 def test_a_question_written_right_after_the_reset_word_is_answered_in_the_fresh_context(client, graph, model):
     """Found by a probe: "reset" and the question after it, answered as one batch, got only the
-    confirmation - the question was never answered, and was cut from the next prompts too."""
-    graph.add_message(PSID, "My name is Ana.")
+    confirmation. They make one batch when written while the previous answer is on its way: that
+    answer (sent after the word) is left out too, the question kept for later prompts."""
+    model.reply = lambda messages: "Nice to meet you, Ana." if "Ana" in messages[-1]["content"] else "Hello."
+    now = int(time.time() * 1000)
+    post_signed(client, text_body("m_user_0", "My name is Ana.", PSID, now - 2000))
+    answer_queue(client)  # its answer goes out now, after the two below were written
+    post_signed(client, text_body("m_user_1", "reset", PSID, now - 1000))
+    post_signed(client, text_body("m_user_2", "What is my name now?", PSID, now - 900))
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == ["Nice to meet you, Ana.", "Hello."] and len(model.requests) == 2
+    contents = [m["content"] for m in model.requests[-1]["json"]["messages"]]
+    assert len(contents) == 1 and contents[-1].endswith(": What is my name now?"), contents
+    say(client, 3, "and my surname?")
+    contents = [m["content"] for m in model.requests[-1]["json"]["messages"]]
+    assert contents[:-1] == ["What is my name now?", "Hello."], contents
+    assert [r["outcome"] for r in log(client)] == ["answered", "answered", "answered"]
+
+
+def test_after_a_reset_with_a_question_the_graph_history_keeps_the_question(make_client, graph, model):
+    """History read from Graph (MIRROR_MAX_AGE=0s): its times are whole seconds, and the question
+    written in the reset's second was cut from later prompts while its answer was kept."""
+    client = make_client(MIRROR_MAX_AGE="0s", GRAPH_READS_PER_SECOND="1000")  # a read for each answer
+    graph.add_message(PSID, "My name is Ana.", mid="m_user_0")
     graph.add_message(PSID, "Nice to meet you, Ana.", from_page=True)
     now = int(time.time() * 1000)
-    for n, text in enumerate(["hello", "reset", "What is my name now?"]):
-        post_signed(client, text_body(f"m_{n}", text, PSID, now + n))
+    for n, text in ((1, "reset"), (2, "What is my name now?")):
+        graph.add_message(PSID, text, mid=f"m_user_{n}")
+        post_signed(client, text_body(f"m_user_{n}", text, PSID, now + n))
     answer_queue(client)
-    assert graph.sent_texts(PSID) == ["Hello from the model."] and len(model.requests) == 1
+    graph.add_message(PSID, "and my surname?", mid="m_user_3")
+    post_signed(client, text_body("m_user_3", "and my surname?", PSID, now + 3))
+    answer_queue(client)
     contents = [m["content"] for m in model.requests[-1]["json"]["messages"]]
-    assert not any("Ana" in c or "hello" in c or "reset" in c for c in contents)
-    assert contents[-1].endswith(": What is my name now?")
-    say(client, 4, "and my surname?")
-    contents = [m["content"] for m in model.requests[-1]["json"]["messages"]]
-    assert "What is my name now?" in contents[:-1] and not any("Ana" in c for c in contents)
+    assert contents[:-1] == ["What is my name now?", "Hello from the model."], contents
+    assert [r["history"] for r in log(client)] == ["graph", "graph"], log(client)
+
+
+def test_a_request_for_a_person_before_the_reset_word_still_hands_over(client, graph, model):
+    now = int(time.time() * 1000)
+    for n, text in enumerate(["person", "reset", "What time do you open?"]):
+        post_signed(client, text_body(f"m_user_{n}", text, PSID, now + n))
+    answer_queue(client)
+    assert model.requests == [] and log(client)[0]["outcome"] == "handoff"
+
+
+def test_reset_followed_by_a_sticker_only_confirms_the_reset(client, graph, model):
+    now = int(time.time() * 1000)
+    post_signed(client, text_body("m_user_0", "reset", PSID, now))
+    post_signed(client, webhooks.delivery_body(PAGE_ID, [webhooks.user_event(
+        PAGE_ID, PSID, "m_user_1", attachments=[webhooks.sticker_attachment("https://cdn.example/like.png")],
+        at_ms=now + 1)]))
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == [load_config_default("reset_reply")] and model.requests == []
 
 
 # -- settings and schema -------------------------------------------------------------------------------

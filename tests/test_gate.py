@@ -39,10 +39,11 @@ def test_the_reset_word_in_any_case_resets_after_the_newest_message():
     assert gated.updates == {"reset_at_ms": int(NOW * 1000) + 2}  # after the newest message, not the clock
 
 
-def test_messages_after_the_reset_word_are_answered_from_a_context_starting_with_them():
+def test_messages_after_the_reset_word_are_answered_when_they_hold_something_to_answer():
     written = messages("hello", "reset", "and now?", "really?")
-    assert after_reset(written, POLICY) == (written[2:], int(NOW * 1000) + 1)  # the history after the word
+    assert after_reset(written, POLICY) == written[2:]
     assert after_reset(messages("hello", "reset"), POLICY) is None  # the confirmation, as before
+    assert after_reset(messages("reset", " "), POLICY) is None  # nothing to answer after it
     assert after_reset(messages("hello", "there"), POLICY) is None
     assert after_reset(written, Policy()) is None  # no reset word set
 

@@ -48,6 +48,9 @@ class Answer:
     refused_images: bool = False  # the model server takes no images: ask again without them (not stored)
     disclosed: bool = False  # the text starts with the bot disclosure
     knowledge: tuple[tuple[int, float], ...] = ()  # (chunk id, score) of the excerpts its prompt carried
+    # The messages written after a reset word it answers: mirrored just after the reset's moment
+    # (Exchange.restarted), so later prompts keep them.
+    restarted: tuple[str, ...] = ()
     # The user's state this answer changes (the pause after a request for a person, a notice
     # sent): written with the answer, so a crash before it is stored leaves neither (not stored).
     user_updates: dict | None = None
@@ -55,7 +58,7 @@ class Answer:
     def to_json(self) -> str:
         return json.dumps({"text": self.text, "outcome": self.outcome, "model": self.model, "usage": self.usage,
                            "history": self.history, "said": self.said, "media": self.media,
-                           "disclosed": self.disclosed, "knowledge": self.knowledge})
+                           "disclosed": self.disclosed, "knowledge": self.knowledge, "restarted": self.restarted})
 
     @classmethod
     def from_json(cls, stored: str) -> "Answer":
@@ -69,4 +72,5 @@ class Answer:
                    history=data.get("history"), said=data.get("said"),
                    media=tuple(MediaFact(*fact) for fact in data.get("media") or ()),
                    disclosed=bool(data.get("disclosed")),
-                   knowledge=tuple(tuple(item) for item in data.get("knowledge") or ()))
+                   knowledge=tuple(tuple(item) for item in data.get("knowledge") or ()),
+                   restarted=tuple(data.get("restarted") or ()))

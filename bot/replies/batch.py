@@ -274,6 +274,7 @@ class BatchReplier:
             latency_ms=int((now - batch.received_at) * 1000), synced=answer.synced, history=answer.history,
             said=answer.said, attachments=answer.media,
             disclosed_at=now if sent and answer.disclosed else None, knowledge=answer.knowledge,
+            restarted=answer.restarted,
         )
 
     def _record_failure(self, batch: Batch, error: str, progress: Progress, final: str | None = None,

@@ -141,11 +141,18 @@ class Composer:
             return Answer(None, Outcome.WINDOW_CLOSED)
         facts = self._facts(psid, messages, now)
         updates: dict[str, object] = {}
-        if (reset := gate.after_reset(messages, self.policy)) is not None:
-            messages, updates["reset_at_ms"] = reset  # "reset", then a question: the question is answered
-            facts = replace(facts, user=replace(facts.user, reset_at_ms=updates["reset_at_ms"]))
-            logger.info("context reset psid=%r: the %d message(s) written after it are answered", psid, len(messages))
+        restarted: tuple[str, ...] = ()
         gated = gate.decide(messages, facts, self.policy, now)
+        if gated is not None and gated.answer.outcome == Outcome.RESET \
+                and (later := gate.after_reset(messages, self.policy)) is not None:
+            # "reset", then a question (written while the previous answer was on its way): the
+            # context is cut as for the word alone - that answer included - and the question
+            # answered from nothing before it; the exchange mirrors it after the cut.
+            updates.update(gated.updates)
+            facts = replace(facts, user=replace(facts.user, reset_at_ms=gated.updates["reset_at_ms"]))
+            messages, restarted = later, tuple(m.mid for m in later if m.mid)
+            logger.info("context reset psid=%r: the %d message(s) written after it are answered", psid, len(later))
+            gated = gate.decide(messages, facts, self.policy, now)
         if gated is not None:
             updates.update(gated.updates)
             logger.info("%s psid=%r: %d message(s) not sent to the model", gated.why, psid, len(messages))
@@ -160,6 +167,7 @@ class Composer:
             answer = self._disclosed(answer, messages, facts.user)
         if updates and not defer_updates:
             self.conversations.update_user(psid, **updates)
+        answer = replace(answer, restarted=restarted) if restarted else answer
         return replace(answer, user_updates=updates or None) if defer_updates else answer
 
     def check_window(self, messages: Sequence[IncomingMessage], received_at: float | None) -> None:

@@ -12,6 +12,7 @@ from typing import Sequence
 from bot.replies.answer import Answer, Outcome
 from bot.storage.times import utc_day, utc_day_start_ms
 from bot.storage.users import UserState
+from messenger.attachments import STICKER
 from messenger.events import IncomingMessage
 
 
@@ -72,16 +73,15 @@ def is_handoff(message: IncomingMessage, words: Sequence[str]) -> bool:
     return message.payload == HANDOFF_PAYLOAD or message.text.strip().strip("!?.¡¿ ").lower() in words
 
 
-def after_reset(messages: Sequence[IncomingMessage], policy: Policy) -> tuple[list[IncomingMessage], int] | None:
-    """When the reset word is followed by more of the user's messages in one batch: those (the
-    context starts afresh with them, and they are answered) and the reset's moment; else None."""
+def after_reset(messages: Sequence[IncomingMessage], policy: Policy) -> list[IncomingMessage] | None:
+    """The messages after the last reset word, when they hold something to answer (words, a
+    photo...: not just a sticker); else None. The reset itself is `decide`'s."""
     word = policy.reset_word.lower()
     last = max((n for n, m in enumerate(messages) if word and m.text.strip().lower() == word), default=None)
-    if last is None or last == len(messages) - 1:
-        return None
-    later = list(messages[last + 1:])
-    # History is what came after this moment: the reset word is left out, what follows it kept.
-    return later, min(messages[last].timestamp_ms, min(m.timestamp_ms for m in later) - 1)
+    later = [] if last is None else list(messages[last + 1:])
+    if any(m.text.strip() or any(a.kind != STICKER for a in m.attachments) for m in later):
+        return later
+    return None
 
 
 def decide(messages: Sequence[IncomingMessage], facts: Facts, policy: Policy, now: float) -> Gated | None:

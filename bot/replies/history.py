@@ -83,7 +83,7 @@ class HistoryReader:
                 logger.warning("history unavailable for psid=%r, answering from the mirror: %s", psid, exc)
                 break
             metrics.HISTORY_READS.labels("graph").inc()
-            return self._from_graph(history, user)
+            return self._from_graph(psid, history, user)
         metrics.HISTORY_READS.labels("mirror-only").inc()
         return History(self._mirror(psid, user), None, MIRROR_ONLY)
 
@@ -118,11 +118,16 @@ class HistoryReader:
             self.sleep(slot - self.clock())
         return True
 
-    def _from_graph(self, history: list[HistoryMessage], user: UserState) -> History:
+    def _from_graph(self, psid: str, history: list[HistoryMessage], user: UserState) -> History:
         after = user.reset_at_ms or 0
         synced = tuple((h.mid, BOT if h.from_id == self.page_id else USER, h.text, created_ms(h.created_time))
                        for h in reversed(history))  # oldest first: insertion order breaks ties of whole seconds
-        return History([h for h in history if created_ms(h.created_time) > after], synced, FROM_GRAPH)
+        cut = [h.mid for h in history if created_ms(h.created_time) <= after]
+        # A message written after the reset word, answered with it, is mirrored past the cut
+        # (Conversations.finish): Graph's time for it (whole seconds) may not be.
+        kept = self.conversations.mirrored_after(psid, cut, after) if cut and after else set()
+        return History([h for h in history if created_ms(h.created_time) > after or h.mid in kept], synced,
+                       FROM_GRAPH)
 
     def _mirror(self, psid: str, user: UserState) -> list[HistoryMessage]:
         return self.conversations.history(psid, self.page_id, self.limit, user.reset_at_ms)

@@ -88,6 +88,11 @@ class Conversations:
         with self._database.read() as db:
             return mirror.history(db, psid, page_id, limit, after_ms)
 
+    def mirrored_after(self, psid: str, mids: Sequence[str], after_ms: int) -> set[str]:
+        """Those of `mids` the mirror places after `after_ms` (mirror.move_after)."""
+        with self._database.read() as db:
+            return mirror.after(db, psid, mids, after_ms)
+
     def activity(self, psid: str, before_ms: int) -> tuple[int | None, int | None]:
         """(the newest message before `before_ms`, the newest a person sent from the Page), in ms."""
         with self._database.read() as db:
@@ -146,6 +151,11 @@ class Conversations:
             users.update(db, exchange.psid, synced_at=self.clock())
         # After what it answers even if Meta's clock (user messages) runs ahead of ours.
         replied_at = max(exchange.bot_timestamp_ms or 0, max(m.timestamp_ms for m in messages) + 1)
+        if exchange.restarted and (reset_ms := users.get(db, exchange.psid).reset_at_ms) is not None:
+            # Written after the reset word, they open the new context: just after the cut (a
+            # Graph row of theirs, whole seconds, included), their answer after them.
+            mirror.move_after(db, exchange.restarted, reset_ms)
+            replied_at = max(replied_at, reset_ms + len(exchange.restarted) + 1)
         mirror.add_rows(db, exchange.psid, [(mid, BOT, text, replied_at) for mid, text in exchange.sent_parts])
         exchanges.record(db, exchange, self.tracking, self.channels.get(messages[0].page_id, exchanges.MESSENGER))
 

@@ -41,6 +41,7 @@ class Exchange:
     ip_address: str | None = None  # a web turn's client address, for the tracking endpoint
     user_url: str | None = None  # a web turn's Referer: the page the visitor wrote from
     knowledge: Sequence[tuple[int, float]] = ()  # (chunk id, score) of the knowledge excerpts the prompt carried
+    restarted: Sequence[str] = ()  # mids written after a reset word: mirrored just after the reset's moment
 
 
 def user_text(message: IncomingMessage, said: Mapping[str, str] | None = None) -> str:

@@ -2,7 +2,7 @@
 its own replies, a person's from the Page inbox - so history costs no Graph read."""
 from __future__ import annotations
 
-from typing import Collection, Iterable
+from typing import Collection, Iterable, Sequence
 
 from bot.storage.times import iso
 from messenger.graph import HistoryMessage
@@ -55,6 +55,17 @@ def activity(db, psid: str, before_ms: int) -> tuple[int | None, int | None]:
     previous = db.execute("SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND at_ms < ?", (psid, before_ms)).fetchone()[0]
     person = db.execute("SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND author = ?", (psid, HUMAN)).fetchone()[0]
     return previous, person
+
+
+def move_after(db, mids: Sequence[str], after_ms: int) -> None:
+    """These messages, in this order, just after `after_ms` (history is what comes after it)."""
+    for n, mid in enumerate(mids, start=1):
+        db.execute("UPDATE mirror SET at_ms = ? WHERE mid = ? AND at_ms <= ?", (after_ms + n, mid, after_ms))
+
+
+def after(db, psid: str, mids: Sequence[str], after_ms: int) -> set[str]:
+    return {row[0] for row in db.execute(f"SELECT mid FROM mirror WHERE psid = ? AND at_ms > ? AND mid IN"
+                                         f" ({','.join('?' * len(mids))})", (psid, after_ms, *mids))}
 
 
 def edit(db, mid: str, text: str) -> None:
