@@ -3,6 +3,7 @@ streaming OpenAI-shaped server (tests/support/streaming_model.py), on both stora
 from __future__ import annotations
 
 import socket
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -386,6 +387,23 @@ def test_a_lone_surrogate_in_a_streamed_piece_is_shown_as_a_replacement_and_the_
     [record] = web.exchanges(channel="web")
     assert record["outcome"] == "answered" and record["bot_message"] == "smile \ufffd then more words"
     assert "Traceback" not in web.log() and "then more words" not in web.log()
+
+
+def test_an_answer_that_fails_unexpectedly_is_a_500_logged_without_its_words(start, stream_model, tmp_path):
+    """Any error while answering (here: the store lost a table under the running chat) is the
+    documented 500 `internal` - not a 200 with an empty answer -, its reservation freed, and one
+    log line saying where, without the visitor's words."""
+    web = start(**PERMISSIVE)
+    assert web.chat("first").status_code == 200
+    with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
+        db.execute("ALTER TABLE users RENAME TO users_gone")
+    plain = web.chat("a secret question")
+    assert (plain.status_code, plain.json()["error"]) == (500, "internal"), plain.text
+    events = parse_events(web.chat("another secret question", stream=True).text)
+    assert events[-1] == ("error", {"error": "internal", "message": events[-1][1]["message"]})
+    assert web.log().count("website chat: answering failed (OperationalError), at:") == 2
+    assert "secret question" not in web.log()
+    assert [r["outcome"] for r in web.exchanges(channel="web")] == ["answered", "failed", "failed"]
 
 
 def test_a_surrogate_pair_split_over_two_pieces_is_joined():

@@ -25,13 +25,12 @@ from werkzeug.datastructures import Headers
 from bot.web.asgi import lifespan, read_body
 from bot.web.proxy import TrustedPeers, forwarded_scope
 from bot.webchat.requests import MAX_BODY_BYTES, Refused, origin_allowed, parse_json_body
-from bot.webchat.service import WebAnswer, WebChat
+from bot.webchat.service import SORRY, WebAnswer, WebChat
 
 logger = logging.getLogger(__name__)
 
 BODY_SECONDS = 10.0
 _END = object()
-SORRY = "Something went wrong on our side. Please try again in a moment."
 
 
 class Mailbox:

@@ -35,6 +35,8 @@ from messenger.events import TEXT, IncomingMessage
 
 logger = logging.getLogger(__name__)
 
+SORRY = "Something went wrong on our side. Please try again in a moment."
+
 PSID_PREFIX = "web:"  # a web conversation's "user" in the mirror, the users table and the log
 TIDY_EVERY_S = 3600.0
 # What an answer in progress counts for against the daily token caps until its own tokens are
@@ -230,11 +232,13 @@ class WebChat:
 
     def refusal(self, answer: WebAnswer) -> Refused | None:
         """The 429 of an answer DAILY_TOKEN_BUDGET held back without a word (its one notice of the
-        day was given): it starts again at midnight UTC. (RATE_LIMIT is Messenger's: the website
-        chat has its own limits, refused before the answer.)"""
+        day was given): it starts again at midnight UTC (RATE_LIMIT is Messenger's: the website
+        chat has its own limits, refused before the answer); the 500 of one that failed."""
         if answer.text is None and answer.outcome == Outcome.OVER_BUDGET:
             wait = max(1, math.ceil(86400 - self.clock() % 86400))
             return Refused(429, "over_budget", "We have talked a lot today! Please come back tomorrow.", wait)
+        if answer.text is None and answer.outcome == Outcome.FAILED:  # a bug (logged): not an empty answer
+            return Refused(500, "internal", SORRY)
         return None
 
     def _record(self, message: IncomingMessage, answer: Answer, admitted: Admitted, received: float,
