@@ -408,6 +408,8 @@ class Internal(LocalServer):
     ("127.0.0.1", False), ("10.1.2.3", False), ("192.168.0.10", False), ("169.254.169.254", False),
     ("100.64.0.1", False), ("0.0.0.0", False), ("::1", False), ("fe80::1%eth0", False), ("fd00::1", False),
     ("::ffff:127.0.0.1", False), ("224.0.0.1", False), ("157.240.1.35", True), ("2a03:2880:f10c::1", True),
+    ("64:ff9b::a00:1", False), ("64:ff9b::9df0:123", True), ("2002:a00:1::1", False), ("::10.0.0.1", False),
+    ("fec0::1", False), ("2001:0:4136:e378:8000:63bf:f5ff:fffe", False),
 ], ids=lambda value: str(value))
 def test_attachments_come_only_from_public_addresses(address, expected):
     assert public(address, 443) is expected
@@ -416,7 +418,8 @@ def test_attachments_come_only_from_public_addresses(address, expected):
 @pytest.mark.parametrize("graph_url, expected", [
     ("https://graph.facebook.com/v21.0", public), ("http://127.0.0.1:8001", anywhere),
     ("http://localhost:8001/", anywhere), ("http://[::1]:8001", anywhere), ("https://192.168.1.5", anywhere),
-    ("https://graph.example.org", public),
+    ("https://graph.example.org", public), ("http://graph-emulator:8001", anywhere),
+    ("http://emulator.internal:8001", anywhere), ("http://GRAPH.local", anywhere),
 ])
 def test_attachments_may_come_from_this_hosts_network_only_when_graph_does(graph_url, expected):
     assert allowed_for(graph_url) is expected

@@ -45,11 +45,22 @@ class Fetched:
 Allows = Callable[[str, int], bool]  # (address, port) -> may an attachment be fetched from there
 
 
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # an IPv6-only host's way to IPv4 addresses (RFC 6052)
+
+
 def public(address: str, port: int) -> bool:
-    """An address of the internet, not of this host's own networks: Meta's CDN is one."""
+    """An address of the internet, not of this host's own networks: Meta's CDN is one. An IPv6
+    address carrying an IPv4 one (mapped, NAT64, 6to4, Teredo, the old compatible form) is
+    judged by that one: NAT64 reaches a private IPv4 network from an IPv6-only host."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.is_site_local:
+            return False
+        inner = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if inner is None and (ip in NAT64 or int(ip) < 2 ** 32):
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None:
+            ip = inner
     return ip.is_global and not ip.is_multicast
 
 
@@ -91,11 +102,16 @@ class _CheckedAdapter(requests.adapters.HTTPAdapter):
                 for scheme, pool in urllib3.poolmanager.pool_classes_by_scheme.items()}
 
 
+# Names of a host's own network: a container's or a cluster's service ("graph-emulator"), mDNS...
+LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".lan", ".home.arpa")
+
+
 def allowed_for(graph_url: str) -> Allows:
     """Where attachments may come from, by where the Graph API is: public addresses only, unless
-    the Graph API itself is on this host's own network (then, the emulator's CDN is too)."""
-    host = (urlsplit(graph_url).hostname or "").rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
+    the Graph API itself is on this host's own network - an address of it, or a name of it (one
+    without a dot, or under LOCAL_SUFFIXES) - then the emulator's CDN is too."""
+    host = (urlsplit(graph_url).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(LOCAL_SUFFIXES) or (host and "." not in host and ":" not in host):
         return anywhere
     try:
         return public if public(host, 0) else anywhere
