@@ -415,8 +415,8 @@ def test_sync_rereads_changed_files_and_drops_deleted_ones(env, tmp_path):
 
 
 def test_sync_takes_a_file_reached_by_several_names_once(env, tmp_path):
-    """A symlink beside its target (or two links to one file outside the folder) had made two
-    sources of one text, each excerpt twice in the prompt."""
+    """A symlink beside its target (or two links to one file outside the folder, or a hard link)
+    had made two sources of one text, each excerpt twice in the prompt."""
     docs, outside = tmp_path / "docs", tmp_path / "elsewhere"
     docs.mkdir()
     outside.mkdir()
@@ -425,6 +425,7 @@ def test_sync_takes_a_file_reached_by_several_names_once(env, tmp_path):
     (outside / "parking.txt").write_text("Parking is free behind the shop.")
     (docs / "a-parking.txt").symlink_to(outside / "parking.txt")
     (docs / "b-parking.txt").symlink_to(outside / "parking.txt")
+    os.link(docs / "hours.md", docs / "z-hours-again.md")  # a hard link: the same file again
     synced = run_cli(env, "sync", str(docs))
     assert synced.returncode == 0 and synced.stdout.count("added") == 2, synced.stdout + synced.stderr
     assert f"added     {docs / 'hours.md'}" in synced.stdout

@@ -170,9 +170,14 @@ def _already_added(error: Exception) -> bool:
 
 def _one_path_per_file(paths: list[str]) -> list[str]:
     """A file reached by several names in a synced folder (a symlink beside its target, two links
-    to one file) is one source: its own name where it has one, else the first link's."""
-    chosen: dict[str, str] = {}
+    to one file, hard links) is one source: its own name where it has one, else the first link's."""
+    chosen: dict[object, str] = {}
     for path in sorted(paths, key=os.path.islink):  # the real names first
-        chosen.setdefault(os.path.realpath(path), path)
+        try:
+            status = os.stat(path)
+            same = (status.st_dev, status.st_ino)
+        except OSError:  # a broken link: its own source, which fails with its own line
+            same = path
+        chosen.setdefault(same, path)
     kept = set(chosen.values())
     return [path for path in paths if path in kept]
