@@ -399,19 +399,23 @@ def _burst(name: str, graph, model, store: Store, hosts: int) -> dict:
     sampler.start()
     start_index = len(graph.delivered)
     try:
+        meter = CpuMeter(servers).start()
         started = time.monotonic()
         with ThreadPoolExecutor(CONNECTIONS) as pool:
             statuses = list(pool.map(lambda job: job[0](job[1]), jobs))
         acked = time.monotonic() - started
         graph.wait_for_deliveries(start_index + len(users), timeout=180)
         done = graph.delivered_at[start_index + len(users) - 1] if len(graph.delivered) - start_index >= len(users) else None
+        cpu = meter.stop()  # what one reply costs each part of the machine (the fakes' own share included)
         time.sleep(1.0)  # room for duplicates to show
         sampling.set()
         delivered = [psid for psid, _ in graph.delivered[start_index:]]
         return {"scenario": name, "backend": store.backend, "hosts": hosts,
                 "drain_s": round(done - started, 2) if done else None, "acked_s": round(acked, 2),
                 "replies": len(set(delivered) & set(users)), "duplicates": len(delivered) - len(set(delivered)),
-                "non_2xx": sum(s != 200 for s in statuses), "peak_rss_mb": round(max(peak), 1)}
+                "non_2xx": sum(s != 200 for s in statuses), "peak_rss_mb": round(max(peak), 1),
+                "cpu_ms_per_reply": {k.removesuffix("_cpu_s"): round(v * 1000 / len(users), 2)
+                                     for k, v in cpu.items() if k.endswith("_cpu_s") and v}}
     finally:
         sampling.set()
         for server in servers:
