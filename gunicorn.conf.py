@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 
+from bot.runtime.supervisor import MASTER_STATE
 from config import REPLY_PROCESS_ENV, load_config_or_exit
 
 _config = load_config_or_exit()
@@ -52,7 +53,8 @@ accesslog = "-"
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
 
 _metrics_dir = os.path.join(_config.data_dir, "metrics")
-_state = {}
+# Kept by the module, not this file: a reload (SIGHUP) reads this file again from the start.
+_state = MASTER_STATE
 
 
 def on_starting(server):

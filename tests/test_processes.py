@@ -2,13 +2,15 @@
 workers, kill -9 after the 200, a restart, SIGTERM."""
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import requests
 
-from tests.support import PSID, Bot, echo_body, reply_process_pid, text_body, wait_until
+from tests.support import PSID, ROOT, Bot, base_env, echo_body, reply_process_pid, text_body, wait_until
 
 
 @pytest.fixture
@@ -82,14 +84,23 @@ def test_kill_9_mid_burst_then_restart_answers_every_message_exactly_once(make_b
         repeated, answered_before)
 
 
-def test_sigterm_finishes_the_reply_in_flight(make_bot, graph, model):
+@pytest.mark.parametrize("reloaded", [False, True], ids=["as-started", "after-a-reload"])
+def test_sigterm_finishes_the_reply_in_flight(make_bot, graph, model, reloaded):
+    """The master waits for the reply process's replies in flight - also after a reload (SIGHUP),
+    which reads gunicorn.conf.py again: a probe found the master no longer knew its processes then,
+    exited at once, and systemd or docker killed the reply mid-answer."""
     bot = make_bot().start()
+    if reloaded:
+        bot.process.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: bot.log_text().count("Booting worker") >= 4, 15), bot.log_text()
     model.delay = 1.5
     assert bot.post(text_body("m_graceful", "Last question")).status_code == 200
     assert wait_until(lambda: len(model.requests) == 1)
     bot.process.send_signal(signal.SIGTERM)
     assert bot.process.wait(timeout=30) == 0
-    assert graph.sent_texts(PSID) == ["Hello from the model."]
+    assert graph.sent_texts(PSID) == ["Hello from the model."]  # before the master was gone
+    with pytest.raises(ProcessLookupError):  # and nothing of it is left
+        os.killpg(bot.process.pid, 0)
     assert bot.states() == {"m_graceful": "done"}
 
 
@@ -217,3 +228,30 @@ def test_a_process_that_ignores_sigterm_is_killed_at_its_time_and_the_others_sti
     for process in (stubborn, graceful):
         assert wait_until(lambda: not os.path.exists(f"/proc/{process.pid}") or
                           open(f"/proc/{process.pid}/stat").read().split()[2] == "Z", 5)
+
+
+@pytest.mark.parametrize("command, settings", [
+    ("bot.runtime.reply_process", {}),
+    ("bot.webchat.serve", {"WEBCHAT": "on"}),
+], ids=["reply-process", "website-chat"])
+def test_a_process_whose_master_died_while_it_started_stops(graph, model, tmp_path, command, settings):
+    """Found by a probe: a master killed (kill -9) during its reply process's start-up left that
+    process watching init, answering beside the next start's for ever. The master's pid is
+    given to it (BOT_MASTER_PID): here one already gone."""
+    from tests.support.processes import free_port
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    env = {**base_env(graph, model, tmp_path), "PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT),
+           "HOST": "127.0.0.1", "PORT": str(free_port()), "WEBCHAT_PORT": str(free_port()),
+           "BOT_MASTER_PID": str(gone.pid), **settings}
+    os.makedirs(env["DATA_DIR"], exist_ok=True)
+    process = subprocess.Popen([sys.executable, "-m", command], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output = process.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate()[0]
+        pytest.fail(f"{command} outlived its master:\n{output[-2000:]}")
+    assert process.returncode == 0 and "Traceback" not in output, output[-2000:]

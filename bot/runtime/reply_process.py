@@ -15,6 +15,7 @@ from typing import Callable
 
 from bot.replies.dispatcher import Dispatcher
 from bot.replies.wiring import build_dispatcher
+from bot.storage.instance import master_pid
 from bot.telemetry.logs import configure_logging
 from config import load_config_or_exit
 
@@ -24,6 +25,7 @@ REPLY_PROCESS_NICENESS = 10
 
 
 def main() -> None:
+    parent = master_pid()
     config = load_config_or_exit()
     configure_logging(config.log_level, config.secrets)
     # Acknowledging Meta comes first: when the CPU is short, the webhook workers
@@ -33,7 +35,6 @@ def main() -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    parent = os.getppid()
     dispatcher.start()
     logger.info("reply process ready: %d reply threads", config.reply_threads)
     code = watch(dispatcher, stop, lambda: os.getppid() != parent)

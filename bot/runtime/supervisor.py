@@ -14,7 +14,13 @@ import time
 import uuid
 from typing import Callable
 
-from bot.storage.instance import LINEAGE_ENV
+from bot.storage.instance import LINEAGE_ENV, MASTER_PID_ENV
+
+
+# What the gunicorn master holds for its life (the supervisors, the DATA_DIR lock), by name:
+# here, not in gunicorn.conf.py, which a reload (SIGHUP) reads again as a new module - its own
+# dict began empty, and a stop after a reload no longer waited for the replies in flight.
+MASTER_STATE: dict[str, object] = {}
 
 
 class ReplySupervisor:
@@ -28,7 +34,8 @@ class ReplySupervisor:
         self.restart_pause = restart_pause
         self.pid: int | None = None
         self.stopping = threading.Event()
-        self.environment = {**os.environ, LINEAGE_ENV: uuid.uuid4().hex[:12]}  # this master start's
+        self.environment = {**os.environ, LINEAGE_ENV: uuid.uuid4().hex[:12],  # this master start's
+                            MASTER_PID_ENV: str(os.getpid())}
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="reply-supervisor", daemon=True).start()

@@ -58,6 +58,16 @@ def _read_id(path: str) -> str | None:
 # master start: a claim left by a reply process of another start died with the whole bot (kill -9
 # of the process group, a container or host restart) - nothing its message did (Queue.take_over).
 LINEAGE_ENV = "BOT_REPLY_LINEAGE"
+# The gunicorn master that started a reply (or website chat) process: gone, the process stops.
+# Given, not read with getppid() once the process is up - a master killed during its start-up
+# (a second or so of imports) would leave it watching init, for ever.
+MASTER_PID_ENV = "BOT_MASTER_PID"
+
+
+def master_pid() -> int:
+    """The pid of the master that started this process (its parent when started otherwise)."""
+    given = os.environ.get(MASTER_PID_ENV, "")
+    return int(given) if given.isdigit() else os.getppid()
 
 
 def owner_pid(owner: str) -> str:

@@ -16,7 +16,7 @@ import threading
 
 from gunicorn.app.base import BaseApplication
 
-from bot.storage.instance import WEBCHAT_LOCK, take_process_lock
+from bot.storage.instance import WEBCHAT_LOCK, master_pid, take_process_lock
 from bot.telemetry.logs import configure_logging
 from bot.web.worker import RESERVED_FILES
 from config import Config, load_config_or_exit
@@ -74,10 +74,10 @@ def _stop_with_parent(server) -> None:
 
 
 def main() -> None:
+    os.environ["WEBCHAT_PARENT_PID"] = str(master_pid())
     config = load_config_or_exit()
     configure_logging(config.log_level, config.secrets)
     os.nice(WEBCHAT_NICENESS)
-    os.environ["WEBCHAT_PARENT_PID"] = str(os.getppid())
     # Held until this process and its worker end: a move to PostgreSQL waits for a website chat
     # left finishing its answers by a kill -9 of the bot. An earlier one still finishing holds it
     # for its graceful time at most: this one serves at once, and takes it once that one is gone.
