@@ -42,6 +42,12 @@ from devtools.replayed import ReplayedDeliveries
 
 logger = logging.getLogger("devtools.sandbox")
 
+# Settings of a real bot (its .env) the sandbox must not take: the live store (its reply threads
+# would join the live queue as one more host, and claim real users' messages for Pages they do
+# not know), the owner's endpoints, where the live bot listens.
+NOT_TAKEN = frozenset({"PAGES_FILE", "DATABASE_URL", "DATABASE_POOL_SIZE", "TRACKING_URL", "HANDOFF_WEBHOOK",
+                       "HOST", "PORT", "WEBCHAT_PORT", "WEBCHAT_PAGE", "WEBCHAT_ORIGINS"})
+
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 BAKERY, BOOKSHOP = "Ana's Bakery", "Harbour Books"
 PROMPTS = {
@@ -96,7 +102,7 @@ class Sandbox:
             file.write(pages_toml(self.graph))
         self.config = load_config({
             **WEBCHAT_DEFAULTS,
-            **{k: v for k, v in environ.items() if not k.startswith("FB_") and k != "PAGES_FILE"},
+            **{k: v for k, v in environ.items() if not k.startswith("FB_") and k not in NOT_TAKEN},
             "FB_VERIFY_TOKEN": verify_token, "FB_APP_SECRET": app_secret, "PAGES_FILE": pages_file,
             "FB_API_URL": self.graph.api_url,
             "OPENAI_API_KEY": real_key or OFFLINE_KEY, "OPENAI_BASE_URL": self.model.base_url,

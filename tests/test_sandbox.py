@@ -537,3 +537,19 @@ def test_knowledge_mode_off_loads_nothing_and_says_so():
         assert sandbox.timeline.of_kind("outcome")[0]["knowledge"] is None  # not searched: nothing to say
     finally:
         sandbox.stop()
+
+
+def test_a_live_bots_store_and_endpoints_in_the_environment_never_reach_the_sandbox():
+    """Found by a probe: run next to a live bot (its .env in the folder), the sandbox took its
+    DATABASE_URL, joined the live queue as one more host and failed real users' messages for
+    Pages it did not know. Its own store, always; the owner's endpoints, never."""
+    sandbox = Sandbox({"DATABASE_URL": "postgresql://live@127.0.0.1:1/live", "TRACKING_URL": "https://example.com/t",
+                       "HANDOFF_WEBHOOK": "https://example.com/h", "PORT": "not-a-port", "KNOWLEDGE_MODE": "off"},
+                      port=0, model_delay=0).start()
+    try:
+        config = sandbox.config
+        assert (config.database_url, config.tracking_url, config.handoff_webhook) == (None, None, None)
+        sandbox.graph.user_writes(ANA, text="hello")
+        assert sandbox.graph.wait_for_deliveries(1, 10)
+    finally:
+        sandbox.stop()
