@@ -296,12 +296,16 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         first = entries[0] if entries else PageEntry("0", "-")
         env = {**env, "FB_PAGE_ID": first.id or "0", "FB_PAGE_ACCESS_TOKEN": first.access_token or "-"}
     values, base_problems = _read_values(env)
+    # With PAGES_FILE, a Page's id and token are the file's: read_pages_file names their problems.
+    stand_ins = ("FB_PAGE_ID ", "FB_PAGE_ACCESS_TOKEN ") if entries else ()
+    base_problems = [p for p in base_problems if not p.startswith(stand_ins)] if stand_ins else base_problems
     page_configs = []
     for entry in entries:  # each Page's settings: the environment's, its own overrides over them
         page_values, own = _read_values({**env, **entry.settings, "FB_PAGE_ID": entry.id or "0",
                                          "FB_PAGE_ACCESS_TOKEN": entry.access_token or "-",
                                          "FB_PAGE_NAME": entry.name})
-        problems += [f"PAGES_FILE, page {entry.label}: {p}" for p in own if p not in base_problems]
+        problems += [f"PAGES_FILE, page {entry.label}: {p}" for p in own
+                     if p not in base_problems and not p.startswith(stand_ins)]
         page_configs.append(page_values)
     problems = base_problems + problems + _webchat_problems(values, entries)
     if problems:

@@ -75,7 +75,7 @@ def on_starting(server):
         _state["lock"] = lock_data_dir(_config.data_dir)  # held until the last process exits
         check_port_free(_host, _config.port)
         if _config.webchat:
-            check_port_free(_host, _config.webchat_port)
+            check_port_free(_host, _config.webchat_port, "WEBCHAT_PORT")
         check_database(_config.database_url, _config.database_path, _config.data_dir,
                        retention_days=_config.retention_days)
         for error_log in sorted({a.config.error_log_file for a in _config.accounts} | {_config.error_log_file}):

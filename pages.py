@@ -61,8 +61,8 @@ class PageEntry:
 def read_pages_file(path: str) -> tuple[list[PageEntry], list[str]]:
     """The entries of the file, and every problem found in it (none: the entries are usable)."""
     try:
-        with open(path, "rb") as file:
-            data = tomllib.load(file)
+        with open(path, encoding="utf-8-sig") as file:  # a BOM, as some editors write, is no statement
+            data = tomllib.loads(file.read())
     except OSError as exc:
         return [], [f"PAGES_FILE {path} cannot be read: {exc.strerror or type(exc).__name__}"]
     except tomllib.TOMLDecodeError as exc:

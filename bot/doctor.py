@@ -304,9 +304,13 @@ def _models_listed(client: openai.OpenAI, model: str) -> set[str] | None:
 
 
 def public_url(url: str, verify_token: str) -> Line:
-    parts = urlparse(url)
-    if parts.scheme != "https" or not parts.netloc:
-        return Line(False, f"public URL {url}: not an https:// address", "Meta only calls HTTPS URLs with a valid "
+    try:
+        parts = urlparse(url)
+        host = parts.hostname
+    except ValueError:  # "https://[::1": a bracket left open
+        parts, host = None, None
+    if parts is None or parts.scheme != "https" or not host:
+        return Line(False, f"public URL {url}: not an https:// address with a host", "Meta only calls HTTPS URLs with a valid "
                     "certificate: put a tunnel or an HTTPS proxy in front (README, \"Running it as a service\")")
     endpoint = url if parts.path.rstrip("/").endswith("/webhook") else url.rstrip("/") + "/webhook"
     challenge = str(secrets.randbelow(10 ** 9))

@@ -267,6 +267,10 @@ def test_the_public_url_failures(env, https_bot):
     assert "Meta refuses self-signed" in line(untrusted.stdout, f"✗ public URL {https_bot}/webhook: its certificate is not trusted")
     plain = doctor(env, "--url", "http://127.0.0.1:9")
     assert plain.returncode == 1 and "not an https:// address" in plain.stdout
+    for broken in ("https://[::1", "https://"):  # a bracket left open: a traceback, and no line printed
+        result = doctor(env, "--url", broken)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "not an https:// address with a host" in result.stdout and "✓ settings" in result.stdout
     assert "unreachable (ConnectionError)" in doctor(env, "--url", "https://127.0.0.1:9").stdout
 
 

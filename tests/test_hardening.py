@@ -515,7 +515,9 @@ def test_a_second_bot_on_the_same_port_or_data_dir_refuses_to_start(bot, graph, 
     other = tmp_path / "other"
     other.mkdir()
     same_port = start_and_fail(graph, model, other, PORT=str(port), DATA_DIR=str(other / "data"))
-    assert f"port {port} on 127.0.0.1 is already in use" in same_port
+    assert f"port {port} on 127.0.0.1 is already in use" in same_port and "set PORT to a free port" in same_port
+    chat_port = start_and_fail(graph, model, other, WEBCHAT="on", WEBCHAT_PORT=str(port), DATA_DIR=str(other / "data"))
+    assert "set WEBCHAT_PORT to a free port" in chat_port  # not PORT, which is free
     same_data = start_and_fail(graph, model, other, DATA_DIR=str(tmp_path / "data"))
     assert "already running with DATA_DIR" in same_data
     assert requests.get(url + "/healthz", timeout=5).status_code == 200  # the first one is untouched

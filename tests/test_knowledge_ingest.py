@@ -414,6 +414,17 @@ def test_sync_rereads_changed_files_and_drops_deleted_ones(env, tmp_path):
     assert "19:00" in found.stdout and "18:00" not in found.stdout
 
 
+def test_list_and_search_into_a_closed_pipe_end_quietly(env, tmp_path):
+    """`knowledge list | head` gave a BrokenPipeError traceback."""
+    (tmp_path / "hours.md").write_text(HOURS)
+    assert run_cli(env, "add", str(tmp_path / "hours.md")).returncode == 0
+    for args in (("list",), ("search", "open on saturday")):
+        reader = subprocess.Popen([sys.executable, "-m", "bot", "knowledge", *args], cwd=ROOT, env={**os.environ, **env},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        reader.stdout.close()  # as `| head` does once it has its lines
+        assert reader.wait(timeout=60) == 0 and b"Traceback" not in reader.stderr.read()
+
+
 def test_sync_takes_a_file_reached_by_several_names_once(env, tmp_path):
     """A symlink beside its target (or two links to one file outside the folder, or a hard link)
     had made two sources of one text, each excerpt twice in the prompt."""

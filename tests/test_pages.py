@@ -129,8 +129,16 @@ def test_a_pages_file_not_in_utf8_and_tokens_or_ids_no_header_can_carry_are_name
     with pytest.raises(ConfigError) as error:
         load_config({**BASE, "PAGES_FILE": pages_file(tmp_path, placeholder)}, env_file=None)
     assert any("page 1111: access_token must be the token as Meta shows it" in p for p in error.value.problems)
+    assert not any("FB_PAGE_ACCESS_TOKEN" in p for p in error.value.problems)  # a setting nobody set
     assert any("page 2: id must be the Page's numeric id" in p for p in error.value.problems)  # full-width digits
     assert "EAA" not in str(error.value)
+
+
+def test_a_pages_file_saved_with_a_bom_is_read(tmp_path):
+    """Some editors begin UTF-8 with a BOM: TOML called it an invalid statement at line 1."""
+    path = tmp_path / "bom.toml"
+    path.write_text(TWO_PAGES, encoding="utf-8-sig")
+    assert [a.page_id for a in load_config({**BASE, "PAGES_FILE": str(path)}, env_file=None).accounts][:1] == ["1111"]
 
 
 def test_the_one_page_settings_refuse_a_token_with_spaces_and_an_instagram_id_that_is_the_pages(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from config import Config, load_config_or_exit
@@ -44,6 +45,9 @@ def main(args: argparse.Namespace, config: Config | None = None) -> int:
     config = config or load_config_or_exit()
     try:
         return _main(args, config)
+    except BrokenPipeError:  # `knowledge list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except Exception as error:  # noqa: BLE001 - the store's: one line; anything else keeps its traceback
         if not type(error).__module__.split(".")[0] in ("psycopg", "psycopg_pool", "sqlite3"):
             raise

@@ -73,9 +73,9 @@ def check_error_log(path: str) -> None:
                              "inside DATA_DIR") from None
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, setting: str = "PORT") -> None:
     """gunicorn listens with SO_REUSEPORT, which would let a second bot share the port
-    silently; a plain bind first tells them apart."""
+    silently; a plain bind first tells them apart. `setting`: the one that names this port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
@@ -84,8 +84,8 @@ def check_port_free(host: str, port: int) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise StartupProblem(f"port {port} on {host} is already in use (another bot or server?): stop it "
-                                     "or set PORT to a free port") from None
-            raise StartupProblem(f"cannot listen on {host}:{port} ({exc.strerror}): check HOST and PORT") from None
+                                     f"or set {setting} to a free port") from None
+            raise StartupProblem(f"cannot listen on {host}:{port} ({exc.strerror}): check HOST and {setting}") from None
 
 
 # Meta's longest messaging window (a user who came from an ad): an older message can no longer
