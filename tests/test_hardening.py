@@ -21,7 +21,7 @@ from bot.telemetry.logs import FORMAT, LogScrubber
 from bot.web.asgi import read_body
 from bot.web.webhook import read_wsgi_body
 from messenger.signature import sign
-from tests.support import (APP_SECRET, PAGE_ID, PSID, VERIFY_TOKEN, base_env, free_port, is_up, start_gunicorn,
+from tests.support import (APP_SECRET, FakeClock, PAGE_ID, PSID, VERIFY_TOKEN, base_env, free_port, is_up, start_gunicorn,
                            text_body, wait_until)
 
 
@@ -706,3 +706,17 @@ def test_readyz_names_old_waiting_messages_and_a_full_disk(make_client, tmp_path
     readiness = client.application.extensions["readiness"]
     readiness.min_free_bytes = 1 << 62
     assert any("almost full" in p for p in readiness.problems()[0])
+
+
+def test_ready_max_wait_off_never_makes_waiting_messages_a_reason(make_client, tmp_path):
+    """`off` had read as 0 s: any message in its retry backoff took the host out of the balancer."""
+    clock = FakeClock()
+    client = make_client(clock, READY_MAX_WAIT="off")
+    body = text_body("m_hello", "hello", timestamp=int(clock() * 1000))
+    assert client.post("/webhook", data=body, headers={"X-Hub-Signature-256": sign(body, APP_SECRET)}).status_code == 200
+    clock.advance(3600)  # waited an hour, and no reply process made progress
+    with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
+        db.execute("INSERT INTO dispatchers (owner, seen_at) VALUES (?, ?)", (here(tmp_path) + "live", clock()))
+    stats = client.get("/healthz").get_json()
+    assert stats["oldest_pending_age_s"] >= 3600 or stats["queue_depth"] >= 1, stats
+    assert client.get("/readyz").status_code == 200, client.get("/readyz").get_json()

@@ -56,8 +56,8 @@ class Readiness:
         # progress (finishes one, or holds one back at Meta's word).
         waited = stats.get("oldest_pending_age_s") or 0.0
         progress = stats.get("progress_s_ago")
-        limit = self.config.ready_max_wait_seconds
-        if waited > limit and (progress is None or progress > limit):
+        limit = self.config.ready_max_wait_seconds  # 0 (off): waiting messages never make it unready
+        if limit and waited > limit and (progress is None or progress > limit):
             since = "none recorded" if progress is None else f"none for {progress:.0f} s"
             problems.append(f"the oldest message has waited {waited:.0f} s for its reply, and no reply process "
                             f"made progress ({since})")
