@@ -502,6 +502,10 @@ class _Reader:
         value = self._raw(name)
         if not value:
             self.problems.append(f"{name} is required")
+        elif len(value) > 1 and value[0] == value[-1] and value[0] in "\"'":
+            # docker --env-file and systemd's Environment= keep quotes that .env readers remove: every
+            # signature would be "wrong" and every Graph call refused, long after a quiet start.
+            self.problems.append(f"{name} is wrapped in quotes: write the value without them")
         elif check and not check(value):
             # Never echo the value: required settings are mostly secrets.
             self.problems.append(f"{name} must be {expect}")

@@ -36,8 +36,9 @@ TOKEN_EXPECTED = "the token as Meta shows it: printable ASCII, no spaces (was a 
 
 
 def is_token(value: str) -> bool:
-    """What can go in an HTTP header: anything else would fail every Graph call, not start-up."""
-    return value.isascii() and value.isprintable() and not any(c.isspace() for c in value)
+    """What can go in an HTTP header, and no quote (a value pasted with its quotes): anything else
+    would fail every Graph call, not start-up."""
+    return value.isascii() and value.isprintable() and not any(c.isspace() or c in "\"'" for c in value)
 
 
 def is_numeric_id(value: str) -> bool:

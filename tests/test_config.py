@@ -68,6 +68,18 @@ def test_secrets_not_in_repr_or_errors():
     assert "EAAsecret-looking" not in str(error.value)
 
 
+def test_secrets_pasted_with_their_quotes_are_refused_by_name():
+    """docker --env-file keeps the quotes of KEY="value": the start went on, and every signature
+    was then wrong and every Graph call refused."""
+    quoted = {name: f'"{GOOD[name]}"' for name in ("FB_APP_SECRET", "FB_VERIFY_TOKEN", "OPENAI_API_KEY")}
+    with pytest.raises(ConfigError) as error:
+        load_config({**GOOD, **quoted, "FB_PAGE_ACCESS_TOKEN": f"'{GOOD['FB_PAGE_ACCESS_TOKEN']}'"}, env_file=None)
+    for name in (*quoted, "FB_PAGE_ACCESS_TOKEN"):
+        assert any(p.startswith(f"{name} is wrapped in quotes") or p.startswith(f"{name} must be")
+                   for p in error.value.problems), error.value.problems
+    assert all(GOOD[name] not in str(error.value) for name in GOOD)
+
+
 def test_dotenv_file_read_and_environment_wins(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in GOOD.items()) + "MESSAGE_COUNT=5\nOPENAI_MODEL=from-file\n")
