@@ -63,6 +63,11 @@ def on_starting(server):
     from bot.runtime.preflight import (StartupProblem, check_database, check_error_log, check_port_free,
                                        lock_data_dir, prepare_data_dir)
 
+    if list(server.cfg.bind) != [bind]:  # -b/--bind: the port checks below, and the log, would be of another
+        print(f"Cannot start: --bind is not supported (the bot listens where HOST and PORT say, {bind}, and checks "
+              "that no other bot does): remove it from the command line or GUNICORN_CMD_ARGS and set HOST and "
+              "PORT", file=sys.stderr)
+        sys.exit(1)
     if server.cfg.preload_app:  # the app was loaded here, in the master: its database connections
         # would be shared by every forked worker, and the start-up checks below came too late
         print("Cannot start: --preload is not supported (each worker opens the database itself): remove it "
