@@ -160,3 +160,16 @@ def test_the_graceful_stop_waits_for_the_slowest_pages_replies(tmp_path):
     bob = config.accounts[-1].config
     assert bob.model_deadline_seconds > config.model_deadline_seconds
     assert config.stop_seconds == bob.worst_reply_seconds > config.worst_reply_seconds
+
+
+def test_the_readmes_list_of_per_page_settings_is_the_codes():
+    """The README had left out the disclosure, handoff and knowledge settings a Page may set."""
+    from pages import PER_PAGE
+    from tests.support import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    listed = readme[readme.index("- **Per-Page settings**"):readme.index("What a Page does not set")]
+    short = {"SYSTEM_PROMPT": "system_prompt", "OPENAI_MODEL": "model", "OPENAI_TEMPERATURE": "temperature",
+             "OPENAI_TOP_P": "top_p", "OPENAI_MAX_TOKENS": "max_tokens", "RATE_LIMIT_REPLY": "(+ `_REPLY`)"}
+    missing = [name for name in PER_PAGE if f"`{name}`" not in listed and not (name in short and short[name] in listed)]
+    assert not missing, missing
