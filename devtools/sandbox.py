@@ -282,14 +282,16 @@ def replay_command(sandbox: Sandbox) -> str:
 
 def knowledge_line(sandbox: Sandbox) -> str:
     """The knowledge base's line of the banner: what was loaded, and the command that manages it,
-    with the sandbox's DATA_DIR and settings (a .env's FB_PAGE_* emptied: the sandbox runs from PAGES_FILE)."""
+    with the sandbox's DATA_DIR and settings (a .env's one-Page settings and live store emptied: the
+    sandbox runs from PAGES_FILE, on its own store)."""
     if sandbox.knowledge is None:
         return ("knowledge base: off (KNOWLEDGE_MODE=off)" if sandbox.config.knowledge_mode == "off" else
                 "knowledge base: none (no examples/knowledge/anas-bakery)")
     key = "" if sandbox.model.mode == "real" else f"OPENAI_API_KEY={OFFLINE_KEY} "
     return (f"knowledge base: {sandbox.knowledge.summary()}, for {BAKERY}; manage it: "
             f"DATA_DIR={sandbox.data_dir.name} PAGES_FILE={sandbox.config.pages_file} FB_PAGE_ID= "
-            f"FB_PAGE_ACCESS_TOKEN= FB_APP_SECRET={sandbox.app_secret} FB_VERIFY_TOKEN={sandbox.verify_token} "
+            f"FB_PAGE_ACCESS_TOKEN= FB_PAGE_NAME= FB_INSTAGRAM_ID= DATABASE_URL= WEBCHAT=off "
+            f"FB_APP_SECRET={sandbox.app_secret} FB_VERIFY_TOKEN={sandbox.verify_token} "
             f"OPENAI_BASE_URL={sandbox.model.base_url} {key}.venv/bin/python -m bot knowledge search "
             f"\"Are you open on Sundays?\" --page {sandbox.graph.page_id} (or list, or add|sync|remove … "
             f"--page {sandbox.graph.page_id})")

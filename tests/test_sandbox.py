@@ -491,6 +491,9 @@ def test_the_printed_knowledge_command_manages_the_sandboxs_knowledge_base(fresh
     if not (ROOT / ".venv" / "bin" / "python").exists():
         command = command.replace(".venv/bin/python", sys.executable)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FB_"))}
+    # A live bot's .env beside it (found by a probe: one-Page names and its store broke the command).
+    env.update(FB_PAGE_NAME="My Shop", FB_INSTAGRAM_ID="17841400000000001", WEBCHAT="on",
+               DATABASE_URL="postgresql://live@127.0.0.1:1/live")
 
     def knowledge(*args: str) -> str:
         result = subprocess.run(f"{command} " + " ".join(map(shlex.quote, args)), shell=True, cwd=ROOT, env=env,
