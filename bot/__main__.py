@@ -46,7 +46,9 @@ def parse_moment(text: str) -> int:
 
 def export(args: argparse.Namespace) -> int:
     environment = read_environment()
-    url = args.database_url or environment.get("DATABASE_URL", "").strip()
+    # An explicit --data-dir is the SQLite store asked for (a moved one, kept as a backup), even
+    # with DATABASE_URL in the environment; --database-url wins over both.
+    url = args.database_url or ("" if args.data_dir else environment.get("DATABASE_URL", "").strip())
     if url:  # the store of every host: PostgreSQL, read-only
         try:
             where = move.describe(url)
