@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, unquote, urlparse
 
 from dotenv import dotenv_values
 
@@ -235,7 +235,8 @@ class Config:
         """The values that must never be written anywhere."""
         tokens = {a.config.fb_page_access_token for a in self.accounts}
         return tuple(filter(None, (self.fb_verify_token, self.fb_app_secret, self.fb_page_access_token,
-                                   self.openai_api_key, self.webchat_secret, _password(self.database_url), *sorted(tokens))))
+                                   self.openai_api_key, self.webchat_secret, *url_passwords(self.database_url),
+                                   *sorted(tokens))))
 
 
 @dataclass(frozen=True)
@@ -659,8 +660,18 @@ class _Reader:
         return value
 
 
-def _password(url: str | None) -> str | None:
-    return urlparse(url).password if url else None
+def url_passwords(url: str | None) -> list[str]:
+    """A database URL's password however it is given (postgresql://u:PW@h/db or ?password=PW) and
+    spelled (as written, %-decoded, %-encoded): every form a line might quote."""
+    if not url:
+        return []
+    try:
+        parsed = urlparse(url)
+        given = [parsed.password, *parse_qs(parsed.query).get("password", [])]
+    except ValueError:
+        return []
+    spellings = {form for value in given if value for form in (value, unquote(value), quote(value, safe=""))}
+    return sorted(spellings, key=len, reverse=True)  # the longest first: no part of one left behind
 
 
 def _is_network(text: str) -> bool:

@@ -617,3 +617,10 @@ def test_the_password_is_scrubbed_however_it_is_spelled():
     said = scrub(f"a driver said {PASSWORD} and {quote(PASSWORD, safe='')} about {url}", url)
     assert PASSWORD not in said and quote(PASSWORD, safe="") not in said and said.count("***") == 3
     assert describe(url) == "PostgreSQL at db.example:5432/bot"
+    # ?password= is libpq's other way to give it: scrubbed too, and a secret of the settings.
+    in_query = f"postgresql://bot@db.example:5432/bot?password={quote(PASSWORD, safe='')}"
+    assert PASSWORD not in scrub(f"a driver said {PASSWORD} about {in_query}", in_query)
+    from config import load_config
+    from tests.test_config import GOOD
+
+    assert PASSWORD in load_config({**GOOD, "DATABASE_URL": in_query}, env_file=None).secrets

@@ -35,7 +35,7 @@ import os
 import signal
 import sqlite3
 import sys
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import urlparse
 
 from bot.runtime.preflight import LOCK_FILE, StartupProblem, lock_data_dir
 from bot.storage import inbox
@@ -43,7 +43,7 @@ from bot.storage.instance import REPLY_LOCK, WEBCHAT_LOCK, LockHeld, lock_if_pre
 from bot.storage.moved import MARKER, mark, moved_to
 from bot.storage.queue import QUARANTINE, InboxUnreadable, PostgresQueue, SQLiteQueue
 from bot.storage.sql import SchemaTooNew
-from config import database_path, read_environment
+from config import database_path, read_environment, url_passwords
 
 HELP = "copy a SQLite DATA_DIR (queue, mirror, exchange log, users) into an empty PostgreSQL database"
 DESCRIPTION = (
@@ -413,11 +413,7 @@ def describe(url: str) -> str:
 
 def scrub(text: str, url: str) -> str:
     """`text` with the URL's password removed, however it is spelled."""
-    try:
-        password = urlparse(url).password if url else None
-    except ValueError:
-        password = None
-    for spelling in filter(None, {password, password and unquote(password), password and quote(password, safe="")}):
+    for spelling in url_passwords(url):
         text = text.replace(spelling, "***")
     return text
 
