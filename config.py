@@ -360,9 +360,10 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
         openai_max_tokens=reader.number("OPENAI_MAX_TOKENS", 512, int, 1, 1_000_000, optional=True),
         openai_timeout=reader.number("OPENAI_TIMEOUT", 20.0, float, 0.1, 600),
         openai_max_retries=reader.number("OPENAI_MAX_RETRIES", 2, int, 0, 10),
-        reply_deadline_seconds=reader.duration("REPLY_DEADLINE", 21.0, bare_unit="s", low=2),
+        # The bounds keep a typo (21h for 21s) from holding every stop and every reply for hours.
+        reply_deadline_seconds=reader.duration("REPLY_DEADLINE", 21.0, bare_unit="s", low=2, high=600),
         slow_reply_notice=reader.text("SLOW_REPLY_NOTICE", "").strip(),
-        slow_reply_limit_seconds=reader.duration("SLOW_REPLY_LIMIT", 120.0, bare_unit="s", low=2),
+        slow_reply_limit_seconds=reader.duration("SLOW_REPLY_LIMIT", 120.0, bare_unit="s", low=2, high=3600),
         system_prompt=reader.text("SYSTEM_PROMPT", ""),
         message_count=reader.number(
             "MESSAGE_COUNT", 10, int, 1, MAX_MESSAGE_COUNT,
@@ -409,7 +410,7 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
         reset_reply=reader.text("RESET_REPLY", DEFAULT_RESET_REPLY, allow_empty=False),
         mirror_max_age_seconds=reader.duration("MIRROR_MAX_AGE", 86400.0, bare_unit="h"),
         graph_reads_per_second=reader.number("GRAPH_READS_PER_SECOND", 2.0, float, 0.01, 1000),
-        history_wait_seconds=reader.duration("HISTORY_WAIT", 2.0, bare_unit="s"),
+        history_wait_seconds=reader.duration("HISTORY_WAIT", 2.0, bare_unit="s", high=60),
         answer_cache_ttl_seconds=reader.duration("ANSWER_CACHE_TTL", 0.0, bare_unit="s"),
         retention_days=reader.number("RETENTION_DAYS", 90, int, 0, 36500),
         tracking_url=reader.url("TRACKING_URL", None, trailing_slash=False),
@@ -544,9 +545,10 @@ class _Reader:
             return default
         return int(count), window
 
-    def duration(self, name: str, default: float, bare_unit: str, low: float | None = None) -> float:
+    def duration(self, name: str, default: float, bare_unit: str, low: float | None = None,
+                 high: float | None = None) -> float:
         """`30m`, `2h`, `90s`, `1d`, or a bare number in `bare_unit`; 0 or off = 0 (unless `low`
-        is given: then at least `low` seconds, and no off)."""
+        is given: then at least `low` seconds, and no off); at most `high` seconds when given."""
         value = self._raw(name)
         if not value:
             return default
@@ -558,6 +560,9 @@ class _Reader:
             return default
         if low is not None and seconds < low:
             self.problems.append(f"{name} must be at least {low:g} s, got {value!r}")
+            return default
+        if high is not None and seconds > high:
+            self.problems.append(f"{name} must be at most {high:g} s, got {value!r}")
             return default
         return seconds
 

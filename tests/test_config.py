@@ -80,6 +80,16 @@ def test_secrets_pasted_with_their_quotes_are_refused_by_name():
     assert all(GOOD[name] not in str(error.value) for name in GOOD)
 
 
+def test_deadlines_have_an_upper_bound():
+    """REPLY_DEADLINE=21h (for 21s) started, and a graceful stop then waited ~21 hours."""
+    with pytest.raises(ConfigError) as error:
+        load_config({**GOOD, "REPLY_DEADLINE": "21h", "SLOW_REPLY_LIMIT": "2d", "HISTORY_WAIT": "5m"}, env_file=None)
+    assert error.value.problems[:3] == ["REPLY_DEADLINE must be at most 600 s, got '21h'",
+                                        "SLOW_REPLY_LIMIT must be at most 3600 s, got '2d'",
+                                        "HISTORY_WAIT must be at most 60 s, got '5m'"], error.value.problems
+    assert load_config({**GOOD, "REPLY_DEADLINE": "10m", "SLOW_REPLY_LIMIT": "1h"}, env_file=None).reply_deadline_seconds == 600
+
+
 def test_dotenv_file_read_and_environment_wins(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in GOOD.items()) + "MESSAGE_COUNT=5\nOPENAI_MODEL=from-file\n")
