@@ -213,9 +213,10 @@ def take_lock(data_dir: str) -> tuple[int, ...]:
                 locks.append(held)
             continue
         except LockHeld:
-            problem = Refused(f"a {what} of the bot is still running on DATA_DIR {data_dir} (its gunicorn is gone: it "
-                              "is finishing the answers in progress, for up to a minute): wait for it to end, then run "
-                              "this again; nothing was moved")
+            problem = Refused(f"a {what} of the bot is still running on DATA_DIR {data_dir} (one whose gunicorn is "
+                              "gone finishes the answers in progress, for up to a minute; one run without gunicorn, "
+                              "as the sandbox's, until it is stopped): wait for it to end or stop it, then run this "
+                              "again; nothing was moved")
         except OSError as error:
             problem = Refused(f"cannot take DATA_DIR {data_dir}'s {name} ({error.strerror}): run this as the bot's "
                               "user")
