@@ -672,10 +672,14 @@ def url_passwords(url: str | None) -> list[str]:
         return []
     try:
         parsed = urlparse(url)
-        given = [parsed.password, *parse_qs(parsed.query).get("password", [])]
+        user_part = parsed.netloc.rpartition("@")[0].partition(":")[2] if "@" in parsed.netloc else ""
     except ValueError:
         return []
-    spellings = {form for value in given if value for form in (value, unquote(value), quote(value, safe=""))}
+    # As written (libpq decodes %XX only: a "+" is a "+"), not through parse_qs, which reads "+" as
+    # a space and would decode twice.
+    written = [user_part] + [value for name, _, value in (item.partition("=") for item in parsed.query.split("&"))
+                             if name == "password"]
+    spellings = {form for value in written if value for form in (value, unquote(value), quote(unquote(value), safe=""))}
     return sorted(spellings, key=len, reverse=True)  # the longest first: no part of one left behind
 
 

@@ -624,3 +624,6 @@ def test_the_password_is_scrubbed_however_it_is_spelled():
     from tests.test_config import GOOD
 
     assert PASSWORD in load_config({**GOOD, "DATABASE_URL": in_query}, env_file=None).secrets
+    for written in ("s3cr+t", "p%2fss"):  # libpq decodes %XX only: "+" is a "+"; as written, lower case
+        url = f"postgresql://bot@db.example:5432/bot?password={written}"
+        assert written not in scrub(f"a driver said {url}", url)
