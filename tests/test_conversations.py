@@ -265,22 +265,6 @@ def test_retention_deletes_old_records_but_keeps_those_waiting_for_tracking(make
     assert "old but not yet tracked" in [r["user_message"] for r in log(tracked)]
 
 
-def test_retention_runs_at_a_reply_process_start_not_only_ten_minutes_later(make_client, env):
-    """Found by a probe: the first pass came PRUNE_EVERY_S (600 s) after a start, so a bot
-    restarted more often than that never pruned."""
-    from bot.replies.wiring import build_dispatcher
-
-    client = make_client(RETENTION_DAYS="30")
-    say(client, 1, "old question", at=int(time.time() * 1000) - 40 * 86400 * 1000)
-    assert len(log(client)) == 1
-    dispatcher = build_dispatcher(load_config({**env, "RETENTION_DAYS": "30"}, env_file=None))
-    dispatcher.start()
-    try:
-        assert wait_for(lambda: log(client) == [], 10)
-    finally:
-        dispatcher.stop(timeout=5)
-
-
 # -- 3. the tracking endpoint ----------------------------------------------------------------------
 class Endpoint(LocalServer):
     def __init__(self, statuses=(), sleep=0.0):

@@ -9,7 +9,6 @@ expired) is picked up anyway.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import threading
@@ -240,10 +239,8 @@ class Dispatcher:
                                    type(exc).__name__, exc)
 
     def _upkeep_loop(self) -> None:
-        """Every second: say it is alive, checkpoint the WAL, prune now and then - first at the
-        first tick: a bot restarted more often than PRUNE_EVERY_S (deploys, a restart loop) had
-        never pruned."""
-        last_prune = -math.inf
+        """Every second: say it is alive, checkpoint the WAL, prune now and then."""
+        last_prune = time.monotonic()
         while not self._stopping.wait(1.0):
             try:
                 healthy, reason = self.healthy(self.clock())
