@@ -46,9 +46,12 @@ def parse_moment(text: str) -> int:
 
 def export(args: argparse.Namespace) -> int:
     environment = read_environment()
-    # An explicit --data-dir is the SQLite store asked for (a moved one, kept as a backup), even
-    # with DATABASE_URL in the environment; --database-url wins over both.
-    url = args.database_url or ("" if args.data_dir else environment.get("DATABASE_URL", "").strip())
+    url = args.database_url or environment.get("DATABASE_URL", "").strip()
+    if url and args.data_dir and not args.database_url:
+        # Not read instead (a cron job's --data-dir on a PostgreSQL host must not turn into the
+        # store a move left behind), but said: how to read that one.
+        print(f"export: reading DATABASE_URL's PostgreSQL, not {args.data_dir}: for that folder's SQLite store, "
+              f"run it with DATABASE_URL= (empty)", file=sys.stderr)
     if url:  # the store of every host: PostgreSQL, read-only
         try:
             where = move.describe(url)

@@ -194,15 +194,20 @@ def test_export_writes_jsonl_and_csv_with_the_documented_columns(client, env):
     assert missing.returncode == 2 and "no database at" in missing.stderr
 
 
-def test_export_with_a_data_dir_reads_that_store_even_with_database_url_set(client, env):
-    """The SQLite store a move leaves as a backup: --data-dir had been ignored for the
-    DATABASE_URL of the environment (here one nobody answers at)."""
+def test_export_with_a_data_dir_and_database_url_says_how_to_read_that_folder(client, env):
+    """The SQLite store a move leaves as a backup: DATABASE_URL (here one nobody answers at) is
+    read, as scripts expect, and the line says how to read the folder's store instead."""
     say(client, 1, "kept in SQLite")
-    result = subprocess.run([sys.executable, "-m", "bot", "export", "--data-dir", env["DATA_DIR"]], cwd=ROOT,
-                            env={**os.environ, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/gone"},
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert [json.loads(line)["user_message"] for line in result.stdout.splitlines()] == ["kept in SQLite"]
+
+    def export(database_url):
+        return subprocess.run([sys.executable, "-m", "bot", "export", "--data-dir", env["DATA_DIR"]], cwd=ROOT,
+                              env={**os.environ, "DATABASE_URL": database_url}, capture_output=True, text=True,
+                              timeout=60)
+    remote = export("postgresql://nobody@127.0.0.1:1/gone")
+    assert remote.returncode != 0 and "run it with DATABASE_URL= (empty)" in remote.stderr, remote.stderr
+    local = export("")
+    assert local.returncode == 0, local.stderr
+    assert [json.loads(line)["user_message"] for line in local.stdout.splitlines()] == ["kept in SQLite"]
 
 
 def test_export_only_reads_the_database(client, env, tmp_path):
