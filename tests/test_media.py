@@ -409,7 +409,8 @@ class Internal(LocalServer):
     ("100.64.0.1", False), ("0.0.0.0", False), ("::1", False), ("fe80::1%eth0", False), ("fd00::1", False),
     ("::ffff:127.0.0.1", False), ("224.0.0.1", False), ("157.240.1.35", True), ("2a03:2880:f10c::1", True),
     ("64:ff9b::a00:1", False), ("64:ff9b::9df0:123", True), ("2002:a00:1::1", False), ("::10.0.0.1", False),
-    ("fec0::1", False), ("2001:0:4136:e378:8000:63bf:f5ff:fffe", False),
+    ("fec0::1", False), ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", False), ("64:ff9b:1::a00:1", False),
+    ("::ffff:0:a00:1", False), ("::ffff:0:9df0:123", True),
 ], ids=lambda value: str(value))
 def test_attachments_come_only_from_public_addresses(address, expected):
     assert public(address, 443) is expected

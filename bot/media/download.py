@@ -46,18 +46,21 @@ Allows = Callable[[str, int], bool]  # (address, port) -> may an attachment be f
 
 
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # an IPv6-only host's way to IPv4 addresses (RFC 6052)
+LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # a network's own translators (RFC 8215)
+TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # IPv4-translated addresses (RFC 2765)
 
 
 def public(address: str, port: int) -> bool:
     """An address of the internet, not of this host's own networks: Meta's CDN is one. An IPv6
-    address carrying an IPv4 one (mapped, NAT64, 6to4, Teredo, the old compatible form) is
-    judged by that one: NAT64 reaches a private IPv4 network from an IPv6-only host."""
+    address carrying an IPv4 one (mapped, translated, NAT64, 6to4, the old compatible form) is
+    judged by that one: NAT64 reaches a private IPv4 network from an IPv6-only host. Teredo and a
+    network's own NAT64 prefix are refused outright."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.is_site_local:
+        if ip.is_site_local or ip.teredo or ip in LOCAL_NAT64:  # tunnels and translators no CDN is behind
             return False
-        inner = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if inner is None and (ip in NAT64 or int(ip) < 2 ** 32):
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and (ip in NAT64 or ip in TRANSLATED or int(ip) < 2 ** 32):
             inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if inner is not None:
             ip = inner
