@@ -130,12 +130,14 @@ def read_current(graph: AdminGraph) -> dict:
 def read_profile_file(path: str) -> tuple[dict, list[str], list[str]]:
     """(what to set in Meta's shapes, the fields to remove, every problem found)."""
     try:
-        with open(path, "rb") as file:
-            data = tomllib.load(file)
+        with open(path, encoding="utf-8-sig") as file:  # a BOM, as some editors write, is no statement
+            data = tomllib.loads(file.read())
     except OSError as exc:
         return {}, [], [f"cannot be read: {exc.strerror or type(exc).__name__}"]
     except tomllib.TOMLDecodeError as exc:
         return {}, [], [f"not valid TOML: {exc}"]
+    except UnicodeDecodeError:
+        return {}, [], ["not UTF-8: save it as UTF-8"]
     problems: list[str] = []
     desired: dict[str, Any] = {}
     for key in data:

@@ -118,3 +118,16 @@ def test_metas_refusal_is_reported(env, graph):
     unreachable = profile({**env, "FB_API_URL": f"http://127.0.0.1:{free_port()}/v26.0/"}, "show")
     assert unreachable.returncode == 1 and "Meta refused" not in unreachable.stderr
     assert "Graph API did not answer" in unreachable.stderr and "reaches FB_API_URL" in unreachable.stderr
+
+
+def test_a_profile_file_with_a_bom_is_read_and_one_not_in_utf8_is_named(env, graph, tmp_path):
+    """As PAGES_FILE: a BOM was "not valid TOML", a Latin-1 file a traceback."""
+    bom = tmp_path / "bom.toml"
+    bom.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8-sig")
+    dry = profile(env, "apply", str(bom), "--dry-run")
+    assert dry.returncode == 0 and "set greeting:" in dry.stdout, dry.stdout + dry.stderr
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes('greeting = "Caf\u00e9"\n'.encode("latin-1"))
+    refused = profile(env, "apply", str(latin), "--dry-run")
+    assert refused.returncode != 0 and "not UTF-8" in refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr
