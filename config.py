@@ -369,7 +369,9 @@ def _read_values(env: Mapping[str, str]) -> tuple[dict, list[str]]:
             "MESSAGE_COUNT", 10, int, 1, MAX_MESSAGE_COUNT,
             hint="Meta returns message details for the 20 newest messages only",
         ),
-        politeness_prefix=reader.text("POLITENESS_PREFIX", DEFAULT_POLITENESS_PREFIX),
+        # A space before the user's words even when the file lost it (dotenv strips an unquoted
+        # value's trailing space; docker --env-file keeps quotes, so .env.example cannot quote it).
+        politeness_prefix=_spaced(reader.text("POLITENESS_PREFIX", DEFAULT_POLITENESS_PREFIX)),
         fallback_reply=reader.text("FALLBACK_REPLY", DEFAULT_FALLBACK_REPLY, allow_empty=False),
         unsupported_reply=reader.text("UNSUPPORTED_REPLY", DEFAULT_UNSUPPORTED_REPLY, allow_empty=False),
         error_log_file=reader.text("ERROR_LOG_FILE", "openai_api_errors.log", allow_empty=False),
@@ -482,6 +484,8 @@ def _webchat_problems(values: dict, entries: list[PageEntry]) -> list[str]:
                         "website chat uses")
     if values["webchat_secret"] and len(values["webchat_secret"]) < 16:
         problems.append("WEBCHAT_SECRET must be at least 16 characters (it signs user ids)")
+    if is_quoted(values["webchat_secret"]):
+        problems.append("WEBCHAT_SECRET is wrapped in quotes: write the value without them")
     if values["webchat_signatures_expire"] and not values["webchat_secret"]:
         problems.append("WEBCHAT_SIGNATURES_EXPIRE=on needs WEBCHAT_SECRET (the key the signatures are made with)")
     if values["webchat_port"] == values["port"]:
@@ -504,7 +508,7 @@ class _Reader:
         value = self._raw(name)
         if not value:
             self.problems.append(f"{name} is required")
-        elif len(value) > 1 and value[0] == value[-1] and value[0] in "\"'":
+        elif is_quoted(value):
             # docker --env-file and systemd's Environment= keep quotes that .env readers remove: every
             # signature would be "wrong" and every Graph call refused, long after a quiet start.
             self.problems.append(f"{name} is wrapped in quotes: write the value without them")
@@ -663,6 +667,15 @@ class _Reader:
         if value not in options:
             self.problems.append(f"{name} must be one of {', '.join(options)}, got {value!r}")
         return value
+
+
+def is_quoted(value: str) -> bool:
+    """A value pasted with its quotes ("…" or '…'), as docker --env-file and systemd keep them."""
+    return len(value) > 1 and value[0] == value[-1] and value[0] in "\"'"
+
+
+def _spaced(prefix: str) -> str:
+    return prefix + " " if prefix and not prefix[-1].isspace() else prefix
 
 
 def url_passwords(url: str | None) -> list[str]:

@@ -78,6 +78,16 @@ def test_secrets_pasted_with_their_quotes_are_refused_by_name():
         assert any(p.startswith(f"{name} is wrapped in quotes") or p.startswith(f"{name} must be")
                    for p in error.value.problems), error.value.problems
     assert all(GOOD[name] not in str(error.value) for name in GOOD)
+    with pytest.raises(ConfigError, match="WEBCHAT_SECRET is wrapped in quotes"):
+        load_config({**GOOD, "WEBCHAT": "on", "WEBCHAT_SECRET": "'a-site-secret-of-32-characters!'"}, env_file=None)
+
+
+def test_the_politeness_prefix_is_followed_by_a_space_even_when_the_file_lost_it():
+    """dotenv strips an unquoted value's trailing space (and docker --env-file would keep quotes):
+    the prompt read "…sentence :How much"."""
+    assert load_config({**GOOD, "POLITENESS_PREFIX": "Answer briefly :"}, env_file=None).politeness_prefix == \
+        "Answer briefly : "
+    assert load_config({**GOOD, "POLITENESS_PREFIX": ""}, env_file=None).politeness_prefix == ""
 
 
 def test_deadlines_have_an_upper_bound():
