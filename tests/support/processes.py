@@ -140,8 +140,9 @@ class SandboxProcess:
         return self.process.wait(timeout=10)
 
 
-def reply_process_pid(bot) -> int | None:
-    """The pid of `bot`'s reply process (a child of its gunicorn master), if one runs."""
+def _children(bot) -> list[tuple[int, bytes]]:
+    """(pid, command line) of each child of `bot`'s gunicorn master."""
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -149,6 +150,16 @@ def reply_process_pid(bot) -> int | None:
                 stat = open(f"/proc/{entry}/stat").read()
             except OSError:
                 continue
-            if b"bot.runtime.reply_process" in cmdline and int(stat.rsplit(")", 1)[1].split()[1]) == bot.process.pid:
-                return int(entry)
-    return None
+            if int(stat.rsplit(")", 1)[1].split()[1]) == bot.process.pid:
+                found.append((int(entry), cmdline))
+    return found
+
+
+def worker_pids(bot) -> set[int]:
+    """The pids of `bot`'s webhook workers (its master's children but the reply process)."""
+    return {pid for pid, cmdline in _children(bot) if b"gunicorn" in cmdline}
+
+
+def reply_process_pid(bot) -> int | None:
+    """The pid of `bot`'s reply process (a child of its gunicorn master), if one runs."""
+    return next((pid for pid, cmdline in _children(bot) if b"bot.runtime.reply_process" in cmdline), None)
