@@ -235,7 +235,8 @@ class WebChat:
         day was given): it starts again at midnight UTC (RATE_LIMIT is Messenger's: the website
         chat has its own limits, refused before the answer); the 500 of one that failed."""
         if answer.text is None and answer.outcome == Outcome.OVER_BUDGET:
-            wait = max(1, math.ceil(86400 - self.clock() % 86400))
+            now = self.clock()
+            wait = max(1, math.ceil((utc_day_start_ms(now) + 86_400_000) / 1000 - now))
             return Refused(429, "over_budget", "We have talked a lot today! Please come back tomorrow.", wait)
         if answer.text is None and answer.outcome == Outcome.FAILED:  # a bug (logged): not an empty answer
             return Refused(500, "internal", SORRY)
