@@ -71,6 +71,48 @@ def test_the_running_dispatcher_takes_back_a_thread_whose_pause_is_over(env, gra
         dispatcher.stop(timeout=5)
 
 
+class CountedSteps(Conversations):
+    """Our own conversation store, noting each retention step it is asked for."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = []
+
+    def prune(self, older_than_days, limit=2_000):
+        step = super().prune(older_than_days, limit)
+        self.steps.append(step)
+        return step
+
+
+def test_the_running_dispatcher_prunes_soon_after_start_a_step_at_a_time_while_it_answers(env, graph, model):
+    """RETENTION_DAYS: the first pass comes soon after start (a bot restarted often still prunes),
+    on a thread of its own, in short steps; a new message is answered all the while."""
+    config = load_config({**env, "RETENTION_DAYS": "30"}, env_file=None)
+    dispatcher = build_dispatcher(config)
+    store = dispatcher.store
+    plain = store.conversations
+    store.conversations = CountedSteps(plain.database, plain.tracking, plain.clock)
+    store.conversations.channels = plain.channels
+    long_ago = int(time.time() * 1000) - 40 * 86400 * 1000
+    with sqlite3.connect(config.database_path) as db:
+        db.executemany("INSERT INTO interactions (psid, user_message, user_timestamp, outcome) VALUES (?, ?, ?, ?)",
+                       [(f"u{n}", "old", long_ago + n, "answered") for n in range(10)])
+        db.executemany("INSERT INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
+                       [(f"m.old{n}", f"u{n}", "user", "old", long_ago + n) for n in range(10)])
+    dispatcher.prune_first, dispatcher.prune_chunk = 0.2, 3
+    store.add([incoming("m_new", "still open?")])
+    dispatcher.start()
+    try:
+        assert wait_for(lambda: store.conversations.steps and not store.conversations.steps[-1].more, 10)
+        assert wait_for(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 10)
+    finally:
+        dispatcher.stop(timeout=5)
+    assert [step.exchanges for step in store.conversations.steps] == [3, 3, 3, 1]
+    with sqlite3.connect(config.database_path) as db:
+        assert db.execute("SELECT COUNT(*) FROM mirror WHERE text = 'old'").fetchone()[0] == 0
+        assert [row[0] for row in db.execute("SELECT user_message FROM interactions")] == ["still open?"]
+
+
 def test_a_lone_surrogate_in_a_stored_text_ends_done_with_an_exchange_record(env, graph, model):
     """F4: the fallback went out, then the mirror write failed 5x and the row sat in 'working'."""
     config = load_config(env, env_file=None)

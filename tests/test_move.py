@@ -105,7 +105,7 @@ def build_store(data_dir) -> str:
     store.retry(batch, 0, "boom", reply='{"text": "part one"}', sent_parts=1)
     store.add([message("m2", at=ms(2000), text="And on Sundays?")])
     store.conversations.take_graph_read("1", 2.0)
-    assert store.conversations.prune(90) == 1  # u0's record, mirror rows and message
+    assert store.conversations.prune(90).exchanges == 1  # u0's record, mirror rows and message
     # An inbox record that cannot enter the queue: a dead letter, its bytes kept.
     inbox_dir = os.path.join(str(data_dir), "inbox")
     os.makedirs(inbox_dir)

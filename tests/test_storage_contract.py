@@ -590,10 +590,31 @@ def test_retention_prunes_old_records_but_keeps_those_waiting_for_tracking(open_
     store.add([message("old", at=1000)])
     batch = store.claim("a", 30)
     store.complete(batch, exchange(batch))
-    assert store.conversations.prune(1) == 0  # waiting for TRACKING_URL: kept
+    assert store.conversations.prune(1) == (0, False)  # waiting for TRACKING_URL: kept
     [(record_id, _)] = store.conversations.waiting_for_tracking()
     store.conversations.tracked(record_id)
-    assert store.conversations.prune(1) == 1 and list(store.conversations.export()) == []
+    assert store.conversations.prune(1) == (1, False) and list(store.conversations.export()) == []
+
+
+def test_retention_deletes_a_chunk_of_each_kind_per_step_until_nothing_old_is_left(store, clock):
+    """A large store is pruned in short transactions, not one that holds the write lock for seconds."""
+    store.add([message(f"old{n}", psid=f"u{n}", at=1000 + n) for n in range(5)])
+    for _ in range(5):
+        batch = store.claim("a", 30)
+        store.complete(batch, exchange(batch))
+    clock.advance(2 * 86400)
+    store.add([message("new", psid="u9", at=int(clock() * 1000))])
+    batch = store.claim("a", 30)
+    store.complete(batch, exchange(batch))
+    steps = [store.conversations.prune(1, limit=2)]
+    while steps[-1].more:
+        steps.append(store.conversations.prune(1, limit=2))
+    # 5 old exchanges, 5 old done messages, 11 old mirror rows (each exchange's reply is at 5 s)
+    assert steps == [(2, True), (2, True), (1, True), (0, True), (0, True), (0, False)]
+    assert [r["user_message"] for r in store.conversations.export()] == ["hi"]  # the new one's
+    assert store.states() == {"new": "done"}
+    with store.conversations.database.read() as db:
+        assert [row[0] for row in db.execute("SELECT psid FROM mirror WHERE author = 'user'")] == ["u9"]
 
 
 def test_tracking_failures_back_off(open_store, clock):

@@ -20,6 +20,7 @@ from typing import Callable
 from bot.replies.batch import BatchReplier
 from bot.replies.composer import Composers
 from bot.replies.threads import TAKE_BACK_EVERY_S, take_threads_back
+from bot.storage.conversations import PRUNE_CHUNK
 from bot.storage.doorbell import Doorbell
 from bot.storage.instance import LINEAGE_ENV, owner_prefix, take_reply_lock
 from bot.storage.queue import Batch, InboxUnreadable, Queue
@@ -28,7 +29,11 @@ from bot.telemetry.quiet import QuietRepeats
 
 logger = logging.getLogger(__name__)
 
+# RETENTION_DAYS: the first pass a minute after start (a bot restarted often still prunes), then
+# every ten minutes; a pass is steps of a chunk of rows each, a short pause between them.
+PRUNE_FIRST_S = 60.0
 PRUNE_EVERY_S = 600.0
+PRUNE_PAUSE_S = 0.05
 DRAIN_EVERY_S = 0.02
 # The claim loop turns at least every second when idle: this long without a turn is stuck.
 STUCK_AFTER_S = 60.0
@@ -47,6 +52,7 @@ class Dispatcher:
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.take_back_every = TAKE_BACK_EVERY_S  # seconds between looks for threads to take back
+        self.prune_first, self.prune_every, self.prune_chunk = PRUNE_FIRST_S, PRUNE_EVERY_S, PRUNE_CHUNK
         self.retention_days = retention_days
         self.tracker = tracker  # bot.replies.tracking.Tracker, when TRACKING_URL is set
         self.inbox_dir = inbox_dir  # the webhook processes' inbox files (bot/storage/inbox.py)
@@ -80,8 +86,10 @@ class Dispatcher:
         self.take_over_dead_predecessor()
         self.store.heartbeat(self.owner)
         self.last_turn = self.clock()
-        loops = ((self._claim_loop, "dispatcher"), (self._upkeep_loop, "upkeep"), (self._lease_loop, "leases"),
-                 (self._threads_back_loop, "threads-back"))
+        loops = [(self._claim_loop, "dispatcher"), (self._upkeep_loop, "upkeep"), (self._lease_loop, "leases"),
+                 (self._threads_back_loop, "threads-back")]
+        if self.retention_days:
+            loops.append((self._retention_loop, "retention"))
         self._threads = [threading.Thread(target=target, name=name, daemon=True) for target, name in loops]
         for thread in self._threads:
             thread.start()
@@ -239,8 +247,7 @@ class Dispatcher:
                                    type(exc).__name__, exc)
 
     def _upkeep_loop(self) -> None:
-        """Every second: say it is alive, checkpoint the WAL, prune now and then."""
-        last_prune = time.monotonic()
+        """Every second: say it is alive, checkpoint the WAL."""
         while not self._stopping.wait(1.0):
             try:
                 healthy, reason = self.healthy(self.clock())
@@ -249,11 +256,19 @@ class Dispatcher:
                 else:
                     self._errors.error("unhealthy", "no heartbeat: %s", reason)
                 self.store.checkpoint()
-                if self.retention_days and time.monotonic() - last_prune >= PRUNE_EVERY_S:
-                    last_prune = time.monotonic()
-                    self.prune()
             except Exception as exc:  # noqa: BLE001 - the heartbeat must go on
                 self._errors.error(f"upkeep:{type(exc).__name__}", "queue upkeep failed: %s: %s",
+                                   type(exc).__name__, exc)
+
+    def _retention_loop(self) -> None:
+        """RETENTION_DAYS: a loop of its own, so a long pass never holds up the heartbeat."""
+        wait = self.prune_first
+        while not self._stopping.wait(wait):
+            wait = self.prune_every
+            try:
+                self.prune()
+            except Exception as exc:  # noqa: BLE001 - tried again at the next pass
+                self._errors.error(f"retention:{type(exc).__name__}", "retention failed: %s: %s",
                                    type(exc).__name__, exc)
 
     def _threads_back_loop(self) -> None:
@@ -269,11 +284,18 @@ class Dispatcher:
     def take_threads_back(self) -> int:
         return take_threads_back(self.store.conversations, self.composers, self.store.clock(), self._errors)
 
-    def prune(self) -> None:
-        """RETENTION_DAYS: older exchanges, mirror rows and finished queue rows are deleted."""
-        deleted = self.store.conversations.prune(self.retention_days)
+    def prune(self) -> int:
+        """One RETENTION_DAYS pass: steps of `prune_chunk` rows of each kind, each its own short
+        transaction, with a pause between them in which the reply threads write (Conversations.prune)."""
+        deleted = 0
+        while True:
+            step = self.store.conversations.prune(self.retention_days, self.prune_chunk)
+            deleted += step.exchanges
+            if not step.more or self._stopping.wait(PRUNE_PAUSE_S):
+                break
         if deleted:
             logger.info("retention: deleted %d exchange record(s) older than %d days", deleted, self.retention_days)
+        return deleted
 
     def process(self, batch: Batch) -> None:
         """Answer one claimed batch in this thread (bot/replies/batch.py); never raises."""

@@ -11,7 +11,7 @@ budget shared by every process and host.
 from __future__ import annotations
 
 import time
-from typing import Callable, Collection, Iterator, Sequence
+from typing import Callable, Collection, Iterator, NamedTuple, Sequence
 
 from bot.storage import answer_cache, edits, exchanges, graph_budget, mirror, outbox, users
 from bot.storage.exchanges import Exchange
@@ -42,6 +42,15 @@ def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
             mirror.add_rows(db, echo.psid, [(echo.mid, HUMAN if human else BOT, echo.text, echo.timestamp_ms)])
             if human and pause_until:
                 users.pause(db, echo.psid, pause_until, echo.timestamp_ms)
+
+
+# Rows of each kind one retention step deletes: a few milliseconds of the write lock.
+PRUNE_CHUNK = 2_000
+
+
+class Pruned(NamedTuple):
+    exchanges: int  # exchange records this step deleted
+    more: bool  # some kind filled its chunk: there may be more to delete
 
 
 class Conversations:
@@ -194,13 +203,18 @@ class Conversations:
         with self._database.write() as db:
             return outbox.failed(db, record_id, self.clock(), base_delay, cap)
 
-    def prune(self, older_than_days: int) -> int:
-        """Delete exchanges, mirror rows and finished queue rows older than the retention.
-        Records still waiting for the tracking endpoint are kept until they are sent."""
-        cutoff_s = self.clock() - older_than_days * 86400
+    def prune(self, older_than_days: int, limit: int = PRUNE_CHUNK) -> Pruned:
+        """One step of RETENTION_DAYS: at most `limit` each of the exchanges, mirror rows and
+        finished queue rows older than the retention, and of the expired cached answers, in one
+        short transaction. A pass is steps until `more` is false (Dispatcher.prune): a large
+        store is never one transaction holding the write lock for seconds while no reply can be
+        recorded. Records still waiting for the tracking endpoint are kept until they are sent."""
+        now = self.clock()
+        cutoff_s = now - older_than_days * 86400
         with self._database.write() as db:
-            deleted = exchanges.prune(db, cutoff_s)
-            db.execute("DELETE FROM mirror WHERE at_ms < ?", (int(cutoff_s * 1000),))
-            db.execute("DELETE FROM events WHERE state IN ('done', 'failed') AND finished_at < ?", (cutoff_s,))
-            answer_cache.prune(db, self.clock())
-        return deleted
+            deleted = [exchanges.prune(db, cutoff_s, limit),
+                       mirror.prune(db, int(cutoff_s * 1000), limit),
+                       db.execute("DELETE FROM events WHERE id IN (SELECT id FROM events WHERE state IN ('done', 'failed')"
+                                  " AND finished_at < ? LIMIT ?)", (cutoff_s, limit)).rowcount,
+                       answer_cache.prune(db, now, limit)]
+        return Pruned(deleted[0], any(count >= limit for count in deleted))

@@ -120,10 +120,12 @@ def channel_tokens_since(db, channel: str, since_ms: int) -> int:
                       " WHERE channel = ? AND user_timestamp >= ?", (channel, since_ms)).fetchone()[0]
 
 
-def prune(db, cutoff_s: float) -> int:
-    """Records older than the cutoff, except those still waiting for the tracking endpoint."""
-    return db.execute("DELETE FROM interactions WHERE user_timestamp < ? AND (tracking IS NULL OR tracking <> ?)",
-                      (int(cutoff_s * 1000), "waiting")).rowcount
+def prune(db, cutoff_s: float, limit: int) -> int:
+    """At most `limit` records older than the cutoff, except those still waiting for the
+    tracking endpoint (retention deletes a chunk per transaction: bot/storage/conversations.py)."""
+    return db.execute("DELETE FROM interactions WHERE id IN (SELECT id FROM interactions WHERE user_timestamp < ?"
+                      " AND (tracking IS NULL OR tracking <> ?) LIMIT ?)",
+                      (int(cutoff_s * 1000), "waiting", limit)).rowcount
 
 
 def rate(db, psid: str, mid: str, feedback: str) -> None:

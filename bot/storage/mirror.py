@@ -76,3 +76,9 @@ def edit(db, mid: str, text: str) -> None:
 def react(db, mid: str, emoji: str | None) -> None:
     """The user's reaction to a message (None: taken back)."""
     db.execute("UPDATE mirror SET reaction = ? WHERE mid = ?", (emoji, mid))
+
+
+def prune(db, before_ms: int, limit: int) -> int:
+    """At most `limit` rows older than `before_ms` (retention)."""
+    return db.execute("DELETE FROM mirror WHERE mid IN (SELECT mid FROM mirror WHERE at_ms < ? LIMIT ?)",
+                      (before_ms, limit)).rowcount
