@@ -104,12 +104,14 @@ def when_ready(server):
 
     scheme_host = f"[{_host}]" if ":" in _host else _host
     server.log.info("bot listening on http://%s:%s (webhook: /webhook)", scheme_host, _config.port)
-    _state["replies"] = ReplySupervisor(server.log, on_exit=_mark_dead)
+    _state["replies"] = ReplySupervisor(server.log, on_exit=_mark_dead,
+                                        alive_file=os.path.join(_config.data_dir, "reply-process.alive"))
     _state["replies"].start()
     if _config.webchat:  # the website chat: a listener and a process of its own (bot/webchat/serve.py)
         server.log.info("website chat on http://%s:%s (/webchat.js)", scheme_host, _config.webchat_port)
         _state["webchat"] = ReplySupervisor(server.log, command=("-m", "bot.webchat.serve"), on_exit=_mark_dead,
-                                            name="website chat process")
+                                            name="website chat process",
+                                            alive_file=os.path.join(_config.data_dir, "webchat-process.alive"))
         _state["webchat"].start()
 
 

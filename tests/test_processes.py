@@ -124,6 +124,9 @@ def test_replies_to_one_user_go_out_in_order_across_workers(make_bot, graph, mod
 def test_a_dead_reply_process_is_replaced_and_its_work_resumed(make_bot, graph, model):
     bot = make_bot().start()
     assert wait_until(lambda: bool(reply_process_pid(bot)))
+    alive = os.path.join(bot.env["DATA_DIR"], "reply-process.alive")  # the master replaces it if frozen
+    seen = os.stat(alive).st_mtime_ns
+    assert wait_until(lambda: os.stat(alive).st_mtime_ns != seen, 5)
     model.delay = 3.0
     assert bot.post(text_body("m_orphaned", "Still there?")).status_code == 200
     assert wait_until(lambda: len(model.requests) == 1)
@@ -231,6 +234,40 @@ def test_a_process_that_ignores_sigterm_is_killed_at_its_time_and_the_others_sti
     for process in (stubborn, graceful):
         assert wait_until(lambda: not os.path.exists(f"/proc/{process.pid}") or
                           open(f"/proc/{process.pid}/stat").read().split()[2] == "Z", 5)
+
+
+# Says it is alive as the reply process and the website chat do, and notes each start.
+ALIVE_CHILD = f"""
+import os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from bot.runtime.liveness import keep_saying_alive
+open(sys.argv[1], 'a').write(f'{{os.getpid()}}\\n')
+keep_saying_alive()
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_frozen_kept_process_is_killed_and_a_fresh_one_started_and_a_live_one_is_left_alone(tmp_path):
+    """SIGSTOP (or a debugger, or a wedge in native code) freezes the whole process: its own
+    health check cannot run, so the master's look at its alive file must end it."""
+    from bot.runtime.supervisor import ReplySupervisor
+
+    kept = {name: ReplySupervisor(command=("-c", ALIVE_CHILD, str(tmp_path / name)), name=name, restart_pause=0.1,
+                                  alive_file=str(tmp_path / f"{name}.alive"), frozen_after=3.0)
+            for name in ("frozen", "live")}
+    for process in kept.values():
+        process.start()
+    try:
+        assert wait_until(lambda: all((tmp_path / name).exists() for name in kept))
+        first = int((tmp_path / "frozen").read_text().split()[0])
+        os.kill(first, signal.SIGSTOP)
+        assert wait_until(lambda: len((tmp_path / "frozen").read_text().split()) == 2, 15)
+        assert not os.path.exists(f"/proc/{first}") or open(f"/proc/{first}/stat").read().split()[2] == "Z"
+        assert len((tmp_path / "live").read_text().split()) == 1  # 3 s and more, touched: never killed
+    finally:
+        for process in kept.values():
+            process.stop(5)
 
 
 @pytest.mark.parametrize("command, settings", [

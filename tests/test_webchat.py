@@ -2,6 +2,7 @@
 streaming OpenAI-shaped server (tests/support/streaming_model.py), on both storage backends."""
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
 import time
@@ -500,6 +501,9 @@ def test_off_by_default_and_started_by_the_gunicorn_master(graph, stream_model, 
     bot = Bot(graph, stream_model, tmp_path / "on", WEBCHAT="on", WEBCHAT_PORT=str(port)).start()
     try:
         assert wait_until(lambda: _answers(f"http://127.0.0.1:{port}"), 15), bot.log_text()
+        alive = os.path.join(bot.env["DATA_DIR"], "webchat-process.alive")  # the master replaces it if frozen
+        seen = os.stat(alive).st_mtime_ns
+        assert wait_until(lambda: os.stat(alive).st_mtime_ns != seen, 5)
     finally:
         bot.stop()
     assert wait_until(lambda: not _answers(f"http://127.0.0.1:{port}"), 10)  # stopped with the bot

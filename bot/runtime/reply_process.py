@@ -15,6 +15,7 @@ from typing import Callable
 
 from bot.replies.dispatcher import Dispatcher
 from bot.replies.wiring import build_dispatcher
+from bot.runtime.liveness import keep_saying_alive
 from bot.storage.instance import master_pid
 from bot.telemetry.logs import configure_logging
 from config import load_config_or_exit
@@ -26,6 +27,7 @@ REPLY_PROCESS_NICENESS = 10
 
 def main() -> None:
     parent = master_pid()
+    keep_saying_alive()  # to the master, which replaces this process if it freezes whole
     config = load_config_or_exit()
     configure_logging(config.log_level, config.secrets)
     # Acknowledging Meta comes first: when the CPU is short, the webhook workers

@@ -14,7 +14,10 @@ import time
 import uuid
 from typing import Callable
 
+from bot.runtime.liveness import ALIVE_FILE_ENV, FROZEN_AFTER_S, Silence
 from bot.storage.instance import LINEAGE_ENV, MASTER_PID_ENV
+
+WATCH_EVERY_S = 1.0
 
 
 # What the gunicorn master holds for its life (the supervisors, the DATA_DIR lock), by name:
@@ -24,9 +27,13 @@ MASTER_STATE: dict[str, object] = {}
 
 
 class ReplySupervisor:
+    """Keeps one process running: started again when it exits, killed first when `alive_file`
+    (bot/runtime/liveness.py) shows it frozen for `frozen_after` seconds of `clock`."""
+
     def __init__(self, log: logging.Logger | None = None, command: tuple[str, ...] = ("-m", "bot.runtime.reply_process"),
                  on_exit: Callable[[int], None] = lambda pid: None, restart_pause: float = 1.0,
-                 name: str = "reply process"):
+                 name: str = "reply process", alive_file: str | None = None, frozen_after: float = FROZEN_AFTER_S,
+                 clock: Callable[[], float] = time.monotonic):
         self.log = log or logging.getLogger(__name__)
         self.name = name
         self.argv = [sys.executable, *command]
@@ -36,6 +43,11 @@ class ReplySupervisor:
         self.stopping = threading.Event()
         self.environment = {**os.environ, LINEAGE_ENV: uuid.uuid4().hex[:12],  # this master start's
                             MASTER_PID_ENV: str(os.getpid())}
+        self.silence = Silence(alive_file, clock) if alive_file else None
+        self.frozen_after = frozen_after
+        self.clock = clock
+        if alive_file:
+            self.environment[ALIVE_FILE_ENV] = alive_file
 
     def start(self) -> None:
         threading.Thread(target=self._run, name="reply-supervisor", daemon=True).start()
@@ -48,9 +60,10 @@ class ReplySupervisor:
                 # blocked in the child: Ctrl-C reaches the whole terminal group, but the
                 # reply process must stop the orderly way - SIGTERM from stop(), after the
                 # webhook workers - so it can finish the replies in flight.
+                self._new_alive_file()
                 pid = os.posix_spawn(self.argv[0], self.argv, self.environment, setsigmask={signal.SIGINT})
                 self.pid = pid
-                status = wait_for_exit(pid)
+                status = self._wait(pid)
                 self.on_exit(pid)
             except Exception:  # noqa: BLE001 - the supervisor must outlive any one failure
                 self.log.exception("%s supervisor", self.name)
@@ -63,6 +76,33 @@ class ReplySupervisor:
                 self.log.warning("%s stopped (status %s); starting a new one", self.name, status)
             else:
                 self.log.error("%s exited (status %s); starting a new one", self.name, status)
+
+    def _new_alive_file(self) -> None:
+        if self.silence is None:
+            return
+        try:
+            with open(self.silence.path, "a"):
+                pass
+            os.utime(self.silence.path)
+        except OSError as error:
+            self.log.warning("cannot write %s (%s): a frozen %s will not be replaced", self.silence.path,
+                             error.strerror, self.name)
+        self.silence.restart()
+
+    def _wait(self, pid: int) -> int | str:
+        """Its exit status; a frozen process is killed on the way (not while stopping: its
+        graceful stop may be long, and a stop ends in a kill anyway)."""
+        while True:
+            try:
+                return wait_for_exit(pid, WATCH_EVERY_S)
+            except TimeoutError:
+                pass
+            if self.silence is not None and not self.stopping.is_set() \
+                    and self.silence.frozen(self.clock(), self.frozen_after):
+                self.log.error("%s (pid %d) has not said it is alive for %.0f s - frozen (stopped, or stuck in native "
+                               "code): killing it so a fresh one starts", self.name, pid, self.frozen_after)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def stop(self, timeout: float) -> None:
         """Let the reply process finish what is in flight (it releases the rest), then return."""

@@ -16,6 +16,7 @@ import threading
 
 from gunicorn.app.base import BaseApplication
 
+from bot.runtime.liveness import keep_saying_alive
 from bot.storage.instance import WEBCHAT_LOCK, master_pid, take_process_lock
 from bot.telemetry.logs import configure_logging
 from bot.web.worker import RESERVED_FILES
@@ -75,6 +76,7 @@ def _stop_with_parent(server) -> None:
 
 def main() -> None:
     os.environ["WEBCHAT_PARENT_PID"] = str(master_pid())
+    keep_saying_alive()  # to the master, which replaces this process if it freezes whole
     config = load_config_or_exit()
     configure_logging(config.log_level, config.secrets)
     os.nice(WEBCHAT_NICENESS)
