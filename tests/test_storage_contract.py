@@ -11,7 +11,7 @@ from bot.replies.answer import Outcome
 from bot.storage import exchanges
 from bot.storage.exchanges import Exchange
 from bot.storage.inbox import RESUME, ClassifiedEcho
-from bot.storage.queue import PausedByPerson, PostgresQueue, SQLiteQueue
+from bot.storage.queue import LostLease, PausedByPerson, PostgresQueue, SQLiteQueue
 from bot.webchat import store as webchat_store
 from messenger.attachments import AUDIO, Attachment
 from messenger.events import ATTACHMENT, TEXT, Echo, IncomingMessage
@@ -110,6 +110,22 @@ def test_a_batch_its_own_process_gave_up_on_is_taken_back_by_that_process(store,
     assert store.claim("a", 30, answering=[again.batch_id, answering.batch_id]) is None
     # ...but not from another process:
     assert {store.claim("b", 30).ids, store.claim("b", 30).ids} == {again.ids, answering.ids}
+
+
+def test_a_process_never_claims_again_a_batch_its_own_thread_answers_once_another_host_expired_it(open_store, clock):
+    """PostgreSQL restarted while a reply thread of host A waited for it: host B's claim expired
+    A's lease and took another user's message, then A's own claim took the expired batch - under
+    A's owner name, so the waiting thread's write still matched, and both threads sent the reply
+    (seen in CI). A batch its own threads answer is the claimant's to finish or lose, never to claim."""
+    a, b = open_store(), open_store()
+    a.add([message("m_first", psid="u0"), message("m_second", psid="u1")])
+    first, second = a.claim("a", 2), a.claim("a", 2)
+    clock.advance(3)  # both leases ran out while A waited for the database
+    assert b.claim("b", 2).ids == first.ids  # B expires both, and takes the older
+    assert a.claim("a", 2, answering=[first.batch_id, second.batch_id]) is None
+    with pytest.raises(LostLease):  # A's thread, back from its wait: nothing goes out from here
+        a.sending(second, '{"text": "ok"}', 0, 2)
+    assert b.claim("b", 2).ids == second.ids  # B answers it, once
 
 
 def test_deaths_after_the_answer_is_stored_get_more_tries_but_stay_bounded(store, clock):
@@ -738,7 +754,6 @@ def test_a_nul_in_a_users_text_is_stored_by_both_backends(store):
 
 
 def test_a_stale_owner_cannot_overwrite_the_outcome_of_the_one_that_took_over(store, clock):
-    from bot.storage.queue import LostLease
 
     store.add([message("m1")])
     stale = store.claim("slow", 30)

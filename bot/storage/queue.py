@@ -263,13 +263,19 @@ class Queue:
             self._database.lock_queue(db)
             now = self.clock()  # after the wait for a connection and the lock: the lease starts now
             self._expire_leases(db, now, owner, answering)
+            # Not a batch this process's threads answer, which another host expired meanwhile (one
+            # waited out a PostgreSQL restart): claimed again under the same owner name, the waiting
+            # thread's writes would still pass as the owner's, and both would send the reply. That
+            # thread finishes it or loses it (LostLease); another claimant answers it then.
+            mine = f" AND (e.batch_id IS NULL OR e.batch_id NOT IN ({','.join('?' * len(answering))}))" \
+                if answering else ""
             head = db.execute(
-                """SELECT e.psid, e.batch_id FROM events e
-                   WHERE e.state = 'pending' AND e.available_at <= ?
+                f"""SELECT e.psid, e.batch_id FROM events e
+                   WHERE e.state = 'pending' AND e.available_at <= ?{mine}
                      AND NOT EXISTS (SELECT 1 FROM events w WHERE w.state = 'working' AND w.psid = e.psid)
                      AND NOT EXISTS (SELECT 1 FROM events o WHERE o.state = 'pending' AND o.psid = e.psid
                                      AND (o.timestamp_ms, o.id) < (e.timestamp_ms, e.id))
-                   ORDER BY e.id LIMIT 1""", (now,)).fetchone()
+                   ORDER BY e.id LIMIT 1""", (now, *answering)).fetchone()
             if head is None:
                 return None
             rows = self._batch_rows(db, head["psid"], head["batch_id"])
