@@ -25,6 +25,11 @@ MIGRATION_LOCK = 71_000_001
 CLAIM_LOCK = 71_000_002
 CHANNEL = "bot_queue"  # NOTIFY on new work, LISTENed to by every reply process
 CONNECT_TIMEOUT_S = 5
+# psycopg_pool retries a failed connection 1, 2, 4, 8... s apart until reconnect_timeout (5 min
+# by default): after a 20 s outage the first query came 10 s after PostgreSQL was back, after a
+# minute's up to half a minute. Given up after this long, the next caller starts a new attempt
+# at once (the pool grows again on demand), so no wait for a connection grows past a few seconds.
+RECONNECT_GIVE_UP_S = 4.0
 # The intake's connection is never checked before use: a server that vanished without closing it
 # (a host lost, a network cut) must fail a write within seconds, not the kernel's ~15 minutes.
 INTAKE_TCP = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
@@ -51,6 +56,7 @@ class PostgresDatabase:
         # (Meta retries); a reply thread can wait longer.
         self.pool = ConnectionPool(
             url, min_size=1, max_size=max_size, open=False, name="bot", timeout=wait,
+            reconnect_timeout=RECONNECT_GIVE_UP_S,
             kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S},
             # A connection left broken by a restart of PostgreSQL is found and replaced here.
             check=ConnectionPool.check_connection,
@@ -89,6 +95,7 @@ class PostgresDatabase:
             if self._intake_pool is None:
                 self._intake_pool = ConnectionPool(
                     self.url, min_size=1, max_size=1, open=False, name="bot-intake", timeout=1.0,
+                    reconnect_timeout=RECONNECT_GIVE_UP_S,
                     kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S,
                             **INTAKE_TCP})
                 self._intake_pool.open(wait=False)
