@@ -39,6 +39,11 @@ timeout = 30
 # On shutdown the reply process gets the budget of the slowest honest reply.
 graceful_timeout = _config.stop_seconds
 
+# gunicorn sets the master's umask to this while it makes each worker's heartbeat file (0 by
+# default): the reply process, spawned by another thread of the master at that moment, began
+# with umask 0 and wrote its metrics files 0666 into DATA_DIR (seen in CI). The umask on_starting sets.
+umask = 0o077
+
 # gunicorn's control socket sits at one path per user: several bots on one host
 # (or the tests and the benchmark) would fight over it, and nothing here uses it.
 control_socket_disable = True

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -22,7 +23,7 @@ from bot.web.asgi import read_body
 from bot.web.webhook import read_wsgi_body
 from messenger.signature import sign
 from tests.support import (APP_SECRET, FakeClock, PAGE_ID, PSID, VERIFY_TOKEN, base_env, free_port, is_up, start_gunicorn,
-                           text_body, wait_until)
+                           reply_process_pid, text_body, wait_until)
 
 
 def start_bot(graph, model, tmp_path, **extra):
@@ -465,6 +466,25 @@ def test_data_dir_is_0700_and_its_files_0600(bot, tmp_path):
     files = [p for p in data.rglob("*") if p.is_file()]
     assert any(p.name == "bot.sqlite3-wal" for p in files) and any(p.suffix == ".inbox" for p in files)
     assert {p.name: oct(mode(p)) for p in files if mode(p) & 0o077} == {}
+
+
+def umask_of(pid: int) -> str:
+    return next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("Umask:"))
+
+
+def test_the_reply_process_starts_with_the_bots_umask_however_many_workers_start_beside_it(graph, model, tmp_path):
+    """gunicorn set the master's umask to 0 while it made each worker's heartbeat file; the reply
+    process, spawned by another thread of the master then, began with umask 0 (every second start
+    with 8 workers) and wrote its metrics files 0666 into DATA_DIR. Two starts of 8 workers."""
+    for start in range(2):
+        (tmp_path / str(start)).mkdir()
+        _, _, process = start_bot(graph, model, tmp_path / str(start), WEB_CONCURRENCY="8")
+        try:
+            master = SimpleNamespace(process=process)
+            assert wait_until(lambda: reply_process_pid(master), 15)
+            assert umask_of(reply_process_pid(master)) == "0077"
+        finally:
+            stop(process)
 
 
 def test_an_old_world_readable_database_is_tightened(make_client, tmp_path):

@@ -81,8 +81,7 @@ class ReplySupervisor:
         if self.silence is None:
             return
         try:
-            with open(self.silence.path, "a"):
-                pass
+            os.close(os.open(self.silence.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
             os.utime(self.silence.path)
         except OSError as error:
             self.log.warning("cannot write %s (%s): a frozen %s will not be replaced", self.silence.path,
