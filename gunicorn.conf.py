@@ -41,7 +41,7 @@ graceful_timeout = _config.stop_seconds
 
 # gunicorn sets the master's umask to this while it makes each worker's heartbeat file (0 by
 # default): the reply process, spawned by another thread of the master at that moment, began
-# with umask 0 and wrote its metrics files 0666 into DATA_DIR (seen in CI). The umask on_starting sets.
+# with umask 0 and wrote its metrics files 0666 into DATA_DIR (seen in CI). The same as on_starting's.
 umask = 0o077
 
 # gunicorn's control socket sits at one path per user: several bots on one host

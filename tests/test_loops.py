@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bot.storage.conversations import Conversations
+from bot.storage.conversations import PRUNE_CHUNK, PRUNED_KINDS, Conversations
 from bot.telemetry.quiet import QuietRepeats
 from bot.replies.wiring import build_dispatcher
 from bot.storage.queue import SQLiteQueue
@@ -78,8 +78,8 @@ class CountedSteps(Conversations):
         super().__init__(*args, **kwargs)
         self.steps = []
 
-    def prune(self, older_than_days, limit=2_000):
-        step = super().prune(older_than_days, limit)
+    def prune(self, older_than_days, limit=PRUNE_CHUNK, kinds=PRUNED_KINDS):
+        step = super().prune(older_than_days, limit, kinds)
         self.steps.append(step)
         return step
 

@@ -606,10 +606,10 @@ def test_retention_prunes_old_records_but_keeps_those_waiting_for_tracking(open_
     store.add([message("old", at=1000)])
     batch = store.claim("a", 30)
     store.complete(batch, exchange(batch))
-    assert store.conversations.prune(1) == (0, False)  # waiting for TRACKING_URL: kept
+    assert store.conversations.prune(1) == (0, frozenset())  # waiting for TRACKING_URL: kept
     [(record_id, _)] = store.conversations.waiting_for_tracking()
     store.conversations.tracked(record_id)
-    assert store.conversations.prune(1) == (1, False) and list(store.conversations.export()) == []
+    assert store.conversations.prune(1) == (1, frozenset()) and list(store.conversations.export()) == []
 
 
 def test_retention_deletes_a_chunk_of_each_kind_per_step_until_nothing_old_is_left(store, clock):
@@ -624,9 +624,11 @@ def test_retention_deletes_a_chunk_of_each_kind_per_step_until_nothing_old_is_le
     store.complete(batch, exchange(batch))
     steps = [store.conversations.prune(1, limit=2)]
     while steps[-1].more:
-        steps.append(store.conversations.prune(1, limit=2))
-    # 5 old exchanges, 5 old done messages, 11 old mirror rows (each exchange's reply is at 5 s)
-    assert steps == [(2, True), (2, True), (1, True), (0, True), (0, True), (0, False)]
+        steps.append(store.conversations.prune(1, limit=2, kinds=steps[-1].more))
+    # 5 old exchanges, 5 old done messages, 11 old mirror rows (each exchange's reply is at 5 s):
+    # a kind with less than a chunk left is not looked at again
+    assert [step.exchanges for step in steps] == [2, 2, 1, 0, 0, 0]
+    assert [sorted(step.more) for step in steps] == [["events", "exchanges", "mirror"]] * 2 + [["mirror"]] * 3 + [[]]
     assert [r["user_message"] for r in store.conversations.export()] == ["hi"]  # the new one's
     assert store.states() == {"new": "done"}
     with store.conversations.database.read() as db:

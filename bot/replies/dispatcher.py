@@ -20,7 +20,7 @@ from typing import Callable
 from bot.replies.batch import BatchReplier
 from bot.replies.composer import Composers
 from bot.replies.threads import TAKE_BACK_EVERY_S, take_threads_back
-from bot.storage.conversations import PRUNE_CHUNK
+from bot.storage.conversations import PRUNE_CHUNK, PRUNED_KINDS
 from bot.storage.doorbell import Doorbell
 from bot.storage.instance import LINEAGE_ENV, owner_prefix, take_reply_lock
 from bot.storage.queue import Batch, InboxUnreadable, Queue
@@ -285,13 +285,18 @@ class Dispatcher:
         return take_threads_back(self.store.conversations, self.composers, self.store.clock(), self._errors)
 
     def prune(self) -> int:
-        """One RETENTION_DAYS pass: steps of `prune_chunk` rows of each kind, each its own short
-        transaction, with a pause between them in which the reply threads write (Conversations.prune)."""
-        deleted = 0
+        """One RETENTION_DAYS pass: steps of `prune_chunk` rows of each kind that still has old
+        rows, each its own transaction, with a pause between them in which the reply threads
+        write (Conversations.prune)."""
+        deleted, kinds = 0, PRUNED_KINDS
         while True:
-            step = self.store.conversations.prune(self.retention_days, self.prune_chunk)
+            began = self.clock()
+            step = self.store.conversations.prune(self.retention_days, self.prune_chunk, kinds)
             deleted += step.exchanges
-            if not step.more or self._stopping.wait(PRUNE_PAUSE_S):
+            kinds = step.more
+            # A pause at least as long as the step: on a large store that is not in memory a step
+            # can take a few hundred ms, and the reply threads get the lock half the time at least.
+            if not kinds or self._stopping.wait(max(PRUNE_PAUSE_S, self.clock() - began)):
                 break
         if deleted:
             logger.info("retention: deleted %d exchange record(s) older than %d days", deleted, self.retention_days)

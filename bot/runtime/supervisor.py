@@ -91,13 +91,15 @@ class ReplySupervisor:
     def _wait(self, pid: int) -> int | str:
         """Its exit status; a frozen process is killed on the way (not while stopping: its
         graceful stop may be long, and a stop ends in a kill anyway)."""
+        killed = False
         while True:
             try:
                 return wait_for_exit(pid, WATCH_EVERY_S)
             except TimeoutError:
                 pass
-            if self.silence is not None and not self.stopping.is_set() \
+            if self.silence is not None and not killed and not self.stopping.is_set() \
                     and self.silence.frozen(self.clock(), self.frozen_after):
+                killed = True  # once: a process stuck in the kernel dies when it leaves it
                 self.log.error("%s (pid %d) has not said it is alive for %.0f s - frozen (stopped, or stuck in native "
                                "code): killing it so a fresh one starts", self.name, pid, self.frozen_after)
                 with contextlib.suppress(ProcessLookupError):
