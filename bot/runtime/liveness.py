@@ -51,7 +51,7 @@ class Silence:
     def __init__(self, path: str, clock: Callable[[], float] = time.monotonic):
         self.path = path
         self.clock = clock
-        self._seen: float | None = None
+        self._seen: int | None = None  # the file's mtime in ns when last looked at
         self._since = self._checked = clock()
 
     def restart(self) -> None:
@@ -72,7 +72,7 @@ class Silence:
             self._seen, self._since = mtime, now
         return now - self._since > after
 
-    def _mtime(self) -> float | None:
+    def _mtime(self) -> int | None:
         try:
             return os.stat(self.path).st_mtime_ns
         except OSError:
