@@ -350,3 +350,30 @@ def test_after_an_outage_the_reply_side_and_the_intake_work_again_within_seconds
         if queue is not None:
             queue.close()
         server.destroy()
+
+
+def test_hosts_pruning_at_once_delete_different_rows_instead_of_waiting_on_each_other(pg_url):
+    """Every host runs the retention pass: a step passes by the rows another host's step holds
+    (SKIP LOCKED), instead of waiting for its commit and then finding them gone."""
+    import threading
+
+    from bot.storage.queue import PostgresQueue
+
+    queue = PostgresQueue(pg_url)
+    try:
+        old_ms = int((time.time() - 200 * 86400) * 1000)
+        execute(pg_url, "INSERT INTO mirror (mid, psid, author, text, at_ms) SELECT 'm.old' || n, 'u', 'user', 'old', "
+                        f"{old_ms} + n FROM generate_series(1, 6) AS n")
+        other_host = psycopg.connect(pg_url)  # a step of its own, not committed yet
+        other_host.execute("SELECT mid FROM mirror WHERE mid IN ('m.old1', 'm.old2', 'm.old3') FOR UPDATE")
+        steps = []
+        step = threading.Thread(target=lambda: steps.append(queue.conversations.prune(90, limit=6)), daemon=True)
+        step.start()
+        step.join(5)
+        other_host.rollback()
+        other_host.close()
+        step.join(10)
+        assert steps, "the step waited for the other host's transaction"
+        assert rows(pg_url, "SELECT mid FROM mirror ORDER BY mid") == [("m.old1",), ("m.old2",), ("m.old3",)]
+    finally:
+        queue.close()

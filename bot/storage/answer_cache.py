@@ -24,7 +24,7 @@ def put(db, cache_key: str, text: str, model: str | None, expires_at: float) -> 
                (cache_key, text, model, expires_at))
 
 
-def prune(db, now: float, limit: int) -> int:
+def prune(db, now: float, limit: int, skip_locked: str = "") -> int:
     """At most `limit` expired answers."""
     return db.execute("DELETE FROM answer_cache WHERE key IN (SELECT key FROM answer_cache WHERE expires_at <= ?"
-                      " LIMIT ?)", (now, limit)).rowcount
+                      f" LIMIT ?{skip_locked})", (now, limit)).rowcount

@@ -217,13 +217,15 @@ class Conversations:
         for the tracking endpoint are kept until they are sent."""
         now = self.clock()
         cutoff_s = now - older_than_days * 86400
+        # Several hosts prune at once (PostgreSQL): each passes the rows another one is deleting by.
+        skip = self._database.SKIP_LOCKED
         deletes = {
-            "exchanges": lambda db: exchanges.prune(db, cutoff_s, limit),
-            "mirror": lambda db: mirror.prune(db, int(cutoff_s * 1000), limit),
+            "exchanges": lambda db: exchanges.prune(db, cutoff_s, limit, skip),
+            "mirror": lambda db: mirror.prune(db, int(cutoff_s * 1000), limit, skip),
             "events": lambda db: db.execute(
                 "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE state IN ('done', 'failed')"
-                " AND finished_at < ? LIMIT ?)", (cutoff_s, limit)).rowcount,
-            "answer_cache": lambda db: answer_cache.prune(db, now, limit),
+                f" AND finished_at < ? LIMIT ?{skip})", (cutoff_s, limit)).rowcount,
+            "answer_cache": lambda db: answer_cache.prune(db, now, limit, skip),
         }
         with self._database.write() as db:
             deleted = {kind: deletes[kind](db) for kind in PRUNED_KINDS & kinds}

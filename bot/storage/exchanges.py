@@ -120,11 +120,11 @@ def channel_tokens_since(db, channel: str, since_ms: int) -> int:
                       " WHERE channel = ? AND user_timestamp >= ?", (channel, since_ms)).fetchone()[0]
 
 
-def prune(db, cutoff_s: float, limit: int) -> int:
+def prune(db, cutoff_s: float, limit: int, skip_locked: str = "") -> int:
     """At most `limit` records older than the cutoff, except those still waiting for the
     tracking endpoint (retention deletes a chunk per transaction: bot/storage/conversations.py)."""
     return db.execute("DELETE FROM interactions WHERE id IN (SELECT id FROM interactions WHERE user_timestamp < ?"
-                      " AND (tracking IS NULL OR tracking <> ?) LIMIT ?)",
+                      f" AND (tracking IS NULL OR tracking <> ?) LIMIT ?{skip_locked})",
                       (int(cutoff_s * 1000), "waiting", limit)).rowcount
 
 

@@ -78,7 +78,8 @@ def react(db, mid: str, emoji: str | None) -> None:
     db.execute("UPDATE mirror SET reaction = ? WHERE mid = ?", (emoji, mid))
 
 
-def prune(db, before_ms: int, limit: int) -> int:
-    """At most `limit` rows older than `before_ms` (retention)."""
-    return db.execute("DELETE FROM mirror WHERE mid IN (SELECT mid FROM mirror WHERE at_ms < ? LIMIT ?)",
+def prune(db, before_ms: int, limit: int, skip_locked: str = "") -> int:
+    """At most `limit` rows older than `before_ms` (retention); `skip_locked`: the database's
+    SKIP_LOCKED, so several hosts pruning at once delete different rows."""
+    return db.execute(f"DELETE FROM mirror WHERE mid IN (SELECT mid FROM mirror WHERE at_ms < ? LIMIT ?{skip_locked})",
                       (before_ms, limit)).rowcount
