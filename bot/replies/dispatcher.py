@@ -29,8 +29,9 @@ from bot.telemetry.quiet import QuietRepeats
 
 logger = logging.getLogger(__name__)
 
-# RETENTION_DAYS: the first pass a minute after start (a bot restarted often still prunes), then
-# every ten minutes; a pass is steps of a chunk of rows each, a short pause between them.
+# RETENTION_DAYS: the first pass a minute after start (a bot restarted often still prunes), the
+# next ten minutes after each pass ends; a pass is steps of a chunk of rows each, with a pause
+# between them at least PRUNE_PAUSE_S and at least as long as the step.
 PRUNE_FIRST_S = 60.0
 PRUNE_EVERY_S = 600.0
 PRUNE_PAUSE_S = 0.05
