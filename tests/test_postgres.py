@@ -377,3 +377,53 @@ def test_hosts_pruning_at_once_delete_different_rows_instead_of_waiting_on_each_
         assert rows(pg_url, "SELECT mid FROM mirror ORDER BY mid") == [("m.old1",), ("m.old2",), ("m.old3",)]
     finally:
         queue.close()
+
+
+FROZEN_CLAIMANT = """
+import os, signal, sys
+from bot.storage.queue import PostgresQueue
+
+def frozen_clock():  # called inside the claim, with the claim lock held
+    print("holding the claim lock", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return 0.0
+
+PostgresQueue(sys.argv[1], clock=frozen_clock).claim("frozen", 30)
+"""
+
+
+def test_a_process_frozen_inside_a_claim_stops_the_other_hosts_claims_for_seconds_not_until_it_is_killed(pg_url):
+    """A reply process SIGSTOPped while it holds the claim lock: PostgreSQL ends its idle
+    transaction after CLAIM_IDLE_LIMIT_S, and another host claims the waiting message."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from bot.storage.postgres import CLAIM_IDLE_LIMIT_S
+    from bot.storage.queue import PostgresQueue
+
+    queue = PostgresQueue(pg_url)
+    frozen = subprocess.Popen([sys.executable, "-c", FROZEN_CLAIMANT, pg_url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert frozen.stdout.readline().strip() == "holding the claim lock"
+        assert wait_until(lambda: _state(frozen.pid) == "T", 5)
+        queue.add([_message(1)])
+        claimed = []
+        started = time.monotonic()
+        claimant = threading.Thread(target=lambda: claimed.append(queue.claim("other-host", 30)), daemon=True)
+        claimant.start()
+        claimant.join(CLAIM_IDLE_LIMIT_S + 5)
+        assert claimed and claimed[0] is not None, "the claim waited on the frozen process's lock"
+        assert claimed[0].owner == "other-host"
+        assert time.monotonic() - started < CLAIM_IDLE_LIMIT_S + 3
+        assert rows(pg_url, "SELECT state, owner FROM events") == [("working", "other-host")]
+    finally:
+        frozen.kill()
+        frozen.wait()
+        queue.close()
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]

@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 # (a claim is one short transaction, like SQLite's BEGIN IMMEDIATE on one host).
 MIGRATION_LOCK = 71_000_001
 CLAIM_LOCK = 71_000_002
+# A claim holds CLAIM_LOCK for milliseconds. A process frozen inside one (SIGSTOP, a debugger, a
+# paused VM) would hold it, and every host's claims, until its master kills it 90 s on; PostgreSQL
+# ends a claim idle this long instead, rolled back, so the others go on. A live claimant that is
+# merely slow loses only that claim (an error, polled again).
+CLAIM_IDLE_LIMIT_S = 5
 CHANNEL = "bot_queue"  # NOTIFY on new work, LISTENed to by every reply process
 CONNECT_TIMEOUT_S = 5
 # psycopg_pool retries a failed connection 1, 2, 4, 8... s apart until reconnect_timeout (5 min
@@ -109,7 +114,9 @@ class PostgresDatabase:
 
     def lock_queue(self, db: Cursor) -> None:
         """Claims from every host take turns, so one user's messages go to one reply process."""
-        db.execute("SELECT pg_advisory_xact_lock(?)", (CLAIM_LOCK,))
+        # set_config(..., true) lasts this transaction only, so it holds behind a transaction pooler too.
+        db.execute("SELECT set_config('idle_in_transaction_session_timeout', ?, true), pg_advisory_xact_lock(?)",
+                   (f"{CLAIM_IDLE_LIMIT_S}s", CLAIM_LOCK))
 
     def notify(self, db: Cursor) -> None:
         """Wake the reply processes of every host, when this transaction commits."""
