@@ -395,7 +395,6 @@ PostgresQueue(sys.argv[1], clock=frozen_clock).claim("frozen", 30)
 def test_a_process_frozen_inside_a_claim_stops_the_other_hosts_claims_for_seconds_not_until_it_is_killed(pg_url):
     """A reply process SIGSTOPped while it holds the claim lock: PostgreSQL ends its idle
     transaction after CLAIM_IDLE_LIMIT_S, and another host claims the waiting message."""
-    import signal
     import subprocess
     import sys
     import threading
