@@ -11,9 +11,20 @@ import shutil
 import sys
 
 from bot.runtime.supervisor import MASTER_STATE
-from config import REPLY_PROCESS_ENV, load_config_or_exit
+from config import REPLY_PROCESS_ENV, ConfigError, load_config, load_config_or_exit
 
-_config = load_config_or_exit()
+if "config" not in MASTER_STATE:
+    _config = load_config_or_exit()
+else:  # a reload (SIGHUP) reads this file again: settings edited with a mistake must not stop the bot
+    try:
+        _config = load_config()
+    except ConfigError as error:
+        _config = MASTER_STATE["config"]
+        print(f"SIGHUP: the new settings were not taken, the bot goes on with those it had. {error}",
+              file=sys.stderr, flush=True)
+# The workers are forked from this master and use these settings (server.py), not a `.env` read
+# of their own: they run on what was validated here.
+MASTER_STATE["config"] = _config
 # Tells server.py not to start reply threads in the webhook workers (the reply process answers).
 # Set here, not in on_starting: with --preload gunicorn loads the app before that hook runs.
 os.environ[REPLY_PROCESS_ENV] = "1"

@@ -107,6 +107,45 @@ def test_sigterm_finishes_the_reply_in_flight(make_bot, graph, model, reloaded):
     assert bot.states() == {"m_graceful": "done"}
 
 
+def test_a_reload_with_bad_settings_keeps_the_bot_on_those_it_runs_with(make_bot, graph, model):
+    """`.env` edited with a mistake, then SIGHUP: the master says what is wrong and its new
+    workers run on the settings it had; a good edit and SIGHUP then take effect."""
+    bot = make_bot()
+    env_file = bot.tmp_path / ".env"
+    env_file.write_text(f"FB_VERIFY_TOKEN={bot.env.pop('FB_VERIFY_TOKEN')}\n")
+    token = env_file.read_text()
+    bot.start()
+    # The reply process keeps the settings it started with (a reload replaces the webhook workers only).
+    assert wait_until(lambda: "reply process ready" in bot.log_text(), 15), bot.log_text()
+
+    def verifies(verify_token: str) -> bool:
+        query = {"hub.mode": "subscribe", "hub.verify_token": verify_token, "hub.challenge": "4242"}
+        response = requests.get(bot.url + "/webhook", params=query, timeout=5)
+        return response.status_code == 200 and response.text == "4242"
+
+    def reload() -> None:
+        old = worker_pids(bot)
+        bot.process.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: len(worker_pids(bot) - old) >= 1 and not worker_pids(bot) & old, 20), bot.log_text()
+
+    env_file.write_text(token.replace("FB_VERIFY_TOKEN=", "FB_VERIFY_TOKEN=new-") + "RATE_LIMIT=often\n")
+    reload()
+    assert bot.process.poll() is None, bot.log_text()
+    assert "RATE_LIMIT" in bot.log_text() and "not taken" in bot.log_text()
+    assert verifies(token.split("=", 1)[1].strip()) and not verifies("new-" + token.split("=", 1)[1].strip())
+    # gunicorn's own lines (the access log here) are still scrubbed of the settings' secrets.
+    assert requests.get(f"{bot.url}/{token.split('=', 1)[1].strip()}", timeout=5).status_code == 404
+    assert bot.post(text_body("m_after_a_bad_reload", "Still there?")).status_code == 200
+    assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."]), bot.log_text()
+
+    env_file.write_text(token.replace("FB_VERIFY_TOKEN=", "FB_VERIFY_TOKEN=new-"))
+    reload()
+    assert verifies("new-" + token.split("=", 1)[1].strip()), bot.log_text()
+    bot.log.flush()
+    log = (bot.tmp_path / "gunicorn.log").read_text()
+    assert '"GET /[redacted] HTTP/1.1" 404' in log and token.split("=", 1)[1].strip() not in log
+
+
 def test_replies_to_one_user_go_out_in_order_across_workers(make_bot, graph, model):
     # Six messages from one user: over the default RATE_LIMIT (5/minute), whose notice is no echo.
     bot = make_bot(WEB_CONCURRENCY="2", RATE_LIMIT="off").start()

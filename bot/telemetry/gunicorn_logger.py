@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from gunicorn import glogging
 
+from bot.runtime.supervisor import MASTER_STATE
 from bot.telemetry.logs import LogScrubber
-from config import ConfigError, load_config
+from config import Config, ConfigError, load_config
 
 
 class ScrubbingLogger(glogging.Logger):
     def setup(self, cfg) -> None:
         super().setup(cfg)
+        config = MASTER_STATE.get("config")  # what gunicorn.conf.py validated, also through a reload
         try:
-            secrets = load_config().secrets
+            secrets = config.secrets if isinstance(config, Config) else load_config().secrets
         except ConfigError:  # gunicorn.conf.py has already stopped start-up with the message
             secrets = ()
         scrubber = LogScrubber(secrets)
