@@ -111,7 +111,7 @@ class ThreadControl:
 class Touch:
     """Something a user did to a message already sent: edited theirs (`edit`: the new text),
     reacted to one (`reaction`: the emoji, "" when taken back), rated one of the bot's
-    (`feedback`: "Good response" / "Bad response")."""
+    (`feedback`: "Good response" / "Bad response"), or unsent theirs (`unsend`, Instagram: "")."""
 
     kind: str
     psid: str
@@ -121,7 +121,7 @@ class Touch:
     timestamp_ms: int
 
 
-EDIT, REACTION, FEEDBACK = "edit", "reaction", "feedback"
+EDIT, REACTION, FEEDBACK, UNSEND = "edit", "reaction", "feedback", "unsend"
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def to_incoming_message(event: dict, now_ms: int) -> IncomingMessage | None:
     """The message to answer in one `messaging` event, or None for events we only watch."""
     if "message" in event:
         body = _object(event["message"], "message")
-        if is_echo(body):
+        if is_echo(body) or is_unsent(body):
             return None
         return _from_message(event, body, now_ms)
     if "postback" in event:
@@ -252,6 +252,11 @@ def to_incoming_message(event: dict, now_ms: int) -> IncomingMessage | None:
 def is_echo(message: dict) -> bool:
     """A message the Page itself sent (the bot's own reply or a human in the inbox)."""
     return bool(message.get("is_echo"))
+
+
+def is_unsent(message: dict) -> bool:
+    """Instagram's notice that the user deleted (unsent) a message: its mid and `is_deleted`."""
+    return message.get("is_deleted") is True
 
 
 def to_timestamp_ms(value: Any, now_ms: int) -> int:
@@ -272,7 +277,14 @@ def to_timestamp_ms(value: Any, now_ms: int) -> int:
 
 def to_touch(event: dict, now_ms: int) -> Touch | None:
     """message_edit, reaction or response_feedback: Meta's shapes in
-    https://developers.facebook.com/docs/messenger-platform/reference/webhook-events"""
+    https://developers.facebook.com/docs/messenger-platform/reference/webhook-events; and an
+    Instagram message with `is_deleted` (https://developers.facebook.com/docs/messenger-platform/
+    instagram/features/webhook)."""
+    body = event.get("message")
+    if isinstance(body, dict) and is_unsent(body) and not is_echo(body):
+        mid = _to_id(body.get("mid"), "message.mid", MAX_MID_CHARS)
+        return Touch(UNSEND, _sender(event), _recipient(event), mid, "",
+                     to_timestamp_ms(event.get("timestamp"), now_ms)) if mid else None
     for field, kind, key in (("message_edit", EDIT, "text"), ("reaction", REACTION, "emoji"),
                              ("response_feedback", FEEDBACK, "feedback")):
         body = event.get(field)

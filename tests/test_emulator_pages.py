@@ -185,6 +185,18 @@ def test_an_edit_changes_the_history_and_is_delivered(graph, receiver):
     assert newest["message"] == "Gluten-free bread?"
 
 
+def test_an_unsent_message_leaves_the_history_and_only_instagram_tells_the_bot(graph, receiver):
+    kept, unsent = graph.user_writes(IGSID, text="Bread?"), graph.user_writes(IGSID, text="my address")
+    graph.user_unsends(IGSID, unsent)
+    events = [body["entry"][0]["messaging"][0] for body in bodies(receiver, 3)]
+    assert {"mid": unsent, "is_deleted": True} in [event["message"] for event in events]
+    assert [m["id"] for m in history(graph, IGSID, "instagram").json()["data"][0]["messages"]["data"]] == [kept]
+    messenger = graph.user_writes(PSID, text="hello")
+    graph.user_unsends(PSID, messenger)  # Messenger sends no webhook for an unsend
+    assert bodies(receiver, 4) and not wait_for(lambda: len(receiver.bodies) > 4, 0.5)
+    assert messenger not in history(graph, PSID).text
+
+
 def test_echoes_of_instagram_sends_carry_no_app_id_and_the_inbox_carries_its_own(graph, receiver):
     assert send(graph, IGSID, "from the bot", metadata="messenger-gpt-bot").status_code == 200  # metadata dropped
     graph.inbox_reply(IGSID, "from a person", page_id=INSTAGRAM_ID)

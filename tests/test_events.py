@@ -284,3 +284,15 @@ def test_parse_body_keeps_the_attack_bodies_of_issue_9_out_of_storage():
     [message] = delivery.messages
     assert (message.mid, message.timestamp_ms) == ("m_ok", NOW)
     assert delivery.ignored == 3
+
+
+def test_an_instagram_unsend_is_a_touch_on_its_mid_and_never_a_message_to_answer():
+    from messenger.events import UNSEND
+
+    unsent = {"sender": {"id": "3000000000000001"}, "recipient": {"id": "17841400000000001"}, "timestamp": 1763894010001,
+              "message": {"mid": "ig_m_text_0001", "is_deleted": True}}
+    no_mid = {**unsent, "message": {"is_deleted": True}}
+    delivery = parse_delivery({"object": "instagram", "entry": [{"id": "17841400000000001", "messaging": [unsent, no_mid]}]})
+    assert delivery.messages == () and delivery.ignored == 2
+    assert [(t.kind, t.psid, t.mid, t.value) for t in delivery.touches] == [
+        (UNSEND, "3000000000000001", "ig_m_text_0001", "")]

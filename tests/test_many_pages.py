@@ -111,6 +111,26 @@ def test_an_instagram_story_reply_is_answered_with_the_story_in_words(pages_clie
     assert last.endswith("[The user is replying to the Page's story]\nlove this!")
 
 
+def test_an_instagram_message_unsent_is_not_answered_and_leaves_later_prompts(pages_client, graph, model):
+    """Instagram tells the bot when a user unsends a message (`is_deleted`): one still waiting is
+    not answered, and none is in a prompt again."""
+    def unsend(mid):
+        graph.user_unsends(IGSID, mid)
+        body = webhooks.delivery_body(INSTAGRAM, [webhooks.message_deleted_event(INSTAGRAM, IGSID, mid)],
+                                      object="instagram")
+        assert post_signed(pages_client, body).status_code == 200
+
+    unsend(write(pages_client, graph, IGSID, "My phone is 555-0100", account=INSTAGRAM))
+    unsend(write(pages_client, graph, IGSID, "No wait, call 555-0199", account=INSTAGRAM, answer=False))
+    write(pages_client, graph, IGSID, "Are you open on Sunday?", account=INSTAGRAM)
+    assert graph.sent_texts(IGSID) == ["Hello from the model."] * 2
+    assert len(model.requests) == 2
+    prompt = json.dumps(model.requests[-1]["json"]["messages"])
+    assert "Sunday" in prompt and "555-01" not in prompt
+    assert [m["content"] for m in model.requests[-1]["json"]["messages"] if m["role"] == "assistant"] == [
+        "Hello from the model."]
+
+
 def instagram_echo(mid, text, app_id=None):
     """Instagram's echo of a message the account sent: no metadata; an app id only when an app
     (Meta's inbox) sent it."""

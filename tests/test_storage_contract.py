@@ -788,6 +788,34 @@ def test_edits_reactions_and_feedback_land_where_they_belong(store):
     assert [r["feedback"] for r in store.conversations.export()] == ["Good response"]
 
 
+def test_an_unsent_message_leaves_the_history_and_is_not_answered_when_still_waiting(store):
+    from bot.storage.edits import UNSENT
+    from bot.storage.inbox import UNSEND
+
+    def unsent(mid):
+        return ClassifiedEcho(Echo(psid="u1", mid=mid, text="", timestamp_ms=5000, app_id=None, metadata=None,
+                                   page_id="1"), False, 0.0, UNSEND)
+    store.add([message("answered", text="My card number is 4111")])
+    batch = store.claim("a", 30)
+    store.complete(batch, exchange(batch, reply="Please never send it here.", sent=("r",)))
+    store.add([message("waiting", at=3000, text="my address is 5 Main St"), message("kept", at=3100, text="Hours?")])
+    store.add([], [unsent("answered"), unsent("waiting")])
+    assert [h.mid for h in store.conversations.history("u1", "page", 10, None)] == [f"r_{batch.batch_id}"]
+    assert store.states()["waiting"] == "done"
+    kept = store.claim("a", 30)
+    assert [m.mid for m in kept.messages] == ["kept"]
+    store.complete(kept, exchange(kept, reply="9 to 5.", sent=("k",)))
+    with store.conversations.database.read() as db:
+        row = db.execute("SELECT message, error FROM events WHERE dedupe_key = ?", ("waiting",)).fetchone()
+    assert "5 Main St" not in row[0] and row[1] == UNSENT
+    # Unsent while its answer was being made: answered, and still never mirrored again.
+    store.add([message("in_flight", at=6000, text="my password is hunter2")])
+    in_flight = store.claim("a", 30)
+    store.add([], [unsent("in_flight")])
+    store.complete(in_flight, exchange(in_flight, reply="Please keep it to yourself.", sent=("s",)))
+    assert "hunter2" not in json.dumps([h.text for h in store.conversations.history("u1", "page", 10, None)])
+
+
 def test_a_web_rate_window_starts_at_its_first_request_and_the_daily_one_at_midnight(store):
     database = store.conversations.database
     minute_ends = 1_800_000_060.0  # a whole minute of the clock

@@ -16,7 +16,7 @@ from typing import Callable, Collection, Iterator, NamedTuple, Sequence
 from bot.storage import answer_cache, edits, exchanges, graph_budget, mirror, outbox, users
 from bot.storage.exchanges import Exchange
 from bot.storage.graph_budget import RATE_LIMIT_BACKOFF_S
-from bot.storage.inbox import EDIT, FEEDBACK, REACTION, RESUME, WATCHED, ClassifiedEcho
+from bot.storage.inbox import EDIT, FEEDBACK, REACTION, RESUME, UNSEND, WATCHED, ClassifiedEcho
 from bot.storage.mirror import BOT, HUMAN, USER
 from bot.storage.users import UserState
 from messenger.graph import HistoryMessage
@@ -25,13 +25,16 @@ from messenger.graph import HistoryMessage
 def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
     """Inside the transaction that takes a delivery in: each echo mirrored; a person's pauses
     the bot for that user; a thread passed back ends the pause; edits, reactions and feedback
-    land where they belong."""
+    land where they belong; an unsent message is forgotten."""
     for echo, human, pause_until, kind in echoes:
         if kind == RESUME:  # the person passed the thread back: the bot answers again at once
             users.thread_back(db, echo.psid, echo.timestamp_ms, mirror.activity(db, echo.psid, 0)[1])
         elif kind == EDIT:  # answered: the mirror says it as edited; still waiting: answered so
             mirror.edit(db, echo.mid, echo.text)
             edits.edit_waiting_message(db, echo.mid, echo.text)
+        elif kind == UNSEND:  # the user took it back: never in a prompt again; still waiting: not answered
+            mirror.forget(db, echo.psid, echo.mid, echo.timestamp_ms)
+            edits.withdraw_waiting_message(db, echo.mid, echo.timestamp_ms / 1000)
         elif kind == REACTION:
             mirror.react(db, echo.mid, echo.text or None)
         elif kind == FEEDBACK:

@@ -42,10 +42,11 @@ from messenger.events import Echo, IncomingMessage
 
 
 # What a ClassifiedEcho is: an echo, or something stored the same way - the thread passed back
-# to the bot (the pause ends), an edit, a reaction or feedback (`echo` carries the target mid
-# and the new text, the emoji or the rating), or a user's message to a person who owns the
-# thread (WATCHED: mirrored, never answered).
+# to the bot (the pause ends), an edit, a reaction, feedback or an unsent message (`echo` carries
+# the target mid and the new text, the emoji or the rating), or a user's message to a person
+# who owns the thread (WATCHED: mirrored, never answered).
 ECHO, RESUME, EDIT, REACTION, FEEDBACK, WATCHED = "echo", "resume", "edit", "reaction", "feedback", "watched"
+UNSEND = "unsend"
 
 
 class ClassifiedEcho(NamedTuple):

@@ -9,6 +9,7 @@ from messenger.graph import HistoryMessage
 from messenger.text import clean_text
 
 USER, BOT, HUMAN = "user", "bot", "human"
+UNSENT = "unsent"  # the row of a message its user unsent: no words, in no history
 MirrorRow = tuple[str, str, str, int]  # mid, author, text, at_ms
 
 
@@ -35,8 +36,8 @@ def add_rows(db, psid: str, rows: Iterable[MirrorRow]) -> None:
 def history(db, psid: str, page_id: str, limit: int, after_ms: int | None) -> list[HistoryMessage]:
     """The newest `limit` mirrored messages after `after_ms`, newest first, as Graph gives them
     (`rowid` breaks ties of whole seconds: PostgreSQL's table has a column of that name)."""
-    rows = db.execute("SELECT mid, text, author, at_ms FROM mirror WHERE psid = ? AND at_ms > ?"
-                      " ORDER BY at_ms DESC, rowid DESC LIMIT ?", (psid, after_ms or 0, limit)).fetchall()
+    rows = db.execute("SELECT mid, text, author, at_ms FROM mirror WHERE psid = ? AND at_ms > ? AND author <> ?"
+                      " ORDER BY at_ms DESC, rowid DESC LIMIT ?", (psid, after_ms or 0, UNSENT, limit)).fetchall()
     return [HistoryMessage(mid, text, psid if author == USER else page_id, iso(at_ms) or "")
             for mid, text, author, at_ms in rows]
 
@@ -71,6 +72,15 @@ def after(db, psid: str, mids: Sequence[str], after_ms: int) -> set[str]:
 def edit(db, mid: str, text: str) -> None:
     """The user edited a message: the mirror (and so later prompts) reads the new text."""
     db.execute("UPDATE mirror SET text = ? WHERE mid = ?", (clean_text(text), mid))
+
+
+def forget(db, psid: str, mid: str, at_ms: int) -> None:
+    """The user unsent a message: its words leave the mirror (and so later prompts). Its row stays,
+    without them: an answer already being made then cannot mirror the message again (add_rows
+    keeps a row it finds)."""
+    if not db.execute("UPDATE mirror SET author = ?, text = '', reaction = NULL WHERE mid = ?",
+                      (UNSENT, mid)).rowcount:
+        db.execute(ADD_ROW, (mid, psid, UNSENT, "", at_ms))
 
 
 def react(db, mid: str, emoji: str | None) -> None:

@@ -125,6 +125,16 @@ class Users:
         self.timeline.add("edit", psid, mid=mid, text=text, account=account.id)
         self.deliver(psid, [webhooks.message_edit_event(account.id, psid, mid, text, edits, at_ms=self.now_ms())])
 
+    def user_unsends(self, psid: str, mid: str) -> None:
+        """A user unsends a message: gone from the history; an Instagram account's webhook is told
+        (`is_deleted`), Messenger sends no webhook for it."""
+        with self._lock:
+            self.conversations[psid] = [m for m in self.conversations.get(psid, []) if m["id"] != mid]
+        account = self.accounts.account_of(psid)
+        self.timeline.add("unsend", psid, mid=mid, account=account.id)
+        if account.webhook_object == "instagram":
+            self.deliver(psid, [webhooks.message_deleted_event(account.id, psid, mid, at_ms=self.now_ms())])
+
     def deliver(self, psid: str, events: list[dict], key: str | None = None) -> None:
         """Deliver `events` (e.g. `webhooks.reaction_event`, `read_event`) of `psid`'s account to the bot,
         with that account's id and `object`; nothing without a webhook sender. Under `standby` while

@@ -158,6 +158,11 @@ def message_edit_event(account_id: str, user_id: str, mid: str, text: str, num_e
     return _user_side(account_id, user_id, at_ms, message_edit={"mid": mid, "text": text, "num_edit": num_edit})
 
 
+def message_deleted_event(account_id: str, user_id: str, mid: str, *, at_ms: int | None = None) -> dict:
+    """A user unsent a message they sent (Instagram's `messages` field: its mid and `is_deleted`)."""
+    return _user_side(account_id, user_id, at_ms, message={"mid": mid, "is_deleted": True})
+
+
 def delivery_body(account_id: str, events: Iterable[dict], object: str = "page", key: str = "messaging", *,
                   at_ms: int | None = None) -> bytes:
     """The POST body byte for byte as Meta writes it: ASCII only, `/` escaped. `object` is "page"
