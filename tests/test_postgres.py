@@ -426,3 +426,31 @@ def test_a_process_frozen_inside_a_claim_stops_the_other_hosts_claims_for_second
 def _state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_process_frozen_while_writing_its_batch_holds_up_its_own_user_only(pg_url):
+    """Frozen in the middle of a write to its batch (renewing, sending, completing), a reply
+    process holds those rows until it is killed: another host's claim passes them by, lease run
+    out or not, and answers the other users meanwhile."""
+    import threading
+
+    from bot.storage.queue import PostgresQueue
+
+    now = [1_800_000_000.0]
+    queue = PostgresQueue(pg_url, clock=lambda: now[0])
+    frozen_host = psycopg.connect(pg_url)
+    try:
+        queue.add([_message(1), _message(2)])
+        held = queue.claim("frozen-host", 2)
+        frozen_host.execute("UPDATE events SET lease_until = lease_until WHERE id = ANY(%s)", (list(held.ids),))
+        now[0] += 10  # its lease has run out, and nothing can take its rows back while they are held
+        claimed = []
+        claimant = threading.Thread(target=lambda: claimed.append(queue.claim("other-host", 30)), daemon=True)
+        claimant.start()
+        claimant.join(5)
+        assert claimed, "the claim waited for the frozen process's rows"
+        assert claimed[0] is not None and claimed[0].psid == _message(2).psid
+    finally:
+        frozen_host.rollback()
+        frozen_host.close()
+        queue.close()

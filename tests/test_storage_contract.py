@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from bot.replies.answer import Outcome
-from bot.storage import exchanges
+from bot.storage import exchanges, mirror
 from bot.storage.exchanges import Exchange
 from bot.storage.inbox import RESUME, ClassifiedEcho
 from bot.storage.queue import LostLease, PausedByPerson, PostgresQueue, SQLiteQueue
@@ -790,16 +790,12 @@ def test_edits_reactions_and_feedback_land_where_they_belong(store):
 
 def test_an_unsent_message_leaves_the_history_and_is_not_answered_when_still_waiting(store):
     from bot.storage.edits import UNSENT
-    from bot.storage.inbox import UNSEND
 
-    def unsent(mid):
-        return ClassifiedEcho(Echo(psid="u1", mid=mid, text="", timestamp_ms=5000, app_id=None, metadata=None,
-                                   page_id="1"), False, 0.0, UNSEND)
     store.add([message("answered", text="My card number is 4111")])
     batch = store.claim("a", 30)
     store.complete(batch, exchange(batch, reply="Please never send it here.", sent=("r",)))
     store.add([message("waiting", at=3000, text="my address is 5 Main St"), message("kept", at=3100, text="Hours?")])
-    store.add([], [unsent("answered"), unsent("waiting")])
+    store.add([], [unsend("answered"), unsend("waiting")])
     assert [h.mid for h in store.conversations.history("u1", "page", 10, None)] == [f"r_{batch.batch_id}"]
     assert store.states()["waiting"] == "done"
     kept = store.claim("a", 30)
@@ -811,9 +807,45 @@ def test_an_unsent_message_leaves_the_history_and_is_not_answered_when_still_wai
     # Unsent while its answer was being made: answered, and still never mirrored again.
     store.add([message("in_flight", at=6000, text="my password is hunter2")])
     in_flight = store.claim("a", 30)
-    store.add([], [unsent("in_flight")])
+    store.add([], [unsend("in_flight")])
     store.complete(in_flight, exchange(in_flight, reply="Please keep it to yourself.", sent=("s",)))
     assert "hunter2" not in json.dumps([h.text for h in store.conversations.history("u1", "page", 10, None)])
+    store.add([], [unsend(f"s_{in_flight.batch_id}")])  # only a user's own message is unsent
+    assert f"s_{in_flight.batch_id}" in [h.mid for h in store.conversations.history("u1", "page", 10, None)]
+
+
+def unsend(mid, psid="u1"):
+    from bot.storage.inbox import UNSEND
+
+    return ClassifiedEcho(Echo(psid=psid, mid=mid, text="", timestamp_ms=5000, app_id=None, metadata=None,
+                               page_id="1"), False, 0.0, UNSEND)
+
+
+def test_a_message_stored_after_its_unsend_is_not_answered(store):
+    """Meta delivering it again after a 503, or another worker's inbox file drained later: the
+    unsend was stored first, and the claim finishes the message unanswered."""
+    store.add([], [unsend("m_unsent")])
+    store.add([message("m_unsent", text="my address is 5 Main St"), message("m_kept", at=2000, text="Hours?")])
+    assert [m.mid for m in store.claim("a", 30).messages] == ["m_kept"]
+    assert store.states() == {"m_unsent": "done", "m_kept": "working"}
+    store.add([], [unsend("m_alone", psid="u2")])
+    store.add([message("m_alone", psid="u2")])
+    assert store.claim("b", 30) is None and store.states()["m_alone"] == "done"
+    with store.conversations.database.read() as db:  # no message of u2's counts as said (the disclosure rule)
+        assert mirror.activity(db, "u2", 10**13) == (None, None)
+
+
+def test_an_unsend_does_not_cut_an_answer_already_being_sent(store):
+    """A batch back in the queue with part of its reply sent keeps going: its reply is finished
+    and logged like any other."""
+    store.add([message("m_long", text="Tell me everything")])
+    batch = store.claim("a", 30)
+    store.sending(batch, "part one. part two.", 0, 30)
+    store.mark_sent(batch, "part one. part two.", 1)
+    assert store.retry(batch, 0, "the Send API failed", reply="part one. part two.", sent_parts=1)
+    store.add([], [unsend("m_long")])
+    again = store.claim("a", 30)
+    assert again is not None and again.reply == "part one. part two." and again.sent_parts == 1
 
 
 def test_a_web_rate_window_starts_at_its_first_request_and_the_daily_one_at_midnight(store):

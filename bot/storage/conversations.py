@@ -34,7 +34,7 @@ def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
             edits.edit_waiting_message(db, echo.mid, echo.text)
         elif kind == UNSEND:  # the user took it back: never in a prompt again; still waiting: not answered
             mirror.forget(db, echo.psid, echo.mid, echo.timestamp_ms)
-            edits.withdraw_waiting_message(db, echo.mid, echo.timestamp_ms / 1000)
+            edits.withdraw_unsent(db, [echo.mid], echo.timestamp_ms / 1000)
         elif kind == REACTION:
             mirror.react(db, echo.mid, echo.text or None)
         elif kind == FEEDBACK:

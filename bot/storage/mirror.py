@@ -53,7 +53,8 @@ def find_own(db, psid: str, text: str, since_ms: int, exclude: Collection[str] =
 def activity(db, psid: str, before_ms: int) -> tuple[int | None, int | None]:
     """The newest message of the conversation before `before_ms`, and the newest a person sent
     from the Page (for the disclosure rule)."""
-    previous = db.execute("SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND at_ms < ?", (psid, before_ms)).fetchone()[0]
+    previous = db.execute("SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND at_ms < ? AND author <> ?",
+                          (psid, before_ms, UNSENT)).fetchone()[0]
     person = db.execute("SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND author = ?", (psid, HUMAN)).fetchone()[0]
     return previous, person
 
@@ -78,9 +79,9 @@ def forget(db, psid: str, mid: str, at_ms: int) -> None:
     """The user unsent a message: its words leave the mirror (and so later prompts). Its row stays,
     without them: an answer already being made then cannot mirror the message again (add_rows
     keeps a row it finds)."""
-    if not db.execute("UPDATE mirror SET author = ?, text = '', reaction = NULL WHERE mid = ?",
-                      (UNSENT, mid)).rowcount:
-        db.execute(ADD_ROW, (mid, psid, UNSENT, "", at_ms))
+    if not db.execute("UPDATE mirror SET author = ?, text = '', reaction = NULL WHERE mid = ? AND psid = ?"
+                      " AND author = ?", (UNSENT, mid, psid, USER)).rowcount:
+        db.execute(ADD_ROW, (mid, psid, UNSENT, "", at_ms))  # not mirrored yet; a row of another author stays
 
 
 def react(db, mid: str, emoji: str | None) -> None:

@@ -25,8 +25,9 @@ MIGRATION_LOCK = 71_000_001
 CLAIM_LOCK = 71_000_002
 # A claim holds CLAIM_LOCK for milliseconds. A process frozen inside one (SIGSTOP, a debugger, a
 # paused VM) would hold it, and every host's claims, until its master kills it 90 s on; PostgreSQL
-# ends a claim idle this long instead, rolled back, so the others go on. A live claimant that is
-# merely slow loses only that claim (an error, polled again).
+# ends the connection of a claim idle this long instead (its transaction rolled back), so the
+# others go on. A live claimant that is merely slow loses only that claim (an error, polled again).
+# Frozen in another write, a process holds only its own batch's rows, which claims pass by.
 CLAIM_IDLE_LIMIT_S = 5
 CHANNEL = "bot_queue"  # NOTIFY on new work, LISTENed to by every reply process
 CONNECT_TIMEOUT_S = 5

@@ -27,7 +27,7 @@ from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from bot.storage import inbox, users
+from bot.storage import edits, inbox, users
 from bot.storage.inbox import ClassifiedEcho
 from bot.storage.conversations import Conversations, record_echoes
 from bot.storage.exchanges import Exchange
@@ -269,16 +269,21 @@ class Queue:
             # thread finishes it or loses it (LostLease); another claimant answers it then.
             mine = f" AND (e.batch_id IS NULL OR e.batch_id NOT IN ({','.join('?' * len(answering))}))" \
                 if answering else ""
-            head = db.execute(
-                f"""SELECT e.psid, e.batch_id FROM events e
-                   WHERE e.state = 'pending' AND e.available_at <= ?{mine}
-                     AND NOT EXISTS (SELECT 1 FROM events w WHERE w.state = 'working' AND w.psid = e.psid)
-                     AND NOT EXISTS (SELECT 1 FROM events o WHERE o.state = 'pending' AND o.psid = e.psid
-                                     AND (o.timestamp_ms, o.id) < (e.timestamp_ms, e.id))
-                   ORDER BY e.id LIMIT 1""", (now, *answering)).fetchone()
-            if head is None:
-                return None
-            rows = self._batch_rows(db, head["psid"], head["batch_id"])
+            rows: list = []
+            while not rows:  # each turn finishes at least one unsent message, or stops
+                head = db.execute(
+                    f"""SELECT e.psid, e.batch_id FROM events e
+                       WHERE e.state = 'pending' AND e.available_at <= ?{mine}
+                         AND NOT EXISTS (SELECT 1 FROM events w WHERE w.state = 'working' AND w.psid = e.psid)
+                         AND NOT EXISTS (SELECT 1 FROM events o WHERE o.state = 'pending' AND o.psid = e.psid
+                                         AND (o.timestamp_ms, o.id) < (e.timestamp_ms, e.id))
+                       ORDER BY e.id LIMIT 1""", (now, *answering)).fetchone()
+                if head is None:
+                    return None
+                rows = self._batch_rows(db, head["psid"], head["batch_id"])
+                # Unsent before it was stored (edits.withdraw_unsent): finished here, never answered.
+                unsent = edits.withdraw_unsent(db, [row["dedupe_key"] for row in rows], now)
+                rows = [row for row in rows if row["dedupe_key"] not in unsent]
             batch_id = head["batch_id"] or rows[0]["id"]
             ids = [row["id"] for row in rows]
             db.execute(
@@ -309,10 +314,13 @@ class Queue:
         like a dead process's: nothing renews it, and on one host nobody else would."""
         keep = f" AND (owner <> ? OR batch_id NOT IN ({','.join('?' * len(answering))}))" if answering else ""
         kept = (owner, *answering) if answering else ()
-        db.execute(f"UPDATE events SET {DIED_FAILED} WHERE state = 'working' AND lease_until < ?"
-                   f" AND {DIED_TOO_OFTEN}{keep}", (now, now, *self._death_bounds, *kept))
-        db.execute(f"UPDATE events SET {DIED_BACK} WHERE state = 'working' AND lease_until < ?{keep}",
-                   (now, *kept))
+        # Rows another transaction holds are passed by (PostgreSQL): a process frozen in the middle
+        # of writing its batch would otherwise hold every host's claims, not just its own user's.
+        skip = self._database.SKIP_LOCKED
+        db.execute(f"UPDATE events SET {DIED_FAILED} WHERE id IN (SELECT id FROM events WHERE state = 'working'"
+                   f" AND lease_until < ? AND {DIED_TOO_OFTEN}{keep}{skip})", (now, now, *self._death_bounds, *kept))
+        db.execute(f"UPDATE events SET {DIED_BACK} WHERE id IN (SELECT id FROM events WHERE state = 'working'"
+                   f" AND lease_until < ?{keep}{skip})", (now, *kept))
 
     @property
     def _death_bounds(self) -> tuple[int, int]:
