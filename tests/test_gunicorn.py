@@ -58,6 +58,7 @@ def test_verification_and_logs_hold_no_secret(bot, graph):
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=30)[0]
     assert "GET /webhook " in output and "POST /webhook " in output  # the access log is on
+    assert f"Listening at: 127.0.0.1:{url.rsplit(':', 1)[1]} (each worker's own socket)" in output
     for secret in (VERIFY_TOKEN, APP_SECRET, PAGE_TOKEN, ModelStandIn.API_KEY):
         assert secret not in output
     assert "Bonjour" not in output  # no message body either

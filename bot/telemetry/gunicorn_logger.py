@@ -11,6 +11,13 @@ from config import Config, ConfigError, load_config
 
 
 class ScrubbingLogger(glogging.Logger):
+    def info(self, msg, *args, **kwargs) -> None:
+        # With SO_REUSEPORT each worker opens its own socket and the master none, so gunicorn's
+        # start-up line said "Listening at:  (pid)": it names the address the workers bind instead.
+        if msg.startswith("Listening at: %s") and args and not args[0]:
+            args = (",".join(self.cfg.bind) + " (each worker's own socket)", *args[1:])
+        super().info(msg, *args, **kwargs)
+
     def setup(self, cfg) -> None:
         super().setup(cfg)
         config = MASTER_STATE.get("config")  # what gunicorn.conf.py validated, also through a reload
