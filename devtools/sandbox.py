@@ -26,19 +26,23 @@ import tempfile
 import threading
 from collections import Counter
 
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
+if __name__ == "__main__":  # Ctrl-C while the imports below load (a second or so): a quiet stop, not their traceback
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
-from bot.web.app import create_app
-from bot.telemetry.logs import configure_logging
-from config import ConfigError, load_config, read_environment
-from devtools.emulator import GraphEmulator, ModelProxy, ModelStandIn, Timeline, WebhookSender, graph_error
-from devtools.emulator.http import QuietHandler
-from devtools.emulator.knowledge import Loaded, load_folder, logged_excerpts
-from devtools.emulator.model import offline_reply
-from devtools.emulator.page import SandboxPage
-from devtools.emulator.webvisitor import WebchatListener, WebVisitors, webchat_server
-from devtools.replayed import ReplayedDeliveries
+from werkzeug.serving import make_server  # noqa: E402
+from werkzeug.wrappers import Request, Response  # noqa: E402
+
+from bot.web.app import create_app  # noqa: E402
+from bot.telemetry.logs import configure_logging  # noqa: E402
+from config import ConfigError, load_config, read_environment  # noqa: E402
+from devtools.emulator import (GraphEmulator, ModelProxy, ModelStandIn, Timeline, WebhookSender,  # noqa: E402
+                               graph_error)
+from devtools.emulator.http import QuietHandler  # noqa: E402
+from devtools.emulator.knowledge import Loaded, load_folder, logged_excerpts  # noqa: E402
+from devtools.emulator.model import offline_reply  # noqa: E402
+from devtools.emulator.page import SandboxPage  # noqa: E402
+from devtools.emulator.webvisitor import WebchatListener, WebVisitors, webchat_server  # noqa: E402
+from devtools.replayed import ReplayedDeliveries  # noqa: E402
 
 logger = logging.getLogger("devtools.sandbox")
 
@@ -320,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot open the sandbox on {args.host}:{args.port}: {problem} (choose another with --port)",
               file=sys.stderr)
         return 2
+    # From here Ctrl-C (or SIGTERM) stops the sandbox the orderly way, also while it starts.
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
     try:
         sandbox = Sandbox(read_environment(), args.host, args.port)
     except ConfigError as error:
@@ -327,16 +335,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(sandbox.config.log_level, sandbox.config.secrets)
     sandbox.start()
-    print(f"Messenger sandbox: open {sandbox.url}\n"
-          f"  bot webhook: {sandbox.bot_url}\n"
-          f"  website chat: {sandbox.webchat.url}/webchat/demo\n"
-          f"  model: {sandbox.page.info['model']['label']}\n"
-          f"  {replay_command(sandbox)}\n"
-          f"  {knowledge_line(sandbox)}\n"
-          "Ctrl-C stops it.", flush=True)
-    stopped = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopped.set())
+    if not stopped.is_set():
+        print(f"Messenger sandbox: open {sandbox.url}\n"
+              f"  bot webhook: {sandbox.bot_url}\n"
+              f"  website chat: {sandbox.webchat.url}/webchat/demo\n"
+              f"  model: {sandbox.page.info['model']['label']}\n"
+              f"  {replay_command(sandbox)}\n"
+              f"  {knowledge_line(sandbox)}\n"
+              "Ctrl-C stops it.", flush=True)
     stopped.wait()
     try:
         sandbox.stop()

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -556,3 +557,17 @@ def test_a_live_bots_store_and_endpoints_in_the_environment_never_reach_the_sand
         assert sandbox.graph.wait_for_deliveries(1, 10)
     finally:
         sandbox.stop()
+
+
+@pytest.mark.parametrize("after_s", [0.3, 0.9, 1.5])
+def test_ctrl_c_while_the_sandbox_starts_stops_it_quietly(tmp_path, after_s):
+    """A newcomer's Ctrl-C at any moment of the start (its imports take about a second): the
+    sandbox ends, with no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FB_"))}
+    process = subprocess.Popen([sys.executable, "-m", "devtools.sandbox", "--port", "0"], cwd=tmp_path,
+                               env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    time.sleep(after_s)  # a moment of the start, on the machine's own time: what is measured is a real process
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=20)[0]
+    assert process.returncode in (0, 130) and "Traceback" not in output, output[-2000:]
