@@ -833,6 +833,12 @@ def test_a_message_stored_after_its_unsend_is_not_answered(store):
     assert store.claim("b", 30) is None and store.states()["m_alone"] == "done"
     with store.conversations.database.read() as db:  # no message of u2's counts as said (the disclosure rule)
         assert mirror.activity(db, "u2", 10**13) == (None, None)
+    unsends = "SELECT COUNT(*) FROM unsent"
+    with store.conversations.database.read() as db:
+        assert db.execute(unsends).fetchone()[0] == 2
+    store.conversations.prune(1, kinds=frozenset({"unsent"}))  # RETENTION_DAYS: those of long ago go
+    with store.conversations.database.read() as db:
+        assert db.execute(unsends).fetchone()[0] == 0
 
 
 def test_an_unsend_does_not_cut_an_answer_already_being_sent(store):

@@ -33,6 +33,7 @@ def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
             mirror.edit(db, echo.mid, echo.text)
             edits.edit_waiting_message(db, echo.mid, echo.text)
         elif kind == UNSEND:  # the user took it back: never in a prompt again; still waiting: not answered
+            edits.remember_unsent(db, echo.mid, echo.timestamp_ms)
             mirror.forget(db, echo.psid, echo.mid, echo.timestamp_ms)
             edits.withdraw_unsent(db, [echo.mid], echo.timestamp_ms / 1000)
         elif kind == REACTION:
@@ -52,7 +53,7 @@ def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
 PRUNE_CHUNK = 2_000
 # What retention deletes, each kind by itself: one that had less than a chunk left is done for the
 # pass, and later steps do not scan its table again.
-PRUNED_KINDS = frozenset({"exchanges", "mirror", "events", "answer_cache"})
+PRUNED_KINDS = frozenset({"exchanges", "mirror", "events", "answer_cache", "unsent"})
 
 
 class Pruned(NamedTuple):
@@ -212,9 +213,9 @@ class Conversations:
 
     def prune(self, older_than_days: int, limit: int = PRUNE_CHUNK,
               kinds: frozenset[str] = PRUNED_KINDS) -> Pruned:
-        """One step of RETENTION_DAYS: at most `limit` each of the exchanges, mirror rows and
-        finished queue rows older than the retention, and of the expired cached answers (of
-        `kinds`), in one transaction. A pass is steps, each given the kinds the last one said
+        """One step of RETENTION_DAYS: at most `limit` each of the exchanges, mirror rows,
+        finished queue rows and unsends older than the retention, and of the expired cached
+        answers (of `kinds`), in one transaction. A pass is steps, each given the kinds the last one said
         have more, until none has (Dispatcher.prune): a large store is never one transaction
         holding the write lock for seconds while no reply can be recorded. Records still waiting
         for the tracking endpoint are kept until they are sent."""
@@ -229,6 +230,7 @@ class Conversations:
                 "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE state IN ('done', 'failed')"
                 f" AND finished_at < ? LIMIT ?{skip})", (cutoff_s, limit)).rowcount,
             "answer_cache": lambda db: answer_cache.prune(db, now, limit, skip),
+            "unsent": lambda db: edits.prune(db, int(cutoff_s * 1000), limit, skip),
         }
         with self._database.write() as db:
             deleted = {kind: deletes[kind](db) for kind in PRUNED_KINDS & kinds}

@@ -46,6 +46,8 @@ Columns of note:
   inbox_offsets       bytes of each inbox file already in `events` (bot/storage/inbox.py);
                       damaged: bytes skipped as damage (such a file is quarantined, not deleted)
   dead_letters        records or messages that could not enter the queue, kept for a person
+  unsent              mids of messages their users unsent (Instagram's is_deleted), and when (ms): one
+                      still waiting, or stored later, is finished unanswered (bot/storage/edits.py)
 """
 from bot.storage.sql import Additive
 
@@ -252,6 +254,10 @@ SCHEMA = [
                                        at REAL NOT NULL);
     CREATE INDEX webchat_reservations_client ON webchat_reservations (client);
     """),
+    # version 19: the messages users unsent (Instagram), so one stored after its unsend is not answered
+    Additive("""
+    CREATE TABLE unsent (mid TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
+    """),
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -441,5 +447,9 @@ POSTGRES_SCHEMA = [
     CREATE TABLE webchat_reservations (request_id TEXT PRIMARY KEY, client TEXT NOT NULL, tokens BIGINT NOT NULL,
                                        at DOUBLE PRECISION NOT NULL);
     CREATE INDEX webchat_reservations_client ON webchat_reservations (client);
+    """),
+    # version 15: SQLite's 19
+    Additive("""
+    CREATE TABLE unsent (mid TEXT PRIMARY KEY, at_ms BIGINT NOT NULL);
     """),
 ]
