@@ -114,6 +114,7 @@ def test_a_reload_with_bad_settings_keeps_the_bot_on_those_it_runs_with(make_bot
     env_file = bot.tmp_path / ".env"
     env_file.write_text(f"FB_VERIFY_TOKEN={bot.env.pop('FB_VERIFY_TOKEN')}\n")
     token = env_file.read_text()
+    old_token = token.split("=", 1)[1].strip()
     bot.start()
     # The reply process keeps the settings it started with (a reload replaces the webhook workers only).
     assert wait_until(lambda: "reply process ready" in bot.log_text(), 15), bot.log_text()
@@ -132,18 +133,18 @@ def test_a_reload_with_bad_settings_keeps_the_bot_on_those_it_runs_with(make_bot
     reload()
     assert bot.process.poll() is None, bot.log_text()
     assert "RATE_LIMIT" in bot.log_text() and "not taken" in bot.log_text()
-    assert verifies(token.split("=", 1)[1].strip()) and not verifies("new-" + token.split("=", 1)[1].strip())
+    assert verifies(old_token) and not verifies("new-" + old_token)
     # gunicorn's own lines (the access log here) are still scrubbed of the settings' secrets.
-    assert requests.get(f"{bot.url}/{token.split('=', 1)[1].strip()}", timeout=5).status_code == 404
+    assert requests.get(f"{bot.url}/{old_token}", timeout=5).status_code == 404
     assert bot.post(text_body("m_after_a_bad_reload", "Still there?")).status_code == 200
     assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."]), bot.log_text()
 
     env_file.write_text(token.replace("FB_VERIFY_TOKEN=", "FB_VERIFY_TOKEN=new-"))
     reload()
-    assert verifies("new-" + token.split("=", 1)[1].strip()), bot.log_text()
+    assert verifies("new-" + old_token), bot.log_text()
     bot.log.flush()
     log = (bot.tmp_path / "gunicorn.log").read_text()
-    assert '"GET /[redacted] HTTP/1.1" 404' in log and token.split("=", 1)[1].strip() not in log
+    assert '"GET /[redacted] HTTP/1.1" 404' in log and old_token not in log
 
 
 def test_replies_to_one_user_go_out_in_order_across_workers(make_bot, graph, model):

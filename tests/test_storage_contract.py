@@ -789,7 +789,7 @@ def test_edits_reactions_and_feedback_land_where_they_belong(store):
 
 
 def test_an_unsent_message_leaves_the_history_and_is_not_answered_when_still_waiting(store):
-    from bot.storage.edits import UNSENT
+    from bot.storage.edits import UNSENT_ERROR
 
     store.add([message("answered", text="My card number is 4111")])
     batch = store.claim("a", 30)
@@ -803,7 +803,7 @@ def test_an_unsent_message_leaves_the_history_and_is_not_answered_when_still_wai
     store.complete(kept, exchange(kept, reply="9 to 5.", sent=("k",)))
     with store.conversations.database.read() as db:
         row = db.execute("SELECT message, error FROM events WHERE dedupe_key = ?", ("waiting",)).fetchone()
-    assert "5 Main St" not in row[0] and row[1] == UNSENT
+    assert "5 Main St" not in row[0] and row[1] == UNSENT_ERROR
     # Unsent while its answer was being made: answered, and still never mirrored again.
     store.add([message("in_flight", at=6000, text="my password is hunter2")])
     in_flight = store.claim("a", 30)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from messenger.text import clean_text
 
-UNSENT = "unsent by the user"  # the error of a waiting message the user unsent
+UNSENT_ERROR = "unsent by the user"  # the error of a waiting message the user unsent (mirror.UNSENT: its row)
 
 
 def edit_waiting_message(db, mid: str, text: str) -> bool:
@@ -45,7 +45,7 @@ def withdraw_unsent(db, mids: Sequence[str], at: float) -> set[str]:
         message = json.loads(row[2])
         message.update(text="", attachments=[], attachment_types=[])
         db.execute("UPDATE events SET state = 'done', finished_at = ?, error = ?, message = ? WHERE id = ?",
-                   (at, UNSENT, json.dumps(message), row[0]))
+                   (at, UNSENT_ERROR, json.dumps(message), row[0]))
     return {row[1] for row in rows}
 
 
