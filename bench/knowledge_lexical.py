@@ -12,7 +12,9 @@ retriever fuses full text with cosine):
   "vegetarisches"/"vegetarian", "chocolat"/"chocolate");
 - truncation: each word's first P letters as a prefix (a crude stemmer for any language);
 - feedback: pseudo-relevance feedback - the first ranking's top K chunks lend the query their
-  N most distinctive words (count × idf), and the ranking again is fused with the first.
+  N most distinctive words (count × idf), and the ranking again is fused with the first;
+- WordNet: a thesaurus - each word's synonyms, broader words ("pup" → "young mammal") and words
+  of the same root in WordNet 3.0 (bench/thesaurus.py; `pip install -r requirements-bench.txt`).
 
 One JSON line per variant: hit@3 overall and per kind. Nothing here is used by the bot; it
 is the evidence for what was tried (and tuned on the same questions, so read it as a ceiling).
@@ -100,12 +102,34 @@ def by_feedback(chunks: int, words: int):
     return rank
 
 
-def fused(*rankers):
+def by_thesaurus(relations: str, senses: int, alone: bool = False, weight: float = 1.0):
+    """The question's words and their WordNet relatives that the corpus holds (and not in a tenth
+    of its chunks): in one query, or as a second ranking fused with today's at `weight`."""
+    from bench.thesaurus import WordNet, wordnet_directory
+    wordnet = WordNet(wordnet_directory())
+
+    def rank(db, question: str) -> list[int]:
+        words = terms(question)
+        total = db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        extra = set()
+        for word in words:
+            for other in wordnet.related(word, relations, senses):
+                held = db.execute("SELECT COUNT(*) FROM words WHERE words MATCH ?", (f'"{other}"',)).fetchone()[0]
+                if 0 < held <= max(50, 0.1 * total) and other not in words:
+                    extra.add(other)
+        if alone:
+            return ranked(db, "words", [f'"{w}"' for w in words + sorted(extra)])
+        again = ranked(db, "words", [f'"{w}"' for w in sorted(extra)])
+        return fused(by_words, lambda *_: again, weights=(1.0, weight))(db, question)
+    return rank
+
+
+def fused(*rankers, weights=None):
     def rank(db, question: str) -> list[int]:
         scores: dict[int, float] = {}
-        for ranker in rankers:
+        for ranker, weight in zip(rankers, weights or [1.0] * len(rankers)):
             for position, chunk in enumerate(ranker(db, question)):
-                scores[chunk] = scores.get(chunk, 0.0) + 1.0 / (RRF_K + position + 1)
+                scores[chunk] = scores.get(chunk, 0.0) + weight / (RRF_K + position + 1)
         return sorted(scores, key=lambda chunk: (-scores[chunk], chunk))
     return rank
 
@@ -127,6 +151,12 @@ def main() -> None:
         variants[f"words + truncation {letters}"] = fused(by_words, by_truncation(letters))
     for chunks, words in ((1, 5), (2, 5), (3, 5)):
         variants[f"words + feedback from {chunks} chunk(s), {words} words"] = by_feedback(chunks, words)
+    for relations, name in (("=", "synonyms"), ("=@", "synonyms + broader"), ("=@+", "synonyms + broader + same root")):
+        for senses in (1, 2):
+            variants[f"words + WordNet {name}, {senses} sense(s), one query"] = by_thesaurus(relations, senses, alone=True)
+            for weight in (1.0, 0.2):
+                variants[f"words + WordNet {name}, {senses} sense(s), fused x{weight}"] = by_thesaurus(
+                    relations, senses, weight=weight)
     for name, rank in variants.items():
         print(json.dumps({"bench": "knowledge_lexical", "variant": name, "questions": len(QUESTIONS),
                           **hit_at_3(db, rank)}))
