@@ -261,3 +261,21 @@ def test_a_full_disk_loses_nothing_acknowledged_and_hides_nothing_written_after(
     store.drain(str(directory))
     assert set(store.states()) == set(acknowledged)
     assert store.stats(str(directory))["quarantined"] == 0  # every failed write was cut back off the file
+
+
+def test_an_edit_drained_before_its_message_is_answered_as_edited(tmp_path):
+    """Two webhook workers' files, read in name order: the edit's ("1000-…") before its message's
+    ("999-…"). The message still takes the edited text."""
+    directory = tmp_path / "inbox"
+    first, second = InboxWriter(str(directory)), InboxWriter(str(directory))
+    first.append([message("m1", text="Opn Sundy?")], [], at=100.0)
+    [name] = os.listdir(directory)
+    os.rename(directory / name, directory / f"999-{name.split('-', 1)[1]}")
+    edit = ClassifiedEcho(Echo(PSID, "m1", "Open on Sunday?", 2, None, None), False, None, inbox.EDIT)
+    second.append([], [edit], at=101.0)
+    [name] = (n for n in os.listdir(directory) if not n.startswith("999-"))
+    os.rename(directory / name, directory / f"1000-{name.split('-', 1)[1]}")
+    store = SQLiteQueue(str(tmp_path / "bot.sqlite3"))
+    assert inbox.inbox_files(str(directory))[0].startswith("1000-")
+    assert store.drain(str(directory)) == (1, 0)
+    assert [m.text for m in store.claim("a", 30).messages] == ["Open on Sunday?"]

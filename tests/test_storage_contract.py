@@ -788,6 +788,39 @@ def test_edits_reactions_and_feedback_land_where_they_belong(store):
     assert [r["feedback"] for r in store.conversations.export()] == ["Good response"]
 
 
+def edit(mid, text, at):
+    from bot.storage.inbox import EDIT
+
+    return touch(EDIT, mid, text, at)
+
+
+def touch(kind, mid, text="", at=5000, psid="u1"):
+    """What the user did to one of their messages, as the webhook hands it to the store."""
+    return ClassifiedEcho(Echo(psid=psid, mid=mid, text=text, timestamp_ms=at, app_id=None, metadata=None,
+                               page_id="1"), False, 0.0, kind)
+
+
+def test_a_message_stored_after_its_edit_is_answered_as_edited(store):
+    """Another worker's inbox file drained first, or Meta delivering the message again after a
+    503: the edit was stored before its message, and the claim gives the message the edit's
+    text - the latest edit's, whatever order the edits came in."""
+    store.add([], [edit("m_typo", "Open on Sunday?", at=5000), edit("m_typo", "Open Sundy?", at=4000)])
+    store.add([], [edit("m_photo", "Is this gluten free?", at=5000)])
+    store.add([message("m_typo", text="Opn Sundy"),
+               IncomingMessage(psid="u1", page_id="1", mid="m_photo", kind=ATTACHMENT, text="", timestamp_ms=2000)])
+    batch = store.claim("a", 30)
+    assert [(m.mid, m.kind, m.text) for m in batch.messages] == [("m_typo", TEXT, "Open on Sunday?"),
+                                                                 ("m_photo", TEXT, "Is this gluten free?")]
+    store.complete(batch, exchange(batch, reply="Yes, and yes."))
+    assert [r["user_message"] for r in store.conversations.export()] == ["Open on Sunday?\nIs this gluten free?"]
+    # Edited while its answer was being made: that answer is to the words it was made from.
+    store.add([message("m_late", at=6000, text="Hours?")])
+    in_flight = store.claim("a", 30)
+    store.add([], [edit("m_late", "Hours on Monday?", at=7000)])
+    assert [m.text for m in in_flight.messages] == ["Hours?"]
+    assert_pruned_with_retention(store, "edited", 3)
+
+
 def test_an_unsent_message_leaves_the_history_and_is_not_answered_when_still_waiting(store):
     from bot.storage.edits import UNSENT_ERROR
 
@@ -817,8 +850,7 @@ def test_an_unsent_message_leaves_the_history_and_is_not_answered_when_still_wai
 def unsend(mid, psid="u1"):
     from bot.storage.inbox import UNSEND
 
-    return ClassifiedEcho(Echo(psid=psid, mid=mid, text="", timestamp_ms=5000, app_id=None, metadata=None,
-                               page_id="1"), False, 0.0, UNSEND)
+    return touch(UNSEND, mid, psid=psid)
 
 
 def test_a_message_stored_after_its_unsend_is_not_answered(store):
@@ -833,12 +865,16 @@ def test_a_message_stored_after_its_unsend_is_not_answered(store):
     assert store.claim("b", 30) is None and store.states()["m_alone"] == "done"
     with store.conversations.database.read() as db:  # no message of u2's counts as said (the disclosure rule)
         assert mirror.activity(db, "u2", 10**13) == (None, None)
-    unsends = "SELECT COUNT(*) FROM unsent"
+    assert_pruned_with_retention(store, "unsent", 2)
+
+
+def assert_pruned_with_retention(store, table, rows):
+    """`rows` rows of long ago in `table`, and none after a step of RETENTION_DAYS for its kind."""
     with store.conversations.database.read() as db:
-        assert db.execute(unsends).fetchone()[0] == 2
-    store.conversations.prune(1, kinds=frozenset({"unsent"}))  # RETENTION_DAYS: those of long ago go
+        assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == rows
+    store.conversations.prune(1, kinds=frozenset({table}))
     with store.conversations.database.read() as db:
-        assert db.execute(unsends).fetchone()[0] == 0
+        assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0
 
 
 def test_an_unsend_does_not_cut_an_answer_already_being_sent(store):

@@ -59,7 +59,8 @@ DESCRIPTION = (
 # Copied in this order (each one SQLite's file has); the mirror's `rowid` is SQLite's
 # implicit one (insertion order).
 TABLES = ("events", "mirror", "users", "interactions", "graph_budgets", "dead_letters", "answer_cache",
-          "webchat_conversations", "knowledge_sources", "knowledge_chunks", "knowledge_version", "unsent")
+          "webchat_conversations", "knowledge_sources", "knowledge_chunks", "knowledge_version", "unsent",
+          "edited")
 # Not copied: the reply processes' heartbeats (each process's own, renewed by the new ones),
 # SQLite's inbox bookkeeping (PostgreSQL's webhooks write to events directly) and the website
 # chat's rate-limit counters (windows of a minute or a day: they start afresh), and SQLite's

@@ -30,8 +30,9 @@ def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
         if kind == RESUME:  # the person passed the thread back: the bot answers again at once
             users.thread_back(db, echo.psid, echo.timestamp_ms, mirror.activity(db, echo.psid, 0)[1])
         elif kind == EDIT:  # answered: the mirror says it as edited; still waiting: answered so
-            mirror.edit(db, echo.mid, echo.text)
-            edits.edit_waiting_message(db, echo.mid, echo.text)
+            text = edits.remember_edit(db, echo.mid, echo.text, echo.timestamp_ms)
+            mirror.edit(db, echo.mid, text)
+            edits.apply_edits(db, [echo.mid])
         elif kind == UNSEND:  # the user took it back: never in a prompt again; still waiting: not answered
             edits.remember_unsent(db, echo.mid, echo.timestamp_ms)
             mirror.forget(db, echo.psid, echo.mid, echo.timestamp_ms)
@@ -53,7 +54,7 @@ def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
 PRUNE_CHUNK = 2_000
 # What retention deletes, each kind by itself: one that had less than a chunk left is done for the
 # pass, and later steps do not scan its table again.
-PRUNED_KINDS = frozenset({"exchanges", "mirror", "events", "answer_cache", "unsent"})
+PRUNED_KINDS = frozenset({"exchanges", "mirror", "events", "answer_cache", "unsent", "edited"})
 
 
 class Pruned(NamedTuple):
@@ -214,7 +215,7 @@ class Conversations:
     def prune(self, older_than_days: int, limit: int = PRUNE_CHUNK,
               kinds: frozenset[str] = PRUNED_KINDS) -> Pruned:
         """One step of RETENTION_DAYS: at most `limit` each of the exchanges, mirror rows,
-        finished queue rows and unsends older than the retention, and of the expired cached
+        finished queue rows, unsends and edits older than the retention, and of the expired cached
         answers (of `kinds`), in one transaction. A pass is steps, each given the kinds the last one said
         have more, until none has (Dispatcher.prune): a large store is never one transaction
         holding the write lock for seconds while no reply can be recorded. Records still waiting
@@ -230,7 +231,8 @@ class Conversations:
                 "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE state IN ('done', 'failed')"
                 f" AND finished_at < ? LIMIT ?{skip})", (cutoff_s, limit)).rowcount,
             "answer_cache": lambda db: answer_cache.prune(db, now, limit, skip),
-            "unsent": lambda db: edits.prune(db, int(cutoff_s * 1000), limit, skip),
+            "unsent": lambda db: edits.prune(db, "unsent", int(cutoff_s * 1000), limit, skip),
+            "edited": lambda db: edits.prune(db, "edited", int(cutoff_s * 1000), limit, skip),
         }
         with self._database.write() as db:
             deleted = {kind: deletes[kind](db) for kind in PRUNED_KINDS & kinds}

@@ -10,17 +10,39 @@ from messenger.text import clean_text
 UNSENT_ERROR = "unsent by the user"  # the error of a waiting message the user unsent (mirror.UNSENT: its row)
 
 
-def edit_waiting_message(db, mid: str, text: str) -> bool:
-    """True when a message still waiting (pending) had its text replaced."""
-    row = db.execute("SELECT id, message FROM events WHERE dedupe_key = ? AND state = ?", (mid, "pending")).fetchone()
-    if row is None:
-        return False
-    message = json.loads(row[1])
-    message["text"] = clean_text(text)
-    if message.get("kind") == "attachment" and text.strip():
-        message["kind"] = "text"  # words now: answered as words
-    db.execute("UPDATE events SET message = ? WHERE id = ?", (json.dumps(message), row[0]))
-    return True
+def remember_edit(db, mid: str, text: str, at_ms: int) -> str:
+    """The user edited this message: kept, so the message takes the text even when stored after
+    the edit. Of several edits the latest stands, in whatever order they came; returns its text."""
+    db.execute("INSERT INTO edited (mid, text, at_ms) VALUES (?, ?, ?) ON CONFLICT (mid) DO UPDATE"
+               " SET text = excluded.text, at_ms = excluded.at_ms WHERE excluded.at_ms >= edited.at_ms",
+               (mid, clean_text(text), at_ms))
+    return db.execute("SELECT text FROM edited WHERE mid = ?", (mid,)).fetchone()[0]
+
+
+def apply_edits(db, mids: Sequence[str]) -> dict[str, str]:
+    """Of these messages, those still waiting whose user edited them take the edit's text; returns
+    their mids and new message JSON. Called when the edit is stored and again when a batch is
+    claimed, so a message stored after its edit (Meta delivering it again, or another worker's
+    inbox file drained later) is answered as edited too. One whose answer is under way keeps the
+    words that answer was made from."""
+    if not mids:
+        return {}
+    marks = ",".join("?" * len(mids))
+    rows = db.execute(f"SELECT e.id, e.dedupe_key, e.message, d.text FROM events e JOIN edited d ON d.mid = e.dedupe_key"
+                      f" WHERE e.dedupe_key IN ({marks}) AND e.state = 'pending'"
+                      f" AND e.reply IS NULL AND e.sending IS NULL AND e.sent_parts = 0", tuple(mids)).fetchall()
+    changed = {}
+    for row in rows:
+        row_id, mid, text = row[0], row[1], row[3]
+        message = json.loads(row[2])
+        if message.get("text") == text:
+            continue
+        message["text"] = text
+        if message.get("kind") == "attachment" and text.strip():
+            message["kind"] = "text"  # words now: answered as words
+        changed[mid] = json.dumps(message)
+        db.execute("UPDATE events SET message = ? WHERE id = ?", (changed[mid], row_id))
+    return changed
 
 
 def remember_unsent(db, mid: str, at_ms: int) -> None:
@@ -49,7 +71,8 @@ def withdraw_unsent(db, mids: Sequence[str], at: float) -> set[str]:
     return {row[1] for row in rows}
 
 
-def prune(db, before_ms: int, limit: int, skip_locked: str = "") -> int:
-    """At most `limit` unsends older than `before_ms` (retention)."""
-    return db.execute(f"DELETE FROM unsent WHERE mid IN (SELECT mid FROM unsent WHERE at_ms < ? LIMIT ?{skip_locked})",
+def prune(db, table: str, before_ms: int, limit: int, skip_locked: str = "") -> int:
+    """At most `limit` unsends or edits (`table`) older than `before_ms` (retention)."""
+    assert table in ("unsent", "edited")
+    return db.execute(f"DELETE FROM {table} WHERE mid IN (SELECT mid FROM {table} WHERE at_ms < ? LIMIT ?{skip_locked})",
                       (before_ms, limit)).rowcount

@@ -284,6 +284,8 @@ class Queue:
                 # Unsent before it was stored (edits.withdraw_unsent): finished here, never answered.
                 unsent = edits.withdraw_unsent(db, [row["dedupe_key"] for row in rows], now)
                 rows = [row for row in rows if row["dedupe_key"] not in unsent]
+            # Edited before it was stored (edits.apply_edits): answered as the user now says it.
+            edited = edits.apply_edits(db, [row["dedupe_key"] for row in rows])
             batch_id = head["batch_id"] or rows[0]["id"]
             ids = [row["id"] for row in rows]
             db.execute(
@@ -293,7 +295,7 @@ class Queue:
         first = rows[0]
         return Batch(
             batch_id=batch_id, psid=head["psid"], ids=tuple(ids),
-            messages=tuple(_from_json(row["message"]) for row in rows),
+            messages=tuple(_from_json(edited.get(row["dedupe_key"], row["message"])) for row in rows),
             attempts=first["attempts"] + 1, received_at=min(row["received_at"] for row in rows),
             reply=first["reply"], sent_parts=first["sent_parts"], owner=owner, sending=first["sending"],
             sending_since=first["sending_since"], deaths=first["deaths"],

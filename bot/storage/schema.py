@@ -48,6 +48,8 @@ Columns of note:
   dead_letters        records or messages that could not enter the queue, kept for a person
   unsent              mids of messages their users unsent (Instagram's is_deleted), and when (ms): one
                       still waiting, or stored later, is finished unanswered (bot/storage/edits.py)
+  edited              the latest text of each message its user edited, and when (ms): one still
+                      waiting, or stored later, is answered with it (bot/storage/edits.py)
 """
 from bot.storage.sql import Additive
 
@@ -258,6 +260,10 @@ SCHEMA = [
     Additive("""
     CREATE TABLE unsent (mid TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
     """),
+    # version 20: the messages users edited, so one stored after its edit is answered as edited
+    Additive("""
+    CREATE TABLE edited (mid TEXT PRIMARY KEY, text TEXT NOT NULL, at_ms INTEGER NOT NULL);
+    """),
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -451,5 +457,9 @@ POSTGRES_SCHEMA = [
     # version 15: SQLite's 19
     Additive("""
     CREATE TABLE unsent (mid TEXT PRIMARY KEY, at_ms BIGINT NOT NULL);
+    """),
+    # version 16: SQLite's 20
+    Additive("""
+    CREATE TABLE edited (mid TEXT PRIMARY KEY, text TEXT NOT NULL, at_ms BIGINT NOT NULL);
     """),
 ]
