@@ -13,13 +13,14 @@ import sys
 from bot.runtime.supervisor import MASTER_STATE
 from config import REPLY_PROCESS_ENV, ConfigError, load_config, load_config_or_exit
 
+_refused = False  # a reload whose settings were refused: nothing is started again for it
 if "config" not in MASTER_STATE:
     _config = load_config_or_exit()
 else:  # a reload (SIGHUP) reads this file again: settings edited with a mistake must not stop the bot
     try:
         _config = load_config()
     except ConfigError as error:
-        _config = MASTER_STATE["config"]
+        _config, _refused = MASTER_STATE["config"], True
         print(f"SIGHUP: the new settings were not taken, the bot goes on with those it had. {error}",
               file=sys.stderr, flush=True)
 # The workers are forked from this master and use these settings (server.py), not a `.env` read
@@ -129,6 +130,18 @@ def when_ready(server):
                                             name="website chat process",
                                             alive_file=os.path.join(_config.data_dir, "webchat-process.alive"))
         _state["webchat"].start()
+
+
+def on_reload(server):
+    """SIGHUP with good settings: gunicorn starts new webhook workers on them (server.py reads
+    MASTER_STATE); the reply process and the website chat read `.env` when they start, so they
+    are started again too. With refused settings they go on as they are: a new one would read
+    the bad `.env` and fail to start."""
+    if _refused:
+        return
+    for name in ("replies", "webchat"):
+        if name in _state:
+            _state[name].restart()
 
 
 def on_exit(server):

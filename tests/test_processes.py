@@ -116,8 +116,8 @@ def test_a_reload_with_bad_settings_keeps_the_bot_on_those_it_runs_with(make_bot
     token = env_file.read_text()
     old_token = token.split("=", 1)[1].strip()
     bot.start()
-    # The reply process keeps the settings it started with (a reload replaces the webhook workers only).
     assert wait_until(lambda: "reply process ready" in bot.log_text(), 15), bot.log_text()
+    replying = reply_process_pid(bot)
 
     def verifies(verify_token: str) -> bool:
         query = {"hub.mode": "subscribe", "hub.verify_token": verify_token, "hub.challenge": "4242"}
@@ -138,10 +138,16 @@ def test_a_reload_with_bad_settings_keeps_the_bot_on_those_it_runs_with(make_bot
     assert requests.get(f"{bot.url}/{old_token}", timeout=5).status_code == 404
     assert bot.post(text_body("m_after_a_bad_reload", "Still there?")).status_code == 200
     assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."]), bot.log_text()
+    assert reply_process_pid(bot) == replying  # not started again: it would read the bad `.env`
 
-    env_file.write_text(token.replace("FB_VERIFY_TOKEN=", "FB_VERIFY_TOKEN=new-"))
+    # A good edit reaches the reply process too: started again, it reads it.
+    env_file.write_text(token.replace("FB_VERIFY_TOKEN=", "FB_VERIFY_TOKEN=new-") + "OPENAI_MODEL=model-after-reload\n")
     reload()
     assert verifies("new-" + old_token), bot.log_text()
+    assert wait_until(lambda: reply_process_pid(bot) not in (None, replying), 20), bot.log_text()
+    assert bot.post(text_body("m_after_a_good_reload", "And now?", timestamp=1763893300000)).status_code == 200
+    assert wait_until(lambda: len(graph.sent_texts(PSID)) == 2), bot.log_text()
+    assert [r["json"]["model"] for r in model.requests] == ["gpt-4.1-mini", "model-after-reload"]
     bot.log.flush()
     log = (bot.tmp_path / "gunicorn.log").read_text()
     assert '"GET /[redacted] HTTP/1.1" 404' in log and old_token not in log

@@ -41,6 +41,7 @@ class ReplySupervisor:
         self.restart_pause = restart_pause
         self.pid: int | None = None
         self.stopping = threading.Event()
+        self.restarting = threading.Event()
         self.environment = {**os.environ, LINEAGE_ENV: uuid.uuid4().hex[:12],  # this master start's
                             MASTER_PID_ENV: str(os.getpid())}
         self.silence = Silence(alive_file, clock) if alive_file else None
@@ -68,11 +69,15 @@ class ReplySupervisor:
             except Exception:  # noqa: BLE001 - the supervisor must outlive any one failure
                 self.log.exception("%s supervisor", self.name)
                 status = None
+            restarted = self.restarting.is_set()
+            self.restarting.clear()
             # A group-wide SIGTERM (systemd, docker) reaches the reply process before the
             # master: give the master a moment to say it is stopping before calling this a crash.
-            if self.stopping.wait(self.restart_pause):
+            if self.stopping.wait(0 if restarted else self.restart_pause):
                 return
-            if status in (0, -signal.SIGTERM):
+            if restarted:
+                self.log.info("%s stopped for the new settings (status %s); starting a new one", self.name, status)
+            elif status in (0, -signal.SIGTERM):
                 self.log.warning("%s stopped (status %s); starting a new one", self.name, status)
             else:
                 self.log.error("%s exited (status %s); starting a new one", self.name, status)
@@ -104,6 +109,15 @@ class ReplySupervisor:
                                "code): killing it so a fresh one starts", self.name, pid, self.frozen_after)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+    def restart(self) -> None:
+        """SIGTERM, to be started again at once (a SIGHUP took new settings, which a new process
+        reads). It finishes the replies in flight first, as at any stop; the new one starts when
+        it has exited, so two never answer side by side."""
+        self.restarting.set()
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
 
     def stop(self, timeout: float) -> None:
         """Let the reply process finish what is in flight (it releases the rest), then return."""
