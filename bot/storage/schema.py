@@ -264,6 +264,12 @@ SCHEMA = [
     Additive("""
     CREATE TABLE edited (mid TEXT PRIMARY KEY, text TEXT NOT NULL, at_ms INTEGER NOT NULL);
     """),
+    # version 21: retention finds old mirror rows and finished queue rows by index: without, each
+    # pass read both tables whole, also when there was nothing to delete (bench/retention.py)
+    Additive("""
+    CREATE INDEX mirror_time ON mirror (at_ms);
+    CREATE INDEX events_finished ON events (finished_at) WHERE finished_at IS NOT NULL;
+    """),
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -461,5 +467,10 @@ POSTGRES_SCHEMA = [
     # version 16: SQLite's 20
     Additive("""
     CREATE TABLE edited (mid TEXT PRIMARY KEY, text TEXT NOT NULL, at_ms BIGINT NOT NULL);
+    """),
+    # version 17: SQLite's 21
+    Additive("""
+    CREATE INDEX mirror_time ON mirror (at_ms);
+    CREATE INDEX events_finished ON events (finished_at) WHERE finished_at IS NOT NULL;
     """),
 ]
