@@ -74,24 +74,34 @@ def test_the_running_dispatcher_takes_back_a_thread_whose_pause_is_over(env, gra
 class CountedSteps(Conversations):
     """Our own conversation store, noting each retention step it is asked for."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, after_first_step=lambda: None, **kwargs):
         super().__init__(*args, **kwargs)
         self.steps = []
+        self.after_first_step = after_first_step  # runs between the first step and the second
 
     def prune(self, older_than_days, limit=PRUNE_CHUNK, kinds=PRUNED_KINDS):
         step = super().prune(older_than_days, limit, kinds)
         self.steps.append(step)
+        if len(self.steps) == 1:
+            self.after_first_step()
         return step
 
 
 def test_the_running_dispatcher_prunes_soon_after_start_a_step_at_a_time_while_it_answers(env, graph, model):
     """RETENTION_DAYS: the first pass comes soon after start (a bot restarted often still prunes),
-    on a thread of its own, in short steps; a new message is answered all the while."""
+    on a thread of its own, in short steps; a message that comes in the middle of the pass is
+    answered before the pass goes on (the pass waits for that answer between two steps: were
+    the replies held up by the pass, the answer would never come)."""
     config = load_config({**env, "RETENTION_DAYS": "30"}, env_file=None)
     dispatcher = build_dispatcher(config)
     store = dispatcher.store
     plain = store.conversations
-    store.conversations = CountedSteps(plain.database, plain.tracking, plain.clock)
+    answered_mid_pass = []
+
+    def a_message_comes_in():
+        store.add([incoming("m_new", "still open?")])
+        answered_mid_pass.append(wait_for(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 10))
+    store.conversations = CountedSteps(plain.database, plain.tracking, plain.clock, after_first_step=a_message_comes_in)
     store.conversations.channels = plain.channels
     long_ago = int(time.time() * 1000) - 40 * 86400 * 1000
     with sqlite3.connect(config.database_path) as db:
@@ -100,13 +110,12 @@ def test_the_running_dispatcher_prunes_soon_after_start_a_step_at_a_time_while_i
         db.executemany("INSERT INTO mirror (mid, psid, author, text, at_ms) VALUES (?, ?, ?, ?, ?)",
                        [(f"m.old{n}", f"u{n}", "user", "old", long_ago + n) for n in range(10)])
     dispatcher.prune_first, dispatcher.prune_chunk = 0.2, 3
-    store.add([incoming("m_new", "still open?")])
     dispatcher.start()
     try:
-        assert wait_for(lambda: store.conversations.steps and not store.conversations.steps[-1].more, 10)
-        assert wait_for(lambda: graph.sent_texts(PSID) == ["Hello from the model."], 10)
+        assert wait_for(lambda: store.conversations.steps and not store.conversations.steps[-1].more, 15)
     finally:
         dispatcher.stop(timeout=5)
+    assert answered_mid_pass == [True]
     assert [step.exchanges for step in store.conversations.steps] == [3, 3, 3, 1]
     with sqlite3.connect(config.database_path) as db:
         assert db.execute("SELECT COUNT(*) FROM mirror WHERE text = 'old'").fetchone()[0] == 0
