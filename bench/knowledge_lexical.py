@@ -151,7 +151,7 @@ def main() -> None:
         variants[f"words + truncation {letters}"] = fused(by_words, by_truncation(letters))
     for chunks, words in ((1, 5), (2, 5), (3, 5)):
         variants[f"words + feedback from {chunks} chunk(s), {words} words"] = by_feedback(chunks, words)
-    for relations, name in (("=", "synonyms"), ("=@", "synonyms + broader"), ("=@+", "synonyms + broader + same root")):
+    for relations, name in (("S", "synonyms"), ("S@", "synonyms + broader"), ("S@+", "synonyms + broader + same root")):
         for senses in (1, 2):
             variants[f"words + WordNet {name}, {senses} sense(s), one query"] = by_thesaurus(relations, senses, alone=True)
             for weight in (1.0, 0.2):

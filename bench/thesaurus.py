@@ -24,7 +24,9 @@ ENDINGS = {
     "adj": (("er", ""), ("est", ""), ("er", "e"), ("est", "e")),
     "adv": (),
 }
-SYNONYM, HYPERNYM, DERIVED = "=", "@", "+"
+# The broader word and the same root are WordNet's pointer symbols; a synonym is no pointer (the
+# words of one synset), so it gets a letter no pointer uses ("=" would be WordNet's "attribute").
+SYNONYM, HYPERNYM, DERIVED = "S", "@", "+"
 
 
 def wordnet_directory() -> Path | None:
