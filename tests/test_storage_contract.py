@@ -813,11 +813,15 @@ def test_a_message_stored_after_its_edit_is_answered_as_edited(store):
                                                                  ("m_photo", TEXT, "Is this gluten free?")]
     store.complete(batch, exchange(batch, reply="Yes, and yes."))
     assert [r["user_message"] for r in store.conversations.export()] == ["Open on Sunday?\nIs this gluten free?"]
-    # Edited while its answer was being made: that answer is to the words it was made from.
+    # Edited while its answer was being made: that answer and its record are to the words it was
+    # made from; the mirror (later prompts) reads the edit. An edit without words changes nothing.
     store.add([message("m_late", at=6000, text="Hours?")])
     in_flight = store.claim("a", 30)
-    store.add([], [edit("m_late", "Hours on Monday?", at=7000)])
-    assert [m.text for m in in_flight.messages] == ["Hours?"]
+    store.add([], [edit("m_late", "Hours on Monday?", at=7000), edit("m_late", "", at=8000)])
+    store.complete(in_flight, exchange(in_flight, reply="9 to 5.", sent=("s",)))
+    assert [r["user_message"] for r in store.conversations.export()][-1] == "Hours?"
+    texts = {h.mid: h.text for h in store.conversations.history("u1", "page", 10, None)}
+    assert texts["m_late"] == "Hours on Monday?" and texts["m_typo"] == "Open on Sunday?"
     assert_pruned_with_retention(store, "edited", 3)
 
 

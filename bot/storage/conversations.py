@@ -30,6 +30,8 @@ def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
         if kind == RESUME:  # the person passed the thread back: the bot answers again at once
             users.thread_back(db, echo.psid, echo.timestamp_ms, mirror.activity(db, echo.psid, 0)[1])
         elif kind == EDIT:  # answered: the mirror says it as edited; still waiting: answered so
+            if not echo.text.strip():  # no words (a payload without its text): nothing to put in their place
+                continue
             text = edits.remember_edit(db, echo.mid, echo.text, echo.timestamp_ms)
             mirror.edit(db, echo.mid, text)
             edits.apply_edits(db, [echo.mid])
@@ -160,8 +162,11 @@ class Conversations:
         messages = exchange.messages
         # The user's messages before Graph's rows: Graph has no words for a voice note, the
         # exchange has its transcript (and a label for a photo), and the first row of a mid stays.
-        mirror.add_rows(db, exchange.psid, [(m.mid, USER, exchanges.user_text(m, exchange.said), m.timestamp_ms)
-                                            for m in messages if m.mid])
+        # One edited while its answer was made is mirrored as edited (its answer and its record
+        # keep the words they were made from).
+        edited = edits.latest_texts(db, [m.mid for m in messages if m.mid])
+        mirror.add_rows(db, exchange.psid, [(m.mid, USER, edited.get(m.mid) or exchanges.user_text(m, exchange.said),
+                                             m.timestamp_ms) for m in messages if m.mid])
         if exchange.disclosed_at is not None:
             users.update(db, exchange.psid, disclosed_at=exchange.disclosed_at)
         if exchange.synced is not None:  # what Graph returned; from now on the mirror covers this user

@@ -7,6 +7,9 @@ from typing import Sequence
 
 from messenger.text import clean_text
 
+# A message waiting with no answer under way: an edit still changes it, an unsend still withdraws it
+# (column names of `events` alone: `edited` and `unsent`, joined to it, have none of them).
+STILL_WAITING = "state = 'pending' AND reply IS NULL AND sending IS NULL AND sent_parts = 0"
 UNSENT_ERROR = "unsent by the user"  # the error of a waiting message the user unsent (mirror.UNSENT: its row)
 
 
@@ -29,8 +32,7 @@ def apply_edits(db, mids: Sequence[str]) -> dict[str, str]:
         return {}
     marks = ",".join("?" * len(mids))
     rows = db.execute(f"SELECT e.id, e.dedupe_key, e.message, d.text FROM events e JOIN edited d ON d.mid = e.dedupe_key"
-                      f" WHERE e.dedupe_key IN ({marks}) AND e.state = 'pending'"
-                      f" AND e.reply IS NULL AND e.sending IS NULL AND e.sent_parts = 0", tuple(mids)).fetchall()
+                      f" WHERE e.dedupe_key IN ({marks}) AND {STILL_WAITING}", tuple(mids)).fetchall()
     changed = {}
     for row in rows:
         row_id, mid, text = row[0], row[1], row[3]
@@ -40,9 +42,21 @@ def apply_edits(db, mids: Sequence[str]) -> dict[str, str]:
         message["text"] = text
         if message.get("kind") == "attachment" and text.strip():
             message["kind"] = "text"  # words now: answered as words
-        changed[mid] = json.dumps(message)
-        db.execute("UPDATE events SET message = ? WHERE id = ?", (changed[mid], row_id))
+        # The conditions again: on PostgreSQL a claim may have taken the row since it was read,
+        # and this UPDATE, having waited for it, checks them afresh.
+        if db.execute(f"UPDATE events SET message = ? WHERE id = ? AND {STILL_WAITING}",
+                      (json.dumps(message), row_id)).rowcount:
+            changed[mid] = json.dumps(message)
     return changed
+
+
+def latest_texts(db, mids: Sequence[str]) -> dict[str, str]:
+    """The latest edit of each of these messages that has one: what the mirror keeps of a message
+    edited while its answer was being made (the answer is to the words it was made from)."""
+    if not mids:
+        return {}
+    marks = ",".join("?" * len(mids))
+    return dict(db.execute(f"SELECT mid, text FROM edited WHERE mid IN ({marks})", tuple(mids)).fetchall())
 
 
 def remember_unsent(db, mid: str, at_ms: int) -> None:
@@ -61,14 +75,16 @@ def withdraw_unsent(db, mids: Sequence[str], at: float) -> set[str]:
         return set()
     marks = ",".join("?" * len(mids))
     rows = db.execute(f"SELECT e.id, e.dedupe_key, e.message FROM events e JOIN unsent u ON u.mid = e.dedupe_key"
-                      f" WHERE e.dedupe_key IN ({marks}) AND e.state = 'pending'"
-                      f" AND e.reply IS NULL AND e.sending IS NULL AND e.sent_parts = 0", tuple(mids)).fetchall()
+                      f" WHERE e.dedupe_key IN ({marks}) AND {STILL_WAITING}", tuple(mids)).fetchall()
+    withdrawn = set()
     for row in rows:
         message = json.loads(row[2])
         message.update(text="", attachments=[], attachment_types=[])
-        db.execute("UPDATE events SET state = 'done', finished_at = ?, error = ?, message = ? WHERE id = ?",
-                   (at, UNSENT_ERROR, json.dumps(message), row[0]))
-    return {row[1] for row in rows}
+        # Checked again, as in apply_edits: a row claimed in between is answered, not withdrawn.
+        if db.execute(f"UPDATE events SET state = 'done', finished_at = ?, error = ?, message = ? WHERE id = ?"
+                      f" AND {STILL_WAITING}", (at, UNSENT_ERROR, json.dumps(message), row[0])).rowcount:
+            withdrawn.add(row[1])
+    return withdrawn
 
 
 def prune(db, table: str, before_ms: int, limit: int, skip_locked: str = "") -> int:
