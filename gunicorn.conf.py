@@ -13,16 +13,27 @@ import sys
 from bot.runtime.supervisor import MASTER_STATE
 from config import REPLY_PROCESS_ENV, ConfigError, load_config, load_config_or_exit
 
-_refused = False  # a reload whose settings were refused: nothing is started again for it
+# What only a start checks (the port is free, DATA_DIR is this bot's alone, the database): a
+# reload that changes one of them is refused, and a restart takes it.
+START_ONLY = ("host", "port", "data_dir", "database_url", "webchat", "webchat_port")
+
+_changed = True  # a reload that changed nothing (logrotate's SIGHUP): nothing is started again for it
 if "config" not in MASTER_STATE:
     _config = load_config_or_exit()
 else:  # a reload (SIGHUP) reads this file again: settings edited with a mistake must not stop the bot
+    _had, _refusal = MASTER_STATE["config"], ""
     try:
         _config = load_config()
     except ConfigError as error:
-        _config, _refused = MASTER_STATE["config"], True
-        print(f"SIGHUP: the new settings were not taken, the bot goes on with those it had. {error}",
+        _refusal = str(error)
+    else:
+        if _start_only := [name.upper() for name in START_ONLY if getattr(_config, name) != getattr(_had, name)]:
+            _refusal = f"{', '.join(_start_only)} change only with a restart."
+    if _refusal:
+        _config = _had
+        print(f"SIGHUP: the new settings were not taken, the bot goes on with those it had. {_refusal}",
               file=sys.stderr, flush=True)
+    _changed = _config != _had
 # The workers are forked from this master and use these settings (server.py), not a `.env` read
 # of their own: they run on what was validated here.
 MASTER_STATE["config"] = _config
@@ -133,11 +144,12 @@ def when_ready(server):
 
 
 def on_reload(server):
-    """SIGHUP with good settings: gunicorn starts new webhook workers on them (server.py reads
-    MASTER_STATE); the reply process and the website chat read `.env` when they start, so they
-    are started again too. With refused settings they go on as they are: a new one would read
-    the bad `.env` and fail to start."""
-    if _refused:
+    """SIGHUP with new, good settings: gunicorn starts new webhook workers on them (server.py
+    reads MASTER_STATE); the reply process and the website chat read `.env` when they start, so
+    they are started again too. With refused settings they go on as they are (a new one would
+    read the bad `.env` and fail to start), and with the same settings too (their stop would
+    pause the replies and close the website chat for nothing)."""
+    if not _changed:
         return
     for name in ("replies", "webchat"):
         if name in _state:

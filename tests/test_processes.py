@@ -1,5 +1,6 @@
 """Guarantees about processes, checked on real gunicorn processes: several
 workers, kill -9 after the 200, a restart, SIGTERM."""
+import logging
 import os
 import signal
 import subprocess
@@ -139,6 +140,11 @@ def test_a_reload_with_bad_settings_keeps_the_bot_on_those_it_runs_with(make_bot
     assert bot.post(text_body("m_after_a_bad_reload", "Still there?")).status_code == 200
     assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."]), bot.log_text()
     assert reply_process_pid(bot) == replying  # not started again: it would read the bad `.env`
+    # What only a start checks (a free port here) is not taken by a reload either.
+    env_file.write_text(token.replace("FB_VERIFY_TOKEN=", "FB_VERIFY_TOKEN=new-") + "WEBCHAT=on\n")
+    reload()
+    assert "WEBCHAT change only with a restart" in bot.log_text()
+    assert verifies(old_token) and reply_process_pid(bot) == replying
 
     # A good edit reaches the reply process too: started again, it reads it.
     env_file.write_text(token.replace("FB_VERIFY_TOKEN=", "FB_VERIFY_TOKEN=new-") + "OPENAI_MODEL=model-after-reload\n")
@@ -148,6 +154,10 @@ def test_a_reload_with_bad_settings_keeps_the_bot_on_those_it_runs_with(make_bot
     assert bot.post(text_body("m_after_a_good_reload", "And now?", timestamp=1763893300000)).status_code == 200
     assert wait_until(lambda: len(graph.sent_texts(PSID)) == 2), bot.log_text()
     assert [r["json"]["model"] for r in model.requests] == ["gpt-4.1-mini", "model-after-reload"]
+    # A SIGHUP with nothing changed (logrotate's) leaves it be: its stop would pause the replies.
+    replying = reply_process_pid(bot)
+    reload()
+    assert not wait_until(lambda: reply_process_pid(bot) != replying, 3), bot.log_text()
     bot.log.flush()
     log = (bot.tmp_path / "gunicorn.log").read_text()
     assert '"GET /[redacted] HTTP/1.1" 404' in log and old_token not in log
@@ -277,12 +287,13 @@ def test_a_process_that_ignores_sigterm_is_killed_at_its_time_and_the_others_sti
         process.start()
     assert wait_until(lambda: all((tmp_path / n).exists() for n in ("stubborn", "graceful")))
     assert wait_until(lambda: stubborn.pid and graceful.pid)
+    pids = [stubborn.pid, graceful.pid]
     started = time.monotonic()
     stop_together([(stubborn, 1.0), (graceful, 10.0)])
     assert 1.9 < time.monotonic() - started < 3.5  # the graceful one's 2 s, begun with the other's 1 s
-    for process in (stubborn, graceful):
-        assert wait_until(lambda: not os.path.exists(f"/proc/{process.pid}") or
-                          open(f"/proc/{process.pid}/stat").read().split()[2] == "Z", 5)
+    for pid in pids:
+        assert wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
+                          open(f"/proc/{pid}/stat").read().split()[2] == "Z", 5)
 
 
 # Says it is alive as the reply process and the website chat do, and notes each start.
@@ -317,6 +328,39 @@ def test_a_frozen_kept_process_is_killed_and_a_fresh_one_started_and_a_live_one_
     finally:
         for process in kept.values():
             process.stop(5)
+
+
+def test_a_restart_starts_a_new_process_at_once_and_a_crash_after_it_is_still_a_crash(tmp_path, caplog):
+    """SIGHUP's restart: the process is stopped and a new one started without the pause a crash
+    gets (the webhooks are up, replies wait meanwhile). Asked between two processes it does
+    nothing, and the next crash is logged as one."""
+    from bot.runtime.supervisor import ReplySupervisor
+
+    starts = tmp_path / "starts"
+    kept = ReplySupervisor(command=("-c", ALIVE_CHILD, str(starts)), restart_pause=3.0)
+    started = lambda: starts.read_text().split() if starts.exists() else []  # noqa: E731
+    caplog.set_level(logging.INFO)
+    kept.start()
+    try:
+        assert wait_until(lambda: len(started()) == 1 and kept.pid)
+        first = kept.pid
+        asked = time.monotonic()
+        kept.restart()
+        assert wait_until(lambda: len(started()) == 2, 10)
+        assert time.monotonic() - asked < 2.5  # not the 3 s pause
+        assert "stopped for the new settings" in caplog.text
+        assert not os.path.exists(f"/proc/{first}") or open(f"/proc/{first}/stat").read().split()[2] == "Z"
+        os.kill(int(started()[1]), signal.SIGKILL)  # a crash
+        assert wait_until(lambda: kept.pid is None, 5)
+        kept.restart()  # in the crash's pause: nothing to stop, and nothing is left to mislabel
+        assert wait_until(lambda: len(started()) == 3, 10)
+        os.kill(int(started()[2]), signal.SIGKILL)  # another crash: logged as one, after the pause
+        assert wait_until(lambda: len(started()) == 4, 10)
+        crashes = [r for r in caplog.records if "exited" in r.getMessage()]
+        assert [r.levelno for r in crashes] == [logging.ERROR, logging.ERROR], caplog.text
+        assert caplog.text.count("stopped for the new settings") == 1
+    finally:
+        kept.stop(5)
 
 
 @pytest.mark.parametrize("command, settings", [

@@ -41,7 +41,7 @@ class ReplySupervisor:
         self.restart_pause = restart_pause
         self.pid: int | None = None
         self.stopping = threading.Event()
-        self.restarting = threading.Event()
+        self._restarting: int | None = None  # the pid restart() asked to stop, to be started again
         self.environment = {**os.environ, LINEAGE_ENV: uuid.uuid4().hex[:12],  # this master start's
                             MASTER_PID_ENV: str(os.getpid())}
         self.silence = Silence(alive_file, clock) if alive_file else None
@@ -65,12 +65,12 @@ class ReplySupervisor:
                 pid = os.posix_spawn(self.argv[0], self.argv, self.environment, setsigmask={signal.SIGINT})
                 self.pid = pid
                 status = self._wait(pid)
+                self.pid = None  # gone: nothing to signal any more (its pid may be another's soon)
                 self.on_exit(pid)
             except Exception:  # noqa: BLE001 - the supervisor must outlive any one failure
                 self.log.exception("%s supervisor", self.name)
-                status = None
-            restarted = self.restarting.is_set()
-            self.restarting.clear()
+                pid, status = None, None
+            restarted = pid is not None and self._restarting == pid
             # A group-wide SIGTERM (systemd, docker) reaches the reply process before the
             # master: give the master a moment to say it is stopping before calling this a crash.
             if self.stopping.wait(0 if restarted else self.restart_pause):
@@ -113,11 +113,14 @@ class ReplySupervisor:
     def restart(self) -> None:
         """SIGTERM, to be started again at once (a SIGHUP took new settings, which a new process
         reads). It finishes the replies in flight first, as at any stop; the new one starts when
-        it has exited, so two never answer side by side."""
-        self.restarting.set()
-        if self.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
+        it has exited, so two never answer side by side. Between two processes (a crash's pause)
+        there is nothing to stop: the next one reads the new settings anyway."""
+        pid = self.pid
+        if pid is None or self.stopping.is_set():
+            return
+        self._restarting = pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
     def stop(self, timeout: float) -> None:
         """Let the reply process finish what is in flight (it releases the rest), then return."""
@@ -127,23 +130,23 @@ class ReplySupervisor:
     def ask_to_stop(self) -> None:
         """SIGTERM, without waiting (stop_together)."""
         self.stopping.set()
-        if self.pid is not None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def wait_stopped(self, timeout: float) -> None:
-        if self.pid is None:
+        pid = self.pid
+        if pid is None:
             return
         try:
-            wait_for_exit(self.pid, timeout)
+            wait_for_exit(pid, timeout)
         except ProcessLookupError:
             pass
         except TimeoutError:
             self.log.error("%s did not stop in %.0f s; killing it", self.name, timeout)
             with contextlib.suppress(ProcessLookupError):  # it ended in the last moment after all
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
 
 
 def stop_together(processes: list[tuple[ReplySupervisor, float]]) -> None:
