@@ -53,6 +53,13 @@ Columns of note:
 """
 from bot.storage.sql import Additive
 
+# Without them each retention pass read the mirror and the finished queue rows whole, also when
+# there was nothing to delete (bench/retention.py). The same SQL for both databases.
+RETENTION_INDEXES = Additive("""
+    CREATE INDEX mirror_time ON mirror (at_ms);
+    CREATE INDEX events_finished ON events (finished_at) WHERE finished_at IS NOT NULL;
+    """)
+
 SCHEMA = [
     # version 1: the delivery queue
     """
@@ -264,12 +271,8 @@ SCHEMA = [
     Additive("""
     CREATE TABLE edited (mid TEXT PRIMARY KEY, text TEXT NOT NULL, at_ms INTEGER NOT NULL);
     """),
-    # version 21: retention finds old mirror rows and finished queue rows by index: without, each
-    # pass read both tables whole, also when there was nothing to delete (bench/retention.py)
-    Additive("""
-    CREATE INDEX mirror_time ON mirror (at_ms);
-    CREATE INDEX events_finished ON events (finished_at) WHERE finished_at IS NOT NULL;
-    """),
+    # version 21: retention finds old mirror rows and finished queue rows by index
+    RETENTION_INDEXES,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -469,8 +472,5 @@ POSTGRES_SCHEMA = [
     CREATE TABLE edited (mid TEXT PRIMARY KEY, text TEXT NOT NULL, at_ms BIGINT NOT NULL);
     """),
     # version 17: SQLite's 21
-    Additive("""
-    CREATE INDEX mirror_time ON mirror (at_ms);
-    CREATE INDEX events_finished ON events (finished_at) WHERE finished_at IS NOT NULL;
-    """),
+    RETENTION_INDEXES,
 ]
