@@ -292,7 +292,10 @@ def to_touch(event: dict, now_ms: int) -> Touch | None:
             value = body.get(key) if isinstance(body.get(key), str) else ""
             if kind == REACTION and body.get("action") == "unreact":
                 value = ""
-            return Touch(kind, _sender(event), _recipient(event), mid, clean_text(value)[:2000],
+            # An edit is the message's new text, as long as a message's own (the request's size
+            # bounds both); a reaction or a feedback word is short.
+            value = clean_text(value) if kind == EDIT else clean_text(value)[:2000]
+            return Touch(kind, _sender(event), _recipient(event), mid, value,
                          to_timestamp_ms(event.get("timestamp"), now_ms))
     return None
 

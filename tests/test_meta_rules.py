@@ -522,6 +522,16 @@ def test_an_edit_before_the_answer_is_answered_as_edited(make_client, graph, mod
     assert model.requests[-1]["json"]["messages"][-1]["content"].endswith("Open on Sunday?")
 
 
+def test_an_edit_of_a_long_message_keeps_all_of_its_words(make_client, graph, model, clock):
+    """Found by a probe: the edit's text was cut at 2,000 characters, a message's own is not."""
+    client = make_client(clock)
+    long_text = "Here is my order: " + "two croissants, " * 300 + "and a baguette."
+    post_signed(client, text_body("m_user_1", long_text, timestamp=int(clock() * 1000)))
+    touch(client, clock, "message_edit", mid="m_user_1", text=long_text.replace("two", "three"), num_edit=1)
+    answer_queue(client)
+    assert model.requests[-1]["json"]["messages"][-1]["content"].endswith("three croissants, and a baguette.")
+
+
 def test_an_edit_after_the_answer_replaces_the_text_in_the_mirror(make_client, graph, model, clock):
     client = make_client(clock)
     say(client, clock, 1, "Open tomorrow?")
