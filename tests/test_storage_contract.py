@@ -788,10 +788,10 @@ def test_edits_reactions_and_feedback_land_where_they_belong(store):
     assert [r["feedback"] for r in store.conversations.export()] == ["Good response"]
 
 
-def edit(mid, text, at):
+def edit(mid, text, at, psid="u1"):
     from bot.storage.inbox import EDIT
 
-    return touch(EDIT, mid, text, at)
+    return touch(EDIT, mid, text, at, psid)
 
 
 def touch(kind, mid, text="", at=5000, psid="u1"):
@@ -823,6 +823,20 @@ def test_a_message_stored_after_its_edit_is_answered_as_edited(store):
     texts = {h.mid: h.text for h in store.conversations.history("u1", "page", 10, None)}
     assert texts["m_late"] == "Hours on Monday?" and texts["m_typo"] == "Open on Sunday?"
     assert_pruned_with_retention(store, "edited", 3)
+
+
+def test_an_edit_changes_only_a_message_of_the_user_who_sent_it(store):
+    """Meta's mids are unique and its deliveries signed: an edit naming another user's message
+    (or the bot's reply) is a forged or broken delivery, and changes nothing."""
+    store.add([message("m_answered", text="Open tomorrow?")])
+    batch = store.claim("a", 30)
+    store.complete(batch, exchange(batch, reply="Yes, 9 to 5.", sent=("r",)))
+    store.add([message("m_waiting", at=3000, text="And Sunday?")])
+    store.add([], [edit("m_answered", "taken over", at=5000, psid="u2"), edit("m_waiting", "taken over", at=5000, psid="u2"),
+                   edit(f"r_{batch.batch_id}", "taken over", at=5000)])
+    store.add([], [edit("m_waiting", "And on Sunday?", at=6000)])  # then its own user's edit still counts
+    assert "taken over" not in [h.text for h in store.conversations.history("u1", "page", 10, None)]
+    assert [m.text for m in store.claim("a", 30).messages] == ["And on Sunday?"]
 
 
 def test_an_unsent_message_leaves_the_history_and_is_not_answered_when_still_waiting(store):

@@ -32,8 +32,8 @@ def record_echoes(db, echoes: Sequence[ClassifiedEcho]) -> None:
         elif kind == EDIT:  # answered: the mirror says it as edited; still waiting: answered so
             if not echo.text.strip():  # no words (a payload without its text): nothing to put in their place
                 continue
-            text = edits.remember_edit(db, echo.mid, echo.text, echo.timestamp_ms)
-            mirror.edit(db, echo.mid, text)
+            text = edits.remember_edit(db, echo.psid, echo.mid, echo.text, echo.timestamp_ms)
+            mirror.edit(db, echo.psid, echo.mid, text)
             edits.apply_edits(db, [echo.mid])
         elif kind == UNSEND:  # the user took it back: never in a prompt again; still waiting: not answered
             edits.remember_unsent(db, echo.mid, echo.timestamp_ms)
@@ -164,7 +164,7 @@ class Conversations:
         # exchange has its transcript (and a label for a photo), and the first row of a mid stays.
         # One edited while its answer was made is mirrored as edited (its answer and its record
         # keep the words they were made from).
-        edited = edits.latest_texts(db, [m.mid for m in messages if m.mid])
+        edited = edits.latest_texts(db, exchange.psid, [m.mid for m in messages if m.mid])
         mirror.add_rows(db, exchange.psid, [(m.mid, USER, edited.get(m.mid) or exchanges.user_text(m, exchange.said),
                                              m.timestamp_ms) for m in messages if m.mid])
         if exchange.disclosed_at is not None:

@@ -13,13 +13,14 @@ STILL_WAITING = "state = 'pending' AND reply IS NULL AND sending IS NULL AND sen
 UNSENT_ERROR = "unsent by the user"  # the error of a waiting message the user unsent (mirror.UNSENT: its row)
 
 
-def remember_edit(db, mid: str, text: str, at_ms: int) -> str:
+def remember_edit(db, psid: str, mid: str, text: str, at_ms: int) -> str:
     """The user edited this message: kept, so the message takes the text even when stored after
-    the edit. Of several edits the latest stands, in whatever order they came; returns its text."""
-    db.execute("INSERT INTO edited (mid, text, at_ms) VALUES (?, ?, ?) ON CONFLICT (mid) DO UPDATE"
+    the edit. Of several edits the latest stands, in whatever order they came; returns its text.
+    Kept by user and mid: an edit naming another user's message is applied to nothing."""
+    db.execute("INSERT INTO edited (psid, mid, text, at_ms) VALUES (?, ?, ?, ?) ON CONFLICT (psid, mid) DO UPDATE"
                " SET text = excluded.text, at_ms = excluded.at_ms WHERE excluded.at_ms >= edited.at_ms",
-               (mid, clean_text(text), at_ms))
-    return db.execute("SELECT text FROM edited WHERE mid = ?", (mid,)).fetchone()[0]
+               (psid, mid, clean_text(text), at_ms))
+    return db.execute("SELECT text FROM edited WHERE psid = ? AND mid = ?", (psid, mid)).fetchone()[0]
 
 
 def apply_edits(db, mids: Sequence[str]) -> dict[str, str]:
@@ -31,7 +32,8 @@ def apply_edits(db, mids: Sequence[str]) -> dict[str, str]:
     if not mids:
         return {}
     marks = ",".join("?" * len(mids))
-    rows = db.execute(f"SELECT e.id, e.dedupe_key, e.message, d.text FROM events e JOIN edited d ON d.mid = e.dedupe_key"
+    rows = db.execute(f"SELECT e.id, e.dedupe_key, e.message, d.text FROM events e"
+                      f" JOIN edited d ON d.mid = e.dedupe_key AND d.psid = e.psid"
                       f" WHERE e.dedupe_key IN ({marks}) AND {STILL_WAITING}", tuple(mids)).fetchall()
     changed = {}
     for row in rows:
@@ -50,13 +52,15 @@ def apply_edits(db, mids: Sequence[str]) -> dict[str, str]:
     return changed
 
 
-def latest_texts(db, mids: Sequence[str]) -> dict[str, str]:
-    """The latest edit of each of these messages that has one: what the mirror keeps of a message
-    edited while its answer was being made (the answer is to the words it was made from)."""
+def latest_texts(db, psid: str, mids: Sequence[str]) -> dict[str, str]:
+    """The latest edit of each of these messages of the user's that has one: what the mirror
+    keeps of a message edited while its answer was being made (the answer is to the words it was
+    made from)."""
     if not mids:
         return {}
     marks = ",".join("?" * len(mids))
-    return dict(db.execute(f"SELECT mid, text FROM edited WHERE mid IN ({marks})", tuple(mids)).fetchall())
+    return dict(db.execute(f"SELECT mid, text FROM edited WHERE psid = ? AND mid IN ({marks})",
+                           (psid, *mids)).fetchall())
 
 
 def remember_unsent(db, mid: str, at_ms: int) -> None:

@@ -70,9 +70,9 @@ def after(db, psid: str, mids: Sequence[str], after_ms: int) -> set[str]:
                                          f" ({','.join('?' * len(mids))})", (psid, after_ms, *mids))}
 
 
-def edit(db, mid: str, text: str) -> None:
-    """The user edited a message: the mirror (and so later prompts) reads the new text."""
-    db.execute("UPDATE mirror SET text = ? WHERE mid = ?", (clean_text(text), mid))
+def edit(db, psid: str, mid: str, text: str) -> None:
+    """The user edited one of their messages: the mirror (and so later prompts) reads the new text."""
+    db.execute("UPDATE mirror SET text = ? WHERE mid = ? AND psid = ? AND author = ?", (clean_text(text), mid, psid, USER))
 
 
 def forget(db, psid: str, mid: str, at_ms: int) -> None:

@@ -49,7 +49,8 @@ Columns of note:
   unsent              mids of messages their users unsent (Instagram's is_deleted), and when (ms): one
                       still waiting, or stored later, is finished unanswered (bot/storage/edits.py)
   edited              the latest text of each message its user edited, and when (ms): one still
-                      waiting, or stored later, is answered with it (bot/storage/edits.py)
+                      waiting, or stored later, is answered with it (bot/storage/edits.py); by
+                      user and mid, so an edit naming another user's message changes nothing
 """
 from bot.storage.sql import Additive
 
@@ -269,7 +270,8 @@ SCHEMA = [
     """),
     # version 20: the messages users edited, so one stored after its edit is answered as edited
     Additive("""
-    CREATE TABLE edited (mid TEXT PRIMARY KEY, text TEXT NOT NULL, at_ms INTEGER NOT NULL);
+    CREATE TABLE edited (psid TEXT NOT NULL, mid TEXT NOT NULL, text TEXT NOT NULL, at_ms INTEGER NOT NULL,
+                         PRIMARY KEY (psid, mid));
     """),
     # version 21: retention finds old mirror rows and finished queue rows by index
     RETENTION_INDEXES,
@@ -469,7 +471,8 @@ POSTGRES_SCHEMA = [
     """),
     # version 16: SQLite's 20
     Additive("""
-    CREATE TABLE edited (mid TEXT PRIMARY KEY, text TEXT NOT NULL, at_ms BIGINT NOT NULL);
+    CREATE TABLE edited (psid TEXT NOT NULL, mid TEXT NOT NULL, text TEXT NOT NULL, at_ms BIGINT NOT NULL,
+                         PRIMARY KEY (psid, mid));
     """),
     # version 17: SQLite's 21
     RETENTION_INDEXES,
