@@ -55,6 +55,11 @@ OLD_EXAMPLE_VERIFY_TOKEN = "choose-any-long-random-string"
 
 # Set by gunicorn.conf.py for the webhook workers: replies run in their own process.
 REPLY_PROCESS_ENV = "BOT_REPLY_PROCESS"
+# Set by the gunicorn master in the processes it keeps (the reply process, the website chat), whose
+# environment it gives the `.env` values it validated: they do not read `.env` again, so a file
+# edited since (without a SIGHUP, or with a mistake the master refused) cannot reach them when
+# they start again after a crash or a reload.
+CHECKED_SETTINGS_ENV = "BOT_CHECKED_SETTINGS"
 
 
 class ConfigError(ValueError):
@@ -268,17 +273,25 @@ def load_config_or_exit(environ: Mapping[str, str] | None = None, env_file: str 
 
 def read_environment(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> dict[str, str]:
     """The process environment over the `.env` file: a real variable always wins."""
+    values = read_env_file(env_file) if env_file else {}
+    values.update(os.environ if environ is None else environ)
+    return values
+
+
+def read_env_file(env_file: str = ".env") -> dict[str, str]:
+    """The `.env` file's values: {} without one, and in a process the gunicorn master started
+    with the values it checked already in its environment (CHECKED_SETTINGS_ENV)."""
+    if os.environ.get(CHECKED_SETTINGS_ENV) == "1":
+        return {}
     try:
-        values = {}
-        if env_file and os.path.exists(env_file):  # opened here: python-dotenv skips a folder in silence
-            with open(env_file, encoding="utf-8") as stream:
-                values = {k: v for k, v in dotenv_values(stream=stream).items() if v is not None}
+        if not os.path.exists(env_file):
+            return {}
+        with open(env_file, encoding="utf-8") as stream:  # opened here: python-dotenv skips a folder in silence
+            return {k: v for k, v in dotenv_values(stream=stream).items() if v is not None}
     except UnicodeDecodeError:
         raise ConfigError([f"{env_file} is not UTF-8: save it as UTF-8"]) from None
     except OSError as exc:  # a folder, or not readable by this user: its settings must not be skipped
         raise ConfigError([f"cannot read {env_file} ({exc.strerror}): make it a file this user can read"]) from None
-    values.update(os.environ if environ is None else environ)
-    return values
 
 
 def load_config(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> Config:

@@ -11,32 +11,44 @@ import shutil
 import sys
 
 from bot.runtime.supervisor import MASTER_STATE
-from config import REPLY_PROCESS_ENV, ConfigError, load_config, load_config_or_exit
+from config import REPLY_PROCESS_ENV, ConfigError, load_config, read_env_file
 
 # What only a start checks (the port is free, DATA_DIR is this bot's alone, the database): a
 # reload that changes one of them is refused, and a restart takes it.
 START_ONLY = ("host", "port", "data_dir", "database_url", "webchat", "webchat_port")
 
+
+
+def _validated():
+    """The `.env` file's values and the Config they make with the environment (ConfigError)."""
+    env_file = read_env_file()
+    return env_file, load_config({**env_file, **os.environ}, env_file=None)
+
+
 _changed = True  # a reload that changed nothing (logrotate's SIGHUP): nothing is started again for it
 if "config" not in MASTER_STATE:
-    _config = load_config_or_exit()
+    try:
+        _env_file, _config = _validated()
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
 else:  # a reload (SIGHUP) reads this file again: settings edited with a mistake must not stop the bot
     _had, _refusal = MASTER_STATE["config"], ""
     try:
-        _config = load_config()
+        _env_file, _config = _validated()
     except ConfigError as error:
         _refusal = str(error)
     else:
         if _start_only := [name.upper() for name in START_ONLY if getattr(_config, name) != getattr(_had, name)]:
             _refusal = f"{', '.join(_start_only)} change only with a restart."
     if _refusal:
-        _config = _had
+        _env_file, _config = MASTER_STATE["env_file"], _had
         print(f"SIGHUP: the new settings were not taken, the bot goes on with those it had. {_refusal}",
               file=sys.stderr, flush=True)
     _changed = _config != _had
 # The workers are forked from this master and use these settings (server.py), not a `.env` read
-# of their own: they run on what was validated here.
-MASTER_STATE["config"] = _config
+# of their own: they run on what was validated here. The processes it keeps get the `.env`
+# values in their environment (bot/runtime/supervisor.py), for the same reason.
+MASTER_STATE["config"], MASTER_STATE["env_file"] = _config, _env_file
 # Tells server.py not to start reply threads in the webhook workers (the reply process answers).
 # Set here, not in on_starting: with --preload gunicorn loads the app before that hook runs.
 os.environ[REPLY_PROCESS_ENV] = "1"
@@ -132,23 +144,27 @@ def when_ready(server):
 
     scheme_host = f"[{_host}]" if ":" in _host else _host
     server.log.info("bot listening on http://%s:%s (webhook: /webhook)", scheme_host, _config.port)
-    _state["replies"] = ReplySupervisor(server.log, on_exit=_mark_dead,
+    _state["replies"] = ReplySupervisor(server.log, on_exit=_mark_dead, settings=_checked_settings,
                                         alive_file=os.path.join(_config.data_dir, "reply-process.alive"))
     _state["replies"].start()
     if _config.webchat:  # the website chat: a listener and a process of its own (bot/webchat/serve.py)
         server.log.info("website chat on http://%s:%s (/webchat.js)", scheme_host, _config.webchat_port)
         _state["webchat"] = ReplySupervisor(server.log, command=("-m", "bot.webchat.serve"), on_exit=_mark_dead,
-                                            name="website chat process",
+                                            name="website chat process", settings=_checked_settings,
                                             alive_file=os.path.join(_config.data_dir, "webchat-process.alive"))
         _state["webchat"].start()
 
 
+def _checked_settings():
+    """The `.env` values the master validated last (the supervisors read them at each start)."""
+    return MASTER_STATE["env_file"]
+
+
 def on_reload(server):
     """SIGHUP with new, good settings: gunicorn starts new webhook workers on them (server.py
-    reads MASTER_STATE); the reply process and the website chat read `.env` when they start, so
-    they are started again too. With refused settings they go on as they are (a new one would
-    read the bad `.env` and fail to start), and with the same settings too (their stop would
-    pause the replies and close the website chat for nothing)."""
+    reads MASTER_STATE); the reply process and the website chat take them when they start, so
+    they are started again too. With refused settings or the same ones they go on as they are
+    (their stop would pause the replies and close the website chat for nothing)."""
     if not _changed:
         return
     for name in ("replies", "webchat"):

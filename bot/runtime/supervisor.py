@@ -12,10 +12,11 @@ import sys
 import threading
 import time
 import uuid
-from typing import Callable
+from typing import Callable, Mapping
 
 from bot.runtime.liveness import ALIVE_FILE_ENV, FROZEN_AFTER_S, Silence
 from bot.storage.instance import LINEAGE_ENV, MASTER_PID_ENV
+from config import CHECKED_SETTINGS_ENV
 
 WATCH_EVERY_S = 1.0
 
@@ -33,7 +34,8 @@ class ReplySupervisor:
     def __init__(self, log: logging.Logger | None = None, command: tuple[str, ...] = ("-m", "bot.runtime.reply_process"),
                  on_exit: Callable[[int], None] = lambda pid: None, restart_pause: float = 1.0,
                  name: str = "reply process", alive_file: str | None = None, frozen_after: float = FROZEN_AFTER_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 settings: Callable[[], Mapping[str, str]] | None = None):
         self.log = log or logging.getLogger(__name__)
         self.name = name
         self.argv = [sys.executable, *command]
@@ -44,6 +46,7 @@ class ReplySupervisor:
         self._restarting: int | None = None  # the pid restart() asked to stop, to be started again
         self.environment = {**os.environ, LINEAGE_ENV: uuid.uuid4().hex[:12],  # this master start's
                             MASTER_PID_ENV: str(os.getpid())}
+        self.settings = settings  # the `.env` values the master validated last, read at each start
         self.silence = Silence(alive_file, clock) if alive_file else None
         self.frozen_after = frozen_after
         self.clock = clock
@@ -62,7 +65,7 @@ class ReplySupervisor:
                 # reply process must stop the orderly way - SIGTERM from stop(), after the
                 # webhook workers - so it can finish the replies in flight.
                 self._new_alive_file()
-                pid = os.posix_spawn(self.argv[0], self.argv, self.environment, setsigmask={signal.SIGINT})
+                pid = os.posix_spawn(self.argv[0], self.argv, self._environment(), setsigmask={signal.SIGINT})
                 self.pid = pid
                 status = self._wait(pid)
                 self.pid = None  # gone: nothing to signal any more (its pid may be another's soon)
@@ -81,6 +84,15 @@ class ReplySupervisor:
                 self.log.warning("%s stopped (status %s); starting a new one", self.name, status)
             else:
                 self.log.error("%s exited (status %s); starting a new one", self.name, status)
+
+    def _environment(self) -> dict[str, str]:
+        """The process's environment: with `settings`, the `.env` values the master validated
+        under the real environment (which wins over `.env`, as in the master), and the word not
+        to read `.env` again - so a file edited since, or refused at a SIGHUP, cannot reach it."""
+        values = self.settings() if self.settings else None
+        if values is None or any("\0" in name + value or "=" in name for name, value in values.items()):
+            return self.environment  # none, or not passable in an environment: it reads `.env` itself
+        return {**values, **self.environment, CHECKED_SETTINGS_ENV: "1"}
 
     def _new_alive_file(self) -> None:
         if self.silence is None:
