@@ -6,6 +6,7 @@ fixes their `.env` in one go instead of meeting one KeyError per start.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -55,10 +56,12 @@ OLD_EXAMPLE_VERIFY_TOKEN = "choose-any-long-random-string"
 
 # Set by gunicorn.conf.py for the webhook workers: replies run in their own process.
 REPLY_PROCESS_ENV = "BOT_REPLY_PROCESS"
-# Set by the gunicorn master in the processes it keeps (the reply process, the website chat), whose
-# environment it gives the `.env` values it validated: they do not read `.env` again, so a file
-# edited since (without a SIGHUP, or with a mistake the master refused) cannot reach them when
-# they start again after a crash or a reload.
+# Set by the gunicorn master in the processes it keeps (the reply process, the website chat): the
+# `.env` values and the Pages file it validated, as JSON ({"env_file": {...}, "pages_file":
+# [path, text] or null}). They read those instead of the files, so a file edited since (without
+# a SIGHUP, or with a mistake the master refused) cannot reach them when they start again after
+# a crash or a reload. In one variable, not as variables of their own: a `.env` key is a setting,
+# never an environment variable that a library would act on in those two processes alone.
 CHECKED_SETTINGS_ENV = "BOT_CHECKED_SETTINGS"
 
 
@@ -278,11 +281,23 @@ def read_environment(environ: Mapping[str, str] | None = None, env_file: str | N
     return values
 
 
+def checked_settings() -> dict | None:
+    """What the gunicorn master validated, in a process it started (CHECKED_SETTINGS_ENV); None
+    elsewhere, and for anything that is not what the master writes."""
+    try:
+        checked = json.loads(os.environ.get(CHECKED_SETTINGS_ENV) or "null")
+    except ValueError:
+        return None
+    if not isinstance(checked, dict) or not isinstance(checked.get("env_file"), dict):
+        return None
+    return checked
+
+
 def read_env_file(env_file: str = ".env") -> dict[str, str]:
-    """The `.env` file's values: {} without one, and in a process the gunicorn master started
-    with the values it checked already in its environment (CHECKED_SETTINGS_ENV)."""
-    if os.environ.get(CHECKED_SETTINGS_ENV) == "1":
-        return {}
+    """The `.env` file's values: {} without one; in a process the gunicorn master started, the
+    values it validated (checked_settings)."""
+    if (checked := checked_settings()) is not None:
+        return {str(k): str(v) for k, v in checked["env_file"].items()}
     try:
         if not os.path.exists(env_file):
             return {}
@@ -294,10 +309,16 @@ def read_env_file(env_file: str = ".env") -> dict[str, str]:
         raise ConfigError([f"cannot read {env_file} ({exc.strerror}): make it a file this user can read"]) from None
 
 
-def load_config(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> Config:
-    """Build the Config or raise one ConfigError listing every problem (the Pages file's too)."""
+def load_config(environ: Mapping[str, str] | None = None, env_file: str | None = ".env",
+                pages_text: str | None = None) -> Config:
+    """Build the Config or raise one ConfigError listing every problem (the Pages file's too:
+    `pages_text` is its text as read before, or the text the master validated)."""
     env = read_environment(environ, env_file)
-    entries, problems = ([], []) if not env.get("PAGES_FILE", "").strip() else read_pages_file(env["PAGES_FILE"].strip())
+    pages_path = env.get("PAGES_FILE", "").strip()
+    if pages_path and pages_text is None and (checked := checked_settings()) and checked.get("pages_file"):
+        checked_path, checked_text = checked["pages_file"]
+        pages_text = checked_text if checked_path == pages_path else None
+    entries, problems = ([], []) if not pages_path else read_pages_file(pages_path, pages_text)
     if env.get("PAGES_FILE", "").strip():
         if env.get("FB_PAGE_ID", "").strip() or env.get("FB_PAGE_ACCESS_TOKEN", "").strip():
             problems.append("set either PAGES_FILE or FB_PAGE_ID and FB_PAGE_ACCESS_TOKEN, not both")

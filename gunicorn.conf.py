@@ -6,49 +6,70 @@ file sets one variable (the replies run in a process of their own); the hooks be
 prepare DATA_DIR and the rest of the environment (on_starting) and keep the reply
 process running (bot/runtime/supervisor.py).
 """
+import json
 import os
 import shutil
 import sys
 
 from bot.runtime.supervisor import MASTER_STATE
-from config import REPLY_PROCESS_ENV, ConfigError, load_config, read_env_file
+from config import CHECKED_SETTINGS_ENV, REPLY_PROCESS_ENV, ConfigError, load_config, read_env_file
+from pages import read_pages_text
 
 # What only a start checks (the port is free, DATA_DIR is this bot's alone, the database): a
 # reload that changes one of them is refused, and a restart takes it.
 START_ONLY = ("host", "port", "data_dir", "database_url", "webchat", "webchat_port")
 
+# Larger, the handed-on settings could not go into an environment (Linux: 128 KB a variable): the
+# processes then read the Pages file (and, past it, `.env`) themselves.
+CHECKED_SETTINGS_MAX = 100_000
 
 
 def _validated():
-    """The `.env` file's values and the Config they make with the environment (ConfigError)."""
+    """The Config of the `.env` file and the environment, and what the processes this master keeps
+    get of it (config.CHECKED_SETTINGS_ENV): the file's values and the Pages file's text, each read
+    once, so what they get is what was validated (ConfigError)."""
     env_file = read_env_file()
-    return env_file, load_config({**env_file, **os.environ}, env_file=None)
+    environ = {**env_file, **os.environ}
+    pages_path, pages_text = environ.get("PAGES_FILE", "").strip(), None
+    if pages_path:
+        try:
+            pages_text = read_pages_text(pages_path)
+        except (OSError, UnicodeDecodeError):
+            pass  # load_config reads it again and names the problem
+    config = load_config(environ, env_file=None, pages_text=pages_text)
+    handed = json.dumps({"env_file": env_file, "pages_file": [pages_path, pages_text] if pages_text else None})
+    if len(handed) > CHECKED_SETTINGS_MAX:
+        handed = json.dumps({"env_file": env_file, "pages_file": None})
+    return (handed if len(handed) <= CHECKED_SETTINGS_MAX else None), config
 
+
+# A master reads the files itself, whatever its own environment says (a copied one, a wrapper's).
+os.environ.pop(CHECKED_SETTINGS_ENV, None)
 
 _changed = True  # a reload that changed nothing (logrotate's SIGHUP): nothing is started again for it
 if "config" not in MASTER_STATE:
     try:
-        _env_file, _config = _validated()
+        _handed, _config = _validated()
     except ConfigError as error:
         raise SystemExit(str(error)) from None
 else:  # a reload (SIGHUP) reads this file again: settings edited with a mistake must not stop the bot
     _had, _refusal = MASTER_STATE["config"], ""
     try:
-        _env_file, _config = _validated()
+        _handed, _config = _validated()
     except ConfigError as error:
         _refusal = str(error)
     else:
         if _start_only := [name.upper() for name in START_ONLY if getattr(_config, name) != getattr(_had, name)]:
             _refusal = f"{', '.join(_start_only)} change only with a restart."
     if _refusal:
-        _env_file, _config = MASTER_STATE["env_file"], _had
+        _handed, _config = MASTER_STATE["handed_settings"], _had
         print(f"SIGHUP: the new settings were not taken, the bot goes on with those it had. {_refusal}",
               file=sys.stderr, flush=True)
     _changed = _config != _had
 # The workers are forked from this master and use these settings (server.py), not a `.env` read
-# of their own: they run on what was validated here. The processes it keeps get the `.env`
-# values in their environment (bot/runtime/supervisor.py), for the same reason.
-MASTER_STATE["config"], MASTER_STATE["env_file"] = _config, _env_file
+# of their own: they run on what was validated here. The processes it keeps get what it
+# validated in their environment (bot/runtime/supervisor.py), for the same reason.
+MASTER_STATE["config"], MASTER_STATE["handed_settings"] = _config, _handed
 # Tells server.py not to start reply threads in the webhook workers (the reply process answers).
 # Set here, not in on_starting: with --preload gunicorn loads the app before that hook runs.
 os.environ[REPLY_PROCESS_ENV] = "1"
@@ -108,6 +129,10 @@ def on_starting(server):
               "that no other bot does): remove it from the command line or GUNICORN_CMD_ARGS and set HOST and "
               "PORT", file=sys.stderr)
         sys.exit(1)
+    if server.cfg.env:  # set after this file validated the settings, and only for the processes it starts
+        print("Cannot start: -e/--env and raw_env are not supported (the settings they set would not be the ones "
+              "checked): put them in .env or the environment", file=sys.stderr)
+        sys.exit(1)
     if server.cfg.preload_app:  # the app was loaded here, in the master: its database connections
         # would be shared by every forked worker, and the start-up checks below came too late
         print("Cannot start: --preload is not supported (each worker opens the database itself): remove it "
@@ -156,8 +181,9 @@ def when_ready(server):
 
 
 def _checked_settings():
-    """The `.env` values the master validated last (the supervisors read them at each start)."""
-    return MASTER_STATE["env_file"]
+    """The settings the master validated last, for config.CHECKED_SETTINGS_ENV (the supervisors
+    read them at each start; None: too large, the processes read the files)."""
+    return MASTER_STATE["handed_settings"]
 
 
 def on_reload(server):

@@ -59,11 +59,11 @@ class PageEntry:
         return self.id or f"#{self.position}"
 
 
-def read_pages_file(path: str) -> tuple[list[PageEntry], list[str]]:
-    """The entries of the file, and every problem found in it (none: the entries are usable)."""
+def read_pages_file(path: str, text: str | None = None) -> tuple[list[PageEntry], list[str]]:
+    """The entries of the file (or of `text`, the file's as read before), and every problem found
+    in it (none: the entries are usable)."""
     try:
-        with open(path, encoding="utf-8-sig") as file:  # a BOM, as some editors write, is no statement
-            data = tomllib.loads(file.read())
+        data = tomllib.loads(read_pages_text(path) if text is None else text)
     except OSError as exc:
         return [], [f"PAGES_FILE {path} cannot be read: {exc.strerror or type(exc).__name__}"]
     except tomllib.TOMLDecodeError as exc:
@@ -78,6 +78,12 @@ def read_pages_file(path: str) -> tuple[list[PageEntry], list[str]]:
     entries = [_entry(page, n, problems) for n, page in enumerate(pages, 1)]
     _check_unique(entries, problems)
     return entries, problems
+
+
+def read_pages_text(path: str) -> str:
+    """The file's text (OSError, UnicodeDecodeError)."""
+    with open(path, encoding="utf-8-sig") as file:  # a BOM, as some editors write, is no statement
+        return file.read()
 
 
 def _entry(page: dict[str, Any], n: int, problems: list[str]) -> PageEntry:

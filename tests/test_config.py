@@ -109,6 +109,27 @@ def test_dotenv_file_read_and_environment_wins(tmp_path):
     assert config.fb_page_id == "1234567890"
 
 
+def test_a_process_the_master_started_reads_what_it_checked_not_the_files(tmp_path, monkeypatch):
+    """BOT_CHECKED_SETTINGS (gunicorn.conf.py hands it to the reply and website chat processes):
+    its `.env` values and Pages file text stand in for the files; anything else in it is no
+    reason to skip them."""
+    import json
+
+    from config import CHECKED_SETTINGS_ENV
+
+    env_file, pages_file = tmp_path / ".env", tmp_path / "pages.toml"
+    env_file.write_text("OPENAI_MODEL=from-the-file\n")
+    pages_file.write_text("[[pages]]\nid = 'not a number'\n")
+    settings = {k: v for k, v in GOOD.items() if not k.startswith("FB_PAGE")}
+    checked = {"env_file": {**settings, "OPENAI_MODEL": "checked", "PAGES_FILE": str(pages_file)},
+               "pages_file": [str(pages_file), '[[pages]]\nid = "1234567890"\naccess_token = "EAAB-checked"\n']}
+    monkeypatch.setenv(CHECKED_SETTINGS_ENV, json.dumps(checked))
+    config = load_config({}, env_file=str(env_file))
+    assert config.openai_model == "checked" and [a.page_id for a in config.accounts] == ["1234567890"]
+    monkeypatch.setenv(CHECKED_SETTINGS_ENV, "1")  # a stray flag, not what the master writes
+    assert load_config(GOOD, env_file=str(env_file)).openai_model == "from-the-file"
+
+
 def test_env_example_lists_every_setting_the_bot_reads():
     """.env.example is the list a Page owner copies: a setting config.py reads but the file
     leaves out is a setting nobody finds."""

@@ -544,7 +544,7 @@ def test_a_second_bot_on_the_same_port_or_data_dir_refuses_to_start(bot, graph, 
 
 
 @pytest.mark.parametrize("trouble", ["dotenv folder", "not a database", "database folder", "no workers", "preload",
-                                     "error log", "bind"])
+                                     "error log", "bind", "gunicorn env"])
 def test_an_unusable_dotenv_or_database_or_worker_count_stops_start_up_with_one_line(graph, model, tmp_path,
                                                                                      trouble):
     """Each of these used to start a bot that answered nothing or answered wrong: a `.env`
@@ -554,6 +554,8 @@ def test_an_unusable_dotenv_or_database_or_worker_count_stops_start_up_with_one_
     (tmp_path / "data").mkdir()
     extra = {"no workers": {"WEB_CONCURRENCY": "0"}, "preload": {"GUNICORN_CMD_ARGS": "--preload"},
              "bind": {"GUNICORN_CMD_ARGS": f"--bind 127.0.0.1:{free_port()}"},  # two bots shared a port that way
+             # set after the settings were checked, for the processes the master starts only
+             "gunicorn env": {"GUNICORN_CMD_ARGS": "-e RATE_LIMIT=often"},
              "error log": {"ERROR_LOG_FILE": str(tmp_path / "data")}}.get(trouble, {})
     if trouble == "dotenv folder":
         (tmp_path / ".env").mkdir()
@@ -568,6 +570,7 @@ def test_an_unusable_dotenv_or_database_or_worker_count_stops_start_up_with_one_
                 "no workers": "WEB_CONCURRENCY must be between 1 and 64",
                 "preload": "Cannot start: --preload is not supported",
                 "bind": "Cannot start: --bind is not supported",
+                "gunicorn env": "Cannot start: -e/--env and raw_env are not supported",
                 "error log": f"Cannot start: cannot write ERROR_LOG_FILE {tmp_path / 'data'} (Is a directory)"}[trouble]
     assert expected in output, output
 

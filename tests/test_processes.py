@@ -11,7 +11,8 @@ import time
 import pytest
 import requests
 
-from tests.support import PSID, ROOT, Bot, base_env, echo_body, reply_process_pid, text_body, wait_until
+from tests.support import (PAGE_ID, PAGE_TOKEN, PSID, ROOT, Bot, base_env, echo_body, reply_process_pid, text_body,
+                           wait_until)
 from tests.support.processes import worker_pids
 
 
@@ -163,24 +164,27 @@ def test_a_reload_with_bad_settings_keeps_the_bot_on_those_it_runs_with(make_bot
     assert '"GET /[redacted] HTTP/1.1" 404' in log and old_token not in log
 
 
-def test_a_reply_process_started_again_runs_on_the_settings_the_master_checked(make_bot, graph, model):
-    """`.env` edited (here with a mistake) and no SIGHUP, or a SIGHUP refused: a reply process
-    started again - after a crash, a freeze, a reload - takes the settings the master validated,
-    not the file. Before, it read the file, failed, and was started again every second or two
+def test_a_reply_process_started_again_runs_on_the_settings_the_master_checked(make_bot, graph, model, tmp_path):
+    """`.env` and the Pages file edited (here with mistakes) and no SIGHUP, or a SIGHUP refused: a
+    reply process started again - after a crash, a freeze, a reload - takes the settings the
+    master validated, not the files. Before, it read the file, failed, and was started again every second or two
     while the messages acknowledged meanwhile waited."""
-    bot = make_bot()
-    env_file = bot.tmp_path / ".env"
+    pages_file = tmp_path / "pages.toml"
+    bot = make_bot(PAGES_FILE=str(pages_file), FB_PAGE_ID="", FB_PAGE_ACCESS_TOKEN="")
+    pages_file.write_text(f'[[pages]]\nid = "{PAGE_ID}"\naccess_token = "{PAGE_TOKEN}"\n')
+    env_file = tmp_path / ".env"
     env_file.write_text("OPENAI_MODEL=checked-model\n")
     bot.start()
     assert wait_until(lambda: reply_process_pid(bot) is not None, 15), bot.log_text()
     first = reply_process_pid(bot)
     env_file.write_text("OPENAI_MODEL=unchecked-model\nRATE_LIMIT=often\n")
+    pages_file.write_text("[[pages]]\nid = 'not a number'\n")
     os.kill(first, signal.SIGKILL)  # a crash
     assert wait_until(lambda: reply_process_pid(bot) not in (None, first), 15), bot.log_text()
     assert bot.post(text_body("m_after_a_crash", "Still there?")).status_code == 200
     assert wait_until(lambda: graph.sent_texts(PSID) == ["Hello from the model."]), bot.log_text()
     assert [r["json"]["model"] for r in model.requests] == ["checked-model"]
-    assert "RATE_LIMIT" not in bot.log_text()
+    assert "RATE_LIMIT" not in bot.log_text() and "PAGES_FILE" not in bot.log_text()
 
 
 def test_replies_to_one_user_go_out_in_order_across_workers(make_bot, graph, model):

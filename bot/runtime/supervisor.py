@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Callable, Mapping
+from typing import Callable
 
 from bot.runtime.liveness import ALIVE_FILE_ENV, FROZEN_AFTER_S, Silence
 from bot.storage.instance import LINEAGE_ENV, MASTER_PID_ENV
@@ -35,7 +35,7 @@ class ReplySupervisor:
                  on_exit: Callable[[int], None] = lambda pid: None, restart_pause: float = 1.0,
                  name: str = "reply process", alive_file: str | None = None, frozen_after: float = FROZEN_AFTER_S,
                  clock: Callable[[], float] = time.monotonic,
-                 settings: Callable[[], Mapping[str, str]] | None = None):
+                 settings: Callable[[], str | None] | None = None):
         self.log = log or logging.getLogger(__name__)
         self.name = name
         self.argv = [sys.executable, *command]
@@ -46,7 +46,7 @@ class ReplySupervisor:
         self._restarting: int | None = None  # the pid restart() asked to stop, to be started again
         self.environment = {**os.environ, LINEAGE_ENV: uuid.uuid4().hex[:12],  # this master start's
                             MASTER_PID_ENV: str(os.getpid())}
-        self.settings = settings  # the `.env` values the master validated last, read at each start
+        self.settings = settings  # what the master validated last (JSON), read at each start
         self.silence = Silence(alive_file, clock) if alive_file else None
         self.frozen_after = frozen_after
         self.clock = clock
@@ -86,13 +86,11 @@ class ReplySupervisor:
                 self.log.error("%s exited (status %s); starting a new one", self.name, status)
 
     def _environment(self) -> dict[str, str]:
-        """The process's environment: with `settings`, the `.env` values the master validated
-        under the real environment (which wins over `.env`, as in the master), and the word not
-        to read `.env` again - so a file edited since, or refused at a SIGHUP, cannot reach it."""
-        values = self.settings() if self.settings else None
-        if values is None or any("\0" in name + value or "=" in name for name, value in values.items()):
-            return self.environment  # none, or not passable in an environment: it reads `.env` itself
-        return {**values, **self.environment, CHECKED_SETTINGS_ENV: "1"}
+        """The process's environment: with `settings`, what the master validated last (read
+        instead of `.env` and the Pages file: config.CHECKED_SETTINGS_ENV), so a file edited
+        since, or refused at a SIGHUP, cannot reach it."""
+        handed = self.settings() if self.settings else None
+        return self.environment if handed is None else {**self.environment, CHECKED_SETTINGS_ENV: handed}
 
     def _new_alive_file(self) -> None:
         if self.silence is None:
