@@ -315,11 +315,12 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
     `pages_text` is its text as read before, or the text the master validated)."""
     env = read_environment(environ, env_file)
     pages_path = env.get("PAGES_FILE", "").strip()
-    if pages_path and pages_text is None and (checked := checked_settings()) and checked.get("pages_file"):
-        checked_path, checked_text = checked["pages_file"]
-        pages_text = checked_text if checked_path == pages_path else None
+    if pages_path and pages_text is None and (checked := checked_settings()):
+        handed = checked.get("pages_file")
+        if isinstance(handed, list) and len(handed) == 2 and handed[0] == pages_path and isinstance(handed[1], str):
+            pages_text = handed[1]
     entries, problems = ([], []) if not pages_path else read_pages_file(pages_path, pages_text)
-    if env.get("PAGES_FILE", "").strip():
+    if pages_path:
         if env.get("FB_PAGE_ID", "").strip() or env.get("FB_PAGE_ACCESS_TOKEN", "").strip():
             problems.append("set either PAGES_FILE or FB_PAGE_ID and FB_PAGE_ACCESS_TOKEN, not both")
         # One Page's identity, which would be ignored (its Instagram account silently unanswered)
