@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 import requests
 
-from bot.knowledge import readers, store
+from bot.knowledge import dictionary, readers, store
 from bot.knowledge.embeddings import Embedder, EmbeddingsUnavailable, to_bytes
 from bot.knowledge.readers import Limits, SourceError
 from bot.knowledge.retrieval import Found, Retriever
@@ -33,9 +33,10 @@ class Report:
     chunks: int = 0
     reason: str = ""
     tokens: int = 0  # embedding tokens spent on it
+    unit: str = "chunk"  # what `chunks` counts: a dictionary's are words
 
     def line(self) -> str:
-        detail = self.reason if self.status == FAILED else f"{self.chunks} chunk{'s' if self.chunks != 1 else ''}"
+        detail = self.reason if self.status == FAILED else f"{self.chunks} {self.unit}{'s' if self.chunks != 1 else ''}"
         return f"{self.status:9} {self.location}: {detail}"
 
 
@@ -142,6 +143,33 @@ class KnowledgeBase:
 
     def search(self, question: str, page_id: str | None = None, top_k: int = 4) -> Found:
         return self.retriever.search(question, page_id or store.EVERY_PAGE, top_k)
+
+    # -- bilingual dictionaries, for full-text search in other languages (bot/knowledge/dictionary.py)
+    def add_dictionary(self, path: str) -> Report:
+        """A dictd dictionary read whole, then stored in one transaction (replacing its earlier
+        copy): there entirely or not at all; `chunks` of the report counts its words."""
+        try:
+            found = dictionary.locate(path)
+            entries = list(dictionary.entries(found))
+        except dictionary.DictionaryError as error:
+            return Report(path, FAILED, reason=str(error))
+        if not entries:
+            return Report(path, FAILED, reason=f"{found.index}: no one-word entry with a translation")
+        with self.database.write() as db:
+            replaced = any(name == found.name for name, _ in store.dictionaries(db))
+            count = store.put_dictionary(db, found.name, entries)
+        return Report(found.name, UPDATED if replaced else ADDED, count, unit="word")
+
+    def dictionaries(self) -> list[tuple[str, int]]:
+        with self.database.read() as db:
+            return store.dictionaries(db)
+
+    def remove_dictionary(self, name: str) -> Report:
+        with self.database.write() as db:
+            removed = store.remove_dictionary(db, name)
+        if not removed:
+            return Report(name, FAILED, reason="no such dictionary (see: knowledge dictionary list)")
+        return Report(name, REMOVED, removed, unit="word")
 
     def _model(self) -> str | None:
         """The embedding model in use; None when the server has none (full text only)."""

@@ -1,4 +1,4 @@
-"""`python -m bot knowledge add|sync|list|remove|search`: the knowledge base from the command line.
+"""`python -m bot knowledge add|sync|list|remove|search|dictionary`: the knowledge base from the command line.
 
 It runs in its own process, next to a running bot (SQLite's write lock is taken per source, for
 its INSERTs only; PostgreSQL is shared by every host). Settings come from the environment and
@@ -39,6 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "several, the sources added for every Page)")
     search.add_argument("--top-k", type=int, help="how many (default: KNOWLEDGE_TOP_K)")
     search.add_argument("--json", action="store_true", help="one JSON object per chunk")
+    words = actions.add_parser("dictionary", help="bilingual dictionaries (dictd, e.g. Debian's dict-freedict-spa-eng): "
+                                                  "full text finds answers to questions in their language")
+    dictionaries = words.add_subparsers(dest="dictionary_action", required=True)
+    add_words = dictionaries.add_parser("add", help="add (or re-read) dictionaries: NAME.index beside NAME.dict(.dz)")
+    add_words.add_argument("paths", nargs="+", metavar="PATH")
+    dictionaries.add_parser("list", help="the dictionaries and their words")
+    remove_words = dictionaries.add_parser("remove", help="remove dictionaries by name (see list)")
+    remove_words.add_argument("names", nargs="+", metavar="NAME")
 
 
 def main(args: argparse.Namespace, config: Config | None = None) -> int:
@@ -63,7 +71,7 @@ def _main(args: argparse.Namespace, config: Config) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings on a broken file: the source's line says it
-    if args.page and not any(account.page_id == args.page for account in config.accounts):
+    if getattr(args, "page", None) and not any(account.page_id == args.page for account in config.accounts):
         pages = ", ".join(sorted({account.page_id for account in config.accounts}))
         print(f"--page {args.page}: not a Page of this deployment ({pages})", file=sys.stderr)
         return 2
@@ -92,6 +100,8 @@ def _main(args: argparse.Namespace, config: Config) -> int:
             f"embeddings: {config.embedding_model}, {tokens} tokens"
         print(f"{len(reports) - failed} of {len(reports)} source(s) in the knowledge base ({mode})")
         return 1 if failed else 0
+    if args.action == "dictionary":
+        return _dictionary(args, knowledge)
     if args.action == "list":
         sources = knowledge.sources(args.page)
         for source in sources:
@@ -133,3 +143,17 @@ def _main(args: argparse.Namespace, config: Config) -> int:
             print(f"(searched the sources of every Page only; these Pages have their own: {', '.join(only)}: "
                   "add --page ID)")
     return 0
+
+
+def _dictionary(args: argparse.Namespace, knowledge) -> int:
+    if args.dictionary_action == "list":
+        held = knowledge.dictionaries()
+        for name, words in held:
+            print(f"{words:>8} words  {name}")
+        print(f"{len(held)} dictionar{'y' if len(held) == 1 else 'ies'}")
+        return 0
+    reports = [knowledge.add_dictionary(path) for path in args.paths] if args.dictionary_action == "add" else \
+        [knowledge.remove_dictionary(name) for name in args.names]
+    for report in reports:
+        print(report.line(), file=sys.stderr if report.status == "failed" else sys.stdout, flush=True)
+    return 1 if any(report.status == "failed" for report in reports) else 0

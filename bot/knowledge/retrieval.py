@@ -43,6 +43,9 @@ MAX_TERMS = 32
 # WEBCHAT_THREADS' defaults (each process has its own); a thread is made only when none is idle.
 EMBEDDING_THREADS = 256
 WORD = re.compile(r"\w+", re.UNICODE)
+# Endings tried, in this order, on a word a dictionary has no entry for: plurals and the commonest
+# inflections of the languages FreeDict covers ("domingos", "Postleitzahlen", "amandes").
+ENDINGS = ("s", "es", "en", "n", "e", "er", "x")
 # Words that say nothing of what is asked (English, and the commonest of es/fr/de): left out of
 # the full-text query, where they would match every chunk.
 STOP_WORDS = frozenset("""
@@ -54,6 +57,9 @@ any anything there's i'm it's do you'd i'd can't don't
 el la los las un una de del y o en que es por para con se su al lo como mas pero sus le ya
 le la les un une des du et ou en est que qui pour par avec dans sur au aux ce cette vous nous je
 der die das ein eine und oder ist in im zu den dem des mit fur von auf wie was ich sie wir es
+yo tu usted ustedes nosotros ellos ella mi mis tus nuestro nuestra cual cuales cuando donde quien hay
+je tu il elle on nous vous ils elles mon ma mes ton ta tes votre vos notre nos leur leurs quand ou comment quel quelle qu
+du er ihr euch uns mein meine dein deine euer eure unser unsere welche welcher welches wann wo bei
 """.split())
 
 
@@ -117,16 +123,31 @@ def stem(word: str) -> str:
     return word
 
 
-def coverage(question_terms: list[str], text: str) -> float:
+def base_forms(word: str) -> list[str]:
+    """A word a dictionary may not hold as it is written: the word, then the word without each
+    ending it has (at least 3 letters left)."""
+    return [word] + [word[: -len(ending)] for ending in ENDINGS
+                     if word.endswith(ending) and len(word) - len(ending) >= 3]
+
+
+def coverage(question_terms: list[str], text: str, translated: dict[str, list[str]] | None = None) -> float:
+    """The share of the question's words in `text`; a word counts when one of its translations is there."""
     if not question_terms:
         return 0.0
     words = {stem(w) for w in WORD.findall(fold(text))}
-    return sum(1 for t in question_terms if stem(t) in words) / len(question_terms)
+    translated = translated or {}
+    return sum(1 for t in question_terms
+               if stem(t) in words or any(stem(other) in words for other in translated.get(t, ()))) / len(question_terms)
+
+
+def common_bound(chunks: int) -> float:
+    """A word more chunks than this hold is a common one: COMMON_SHARE of them, at least 50."""
+    return max(50, COMMON_SHARE * chunks)
 
 
 def uncommon(question_terms: list[str], counts: dict[str, int], chunks: int) -> list[str]:
     """The words fewer than COMMON_SHARE of the `chunks` hold (at least 50), and the two rarest."""
-    common = max(50, COMMON_SHARE * chunks)
+    common = common_bound(chunks)
     rarest = set(sorted(question_terms, key=counts.__getitem__)[:2])
     return [term for term in question_terms if counts[term] <= common or term in rarest]
 
@@ -186,6 +207,7 @@ class Retriever:
         self._vectors: dict[str, _Vectors] = {}
         self._counts: dict[str, int] = {}  # chunks holding each word ("": all chunks), as of _counts_version
         self._counts_version = -1
+        self._dictionaries: tuple[int, bool] | None = None  # (knowledge version, any dictionary then)
         # Two locks, never held while waiting for a database connection by the one and while
         # holding one by the other: a PostgreSQL pool full of searches waiting on a vector
         # reload would otherwise leave the reload no connection.
@@ -208,7 +230,8 @@ class Retriever:
                 # overlap (the SQL and the SIMD product run outside the interpreter lock).
                 if self.embedder is not None and not self.embedder.unsupported:
                     by_meaning = self._pool.submit(self._ranked_by_meaning, question, page_id, current, timeout)
-                ranked_text = store.full_text(db, self._uncommon(db, question_terms, current), page_id, CANDIDATES)
+                query, translated = self._full_text_query(db, question_terms, current)
+                ranked_text = store.full_text(db, query, page_id, CANDIDATES)
         except STORE_ERRORS as error:
             failed = error
         except BaseException:
@@ -232,7 +255,7 @@ class Retriever:
         except STORE_ERRORS as error:
             raise SearchFailed(error, tokens) from error
         best = [chunk_id for chunk_id in best if chunk_id in rows]  # one removed in between is gone
-        covered = {chunk_id: coverage(question_terms, rows[chunk_id].heading + " " + rows[chunk_id].text)
+        covered = {chunk_id: coverage(question_terms, rows[chunk_id].heading + " " + rows[chunk_id].text, translated)
                    for chunk_id in best}
         # By words, a chunk is relevant with half the question's words, and not far fewer than the
         # best chunk has: "gluten free" is not answered by a chunk that only says "free". One
@@ -244,7 +267,7 @@ class Retriever:
             row, similarity = rows[chunk_id], scored.of(chunk_id) if scored else None
             by_words = covered[chunk_id] >= enough_words and (
                 covered[chunk_id] * len(question_terms) >= 2
-                or (len(question_terms) == 1 and coverage(question_terms, row.heading) == 1.0))
+                or (len(question_terms) == 1 and coverage(question_terms, row.heading, translated) == 1.0))
             relevant = (similarity is not None and similarity >= self.min_score) or by_words
             hits.append(Hit(chunk_id, row.location, row.title, row.url, row.heading, row.text, round(fused[chunk_id], 5),
                             None if similarity is None else round(similarity, 4), round(covered[chunk_id], 3), relevant))
@@ -255,19 +278,50 @@ class Retriever:
         scored, tokens = self._similarities(question, page_id, version, timeout)
         return scored, scored.top(CANDIDATES) if scored else [], tokens
 
-    def _uncommon(self, db, question_terms: list[str], version: int) -> list[str]:
-        """The question's words without those most chunks hold (their counts kept per version)."""
-        if len(question_terms) <= 2:
-            return question_terms
+    def _full_text_query(self, db, question_terms: list[str], version: int) -> tuple[list[str], dict[str, list[str]]]:
+        """The full-text query: the question's words but the commonest; with dictionaries, also the
+        translations the knowledge base holds of the words it holds nowhere ("domingos" → "sunday"),
+        which are returned per word too (a translated word counts toward a chunk's coverage)."""
+        translating = self._has_dictionaries(db, version)
+        if len(question_terms) <= 2 and not translating:
+            return question_terms, {}
+        counts = self._counts_of(db, question_terms, version)
+        query = uncommon(question_terms, counts, counts[""]) if len(question_terms) > 2 else question_terms
+        unknown = [term for term in question_terms if not counts[term] and not term.isdigit()] if translating else []
+        if not unknown:
+            return query, {}
+        forms = {term: base_forms(term) for term in unknown}
+        found = store.translations(db, sorted({form for some in forms.values() for form in some}))
+        translated = {}
+        for term in unknown:
+            texts = next((found[form] for form in forms[term] if form in found), None)
+            if texts:
+                translated[term] = [word for word in terms(", ".join(texts)) if word not in question_terms]
+        held = self._counts_of(db, [word for words in translated.values() for word in words], version)
+        translated = {term: kept for term, words in translated.items()
+                      if (kept := [word for word in words if 0 < held[word] <= common_bound(held[""])])}
+        extra = dict.fromkeys(word for words in translated.values() for word in words if word not in query)
+        return (query + list(extra))[:MAX_TERMS], translated
+
+    def _counts_of(self, db, words: list[str], version: int) -> dict[str, int]:
+        """How many chunks hold each of `words` ("": all chunks), kept per knowledge version."""
         with self._counts_lock:
             if self._counts_version != version:
                 self._counts, self._counts_version = {"": store.chunk_count(db)}, version
-            missing = [term for term in question_terms if term not in self._counts]
+            missing = [word for word in words if word not in self._counts]
         counts = store.term_counts(db, missing) if missing else {}
         with self._counts_lock:
             self._counts.update(counts)
-            known = dict(self._counts)
-        return uncommon(question_terms, known, known[""])
+            return {word: self._counts.get(word, counts.get(word, 0)) for word in ["", *words]}
+
+    def _has_dictionaries(self, db, version: int) -> bool:
+        """Whether any dictionary was added (looked up once per knowledge version: adding one bumps it)."""
+        known = self._dictionaries
+        if known is not None and known[0] == version:
+            return known[1]
+        has = store.has_dictionaries(db)
+        self._dictionaries = (version, has)
+        return has
 
     def _similarities(self, question: str, page_id: str, version: int,
                       timeout: float | None) -> tuple["_Scored | None", int]:

@@ -4,7 +4,7 @@ FTS5 (bm25) and PostgreSQL's tsvector (ts_rank_cd), both with English stemming."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from bot.knowledge.chunking import Chunk
 
@@ -149,6 +149,52 @@ def chunks(db, ids: Sequence[int]) -> dict[int, StoredChunk]:
         "SELECT c.id, c.source_id, s.location, s.title, s.url, c.heading, c.text FROM knowledge_chunks c"
         f" JOIN knowledge_sources s ON s.id = c.source_id WHERE c.id IN ({marks})", tuple(ids)).fetchall()
     return {row[0]: StoredChunk(*row) for row in rows}
+
+
+# -- bilingual dictionaries (bot/knowledge/dictionary.py) --------------------------------------------
+
+def put_dictionary(db, name: str, entries: Iterable[tuple[str, str]]) -> int:
+    """Replace dictionary `name`'s words with `entries` (folded word, translations); how many."""
+    db.execute("DELETE FROM knowledge_translations WHERE dictionary = ?", (name,))
+    rows = [(word, name, words) for word, words in entries]
+    if _is_sqlite(db):
+        db.executemany("INSERT INTO knowledge_translations (word, dictionary, words) VALUES (?, ?, ?)", rows)
+    else:  # COPY: a 400,000-word dictionary in seconds, not the minutes of one INSERT each
+        copying = "COPY knowledge_translations (word, dictionary, words) FROM STDIN"
+        with db.conn.cursor() as cursor, cursor.copy(copying) as copy:
+            for row in rows:
+                copy.write_row(row)
+    _bump(db)  # each process looks again whether there are dictionaries
+    return len(rows)
+
+
+def remove_dictionary(db, name: str) -> int:
+    removed = db.execute("DELETE FROM knowledge_translations WHERE dictionary = ?", (name,)).rowcount
+    if removed:
+        _bump(db)
+    return removed
+
+
+def dictionaries(db) -> list[tuple[str, int]]:
+    """(name, words) of each dictionary, by name."""
+    return [(row[0], row[1]) for row in db.execute(
+        "SELECT dictionary, COUNT(*) FROM knowledge_translations GROUP BY dictionary ORDER BY dictionary").fetchall()]
+
+
+def has_dictionaries(db) -> bool:
+    return db.execute("SELECT EXISTS (SELECT 1 FROM knowledge_translations)").fetchone()[0] in (1, True)
+
+
+def translations(db, words: Sequence[str]) -> dict[str, list[str]]:
+    """Each of `words` any dictionary holds: its translations, a text per dictionary."""
+    if not words:
+        return {}
+    found: dict[str, list[str]] = {}
+    marks = ", ".join("?" * len(words))
+    for word, text in db.execute(f"SELECT word, words FROM knowledge_translations WHERE word IN ({marks})"
+                                 " ORDER BY word, dictionary", tuple(words)).fetchall():
+        found.setdefault(word, []).append(text)
+    return found
 
 
 def _is_sqlite(db) -> bool:

@@ -60,7 +60,7 @@ DESCRIPTION = (
 # implicit one (insertion order).
 TABLES = ("events", "mirror", "users", "interactions", "graph_budgets", "dead_letters", "answer_cache",
           "webchat_conversations", "knowledge_sources", "knowledge_chunks", "knowledge_version", "unsent",
-          "edited")
+          "edited", "knowledge_translations")
 # Not copied: the reply processes' heartbeats (each process's own, renewed by the new ones),
 # SQLite's inbox bookkeeping (PostgreSQL's webhooks write to events directly) and the website
 # chat's rate-limit counters (windows of a minute or a day: they start afresh), and SQLite's

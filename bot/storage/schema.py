@@ -42,6 +42,9 @@ Columns of note:
   knowledge_chunks    their chunks, each with its embedding (float32, normalised; NULL: none) and,
                       on SQLite, a row in the full-text index knowledge_fts (bot/knowledge/store.py keeps it)
   knowledge_version   bumped by every change, so each process reloads its in-memory vectors
+  knowledge_translations  bilingual dictionaries (`knowledge dictionary add`): a word of another
+                      language, folded (lower case, no accents), and its translations; full-text
+                      search adds them for a question's words the knowledge base does not hold
   interactions.knowledge  JSON list of [chunk id, score] the answer's prompt carried
   inbox_offsets       bytes of each inbox file already in `events` (bot/storage/inbox.py);
                       damaged: bytes skipped as damage (such a file is quarantined, not deleted)
@@ -59,6 +62,11 @@ from bot.storage.sql import Additive
 RETENTION_INDEXES = Additive("""
     CREATE INDEX mirror_time ON mirror (at_ms);
     CREATE INDEX events_finished ON events (finished_at) WHERE finished_at IS NOT NULL;
+    """)
+TRANSLATIONS = Additive("""
+    CREATE TABLE knowledge_translations (word TEXT NOT NULL, dictionary TEXT NOT NULL, words TEXT NOT NULL,
+                                         PRIMARY KEY (word, dictionary));
+    CREATE INDEX knowledge_translations_dictionary ON knowledge_translations (dictionary);
     """)
 
 SCHEMA = [
@@ -275,6 +283,8 @@ SCHEMA = [
     """),
     # version 21: retention finds old mirror rows and finished queue rows by index
     RETENTION_INDEXES,
+    # version 22: bilingual dictionaries for full-text search in other languages (bot/knowledge/dictionary.py)
+    TRANSLATIONS,
 ]
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
@@ -476,4 +486,6 @@ POSTGRES_SCHEMA = [
     """),
     # version 17: SQLite's 21
     RETENTION_INDEXES,
+    # version 18: SQLite's 22
+    TRANSLATIONS,
 ]
