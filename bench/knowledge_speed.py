@@ -98,13 +98,13 @@ def percentiles(times: list[float]) -> dict:
 
 
 def full_text_alone(kb, query: str, page_id: str) -> list[int]:
-    """The retriever's full-text step by itself (its SQL over the question's uncommon words, as
-    many candidates)."""
+    """The retriever's full-text step by itself (its SQL over the question's uncommon words and,
+    with dictionaries, their translations, as many candidates)."""
     from bot.knowledge import retrieval, store
 
     with kb.database.read() as db:
-        uncommon = kb.retriever._uncommon(db, retrieval.terms(query), store.version(db))
-        return store.full_text(db, uncommon, page_id, retrieval.CANDIDATES)
+        words, _ = kb.retriever._full_text_query(db, retrieval.terms(query), store.version(db))
+        return store.full_text(db, words, page_id, retrieval.CANDIDATES)
 
 
 def cosine_alone(kb, query: str, page_id: str) -> list[int]:
