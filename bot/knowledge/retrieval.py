@@ -1,6 +1,6 @@
 """Finding the chunks that answer a question: full text and embeddings, fused by reciprocal rank.
 
-Full text (bm25 / ts_rank_cd over the question's words, any of them) finds exact names,
+Full text (bm25 / ts_rank over the question's words, any of them) finds exact names,
 prices and codes; cosine over embeddings finds the same meaning in other words (and, with a
 multilingual model, in another language). Reciprocal rank fusion (1/(60 + rank), summed)
 needs no calibration between the two scores. Whether a hit is relevant at all is a separate,
