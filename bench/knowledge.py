@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/knowledge.py [--modes shim,emulator,fulltext,dictionary,random] [--chunks 20000]
         [--queries 200] [--only ingest,hit_at_3,answers,latency] [--latency-modes random,fulltext,emulator]
-        [--bot-env KNOWLEDGE_MIN_SCORE=0.2 ...]
+        [--bot-env KNOWLEDGE_MIN_SCORE=0.2 ...] [--backends sqlite,postgres --database-url URL]
 
 Corpus: examples/knowledge/anas-bakery (51 documents) and its 100 questions (questions.yaml).
 Modes, i.e. what answers the bot's OPENAI_BASE_URL/embeddings:
@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.knowledge_quality import CORPUS, answers, answers_through_app, hit_at_3, search_mode  # noqa: E402
 from bench.knowledge_speed import latency  # noqa: E402
-from bench.run import APP_SECRET, PAGE_ID, PAGE_TOKEN, wait_for_quiet  # noqa: E402
+from bench.run import APP_SECRET, PAGE_ID, PAGE_TOKEN, fresh_store, wait_for_quiet  # noqa: E402
 
 DOCUMENTS = sorted(str(path) for path in (CORPUS / "anas-bakery").rglob("*") if path.is_file())
 SHIM = ROOT / "bench" / "embeddings_shim.py"
@@ -113,7 +113,8 @@ def ingest(mode: str, env: dict[str, str]) -> dict:
                           capture_output=True, env={**minimal, **env})
     seconds = time.perf_counter() - started
     chunks = sum(int(line.split(": ")[-1].split()[0]) for line in done.stdout.splitlines() if line.startswith("added"))
-    return {"bench": "ingest", "mode": mode, "exit": done.returncode, "documents": len(DOCUMENTS), "chunks": chunks,
+    return {"bench": "ingest", "mode": mode, "backend": "postgres" if "DATABASE_URL" in env else "sqlite",
+            "exit": done.returncode, "documents": len(DOCUMENTS), "chunks": chunks,
             "seconds": round(seconds, 2), "documents_per_s": round(len(DOCUMENTS) / seconds, 1),
             "chunks_per_s": round(chunks / seconds, 1), "summary": done.stdout.strip().splitlines()[-1:],
             "failed": done.stderr.strip().splitlines()[:5]}
@@ -137,9 +138,11 @@ def open_kb(env: dict[str, str]):
     return config, open_knowledge(config)
 
 
-def run_mode(mode: str, only: set[str], args) -> Iterator[dict]:
-    with model_server(mode) as server, tempfile.TemporaryDirectory(prefix="bench-knowledge-") as data:
-        env = {**bot_env(server, data), **dict(item.split("=", 1) for item in args.bot_env)}
+def run_mode(mode: str, backend: str, only: set[str], args) -> Iterator[dict]:
+    with model_server(mode) as server, tempfile.TemporaryDirectory(prefix="bench-knowledge-") as data, \
+            fresh_store(backend, args) as where:
+        env = {**bot_env(server, data), **dict(item.split("=", 1) for item in args.bot_env),
+               **({"DATABASE_URL": where.url} if where.url else {})}
         if mode == "random":  # meaningless vectors: only the speed figures say anything
             only = only & {"ingest", "latency"}
         added = ingest(mode, env)
@@ -150,7 +153,7 @@ def run_mode(mode: str, only: set[str], args) -> Iterator[dict]:
         if added["exit"] != 0:  # any figure after it would measure a corpus with holes
             return
         config, kb = open_kb(env)
-        line = {"mode": mode, "search": search_mode(kb)}
+        line = {"mode": mode, "backend": backend, "search": search_mode(kb)}
         if "hit_at_3" in only:
             yield {"bench": "hit_at_3", **line, "target": 0.8 if mode in ("fulltext", "dictionary") else 0.9, **hit_at_3(kb, PAGE_ID)}
         if "answers" in only:
@@ -173,6 +176,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="shim,emulator,fulltext,dictionary,random",
                         help="shim, emulator, fulltext, dictionary, random")
+    parser.add_argument("--backends", default="sqlite", help="sqlite, postgres (needs --database-url)")
+    parser.add_argument("--database-url", help="a PostgreSQL server: each mode gets a fresh schema there, dropped after")
     parser.add_argument("--dictionaries", default=FREEDICT, help="the dictionary mode's dictd dictionaries, comma-separated")
     parser.add_argument("--only", default="ingest,hit_at_3,answers,latency")
     parser.add_argument("--chunks", type=int, default=20_000)
@@ -186,11 +191,15 @@ def main() -> None:
     parser.add_argument("--bot-env", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for the bot under test, e.g. KNOWLEDGE_MIN_SCORE=0.2")
     args = parser.parse_args()
+    args.pg_option = []  # bench/run.py's fresh_store: no server options beyond the schema
+    if "postgres" in args.backends and not args.database_url:
+        parser.error("--backends postgres needs --database-url")
     print(json.dumps({"bench": "machine", "cores": os.cpu_count(), "load": [round(x, 2) for x in os.getloadavg()]}),
           flush=True)
-    for mode in args.modes.split(","):
-        for line in run_mode(mode, set(args.only.split(",")), args):
-            print(json.dumps(line, ensure_ascii=False), flush=True)
+    for backend in args.backends.split(","):
+        for mode in args.modes.split(","):
+            for line in run_mode(mode, backend, set(args.only.split(",")), args):
+                print(json.dumps(line, ensure_ascii=False), flush=True)
 
 
 if __name__ == "__main__":

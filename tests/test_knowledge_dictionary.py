@@ -4,6 +4,7 @@ refused with one line and leaves what was there."""
 from __future__ import annotations
 
 import gzip
+import threading
 
 import pytest
 
@@ -79,20 +80,59 @@ def test_words_are_tried_as_written_then_without_an_ending():
 
 
 @pytest.mark.parametrize("damage, reason", [
-    ("no data", "no test-spa-eng.dict or test-spa-eng.dict.dz"),
-    ("not gzip", "cannot be read"),
-    ("bad index", "line 1: not a dictd index line"),
+    ("no data", "no test-spa-eng.dict or test-spa-eng.dict.dz beside test-spa-eng.index"),
+    ("not gzip", "test-spa-eng.dict.dz cannot be read"),
+    ("empty data", "test-spa-eng.dict.dz is empty"),
+    ("bad index", "test-spa-eng.index line 1: not a dictd index line"),
+    ("huge number", "test-spa-eng.index line 1: not a dictd index line"),
+    ("past the data", "test-spa-eng.index line 1 points past the end of test-spa-eng.dict.dz"),
+    ("not UTF-8", "test-spa-eng.index is not UTF-8"),
+    ("a folder", "test-spa-eng.index is not a file"),
 ])
 def test_a_broken_dictionary_is_refused_with_one_line(tmp_path, damage, reason):
     index = write_dictionary(tmp_path, "test-spa-eng", SPANISH)
+    data = tmp_path / "test-spa-eng.dict.dz"
     if damage == "no data":
-        (tmp_path / "test-spa-eng.dict.dz").unlink()
+        data.unlink()
     elif damage == "not gzip":
-        (tmp_path / "test-spa-eng.dict.dz").write_bytes(b"plain text, not gzip")
-    else:
+        data.write_bytes(b"plain text, not gzip")
+    elif damage == "empty data":
+        data.write_bytes(gzip.compress(b""))
+    elif damage == "bad index":
         index.write_text("domingo\t*\tB\n" + index.read_text())
+    elif damage == "huge number":
+        index.write_text("domingo\t" + "A" * 300_000 + "\tB\n" + index.read_text())
+    elif damage == "past the data":
+        index.write_text("domingo\tBAAAA\tB\n" + index.read_text())
+    elif damage == "not UTF-8":
+        index.write_bytes("sábado\tA\tB\n".encode("latin-1"))
+    else:
+        index.unlink()
+        index.mkdir()
     with pytest.raises(dictionary.DictionaryError, match=reason):
         list(dictionary.entries(dictionary.locate(str(index))))
+
+
+def test_a_dictionary_past_its_bounds_is_refused_and_a_long_entry_is_read_from_its_start(tmp_path, monkeypatch):
+    index = write_dictionary(tmp_path, "test-spa-eng", {**SPANISH, "largo": "largo\nlong\n" + "x, " * 50_000})
+    entries = dict(dictionary.entries(dictionary.locate(str(index))))
+    assert entries["largo"].startswith("long, x, x") and len(entries["largo"]) == dictionary.MAX_WORDS_TEXT
+    monkeypatch.setattr(dictionary, "MAX_WORDS", 3)
+    with pytest.raises(dictionary.DictionaryError, match="has over 3 one-word entries"):
+        list(dictionary.entries(dictionary.locate(str(index))))
+    monkeypatch.setattr(dictionary, "MAX_DATA_BYTES", 1024)
+    with pytest.raises(dictionary.DictionaryError, match="is over 0 MB of text"):
+        list(dictionary.entries(dictionary.locate(str(index))))
+
+
+def test_control_characters_and_overlong_headwords_are_left_out(tmp_path):
+    index = write_dictionary(tmp_path, "test-spa-eng", {"nul": "nul\nnull\x00 byte\n", "x" * 65: "x\nlong\n"})
+    assert dict(dictionary.entries(dictionary.locate(str(index)))) == {"nul": "null byte"}
+
+
+def test_a_path_that_cannot_be_a_file_is_one_line():
+    with pytest.raises(dictionary.DictionaryError, match="cannot be read .File name too long"):
+        dictionary.locate("/tmp/" + "a" * 300 + ".index")
 
 
 # -- in the store, on both backends ----------------------------------------------------------------
@@ -114,7 +154,11 @@ def test_a_dictionary_lets_full_text_answer_a_question_in_another_language(env, 
     assert found.hits[0].coverage == 0.667  # sábado → Saturday, domingo → Sunday; no entry for "abren" (abrir's)
     assert other.search("¿Los domingos?", env["FB_PAGE_ID"]).hits[0].title == "Opening hours"  # domingos → domingo
     assert other.search("¿Hay entregas?", env["FB_PAGE_ID"]).hits[0].title == "Delivery"
-    # A word the documents hold is not translated: "hora" stays "hora" where the text has it.
+    # Its little words are English: "domingo" is no Spanish word here, nothing is translated.
+    assert not any(hit.relevant for hit in other.search("Do you open on sábado and domingo?", env["FB_PAGE_ID"]).hits)
+    # A long message: the words no chunk holds give their places in the query to translations.
+    long = "¿" + " ".join(f"zq{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(30)) + " sábado domingo?"
+    assert other.search(long, env["FB_PAGE_ID"]).hits[0].title == "Opening hours"
     assert kb.dictionaries() == [("test-spa-eng", 5)]
 
     [again] = [kb.add_dictionary(str(tmp_path / "test-spa-eng.index"))]  # re-read: replaced, not doubled
@@ -124,6 +168,21 @@ def test_a_dictionary_lets_full_text_answer_a_question_in_another_language(env, 
     assert (removed.status, removed.chunks) == ("removed", 5)
     assert not any(hit.relevant for hit in other.search(question, env["FB_PAGE_ID"]).hits)
     assert kb.remove_dictionary("test-spa-eng").status == "failed"
+
+
+def test_two_adds_of_one_dictionary_at_once_both_end_well(env, backend, tmp_path, no_embeddings):
+    _, settings = backend
+    index = str(write_dictionary(tmp_path, "test-spa-eng", SPANISH))
+    kb, other = knowledge_of(env, **settings, **no_embeddings[0]), knowledge_of(env, **settings, **no_embeddings[0])
+    for _ in range(3):
+        results = []
+        threads = [threading.Thread(target=lambda k=k: results.append(k.add_dictionary(index))) for k in (kb, other)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(r.status for r in results) in (["added", "updated"], ["updated", "updated"]), results
+        assert kb.dictionaries() == [("test-spa-eng", 5)]
 
 
 def test_a_broken_dictionary_leaves_the_one_there_before(env, backend, docs, tmp_path, no_embeddings):
@@ -152,11 +211,12 @@ def test_the_command_line_adds_lists_and_removes_dictionaries(env, tmp_path, doc
     done = run_cli(settings, "dictionary", "add", str(index), str(tmp_path / "missing.index"))
     assert done.returncode == 1
     assert done.stdout.splitlines() == ["added     test-spa-eng: 5 words"]
-    assert done.stderr.splitlines() == [f"failed    {tmp_path / 'missing.index'}: no dictd index "
-                                        f"{tmp_path / 'missing.index'} (a dictionary is NAME.index with NAME.dict "
-                                        "or NAME.dict.dz)"]
+    assert done.stderr.splitlines() == [f"failed    {tmp_path / 'missing.index'}: no file missing.index (a "
+                                        "dictionary is NAME.index with NAME.dict or NAME.dict.dz beside it)"]
     listed = run_cli(settings, "dictionary", "list")
     assert listed.stdout.splitlines() == ["       5 words  test-spa-eng", "1 dictionary"]
+    too_long = run_cli(settings, "dictionary", "add", "/tmp/" + "a" * 300 + ".index")  # an OSError: one line too
+    assert too_long.returncode == 1 and too_long.stderr.count("\n") == 1 and "File name too long" in too_long.stderr
     searched = run_cli(settings, "search", "¿Abren el sábado y el domingo?")
     assert searched.stdout.startswith("1. [relevant]") and "Opening hours" in searched.stdout
     assert run_cli(settings, "dictionary", "remove", "test-spa-eng").stdout == "removed   test-spa-eng: 5 words\n"

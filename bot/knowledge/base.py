@@ -18,7 +18,7 @@ import requests
 from bot.knowledge import dictionary, readers, store
 from bot.knowledge.embeddings import Embedder, EmbeddingsUnavailable, to_bytes
 from bot.knowledge.readers import Limits, SourceError
-from bot.knowledge.retrieval import Found, Retriever
+from bot.knowledge.retrieval import STORE_ERRORS, Found, Retriever
 
 logger = logging.getLogger(__name__)
 ADDED, UPDATED, UNCHANGED, FAILED, REMOVED = "added", "updated", "unchanged", "failed", "removed"
@@ -151,13 +151,16 @@ class KnowledgeBase:
         try:
             found = dictionary.locate(path)
             entries = list(dictionary.entries(found))
+            if not entries:
+                return Report(path, FAILED, reason=f"no one-word entry with a translation in {found.index.name}")
+            with self.database.write() as db:
+                count, replaced = store.put_dictionary(db, found.name, entries)
         except dictionary.DictionaryError as error:
             return Report(path, FAILED, reason=str(error))
-        if not entries:
-            return Report(path, FAILED, reason=f"{found.index}: no one-word entry with a translation")
-        with self.database.write() as db:
-            replaced = any(name == found.name for name, _ in store.dictionaries(db))
-            count = store.put_dictionary(db, found.name, entries)
+        except STORE_ERRORS as error:  # this dictionary only: the store keeps what it had, the next one goes on
+            logger.debug("knowledge: dictionary %s could not be stored", path, exc_info=True)
+            first_line = (str(error).splitlines() or [""])[0]
+            return Report(path, FAILED, reason=f"the store refused it ({type(error).__name__}: {first_line[:160]})")
         return Report(found.name, UPDATED if replaced else ADDED, count, unit="word")
 
     def dictionaries(self) -> list[tuple[str, int]]:

@@ -1,7 +1,8 @@
 """`python -m bot knowledge add|sync|list|remove|search|dictionary`: the knowledge base from the command line.
 
 It runs in its own process, next to a running bot (SQLite's write lock is taken per source, for
-its INSERTs only; PostgreSQL is shared by every host). Settings come from the environment and
+its INSERTs only, and per dictionary, for a few seconds at most: bot/knowledge/dictionary.py's
+bounds; PostgreSQL is shared by every host). Settings come from the environment and
 `.env`, as the bot's own: DATA_DIR or DATABASE_URL, OPENAI_BASE_URL, OPENAI_API_KEY,
 EMBEDDING_MODEL. Exit status 1 when any source failed (each says why on its own line).
 """
@@ -149,7 +150,7 @@ def _dictionary(args: argparse.Namespace, knowledge) -> int:
     if args.dictionary_action == "list":
         held = knowledge.dictionaries()
         for name, words in held:
-            print(f"{words:>8} words  {name}")
+            print(f"{words:>8} word{' ' if words == 1 else 's'}  {name}")
         print(f"{len(held)} dictionar{'y' if len(held) == 1 else 'ies'}")
         return 0
     reports = [knowledge.add_dictionary(path) for path in args.paths] if args.dictionary_action == "add" else \

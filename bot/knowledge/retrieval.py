@@ -48,12 +48,14 @@ WORD = re.compile(r"\w+", re.UNICODE)
 ENDINGS = ("s", "es", "en", "n", "e", "er", "x")
 # Words that say nothing of what is asked (English, and the commonest of es/fr/de): left out of
 # the full-text query, where they would match every chunk.
-STOP_WORDS = frozenset("""
+ENGLISH_STOP_WORDS = frozenset("""
 a an and are as at be but by can could do does for from had has have how i if in into is it its me my get got
 need want like some much many also just still really ok okay yes
 no not of on or our so than that the their them then there these they this to too us was we were what
 when where which who why will with would you your yours please hi hello thanks thank tell know about
 any anything there's i'm it's do you'd i'd can't don't
+""".split())
+OTHER_STOP_WORDS = frozenset("""
 el la los las un una de del y o en que es por para con se su al lo como mas pero sus le ya
 le la les un une des du et ou en est que qui pour par avec dans sur au aux ce cette vous nous je
 der die das ein eine und oder ist in im zu den dem des mit fur von auf wie was ich sie wir es
@@ -61,6 +63,7 @@ yo tu usted ustedes nosotros ellos ella mi mis tus nuestro nuestra cual cuales c
 je tu il elle on nous vous ils elles mon ma mes ton ta tes votre vos notre nos leur leurs quand ou comment quel quelle qu
 du er ihr euch uns mein meine dein deine euer eure unser unsere welche welcher welches wann wo bei
 """.split())
+STOP_WORDS = ENGLISH_STOP_WORDS | OTHER_STOP_WORDS
 
 
 STORE_ERRORS = (sqlite3.Error, psycopg.Error, OSError)
@@ -121,6 +124,16 @@ def stem(word: str) -> str:
         if len(word) > len(suffix) + 2 and word.endswith(suffix):
             return word[: -len(suffix)]
     return word
+
+
+def maybe_foreign(text: str) -> bool:
+    """Whether a dictionary should translate the question's unknown words: not when its little
+    words are English ("what kind of cake for a kid?" is no German "Kind"); when they are of
+    another language, or there are none to tell by ("Zimtschnecke?")."""
+    words = WORD.findall(fold(text))
+    english = sum(word in ENGLISH_STOP_WORDS and word not in OTHER_STOP_WORDS for word in words)
+    other = sum(word in OTHER_STOP_WORDS and word not in ENGLISH_STOP_WORDS for word in words)
+    return other >= english
 
 
 def base_forms(word: str) -> list[str]:
@@ -230,7 +243,7 @@ class Retriever:
                 # overlap (the SQL and the SIMD product run outside the interpreter lock).
                 if self.embedder is not None and not self.embedder.unsupported:
                     by_meaning = self._pool.submit(self._ranked_by_meaning, question, page_id, current, timeout)
-                query, translated = self._full_text_query(db, question_terms, current)
+                query, translated = self._full_text_query(db, question_terms, current, maybe_foreign(question))
                 ranked_text = store.full_text(db, query, page_id, CANDIDATES)
         except STORE_ERRORS as error:
             failed = error
@@ -278,11 +291,13 @@ class Retriever:
         scored, tokens = self._similarities(question, page_id, version, timeout)
         return scored, scored.top(CANDIDATES) if scored else [], tokens
 
-    def _full_text_query(self, db, question_terms: list[str], version: int) -> tuple[list[str], dict[str, list[str]]]:
-        """The full-text query: the question's words but the commonest; with dictionaries, also the
-        translations the knowledge base holds of the words it holds nowhere ("domingos" → "sunday"),
-        which are returned per word too (a translated word counts toward a chunk's coverage)."""
-        translating = self._has_dictionaries(db, version)
+    def _full_text_query(self, db, question_terms: list[str], version: int,
+                         translate: bool = True) -> tuple[list[str], dict[str, list[str]]]:
+        """The full-text query: the question's words but the commonest; with dictionaries (and
+        `translate`), the words no chunk holds give way to their translations the knowledge base
+        holds ("domingos" → "sunday"), also returned per word (a translated word counts toward a
+        chunk's coverage)."""
+        translating = translate and self._has_dictionaries(db, version)
         if len(question_terms) <= 2 and not translating:
             return question_terms, {}
         counts = self._counts_of(db, question_terms, version)
@@ -300,6 +315,8 @@ class Retriever:
         held = self._counts_of(db, [word for words in translated.values() for word in words], version)
         translated = {term: kept for term, words in translated.items()
                       if (kept := [word for word in words if 0 < held[word] <= common_bound(held[""])])}
+        # A word no chunk holds matches nothing: its place in the query (MAX_TERMS) goes to translations.
+        query = [term for term in query if counts[term]]
         extra = dict.fromkeys(word for words in translated.values() for word in words if word not in query)
         return (query + list(extra))[:MAX_TERMS], translated
 
@@ -308,11 +325,13 @@ class Retriever:
         with self._counts_lock:
             if self._counts_version != version:
                 self._counts, self._counts_version = {"": store.chunk_count(db)}, version
-            missing = [word for word in words if word not in self._counts]
+            known = {word: self._counts[word] for word in ["", *words] if word in self._counts}
+        missing = [word for word in words if word not in known]
         counts = store.term_counts(db, missing) if missing else {}
         with self._counts_lock:
-            self._counts.update(counts)
-            return {word: self._counts.get(word, counts.get(word, 0)) for word in ["", *words]}
+            if self._counts_version == version:  # counted at this version: kept (a newer one starts afresh)
+                self._counts.update(counts)
+        return {**known, **counts}
 
     def _has_dictionaries(self, db, version: int) -> bool:
         """Whether any dictionary was added (looked up once per knowledge version: adding one bumps it)."""

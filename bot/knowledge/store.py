@@ -155,9 +155,12 @@ def chunks(db, ids: Sequence[int]) -> dict[int, StoredChunk]:
 
 # -- bilingual dictionaries (bot/knowledge/dictionary.py) --------------------------------------------
 
-def put_dictionary(db, name: str, entries: Iterable[tuple[str, str]]) -> int:
-    """Replace dictionary `name`'s words with `entries` (folded word, translations); how many."""
-    db.execute("DELETE FROM knowledge_translations WHERE dictionary = ?", (name,))
+def put_dictionary(db, name: str, entries: Iterable[tuple[str, str]]) -> tuple[int, bool]:
+    """Replace dictionary `name`'s words with `entries` (folded word, translations): how many,
+    and whether it replaced an earlier copy."""
+    if not _is_sqlite(db):  # two adds at once: the second waits, then replaces what the first put (searches go on)
+        db.execute("LOCK TABLE knowledge_translations IN SHARE ROW EXCLUSIVE MODE")
+    replaced = db.execute("DELETE FROM knowledge_translations WHERE dictionary = ?", (name,)).rowcount > 0
     rows = [(word, name, words) for word, words in entries]
     if _is_sqlite(db):
         db.executemany("INSERT INTO knowledge_translations (word, dictionary, words) VALUES (?, ?, ?)", rows)
@@ -167,7 +170,7 @@ def put_dictionary(db, name: str, entries: Iterable[tuple[str, str]]) -> int:
             for row in rows:
                 copy.write_row(row)
     _bump(db)  # each process looks again whether there are dictionaries
-    return len(rows)
+    return len(rows), replaced
 
 
 def remove_dictionary(db, name: str) -> int:
