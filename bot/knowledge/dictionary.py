@@ -6,8 +6,8 @@ FreeDict's, which Debian packages as dict-freedict-spa-eng, -deu-eng, -fra-eng a
 `python -m bot knowledge dictionary add /usr/share/dictd/freedict-spa-eng.index` reads it once
 into the store (bot/knowledge/store.py), where every process and host looks words up: a
 question's word the knowledge base holds nowhere is looked up, then the same word without a
-plural or inflection ending, and the translations the knowledge base holds join the full-text
-query (bot/knowledge/retrieval.py).
+plural or inflection ending, and the translations the knowledge base holds take its place in
+the full-text query (bot/knowledge/retrieval.py) - unless the question's little words are English.
 
 Only what a search can use is kept: one-word headwords, folded as questions are (lower case, no
 accents), and the words of their first senses - no pronunciations, grammar labels, usage
@@ -79,12 +79,12 @@ def locate(path: str) -> Dictionary:
 
 def entries(dictionary: Dictionary) -> Iterator[tuple[str, str]]:
     """(folded one-word headword, its translations as text), once per headword."""
-    text = _data(dictionary)
     merged: dict[str, list[str]] = {}
     name = dictionary.index.name
     try:
-        if dictionary.index.stat().st_size > MAX_INDEX_BYTES:
+        if dictionary.index.stat().st_size > MAX_INDEX_BYTES:  # before the text is decompressed
             raise DictionaryError(f"{name} is over {MAX_INDEX_BYTES // 2**20} MB")
+        text = _data(dictionary)
         with open(dictionary.index, encoding="utf-8") as lines:
             for number, line in enumerate(lines, start=1):
                 fields = line.rstrip("\n").split("\t")

@@ -56,7 +56,7 @@ when where which who why will with would you your yours please hi hello thanks t
 any anything there's i'm it's do you'd i'd can't don't
 """.split())
 OTHER_STOP_WORDS = frozenset("""
-el la los las un una de del y o en que es por para con se su al lo como mas pero sus le ya
+a el la los las un una de del y o en que es por para con se su al lo como mas pero sus le ya
 le la les un une des du et ou en est que qui pour par avec dans sur au aux ce cette vous nous je
 der die das ein eine und oder ist in im zu den dem des mit fur von auf wie was ich sie wir es
 yo tu usted ustedes nosotros ellos ella mi mis tus nuestro nuestra cual cuales cuando donde quien hay
