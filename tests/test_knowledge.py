@@ -115,6 +115,39 @@ def test_two_adds_of_one_new_file_at_once_both_end_well(env, pg_url, docs, monke
     assert len(kb.sources()) == 1
 
 
+def test_postgresqls_word_counts_follow_every_add_update_and_remove(env, pg_url, docs):
+    """knowledge_terms (PostgreSQL's count of the chunks holding each word, what makes a word
+    common) is what counting the rows would give, after adds at once, an update and a remove."""
+    import psycopg
+
+    def counted() -> dict[str, int]:
+        with psycopg.connect(pg_url) as conn:
+            kept = dict(conn.execute("SELECT lexeme, chunks FROM knowledge_terms WHERE chunks <> 0").fetchall())
+            real = dict(conn.execute("SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks')").fetchall())
+        assert kept == real
+        return kept
+
+    for n in range(6):  # words shared by every file: the adds at once take the same rows
+        (docs / f"more-{n}.md").write_text(f"# Extra {n}\n\nOpening hours and delivery, file {n}.\n")
+    kbs = [knowledge_of(env, DATABASE_URL=pg_url) for _ in range(3)]
+    threads = [threading.Thread(target=kb.add, args=([str(docs / f"more-{n}.md") for n in range(k, 6, 3)],))
+               for k, kb in enumerate(kbs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    kb = kbs[0]
+    assert len(kb.sources()) == 6 and counted()["deliveri"] == 6
+    kb.add([str(docs / "hours.md"), str(docs / "delivery.md")])
+    assert counted()["deliveri"] == 7
+    (docs / "delivery.md").write_text(DELIVERY.replace("deliver ", "bring orders "))
+    [updated] = kb.add([str(docs / "delivery.md")])
+    assert updated.status == "updated" and counted()["deliveri"] == 7 and counted()["bring"] == 1
+    assert kb.remove(str(docs / "delivery.md")).status == "removed"
+    assert counted()["deliveri"] == 6 and "bring" not in counted()
+    assert not any("bring" in hit.text for hit in kb.search("bring", env["FB_PAGE_ID"]).hits)
+
+
 def test_remove_by_path_takes_the_copy_of_the_page_it_names(env, backend, docs):
     """The same file added for every Page and for one Page: `remove PATH --page P` had removed the
     every-Page copy (listed first)."""

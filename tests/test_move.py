@@ -199,6 +199,7 @@ def test_every_table_arrives_as_it_was(moved):
     # The knowledge base arrives searchable: PostgreSQL indexes the copied chunks itself.
     assert pg_rows(url, "SELECT heading FROM knowledge_chunks WHERE tsv @@ to_tsquery('english', 'sunday')") == [
         ("Opening hours \u203a Sundays",)]
+    assert pg_rows(url, "SELECT chunks FROM knowledge_terms WHERE lexeme = 'sunday'") == [(1,)]  # counted too
     assert pg_rows(url, "SELECT dedupe_key, state, batch_id IS NOT NULL FROM events ORDER BY id") == [
         ("m1", "done", True), ("m4", "failed", True), ("m5", "working", True), ("m3", "pending", True),
         ("m2", "pending", False), ("m6", "pending", False)]

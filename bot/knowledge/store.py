@@ -68,7 +68,6 @@ def put_source(db, page_id: str, title: str, location: str, url: str | None, kin
     """The source with these chunks, replacing what it had: the caller's one transaction."""
     old = find_source(db, page_id, location)
     if old:
-        _delete_chunks(db, old.id)
         db.execute("UPDATE knowledge_sources SET title = ?, url = ?, kind = ?, content_hash = ?, embedding_model = ?,"
                    " chunks = ?, added_at = ? WHERE id = ?",
                    (title, url, kind, content_hash, embedding_model, len(chunks), now, old.id))
@@ -78,6 +77,8 @@ def put_source(db, page_id: str, title: str, location: str, url: str | None, kin
             "INSERT INTO knowledge_sources (page_id, location, title, url, kind, content_hash, embedding_model, chunks,"
             " added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (page_id, location, title, url, kind, content_hash, embedding_model, len(chunks), now)).fetchone()[0]
+    replaced_up_to = db.execute("SELECT COALESCE(MAX(id), 0) FROM knowledge_chunks WHERE source_id = ?",
+                                (source_id,)).fetchone()[0]  # the old chunks: these ids and below
     for chunk, vector in zip(chunks, vectors):
         chunk_id = db.execute(
             "INSERT INTO knowledge_chunks (source_id, page_id, position, heading, text, embedding, embedding_model)"
@@ -87,22 +88,44 @@ def put_source(db, page_id: str, title: str, location: str, url: str | None, kin
         if _is_sqlite(db):  # PostgreSQL's index is a generated column
             db.execute("INSERT INTO knowledge_fts (rowid, heading, text) VALUES (?, ?, ?)",
                        (chunk_id, chunk.heading, chunk.text))
+    _count_words(db, source_id, replaced_up_to)
+    if replaced_up_to:
+        _delete_chunks(db, source_id, replaced_up_to)
     _bump(db)
     return source_id
 
 
 def remove_source(db, source_id: int) -> bool:
-    _delete_chunks(db, source_id)
+    _count_words(db, source_id, ALL_CHUNKS)
+    _delete_chunks(db, source_id, ALL_CHUNKS)
     removed = db.execute("DELETE FROM knowledge_sources WHERE id = ?", (source_id,)).rowcount > 0
     _bump(db)
     return removed
 
 
-def _delete_chunks(db, source_id: int) -> None:
+ALL_CHUNKS = 2**62  # as `up_to`: every chunk of the source
+
+
+def _delete_chunks(db, source_id: int, up_to: int) -> None:
     if _is_sqlite(db):
         db.execute("INSERT INTO knowledge_fts (knowledge_fts, rowid, heading, text)"
-                   " SELECT 'delete', id, heading, text FROM knowledge_chunks WHERE source_id = ?", (source_id,))
-    db.execute("DELETE FROM knowledge_chunks WHERE source_id = ?", (source_id,))
+                   " SELECT 'delete', id, heading, text FROM knowledge_chunks WHERE source_id = ? AND id <= ?",
+                   (source_id, up_to))
+    db.execute("DELETE FROM knowledge_chunks WHERE source_id = ? AND id <= ?", (source_id, up_to))
+
+
+def _count_words(db, source_id: int, old_up_to: int) -> None:
+    """PostgreSQL: knowledge_terms gains the source's new chunks (ids past `old_up_to`) and loses
+    its old ones, in one statement that takes the words' rows in order - so two adds at once
+    never wait for each other in a circle."""
+    if _is_sqlite(db):
+        return
+    chunks = f"SELECT tsv FROM knowledge_chunks WHERE source_id = {int(source_id)} AND id"
+    db.execute("INSERT INTO knowledge_terms (lexeme, chunks) SELECT word, SUM(n) FROM ("
+               " SELECT word, ndoc AS n FROM ts_stat(?) UNION ALL SELECT word, -ndoc FROM ts_stat(?)) delta"
+               " GROUP BY word HAVING SUM(n) <> 0 ORDER BY word"
+               " ON CONFLICT (lexeme) DO UPDATE SET chunks = knowledge_terms.chunks + excluded.chunks",
+               (f"{chunks} > {int(old_up_to)}", f"{chunks} <= {int(old_up_to)}"))
 
 
 def full_text(db, terms: Sequence[str], page_id: str, limit: int) -> list[int]:
@@ -128,8 +151,11 @@ def term_counts(db, terms: Sequence[str]) -> dict[str, int]:
     if _is_sqlite(db):
         sql = "SELECT COUNT(*) FROM knowledge_fts WHERE knowledge_fts MATCH ?"
         return {term: db.execute(sql, (f'"{term}"',)).fetchone()[0] for term in terms}
-    sql = "SELECT COUNT(*) FROM knowledge_chunks WHERE tsv @@ to_tsquery('english', ?)"
-    return {term: db.execute(sql, (term,)).fetchone()[0] for term in terms}
+    # PostgreSQL: kept in knowledge_terms by lexeme (a word with none, one of its stop words: 0).
+    rows = db.execute("SELECT word, COALESCE((SELECT chunks FROM knowledge_terms"
+                      " WHERE lexeme = (tsvector_to_array(to_tsvector('english', word)))[1]), 0)"
+                      " FROM unnest(?::text[]) AS word", (list(terms),)).fetchall()
+    return {word: count for word, count in rows}
 
 
 def chunk_count(db) -> int:

@@ -315,6 +315,9 @@ def copy_all(source: SQLiteQueue, target: PostgresQueue, where: str) -> tuple[di
                 for table in tables:
                     counts[table], nul = copy_table(sdb, db.conn, table)
                     replaced += nul
+                # PostgreSQL's own count of the chunks holding each word (bot/knowledge/store.py).
+                db.execute("INSERT INTO knowledge_terms (lexeme, chunks)"
+                           " SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks')")
                 # Last: a sequence is not rolled back, so it moves only once every row is in. Past
                 # SQLite's own counter too: ids of deleted rows (pruned records, a removed knowledge
                 # source) are never given again - the exchange log names knowledge chunks by id.

@@ -42,6 +42,7 @@ Columns of note:
   knowledge_chunks    their chunks, each with its embedding (float32, normalised; NULL: none) and,
                       on SQLite, a row in the full-text index knowledge_fts (bot/knowledge/store.py keeps it)
   knowledge_version   bumped by every change, so each process reloads its in-memory vectors
+  knowledge_terms     (PostgreSQL only) how many chunks hold each word (its English lexeme), for search
   knowledge_translations  bilingual dictionaries (`knowledge dictionary add`): a word of another
                       language, folded (lower case, no accents), and its translations; full-text
                       search adds them for a question's words the knowledge base does not hold
@@ -488,4 +489,11 @@ POSTGRES_SCHEMA = [
     RETENTION_INDEXES,
     # version 18: SQLite's 22
     TRANSLATIONS,
+    # version 19 (PostgreSQL's own): how many chunks hold each word, kept as chunks come and go
+    # (bot/knowledge/store.py): PostgreSQL would count them from the rows, thousands for a common
+    # word, where SQLite's FTS5 counts from its index
+    Additive("""
+    CREATE TABLE knowledge_terms (lexeme TEXT PRIMARY KEY, chunks INTEGER NOT NULL);
+    INSERT INTO knowledge_terms (lexeme, chunks) SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks');
+    """),
 ]
