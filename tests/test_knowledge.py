@@ -19,6 +19,7 @@ from bot.knowledge.retrieval import terms, uncommon
 from config import load_config
 from devtools.emulator import LocalServer, ModelStandIn
 from tests.support import PSID, ROOT, answer_queue, post_signed, replay, text_body
+from tests.support.processes import wait_until
 from tests.support.webchat import WebchatProcess
 
 HOURS = """# Opening hours
@@ -146,6 +147,51 @@ def test_postgresqls_word_counts_follow_every_add_update_and_remove(env, pg_url,
     assert kb.remove(str(docs / "delivery.md")).status == "removed"
     assert counted()["deliveri"] == 6 and "bring" not in counted()
     assert not any("bring" in hit.text for hit in kb.search("bring", env["FB_PAGE_ID"]).hits)
+
+
+def lock_wait(url: str) -> bool:
+    """Whether some session waits for a lock (the other write reached the row this one holds)."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0] > 0
+
+
+@pytest.mark.parametrize("meanwhile", ["remove", "update"])
+def test_a_remove_meeting_another_write_of_the_same_source_leaves_true_word_counts(env, pg_url, docs, monkeypatch,
+                                                                                   meanwhile):
+    """A remove (or an update) of a source paused just after it counted its words, while a second
+    remove of the same source runs: the second had counted the same words away again (negative
+    counts), or deadlocked with the update."""
+    import psycopg
+    from bot.knowledge import store
+
+    kb, other = knowledge_of(env, DATABASE_URL=pg_url), knowledge_of(env, DATABASE_URL=pg_url)
+    kb.add([str(docs / "hours.md"), str(docs / "delivery.md")])
+    real, outcome = store._count_words, []
+
+    def count_then_let_the_other_remove(db, source_id, up_to):
+        real(db, source_id, up_to)
+        monkeypatch.setattr(store, "_count_words", real)
+        thread = threading.Thread(target=lambda: outcome.append(other.remove(str(docs / "delivery.md")).status))
+        thread.start()
+        outcome.append(thread)
+        assert wait_until(lambda: lock_wait(pg_url) or not thread.is_alive(), 10)
+    monkeypatch.setattr(store, "_count_words", count_then_let_the_other_remove)
+    if meanwhile == "remove":
+        assert kb.remove(str(docs / "delivery.md")).status == "removed"
+    else:
+        (docs / "delivery.md").write_text(DELIVERY.replace("5 km", "5 miles"))
+        assert kb.add([str(docs / "delivery.md")])[0].status == "updated"
+    outcome[0].join(10)
+    assert outcome[1:] == ["removed"]
+    with psycopg.connect(pg_url) as conn:
+        kept = dict(conn.execute("SELECT lexeme, chunks FROM knowledge_terms WHERE chunks <> 0").fetchall())
+        real_counts = dict(conn.execute("SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks')"))
+        orphans = conn.execute("SELECT COUNT(*) FROM knowledge_chunks c WHERE NOT EXISTS"
+                               " (SELECT 1 FROM knowledge_sources s WHERE s.id = c.source_id)").fetchone()[0]
+    assert kept == real_counts and orphans == 0
+    assert [s.title for s in kb.sources()] == ["Opening hours"]
 
 
 def test_remove_by_path_takes_the_copy_of_the_page_it_names(env, backend, docs):

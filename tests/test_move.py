@@ -390,6 +390,20 @@ def test_a_target_holding_a_knowledge_base_is_refused_in_one_line(tmp_path, targ
     assert "already holds a store (1 knowledge_sources rows)" in line and "nothing was changed" in line
 
 
+def test_a_target_whose_knowledge_base_was_used_and_emptied_gets_its_word_counts_afresh(tmp_path, target):
+    """Removing every source on PostgreSQL leaves its words counted 0 in knowledge_terms: the move
+    had failed on them (a duplicate key) although the target held no chunk."""
+    url, password = target
+    data_dir = tmp_path / "data"
+    build_store(data_dir)
+    PostgresQueue(url).close()  # the target's tables, as a bot that ran there left them
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO knowledge_terms (lexeme, chunks) VALUES ('sunday', 0), ('gone', 0)")
+    assert run_move(tmp_path, data_dir, url, password).returncode == 0
+    assert pg_rows(url, "SELECT lexeme, chunks FROM knowledge_terms WHERE lexeme IN ('sunday', 'gone')") == [
+        ("sunday", 1)]
+
+
 def test_ctrl_c_mid_copy_says_nothing_was_moved_and_leaves_the_target_empty(tmp_path, target):
     url, password = target
     data_dir = tmp_path / "data"

@@ -67,12 +67,11 @@ def put_source(db, page_id: str, title: str, location: str, url: str | None, kin
                now: float) -> int:
     """The source with these chunks, replacing what it had: the caller's one transaction."""
     old = find_source(db, page_id, location)
-    if old:
-        db.execute("UPDATE knowledge_sources SET title = ?, url = ?, kind = ?, content_hash = ?, embedding_model = ?,"
-                   " chunks = ?, added_at = ? WHERE id = ?",
-                   (title, url, kind, content_hash, embedding_model, len(chunks), now, old.id))
+    if old and db.execute("UPDATE knowledge_sources SET title = ?, url = ?, kind = ?, content_hash = ?,"
+                          " embedding_model = ?, chunks = ?, added_at = ? WHERE id = ?",
+                          (title, url, kind, content_hash, embedding_model, len(chunks), now, old.id)).rowcount:
         source_id = old.id
-    else:
+    else:  # new, or removed since it was looked up (the update waited for that remove's commit)
         source_id = db.execute(
             "INSERT INTO knowledge_sources (page_id, location, title, url, kind, content_hash, embedding_model, chunks,"
             " added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
@@ -96,11 +95,16 @@ def put_source(db, page_id: str, title: str, location: str, url: str | None, kin
 
 
 def remove_source(db, source_id: int) -> bool:
+    # The source's row first, as an update takes it: a remove and an add (or another remove) of
+    # the same source wait for each other instead of each counting its words away.
+    if not db.execute("SELECT id FROM knowledge_sources WHERE id = ?" + ("" if _is_sqlite(db) else " FOR UPDATE"),
+                      (source_id,)).fetchone():
+        return False
     _count_words(db, source_id, ALL_CHUNKS)
     _delete_chunks(db, source_id, ALL_CHUNKS)
-    removed = db.execute("DELETE FROM knowledge_sources WHERE id = ?", (source_id,)).rowcount > 0
+    db.execute("DELETE FROM knowledge_sources WHERE id = ?", (source_id,))
     _bump(db)
-    return removed
+    return True
 
 
 ALL_CHUNKS = 2**62  # as `up_to`: every chunk of the source
@@ -117,15 +121,14 @@ def _delete_chunks(db, source_id: int, up_to: int) -> None:
 def _count_words(db, source_id: int, old_up_to: int) -> None:
     """PostgreSQL: knowledge_terms gains the source's new chunks (ids past `old_up_to`) and loses
     its old ones, in one statement that takes the words' rows in order - so two adds at once
-    never wait for each other in a circle."""
+    never wait for each other in a circle (the caller holds the source's row)."""
     if _is_sqlite(db):
         return
-    chunks = f"SELECT tsv FROM knowledge_chunks WHERE source_id = {int(source_id)} AND id"
-    db.execute("INSERT INTO knowledge_terms (lexeme, chunks) SELECT word, SUM(n) FROM ("
-               " SELECT word, ndoc AS n FROM ts_stat(?) UNION ALL SELECT word, -ndoc FROM ts_stat(?)) delta"
-               " GROUP BY word HAVING SUM(n) <> 0 ORDER BY word"
-               " ON CONFLICT (lexeme) DO UPDATE SET chunks = knowledge_terms.chunks + excluded.chunks",
-               (f"{chunks} > {int(old_up_to)}", f"{chunks} <= {int(old_up_to)}"))
+    db.execute("INSERT INTO knowledge_terms (lexeme, chunks)"
+               " SELECT lexeme, SUM(CASE WHEN id > ? THEN 1 ELSE -1 END) FROM knowledge_chunks, unnest(tsv)"
+               " WHERE source_id = ? GROUP BY lexeme HAVING SUM(CASE WHEN id > ? THEN 1 ELSE -1 END) <> 0"
+               " ORDER BY lexeme ON CONFLICT (lexeme) DO UPDATE SET chunks = knowledge_terms.chunks + excluded.chunks",
+               (old_up_to, source_id, old_up_to))
 
 
 def full_text(db, terms: Sequence[str], page_id: str, limit: int) -> list[int]:

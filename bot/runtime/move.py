@@ -315,7 +315,10 @@ def copy_all(source: SQLiteQueue, target: PostgresQueue, where: str) -> tuple[di
                 for table in tables:
                     counts[table], nul = copy_table(sdb, db.conn, table)
                     replaced += nul
-                # PostgreSQL's own count of the chunks holding each word (bot/knowledge/store.py).
+                # PostgreSQL's own count of the chunks holding each word (bot/knowledge/store.py),
+                # afresh: a knowledge base used and emptied there leaves words counted 0.
+                db.execute("LOCK TABLE knowledge_terms IN EXCLUSIVE MODE")
+                db.execute("DELETE FROM knowledge_terms")
                 db.execute("INSERT INTO knowledge_terms (lexeme, chunks)"
                            " SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks')")
                 # Last: a sequence is not rolled back, so it moves only once every row is in. Past

@@ -491,9 +491,11 @@ POSTGRES_SCHEMA = [
     TRANSLATIONS,
     # version 19 (PostgreSQL's own): how many chunks hold each word, kept as chunks come and go
     # (bot/knowledge/store.py): PostgreSQL would count them from the rows, thousands for a common
-    # word, where SQLite's FTS5 counts from its index
-    Additive("""
+    # word, where SQLite's FTS5 counts from its index. Not additive: older code adds chunks without
+    # counting them. The chunks are held still while they are counted.
+    """
     CREATE TABLE knowledge_terms (lexeme TEXT PRIMARY KEY, chunks INTEGER NOT NULL);
+    LOCK TABLE knowledge_chunks IN SHARE MODE;
     INSERT INTO knowledge_terms (lexeme, chunks) SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks');
-    """),
+    """,
 ]
