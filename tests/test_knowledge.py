@@ -168,14 +168,14 @@ def test_a_remove_meeting_another_write_of_the_same_source_leaves_true_word_coun
 
     kb, other = knowledge_of(env, DATABASE_URL=pg_url), knowledge_of(env, DATABASE_URL=pg_url)
     kb.add([str(docs / "hours.md"), str(docs / "delivery.md")])
-    real, outcome = store._count_words, []
+    real, others, statuses = store._count_words, [], []
 
     def count_then_let_the_other_remove(db, source_id, up_to):
         real(db, source_id, up_to)
         monkeypatch.setattr(store, "_count_words", real)
-        thread = threading.Thread(target=lambda: outcome.append(other.remove(str(docs / "delivery.md")).status))
+        thread = threading.Thread(target=lambda: statuses.append(other.remove(str(docs / "delivery.md")).status))
         thread.start()
-        outcome.append(thread)
+        others.append(thread)
         assert wait_until(lambda: lock_wait(pg_url) or not thread.is_alive(), 10)
     monkeypatch.setattr(store, "_count_words", count_then_let_the_other_remove)
     if meanwhile == "remove":
@@ -183,8 +183,8 @@ def test_a_remove_meeting_another_write_of_the_same_source_leaves_true_word_coun
     else:
         (docs / "delivery.md").write_text(DELIVERY.replace("5 km", "5 miles"))
         assert kb.add([str(docs / "delivery.md")])[0].status == "updated"
-    outcome[0].join(10)
-    assert outcome[1:] == ["removed"]
+    others[0].join(10)
+    assert statuses == ["removed"]
     with psycopg.connect(pg_url) as conn:
         kept = dict(conn.execute("SELECT lexeme, chunks FROM knowledge_terms WHERE chunks <> 0").fetchall())
         real_counts = dict(conn.execute("SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks')"))

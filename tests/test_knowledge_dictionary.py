@@ -147,7 +147,7 @@ def test_a_dictionary_lets_full_text_answer_a_question_in_another_language(env, 
     question = "¿Abren el sábado y el domingo?"
     assert not any(hit.relevant for hit in other.search(question, env["FB_PAGE_ID"]).hits)
 
-    [added] = [kb.add_dictionary(str(write_dictionary(tmp_path, "test-spa-eng", SPANISH)))]
+    added = kb.add_dictionary(str(write_dictionary(tmp_path, "test-spa-eng", SPANISH)))
     assert (added.status, added.chunks, added.line()) == ("added", 5, "added     test-spa-eng: 5 words")
     found = other.search(question, env["FB_PAGE_ID"])
     assert found.hits[0].title == "Opening hours" and found.hits[0].relevant
@@ -161,10 +161,10 @@ def test_a_dictionary_lets_full_text_answer_a_question_in_another_language(env, 
     assert other.search(long, env["FB_PAGE_ID"]).hits[0].title == "Opening hours"
     assert kb.dictionaries() == [("test-spa-eng", 5)]
 
-    [again] = [kb.add_dictionary(str(tmp_path / "test-spa-eng.index"))]  # re-read: replaced, not doubled
+    again = kb.add_dictionary(str(tmp_path / "test-spa-eng.index"))  # re-read: replaced, not doubled
     assert (again.status, again.chunks) == ("updated", 5) and kb.dictionaries() == [("test-spa-eng", 5)]
 
-    [removed] = [kb.remove_dictionary("test-spa-eng")]
+    removed = kb.remove_dictionary("test-spa-eng")
     assert (removed.status, removed.chunks) == ("removed", 5)
     assert not any(hit.relevant for hit in other.search(question, env["FB_PAGE_ID"]).hits)
     assert kb.remove_dictionary("test-spa-eng").status == "failed"

@@ -68,8 +68,7 @@ class KnowledgeBase:
                 if attempt == 1 and _already_added(error):
                     continue  # another process added it meanwhile: read what it holds, and compare
                 logger.debug("knowledge: %s could not be added", location, exc_info=True)
-                first_line = (str(error).splitlines() or [""])[0]
-                return Report(location, FAILED, reason=f"{type(error).__name__}: {first_line[:160]}")
+                return Report(location, FAILED, reason=_one_line(error))
         raise AssertionError("unreachable")
 
     def _add_one(self, location: str, page: str) -> Report:
@@ -159,8 +158,7 @@ class KnowledgeBase:
             return Report(path, FAILED, reason=str(error))
         except STORE_ERRORS as error:  # this dictionary only: the store keeps what it had, the next one goes on
             logger.debug("knowledge: dictionary %s could not be stored", path, exc_info=True)
-            first_line = (str(error).splitlines() or [""])[0]
-            return Report(path, FAILED, reason=f"the store refused it ({type(error).__name__}: {first_line[:160]})")
+            return Report(path, FAILED, reason=f"the store refused it ({_one_line(error)})")
         return Report(found.name, UPDATED if replaced else ADDED, count, unit="word")
 
     def dictionaries(self) -> list[tuple[str, int]]:
@@ -185,6 +183,11 @@ class KnowledgeBase:
             except EmbeddingsUnavailable:
                 return self.embedder.model  # it may work for the source; if not, that source fails
         return None if self.embedder.unsupported else self.embedder.model
+
+
+def _one_line(error: BaseException) -> str:
+    """An unexpected error as a report's reason: its type and its message's first line."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
 
 
 def _told(report: Report, on_report: Callable[[Report], None] | None) -> Report:
