@@ -103,8 +103,9 @@ def full_text_alone(kb, query: str, page_id: str) -> list[int]:
     from bot.knowledge import retrieval, store
 
     with kb.database.read() as db:
-        words, _ = kb.retriever._full_text_query(db, retrieval.terms(query), store.version(db))
-        return store.full_text(db, words, page_id, retrieval.CANDIDATES)
+        version = store.version(db)
+        words, _ = kb.retriever._full_text_query(db, retrieval.terms(query), version)
+        return store.full_text(db, words, page_id, retrieval.CANDIDATES, kb.retriever._stats_of(db, version))
 
 
 def cosine_alone(kb, query: str, page_id: str) -> list[int]:

@@ -33,6 +33,7 @@ DELIVERY = """# Delivery
 We deliver within 5 km of the shop for 3 euros. Orders above 40 euros are delivered for free.
 """
 FAQ = "question,answer\nDo you have gluten-free bread?,Yes: our buckwheat loaf is gluten-free and costs 6.50 euros.\n"
+FAQ_HEADING = "Faq › Do you have gluten-free bread?"
 UNKNOWN = "I'm sorry, I don't know that. I would rather not guess."
 
 
@@ -147,6 +148,96 @@ def test_postgresqls_word_counts_follow_every_add_update_and_remove(env, pg_url,
     assert kb.remove(str(docs / "delivery.md")).status == "removed"
     assert counted()["deliveri"] == 6 and "bring" not in counted()
     assert not any("bring" in hit.text for hit in kb.search("bring", env["FB_PAGE_ID"]).hits)
+
+
+def full_text_titles(kb, page_id: str, *words: str) -> list[str]:
+    """The titles of the chunks full text finds for `words` (any of them), best first."""
+    from bot.knowledge import store
+
+    with kb.database.read() as db:
+        ids = store.full_text(db, words, page_id, 10)
+        found = store.chunks(db, ids)
+    return [found[chunk_id].heading for chunk_id in ids]
+
+
+def test_both_backends_read_a_chunks_words_as_a_question_spells_them(env, backend, docs):
+    """Accents off, and split at every punctuation mark: a question's words ("cafe", "50",
+    "anasbakery", "gluten") find "Café", "3.50", a host, an address and "gluten-free" on both
+    backends - PostgreSQL's own parser keeps all but the first whole, and the accent."""
+    _, settings = backend
+    (docs / "cafe.md").write_text("# Café Ana\n\nA flat white costs 3.50 at the counter.\n")
+    (docs / "web.md").write_text("# Web shop\n\nOrder at shop.anasbakery.example or from orders@anasbakery.example.\n")
+    kb = knowledge_of(env, **settings)
+    kb.add([str(docs / "cafe.md"), str(docs / "web.md"), str(docs / "faq.csv")])
+    page = env["FB_PAGE_ID"]
+    assert full_text_titles(kb, page, "cafe") == ["Café Ana"]
+    assert sorted(full_text_titles(kb, page, "50")) == ["Café Ana", FAQ_HEADING]  # "6.50" too
+    assert full_text_titles(kb, page, "anasbakery") == ["Web shop"]
+    assert full_text_titles(kb, page, "gluten") == [FAQ_HEADING]
+
+
+def test_both_backends_rank_full_text_alike_by_bm25(env, pg_url, docs):
+    """A rare word outweighs a common one said four times, and a short chunk outranks a long one
+    holding the word as often: bm25 (PostgreSQL's ts_rank would rank both the other way), and
+    the same order from SQLite and PostgreSQL for every question."""
+    (docs / "long-rye.md").write_text("# Breads\n\nRye. " + "Our loaves are shaped by hand and baked at dawn. " * 12)
+    for n in range(6):
+        (docs / f"bun-{n}.md").write_text(f"# Bun {n}\n\nOur bun of the day, number {n}.\n")
+    (docs / "basket.md").write_text("# Bun basket\n\nA bun, a bun and another bun for the table.\n")
+    (docs / "lucia.md").write_text("# Lucia\n\nSaffron in December.\n")
+    (docs / "short-rye.md").write_text("# Dark bread\n\nRye, every day.\n")
+    page, questions = env["FB_PAGE_ID"], [("saffron", "bun"), ("rye",), ("bun", "day"), ("bread", "dawn", "rye")]
+    orders = []
+    for settings in ({}, {"DATABASE_URL": pg_url}):
+        kb = knowledge_of(env, **settings)
+        kb.add([str(docs / "long-rye.md")])  # the older chunk: first, were the two ranked alike
+        kb.add([str(docs / name) for name in sorted(os.listdir(docs)) if name != "long-rye.md"])
+        assert full_text_titles(kb, page, "saffron", "bun")[0] == "Lucia"
+        assert full_text_titles(kb, page, "rye") == ["Dark bread", "Breads"]
+        orders.append([full_text_titles(kb, page, *words) for words in questions])
+    assert orders[0] == orders[1]
+
+
+def test_postgresqls_bm25_never_fails_nor_loses_a_match_on_counts_out_of_step(env, pg_url, docs):
+    """Stats a moment older than the word counts (fewer chunks than hold a word: no logarithm of
+    a negative), or a word the counts lack, still rank every match."""
+    import psycopg
+
+    from bot.knowledge import store
+
+    kb = knowledge_of(env, DATABASE_URL=pg_url)
+    kb.add([str(docs / "hours.md"), str(docs / "delivery.md")])
+    with kb.database.read() as db:
+        assert len(store.full_text(db, ["shop"], "", 10, store.TextStats(1, 5.0))) == 2
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("DELETE FROM knowledge_terms WHERE lexeme = 'shop'")
+    with kb.database.read() as db:
+        assert len(store.full_text(db, ["shop"], "", 10)) == 2
+
+
+def test_postgresql_schema_20_reads_the_chunks_anew_and_counts_their_words_again(env, pg_url):
+    """A knowledge base added before schema 20 is searchable the new way once a host migrates it:
+    its chunks' words are read again and knowledge_terms counts those."""
+    import psycopg
+
+    from bot.storage.postgres import PostgresDatabase
+    from bot.storage.schema import POSTGRES_SCHEMA
+
+    older = PostgresDatabase(pg_url, POSTGRES_SCHEMA[:19], max_size=1)
+    with older.write() as db:  # as the code of schema 19 adds a source
+        db.execute("INSERT INTO knowledge_sources (id, page_id, location, title, url, kind, content_hash, chunks,"
+                   " added_at) VALUES (1, '', '/docs/cafe.md', 'Café', NULL, 'markdown', 'h', 1, 0)")
+        db.execute("INSERT INTO knowledge_chunks (source_id, page_id, position, heading, text)"
+                   " VALUES (1, '', 0, 'Café Ana', 'A flat white costs 3.50 at shop.anasbakery.example.')")
+        db.execute("INSERT INTO knowledge_terms (lexeme, chunks) SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks')")
+    older.close()
+    kb = knowledge_of(env, DATABASE_URL=pg_url)
+    assert full_text_titles(kb, "", "cafe") == full_text_titles(kb, "", "anasbakery") == ["Café Ana"]
+    with psycopg.connect(pg_url) as conn:
+        kept = dict(conn.execute("SELECT lexeme, chunks FROM knowledge_terms WHERE chunks <> 0").fetchall())
+        assert kept == dict(conn.execute("SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks')").fetchall())
+        assert "cafe" in kept and "café" not in kept
+        assert conn.execute("SELECT words FROM knowledge_chunks").fetchone()[0] == 12  # "Café Ana A flat white costs 3 50 at shop anasbakery example"
 
 
 def lock_wait(url: str) -> bool:

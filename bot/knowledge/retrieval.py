@@ -219,6 +219,7 @@ class Retriever:
         self.min_coverage = min_coverage
         self._vectors: dict[str, _Vectors] = {}
         self._counts: dict[str, int] = {}  # chunks holding each word ("": all chunks), as of _counts_version
+        self._stats: store.TextStats | None = None  # of every chunk, as of _counts_version
         self._counts_version = -1
         self._dictionaries: tuple[int, bool] | None = None  # (knowledge version, any dictionary then)
         # Two locks, never held while waiting for a database connection by the one and while
@@ -244,7 +245,7 @@ class Retriever:
                 if self.embedder is not None and not self.embedder.unsupported:
                     by_meaning = self._pool.submit(self._ranked_by_meaning, question, page_id, current, timeout)
                 query, translated = self._full_text_query(db, question_terms, current, maybe_foreign(question))
-                ranked_text = store.full_text(db, query, page_id, CANDIDATES)
+                ranked_text = store.full_text(db, query, page_id, CANDIDATES, self._stats_of(db, current))
         except STORE_ERRORS as error:
             failed = error
         except BaseException:
@@ -320,11 +321,22 @@ class Retriever:
         extra = dict.fromkeys(word for words in translated.values() for word in words if word not in query)
         return (query + list(extra))[:MAX_TERMS], translated
 
+    def _at_version(self, db, version: int) -> None:
+        """(_counts_lock held) The counts and stats start afresh at another knowledge version."""
+        if self._counts_version != version:
+            stats = store.text_stats(db)
+            self._counts, self._stats, self._counts_version = {"": stats.chunks}, stats, version
+
+    def _stats_of(self, db, version: int) -> store.TextStats:
+        """store.text_stats, read once per knowledge version (a pass over every chunk on PostgreSQL)."""
+        with self._counts_lock:
+            self._at_version(db, version)
+            return self._stats
+
     def _counts_of(self, db, words: list[str], version: int) -> dict[str, int]:
         """How many chunks hold each of `words` ("": all chunks), kept per knowledge version."""
         with self._counts_lock:
-            if self._counts_version != version:
-                self._counts, self._counts_version = {"": store.chunk_count(db)}, version
+            self._at_version(db, version)
             known = {word: self._counts[word] for word in ["", *words] if word in self._counts}
         missing = [word for word in words if word not in known]
         counts = store.term_counts(db, missing) if missing else {}

@@ -42,6 +42,8 @@ Columns of note:
   knowledge_chunks    their chunks, each with its embedding (float32, normalised; NULL: none) and,
                       on SQLite, a row in the full-text index knowledge_fts (bot/knowledge/store.py keeps it)
   knowledge_version   bumped by every change, so each process reloads its in-memory vectors
+  knowledge_chunks.tsv, .words  (PostgreSQL only) the chunk's words as search reads them (SEARCH_TEXT,
+                      English lexemes) and how many words it has (bm25's length)
   knowledge_terms     (PostgreSQL only) how many chunks hold each word (its English lexeme), for search
   knowledge_translations  bilingual dictionaries (`knowledge dictionary add`): a word of another
                       language, folded (lower case, no accents), and its translations; full-text
@@ -287,6 +289,14 @@ SCHEMA = [
     # version 22: bilingual dictionaries for full-text search in other languages (bot/knowledge/dictionary.py)
     TRANSLATIONS,
 ]
+# PostgreSQL's full text reads a chunk as SQLite's FTS5 tokenizer does (unicode61,
+# remove_diacritics) and as a question's words are folded (bot/knowledge/retrieval.py): without
+# accents ("café" is "cafe") and split at every punctuation mark. PostgreSQL's own parser keeps
+# "3.50", "gluten-free", "shop.anasbakery.example" and "info@…" whole, which no question's word
+# matches (README: it ranked 0.87 of the example questions where SQLite ranks 0.90). [:punct:],
+# not [^[:alnum:]]: under a C collation the latter would split "straße" too.
+SEARCH_TEXT = ("regexp_replace(regexp_replace(normalize(heading || ' ' || text, NFKD), E'[\\u0300-\\u036f]', '', 'g'),"
+               " '[[:punct:]]+', ' ', 'g')")
 
 # The same tables in PostgreSQL (DATABASE_URL), as its own list of migrations: version N
 # is POSTGRES_SCHEMA[N-1], kept in table schema_version. The mirror's `rowid` column
@@ -498,4 +508,16 @@ POSTGRES_SCHEMA = [
     LOCK TABLE knowledge_chunks IN SHARE MODE;
     INSERT INTO knowledge_terms (lexeme, chunks) SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks');
     """,
+    # version 20 (PostgreSQL's own): the chunks' words as SQLite's FTS5 reads them, and how many
+    # (bm25's length). Additive: older code reads and counts the new column as it did the old.
+    Additive(f"""
+    ALTER TABLE knowledge_chunks DROP COLUMN tsv;
+    ALTER TABLE knowledge_chunks ADD COLUMN tsv tsvector
+        GENERATED ALWAYS AS (to_tsvector('english', {SEARCH_TEXT})) STORED;
+    ALTER TABLE knowledge_chunks ADD COLUMN words INTEGER
+        GENERATED ALWAYS AS (COALESCE(array_length(array_remove(regexp_split_to_array({SEARCH_TEXT}, '\\s+'), ''), 1), 0)) STORED;
+    CREATE INDEX knowledge_chunks_tsv ON knowledge_chunks USING GIN (tsv);
+    DELETE FROM knowledge_terms;
+    INSERT INTO knowledge_terms (lexeme, chunks) SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks');
+    """),
 ]
