@@ -81,6 +81,33 @@ def test_a_database_that_does_not_exist_is_named_with_the_servers_reason(graph, 
     assert 'database "no_such_bot_database" does not exist' in line
 
 
+def test_a_database_not_in_utf8_is_refused_in_one_line(graph, model, tmp_path, pg_url):
+    """A LATIN1 database could store no emoji nor most languages, and the knowledge base's schema
+    (Unicode normalisation) cannot be made in it: refused before any migration, saying why."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.support import free_port, start_gunicorn
+    from tests.support.messages import base_env
+
+    name = f"bot_latin1_{os.getpid()}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        url = urlunsplit(urlsplit(pg_url)._replace(path=f"/{name}", query=""))
+        env = {**base_env(graph, model, tmp_path), "PORT": str(free_port()), "HOST": "127.0.0.1", "DATABASE_URL": url}
+        process = start_gunicorn(env, tmp_path)
+        output = process.communicate(timeout=30)[0]
+        assert process.returncode == 1 and "Traceback" not in output
+        [line] = [line for line in output.splitlines() if line.startswith("Cannot start:")]
+        assert f"/{name} uses the LATIN1 encoding" in line and "needs a UTF8 database" in line, line
+        with psycopg.connect(url) as conn:  # nothing was migrated into it
+            assert conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def test_inbox_files_left_behind_stop_a_start_on_postgres(graph, model, tmp_path, pg_url):
     """Acknowledged on SQLite, still in the inbox files, then DATABASE_URL set without moving in:
     nothing would ever read them. The start refuses, saying how to move them."""

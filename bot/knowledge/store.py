@@ -180,7 +180,7 @@ def _by_bm25(db, terms: Sequence[str], ids: list[int], stats: TextStats) -> list
     (`stats` may be a moment older than the counts), and a word knowledge_terms lacks counts as
     held by none, so no match is lost. A chunk's own positions of the question's words are picked
     out before they are read (setweight marks them, ts_filter keeps them: its other words are
-    never unnested)."""
+    never unnested; the chunks' words carry no weight of their own)."""
     words = " ".join(terms)
     return [row[0] for row in db.execute(
         "WITH asked AS (SELECT w.lexeme, cardinality(w.positions) * GREATEST(ln("
