@@ -190,8 +190,8 @@ def _by_bm25(db, terms: Sequence[str], ids: list[int], stats: TextStats) -> list
         " CROSS JOIN LATERAL unnest(ts_filter(setweight(c.tsv, 'A', tsvector_to_array(to_tsvector('english', ?))),"
         "   '{a}')) held JOIN asked a ON a.lexeme = held.lexeme"
         " WHERE c.id = ANY(?) GROUP BY c.id, c.words"
-        " ORDER BY SUM(a.idf * cardinality(held.positions) * ? / (cardinality(held.positions) + ? * (? + ? * c.words / ?)))"
-        " DESC, c.id",
+        " ORDER BY SUM(a.idf * cardinality(held.positions) * ?"
+        "   / (cardinality(held.positions) + ? * (? + ? * c.words / ?))) DESC, c.id",
         (float(stats.chunks), words, words, ids, BM25_K1 + 1, BM25_K1, 1 - BM25_B, BM25_B,
          max(stats.mean_words or 0.0, 1.0))).fetchall()]
 

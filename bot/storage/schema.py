@@ -516,7 +516,8 @@ POSTGRES_SCHEMA = [
     ALTER TABLE knowledge_chunks ADD COLUMN tsv tsvector
         GENERATED ALWAYS AS (to_tsvector('english', {SEARCH_TEXT})) STORED;
     ALTER TABLE knowledge_chunks ADD COLUMN words INTEGER
-        GENERATED ALWAYS AS (COALESCE(array_length(array_remove(regexp_split_to_array({SEARCH_TEXT}, '\\s+'), ''), 1), 0)) STORED;
+        GENERATED ALWAYS AS (COALESCE(array_length(
+            array_remove(regexp_split_to_array({SEARCH_TEXT}, '\\s+'), ''), 1), 0)) STORED;
     CREATE INDEX knowledge_chunks_tsv ON knowledge_chunks USING GIN (tsv);
     DELETE FROM knowledge_terms;
     INSERT INTO knowledge_terms (lexeme, chunks) SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks');
