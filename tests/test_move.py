@@ -390,6 +390,27 @@ def test_a_target_holding_a_knowledge_base_is_refused_in_one_line(tmp_path, targ
     assert "already holds a store (1 knowledge_sources rows)" in line and "nothing was changed" in line
 
 
+def test_a_target_not_in_utf8_is_refused_in_one_line_before_anything_is_made_there(tmp_path, target):
+    """The same refusal as the bot's start (a LATIN1 database could hold no emoji, and the knowledge
+    base's schema cannot be made in it), not PostgreSQL's raw error from half-way through."""
+    url, password = target
+    name = f"bot_move_latin1_{os.getpid()}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    latin1 = urlunsplit(urlsplit(url)._replace(path=f"/{name}", query=""))
+    try:
+        data_dir = tmp_path / "data"
+        build_store(data_dir)
+        line = refused(run_move(tmp_path, data_dir, latin1, password))
+        assert f"/{name} uses the LATIN1 encoding" in line and "needs a UTF8 database" in line, line
+        assert pg_rows(latin1, "SELECT to_regclass('schema_version')") == [(None,)]
+        assert not (data_dir / MARKER).exists()
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def test_a_target_whose_knowledge_base_was_used_and_emptied_gets_its_word_counts_afresh(tmp_path, target):
     """Removing every source on PostgreSQL leaves its words counted 0 in knowledge_terms: the move
     had failed on them (a duplicate key) although the target held no chunk."""

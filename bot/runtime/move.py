@@ -241,10 +241,13 @@ def open_target(url: str, where: str) -> PostgresQueue:
     # One plain connection first: it fails fast, with the server's own reason (refused,
     # authentication, no such database), where the pool retries and says only "timeout".
     try:
-        psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT).close()
+        with psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT) as probe:
+            problem = encoding_problem(probe, where)
     except Exception as error:  # noqa: BLE001 - psycopg's, or a URL it cannot parse
         raise Refused(f"{where} cannot be used ({type(error).__name__}: {one_line(error)}): check "
                       "DATABASE_URL and that the server runs") from None
+    if problem:  # before the schema is made there: nothing is changed
+        raise Refused(problem)
     try:
         return PostgresQueue(url, pool_size=2)
     except SchemaTooNew as error:
@@ -252,6 +255,16 @@ def open_target(url: str, where: str) -> PostgresQueue:
     except Exception as error:  # noqa: BLE001 - the driver's or the pool's: say which and where
         raise Refused(f"{where} cannot be used ({type(error).__name__}: {one_line(error)}): check "
                       "DATABASE_URL and that the server runs") from None
+
+
+def encoding_problem(conn, where: str) -> str | None:
+    """Why a database whose encoding is not UTF8 cannot hold the store (None: it is UTF8): it
+    could hold no emoji nor most languages, and the knowledge search's schema needs it."""
+    encoding = conn.execute("SHOW server_encoding").fetchone()[0]
+    if encoding == "UTF8":
+        return None
+    return (f"{where} uses the {encoding} encoding: the bot stores messages in every language and needs a UTF8 "
+            "database (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)")
 
 
 def refuse_unless_empty(db, where: str) -> None:

@@ -124,7 +124,7 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
                              f"--data-dir {data_dir} --database-url ...` first (it queues them, then copies the store)")
     import psycopg
 
-    from bot.runtime.move import Refused, describe, one_line, scrub
+    from bot.runtime.move import Refused, describe, encoding_problem, one_line, scrub
     from bot.storage.queue import PostgresQueue
     from bot.storage.sql import SchemaTooNew
 
@@ -141,8 +141,8 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
         # One plain connection first: it fails fast, with the server's own reason (refused,
         # authentication, no such database), where the pool retries for seconds and says "timeout".
         with psycopg.connect(url, connect_timeout=5) as probe:
-            encoding = probe.execute("SHOW server_encoding").fetchone()[0]
-            if encoding == "UTF8":
+            problem = encoding_problem(probe, where)
+            if problem is None:
                 PostgresQueue(url, pool_size=2).close()
                 held = probe.execute("SELECT COUNT(*) FROM events WHERE dedupe_key = ANY(%s)",
                                      (waiting,)).fetchone()[0] if waiting else 0
@@ -151,9 +151,8 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
     except Exception as exc:  # noqa: BLE001 - the driver's or the pool's: say which and where
         raise StartupProblem(scrub(f"{where} cannot be used ({type(exc).__name__}: {one_line(exc)}); check "
                                    "DATABASE_URL and that the server runs", url)) from None
-    if encoding != "UTF8":  # it could hold no emoji nor most languages, and the search's schema needs it
-        raise StartupProblem(f"{where} uses the {encoding} encoding: the bot stores messages in every language "
-                             "and needs a UTF8 database (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)")
+    if problem:
+        raise StartupProblem(problem)
     if waiting and held == len(waiting):  # moved before the note existed (or before it was written)
         with contextlib.suppress(OSError):  # an unwritable DATA_DIR is refused on its own
             mark(data_dir, where)
