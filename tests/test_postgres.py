@@ -481,3 +481,75 @@ def test_a_process_frozen_while_writing_its_batch_holds_up_its_own_user_only(pg_
         frozen_host.rollback()
         frozen_host.close()
         queue.close()
+
+
+GUESTS = "CREATE TABLE guests (id INTEGER)"
+GUESTS_NAMED = "ALTER TABLE guests ADD COLUMN name TEXT"
+
+
+def _waiting_for_a_lock(url) -> bool:
+    return bool(rows(url, "SELECT 1 FROM pg_locks WHERE NOT granted AND relation = 'guests'::regclass"))
+
+
+def test_a_migration_blocked_by_a_long_transaction_gives_way_and_stops_the_start_with_nothing_changed(pg_url):
+    """A session left holding a table (an older host's long query, a psql transaction left open):
+    the migration waits for it only so long each try, so the statements queued behind its request
+    go on meanwhile; after its tries the start stops saying why, and nothing was changed."""
+    import threading
+
+    import pytest
+
+    from bot.storage.postgres import MIGRATION_TRIES, MigrationBlocked, PostgresDatabase
+
+    PostgresDatabase(pg_url, [GUESTS]).close()
+    holder = psycopg.connect(pg_url)
+    holder.execute("SELECT * FROM guests")  # its transaction holds the table until it ends
+    pauses, outcome = [], []
+
+    def migrate():
+        try:
+            PostgresDatabase(pg_url, [GUESTS, GUESTS_NAMED], lock_wait=1.0, pause=pauses.append).close()
+        except MigrationBlocked as error:
+            outcome.append(error)
+
+    try:
+        migration = threading.Thread(target=migrate, daemon=True)
+        migration.start()
+        assert wait_until(lambda: _waiting_for_a_lock(pg_url), 5)
+        started = time.monotonic()
+        with psycopg.connect(pg_url, autocommit=True) as other:  # queued behind the migration's request
+            other.execute("SET statement_timeout = '10s'")
+            other.execute("INSERT INTO guests (id) VALUES (1)")
+        assert time.monotonic() - started < 1.0 + 1.5
+        migration.join(MIGRATION_TRIES * 1.0 + 10)
+        assert not migration.is_alive()
+        [error] = outcome
+        assert "could not be migrated to version 2" in str(error) and "nothing was changed" in str(error)
+        assert pauses == list(range(1, MIGRATION_TRIES))
+        assert rows(pg_url, "SELECT MAX(version) FROM schema_version") == [(1,)]
+        with pytest.raises(psycopg.errors.UndefinedColumn):
+            rows(pg_url, "SELECT name FROM guests")
+        assert rows(pg_url, "SELECT id FROM guests") == [(1,)]
+    finally:
+        holder.close()
+
+
+def test_a_migration_that_gave_way_goes_through_once_the_long_transaction_ends(pg_url):
+    from bot.storage.postgres import PostgresDatabase
+
+    PostgresDatabase(pg_url, [GUESTS]).close()
+    holder = psycopg.connect(pg_url)
+    holder.execute("SELECT * FROM guests")
+    pauses = []
+
+    def pause(seconds):
+        pauses.append(seconds)
+        holder.rollback()  # the long transaction ends while the migration waits to try again
+
+    try:
+        PostgresDatabase(pg_url, [GUESTS, GUESTS_NAMED], lock_wait=0.3, pause=pause).close()
+        assert pauses == [1]
+        assert rows(pg_url, "SELECT MAX(version) FROM schema_version") == [(2,)]
+        assert rows(pg_url, "SELECT name FROM guests") == []
+    finally:
+        holder.close()

@@ -238,6 +238,8 @@ def lock_holder(data_dir: str) -> str:
 def open_target(url: str, where: str) -> PostgresQueue:
     import psycopg
 
+    from bot.storage.postgres import MigrationBlocked
+
     # One plain connection first: it fails fast, with the server's own reason (refused,
     # authentication, no such database), where the pool retries and says only "timeout".
     try:
@@ -250,7 +252,7 @@ def open_target(url: str, where: str) -> PostgresQueue:
         raise Refused(problem)
     try:
         return PostgresQueue(url, pool_size=2)
-    except SchemaTooNew as error:
+    except (SchemaTooNew, MigrationBlocked) as error:
         raise Refused(f"{where}: {error}") from None
     except Exception as error:  # noqa: BLE001 - the driver's or the pool's: say which and where
         raise Refused(f"{where} cannot be used ({type(error).__name__}: {one_line(error)}): check "

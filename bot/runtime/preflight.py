@@ -125,6 +125,7 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
     import psycopg
 
     from bot.runtime.move import Refused, describe, encoding_problem, one_line, scrub
+    from bot.storage.postgres import MigrationBlocked
     from bot.storage.queue import PostgresQueue
     from bot.storage.sql import SchemaTooNew
 
@@ -148,6 +149,8 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
                                      (waiting,)).fetchone()[0] if waiting else 0
     except SchemaTooNew as exc:
         raise StartupProblem(str(exc)) from None
+    except MigrationBlocked as exc:
+        raise StartupProblem(f"{where}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - the driver's or the pool's: say which and where
         raise StartupProblem(scrub(f"{where} cannot be used ({type(exc).__name__}: {one_line(exc)}); check "
                                    "DATABASE_URL and that the server runs", url)) from None

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -38,8 +39,18 @@ CONNECT_TIMEOUT_S = 5
 RECONNECT_GIVE_UP_S = 4.0
 # The intake's connection is never checked before use: a server that vanished without closing it
 # (a host lost, a network cut) must fail a write within seconds, not the kernel's ~15 minutes.
+# A migration that changes a table waits at most this long for each lock it needs, then gives way
+# and tries again (MIGRATION_TRIES in all). Without a limit, one long transaction on the table (an
+# older host's query, a psql session left open) would hold the migration, and every statement of
+# every host queued behind its request - webhooks included - for as long as it lasted.
+MIGRATION_LOCK_WAIT_S = 2.0
+MIGRATION_TRIES = 5
 INTAKE_TCP = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
               "tcp_user_timeout": 10_000}
+
+
+class MigrationBlocked(RuntimeError):
+    """The schema could not be migrated: a table it changes stayed locked by another session."""
 
 
 def _row_factory(cursor: psycopg.Cursor):
@@ -55,7 +66,8 @@ class PostgresDatabase:
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"  # rows another transaction is writing are passed by
 
     def __init__(self, url: str, schema: Sequence[str], *, max_size: int = 10, read_only: bool = False,
-                 wait: float = CONNECT_TIMEOUT_S):
+                 wait: float = CONNECT_TIMEOUT_S, lock_wait: float = MIGRATION_LOCK_WAIT_S,
+                 pause: Callable[[float], None] = time.sleep):
         self.url = url
         self.read_only = read_only
         # `wait`: how long a caller waits for a connection. A webhook waits 1 s, then answers 503
@@ -74,7 +86,7 @@ class PostgresDatabase:
         if read_only:
             self._check_version(len(schema))
         else:
-            self._migrate(schema)
+            self._migrate(schema, lock_wait, pause)
 
     def close(self) -> None:
         self.pool.close()
@@ -135,10 +147,29 @@ class PostgresDatabase:
         if version != expected:
             raise SchemaTooNew(f"the database is at schema version {version}, this code reads version {expected}")
 
-    def _migrate(self, schema: Sequence[str]) -> None:
-        """Missing versions, once, even when several hosts start at the same moment."""
+    def _migrate(self, schema: Sequence[str], lock_wait: float, pause: Callable[[float], None]) -> None:
+        """Missing versions, once, even when several hosts start at the same moment; tried again
+        (`pause` seconds apart: 1, 2, 3...) when a table stayed locked longer than `lock_wait`."""
+        for attempt in range(1, MIGRATION_TRIES + 1):
+            try:
+                return self._migrate_once(schema, lock_wait)
+            except psycopg.errors.LockNotAvailable as error:  # rolled back: nothing was changed
+                if attempt == MIGRATION_TRIES:
+                    raise MigrationBlocked(
+                        f"the schema could not be migrated to version {len(schema)}: another session held a table "
+                        f"it changes for over {lock_wait:g} s in each of {MIGRATION_TRIES} tries (a long "
+                        "transaction: see pg_stat_activity); nothing was changed, and the hosts running go on. "
+                        "Start again once it has ended") from error
+                logger.warning("the schema migration waited %g s for a lock another session holds: given way, "
+                               "trying again (%d of %d)", lock_wait, attempt + 1, MIGRATION_TRIES)
+                pause(attempt)
+
+    def _migrate_once(self, schema: Sequence[str], lock_wait: float) -> None:
         with self.write() as db:
+            # Another host migrating is waited for, however long it takes (each migrates once) ...
             db.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+            # ... a table's lock only so long: the wait queues every other statement on the table.
+            db.execute("SELECT set_config('lock_timeout', ?, true)", (f"{int(lock_wait * 1000)}ms",))
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             version = _version(db)
             if version > len(schema):
