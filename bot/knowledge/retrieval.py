@@ -38,6 +38,9 @@ CANDIDATES = 50  # from each ranking, before fusion
 # search engine are - the two rarest words of a question always stay.
 COMMON_SHARE = 0.1
 MAX_TERMS = 32
+# Words whose chunk counts a process keeps between changes to the knowledge base (~10 MB at most):
+# past it they are counted afresh, as after a change, rather than kept for every word ever asked.
+COUNTS_KEPT = 50_000
 # Questions being embedded at once in one process: the larger of REPLY_THREADS' and
 # WEBCHAT_THREADS' defaults (each process has its own); a thread is made only when none is idle.
 EMBEDDING_THREADS = 256
@@ -217,11 +220,13 @@ class _Scored:
 
 
 class Retriever:
-    def __init__(self, database, embedder: Embedder | None, *, min_score: float = 0.3, min_coverage: float = 0.5):
+    def __init__(self, database, embedder: Embedder | None, *, min_score: float = 0.3, min_coverage: float = 0.5,
+                 counts_kept: int = COUNTS_KEPT):
         self.database = database
         self.embedder = embedder
         self.min_score = min_score
         self.min_coverage = min_coverage
+        self.counts_kept = counts_kept
         self._vectors: dict[str, _Vectors] = {}
         self._counts: dict[str, int] = {}  # chunks holding each word ("": all chunks), as of _counts_version
         self._stats: store.TextStats | None = None  # of every chunk, as of _counts_version
@@ -347,6 +352,8 @@ class Retriever:
         counts = store.term_counts(db, missing) if missing else {}
         with self._counts_lock:
             if self._counts_version == version:  # counted at this version: kept (a newer one starts afresh)
+                if len(self._counts) + len(counts) > self.counts_kept:  # every word ever asked, for months
+                    self._counts = {"": self._counts[""]}
                 self._counts.update(counts)
         return {**known, **counts}
 
