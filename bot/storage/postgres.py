@@ -37,14 +37,14 @@ CONNECT_TIMEOUT_S = 5
 # minute's up to half a minute. Given up after this long, the next caller starts a new attempt
 # at once (the pool grows again on demand), so no wait for a connection grows past a few seconds.
 RECONNECT_GIVE_UP_S = 4.0
-# The intake's connection is never checked before use: a server that vanished without closing it
-# (a host lost, a network cut) must fail a write within seconds, not the kernel's ~15 minutes.
 # A migration that changes a table waits at most this long for each lock it needs, then gives way
 # and tries again (MIGRATION_TRIES in all). Without a limit, one long transaction on the table (an
 # older host's query, a psql session left open) would hold the migration, and every statement of
 # every host queued behind its request - webhooks included - for as long as it lasted.
 MIGRATION_LOCK_WAIT_S = 2.0
 MIGRATION_TRIES = 5
+# The intake's connection is never checked before use: a server that vanished without closing it
+# (a host lost, a network cut) must fail a write within seconds, not the kernel's ~15 minutes.
 INTAKE_TCP = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
               "tcp_user_timeout": 10_000}
 
@@ -83,10 +83,14 @@ class PostgresDatabase:
         self._intake_pool: ConnectionPool | None = None
         self._intake_lock = threading.Lock()
         self._closed = False
-        if read_only:
-            self._check_version(len(schema))
-        else:
-            self._migrate(schema, lock_wait, pause)
+        try:
+            if read_only:
+                self._check_version(len(schema))
+            else:
+                self._migrate(schema, lock_wait, pause)
+        except BaseException:  # refused (too new, blocked, unreachable): no pool left open behind
+            self.pool.close()
+            raise
 
     def close(self) -> None:
         self.pool.close()
