@@ -129,25 +129,6 @@ def true_word_counts(url: str) -> dict[str, int]:
     return kept
 
 
-def test_the_word_counts_a_process_keeps_are_bounded_and_searches_stay_right_past_the_bound(env, backend, docs):
-    """Counts are kept per knowledge version, which may not move for months: every word ever asked
-    would stay in memory. Past the bound they start afresh, and the counts read again are right."""
-    from bot.knowledge import store
-    from bot.knowledge.retrieval import Retriever
-
-    _, settings = backend
-    kb = knowledge_of(env, **settings)
-    kb.add([str(docs / "hours.md"), str(docs / "delivery.md")])
-    retriever = Retriever(kb.database, None, counts_kept=8)
-    for number in range(30):
-        found = retriever.search(f"open on saturdays word{number} other{number} more{number}", "", 1)
-        assert found.hits[0].source.endswith("hours.md")
-        assert len(retriever._counts) <= 8
-    with kb.database.read() as db:
-        counts = retriever._counts_of(db, ["saturdays", "delivered", "nowhere"], store.version(db))
-    assert (counts["saturdays"], counts["delivered"], counts["nowhere"]) == (1, 1, 0)
-
-
 def test_postgresqls_word_counts_follow_every_add_update_and_remove(env, pg_url, docs):
     """knowledge_terms (PostgreSQL's count of the chunks holding each word, what makes a word
     common) is what counting the rows would give, after adds at once, an update and a remove."""
@@ -171,6 +152,25 @@ def test_postgresqls_word_counts_follow_every_add_update_and_remove(env, pg_url,
     assert kb.remove(str(docs / "delivery.md")).status == "removed"
     assert true_word_counts(pg_url)["deliveri"] == 6 and "bring" not in true_word_counts(pg_url)
     assert not any("bring" in hit.text for hit in kb.search("bring", env["FB_PAGE_ID"]).hits)
+
+
+def test_the_word_counts_a_process_keeps_are_bounded_and_searches_stay_right_past_the_bound(env, backend, docs):
+    """Counts are kept per knowledge version, which may not move for months: every word ever asked
+    would stay in memory. Past the bound they start afresh, and the counts read again are right."""
+    from bot.knowledge import store
+    from bot.knowledge.retrieval import Retriever
+
+    _, settings = backend
+    kb = knowledge_of(env, **settings)
+    kb.add([str(docs / "hours.md"), str(docs / "delivery.md")])
+    retriever = Retriever(kb.database, None, counts_kept=8)
+    for number in range(30):
+        found = retriever.search(f"open on saturdays word{number} other{number} more{number}", "", 1)
+        assert found.hits[0].source.endswith("hours.md")
+        assert len(retriever._counts) <= 8
+    with kb.database.read() as db:
+        counts = retriever._counts_of(db, ["saturdays", "delivered", "nowhere"], store.version(db))
+    assert (counts["saturdays"], counts["delivered"], counts["nowhere"]) == (1, 1, 0)
 
 
 def full_text_titles(kb, page_id: str, *words: str) -> list[str]:

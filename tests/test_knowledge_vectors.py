@@ -78,8 +78,8 @@ def test_cosines_from_bfloat16_rank_as_exact_ones_do():
     vectors = _Vectors.of(1, stored)
     scored = _Scored(vectors, vectors.similarities(question))
     assert len(vectors.matrix.obj) == count * width * 2  # half of float32's bytes
-    for chunk_id in exact:
-        assert abs(scored.of(chunk_id) - exact[chunk_id]) < 0.01 * max(1.0, abs(exact[chunk_id]))
+    for chunk_id in exact:  # bfloat16 by truncation would be up to 0.004 lower
+        assert abs(scored.of(chunk_id) - exact[chunk_id]) < 0.001, chunk_id
     top = scored.top(20)
     assert top[0] == max(exact, key=exact.get)
     # Only near ties may change places.
