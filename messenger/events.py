@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Collection
 
 from messenger.attachments import Attachment, parse_attachments
+from messenger.nesting import too_deep
 from messenger.text import clean_text, preview
 
 logger = logging.getLogger(__name__)
@@ -421,11 +422,12 @@ def _to_id(value: Any, name: str, max_chars: int = MAX_ID_CHARS) -> str | None:
 
 def _decode_json(body: bytes) -> Any:
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+        text = body.decode("utf-8")
+        if too_deep(text):
+            raise BadPayload("body is not valid JSON: nested too deeply")
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except BadPayload:
         raise
-    except RecursionError:
-        raise BadPayload("body is not valid JSON: nested too deeply") from None
     except ValueError:  # bad UTF-8, bad JSON, an integer over Python's 4300 digits
         raise BadPayload("body is not valid JSON") from None
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import urlparse
 
+from messenger.nesting import too_deep
 from messenger.text import clean_text
 
 # The body of a chat request: a message of WEBCHAT_MAX_CHARS (at most 8,000) characters and a few ids.
@@ -51,10 +52,14 @@ class ChatInput:
 def parse_json_body(raw: bytes, max_chars: int) -> ChatInput:
     """`{"message", "user_id"?, "conversation"?, "user_signature"?, "user_signature_expires"?}` from a POST body."""
     try:
-        data = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise Refused(400, "invalid_utf8", "The request body is not valid UTF-8.") from None
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
+    try:
+        if too_deep(text):  # before json.loads recurses towards Python's stack limit
+            raise ValueError("nested too deeply")
+        data = json.loads(text)
+    except ValueError:
         raise Refused(400, "invalid_json", 'The request body must be JSON, like {"message": "Hello"}.') from None
     if not isinstance(data, dict):
         raise Refused(400, "invalid_json", 'The request body must be a JSON object, like {"message": "Hello"}.')

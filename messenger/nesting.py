@@ -1,0 +1,32 @@
+"""How deeply a JSON text nests, read before `json.loads` is let near it.
+
+The json module's C scanner recurses once per `[` or `{`. A body nested some
+thousands deep used to end in RecursionError, which was caught, but any garbage
+collection that ran down there ran its finalizers at the recursion limit too, and
+they failed ("Exception ignored ... RecursionError": a flaky CI failure, and in
+production a finalizer that never ran). So a body nested past MAX_DEPTH is refused
+before it is parsed. Meta's deliveries nest about 8 deep; a web-chat request 2.
+"""
+from __future__ import annotations
+
+import re
+from itertools import accumulate
+
+MAX_DEPTH = 64
+# A JSON string, its escapes included: brackets inside strings do not nest.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
+    """True when `text`, read as JSON, opens more than `limit` arrays or objects inside each other.
+
+    A depth cannot exceed the count of openers, so a text with no more than `limit` of them
+    costs two C-speed counts (1 us): a delivery of up to about 8 events. Past that, strings are
+    cut out and the brackets left are walked: about 3.5 us per event, 3x what json.loads takes
+    (measured: 36 us for 10 events, 346 us for 100), small beside storing them. Invalid JSON
+    gets some answer here; json.loads refuses it after either way."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    brackets = _BRACKET.findall(_STRING.sub("", text))
+    return max(accumulate(1 if bracket in "[{" else -1 for bracket in brackets), default=0) > limit
