@@ -5,7 +5,8 @@
 Three measurements, each printed as one JSON line, in a fresh schema dropped after:
 
 1. `store_step`: one delivery at a time, in this process, through the bot's own code
-   (WebhookReceiver.handle with the SQLite inbox file, then with the PostgreSQL intake),
+   (WebhookReceiver.handle with the SQLite inbox file, then with the PostgreSQL intake);
+   the intake's statement for a group of four deliveries (`take_in_group_of_4`);
    and the PostgreSQL transaction taken apart with the pool and driver the bot uses:
    pool checkout (with and without the bot's connection check), BEGIN/INSERT/COMMIT,
    + NOTIFY, with synchronous_commit off. Wall time and this process's CPU per step,
@@ -90,6 +91,24 @@ def receiver_step(url: str | None, data_dir: str):
     return step, store, bodies
 
 
+def take_in_step(store, size: int = 4):
+    """The intake's one statement for a group of `size` one-message deliveries (the sustained
+    scenario's groups average ~4), as DatabaseIntake's writer thread runs it; and the server
+    backend that runs it (found by its statement, after a first group)."""
+    from messenger.events import TEXT, IncomingMessage
+
+    tag = uuid.uuid4().hex[:6]
+
+    def step(n: int) -> None:
+        store.take_in([([IncomingMessage(psid=f"8{n:09d}{k}", page_id=PAGE_ID, mid=f"m_group_{tag}_{n}_{k}", kind=TEXT,
+                                         text=f"group {n} message {k}: do you open on Sundays?",
+                                         timestamp_ms=1_764_000_000_000 + n)], []) for k in range(size)])
+    step(-1)
+    with store._database.read() as db:
+        pid = db.execute("SELECT pid FROM pg_stat_activity WHERE query LIKE 'WITH added AS%'").fetchone()[0]
+    return step, pid
+
+
 def executor_hop(count: int) -> dict:
     """An event loop handing a no-op to a thread pool and awaiting it, one at a time."""
     import asyncio
@@ -138,6 +157,8 @@ def main() -> None:
         results["handle_sqlite_inbox"] = timed(step, args.count)
         step, store, _ = receiver_step(url, os.path.join(work, "pg"))  # migrates the schema
         results["handle_postgres"] = timed(step, args.count)
+        step, pid = take_in_step(store)
+        results["take_in_group_of_4"] = timed(step, args.count, pid)
         store.close()
 
         # -- the thread hop the ASGI front made per delivery before it awaited the intake on its loop ----

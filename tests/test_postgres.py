@@ -216,6 +216,31 @@ def test_the_intake_commits_waiting_deliveries_together_and_drops_a_redelivery_a
         queue.close()
 
 
+def test_the_intake_stores_every_message_as_it_came_whatever_its_text_holds(pg_url):
+    """The group goes to PostgreSQL as one JSON text (bot/storage/queue.py, ADD_EVENTS): quotes,
+    backslashes, escapes spelled out, line breaks, accents and emoji come back as they went in,
+    postbacks without a mid are keyed by their text, and a redelivery in the group is not new."""
+    from bot.storage.queue import PostgresQueue, _from_json, dedupe_key
+    from messenger.events import POSTBACK, IncomingMessage
+
+    texts = ['say "hi"', "C:\\new\\table \\u0041 \\n", "line one\nline two\ttab", "café, Größe, ½",
+             "\U0001F600 and \u00e9\u0301", '{"not": ["json", 1]}', "'; DROP TABLE events; --"]
+    messages = [IncomingMessage(psid=f"8{n:05d}", page_id="1", mid=f"m_text_{n}", kind="text", text=text,
+                                timestamp_ms=1_700_000_000_000 + n) for n, text in enumerate(texts)]
+    postbacks = [IncomingMessage(psid="800100", page_id="1", mid=None, kind=POSTBACK, text=title, payload="P\"1",
+                                 timestamp_ms=1_700_000_000_100 + n) for n, title in enumerate(["Menü 🍕", "Menü 🍕 "])]
+    queue = PostgresQueue(pg_url)
+    try:
+        assert queue.take_in([(messages[:4], []), (messages[4:] + postbacks, [])]) == len(texts) + 2
+        assert queue.take_in([([messages[0]], []), ([messages[1]], [])]) == 0
+        stored = {row[0]: row[1] for row in rows(pg_url, "SELECT dedupe_key, message FROM events")}
+        assert len(stored) == len(texts) + 2
+        for message in messages + postbacks:
+            assert _from_json(stored[dedupe_key(message)]) == message
+    finally:
+        queue.close()
+
+
 def test_the_intake_answers_every_waiting_delivery_when_the_commit_fails_and_goes_on_after(pg_url):
     import asyncio
 
