@@ -94,7 +94,7 @@ def receiver_step(url: str | None, data_dir: str):
 def take_in_step(store, size: int = 4):
     """The intake's one statement for a group of `size` one-message deliveries (the sustained
     scenario's groups average ~4), as DatabaseIntake's writer thread runs it; and the server
-    backend that runs it (found by its statement, after a first group)."""
+    backend that runs it (the intake's own connection)."""
     from messenger.events import TEXT, IncomingMessage
 
     tag = uuid.uuid4().hex[:6]
@@ -103,9 +103,8 @@ def take_in_step(store, size: int = 4):
         store.take_in([([IncomingMessage(psid=f"8{n:09d}{k}", page_id=PAGE_ID, mid=f"m_group_{tag}_{n}_{k}", kind=TEXT,
                                          text=f"group {n} message {k}: do you open on Sundays?",
                                          timestamp_ms=1_764_000_000_000 + n)], []) for k in range(size)])
-    step(-1)
-    with store._database.read() as db:
-        pid = db.execute("SELECT pid FROM pg_stat_activity WHERE query LIKE 'WITH added AS%'").fetchone()[0]
+    with store._database.intake() as db:  # the one connection the intake's statements go through
+        pid = db.execute("SELECT pg_backend_pid()").fetchone()[0]
     return step, pid
 
 

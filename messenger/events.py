@@ -428,6 +428,8 @@ def _decode_json(body: bytes) -> Any:
         return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except BadPayload:
         raise
+    except RecursionError:  # too_deep's guard missed, or the stack was already deep: still a 400
+        raise BadPayload("body is not valid JSON: nested too deeply") from None
     except ValueError:  # bad UTF-8, bad JSON, an integer over Python's 4300 digits
         raise BadPayload("body is not valid JSON") from None
 

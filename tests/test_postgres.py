@@ -229,14 +229,17 @@ def test_the_intake_stores_every_message_as_it_came_whatever_its_text_holds(pg_u
                                 timestamp_ms=1_700_000_000_000 + n) for n, text in enumerate(texts)]
     postbacks = [IncomingMessage(psid="800100", page_id="1", mid=None, kind=POSTBACK, text=title, payload="P\"1",
                                  timestamp_ms=1_700_000_000_100 + n) for n, title in enumerate(["Menü 🍕", "Menü 🍕 "])]
-    queue = PostgresQueue(pg_url)
+    queue = PostgresQueue(pg_url, clock=lambda: 1_764_000_000.123456)
     try:
         assert queue.take_in([(messages[:4], []), (messages[4:] + postbacks, [])]) == len(texts) + 2
         assert queue.take_in([([messages[0]], []), ([messages[1]], [])]) == 0
-        stored = {row[0]: row[1] for row in rows(pg_url, "SELECT dedupe_key, message FROM events")}
+        stored = {row[0]: row[1:] for row in rows(pg_url, "SELECT dedupe_key, message, psid, timestamp_ms,"
+                                                          " received_at FROM events")}
         assert len(stored) == len(texts) + 2
         for message in messages + postbacks:
-            assert _from_json(stored[dedupe_key(message)]) == message
+            text, psid, timestamp_ms, received_at = stored[dedupe_key(message)]
+            assert _from_json(text) == message
+            assert (psid, timestamp_ms, received_at) == (message.psid, message.timestamp_ms, 1_764_000_000.123456)
     finally:
         queue.close()
 

@@ -62,10 +62,10 @@ class Batch:
     deaths: int = 0  # earlier claims whose owner died; the other earlier ones ended in an error
 
 
-# The webhooks' intake (PostgreSQL): a group's rows as one array per column, a redelivery's row
-# dropped by its key on any host.
-# The rows arrive as one JSON array of arrays: psycopg adapts a Python list element by element in
-# Python (a regex escape each), and five lists of a group cost more CPU than the commit itself.
+# The webhooks' intake (PostgreSQL): a group's rows as one JSON array of arrays, a redelivery's
+# row dropped by its key on any host. Not one array per column: psycopg adapts a Python list
+# element by element in Python (a regex escape each), and that cost the writer thread twice the
+# CPU of the rest of the commit (bench/pg_phases.py, take_in_group_of_4).
 ADD_EVENTS = ("INSERT INTO events (dedupe_key, psid, message, timestamp_ms, received_at)"
               " SELECT r->>0, r->>1, r->>2, (r->>3)::bigint, (r->>4)::double precision"
               " FROM json_array_elements(?::json) AS r"
@@ -671,16 +671,15 @@ class PostgresQueue(Queue):
         others: redeliveries). A database that cannot take them raises StorageUnavailable (503:
         Meta delivers again)."""
         now = self.clock()
-        rows = json.dumps([(dedupe_key(m), m.psid, _to_json(m), m.timestamp_ms, now)
-                           for messages, _ in deliveries for m in messages])
+        rows = [(dedupe_key(m), m.psid, _to_json(m), m.timestamp_ms, now) for messages, _ in deliveries for m in messages]
         echoes = [echo for _, some in deliveries for echo in some]
         new = 0
         try:
             # The usual group has no echoes: one statement, its own transaction, one round trip.
             with self._database.intake() as db, db.conn.transaction() if echoes else nullcontext():
-                if rows != "[]":  # (a data-modifying WITH always runs; the SELECT's NOTIFY is sent at commit)
+                if rows:  # (a data-modifying WITH always runs; the SELECT's NOTIFY is sent at commit)
                     new = db.execute(f"WITH added AS ({ADD_EVENTS}) {self._database.NOTIFY_SELECT},"
-                                     " (SELECT COUNT(*) FROM added)", (rows,)).fetchone()[1]
+                                     " (SELECT COUNT(*) FROM added)", (json.dumps(rows),)).fetchone()[1]
                 if echoes:
                     record_echoes(db, echoes)
         except Exception as exc:  # noqa: BLE001 - whatever the driver raised, it was not stored

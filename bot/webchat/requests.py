@@ -59,7 +59,7 @@ def parse_json_body(raw: bytes, max_chars: int) -> ChatInput:
         if too_deep(text):  # before json.loads recurses towards Python's stack limit
             raise ValueError("nested too deeply")
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: in case the guard ever misses
         raise Refused(400, "invalid_json", 'The request body must be JSON, like {"message": "Hello"}.') from None
     if not isinstance(data, dict):
         raise Refused(400, "invalid_json", 'The request body must be a JSON object, like {"message": "Hello"}.')
