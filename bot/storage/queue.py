@@ -64,8 +64,8 @@ class Batch:
 
 # The webhooks' intake (PostgreSQL): a group's rows as one JSON array of arrays, a redelivery's
 # row dropped by its key on any host. Not one array per column: psycopg adapts a Python list
-# element by element in Python (a regex escape each), and that cost the writer thread twice the
-# CPU of the rest of the commit (bench/pg_phases.py, take_in_group_of_4).
+# element by element in Python (a regex escape each), and that cost the writer thread as much
+# CPU as the rest of the commit (bench/pg_phases.py, take_in_group_of_4).
 ADD_EVENTS = ("INSERT INTO events (dedupe_key, psid, message, timestamp_ms, received_at)"
               " SELECT r->>0, r->>1, r->>2, (r->>3)::bigint, (r->>4)::double precision"
               " FROM json_array_elements(?::json) AS r"
