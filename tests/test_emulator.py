@@ -84,6 +84,15 @@ def test_send_api_stores_the_reply_and_enforces_meta_limits(graph):
     assert graph.sent_texts() == ["Hi there"]
 
 
+def test_a_body_nested_100000_deep_is_a_client_error_and_the_emulator_goes_on(graph):
+    """werkzeug's get_json(silent=True) caught ValueError but not RecursionError: a 500."""
+    deep = requests.post(f"{graph.api_url}me/messages", params={"appsecret_proof": graph.proof},
+                         data=b"[" * 100_000 + b"]" * 100_000, timeout=5,
+                         headers={**AUTH, "Content-Type": "application/json"})
+    assert 400 <= deep.status_code < 500
+    assert send(graph, text_message("Still here")).status_code == 200
+
+
 def test_every_call_needs_the_token_and_the_proof(graph):
     no_token = requests.post(f"{graph.api_url}me/messages", params={"appsecret_proof": graph.proof},
                              json=text_message("x"), timeout=5)

@@ -9,6 +9,27 @@ from werkzeug.exceptions import ClientDisconnected
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
+from messenger.nesting import too_deep
+
+
+class _DepthCheckedJSON:
+    """json for `Request.get_json`: a body nested past messenger.nesting's limit is a ValueError,
+    which werkzeug answers with its 400 (or None when silent), instead of the RecursionError it
+    let through as a 500 - and the collection at the stack limit that came with it."""
+
+    dumps = staticmethod(json.dumps)
+
+    @staticmethod
+    def loads(data, **kwargs):
+        text = data.decode(json.detect_encoding(data), "surrogatepass") if isinstance(data, bytes) else data
+        if too_deep(text):
+            raise ValueError("JSON nested too deeply")
+        return json.loads(text, **kwargs)
+
+
+class EmulatorRequest(Request):
+    json_module = _DepthCheckedJSON
+
 
 class QuietHandler(WSGIRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the real APIs offer
@@ -41,7 +62,7 @@ class LocalServer:
 
     def wsgi(self, environ, start_response):
         try:
-            response = self.handle(Request(environ))
+            response = self.handle(EmulatorRequest(environ))
         except ClientDisconnected as exc:  # the caller died mid-body (a bot killed mid-call): not our error
             self.dropped += 1
             response = exc.get_response()
