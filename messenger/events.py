@@ -13,7 +13,6 @@ malformed is BadPayload.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Collection
 
 from messenger.attachments import Attachment, parse_attachments
-from messenger.nesting import too_deep
+from messenger import nesting
 from messenger.text import clean_text, preview
 
 logger = logging.getLogger(__name__)
@@ -422,13 +421,10 @@ def _to_id(value: Any, name: str, max_chars: int = MAX_ID_CHARS) -> str | None:
 
 def _decode_json(body: bytes) -> Any:
     try:
-        text = body.decode("utf-8")
-        if too_deep(text):
-            raise BadPayload("body is not valid JSON: nested too deeply")
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        return nesting.loads(body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except BadPayload:
         raise
-    except RecursionError:  # too_deep's guard missed, or the stack was already deep: still a 400
+    except (nesting.TooDeep, RecursionError):  # RecursionError: the guard missed, or the stack was deep
         raise BadPayload("body is not valid JSON: nested too deeply") from None
     except ValueError:  # bad UTF-8, bad JSON, an integer over Python's 4300 digits
         raise BadPayload("body is not valid JSON") from None

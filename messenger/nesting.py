@@ -9,8 +9,10 @@ before it is parsed. Meta's deliveries nest about 8 deep; a web-chat request 2.
 """
 from __future__ import annotations
 
+import json
 import re
 from itertools import accumulate
+from typing import Any
 
 MAX_DEPTH = 64
 # A JSON string, its escapes included: brackets inside strings do not nest. One left open runs
@@ -33,3 +35,14 @@ def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:
         return False
     brackets = _BRACKET.findall(_STRING.sub("", text))
     return any(depth > limit for depth in accumulate(1 if bracket in "[{" else -1 for bracket in brackets))
+
+
+class TooDeep(ValueError):
+    """JSON nested past the limit: a ValueError, as json.loads' own refusals are."""
+
+
+def loads(text: str, **kwargs) -> Any:
+    """json.loads for a text from outside: refused (TooDeep) past MAX_DEPTH before it recurses."""
+    if too_deep(text):
+        raise TooDeep(f"JSON nested more than {MAX_DEPTH} deep")
+    return json.loads(text, **kwargs)

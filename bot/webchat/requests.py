@@ -7,13 +7,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import urlparse
 
-from messenger.nesting import too_deep
+from messenger.nesting import loads
 from messenger.text import clean_text
 
 # The body of a chat request: a message of WEBCHAT_MAX_CHARS (at most 8,000) characters and a few ids.
@@ -56,9 +55,7 @@ def parse_json_body(raw: bytes, max_chars: int) -> ChatInput:
     except UnicodeDecodeError:
         raise Refused(400, "invalid_utf8", "The request body is not valid UTF-8.") from None
     try:
-        if too_deep(text):  # before json.loads recurses towards Python's stack limit
-            raise ValueError("nested too deeply")
-        data = json.loads(text)
+        data = loads(text)  # refused before it recurses towards Python's stack limit
     except (ValueError, RecursionError):  # RecursionError: in case the guard ever misses
         raise Refused(400, "invalid_json", 'The request body must be JSON, like {"message": "Hello"}.') from None
     if not isinstance(data, dict):

@@ -9,7 +9,7 @@ from werkzeug.exceptions import ClientDisconnected
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
-from messenger.nesting import too_deep
+from messenger.nesting import loads
 
 
 class _DepthCheckedJSON:
@@ -21,10 +21,8 @@ class _DepthCheckedJSON:
 
     @staticmethod
     def loads(data, **kwargs):
-        text = data.decode(json.detect_encoding(data), "surrogatepass") if isinstance(data, bytes) else data
-        if too_deep(text):
-            raise ValueError("JSON nested too deeply")
-        return json.loads(text, **kwargs)
+        return loads(data.decode(json.detect_encoding(data), "surrogatepass") if isinstance(data, bytes) else data,
+                     **kwargs)
 
 
 class EmulatorRequest(Request):
