@@ -213,6 +213,20 @@ def _children(pid: int) -> list[int]:
     return [child for child, (_, parent, _) in _processes().items() if parent == pid]
 
 
+def _reply_processes(server: "Gunicorn") -> list[int]:
+    """The instance's reply process (a child of its master running bot.runtime.reply_process)."""
+    found = []
+    for pid in _children(server.process.pid):
+        try:
+            if b"bot.runtime.reply_process" in open(f"/proc/{pid}/cmdline", "rb").read():
+                found.append(pid)
+        except OSError:
+            pass
+    if not found:
+        raise RuntimeError("--hold-replies: no reply process found")
+    return found
+
+
 def _processes() -> dict[int, tuple[str, int, float]]:
     """pid -> (name, parent pid, CPU seconds so far) of every process on the machine."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -360,14 +374,22 @@ def scenario_sustained(graph, model, args, store) -> dict:
     server = Gunicorn("server:app", graph, model, free_port(), store)
     try:
         before = len(graph.delivered)
+        held = _reply_processes(server) if args.hold_replies else []
+        for pid in held:  # a diagnosis, not a figure to quote: what the acknowledgements cost alone
+            os.kill(pid, signal.SIGSTOP)
         meter = CpuMeter([server]).start()
-        result = run_wrk(server.url, args.seconds, 60000)
+        try:
+            result = run_wrk(server.url, args.seconds, 60000)
+        finally:
+            for pid in held:
+                os.kill(pid, signal.SIGCONT)
         cpu = meter.stop()
         acks = max(1.0, result["rps"] * args.seconds)
         # Where the CPU went, per acknowledgement: the webhook workers, PostgreSQL, wrk, the replies.
         per_ack = {k.removesuffix("_cpu_s"): round(v * 1000 / acks, 3) for k, v in cpu.items() if k.endswith("_cpu_s")}
         return {"scenario": "sustained", "backend": store.backend, **result,
-                "replies_during": len(graph.delivered) - before, "machine_busy_pct": cpu["machine_busy_pct"],
+                "replies_during": len(graph.delivered) - before, "replies_held": bool(held),
+                "machine_busy_pct": cpu["machine_busy_pct"],
                 "cpu_ms_per_ack": per_ack}
     finally:
         server.stop()
@@ -739,6 +761,10 @@ def main() -> None:
     parser.add_argument("--pg-option", action="append", default=[], metavar="NAME=VALUE",
                         help="a PostgreSQL setting for the bot's connections, e.g. synchronous_commit=off "
                              "(experiments: it goes into DATABASE_URL's options)")
+    parser.add_argument("--hold-replies", action="store_true",
+                        help="sustained: stop the reply process (SIGSTOP) while wrk runs, to see what the "
+                             "acknowledgements cost with no reply competing for the cores (a diagnosis: the "
+                             "scenario's figure is with replies)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of the whole selection (medians in the summary)")
     parser.add_argument("--three-hosts-seconds", type=float, default=60, help="three_hosts_sustained: duration")
     parser.add_argument("--three-hosts-rate", type=float, default=100, help="three_hosts_sustained: messages/s")
