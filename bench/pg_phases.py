@@ -8,7 +8,7 @@ Three measurements, each printed as one JSON line, in a fresh schema dropped aft
    (WebhookReceiver.handle with the SQLite inbox file, then with the PostgreSQL intake);
    the intake's statement for a group of four deliveries (`take_in_group_of_4`);
    and the PostgreSQL transaction taken apart with the pool and driver the bot uses:
-   pool checkout (with and without the bot's connection check), BEGIN/INSERT/COMMIT,
+   pool checkout (with psycopg_pool's connection check, the bot's, and none), BEGIN/INSERT/COMMIT,
    + NOTIFY, with synchronous_commit off. Wall time and this process's CPU per step,
    and the server backend's CPU per step (from /proc).
 2. `pgbench`: the same INSERT(+NOTIFY) transaction from PostgreSQL's own C client, 16
@@ -164,9 +164,11 @@ def main() -> None:
         results["executor_hop"] = executor_hop(args.count)
 
         # -- the PostgreSQL transaction, step by step, with the bot's pool settings ------------------------
-        def pool(check: bool, conn_url: str = url) -> ConnectionPool:
+        from bot.storage.postgres import check_if_heard
+
+        def pool(check, conn_url: str = url) -> ConnectionPool:
             p = ConnectionPool(conn_url, min_size=1, max_size=1, open=True, kwargs={"autocommit": True},
-                               check=ConnectionPool.check_connection if check else None)
+                               check=check)
             p.wait()
             return p
 
@@ -177,7 +179,9 @@ def main() -> None:
         def insert(conn, n: int, key: str) -> None:
             conn.execute(INSERT, (f"{key}{n}", f"9{n:015d}", '{"text": "x"}', n, time.time()))
 
-        for name, check in (("checkout_with_check", True), ("checkout_no_check", False)):
+        # psycopg_pool's check (an empty query), the bot's (that query only when the server spoke), none.
+        for name, check in (("checkout_with_check", ConnectionPool.check_connection),
+                            ("checkout_check_if_heard", check_if_heard), ("checkout_no_check", None)):
             p = pool(check)
             pid = pid_of(p)
 
@@ -187,7 +191,7 @@ def main() -> None:
             results[name] = timed(checkout, args.count, pid)
             p.close()
 
-        p = pool(False)
+        p = pool(None)
         pid = pid_of(p)
         with p.connection() as conn:
             results["select_1"] = timed(lambda n: conn.execute("SELECT 1"), args.count, pid)

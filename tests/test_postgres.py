@@ -581,3 +581,29 @@ def test_a_migration_that_gave_way_goes_through_once_the_long_transaction_ends(p
         assert rows(pg_url, "SELECT name FROM guests") == []
     finally:
         holder.close()
+
+
+def _last_statement(url, pid: int) -> str:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]
+
+
+def test_a_pooled_connection_is_handed_out_without_a_round_trip_and_one_the_server_ended_is_replaced(pg_url):
+    """The pool's check before each use was an empty query, a round trip per transaction; it now
+    runs only when the server said something since (check_if_heard)."""
+    from bot.storage.postgres import PostgresDatabase
+
+    database = PostgresDatabase(pg_url, (), max_size=1)
+    try:
+        with database.read() as db:
+            pid = db.execute("SELECT pg_backend_pid() AS marker").fetchone()[0]
+        with database.read() as db:  # checked on the way out of the pool, then used for nothing
+            pass
+        assert _last_statement(pg_url, pid) == "SELECT pg_backend_pid() AS marker"
+
+        execute(pg_url, f"SELECT pg_terminate_backend({pid})")  # as a restart of PostgreSQL does
+        assert wait_until(lambda: not rows(pg_url, f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid}"), 5)
+        with database.write() as db:  # no error for the caller: the ended connection is replaced
+            assert db.execute("SELECT pg_backend_pid()").fetchone()[0] != pid
+    finally:
+        database.close()
