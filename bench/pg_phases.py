@@ -164,7 +164,7 @@ def main() -> None:
         results["executor_hop"] = executor_hop(args.count)
 
         # -- the PostgreSQL transaction, step by step, with the bot's pool settings ------------------------
-        from bot.storage.postgres import check_if_heard
+        from bot.storage.postgres import QuietCheck
 
         def pool(check, conn_url: str = url) -> ConnectionPool:
             p = ConnectionPool(conn_url, min_size=1, max_size=1, open=True, kwargs={"autocommit": True},
@@ -179,9 +179,10 @@ def main() -> None:
         def insert(conn, n: int, key: str) -> None:
             conn.execute(INSERT, (f"{key}{n}", f"9{n:015d}", '{"text": "x"}', n, time.time()))
 
-        # psycopg_pool's check (an empty query), the bot's (that query only when the server spoke), none.
+        # psycopg_pool's check (an empty query), the bot's (that query only when the server spoke or the
+        # connection sat unused for QUIET_CHECK_S), none.
         for name, check in (("checkout_with_check", ConnectionPool.check_connection),
-                            ("checkout_check_if_heard", check_if_heard), ("checkout_no_check", None)):
+                            ("checkout_quiet_check", QuietCheck()), ("checkout_no_check", None)):
             p = pool(check)
             pid = pid_of(p)
 

@@ -588,18 +588,24 @@ def _last_statement(url, pid: int) -> str:
         return conn.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]
 
 
-def test_a_pooled_connection_is_handed_out_without_a_round_trip_and_one_the_server_ended_is_replaced(pg_url):
+def test_a_pooled_connection_is_handed_out_without_a_round_trip_unless_it_sat_unused_or_the_server_spoke(pg_url):
     """The pool's check before each use was an empty query, a round trip per transaction; it now
-    runs only when the server said something since (check_if_heard)."""
-    from bot.storage.postgres import PostgresDatabase
+    runs only after QUIET_CHECK_S unused, or when the server said something since (QuietCheck)."""
+    from bot.storage.postgres import QUIET_CHECK_S, PostgresDatabase
 
-    database = PostgresDatabase(pg_url, (), max_size=1)
+    now = [1000.0]
+    database = PostgresDatabase(pg_url, (), max_size=1, clock=lambda: now[0])
     try:
         with database.read() as db:
             pid = db.execute("SELECT pg_backend_pid() AS marker").fetchone()[0]
-        with database.read() as db:  # checked on the way out of the pool, then used for nothing
+        now[0] += QUIET_CHECK_S - 1
+        with database.read():  # checked on the way out of the pool, then used for nothing
             pass
         assert _last_statement(pg_url, pid) == "SELECT pg_backend_pid() AS marker"
+        now[0] += QUIET_CHECK_S  # unused this long: it may have been dropped without a word
+        with database.read():
+            pass
+        assert _last_statement(pg_url, pid) == ""  # the empty query, the full check
 
         execute(pg_url, f"SELECT pg_terminate_backend({pid})")  # as a restart of PostgreSQL does
         assert wait_until(lambda: not rows(pg_url, f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid}"), 5)

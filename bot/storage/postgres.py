@@ -11,6 +11,7 @@ import logging
 import select
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -44,31 +45,52 @@ RECONNECT_GIVE_UP_S = 4.0
 # every host queued behind its request - webhooks included - for as long as it lasted.
 MIGRATION_LOCK_WAIT_S = 2.0
 MIGRATION_TRIES = 5
-# The intake's connection is never checked before use: a server that vanished without closing it
-# (a host lost, a network cut) must fail a write within seconds, not the kernel's ~15 minutes.
-INTAKE_TCP = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
-              "tcp_user_timeout": 10_000}
+# Every connection's TCP settings. The intake's connection is never checked before use, and the
+# others only as QuietCheck says: a server that vanished without closing them (a host lost, a network
+# cut) must fail a statement within seconds, not the kernel's ~15 minutes; and the probes keep a
+# NAT's or load balancer's idle timeout from forgetting a connection the pool holds.
+TCP_SETTINGS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+                "tcp_user_timeout": 10_000}
+# A connection the pool has not handed out for this long gets the full check before its next use.
+QUIET_CHECK_S = 30.0
 
 
 class MigrationBlocked(RuntimeError):
     """The schema could not be migrated: a table it changes stayed locked by another session."""
 
 
-def check_if_heard(conn: psycopg.Connection) -> None:
-    """The pool's check of a connection it hands out (raises when it is broken): the full check,
-    an empty query, only when the server said something since the connection went back into the
-    pool. An idle connection hears nothing from a live server; one a restart of PostgreSQL (or an
-    idle timeout) ended has its last message and end-of-file waiting, so it is checked and
-    replaced. The empty query was a round trip for every transaction of the reply path (a claim,
-    a mirror write...): README, "Benchmark". A server gone without a word (a host lost) is found
-    by the statement itself, as it was by the empty query."""
-    if conn.broken or conn.closed:
-        raise psycopg.OperationalError("the connection is broken")
-    idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN)
-    if poller.poll(0) or not idle:
-        ConnectionPool.check_connection(conn)
+class QuietCheck:
+    """The pool's check of a connection it hands out (raises when it is broken). psycopg_pool's
+    own check is an empty query, a round trip before every transaction (about ten per reply); this
+    one runs it only when the connection may have died unseen:
+    - the server said something since it was last handed out: a live server sends an idle
+      connection nothing, while one that a restart of PostgreSQL, pg_terminate_backend or an idle
+      timeout ended has end-of-file waiting (and usually its last message);
+    - it was not handed out for QUIET_CHECK_S: a connection a network dropped without a word (a
+      host rebooted, a NAT that forgot it) shows nothing until it is written to, and the empty
+      query meets that here rather than the caller's statement.
+    Within QUIET_CHECK_S of its last use, a connection dropped silently is found by the caller's
+    statement (an error, retried as any failed statement is). README, "Benchmark"."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, quiet_s: float = QUIET_CHECK_S):
+        self.clock, self.quiet_s = clock, quiet_s
+        self._handed_out_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __call__(self, conn: psycopg.Connection) -> None:
+        if conn.broken or conn.closed:
+            raise psycopg.OperationalError("the connection is broken")
+        now, last = self.clock(), self._handed_out_at.get(conn)
+        if last is None or now - last >= self.quiet_s or self._heard(conn):
+            ConnectionPool.check_connection(conn)
+        self._handed_out_at[conn] = now
+
+    @staticmethod
+    def _heard(conn: psycopg.Connection) -> bool:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE or not hasattr(select, "poll"):
+            return True  # not as the pool leaves it, or no poll() (Windows): the full check
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
 
 def _row_factory(cursor: psycopg.Cursor):
@@ -85,7 +107,7 @@ class PostgresDatabase:
 
     def __init__(self, url: str, schema: Sequence[str], *, max_size: int = 10, read_only: bool = False,
                  wait: float = CONNECT_TIMEOUT_S, lock_wait: float = MIGRATION_LOCK_WAIT_S,
-                 pause: Callable[[float], None] = time.sleep):
+                 pause: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
         self.url = url
         self.read_only = read_only
         # `wait`: how long a caller waits for a connection. A webhook waits 1 s, then answers 503
@@ -93,9 +115,10 @@ class PostgresDatabase:
         self.pool = ConnectionPool(
             url, min_size=1, max_size=max_size, open=False, name="bot", timeout=wait,
             reconnect_timeout=RECONNECT_GIVE_UP_S,
-            kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S},
+            kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S,
+                    **TCP_SETTINGS},
             # A connection left broken by a restart of PostgreSQL is found and replaced here.
-            check=check_if_heard,
+            check=QuietCheck(clock),
         )
         self.pool.open(wait=False)
         self._intake_pool: ConnectionPool | None = None
@@ -137,7 +160,7 @@ class PostgresDatabase:
                     self.url, min_size=1, max_size=1, open=False, name="bot-intake", timeout=1.0,
                     reconnect_timeout=RECONNECT_GIVE_UP_S,
                     kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S,
-                            **INTAKE_TCP})
+                            **TCP_SETTINGS})
                 self._intake_pool.open(wait=False)
         with self._intake_pool.connection() as conn:
             yield Cursor(conn)
