@@ -70,18 +70,28 @@ class QuietCheck:
       host rebooted, a NAT that forgot it) shows nothing until it is written to, and the empty
       query meets that here rather than the caller's statement.
     Within QUIET_CHECK_S of its last use, a connection dropped silently is found by the caller's
-    statement (an error, retried as any failed statement is). README, "Benchmark"."""
+    statement (an error, retried as any failed statement is). README, "Benchmark".
+
+    A connection found dead calls `when_dead` (the pool's drain): after a restart every idle
+    connection is dead, and psycopg_pool waits 1, 2, 4 s before trying each next one - with 8 in
+    the pool, the first two callers after a restart of PostgreSQL got PoolTimeout after 5 s."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, quiet_s: float = QUIET_CHECK_S):
         self.clock, self.quiet_s = clock, quiet_s
+        self.when_dead: Callable[[], None] | None = None
         self._handed_out_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __call__(self, conn: psycopg.Connection) -> None:
-        if conn.broken or conn.closed:
-            raise psycopg.OperationalError("the connection is broken")
         now, last = self.clock(), self._handed_out_at.get(conn)
-        if last is None or now - last >= self.quiet_s or self._heard(conn):
-            ConnectionPool.check_connection(conn)
+        try:
+            if conn.broken or conn.closed:
+                raise psycopg.OperationalError("the connection is broken")
+            if last is None or now - last >= self.quiet_s or self._heard(conn):
+                ConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            if self.when_dead is not None:
+                self.when_dead()
+            raise
         self._handed_out_at[conn] = now
 
     @staticmethod
@@ -112,14 +122,16 @@ class PostgresDatabase:
         self.read_only = read_only
         # `wait`: how long a caller waits for a connection. A webhook waits 1 s, then answers 503
         # (Meta retries); a reply thread can wait longer.
+        check = QuietCheck(clock)
         self.pool = ConnectionPool(
             url, min_size=1, max_size=max_size, open=False, name="bot", timeout=wait,
             reconnect_timeout=RECONNECT_GIVE_UP_S,
             kwargs={"autocommit": True, "row_factory": _row_factory, "connect_timeout": CONNECT_TIMEOUT_S,
                     **TCP_SETTINGS},
             # A connection left broken by a restart of PostgreSQL is found and replaced here.
-            check=QuietCheck(clock),
+            check=check,
         )
+        check.when_dead = self.pool.drain  # the others are likely dead too (a restart): new ones for all
         self.pool.open(wait=False)
         self._intake_pool: ConnectionPool | None = None
         self._intake_lock = threading.Lock()
