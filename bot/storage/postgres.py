@@ -45,7 +45,7 @@ RECONNECT_GIVE_UP_S = 4.0
 # every host queued behind its request - webhooks included - for as long as it lasted.
 MIGRATION_LOCK_WAIT_S = 2.0
 MIGRATION_TRIES = 5
-# Every connection's TCP settings. The intake's connection is never checked before use, and the
+# The pools' connections' TCP settings. The intake's connection is never checked before use, the
 # others only as QuietCheck says: a server that vanished without closing them (a host lost, a network
 # cut) must fail a statement within seconds, not the kernel's ~15 minutes; and the probes keep a
 # NAT's or load balancer's idle timeout from forgetting a connection the pool holds.
