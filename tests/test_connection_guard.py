@@ -6,7 +6,7 @@ from __future__ import annotations
 import heapq
 import itertools
 
-from bot.web.worker import ConnectionGuard, connection_cap, connection_ceiling
+from bot.web.worker import ROOM_GRACE_SECONDS, ConnectionGuard, connection_cap, connection_ceiling
 
 
 class FakeLoop:
@@ -95,6 +95,7 @@ def test_past_the_cap_the_connection_quiet_longest_goes_and_one_being_answered_n
     silent, sending = world.connect("silent"), world.connect("sending")
     world.guard.active(sending)  # its bytes keep coming: the newest in the order again
     assert not any(c.closed for c in (answering, silent, sending))
+    world.loop.advance(ROOM_GRACE_SECONDS)  # silent since it opened, past the grace
     meta = world.connect("meta")
     assert silent.closed and not sending.closed and not answering.closed and not meta.closed
     world.request(meta)
@@ -116,6 +117,23 @@ def test_with_every_connection_being_answered_new_ones_come_in_until_the_open_fi
     last = world.connect("last")
     assert last.closed and not any(c.closed for c in (first, second, meta))
     assert world.closed_total.counts == {"refused": 1}
+
+
+def test_a_connection_accepted_a_moment_ago_is_not_closed_to_make_room_until_the_grace_is_over():
+    """asyncio accepts a burst of connections before it reads from any: the oldest of the burst
+    (Meta's, its request already on its way) must not go for the ones behind it."""
+    world = World(cap=2, ceiling=4)
+    busy = world.connect("busy")
+    world.request(busy)
+    meta = world.connect("meta")
+    world.loop.advance(ROOM_GRACE_SECONDS / 2)
+    crowd = world.connect("crowd")  # past the cap: nothing closable yet, so it comes in
+    assert not any(c.closed for c in (busy, meta, crowd))
+    world.guard.active(meta)  # its request's bytes: heard from, so it waits with the others
+    world.loop.advance(ROOM_GRACE_SECONDS)
+    late = world.connect("late")  # crowd is silent past the grace: it goes, meta (heard) is next
+    assert crowd.closed and not any(c.closed for c in (busy, meta, late))
+    assert world.closed_total.counts == {"room": 1}
 
 
 def test_headers_must_be_in_within_the_deadline_and_a_body_still_coming_stays_closable():
@@ -156,6 +174,7 @@ def test_a_kept_alive_connection_starting_its_next_request_waits_with_the_fresh_
     world.guard.answered(kept)
     other = world.connect("other")
     world.guard.active(kept)  # its next request is coming: after `other` in the queue
+    world.loop.advance(ROOM_GRACE_SECONDS)  # `other` silent since it opened, past the grace
     world.connect("meta")
     assert other.closed and not kept.closed
 
@@ -269,3 +288,13 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one():
             "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert done.stdout.split(" ", 1) == ["4096", "(4096, 4096)\n"], done.stderr
+
+
+def test_with_no_open_file_left_a_connection_in_its_grace_goes_rather_than_the_new_one():
+    """A crowd of silent connections opened at once, past the open files: the grace gives way, the
+    oldest goes, and the newest (Meta's, say) comes in."""
+    world = World(cap=2, ceiling=3)
+    silent = [world.connect(f"silent {n}") for n in range(3)]
+    meta = world.connect("meta")
+    assert silent[0].closed and not any(c.closed for c in (*silent[1:], meta))
+    assert world.closed_total.counts == {"room": 1}

@@ -16,11 +16,12 @@ EMFILE tracebacks until gunicorn killed it 30 s later). Here:
   under its open-file limit, which it first raises to the hard limit). Past it, a closable
   connection is closed to make room: one with no request fully received (opening, sending one,
   kept alive after its answer) or one whose client is not reading: first the one idle longest
-  after an answer, then the one waiting longest for its request to come in.
-  So a crowd of slow or silent sockets cannot lock Meta out. A request fully received whose
-  client reads its answer is never cut short; with none closable, new connections are still let
-  in up to what the open files allow (`connection_ceiling`), so neither can a crowd of busy,
-  well-behaved clients.
+  after an answer, then the one waiting longest for its request to come in - but not one
+  accepted less than ROOM_GRACE_SECONDS ago that has sent nothing yet (asyncio accepts a burst
+  before it reads any of them), while the open files allow more. So a crowd of slow or silent
+  sockets cannot lock Meta out. A request fully received whose client reads its answer is never
+  cut short; with none closable, new connections are still let in up to what the open files
+  allow (`connection_ceiling`), so neither can a crowd of busy, well-behaved clients.
 - a stop closes the closable connections at once (gunicorn waited for each to end by itself);
 - the listening socket keeps gunicorn's `backlog` (2048): asyncio re-listened with 100.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import resource
 
 from gunicorn.asgi.protocol import ASGIProtocol
@@ -45,6 +47,10 @@ STALL_SECONDS = 30.0
 # the connections asyncio accepts before the guard has closed any: up to 100 at a time, and a
 # second hundred while the first are being closed (a flood peaked at 296 over the cap).
 RESERVED_FILES = 384
+# A connection accepted this recently and not yet heard from is not closed to make room: asyncio
+# accepts a burst of connections before it reads from any, so the oldest of a burst - Meta's, its
+# request already sent - went first (seen in CI: a delivery reset under a crowd of busy clients).
+ROOM_GRACE_SECONDS = 1.0
 # Fewer connections than this per worker is worth a line at start.
 LOW_CAP = 100
 # At most one warning a minute for each kind of trouble.
@@ -104,6 +110,7 @@ class ConnectionGuard:
         # Closable, each in insertion order (quiet longest first): after an answer, then coming in.
         self.idle: dict[GuardedProtocol, None] = {}
         self.receiving: dict[GuardedProtocol, None] = {}
+        self.unheard: dict[GuardedProtocol, float] = {}  # opened, no byte yet: when (ROOM_GRACE_SECONDS)
         self.busy: set[GuardedProtocol] = set()  # a request fully in, its answer not yet out
         self.stalled: set[GuardedProtocol] = set()  # the client is not reading its answer
         self.closing: set[GuardedProtocol] = set()  # closed by gunicorn, its answer not all sent
@@ -120,8 +127,12 @@ class ConnectionGuard:
         if self.stopping:  # accepted just before the stop: asyncio reports it a loop turn later
             connection.close_now()
             return
+        now = self.loop.time()
         if open_connections > self.cap:
-            first = next(iter(self.idle), None) or next(iter(self.receiving), None)
+            first = next(iter(self.idle), None) or next(
+                (c for c in self.receiving if now - self.unheard.get(c, -math.inf) >= ROOM_GRACE_SECONDS), None)
+            if first is None and open_connections > self.ceiling:  # no file left: the grace gives way
+                first = next(iter(self.receiving), None)
             if first is not None:
                 self._close(first, "room", "%d connections open, the most this worker holds (worker_connections, "
                             "open files): closed the one quiet longest", self.cap)
@@ -131,10 +142,12 @@ class ConnectionGuard:
                 return
         self.known.add(connection)
         self.receiving[connection] = None
+        self.unheard[connection] = now
         self._deadline(connection, self.header_seconds, "header-timeout")
 
     def active(self, connection: "GuardedProtocol") -> None:
         """Bytes came in: a request is coming (the one sending goes last among those waiting)."""
+        self.unheard.pop(connection, None)
         if connection in self.receiving or (connection in self.idle and connection not in self.stalled):
             self.idle.pop(connection, None)
             self.receiving.pop(connection, None)
@@ -197,6 +210,7 @@ class ConnectionGuard:
 
     def gone(self, connection: "GuardedProtocol") -> None:
         self.known.discard(connection)
+        self.unheard.pop(connection, None)
         self._cancel_deadline(connection)
         self.idle.pop(connection, None)
         self.receiving.pop(connection, None)
