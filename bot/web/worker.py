@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import math
 import resource
@@ -51,6 +52,9 @@ RESERVED_FILES = 384
 # accepts a burst of connections before it reads from any, so the oldest of a burst - Meta's, its
 # request already sent - went first (seen in CI: a delivery reset under a crowd of busy clients).
 ROOM_GRACE_SECONDS = 1.0
+# How far into the waiting connections the guard looks for one past its grace: a flood of new
+# connections inside their grace would otherwise be read through again for every one let in.
+ROOM_LOOK_AHEAD = 64
 # Fewer connections than this per worker is worth a line at start.
 LOW_CAP = 100
 # At most one warning a minute for each kind of trouble.
@@ -129,8 +133,9 @@ class ConnectionGuard:
             return
         now = self.loop.time()
         if open_connections > self.cap:
+            waiting = itertools.islice(self.receiving, ROOM_LOOK_AHEAD)
             first = next(iter(self.idle), None) or next(
-                (c for c in self.receiving if now - self.unheard.get(c, -math.inf) >= ROOM_GRACE_SECONDS), None)
+                (c for c in waiting if now - self.unheard.get(c, -math.inf) >= ROOM_GRACE_SECONDS), None)
             if first is None and open_connections > self.ceiling:  # no file left: the grace gives way
                 first = next(iter(self.receiving), None)
             if first is not None:
