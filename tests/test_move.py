@@ -447,6 +447,23 @@ def test_ctrl_c_mid_copy_says_nothing_was_moved_and_leaves_the_target_empty(tmp_
     assert run_move(tmp_path, data_dir, url, password).returncode == 0  # run again: it moves
 
 
+def test_an_error_psycopg_raises_while_a_ctrl_c_unwinds_counts_as_the_ctrl_c():
+    """A Ctrl-C inside executemany's pipeline: psycopg leaves pipeline mode in a `finally`, and
+    that raised instead, so the move said "the copy failed" (exit 2) for an interrupt (seen in CI)."""
+    from bot.runtime.move import raised_by_interrupt
+
+    def pipeline_unwinding():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise psycopg.OperationalError("cannot exit pipeline mode while busy")
+    try:
+        pipeline_unwinding()
+    except psycopg.Error as error:
+        assert raised_by_interrupt(error)
+    assert not raised_by_interrupt(psycopg.OperationalError("the server is gone"))
+
+
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_during_the_commit_lets_the_move_finish_and_says_so(tmp_path, target, presses):
     """Once every row is copied, a Ctrl-C no longer undoes the move: raised just after the commit it

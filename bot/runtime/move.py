@@ -353,6 +353,8 @@ def copy_all(source: SQLiteQueue, target: PostgresQueue, where: str) -> tuple[di
         raise Refused(f"{where} is busy (another bot or session writes to it): stop it and run this again; "
                       "nothing was changed") from None
     except (psycopg.Error, sqlite3.DatabaseError, Mismatch) as error:
+        if raised_by_interrupt(error):
+            raise KeyboardInterrupt from None
         raise Refused(f"the copy failed and was rolled back, {where} is as it was "
                       f"({type(error).__name__}: {one_line(error)})") from None
     return counts, states, replaced
@@ -381,6 +383,19 @@ def known_tables(sdb: sqlite3.Connection) -> list[str]:
 
 class Mismatch(RuntimeError):
     """PostgreSQL does not hold what was copied into it."""
+
+
+def raised_by_interrupt(error: BaseException) -> bool:
+    """Whether `error` was raised while a Ctrl-C unwound: psycopg leaves pipeline mode in a
+    `finally`, and a Ctrl-C inside executemany's pipeline came out as "cannot exit pipeline mode
+    while busy" (seen in CI), reported as a failed copy instead of an interrupted one."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__context__
+    return False
 
 
 def copy_table(sdb: sqlite3.Connection, conn, table: str) -> tuple[int, int]:
