@@ -238,23 +238,31 @@ def test_postgresqls_bm25_never_fails_nor_loses_a_match_on_counts_out_of_step(en
         assert len(store.full_text(db, ["shop"], "", 10)) == 2
 
 
+def added_by_older_code(url: str, schema: int, text: str, *more: str) -> None:
+    """A PostgreSQL knowledge base at `schema`, with one source ("Café Ana": `text`) added as that
+    version's code adds it (then the statements `more`)."""
+    from bot.storage.postgres import PostgresDatabase
+    from bot.storage.schema import POSTGRES_SCHEMA
+
+    older = PostgresDatabase(url, POSTGRES_SCHEMA[:schema], max_size=1)
+    with older.write() as db:
+        db.execute("INSERT INTO knowledge_sources (id, page_id, location, title, url, kind, content_hash, chunks,"
+                   " added_at) VALUES (1, '', '/docs/cafe.md', 'Café', NULL, 'markdown', 'h', 1, 0)")
+        db.execute("INSERT INTO knowledge_chunks (source_id, page_id, position, heading, text)"
+                   " VALUES (1, '', 0, 'Café Ana', ?)", (text,))
+        for statement in more:
+            db.execute(statement)
+    older.close()
+
+
 def test_postgresql_schema_20_reads_the_chunks_anew_and_counts_their_words_again(env, pg_url):
     """A knowledge base added before schema 20 is searchable the new way once a host migrates it:
     its chunks' words are read again and knowledge_terms counts those."""
     import psycopg
 
-    from bot.storage.postgres import PostgresDatabase
-    from bot.storage.schema import POSTGRES_SCHEMA
-
-    older = PostgresDatabase(pg_url, POSTGRES_SCHEMA[:19], max_size=1)
-    with older.write() as db:  # as the code of schema 19 adds a source
-        db.execute("INSERT INTO knowledge_sources (id, page_id, location, title, url, kind, content_hash, chunks,"
-                   " added_at) VALUES (1, '', '/docs/cafe.md', 'Café', NULL, 'markdown', 'h', 1, 0)")
-        db.execute("INSERT INTO knowledge_chunks (source_id, page_id, position, heading, text)"
-                   " VALUES (1, '', 0, 'Café Ana', 'A flat white costs 3.50 at shop.anasbakery.example.')")
-        db.execute("INSERT INTO knowledge_terms (lexeme, chunks)"
-                   " SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks')")
-    older.close()
+    added_by_older_code(pg_url, 19, "A flat white costs 3.50 at shop.anasbakery.example.",
+                        "INSERT INTO knowledge_terms (lexeme, chunks)"
+                        " SELECT word, ndoc FROM ts_stat('SELECT tsv FROM knowledge_chunks')")
     kb = knowledge_of(env, DATABASE_URL=pg_url)
     assert full_text_titles(kb, "", "cafe") == full_text_titles(kb, "", "anasbakery") == ["Café Ana"]
     kept = true_word_counts(pg_url)
@@ -262,6 +270,38 @@ def test_postgresql_schema_20_reads_the_chunks_anew_and_counts_their_words_again
     with psycopg.connect(pg_url) as conn:
         # "Café Ana A flat white costs 3 50 at shop anasbakery example"
         assert conn.execute("SELECT words FROM knowledge_chunks").fetchone()[0] == 12
+
+
+def pending_index(url: str) -> tuple[int, int]:
+    """(pages, entries) waiting in the full-text index's pending list, which every search reads
+    through (pgstattuple's pgstatginindex, wherever the extension is installed)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        where = conn.execute("SELECT extnamespace::regnamespace::text FROM pg_extension"
+                             " WHERE extname = 'pgstattuple'").fetchone()[0]
+        return conn.execute(f"SELECT pending_pages, pending_tuples FROM {where}.pgstatginindex('knowledge_chunks_tsv')"
+                            ).fetchone()
+
+
+def test_postgresqls_full_text_index_keeps_its_pending_list_short_for_searches_to_read(env, pg_url, docs):
+    """GIN's default parks added chunks' words in a pending list of up to 4 MB that every search
+    reads, whole, until a vacuum: schema 21 folds the list in and bounds it at 64 kB (8 pages),
+    so a knowledge base just filled searches as fast as one vacuumed."""
+    added_by_older_code(pg_url, 20, "A flat white costs 3.50.")
+    assert pending_index(pg_url)[1] > 0  # what schema 21 finds
+    kb = knowledge_of(env, DATABASE_URL=pg_url)
+    assert pending_index(pg_url) == (0, 0)
+    # ~12,000 words to index (the default list would hold them all: ~35 pages)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    word = lambda n: "".join(letters[n // 26 ** k % 26] for k in range(3))  # noqa: E731
+    (docs / "glossary.md").write_text("".join(f"## Part {p}\n\n" + " ".join(word(p * 40 + i) for i in range(40)) + ".\n\n"
+                                              for p in range(300)))
+    kb.add([str(docs / "glossary.md"), str(docs / "hours.md")])
+    assert pending_index(pg_url)[0] <= 8
+    assert full_text_titles(kb, env["FB_PAGE_ID"], "saturdays") == ["Opening hours"]
+    assert full_text_titles(kb, env["FB_PAGE_ID"], word(299 * 40)) == ["Glossary › Part 299"]
 
 
 def lock_wait(url: str) -> bool:
