@@ -41,6 +41,14 @@ def stop(process, sig=signal.SIGTERM) -> str:
     return process.communicate(timeout=60)[0]
 
 
+def start_crowded_gunicorn(env, tmp_path, open_files: int):
+    """gunicorn for a crowd of clients, its log in a file: a crowd's access log fills a pipe's
+    64 KB that nobody reads before the test ends, and the worker then waits, mid-request, to log
+    (these tests failed so, at the ninth delivery, on a kernel that buffered more of each unread
+    client's answers and so let the worker answer, and log, more requests)."""
+    return start_gunicorn(env, tmp_path, output=open(tmp_path / "gunicorn.log", "w"), open_files=open_files)
+
+
 @pytest.fixture
 def bot(graph, model, tmp_path):
     url, port, process = start_bot(graph, model, tmp_path)
@@ -108,7 +116,7 @@ def test_idle_connections_past_the_open_file_limit_do_not_lock_meta_out(graph, m
     then did Meta's deliveries get in."""
     port = free_port()
     env = {**base_env(graph, model, tmp_path), "PORT": str(port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "1"}
-    process = start_gunicorn(env, tmp_path, open_files=512)
+    process = start_crowded_gunicorn(env, tmp_path, open_files=512)
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: is_up(url), 15), "gunicorn did not start"
@@ -187,7 +195,7 @@ def test_clients_that_never_read_their_answers_do_not_lock_meta_out(graph, model
     for ever to send them, its file open."""
     port = free_port()
     env = {**base_env(graph, model, tmp_path), "PORT": str(port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "1"}
-    process = start_gunicorn(env, tmp_path, open_files=400)  # a worker holds 16
+    process = start_crowded_gunicorn(env, tmp_path, open_files=400)  # a worker holds 16
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: is_up(url), 15), "gunicorn did not start"
@@ -218,7 +226,7 @@ def test_busy_clients_that_read_every_answer_do_not_lock_meta_out(graph, model, 
     port = free_port()
     env = {**base_env(graph, model, tmp_path), "PORT": str(port), "HOST": "127.0.0.1", "WEB_CONCURRENCY": "1",
            "GUNICORN_CMD_ARGS": "--worker-connections 16"}
-    process = start_gunicorn(env, tmp_path, open_files=512)
+    process = start_crowded_gunicorn(env, tmp_path, open_files=512)
     url = f"http://127.0.0.1:{port}"
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     done, answered = threading.Event(), []
