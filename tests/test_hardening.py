@@ -138,7 +138,8 @@ def test_idle_connections_past_the_open_file_limit_do_not_lock_meta_out(graph, m
                 s.close()
         assert wait_until(lambda: len(graph.sent_texts(PSID)) >= 1, 15)
     finally:
-        output = stop(process)
+        stop(process)
+    output = (tmp_path / "gunicorn.log").read_text()
     assert "closed the one quiet longest" in output
     assert "EMFILE" not in output and "Too many open files" not in output and "out of open files" not in output
 
