@@ -44,6 +44,33 @@ QUARANTINE = "quarantine"  # inbox files with damaged bytes, kept for a person
 MAX_BATCH = 20  # messages of one user answered together, at most
 
 
+# The next batch to claim, in one statement (on PostgreSQL every statement is a round trip that
+# the other hosts' claims wait for, behind the lock): the oldest message that can be answered
+# now - its user has nothing being answered and nothing older waiting - and with it the rest of
+# that user's batch. A retried batch keeps its members and its reply; otherwise the user's
+# waiting messages, at most MAX_BATCH, oldest first. Each row says whether its user unsent or
+# edited it before it was stored, so the claim looks further only then. {mine}: claim().
+NEXT_BATCH = """
+    WITH head AS (
+        SELECT e.psid, e.batch_id FROM events e
+        WHERE e.state = 'pending' AND e.available_at <= ?{mine}
+          AND NOT EXISTS (SELECT 1 FROM events w WHERE w.state = 'working' AND w.psid = e.psid)
+          AND NOT EXISTS (SELECT 1 FROM events o WHERE o.state = 'pending' AND o.psid = e.psid
+                          AND (o.timestamp_ms, o.id) < (e.timestamp_ms, e.id))
+        ORDER BY e.id LIMIT 1),
+    batch AS (
+        SELECT ev.* FROM head, events ev
+        WHERE head.batch_id IS NOT NULL AND ev.batch_id = head.batch_id AND ev.state = 'pending'
+        UNION ALL
+        SELECT * FROM (SELECT ev.* FROM head, events ev
+                       WHERE head.batch_id IS NULL AND ev.psid = head.psid AND ev.state = 'pending'
+                         AND ev.batch_id IS NULL
+                       ORDER BY ev.timestamp_ms, ev.id LIMIT ?) AS fresh)
+    SELECT b.*, EXISTS (SELECT 1 FROM unsent u WHERE u.mid = b.dedupe_key) AS was_unsent,
+           EXISTS (SELECT 1 FROM edited d WHERE d.psid = b.psid AND d.mid = b.dedupe_key) AS was_edited
+    FROM batch b ORDER BY b.timestamp_ms, b.id"""
+
+
 @dataclass(frozen=True)
 class Batch:
     """Waiting messages of one user, claimed together and answered with one reply."""
@@ -274,22 +301,15 @@ class Queue:
                 if answering else ""
             rows: list = []
             while not rows:  # each turn finishes at least one unsent message, or stops
-                head = db.execute(
-                    f"""SELECT e.psid, e.batch_id FROM events e
-                       WHERE e.state = 'pending' AND e.available_at <= ?{mine}
-                         AND NOT EXISTS (SELECT 1 FROM events w WHERE w.state = 'working' AND w.psid = e.psid)
-                         AND NOT EXISTS (SELECT 1 FROM events o WHERE o.state = 'pending' AND o.psid = e.psid
-                                         AND (o.timestamp_ms, o.id) < (e.timestamp_ms, e.id))
-                       ORDER BY e.id LIMIT 1""", (now, *answering)).fetchone()
-                if head is None:
+                rows = db.execute(NEXT_BATCH.format(mine=mine), (now, *answering, MAX_BATCH)).fetchall()
+                if not rows:
                     return None
-                rows = self._batch_rows(db, head["psid"], head["batch_id"])
                 # Unsent before it was stored (edits.withdraw_unsent): finished here, never answered.
-                unsent = edits.withdraw_unsent(db, [row["dedupe_key"] for row in rows], now)
+                unsent = edits.withdraw_unsent(db, [row["dedupe_key"] for row in rows if row["was_unsent"]], now)
                 rows = [row for row in rows if row["dedupe_key"] not in unsent]
             # Edited before it was stored (edits.apply_edits): answered as the user now says it.
-            edited = edits.apply_edits(db, [row["dedupe_key"] for row in rows])
-            batch_id = head["batch_id"] or rows[0]["id"]
+            edited = edits.apply_edits(db, [row["dedupe_key"] for row in rows if row["was_edited"]])
+            batch_id = rows[0]["batch_id"] or rows[0]["id"]
             ids = [row["id"] for row in rows]
             db.execute(
                 f"UPDATE events SET state = 'working', owner = ?, lease_until = ?, batch_id = ?,"
@@ -297,20 +317,12 @@ class Queue:
                 (owner, now + lease_seconds, batch_id, *ids))
         first = rows[0]
         return Batch(
-            batch_id=batch_id, psid=head["psid"], ids=tuple(ids),
+            batch_id=batch_id, psid=first["psid"], ids=tuple(ids),
             messages=tuple(_from_json(edited.get(row["dedupe_key"], row["message"])) for row in rows),
             attempts=first["attempts"] + 1, received_at=min(row["received_at"] for row in rows),
             reply=first["reply"], sent_parts=first["sent_parts"], owner=owner, sending=first["sending"],
             sending_since=first["sending_since"], deaths=first["deaths"],
         )
-
-    def _batch_rows(self, db, psid: str, batch_id: int | None) -> list:
-        if batch_id is not None:  # a retried batch keeps its members and its reply
-            return db.execute("SELECT * FROM events WHERE batch_id = ? AND state = 'pending' ORDER BY timestamp_ms, id",
-                              (batch_id,)).fetchall()
-        return db.execute(
-            "SELECT * FROM events WHERE psid = ? AND state = 'pending' AND batch_id IS NULL"
-            " ORDER BY timestamp_ms, id LIMIT ?", (psid, MAX_BATCH)).fetchall()
 
     def _expire_leases(self, db, now: float, owner: str, answering: Sequence[int]) -> None:
         """Work whose owner died (kill -9) or stalled: back in the queue, or failed after the bound.
