@@ -117,7 +117,7 @@ def measure(url: str, rtt_ms: float, claims: int, claimants: int) -> dict:
         queue.take_in([([IncomingMessage(psid=f"9{n:09d}", page_id=PAGE_ID, mid=f"m_claim_{tag}_{n}", kind=TEXT,
                                          text="Do you open on Sundays?", timestamp_ms=1_764_000_000_000 + n)], [])
                        for n in range(claims + 1)])
-        # Statistics, as autovacuum gives a table within a minute of its first rows: without any,
+        # Statistics, as autovacuum gives a table about a minute after its first 50 rows: without any,
         # PostgreSQL plans the look for work as if the queue held a row or two (at 300-900 waiting
         # it then compares every waiting row with every other: 10-45 ms a claim).
         with psycopg.connect(url, autocommit=True) as conn:
@@ -160,8 +160,8 @@ def main() -> None:
         with psycopg.connect(args.database_url, autocommit=True) as conn:
             conn.execute(f"CREATE SCHEMA {schema}")
         try:
-            print(json.dumps(measure(with_options(args.database_url, [f"search_path={schema}"]), rtt, args.claims, claimants)),
-                  flush=True)
+            url = with_options(args.database_url, [f"search_path={schema}"])
+            print(json.dumps(measure(url, rtt, args.claims, claimants)), flush=True)
         finally:
             with psycopg.connect(args.database_url, autocommit=True) as conn:
                 conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

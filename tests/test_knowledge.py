@@ -296,8 +296,8 @@ def test_postgresqls_full_text_index_keeps_its_pending_list_short_for_searches_t
     # ~12,000 words to index (the default list would hold them all: ~35 pages)
     letters = "abcdefghijklmnopqrstuvwxyz"
     word = lambda n: "".join(letters[n // 26 ** k % 26] for k in range(3))  # noqa: E731
-    (docs / "glossary.md").write_text("".join(f"## Part {p}\n\n" + " ".join(word(p * 40 + i) for i in range(40)) + ".\n\n"
-                                              for p in range(300)))
+    parts = (f"## Part {p}\n\n" + " ".join(word(p * 40 + i) for i in range(40)) + ".\n\n" for p in range(300))
+    (docs / "glossary.md").write_text("".join(parts))
     kb.add([str(docs / "glossary.md"), str(docs / "hours.md")])
     assert pending_index(pg_url)[0] <= 8
     assert full_text_titles(kb, env["FB_PAGE_ID"], "saturdays") == ["Opening hours"]
