@@ -11,7 +11,7 @@ from bot.replies.answer import Outcome
 from bot.storage import exchanges, mirror
 from bot.storage.exchanges import Exchange
 from bot.storage.inbox import RESUME, ClassifiedEcho
-from bot.storage.queue import LostLease, PausedByPerson, PostgresQueue, SQLiteQueue
+from bot.storage.queue import MAX_BATCH, LostLease, PausedByPerson, PostgresQueue, SQLiteQueue
 from bot.webchat import store as webchat_store
 from messenger.attachments import AUDIO, Attachment
 from messenger.events import ATTACHMENT, TEXT, Echo, IncomingMessage
@@ -67,6 +67,22 @@ def test_a_users_waiting_messages_are_one_batch_in_timestamp_order(store):
     assert batch.psid == "u1" and [m.mid for m in batch.messages] == ["early", "late"] and batch.attempts == 1
     assert store.claim("b", 30).psid == "u2"
     assert store.claim("c", 30) is None
+
+
+def test_a_batch_holds_at_most_max_batch_messages_the_oldest_first_and_a_retry_keeps_its_members(store, clock):
+    """One reply answers at most MAX_BATCH of a user's messages: the oldest, the rest next time.
+    A batch given back for a retry comes back whole, without what arrived since."""
+    store.add([message(f"m{n:02d}", at=1000 + n) for n in reversed(range(MAX_BATCH + 5))])
+    first = store.claim("a", 30)
+    assert [m.mid for m in first.messages] == [f"m{n:02d}" for n in range(MAX_BATCH)]
+    store.retry(first, 5, "model timed out")
+    store.add([message("m_new", at=9000)])
+    clock.advance(6)
+    again = store.claim("b", 30)
+    assert again.batch_id == first.batch_id and again.ids == first.ids
+    store.complete(again, exchange(again))
+    rest = [f"m{n:02d}" for n in range(MAX_BATCH, MAX_BATCH + 5)]
+    assert [m.mid for m in store.claim("c", 30).messages] == rest + ["m_new"]
 
 
 def test_a_user_in_work_is_not_claimed_again_until_done(store):
