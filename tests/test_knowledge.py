@@ -288,7 +288,7 @@ def pending_index(url: str) -> tuple[int, int]:
 def test_postgresqls_full_text_index_keeps_its_pending_list_short_for_searches_to_read(env, pg_url, docs):
     """GIN's default parks added chunks' words in a pending list of up to 4 MB that every search
     reads, whole, until a vacuum: schema 21 folds the list in and bounds it at 64 kB (8 pages),
-    so a knowledge base just filled searches as fast as one vacuumed."""
+    so a search after a large add reads at most that much of it. (pgstattuple: as a superuser.)"""
     added_by_older_code(pg_url, 20, "A flat white costs 3.50.")
     assert pending_index(pg_url)[1] > 0  # what schema 21 finds
     kb = knowledge_of(env, DATABASE_URL=pg_url)
