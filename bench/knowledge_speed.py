@@ -105,7 +105,7 @@ def full_text_alone(kb, query: str, page_id: str) -> list[int]:
     with kb.database.read() as db:
         version = store.version(db)
         words, _ = kb.retriever._full_text_query(db, retrieval.terms(query), version)
-        return store.full_text(db, words, page_id, retrieval.CANDIDATES, kb.retriever._stats_of(db, version))
+        return kb.retriever._ranked_by_words(db, words, page_id, version)
 
 
 def cosine_alone(kb, query: str, page_id: str) -> list[int]:

@@ -221,6 +221,49 @@ def test_both_backends_rank_full_text_alike_by_bm25(env, pg_url, docs):
     assert orders[0] == orders[1]
 
 
+def test_past_its_budget_postgresql_matches_on_the_weighty_words_and_tries_the_fewest_rows_first():
+    """Which matches PostgreSQL reads and ranks (store.narrowed): every one while the words'
+    chunk counts fit VISIT_BUDGET; past it, not those of a word most chunks hold (bm25 weighs it
+    ~0) nor of a word no chunk holds, and for words alike in weight the chunks holding two of
+    them first, then the rarest word's within the budget, then all."""
+    from bot.knowledge.store import VISIT_BUDGET, narrowed
+
+    assert narrowed(["cake", "welcome"], {"cake": 600, "welcome": 80}, 20_000) == [("cake | welcome",) * 2]
+    assert narrowed(["cake", "welcome"], {"cake": 12_000, "welcome": 800}, 20_000) == [("welcome",) * 2]
+    assert narrowed(["until", "breakfast"], {"until": 0, "breakfast": 1_887}, 20_000) == [("breakfast",) * 2]
+    alike = narrowed(["number", "phone", "cake"], {"number": 3_126, "phone": 3_019, "cake": 12_000}, 20_000)
+    assert alike == [("(phone & number)", "number | phone"), ("phone", "number | phone"), ("number | phone",) * 2]
+    three = narrowed(["a", "b", "c"], {"a": 900, "b": 700, "c": 90}, 20_000)
+    assert three == [("(c & b) | (c & a) | (b & a)", "a | b | c"), ("c | b", "a | b | c"), ("a | b | c",) * 2]
+    assert 900 + 700 + 90 > VISIT_BUDGET >= 700 + 90
+
+
+def faq_of(rows: list[tuple[str, str]]) -> str:
+    return "question,answer\n" + "".join(f"{question},{answer}\n" for question, answer in rows)
+
+
+def test_past_its_budget_postgresql_still_ranks_full_text_as_sqlite_does(env, pg_url, docs):
+    """1,100 chunks, all holding "cake": a question with "cake" matches more than VISIT_BUDGET
+    rows, and PostgreSQL reads only those holding its weightier word - in SQLite's order. Two
+    words that 520 chunks each hold, 100 of them both, likewise: the chunks holding both first."""
+    rows = []
+    for n in range(1_100):
+        words = ["cake"] + ["breakfast"] * (1 + n // 20 % 3) * (n % 20 == 0)
+        words += ["scone"] * (n < 520) + ["muffin"] * (420 <= n < 940) + ["plain"] * (n % 7)
+        rows.append((f"Part {n}?", " ".join(words)))
+    (docs / "parts.csv").write_text(faq_of(rows))
+    page, questions = env["FB_PAGE_ID"], [("cake", "breakfast"), ("scone", "muffin"), ("breakfast",)]
+    orders = []
+    for settings in ({}, {"DATABASE_URL": pg_url}):
+        kb = knowledge_of(env, **settings)
+        kb.add([str(docs / "parts.csv")])
+        orders.append([full_text_titles(kb, page, *words) for words in questions])
+    part = lambda title: int(title.split()[-1][:-1])  # noqa: E731  "Parts › Part 427?"
+    assert len(orders[1][0]) == 10 and all(part(title) % 20 == 0 for title in orders[1][0])  # breakfast
+    assert len(orders[1][1]) == 10 and all(420 <= part(title) < 520 for title in orders[1][1])  # both
+    assert orders[0] == orders[1]
+
+
 def test_postgresqls_bm25_never_fails_nor_loses_a_match_on_counts_out_of_step(env, pg_url, docs):
     """Stats a moment older than the word counts (fewer chunks than hold a word: no logarithm of
     a negative), or a word the counts lack, still rank every match."""

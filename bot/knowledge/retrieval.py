@@ -255,7 +255,7 @@ class Retriever:
                 if self.embedder is not None and not self.embedder.unsupported:
                     by_meaning = self._pool.submit(self._ranked_by_meaning, question, page_id, current, timeout)
                 query, translated = self._full_text_query(db, question_terms, current, maybe_foreign(question))
-                ranked_text = store.full_text(db, query, page_id, CANDIDATES, self._stats_of(db, current))
+                ranked_text = self._ranked_by_words(db, query, page_id, current)
         except STORE_ERRORS as error:
             failed = error
         except BaseException:
@@ -301,6 +301,11 @@ class Retriever:
                            timeout: float | None) -> tuple["_Scored | None", list[int], int]:
         scored, tokens = self._similarities(question, page_id, version, timeout)
         return scored, scored.top(CANDIDATES) if scored else [], tokens
+
+    def _ranked_by_words(self, db, query: list[str], page_id: str, version: int) -> list[int]:
+        """store.full_text, with this version's stats and word counts (read once, kept)."""
+        return store.full_text(db, query, page_id, CANDIDATES, self._stats_of(db, version),
+                               counts_of=lambda words: self._counts_of(db, list(words), version))
 
     def _full_text_query(self, db, question_terms: list[str], version: int,
                          translate: bool = True) -> tuple[list[str], dict[str, list[str]]]:

@@ -1,13 +1,15 @@
 """The knowledge base's SQL, both backends: sources, their chunks, the full-text index, the
 version every change bumps. Full-text search is the one statement that differs: SQLite's FTS5
 ranks by bm25; PostgreSQL ranks the matches by bm25 too (the same formula and constants, over the
-same words - bot/storage/schema.py's SEARCH_TEXT), so the two backends answer alike. Both stem
-English.
+same words - bot/storage/schema.py's SEARCH_TEXT), so the two backends answer alike; past
+VISIT_BUDGET matches it reads the likeliest first (narrowed). Both stem English.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from itertools import combinations
+from typing import Callable, Iterable, Mapping, Sequence
 
 from bot.knowledge.chunking import Chunk
 
@@ -153,10 +155,20 @@ def text_stats(db) -> TextStats:
 # 20,000 chunks; a hundred ranked the example questions as well).
 BM25_K1, BM25_B = 1.2, 0.75
 RERANKED = 100
+# PostgreSQL reads and ranks every match (~2-3 µs each on a 2-core machine, where FTS5 reads
+# its index): past this many, by the words' chunk counts, it looks at fewer (narrowed, below).
+VISIT_BUDGET = 1_000
+# A word this much less weighty than the question's rarest ones only adds to a chunk's score:
+# together such words give a chunk at most ESSENTIAL_SHARE of what one rarer word at its usual
+# frequency gives (bm25's idf x (k1 + 1), against that word's idf).
+ESSENTIAL_SHARE = 0.5
+PAIRED = 6  # the rarest words whose pairs are tried first
 
 
-def full_text(db, terms: Sequence[str], page_id: str, limit: int, stats: TextStats | None = None) -> list[int]:
-    """Chunk ids matching any of `terms` (plain words), best first; `stats`: text_stats(db), if known."""
+def full_text(db, terms: Sequence[str], page_id: str, limit: int, stats: TextStats | None = None,
+              counts_of: Callable[[Sequence[str]], Mapping[str, int]] | None = None) -> list[int]:
+    """Chunk ids matching any of `terms` (plain words), best first; `stats`: text_stats(db), if
+    known; `counts_of`: term_counts, or a cache of it (PostgreSQL reads it)."""
     if not terms:
         return []
     if _is_sqlite(db):
@@ -166,11 +178,51 @@ def full_text(db, terms: Sequence[str], page_id: str, limit: int, stats: TextSta
             " WHERE knowledge_fts MATCH ? AND c.page_id IN (?, ?) ORDER BY f.rank LIMIT ?",
             (match, page_id, EVERY_PAGE, limit))
         return [row[0] for row in rows.fetchall()]
-    matches = [row[0] for row in db.execute(
-        "SELECT id FROM knowledge_chunks, to_tsquery('english', ?) query"
-        " WHERE tsv @@ query AND page_id IN (?, ?) ORDER BY ts_rank(tsv, query) DESC, id LIMIT ?",
-        (" | ".join(terms), page_id, EVERY_PAGE, RERANKED)).fetchall()]
-    return _by_bm25(db, terms, matches, stats or text_stats(db))[:limit] if matches else []
+    stats = stats or text_stats(db)
+    counts = (counts_of or (lambda words: term_counts(db, words)))(terms)
+    matches = []
+    for matched, ranked_by in narrowed(terms, counts, stats.chunks):
+        matches = [row[0] for row in db.execute(
+            "SELECT id FROM knowledge_chunks, to_tsquery('english', ?) matched, to_tsquery('english', ?) ranked_by"
+            " WHERE tsv @@ matched AND page_id IN (?, ?) ORDER BY ts_rank(tsv, ranked_by) DESC, id LIMIT ?",
+            (matched, ranked_by, page_id, EVERY_PAGE, RERANKED)).fetchall()]
+        if len(matches) == RERANKED:  # enough candidates (the last try takes what there is)
+            break
+    return _by_bm25(db, terms, matches, stats)[:limit] if matches else []
+
+
+def narrowed(terms: Sequence[str], counts: Mapping[str, int], chunks: int) -> list[tuple[str, str]]:
+    """PostgreSQL: the (match, rank by) tsqueries full_text tries in turn for `terms`, given how
+    many of the `chunks` hold each, until one finds RERANKED chunks (the last: whatever it finds).
+    While all the words' matches fit VISIT_BUDGET, one try: every match ranked, in SQLite's order.
+    Past it, MaxScore's idea: the commonest words, while their weight together stays under
+    ESSENTIAL_SHARE of the next one's (a word most chunks hold weighs ~0), neither match nor rank
+    - bm25 still counts them in the candidates' order. When the rest still match too many, first
+    the chunks holding two of their PAIRED rarest (the best by bm25, as a rule), then those
+    holding the rarest within the budget, and only then all of them."""
+    everything = " | ".join(terms)
+    held = [term for term in terms if counts.get(term, 0) > 0]
+    if sum(counts[term] for term in held) <= VISIT_BUDGET:
+        return [(everything, everything)]
+    weight = {term: max(math.log((max(chunks - counts[term], 0) + 0.5) / (counts[term] + 0.5)), 1e-6)
+              for term in held}
+    essential = sorted(held, key=lambda term: (weight[term], term))  # commonest first
+    dropped = 0.0
+    while len(essential) > 1 and dropped + weight[essential[0]] * (BM25_K1 + 1) <= ESSENTIAL_SHARE * weight[essential[1]]:
+        dropped += weight[essential.pop(0)] * (BM25_K1 + 1)
+    rest = " | ".join(term for term in terms if term in essential)
+    tries = [(rest, rest)]
+    if len(essential) > 1 and sum(counts[term] for term in essential) > VISIT_BUDGET:
+        rarest = essential[::-1]
+        within = rarest[:1]
+        for term in rarest[1:]:
+            if sum(counts[word] for word in within) + counts[term] > VISIT_BUDGET:
+                break
+            within.append(term)
+        if len(within) < len(essential):
+            tries.insert(0, (" | ".join(within), rest))
+        tries.insert(0, (" | ".join(f"({a} & {b})" for a, b in combinations(rarest[:PAIRED], 2)), rest))
+    return tries
 
 
 def _by_bm25(db, terms: Sequence[str], ids: list[int], stats: TextStats) -> list[int]:
