@@ -499,11 +499,18 @@ def test_a_button_tap_searches_nothing(client, env, model, docs):
     assert excerpts_in(chat_requests(model)[-1]) is None
 
 
-def test_words_most_chunks_hold_are_left_out_of_the_full_text_query_but_never_the_two_rarest():
-    counts = {"bakery": 900, "open": 400, "sourdough": 12, "class": 30}
+def test_words_most_chunks_hold_are_left_out_of_the_full_text_query_but_the_two_rarest_stay_if_they_weigh():
+    counts = {"bakery": 900, "open": 400, "sourdough": 12, "class": 30, "nowhere": 0}
     assert uncommon(["bakery", "open", "sourdough", "class"], counts, 1000) == ["sourdough", "class"]
     assert uncommon(["bakery", "open", "class"], counts, 1000) == ["open", "class"]  # the two rarest stay
-    assert uncommon(["bakery", "open", "sourdough"], counts, 100) == ["open", "sourdough"]  # 50 at least
+    assert uncommon(["bakery", "open", "sourdough"], {**counts, "open": 40, "bakery": 60}, 100) == [
+        "open", "sourdough"]  # 50 at least
+    # ... but not one that half the chunks hold, which bm25 weighs at ~0, beside a rarer word held
+    assert uncommon(["bakery", "class"], counts, 1000) == ["class"]
+    assert uncommon(["open", "bakery"], counts, 1000) == ["open"]
+    assert uncommon(["open", "bakery"], counts, 2000) == ["open", "bakery"]  # under half of 2,000
+    assert uncommon(["nowhere", "bakery"], counts, 1000) == ["nowhere", "bakery"]
+    assert uncommon(["bakery"], counts, 1000) == ["bakery"]
 
 
 def test_embeddings_and_full_text_both_rank(env, docs):

@@ -164,9 +164,14 @@ def common_bound(chunks: int) -> float:
 
 
 def uncommon(question_terms: list[str], counts: dict[str, int], chunks: int) -> list[str]:
-    """The words fewer than COMMON_SHARE of the `chunks` hold (at least 50), and the two rarest."""
+    """The words fewer than COMMON_SHARE of the `chunks` hold (at least 50), and the two rarest -
+    but not one that half the chunks hold when a rarer word is held: bm25 gives it no weight
+    (FTS5 floors its idf, log((N - n + 0.5) / (n + 0.5)), at 1e-6), and matching it would score
+    most chunks for nothing."""
     common = common_bound(chunks)
-    rarest = set(sorted(question_terms, key=counts.__getitem__)[:2])
+    rarest = sorted(question_terms, key=counts.__getitem__)[:2]
+    if len(rarest) == 2 and counts[rarest[0]] > 0 and 2 * counts[rarest[1]] >= chunks:
+        rarest.pop()
     return [term for term in question_terms if counts[term] <= common or term in rarest]
 
 
@@ -314,10 +319,10 @@ class Retriever:
         holds ("domingos" → "sunday"), also returned per word (a translated word counts toward a
         chunk's coverage)."""
         translating = translate and self._has_dictionaries(db, version)
-        if len(question_terms) <= 2 and not translating:
+        if len(question_terms) < 2 and not translating:
             return question_terms, {}
         counts = self._counts_of(db, question_terms, version)
-        query = uncommon(question_terms, counts, counts[""]) if len(question_terms) > 2 else question_terms
+        query = uncommon(question_terms, counts, counts[""]) if len(question_terms) > 1 else question_terms
         unknown = [term for term in question_terms if not counts[term] and not term.isdigit()] if translating else []
         if not unknown:
             return query, {}

@@ -158,9 +158,9 @@ RERANKED = 100
 # PostgreSQL reads and ranks every match (~2-3 µs each on a 2-core machine, where FTS5 reads
 # its index): past this many, by the words' chunk counts, it looks at fewer (narrowed, below).
 VISIT_BUDGET = 1_000
-# A word this much less weighty than the question's rarest ones only adds to a chunk's score:
-# together such words give a chunk at most ESSENTIAL_SHARE of what one rarer word at its usual
-# frequency gives (bm25's idf x (k1 + 1), against that word's idf).
+# The commonest words only add to the candidates' scores (neither match nor rank) while the most
+# bm25 can give a chunk for them together, idf x (k1 + 1) each, stays within this share of what
+# the next word gives a chunk of average length holding it once (its idf).
 ESSENTIAL_SHARE = 0.5
 PAIRED = 6  # the rarest words whose pairs are tried first
 
