@@ -264,6 +264,22 @@ def test_past_its_budget_postgresql_still_ranks_full_text_as_sqlite_does(env, pg
     assert orders[0] == orders[1]
 
 
+def test_postgresqls_full_text_statements_are_planned_for_their_own_words_each_time(env, pg_url, docs):
+    """None is kept prepared, so none keeps a plan for any words: one made while the knowledge
+    base was small (read every chunk, fine for 200) read every chunk of it grown to 20,000, and
+    the full-text step's p95 went from 10.7 ms to 41.6 (bench/knowledge.py, PostgreSQL, hit_at_3
+    before latency). psycopg keeps a statement prepared after five runs on a connection."""
+    from bot.knowledge import store
+
+    kb = knowledge_of(env, DATABASE_URL=pg_url)
+    kb.add([str(docs / "hours.md"), str(docs / "delivery.md")])
+    with kb.database.read() as db:
+        for _ in range(8):
+            assert store.full_text(db, ["shop", "saturdays"], "", 10)
+        kept = [row[0] for row in db.execute("SELECT statement FROM pg_prepared_statements").fetchall()]
+    assert not [statement for statement in kept if "tsv @@" in statement or "ts_filter" in statement], kept
+
+
 def test_postgresqls_bm25_never_fails_nor_loses_a_match_on_counts_out_of_step(env, pg_url, docs):
     """Stats a moment older than the word counts (fewer chunks than hold a word: no logarithm of
     a negative), or a word the counts lack, still rank every match."""

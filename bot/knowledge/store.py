@@ -185,7 +185,7 @@ def full_text(db, terms: Sequence[str], page_id: str, limit: int, stats: TextSta
         matches = [row[0] for row in db.execute(
             "SELECT id FROM knowledge_chunks, to_tsquery('english', ?) matched, to_tsquery('english', ?) ranked_by"
             " WHERE tsv @@ matched AND page_id IN (?, ?) ORDER BY ts_rank(tsv, ranked_by) DESC, id LIMIT ?",
-            (matched, ranked_by, page_id, EVERY_PAGE, RERANKED)).fetchall()]
+            (matched, ranked_by, page_id, EVERY_PAGE, RERANKED), prepare=False).fetchall()]
         if len(matches) == RERANKED:  # enough candidates (the last try takes what there is)
             break
     return _by_bm25(db, terms, matches, stats)[:limit] if matches else []
@@ -245,7 +245,7 @@ def _by_bm25(db, terms: Sequence[str], ids: list[int], stats: TextStats) -> list
         " ORDER BY SUM(a.idf * cardinality(held.positions) * ?"
         "   / (cardinality(held.positions) + ? * (? + ? * c.words / ?))) DESC, c.id",
         (float(stats.chunks), words, words, ids, BM25_K1 + 1, BM25_K1, 1 - BM25_B, BM25_B,
-         max(stats.mean_words or 0.0, 1.0))).fetchall()]
+         max(stats.mean_words or 0.0, 1.0)), prepare=False).fetchall()]
 
 
 def term_counts(db, terms: Sequence[str]) -> dict[str, int]:

@@ -73,8 +73,10 @@ class Cursor:
     def __init__(self, conn):
         self.conn = conn
 
-    def execute(self, sql: str, params: Sequence[Any] = ()):
-        return self.conn.execute(translate(sql), params) if params else self.conn.execute(sql)
+    def execute(self, sql: str, params: Sequence[Any] = (), prepare: bool | None = None):
+        """`prepare`: psycopg's (None: after a few runs the server keeps the statement and, in
+        time, one plan for any parameters; False: planned for its own parameters every time)."""
+        return self.conn.execute(translate(sql), params, prepare=prepare) if params else self.conn.execute(sql)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """One statement, many rows: psycopg pipelines them (one round trip, not one per row)."""
