@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.knowledge import bot_env, ingest, model_server, open_kb  # noqa: E402
 from bench.knowledge_quality import QUESTIONS, hit_at_3  # noqa: E402
-from bench.knowledge_speed import fill, filler_queries, percentiles, total_chunks  # noqa: E402
+from bench.knowledge_speed import fill, filler_queries, full_text_alone, percentiles, total_chunks  # noqa: E402
 from bench.run import PAGE_ID, fresh_store  # noqa: E402
 from bot.knowledge import retrieval, store  # noqa: E402
 
@@ -40,13 +40,6 @@ UNBOUNDED = 10 ** 12
 
 def narrowing(on: bool, budget: int) -> None:
     store.VISIT_BUDGET = budget if on else UNBOUNDED
-
-
-def full_text_step(kb, question: str) -> list[int]:
-    with kb.database.read() as db:
-        version = store.version(db)
-        words, _ = kb.retriever._full_text_query(db, retrieval.terms(question), version)
-        return kb.retriever._ranked_by_words(db, words, PAGE_ID, version)
 
 
 def exact(kb, question: str) -> list[int]:
@@ -89,7 +82,7 @@ def main() -> None:
                 best = float("inf")
                 for _ in range(args.runs):
                     started = time.perf_counter()
-                    full_text_step(kb, question)
+                    full_text_alone(kb, question, PAGE_ID)
                     best = min(best, (time.perf_counter() - started) * 1000)
                 times[on].append(best)
         line = {"chunks": total_chunks(kb), "queries": len(asked), "budget": args.budget}
@@ -102,7 +95,7 @@ def main() -> None:
             truth = exact(kb, question)
             for on in (True, False):
                 narrowing(on, args.budget)
-                found = full_text_step(kb, question)
+                found = full_text_alone(kb, question, PAGE_ID)
                 agree[on][0] += found[:3] == truth[:3]
                 agree[on][1] += set(found[:10]) == set(truth[:10])
                 agree[on][2] += len(set(found) & set(truth)) / len(truth) if truth else 1.0

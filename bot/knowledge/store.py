@@ -214,9 +214,10 @@ def narrowed(terms: Sequence[str], counts: Mapping[str, int], chunks: int) -> li
     tries = [(rest, rest)]
     if len(essential) > 1 and sum(counts[term] for term in essential) > VISIT_BUDGET:
         rarest = essential[::-1]
-        within = rarest[:1]
+        within, visited = rarest[:1], counts[rarest[0]]
         for term in rarest[1:]:
-            if sum(counts[word] for word in within) + counts[term] > VISIT_BUDGET:
+            visited += counts[term]
+            if visited > VISIT_BUDGET:
                 break
             within.append(term)
         if len(within) < len(essential):
