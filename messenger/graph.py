@@ -16,6 +16,7 @@ import requests
 import urllib3
 import requests.adapters
 
+from messenger import nesting
 from messenger.text import clean_text
 
 logger = logging.getLogger(__name__)
@@ -194,9 +195,9 @@ def _may_have_arrived(exc: requests.RequestException) -> bool:
 
 
 def _to_result(method: str, path: str, response: requests.Response) -> dict:
-    try:
-        data = response.json()
-    except ValueError:
+    try:  # Graph answers UTF-8; a body nested thousands deep would end json's recursion in RecursionError
+        data = nesting.loads(response.content.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError, JSONDecodeError, nesting.TooDeep
         data = None
     if response.ok and isinstance(data, dict):
         return data

@@ -82,3 +82,21 @@ def test_a_send_that_found_no_server_is_not_in_doubt():
     listener.close()  # nothing listens there now: connection refused
     error = send(port)
     assert "ConnectionError" in str(error) and error.in_doubt is False
+
+
+def nested_answer(status: bytes):
+    def answer(connection):
+        body = b'{"error": ' * 100_000 + b"1" + b"}" * 100_000
+        connection.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    return answer
+
+
+@pytest.mark.parametrize("status", [b"200 OK", b"500 Internal Server Error"])
+def test_an_answer_nested_past_jsons_recursion_is_a_graph_error_not_a_recursion_error(status):
+    server = OneShotServer(nested_answer(status))
+    try:
+        error = send(server.port)
+        assert "no Graph error body" in str(error)
+    finally:
+        server.close()
