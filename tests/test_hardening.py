@@ -46,7 +46,8 @@ def start_crowded_gunicorn(env, tmp_path, open_files: int):
     64 KB that nobody reads before the test ends, and the worker then waits, mid-request, to log
     (these tests failed so, at the ninth delivery, on a kernel that buffered more of each unread
     client's answers and so let the worker answer, and log, more requests)."""
-    return start_gunicorn(env, tmp_path, output=open(tmp_path / "gunicorn.log", "w"), open_files=open_files)
+    with open(tmp_path / "gunicorn.log", "w") as log:  # gunicorn writes to its own copy of the file
+        return start_gunicorn(env, tmp_path, output=log, open_files=open_files)
 
 
 @pytest.fixture
