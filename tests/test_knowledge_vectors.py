@@ -1,87 +1,117 @@
-"""The knowledge base's vectors in memory: float32 as stored, held and compared as bfloat16."""
+"""The knowledge base's vectors: float32 as stored, int8 as compared (made when a chunk is added,
+or once for chunks older code added), ranked as the exact cosines rank."""
 from __future__ import annotations
 
+import logging
 import math
 import random
-import struct
 from array import array
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bot.knowledge.embeddings import to_bfloat16, to_bytes
+from bot.knowledge import store
+from bot.knowledge.embeddings import from_bytes, to_bytes, to_int8
 from bot.knowledge.retrieval import _Scored, _Vectors
-
-
-def as_float(bfloat16: int) -> float:
-    return struct.unpack("<f", struct.pack("<I", bfloat16 << 16))[0]
-
-
-def neighbours(value: float) -> tuple[float, float, float]:
-    """The two bfloat16s either side of a float32 (its upper half, and one step away from zero),
-    and where that step lands on the number line: past the largest bfloat16 it is infinity,
-    which rounding reaches from halfway to 2**128, as IEEE's rounding does."""
-    bits = struct.unpack("<I", struct.pack("<f", value))[0] >> 16
-    near, far = as_float(bits), as_float(bits + 1)
-    return near, far, math.copysign(2.0 ** 128, far) if math.isinf(far) else far
-
+from tests.test_knowledge import DELIVERY, FAQ, HOURS, knowledge_of
 
 finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 
 
-def from_bits(*patterns: int) -> list[float]:
-    return [struct.unpack("<f", struct.pack("<I", bits))[0] for bits in patterns]
+@settings(max_examples=300, database=None)
+@example([0.0, -0.0, 0.0])
+@example([1e-45, -3e38, 2.5e-3])  # the smallest float32 beside the largest: it rounds to 0
+@given(st.lists(finite32, min_size=1, max_size=64))
+def test_each_value_becomes_the_nearest_int8_on_its_vectors_own_scale(values):
+    vector = array("f", values)
+    held = array("b", to_int8(vector))
+    assert len(held) == len(values)
+    largest = max(abs(value) for value in vector)
+    if largest == 0:
+        assert not any(held)
+        return
+    assert max(abs(value) for value in held) == 127  # the whole range is used
+    for value, rounded in zip(vector, held):
+        assert abs(rounded - value * 127 / largest) <= 0.5 + 1e-9, (value, rounded)
 
 
-@settings(max_examples=200, database=None)
-# Halfway to infinity, just under it, a tie, just either side of one, the smallest and zero.
-@example(from_bits(0x7F7F8000, 0xFF7F8000, 0x7F7F7FFF, 0x3F808000, 0x3F807FFF, 0x3F808001, 1, 0x80000000), 4)
-@given(st.lists(finite32, min_size=1, max_size=40), st.sampled_from([4, 8, 12, 1 << 22]))
-def test_every_float32_becomes_the_nearest_bfloat16(values, slice_bytes):
-    held = to_bfloat16(to_bytes(array("f", values)), slice_bytes)
-    assert len(held) == 2 * len(values)
-    for value, rounded in zip(values, array("H", held)):
-        near, far, far_at = neighbours(value)
-        got = as_float(rounded)
-        if abs(near - value) < abs(far_at - value):
-            assert got == near, (value, got)
-        else:  # nearer the step away from zero, or halfway: away from zero
-            assert got == far, (value, got)
+@given(st.lists(finite32, max_size=64))
+def test_float32s_come_back_from_their_stored_bytes_as_they_went(values):
+    vector = array("f", values)
+    assert from_bytes(to_bytes(vector)) == vector
 
 
-def test_the_largest_float32s_round_to_infinity_and_broken_lengths_are_refused():
-    assert array("H", to_bfloat16(to_bytes(array("f", from_bits(0x7F7FFFFF, 0xFF7FFFFF, 0x3F808000))))).tolist() == [
-        0x7F80, 0xFF80, 0x3F81]
-    for stored, slice_bytes in ((b"\0" * 6, 4), (b"\0" * 8, 6), (b"\0" * 8, 0)):
-        with pytest.raises(ValueError):
-            to_bfloat16(stored, slice_bytes)
+def unit(values) -> array:
+    norm = math.sqrt(sum(x * x for x in values))
+    return array("f", (x / norm for x in values))
 
 
-def unit(rng: random.Random, width: int) -> array:
-    vector = [rng.gauss(0, 1) for _ in range(width)]
-    norm = math.sqrt(sum(x * x for x in vector))
-    return array("f", (x / norm for x in vector))
-
-
-def test_cosines_from_bfloat16_rank_as_exact_ones_do():
+def test_int8_cosines_rank_as_exact_ones_do():
     rng = random.Random(7)
     width, count = 1536, 300
-    question = unit(rng, width)
+    question = unit([rng.gauss(0, 1) for _ in range(width)])
     # Chunks at every similarity to the question, as real neighbours are: a mix of it and noise.
     stored, exact = [], {}
     for chunk_id in range(1000, 1000 + count):
-        mix, noise = rng.random(), unit(rng, width)
-        vector = array("f", (mix * q + (1 - mix) * n for q, n in zip(question, noise)))
-        stored.append((chunk_id, to_bytes(vector)))
+        mix = rng.random()
+        vector = unit([mix * q + (1 - mix) * rng.gauss(0, 1) / 39 for q in question])
+        stored.append((chunk_id, to_int8(vector)))
         exact[chunk_id] = sum(q * x for q, x in zip(question, vector))
     vectors = _Vectors.of(1, stored)
-    scored = _Scored(vectors, vectors.similarities(question))
-    assert len(vectors.matrix.obj) == count * width * 2  # half of float32's bytes
-    for chunk_id in exact:  # bfloat16 by truncation would be up to 0.004 lower
-        assert abs(scored.of(chunk_id) - exact[chunk_id]) < 0.001, chunk_id
+    scored = _Scored(vectors, vectors.distances(question))
+    assert len(vectors.matrix.obj) == count * width  # a quarter of float32's bytes
+    for chunk_id in exact:
+        assert abs(scored.of(chunk_id) - exact[chunk_id]) < 0.002, chunk_id
     top = scored.top(20)
     assert top[0] == max(exact, key=exact.get)
     # Only near ties may change places.
     for higher, lower in zip(top, top[1:]):
         assert exact[higher] > exact[lower] - 0.005, (higher, lower)
+
+
+def test_a_zero_question_or_row_is_like_nothing():
+    vectors = _Vectors.of(1, [(1, bytes(4)), (2, to_int8(array("f", [1, 0, 0, 0])))])
+    assert _Scored(vectors, vectors.distances(array("f", [0, 0, 0, 0]))).top(2) == [1, 2]  # ties: in order
+    scored = _Scored(vectors, vectors.distances(array("f", [1, 0, 0, 0])))
+    assert scored.of(1) == 0.0 and abs(scored.of(2) - 1.0) < 1e-6
+    assert scored.top(1) == [2]
+
+
+@pytest.fixture
+def docs(tmp_path):
+    for name, text in (("hours.md", HOURS), ("delivery.md", DELIVERY), ("faq.csv", FAQ)):
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+def stored_vectors(kb) -> dict[int, tuple[bytes | None, bytes]]:
+    with kb.database.read() as db:
+        return {row[0]: (row[1] and bytes(row[1]), bytes(row[2])) for row in db.execute(
+            "SELECT id, embedding_i8, embedding FROM knowledge_chunks ORDER BY id").fetchall()}
+
+
+def test_chunks_older_code_added_without_int8s_are_searched_alike_and_get_them_once(env, backend, docs, caplog):
+    _, settings = backend
+    kb = knowledge_of(env, **settings)
+    kb.add([str(docs / name) for name in ("hours.md", "delivery.md", "faq.csv")])
+    added = stored_vectors(kb)
+    assert added and all(int8 == to_int8(from_bytes(float32)) for int8, float32 in added.values())
+    page = env["FB_PAGE_ID"]
+    before = [(hit.chunk_id, hit.similarity) for hit in kb.search("gluten-free loaf", page, top_k=3).hits]
+    assert all(similarity is not None for _, similarity in before)
+
+    with kb.database.write() as db:  # as the code before schema 23 (SQLite) / 22 (PostgreSQL) left them
+        db.execute("UPDATE knowledge_chunks SET embedding_i8 = NULL")
+    caplog.set_level(logging.INFO, logger="bot.knowledge.retrieval")
+    upgraded = knowledge_of(env, **settings)  # another process, after the upgrade: loads afresh
+    assert [(hit.chunk_id, hit.similarity) for hit in upgraded.search("gluten-free loaf", page, top_k=3).hits] == before
+    assert f"{len(added)} chunks added by an older version had no int8 vectors" in caplog.text
+    assert stored_vectors(kb) == added  # made once, kept for every process
+
+    caplog.clear()
+    again = knowledge_of(env, **settings)
+    assert [(hit.chunk_id, hit.similarity) for hit in again.search("gluten-free loaf", page, top_k=3).hits] == before
+    assert "no int8 vectors" not in caplog.text
+    with again.database.read() as db:
+        assert len(store.vectors(db, page, again.embedder.model)) == len(added)

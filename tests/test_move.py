@@ -171,8 +171,8 @@ COMPARED = {  # every copied table, all columns, in an order both databases shar
     "graph_budgets": "SELECT * FROM graph_budgets ORDER BY account",
     "dead_letters": 'SELECT id, source, "offset", error, payload, at FROM dead_letters ORDER BY id',
     "knowledge_sources": "SELECT * FROM knowledge_sources ORDER BY id",
-    "knowledge_chunks": "SELECT id, source_id, page_id, position, heading, text, embedding, embedding_model"
-                        " FROM knowledge_chunks ORDER BY id",
+    "knowledge_chunks": "SELECT id, source_id, page_id, position, heading, text, embedding, embedding_i8,"
+                        " embedding_model FROM knowledge_chunks ORDER BY id",
     "knowledge_version": "SELECT * FROM knowledge_version",
 }
 

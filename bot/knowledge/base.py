@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import requests
 
 from bot.knowledge import dictionary, readers, store
-from bot.knowledge.embeddings import Embedder, EmbeddingsUnavailable, to_bytes
+from bot.knowledge.embeddings import Embedder, EmbeddingsUnavailable, to_bytes, to_int8
 from bot.knowledge.readers import Limits, SourceError
 from bot.knowledge.retrieval import STORE_ERRORS, Found, Retriever
 
@@ -84,7 +84,7 @@ class KnowledgeBase:
             return Report(document.location, FAILED, reason=f"the model server failed the embeddings ({error});"
                                                               " nothing of it was added, try again")
         vectors = [None] * len(document.chunks) if embedded is None or embedded.vectors is None else \
-            [to_bytes(row) for row in embedded.vectors]
+            [(to_bytes(row), to_int8(row)) for row in embedded.vectors]
         used_model = model if embedded is not None and embedded.vectors is not None else None
         with self.database.write() as db:
             store.put_source(db, page, document.title, document.location, document.url, document.kind,

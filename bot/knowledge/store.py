@@ -66,9 +66,10 @@ def sources(db, page_id: str | None = None) -> list[Source]:
 
 
 def put_source(db, page_id: str, title: str, location: str, url: str | None, kind: str, content_hash: str,
-               chunks: Sequence[Chunk], vectors: Sequence[bytes | None], embedding_model: str | None,
+               chunks: Sequence[Chunk], vectors: Sequence[tuple[bytes, bytes] | None], embedding_model: str | None,
                now: float) -> int:
-    """The source with these chunks, replacing what it had: the caller's one transaction."""
+    """The source with these chunks, replacing what it had: the caller's one transaction.
+    `vectors`: each chunk's embedding as float32s and as int8s (embeddings.py), or None."""
     old = find_source(db, page_id, location)
     if old and db.execute("UPDATE knowledge_sources SET title = ?, url = ?, kind = ?, content_hash = ?,"
                           " embedding_model = ?, chunks = ?, added_at = ? WHERE id = ?",
@@ -83,9 +84,9 @@ def put_source(db, page_id: str, title: str, location: str, url: str | None, kin
                                 (source_id,)).fetchone()[0]  # the old chunks: these ids and below
     for chunk, vector in zip(chunks, vectors):
         chunk_id = db.execute(
-            "INSERT INTO knowledge_chunks (source_id, page_id, position, heading, text, embedding, embedding_model)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (source_id, page_id, chunk.position, chunk.heading, chunk.text, vector,
+            "INSERT INTO knowledge_chunks (source_id, page_id, position, heading, text, embedding, embedding_i8,"
+            " embedding_model) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (source_id, page_id, chunk.position, chunk.heading, chunk.text, *(vector or (None, None)),
              embedding_model if vector is not None else None)).fetchone()[0]
         if _is_sqlite(db):  # PostgreSQL's index is a generated column
             db.execute("INSERT INTO knowledge_fts (rowid, heading, text) VALUES (?, ?, ?)",
@@ -265,11 +266,20 @@ def chunk_count(db) -> int:
     return db.execute("SELECT COUNT(*) FROM knowledge_chunks").fetchone()[0]
 
 
-def vectors(db, page_id: str, model: str) -> list[tuple[int, bytes]]:
-    """(chunk id, embedding) of one Page's chunks embedded with `model`."""
-    return [(row[0], bytes(row[1])) for row in db.execute(
-        "SELECT id, embedding FROM knowledge_chunks WHERE page_id IN (?, ?) AND embedding_model = ?"
-        " AND embedding IS NOT NULL ORDER BY id", (page_id, EVERY_PAGE, model)).fetchall()]
+def vectors(db, page_id: str, model: str) -> list[tuple[int, bytes, bytes | None]]:
+    """(chunk id, embedding as int8s, None) of one Page's chunks embedded with `model`; for a
+    chunk older code added, without its int8s: (chunk id, None, embedding as float32s)."""
+    return [(row[0], row[1] and bytes(row[1]), row[2] and bytes(row[2])) for row in db.execute(
+        "SELECT id, embedding_i8, CASE WHEN embedding_i8 IS NULL THEN embedding END FROM knowledge_chunks"
+        " WHERE page_id IN (?, ?) AND embedding_model = ? AND embedding IS NOT NULL ORDER BY id",
+        (page_id, EVERY_PAGE, model)).fetchall()]
+
+
+def put_int8(db, rows: Sequence[tuple[int, bytes]]) -> None:
+    """The int8s of chunks that older code added without them (not a change: no version bump)."""
+    for chunk_id, int8 in rows:
+        db.execute("UPDATE knowledge_chunks SET embedding_i8 = ? WHERE id = ? AND embedding_i8 IS NULL",
+                   (int8, chunk_id))
 
 
 def chunks(db, ids: Sequence[int]) -> dict[int, StoredChunk]:

@@ -39,7 +39,8 @@ Columns of note:
   knowledge_sources   the knowledge base's sources (bot/knowledge/): a file or web page, per Page
                       ('' = every Page), with the hash of its content and the model its chunks were
                       embedded with (NULL: none) - re-adding it unchanged changes nothing
-  knowledge_chunks    their chunks, each with its embedding (float32, normalised; NULL: none) and,
+  knowledge_chunks    their chunks, each with its embedding (float32, normalised; NULL: none), the same
+                      as int8s (embedding_i8, what searches compare; NULL: none, or added by older code) and,
                       on SQLite, a row in the full-text index knowledge_fts (bot/knowledge/store.py keeps it)
   knowledge_version   bumped by every change, so each process reloads its in-memory vectors
   knowledge_chunks.tsv, .words  (PostgreSQL only) the chunk's words as search reads them (SEARCH_TEXT,
@@ -72,6 +73,11 @@ TRANSLATIONS = Additive("""
                                          PRIMARY KEY (word, dictionary));
     CREATE INDEX knowledge_translations_dictionary ON knowledge_translations (dictionary);
     """)
+# Each chunk's vector as int8s (bot/knowledge/embeddings.py's to_int8), made when it is added:
+# searches compare these, loaded at a quarter of float32's bytes and not converted at each load.
+# Additive: older code adds chunks without them, and a search makes them for such rows
+# (bot/knowledge/retrieval.py), once.
+EMBEDDING_INT8 = "ALTER TABLE knowledge_chunks ADD COLUMN embedding_i8 {};"
 
 SCHEMA = [
     # version 1: the delivery queue
@@ -289,6 +295,8 @@ SCHEMA = [
     RETENTION_INDEXES,
     # version 22: bilingual dictionaries for full-text search in other languages (bot/knowledge/dictionary.py)
     TRANSLATIONS,
+    # version 23: each chunk's vector as int8s too, what searches compare
+    Additive(EMBEDDING_INT8.format("BLOB")),
 ]
 # PostgreSQL's full text reads a chunk as SQLite's FTS5 tokenizer does (unicode61,
 # remove_diacritics) and as a question's words are folded (bot/knowledge/retrieval.py): without
@@ -533,4 +541,6 @@ POSTGRES_SCHEMA = [
     ALTER INDEX knowledge_chunks_tsv SET (gin_pending_list_limit = 64);
     SELECT gin_clean_pending_list('knowledge_chunks_tsv');
     """),
+    # version 22: SQLite's 23
+    Additive(EMBEDDING_INT8.format("BYTEA")),
 ]
