@@ -89,6 +89,11 @@ def nested_answer(status: bytes):
         body = b'{"error": ' * 100_000 + b"1" + b"}" * 100_000
         connection.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
                            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        # Closed with the request's rest unread, the socket would send a reset that can reach the
+        # client before it has read the 1 MB answer: what it sent is read until it closes.
+        connection.shutdown(socket.SHUT_WR)
+        while connection.recv(65536):
+            pass
     return answer
 
 
