@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sqlite3
 from array import array
 
 import pytest
@@ -21,7 +22,7 @@ finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 
 @settings(max_examples=300, database=None)
 @example([0.0, -0.0, 0.0])
-@example([1e-45, -3e38, 2.5e-3])  # the smallest float32 beside the largest: it rounds to 0
+@example([1e-45, -3.4028234663852886e38, 2.5e-3])  # the smallest float32s beside the largest: 0
 @given(st.lists(finite32, min_size=1, max_size=64))
 def test_each_value_becomes_the_nearest_int8_on_its_vectors_own_scale(values):
     vector = array("f", values)
@@ -40,6 +41,11 @@ def test_each_value_becomes_the_nearest_int8_on_its_vectors_own_scale(values):
 def test_float32s_come_back_from_their_stored_bytes_as_they_went(values):
     vector = array("f", values)
     assert from_bytes(to_bytes(vector)) == vector
+
+
+def test_float32s_are_stored_little_endian_on_any_machine():
+    assert to_bytes(array("f", [1.0, -2.0])) == b"\x00\x00\x80\x3f\x00\x00\x00\xc0"
+    assert from_bytes(b"\x00\x00\x80\x3f\x00\x00\x00\xc0") == array("f", [1.0, -2.0])
 
 
 def unit(values) -> array:
@@ -85,10 +91,25 @@ def docs(tmp_path):
     return tmp_path
 
 
+def test_rows_of_another_width_or_none_are_left_out_and_said(caplog):
+    rows = [(1, to_int8(array("f", [1, 0, 0]))), (2, b""), (3, to_int8(array("f", [0, 1, 0, 0]))),
+            (4, to_int8(array("f", [0, 0, 1]))), (5, to_int8(array("f", [0, 1, 1])))]
+    vectors = _Vectors.of(1, rows)
+    assert vectors.ids == [1, 4, 5] and vectors.width == 3
+    assert "3 of 5 chunks have vectors 3 wide" in caplog.text
+    caplog.clear()
+    assert _Vectors.of(1, [rows[0], rows[3]]).ids == [1, 4] and not caplog.text
+    assert _Vectors.of(1, [(2, b"")]).ids == [] and _Vectors.of(1, []).ids == []
+
+
 def stored_vectors(kb) -> dict[int, tuple[bytes | None, bytes]]:
     with kb.database.read() as db:
         return {row[0]: (row[1] and bytes(row[1]), bytes(row[2])) for row in db.execute(
             "SELECT id, embedding_i8, embedding FROM knowledge_chunks ORDER BY id").fetchall()}
+
+
+def search(kb, page: str) -> list[tuple[int, float]]:
+    return [(hit.chunk_id, hit.similarity) for hit in kb.search("gluten-free loaf", page, top_k=3).hits]
 
 
 def test_chunks_older_code_added_without_int8s_are_searched_alike_and_get_them_once(env, backend, docs, caplog):
@@ -98,20 +119,45 @@ def test_chunks_older_code_added_without_int8s_are_searched_alike_and_get_them_o
     added = stored_vectors(kb)
     assert added and all(int8 == to_int8(from_bytes(float32)) for int8, float32 in added.values())
     page = env["FB_PAGE_ID"]
-    before = [(hit.chunk_id, hit.similarity) for hit in kb.search("gluten-free loaf", page, top_k=3).hits]
+    before = search(kb, page)
     assert all(similarity is not None for _, similarity in before)
 
-    with kb.database.write() as db:  # as the code before schema 23 (SQLite) / 22 (PostgreSQL) left them
-        db.execute("UPDATE knowledge_chunks SET embedding_i8 = NULL")
+    with kb.database.write() as db:  # half as the code before schema 23 (SQLite) / 22 (PostgreSQL) left them
+        older = db.execute("UPDATE knowledge_chunks SET embedding_i8 = NULL WHERE id % 2 = 0").rowcount
+    assert 0 < older < len(added)
     caplog.set_level(logging.INFO, logger="bot.knowledge.retrieval")
     upgraded = knowledge_of(env, **settings)  # another process, after the upgrade: loads afresh
-    assert [(hit.chunk_id, hit.similarity) for hit in upgraded.search("gluten-free loaf", page, top_k=3).hits] == before
-    assert f"{len(added)} chunks added by an older version had no int8 vectors" in caplog.text
-    assert stored_vectors(kb) == added  # made once, kept for every process
+    assert search(upgraded, page) == before
+    assert f"{older} chunks added by an older version had no int8 vectors: made and stored" in caplog.text
+    assert stored_vectors(kb) == added  # stored for every process
 
     caplog.clear()
     again = knowledge_of(env, **settings)
-    assert [(hit.chunk_id, hit.similarity) for hit in again.search("gluten-free loaf", page, top_k=3).hits] == before
+    assert search(again, page) == before
     assert "no int8 vectors" not in caplog.text
     with again.database.read() as db:
         assert len(store.vectors(db, page, again.embedder.model)) == len(added)
+
+
+def test_int8s_that_cannot_be_stored_are_used_and_made_again_at_the_next_load(env, docs, caplog, monkeypatch):
+    kb = knowledge_of(env)
+    kb.add([str(docs / name) for name in ("hours.md", "delivery.md", "faq.csv")])
+    page = env["FB_PAGE_ID"]
+    before = search(kb, page)
+    with kb.database.write() as db:
+        db.execute("UPDATE knowledge_chunks SET embedding_i8 = NULL")
+
+    def locked(db, rows):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "put_int8", locked)
+    caplog.set_level(logging.INFO, logger="bot.knowledge.retrieval")
+    assert search(knowledge_of(env), page) == before
+    assert "could not store the int8 vectors made (OperationalError): made again at the next load" in caplog.text
+    assert all(int8 is None for int8, _ in stored_vectors(kb).values())
+
+    monkeypatch.undo()
+    caplog.clear()
+    assert search(knowledge_of(env), page) == before
+    assert "had no int8 vectors: made and stored" in caplog.text
+    assert all(int8 is not None for int8, _ in stored_vectors(kb).values())

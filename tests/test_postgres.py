@@ -298,10 +298,10 @@ def start_host(code, graph, model, tmp_path, name, pg_url):
     where = tmp_path / name  # the folder it runs from: no .env of the developer's
     where.mkdir()
     env = {**base_env(graph, model, where), "PORT": str(port), "HOST": "127.0.0.1", "DATABASE_URL": pg_url}
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(code / "gunicorn.conf.py"), "server:app"],
-                               cwd=where, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(code), **env},
-                               stdout=open(where / "gunicorn.log", "w"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    command = [sys.executable, "-m", "gunicorn", "-c", str(code / "gunicorn.conf.py"), "server:app"]
+    with open(where / "gunicorn.log", "w") as log:  # gunicorn writes to its own copy of the file
+        process = subprocess.Popen(command, cwd=where, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(code), **env},
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     assert wait_until(lambda: is_up(f"http://127.0.0.1:{port}") or process.poll() is not None, 20)
     return process
 

@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import unicodedata
 from array import array
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -48,6 +49,9 @@ EMBEDDING_THREADS = 256
 # as int8s, compared in ~1.6 ms by one core (AVX-512; ~2 ms with AVX2 only). One thread leaves
 # the other core to full text.
 COSINE_THREADS = 1
+# Chunks given their int8 vectors per transaction when older code added them without: short
+# writes (an add or a remove of a source waits for one at most).
+INT8_BATCH = 1000
 WORD = re.compile(r"\w+", re.UNICODE)
 # Endings tried, in this order, on a word a dictionary has no entry for: plurals and the commonest
 # inflections of the languages FreeDict covers ("domingos", "Postleitzahlen", "amandes").
@@ -189,19 +193,24 @@ class _Vectors:
 
     @classmethod
     def of(cls, version: int, rows: list[tuple[int, bytes]]) -> "_Vectors":
-        """From (chunk id, int8s) rows."""
-        width = len(rows[0][1]) if rows else 0
-        rows = [row for row in rows if len(row[1]) == width]  # one model, one width
-        if not width:  # none, or stored empty by an older version: nothing to compare with
+        """From (chunk id, int8s) rows, those of the commonest width: one model gives one width,
+        unless its server's changed (the others wait to be added again); none stored empty."""
+        widths = Counter(len(row[1]) for row in rows if row[1])
+        if not widths:
             return cls(version, [], None)
-        matrix = bytearray(b"".join(row[1] for row in rows))
+        width = widths.most_common(1)[0][0]
+        if len(widths) > 1 or len(rows) > widths[width]:
+            logger.warning("knowledge: %d of %d chunks have vectors %s wide, the others' are left out of searches"
+                           " (re-add their sources)", widths[width], len(rows), width)
+            rows = [row for row in rows if len(row[1]) == width]
+        matrix = bytearray().join(row[1] for row in rows)
         return cls(version, [row[0] for row in rows], memoryview(matrix).cast("b", [len(rows), width]))
 
     def distances(self, question: array) -> list[float]:
         """The question's cosine distance (1 - cosine) to every row."""
         if not any(question):  # as a zero row is: like nothing
             return [1.0] * len(self.ids)
-        query = memoryview(bytearray(to_int8(question))).cast("b", [1, len(question)])
+        query = memoryview(to_int8(question)).cast("b", [1, len(question)])
         return memoryview(simsimd.cdist(query, self.matrix, metric="cosine", dtype="int8", threads=COSINE_THREADS)
                           ).cast("B").cast("d").tolist()
 
@@ -238,7 +247,8 @@ class Retriever:
         self._dictionaries: tuple[int, bool] | None = None  # (knowledge version, any dictionary then)
         # Two locks, never held while waiting for a database connection by the one and while
         # holding one by the other: a PostgreSQL pool full of searches waiting on a vector
-        # reload would otherwise leave the reload no connection.
+        # reload would otherwise leave the reload (its read, and the write of int8s it made)
+        # no connection.
         self._counts_lock = threading.Lock()
         self._vectors_lock = threading.Lock()
         # Threads are made only as searches need them.
@@ -377,7 +387,7 @@ class Retriever:
 
     def _similarities(self, question: str, page_id: str, version: int,
                       timeout: float | None) -> tuple["_Scored | None", int]:
-        """Cosine of the question with every chunk of the Page (None: no embeddings now)."""
+        """The question's cosine distance to every chunk of the Page (None: no embeddings now)."""
         if self.embedder is None or self.embedder.unsupported:
             return None, 0
         vectors = self._page_vectors(page_id, version)
@@ -411,16 +421,20 @@ class Retriever:
             return cached
 
     def _with_int8(self, rows: list[tuple[int, bytes | None, bytes | None]]) -> list[tuple[int, bytes]]:
-        """(chunk id, int8s) of every row: those older code added without them are made here
-        (~0.4 ms each at 1,536 wide) and stored, so that this happens once (a failed write only
-        means it happens again at the next load)."""
+        """(chunk id, int8s) of every row. Those that older code added without them are made here
+        (~0.2-0.4 ms each at 1,536 wide: seconds for thousands, in the first search after the
+        upgrade) and stored, a short transaction per INT8_BATCH, so later loads in every process
+        find them; a failed write only means they are made again at the next load."""
         made = {chunk_id: to_int8(from_bytes(float32)) for chunk_id, int8, float32 in rows
-                if int8 is None and len(float32) % 4 == 0}
+                if int8 is None and float32 and len(float32) % 4 == 0}
         if made:
-            logger.info("knowledge: %d chunks added by an older version had no int8 vectors: made now, once", len(made))
+            logger.info("knowledge: %d chunks added by an older version had no int8 vectors: made and stored",
+                        len(made))
+            pending = sorted(made.items())
             try:
-                with self.database.write() as db:
-                    store.put_int8(db, sorted(made.items()))
+                for start in range(0, len(pending), INT8_BATCH):
+                    with self.database.write() as db:
+                        store.put_int8(db, pending[start:start + INT8_BATCH])
             except STORE_ERRORS as error:
                 logger.warning("knowledge: could not store the int8 vectors made (%s): made again at the next load",
                                type(error).__name__)

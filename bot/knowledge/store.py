@@ -266,7 +266,7 @@ def chunk_count(db) -> int:
     return db.execute("SELECT COUNT(*) FROM knowledge_chunks").fetchone()[0]
 
 
-def vectors(db, page_id: str, model: str) -> list[tuple[int, bytes, bytes | None]]:
+def vectors(db, page_id: str, model: str) -> list[tuple[int, bytes | None, bytes | None]]:
     """(chunk id, embedding as int8s, None) of one Page's chunks embedded with `model`; for a
     chunk older code added, without its int8s: (chunk id, None, embedding as float32s)."""
     return [(row[0], row[1] and bytes(row[1]), row[2] and bytes(row[2])) for row in db.execute(
@@ -277,9 +277,8 @@ def vectors(db, page_id: str, model: str) -> list[tuple[int, bytes, bytes | None
 
 def put_int8(db, rows: Sequence[tuple[int, bytes]]) -> None:
     """The int8s of chunks that older code added without them (not a change: no version bump)."""
-    for chunk_id, int8 in rows:
-        db.execute("UPDATE knowledge_chunks SET embedding_i8 = ? WHERE id = ? AND embedding_i8 IS NULL",
-                   (int8, chunk_id))
+    db.executemany("UPDATE knowledge_chunks SET embedding_i8 = ? WHERE id = ? AND embedding_i8 IS NULL",
+                   [(int8, chunk_id) for chunk_id, int8 in rows])
 
 
 def chunks(db, ids: Sequence[int]) -> dict[int, StoredChunk]:
