@@ -6,6 +6,7 @@ import logging
 import math
 import random
 import sqlite3
+import threading
 from array import array
 
 import pytest
@@ -65,7 +66,7 @@ def test_int8_cosines_rank_as_exact_ones_do():
         stored.append((chunk_id, to_int8(vector)))
         exact[chunk_id] = sum(q * x for q, x in zip(question, vector))
     vectors = _Vectors.of(1, stored)
-    scored = _Scored(vectors, vectors.distances(question))
+    scored = _Scored(vectors, vectors.distances(question), question)
     assert len(vectors.matrix.obj) == count * width  # a quarter of float32's bytes
     for chunk_id in exact:
         assert abs(scored.of(chunk_id) - exact[chunk_id]) < 0.002, chunk_id
@@ -76,10 +77,27 @@ def test_int8_cosines_rank_as_exact_ones_do():
         assert exact[higher] > exact[lower] - 0.005, (higher, lower)
 
 
+def test_a_hits_similarity_is_exact_from_its_float32s_where_int8s_are_coarse():
+    """One dimension 50 times the others: the int8s keep 1/254 of it as their step, too coarse
+    for the rest, and the int8 cosine is off by ~0.005; the hit's own similarity is not."""
+    rng = random.Random(1)
+    width = 1536
+    question = unit([rng.gauss(0, 1) for _ in range(width - 1)] + [0.0])
+    chunk = unit([0.3 * rng.gauss(0, 1) + 38 * q for q in question[:-1]] + [50.0])  # its cosine: ~0.6
+    exact = sum(q * x for q, x in zip(question, chunk))
+    vectors = _Vectors.of(1, [(7, to_int8(chunk))])
+    scored = _Scored(vectors, vectors.distances(question), question)
+    assert abs(scored.of(7) - exact) > 0.003  # the int8s alone
+    assert abs(scored.of(7, to_bytes(chunk)) - exact) < 1e-6
+    assert abs(scored.of(7, b"\0" * 8) - scored.of(7)) == 0  # another width: the int8s'
+    assert scored.of(8, to_bytes(chunk)) is None  # not among the vectors searched
+
+
 def test_a_zero_question_or_row_is_like_nothing():
     vectors = _Vectors.of(1, [(1, bytes(4)), (2, to_int8(array("f", [1, 0, 0, 0])))])
-    assert _Scored(vectors, vectors.distances(array("f", [0, 0, 0, 0]))).top(2) == [1, 2]  # ties: in order
-    scored = _Scored(vectors, vectors.distances(array("f", [1, 0, 0, 0])))
+    zero, one = array("f", [0, 0, 0, 0]), array("f", [1, 0, 0, 0])
+    assert _Scored(vectors, vectors.distances(zero), zero).top(2) == [1, 2]  # ties: in order
+    scored = _Scored(vectors, vectors.distances(one), one)
     assert scored.of(1) == 0.0 and abs(scored.of(2) - 1.0) < 1e-6
     assert scored.top(1) == [2]
 
@@ -139,6 +157,25 @@ def test_chunks_older_code_added_without_int8s_are_searched_alike_and_get_them_o
         assert len(store.vectors(db, page, again.embedder.model)) == len(added)
 
 
+def test_an_older_chunks_vector_of_nan_leaves_it_out_of_searches_by_meaning_not_the_others(env, backend, docs,
+                                                                                           caplog):
+    _, settings = backend
+    kb = knowledge_of(env, **settings)
+    kb.add([str(docs / name) for name in ("hours.md", "delivery.md", "faq.csv")])
+    page = env["FB_PAGE_ID"]
+    before = search(kb, page)
+    broken = next(chunk_id for chunk_id, _ in before[1:])  # not the best hit
+    width = len(stored_vectors(kb)[broken][1]) // 4
+    with kb.database.write() as db:  # as code before embed() refused NaN could store it
+        db.execute("UPDATE knowledge_chunks SET embedding_i8 = NULL, embedding = ? WHERE id = ?",
+                   (to_bytes(array("f", [math.nan] * width)), broken))
+    caplog.set_level(logging.INFO, logger="bot.knowledge.retrieval")
+    hits = search(knowledge_of(env, **settings), page)
+    assert hits[0] == before[0]
+    assert all(similarity is not None for chunk_id, similarity in hits if chunk_id != broken)
+    assert "1 chunks hold vectors that are not numbers" in caplog.text
+
+
 def test_int8s_that_cannot_be_stored_are_used_and_made_again_at_the_next_load(env, docs, caplog, monkeypatch):
     kb = knowledge_of(env)
     kb.add([str(docs / name) for name in ("hours.md", "delivery.md", "faq.csv")])
@@ -161,3 +198,30 @@ def test_int8s_that_cannot_be_stored_are_used_and_made_again_at_the_next_load(en
     assert search(knowledge_of(env), page) == before
     assert "had no int8 vectors: made and stored" in caplog.text
     assert all(int8 is not None for int8, _ in stored_vectors(kb).values())
+
+
+def test_on_postgresql_the_write_back_skips_a_row_another_transaction_holds_instead_of_waiting(env, pg_url, docs,
+                                                                                               caplog):
+    """A remove deletes its rows in its own order while a write-back takes them in id order: were
+    the write-back to wait for a held row, the two could deadlock."""
+    import psycopg
+
+    kb = knowledge_of(env, DATABASE_URL=pg_url)
+    kb.add([str(docs / name) for name in ("hours.md", "delivery.md", "faq.csv")])
+    page = env["FB_PAGE_ID"]
+    before = search(kb, page)
+    with kb.database.write() as db:
+        db.execute("UPDATE knowledge_chunks SET embedding_i8 = NULL")
+    held = before[0][0]
+    found = {}
+    searching = threading.Thread(target=lambda: found.update(hits=search(knowledge_of(env, DATABASE_URL=pg_url), page)))
+    with psycopg.connect(pg_url) as other:  # another transaction holds one row until it ends
+        other.execute("SELECT id FROM knowledge_chunks WHERE id = %s FOR UPDATE", (held,))
+        searching.start()
+        searching.join(10)
+        waited = searching.is_alive()
+        stored = stored_vectors(kb)
+    searching.join()  # the row is free once `other` has ended
+    assert not waited, "the write-back waited for a row another transaction held"
+    assert found["hits"] == before
+    assert stored[held][0] is None and all(int8 is not None for key, (int8, _) in stored.items() if key != held)

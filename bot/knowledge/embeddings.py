@@ -94,8 +94,9 @@ def to_int8(vector: array) -> bytes:
     compare (simsimd's int8 cosine, which sees no scale), stored beside the float32s when a chunk
     is added. A quarter of float32's bytes. Each value is off by half a step at most (its
     largest's 1/254), so a vector with a few dimensions far larger than the rest keeps less of
-    the others: for 1,536-wide vectors of evenly spread values the cosines stay within ~0.001 of
-    float32's. ~0.2-0.4 ms at 1,536 wide in Python: done once per chunk, not at each load."""
+    the others: for vectors of evenly spread values the cosines stay within ~0.001 of float32's,
+    with one dimension 50 times the others within ~0.01. ~0.2-0.4 ms at 1,536 wide in Python:
+    done once per chunk, not at each load."""
     largest = max(max(vector, default=0.0), -min(vector, default=0.0))
     if not largest:  # a zero vector stays zero (it is like nothing)
         return bytes(len(vector))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import re
 import sqlite3
 import threading
@@ -183,8 +184,8 @@ def uncommon(question_terms: list[str], counts: dict[str, int], chunks: int) -> 
 class _Vectors:
     """One Page's chunk vectors for one model, as of one knowledge version: `matrix` is the
     rows as int8s (embeddings.to_int8), one buffer of [chunks, dimensions]: a quarter of
-    float32's bytes in memory and read by every search, compared by simsimd's int8 cosine (a unit
-    vector's cosines within ~0.001 of float32's)."""
+    float32's bytes in memory and read by every search, compared by simsimd's int8 cosine to pick
+    the candidates (the hits' own similarity is then made from their float32s: _Scored.of)."""
 
     def __init__(self, version: int, ids: list[int], matrix: memoryview | None):
         self.version, self.ids, self.matrix = version, ids, matrix
@@ -218,18 +219,27 @@ class _Vectors:
 class _Scored:
     """The question's cosine distance to each of a Page's chunks."""
 
-    def __init__(self, vectors: _Vectors, distances: list[float]):
-        self.vectors, self.distances = vectors, distances
+    def __init__(self, vectors: _Vectors, distances: list[float], question: array):
+        self.vectors, self.distances, self.question = vectors, distances, question
 
     def top(self, count: int) -> list[int]:
         """The ids of the `count` most similar chunks, most similar first."""
         rows = heapq.nsmallest(count, range(len(self.distances)), key=self.distances.__getitem__)
         return [self.vectors.ids[row] for row in rows]
 
-    def of(self, chunk_id: int) -> float | None:
-        """The chunk's cosine similarity with the question."""
+    def of(self, chunk_id: int, stored: bytes | None = None) -> float | None:
+        """The chunk's cosine similarity with the question: exact from its `stored` float32s when
+        given (what decides relevance, and what the log keeps), else from its int8s (within
+        ~0.001 when a vector's values are evenly spread, ~0.01 when one dimension is 50 times the
+        others)."""
         row = self.vectors.row_of.get(chunk_id)
-        return None if row is None else 1.0 - self.distances[row]
+        if row is None:
+            return None
+        if stored is not None and len(stored) == 4 * len(self.question):
+            exact = simsimd.dot(self.question, from_bytes(stored))  # both unit vectors: their cosine
+            if math.isfinite(exact):
+                return exact
+        return 1.0 - self.distances[row]
 
 
 class Retriever:
@@ -289,7 +299,7 @@ class Retriever:
         best = sorted(fused, key=lambda chunk_id: (-fused[chunk_id], chunk_id))[:top_k]
         try:
             with self.database.read() as db:
-                rows = store.chunks(db, best)
+                rows = store.chunks(db, best, embeddings=scored is not None)
         except STORE_ERRORS as error:
             raise SearchFailed(error, tokens) from error
         best = [chunk_id for chunk_id in best if chunk_id in rows]  # one removed in between is gone
@@ -302,7 +312,7 @@ class Retriever:
         enough_words = max(self.min_coverage, 0.75 * max(covered.values(), default=0.0))
         hits = []
         for chunk_id in best:
-            row, similarity = rows[chunk_id], scored.of(chunk_id) if scored else None
+            row, similarity = rows[chunk_id], scored.of(chunk_id, rows[chunk_id].embedding) if scored else None
             by_words = covered[chunk_id] >= enough_words and (
                 covered[chunk_id] * len(question_terms) >= 2
                 or (len(question_terms) == 1 and coverage(question_terms, row.heading, translated) == 1.0))
@@ -405,7 +415,7 @@ class Retriever:
             logger.warning("the question's embedding has %d dimensions, the knowledge base's %d: re-add the sources"
                            " (EMBEDDING_MODEL changed?); full text only", len(question_vector), vectors.width)
             return None, embedded.tokens
-        return _Scored(vectors, vectors.distances(question_vector)), embedded.tokens
+        return _Scored(vectors, vectors.distances(question_vector), question_vector), embedded.tokens
 
     def _page_vectors(self, page_id: str, version: int) -> _Vectors:
         cached = self._vectors.get(page_id)
@@ -425,8 +435,12 @@ class Retriever:
         (~0.2-0.4 ms each at 1,536 wide: seconds for thousands, in the first search after the
         upgrade) and stored, a short transaction per INT8_BATCH, so later loads in every process
         find them; a failed write only means they are made again at the next load."""
-        made = {chunk_id: to_int8(from_bytes(float32)) for chunk_id, int8, float32 in rows
-                if int8 is None and float32 and len(float32) % 4 == 0}
+        older = {chunk_id: from_bytes(float32) for chunk_id, int8, float32 in rows
+                 if int8 is None and float32 and len(float32) % 4 == 0}
+        made = {chunk_id: to_int8(vector) for chunk_id, vector in older.items() if all(map(math.isfinite, vector))}
+        if len(made) < len(older):  # stored before embed() refused NaN and infinity: nothing to compare
+            logger.warning("knowledge: %d chunks hold vectors that are not numbers (NaN, infinity), stored by an older"
+                           " version: left out of searches by meaning (re-add their sources)", len(older) - len(made))
         if made:
             logger.info("knowledge: %d chunks added by an older version had no int8 vectors: made and stored",
                         len(made))

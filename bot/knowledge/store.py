@@ -39,6 +39,7 @@ class StoredChunk:
     url: str | None
     heading: str
     text: str
+    embedding: bytes | None = None  # float32s, as stored (chunks(..., embeddings=True))
 
 
 SOURCE_COLUMNS = "id, page_id, location, title, url, kind, content_hash, embedding_model, chunks, added_at"
@@ -276,19 +277,26 @@ def vectors(db, page_id: str, model: str) -> list[tuple[int, bytes | None, bytes
 
 
 def put_int8(db, rows: Sequence[tuple[int, bytes]]) -> None:
-    """The int8s of chunks that older code added without them (not a change: no version bump)."""
-    db.executemany("UPDATE knowledge_chunks SET embedding_i8 = ? WHERE id = ? AND embedding_i8 IS NULL",
-                   [(int8, chunk_id) for chunk_id, int8 in rows])
+    """The int8s of chunks that older code added without them (not a change: no version bump).
+    On PostgreSQL a row another transaction holds (a remove deleting it, in its own order) is
+    skipped, never waited for: this write takes part in no deadlock, and the next load makes what
+    it skipped again."""
+    skip_locked = "" if _is_sqlite(db) else " FOR UPDATE SKIP LOCKED"
+    db.executemany("UPDATE knowledge_chunks SET embedding_i8 = ? WHERE id = (SELECT id FROM knowledge_chunks"
+                   f" WHERE id = ? AND embedding_i8 IS NULL{skip_locked})", [(int8, chunk_id) for chunk_id, int8 in rows])
 
 
-def chunks(db, ids: Sequence[int]) -> dict[int, StoredChunk]:
+def chunks(db, ids: Sequence[int], embeddings: bool = False) -> dict[int, StoredChunk]:
+    """The chunks by id (a removed one is missing); with `embeddings`, their float32s too."""
     if not ids:
         return {}
     marks = ", ".join("?" * len(ids))
     rows = db.execute(
-        "SELECT c.id, c.source_id, s.location, s.title, s.url, c.heading, c.text FROM knowledge_chunks c"
+        "SELECT c.id, c.source_id, s.location, s.title, s.url, c.heading, c.text"
+        f"{', c.embedding' if embeddings else ''} FROM knowledge_chunks c"
         f" JOIN knowledge_sources s ON s.id = c.source_id WHERE c.id IN ({marks})", tuple(ids)).fetchall()
-    return {row[0]: StoredChunk(*row) for row in rows}
+    return {row[0]: StoredChunk(*row[:7], bytes(row[7]) if embeddings and row[7] is not None else None)
+            for row in rows}
 
 
 # -- bilingual dictionaries (bot/knowledge/dictionary.py) --------------------------------------------
