@@ -4,8 +4,8 @@
 
 Embeds the example business's chunks and its 100 questions (examples/knowledge) with
 bench/embeddings_shim.py's model in this process, then compares, for every question and chunk,
-the cosine of the float32 vectors (exact) with the one simsimd's int8 kernel gives from
-`to_int8`'s rows, as bot/knowledge/retrieval.py does: the error's median, p99 and largest, how
+the cosine of the float32 vectors (exact) with the one bot/knowledge/retrieval.py's int8 rows
+give (`_Vectors.distances`, simsimd's int8 cosine): the error's median, p99 and largest, how
 many questions keep their top 1 and their top 3, and how unevenly each model spreads a vector's
 values (its largest value over the root mean square; int8 keeps less of a vector with a few large
 dimensions). One JSON line.
@@ -18,8 +18,6 @@ import math
 import sys
 from pathlib import Path
 
-import simsimd
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -27,6 +25,7 @@ from bench.embeddings_shim import MODELS  # noqa: E402
 from bench.knowledge_quality import CORPUS, QUESTIONS  # noqa: E402
 from bot.knowledge import readers  # noqa: E402
 from bot.knowledge.embeddings import normalised, to_int8  # noqa: E402
+from bot.knowledge.retrieval import _Vectors  # noqa: E402
 
 
 def corpus_texts() -> tuple[list[str], list[str]]:
@@ -51,21 +50,18 @@ def main() -> None:
     chunk_texts, questions = corpus_texts()
     chunks = [normalised(row) for row in embed(chunk_texts)]
     asked = [normalised(row) for row in embed(questions)]
-    width = len(chunks[0])
-    matrix = memoryview(bytearray().join(to_int8(row) for row in chunks)).cast("b", [len(chunks), width])
+    vectors = _Vectors.of(0, [(row, to_int8(chunk)) for row, chunk in enumerate(chunks)])
     errors, same_top1, same_top3 = [], 0, 0
     for question in asked:
         exact = [sum(q * x for q, x in zip(question, chunk)) for chunk in chunks]
-        query = memoryview(to_int8(question)).cast("b", [1, width])
-        held = [1.0 - distance for distance in memoryview(
-            simsimd.cdist(query, matrix, metric="cosine", dtype="int8")).cast("B").cast("d").tolist()]
+        held = [1.0 - distance for distance in vectors.distances(question)]
         errors += [abs(a - b) for a, b in zip(held, exact)]
         same_top1 += best(held, 1) == best(exact, 1)
         same_top3 += set(best(held, 3)) == set(best(exact, 3))
     errors.sort()
-    spread = sorted(max(map(abs, row)) * math.sqrt(width) for row in chunks)
+    spread = sorted(max(map(abs, row)) * math.sqrt(vectors.width) for row in chunks)
     print(json.dumps({
-        "bench": "vector_precision", "model": args.model, "width": width, "chunks": len(chunks),
+        "bench": "vector_precision", "model": args.model, "width": vectors.width, "chunks": len(chunks),
         "questions": len(asked), "cosine_error": {"median": round(errors[len(errors) // 2], 5),
                                                   "p99": round(errors[int(len(errors) * 0.99)], 5),
                                                   "max": round(errors[-1], 5)},
