@@ -8,9 +8,10 @@ absolute test: cosine similarity at least KNOWLEDGE_MIN_SCORE, or half the quest
 in the chunk (two at least, and not far fewer than the best chunk has) - what decides whether an excerpt goes
 into the prompt at all, and what `KNOWLEDGE_MODE=only` decides on.
 
-The vectors live in each process's memory (one int8 matrix per Page, exact search: a cosine
-over every row by simsimd's SIMD kernels), reloaded when the knowledge version in the store has
-moved.
+The vectors live in each process's memory (one int8 matrix per Page, an exhaustive search: the
+int8 cosine of every row by simsimd's SIMD kernels picks the candidates, and the hits' own
+similarity is made from their stored float32s), reloaded when the knowledge version in the store
+has moved.
 """
 from __future__ import annotations
 
