@@ -122,6 +122,15 @@ class GraphClient:
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._session.headers["Authorization"] = f"Bearer {token}"
+        # requests reads the proxy variables (HTTPS_PROXY, NO_PROXY), REQUESTS_CA_BUNDLE and
+        # ~/.netrc again for every call: 0.12 ms of CPU, a fifth of a Send API call's 0.58 ms here
+        # (bench/graph_calls.py). Every call goes to base_url and the environment does not change
+        # while the bot runs, so they are read once. ~/.netrc not at all: its credentials would
+        # replace the token's Authorization header.
+        settings = self._session.merge_environment_settings(self.base_url, {}, None, None, None)
+        self._session.trust_env = False
+        self._session.proxies.update(settings["proxies"])
+        self._session.verify = settings["verify"]
 
     def __repr__(self) -> str:
         return f"GraphClient(base_url={self.base_url!r}, page_id={self.page_id!r}, platform={self.platform!r})"

@@ -105,3 +105,36 @@ def test_an_answer_nested_past_jsons_recursion_is_a_graph_error_not_a_recursion_
         assert "no Graph error body" in str(error)
     finally:
         server.close()
+
+
+def sent_as(mid: str):
+    body = b'{"message_id": "%s"}' % mid.encode()
+    return lambda connection: connection.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (len(body), body))
+
+
+def test_the_proxy_variables_are_honoured_though_read_once(monkeypatch):
+    """HTTP(S)_PROXY and NO_PROXY as requests reads them, for the Graph host, but resolved when
+    the client is made rather than at every call."""
+    proxy = OneShotServer(sent_as("m.via-proxy"))  # a proxy that answers itself
+    graph = OneShotServer(sent_as("m.direct"))
+    try:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+
+        def client():
+            return GraphClient(base_url=f"http://127.0.0.1:{graph.port}/", page_id="1", token="t",
+                               app_secret="s", timeout=2)
+
+        via_proxy = client()
+        assert via_proxy.send_text("2", "hello") == "m.via-proxy"
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        assert via_proxy.send_text("2", "hello") == "m.via-proxy"  # read when it was made
+        assert client().send_text("2", "hello") == "m.direct"  # NO_PROXY names the Graph host
+    finally:
+        proxy.close()
+        graph.close()
