@@ -91,7 +91,7 @@ class DelayingProxy:
             threading.Thread(target=target, daemon=True).start()
 
 
-def measure(url: str, rtt_ms: float, claims: int, claimants: int) -> dict:
+def measure(url: str, rtt_ms: float, claims: int, claimants: int, analysed: bool = True) -> dict:
     import psycopg
 
     from bot.storage.queue import PostgresQueue
@@ -117,11 +117,13 @@ def measure(url: str, rtt_ms: float, claims: int, claimants: int) -> dict:
         queue.take_in([([IncomingMessage(psid=f"9{n:09d}", page_id=PAGE_ID, mid=f"m_claim_{tag}_{n}", kind=TEXT,
                                          text="Do you open on Sundays?", timestamp_ms=1_764_000_000_000 + n)], [])
                        for n in range(claims + 1)])
-        # Statistics, as autovacuum gives a table about a minute after its first 50 rows: without any,
-        # PostgreSQL plans the look for work as if the queue held a row or two (at 300-900 waiting
-        # it then compares every waiting row with every other: 10-45 ms a claim).
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("ANALYZE events")
+        # Statistics, as autovacuum gives a table about a minute after its first 50 rows (--statistics
+        # none: as before that, or where autovacuum is off). Without any, PostgreSQL plans the look
+        # for work as if the queue held a row or two; before 2026-12-07 that compared every waiting
+        # row with every other (at 300-900 waiting, 10-45 ms a claim).
+        if analysed:
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("ANALYZE events")
         queue.claim("warm-up", 60.0)  # the pool's connection made, the statements' plans settled
         before, started = proxy.flights if proxy else 0, time.perf_counter()
         threads = [threading.Thread(target=claim_until_none, args=(f"bench-{n}",)) for n in range(claimants)]
@@ -136,6 +138,7 @@ def measure(url: str, rtt_ms: float, claims: int, claimants: int) -> dict:
             proxy.stop()
     walls.sort()
     return {"bench": "claim", "rtt_ms": rtt_ms, "claimants": claimants, "claims": len(walls),
+            "statistics": "analysed" if analysed else "none",
             "claim_p50_ms": round(statistics.median(walls) * 1000, 2),
             "claim_p99_ms": round(walls[int(len(walls) * 0.99)] * 1000, 2),
             # a flight: what the bot sent after a quiet moment; only one claimant's can be told apart
@@ -151,17 +154,20 @@ def main() -> None:
     parser.add_argument("--claims", type=int, default=300)
     parser.add_argument("--claimants", default="1,4", help="claiming threads at once (as many reply threads"
                         " or hosts), comma-separated")
+    parser.add_argument("--statistics", default="analysed", help="analysed (ANALYZE before the claims, as"
+                        " autovacuum would), none, or both: analysed,none")
     args = parser.parse_args()
     import psycopg
 
-    for rtt, claimants in ((float(rtt), int(claimants)) for rtt in args.rtt_ms.split(",")
-                           for claimants in args.claimants.split(",")):
+    for rtt, claimants, stats in ((float(rtt), int(claimants), stats) for rtt in args.rtt_ms.split(",")
+                                  for claimants in args.claimants.split(",")
+                                  for stats in args.statistics.split(",")):
         schema = f"bench_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(args.database_url, autocommit=True) as conn:
             conn.execute(f"CREATE SCHEMA {schema}")
         try:
             url = with_options(args.database_url, [f"search_path={schema}"])
-            print(json.dumps(measure(url, rtt, args.claims, claimants)), flush=True)
+            print(json.dumps(measure(url, rtt, args.claims, claimants, stats == "analysed")), flush=True)
         finally:
             with psycopg.connect(args.database_url, autocommit=True) as conn:
                 conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

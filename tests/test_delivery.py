@@ -5,7 +5,7 @@ import time
 import pytest
 
 from bot.replies.batch import backoff_delay
-from bot.storage.queue import SQLiteQueue
+from bot.storage.queue import EXPIRY_EVERY_S, SQLiteQueue
 from messenger.events import TEXT, IncomingMessage
 from messenger.graph import GraphAPIError, is_retryable
 from messenger.signature import sign
@@ -395,6 +395,9 @@ def test_expired_lease_is_claimed_again_and_bounded(tmp_path):
     clock.advance(29.9)
     assert store.claim("live-worker", 30) is None  # the lease still holds
     clock.advance(0.2)
+    # Expired, but live-worker looked 0.2 s ago: it looks again EXPIRY_EVERY_S after its last look.
+    assert store.claim("live-worker", 30) is None
+    clock.advance(EXPIRY_EVERY_S - 0.2)
     assert store.claim("live-worker", 30).attempts == 2
     clock.advance(30.1)
     assert store.claim("third-worker", 30) is None  # crashed twice: failed, not retried forever

@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 QUARANTINE = "quarantine"  # inbox files with damaged bytes, kept for a person
 MAX_BATCH = 20  # messages of one user answered together, at most
+# How often a claimant (owner) looks for expired leases, at most. Every claim used to: two UPDATEs
+# inside the claim lock, which every host's claims wait for - a third of the lock's round trips,
+# and at 100 replies/s on three hosts ~5 s of PostgreSQL's time a minute (bench/run.py,
+# 2026-12-07). A dead host's work now waits up to this much longer than its lease.
+EXPIRY_EVERY_S = 0.5
 
 
 # The next batch to claim, in one statement (on PostgreSQL every statement is a round trip that
@@ -49,14 +54,24 @@ MAX_BATCH = 20  # messages of one user answered together, at most
 # now - its user has nothing being answered and nothing older waiting - and with it the rest of
 # that user's batch. A retried batch keeps its members and its reply; otherwise the user's
 # waiting messages, at most MAX_BATCH, oldest first. Each row says whether its user unsent or
-# edited it before it was stored, so the claim looks further only then. {mine}: claim().
+# edited it before it was stored, so the claim looks further only then.
+#
+# Written so that its cost does not depend on the planner's statistics, which a queue's table
+# rarely has right (stale after a quiet hour, none at all where autovacuum is off): as NOT EXISTS
+# joins, PostgreSQL without them compared every waiting row with every other waiting and every
+# working one, 5 ms a claim behind the lock at 100 waiting (bench/run.py's burst, auto_explain).
+# The working users are one set, looked up by hash; "nothing older waiting" is a scalar subquery,
+# which is never made a join, so it is an index probe per row (events_open). The batches the
+# claimant's threads answer come as one JSON array (the database's IDS_IN_JSON), so the text
+# never changes and PostgreSQL keeps the statement prepared.
 NEXT_BATCH = """
     WITH head AS (
         SELECT e.psid, e.batch_id FROM events e
-        WHERE e.state = 'pending' AND e.available_at <= ?{mine}
-          AND NOT EXISTS (SELECT 1 FROM events w WHERE w.state = 'working' AND w.psid = e.psid)
-          AND NOT EXISTS (SELECT 1 FROM events o WHERE o.state = 'pending' AND o.psid = e.psid
-                          AND (o.timestamp_ms, o.id) < (e.timestamp_ms, e.id))
+        WHERE e.state = 'pending' AND e.available_at <= ?
+          AND (e.batch_id IS NULL OR e.batch_id NOT IN ({ids_in_json}))
+          AND e.psid NOT IN (SELECT w.psid FROM events w WHERE w.state = 'working')
+          AND (SELECT 1 FROM events o WHERE o.state = 'pending' AND o.psid = e.psid
+               AND (o.timestamp_ms, o.id) < (e.timestamp_ms, e.id) LIMIT 1) IS NULL
         ORDER BY e.id LIMIT 1),
     batch AS (
         SELECT ev.* FROM head, events ev
@@ -153,6 +168,8 @@ class Queue:
         self._read = self._database.read
         self._progress_at: float | None = None  # a message finished, or held at Meta's word: for the heartbeat
         self._backlog = inbox.Backlog()
+        self._expired_at: dict[str, float] = {}  # each claimant's last look for expired leases (claim)
+        self._next_batch = NEXT_BATCH.format(ids_in_json=database.IDS_IN_JSON)
 
     def close(self) -> None:
         self._database.close()
@@ -292,16 +309,17 @@ class Queue:
         with self._write() as db:
             self._database.lock_queue(db)
             now = self.clock()  # after the wait for a connection and the lock: the lease starts now
-            self._expire_leases(db, now, owner, answering)
+            if not 0 <= now - self._expired_at.get(owner, -EXPIRY_EVERY_S) < EXPIRY_EVERY_S:
+                self._expire_leases(db, now, owner, answering)
+                self._expired_at[owner] = now
             # Not a batch this process's threads answer, which another host expired meanwhile (one
             # waited out a PostgreSQL restart): claimed again under the same owner name, the waiting
             # thread's writes would still pass as the owner's, and both would send the reply. That
             # thread finishes it or loses it (LostLease); another claimant answers it then.
-            mine = f" AND (e.batch_id IS NULL OR e.batch_id NOT IN ({','.join('?' * len(answering))}))" \
-                if answering else ""
+            mine = json.dumps([int(batch_id) for batch_id in answering])
             rows: list = []
             while not rows:  # each turn finishes at least one unsent message, or stops
-                rows = db.execute(NEXT_BATCH.format(mine=mine), (now, *answering, MAX_BATCH)).fetchall()
+                rows = db.execute(self._next_batch, (now, mine, MAX_BATCH)).fetchall()
                 if not rows:
                     return None
                 # Unsent before it was stored (edits.withdraw_unsent): finished here, never answered.

@@ -42,6 +42,7 @@ class Database:
 
     backend = "sqlite"
     SKIP_LOCKED = ""  # one writer at a time: no row is ever locked by another transaction
+    IDS_IN_JSON = "SELECT value FROM json_each(?)"  # the ids of a JSON array, e.g. '[3, 5]'
 
     def __init__(self, path: str, schema: Sequence[str], *, read_only: bool = False):
         self.path = path
