@@ -6,8 +6,8 @@ server that answers at once, the environment read once (today) or by requests at
 
 A reply makes three or four of these calls (seen, typing, the send, sometimes the history read),
 so their CPU is a large share of what the reply process spends on a reply. Prints one JSON line
-per round: the calling thread's CPU per call (median over the round's calls, in µs) for each way,
-alternating, then a summary with the medians and their ratio.
+per round: the calling thread's mean CPU per call over the round (µs) for each way, alternating,
+then a summary with the medians of the rounds and their ratio.
 """
 from __future__ import annotations
 

@@ -665,6 +665,7 @@ def test_a_claim_reads_a_few_rows_of_a_long_queue_whose_table_has_no_statistics(
     queue = PostgresQueue(pg_url)
     try:
         now = time.time()
+        execute(pg_url, "ALTER TABLE events SET (autovacuum_enabled = off)")  # no ANALYZE meanwhile
         # 3,000 users waiting, the first 100 of them with an older message being answered.
         execute(pg_url, f"""INSERT INTO events (dedupe_key, psid, message, timestamp_ms, received_at, state, owner,
                                                 lease_until, batch_id)
@@ -679,5 +680,27 @@ def test_a_claim_reads_a_few_rows_of_a_long_queue_whose_table_has_no_statistics(
             first = db.execute(queue._next_batch, (now, "[]", MAX_BATCH)).fetchone()
         assert first["psid"] == "u101"  # the oldest waiting message whose user is not being answered
         assert _events_rows_read(plan[0]["Plan"]) < 500, plan  # not the 3,100 waiting and working
+    finally:
+        queue.close()
+
+
+def test_the_claim_is_planned_at_every_claim_and_its_planner_settings_end_with_it(pg_url):
+    """The claim's settings (lock_queue) hold for its transaction only, and PostgreSQL never
+    keeps one plan of it: a plan made while the table was small read every waiting row for each
+    candidate once the queue was long (7 ms a claim at 14,000 waiting)."""
+    from bot.storage.queue import PostgresQueue
+
+    queue = PostgresQueue(pg_url, pool_size=1)  # one connection: its prepared statements are the claims'
+    try:
+        queue.add([_message(n) for n in range(20)])
+        claimed = [queue.claim("a", 60) for _ in range(16)]  # psycopg prepares it at the 5th run
+        assert all(batch is not None for batch in claimed)
+        with queue._database.write() as db:
+            plans = db.execute("SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                               " WHERE statement LIKE '%WITH head AS%'").fetchall()
+            settings = db.execute("SELECT current_setting('enable_bitmapscan'), current_setting('plan_cache_mode')"
+                                  ).fetchone()
+        assert plans and plans[0][0] == 0 and plans[0][1] >= 10, plans
+        assert tuple(settings) == ("on", "auto")  # what the claim set ended with its transaction
     finally:
         queue.close()

@@ -191,6 +191,7 @@ class PostgresDatabase:
         # each candidate, 7 ms a claim at 14,000 waiting. And without bitmap scans, which read every
         # waiting row and sort them when the planner thinks there are few, the oldest waiting row is
         # found by walking the (state, id) index, stopping at the first that can be answered.
+        # Like the timeout, both end with the claim's transaction (its other statements are simple).
         db.execute("SELECT set_config('idle_in_transaction_session_timeout', ?, true),"
                    " set_config('plan_cache_mode', 'force_custom_plan', true),"
                    " set_config('enable_bitmapscan', 'off', true), pg_advisory_xact_lock(?)",

@@ -65,7 +65,7 @@ EXPIRY_EVERY_S = 0.5
 # batch are values to the rest (scalar subqueries again), so its rows are read by index too, not
 # picked out of every waiting row (3 ms a claim at 14,000 waiting). The batches the
 # claimant's threads answer come as one JSON array (the database's IDS_IN_JSON), so the text
-# never changes: PostgreSQL parses it once, and plans it at every claim (lock_queue says why).
+# never changes: parsed once per connection, and planned at every claim (lock_queue says why).
 NEXT_BATCH = """
     WITH head AS (
         SELECT e.psid, e.batch_id FROM events e
@@ -308,33 +308,39 @@ class Queue:
     def claim(self, owner: str, lease_seconds: float, answering: Sequence[int] = ()) -> Batch | None:
         """The oldest answerable user's waiting messages, leased to `owner`; None when idle.
         `answering`: the batches `owner`'s threads are answering (see _expire_leases)."""
-        with self._write() as db:
-            self._database.lock_queue(db)
-            now = self.clock()  # after the wait for a connection and the lock: the lease starts now
-            if not 0 <= now - self._expired_at.get(owner, -EXPIRY_EVERY_S) < EXPIRY_EVERY_S:
-                self._expire_leases(db, now, owner, answering)
-                self._expired_at[owner] = now
-            # Not a batch this process's threads answer, which another host expired meanwhile (one
-            # waited out a PostgreSQL restart): claimed again under the same owner name, the waiting
-            # thread's writes would still pass as the owner's, and both would send the reply. That
-            # thread finishes it or loses it (LostLease); another claimant answers it then.
-            mine = json.dumps([int(batch_id) for batch_id in answering])
-            rows: list = []
-            while not rows:  # each turn finishes at least one unsent message, or stops
-                rows = db.execute(self._next_batch, (now, mine, MAX_BATCH)).fetchall()
-                if not rows:
-                    return None
-                # Unsent before it was stored (edits.withdraw_unsent): finished here, never answered.
-                unsent = edits.withdraw_unsent(db, [row["dedupe_key"] for row in rows if row["was_unsent"]], now)
-                rows = [row for row in rows if row["dedupe_key"] not in unsent]
-            # Edited before it was stored (edits.apply_edits): answered as the user now says it.
-            edited = edits.apply_edits(db, [row["dedupe_key"] for row in rows if row["was_edited"]])
-            batch_id = rows[0]["batch_id"] or rows[0]["id"]
-            ids = [row["id"] for row in rows]
-            db.execute(
-                f"UPDATE events SET state = 'working', owner = ?, lease_until = ?, batch_id = ?,"
-                f" attempts = attempts + 1 WHERE id IN ({','.join('?' * len(ids))})",
-                (owner, now + lease_seconds, batch_id, *ids))
+        looked = None
+        try:
+            with self._write() as db:
+                self._database.lock_queue(db)
+                now = self.clock()  # after the wait for a connection and the lock: the lease starts now
+                if not 0 <= now - self._expired_at.get(owner, -EXPIRY_EVERY_S) < EXPIRY_EVERY_S:
+                    self._expire_leases(db, now, owner, answering)
+                    looked = self._expired_at[owner] = now
+                # Not a batch this process's threads answer, which another host expired meanwhile (one
+                # waited out a PostgreSQL restart): claimed again under the same owner name, the waiting
+                # thread's writes would still pass as the owner's, and both would send the reply. That
+                # thread finishes it or loses it (LostLease); another claimant answers it then.
+                mine = json.dumps([int(batch_id) for batch_id in answering])
+                rows: list = []
+                while not rows:  # each turn finishes at least one unsent message, or stops
+                    rows = db.execute(self._next_batch, (now, mine, MAX_BATCH)).fetchall()
+                    if not rows:
+                        return None
+                    # Unsent before it was stored (edits.withdraw_unsent): finished here, never answered.
+                    unsent = edits.withdraw_unsent(db, [row["dedupe_key"] for row in rows if row["was_unsent"]], now)
+                    rows = [row for row in rows if row["dedupe_key"] not in unsent]
+                # Edited before it was stored (edits.apply_edits): answered as the user now says it.
+                edited = edits.apply_edits(db, [row["dedupe_key"] for row in rows if row["was_edited"]])
+                batch_id = rows[0]["batch_id"] or rows[0]["id"]
+                ids = [row["id"] for row in rows]
+                db.execute(
+                    f"UPDATE events SET state = 'working', owner = ?, lease_until = ?, batch_id = ?,"
+                    f" attempts = attempts + 1 WHERE id IN ({','.join('?' * len(ids))})",
+                    (owner, now + lease_seconds, batch_id, *ids))
+        except BaseException:
+            if looked is not None:  # rolled back with the claim: the next claim looks again
+                self._expired_at.pop(owner, None)
+            raise
         first = rows[0]
         return Batch(
             batch_id=batch_id, psid=first["psid"], ids=tuple(ids),
