@@ -14,6 +14,7 @@ It also has a knowledge base: examples/knowledge/anas-bakery, synced into the bo
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import sqlite3
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 
 if __name__ == "__main__":  # Ctrl-C while the imports below load (a second or so): a quiet stop, not their traceback
@@ -68,6 +70,9 @@ OFFLINE_KEY = "sandbox-offline-model"
 SANDBOX_APP_ID = "900000000000001"
 OUTCOMES_EVERY_S = 0.2  # how often the exchange log is read for outcomes to show
 STOP_REPLIES_S = 1.0  # on Ctrl-C, how long replies in flight may still finish
+# On Ctrl-C, the longest the whole stop may take (about 1.5 s when nothing is wrong): past it every
+# thread's stack goes to stderr and the process exits 1, so a part that hangs is seen, never waited on.
+STOP_WITHIN_S = 8.0
 STREAM_DELAY_S = 0.08  # between the offline model's streamed pieces: the website chat visibly streams
 # The website chat's per-address limits, looser than the bot's defaults (5 a minute) for one person trying
 # it from 127.0.0.1; the environment's WEBCHAT_* settings win.
@@ -324,10 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot open the sandbox on {args.host}:{args.port}: {problem} (choose another with --port)",
               file=sys.stderr)
         return 2
-    # From here Ctrl-C (or SIGTERM) stops the sandbox the orderly way, also while it starts.
-    stopped = threading.Event()
+    # From here Ctrl-C (or SIGTERM) stops the sandbox the orderly way, also while it starts. The
+    # handler only appends to a list: an Event.set() there could wait on the lock the main thread
+    # holds inside Event.wait(); and the main thread sleeps in short steps, as the handler runs in
+    # it only when it wakes (a signal the kernel gives another thread does not wake it).
+    stopped: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopped.set())
+        signal.signal(signum, lambda signum, _frame: stopped.append(signum))
     try:
         sandbox = Sandbox(read_environment(), args.host, args.port)
     except ConfigError as error:
@@ -335,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(sandbox.config.log_level, sandbox.config.secrets)
     sandbox.start()
-    if not stopped.is_set():
+    if not stopped:
         print(f"Messenger sandbox: open {sandbox.url}\n"
               f"  bot webhook: {sandbox.bot_url}\n"
               f"  website chat: {sandbox.webchat.url}/webchat/demo\n"
@@ -343,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
               f"  {replay_command(sandbox)}\n"
               f"  {knowledge_line(sandbox)}\n"
               "Ctrl-C stops it.", flush=True)
-    stopped.wait()
+    while not stopped:
+        time.sleep(0.2)
+    faulthandler.dump_traceback_later(STOP_WITHIN_S, exit=True)
     try:
         sandbox.stop()
     except Exception:  # noqa: BLE001 - said, then the exit below all the same

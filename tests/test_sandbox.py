@@ -1,10 +1,12 @@
 """`python -m devtools.sandbox`: the bot and the emulator wired together, no account, no settings."""
 import base64
+import ctypes
 import json
 import os
 import re
 import shlex
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from config import DEFAULT_KNOWLEDGE_UNKNOWN_REPLY, DEFAULT_OPENAI_MODEL
 from devtools.emulator import ModelStandIn
 from devtools.emulator.page import STATIC
 from devtools.sandbox import (BAKERY, BOOKSHOP, BOOKSHOP_USERS, HANDOFF_BUTTON, INSTAGRAM_USERS, PROMPTS,
-                              SANDBOX_APP_ID, USERS, Sandbox, knowledge_line)
+                              SANDBOX_APP_ID, STOP_WITHIN_S, USERS, Sandbox, knowledge_line)
 from devtools.emulator.users import PAGE_INBOX_APP_ID
 from tests.support import ROOT, SandboxProcess, wait_for
 from tests.support.messages import IGSID
@@ -27,6 +29,8 @@ ANA, BEN = list(USERS)[:2]
 ELI, FAY = list(INSTAGRAM_USERS)
 GUS = list(BOOKSHOP_USERS)[0]
 SAMPLE_PHOTO = (STATIC / "sample-photo.jpg").read_bytes()
+
+TGKILL = {"x86_64": 234, "aarch64": 131}[os.uname().machine]  # the syscall's number
 
 
 def say(sandbox, psid, text, action="messages", **extra):
@@ -356,6 +360,47 @@ def test_ctrl_c_stops_the_sandbox_at_once_while_a_reply_waits_on_the_model(tmp_p
         upstream.stop()
 
 
+def test_ctrl_c_that_the_kernel_gives_a_thread_other_than_the_main_one_stops_the_sandbox(tmp_path):
+    """A process's signal may land on any of its threads; Python runs the handler in the main
+    thread only when that one wakes (tgkill(2) chooses the thread here, as the kernel may)."""
+    running = SandboxProcess(tmp_path)
+    try:
+        pid = running.process.pid
+        other = next(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(TGKILL, pid, other, signal.SIGTERM) == 0, os.strerror(ctypes.get_errno())
+        assert running.process.wait(timeout=5) == 0
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+
+
+def test_a_stop_that_hangs_is_cut_off_with_every_threads_stack_in_the_log(tmp_path):
+    """The database write-locked by another process: giving back the reply in flight would wait
+    for it 30 s (LOCK_WAIT_SECONDS). Ctrl-C still ends the sandbox, at STOP_WITHIN_S, and says where."""
+    upstream = ModelStandIn("too late").start()
+    running = SandboxProcess(tmp_path, {"OPENAI_API_KEY": ModelStandIn.API_KEY, "KNOWLEDGE_MODE": "off",
+                                        "OPENAI_BASE_URL": upstream.base_url, "TMPDIR": str(tmp_path)})
+    try:
+        upstream.delay = 60.0
+        assert say(running, ANA, "hello").status_code == 202
+        assert wait_for(lambda: any("messages" in (r["json"] or {}) for r in upstream.requests), 10)
+        [database] = tmp_path.glob("messenger-sandbox-*/bot.sqlite3")
+        blocker = sqlite3.connect(database, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        assert running.stop() == 1
+        assert STOP_WITHIN_S - 0.5 < time.monotonic() - started < STOP_WITHIN_S + 2
+        log = running.log()
+        assert "Thread 0x" in log and "in release" in log  # faulthandler's stacks, the hung call among them
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    finally:
+        if running.process.poll() is None:
+            running.process.kill()
+        upstream.stop()
+
+
 def test_a_taken_port_is_a_clear_error(sandbox):
     port = sandbox.url.rsplit(":", 1)[1]
     result = subprocess.run([sys.executable, "-m", "devtools.sandbox", "--port", port], cwd=ROOT,
@@ -366,13 +411,9 @@ def test_a_taken_port_is_a_clear_error(sandbox):
 
 def test_the_printed_replay_command_works_as_printed_and_shows_the_users_messages(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FB_"))}
-    process = subprocess.Popen([sys.executable, "-m", "devtools.sandbox", "--port", "0"], cwd=tmp_path, text=True,
-                               env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL)
+    running = SandboxProcess(tmp_path)
     try:
-        banner = "".join(process.stdout.readline() for _ in range(5))
-        url = re.search(r"open (\S+)/\n", banner).group(1)
-        command = re.search(r"replay fixtures here: (.*)", banner).group(1)
+        command = re.search(r"replay fixtures here: (.*)", running.banner).group(1)
         assert ".venv/bin/python -m devtools.replay tests/fixtures --url " in command and "--verify" in command
         assert re.search(r"FB_VERIFY_TOKEN=\S+", command) and re.search(r"FB_INSTAGRAM_ID=\d+", command)
         if not (ROOT / ".venv" / "bin" / "python").exists():  # a checkout whose venv lives elsewhere
@@ -380,15 +421,17 @@ def test_the_printed_replay_command_works_as_printed_and_shows_the_users_message
         result = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
         assert result.stdout.startswith("verify: 200")
-        events = requests.get(f"{url}/api/state", timeout=5).json()["events"]
+        events = running.state()["events"]
         said = {psid: [e["text"] for e in events if e["kind"] == "message" and e["sender"] == "user"
                        and e["psid"] == psid] for psid in ("2000000000000001", IGSID)}
         assert "First question" in said["2000000000000001"]  # batch.json
         assert "What are your opening hours?" in said["2000000000000001"]  # text.json
         assert "Do you have gluten-free bread?" in said[IGSID]  # instagram_text.json, to the Instagram account
+        # Replies to the replayed users are still in flight here: Ctrl-C stops it all the same, in order.
+        assert running.stop() == 0, running.log()[-6000:]
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        if running.process.poll() is None:
+            running.process.kill()
 
 
 def test_the_website_chat_runs_beside_messenger_and_its_turns_are_on_the_timeline(sandbox):

@@ -117,16 +117,18 @@ class SandboxProcess:
 
     def __init__(self, cwd: Path, extra_env: dict[str, str] | None = None):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "FB_"))}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "devtools.sandbox", "--port", "0"], cwd=cwd, text=True,
-            env={**env, "PYTHONPATH": str(ROOT), **(extra_env or {})},
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        )
-        banner = "".join(self.process.stdout.readline() for _ in range(5))
-        found = re.search(r"open (\S+)/\n.*webhook: (\S+)\n.*FB_APP_SECRET=(\S+)", banner, re.S)
+        self.stderr = Path(cwd) / "sandbox-stderr.log"  # its log; a stop past STOP_WITHIN_S adds every stack
+        with open(self.stderr, "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "devtools.sandbox", "--port", "0"], cwd=cwd, text=True,
+                env={**env, "PYTHONPATH": str(ROOT), **(extra_env or {})},
+                stdout=subprocess.PIPE, stderr=stderr,
+            )
+        self.banner = "".join(self.process.stdout.readline() for _ in range(5))
+        found = re.search(r"open (\S+)/\n.*webhook: (\S+)\n.*FB_APP_SECRET=(\S+)", self.banner, re.S)
         if not found:
             self.stop()
-            raise RuntimeError(f"the sandbox did not start: {banner!r}")
+            raise RuntimeError(f"the sandbox did not start: {self.banner!r}")
         self.url, self.webhook, self.app_secret = found.groups()
 
     def state(self, after: int = 0) -> dict:
@@ -136,8 +138,17 @@ class SandboxProcess:
         return [e for e in self.state()["events"] if e["kind"] == kind and (psid is None or e["psid"] == psid)]
 
     def stop(self) -> int:
+        """As Ctrl-C does: its exit status, which says whether it stopped in order (0) or was cut
+        off by its own STOP_WITHIN_S (1: every thread's stack is then at the end of its log)."""
         self.process.terminate()
-        return self.process.wait(timeout=10)
+        try:
+            return self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"the sandbox did not stop within 10 s; its log ends:\n{self.log()[-6000:]}")
+
+    def log(self) -> str:
+        return self.stderr.read_text(errors="replace")
 
 
 def _children(bot) -> list[tuple[int, bytes]]:
