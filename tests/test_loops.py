@@ -201,8 +201,7 @@ def test_a_stuck_claim_loop_stops_the_heartbeat_and_fails_health(env, caplog):
         with caplog.at_level(logging.ERROR):
             assert wait_for(lambda: "no heartbeat" in caplog.text, 5)
         assert seen_at(config.database_path) == before
-        stop = threading.Event()
-        assert watch(dispatcher, stop, lambda: False, clock, every=0.01) == 1  # the reply process exits
+        assert watch(dispatcher, lambda: False, lambda: False, clock, every=0.01) == 1  # the reply process exits
     finally:
         store.release.set()
         dispatcher.stop(timeout=5)
@@ -229,10 +228,8 @@ def test_a_dead_claim_thread_fails_health(env, caplog):
 
 def test_watch_returns_zero_on_sigterm_or_orphan(env):
     dispatcher = build_dispatcher(load_config(env, env_file=None))
-    stop = threading.Event()
-    stop.set()
-    assert watch(dispatcher, stop, lambda: False) == 0
-    assert watch(dispatcher, threading.Event(), lambda: True, every=0.01) == 0
+    assert watch(dispatcher, lambda: True, lambda: False) == 0
+    assert watch(dispatcher, lambda: False, lambda: True, every=0.01) == 0
 
 
 def test_repeated_errors_are_logged_once_per_period(caplog):

@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from typing import Callable
 
@@ -34,12 +33,14 @@ def main() -> None:
     # get it and replies wait a little in the durable queue.
     os.nice(REPLY_PROCESS_NICENESS)
     dispatcher = build_dispatcher(config)
-    stop = threading.Event()
+    # The handler only appends: an Event.set() there could wait for good on the lock that the main
+    # thread, which runs it, holds for an instant in each Event.wait().
+    stop: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda signum, _frame: stop.append(signum))
     dispatcher.start()
     logger.info("reply process ready: %d reply threads", config.reply_threads)
-    code = watch(dispatcher, stop, lambda: os.getppid() != parent)
+    code = watch(dispatcher, lambda: bool(stop), lambda: os.getppid() != parent)
     try:
         dispatcher.stop(timeout=config.stop_seconds)
     except Exception:  # noqa: BLE001 - the exit below must happen whatever stop() met
@@ -53,12 +54,12 @@ def main() -> None:
     sys.exit(code)
 
 
-def watch(dispatcher: Dispatcher, stop: threading.Event, orphaned: Callable[[], bool],
-          clock: Callable[[], float] = time.monotonic, every: float = 1.0) -> int:
+def watch(dispatcher: Dispatcher, stopping: Callable[[], bool], orphaned: Callable[[], bool],
+          clock: Callable[[], float] = time.monotonic, every: float = 0.2) -> int:
     """Until SIGTERM: 0. An orphan (the gunicorn master was killed) stops too: the next start
     spawns a new one. A dispatcher that is no longer healthy: 1, so the supervisor starts a
     fresh process instead of leaving a dead loop that still looks alive."""
-    while not stop.wait(every):
+    while not stopping():
         if orphaned():
             logger.warning("gunicorn master is gone: stopping")
             return 0
@@ -66,6 +67,7 @@ def watch(dispatcher: Dispatcher, stop: threading.Event, orphaned: Callable[[], 
         if not healthy:
             logger.error("reply process unhealthy (%s): exiting so a fresh one starts", reason)
             return 1
+        time.sleep(every)  # a SIGTERM is seen when this ends (its handler runs at once; the sleep goes on)
     return 0
 
 
