@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -71,7 +72,8 @@ SANDBOX_APP_ID = "900000000000001"
 OUTCOMES_EVERY_S = 0.2  # how often the exchange log is read for outcomes to show
 STOP_REPLIES_S = 1.0  # on Ctrl-C, how long replies in flight may still finish
 # On Ctrl-C, the longest the whole stop may take (about 1.5 s when nothing is wrong): past it every
-# thread's stack goes to stderr and the process exits 1, so a part that hangs is seen, never waited on.
+# thread's stack goes to stderr, the temporary DATA_DIR is removed and the process exits 1, so a
+# part that hangs is seen, never waited on.
 STOP_WITHIN_S = 8.0
 STREAM_DELAY_S = 0.08  # between the offline model's streamed pieces: the website chat visibly streams
 # The website chat's per-address limits, looser than the bot's defaults (5 a minute) for one person trying
@@ -317,6 +319,21 @@ def _port_problem(host: str, port: int) -> str | None:
     return None
 
 
+def _cut_off_after(seconds: float, data_dir: str) -> None:
+    """A stop that takes longer: every thread's stack to stderr (where it hangs), the temporary
+    DATA_DIR removed all the same, exit 1. faulthandler's own timer, a little later, for an
+    interpreter so stuck that this thread cannot run."""
+    def cut_off() -> None:
+        faulthandler.dump_traceback(all_threads=True)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        os._exit(1)
+
+    timer = threading.Timer(seconds, cut_off)
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(seconds + 2, exit=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devtools.sandbox", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1",
@@ -329,13 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot open the sandbox on {args.host}:{args.port}: {problem} (choose another with --port)",
               file=sys.stderr)
         return 2
-    # From here Ctrl-C (or SIGTERM) stops the sandbox the orderly way, also while it starts. The
-    # handler only appends to a list: an Event.set() there could wait on the lock the main thread
-    # holds inside Event.wait(); and the main thread sleeps in short steps, as the handler runs in
-    # it only when it wakes (a signal the kernel gives another thread does not wake it).
+    # From here Ctrl-C (or SIGTERM) stops the sandbox the orderly way, also while it starts.
+    # The handler only appends to a list, which takes no lock: an Event.set() there could wait for
+    # good on the lock that the main thread, which runs the handler, holds inside Event.wait().
     stopped: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, _frame: stopped.append(signum))
+        signal.signal(signum, lambda received, _frame: stopped.append(received))
     try:
         sandbox = Sandbox(read_environment(), args.host, args.port)
     except ConfigError as error:
@@ -351,9 +367,11 @@ def main(argv: list[str] | None = None) -> int:
               f"  {replay_command(sandbox)}\n"
               f"  {knowledge_line(sandbox)}\n"
               "Ctrl-C stops it.", flush=True)
+    # Short sleeps, not one wait: Python runs the handler in the main thread when that one wakes,
+    # and a signal the kernel hands to another thread (rare on Linux, not impossible) does not wake it.
     while not stopped:
         time.sleep(0.2)
-    faulthandler.dump_traceback_later(STOP_WITHIN_S, exit=True)
+    _cut_off_after(STOP_WITHIN_S, sandbox.data_dir.name)
     try:
         sandbox.stop()
     except Exception:  # noqa: BLE001 - said, then the exit below all the same

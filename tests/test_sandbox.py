@@ -30,9 +30,6 @@ ELI, FAY = list(INSTAGRAM_USERS)
 GUS = list(BOOKSHOP_USERS)[0]
 SAMPLE_PHOTO = (STATIC / "sample-photo.jpg").read_bytes()
 
-TGKILL = {"x86_64": 234, "aarch64": 131}[os.uname().machine]  # the syscall's number
-
-
 def say(sandbox, psid, text, action="messages", **extra):
     return requests.post(f"{sandbox.url}/api/users/{psid}/{action}", json={"text": text, **extra}, timeout=5)
 
@@ -360,16 +357,22 @@ def test_ctrl_c_stops_the_sandbox_at_once_while_a_reply_waits_on_the_model(tmp_p
         upstream.stop()
 
 
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "tgkill"), reason="tgkill(2) is Linux's (glibc 2.30 and later)")
 def test_ctrl_c_that_the_kernel_gives_a_thread_other_than_the_main_one_stops_the_sandbox(tmp_path):
-    """A process's signal may land on any of its threads; Python runs the handler in the main
-    thread only when that one wakes (tgkill(2) chooses the thread here, as the kernel may)."""
+    """Linux gives a process's signal to its main thread when it can, but not always; Python runs
+    the handler in the main thread only when that one wakes. Here tgkill(2) hands it to the others."""
     running = SandboxProcess(tmp_path)
     try:
         pid = running.process.pid
-        other = next(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
         libc = ctypes.CDLL(None, use_errno=True)
-        assert libc.syscall(TGKILL, pid, other, signal.SIGTERM) == 0, os.strerror(ctypes.get_errno())
-        assert running.process.wait(timeout=5) == 0
+        others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+        told = [tid for tid in others if libc.tgkill(pid, tid, signal.SIGTERM) == 0]  # one that ended: ESRCH
+        assert told, "no thread but the main one to give the signal to"
+        try:
+            code = running.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no stop 10 s after the signal; the sandbox's log ends:\n{running.log()[-6000:]}")
+        assert code == 0, running.log()[-6000:]
     finally:
         if running.process.poll() is None:
             running.process.kill()
@@ -387,14 +390,16 @@ def test_a_stop_that_hangs_is_cut_off_with_every_threads_stack_in_the_log(tmp_pa
         assert wait_for(lambda: any("messages" in (r["json"] or {}) for r in upstream.requests), 10)
         [database] = tmp_path.glob("messenger-sandbox-*/bot.sqlite3")
         blocker = sqlite3.connect(database, isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")
-        started = time.monotonic()
-        assert running.stop() == 1
-        assert STOP_WITHIN_S - 0.5 < time.monotonic() - started < STOP_WITHIN_S + 2
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            assert running.stop() == 1
+            assert STOP_WITHIN_S <= time.monotonic() - started < STOP_WITHIN_S + 2
+        finally:
+            blocker.close()
         log = running.log()
         assert "Thread 0x" in log and "in release" in log  # faulthandler's stacks, the hung call among them
-        blocker.execute("ROLLBACK")
-        blocker.close()
+        assert list(tmp_path.glob("messenger-sandbox-*")) == []  # forgotten, as on any Ctrl-C
     finally:
         if running.process.poll() is None:
             running.process.kill()

@@ -33,11 +33,11 @@ def main() -> None:
     # get it and replies wait a little in the durable queue.
     os.nice(REPLY_PROCESS_NICENESS)
     dispatcher = build_dispatcher(config)
-    # The handler only appends: an Event.set() there could wait for good on the lock that the main
-    # thread, which runs it, holds for an instant in each Event.wait().
+    # The handler only appends to a list, which takes no lock: an Event.set() there could wait for
+    # good on the lock that the main thread, which runs it, holds for an instant in each Event.wait().
     stop: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, _frame: stop.append(signum))
+        signal.signal(signum, lambda received, _frame: stop.append(received))
     dispatcher.start()
     logger.info("reply process ready: %d reply threads", config.reply_threads)
     code = watch(dispatcher, lambda: bool(stop), lambda: os.getppid() != parent)

@@ -127,8 +127,9 @@ class SandboxProcess:
         self.banner = "".join(self.process.stdout.readline() for _ in range(5))
         found = re.search(r"open (\S+)/\n.*webhook: (\S+)\n.*FB_APP_SECRET=(\S+)", self.banner, re.S)
         if not found:
-            self.stop()
-            raise RuntimeError(f"the sandbox did not start: {self.banner!r}")
+            self.process.kill()
+            self.process.wait()
+            raise RuntimeError(f"the sandbox did not start: {self.banner!r}; its log ends:\n{self.log()[-6000:]}")
         self.url, self.webhook, self.app_secret = found.groups()
 
     def state(self, after: int = 0) -> dict:
@@ -145,6 +146,7 @@ class SandboxProcess:
             return self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
             raise AssertionError(f"the sandbox did not stop within 10 s; its log ends:\n{self.log()[-6000:]}")
 
     def log(self) -> str:
