@@ -450,7 +450,7 @@ def scenario_overhead(graph, model, args, store) -> dict:
     for n in range(10):
         graph.add_message(psid, f"earlier message {n}", from_page=bool(n % 2))
     history_before = len(graph.history_calls())
-    overheads = []
+    overheads, split = [], collections.defaultdict(list)
     try:
         for n in range(args.overhead_messages):
             count = len(graph.delivered)
@@ -458,8 +458,16 @@ def scenario_overhead(graph, model, args, store) -> dict:
             posted = time.monotonic()
             requests.post(server.url + "/webhook", data=body, timeout=10,
                           headers={"X-Hub-Signature-256": sign(body, APP_SECRET)})
+            acked = time.monotonic()
             graph.wait_for_deliveries(count + 1, timeout=30)
             overheads.append((graph.delivered_at[count] - posted - args.model_ms / 1000) * 1000)
+            if n:  # where a known user's overhead went, from when the fakes heard each request
+                asked = next(r["at"] for r in reversed(model.requests) if r["at"] > posted)
+                sent = next(c.at for c in reversed(graph.calls) if c.at > posted and "message" in (c.body or {}))
+                for part, ms in (("ack", acked - posted), ("to_model", asked - posted),
+                                 ("model_to_send", sent - asked - args.model_ms / 1000),
+                                 ("send", graph.delivered_at[count] - sent - args.graph_ms / 1000)):
+                    split[part].append(ms * 1000)
             time.sleep(0.2)  # one user at a time: let the sender actions settle too
         reads = len(graph.history_calls()) - history_before
         known = overheads[1:] or overheads  # the first message is the one that pays the history read
@@ -467,6 +475,11 @@ def scenario_overhead(graph, model, args, store) -> dict:
                 "overhead_p50_ms": round(statistics.median(overheads), 1),
                 "overhead_max_ms": round(max(overheads), 1),
                 "known_user_p50_ms": round(statistics.median(known), 1),
+                # Its parts (p50 each, so they need not add up exactly): the post until its 200 and
+                # until the model heard the question (ack, wake, claim, compose); the model's wait
+                # until the Send API heard the answer (answering, parsing, the write before a send);
+                # the send past the Graph latency.
+                "known_user_split_ms": {part: round(statistics.median(v), 1) for part, v in split.items()},
                 "first_message_ms": round(overheads[0], 1), "messages": len(overheads),
                 "graph_calls_per_reply": round(reads / len(overheads), 2)}
     finally:

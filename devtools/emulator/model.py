@@ -47,7 +47,7 @@ class _ModelServer(LocalServer):
     def __init__(self, timeline: Timeline | None, port: int = 0):
         super().__init__(port=port)
         self.timeline = timeline or Timeline()
-        self.requests: list[dict] = []
+        self.requests: list[dict] = []  # each: its headers, its JSON body, when it came ("at", monotonic)
         self.psid_of: Callable[[list[dict]], str | None] = lambda messages: None
         self.psid_of_media: Callable[[bytes], str | None] = lambda data: None  # whose photo or voice note
         self._heard: dict[str, str] = {}  # transcript -> psid, to place the chat call that quotes it
@@ -72,8 +72,9 @@ class _ModelServer(LocalServer):
     def _answered(self, request: Request, respond: Callable[[Request, object], Response]) -> tuple:
         """The request's JSON body (recorded), when it came, and the answer to it."""
         body = request.get_json(silent=True)
-        self.requests.append({"headers": dict(request.headers), "json": body})
-        return body, time.monotonic(), respond(request, body)
+        came = time.monotonic()
+        self.requests.append({"headers": dict(request.headers), "json": body, "at": came})
+        return body, came, respond(request, body)
 
     def _chat(self, request: Request) -> Response:
         body, started, response = self._answered(request, self.answer)
