@@ -53,9 +53,12 @@ def find_own(db, psid: str, text: str, since_ms: int, exclude: Collection[str] =
 def activity(db, psid: str, before_ms: int) -> tuple[int | None, int | None]:
     """The newest message of the conversation before `before_ms`, and the newest a person sent
     from the Page (for the disclosure rule)."""
-    previous = db.execute("SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND at_ms < ? AND author <> ?",
-                          (psid, before_ms, UNSENT)).fetchone()[0]
-    person = db.execute("SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND author = ?", (psid, HUMAN)).fetchone()[0]
+    # One statement: on PostgreSQL each is a round trip, and this one is made between the model's
+    # answer and its send.
+    previous, person = db.execute(
+        "SELECT (SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND at_ms < ? AND author <> ?),"
+        " (SELECT MAX(at_ms) FROM mirror WHERE psid = ? AND author = ?)",
+        (psid, before_ms, UNSENT, psid, HUMAN)).fetchone()
     return previous, person
 
 
