@@ -440,12 +440,11 @@ class Queue:
             # from before it may have run out meanwhile, and another host would take the batch over
             # while this send goes out.
             now = self.clock()
-            if unless_paused and (until := users.get(db, batch.psid).paused_until) and until > now:
-                raise PausedByPerson(f"a person answers psid {batch.psid!r} until {until:.0f}")
             # A row left in doubt before sending_since existed is looked for since it arrived.
             self._apply(db, batch, "reply = ?, sent_parts = ?, sending = ?, lease_until = ?, sending_since ="
                         " CASE WHEN sending = ? THEN COALESCE(sending_since, received_at) ELSE ? END",
-                        reply, part, part, now + lease_seconds, part, now, user_updates=user_updates)
+                        reply, part, part, now + lease_seconds, part, now, user_updates=user_updates,
+                        unless_paused_at=now if unless_paused else None)
 
     def mark_sent(self, batch: Batch, reply: str, parts: int) -> None:
         """Progress of a reply in several parts: a crash resumes after the last part sent."""
@@ -507,16 +506,23 @@ class Queue:
             self._apply(db, batch, assignments, *values, exchange=exchange, user_updates=user_updates)
 
     def _apply(self, db, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None,
-               user_updates: dict | None = None) -> None:
+               user_updates: dict | None = None, unless_paused_at: float | None = None) -> None:
         """`assignments` on the batch's rows while it is still this owner's (LostLease otherwise:
-        the whole transaction is rolled back), with the exchange and the user's new state."""
+        the whole transaction is rolled back), with the exchange and the user's new state.
+        `unless_paused_at`: PausedByPerson instead while a person's pause runs past that time."""
         # Error and reply text may quote anything (an exception's message, a model's output):
         # a lone surrogate in it would make this write - the batch's outcome - fail.
         values = tuple(clean_text(value) if isinstance(value, str) else value for value in values)
         owned = " AND owner = ? AND state = 'working'" if batch.owner else ""
+        # The pause checked in the same statement: a read of its own was a round trip before every send.
+        unpaused = " AND NOT EXISTS (SELECT 1 FROM users WHERE psid = ? AND paused_until > ?)" \
+            if unless_paused_at is not None else ""
         updated = db.execute(f"UPDATE events SET {assignments} WHERE id IN ({','.join('?' * len(batch.ids))})"
-                             f"{owned}", (*values, *batch.ids, *([batch.owner] if batch.owner else []))).rowcount
+                             f"{owned}{unpaused}", (*values, *batch.ids, *([batch.owner] if batch.owner else []),
+                                                   *([batch.psid, unless_paused_at] if unpaused else []))).rowcount
         if updated != len(batch.ids):  # rolled back with the block: another process's outcome stands
+            if unpaused and (until := users.get(db, batch.psid).paused_until) and until > unless_paused_at:
+                raise PausedByPerson(f"a person answers psid {batch.psid!r} until {until:.0f}")
             raise LostLease(f"batch {batch.batch_id} of psid {batch.psid!r} is no longer {batch.owner}'s")
         if user_updates:
             users.apply(db, batch.psid, user_updates)
