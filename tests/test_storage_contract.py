@@ -111,6 +111,26 @@ def test_an_expired_lease_comes_back_and_is_bounded(store, clock):
     assert store.claim("d", 30) is None and store.states() == {"m1": "failed"}
 
 
+class _FailsAsInt(int):
+    """A batch id the look for expired leases takes (as the database sees it, an integer) and the
+    claim after it cannot: int() of it fails."""
+
+    def __int__(self):
+        raise ValueError("not a batch id")
+
+
+def test_a_look_for_expired_leases_undone_with_its_claim_is_made_again_at_the_next_claim(store, clock):
+    """Leases are looked for at most every EXPIRY_EVERY_S per claimant; a look whose claim failed
+    afterwards was rolled back with it, so it does not count."""
+    store.add([message("m1")])
+    assert store.claim("dead", 30).attempts == 1
+    clock.advance(31)  # its lease is over
+    with pytest.raises(ValueError):  # the claim fails after its look, in the same transaction
+        store.claim("b", 30, answering=[_FailsAsInt(7)])
+    batch = store.claim("b", 30)  # at the same instant
+    assert batch is not None and batch.attempts == 2
+
+
 def test_a_batch_its_own_process_gave_up_on_is_taken_back_by_that_process(store, clock):
     """A reply thread could not put its batch back (the write failed): the lease renewal passes
     it by, and the process's next claim takes it back - on one host nobody else would, and the
