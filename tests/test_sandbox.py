@@ -30,6 +30,7 @@ ELI, FAY = list(INSTAGRAM_USERS)
 GUS = list(BOOKSHOP_USERS)[0]
 SAMPLE_PHOTO = (STATIC / "sample-photo.jpg").read_bytes()
 
+
 def say(sandbox, psid, text, action="messages", **extra):
     return requests.post(f"{sandbox.url}/api/users/{psid}/{action}", json={"text": text, **extra}, timeout=5)
 
