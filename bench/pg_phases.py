@@ -9,8 +9,8 @@ Three measurements, each printed as one JSON line, in a fresh schema dropped aft
    the intake's statement for a group of four deliveries (`take_in_group_of_4`);
    and the PostgreSQL transaction taken apart with the pool and driver the bot uses:
    pool checkout (with psycopg_pool's connection check, the bot's, and none), BEGIN/INSERT/COMMIT,
-   + NOTIFY, with synchronous_commit off. Wall time and this process's CPU per step,
-   and the server backend's CPU per step (from /proc).
+   + NOTIFY, with synchronous_commit off; a result row's column names (`row_names`). Wall time
+   and this process's CPU per step, and the server backend's CPU per step (from /proc).
 2. `pgbench`: the same INSERT(+NOTIFY) transaction from PostgreSQL's own C client, 16
    connections, 2 threads: what the server can take on this machine with no Python in the way.
 3. Each bounded: `--count` steps, `--seconds` per pgbench run.
@@ -214,6 +214,15 @@ def main() -> None:
                 listener.execute("LISTEN bot_queue")
                 results["tx_insert_notify_1_listener"] = timed(tx(True, "d"), args.count, pid)
         p.close()
+
+        # -- a result row's column names, as the bot's row factory reads them (per statement), against
+        # cursor.description's Column objects (what it read before): a seven-column row ---------------------
+        from bot.storage.postgres import _row_factory
+        with psycopg.connect(url, autocommit=True) as conn:
+            cursor = conn.execute("SELECT 1 AS a, 2 AS b, 'x' AS c, 4.0 AS d, NULL AS e, 6 AS f, 7 AS g")
+            results["row_names"] = timed(lambda n: _row_factory(cursor), args.count)
+            results["row_names_from_description"] = timed(
+                lambda n: {column.name: i for i, column in enumerate(cursor.description)}, args.count)
         print(json.dumps({"measure": "store_step", "count": args.count, **results}), flush=True)
 
         # -- PostgreSQL's own client: the server's ceiling for this transaction on this machine -------------
