@@ -534,9 +534,10 @@ POSTGRES_SCHEMA = [
     # version 21 (PostgreSQL's own): a short pending list for the full-text index. GIN parks an
     # added chunk's words in a list of pending entries, up to 4 MB, that every search reads
     # through, whole, until a vacuum folds it in. Bounded at 64 kB (the least), a large add folds
-    # it in as it goes. Measured after adding 20,000 chunks (README, "Teach the bot your
-    # business"): the full-text step 0.86-0.88x at p50 and p95, the ingest 0.95x; fastupdate off
-    # did no better for searches and cost the ingest 0.71x. Additive: no code reads the option.
+    # it in as it goes. Measured after adding 20,000 chunks (docs/benchmarks.md, "Teach the
+    # bot your business"): the full-text step 0.86-0.88x at p50 and p95, the ingest 0.95x;
+    # fastupdate off did no better for searches and cost the ingest 0.71x. Additive: no code
+    # reads the option.
     Additive("""
     ALTER INDEX knowledge_chunks_tsv SET (gin_pending_list_limit = 64);
     SELECT gin_clean_pending_list('knowledge_chunks_tsv');

@@ -6,7 +6,7 @@ thread and Meta's deliveries timed out. On gunicorn's asyncio worker a waiting
 connection costs a little memory, not a thread: POST /webhook is read here with a
 deadline and a size cap and answered by the same WebhookReceiver core, and the few
 Flask routes (verification, health, metrics) run on a small thread pool through
-a2wsgi. Measured in bench/ (slow_clients): README, "Performance".
+a2wsgi. Measured in bench/ (slow_clients): README, "Benchmark".
 
 `ServerApp` also answers WSGI calls, so `server:app` runs under any server.
 """
