@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from bot import doctor, profile
 from bot.knowledge import cli as knowledge_cli
 from bot.runtime import move
+from bot.storage import database_url
 from bot.storage.exchanges import EXPORT_COLUMNS
 from bot.storage.queue import PostgresQueue, SQLiteQueue
 from bot.storage.sql import SchemaTooNew
@@ -54,8 +55,8 @@ def export(args: argparse.Namespace) -> int:
               f"run it with DATABASE_URL= (empty)", file=sys.stderr)
     if url:  # the store of every host: PostgreSQL, read-only
         try:
-            where = move.describe(url)
-        except move.Refused as refusal:
+            where = database_url.describe(url)
+        except database_url.Refused as refusal:
             print(f"cannot export: {refusal}", file=sys.stderr)
             return 2
         try:
@@ -122,7 +123,7 @@ def spreadsheet_safe(record: dict) -> dict:
 
 
 def _cannot_read(where: str, error: Exception, url: str) -> int:
-    detail = f"{type(error).__name__}: {move.scrub(str(error), url)[:300]}" if url else str(error)
+    detail = f"{type(error).__name__}: {database_url.scrub(str(error), url)[:300]}" if url else str(error)
     print(f"cannot read {where}: {detail}", file=sys.stderr)
     return 2
 

@@ -20,9 +20,10 @@ import pytest
 from bot.knowledge.base import KnowledgeBase
 from bot.knowledge.embeddings import Embedded
 from bot.replies.answer import Outcome
-from bot.runtime.move import SKIPPED, TABLES, describe, scrub
+from bot.runtime.move import SKIPPED, TABLES
 from bot.runtime.preflight import lock_data_dir
 from bot.storage import inbox
+from bot.storage.database_url import describe, scrub
 from bot.storage.exchanges import Exchange
 from bot.storage.inbox import ClassifiedEcho
 from bot.storage.instance import WEBCHAT_LOCK, LockHeld, lock_if_present, take_process_lock

@@ -60,7 +60,7 @@ def main(args: argparse.Namespace, config: Config | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the store's: one line; anything else keeps its traceback
         if not type(error).__module__.split(".")[0] in ("psycopg", "psycopg_pool", "sqlite3"):
             raise
-        from bot.runtime.move import scrub
+        from bot.storage.database_url import scrub
 
         line = (f"cannot use the bot's store ({type(error).__name__}: {' '.join(str(error).split())[:200]}): "
                 "check DATABASE_URL (or DATA_DIR) and that PostgreSQL runs")

@@ -35,15 +35,15 @@ import os
 import signal
 import sqlite3
 import sys
-from urllib.parse import urlparse
 
 from bot.runtime.preflight import LOCK_FILE, StartupProblem, lock_data_dir
 from bot.storage import inbox
 from bot.storage.instance import REPLY_LOCK, WEBCHAT_LOCK, LockHeld, lock_if_present
 from bot.storage.moved import MARKER, mark, moved_to
 from bot.storage.queue import QUARANTINE, InboxUnreadable, PostgresQueue, SQLiteQueue
+from bot.storage.database_url import Refused, describe, encoding_problem, one_line, scrub
 from bot.storage.sql import SchemaTooNew
-from config import database_path, read_environment, url_passwords
+from config import database_path, read_environment
 
 HELP = "copy a SQLite DATA_DIR (queue, mirror, exchange log, users) into an empty PostgreSQL database"
 DESCRIPTION = (
@@ -78,10 +78,6 @@ SEQUENCES = {"events": "id", "mirror": "rowid", "interactions": "id", "dead_lett
 CHUNK = 1000
 CONNECT_TIMEOUT = 5
 LOCK_TIMEOUT = "10s"  # a target busy with a live bot is refused, not waited for
-
-
-class Refused(Exception):
-    """One line for the owner: why nothing was moved, and what to do."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -259,16 +255,6 @@ def open_target(url: str, where: str) -> PostgresQueue:
                       "DATABASE_URL and that the server runs") from None
 
 
-def encoding_problem(conn, where: str) -> str | None:
-    """Why a database whose encoding is not UTF8 cannot hold the store (None: it is UTF8): it
-    could hold no emoji nor most languages, and the knowledge search's schema needs it."""
-    encoding = conn.execute("SHOW server_encoding").fetchone()[0]
-    if encoding == "UTF8":
-        return None
-    return (f"{where} uses the {encoding} encoding: the bot stores messages in every language and needs a UTF8 "
-            "database (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)")
-
-
 def refuse_unless_empty(db, where: str) -> None:
     held = {table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in MUST_BE_EMPTY}
     if any(held.values()):
@@ -435,26 +421,3 @@ def storable(row: tuple) -> tuple[tuple, int]:
     if not any(isinstance(value, str) and "\x00" in value for value in row):
         return row, 0
     return tuple(value.replace("\x00", "\ufffd") if isinstance(value, str) else value for value in row), 1
-
-
-def describe(url: str) -> str:
-    """Where the URL points, without its password (or user)."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("postgresql", "postgres"):
-        raise Refused("the database URL must look like postgresql://user@host:5432/database")
-    try:
-        port = parsed.port or 5432
-    except ValueError:
-        raise Refused("the database URL's port is not a number") from None
-    return f"PostgreSQL at {parsed.hostname or 'localhost'}:{port}/{parsed.path.strip('/') or '(default database)'}"
-
-
-def scrub(text: str, url: str) -> str:
-    """`text` with the URL's password removed, however it is spelled."""
-    for spelling in url_passwords(url):
-        text = text.replace(spelling, "***")
-    return text
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300]

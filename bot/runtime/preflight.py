@@ -124,7 +124,7 @@ def check_database(url: str | None, sqlite_path: str | None = None, data_dir: st
                              f"--data-dir {data_dir} --database-url ...` first (it queues them, then copies the store)")
     import psycopg
 
-    from bot.runtime.move import Refused, describe, encoding_problem, one_line, scrub
+    from bot.storage.database_url import Refused, describe, encoding_problem, one_line, scrub
     from bot.storage.postgres import MigrationBlocked
     from bot.storage.queue import PostgresQueue
     from bot.storage.sql import SchemaTooNew
