@@ -161,11 +161,20 @@ def test_one_record_per_exchange_with_usage_latency_and_outcome(client, graph, m
         (PSID, "Hi", "Hello from the model.", "test-model")
     assert (first["prompt_tokens"], first["completion_tokens"], first["total_tokens"]) == (10, 5, 15)
     assert first["user_timestamp"].endswith("Z") and first["bot_timestamp"] >= first["user_timestamp"]
-    assert first["latency_ms"] >= 0
     assert records[1]["bot_message"] == "please try again later"
     assert records[2]["user_message"] == "[video]"
     assert json.loads(records[2]["attachments"]) == [["video", None, "unsupported"]]
     assert records[3]["bot_message"] is None and records[3]["bot_timestamp"] is None
+
+
+def test_the_logs_latency_runs_from_taking_the_message_in_to_the_reply(make_client, graph, model):
+    clock = FakeClock()
+    client = make_client(clock)
+    post_signed(client, text_body("m_late_1", "Hi", PSID, int(clock() * 1000)))
+    clock.advance(2.5)  # the message waited in the queue, as behind a busy reply process
+    answer_queue(client)
+    assert graph.sent_texts(PSID) == ["Hello from the model."]
+    assert log(client)[0]["latency_ms"] == 2500
 
 
 def run_export(data_dir, *args):

@@ -86,7 +86,8 @@ def assert_storable(delivery: Delivery) -> None:
         assert echo.app_id is None or assert_id(echo.app_id)
         assert_time(echo.timestamp_ms)
         echo.text.encode()
-        assert echo.metadata is None or echo.metadata.encode() is not None
+        if echo.metadata is not None:
+            echo.metadata.encode()  # no lone surrogate
         assert_serialisable(echo)
     for page_id in delivery.foreign_pages:
         assert_id(page_id)
@@ -130,3 +131,25 @@ def test_parse_delivery_returns_a_storable_delivery_or_bad_payload(payload, page
     assert_storable(delivery)
     if page_id is not None:
         assert PAGE not in delivery.foreign_pages
+
+
+# A well-formed delivery (Meta's own shape, any text): taken whole. The two properties above hold
+# for a parser that refuses everything; this one does not.
+USER_IDS = st.integers(10 ** 15, 10 ** 16 - 1).map(str)
+WELL_FORMED = st.lists(st.tuples(USER_IDS, st.integers(EARLIEST_MS, NOW), st.text(min_size=1, max_size=50)),
+                       min_size=1, max_size=5).map(lambda events: {"object": "page", "entry": [{
+                           "id": PAGE, "time": NOW, "messaging": [
+                               {"sender": {"id": psid}, "recipient": {"id": PAGE}, "timestamp": at,
+                                "message": {"mid": f"m_{n}", "text": text}}
+                               for n, (psid, at, text) in enumerate(events)]}]})
+
+
+@BOUNDED
+@given(WELL_FORMED)
+def test_a_well_formed_delivery_is_taken_whole(payload):
+    delivery = parse_delivery(payload, now_ms=NOW, accounts={PAGE})
+    sent = payload["entry"][0]["messaging"]
+    assert [(m.psid, m.mid, m.timestamp_ms) for m in delivery.messages] == \
+        [(event["sender"]["id"], event["message"]["mid"], event["timestamp"]) for event in sent]
+    assert delivery.ignored == 0
+    assert_storable(delivery)

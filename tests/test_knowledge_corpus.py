@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bot.knowledge import readers
+
 CORPUS = Path(__file__).resolve().parent.parent / "examples" / "knowledge"
 READABLE = {".md", ".txt", ".html", ".csv", ".yaml"}
 KINDS = {"exact", "paraphrase", "other-language"}
@@ -61,7 +63,6 @@ def test_the_faq_files_are_question_and_answer_pairs():
 @pytest.mark.parametrize("name", sorted({q["source"] for q in QUESTIONS}))
 def test_the_bot_reads_each_fact_into_one_chunk(name):
     """What the bot's reader makes of the document still holds each of its facts whole."""
-    readers = pytest.importorskip("bot.knowledge.readers")
     document = readers.read(str(CORPUS / name), readers.Limits())
     chunks = [to_plain(chunk.text) for chunk in document.chunks]
     for question in (q for q in QUESTIONS if q["source"] == name):

@@ -38,6 +38,7 @@ def test_temperature_one_is_not_refused(model, tmp_path):
     reply = chat_model(model, tmp_path, temperature=1.0, top_p=None, max_tokens=None).reply(
         [{"role": "user", "content": "hi"}])
     assert reply.error_class is None and len(model.requests) == 1
+    assert model.requests[0]["json"]["temperature"] == 1.0  # sent, and taken: the one value such a model takes
 
 
 def test_other_bad_requests_fall_back_and_log_type_code_param_and_a_proxy_request_id(model, tmp_path, caplog):
