@@ -3,6 +3,7 @@ command (a subprocess), checked in a real PostgreSQL through PostgresQueue."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -32,7 +33,7 @@ from bot.storage.queue import PostgresQueue, SQLiteQueue
 from bot.storage.schema import SCHEMA
 from bot.storage.sqlite import Database
 from config import database_path
-from messenger.events import TEXT, Echo, IncomingMessage
+from messenger.events import POSTBACK, TEXT, Echo, IncomingMessage
 from tests.support import PSID, ROOT, Bot, FakeClock, free_port, is_up, start_gunicorn, text_body, wait_until
 from tests.support.messages import base_env
 from tests.support.webchat import WebchatProcess
@@ -633,6 +634,27 @@ def test_nul_characters_postgres_cannot_store_are_replaced_and_said(tmp_path, ta
     assert result.returncode == 0 and "NUL" in result.stdout
     assert pg_rows(url, "SELECT text FROM mirror WHERE mid = 'm1'") == [("a\ufffdb",)]
     assert pg_rows(url, "SELECT user_message FROM interactions") == [("a\ufffdb",)]
+
+
+def test_a_postback_keyed_by_a_title_of_thousands_is_moved_under_the_key_a_redelivery_makes(tmp_path, target):
+    """An older bot keyed a postback without a mid by its whole title: past PostgreSQL's unique-index
+    limit, the copy failed. It arrives keyed as the webhook keys it now, so Meta's redelivery is known."""
+    url, password = target
+    data_dir = tmp_path / "data"
+    store = SQLiteQueue(database_path(str(data_dir)))
+    draw = random.Random(3)  # CJK at random: nothing PostgreSQL's compression brings under the limit
+    tapped = IncomingMessage(psid="u1", page_id="1", mid=None, kind=POSTBACK, timestamp_ms=ms(100),
+                             text="".join(chr(draw.randrange(0x4E00, 0x9FFF)) for _ in range(3000)))
+    store.add([tapped])
+    with sqlite3.connect(database_path(str(data_dir))) as db:  # the key as the older bot made it
+        db.execute("UPDATE events SET dedupe_key = ?", (f"postback:u1:{ms(100)}:{tapped.text}",))
+    assert run_move(tmp_path, data_dir, url, password).returncode == 0
+    moved_store = PostgresQueue(url)
+    try:
+        assert moved_store.add([tapped]) == [False]  # Meta's redelivery, after the move
+        assert moved_store.claim("a", 30).messages[0].text == tapped.text
+    finally:
+        moved_store.close()
 
 
 def test_a_table_the_move_does_not_know_stops_it(tmp_path, target):

@@ -216,6 +216,55 @@ def test_the_intake_commits_waiting_deliveries_together_and_drops_a_redelivery_a
         queue.close()
 
 
+def test_a_delivery_postgres_refuses_costs_only_itself_its_200_not_the_group_it_came_in(pg_url):
+    """A group is one statement: a row PostgreSQL refuses (here a time past bigint, which the parser
+    never lets through) failed the whole group, and every delivery in it got a 503 at every retry.
+    Now the group is taken one by one; a postback keyed by a title of thousands is taken too."""
+    import asyncio
+    import random
+    from dataclasses import replace
+
+    import pytest
+
+    from bot.storage.queue import DatabaseIntake, PostgresQueue
+    from bot.storage.sql import StorageUnavailable
+    from messenger.events import POSTBACK
+
+    queue = PostgresQueue(pg_url)
+    intake = DatabaseIntake(queue)
+    draw = random.Random(5)  # CJK at random: past the unique index's limit even compressed
+    tapped = replace(_message(7, mid="unused"), mid=None, kind=POSTBACK,
+                     text="".join(chr(draw.randrange(0x4E00, 0x9FFF)) for _ in range(3000)))
+    try:
+        with psycopg.connect(pg_url) as blocker:
+            blocker.execute("LOCK TABLE events IN EXCLUSIVE MODE")  # the first commit waits on it
+
+            async def deliver():
+                first = asyncio.ensure_future(intake.append_async([_message(0)], []))
+                for _ in range(100):  # until the writer's first group waits on the lock
+                    await asyncio.sleep(0.05)
+                    if rows(pg_url, "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                    " AND datname = current_database()")[0][0]:
+                        break
+                group = [intake.append_async([_message(n)], []) for n in range(1, 4)]
+                group.append(intake.append_async([replace(_message(4), timestamp_ms=10 ** 30)], []))
+                group += [intake.append_async([tapped], []), intake.append_async([_message(5)], [])]
+                await asyncio.sleep(0.2)
+                blocker.rollback()
+                return await asyncio.gather(first, *group, return_exceptions=True)
+
+            results = asyncio.run(deliver())
+        assert [type(result).__name__ for result in results] == ["NoneType"] * 4 + ["StorageUnavailable"] + ["NoneType"] * 2
+        stored = {row[0] for row in rows(pg_url, "SELECT dedupe_key FROM events")}
+        assert stored >= {f"m_intake_{n}" for n in (0, 1, 2, 3, 5)} and "m_intake_4" not in stored and len(stored) == 6
+        assert rows(pg_url, "SELECT COUNT(DISTINCT xmin::text) FROM events")[0][0] >= 3  # the group went one by one
+        with pytest.raises(StorageUnavailable):  # and still is refused alone, the intake going on after it
+            intake.append([replace(_message(4), timestamp_ms=10 ** 30)], [])
+        intake.append([_message(6)], [])
+    finally:
+        queue.close()
+
+
 def test_the_intake_stores_every_message_as_it_came_whatever_its_text_holds(pg_url):
     """The group goes to PostgreSQL as one JSON text (bot/storage/queue.py, ADD_EVENTS): quotes,
     backslashes, escapes spelled out, line breaks, accents and emoji come back as they went in,
@@ -660,7 +709,6 @@ def test_a_claim_reads_a_few_rows_of_a_long_queue_whose_table_has_no_statistics(
     (10-45 ms a claim at 300-900 waiting). However long the queue, it now walks the oldest rows
     and stops at the first it can answer."""
     from bot.storage.queue import MAX_BATCH, PostgresQueue
-    from bot.storage.sql import translate
 
     queue = PostgresQueue(pg_url)
     try:

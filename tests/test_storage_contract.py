@@ -1,6 +1,7 @@
 """One contract, both backends: every test here runs against SQLite and PostgreSQL, through
 the same Queue and Conversations, so the two cannot drift. Time is a FakeClock."""
 import json
+import random
 import threading
 from contextlib import contextmanager
 from dataclasses import replace
@@ -14,7 +15,7 @@ from bot.storage.inbox import RESUME, ClassifiedEcho
 from bot.storage.queue import MAX_BATCH, LostLease, PausedByPerson, PostgresQueue, SQLiteQueue
 from bot.webchat import store as webchat_store
 from messenger.attachments import AUDIO, Attachment
-from messenger.events import ATTACHMENT, TEXT, Echo, IncomingMessage
+from messenger.events import ATTACHMENT, POSTBACK, TEXT, Echo, IncomingMessage
 from tests.support import FakeClock, wait_until
 
 
@@ -59,6 +60,20 @@ def test_a_message_is_stored_once_by_its_mid(store):
     assert store.add([message("m1"), message("m2")]) == [True, True]
     assert store.add([message("m1")]) == [False]
     assert store.states() == {"m1": "pending", "m2": "pending"}
+
+
+def test_a_postback_without_a_mid_and_with_a_title_of_thousands_is_stored_once(store):
+    """Its key once held the whole title: past PostgreSQL's unique-index limit (2,704 bytes) the
+    delivery was refused at every retry. Meta caps a button's title, the webhook takes what comes."""
+    draw = random.Random(7)  # CJK at random: PostgreSQL's compression cannot bring it under the limit
+    title = "".join(chr(draw.randrange(0x4E00, 0x9FFF)) for _ in range(3000))
+    tapped = IncomingMessage(psid="u1", page_id="1", mid=None, kind=POSTBACK, text=title, timestamp_ms=1000)
+    assert store.add([tapped]) == [True]
+    assert store.add([tapped]) == [False]  # Meta's redelivery
+    assert store.add([replace(tapped, text=title[:-1] + "!")]) == [True]  # another title at that moment
+    assert store.add([replace(tapped, text="Get Started")]) == [True]
+    assert "postback:u1:1000:Get Started" in store.states()  # a short title's key is as it was
+    assert store.claim("a", 30).messages[0].text == title
 
 
 def test_a_users_waiting_messages_are_one_batch_in_timestamp_order(store):

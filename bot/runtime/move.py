@@ -40,7 +40,7 @@ from bot.runtime.preflight import LOCK_FILE, StartupProblem, lock_data_dir
 from bot.storage import inbox
 from bot.storage.instance import REPLY_LOCK, WEBCHAT_LOCK, LockHeld, lock_if_present
 from bot.storage.moved import MARKER, mark, moved_to
-from bot.storage.queue import QUARANTINE, InboxUnreadable, PostgresQueue, SQLiteQueue
+from bot.storage.queue import QUARANTINE, InboxUnreadable, PostgresQueue, SQLiteQueue, within_key_limit
 from bot.storage.database_url import Refused, describe, encoding_problem, one_line, scrub
 from bot.storage.sql import SchemaTooNew
 from config import database_path, read_environment
@@ -399,11 +399,16 @@ def copy_table(sdb: sqlite3.Connection, conn, table: str) -> tuple[int, int]:
     elif table == "knowledge_version":  # its one row is there from the migration: the larger wins
         insert += " ON CONFLICT (id) DO UPDATE SET version = GREATEST(knowledge_version.version, excluded.version)"
     rows = sdb.execute(f"SELECT {select} FROM {table} ORDER BY rowid")
+    # A postback's key as this code makes it: an older one held the whole title, past what
+    # PostgreSQL's unique index takes (queue.TITLE_IN_KEY_MAX).
+    rekey = columns.index("dedupe_key") if table == "events" else None
     copied = replaced = 0
     with conn.cursor() as cursor:
         while chunk := rows.fetchmany(CHUNK):
             values = []
             for row in chunk:
+                if rekey is not None:
+                    row = (*row[:rekey], within_key_limit(row[rekey]), *row[rekey + 1:])
                 row, nul = storable(row)
                 values.append(row)
                 replaced += nul

@@ -17,6 +17,7 @@ answered, so replies go out in order and a burst gets one reply.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -151,9 +152,30 @@ class PausedByPerson(Exception):
     """A person answered the user after this answer was composed (the bot is paused): not sent."""
 
 
+# A postback's title past this many characters is keyed by its SHA-256: PostgreSQL's unique index
+# refuses a key over 2,704 bytes, and a title of thousands (Meta caps a button's at 20) made the
+# delivery a 503 at every retry, with the rest of its group commit. Shorter titles keep the key
+# they had, so a redelivery across an upgrade is still known.
+TITLE_IN_KEY_MAX = 200
+
+
 def dedupe_key(message: IncomingMessage) -> str:
     """Meta's mid; a postback without one is keyed by who, when and what."""
-    return message.mid or f"postback:{message.psid}:{message.timestamp_ms}:{message.text}"
+    return message.mid or f"postback:{message.psid}:{message.timestamp_ms}:{_title_in_key(message.text)}"
+
+
+def within_key_limit(key: str) -> str:
+    """A key stored before TITLE_IN_KEY_MAX (in a SQLite store being moved), as dedupe_key makes it now."""
+    parts = key.split(":", 3)  # postback, psid, time, title (which may hold colons)
+    if len(parts) < 4 or parts[0] != "postback":
+        return key
+    return ":".join(parts[:3] + [_title_in_key(parts[3])])
+
+
+def _title_in_key(title: str) -> str:
+    if len(title) <= TITLE_IN_KEY_MAX:
+        return title
+    return "sha256:" + hashlib.sha256(title.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Queue:
@@ -626,16 +648,34 @@ class DatabaseIntake:
                     self._ready.wait()
                 group, self._pending = self._pending[:self.MAX_GROUP], self._pending[self.MAX_GROUP:]
             try:
-                new = self.queue.take_in([(d.messages, d.echoes) for d in group])
-                self._tell(group, new)
-            except StorageUnavailable as exc:
-                for delivery in group:
-                    delivery.error = exc
-            except Exception as exc:  # noqa: BLE001 - every waiting webhook gets an answer
-                for delivery in group:
-                    delivery.error = StorageUnavailable(f"{type(exc).__name__}: {str(exc)[:200]}")
+                self._commit(group)
+            except Exception:  # noqa: BLE001 - the writer goes on; what no commit took is answered 503
+                logger.exception("the group commit failed unexpectedly")
             finally:
                 _settle(group)
+
+    def _commit(self, group: list["_Delivery"]) -> None:
+        """The group in one statement. When PostgreSQL refuses it for what one delivery holds, not
+        for being down, each goes alone: only that one is answered 503, not the group with it."""
+        error = self._take_in(group)
+        if error is not None and len(group) > 1 and _refused_for_its_rows(error):
+            logger.warning("PostgreSQL refused a group of %d deliveries (%s): taking them one by one",
+                           len(group), type(error.__cause__).__name__)
+            for delivery in group:
+                delivery.error = self._take_in([delivery])
+        else:
+            for delivery in group:
+                delivery.error = error
+
+    def _take_in(self, group: list["_Delivery"]) -> StorageUnavailable | None:
+        try:
+            new = self.queue.take_in([(d.messages, d.echoes) for d in group])
+        except StorageUnavailable as exc:
+            return exc
+        except Exception as exc:  # noqa: BLE001 - every waiting webhook gets an answer
+            return StorageUnavailable(f"{type(exc).__name__}: {str(exc)[:200]}")
+        self._tell(group, new)
+        return None
 
     def _tell(self, group: list["_Delivery"], new: int) -> None:
         """on_taken, before the group's 200s (so /metrics counts a delivery once it is answered);
@@ -653,7 +693,18 @@ class _Delivery:
                  done: threading.Event | None = None, *, future: asyncio.Future | None = None):
         self.messages, self.echoes = messages, echoes
         self.done, self.future = done, future  # a thread waits on the one, an event loop on the other
-        self.error: StorageUnavailable | None = None
+        # Refused until a commit says it holds it (None): a 503 is the safe answer to anything else.
+        self.error: StorageUnavailable | None = StorageUnavailable("the delivery was not taken in")
+
+
+# SQLSTATE classes of a statement refused for the values it carries (data exception, integrity
+# constraint violation, program limit exceeded), where the server and the connection are fine.
+REFUSED_FOR_ITS_ROWS = ("22", "23", "54")
+
+
+def _refused_for_its_rows(error: StorageUnavailable) -> bool:
+    sqlstate = getattr(error.__cause__, "sqlstate", None)  # psycopg's, without importing it here
+    return isinstance(sqlstate, str) and sqlstate[:2] in REFUSED_FOR_ITS_ROWS
 
 
 def _settle(group: list[_Delivery]) -> None:
