@@ -177,6 +177,20 @@ def _message(number: int, mid: str | None = None):
                            text="hello", timestamp_ms=1_700_000_000_000 + number)
 
 
+async def _first_delivery_waiting_on_the_lock(intake, pg_url):
+    """Delivery 0, its commit waiting on a lock the test holds on events: the deliveries sent
+    next pile up behind it and go in the writer's next group. Returns its future."""
+    import asyncio
+
+    first = asyncio.ensure_future(intake.append_async([_message(0)], []))
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if rows(pg_url, "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND datname = current_database()")[0][0]:
+            break
+    return first
+
+
 def test_the_intake_commits_waiting_deliveries_together_and_drops_a_redelivery_among_them(pg_url):
     """The asyncio front's path: deliveries that arrive during a commit share the next one
     (rows of one transaction share its xmin), a mid delivered twice in one group is stored
@@ -193,12 +207,7 @@ def test_the_intake_commits_waiting_deliveries_together_and_drops_a_redelivery_a
             blocker.execute("LOCK TABLE events IN EXCLUSIVE MODE")  # the first commit waits on it
 
             async def deliver():
-                first = asyncio.ensure_future(intake.append_async([_message(0)], []))
-                for _ in range(100):  # until the writer's first group waits on the lock
-                    await asyncio.sleep(0.05)
-                    if rows(pg_url, "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                    " AND datname = current_database()")[0][0]:
-                        break
+                first = await _first_delivery_waiting_on_the_lock(intake, pg_url)
                 rest = [intake.append_async([_message(n)], []) for n in range(1, 20)]
                 rest.append(intake.append_async([_message(99, mid="m_intake_5")], []))  # a redelivery
                 waiting = asyncio.gather(first, *rest)
@@ -240,12 +249,7 @@ def test_a_delivery_postgres_refuses_costs_only_itself_its_200_not_the_group_it_
             blocker.execute("LOCK TABLE events IN EXCLUSIVE MODE")  # the first commit waits on it
 
             async def deliver():
-                first = asyncio.ensure_future(intake.append_async([_message(0)], []))
-                for _ in range(100):  # until the writer's first group waits on the lock
-                    await asyncio.sleep(0.05)
-                    if rows(pg_url, "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                    " AND datname = current_database()")[0][0]:
-                        break
+                first = await _first_delivery_waiting_on_the_lock(intake, pg_url)
                 group = [intake.append_async([_message(n)], []) for n in range(1, 4)]
                 group.append(intake.append_async([replace(_message(4), timestamp_ms=10 ** 30)], []))
                 group += [intake.append_async([tapped], []), intake.append_async([_message(5)], [])]
