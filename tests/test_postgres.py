@@ -1,6 +1,7 @@
 """The bot on PostgreSQL (DATABASE_URL), end to end: the Flask app in-process and real
 gunicorn processes. The storage contract itself is tests/test_storage_contract.py."""
 import os
+import threading
 import time
 
 import psycopg
@@ -30,6 +31,30 @@ def test_health_and_readiness_read_postgres(make_client, pg_url):
     assert client.get("/healthz").get_json()["queue_depth"] == 0
     problems = client.get("/readyz").get_json()["problems"]
     assert problems == ["the reply process has not started"]
+
+
+def test_a_database_that_hangs_holds_neither_liveness_nor_readiness(make_client, pg_url):
+    """A table locked (or a network dropping packets) held /healthz and /readyz for as long as it
+    lasted, then answered 200 "ready": a liveness probe with a timeout restarted a healthy bot."""
+    client = make_client(DATABASE_URL=pg_url)
+    readiness = client.application.extensions["readiness"]
+    readiness.stats.within = 0.5
+    with psycopg.connect(pg_url) as blocker:
+        blocker.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")  # every read of it waits
+        # Let go after 10 s whatever happens: a probe that waits on the lock fails, not hangs.
+        letting_go = threading.Timer(10, blocker.rollback)
+        letting_go.start()
+        for _ in range(2):  # the second while the first read still hangs
+            started = time.monotonic()
+            assert client.get("/healthz").get_json() == {"status": "ok"}
+            response = client.get("/readyz")
+            assert time.monotonic() - started < 3
+            assert response.status_code == 503
+            assert response.get_json()["problems"] == ["the database did not answer within 0.5 s"]
+        letting_go.cancel()
+        blocker.rollback()
+    assert wait_until(lambda: "queue_depth" in client.get("/healthz").get_json(), 5)
+    assert client.get("/readyz").get_json()["problems"] == ["the reply process has not started"]
 
 
 def test_gunicorn_on_postgres_survives_kill_9_after_the_200(graph, model, tmp_path, pg_url):

@@ -67,8 +67,8 @@ def _add_routes(app: Flask, config: Config, store: Queue) -> None:
     def healthz() -> Response:
         """Liveness: this process answers. The queue figures come along when they can be read."""
         try:
-            return jsonify(status="ok", **store.stats(config.inbox_dir))
-        except Exception:  # noqa: BLE001 - liveness does not depend on the database
+            return jsonify(status="ok", **readiness.stats(config.inbox_dir))
+        except Exception:  # noqa: BLE001 - liveness does not depend on the database (nor waits on it)
             return jsonify(status="ok")
 
     @app.get("/readyz")

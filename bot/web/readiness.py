@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from typing import Callable
 
@@ -24,6 +26,29 @@ MIN_FREE_BYTES = 16 * 1024 * 1024
 HEARTBEAT_STALE_SECONDS = 30.0
 # quick_check reads the whole file: run it at most this often.
 INTEGRITY_EVERY_SECONDS = 60.0
+# The queue figures must come within this, or the probes answer without them: a database that
+# hangs (a table locked, a network that drops packets) held /healthz and /readyz for as long.
+STATS_WITHIN_SECONDS = 2.0
+
+
+class TimedStats:
+    """store.stats() within `within` seconds, else TimeoutError. One read of each kind at a time,
+    on a thread of its own: a probe that comes while one hangs waits on that one, so a hung
+    database holds one thread, not one per probe (they run on the front's small thread pool)."""
+
+    def __init__(self, store: Queue, within: float = STATS_WITHIN_SECONDS):
+        self.store, self.within = store, within
+        self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="stats")
+        self._reading: dict[tuple, Future] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, inbox_dir: str, owner_prefix: str | None = None) -> dict:
+        key = (inbox_dir, owner_prefix)
+        with self._lock:
+            reading = self._reading.get(key)
+            if reading is None or reading.done():
+                reading = self._reading[key] = self._reader.submit(self.store.stats, inbox_dir, owner_prefix=owner_prefix)
+        return reading.result(timeout=self.within)
 
 
 class Readiness:
@@ -35,13 +60,16 @@ class Readiness:
         self.min_free_bytes = min_free_bytes
         self.heartbeat_stale_seconds = heartbeat_stale_seconds
         self._integrity: tuple[float, str | None] | None = None  # (checked at, problem)
+        self.stats = TimedStats(store)  # /healthz reads its figures through it too
 
     def problems(self) -> tuple[list[str], dict]:
         """Every reason this instance is not ready (none = ready), and the queue figures."""
         problems = self._storage_problems()
         try:
             # This bot's reply process: with several hosts, another host's says nothing of ours.
-            stats = self.store.stats(self.config.inbox_dir, owner_prefix=owner_prefix(self.config.data_dir))
+            stats = self.stats(self.config.inbox_dir, owner_prefix=owner_prefix(self.config.data_dir))
+        except TimeoutError:
+            return problems + [f"the database did not answer within {self.stats.within:g} s"], {}
         except Exception as exc:  # noqa: BLE001 - any driver's error: not ready, and why
             return problems + [f"database unreadable: {type(exc).__name__}: {str(exc)[:200]}"], {}
         if integrity := self._integrity_problem():
