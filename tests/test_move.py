@@ -2,6 +2,7 @@
 command (a subprocess), checked in a real PostgreSQL through PostgresQueue."""
 from __future__ import annotations
 
+import gc
 import os
 import random
 import re
@@ -363,6 +364,32 @@ def test_a_start_on_postgres_refuses_a_sqlite_store_with_messages_still_waiting(
     assert process.returncode == 1 and f"holds {waiting[0][0]} message(s) of the last 7 days acknowledged on SQLite" \
         in output, output
     assert "move-to-postgres" in output and "without DATABASE_URL" in output and "Traceback" not in output
+
+
+def test_a_start_on_postgres_refuses_a_sqlite_store_it_cannot_read_now(tmp_path, target):
+    """Locked by a process (a bot still running on it, say), the store was taken for one holding
+    nothing, and the start went on: its acknowledged messages were never answered."""
+    from bot.runtime.preflight import StartupProblem, check_database
+
+    url, _ = target
+    data_dir = tmp_path / "data"
+    path = build_store(data_dir)  # u1's m2 and others still wait
+    shutil.rmtree(data_dir / "inbox")
+    gc.collect()  # build_store's connections: the exclusive lock below waits for none
+    holder = sqlite3.connect(path, isolation_level=None, timeout=10)
+    try:
+        holder.execute("PRAGMA locking_mode = EXCLUSIVE")  # no other connection reads it, WAL or not
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("UPDATE users SET psid = psid")
+        with pytest.raises(StartupProblem, match="cannot tell whether .* holds messages acknowledged on SQLite"):
+            check_database(url, path, str(data_dir))
+    finally:
+        holder.close()
+    with pytest.raises(StartupProblem, match=r"holds \d+ message\(s\) of the last 7 days"):  # read, it says what
+        check_database(url, path, str(data_dir))
+    empty = tmp_path / "empty.sqlite3"
+    empty.touch()  # no bot's store: nothing in it to miss
+    check_database(url, str(empty), str(tmp_path))
 
 
 def test_ids_sqlite_gave_to_rows_since_deleted_are_never_given_again(tmp_path, target):

@@ -175,18 +175,23 @@ def _days(seconds: float) -> str:
 
 def _sqlite_waiting(path: str, since_ms: int) -> list[str]:
     """The keys of the messages since `since_ms` a SQLite store holds as waiting or being
-    answered; none when it is no store this code can read (nothing there for PostgreSQL to miss
-    that a start could tell)."""
+    answered; none when it is no bot's store (no queue in it). A store that cannot be read now
+    (locked by a process, damaged, not readable by this user) is a StartupProblem: it may hold
+    acknowledged messages nothing would ever answer, and nobody could tell."""
     import sqlite3
 
     if not os.path.isfile(path):
         return []
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'").fetchone():
+                return []
             return [row[0] for row in db.execute("SELECT dedupe_key FROM events WHERE state IN ('pending', 'working')"
                                                  " AND timestamp_ms >= ?", (since_ms,))]
-    except sqlite3.Error:
-        return []
+    except sqlite3.Error as exc:
+        raise StartupProblem(f"cannot tell whether {path} holds messages acknowledged on SQLite and not answered yet "
+                             f"({exc}): stop the process that holds it, or move the file out of DATA_DIR to leave "
+                             "whatever it holds unanswered") from None
 
 
 def _check_sqlite(path: str) -> None:
