@@ -628,7 +628,12 @@ class _Reader:
         value = self._raw(name)
         if not value:
             return None
-        parsed = urlparse(value)
+        try:
+            parsed = urlparse(value)
+        except ValueError:  # an unclosed [ of an IPv6 address
+            self.problems.append(f"{name} must look like postgresql://user@host:5432/database "
+                                 "(an IPv6 address goes in [ ])")
+            return None
         if parsed.scheme not in ("postgresql", "postgres") or not (parsed.hostname or parsed.path.strip("/")):
             # Never echo it: the URL may hold a password.
             self.problems.append(f"{name} must look like postgresql://user@host:5432/database")

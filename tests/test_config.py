@@ -180,6 +180,13 @@ def test_a_database_url_whose_port_is_no_number_is_a_problem():
     assert error.value.problems == ["DATABASE_URL's port is not a number (postgresql://user@host:5432/database)"]
 
 
+def test_a_database_url_with_an_unclosed_ipv6_bracket_is_a_problem_not_a_traceback():
+    with pytest.raises(ConfigError) as error:
+        load_config({**GOOD, "DATABASE_URL": "postgresql://bot:s3cret@[::1:5432/bot"}, env_file=None)
+    assert error.value.problems == ["DATABASE_URL must look like postgresql://user@host:5432/database "
+                                    "(an IPv6 address goes in [ ])"]
+
+
 def test_signatures_that_must_expire_need_the_key_they_are_made_with():
     with pytest.raises(ConfigError) as error:
         load_config({**GOOD, "WEBCHAT": "on", "WEBCHAT_SIGNATURES_EXPIRE": "on"}, env_file=None)

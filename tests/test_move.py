@@ -25,7 +25,7 @@ from bot.replies.answer import Outcome
 from bot.runtime.move import SKIPPED, TABLES
 from bot.runtime.preflight import lock_data_dir
 from bot.storage import inbox
-from bot.storage.database_url import describe, scrub
+from bot.storage.database_url import Refused, describe, scrub
 from bot.storage.exchanges import Exchange
 from bot.storage.inbox import ClassifiedEcho
 from bot.storage.instance import WEBCHAT_LOCK, LockHeld, lock_if_present, take_process_lock
@@ -713,6 +713,17 @@ def test_an_unreachable_or_wrong_server_is_one_line_without_the_password(tmp_pat
         line = refused(run_move(tmp_path, data_dir, urlunsplit(parts._replace(netloc=netloc)), password))
         assert "cannot be used" in line
     assert inbox.inbox_files(str(data_dir / "inbox")) == ["2-undrained.inbox"]
+
+
+def test_a_url_the_move_and_export_cannot_read_is_refused_in_one_line_without_its_password(tmp_path):
+    url = "postgresql://bot:s3cret@[::1:5432/bot"  # an unclosed IPv6 bracket: urlparse raised
+    with pytest.raises(Refused, match=r"must look like postgresql://.*\(an IPv6 address goes in \[ \]\)"):
+        describe(url)
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DATA_DIR")}
+    done = subprocess.run([sys.executable, "-m", "bot", "export", "--database-url", url], cwd=tmp_path,
+                          env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "s3cret" not in done.stderr, done.stderr
+    assert done.stderr.startswith("cannot export: the database URL must look like"), done.stderr
 
 
 def test_the_password_is_scrubbed_however_it_is_spelled():

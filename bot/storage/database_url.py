@@ -14,7 +14,11 @@ class Refused(Exception):
 
 def describe(url: str) -> str:
     """Where the URL points, without its password (or user)."""
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+    except ValueError:  # an unclosed [ of an IPv6 address
+        raise Refused("the database URL must look like postgresql://user@host:5432/database "
+                      "(an IPv6 address goes in [ ])") from None
     if parsed.scheme not in ("postgresql", "postgres"):
         raise Refused("the database URL must look like postgresql://user@host:5432/database")
     try:
