@@ -60,6 +60,12 @@ def export(args: argparse.Namespace) -> int:
             print(f"cannot export: {refusal}", file=sys.stderr)
             return 2
         try:
+            import psycopg
+
+            # One plain connection first: it fails at once with the server's own reason (refused,
+            # authentication, no such database), where the pool tries for 5 s, logs every try and
+            # says only "couldn't get a connection".
+            psycopg.connect(url, connect_timeout=5).close()
             store = PostgresQueue(url, read_only=True, pool_size=2)
         except Exception as error:  # noqa: BLE001 - the driver's: say which, never the URL
             return _cannot_read(where, error, url)

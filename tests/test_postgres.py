@@ -165,6 +165,24 @@ def test_export_reads_postgres_when_database_url_is_set(make_client, graph, pg_u
     assert [json.loads(line)["outcome"] for line in done.stdout.splitlines()] == ["answered"]
 
 
+def test_export_from_a_database_that_does_not_exist_says_the_servers_reason_in_one_line(pg_url, tmp_path):
+    """The pool tried for 5 s, logged every try, and blamed its own timeout."""
+    import subprocess
+    import sys
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.support import ROOT
+
+    missing = urlunsplit(urlsplit(pg_url)._replace(path="/no_such_database_here", query=""))
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DATA_DIR")}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "bot", "export", "--database-url", missing], cwd=tmp_path,
+                          env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - started < 4
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert 'database "no_such_database_here" does not exist' in done.stderr
+
+
 def test_a_database_newer_than_the_code_stops_start_up_with_one_line(graph, model, tmp_path, backend):
     """Migrated by a newer version of the bot (another host, say): this older code refuses to start."""
     import sqlite3
