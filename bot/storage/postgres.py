@@ -116,8 +116,9 @@ def _row_factory(cursor: psycopg.Cursor):
 
 @functools.lru_cache(maxsize=1024)
 def _column_numbers(names: tuple[bytes, ...]) -> dict[str, int]:
-    """Shared by the rows of every statement with these columns: Row only reads it."""
-    return {name.decode(): i for i, name in enumerate(names)}
+    """Shared by the rows of every statement with these columns: Row only reads it. (A COPY's
+    result has columns without names: no row is made of it.)"""
+    return {name.decode(): i for i, name in enumerate(names) if name is not None}
 
 
 class PostgresDatabase:
