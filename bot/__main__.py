@@ -129,7 +129,7 @@ def spreadsheet_safe(record: dict) -> dict:
 
 
 def _cannot_read(where: str, error: Exception, url: str) -> int:
-    detail = f"{type(error).__name__}: {database_url.scrub(str(error), url)[:300]}" if url else str(error)
+    detail = f"{type(error).__name__}: {database_url.scrub(database_url.one_line(error), url)}" if url else str(error)
     print(f"cannot read {where}: {detail}", file=sys.stderr)
     return 2
 

@@ -367,8 +367,9 @@ def test_a_start_on_postgres_refuses_a_sqlite_store_with_messages_still_waiting(
 
 
 def test_a_start_on_postgres_refuses_a_sqlite_store_it_cannot_read_now(tmp_path, target):
-    """Locked by a process (a bot still running on it, say), the store was taken for one holding
-    nothing, and the start went on: its acknowledged messages were never answered."""
+    """Unreadable (here locked exclusively by another process; damaged or of another owner alike),
+    the store was taken for one holding nothing, and the start went on: its acknowledged messages
+    were never answered. (A bot running on it does not stop a reader: its store is in WAL mode.)"""
     from bot.runtime.preflight import StartupProblem, check_database
 
     url, _ = target

@@ -400,15 +400,16 @@ def copy_table(sdb: sqlite3.Connection, conn, table: str) -> tuple[int, int]:
         insert += " ON CONFLICT (id) DO UPDATE SET version = GREATEST(knowledge_version.version, excluded.version)"
     rows = sdb.execute(f"SELECT {select} FROM {table} ORDER BY rowid")
     # A postback's key as this code makes it: an older one held the whole title, past what
-    # PostgreSQL's unique index takes (queue.TITLE_IN_KEY_MAX).
-    rekey = columns.index("dedupe_key") if table == "events" else None
+    # PostgreSQL's unique index takes (queue.TITLE_IN_KEY_MAX_BYTES).
+    rekey = [columns.index(name) for name in ("dedupe_key", "psid", "timestamp_ms")] if table == "events" else None
     copied = replaced = 0
     with conn.cursor() as cursor:
         while chunk := rows.fetchmany(CHUNK):
             values = []
             for row in chunk:
                 if rekey is not None:
-                    row = (*row[:rekey], within_key_limit(row[rekey]), *row[rekey + 1:])
+                    key, psid, timestamp_ms = (row[i] for i in rekey)
+                    row = (*row[:rekey[0]], within_key_limit(key, psid, timestamp_ms), *row[rekey[0] + 1:])
                 row, nul = storable(row)
                 values.append(row)
                 replaced += nul

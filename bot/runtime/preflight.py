@@ -176,7 +176,7 @@ def _days(seconds: float) -> str:
 def _sqlite_waiting(path: str, since_ms: int) -> list[str]:
     """The keys of the messages since `since_ms` a SQLite store holds as waiting or being
     answered; none when it is no bot's store (no queue in it). A store that cannot be read now
-    (locked by a process, damaged, not readable by this user) is a StartupProblem: it may hold
+    (damaged, not readable by this user, locked exclusively by a process) is a StartupProblem: it may hold
     acknowledged messages nothing would ever answer, and nobody could tell."""
     import sqlite3
 
@@ -190,8 +190,8 @@ def _sqlite_waiting(path: str, since_ms: int) -> list[str]:
                                                  " AND timestamp_ms >= ?", (since_ms,))]
     except sqlite3.Error as exc:
         raise StartupProblem(f"cannot tell whether {path} holds messages acknowledged on SQLite and not answered yet "
-                             f"({exc}): stop the process that holds it, or move the file out of DATA_DIR to leave "
-                             "whatever it holds unanswered") from None
+                             f"({exc}): make it readable to this user (or stop a process holding it locked), or move "
+                             "the file out of DATA_DIR to leave whatever it holds unanswered") from None
 
 
 def _check_sqlite(path: str) -> None:

@@ -152,30 +152,33 @@ class PausedByPerson(Exception):
     """A person answered the user after this answer was composed (the bot is paused): not sent."""
 
 
-# A postback's title past this many characters is keyed by its SHA-256: PostgreSQL's unique index
-# refuses a key over 2,704 bytes, and a title of thousands (Meta caps a button's at 20) made the
-# delivery a 503 at every retry, with the rest of its group commit. Shorter titles keep the key
-# they had, so a redelivery across an upgrade is still known.
-TITLE_IN_KEY_MAX = 200
+# A postback's title past this many bytes (UTF-8) is keyed by its SHA-256, so every key fits
+# PostgreSQL's unique index (2,704 bytes): a title of thousands of characters (Meta caps a button's
+# at 20) made the delivery a 503 at every retry, with the rest of its group commit. A title up to
+# it keeps the key it had, so a redelivery across an upgrade is still known; only a longer one's
+# key changed (one PostgreSQL refused unless it compressed well).
+TITLE_IN_KEY_MAX_BYTES = 2000
 
 
 def dedupe_key(message: IncomingMessage) -> str:
     """Meta's mid; a postback without one is keyed by who, when and what."""
-    return message.mid or f"postback:{message.psid}:{message.timestamp_ms}:{_title_in_key(message.text)}"
+    return message.mid or f"{_postback_key_start(message.psid, message.timestamp_ms)}{_title_in_key(message.text)}"
 
 
-def within_key_limit(key: str) -> str:
-    """A key stored before TITLE_IN_KEY_MAX (in a SQLite store being moved), as dedupe_key makes it now."""
-    parts = key.split(":", 3)  # postback, psid, time, title (which may hold colons)
-    if len(parts) < 4 or parts[0] != "postback":
-        return key
-    return ":".join(parts[:3] + [_title_in_key(parts[3])])
+def within_key_limit(key: str, psid: str, timestamp_ms: int) -> str:
+    """The key of this psid's message at timestamp_ms as an older version stored it (a SQLite store
+    being moved), as dedupe_key makes it now."""
+    start = _postback_key_start(psid, timestamp_ms)
+    return start + _title_in_key(key[len(start):]) if key.startswith(start) else key
+
+
+def _postback_key_start(psid: str, timestamp_ms: int) -> str:
+    return f"postback:{psid}:{timestamp_ms}:"
 
 
 def _title_in_key(title: str) -> str:
-    if len(title) <= TITLE_IN_KEY_MAX:
-        return title
-    return "sha256:" + hashlib.sha256(title.encode("utf-8", "surrogatepass")).hexdigest()
+    spelled = title.encode("utf-8", "surrogatepass")
+    return title if len(spelled) <= TITLE_IN_KEY_MAX_BYTES else "sha256:" + hashlib.sha256(spelled).hexdigest()
 
 
 class Queue:
