@@ -38,10 +38,10 @@ import sys
 
 from bot.runtime.preflight import LOCK_FILE, StartupProblem, lock_data_dir
 from bot.storage import inbox
+from bot.storage.database_url import Refused, describe, encoding_problem, one_line, scrub
 from bot.storage.instance import REPLY_LOCK, WEBCHAT_LOCK, LockHeld, lock_if_present
 from bot.storage.moved import MARKER, mark, moved_to
 from bot.storage.queue import QUARANTINE, InboxUnreadable, PostgresQueue, SQLiteQueue, within_key_limit
-from bot.storage.database_url import Refused, describe, encoding_problem, one_line, scrub
 from bot.storage.sql import SchemaTooNew
 from config import database_path, read_environment
 

@@ -176,8 +176,8 @@ def _days(seconds: float) -> str:
 def _sqlite_waiting(path: str, since_ms: int) -> list[str]:
     """The keys of the messages since `since_ms` a SQLite store holds as waiting or being
     answered; none when it is no bot's store (no queue in it). A store that cannot be read now
-    (damaged, not readable by this user, locked exclusively by a process) is a StartupProblem: it may hold
-    acknowledged messages nothing would ever answer, and nobody could tell."""
+    (damaged, not readable by this user, locked exclusively by a process) is a StartupProblem: it
+    may hold acknowledged messages nothing would ever answer, and nobody could tell."""
     import sqlite3
 
     if not os.path.isfile(path):
