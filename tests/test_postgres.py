@@ -5,6 +5,7 @@ import threading
 import time
 
 import psycopg
+import pytest
 
 from tests.support import PSID, Bot, fixture_bytes, post_signed, replay, text_body, wait_until
 
@@ -534,21 +535,41 @@ def test_hosts_pruning_at_once_delete_different_rows_instead_of_waiting_on_each_
 
 
 FROZEN_CLAIMANT = """
-import os, signal, sys
+import os, signal, sys, time
+from bot.storage.postgres import PostgresDatabase
 from bot.storage.queue import PostgresQueue
 
-def frozen_clock():  # called inside the claim, with the claim lock held
-    print("holding the claim lock", flush=True)
-    os.kill(os.getpid(), signal.SIGSTOP)
-    return 0.0
+def freeze(where):
+    if sys.argv[2] == where:
+        print("holding the claim lock", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
-PostgresQueue(sys.argv[1], clock=frozen_clock).claim("frozen", 30)
+readings = []
+def clock():  # a claim's second reading is its lease's, after its look for work, the lock held
+    readings.append(time.time())
+    if len(readings) == 2:
+        freeze("after its look for work")
+    return readings[-1]
+
+answered = PostgresDatabase.answered
+def answered_then_frozen(self, db):  # the claim's update answered, its COMMIT not yet sent
+    answered(self, db)
+    freeze("after its update")
+PostgresDatabase.answered = answered_then_frozen
+
+queue = PostgresQueue(sys.argv[1], clock=clock)
+readings.clear()
+queue.claim("frozen", 30)
 """
 
 
-def test_a_process_frozen_inside_a_claim_stops_the_other_hosts_claims_for_seconds_not_until_it_is_killed(pg_url):
+@pytest.mark.parametrize("where", ["after its look for work", "after its update"])
+def test_a_process_frozen_inside_a_claim_stops_the_other_hosts_claims_for_seconds_not_until_it_is_killed(
+        pg_url, where):
     """A reply process SIGSTOPped while it holds the claim lock: PostgreSQL ends its idle
-    transaction after CLAIM_IDLE_LIMIT_S, and another host claims the waiting message."""
+    transaction after CLAIM_IDLE_LIMIT_S, and another host claims the waiting message. The
+    claim's statements are pipelined; PostgreSQL counts a connection idle only once it has
+    answered all it was sent, so a claim waits for its answers before its own code runs on."""
     import subprocess
     import sys
     import threading
@@ -557,11 +578,12 @@ def test_a_process_frozen_inside_a_claim_stops_the_other_hosts_claims_for_second
     from bot.storage.queue import PostgresQueue
 
     queue = PostgresQueue(pg_url)
-    frozen = subprocess.Popen([sys.executable, "-c", FROZEN_CLAIMANT, pg_url], stdout=subprocess.PIPE, text=True)
+    queue.add([_message(1)])
+    frozen = subprocess.Popen([sys.executable, "-c", FROZEN_CLAIMANT, pg_url, where], stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert frozen.stdout.readline().strip() == "holding the claim lock"
         assert wait_until(lambda: _state(frozen.pid) == "T", 5)
-        queue.add([_message(1)])
         claimed = []
         started = time.monotonic()
         claimant = threading.Thread(target=lambda: claimed.append(queue.claim("other-host", 30)), daemon=True)

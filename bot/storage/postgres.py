@@ -13,10 +13,11 @@ import select
 import threading
 import time
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Callable, Iterator, Sequence
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
 from bot.storage.sql import Cursor, Row, SchemaTooNew, min_code_version, newer_schema_note
@@ -167,10 +168,37 @@ class PostgresDatabase:
                 self._intake_pool.close()
 
     @contextmanager
-    def write(self) -> Iterator[Cursor]:
-        """One transaction; committed when the block ends, rolled back if it raises."""
-        with self.pool.connection() as conn, conn.transaction():
-            yield Cursor(conn)
+    def write(self, pipelined: bool = False) -> Iterator[Cursor]:
+        """One transaction; committed when the block ends, rolled back if it raises.
+
+        `pipelined` (the queue's writes on the reply path): the statements go out without waiting
+        for each other's answers; the block waits where it reads a result (rows, a rowcount) and
+        at its end. A claim and its completion took eight round trips, now five: the claim's BEGIN,
+        lock and look for work go out together (bench/pg_claim.py; README, "A claim's round
+        trips"). psycopg's own transaction() waits at its BEGIN and twice at its end, so the
+        block says BEGIN and COMMIT itself."""
+        if not pipelined:
+            with self.pool.connection() as conn, conn.transaction():
+                yield Cursor(conn)
+            return
+        with self.pool.connection() as conn:
+            try:
+                with conn.pipeline() as pipeline:
+                    try:
+                        conn.execute("BEGIN")
+                        yield Cursor(conn, pipeline)
+                        conn.execute("COMMIT")  # answered as the pipeline ends: any error raises there
+                    except BaseException:
+                        # What was sent answered (or refused) here, so that the pipeline ends quietly
+                        # (psycopg logs a warning when it ends with a statement failed and unread).
+                        with suppress(psycopg.Error):
+                            pipeline.sync()
+                        raise
+            except BaseException:
+                if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                    with suppress(psycopg.Error):  # a broken connection: the pool replaces it
+                        conn.execute("ROLLBACK")
+                raise
 
     @contextmanager
     def intake(self) -> Iterator[Cursor]:
@@ -205,10 +233,25 @@ class PostgresDatabase:
         # waiting row and sort them when the planner thinks there are few, the oldest waiting row is
         # found by walking the (state, id) index, stopping at the first that can be answered.
         # Like the timeout, both end with the claim's transaction (its other statements are simple).
+        # Its COMMIT does not wait for the disk either (synchronous_commit off): it holds the lock
+        # until then, for every host. A claim that a crash of PostgreSQL loses is only undone (the
+        # messages wait again, answered by the next claim): before any part of the reply goes out,
+        # the record of that send commits and waits for the disk, and the log is written in order,
+        # the claim's commit first. (A slow reply's notice comes many seconds on, long after the
+        # WAL writer wrote the claim's commit anyway: within 3 x wal_writer_delay, 600 ms by default.)
         db.execute("SELECT set_config('idle_in_transaction_session_timeout', ?, true),"
                    " set_config('plan_cache_mode', 'force_custom_plan', true),"
-                   " set_config('enable_bitmapscan', 'off', true), pg_advisory_xact_lock(?)",
+                   " set_config('enable_bitmapscan', 'off', true), set_config('synchronous_commit', 'off', true),"
+                   " pg_advisory_xact_lock(?)",
                    (f"{CLAIM_IDLE_LIMIT_S}s", CLAIM_LOCK))
+
+    def answered(self, db: Cursor) -> None:
+        """Wait until every statement sent in this (pipelined) write is answered. PostgreSQL arms
+        the claim's idle limit only when it has answered all it was sent: a claimant frozen after
+        sending a statement it did not wait for would hold the claim lock, and every host's claims,
+        until it is killed. So a claim waits for its update too before it goes on (the look for
+        work it waits for anyway, to read the rows); only its COMMIT goes out unanswered."""
+        db.answered()
 
     def notify(self, db: Cursor) -> None:
         """Wake the reply processes of every host, when this transaction commits."""

@@ -17,6 +17,7 @@ answered, so replies go out in order and a burst gets one reply.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -192,6 +193,10 @@ class Queue:
         self.backend = database.backend
         self.conversations = Conversations(self._database, tracking, clock)
         self._write = self._database.write
+        # The reply path's writes (a claim, a send's record, an outcome, a lease's renewal): their
+        # statements pipelined on PostgreSQL (postgres.py, write), a round trip where a result is
+        # read rather than one per statement.
+        self._write_pipelined = functools.partial(self._database.write, pipelined=True)
         self._read = self._database.read
         self._progress_at: float | None = None  # a message finished, or held at Meta's word: for the heartbeat
         self._backlog = inbox.Backlog()
@@ -335,9 +340,11 @@ class Queue:
         `answering`: the batches `owner`'s threads are answering (see _expire_leases)."""
         looked = None
         try:
-            with self._write() as db:
+            with self._write_pipelined() as db:
+                # Read before the lock is asked for: the lock, the look for expired leases and the look
+                # for work then go out together (one round trip on PostgreSQL, see answered()).
+                now = self.clock()
                 self._database.lock_queue(db)
-                now = self.clock()  # after the wait for a connection and the lock: the lease starts now
                 if not 0 <= now - self._expired_at.get(owner, -EXPIRY_EVERY_S) < EXPIRY_EVERY_S:
                     self._expire_leases(db, now, owner, answering)
                     looked = self._expired_at[owner] = now
@@ -358,10 +365,12 @@ class Queue:
                 edited = edits.apply_edits(db, [row["dedupe_key"] for row in rows if row["was_edited"]])
                 batch_id = rows[0]["batch_id"] or rows[0]["id"]
                 ids = [row["id"] for row in rows]
+                leased_at = self.clock()  # after any wait for a connection or the lock: the lease starts now
                 db.execute(
                     f"UPDATE events SET state = 'working', owner = ?, lease_until = ?, batch_id = ?,"
                     f" attempts = attempts + 1 WHERE id IN ({','.join('?' * len(ids))})",
-                    (owner, now + lease_seconds, batch_id, *ids))
+                    (owner, leased_at + lease_seconds, batch_id, *ids))
+                self._database.answered(db)
         except BaseException:
             if looked is not None:  # rolled back with the claim: the next claim looks again
                 self._expired_at.pop(owner, None)
@@ -432,7 +441,7 @@ class Queue:
     def heartbeat(self, owner: str) -> None:
         """Note that `owner` is alive and working the queue, and when it last made progress: finished
         a message, or put one back at Meta's word (readiness tells a busy bot from a stuck one by it)."""
-        with self._write() as db:
+        with self._write_pipelined() as db:
             db.execute("INSERT INTO dispatchers (owner, seen_at, progress_at) VALUES (?, ?, ?)"
                        " ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at,"
                        " progress_at = excluded.progress_at", (owner, self.clock(), self._progress_at))
@@ -447,7 +456,7 @@ class Queue:
         # Rows a reply thread is writing are passed by (PostgreSQL): that write is the owner's own
         # proof of life, and waiting for it deadlocked - the two locked one batch's rows in
         # different orders, and the reply's write failed (a try spent).
-        with self._write() as db:
+        with self._write_pipelined() as db:
             db.execute("UPDATE events SET lease_until = ? WHERE id IN (SELECT id FROM events WHERE state = 'working'"
                        f" AND owner = ? AND batch_id IN ({','.join('?' * len(batches))}){self._database.SKIP_LOCKED})",
                        (self.clock() + lease_seconds, owner, *batches))
@@ -460,7 +469,7 @@ class Queue:
         owner's (LostLease otherwise: then nothing is sent). `unless_paused`: PausedByPerson
         (nothing written) if a person answered the user since the answer was composed - the
         model's wait, a retry's backoff or a look for a send in doubt can last minutes."""
-        with self._write() as db:
+        with self._write_pipelined() as db:
             # After the wait for the database (PostgreSQL restarting, a busy file): a lease reckoned
             # from before it may have run out meanwhile, and another host would take the batch over
             # while this send goes out.
@@ -527,7 +536,7 @@ class Queue:
 
     def _update(self, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None,
                 user_updates: dict | None = None) -> None:
-        with self._write() as db:
+        with self._write_pipelined() as db:
             self._apply(db, batch, assignments, *values, exchange=exchange, user_updates=user_updates)
 
     def _apply(self, db, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None,

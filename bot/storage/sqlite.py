@@ -83,6 +83,9 @@ class Database:
     def lock_queue(self, db: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE already serialises claims on one host."""
 
+    def answered(self, db: sqlite3.Connection) -> None:
+        """A file's statements are answered as they run."""
+
     def notify(self, db: sqlite3.Connection) -> None:
         """The doorbell (bot/storage/doorbell.py) wakes this host's reply process."""
 
@@ -90,9 +93,10 @@ class Database:
         """Connections are per thread and closed with it."""
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self, pipelined: bool = False) -> Iterator[sqlite3.Connection]:
         """One write transaction, after this process's other writers. BEGIN IMMEDIATE takes
-        the write lock up front, so concurrent claims never deadlock."""
+        the write lock up front, so concurrent claims never deadlock. (`pipelined`: PostgreSQL's;
+        a file has no round trips to save.)"""
         with self.writer:
             db = self.connection()
             _begin(db)
