@@ -5,7 +5,6 @@ import threading
 import time
 
 import psycopg
-import pytest
 
 from tests.support import PSID, Bot, fixture_bytes, post_signed, replay, text_body, wait_until
 
@@ -535,41 +534,23 @@ def test_hosts_pruning_at_once_delete_different_rows_instead_of_waiting_on_each_
 
 
 FROZEN_CLAIMANT = """
-import os, signal, sys, time
-from bot.storage.postgres import PostgresDatabase
+import os, signal, sys
 from bot.storage.queue import PostgresQueue
 
-def freeze(where):
-    if sys.argv[2] == where:
-        print("holding the claim lock", flush=True)
-        os.kill(os.getpid(), signal.SIGSTOP)
+def frozen_clock():  # called inside the claim, with the claim lock held
+    print("holding the claim lock", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+    return 0.0
 
-readings = []
-def clock():  # a claim's second reading is its lease's, after its look for work, the lock held
-    readings.append(time.time())
-    if len(readings) == 2:
-        freeze("after its look for work")
-    return readings[-1]
-
-answered = PostgresDatabase.answered
-def answered_then_frozen(self, db):  # the claim's update answered, its COMMIT not yet sent
-    answered(self, db)
-    freeze("after its update")
-PostgresDatabase.answered = answered_then_frozen
-
-queue = PostgresQueue(sys.argv[1], clock=clock)
-readings.clear()
-queue.claim("frozen", 30)
+PostgresQueue(sys.argv[1], clock=frozen_clock).claim("frozen", 30)
 """
 
 
-@pytest.mark.parametrize("where", ["after its look for work", "after its update"])
-def test_a_process_frozen_inside_a_claim_stops_the_other_hosts_claims_for_seconds_not_until_it_is_killed(
-        pg_url, where):
+def test_a_process_frozen_inside_a_claim_stops_the_other_hosts_claims_for_seconds_not_until_it_is_killed(pg_url):
     """A reply process SIGSTOPped while it holds the claim lock: PostgreSQL ends its idle
-    transaction after CLAIM_IDLE_LIMIT_S, and another host claims the waiting message. The
-    claim's statements are pipelined; PostgreSQL counts a connection idle only once it has
-    answered all it was sent, so a claim waits for its answers before its own code runs on."""
+    transaction after CLAIM_IDLE_LIMIT_S, and another host claims the waiting message. (Were the
+    claim's statements pipelined, PostgreSQL would not count it idle: it arms the limit only once
+    it has answered a Sync.)"""
     import subprocess
     import sys
     import threading
@@ -578,12 +559,11 @@ def test_a_process_frozen_inside_a_claim_stops_the_other_hosts_claims_for_second
     from bot.storage.queue import PostgresQueue
 
     queue = PostgresQueue(pg_url)
-    queue.add([_message(1)])
-    frozen = subprocess.Popen([sys.executable, "-c", FROZEN_CLAIMANT, pg_url, where], stdout=subprocess.PIPE,
-                              text=True)
+    frozen = subprocess.Popen([sys.executable, "-c", FROZEN_CLAIMANT, pg_url], stdout=subprocess.PIPE, text=True)
     try:
         assert frozen.stdout.readline().strip() == "holding the claim lock"
         assert wait_until(lambda: _state(frozen.pid) == "T", 5)
+        queue.add([_message(1)])
         claimed = []
         started = time.monotonic()
         claimant = threading.Thread(target=lambda: claimed.append(queue.claim("other-host", 30)), daemon=True)
@@ -794,8 +774,7 @@ def test_a_claim_reads_a_few_rows_of_a_long_queue_whose_table_has_no_statistics(
                             INSERT INTO events (dedupe_key, psid, message, timestamp_ms, received_at)
                             SELECT 'm_p' || n, 'u' || n, '{{}}', 1000 + n, {now} FROM generate_series(1, 3000) n""")
         assert rows(pg_url, "SELECT COUNT(*) FROM pg_stats WHERE schemaname = current_schema() AND tablename = 'events'")[0][0] == 0
-        with queue._database.write() as db:
-            queue._database.lock_queue(db)  # the claim's own settings
+        with queue._database.claiming() as db:  # the claim's own settings
             plan = db.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + queue._next_batch, (now, "[]", MAX_BATCH)).fetchone()[0]
             first = db.execute(queue._next_batch, (now, "[]", MAX_BATCH)).fetchone()
         assert first["psid"] == "u101"  # the oldest waiting message whose user is not being answered
@@ -805,7 +784,7 @@ def test_a_claim_reads_a_few_rows_of_a_long_queue_whose_table_has_no_statistics(
 
 
 def test_the_claim_is_planned_at_every_claim_and_its_planner_settings_end_with_it(pg_url):
-    """The claim's settings (lock_queue) hold for its transaction only, and PostgreSQL never
+    """The claim's settings (postgres.CLAIM_BEGIN) hold for its transaction only, and PostgreSQL never
     keeps one plan of it: a plan made while the table was small read every waiting row for each
     candidate once the queue was long (7 ms a claim at 14,000 waiting)."""
     from bot.storage.queue import PostgresQueue

@@ -20,7 +20,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg_pool import ConnectionPool
 
-from bot.storage.sql import Cursor, Row, SchemaTooNew, min_code_version, newer_schema_note
+from bot.storage.sql import Cursor, Row, SchemaTooNew, min_code_version, newer_schema_note, translate
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,15 @@ CLAIM_LOCK = 71_000_002
 # others go on. A live claimant that is merely slow loses only that claim (an error, polled again).
 # Frozen in another write, a process holds only its own batch's rows, which claims pass by.
 CLAIM_IDLE_LIMIT_S = 5
+# The claim's settings last its transaction only (set_config(..., true)), so they hold behind a
+# transaction pooler too. The claim (queue.NEXT_BATCH) is planned at every claim, for the table as
+# it is then: a plan kept from when the table was small (PostgreSQL's generic plan) read every
+# waiting row for each candidate, 7 ms a claim at 14,000 waiting. And without bitmap scans, which
+# read every waiting row and sort them when the planner thinks there are few, the oldest waiting row
+# is found by walking the (state, id) index, stopping at the first that can be answered.
+CLAIM_BEGIN = (f"BEGIN; SELECT set_config('idle_in_transaction_session_timeout', '{CLAIM_IDLE_LIMIT_S}s', true),"
+               " set_config('plan_cache_mode', 'force_custom_plan', true),"
+               f" set_config('enable_bitmapscan', 'off', true), pg_advisory_xact_lock({CLAIM_LOCK})")
 CHANNEL = "bot_queue"  # NOTIFY on new work, LISTENed to by every reply process
 CONNECT_TIMEOUT_S = 5
 # psycopg_pool retries a failed connection 1, 2, 4, 8... s apart until reconnect_timeout (5 min
@@ -59,6 +68,13 @@ QUIET_CHECK_S = 30.0
 
 class MigrationBlocked(RuntimeError):
     """The schema could not be migrated: a table it changes stayed locked by another session."""
+
+
+def _roll_back(conn: psycopg.Connection) -> None:
+    """The transaction a write began by its own BEGIN, ended (a broken connection: the pool replaces it)."""
+    if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+        with suppress(psycopg.Error):
+            conn.execute("ROLLBACK")
 
 
 class QuietCheck:
@@ -171,12 +187,11 @@ class PostgresDatabase:
     def write(self, pipelined: bool = False) -> Iterator[Cursor]:
         """One transaction; committed when the block ends, rolled back if it raises.
 
-        `pipelined` (the queue's writes on the reply path): the statements go out without waiting
-        for each other's answers; the block waits where it reads a result (rows, a rowcount) and
-        at its end. A claim and its completion took eight round trips, now five: the claim's BEGIN,
-        lock and look for work go out together (bench/pg_claim.py; README, "A claim's round
-        trips"). psycopg's own transaction() waits at its BEGIN and twice at its end, so the
-        block says BEGIN and COMMIT itself."""
+        `pipelined` (the queue's writes on the reply path, a claim's apart): the statements go out
+        without waiting for each other's answers; the block waits where it reads a result (rows, a
+        rowcount) and at its end. A send's record took three round trips, now two; a heartbeat
+        four, now one (README, "A claim's round trips"). psycopg's own transaction() waits at its
+        BEGIN and twice at its end, so the block says BEGIN and COMMIT itself."""
         if not pipelined:
             with self.pool.connection() as conn, conn.transaction():
                 yield Cursor(conn)
@@ -189,15 +204,14 @@ class PostgresDatabase:
                         yield Cursor(conn, pipeline)
                         conn.execute("COMMIT")  # answered as the pipeline ends: any error raises there
                     except BaseException:
-                        # What was sent answered (or refused) here, so that the pipeline ends quietly
-                        # (psycopg logs a warning when it ends with a statement failed and unread).
+                        # What was sent answered (or refused) here: psycopg would log a warning
+                        # as the pipeline ends with a failed statement unread (it still does when
+                        # the connection is gone).
                         with suppress(psycopg.Error):
                             pipeline.sync()
                         raise
             except BaseException:
-                if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-                    with suppress(psycopg.Error):  # a broken connection: the pool replaces it
-                        conn.execute("ROLLBACK")
+                _roll_back(conn)
                 raise
 
     @contextmanager
@@ -224,34 +238,32 @@ class PostgresDatabase:
         with self.pool.connection() as conn:
             yield Cursor(conn)
 
-    def lock_queue(self, db: Cursor) -> None:
-        """Claims from every host take turns, so one user's messages go to one reply process."""
-        # set_config(..., true) lasts this transaction only, so it holds behind a transaction pooler too.
-        # The claim (queue.NEXT_BATCH) is planned at every claim, for the table as it is then: a plan
-        # kept from when the table was small (PostgreSQL's generic plan) read every waiting row for
-        # each candidate, 7 ms a claim at 14,000 waiting. And without bitmap scans, which read every
-        # waiting row and sort them when the planner thinks there are few, the oldest waiting row is
-        # found by walking the (state, id) index, stopping at the first that can be answered.
-        # Like the timeout, both end with the claim's transaction (its other statements are simple).
-        # Its COMMIT does not wait for the disk either (synchronous_commit off): it holds the lock
-        # until then, for every host. A claim that a crash of PostgreSQL loses is only undone (the
-        # messages wait again, answered by the next claim): before any part of the reply goes out,
-        # the record of that send commits and waits for the disk, and the log is written in order,
-        # the claim's commit first. (A slow reply's notice comes many seconds on, long after the
-        # WAL writer wrote the claim's commit anyway: within 3 x wal_writer_delay, 600 ms by default.)
-        db.execute("SELECT set_config('idle_in_transaction_session_timeout', ?, true),"
-                   " set_config('plan_cache_mode', 'force_custom_plan', true),"
-                   " set_config('enable_bitmapscan', 'off', true), set_config('synchronous_commit', 'off', true),"
-                   " pg_advisory_xact_lock(?)",
-                   (f"{CLAIM_IDLE_LIMIT_S}s", CLAIM_LOCK))
+    @contextmanager
+    def claiming(self) -> Iterator[Cursor]:
+        """A claim's transaction. Claims from every host take turns under one lock, so one user's
+        messages go to one reply process."""
+        # BEGIN and the lock are one message (a query of two statements, no parameters): one round
+        # trip, and PostgreSQL arms the idle limit as soon as it has taken the lock. A claim's other
+        # statements each end with a Sync, as psycopg sends them outside pipeline mode: pipelined,
+        # a claimant frozen between sending a statement and its Sync would hold the lock - every
+        # host's claims - with no limit running (tests/test_postgres.py, frozen claimant).
+        with self.pool.connection() as conn:
+            try:
+                conn.execute(CLAIM_BEGIN)
+                yield Cursor(conn)
+                if conn.info.transaction_status != TransactionStatus.IDLE:  # not ended by claimed()
+                    conn.execute("COMMIT")
+            except BaseException:
+                _roll_back(conn)
+                raise
 
-    def answered(self, db: Cursor) -> None:
-        """Wait until every statement sent in this (pipelined) write is answered. PostgreSQL arms
-        the claim's idle limit only when it has answered all it was sent: a claimant frozen after
-        sending a statement it did not wait for would hold the claim lock, and every host's claims,
-        until it is killed. So a claim waits for its update too before it goes on (the look for
-        work it waits for anyway, to read the rows); only its COMMIT goes out unanswered."""
-        db.answered()
+    def claimed(self, db: Cursor, sql: str, params: Sequence) -> None:
+        """A claim's last statement and its COMMIT, as one message: one round trip fewer with the
+        lock held (every host's claims wait for it). Its parameters are bound here, as psycopg's
+        ClientCursor binds them (a message of two statements takes no parameters)."""
+        with psycopg.ClientCursor(db.conn) as cursor:
+            statement = cursor.mogrify(translate(sql), params)
+        db.conn.execute(f"{statement}; COMMIT")
 
     def notify(self, db: Cursor) -> None:
         """Wake the reply processes of every host, when this transaction commits."""

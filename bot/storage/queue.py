@@ -67,7 +67,7 @@ EXPIRY_EVERY_S = 0.5
 # batch are values to the rest (scalar subqueries again), so its rows are read by index too, not
 # picked out of every waiting row (3 ms a claim at 14,000 waiting). The batches the
 # claimant's threads answer come as one JSON array (the database's IDS_IN_JSON), so the text
-# never changes: parsed once per connection, and planned at every claim (lock_queue says why).
+# never changes: parsed once per connection, and planned at every claim (postgres.CLAIM_BEGIN says why).
 NEXT_BATCH = """
     WITH head AS (
         SELECT e.psid, e.batch_id FROM events e
@@ -193,9 +193,9 @@ class Queue:
         self.backend = database.backend
         self.conversations = Conversations(self._database, tracking, clock)
         self._write = self._database.write
-        # The reply path's writes (a claim, a send's record, an outcome, a lease's renewal): their
-        # statements pipelined on PostgreSQL (postgres.py, write), a round trip where a result is
-        # read rather than one per statement.
+        # The reply path's other writes (a send's record, an outcome, a lease's renewal, the
+        # heartbeat): their statements pipelined on PostgreSQL (postgres.py, write), a round trip
+        # where a result is read rather than one per statement. Not a claim's (postgres.py, claiming).
         self._write_pipelined = functools.partial(self._database.write, pipelined=True)
         self._read = self._database.read
         self._progress_at: float | None = None  # a message finished, or held at Meta's word: for the heartbeat
@@ -340,11 +340,8 @@ class Queue:
         `answering`: the batches `owner`'s threads are answering (see _expire_leases)."""
         looked = None
         try:
-            with self._write_pipelined() as db:
-                # Read before the lock is asked for: the lock, the look for expired leases and the look
-                # for work then go out together (one round trip on PostgreSQL, see answered()).
-                now = self.clock()
-                self._database.lock_queue(db)
+            with self._database.claiming() as db:
+                now = self.clock()  # after the wait for a connection and the lock: the lease starts now
                 if not 0 <= now - self._expired_at.get(owner, -EXPIRY_EVERY_S) < EXPIRY_EVERY_S:
                     self._expire_leases(db, now, owner, answering)
                     looked = self._expired_at[owner] = now
@@ -365,12 +362,10 @@ class Queue:
                 edited = edits.apply_edits(db, [row["dedupe_key"] for row in rows if row["was_edited"]])
                 batch_id = rows[0]["batch_id"] or rows[0]["id"]
                 ids = [row["id"] for row in rows]
-                leased_at = self.clock()  # after any wait for a connection or the lock: the lease starts now
-                db.execute(
-                    f"UPDATE events SET state = 'working', owner = ?, lease_until = ?, batch_id = ?,"
-                    f" attempts = attempts + 1 WHERE id IN ({','.join('?' * len(ids))})",
-                    (owner, leased_at + lease_seconds, batch_id, *ids))
-                self._database.answered(db)
+                self._database.claimed(
+                    db, f"UPDATE events SET state = 'working', owner = ?, lease_until = ?, batch_id = ?,"
+                        f" attempts = attempts + 1 WHERE id IN ({','.join('?' * len(ids))})",
+                    (owner, now + lease_seconds, batch_id, *ids))
         except BaseException:
             if looked is not None:  # rolled back with the claim: the next claim looks again
                 self._expired_at.pop(owner, None)

@@ -80,17 +80,22 @@ class Database:
         """This thread's connection, for reads outside a write transaction."""
         yield self.connection()
 
-    def lock_queue(self, db: sqlite3.Connection) -> None:
-        """BEGIN IMMEDIATE already serialises claims on one host."""
-
-    def answered(self, db: sqlite3.Connection) -> None:
-        """A file's statements are answered as they run."""
 
     def notify(self, db: sqlite3.Connection) -> None:
         """The doorbell (bot/storage/doorbell.py) wakes this host's reply process."""
 
     def close(self) -> None:
         """Connections are per thread and closed with it."""
+
+    @contextmanager
+    def claiming(self) -> Iterator[sqlite3.Connection]:
+        """A claim's transaction: BEGIN IMMEDIATE already serialises claims on one host."""
+        with self.write() as db:
+            yield db
+
+    def claimed(self, db: sqlite3.Connection, sql: str, params: Sequence) -> None:
+        """A claim's last statement (committed as the claim's block ends)."""
+        db.execute(sql, params)
 
     @contextmanager
     def write(self, pipelined: bool = False) -> Iterator[sqlite3.Connection]:
