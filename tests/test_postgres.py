@@ -5,6 +5,7 @@ import threading
 import time
 
 import psycopg
+import pytest
 
 from tests.support import PSID, Bot, fixture_bytes, post_signed, replay, text_body, wait_until
 
@@ -534,36 +535,55 @@ def test_hosts_pruning_at_once_delete_different_rows_instead_of_waiting_on_each_
 
 
 FROZEN_CLAIMANT = """
-import os, signal, sys
+import os, signal, sys, time
+from bot.storage.postgres import PostgresDatabase
 from bot.storage.queue import PostgresQueue
 
-def frozen_clock():  # called inside the claim, with the claim lock held
-    print("holding the claim lock", flush=True)
-    os.kill(os.getpid(), signal.SIGSTOP)
-    return 0.0
+claiming = []
+def freeze(where):
+    if claiming and sys.argv[2] == where:
+        print("frozen", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
 
-PostgresQueue(sys.argv[1], clock=frozen_clock).claim("frozen", 30)
+def clock():  # read first inside the claim, the claim lock taken
+    freeze("with the lock just taken")
+    return time.time()
+
+claimed = PostgresDatabase.claimed
+def frozen_before_its_update(self, db, sql, params):  # the look for work answered
+    freeze("before its update")
+    claimed(self, db, sql, params)
+PostgresDatabase.claimed = frozen_before_its_update
+
+queue = PostgresQueue(sys.argv[1], clock=clock)
+claiming.append(True)
+queue.claim("frozen", 30)
 """
 
 
-def test_a_process_frozen_inside_a_claim_stops_the_other_hosts_claims_for_seconds_not_until_it_is_killed(pg_url):
+@pytest.mark.parametrize("where", ["with the lock just taken", "before its update"])
+def test_a_process_frozen_inside_a_claim_stops_the_other_hosts_claims_for_seconds_not_until_it_is_killed(
+        pg_url, where):
     """A reply process SIGSTOPped while it holds the claim lock: PostgreSQL ends its idle
     transaction after CLAIM_IDLE_LIMIT_S, and another host claims the waiting message. (Were the
-    claim's statements pipelined, PostgreSQL would not count it idle: it arms the limit only once
-    it has answered a Sync.)"""
+    claim's statements pipelined, PostgreSQL would not count it idle: it starts the limit only
+    once it has answered all it was sent.)"""
     import subprocess
     import sys
     import threading
 
-    from bot.storage.postgres import CLAIM_IDLE_LIMIT_S
+    from bot.storage.postgres import CLAIM_IDLE_LIMIT_S, CLAIM_LOCK
     from bot.storage.queue import PostgresQueue
 
     queue = PostgresQueue(pg_url)
-    frozen = subprocess.Popen([sys.executable, "-c", FROZEN_CLAIMANT, pg_url], stdout=subprocess.PIPE, text=True)
+    queue.add([_message(1)])
+    frozen = subprocess.Popen([sys.executable, "-c", FROZEN_CLAIMANT, pg_url, where], stdout=subprocess.PIPE,
+                              text=True)
     try:
-        assert frozen.stdout.readline().strip() == "holding the claim lock"
+        assert frozen.stdout.readline().strip() == "frozen"
         assert wait_until(lambda: _state(frozen.pid) == "T", 5)
-        queue.add([_message(1)])
+        assert rows(pg_url, "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s AND granted",
+                    CLAIM_LOCK) == [(1,)], "frozen without the claim lock: nothing to test"
         claimed = []
         started = time.monotonic()
         claimant = threading.Thread(target=lambda: claimed.append(queue.claim("other-host", 30)), daemon=True)
@@ -797,9 +817,9 @@ def test_the_claim_is_planned_at_every_claim_and_its_planner_settings_end_with_i
         with queue._database.write() as db:
             plans = db.execute("SELECT generic_plans, custom_plans FROM pg_prepared_statements"
                                " WHERE statement LIKE '%WITH head AS%'").fetchall()
-            settings = db.execute("SELECT current_setting('enable_bitmapscan'), current_setting('plan_cache_mode')"
-                                  ).fetchone()
+            settings = db.execute("SELECT current_setting('enable_bitmapscan'), current_setting('plan_cache_mode'),"
+                                  " current_setting('idle_in_transaction_session_timeout')").fetchone()
         assert plans and plans[0][0] == 0 and plans[0][1] >= 10, plans
-        assert tuple(settings) == ("on", "auto")  # what the claim set ended with its transaction
+        assert tuple(settings) == ("on", "auto", "0")  # what the claim set ended with its transaction
     finally:
         queue.close()

@@ -40,6 +40,10 @@ CLAIM_IDLE_LIMIT_S = 5
 # waiting row for each candidate, 7 ms a claim at 14,000 waiting. And without bitmap scans, which
 # read every waiting row and sort them when the planner thinks there are few, the oldest waiting row
 # is found by walking the (state, id) index, stopping at the first that can be answered.
+# Its COMMIT waits for the disk, as every other does (synchronous_commit stays on): a claim that a
+# crash of PostgreSQL lost would leave its messages waiting with no batch id, and the same process
+# could claim them again under the same owner name while its first thread still answered them -
+# both threads' writes would pass as the owner's, and both would send.
 CLAIM_BEGIN = (f"BEGIN; SELECT set_config('idle_in_transaction_session_timeout', '{CLAIM_IDLE_LIMIT_S}s', true),"
                " set_config('plan_cache_mode', 'force_custom_plan', true),"
                f" set_config('enable_bitmapscan', 'off', true), pg_advisory_xact_lock({CLAIM_LOCK})")
@@ -190,8 +194,9 @@ class PostgresDatabase:
         `pipelined` (the queue's writes on the reply path, a claim's apart): the statements go out
         without waiting for each other's answers; the block waits where it reads a result (rows, a
         rowcount) and at its end. A send's record took three round trips, now two; a heartbeat
-        four, now one (README, "A claim's round trips"). psycopg's own transaction() waits at its
-        BEGIN and twice at its end, so the block says BEGIN and COMMIT itself."""
+        four, now one (README, "A claim's round trips"). In pipeline mode psycopg's own
+        transaction() waits at its BEGIN and twice at its end, so the block says BEGIN and COMMIT
+        itself."""
         if not pipelined:
             with self.pool.connection() as conn, conn.transaction():
                 yield Cursor(conn)
@@ -242,16 +247,20 @@ class PostgresDatabase:
     def claiming(self) -> Iterator[Cursor]:
         """A claim's transaction. Claims from every host take turns under one lock, so one user's
         messages go to one reply process."""
-        # BEGIN and the lock are one message (a query of two statements, no parameters): one round
-        # trip, and PostgreSQL arms the idle limit as soon as it has taken the lock. A claim's other
-        # statements each end with a Sync, as psycopg sends them outside pipeline mode: pipelined,
-        # a claimant frozen between sending a statement and its Sync would hold the lock - every
-        # host's claims - with no limit running (tests/test_postgres.py, frozen claimant).
+        # BEGIN and the lock are one message (a simple query of two statements, no parameters): one
+        # round trip, and PostgreSQL starts the idle limit once it has answered it (ReadyForQuery).
+        # Each of a claim's other statements is answered so too, as psycopg sends them outside
+        # pipeline mode (a Sync after each). Pipelined, a claimant frozen between sending a
+        # statement and the Sync that follows would hold the lock - every host's claims - with no
+        # limit running (tests/test_postgres.py, frozen claimant).
         with self.pool.connection() as conn:
             try:
                 conn.execute(CLAIM_BEGIN)
                 yield Cursor(conn)
-                if conn.info.transaction_status != TransactionStatus.IDLE:  # not ended by claimed()
+                status = conn.info.transaction_status
+                if status == TransactionStatus.INERROR:  # a COMMIT would roll back without a word
+                    raise psycopg.errors.InFailedSqlTransaction("the claim's transaction failed")
+                if status == TransactionStatus.INTRANS:  # not ended by claimed()
                     conn.execute("COMMIT")
             except BaseException:
                 _roll_back(conn)
@@ -260,7 +269,8 @@ class PostgresDatabase:
     def claimed(self, db: Cursor, sql: str, params: Sequence) -> None:
         """A claim's last statement and its COMMIT, as one message: one round trip fewer with the
         lock held (every host's claims wait for it). Its parameters are bound here, as psycopg's
-        ClientCursor binds them (a message of two statements takes no parameters)."""
+        ClientCursor binds them (a message of two statements takes no parameters). The last
+        statement of the claim's block: the transaction has ended (on SQLite, at the block's end)."""
         with psycopg.ClientCursor(db.conn) as cursor:
             statement = cursor.mogrify(translate(sql), params)
         db.conn.execute(f"{statement}; COMMIT")

@@ -80,7 +80,6 @@ class Database:
         """This thread's connection, for reads outside a write transaction."""
         yield self.connection()
 
-
     def notify(self, db: sqlite3.Connection) -> None:
         """The doorbell (bot/storage/doorbell.py) wakes this host's reply process."""
 
