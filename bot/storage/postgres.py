@@ -75,7 +75,7 @@ class MigrationBlocked(RuntimeError):
 
 
 def _roll_back(conn: psycopg.Connection) -> None:
-    """The transaction a write began by its own BEGIN, ended (a broken connection: the pool replaces it)."""
+    """The transaction a claim began by its own BEGIN, ended (a broken connection: the pool replaces it)."""
     if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
         with suppress(psycopg.Error):
             conn.execute("ROLLBACK")
@@ -188,36 +188,10 @@ class PostgresDatabase:
                 self._intake_pool.close()
 
     @contextmanager
-    def write(self, pipelined: bool = False) -> Iterator[Cursor]:
-        """One transaction; committed when the block ends, rolled back if it raises.
-
-        `pipelined` (the queue's writes on the reply path, a claim's apart): the statements go out
-        without waiting for each other's answers; the block waits where it reads a result (rows, a
-        rowcount) and at its end. A send's record took three round trips, now two; a heartbeat
-        four, now one (README, "A claim's round trips"). In pipeline mode psycopg's own
-        transaction() waits at its BEGIN and twice at its end, so the block says BEGIN and COMMIT
-        itself."""
-        if not pipelined:
-            with self.pool.connection() as conn, conn.transaction():
-                yield Cursor(conn)
-            return
-        with self.pool.connection() as conn:
-            try:
-                with conn.pipeline() as pipeline:
-                    try:
-                        conn.execute("BEGIN")
-                        yield Cursor(conn, pipeline)
-                        conn.execute("COMMIT")  # answered as the pipeline ends: any error raises there
-                    except BaseException:
-                        # What was sent answered (or refused) here: psycopg would log a warning
-                        # as the pipeline ends with a failed statement unread (it still does when
-                        # the connection is gone).
-                        with suppress(psycopg.Error):
-                            pipeline.sync()
-                        raise
-            except BaseException:
-                _roll_back(conn)
-                raise
+    def write(self) -> Iterator[Cursor]:
+        """One transaction; committed when the block ends, rolled back if it raises."""
+        with self.pool.connection() as conn, conn.transaction():
+            yield Cursor(conn)
 
     @contextmanager
     def intake(self) -> Iterator[Cursor]:

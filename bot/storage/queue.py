@@ -17,7 +17,6 @@ answered, so replies go out in order and a burst gets one reply.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import logging
@@ -193,10 +192,6 @@ class Queue:
         self.backend = database.backend
         self.conversations = Conversations(self._database, tracking, clock)
         self._write = self._database.write
-        # The reply path's other writes (a send's record, an outcome, a lease's renewal, the
-        # heartbeat): their statements pipelined on PostgreSQL (postgres.py, write), a round trip
-        # where a result is read rather than one per statement. Not a claim's (postgres.py, claiming).
-        self._write_pipelined = functools.partial(self._database.write, pipelined=True)
         self._read = self._database.read
         self._progress_at: float | None = None  # a message finished, or held at Meta's word: for the heartbeat
         self._backlog = inbox.Backlog()
@@ -436,7 +431,7 @@ class Queue:
     def heartbeat(self, owner: str) -> None:
         """Note that `owner` is alive and working the queue, and when it last made progress: finished
         a message, or put one back at Meta's word (readiness tells a busy bot from a stuck one by it)."""
-        with self._write_pipelined() as db:
+        with self._write() as db:
             db.execute("INSERT INTO dispatchers (owner, seen_at, progress_at) VALUES (?, ?, ?)"
                        " ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at,"
                        " progress_at = excluded.progress_at", (owner, self.clock(), self._progress_at))
@@ -451,7 +446,7 @@ class Queue:
         # Rows a reply thread is writing are passed by (PostgreSQL): that write is the owner's own
         # proof of life, and waiting for it deadlocked - the two locked one batch's rows in
         # different orders, and the reply's write failed (a try spent).
-        with self._write_pipelined() as db:
+        with self._write() as db:
             db.execute("UPDATE events SET lease_until = ? WHERE id IN (SELECT id FROM events WHERE state = 'working'"
                        f" AND owner = ? AND batch_id IN ({','.join('?' * len(batches))}){self._database.SKIP_LOCKED})",
                        (self.clock() + lease_seconds, owner, *batches))
@@ -464,7 +459,7 @@ class Queue:
         owner's (LostLease otherwise: then nothing is sent). `unless_paused`: PausedByPerson
         (nothing written) if a person answered the user since the answer was composed - the
         model's wait, a retry's backoff or a look for a send in doubt can last minutes."""
-        with self._write_pipelined() as db:
+        with self._write() as db:
             # After the wait for the database (PostgreSQL restarting, a busy file): a lease reckoned
             # from before it may have run out meanwhile, and another host would take the batch over
             # while this send goes out.
@@ -531,7 +526,7 @@ class Queue:
 
     def _update(self, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None,
                 user_updates: dict | None = None) -> None:
-        with self._write_pipelined() as db:
+        with self._write() as db:
             self._apply(db, batch, assignments, *values, exchange=exchange, user_updates=user_updates)
 
     def _apply(self, db, batch: Batch, assignments: str, *values: object, exchange: Exchange | None = None,

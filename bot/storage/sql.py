@@ -68,65 +68,20 @@ class Row(tuple):
 
 class Cursor:
     """What a storage module needs of a PostgreSQL connection: execute with `?` placeholders,
-    and a script of several statements (migrations).
+    and a script of several statements (migrations)."""
 
-    With a `pipeline` (psycopg's pipeline mode; postgres.py, write) a statement goes out without
-    waiting for the answers to those before it; reading its result waits for them all."""
-
-    def __init__(self, conn, pipeline=None):
-        self.conn, self.pipeline = conn, pipeline
-        self._unanswered = False
+    def __init__(self, conn):
+        self.conn = conn
 
     def execute(self, sql: str, params: Sequence[Any] = (), prepare: bool | None = None):
         """`prepare`: psycopg's (None: after a few runs the server keeps the statement and, in
         time, one plan for any parameters; False: planned for its own parameters every time)."""
-        cursor = self.conn.execute(translate(sql), params, prepare=prepare) if params else self.conn.execute(sql)
-        if self.pipeline is None:
-            return cursor
-        self._unanswered = True
-        return Pending(cursor, self)
+        return self.conn.execute(translate(sql), params, prepare=prepare) if params else self.conn.execute(sql)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         """One statement, many rows: psycopg pipelines them (one round trip, not one per row)."""
         with self.conn.cursor() as cursor:
             cursor.executemany(translate(sql), rows)
-        self._unanswered = self.pipeline is not None
 
     def script(self, sql: str) -> None:
         self.conn.execute(sql)
-
-    def answered(self) -> None:
-        """Wait for the answers to every statement sent (pipeline mode), with a Sync: PostgreSQL
-        counts a session idle in its transaction (idle_in_transaction_session_timeout) only once
-        it has answered a Sync - psycopg's own wait for a result sends a flush, which does not."""
-        if self._unanswered:
-            self.pipeline.sync()
-            self._unanswered = False
-
-
-class Pending:
-    """A statement sent in pipeline mode; reading it (rows or rowcount) waits for its answer. Not
-    psycopg's cursor as it is: that reports rowcount -1 until the answer is in - and -1 is true,
-    so an `if ….rowcount:` would pass for an UPDATE that changed nothing."""
-
-    __slots__ = ("_cursor", "_sent_by")
-
-    def __init__(self, cursor, sent_by: Cursor):
-        self._cursor, self._sent_by = cursor, sent_by
-
-    @property
-    def rowcount(self) -> int:
-        self._sent_by.answered()
-        return self._cursor.rowcount
-
-    def fetchone(self):
-        self._sent_by.answered()
-        return self._cursor.fetchone()
-
-    def fetchall(self) -> list:
-        self._sent_by.answered()
-        return self._cursor.fetchall()
-
-    def __iter__(self):
-        self._sent_by.answered()
-        return iter(self._cursor)

@@ -97,10 +97,9 @@ class Database:
         db.execute(sql, params)
 
     @contextmanager
-    def write(self, pipelined: bool = False) -> Iterator[sqlite3.Connection]:
+    def write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, after this process's other writers. BEGIN IMMEDIATE takes
-        the write lock up front, so concurrent claims never deadlock. (`pipelined`: PostgreSQL's;
-        a file has no round trips to save.)"""
+        the write lock up front, so concurrent claims never deadlock."""
         with self.writer:
             db = self.connection()
             _begin(db)
