@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import random
 import re
 import shutil
 import signal
@@ -35,7 +34,9 @@ from bot.storage.schema import SCHEMA
 from bot.storage.sqlite import Database
 from config import database_path
 from messenger.events import POSTBACK, TEXT, Echo, IncomingMessage
-from tests.support import PSID, ROOT, Bot, FakeClock, free_port, is_up, start_gunicorn, text_body, wait_until
+from tests.support import (
+    PSID, ROOT, Bot, FakeClock, free_port, incompressible_title, is_up, start_gunicorn, text_body, wait_until,
+)
 from tests.support.messages import base_env
 from tests.support.webchat import WebchatProcess
 
@@ -670,9 +671,8 @@ def test_a_postback_keyed_by_a_title_of_thousands_is_moved_under_the_key_a_redel
     url, password = target
     data_dir = tmp_path / "data"
     store = SQLiteQueue(database_path(str(data_dir)))
-    draw = random.Random(3)  # CJK at random: nothing PostgreSQL's compression brings under the limit
     tapped = IncomingMessage(psid="u1", page_id="1", mid=None, kind=POSTBACK, timestamp_ms=ms(100),
-                             text="".join(chr(draw.randrange(0x4E00, 0x9FFF)) for _ in range(3000)))
+                             text=incompressible_title(3))
     store.add([tapped])
     with sqlite3.connect(database_path(str(data_dir))) as db:  # the key as the older bot made it
         db.execute("UPDATE events SET dedupe_key = ?", (f"postback:u1:{ms(100)}:{tapped.text}",))

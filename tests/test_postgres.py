@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from tests.support import PSID, Bot, fixture_bytes, post_signed, replay, text_body, wait_until
+from tests.support import PSID, Bot, fixture_bytes, incompressible_title, post_signed, replay, text_body, wait_until
 
 
 def rows(url, sql, *params):
@@ -275,7 +275,6 @@ def test_a_delivery_postgres_refuses_costs_only_itself_its_200_not_the_group_it_
     never lets through) failed the whole group, and every delivery in it got a 503 at every retry.
     Now the group is taken one by one; a postback keyed by a title of thousands is taken too."""
     import asyncio
-    import random
     from dataclasses import replace
 
     import pytest
@@ -286,9 +285,7 @@ def test_a_delivery_postgres_refuses_costs_only_itself_its_200_not_the_group_it_
 
     queue = PostgresQueue(pg_url)
     intake = DatabaseIntake(queue)
-    draw = random.Random(5)  # CJK at random: past the unique index's limit even compressed
-    tapped = replace(_message(7, mid="unused"), mid=None, kind=POSTBACK,
-                     text="".join(chr(draw.randrange(0x4E00, 0x9FFF)) for _ in range(3000)))
+    tapped = replace(_message(7, mid="unused"), mid=None, kind=POSTBACK, text=incompressible_title(5))
     try:
         with psycopg.connect(pg_url) as blocker:
             blocker.execute("LOCK TABLE events IN EXCLUSIVE MODE")  # the first commit waits on it

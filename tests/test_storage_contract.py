@@ -1,7 +1,6 @@
 """One contract, both backends: every test here runs against SQLite and PostgreSQL, through
 the same Queue and Conversations, so the two cannot drift. Time is a FakeClock."""
 import json
-import random
 import threading
 from contextlib import contextmanager
 from dataclasses import replace
@@ -16,7 +15,7 @@ from bot.storage.queue import MAX_BATCH, LostLease, PausedByPerson, PostgresQueu
 from bot.webchat import store as webchat_store
 from messenger.attachments import AUDIO, Attachment
 from messenger.events import ATTACHMENT, POSTBACK, TEXT, Echo, IncomingMessage
-from tests.support import FakeClock, wait_until
+from tests.support import FakeClock, incompressible_title, wait_until
 
 
 @pytest.fixture
@@ -65,8 +64,7 @@ def test_a_message_is_stored_once_by_its_mid(store):
 def test_a_postback_without_a_mid_and_with_a_title_of_thousands_is_stored_once(store):
     """Its key once held the whole title: past PostgreSQL's unique-index limit (2,704 bytes) the
     delivery was refused at every retry. Meta caps a button's title, the webhook takes what comes."""
-    draw = random.Random(7)  # CJK at random: PostgreSQL's compression cannot bring it under the limit
-    title = "".join(chr(draw.randrange(0x4E00, 0x9FFF)) for _ in range(3000))
+    title = incompressible_title(7)
     tapped = IncomingMessage(psid="u1", page_id="1", mid=None, kind=POSTBACK, text=title, timestamp_ms=1000)
     assert store.add([tapped]) == [True]
     assert store.add([tapped]) == [False]  # Meta's redelivery

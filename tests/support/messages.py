@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -174,3 +175,10 @@ def shape(value, key=None):
     if isinstance(value, list):
         return [shape(v) for v in value]
     return value if key == "type" else type(value).__name__
+
+
+def incompressible_title(seed: int, length: int = 3000) -> str:
+    """CJK characters at random: a postback title that PostgreSQL's compression cannot bring under
+    its unique-index limit (2,704 bytes)."""
+    draw = random.Random(seed)
+    return "".join(chr(draw.randrange(0x4E00, 0x9FFF)) for _ in range(length))
